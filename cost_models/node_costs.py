@@ -1,0 +1,57 @@
+"""NodeCosts: the cost of every node of a captured graph (INTERFACE; filled by cost_models/profile.py)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """Cost of one fx node for ONE microbatch.
+
+    fwd_flops / bwd_flops: from FlopCounterMode (bwd includes input and weight grads).
+    param_bytes: bytes of parameters it reads directly (tied ones counted at each user;
+        use NodeCosts.param_state_bytes for per-rank memory, keyed by FQN).
+    output_bytes: bytes of its output value(s) (what a cut after it sends).
+    saved_bytes: activation bytes autograd saves for backward when this node runs
+        (saved_tensors_hooks; parameters and already-counted storages excluded).
+    fwd_time_s / bwd_time_s: predicted (analytic roofline) or measured times.
+    """
+
+    name: str
+    fwd_flops: float = 0.0
+    bwd_flops: float = 0.0
+    param_bytes: int = 0
+    output_bytes: int = 0
+    saved_bytes: int = 0
+    fwd_time_s: float = 0.0
+    bwd_time_s: float = 0.0
+
+
+@dataclass
+class NodeCosts:
+    """Costs of every node, plus per-parameter training state.
+
+    param_state_bytes: FQN -> bytes of parameter + gradient + optimizer state
+        (dtype aware, e.g. bf16 weights with fp32 master + adam moments).
+    time_source: "analytic" or "measured".
+    """
+
+    nodes: dict[str, NodeCost]
+    param_state_bytes: dict[str, int] = field(default_factory=dict)
+    device: str = ""
+    dtype: str = "float32"
+    optimizer: str = "adamw"
+    time_source: str = "analytic"
+
+    def total(self, attr: str) -> float:
+        return sum(getattr(c, attr) for c in self.nodes.values())
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "NodeCosts":
+        d = json.loads(text)
+        d["nodes"] = {k: NodeCost(**v) for k, v in d["nodes"].items()}
+        return cls(**d)

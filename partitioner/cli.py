@@ -1,0 +1,108 @@
+"""`partitioner` command line: list models, profile them, print a partition plan.
+
+Thin: every sub-command parses its flags into a config and calls the library.
+Errors of the project (PartitionerError) become one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from partitioner.errors import PartitionerError
+
+EPILOG = """\
+examples:
+  partitioner models                                   the built-in model zoo
+  partitioner profile gpt2 --batch 8 --seq 1024        per-module FLOPs, memory, time
+  partitioner plan gpt2-xl --devices 8                 ILP plan over 8 GPUs
+  partitioner plan gpt2-xl --devices 8 --memory 24GiB --microbatches 16 --compare
+  partitioner plan llama-8b --devices 4 --chunks 2 --schedule interleaved-1f1b --timeline plan.png
+  partitioner plan mypkg.models:build --devices 4      your own model: a function
+                                                       returning (model, example_args[, example_kwargs])
+"""
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a zoo name (see `partitioner models`) or package.module:function "
+                   "returning (model, example_args[, example_kwargs])")
+    p.add_argument("--batch", type=int, default=None, help="global batch size of the example inputs (default: the model's)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length for language models (default: the model's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="parameter/activation dtype used for costs (default float32)")
+    p.add_argument("--device-type", default="h100", help="DeviceSpec name used for analytic times and memory "
+                   "(h100, h200, a100-40gb, a100-80gb, l4, cpu) or a JSON file with your own spec")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "sgd-momentum", "none"],
+                   help="optimizer whose state counts towards memory (default adamw)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="partitioner",
+        description="Automatic pipeline parallelism for PyTorch: capture a model as a graph, "
+                    "profile every node, solve an ILP for the best split into pipeline stages, "
+                    "and show the plan before any GPU is rented.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    sub.add_parser("models", help="list the built-in models with their parameter counts",
+                   description="List the model zoo: randomly initialised models built from configs "
+                               "(nothing is downloaded), with parameter counts and example input shapes.")
+
+    prof = sub.add_parser("profile", help="per-module FLOPs, parameters, activations and predicted time",
+                          description="Capture MODEL on the meta device and print, per module, forward+backward "
+                                      "FLOPs, parameter bytes, activation and saved-for-backward bytes and "
+                                      "predicted time. --measure runs each block on this machine's device.",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_flags(prof)
+    prof.add_argument("--depth", type=int, default=None, help="module depth of the table rows (default: automatic)")
+    prof.add_argument("--measure", action="store_true", help="measure times on the real device instead of the roofline model")
+    prof.add_argument("--json", metavar="FILE", help="also write the NodeCosts as JSON")
+
+    plan = sub.add_parser("plan", help="solve and print a pipeline partition plan",
+                          description="Capture and profile MODEL, then assign its blocks to pipeline stages with "
+                                      "an ILP (OR-Tools CP-SAT) that minimises the schedule's predicted step time "
+                                      "under the memory cap. Prints per-rank time and memory.",
+                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_flags(plan)
+    plan.add_argument("--devices", type=int, required=True, help="number of pipeline ranks (GPUs)")
+    plan.add_argument("--chunks", type=int, default=1, help="virtual stages per rank (interleaving); default 1")
+    plan.add_argument("--microbatches", type=int, default=None, help="microbatches per step (default: 2 x devices)")
+    plan.add_argument("--schedule", default=None, choices=["gpipe", "1f1b", "interleaved-1f1b"],
+                      help="pipeline schedule (default: 1f1b, or interleaved-1f1b when --chunks > 1)")
+    plan.add_argument("--memory", default=None, help="per-device memory cap, e.g. 24GiB (default: the device's memory)")
+    plan.add_argument("--depth", type=int, default=None, help="module depth of the blocks (default: automatic)")
+    plan.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT time limit in seconds (default 10)")
+    plan.add_argument("--json", metavar="FILE", help="write the plan as JSON")
+    plan.add_argument("--compare", action="store_true", help="also score the baselines (uniform, torchtitan, "
+                      "parameters, FLOPs, size, chain DP) with the same simulator")
+    plan.add_argument("--timeline", nargs="?", const="-", metavar="PNG",
+                      help="show the schedule per rank in the terminal, or draw it to PNG")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "models":
+            from partitioner.zoo import print_models
+            print_models()
+        elif args.command == "profile":
+            from cost_models.report import run_profile
+            run_profile(args)
+        elif args.command == "plan":
+            from partitioner.report import run_plan
+            run_plan(args)
+    except PartitionerError as e:
+        print(f"partitioner {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Graph passes: capture a model, annotate its nodes, coarsen into blocks, split into stages."""

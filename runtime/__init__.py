@@ -1,0 +1,1 @@
+"""Pipeline runtime: schedules, simulator, transports and the executor."""
