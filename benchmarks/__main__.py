@@ -1,0 +1,54 @@
+"""Run the benchmark suite: `python -m benchmarks [--full] [--gpu] [--only NAME ...]`.
+
+quick (default): what runs on a 2-core CPU machine in under 10 minutes.
+--full: adds the slow CPU cases (bigger models, more stages, longer solves).
+--gpu:  the parts meant for a GPU machine (cost-model accuracy, one-GPU runtime overhead).
+Every benchmark prints a table and writes JSON (and a PNG where it has a figure) to
+benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+# (name, module, args for quick, args for full, needs_gpu)
+SUITE: list[tuple[str, str, list[str], list[str], bool]] = [
+    ("capture", "benchmarks.capture", [], [], False),
+    ("solve_time", "benchmarks.solve_time", ["--quick"], [], False),
+    ("plan_quality", "benchmarks.plan_quality", ["--quick"], [], False),
+    ("executor_vs_torch", "benchmarks.executor_vs_torch", ["--quick"], [], False),
+    ("cost_model_accuracy", "benchmarks.cost_model_accuracy", [], [], True),
+    ("gpu_runtime", "benchmarks.gpu_runtime", [], [], True),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="also run the slow CPU cases")
+    parser.add_argument("--gpu", action="store_true", help="run the GPU benchmarks (needs CUDA)")
+    parser.add_argument("--only", nargs="*", metavar="NAME", help="run only these: " + ", ".join(s[0] for s in SUITE))
+    args = parser.parse_args(argv)
+    failed = []
+    for name, module, quick_args, full_args, needs_gpu in SUITE:
+        if args.only and name not in args.only:
+            continue
+        if needs_gpu != args.gpu and not args.only:
+            continue
+        cmd = [sys.executable, "-m", module] + (full_args if args.full else quick_args)
+        print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd)
+        print(f"=== {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {time.perf_counter() - t0:.1f} s", flush=True)
+        if rc != 0:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
