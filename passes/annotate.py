@@ -1,7 +1,13 @@
-"""Per-node facts of a captured graph (INTERFACE: implementation pending)."""
+"""Per-node facts of a captured graph: shapes, dtypes, owning module, parameters, bytes."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
 
 from passes.capture import Captured
 
@@ -49,6 +55,92 @@ class AnnotatedGraph:
         return {n.name: n for n in self.nodes}
 
 
+# "L['self'].transformer.h[0]", "getattr(L['self'].h, '0').attn", "L__self___transformer_h_0" ...
+_SELF_PREFIX = re.compile(r"^(L\['self'\]|L__self__|self)\.?")
+_GETATTR = re.compile(r"getattr\((.*?),\s*['\"]([^'\"]+)['\"]\)")
+_INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
+
+
+def normalise_module_path(path: str) -> str:
+    """Turn the path forms torch puts in nn_module_stack into the model's own FQN."""
+    prev = None
+    while prev != path:  # getattr(getattr(x, 'a'), 'b') nests
+        prev, path = path, _GETATTR.sub(r"\1.\2", path)
+    path = _SELF_PREFIX.sub("", path)
+    path = _INDEX.sub(r".\1", path)
+    return path.strip(".")
+
+
+def _leaf_facts(value: Any) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...], int]:
+    shapes, dtypes, nbytes = [], [], 0
+    for leaf in pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            shape = tuple(int(s) for s in leaf.shape)
+            shapes.append(shape)
+            dtypes.append(str(leaf.dtype).removeprefix("torch."))
+            nbytes += int(leaf.numel()) * leaf.element_size()
+        else:
+            shapes.append(())
+            dtypes.append("")
+    return tuple(shapes), tuple(dtypes), nbytes
+
+
 def annotate(captured: Captured) -> AnnotatedGraph:
     """Read shapes, dtypes, owning modules and parameters of every node."""
-    raise NotImplementedError
+    gm = captured.graph_module
+    canonical = captured.canonical_fqn()
+    types = captured.module_types
+
+    infos: list[NodeInfo] = []
+    owner: dict[str, tuple[str, str]] = {}  # node name -> (module_path, module_type)
+    param_bytes: dict[str, int] = {}
+    param_numel: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        if node.op == "output":  # the flat output leaves
+            value = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in node.args[0]]
+        shapes, dtypes, nbytes = _leaf_facts(value)
+        inputs = tuple(n.name for n in node.all_input_nodes)
+        is_param = node.op == "get_attr"
+        params: tuple[str, ...] = ()
+        if is_param:
+            fqn = canonical.get(str(node.target), str(node.target))
+            path = fqn.rpartition(".")[0]
+            mtype = types.get(path, "")
+            param_bytes[fqn] = nbytes
+            param_numel[fqn] = sum(_numel(s) for s in shapes)
+        else:
+            path, mtype = _owner(node, owner, types)
+            params = tuple(canonical.get(str(n.target), str(n.target))
+                           for n in node.all_input_nodes if n.op == "get_attr")
+        owner[node.name] = (path, mtype)
+        infos.append(NodeInfo(
+            name=node.name, op=node.op, target=str(node.target), inputs=inputs, shapes=shapes,
+            dtypes=dtypes, module_path=path, module_type=mtype, params=params,
+            output_bytes=0 if node.op == "output" else nbytes, is_param=is_param))
+    return AnnotatedGraph(nodes=infos, param_bytes=param_bytes, param_numel=param_numel,
+                          tied=[list(g) for g in captured.tied])
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _owner(node: torch.fx.Node, owner: dict[str, tuple[str, str]], types: dict[str, str]) -> tuple[str, str]:
+    """Innermost module of node's nn_module_stack, else the producer's (getitem & co), else the root."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, mtype = list(stack.values())[-1]
+        path = normalise_module_path(str(path))
+        if not isinstance(mtype, str):
+            mtype = f"{mtype.__module__}.{mtype.__qualname__}"
+        return path, types.get(path) or mtype
+    if node.op in ("placeholder", "output"):
+        return "", types.get("", "")
+    producers = [owner[n.name] for n in node.all_input_nodes if n.op != "get_attr" and n.name in owner]
+    if producers:
+        return producers[0]
+    return "", types.get("", "")

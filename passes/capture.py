@@ -1,16 +1,34 @@
-"""Capture an nn.Module as a flat torch.fx graph (INTERFACE: implementation pending).
+"""Capture an nn.Module as one flat torch.fx graph.
 
-torch.export (non-strict) first, torch.fx.symbolic_trace as fallback. Works on
-meta tensors, so huge models are traced without allocating weights.
+torch.export (non-strict) first, torch.fx.symbolic_trace as fallback. Both run
+on FakeTensors / meta tensors, so a 70B model is traced without allocating its
+weights. The result is normalised so that later passes see one convention:
+
+- placeholders are the tensor leaves of (args, kwargs), in pytree order;
+  non-tensor leaves (flags such as use_cache=False) are baked into the graph;
+- get_attr nodes load parameters/buffers by their original FQN, a tied weight
+  always through the first FQN of its group;
+- the output node returns a flat tuple (the leaves of `out_spec`);
+- every node carries meta["val"] (a FakeTensor or a python value).
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
+import logging
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
 from torch.utils import _pytree as pytree
+
+from partitioner.errors import CaptureError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +49,11 @@ class Captured:
         [["transformer.wte.weight", "lm_head.weight"]]; the first FQN of each
         group is the one get_attr nodes use.
     method: "export" or "symbolic_trace".
+    input_leaf_indices: for each placeholder, the index of its leaf in the
+        flattened (args, kwargs); leaves not listed were constants at capture.
+    const_inputs: flat leaf index -> the non-tensor value baked into the graph.
+    module_types: FQN of every submodule of the original model -> qualified class
+        name (the graph module's own submodules are plain containers).
     """
 
     graph_module: torch.fx.GraphModule
@@ -39,16 +62,423 @@ class Captured:
     input_names: list[str]
     tied: list[list[str]] = field(default_factory=list)
     method: str = "export"
+    input_leaf_indices: list[int] = field(default_factory=list)
+    const_inputs: dict[int, Any] = field(default_factory=dict)
+    module_types: dict[str, str] = field(default_factory=dict)
 
     def flatten_inputs(self, args: tuple, kwargs: dict | None = None) -> list[Any]:
         """Flatten (args, kwargs) the way the placeholders expect them."""
-        raise NotImplementedError
+        kwargs = dict(kwargs or {})
+        keys = list(self.in_spec.children_specs[1].context)
+        if set(kwargs) == set(keys):  # keyword order does not matter to the model
+            kwargs = {k: kwargs[k] for k in keys}
+        leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
+        if spec != self.in_spec:
+            n_args = self.in_spec.children_specs[0].num_children
+            raise CaptureError(
+                f"inputs do not match the captured calling convention: captured with {n_args} positional "
+                f"and keyword inputs {keys}, got {len(args)} positional and {list(kwargs)} (or a different "
+                "nesting). Call with the same structure as the example inputs, or capture again.")
+        for i, value in self.const_inputs.items():
+            if not isinstance(leaves[i], torch.Tensor) and leaves[i] != value:
+                raise CaptureError(
+                    f"input leaf {i} is {leaves[i]!r} but the graph was captured with {value!r} baked in; "
+                    "capture again with this value.")
+        return [leaves[i] for i in self.input_leaf_indices]
 
     def unflatten_outputs(self, flat: list[Any]) -> Any:
         """Rebuild the model's output structure from the flat output list."""
-        raise NotImplementedError
+        return pytree.tree_unflatten(list(flat), self.out_spec)
 
+    def canonical_fqn(self) -> dict[str, str]:
+        """Every FQN of a tied parameter -> the first FQN of its group."""
+        return {fqn: group[0] for group in self.tied for fqn in group}
+
+
+# --------------------------------------------------------------------------- helpers
+
+def find_tied(model: torch.nn.Module) -> list[list[str]]:
+    """Groups of FQNs that name one parameter tensor, in named_parameters order."""
+    groups: dict[int, list[str]] = {}
+    for fqn, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(fqn)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def input_leaf_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """A readable name for each leaf of (args, kwargs): "input_ids", "batch[0]", "x['a']"."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        names = []
+    path_leaves, _ = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
+    out = []
+    for path, _leaf in path_leaves:
+        top, key = path[0], path[1]
+        if top.idx == 0:  # positional
+            i = key.idx
+            base = names[i] if i < len(names) and names[i] not in ("args", "kwargs") else f"arg{i}"
+        else:
+            base = str(key.key)
+        out.append(base + "".join(str(k) for k in path[2:]))
+    return out
+
+
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "data-dependent", "data dependent",
+                   "symbolically traced variables cannot be used as inputs to control flow",
+                   "Could not guard on data-dependent", "Could not extract specialized integer")
+
+
+def _is_data_dependent(err: BaseException) -> bool:
+    e: BaseException | None = err
+    while e is not None:
+        if type(e).__name__ in ("GuardOnDataDependentSymNode", "DataDependentOutputException",
+                                "DynamicOutputShapeException"):
+            return True
+        if any(s in str(e) for s in _DATA_DEPENDENT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip().splitlines()
+    msg = text[0] if text else ""
+    msg = msg if len(msg) <= limit else msg[:limit] + "..."
+    return f"{type(err).__name__}: {msg}"
+
+
+class _ModuleTracker:
+    """Records which submodule is running (global forward hooks), to name where tracing fails."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.stack: list[tuple[str, str, tuple]] = []
+        self.failed: tuple[str, str, tuple] | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> "_ModuleTracker":
+        def pre(mod, args):
+            name = self.names.get(id(mod))
+            if name is not None:
+                self.stack.append((name, type(mod).__name__, args))
+
+        def post(mod, args, out):
+            if self.names.get(id(mod)) is not None and self.stack:
+                self.stack.pop()
+
+        from torch.nn.modules import module as nn_module
+        self._handles = [nn_module.register_module_forward_pre_hook(pre),
+                         nn_module.register_module_forward_hook(post)]
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for h in self._handles:
+            h.remove()
+        if exc_type is not None and self.stack:
+            self.failed = self.stack[-1]
+
+    def where(self) -> str:
+        if self.failed is None:
+            return "the model's forward"
+        name, typ, _ = self.failed
+        return f"module '{name or '<root>'}' ({typ})"
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    return type(model).__name__
+
+
+def _describe_inputs(names: list[str], leaves: list[Any]) -> str:
+    if not leaves:
+        return "empty (no args, no kwargs)"
+    parts = []
+    for n, v in zip(names, leaves):
+        if isinstance(v, torch.Tensor):
+            parts.append(f"'{n}': {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}")
+        else:
+            parts.append(f"'{n}': {v!r}")
+    return ", ".join(parts)
+
+
+def _check_inputs_eagerly(model: torch.nn.Module, args: tuple, kwargs: dict,
+                          names: list[str], leaves: list[Any]) -> None:
+    """Run the model on its example inputs; if it fails there, name the module and the input."""
+    tracker = _ModuleTracker(model)
+    try:
+        with torch.no_grad(), tracker:
+            model(*args, **kwargs)
+    except Exception as err:  # the model's own exception on the example inputs
+        if _is_data_dependent(err) or _is_meta_item_error(err):
+            return
+        culprit = ""
+        if tracker.failed is not None:
+            got = [a for a in pytree.tree_leaves(tracker.failed[2]) if isinstance(a, torch.Tensor)]
+            ids = {id(a) for a in got}
+            hit = [n for n, v in zip(names, leaves) if id(v) in ids]
+            if hit:
+                culprit = f" The failing module received input {', '.join(repr(h) for h in hit)} directly."
+            else:  # e.g. a reshaped view of an input: match by shape and dtype
+                sigs = {(tuple(a.shape), a.dtype) for a in got}
+                hit = [n for n, v in zip(names, leaves)
+                       if isinstance(v, torch.Tensor) and (tuple(v.shape), v.dtype) in sigs]
+                if hit:
+                    culprit = f" The failing module received a tensor shaped like input {', '.join(repr(h) for h in hit)}."
+        raise CaptureError(
+            f"cannot capture {_model_name(model)}: the model itself fails on the example inputs in "
+            f"{tracker.where()}: {_first_line(err)}.{culprit} Example inputs were "
+            f"{_describe_inputs(names, leaves)}. Check the shape/dtype of these inputs "
+            "(and pass keyword inputs as example_kwargs).") from err
+
+
+def _is_meta_item_error(err: BaseException) -> bool:
+    # eager code that calls .item() cannot run on meta tensors; that says nothing about the inputs
+    return "meta" in str(err).lower() and ("item" in str(err).lower() or "data" in str(err).lower())
+
+
+# --------------------------------------------------------------------------- normalisation
+
+def _normalise(gm: torch.fx.GraphModule, tied: list[list[str]],
+               tensor_leaf: list[bool]) -> tuple[list[int], dict[int, Any]]:
+    """Rewrite gm in place to the Captured conventions; returns (input_leaf_indices, const_inputs)."""
+    graph = gm.graph
+    canonical = {fqn: group[0] for group in tied for fqn in group}
+
+    # guards torch.export inserts as a call_module: inputs are checked by flatten_inputs instead
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    # ep.module() also checks inputs against its own in_spec in a pre-hook; our inputs are flat
+    for key, hook in list(gm._forward_pre_hooks.items()):
+        if "input_constraints" in getattr(hook, "__name__", ""):
+            del gm._forward_pre_hooks[key]
+            gm._forward_pre_hooks_with_kwargs.pop(key, None)
+
+    # tied weights: one get_attr per group, through the first FQN
+    first: dict[str, torch.fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "get_attr":
+            continue
+        target = canonical.get(node.target, node.target)
+        if target in first:
+            node.replace_all_uses_with(first[target])
+            graph.erase_node(node)
+            continue
+        node.target = target
+        first[target] = node
+    for node in list(first.values()):
+        if not node.users:
+            graph.erase_node(node)
+
+    # placeholders: keep tensor leaves, bake non-tensor ones in (they are constants of the trace)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(tensor_leaf):
+        raise CaptureError(f"internal: {len(placeholders)} placeholders for {len(tensor_leaf)} input leaves")
+    keep: list[int] = []
+    const: dict[int, Any] = {}
+    for i, (ph, is_tensor) in enumerate(zip(placeholders, tensor_leaf)):
+        if is_tensor:
+            keep.append(i)
+            continue
+        value = ph.meta.get("val")
+        if ph.users and _is_literal(value):
+            for user in list(ph.users):
+                user.replace_input_with(ph, value)
+        if ph.users:
+            raise CaptureError(f"input '{ph.name}' is a non-tensor value ({value!r}) used as data by the graph; "
+                               "pass it as a tensor or bind it before capture (e.g. functools.partial).")
+        graph.erase_node(ph)
+        const[i] = value
+
+    # plain calling convention: gm(*flat_tensor_inputs) -> tuple of output leaves
+    graph._codegen = torch.fx.graph.CodeGen()
+    out = next(n for n in graph.nodes if n.op == "output")
+    if not isinstance(out.args[0], (tuple, list)):
+        out.args = ((out.args[0],),)
+    else:
+        out.args = (tuple(out.args[0]),)
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return keep, const
+
+
+def _is_literal(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device))
+
+
+# --------------------------------------------------------------------------- export / symbolic_trace
+
+_NOISY_LOGGERS = ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes",
+                  "torch.export", "torch._export", "torch._dynamo")
+
+
+@contextlib.contextmanager
+def _quiet_on_failure():
+    """Keep torch's failure chatter (partial graphs on stderr, fake-tensor tracebacks) out of the
+    terminal: our CaptureError says what failed. On success, whatever was printed is passed on."""
+    buf = io.StringIO()
+    levels = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(buf):
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    sys.stderr.write(buf.getvalue())
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, pytree.TreeSpec]:
+    with _quiet_on_failure():
+        ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    gm = ep.module()
+    out_spec = ep.call_spec.out_spec
+    return gm, out_spec
+
+
+class _DeepTracer(torch.fx.Tracer):
+    """symbolic_trace through every module (no call_module nodes): weights become get_attr."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return False
+
+
+def _symbolic_trace(model: torch.nn.Module, in_spec: pytree.TreeSpec,
+                    leaves: list[Any]) -> tuple[torch.fx.GraphModule, pytree.TreeSpec]:
+    """Trace a flat-input wrapper, then re-root the graph on `model` (FQNs without a prefix)."""
+    n = len(leaves)
+    const = {i: v for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)}
+    spec_box: list[pytree.TreeSpec] = []
+
+    def call(inner: torch.nn.Module, flat: list[Any]) -> tuple:
+        flat = [const.get(i, v) for i, v in enumerate(flat)]
+        a, kw = pytree.tree_unflatten(flat, in_spec)
+        out_leaves, out_spec = pytree.tree_flatten(inner(*a, **kw))
+        spec_box.append(out_spec)
+        return tuple(out_leaves)
+
+    params = ", ".join(f"in{i}" for i in range(n))
+    ns: dict[str, Any] = {"_call": call}
+    exec(f"def forward(self, {params}):\n    return _call(self.m, [{params}{',' if n == 1 else ''}])\n", ns)
+    wrapper_cls = type("FlatInputs", (torch.nn.Module,), {"forward": ns["forward"]})
+    wrapper = wrapper_cls()
+    wrapper.m = model
+    concrete = {f"in{i}": v for i, v in const.items()}
+    with _quiet_on_failure():
+        graph = _DeepTracer().trace(wrapper, concrete_args=concrete or None)
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module") and isinstance(node.target, str):
+            node.target = node.target.removeprefix("m.")
+        stack = node.meta.get("nn_module_stack")
+        if stack:  # drop the wrapper (""), re-root "m.x" -> "x"
+            node.meta["nn_module_stack"] = {k: ("" if path == "m" else path.removeprefix("m."), typ)
+                                            for k, (path, typ) in stack.items() if path != ""}
+    gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    _fake_propagate(gm, leaves, const)
+    return gm, spec_box[-1]
+
+
+def _fake_propagate(gm: torch.fx.GraphModule, leaves: list[Any], const: dict[int, Any]) -> None:
+    """Fill meta["val"] with FakeTensors (symbolic_trace gives none)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_inputs = []
+    for i, (ph, v) in enumerate(zip(placeholders, leaves)):
+        if i in const:
+            ph.meta["val"] = v
+            fake_inputs.append(v)
+        else:
+            fake_inputs.append(mode.from_tensor(v))
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and "val" not in node.meta:
+            node.meta["val"] = mode.from_tensor(_get_attr(gm, node.target))
+
+
+def _get_attr(root: torch.nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------- entry point
 
 def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: dict | None = None) -> Captured:
-    """Trace `model` called as model(*example_args, **example_kwargs) into a Captured graph."""
-    raise NotImplementedError
+    """Trace `model` called as model(*example_args, **example_kwargs) into a Captured graph.
+
+    Raises CaptureError naming the module and operation that failed, with what to try.
+    """
+    if not isinstance(example_args, tuple):
+        example_args = (example_args,) if isinstance(example_args, torch.Tensor) else tuple(example_args)
+    kwargs = dict(example_kwargs or {})
+    leaves, in_spec = pytree.tree_flatten((example_args, kwargs))
+    names = input_leaf_names(model, example_args, kwargs)
+    tensor_leaf = [isinstance(v, torch.Tensor) for v in leaves]
+    tied = find_tied(model)
+
+    tracker = _ModuleTracker(model)
+    try:
+        with tracker:
+            gm, out_spec = _export(model, example_args, kwargs)
+        method = "export"
+    except Exception as export_err:
+        export_where = tracker.where()
+        if not _is_data_dependent(export_err):
+            _check_inputs_eagerly(model, example_args, kwargs, names, leaves)
+        tracker = _ModuleTracker(model)
+        try:
+            with tracker:
+                gm, out_spec = _symbolic_trace(model, in_spec, leaves)
+            method = "symbolic_trace"
+            log.warning("torch.export failed on %s in %s (%s); captured with torch.fx.symbolic_trace instead",
+                        _model_name(model), export_where, _first_line(export_err))
+        except Exception as trace_err:
+            raise _capture_error(model, export_err, export_where, trace_err, tracker.where()) from export_err
+
+    keep, const = _normalise(gm, tied, tensor_leaf)
+    input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    _check_vals(gm)
+    return Captured(graph_module=gm, in_spec=in_spec, out_spec=out_spec, input_names=input_names,
+                    tied=tied, method=method, input_leaf_indices=keep, const_inputs=const,
+                    module_types={name: f"{type(m).__module__}.{type(m).__qualname__}"
+                                  for name, m in model.named_modules()})
+
+
+def _check_vals(gm: torch.fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op != "output" and "val" not in node.meta:
+            raise CaptureError(f"internal: node '{node.name}' ({node.op} {node.target}) has no meta['val'] "
+                               "after capture; please report this model.")
+
+
+def _capture_error(model: torch.nn.Module, export_err: BaseException, export_where: str,
+                   trace_err: BaseException, trace_where: str) -> CaptureError:
+    name = _model_name(model)
+    unknown = re.search(r"Found <class '([\w.]+)'> in output, which is not a known type", str(export_err))
+    if unknown:
+        hint = (" For Hugging Face models pass use_cache=False (in the config or as an example kwarg)."
+                if "cache" in unknown.group(1).lower() else "")
+        return CaptureError(
+            f"cannot capture {name}: its output holds a {unknown.group(1)}, which torch's pytree cannot "
+            f"flatten.{hint} Otherwise return tensors/tuples/dicts, or register the type with "
+            "torch.utils._pytree.register_pytree_node.")
+    if _is_data_dependent(export_err):
+        return CaptureError(
+            f"cannot capture {name}: data-dependent control flow in {export_where}: a Python branch or "
+            f"shape depends on tensor values ({_first_line(export_err, 200)}). Make the branch "
+            "independent of tensor data (static shapes, torch.where, torch.cond), or move it "
+            "out of the model.")
+    trace_kind = " (data-dependent control flow)" if _is_data_dependent(trace_err) else ""
+    return CaptureError(
+        f"cannot capture {name}: torch.export failed in {export_where} ({_first_line(export_err)}) and "
+        f"torch.fx.symbolic_trace failed in {trace_where}{trace_kind} ({_first_line(trace_err)}). Try "
+        "passing keyword inputs as example_kwargs, static shapes, or simplifying that module's forward.")

@@ -1,0 +1,93 @@
+"""Helpers shared by the benchmark scripts: a rich table on stdout and a JSON record on disk.
+
+Every result file says where and how it was produced (machine, torch version,
+command), so numbers from different machines are never mixed up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict[str, Any]:
+    """Platform, CPU count, torch version and accelerators of this machine."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda_devices": [],
+    }
+    if torch.cuda.is_available():
+        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def command_line() -> str:
+    """How this script was started, without this machine's paths: "python -m benchmarks.capture --x 1"."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    root = Path(__file__).resolve().parent.parent
+    if script is not None and script.suffix == ".py" and script.resolve().is_relative_to(root):
+        head = ["python", "-m", ".".join(script.resolve().relative_to(root).with_suffix("").parts)]
+    else:
+        head = ["python", script.name if script else "-c"]
+    return " ".join(shlex.quote(a) for a in head + sys.argv[1:])
+
+
+def write_result(name: str, rows: list[dict], extra: dict | None = None) -> Path:
+    """Write benchmarks/results/<name>.json with the rows, the machine and the command; return its path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    record = {
+        "benchmark": name,
+        "command": command_line(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "torch_version": torch.__version__,
+        "rows": rows,
+        **(extra or {}),
+    }
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    """Print rows (dicts with the same keys) as a rich table; numbers right-aligned."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    for col in columns:
+        numeric = all(isinstance(r.get(col), (int, float)) for r in rows if col in r)
+        table.add_column(col, justify="right" if numeric else "left")
+    for row in rows:
+        table.add_row(*(_fmt(row.get(col, "")) for col in columns))
+    console = Console()
+    if not console.is_terminal:  # piped output: do not squeeze columns to 80 characters
+        console = Console(width=200)
+    console.print(table)

@@ -1,0 +1,19 @@
+"""Shared fixtures: small zoo models, built once per test session."""
+from __future__ import annotations
+
+import pytest
+
+from partitioner import zoo
+
+
+@pytest.fixture(scope="session")
+def small_zoo():
+    """build(name, small=True) with a per-session cache (models are not mutated by capture)."""
+    cache: dict[str, zoo.ZooModel] = {}
+
+    def get(name: str) -> zoo.ZooModel:
+        if name not in cache:
+            cache[name] = zoo.build(name, small=True, batch=2)
+        return cache[name]
+
+    return get

@@ -1,0 +1,210 @@
+import pytest
+import torch
+from torch import nn
+
+from partitioner.errors import CaptureError
+from partitioner import zoo
+from passes import capture as capture_mod
+from passes.capture import capture
+
+FAMILIES = ["mlp", "cnn", "gpt2", "llama-8b", "bert-base", "t5-base"]
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _check_conventions(c, model):
+    gm = c.graph_module
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert [n.name for n in phs] == c.input_names
+    canonical = c.canonical_fqn()
+    fqns = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
+    for n in gm.graph.nodes:
+        assert n.op != "call_module"
+        if n.op == "get_attr":
+            assert n.target in fqns and canonical.get(n.target, n.target) == n.target
+        if n.op != "output":
+            assert "val" in n.meta, n.name
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    assert isinstance(out.args[0], (tuple, list))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_capture_equals_model(small_zoo, name):
+    zm = small_zoo(name)
+    c = capture(zm.model, zm.example_args, zm.example_kwargs)
+    assert c.method == "export"
+    _check_conventions(c, zm.model)
+    flat = c.flatten_inputs(zm.example_args, zm.example_kwargs)
+    with torch.no_grad():
+        got = c.unflatten_outputs(c.graph_module(*flat))
+        ref = zm.model(*zm.example_args, **zm.example_kwargs)
+    assert type(got) is type(ref)
+    got_leaves, ref_leaves = torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(ref)
+    assert len(got_leaves) == len(ref_leaves)
+    for g, r in zip(got_leaves, ref_leaves):
+        assert g.shape == r.shape and _rel_err(g, r) < 1e-6
+    assert torch.allclose(zm.loss_fn(got, zm.target), zm.loss_fn(ref, zm.target), rtol=1e-6)
+
+
+def test_graph_shares_parameters_and_gradients(small_zoo):
+    zm = small_zoo("gpt2")
+    c = capture(zm.model, zm.example_args)
+    params = dict(zm.model.named_parameters())
+    for n in c.graph_module.graph.nodes:
+        if n.op == "get_attr" and n.target in params:
+            assert c.graph_module.get_parameter(n.target) is params[n.target]
+    zm.model.zero_grad()
+    zm.loss_fn(c.unflatten_outputs(c.graph_module(*c.flatten_inputs(zm.example_args))), zm.target).backward()
+    g_graph = {k: p.grad.clone() for k, p in params.items()}
+    zm.model.zero_grad()
+    zm.loss_fn(zm.model(*zm.example_args), zm.target).backward()
+    for k, p in params.items():
+        assert _rel_err(g_graph[k], p.grad) < 1e-5, k
+    zm.model.zero_grad(set_to_none=True)
+
+
+def test_tied_weights_gpt2_and_t5(small_zoo):
+    c = capture(small_zoo("gpt2").model, small_zoo("gpt2").example_args)
+    assert c.tied == [["transformer.wte.weight", "lm_head.weight"]]
+    zm = small_zoo("t5-base")
+    c = capture(zm.model, zm.example_args, zm.example_kwargs)
+    assert c.tied == [["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"]]
+    targets = [n.target for n in c.graph_module.graph.nodes if n.op == "get_attr"]
+    assert "shared.weight" in targets and "lm_head.weight" not in targets
+    assert len(targets) == len(set(targets))
+
+
+def test_capture_on_meta_allocates_nothing():
+    zm = zoo.build("llama-8b", small=True, device="meta")
+    c = capture(zm.model, zm.example_args)
+    gm = c.graph_module
+    assert all(t.is_meta for t in list(gm.parameters()) + list(gm.buffers()))
+    logits = next(n for n in gm.graph.nodes if n.op == "output").args[0][0].meta["val"]
+    assert tuple(logits.shape) == (8, 16, 100)
+
+
+def test_non_tensor_kwargs_are_baked_in_and_checked(small_zoo):
+    zm = small_zoo("gpt2")
+    c = capture(zm.model, zm.example_args, {"use_cache": False})
+    assert c.input_names == ["input_ids"] and c.const_inputs == {1: False}
+    assert len(c.flatten_inputs(zm.example_args, {"use_cache": False})) == 1
+    with pytest.raises(CaptureError, match="baked in"):
+        c.flatten_inputs(zm.example_args, {"use_cache": True})
+    with pytest.raises(CaptureError, match="calling convention"):
+        c.flatten_inputs(zm.example_args, {})
+
+
+class _DictModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, batch, scale=None):
+        h = self.a(batch["x"]) * scale
+        return {"y": self.b(h), "pair": (h, batch["z"] + 1)}
+
+
+class _TwoKwargs(nn.Module):
+    def forward(self, x, a=None, b=None):
+        return x + 2 * a + 3 * b
+
+
+def test_kwargs_follow_capture_order_and_any_call_order_works():
+    m, x, a, b = _TwoKwargs(), torch.ones(2), torch.full((2,), 10.0), torch.full((2,), 100.0)
+    c = capture(m, (x,), {"b": b, "a": a})
+    assert c.input_names == ["x", "b", "a"]
+    for kwargs in ({"b": b, "a": a}, {"a": a, "b": b}):
+        (got,) = c.graph_module(*c.flatten_inputs((x,), kwargs))
+        torch.testing.assert_close(got, m(x, a=a, b=b))
+
+
+def test_nested_inputs_and_outputs_round_trip():
+    m = _DictModel()
+    args = ({"x": torch.randn(2, 4), "z": torch.randn(3)},)
+    kwargs = {"scale": torch.tensor(2.0)}
+    c = capture(m, args, kwargs)
+    assert len(c.input_names) == 3
+    got = c.unflatten_outputs(c.graph_module(*c.flatten_inputs(args, kwargs)))
+    ref = m(*args, **kwargs)
+    assert set(got) == {"y", "pair"}
+    torch.testing.assert_close(got["y"], ref["y"])
+    torch.testing.assert_close(got["pair"][1], ref["pair"][1])
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _Branchy()
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.lin(x)
+        return x
+
+
+def test_data_dependent_control_flow_is_named():
+    with pytest.raises(CaptureError) as e:
+        capture(_DataDependent(), (torch.randn(2, 4),))
+    msg = str(e.value)
+    assert "data-dependent" in msg and "'inner'" in msg and "_Branchy" in msg
+
+
+def test_wrong_input_shape_names_the_input():
+    zm = zoo.build("mlp", small=True, batch=2)
+    with pytest.raises(CaptureError) as e:
+        capture(zm.model, (torch.randn(2, 5),))
+    msg = str(e.value)
+    assert "'x'" in msg and "(2, 5)" in msg and "layers.0" in msg
+
+
+def test_wrong_input_dtype_names_the_input():
+    zm = zoo.build("gpt2", small=True, batch=2)
+    with pytest.raises(CaptureError) as e:
+        capture(zm.model, (torch.randn(2, 8),))
+    assert "input_ids" in str(e.value) and "float32" in str(e.value)
+
+
+def test_hf_cache_output_says_use_cache_false():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, use_cache=True)
+    with pytest.raises(CaptureError, match="DynamicCache.*use_cache=False"):
+        capture(transformers.GPT2LMHeadModel(cfg), (torch.randint(0, 50, (1, 4)),))
+
+
+def test_symbolic_trace_fallback(monkeypatch, small_zoo):
+    def broken_export(*a, **k):
+        raise RuntimeError("export unavailable")
+    monkeypatch.setattr(capture_mod, "_export", broken_export)
+    for name in ("mlp", "cnn"):
+        zm = small_zoo(name)
+        c = capture(zm.model, zm.example_args)
+        assert c.method == "symbolic_trace"
+        _check_conventions(c, zm.model)
+        with torch.no_grad():
+            got = c.unflatten_outputs(c.graph_module(*c.flatten_inputs(zm.example_args)))
+            assert _rel_err(got, zm.model(*zm.example_args)) < 1e-6
+        stacks = [n.meta.get("nn_module_stack") for n in c.graph_module.graph.nodes if n.op == "call_function"]
+        assert any(s and list(s.values())[-1][0].startswith(("layers.", "blocks.")) for s in stacks)
+
+
+def test_both_tracers_failing_names_both(monkeypatch):
+    monkeypatch.setattr(capture_mod, "_export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+
+    class Weird(nn.Module):
+        def forward(self, x):
+            return torch.tensor(x.shape[0] + len(str(x)))  # str() of a proxy cannot be traced
+
+    with pytest.raises(CaptureError, match="torch.export failed.*symbolic_trace failed"):
+        capture(Weird(), (torch.randn(2),))
