@@ -12,10 +12,12 @@ class NodeCost:
     fwd_flops / bwd_flops: from FlopCounterMode (bwd includes input and weight grads).
     param_bytes: bytes of parameters it reads directly (tied ones counted at each user;
         use NodeCosts.param_state_bytes for per-rank memory, keyed by FQN).
-    output_bytes: bytes of its output value(s) (what a cut after it sends).
+    output_bytes: bytes of its output value(s) (what a cut after it sends); for get_attr
+        nodes the parameter's size, for placeholders the input's, 0 for the output node.
     saved_bytes: activation bytes autograd saves for backward when this node runs
         (saved_tensors_hooks; parameters and already-counted storages excluded).
     fwd_time_s / bwd_time_s: predicted (analytic roofline) or measured times.
+    Bytes and times are in NodeCosts.dtype (see cost_models/profile.py).
     """
 
     name: str

@@ -1,0 +1,170 @@
+"""DeviceSpec: what the roofline time model and the planner know about an accelerator.
+
+The table holds vendor datasheet numbers (dense, no sparsity; SXM parts for
+H100/H200/A100). Links are per GPU and per direction. `cpu` is not in the
+datasheet table: it is calibrated once per process by a quick matmul and copy
+benchmark on this machine. Users describe other hardware in a JSON file with
+the same fields (`DeviceSpec.to_json` writes one to start from).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from partitioner.errors import CostModelError
+
+GiB = 1024 ** 3
+DTYPE_KEYS = ("float32", "tf32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Peak rates of one device.
+
+    peak_flops: FLOP/s by dtype key ("float32", "tf32", "bfloat16", "float16").
+    mem_bw_bytes_per_s: device memory bandwidth.
+    mem_bytes: device memory capacity.
+    intra_node_bw_bytes_per_s: point-to-point bandwidth to a GPU of the same host (NVLink/PCIe).
+    inter_node_bw_bytes_per_s: bandwidth to another host (InfiniBand/Ethernet), per GPU.
+    kernel_overhead_s: fixed cost of launching one kernel (eager PyTorch dispatch included).
+    """
+
+    name: str
+    peak_flops: dict[str, float]
+    mem_bw_bytes_per_s: float
+    mem_bytes: int
+    intra_node_bw_bytes_per_s: float
+    inter_node_bw_bytes_per_s: float
+    kernel_overhead_s: float = 5e-6
+    notes: str = field(default="", compare=False)
+
+    def flops_per_s(self, dtype: torch.dtype | str, *, tf32: bool = False) -> float:
+        """Peak FLOP/s for matmuls in `dtype`; fp32 uses the TF32 rate when `tf32` is on."""
+        key = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+        if key == "float32" and tf32 and "tf32" in self.peak_flops:
+            key = "tf32"
+        if key not in self.peak_flops:
+            key = "float32"  # ints, fp64, fp8: no datasheet entry; fp32 rate as a stand-in
+        return self.peak_flops[key]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DeviceSpec":
+        d = json.loads(text)
+        try:
+            spec = cls(**d)
+        except TypeError as e:
+            raise CostModelError(f"invalid device spec JSON: {e}. Expected fields: "
+                                 f"{', '.join(DeviceSpec.__dataclass_fields__)}") from e
+        if "float32" not in spec.peak_flops:
+            raise CostModelError(f"device spec '{spec.name}': peak_flops needs at least a 'float32' entry "
+                                 f"(keys: {', '.join(DTYPE_KEYS)})")
+        return spec
+
+
+def _gpu(name: str, fp32: float, tf32: float, bf16: float, mem_bw: float, mem: int, intra: float,
+         inter: float, notes: str) -> DeviceSpec:
+    return DeviceSpec(name, {"float32": fp32, "tf32": tf32, "bfloat16": bf16, "float16": bf16},
+                      mem_bw, mem, intra, inter, 5e-6, notes)
+
+
+T = 1e12
+DEVICE_SPECS: dict[str, DeviceSpec] = {
+    "h100": _gpu("h100", 67 * T, 494.7 * T, 989.4 * T, 3.35e12, 80 * GiB, 450e9, 50e9,
+                 "H100 SXM5 80GB; NVLink4 900 GB/s bidirectional; NDR InfiniBand 400 Gb/s per GPU"),
+    "h200": _gpu("h200", 67 * T, 494.7 * T, 989.4 * T, 4.8e12, 141 * 10 ** 9, 450e9, 50e9,
+                 "H200 SXM 141GB; NVLink4; NDR InfiniBand 400 Gb/s per GPU"),
+    "a100-40gb": _gpu("a100-40gb", 19.5 * T, 156 * T, 312 * T, 1.555e12, 40 * GiB, 300e9, 25e9,
+                      "A100 SXM4 40GB; NVLink3 600 GB/s bidirectional; HDR InfiniBand 200 Gb/s"),
+    "a100-80gb": _gpu("a100-80gb", 19.5 * T, 156 * T, 312 * T, 2.039e12, 80 * GiB, 300e9, 25e9,
+                      "A100 SXM4 80GB; NVLink3; HDR InfiniBand 200 Gb/s"),
+    "l4": _gpu("l4", 30.3 * T, 60 * T, 121 * T, 300e9, 24 * GiB, 32e9, 12.5e9,
+               "L4 24GB; PCIe Gen4 x16; 100 Gb/s Ethernet between hosts"),
+}
+
+
+def known_device_names() -> list[str]:
+    return [*DEVICE_SPECS, "cpu"]
+
+
+def _time_it(fn, min_time_s: float = 0.05) -> float:
+    """Median-ish seconds per call: repeat until min_time_s has passed."""
+    fn()
+    runs, start = 0, time.perf_counter()
+    while True:
+        fn()
+        runs += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time_s:
+            return elapsed / runs
+
+
+@functools.lru_cache(maxsize=1)
+def calibrate_cpu() -> DeviceSpec:
+    """Measure this CPU: fp32/bf16 matmul FLOP/s, copy bandwidth and per-op overhead (~0.5 s, once per process)."""
+    n = 512
+    rates = {}
+    for key, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        try:
+            rates[key] = 2 * n ** 3 / _time_it(lambda: torch.mm(a, b))
+        except RuntimeError:  # a CPU build without this dtype's matmul
+            rates[key] = rates["float32"]
+    rates["tf32"] = rates["float32"]
+    x = torch.empty(16 * 2 ** 20 // 4, dtype=torch.float32)  # 16 MiB: out of most L2s
+    y = torch.empty_like(x)
+    bw = 2 * x.nbytes / _time_it(lambda: y.copy_(x))
+    # one eager op that autograd records: what a graph node costs beyond its data movement
+    small = torch.empty(8, requires_grad=True)
+    overhead = _time_it(lambda: torch.add(small, small), min_time_s=0.01)
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        mem = 16 * GiB
+    return DeviceSpec("cpu", rates, bw, int(mem), 5e9, 1.25e9, overhead,
+                      f"calibrated on this machine ({torch.get_num_threads()} threads); "
+                      "links: shared memory within a host, 10 GbE between hosts")
+
+
+def get_device_spec(name_or_path: str | DeviceSpec) -> DeviceSpec:
+    """A DeviceSpec by table name (h100, h200, a100-40gb, a100-80gb, l4, cpu) or from a JSON file."""
+    if isinstance(name_or_path, DeviceSpec):
+        return name_or_path
+    key = str(name_or_path).strip()
+    if key.lower() in DEVICE_SPECS:
+        return DEVICE_SPECS[key.lower()]
+    if key.lower() == "cpu":
+        return calibrate_cpu()
+    path = Path(key).expanduser()
+    if key.endswith(".json") or path.is_file():
+        if not path.is_file():
+            raise CostModelError(f"device spec file '{key}' does not exist")
+        return DeviceSpec.from_json(path.read_text())
+    raise CostModelError(f"unknown device type '{key}': use one of {', '.join(known_device_names())} "
+                         "or the path of a JSON file with a DeviceSpec (see DeviceSpec.to_json)")
+
+
+def spec_for_torch_device(device: torch.device | str) -> DeviceSpec:
+    """The table entry closest to a real torch device (by CUDA device name), else the calibrated CPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(device).lower()
+        props = torch.cuda.get_device_properties(device)
+        if "h200" in gpu:
+            return DEVICE_SPECS["h200"]
+        if "h100" in gpu:
+            return DEVICE_SPECS["h100"]
+        if "a100" in gpu:
+            return DEVICE_SPECS["a100-80gb" if props.total_memory > 50 * GiB else "a100-40gb"]
+        if "l4" in gpu:
+            return DEVICE_SPECS["l4"]
+        raise CostModelError(f"no DeviceSpec for GPU '{gpu}': write one as JSON and pass its path")
+    return calibrate_cpu()

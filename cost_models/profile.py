@@ -1,0 +1,249 @@
+"""profile(): the NodeCosts of a captured graph, for one microbatch.
+
+One pass over the graph on fake tensors (cost_models/flops.py) gives every
+node's FLOPs, kernels and saved tensors; memory.py turns those into bytes and
+time.py into seconds (roofline from a DeviceSpec, or measured per block on this
+machine's device and spread over the block's nodes in proportion to their
+roofline times).
+
+dtype: costs may be asked for in another dtype than the graph was captured in
+(e.g. a model captured in fp32, planned for bf16 training). Then floating
+tensors of the captured dtype count at the new dtype's size, FLOP counts stay
+(they do not depend on dtype), and times use that dtype's peak FLOP/s. Nodes
+that explicitly compute in another dtype (fp32 softmax in a bf16 model) are not
+re-expressed: capture in the target dtype when that matters.
+"""
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+
+from cost_models.device import DeviceSpec, get_device_spec
+from cost_models.flops import NodeTrace, trace_nodes
+from cost_models.memory import OPTIMIZER_STATES, DtypeScale, params_state_bytes, saved_bytes_per_node, value_bytes
+from cost_models.node_costs import NodeCost, NodeCosts
+from cost_models.time import NodeTime, analytic_node_time, measure_block_times
+from partitioner.errors import CostModelError
+
+
+def graph_float_dtype(gm: torch.fx.GraphModule) -> torch.dtype:
+    """The most common floating dtype among the graph's parameters (else its values), default fp32."""
+    counts: Counter = Counter()
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.is_floating_point():
+            counts[val.dtype] += val.numel() * (1000 if n.op == "get_attr" else 1)
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def _canonical_fqns(gm: torch.fx.GraphModule, tied: Sequence[Sequence[str]]) -> dict[str, str]:
+    """FQN -> canonical FQN: Captured.tied groups, plus get_attr targets that are one and the
+    same tensor object in `gm` (a tied weight loaded under two names)."""
+    canonical = {fqn: group[0] for group in tied for fqn in group}
+    first_by_id: dict[int, str] = {}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr":
+            continue
+        target = str(n.target)
+        try:
+            obj = operator.attrgetter(target)(gm)
+        except AttributeError:
+            continue
+        if isinstance(obj, torch.Tensor):
+            first = first_by_id.setdefault(id(obj), canonical.get(target, target))
+            canonical.setdefault(target, first)
+    return canonical
+
+
+def module_paths_from_graph(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """node name -> owning module FQN from nn_module_stack (used when no AnnotatedGraph is given)."""
+    out = {}
+    for n in gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        if n.op == "get_attr":
+            path = str(n.target).rpartition(".")[0]
+        out[n.name] = path
+    return out
+
+
+def layer_key(module_path: str, depth: int = 2) -> str:
+    """The layer a module belongs to: its path up to the first numeric component
+    ("transformer.h.3.attn" -> "transformer.h.3", "encoder.block.0.layer.1" -> "encoder.block.0"),
+    or its first `depth` components when it is in no numbered container."""
+    parts = module_path.split(".") if module_path else []
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:depth])
+
+
+def default_measure_groups(gm: torch.fx.GraphModule, module_paths: dict[str, str]) -> list[list[str]]:
+    """Runs of consecutive computing nodes of the same layer (see layer_key): one block per
+    transformer layer, plus the embeddings, final norm and head around them."""
+    groups: list[list[str]] = []
+    last = None
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_module", "call_method"):
+            continue
+        key = layer_key(module_paths.get(n.name, ""))
+        if key != last or not groups:
+            groups.append([])
+            last = key
+        groups[-1].append(n.name)
+    return groups
+
+
+def _spread(total: float, weights: list[float]) -> list[float]:
+    s = sum(weights)
+    if s <= 0:
+        return [total / len(weights)] * len(weights)
+    return [total * w / s for w in weights]
+
+
+def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = "h100",
+            dtype: torch.dtype = torch.float32, optimizer: str = "adamw", measure: bool = False,
+            example_inputs: Sequence[Any] | None = None, measure_groups: list[list[str]] | None = None,
+            inputs_require_grad: bool = False, progress: bool = True) -> NodeCosts:
+    """Cost every node of `captured` (a passes.capture.Captured, or a bare GraphModule) for one microbatch.
+
+    annotated: the AnnotatedGraph (module paths for measured blocks); optional.
+    device: DeviceSpec (or table name / JSON path) used by the roofline times.
+    dtype: dtype the costs are expressed in (see the module docstring).
+    optimizer: whose state counts in param_state_bytes (adamw, adam, sgd-momentum, sgd, none).
+    measure: time blocks of nodes on the device the graph was captured on instead of the
+        roofline; example_inputs (flat, as the placeholders take them) give real values.
+    """
+    if optimizer not in OPTIMIZER_STATES:
+        raise CostModelError(f"unknown optimizer '{optimizer}': choose one of {sorted(OPTIMIZER_STATES)}")
+    gm = captured if isinstance(captured, torch.fx.GraphModule) else captured.graph_module
+    tied = getattr(captured, "tied", None) or (annotated.tied if annotated is not None else [])
+    spec = get_device_spec(device)
+    scale = DtypeScale(graph_float_dtype(gm), dtype)
+
+    traces = trace_nodes(gm, inputs_require_grad=inputs_require_grad)
+    saved = saved_bytes_per_node(traces, scale)
+    canonical = _canonical_fqns(gm, tied)
+    graph_nodes = {n.name: n for n in gm.graph.nodes}
+
+    param_rows: dict[str, tuple[str, int, torch.dtype, bool]] = {}
+    param_bytes_by_node: dict[str, int] = {}
+    for name, trace in traces.items():
+        node = graph_nodes[name]
+        if trace.op == "get_attr" and isinstance(trace.output, torch.Tensor):
+            fqn = canonical.get(str(node.target), str(node.target))
+            out = trace.output
+            param_rows[fqn] = (fqn, out.numel(), out.dtype, bool(out.requires_grad))
+        param_bytes_by_node[name] = sum(value_bytes(traces[a.name].output, scale) for a in node.all_input_nodes
+                                        if a.op == "get_attr")
+
+    times = {name: _analytic(t, spec, scale) for name, t in traces.items()}
+    if measure:
+        times = _measured_times(gm, traces, times, annotated, example_inputs, measure_groups, progress)
+
+    nodes = {}
+    for name, trace in traces.items():
+        out_bytes = 0 if trace.op == "output" else value_bytes(trace.output, scale)
+        nodes[name] = NodeCost(name=name, fwd_flops=float(trace.fwd_flops), bwd_flops=float(trace.bwd_flops),
+                               param_bytes=param_bytes_by_node[name], output_bytes=out_bytes,
+                               saved_bytes=saved[name], fwd_time_s=times[name].fwd_s, bwd_time_s=times[name].bwd_s)
+    return NodeCosts(nodes=nodes, param_state_bytes=params_state_bytes(param_rows.values(), optimizer, scale),
+                     device=spec.name, dtype=str(dtype).removeprefix("torch."), optimizer=optimizer,
+                     time_source="measured" if measure else "analytic")
+
+
+def _analytic(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale) -> NodeTime:
+    if trace.op not in ("call_function", "call_module", "call_method"):
+        return NodeTime(0.0, 0.0)
+    moved = sum(scale.nbytes(n, dt) for n, dt in trace.input_sizes) + value_bytes(trace.output, scale)
+    return analytic_node_time(trace.fwd_flops, trace.bwd_flops, moved, trace.fwd_kernels, trace.bwd_kernels,
+                              spec, scale.to_dtype)
+
+
+def _measured_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], analytic: dict[str, NodeTime],
+                    annotated: Any, example_inputs: Sequence[Any] | None, groups: list[list[str]] | None,
+                    progress: bool) -> dict[str, NodeTime]:
+    """Measure blocks, then give each node its share of its block's time (by roofline time)."""
+    if groups is None:
+        paths = ({n.name: n.module_path for n in annotated.nodes} if annotated is not None
+                 else module_paths_from_graph(gm))
+        groups = default_measure_groups(gm, paths)
+    requires_grad = {name: t.requires_grad for name, t in traces.items()}
+    if progress:
+        from rich.progress import Progress
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"measuring {len(groups)} blocks", total=len(groups))
+            measured = measure_block_times(gm, groups, example_inputs, requires_grad=requires_grad,
+                                           progress=lambda k: bar.advance(task, k))
+    else:
+        measured = measure_block_times(gm, groups, example_inputs, requires_grad=requires_grad)
+    times = {name: NodeTime(0.0, 0.0) for name in traces}
+    for group, block_time in zip(groups, measured):
+        fwd = _spread(block_time.fwd_s, [analytic[n].fwd_s for n in group])
+        bwd = _spread(block_time.bwd_s, [analytic[n].bwd_s for n in group])
+        for n, f, b in zip(group, fwd, bwd):
+            times[n] = NodeTime(f, b)
+    return times
+
+
+def module_costs(costs: NodeCosts, gm: torch.fx.GraphModule, module_paths: dict[str, str] | None = None,
+                 depth: int | None = None, tied: Sequence[Sequence[str]] = ()) -> dict[str, NodeCost]:
+    """Costs per module: every prefix (up to `depth` components) of a node's module path.
+
+    FLOPs, saved bytes and times are sums over the module's nodes; param_bytes are
+    the parameters the module owns (its get_attr nodes; a tied weight counts once,
+    at its first get_attr);
+    output_bytes are the values it produces that are read outside it (its
+    activations crossing the module boundary). "" (the root) holds the totals.
+    module_paths: node name -> NodeInfo.module_path (default: from nn_module_stack).
+    Modules come in tree pre-order (a parent, then its children in execution order).
+    """
+    paths = module_paths if module_paths is not None else module_paths_from_graph(gm)
+    canonical = _canonical_fqns(gm, tied)
+    counted_params: set[str] = set()
+    sums: dict[str, dict[str, float]] = {}
+    summed = ("fwd_flops", "bwd_flops", "saved_bytes", "fwd_time_s", "bwd_time_s")
+
+    def prefixes(path: str) -> list[str]:
+        parts = path.split(".") if path else []
+        top = len(parts) if depth is None else min(depth, len(parts))
+        return [".".join(parts[:i]) for i in range(top + 1)]
+
+    zero = dict.fromkeys((*summed, "param_bytes", "output_bytes"), 0)
+    for n in gm.graph.nodes:
+        c = costs.nodes.get(n.name)
+        if c is None:
+            continue
+        new_param = False
+        if n.op == "get_attr":
+            fqn = canonical.get(str(n.target), str(n.target))
+            new_param = fqn not in counted_params
+            counted_params.add(fqn)
+        mine = prefixes(paths.get(n.name, ""))
+        readers = [prefixes(paths.get(u.name, "")) if u.op != "output" else [None] for u in n.users]
+        for key in mine:
+            acc = sums.setdefault(key, dict(zero))
+            for f in summed:
+                acc[f] += getattr(c, f)
+            if n.op == "get_attr":
+                acc["param_bytes"] += c.output_bytes if new_param else 0
+            elif n.op != "placeholder" and any(key not in r for r in readers):
+                acc["output_bytes"] += c.output_bytes
+    # tree pre-order: children after their parent, siblings in order of their first computing node
+    first: dict[str, int] = {}
+    nodes = list(gm.graph.nodes)
+    for i, n in enumerate(nodes):
+        index = i if n.op not in ("get_attr", "placeholder") else len(nodes) + i
+        for key in prefixes(paths.get(n.name, "")):
+            first[key] = min(first.get(key, index), index)
+
+    def order(key: str) -> tuple[int, ...]:
+        parts = key.split(".") if key else []
+        return tuple(first.get(".".join(parts[:i]), 0) for i in range(len(parts) + 1))
+
+    return {k: NodeCost(name=k, **{f: (int(v) if f.endswith("bytes") else float(v)) for f, v in sums[k].items()})
+            for k in sorted(sums, key=order)}

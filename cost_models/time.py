@@ -1,0 +1,264 @@
+"""Time of every node: an analytic roofline, or measured on the real device.
+
+Analytic (roofline): a node's forward takes
+    max(flops / peak_flops[dtype], bytes_moved / mem_bw) + kernels x kernel_overhead
+with bytes_moved = its distinct inputs (parameters included) + its outputs. Its
+backward uses the backward FLOPs and twice the forward bytes (it reads the
+saved inputs and the output gradient and writes the input gradients). Views,
+getitem and get_attr launch no kernel and cost 0.
+
+Measured: `measure_block_times` cuts each group of nodes (a block) out as its own
+GraphModule, feeds it real tensors of the captured shapes and times forward and
+backward (CUDA events on GPU, perf_counter on CPU; warm-up, then the median of
+repeats). Results are cached on disk, keyed by the block's code, shapes, dtypes
+and device, in $PARTITIONER_CACHE or ~/.cache/partitioner/.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from cost_models.device import DeviceSpec
+from partitioner.errors import CostModelError
+
+
+@dataclass(frozen=True)
+class NodeTime:
+    """Forward and backward seconds of one node (or one block)."""
+
+    fwd_s: float
+    bwd_s: float
+
+
+def roofline_time_s(flops: float, bytes_moved: float, kernels: int, spec: DeviceSpec,
+                    dtype: torch.dtype | str = torch.float32) -> float:
+    """max(compute time, memory time) + launch overhead; 0 when nothing is launched."""
+    if kernels <= 0 and flops <= 0:
+        return 0.0
+    compute = flops / spec.flops_per_s(dtype)
+    memory = bytes_moved / spec.mem_bw_bytes_per_s
+    return max(compute, memory) + kernels * spec.kernel_overhead_s
+
+
+def is_compute_bound(flops: float, bytes_moved: float, spec: DeviceSpec, dtype: torch.dtype | str = torch.float32) -> bool:
+    """True when the roofline's compute term exceeds its memory term (arithmetic intensity above the ridge)."""
+    return flops / spec.flops_per_s(dtype) > bytes_moved / spec.mem_bw_bytes_per_s
+
+
+def analytic_node_time(fwd_flops: float, bwd_flops: float, fwd_bytes: float, fwd_kernels: int,
+                       bwd_kernels: int, spec: DeviceSpec, dtype: torch.dtype | str = torch.float32) -> NodeTime:
+    """Roofline forward and backward time of one node (backward moves ~2x the forward bytes)."""
+    fwd = roofline_time_s(fwd_flops, fwd_bytes, fwd_kernels, spec, dtype)
+    bwd = roofline_time_s(bwd_flops, 2 * fwd_bytes, bwd_kernels, spec, dtype) if bwd_kernels or bwd_flops else 0.0
+    return NodeTime(fwd, bwd)
+
+
+# ----------------------------------------------------------------------------- measured
+
+def cache_dir() -> Path:
+    """Where measured times are cached: $PARTITIONER_CACHE or ~/.cache/partitioner."""
+    return Path(os.environ.get("PARTITIONER_CACHE") or Path.home() / ".cache" / "partitioner")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"{device.type}:{torch.get_num_threads()}threads"
+
+
+@dataclass
+class _Block:
+    module: torch.fx.GraphModule
+    inputs: list[torch.fx.Node]  # nodes of the original graph feeding each placeholder
+    key: str = ""
+
+
+def extract_block(gm: torch.fx.GraphModule, names: Sequence[str]) -> _Block:
+    """A GraphModule computing the nodes `names` of `gm` from placeholders for everything else.
+
+    get_attr nodes (parameters) become placeholders too, so the block holds no
+    weights; non-tensor values of outside nodes are inlined as constants. Node
+    names are canonical (v0, v1, ...) so identical layers produce identical code.
+    """
+    wanted = set(names)
+    nodes = [n for n in gm.graph.nodes if n.name in wanted and n.op not in ("placeholder", "get_attr", "output")]
+    if not nodes:
+        raise CostModelError(f"block {list(names)[:3]}... has no computing node to measure")
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, Any] = {}
+    inputs: list[torch.fx.Node] = []
+    inside = set(nodes)
+
+    def outside_value(n: torch.fx.Node) -> Any:
+        if n not in env:
+            val = n.meta.get("val")
+            if isinstance(val, torch.Tensor) or val is None:
+                env[n] = graph.placeholder(f"in{len(inputs)}")
+                inputs.append(n)
+            else:
+                env[n] = val  # a python constant (int, bool, shape...)
+        return env[n]
+
+    for i, n in enumerate(nodes):
+        args, kwargs = torch.fx.map_arg((n.args, n.kwargs), lambda a: env[a] if a in inside else outside_value(a))
+        env[n] = graph.create_node(n.op, n.target, args, kwargs, name=f"v{i}")
+    users_outside = [n for n in nodes if any(u not in inside for u in n.users)] or nodes[-1:]
+    graph.output(tuple(env[n] for n in users_outside))
+    module = torch.fx.GraphModule(gm, graph)
+    shapes = [(tuple(n.meta["val"].shape), str(n.meta["val"].dtype)) if isinstance(n.meta.get("val"), torch.Tensor)
+              else None for n in inputs]
+    key = hashlib.sha256(repr((module.code, shapes)).encode()).hexdigest()[:32]
+    return _Block(module, inputs, key)
+
+
+def _make_input(node: torch.fx.Node, device: torch.device, requires_grad: bool, real: Any = None) -> Any:
+    val = node.meta.get("val")
+    if real is not None:
+        t = real
+    elif not isinstance(val, torch.Tensor):
+        raise CostModelError(f"cannot measure: input '{node.name}' has no meta['val'] tensor to size it")
+    elif val.is_floating_point():
+        t = torch.randn(tuple(val.shape), dtype=val.dtype, device=device)
+    else:
+        t = torch.zeros(tuple(val.shape), dtype=val.dtype, device=device)  # index 0 is always valid
+    if isinstance(t, torch.Tensor):
+        t = t.detach().to(device)
+        if requires_grad and t.is_floating_point():
+            t.requires_grad_(True)
+    return t
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[torch.Tensor],
+                 warmup: int = 2, repeats: int = 5) -> NodeTime:
+    """Median forward and backward seconds of `fn()` (backward w.r.t. `grad_inputs`)."""
+    fwd_times, bwd_times = [], []
+    for i in range(warmup + repeats):
+        _sync(device)
+        if device.type == "cuda":
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            events[0].record()
+        t0 = time.perf_counter()
+        out = fn()
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if device.type == "cuda":
+            events[1].record()
+        _sync(device)
+        t1 = time.perf_counter()
+        if outs and grad_inputs:
+            torch.autograd.grad(outs, grad_inputs, [torch.ones_like(t) for t in outs], allow_unused=True)
+        if device.type == "cuda":
+            events[2].record()
+        _sync(device)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            if device.type == "cuda":
+                fwd_times.append(events[0].elapsed_time(events[1]) / 1e3)
+                bwd_times.append(events[1].elapsed_time(events[2]) / 1e3 if outs and grad_inputs else 0.0)
+            else:
+                fwd_times.append(t1 - t0)
+                bwd_times.append(t2 - t1 if outs and grad_inputs else 0.0)
+        del out, outs
+    return NodeTime(statistics.median(fwd_times), statistics.median(bwd_times))
+
+
+class _DiskCache:
+    """JSON dict key -> [fwd_s, bwd_s] in cache_dir()/block_times.json."""
+
+    def __init__(self):
+        self.path = cache_dir() / "block_times.json"
+        try:
+            self.data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+
+    def get(self, key: str) -> NodeTime | None:
+        v = self.data.get(key)
+        return NodeTime(*v) if v else None
+
+    def put(self, key: str, t: NodeTime) -> None:
+        self.data[key] = [t.fwd_s, t.bwd_s]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.data))
+        tmp.replace(self.path)
+
+
+def _real_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], needed: set[torch.fx.Node]) -> dict[str, Any]:
+    """Run `gm` once without grad and keep the values of `needed` nodes."""
+    kept: dict[str, Any] = {}
+
+    class Keep(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in needed:
+                kept[n.name] = out
+            return out
+
+    with torch.no_grad():
+        Keep(gm).run(*example_inputs)
+    return kept
+
+
+def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence[str]],
+                        example_inputs: Sequence[Any] | None = None, device: torch.device | str | None = None, *,
+                        requires_grad: dict[str, bool] | None = None, warmup: int = 2, repeats: int = 5,
+                        use_cache: bool = True, progress: Callable[[int], None] | None = None) -> list[NodeTime]:
+    """Measure forward+backward time of each group of nodes on `device`.
+
+    example_inputs: the graph's flat inputs; when given, the graph runs once and
+        each block is fed the real values it reads (valid indices, masks, and
+        the module's weights); when None, blocks get random floats and zero ints.
+    requires_grad: node name -> whether its value depends on a trainable
+        parameter (NodeTrace.requires_grad); float inputs that do get gradients.
+        Default: every float input does.
+    progress: called with 1 after each group (e.g. a rich progress bar's advance).
+    """
+    vals = [n.meta.get("val") for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    captured_on = vals[0].device if vals else torch.device("cpu")
+    if captured_on.type == "meta":
+        raise CostModelError("cannot measure a graph captured on the meta device (its weights do not exist): "
+                             "build the model on 'cpu' or 'cuda' and capture it there, or use the analytic times")
+    device = torch.device(device) if device is not None else captured_on
+    if device.type != captured_on.type:
+        raise CostModelError(f"the graph was captured on '{captured_on}' but is to be measured on '{device}': "
+                             "capture the model on the device you measure on (device-specific constants are baked in)")
+    blocks = [extract_block(gm, g) for g in node_groups]
+    real = {}
+    if example_inputs is not None:
+        real = _real_values(gm, example_inputs, {n for b in blocks for n in b.inputs})
+    cache = _DiskCache() if use_cache else None
+    dev = _device_name(device)
+    measured: dict[str, NodeTime] = {}
+    results = []
+    for block in blocks:
+        key = f"{block.key}:{dev}:{torch.__version__}:{example_inputs is not None}"
+        t = measured.get(key) or (cache.get(key) if cache else None)
+        if t is None:
+            module = block.module.to(device)
+            args = [_make_input(n, device, (requires_grad or {}).get(n.name, True), real.get(n.name))
+                    for n in block.inputs]
+            grad_inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            with torch.enable_grad():
+                t = time_fwd_bwd(lambda: module(*args), device, grad_inputs, warmup, repeats)
+            if cache:
+                cache.put(key, t)
+        measured[key] = t
+        results.append(t)
+        if progress:
+            progress(1)
+    return results

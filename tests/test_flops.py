@@ -1,0 +1,87 @@
+"""FLOPs per node equal the closed forms (FlopCounterMode on fake tensors)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cost_models.flops import module_flops, node_flops
+
+
+def _export(model: nn.Module, *args: torch.Tensor) -> torch.fx.GraphModule:
+    return torch.export.export(model, args, strict=False).module()
+
+
+def _only(flops: dict, prefix: str):
+    hits = [f for name, f in flops.items() if name.startswith(prefix)]
+    assert len(hits) == 1, (prefix, list(flops))
+    return hits[0]
+
+
+def test_linear_fwd_is_2BIO_and_bwd_twice_that_when_input_needs_grad():
+    B, I, O = 6, 32, 48
+    gm = _export(nn.Linear(I, O), torch.randn(B, I))
+    f = _only(node_flops(gm, inputs_require_grad=True), "linear")
+    assert f.fwd == 2 * B * I * O
+    assert f.bwd == 2 * f.fwd  # grad of input and of weight
+    # the model input needs no gradient: only the weight gradient is computed
+    f = _only(node_flops(gm), "linear")
+    assert f.bwd == f.fwd
+
+
+class _MatMul(nn.Module):
+    def forward(self, a, b):
+        return torch.matmul(a, b)
+
+
+def test_batched_matmul_closed_form():
+    B, M, K, N = 3, 5, 7, 11
+    gm = _export(_MatMul(), torch.randn(B, M, K), torch.randn(B, K, N))
+    flops = node_flops(gm, inputs_require_grad=True)
+    total_fwd = sum(f.fwd for f in flops.values())
+    total_bwd = sum(f.bwd for f in flops.values())
+    assert total_fwd == 2 * B * M * K * N
+    assert total_bwd == 4 * B * M * K * N
+    # without gradients there is no backward at all
+    assert sum(f.bwd for f in node_flops(gm).values()) == 0
+
+
+def test_conv2d_closed_form():
+    B, Cin, Cout, H, W, k = 2, 3, 8, 10, 12, 3
+    conv = nn.Conv2d(Cin, Cout, k, padding=1)
+    gm = _export(conv, torch.randn(B, Cin, H, W))
+    f = _only(node_flops(gm, inputs_require_grad=True), "conv2d")
+    assert f.fwd == 2 * B * Cout * H * W * Cin * k * k
+    assert f.bwd == 2 * f.fwd
+
+
+class _Attention(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=False)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_sdpa_closed_form(device):
+    B, H, L, S, D = 2, 3, 16, 24, 8
+    q, k, v = (torch.randn(B, H, n, D, device=device) for n in (L, S, S))
+    gm = _export(_Attention(), q, k, v)
+    f = _only(node_flops(gm, inputs_require_grad=True), "scaled_dot_product_attention")
+    assert f.fwd == 4 * B * H * L * S * D  # QK^T and PV
+    assert f.bwd == 10 * B * H * L * S * D  # flash backward: recompute QK^T, then dV, dP, dQ, dK
+
+
+def test_meta_model_and_module_rollup():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    gm = _export(model, torch.randn(5, 16, device="meta"))
+    flops = node_flops(gm)
+    paths = {n.name: list(n.meta["nn_module_stack"].values())[-1][0] if n.meta.get("nn_module_stack") else ""
+             for n in gm.graph.nodes}
+    per_module = module_flops(flops, paths)
+    assert per_module["0"].fwd == 2 * 5 * 16 * 32
+    assert per_module["2"].fwd == 2 * 5 * 32 * 4
+    assert per_module[""].fwd == per_module["0"].fwd + per_module["2"].fwd
+    # first layer: weight grad only; second: weight and input grads
+    assert per_module["0"].bwd == per_module["0"].fwd
+    assert per_module["2"].bwd == 2 * per_module["2"].fwd

@@ -1,0 +1,116 @@
+"""profile(): NodeCosts of captured graphs; meta models allocate nothing; measured mode on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cost_models.node_costs import NodeCosts
+from cost_models.profile import module_costs, profile
+from partitioner import zoo
+from passes.annotate import annotate
+from passes.capture import capture
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sysconf"), reason="needs /proc")
+def test_gpt2_on_meta_allocates_no_weights():
+    zm = zoo.build("gpt2", batch=2, seq=64, device="meta")
+    weight_bytes = sum(p.numel() * p.element_size() for p in zm.model.parameters())
+    before = _rss_bytes()
+    captured = capture(zm.model, zm.example_args, zm.example_kwargs)
+    annotated = annotate(captured)
+    costs = profile(captured, annotated, device="h100")
+    grown = _rss_bytes() - before
+    assert grown < weight_bytes / 3, f"RSS grew {grown / 2**20:.0f} MiB for {weight_bytes / 2**20:.0f} MiB of weights"
+    assert all(p.device.type == "meta" for p in zm.model.parameters())
+
+    tokens = 2 * 64
+    n_params = sum(annotated.param_numel.values())
+    # fwd+bwd ~ 6 FLOPs per token and parameter (plus attention), bwd = 2x fwd
+    per_token_param = (costs.total("fwd_flops") + costs.total("bwd_flops")) / tokens / n_params
+    assert 5.5 < per_token_param < 7.0
+    assert costs.total("bwd_flops") == pytest.approx(2 * costs.total("fwd_flops"), rel=0.02)
+    assert sum(costs.param_state_bytes.values()) == 16 * n_params  # fp32 AdamW; tied wte/lm_head once
+    assert costs.total("fwd_time_s") > 0 and costs.total("bwd_time_s") > costs.total("fwd_time_s")
+
+    paths = {n.name: n.module_path for n in annotated.nodes}
+    per_module = module_costs(costs, captured.graph_module, paths, depth=3, tied=captured.tied)
+    blocks = [per_module[f"transformer.h.{i}"] for i in range(12)]
+    assert len({b.fwd_flops for b in blocks}) == 1  # identical layers cost the same
+    assert per_module[""].fwd_flops == costs.total("fwd_flops")
+    assert per_module[""].param_bytes == sum(annotated.param_bytes.values())
+    assert blocks[0].output_bytes == 2 * 64 * 768 * 4  # the residual stream leaving the block
+    assert NodeCosts.from_json(costs.to_json()) == costs
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(16, 64), nn.ReLU())
+        self.b = nn.Sequential(nn.Linear(64, 64), nn.ReLU())
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)))
+
+
+def test_measured_mode_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARTITIONER_CACHE", str(tmp_path))
+    x = torch.randn(8, 16)
+    captured = capture(_Net(), (x,))
+    annotated = annotate(captured)
+    analytic = profile(captured, annotated, device="cpu")
+    measured = profile(captured, annotated, device="cpu", measure=True, example_inputs=[x], progress=False)
+    assert measured.time_source == "measured" and analytic.time_source == "analytic"
+    assert measured.total("fwd_time_s") > 0 and measured.total("bwd_time_s") > 0
+    # FLOPs and bytes do not depend on how time is obtained
+    for name, c in analytic.nodes.items():
+        m = measured.nodes[name]
+        assert (c.fwd_flops, c.saved_bytes, c.output_bytes) == (m.fwd_flops, m.saved_bytes, m.output_bytes)
+        if c.fwd_time_s == 0:  # views and parameters stay free
+            assert m.fwd_time_s == 0
+
+
+def test_unknown_device_and_optimizer_are_errors():
+    from partitioner.errors import CostModelError
+    captured = capture(_Net(), (torch.randn(2, 16),))
+    with pytest.raises(CostModelError, match="unknown device type 'v100'"):
+        profile(captured, device="v100")
+    with pytest.raises(CostModelError, match="unknown optimizer"):
+        profile(captured, optimizer="lion")
+
+
+def tiny_model(batch: int = 4, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A `package.module:function` model for the CLI: returns (model, example_args)."""
+    with torch.device(device):
+        model = _Net().to(dtype)
+        return model, (torch.randn(batch, 16, dtype=dtype),)
+
+
+def meta_only_model():
+    with torch.device("meta"):
+        return _Net(), (torch.randn(2, 16),)
+
+
+def test_cli_profile_prints_modules_and_writes_json(tmp_path, capsys, monkeypatch):
+    from partitioner.cli import main
+    monkeypatch.setenv("PARTITIONER_CACHE", str(tmp_path))
+    out_json = tmp_path / "costs.json"
+    assert main(["profile", "test_profile:tiny_model", "--batch", "3", "--depth", "1", "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    for row in ("a", "b", "head", "total"):
+        assert row in printed
+    costs = NodeCosts.from_json(out_json.read_text())
+    assert costs.device == "h100" and costs.time_source == "analytic"
+    assert costs.total("fwd_flops") == 2 * 3 * (16 * 64 + 64 * 64 + 64 * 3)
+
+    assert main(["profile", "test_profile:tiny_model", "--measure", "--json", str(out_json)]) == 0
+    assert NodeCosts.from_json(out_json.read_text()).time_source == "measured"
+
+    assert main(["profile", "test_profile:meta_only_model", "--measure"]) == 2
+    assert "needs real weights" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""Roofline times and measured block times (CPU) with the disk cache."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cost_models.time as time_model
+from cost_models.device import get_device_spec
+from cost_models.time import analytic_node_time, is_compute_bound, measure_block_times, roofline_time_s
+
+
+def test_roofline_picks_compute_or_memory_bound():
+    h100 = get_device_spec("h100")
+    n = 8192  # big square matmul: 2n^3 FLOPs over 3n^2 values -> compute bound
+    mm_flops, mm_bytes = 2 * n ** 3, 3 * n * n * 2
+    assert is_compute_bound(mm_flops, mm_bytes, h100, torch.bfloat16)
+    t = roofline_time_s(mm_flops, mm_bytes, 1, h100, torch.bfloat16)
+    assert t == pytest.approx(mm_flops / h100.flops_per_s(torch.bfloat16) + h100.kernel_overhead_s)
+    # elementwise add of two 1 GiB tensors: no FLOPs counted, pure bandwidth
+    add_bytes = 3 * 2 ** 30
+    assert not is_compute_bound(0, add_bytes, h100)
+    assert roofline_time_s(0, add_bytes, 1, h100) == pytest.approx(add_bytes / h100.mem_bw_bytes_per_s + 5e-6)
+    # fp32 runs at the fp32 peak, so the same matmul takes longer than in bf16
+    assert roofline_time_s(mm_flops, 2 * mm_bytes, 1, h100, torch.float32) > t
+
+
+def test_views_cost_nothing_and_backward_moves_twice_the_bytes():
+    spec = get_device_spec("a100-80gb")
+    assert analytic_node_time(0, 0, 10 ** 6, 0, 0, spec) == time_model.NodeTime(0.0, 0.0)
+    t = analytic_node_time(0, 0, 10 ** 9, 1, 1, spec)
+    assert t.bwd_s - spec.kernel_overhead_s == pytest.approx(2 * (t.fwd_s - spec.kernel_overhead_s))
+
+
+class _Stack(nn.Module):
+    """Two identical layers and a head: identical blocks are measured once."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(32, 32), nn.GELU()) for _ in range(2))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _groups(gm: torch.fx.GraphModule) -> list[list[str]]:
+    groups: dict[str, list[str]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.meta.get("nn_module_stack"):
+            path = list(n.meta["nn_module_stack"].values())[-1][0]
+            key = ".".join(path.split(".")[:2])
+            groups.setdefault(key, []).append(n.name)
+    return list(groups.values())
+
+
+def test_measured_on_cpu_is_positive_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARTITIONER_CACHE", str(tmp_path))
+    x = torch.randn(16, 32)
+    gm = torch.export.export(_Stack(), (x,), strict=False).module()
+    groups = _groups(gm)
+    assert len(groups) == 3
+    calls = []
+    real_timer = time_model.time_fwd_bwd
+    monkeypatch.setattr(time_model, "time_fwd_bwd", lambda *a, **k: calls.append(1) or real_timer(*a, **k))
+
+    first = measure_block_times(gm, groups, [x], "cpu", repeats=3)
+    assert all(t.fwd_s > 0 and t.bwd_s > 0 for t in first)
+    assert len(calls) == 2  # layers.0 and layers.1 are the same code on the same shapes
+    assert first[0] == first[1]
+    assert len(json.loads((tmp_path / "block_times.json").read_text())) == 2
+
+    second = measure_block_times(gm, groups, [x], "cpu", repeats=3)
+    assert second == first and len(calls) == 2  # all from the disk cache
+
+    random_inputs = measure_block_times(gm, groups, None, "cpu", repeats=3, use_cache=False)
+    assert all(t.fwd_s > 0 for t in random_inputs) and len(calls) == 4
+
+
+def test_measuring_a_meta_graph_is_a_clear_error():
+    with torch.device("meta"):
+        model = nn.Linear(4, 4)
+    gm = torch.export.export(model, (torch.randn(2, 4, device="meta"),), strict=False).module()
+    from partitioner.errors import CostModelError
+    with pytest.raises(CostModelError, match="meta device"):
+        measure_block_times(gm, [[n.name for n in gm.graph.nodes if n.op == "call_function"]])
