@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import io
 import logging
+import operator
 import re
 import sys
 from dataclasses import dataclass, field
@@ -69,12 +70,12 @@ class Captured:
     def flatten_inputs(self, args: tuple, kwargs: dict | None = None) -> list[Any]:
         """Flatten (args, kwargs) the way the placeholders expect them."""
         kwargs = dict(kwargs or {})
-        keys = list(self.in_spec.children_specs[1].context)
+        keys = list(_child_spec(self.in_spec, 1).context)
         if set(kwargs) == set(keys):  # keyword order does not matter to the model
             kwargs = {k: kwargs[k] for k in keys}
         leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
         if spec != self.in_spec:
-            n_args = self.in_spec.children_specs[0].num_children
+            n_args = _child_spec(self.in_spec, 0).num_children
             raise CaptureError(
                 f"inputs do not match the captured calling convention: captured with {n_args} positional "
                 f"and keyword inputs {keys}, got {len(args)} positional and {list(kwargs)} (or a different "
@@ -337,8 +338,66 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx
     with _quiet_on_failure():
         ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
     gm = ep.module()
+    _inline_region_ops(gm)
     out_spec = ep.call_spec.out_spec
     return gm, out_spec
+
+
+def _inline_region_ops(gm: torch.fx.GraphModule) -> None:
+    """Inline the subgraphs of export's region HOPs (wrap_with_autocast, wrap_with_set_grad_enabled).
+
+    export wraps `with torch.autocast(...)` / `with torch.no_grad()` regions (HF Llama's rotary
+    embedding on CUDA) into higher-order ops whose body is a submodule; later passes want one
+    flat graph. We do not run under autocast, so inlining an autocast region is exact; the
+    outputs of a grad-disabled region are detached, which keeps autograd's semantics.
+    """
+    hops = {getattr(torch.ops.higher_order, n) for n in ("wrap_with_autocast", "wrap_with_set_grad_enabled")
+            if hasattr(torch.ops.higher_order, n)}
+    changed = True
+    while changed:
+        changed = False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target not in hops:
+                continue
+            i, sub = next((i, _get_attr(gm, a.target)) for i, a in enumerate(node.args)
+                          if isinstance(a, torch.fx.Node) and a.op == "get_attr"
+                          and isinstance(_get_attr(gm, a.target), torch.fx.GraphModule))
+            grad_off = node.target.__name__ == "wrap_with_set_grad_enabled" and not node.args[0]
+            sub_ph = [n for n in sub.graph.nodes if n.op == "placeholder"]
+            val_map = dict(zip(sub_ph, node.args[i + 1:]))
+            stack = node.meta.get("nn_module_stack")
+            with gm.graph.inserting_before(node):
+                for sn in sub.graph.nodes:
+                    if sn.op in ("placeholder", "output"):
+                        continue
+                    new = gm.graph.node_copy(sn, lambda n: val_map[n])
+                    if stack and not new.meta.get("nn_module_stack"):
+                        new.meta["nn_module_stack"] = dict(stack)
+                    val_map[sn] = new
+                out = next(n for n in sub.graph.nodes if n.op == "output").args[0]
+                outs = list(out) if isinstance(out, (tuple, list)) else [out]
+                results = []
+                for o in outs:
+                    r = val_map[o] if isinstance(o, torch.fx.Node) else o
+                    if grad_off and isinstance(r, torch.fx.Node):
+                        d = gm.graph.call_function(torch.ops.aten.detach.default, (r,))
+                        d.meta = {**r.meta, "val": r.meta["val"].detach() if hasattr(r.meta.get("val"), "detach")
+                                  else r.meta.get("val")}
+                        r = d
+                    results.append(r)
+            for user in list(node.users):
+                if user.op == "call_function" and user.target is operator.getitem:
+                    user.replace_all_uses_with(results[user.args[1]])
+                    gm.graph.erase_node(user)
+            if node.users:  # used as a whole: not produced by export, refuse loudly
+                raise CaptureError(f"internal: cannot inline {node.target} at node '{node.name}'; please report this model.")
+            attr = node.args[i]
+            gm.graph.erase_node(node)
+            if not attr.users:
+                gm.graph.erase_node(attr)
+            changed = True
+    gm.graph.lint()
+    gm.recompile()
 
 
 class _DeepTracer(torch.fx.Tracer):
@@ -401,6 +460,11 @@ def _fake_propagate(gm: torch.fx.GraphModule, leaves: list[Any], const: dict[int
     for node in gm.graph.nodes:
         if node.op == "get_attr" and "val" not in node.meta:
             node.meta["val"] = mode.from_tensor(_get_attr(gm, node.target))
+
+
+def _child_spec(spec: pytree.TreeSpec, i: int) -> pytree.TreeSpec:
+    """The i-th child of a TreeSpec (torch renamed children_specs to child() in 2.9+)."""
+    return spec.child(i) if hasattr(spec, "child") else spec.children_specs[i]
 
 
 def _get_attr(root: torch.nn.Module, target: str) -> Any:

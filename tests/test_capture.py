@@ -208,3 +208,37 @@ def test_both_tracers_failing_names_both(monkeypatch):
 
     with pytest.raises(CaptureError, match="torch.export failed.*symbolic_trace failed"):
         capture(Weird(), (torch.randn(2),))
+
+
+class _RegionModel(torch.nn.Module):
+    """autocast / no_grad regions, which torch.export wraps into higher-order ops on CUDA."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        with torch.autocast("cpu", enabled=False):
+            y = h.float().sin() * 2
+        with torch.no_grad():
+            z = h * 3
+        return self.b(y + z)
+
+
+def test_autocast_and_no_grad_regions_are_inlined_with_same_grads():
+    from passes.capture import capture
+    torch.manual_seed(0)
+    m, x = _RegionModel(), torch.randn(2, 8)
+    c = capture(m, (x,))
+    targets = {str(n.target) for n in c.graph_module.graph.nodes}
+    assert not any("wrap_with" in t for t in targets)
+    out = c.unflatten_outputs(c.graph_module(*c.flatten_inputs((x,))))
+    out.sum().backward()
+    got = m.a.weight.grad.clone()
+    m.zero_grad()
+    ref = m(x)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, m.a.weight.grad, rtol=1e-6, atol=0)
