@@ -1,4 +1,9 @@
-"""Plan: which virtual stage every block goes to and what that is predicted to cost (INTERFACE)."""
+"""Plan: which virtual stage every block goes to and what that is predicted to cost.
+
+`evaluate_assignment` turns any block -> stage assignment (the ILP's or a
+baseline's) into a Plan with per-stage times, per-rank memory and the
+simulator's step time, so every method is scored in one unit.
+"""
 from __future__ import annotations
 
 import json
@@ -15,7 +20,13 @@ class Plan:
     passes/split.py needs nothing else. Stages are ordered: along every edge
     stage(u) <= stage(v).
     Times are per microbatch; step_time_s is the simulator's (or solver's)
-    prediction for a whole step of `microbatches` microbatches.
+    prediction for a whole step of `microbatches` microbatches, plus the
+    gradient all-reduce of tied parameters replicated on several ranks.
+    replicated_params: shared FQNs loaded by more than one stage (each such stage
+    loads its own copy; copies on different ranks get their gradients all-reduced).
+    rank_mem_bytes: peak per rank (simulator's when available, else the solver's
+    conservative model); model_step_time_s: the ILP's closed-form objective
+    (plan.model_step_time + all-reduce; see partitioner/solve.py).
     """
 
     num_ranks: int
@@ -40,6 +51,14 @@ class Plan:
     bound: float = 0.0
     gap: float = 0.0
     solve_time_s: float = 0.0
+    rank_time_s: list[float] = field(default_factory=list)  # per microbatch: fwd+bwd of its stages
+    stage_saved_bytes: list[int] = field(default_factory=list)
+    stage_param_bytes: list[int] = field(default_factory=list)
+    allreduce_time_s: float = 0.0
+    model_step_time_s: float = 0.0
+    simulated: bool = False
+    memory_cap_bytes: int | None = None
+    link_bw_bytes_per_s: float = 0.0
 
     @property
     def num_stages(self) -> int:
@@ -51,3 +70,190 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         return cls(**json.loads(text))
+
+
+DEFAULT_LINK_BW_BYTES_PER_S = 50e9  # a conservative GPU-to-GPU point-to-point link (PCIe 5 / slow NVLink)
+
+
+def check_config(num_blocks: int, num_ranks: int, chunks: int = 1, microbatches: int | None = None,
+                 schedule: str | None = None) -> tuple[str, int]:
+    """Validate the pipeline shape; return (schedule, microbatches) with defaults filled in.
+
+    Defaults: 1f1b (interleaved-1f1b when chunks > 1), 2 x num_ranks microbatches.
+    """
+    from partitioner.errors import PlanError
+    from runtime.schedules import SCHEDULES
+
+    if num_ranks < 1:
+        raise PlanError(f"--devices is {num_ranks}: a pipeline needs at least 1 device")
+    if chunks < 1:
+        raise PlanError(f"--chunks is {chunks}: every device needs at least 1 stage")
+    if schedule is None:
+        schedule = "interleaved-1f1b" if chunks > 1 else "1f1b"
+    if schedule not in SCHEDULES:
+        raise PlanError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+    if schedule == "1f1b" and chunks > 1:
+        raise PlanError(f"schedule '1f1b' runs one stage per device but --chunks is {chunks}: "
+                        "use --schedule interleaved-1f1b (or gpipe)")
+    if microbatches is None:
+        microbatches = 2 * num_ranks
+    if microbatches < 1:
+        raise PlanError(f"--microbatches is {microbatches}: use at least 1")
+    if schedule == "interleaved-1f1b" and chunks > 1 and microbatches % num_ranks:
+        raise PlanError(f"interleaved-1f1b needs microbatches to be a multiple of the {num_ranks} devices, "
+                        f"got {microbatches}: use --microbatches {num_ranks * max(1, -(-microbatches // num_ranks))}")
+    num_stages = num_ranks * chunks
+    if num_stages > num_blocks:
+        raise PlanError(f"{num_stages} stages ({num_ranks} devices x {chunks} chunks) but the model has only "
+                        f"{num_blocks} blocks at this module depth: lower --devices/--chunks or use a deeper --depth")
+    return schedule, microbatches
+
+
+def inflight_microbatches(schedule: str, num_ranks: int, microbatches: int, chunks: int = 1) -> list[int]:
+    """Per rank: microbatch-chunks whose activations are alive at the peak (warm-up + 1, capped)."""
+    from runtime.schedules import warmup_microbatches
+
+    total = microbatches * chunks
+    return [min(warmup_microbatches(schedule, num_ranks, microbatches, chunks, r) + 1, total)
+            for r in range(num_ranks)]
+
+
+@dataclass
+class StageStats:
+    """Per-stage and per-rank costs of one assignment (times per microbatch)."""
+
+    fwd_time_s: list[float]
+    bwd_time_s: list[float]
+    recv_time_s: list[float]  # values crossing into the stage from another rank, once per value
+    comm_bytes: list[list[int]]  # [j][k]: bytes stage j sends to stage k (another rank)
+    saved_bytes: list[int]
+    param_bytes: list[int]  # per stage, own (unshared) parameters
+    static_bytes: list[int]  # per rank: param + grad + optimizer state, shared replicas included
+    rank_param_bytes: list[int]
+    allreduce_time_s: float
+    replicated_params: list[str]  # shared FQNs used by more than one stage
+    node_stage: dict[str, int]
+
+
+def stage_stats(bg, block_stage: list[int], num_ranks: int, chunks: int,
+                link_bw_bytes_per_s: float) -> StageStats:
+    """Costs of putting block b on stage block_stage[b] (stage k on rank k % num_ranks)."""
+    K, p = num_ranks * chunks, num_ranks
+    rank = [k % p for k in range(K)]
+    fwd, bwd = [0.0] * K, [0.0] * K
+    saved, pbytes, static = [0] * K, [0] * K, [0] * p
+    rank_params = [0] * p
+    node_stage: dict[str, int] = {}
+    for blk, k in zip(bg.blocks, block_stage):
+        fwd[k] += blk.fwd_time_s
+        bwd[k] += blk.bwd_time_s
+        saved[k] += blk.saved_bytes
+        pbytes[k] += blk.param_bytes
+        static[rank[k]] += blk.param_state_bytes
+        rank_params[rank[k]] += blk.param_bytes
+        for n in blk.nodes:
+            node_stage[n] = k
+    comm = [[0] * K for _ in range(K)]
+    recv = [0.0] * K
+    for v in bg.values:
+        j = block_stage[v.producer]
+        dests = {block_stage[c] for c in v.consumers}
+        if v.to_output:
+            dests.add(K - 1)
+        for k in dests:
+            if rank[k] != rank[j]:
+                comm[j][k] += v.bytes
+                recv[k] += v.bytes / link_bw_bytes_per_s
+    allreduce, replicated = 0.0, []
+    for sp in bg.shared_params:
+        stages = sorted({block_stage[b] for b in sp.blocks})
+        ranks = sorted({rank[k] for k in stages})
+        for r in ranks:
+            static[r] += sp.state_bytes
+            rank_params[r] += sp.bytes
+        if len(stages) > 1:
+            replicated.append(sp.fqn)
+        else:
+            for n in sp.nodes:
+                node_stage[n] = stages[0]
+        if len(ranks) > 1 and sp.trainable:
+            allreduce += 2 * sp.bytes / link_bw_bytes_per_s
+    return StageStats(fwd, bwd, recv, comm, saved, pbytes, static, rank_params, allreduce, replicated,
+                      node_stage)
+
+
+def model_step_time(compute_s: list[float], latency_s: list[float], num_ranks: int, chunks: int,
+                    microbatches: int) -> float:
+    """The ILP's closed form of a step (no all-reduce); see partitioner/solve.py.
+
+    compute_s[k]: fwd+bwd of stage k; latency_s[k]: receiving its inputs. With
+    M = max(busiest rank's compute, slowest link) and t_k = compute + latency:
+    v = 1: (m - 1) M + sum_k t_k, i.e. (m + p - 1) t for p equal stages;
+    v > 1: m M + (p - 1) max_k t_k, i.e. m t + (p - 1) t / v for equal chunks.
+    """
+    p, m = num_ranks, microbatches
+    t = [a + b for a, b in zip(compute_s, latency_s)]
+    busy = t if chunks > 1 else compute_s
+    top = max([sum(busy[r::p]) for r in range(p)] + list(latency_s))
+    if chunks == 1:
+        return (m - 1) * top + sum(t)
+    return m * top + (p - 1) * max(t)
+
+
+def evaluate_assignment(bg, block_stage: list[int], num_ranks: int, chunks: int = 1,
+                        microbatches: int | None = None, schedule: str | None = None,
+                        link_bw_bytes_per_s: float = DEFAULT_LINK_BW_BYTES_PER_S,
+                        memory_cap_bytes: int | None = None, method: str = "ilp",
+                        simulate: bool = True) -> Plan:
+    """Score an assignment of blocks to stages: a Plan with every field but the solver's.
+
+    The simulator (runtime/simulator.py) plays the schedule with these stage
+    costs: step_time_s, bubble and per-rank peak memory come from it.
+    """
+    schedule, microbatches = check_config(len(bg.blocks), num_ranks, chunks, microbatches, schedule)
+    K = num_ranks * chunks
+    st = stage_stats(bg, block_stage, num_ranks, chunks, link_bw_bytes_per_s)
+    compute = [f + b for f, b in zip(st.fwd_time_s, st.bwd_time_s)]
+    rank_time = [sum(compute[r::num_ranks]) for r in range(num_ranks)]
+    closed = model_step_time(compute, st.recv_time_s, num_ranks, chunks, microbatches) + st.allreduce_time_s
+    inflight = inflight_microbatches(schedule, num_ranks, microbatches, chunks)
+    mem = [st.static_bytes[r] + inflight[r] * max(st.saved_bytes[r::num_ranks]) for r in range(num_ranks)]
+    plan = Plan(num_ranks=num_ranks, chunks=chunks, schedule=schedule, microbatches=microbatches,
+                block_stage=list(block_stage), stage_rank=[k % num_ranks for k in range(K)],
+                node_stage=st.node_stage, method=method, replicated_params=st.replicated_params,
+                stage_fwd_time_s=st.fwd_time_s, stage_bwd_time_s=st.bwd_time_s,
+                stage_comm_time_s=st.recv_time_s, rank_param_bytes=st.rank_param_bytes,
+                rank_mem_bytes=mem, bytes_crossing=sum(map(sum, st.comm_bytes)),
+                step_time_s=closed, bubble=1 - sum(st.fwd_time_s + st.bwd_time_s) * microbatches / (num_ranks * closed) if closed else 0.0,
+                rank_time_s=rank_time, stage_saved_bytes=st.saved_bytes, stage_param_bytes=st.param_bytes,
+                allreduce_time_s=st.allreduce_time_s, model_step_time_s=closed,
+                memory_cap_bytes=memory_cap_bytes, link_bw_bytes_per_s=link_bw_bytes_per_s)
+    if simulate:
+        simulate_plan(plan, st)
+    return plan
+
+
+def simulate_plan(plan: Plan, st: StageStats) -> None:
+    """Re-score `plan` in place with the event simulator (step time, bubble, peak memory)."""
+    tl = _simulate(plan, st)
+    plan.step_time_s = tl.step_time_s + st.allreduce_time_s
+    plan.bubble = tl.bubble
+    plan.rank_mem_bytes = list(tl.peak_mem_bytes)
+    plan.simulated = True
+
+
+def plan_timeline(plan: Plan, bg):
+    """The simulator's Timeline of `plan` on block graph `bg` (for drawing)."""
+    return _simulate(plan, stage_stats(bg, plan.block_stage, plan.num_ranks, plan.chunks,
+                                       plan.link_bw_bytes_per_s))
+
+
+def _simulate(plan: Plan, st: StageStats):
+    from runtime.schedules import make_schedule
+    from runtime.simulator import StageCosts, simulate
+
+    bw = plan.link_bw_bytes_per_s
+    costs = StageCosts(tuple(st.fwd_time_s), tuple(st.bwd_time_s),
+                       tuple(tuple(b / bw for b in row) for row in st.comm_bytes),
+                       tuple(st.saved_bytes), tuple(st.static_bytes))
+    return simulate(make_schedule(plan.schedule, plan.num_ranks, plan.microbatches, plan.chunks), costs)

@@ -1,6 +1,25 @@
-"""Nodes to blocks at module boundaries (INTERFACE: implementation pending)."""
+"""Nodes to blocks at module boundaries.
+
+A block is a group of fx nodes the partitioner never splits. At module depth d
+every node is keyed by the first d components of its owning module's path
+("transformer.h.3.attn.c_attn" -> "transformer.h.3" at d=3); leaf modules
+shallower than d keep their own path. Blocks are the maximal runs of equal keys
+in the graph's topological order, so each block is an interval of that order:
+edges only go from earlier to later blocks and a block is convex.
+
+Glue (nodes of the root module or of a container whose children are split,
+e.g. a residual add in GPT2Model.forward) joins the block before it (or the
+first block, when it comes before any). A value that is not a single tensor
+(tuples read through getitem, Python scalars) never crosses blocks: the blocks
+between producer and consumer are merged. Parameter get_attr nodes go with
+their user block; a parameter read by several blocks (a tied embedding /
+lm_head) becomes a SharedParam. Placeholders (user inputs, every rank has them)
+and the output node belong to no block; values the output node reads are
+CrossValues with to_output=True: they must reach the last stage.
+"""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -13,8 +32,10 @@ class Block:
     id: index in BlockGraph.blocks (blocks are listed in a topological order).
     name: the module path it covers (e.g. "transformer.h.3"), or a synthetic name.
     nodes: fx node names it holds (get_attr nodes of parameters used only here included).
-    params: canonical FQNs of the parameters it uses.
+    params: canonical FQNs of the parameters it uses (shared ones included).
     Costs are for ONE microbatch; param_state_bytes = params + grads + optimizer state.
+    param_bytes / param_state_bytes exclude SharedParams (those are counted per rank
+    by the solver, once per rank that holds them).
     """
 
     id: int
@@ -30,25 +51,39 @@ class Block:
     saved_bytes: int
     output_bytes: int
 
+    @property
+    def time_s(self) -> float:
+        return self.fwd_time_s + self.bwd_time_s
+
 
 @dataclass(frozen=True)
 class CrossValue:
-    """One value produced in block `producer` and read by other blocks `consumers`."""
+    """One value produced in block `producer` and read by other blocks `consumers`.
+
+    to_output: the graph's output node reads it, so it must also reach the last stage.
+    """
 
     node: str
     producer: int
     consumers: tuple[int, ...]
     bytes: int
+    to_output: bool = False
 
 
 @dataclass(frozen=True)
 class SharedParam:
-    """A parameter (tied weight) read by several blocks; co-locate or replicate + all-reduce."""
+    """A parameter (tied weight) read by several blocks; co-locate or replicate + all-reduce.
+
+    nodes: the get_attr nodes that load it (in no block: every stage using it loads it).
+    trainable: False for buffers/constants, which are replicated without an all-reduce.
+    """
 
     fqn: str
     bytes: int
     state_bytes: int
     blocks: tuple[int, ...]
+    nodes: tuple[str, ...] = ()
+    trainable: bool = True
 
 
 @dataclass
@@ -65,7 +100,250 @@ class BlockGraph:
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     depth: int = 0
 
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
 
-def coarsen(annotated, costs, depth: int | None = None, min_blocks: int = 1) -> BlockGraph:
-    """Group nodes into blocks; see module docstring."""
-    raise NotImplementedError
+    def is_chain(self) -> bool:
+        """True when every value goes to the next block only (and outputs come from the last)."""
+        n = len(self.blocks)
+        return all(c == v.producer + 1 for v in self.values for c in v.consumers) and \
+            all(v.producer == n - 1 for v in self.values if v.to_output)
+
+
+def _single_tensor(info) -> bool:
+    return len(info.dtypes) == 1 and info.dtypes[0] != ""
+
+
+def _is_getitem(info) -> bool:
+    return info.target in ("<built-in function getitem>", str(operator.getitem)) or \
+        info.target.endswith("getitem")
+
+
+def _keys(compute: list, depth: int) -> list[str | None]:
+    """Block key of every compute node at `depth`; None marks glue."""
+    paths = {info.module_path for info in compute}
+    containers = set()
+    for p in paths:
+        parts = p.split(".") if p else []
+        for i in range(1, len(parts)):
+            containers.add(".".join(parts[:i]))
+    if paths == {""}:
+        return [""] * len(compute)
+    keys: list[str | None] = []
+    for info in compute:
+        parts = info.module_path.split(".") if info.module_path else []
+        if len(parts) >= depth:
+            keys.append(".".join(parts[:depth]))
+        elif not parts or info.module_path in containers:
+            keys.append(None)
+        else:
+            keys.append(info.module_path)
+    return keys
+
+
+def _runs(compute: list, depth: int) -> list[int]:
+    """Run index (future block id) of every compute node at `depth`."""
+    keys = _keys(compute, depth)
+    first = next((k for k in keys if k is not None), "")
+    run_of: list[int] = []
+    run, prev = 0, first
+    for k in keys:
+        if k is None:
+            k = prev
+        if k != prev:
+            run += 1
+            prev = k
+        run_of.append(run)
+    # a value that is not one tensor never crosses: merge the runs in between
+    num_runs = run + 1 if compute else 0
+    pos = {info.name: i for i, info in enumerate(compute)}
+    join = [0] * (num_runs + 1)  # difference array: join run i with i+1
+    for i, info in enumerate(compute):
+        getitem = _is_getitem(info)
+        for src in info.inputs:
+            j = pos.get(src)
+            if j is None or run_of[j] == run_of[i]:
+                continue
+            if getitem or not _single_tensor(compute[j]):
+                lo, hi = sorted((run_of[j], run_of[i]))
+                join[lo] += 1
+                join[hi] -= 1
+    remap, cur, acc = [], 0, 0
+    for r in range(num_runs):
+        remap.append(cur)
+        acc += join[r]
+        if acc == 0:
+            cur += 1
+    return [remap[r] for r in run_of]
+
+
+def _max_depth(compute: list) -> int:
+    return max((len(i.module_path.split(".")) for i in compute if i.module_path), default=0)
+
+
+def choose_depth(annotated, target_blocks: int, min_blocks: int = 1, costs=None) -> int:
+    """Shallowest module depth giving >= target_blocks blocks, none longer than 2/target_blocks
+    of the total time when `costs` are given (so an even split exists); else the most blocks."""
+    compute = [i for i in annotated.nodes if i.op in ("call_function", "call_module", "call_method")]
+    times = [(costs.nodes[i.name].fwd_time_s + costs.nodes[i.name].bwd_time_s) if costs is not None
+             and i.name in costs.nodes else 0.0 for i in compute]
+    total = sum(times)
+    best_d, best_n = 1, -1
+    for d in range(1, _max_depth(compute) + 1):
+        runs = _runs(compute, d)
+        n = runs[-1] + 1 if runs else 0
+        per_block = [0.0] * n
+        for r, t in zip(runs, times):
+            per_block[r] += t
+        small = not per_block or max(per_block) <= 2 * total / max(target_blocks, 1) + 1e-15
+        if n >= max(target_blocks, min_blocks) and small:
+            return d
+        if n > best_n:
+            best_d, best_n = d, n
+    return best_d
+
+
+def coarsen(annotated, costs, depth: int | None = None, min_blocks: int = 1,
+            target_blocks: int | None = None) -> BlockGraph:
+    """Group the nodes of `annotated` (AnnotatedGraph) into blocks costed from `costs` (NodeCosts).
+
+    depth None picks the shallowest module depth giving at least
+    max(target_blocks, min_blocks) blocks (target_blocks default 16), none
+    longer than 2 / target_blocks of the total time: the planner passes 2x the
+    number of stages, so every block fits in an ideal stage and the solver has
+    few enough blocks to prove optimality quickly.
+    """
+    compute = [i for i in annotated.nodes if i.op in ("call_function", "call_module", "call_method")]
+    if depth is None:
+        depth = choose_depth(annotated, target_blocks or 16, min_blocks, costs)
+    run_of = _runs(compute, depth)
+    num_blocks = run_of[-1] + 1 if run_of else 0
+    block_of: dict[str, int] = {info.name: r for info, r in zip(compute, run_of)}
+    canon = {fqn: grp[0] for grp in annotated.tied for fqn in grp}
+    infos = annotated.by_name()
+    users: dict[str, list[str]] = {}
+    for info in annotated.nodes:
+        for src in info.inputs:
+            users.setdefault(src, []).append(info.name)
+
+    # parameters: which blocks read each FQN, through which get_attr nodes
+    param_blocks: dict[str, set[int]] = {}
+    param_nodes: dict[str, list[str]] = {}
+    attr_fqns: dict[str, tuple[str, ...]] = {}
+    attr_home: dict[str, int] = {}
+    for info in annotated.nodes:
+        if info.op != "get_attr":
+            continue
+        fqns = tuple(dict.fromkeys(canon.get(f, f) for f in (info.params or (info.target,))))
+        attr_fqns[info.name] = fqns
+        homes = sorted({block_of[u] for u in users.get(info.name, ()) if u in block_of})
+        attr_home[info.name] = homes[0] if homes else max(num_blocks - 1, 0)
+        for f in fqns:
+            param_blocks.setdefault(f, set()).update(homes or [attr_home[info.name]])
+            param_nodes.setdefault(f, []).append(info.name)
+    shared_fqns = {f for f, bs in param_blocks.items() if len(bs) > 1}
+
+    nodes_of: list[list[str]] = [[] for _ in range(num_blocks)]
+    params_of: list[list[str]] = [[] for _ in range(num_blocks)]
+    for info in annotated.nodes:
+        if info.name in block_of:
+            nodes_of[block_of[info.name]].append(info.name)
+        elif info.name in attr_home and not any(f in shared_fqns for f in attr_fqns[info.name]):
+            nodes_of[attr_home[info.name]].append(info.name)
+    for f, bs in param_blocks.items():
+        for b in bs:
+            params_of[b].append(f)
+
+    def state_bytes(f: str) -> int:
+        return int(costs.param_state_bytes.get(f, annotated.param_bytes.get(f, 0)))
+
+    # values crossing blocks
+    output_reads = {src for info in annotated.nodes if info.op == "output" for src in info.inputs}
+    values: list[CrossValue] = []
+    out_bytes = [0] * num_blocks
+    for info in compute:
+        b = block_of[info.name]
+        consumers = sorted({block_of[u] for u in users.get(info.name, ()) if u in block_of} - {b})
+        to_output = info.name in output_reads
+        if consumers or to_output:
+            values.append(CrossValue(info.name, b, tuple(consumers), int(info.output_bytes), to_output))
+            out_bytes[b] += int(info.output_bytes)
+
+    names = _block_names(compute, run_of, num_blocks, depth)
+    blocks: list[Block] = []
+    for b in range(num_blocks):
+        nc = [costs.nodes[n] for n in nodes_of[b] if n in costs.nodes]
+        own = [f for f in params_of[b] if f not in shared_fqns]
+        blocks.append(Block(
+            id=b, name=names[b], nodes=tuple(nodes_of[b]), params=tuple(params_of[b]),
+            fwd_time_s=sum(c.fwd_time_s for c in nc), bwd_time_s=sum(c.bwd_time_s for c in nc),
+            fwd_flops=sum(c.fwd_flops for c in nc), bwd_flops=sum(c.bwd_flops for c in nc),
+            param_bytes=sum(int(annotated.param_bytes.get(f, 0)) for f in own),
+            param_state_bytes=sum(state_bytes(f) for f in own),
+            saved_bytes=sum(int(c.saved_bytes) for c in nc), output_bytes=out_bytes[b]))
+
+    shared = []
+    for f in sorted(shared_fqns, key=lambda f: min(param_blocks[f])):
+        pb = int(annotated.param_bytes.get(f, 0))
+        sb = state_bytes(f)
+        shared.append(SharedParam(f, pb, sb, tuple(sorted(param_blocks[f])), tuple(param_nodes[f]),
+                                  trainable=sb > pb))
+
+    g = nx.DiGraph()
+    g.add_nodes_from(range(num_blocks))
+    for v in values:
+        for c in v.consumers:
+            prev = g.edges[v.producer, c]["bytes"] if g.has_edge(v.producer, c) else 0
+            g.add_edge(v.producer, c, bytes=prev + v.bytes)
+    return BlockGraph(blocks=blocks, values=values, shared_params=shared, graph=g, depth=depth)
+
+
+def _block_names(compute: list, run_of: list[int], num_blocks: int, depth: int) -> list[str]:
+    """'first..last' module keys of each block (a single key when it covers one module)."""
+    keys = _keys(compute, depth)
+    firsts: list[str | None] = [None] * num_blocks
+    lasts: list[str | None] = [None] * num_blocks
+    for k, r in zip(keys, run_of):
+        if k is None:
+            continue
+        if firsts[r] is None:
+            firsts[r] = k
+        lasts[r] = k
+    names = []
+    for b in range(num_blocks):
+        f, l = firsts[b] or "(glue)", lasts[b] or "(glue)"
+        names.append(f if f == l else f"{f}..{l}")
+    return names
+
+
+def synthetic_block_graph(times_s: list[float], edges: dict[tuple[int, int], int] | None = None,
+                          param_state_bytes: list[int] | None = None, saved_bytes: list[int] | None = None,
+                          shared: list[tuple[str, int, tuple[int, ...]]] | None = None,
+                          output_bytes: int = 0) -> BlockGraph:
+    """A BlockGraph from numbers (tests, benchmarks): block b takes times_s[b] (1/3 fwd, 2/3 bwd).
+
+    edges: (u, v) -> bytes with u < v (default: a chain of 0-byte edges).
+    shared: (fqn, state_bytes, user blocks) for tied parameters (bytes = state_bytes / 4).
+    The last block's output (output_bytes) goes to the graph output.
+    """
+    n = len(times_s)
+    if edges is None:
+        edges = {(b, b + 1): 0 for b in range(n - 1)}
+    ps = param_state_bytes or [0] * n
+    sv = saved_bytes or [0] * n
+    blocks = [Block(b, f"block{b}", (f"n{b}",), (), t / 3, 2 * t / 3, 0.0, 0.0, ps[b] // 4, ps[b], sv[b], 0)
+              for b, t in enumerate(times_s)]
+    values = []
+    for (u, v), nbytes in sorted(edges.items()):
+        if not u < v:
+            raise ValueError(f"edge {u}->{v}: blocks must be in topological order (u < v)")
+        values.append(CrossValue(f"v{u}_{v}", u, (v,), nbytes))
+    if n:
+        values.append(CrossValue(f"out{n - 1}", n - 1, (), output_bytes, to_output=True))
+    sps = [SharedParam(f, sb // 4, sb, tuple(bs), (f"attr_{f}",)) for f, sb, bs in (shared or [])]
+    g = nx.DiGraph()
+    g.add_nodes_from(range(n))
+    for (u, v), nbytes in edges.items():
+        g.add_edge(u, v, bytes=nbytes)
+    return BlockGraph(blocks, values, sps, g, depth=0)

@@ -1,0 +1,120 @@
+"""Plan quality: simulated step time of the ILP plan vs every baseline vs the lower bound.
+
+    python -m benchmarks.plan_quality                       # gpt2-xl t5-base cnn llama-8b, p=4,8, v=1,2
+    python -m benchmarks.plan_quality --models gpt2 --ranks 4
+
+Each model is captured and profiled once for one microbatch of one sample
+(analytic H100 costs, fp32, AdamW), then planned with m = 2p microbatches.
+Lower bound: every rank busy all the time, m W / p (W = fwd+bwd of one
+microbatch through the model). For reference, equal_stages_ms is the textbook
+step with p v equal stages and no communication, m W / p + (p - 1) W / (p v);
+the simulator can beat it slightly with uneven stages (short first stages fill
+the pipeline faster), so it is not a bound.
+Writes benchmarks/results/plan_quality.json and plan_quality.png.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from benchmarks.common import RESULTS_DIR, print_table, write_result
+
+MODELS = ("gpt2-xl", "t5-base", "cnn", "llama-8b")
+
+
+def profile_model(name: str, device: str):
+    from cost_models.profile import profile
+    from partitioner import zoo
+    from passes.annotate import annotate
+    from passes.capture import capture
+
+    zm = zoo.build(name, batch=1, device="meta")
+    cap = capture(zm.model, zm.example_args, zm.example_kwargs)
+    ag = annotate(cap)
+    return ag, profile(cap, ag, device=device, progress=False)
+
+
+def lower_bound_s(bg, p: int, v: int, m: int) -> float:
+    return m * sum(b.time_s for b in bg.blocks) / p
+
+
+def equal_stages_s(bg, p: int, v: int, m: int) -> float:
+    work = sum(b.time_s for b in bg.blocks)
+    return m * work / p + (p - 1) * work / (p * v)
+
+
+def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: float, device: str) -> list[dict]:
+    from cost_models.device import get_device_spec
+    from partitioner.baselines import all_baselines
+    from partitioner.solve import solve
+    from passes.coarsen import coarsen
+
+    bw = get_device_spec(device).intra_node_bw_bytes_per_s
+    rows = []
+    for name in models:
+        ag, costs = profile_model(name, device)
+        for p in ranks:
+            for v in chunks:
+                m = 2 * p
+                bg = coarsen(ag, costs, min_blocks=p * v, target_blocks=2 * p * v)
+                t0 = time.perf_counter()
+                ilp = solve(bg, p, v, m, link_bw_bytes_per_s=bw, time_limit_s=time_limit_s)
+                wall = time.perf_counter() - t0
+                base = all_baselines(bg, p, v, m, link_bw_bytes_per_s=bw)
+                best_name = min(base, key=lambda k: base[k].step_time_s)
+                lb = lower_bound_s(bg, p, v, m)
+                row = {"model": name, "p": p, "v": v, "m": m, "blocks": len(bg.blocks),
+                       "ilp_ms": ilp.step_time_s * 1e3}
+                row.update({f"{k}_ms": b.step_time_s * 1e3 for k, b in base.items()})
+                row.update({"lower_bound_ms": lb * 1e3, "equal_stages_ms": equal_stages_s(bg, p, v, m) * 1e3,
+                            "ilp_vs_lb": ilp.step_time_s / lb,
+                            "best_baseline": best_name,
+                            "ilp_vs_best_baseline": ilp.step_time_s / base[best_name].step_time_s,
+                            "status": ilp.solver_status, "gap": ilp.gap, "solve_s": wall})
+                rows.append(row)
+                print(f"{name} p={p} v={v}: ilp {row['ilp_ms']:.2f} ms, best baseline {best_name} "
+                      f"{base[best_name].step_time_s * 1e3:.2f} ms, bound {lb * 1e3:.2f} ms", flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = ["ilp", "uniform", "torchtitan", "parameters", "flops", "size", "dp"]
+    labels = [f"{r['model']}\np={r['p']} v={r['v']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.5))
+    width = 0.8 / len(methods)
+    for i, meth in enumerate(methods):
+        ax.bar([j + i * width for j in range(len(rows))], [r[f"{meth}_ms"] / r["lower_bound_ms"] for r in rows],
+               width, label=meth)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="lower bound")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], labels, fontsize=7)
+    ax.set_ylabel("simulated step time / lower bound")
+    ax.set_ylim(0.9, max(1.6, max(r[f"{m}_ms"] / r["lower_bound_ms"] for r in rows for m in methods) * 1.02))
+    ax.legend(ncol=4, fontsize=7)
+    ax.set_title("Pipeline plans: ILP vs baselines (same simulator)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--ranks", nargs="+", type=int, default=[4, 8])
+    ap.add_argument("--chunks", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--time-limit", type=float, default=10.0)
+    ap.add_argument("--device", default="h100")
+    a = ap.parse_args()
+    rows = run(a.models, a.ranks, a.chunks, a.time_limit, a.device)
+    print_table("plan quality (simulated step time, ms)", rows)
+    path = write_result("plan_quality", rows, {"device": a.device, "time_limit_s": a.time_limit})
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    plot(rows, RESULTS_DIR / "plan_quality.png")
+    print(f"wrote {path} and {RESULTS_DIR / 'plan_quality.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""plan_model: capture -> annotate -> profile -> coarsen -> solve (+ baselines), for one microbatch.
+
+Costs are per microbatch, so the example inputs (a global batch) are cut to
+one microbatch along dim 0 before capture, as the runtime does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from partitioner.errors import PlanError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PlanConfig:
+    """Everything `partitioner plan` asks for.
+
+    memory_cap_bytes None: the device's memory. microbatches None: 2 x num_ranks.
+    schedule None: 1f1b, or interleaved-1f1b when chunks > 1. depth None: the
+    shallowest module depth giving ~2 blocks per stage. link_bw_bytes_per_s
+    None: the device's intra-node point-to-point bandwidth.
+    batch / seq: shape of the example inputs (used by the model loader).
+    """
+
+    num_ranks: int
+    chunks: int = 1
+    microbatches: int | None = None
+    schedule: str | None = None
+    memory_cap_bytes: int | None = None
+    device_type: str = "h100"
+    dtype: str = "float32"
+    optimizer: str = "adamw"
+    depth: int | None = None
+    time_limit_s: float = 10.0
+    batch: int | None = None
+    seq: int | None = None
+    compare: bool = False
+    link_bw_bytes_per_s: float | None = None
+
+
+@dataclass
+class PlanResult:
+    """Every intermediate of planning, for printing and for the runtime."""
+
+    captured: Any
+    annotated: Any
+    costs: Any
+    block_graph: Any
+    plan: Any
+    baselines: dict = field(default_factory=dict)
+    microbatch_args: tuple = ()
+    microbatch_kwargs: dict = field(default_factory=dict)
+
+
+def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbatches: int) -> tuple[tuple, dict]:
+    """Cut every tensor whose dim 0 is the global batch to one microbatch (the first one)."""
+    example_kwargs = dict(example_kwargs or {})
+    leaves, spec = pytree.tree_flatten((tuple(example_args), example_kwargs))
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if not tensors:
+        return tuple(example_args), example_kwargs
+    batch = tensors[0].shape[0]
+    if batch % microbatches:
+        raise PlanError(f"the global batch of the example inputs is {batch}, not divisible into {microbatches} "
+                        f"microbatches: use --batch {microbatches * max(1, -(-batch // microbatches))} "
+                        f"or --microbatches dividing {batch}")
+    mb = batch // microbatches
+    leaves = [x[:mb] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch else x for x in leaves]
+    args, kwargs = pytree.tree_unflatten(leaves, spec)
+    return tuple(args), dict(kwargs)
+
+
+def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | None, config: PlanConfig,
+               on_step: Callable[[str], None] | None = None) -> PlanResult:
+    """Plan `model` (called as model(*example_args, **example_kwargs) on a global batch).
+
+    on_step(msg) is called before each step (progress display).
+    """
+    from cost_models.device import get_device_spec
+    from cost_models.profile import profile
+    from partitioner.baselines import all_baselines
+    from partitioner.plan import check_config
+    from partitioner.solve import solve
+    from passes.annotate import annotate
+    from passes.capture import capture
+    from passes.coarsen import coarsen
+
+    step = on_step or (lambda msg: None)
+    schedule, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
+    if config.dtype not in DTYPES:
+        raise PlanError(f"unknown dtype {config.dtype!r}: use one of {', '.join(DTYPES)}")
+    args, kwargs = microbatch_inputs(example_args, example_kwargs, m)
+    spec = get_device_spec(config.device_type)
+    cap = config.memory_cap_bytes if config.memory_cap_bytes is not None else spec.mem_bytes
+    bw = config.link_bw_bytes_per_s or spec.intra_node_bw_bytes_per_s
+
+    step(f"capturing {type(model).__name__} (one microbatch)")
+    captured = capture(model, args, kwargs)
+    annotated = annotate(captured)
+    step(f"profiling {len(annotated.nodes)} nodes for {spec.name}")
+    costs = profile(captured, annotated, device=spec, dtype=DTYPES[config.dtype], optimizer=config.optimizer,
+                    progress=False)
+    K = config.num_ranks * config.chunks
+    bg = coarsen(annotated, costs, depth=config.depth, min_blocks=K, target_blocks=2 * K)
+    step(f"solving the ILP: {len(bg.blocks)} blocks -> {K} stages (up to {config.time_limit_s:g} s)")
+    plan = solve(bg, config.num_ranks, config.chunks, m, schedule, memory_cap_bytes=cap, link_bw_bytes_per_s=bw,
+                 time_limit_s=config.time_limit_s)
+    baselines = {}
+    if config.compare:
+        step("scoring the baselines")
+        baselines = all_baselines(bg, config.num_ranks, config.chunks, m, schedule, cap, bw)
+    return PlanResult(captured, annotated, costs, bg, plan, baselines, args, kwargs)

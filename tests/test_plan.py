@@ -1,0 +1,62 @@
+"""Plan: JSON round trip, scoring of an assignment, pipeline-shape checks."""
+from __future__ import annotations
+
+import pytest
+
+from partitioner.errors import PlanError
+from partitioner.plan import (Plan, check_config, evaluate_assignment, inflight_microbatches, model_step_time,
+                              plan_timeline)
+from passes.coarsen import synthetic_block_graph
+
+
+def test_json_round_trip_keeps_every_field():
+    bg = synthetic_block_graph([1.0, 2.0, 3.0, 4.0], {(0, 1): 10, (1, 2): 20, (2, 3): 30, (0, 3): 5},
+                               [100] * 4, [7] * 4, [("tied", 400, (0, 3))])
+    plan = evaluate_assignment(bg, [0, 0, 1, 1], 2, microbatches=4, memory_cap_bytes=10**6)
+    plan.solver_status, plan.gap = "OPTIMAL", 0.0
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.num_stages == 2
+
+
+def test_evaluate_assignment_costs():
+    bw = 10.0
+    bg = synthetic_block_graph([3.0, 6.0, 9.0], {(0, 1): 20, (1, 2): 40, (0, 2): 10}, [100, 200, 300], [1, 2, 3],
+                               [("tied", 40, (0, 2))], output_bytes=50)
+    plan = evaluate_assignment(bg, [0, 1, 1], 2, microbatches=4, link_bw_bytes_per_s=bw, simulate=False)
+    assert plan.stage_fwd_time_s == pytest.approx([1.0, 5.0]) and plan.stage_bwd_time_s == pytest.approx([2.0, 10.0])
+    # stage 1 receives v0_1 and v0_2 (the skip) from rank 0; the output is produced on the last stage
+    assert plan.stage_comm_time_s == pytest.approx([0.0, 3.0]) and plan.bytes_crossing == 30
+    # the tied weight is on both ranks: memory on both, an all-reduce of 2 * 10 bytes
+    assert plan.replicated_params == ["tied"] and plan.allreduce_time_s == pytest.approx(2.0)
+    inflight = inflight_microbatches("1f1b", 2, 4)
+    assert inflight == [2, 1]
+    assert plan.rank_mem_bytes == [100 + 40 + 2 * 1, 500 + 40 + 1 * 5]
+    assert set(plan.node_stage) == {"n0", "n1", "n2"}  # the replicated get_attr is in no stage
+    co = evaluate_assignment(bg, [0, 0, 0], 1, microbatches=4, link_bw_bytes_per_s=bw, simulate=False)
+    assert co.replicated_params == [] and co.node_stage["attr_tied"] == 0 and co.allreduce_time_s == 0
+
+
+def test_simulator_scores_the_plan():
+    bg = synthetic_block_graph([3.0] * 8)
+    plan = evaluate_assignment(bg, [0, 0, 1, 1, 2, 2, 3, 3], 4, microbatches=8)
+    assert plan.simulated
+    assert plan.step_time_s == pytest.approx((8 + 4 - 1) * 6.0)  # 1F1B with equal stages
+    assert plan.bubble == pytest.approx(3 / 11)
+    assert plan_timeline(plan, bg).step_time_s == pytest.approx(plan.step_time_s)
+
+
+def test_closed_form_matches_the_textbook_formulas():
+    p, v, m, t = 4, 2, 8, 1.0
+    assert model_step_time([t] * p, [0.0] * p, p, 1, m) == pytest.approx((m + p - 1) * t)
+    assert model_step_time([t / v] * (p * v), [0.0] * (p * v), p, v, m) == pytest.approx(m * t + (p - 1) * t / v)
+
+
+def test_check_config_defaults_and_errors():
+    assert check_config(10, 4) == ("1f1b", 8)
+    assert check_config(10, 2, chunks=2) == ("interleaved-1f1b", 4)
+    with pytest.raises(PlanError, match="only 3 blocks"):
+        check_config(3, 4)
+    with pytest.raises(PlanError, match="--microbatches 8"):
+        check_config(100, 4, chunks=2, microbatches=5)
+    with pytest.raises(PlanError, match="at least 1"):
+        check_config(100, 2, microbatches=0)

@@ -1,0 +1,165 @@
+"""solve(): the CP-SAT partition ILP against the chain DP, brute force and memory caps."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from partitioner.chain_dp import split_chain
+from partitioner.errors import PlanError
+from partitioner.plan import evaluate_assignment
+from partitioner.solve import min_memory_bytes, solve
+from passes.coarsen import synthetic_block_graph
+
+BW = 1e9
+
+
+def random_dag(rng: random.Random, n: int, skip_prob: float = 0.3, shared: bool = False):
+    times = [rng.uniform(0.5, 5.0) for _ in range(n)]
+    edges = {(b, b + 1): rng.randint(0, 2_000_000_000) for b in range(n - 1)}
+    for u in range(n):
+        for v in range(u + 2, n):
+            if rng.random() < skip_prob:
+                edges[u, v] = rng.randint(0, 2_000_000_000)
+    tied = [("tied.weight", 4 * rng.randint(0, 4_000_000_000), (0, n - 1))] if shared else None
+    return synthetic_block_graph(times, edges, [rng.randint(0, 100) for _ in range(n)],
+                                 [rng.randint(0, 10) for _ in range(n)], tied, rng.randint(0, 10**9))
+
+
+def brute_force(bg, p: int, v: int, m: int, cap=None) -> float:
+    """Closed-form objective of the best monotone assignment with every stage non-empty."""
+    n, K = len(bg.blocks), p * v
+    best = float("inf")
+    for assign in itertools.product(range(K), repeat=n):
+        if len(set(assign)) < K or any(assign[u] > assign[w] for u, w in bg.graph.edges):
+            continue
+        plan = evaluate_assignment(bg, list(assign), p, v, m, link_bw_bytes_per_s=BW, simulate=False)
+        if cap is not None and max(plan.rank_mem_bytes) > cap:
+            continue
+        best = min(best, plan.model_step_time_s)
+    return best
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+@given(times=st.lists(st.floats(0.1, 10.0), min_size=2, max_size=14), p=st.integers(1, 5), m=st.integers(2, 8))
+def test_chain_without_comm_matches_dp(times, p, m):
+    p = min(p, len(times))
+    bg = synthetic_block_graph(times)
+    plan = solve(bg, p, microbatches=m, time_limit_s=20, simulate=False)
+    dp = split_chain([b.time_s for b in bg.blocks], p)
+    assert plan.solver_status == "OPTIMAL"
+    assert max(plan.rank_time_s) == pytest.approx(dp.bottleneck, rel=2e-5 * len(times))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dag_with_skips_matches_brute_force(seed):
+    rng = random.Random(seed)
+    n = rng.randint(4, 6)
+    p, v = rng.choice([(2, 1), (3, 1), (2, 2)]) if n >= 4 else (2, 1)
+    m = rng.choice([2, 4])
+    bg = random_dag(rng, n, shared=seed % 2 == 1)
+    plan = solve(bg, p, chunks=v, microbatches=m, link_bw_bytes_per_s=BW, time_limit_s=20, simulate=False)
+    assert plan.solver_status == "OPTIMAL"
+    assert plan.model_step_time_s == pytest.approx(brute_force(bg, p, v, m), rel=1e-4)
+    assert plan.objective == pytest.approx(plan.model_step_time_s, rel=1e-4)
+
+
+def test_stages_follow_edges_and_are_non_empty():
+    bg = random_dag(random.Random(7), 20)
+    plan = solve(bg, 4, chunks=2, microbatches=8, link_bw_bytes_per_s=BW)
+    assert all(plan.block_stage[u] <= plan.block_stage[w] for u, w in bg.graph.edges)
+    assert sorted(set(plan.block_stage)) == list(range(8))
+    assert plan.stage_rank == [k % 4 for k in range(8)]
+    assert set(plan.node_stage) >= {n for b in bg.blocks for n in b.nodes}
+    assert plan.simulated and plan.step_time_s > 0 and 0 <= plan.bubble < 1
+    assert plan.bound <= plan.objective * (1 + 1e-9) and 0 <= plan.gap < 1
+
+
+@pytest.mark.parametrize("schedule,v", [("1f1b", 1), ("gpipe", 1), ("interleaved-1f1b", 2)])
+def test_memory_cap_is_respected_and_binding(schedule, v):
+    rng = random.Random(3)
+    n = 16
+    bg = synthetic_block_graph([rng.uniform(1, 2) for _ in range(n)], None,
+                               [rng.randint(100, 1000) for _ in range(n)], [rng.randint(10, 200) for _ in range(n)])
+    free = solve(bg, 4, chunks=v, microbatches=8, schedule=schedule, simulate=False)
+    need, exact = min_memory_bytes(bg, 4, chunks=v, microbatches=8, schedule=schedule)
+    assert exact and need <= max(free.rank_mem_bytes)
+    cap = (need + max(free.rank_mem_bytes)) // 2
+    capped = solve(bg, 4, chunks=v, microbatches=8, schedule=schedule, memory_cap_bytes=cap)
+    assert max(capped.rank_mem_bytes) <= cap  # simulated peak
+    modelled = evaluate_assignment(bg, capped.block_stage, 4, v, 8, schedule, simulate=False)
+    assert max(modelled.rank_mem_bytes) <= cap  # the solver's conservative model
+    assert capped.model_step_time_s >= free.model_step_time_s * (1 - 1e-6)
+
+
+def test_infeasible_cap_states_the_minimum():
+    bg = synthetic_block_graph([1.0] * 8, None, [1 << 30] * 8, [1 << 20] * 8)
+    need, _ = min_memory_bytes(bg, 2, microbatches=4)
+    with pytest.raises(PlanError, match=r"smallest per-device memory that fits is .*GiB") as e:
+        solve(bg, 2, microbatches=4, memory_cap_bytes=need - (1 << 28))
+    assert f"{need / 2**30:.2f} GiB" in str(e.value)
+    plan = solve(bg, 2, microbatches=4, memory_cap_bytes=need)
+    assert max(plan.rank_mem_bytes) <= need
+
+
+def test_tied_parameter_co_located_when_all_reduce_is_expensive():
+    # blocks 0 and 2 share a big weight; with p=2 they can sit on one rank (stage 0 = blocks 0..2)
+    times = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    big = synthetic_block_graph(times, None, None, None, [("w", 4 * 10**12, (0, 2))])
+    plan = solve(big, 2, microbatches=4, link_bw_bytes_per_s=BW, simulate=False)
+    assert plan.block_stage[0] == plan.block_stage[2] and plan.allreduce_time_s == 0
+    assert plan.replicated_params == []
+    small = synthetic_block_graph(times, None, None, None, [("w", 4, (0, 5))])
+    plan = solve(small, 2, microbatches=4, link_bw_bytes_per_s=BW, simulate=False)
+    assert plan.block_stage == [0, 0, 0, 1, 1, 1] and plan.replicated_params == ["w"]
+    assert plan.allreduce_time_s == pytest.approx(2 * 1 / BW)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_ranks=0), "at least 1 device"),
+    (dict(num_ranks=5, chunks=2), "only 8 blocks"),
+    (dict(num_ranks=3, chunks=2, microbatches=4), "multiple of the 3 devices"),
+    (dict(num_ranks=2, chunks=2, schedule="1f1b"), "interleaved-1f1b"),
+    (dict(num_ranks=2, schedule="zero-bubble"), "unknown schedule"),
+])
+def test_bad_pipeline_shapes_raise_plan_error(kwargs, match):
+    bg = synthetic_block_graph([1.0] * 8)
+    with pytest.raises(PlanError, match=match):
+        solve(bg, **kwargs)
+
+
+def test_single_rank_and_one_block_per_stage():
+    bg = synthetic_block_graph([1.0, 2.0, 3.0])
+    one = solve(bg, 1, microbatches=2)
+    assert one.block_stage == [0, 0, 0] and one.bytes_crossing == 0
+    three = solve(bg, 3, microbatches=2)
+    assert three.block_stage == [0, 1, 2]
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(times=st.lists(st.integers(1, 9), min_size=1, max_size=8), stages=st.integers(1, 4),
+       cap=st.integers(5, 40))
+def test_chain_dp_is_exact_with_memory_cap(times, stages, cap):
+    """The DP's bottleneck equals brute force over every split (stage memory = sum of block sizes)."""
+    n = len(times)
+    if stages > n:
+        with pytest.raises(PlanError):
+            split_chain(times, stages)
+        return
+    cut = [0.5 * (i % 3) for i in range(n)]
+    best = float("inf")
+    for starts in itertools.combinations(range(1, n), stages - 1):
+        bounds = [0, *starts, n]
+        spans = list(zip(bounds, bounds[1:]))
+        if all(sum(times[a:b]) <= cap for a, b in spans):
+            best = min(best, max(sum(times[a:b]) + (cut[a] if a else 0) for a, b in spans))
+    if best == float("inf"):
+        with pytest.raises(PlanError):
+            split_chain(times, stages, cut, static_bytes=times, mem_cap_bytes=cap)
+        return
+    got = split_chain(times, stages, cut, static_bytes=times, mem_cap_bytes=cap)
+    assert got.bottleneck == pytest.approx(best)
+    assert len(set(got.block_stage())) == stages
