@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any
 
 import torch
+import torch.nn as nn
+from torch.utils import _pytree as pytree
 
 from cost_models.device import spec_for_torch_device
+from cost_models.flops import trace_nodes
+from cost_models.memory import DtypeScale, value_bytes
 from cost_models.profile import default_measure_groups, layer_key, profile
 from cost_models.time import measure_block_times, time_fwd_bwd
 from partitioner import zoo
@@ -57,18 +62,35 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise RuntimeError("model has no floating output")
 
 
-def measure_model(name: str, dtype_name: str, device: torch.device, quick: bool, repeats: int) -> tuple[list[dict], dict]:
+class WithLoss(nn.Module):
+    """model + loss_fn as one module, so the captured graph holds what the last stage runs."""
+
+    def __init__(self, model: nn.Module, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, *args, target, **kwargs):
+        return self.loss_fn(self.model(*args, **kwargs), target)
+
+
+def measure_model(name: str, dtype_name: str, device: torch.device, quick: bool, repeats: int,
+                  per_node: bool = False, profile_step: bool = False) -> tuple[list[dict], dict]:
     """Rows (one per block, one for the step, memory rows on CUDA) and a summary for one model and dtype."""
     dtype = DTYPES[dtype_name]
     batch, seq = (2, 16) if quick else FULL_SHAPES.get(name, (8, 512))
     zm = zoo.build(name, batch=batch, seq=seq, device=device, dtype=dtype, small=quick)
     zm.model.train()
-    captured = capture(zm.model, zm.example_args, zm.example_kwargs)
+    if zm.loss_fn is not None and zm.target is not None:
+        module = WithLoss(zm.model, zm.loss_fn)
+        example_kwargs = {**zm.example_kwargs, "target": zm.target}
+    else:
+        module, example_kwargs = zm.model, zm.example_kwargs
+    captured = capture(module, zm.example_args, example_kwargs)
     annotated = annotate(captured)
     spec = spec_for_torch_device(device)
     costs = profile(captured, annotated, device=spec, dtype=dtype)
     gm = captured.graph_module
-    flat = captured.flatten_inputs(zm.example_args, zm.example_kwargs)
+    flat = captured.flatten_inputs(zm.example_args, example_kwargs)
 
     paths = {n.name: n.module_path for n in annotated.nodes}
     groups = default_measure_groups(gm, paths)
@@ -85,9 +107,7 @@ def measure_model(name: str, dtype_name: str, device: torch.device, quick: bool,
     params = [p for p in gm.parameters() if p.requires_grad]
 
     def step():
-        out = captured.unflatten_outputs(list(gm(*flat)))
-        if zm.loss_fn is not None and zm.target is not None:
-            return zm.loss_fn(out, zm.target)
+        out = gm(*flat)
         return _first_tensor(out).float().mean()
 
     meas = time_fwd_bwd(step, device, params, warmup=2, repeats=repeats)
@@ -98,12 +118,19 @@ def measure_model(name: str, dtype_name: str, device: torch.device, quick: bool,
 
     if device.type == "cuda":
         rows += _memory_rows(name, dtype_name, device, gm, flat, step, params, costs)
+    if per_node:
+        rows += _node_rows(name, dtype_name, device, gm, flat, costs, repeats)
+    if profile_step and device.type == "cuda":
+        rows += _profile_rows(name, dtype_name, step, params)
     # blocks of views only (predicted 0) measure the interpreter's own overhead: left out of the stats
     block_errs = [abs(r["rel_err"]) for r in rows if r["kind"] == "block" and r["pred_ms"] > 0]
     summary = {"model": name, "dtype": dtype_name, "blocks": len(block_errs),
                "block_median_abs_rel_err": percentile(block_errs, 0.5),
                "block_p90_abs_rel_err": percentile(block_errs, 0.9),
                "step_rel_err": next(r["rel_err"] for r in rows if r["kind"] == "step")}
+    step_ms = next(r["meas_ms"] for r in rows if r["kind"] == "step")
+    summary["meas_blocks_sum_vs_step_rel_err"] = rel_err(sum(r["meas_ms"] for r in rows if r["kind"] == "block"),
+                                                         step_ms)
     for r in rows:
         if r["kind"].startswith("mem"):
             summary[f"{r['kind']}_rel_err"] = r["rel_err"]
@@ -139,6 +166,138 @@ def _memory_rows(name: str, dtype_name: str, device: torch.device, gm: torch.fx.
     ]
 
 
+def _node_rows(name: str, dtype_name: str, device: torch.device, gm: torch.fx.GraphModule, flat: list,
+               costs, repeats: int) -> list[dict]:
+    """Every computing node measured on its own, with the features the roofline uses (for calibration)."""
+    traces = trace_nodes(gm)
+    scale = DtypeScale()
+    by_name = {n.name: n for n in gm.graph.nodes}
+    names = [n.name for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method")]
+    measured = measure_block_times(gm, [[n] for n in names], flat, device, repeats=repeats, use_cache=False)
+    rows, seen = [], set()
+    for n, meas in zip(names, measured):
+        t = traces[n]
+        moved = sum(scale.nbytes(k, dt) for k, dt in t.input_sizes) + value_bytes(t.output, scale)
+        target = str(by_name[n].target)
+        out_dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in pytree.tree_leaves(t.output)
+                             if isinstance(v, torch.Tensor)})
+        key = (target, moved, t.fwd_flops, meas.fwd_s)
+        if key in seen:
+            continue
+        seen.add(key)
+        c = costs.nodes[n]
+        rows.append({"model": name, "dtype": dtype_name, "kind": "node", "block": n, "target": target,
+                     "out_dtype": ",".join(out_dtypes), "fwd_flops": t.fwd_flops, "bwd_flops": t.bwd_flops,
+                     "bytes": moved, "fwd_kernels": t.fwd_kernels, "bwd_kernels": t.bwd_kernels,
+                     "requires_grad": t.requires_grad, "saved_bytes": c.saved_bytes,
+                     "pred_fwd_ms": c.fwd_time_s * 1e3, "pred_bwd_ms": c.bwd_time_s * 1e3,
+                     "meas_fwd_ms": meas.fwd_s * 1e3, "meas_bwd_ms": meas.bwd_s * 1e3})
+    return rows
+
+
+def _profile_rows(name: str, dtype_name: str, step, params: list[torch.Tensor]) -> list[dict]:
+    """GPU kernel time of one step by kernel name (torch.profiler), plus the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    for _ in range(2):
+        torch.autograd.grad(step(), params)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        torch.autograd.grad(step(), params)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels)
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        acc = by_name.setdefault(e.name[:90], [0, 0.0])
+        acc[0] += 1
+        acc[1] += e.device_time
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:30]
+    rows = [{"model": name, "dtype": dtype_name, "kind": "profile", "block": "<kernels>", "kernels": len(kernels),
+             "kernel_ms": total / 1e3, "wall_ms": wall * 1e3}]
+    rows += [{"model": name, "dtype": dtype_name, "kind": "profile", "block": k, "kernels": v[0], "kernel_ms": v[1] / 1e3}
+             for k, v in top]
+    return rows
+
+
+def calibration_rows(device: torch.device) -> list[dict]:
+    """Microbenchmarks behind DeviceSpec's efficiency constants: matmul FLOP/s by shape and dtype,
+    copy bandwidth, and the eager cost of a tiny op forward and forward+backward."""
+    rows = []
+
+    def timed(fn, n=20):
+        fn(); torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) / n
+
+    rows.append({"kind": "calib", "what": "allow_tf32", "value": torch.backends.cuda.matmul.allow_tf32,
+                 "precision": torch.get_float32_matmul_precision()})
+    shapes = [(8192, 768, 768), (8192, 768, 3072), (8192, 3072, 768), (8192, 768, 2304), (8192, 768, 50257),
+              (8192, 768, 50304), (4096, 768, 32128), (4096, 2048, 2048), (4096, 2048, 8192), (4096, 8192, 2048),
+              (4096, 2048, 128256), (4096, 2048, 512), (1024, 768, 768), (8192, 1024, 1024), (16384, 4096, 4096)]
+    for dt in (torch.float32, torch.bfloat16):
+        for m, k, n in shapes:
+            x = torch.randn(m, k, device=device, dtype=dt, requires_grad=True)
+            w = torch.randn(n, k, device=device, dtype=dt, requires_grad=True)
+            fwd = timed(lambda: torch.nn.functional.linear(x, w))
+            y = torch.nn.functional.linear(x, w)
+            g = torch.randn_like(y)
+            bwd = timed(lambda: torch.autograd.grad(y, (x, w), g, retain_graph=True))
+            fl = 2 * m * k * n
+            rows.append({"kind": "calib", "what": "linear", "dtype": str(dt), "shape": [m, k, n],
+                         "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "fwd_tflops": fl / fwd / 1e12,
+                         "bwd_tflops": 2 * fl / bwd / 1e12})
+            del x, w, y, g
+        for b, h, s, d in ((8, 12, 1024, 64), (8, 12, 512, 64), (4, 32, 1024, 64)):
+            q = torch.randn(b, h, s, d, device=device, dtype=dt, requires_grad=True)
+            kk = torch.randn(b, h, d, s, device=device, dtype=dt, requires_grad=True)
+            fwd = timed(lambda: torch.matmul(q, kk))
+            fl = 2 * b * h * s * s * d
+            rows.append({"kind": "calib", "what": "bmm_qk", "dtype": str(dt), "shape": [b, h, s, d],
+                         "fwd_ms": fwd * 1e3, "fwd_tflops": fl / fwd / 1e12})
+            qq = q.detach().requires_grad_(True)
+            kv = torch.randn(b, h, s, d, device=device, dtype=dt, requires_grad=True)
+            for causal in (False, True):
+                fwd = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qq, kv, kv, is_causal=causal))
+                o = torch.nn.functional.scaled_dot_product_attention(qq, kv, kv, is_causal=causal)
+                g = torch.randn_like(o)
+                bwd = timed(lambda: torch.autograd.grad(o, (qq, kv), g, retain_graph=True))
+                rows.append({"kind": "calib", "what": f"sdpa_causal{causal}", "dtype": str(dt), "shape": [b, h, s, d],
+                             "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "fwd_tflops": 2 * fl / fwd / 1e12,
+                             "bwd_tflops": 5 * fl / bwd / 1e12})
+            mask = torch.zeros(b, 1, s, s, device=device, dtype=dt)
+            fwd = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qq, kv, kv, attn_mask=mask))
+            o = torch.nn.functional.scaled_dot_product_attention(qq, kv, kv, attn_mask=mask)
+            g = torch.randn_like(o)
+            bwd = timed(lambda: torch.autograd.grad(o, (qq, kv), g, retain_graph=True))
+            rows.append({"kind": "calib", "what": "sdpa_mask", "dtype": str(dt), "shape": [b, h, s, d],
+                         "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "fwd_tflops": 2 * fl / fwd / 1e12,
+                         "bwd_tflops": 5 * fl / bwd / 1e12})
+    for mib in (1, 16, 256, 1024):
+        x = torch.empty(mib * 2 ** 20 // 4, device=device)
+        y = torch.empty_like(x)
+        t = timed(lambda: y.copy_(x))
+        t_add = timed(lambda: torch.add(x, x, out=y))
+        rows.append({"kind": "calib", "what": "copy", "mib": mib, "copy_gbps": 2 * x.nbytes / t / 1e9,
+                     "add_gbps": 2 * x.nbytes / t_add / 1e9, "copy_us": t * 1e6})
+    small = torch.randn(8, device=device, requires_grad=True)
+    rows.append({"kind": "calib", "what": "tiny_op_fwd_nograd_us",
+                 "value": timed(lambda: torch.add(small.detach(), 1), 2000) * 1e6})
+    rows.append({"kind": "calib", "what": "tiny_op_fwd_grad_us", "value": timed(lambda: torch.add(small, 1), 2000) * 1e6})
+
+    def chain():
+        y = small
+        for _ in range(50):
+            y = y * 1.0001
+        torch.autograd.grad(y.sum(), small)
+    rows.append({"kind": "calib", "what": "tiny_op_chain50_fwd_bwd_us_per_op", "value": timed(chain, 50) * 1e6 / 50})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -146,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="gpt2,llama-1b,t5-base")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--per-node", action="store_true", help="also measure every node alone (calibration data)")
+    parser.add_argument("--profile", action="store_true", help="also break each step down by GPU kernel")
+    parser.add_argument("--calibrate", action="store_true", help="also run matmul/bandwidth/overhead microbenchmarks")
+    parser.add_argument("--out", default="cost_model_accuracy", help="result name under benchmarks/results")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -156,16 +319,19 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         for dtype_name in args.dtypes.split(","):
             print(f"{name} {dtype_name} on {device} ...", flush=True)
-            r, s = measure_model(name, dtype_name, device, args.quick, args.repeats)
+            r, s = measure_model(name, dtype_name, device, args.quick, args.repeats, args.per_node, args.profile)
             rows += r
             summaries.append(s)
+    if args.calibrate and device.type == "cuda":
+        rows += calibration_rows(device)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    printable = [{k: v for k, v in r.items() if v is not None} for r in rows]
+    printable = [{k: v for k, v in r.items() if v is not None} for r in rows if r["kind"] in ("block", "step")
+                 or r["kind"].startswith("mem")]
     if print_table is not None:
         print_table(f"cost model accuracy on {device_name}: predicted (roofline) vs measured", printable)
         print_table("summary: |relative error| of fwd+bwd time per block, step and memory", summaries)
-        path = write_result("cost_model_accuracy", rows,
+        path = write_result(args.out, rows,
                             extra={"device": device_name, "quick": args.quick, "summary": summaries})
     else:
         import json

@@ -102,7 +102,7 @@ def extract_block(gm: torch.fx.GraphModule, names: Sequence[str]) -> _Block:
     def outside_value(n: torch.fx.Node) -> Any:
         if n not in env:
             val = n.meta.get("val")
-            if isinstance(val, torch.Tensor) or val is None:
+            if val is None or any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(val)):
                 env[n] = graph.placeholder(f"in{len(inputs)}")
                 inputs.append(n)
             else:
@@ -115,15 +115,23 @@ def extract_block(gm: torch.fx.GraphModule, names: Sequence[str]) -> _Block:
     users_outside = [n for n in nodes if any(u not in inside for u in n.users)] or nodes[-1:]
     graph.output(tuple(env[n] for n in users_outside))
     module = torch.fx.GraphModule(gm, graph)
-    shapes = [(tuple(n.meta["val"].shape), str(n.meta["val"].dtype)) if isinstance(n.meta.get("val"), torch.Tensor)
-              else None for n in inputs]
+    shapes = [[(tuple(t.shape), str(t.dtype)) for t in pytree.tree_leaves(n.meta.get("val"))
+               if isinstance(t, torch.Tensor)] for n in inputs]
     key = hashlib.sha256(repr((module.code, shapes)).encode()).hexdigest()[:32]
     return _Block(module, inputs, key)
 
 
 def _make_input(node: torch.fx.Node, device: torch.device, requires_grad: bool, real: Any = None) -> Any:
     val = node.meta.get("val")
+    if real is None and isinstance(val, (list, tuple)):  # e.g. the outputs of split, read by getitem
+        return type(val)(_make_tensor(node, v, device, requires_grad) for v in val)
+    return _make_tensor(node, val, device, requires_grad, real)
+
+
+def _make_tensor(node: torch.fx.Node, val: Any, device: torch.device, requires_grad: bool, real: Any = None) -> Any:
     if real is not None:
+        if isinstance(real, (list, tuple)):
+            return type(real)(_make_tensor(node, None, device, requires_grad, r) for r in real)
         t = real
     elif not isinstance(val, torch.Tensor):
         raise CostModelError(f"cannot measure: input '{node.name}' has no meta['val'] tensor to size it")
@@ -205,8 +213,8 @@ def _real_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], needed
     class Keep(torch.fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            if n in needed:
-                kept[n.name] = out
+            if n in needed:  # a copy: a later in-place op must not change what the block is fed
+                kept[n.name] = pytree.tree_map_only(torch.Tensor, torch.clone, out)
             return out
 
     with torch.no_grad():
@@ -252,7 +260,7 @@ def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence
             module = block.module.to(device)
             args = [_make_input(n, device, (requires_grad or {}).get(n.name, True), real.get(n.name))
                     for n in block.inputs]
-            grad_inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            grad_inputs = [a for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor) and a.requires_grad]
             with torch.enable_grad():
                 t = time_fwd_bwd(lambda: module(*args), device, grad_inputs, warmup, repeats)
             if cache:

@@ -306,8 +306,11 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     refined = False
     if simulate and refine_time_s > 0:
         # the ILP's answer, its warm start and the compute-only chain DP: the closed form
-        # misjudges interleaved schedules on slow links, where balance beats fewer cuts
+        # misjudges interleaved schedules on slow links, where balance beats fewer cuts.
+        # The baselines' splits are seeds too, so the result is never worse than any of them.
+        from partitioner.baselines import BASELINES, baseline_assignment
         seeds = [assign, start, split_chain([b.time_s for b in bg.blocks], K).block_stage()]
+        seeds += [baseline_assignment(bg, name, K) for name in BASELINES]
         seeds = [a for i, a in enumerate(seeds) if a is not None and a not in seeds[:i]]
         best = min((refine(bg, a, p, v, m, schedule, link_bw_bytes_per_s, memory_cap_bytes,
                            refine_time_s / len(seeds)) for a in seeds), key=lambda r: r[1])
