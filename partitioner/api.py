@@ -1,0 +1,336 @@
+"""compile_parallel: an nn.Module in, a pipeline-parallel training program out.
+
+Reads top to bottom as the compiler's pipeline: slice one microbatch of the
+example inputs, capture + plan (or take the given plan), split into stage
+modules, make the schedule, place the parameters on their devices, build the
+transport and executor.
+
+Under torchrun (torch.distributed initialised, or RANK/WORLD_SIZE set) every
+process calls compile_parallel with the same arguments and rank r runs the
+stages of rank r on devices[r]. Without torchrun one process drives every
+stage on the devices listed (they may repeat, e.g. ["cpu"] * 4).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import timedelta
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils import _pytree as pytree
+
+from partitioner.errors import RuntimeConfigError
+from partitioner.plan import Plan
+from passes.capture import Captured, capture
+from passes.split import StageModule, split
+from runtime.comm_plan import build_comm_plan, forward_only
+from runtime.executor import Executor, ParameterStore, in_process_order
+from runtime.schedules import make_schedule, validate
+from runtime.transport import DistTransport, InProcessTransport
+
+
+def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], example_inputs: tuple | Any,
+                     loss_fn: Callable[[Any, Any], torch.Tensor], *, example_kwargs: dict | None = None,
+                     microbatches: int | None = None, schedule: str | None = None, chunks: int = 1,
+                     plan: Plan | None = None, memory: int | str | None = None, device_type: str | None = None,
+                     time_limit_s: float = 10.0, timeout_s: float = 300.0) -> "ParallelModel":
+    """Partition `model` over `devices` and return a ParallelModel that trains it.
+
+    example_inputs / example_kwargs: the GLOBAL batch, as model(*example_inputs, **example_kwargs);
+        tensors whose dim 0 is the batch size (dim 0 of the first tensor input) are split along dim 0
+        into `microbatches` (default 2 x devices); other inputs go whole to every microbatch.
+    loss_fn(output, target) -> scalar mean loss of a batch; train_step returns the mean over microbatches.
+    schedule: "gpipe", "1f1b" (default) or "interleaved-1f1b" (default when chunks > 1).
+    plan: a Plan to use as is; else partitioner.planner plans it (memory: per-device cap, e.g. "24GiB";
+        device_type: DeviceSpec name for the cost model; time_limit_s: solver time).
+    timeout_s: how long a rank waits for a peer before raising RuntimeConfigError.
+    """
+    devices = [torch.device(d) for d in devices]
+    p = len(devices)
+    if p < 1:
+        raise RuntimeConfigError("compile_parallel: devices is empty; list one device per pipeline rank.")
+    if plan is not None:
+        chunks = plan.chunks
+    schedule = schedule or (plan.schedule if plan is not None else None) or \
+        ("interleaved-1f1b" if chunks > 1 else "1f1b")
+    microbatches = microbatches or (plan.microbatches if plan is not None else 0) or 2 * p
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    rank = _init_distributed(devices, timeout_s)
+
+    if rank is not None:  # every rank must have been called the same way
+        _agree(_fingerprint(model, devices, args, kwargs, microbatches, schedule, chunks, plan),
+               "the arguments of compile_parallel (model, devices, example inputs, microbatches, schedule, "
+               "chunks, plan)", rank, devices)
+
+    mb_args, mb_kwargs = _first_microbatch(args, kwargs, microbatches)
+    if plan is None:
+        plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
+                               memory, device_type, time_limit_s, rank, devices)
+    else:
+        captured = capture(model, mb_args, mb_kwargs)
+    if rank is not None:
+        _agree(plan.to_json() + captured.graph_module.code, "the plan or the captured graph", rank, devices)
+    _check_plan(plan, p, chunks)
+
+    stages = split(captured, plan)
+    sched = make_schedule(schedule, p, microbatches, chunks)
+    validate(sched)
+    if tuple(plan.stage_rank) != sched.stage_rank:
+        raise RuntimeConfigError(f"compile_parallel: the plan puts stages on ranks {plan.stage_rank}, but schedule "
+                                 f"{schedule!r} expects {list(sched.stage_rank)}; plan with the same schedule/chunks.")
+    local_ranks = list(range(p)) if rank is None else [rank]
+    store = ParameterStore(model, captured, stages, devices, local_ranks, distributed=rank is not None,
+                           timeout_s=timeout_s)
+    stage_device = {st.stage: devices[st.rank] for st in stages}
+    local = [st.stage for st in stages if st.rank in local_ranks]
+    if rank is None:
+        transport = InProcessTransport(stage_device)
+        order, inference_order = in_process_order(sched), in_process_order(forward_only(sched))
+    else:
+        channels = list(build_comm_plan(stages, sched).channels)
+        transport = DistTransport(rank, devices[rank], channels, timeout_s=timeout_s)
+        order, inference_order = list(sched.actions[rank]), list(forward_only(sched).actions[rank])
+    executor = Executor(stages, local, sched, transport, loss_fn, captured.unflatten_outputs, stage_device,
+                        order, inference_order)
+    return ParallelModel(captured, plan, stages, executor, store, devices, rank, args, kwargs, microbatches)
+
+
+class ParallelModel:
+    """A model split into pipeline stages; trains with train_step, infers with forward.
+
+    Under torchrun the parameters, state_dict and gradients are this rank's;
+    without it (one process) they are every stage's.
+    """
+
+    def __init__(self, captured: Captured, plan: Plan, stages: list[StageModule], executor: Executor,
+                 store: ParameterStore, devices: list[torch.device], rank: int | None, example_args: tuple,
+                 example_kwargs: dict, microbatches: int):
+        self.captured = captured
+        self.plan = plan
+        self.stages = stages
+        self.executor = executor
+        self.store = store
+        self.devices = devices
+        self.rank = rank
+        self.microbatches = microbatches
+        self._example_leaves, self._example_spec = pytree.tree_flatten((example_args, example_kwargs))
+        self._last_rank = stages[-1].rank
+
+    @property
+    def schedule(self):
+        return self.executor.schedule
+
+    # ------------------------------------------------------------------ running
+
+    def train_step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> torch.Tensor:
+        """Forward and backward of every microbatch of the batch (inputs as in the example inputs).
+
+        Gradients accumulate into .grad (call zero_grad between steps). Returns the loss, the mean
+        of loss_fn over the microbatches, as a 0-dim float32 tensor on every rank.
+        """
+        mb_inputs = self._microbatch_inputs(inputs, kwargs)
+        targets = _split_batch(target, self.microbatches, "target")
+        self.store.before_step()
+        loss = self.executor.train_step(mb_inputs, targets)
+        self.store.after_step()
+        return self._share_loss(loss)
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        """Inference on a batch shaped like the example inputs: the model's output structure, tensor
+        leaves concatenated over microbatches along dim 0 (0-dim leaves stacked). Under torchrun only
+        the rank of the last stage gets the output; the other ranks return None."""
+        mb_inputs = self._microbatch_inputs(inputs, kwargs)
+        self.store.refresh_replicas()
+        flat = self.executor.forward(mb_inputs)
+        if flat is None:
+            return None
+        leaves = []
+        for i, first in enumerate(flat[0]):
+            if isinstance(first, torch.Tensor):
+                parts = [mb[i] for mb in flat]
+                leaves.append(torch.cat(parts) if first.dim() > 0 else torch.stack(parts))
+            else:
+                leaves.append(first)
+        return self.captured.unflatten_outputs(leaves)
+
+    __call__ = forward
+
+    def _microbatch_inputs(self, inputs: tuple, kwargs: dict) -> list[list[Any]]:
+        leaves, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
+        if spec != self._example_spec:
+            raise RuntimeConfigError(f"inputs have structure {spec} but compile_parallel was given example inputs "
+                                     f"with structure {self._example_spec}; call with the same arguments.")
+        for i, (x, ex) in enumerate(zip(leaves, self._example_leaves)):
+            if isinstance(ex, torch.Tensor) != isinstance(x, torch.Tensor) or (
+                    isinstance(x, torch.Tensor) and (x.shape != ex.shape or x.dtype != ex.dtype)):
+                got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
+                want = f"{tuple(ex.shape)} {ex.dtype}" if isinstance(ex, torch.Tensor) else repr(ex)
+                raise RuntimeConfigError(f"input {i} is {got} but the example inputs had {want}; the stages were "
+                                         "captured for that shape. Pass batches shaped like the example inputs.")
+        return [self.captured.flatten_inputs(a, kw) for a, kw in
+                _split_batch((tuple(inputs), dict(kwargs)), self.microbatches, "input", _batch_size(leaves))]
+
+    def _share_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
+        if self.rank is None:
+            return loss.detach().float()
+        device = self.devices[self.rank] if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = loss.detach().float().to(device) if loss is not None else torch.zeros((), device=device)
+        dist.broadcast(t, src=self._last_rank)
+        return t
+
+    # ------------------------------------------------------------------ parameters and state
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """This rank's parameters (every stage's in one process) under the original FQNs, each once."""
+        return iter(self.store.named_parameters())
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        return (p for _, p in self.store.named_parameters())
+
+    def named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self.store.named_buffers())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.store.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters and buffers under every FQN the original model's state_dict uses."""
+        return self.store.state_dict()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every rank's state gathered on rank 0 (CPU tensors); loads into the original model.
+        Other ranks get {}. In one process it is the whole state_dict on CPU."""
+        own = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        if self.rank is None:
+            return own
+        gathered = [None] * dist.get_world_size() if self.rank == 0 else None
+        dist.gather_object(own, gathered, dst=0)
+        if self.rank != 0:
+            return {}
+        full: dict[str, torch.Tensor] = {}
+        for part in gathered:
+            full.update(part)
+        return full
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load this rank's entries of a (full or this rank's) state dict; strict: all of them must be there."""
+        self.store.load_state_dict(state_dict, strict)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _init_distributed(devices: list[torch.device], timeout_s: float) -> int | None:
+    """This process's rank under torchrun (initialising the default group if needed), else None."""
+    if not dist.is_available() or (not dist.is_initialized() and not
+                                   ("RANK" in os.environ and "WORLD_SIZE" in os.environ)):
+        return None
+    if not dist.is_initialized():
+        world = int(os.environ["WORLD_SIZE"])
+        rank = int(os.environ["RANK"])
+        if world != len(devices):
+            raise RuntimeConfigError(f"compile_parallel: torchrun started {world} processes but {len(devices)} "
+                                     f"devices were given; start one process per device "
+                                     f"(torchrun --nproc_per_node {len(devices)}).")
+        backend = "nccl" if devices[rank].type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world != len(devices):
+        raise RuntimeConfigError(f"compile_parallel on rank {rank}: the world has {world} processes but "
+                                 f"{len(devices)} devices were given; start one process per device "
+                                 f"(torchrun --nproc_per_node {len(devices)}).")
+    if devices[rank].type == "cuda":
+        torch.cuda.set_device(devices[rank])
+    return rank
+
+
+def _agree(text: str, what: str, rank: int, devices: list[torch.device]) -> None:
+    """All ranks compare a hash of `text`; RuntimeConfigError on every rank if they differ."""
+    digest = int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+    device = devices[rank] if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor([digest], dtype=torch.int64, device=device)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    values = [int(t.item()) for t in everyone]
+    if len(set(values)) > 1:
+        groups: dict[int, list[int]] = {}
+        for r, v in enumerate(values):
+            groups.setdefault(v, []).append(r)
+        raise RuntimeConfigError(f"compile_parallel on rank {rank}: {what} differ across ranks (ranks that agree: "
+                                 f"{sorted(groups.values())}). Call compile_parallel with the same arguments and "
+                                 "the same model on every rank.")
+
+
+def _fingerprint(model: torch.nn.Module, devices: list[torch.device], args: tuple, kwargs: dict,
+                 microbatches: int, schedule: str, chunks: int, plan: Plan | None) -> str:
+    def describe(x: Any) -> str:
+        return f"T{tuple(x.shape)}{x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
+
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    return repr((type(model).__qualname__, [str(d) for d in devices], str(spec), [describe(x) for x in leaves],
+                 microbatches, schedule, chunks, params, plan.to_json() if plan is not None else None))
+
+
+def _split_batch(x: Any, microbatches: int, what: str, batch: int | None = None) -> list[Any]:
+    """Split the tensor leaves of x along dim 0 into `microbatches` equal parts: every leaf, or with
+    `batch` given only those whose dim 0 is the batch size (the others go whole to every microbatch)."""
+    leaves, spec = pytree.tree_flatten(x)
+    parts = []
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor) or (batch is not None and (leaf.dim() == 0 or leaf.shape[0] != batch)):
+            parts.append([leaf] * microbatches)
+            continue
+        if leaf.dim() == 0 or leaf.shape[0] % microbatches:
+            size = "a 0-dim tensor" if leaf.dim() == 0 else f"batch size {leaf.shape[0]}"
+            name = what if len(leaves) == 1 else f"{what} {i}"
+            raise RuntimeConfigError(f"{name} has {size}, which cannot be split into {microbatches} equal "
+                                     "microbatches along dim 0; make the batch a multiple of microbatches.")
+        parts.append(list(leaf.chunk(microbatches)))
+    return [pytree.tree_unflatten([p[mb] for p in parts], spec) for mb in range(microbatches)]
+
+
+def _batch_size(leaves: list[Any]) -> int | None:
+    """The global batch: dim 0 of the first tensor input with a dim (the planner's rule)."""
+    return next((x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+
+
+def _first_microbatch(args: tuple, kwargs: dict, microbatches: int) -> tuple[tuple, dict]:
+    return _split_batch((args, kwargs), microbatches, "example input",
+                        _batch_size(pytree.tree_leaves((args, kwargs))))[0]
+
+
+def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_kwargs: dict, p: int, chunks: int,
+          schedule: str, microbatches: int, memory: int | str | None, device_type: str | None,
+          time_limit_s: float, rank: int | None, devices: list[torch.device]) -> tuple[Plan, Captured]:
+    """Plan on rank 0 (the solver is not deterministic across processes) and share the plan."""
+    if rank is None or rank == 0:
+        from partitioner.planner import PlanConfig, plan_model
+        if isinstance(memory, str):
+            from partitioner.report import parse_bytes
+            memory = parse_bytes(memory)
+        device_type = device_type or ("cpu" if devices[0].type == "cpu" else "h100")
+        config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=microbatches,
+                            memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s)
+        result = plan_model(model, args, kwargs, config)
+        plan, captured = result.plan, result.captured
+    if rank is None:
+        return plan, captured
+    box = [plan.to_json() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    if rank != 0:
+        plan = Plan.from_json(box[0])
+        captured = capture(model, mb_args, mb_kwargs)
+    return plan, captured
+
+
+def _check_plan(plan: Plan, p: int, chunks: int) -> None:
+    if plan.num_ranks != p:
+        raise RuntimeConfigError(f"compile_parallel: the plan is for {plan.num_ranks} ranks but {p} devices were "
+                                 "given; plan for these devices or pass as many devices as the plan has ranks.")
+    if plan.num_stages != p * chunks:
+        raise RuntimeConfigError(f"compile_parallel: the plan has {plan.num_stages} stages but {p} devices x "
+                                 f"{chunks} chunks need {p * chunks}; plan with the same chunks.")

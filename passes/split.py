@@ -1,0 +1,287 @@
+"""Split a captured graph into one GraphModule per virtual stage.
+
+Every call node goes to the stage `plan.node_stage` names. A value read by a
+later stage is sent straight from its producer to every stage that reads it
+(no relaying through the stages in between). Parameters and buffers
+(`get_attr` nodes) are copied into every stage that reads them, so a tied
+weight used on several stages becomes one replica per stage; the runtime shares
+replicas of one rank and sums their gradients across ranks. User inputs are
+read directly by every stage that needs them (each rank has the microbatch).
+The last stage returns the model's flat output leaves; the runtime rebuilds
+the output structure and applies the loss there.
+
+Stage graph modules keep the original FQNs as attribute paths: the parameter
+"transformer.h.0.attn.c_attn.weight" of stage 3 is
+`stages[3].graph_module.get_parameter("transformer.h.0.attn.c_attn.weight")`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from partitioner.errors import PlanError
+from partitioner.plan import Plan
+from passes.capture import Captured
+
+USER_INPUT = -1  # StageModule.input_sources value of a user input
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape and dtype of a value crossing stages (one microbatch), and whether it carries a gradient."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+
+
+@dataclass
+class StageModule:
+    """One virtual stage: `graph_module(*inputs)` returns a tuple.
+
+    inputs: names of the stage's placeholders, in call order: user inputs
+        (input_sources[name] == USER_INPUT, flat index in user_inputs[name]) and
+        values produced by earlier stages (input_sources[name] = producing stage).
+    outputs: values this stage sends to later stages, in return order;
+        output_consumers[name] = the stages that read it (ascending).
+    The last stage (is_last) returns the model's flat output leaves instead.
+    params / buffers: FQNs of the parameters/buffers the stage reads (attribute paths in graph_module).
+    value_meta: shape/dtype/requires_grad of every received and sent value.
+    mutated_inputs: inputs the stage modifies in place (the runtime gives it a copy).
+    """
+
+    stage: int
+    rank: int
+    graph_module: torch.fx.GraphModule
+    inputs: list[str]
+    input_sources: dict[str, int]
+    outputs: list[str]
+    output_consumers: dict[str, list[int]]
+    is_last: bool
+    user_inputs: dict[str, int] = field(default_factory=dict)
+    params: list[str] = field(default_factory=list)
+    buffers: list[str] = field(default_factory=list)
+    value_meta: dict[str, TensorMeta] = field(default_factory=dict)
+    mutated_inputs: set[str] = field(default_factory=set)
+
+    def received(self) -> list[str]:
+        """Inputs that come from earlier stages (not user inputs), in call order."""
+        return [n for n in self.inputs if self.input_sources[n] != USER_INPUT]
+
+
+def split(captured: Captured, plan: Plan) -> list[StageModule]:
+    """Cut `captured.graph_module` into plan.num_stages stage modules (see module docstring)."""
+    gm = captured.graph_module
+    graph = gm.graph
+    num_stages = plan.num_stages
+    last = num_stages - 1
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    output_node = next(n for n in nodes if n.op == "output")
+    flat_outputs = output_node.args[0]
+    if not isinstance(flat_outputs, (tuple, list)):
+        flat_outputs = (flat_outputs,)
+
+    stage_of = _node_stages(nodes, plan)
+    _check_order(nodes, stage_of)
+    grad = _requires_grad(nodes, gm)
+
+    # which stages read each node (the last stage reads every output leaf)
+    readers: dict[torch.fx.Node, set[int]] = {n: set() for n in nodes}
+    for n in nodes:
+        if n.op in ("call_function", "call_method", "call_module"):
+            for inp in n.all_input_nodes:
+                readers[inp].add(stage_of[n])
+    for leaf in flat_outputs:
+        if isinstance(leaf, torch.fx.Node):
+            readers[leaf].add(last)
+
+    consumers: dict[torch.fx.Node, list[int]] = {}
+    for n in nodes:
+        if n in stage_of:
+            later = sorted(s for s in readers[n] if s != stage_of[n])
+            if later:
+                _check_sendable(n, stage_of[n], later)
+                consumers[n] = later
+
+    user_index = {name: i for i, name in enumerate(captured.input_names)}
+    stages = []
+    for k in range(num_stages):
+        own = [n for n in nodes if stage_of.get(n) == k]
+        needed = {inp for n in own for inp in n.all_input_nodes}
+        if k == last:
+            needed |= {leaf for leaf in flat_outputs if isinstance(leaf, torch.fx.Node)}
+        attrs = sorted((n for n in needed if n.op == "get_attr"), key=order.__getitem__)
+        ins = sorted((n for n in needed if n.op == "placeholder" or stage_of.get(n, k) < k), key=order.__getitem__)
+
+        new = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        sources: dict[str, int] = {}
+        meta: dict[str, TensorMeta] = {}
+        for n in ins:
+            env[n] = new.placeholder(n.name)
+            env[n].meta = dict(n.meta)
+            if n.op == "placeholder":
+                sources[n.name] = USER_INPUT
+            else:
+                sources[n.name] = stage_of[n]
+                meta[n.name] = _meta(n, grad[n])
+        for n in attrs:
+            env[n] = new.get_attr(n.target)
+            env[n].meta = dict(n.meta)
+        for n in own:
+            env[n] = new.node_copy(n, env.__getitem__)
+        if k == last:
+            sent: list[torch.fx.Node] = []
+            new.output(tuple(env[x] if isinstance(x, torch.fx.Node) else x for x in flat_outputs))
+        else:
+            sent = [n for n in own if n in consumers]
+            new.output(tuple(env[n] for n in sent))
+            for n in sent:
+                meta[n.name] = _meta(n, grad[n])
+        stage_gm = torch.fx.GraphModule(gm, new, class_name=f"Stage{k}")
+        params = [n.target for n in attrs if isinstance(_get_attr(gm, n.target), torch.nn.Parameter)]
+        stages.append(StageModule(
+            stage=k, rank=plan.stage_rank[k], graph_module=stage_gm,
+            inputs=[n.name for n in ins], input_sources=sources,
+            outputs=[n.name for n in sent], output_consumers={n.name: consumers[n] for n in sent},
+            is_last=k == last,
+            user_inputs={n.name: user_index[n.name] for n in ins if n.op == "placeholder"},
+            params=params, buffers=[n.target for n in attrs if n.target not in params],
+            value_meta=meta, mutated_inputs=_mutated(own, set(ins))))
+    return stages
+
+
+def _node_stages(nodes: list[torch.fx.Node], plan: Plan) -> dict[torch.fx.Node, int]:
+    """Stage of every compute node; placeholders and get_attr nodes go wherever they are read."""
+    stage_of = {}
+    for n in nodes:
+        if n.op not in ("call_function", "call_method", "call_module"):
+            continue
+        if n.name not in plan.node_stage:
+            raise PlanError(f"split: node '{n.name}' ({n.target}) has no stage in the plan; the plan was made "
+                            "for another graph. Plan again for this model and these example inputs.")
+        k = plan.node_stage[n.name]
+        if not 0 <= k < plan.num_stages:
+            raise PlanError(f"split: node '{n.name}' is put on stage {k}, but the plan has stages "
+                            f"0..{plan.num_stages - 1}. Fix node_stage or stage_rank.")
+        stage_of[n] = k
+    return stage_of
+
+
+def _check_order(nodes: list[torch.fx.Node], stage_of: dict[torch.fx.Node, int]) -> None:
+    for n in nodes:
+        for inp in n.all_input_nodes:
+            if n in stage_of and inp in stage_of and stage_of[inp] > stage_of[n]:
+                raise PlanError(f"split: node '{n.name}' on stage {stage_of[n]} reads '{inp.name}' from the later "
+                                f"stage {stage_of[inp]}; stages must follow the data flow (stage(u) <= stage(v) "
+                                "along every edge).")
+
+
+def _check_sendable(n: torch.fx.Node, stage: int, later: list[int]) -> None:
+    val = n.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        raise PlanError(f"split: node '{n.name}' ({n.target}) on stage {stage} is read by stage(s) {later}, but its "
+                        f"value is a {type(val).__name__}, not a tensor; only tensors cross stages. Move the cut so "
+                        f"'{n.name}' and its readers share a stage.")
+
+
+def _requires_grad(nodes: list[torch.fx.Node], gm: torch.fx.GraphModule) -> dict[torch.fx.Node, bool]:
+    """Static: a value carries a gradient if it is floating point and depends on a trainable parameter."""
+    grad: dict[torch.fx.Node, bool] = {}
+    for n in nodes:
+        if n.op == "get_attr":
+            attr = _get_attr(gm, n.target)
+            dep = isinstance(attr, torch.nn.Parameter) and attr.requires_grad
+        else:
+            dep = any(grad.get(i, False) for i in n.all_input_nodes)
+        val = n.meta.get("val")
+        grad[n] = dep and (not isinstance(val, torch.Tensor) or val.is_floating_point() or val.is_complex())
+    return grad
+
+
+def _meta(n: torch.fx.Node, requires_grad: bool) -> TensorMeta:
+    val = n.meta["val"]
+    return TensorMeta(tuple(int(s) for s in val.shape), val.dtype, requires_grad)
+
+
+def _mutated(own: list[torch.fx.Node], inputs: set[torch.fx.Node]) -> set[str]:
+    """Inputs written in place by an op of the stage (e.g. aten.relu_ on a received activation)."""
+    out = set()
+    for n in own:
+        schema = getattr(n.target, "_schema", None)
+        if schema is None or not schema.is_mutable:
+            continue
+        for arg, value in zip(schema.arguments, n.args):
+            if arg.alias_info is not None and arg.alias_info.is_write and value in inputs:
+                out.add(value.name)
+    return out
+
+
+def _get_attr(root: torch.nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ---------------------------------------------------------------------- plans by cutting the node order
+
+_COMPUTE = ("call_function", "call_method", "call_module")
+
+
+def valid_cuts(captured: Captured) -> list[int]:
+    """Positions i (1..n-1) in the topological order of the n compute nodes where cutting before
+    node i sends only tensors across (no tuple or python value is read on both sides)."""
+    compute = [n for n in captured.graph_module.graph.nodes if n.op in _COMPUTE]
+    index = {n: i for i, n in enumerate(compute)}
+    blocked = [0] * (len(compute) + 2)
+    for i, n in enumerate(compute):
+        if isinstance(n.meta.get("val"), torch.Tensor):
+            continue
+        last = max((index.get(u, len(compute)) for u in n.users), default=i)
+        blocked[i + 1] += 1
+        blocked[min(last, len(compute) - 1) + 1] -= 1
+    cuts, depth = [], 0
+    for i in range(1, len(compute)):
+        depth += blocked[i]
+        if depth == 0:
+            cuts.append(i)
+    return cuts
+
+
+def plan_from_cuts(captured: Captured, cuts: list[int], num_ranks: int, chunks: int = 1,
+                   schedule: str = "1f1b", microbatches: int = 1, method: str = "cuts") -> Plan:
+    """A Plan whose stage k holds compute nodes cuts[k-1]..cuts[k]-1 of the topological order;
+    stage k on rank k % num_ranks. len(cuts) must be num_ranks * chunks - 1."""
+    compute = [n for n in captured.graph_module.graph.nodes if n.op in _COMPUTE]
+    num_stages = num_ranks * chunks
+    if len(cuts) != num_stages - 1 or list(cuts) != sorted(cuts):
+        raise PlanError(f"plan_from_cuts: need {num_stages - 1} increasing cut positions for {num_stages} stages, "
+                        f"got {list(cuts)}.")
+    bounds = [0, *cuts, len(compute)]
+    node_stage = {n.name: k for k in range(num_stages) for n in compute[bounds[k]:bounds[k + 1]]}
+    return Plan(num_ranks=num_ranks, chunks=chunks, schedule=schedule, microbatches=microbatches,
+                block_stage=[], stage_rank=[k % num_ranks for k in range(num_stages)], node_stage=node_stage,
+                method=method)
+
+
+def even_plan(captured: Captured, num_ranks: int, chunks: int = 1, schedule: str = "1f1b",
+              microbatches: int = 1) -> Plan:
+    """Compute nodes cut into num_ranks * chunks runs of about equal length, each cut moved to the
+    nearest position where only tensors cross. A fallback and test helper, not a planner."""
+    n = sum(1 for node in captured.graph_module.graph.nodes if node.op in _COMPUTE)
+    num_stages = num_ranks * chunks
+    valid = valid_cuts(captured)
+    cuts: list[int] = []
+    for j in range(1, num_stages):
+        left = len(valid) - (num_stages - 1 - j)  # leave enough cuts for the stages after this one
+        options = [c for c in valid[:left] if not cuts or c > cuts[-1]]
+        if not options:
+            raise PlanError(f"even_plan: the graph has only {len(valid)} places to cut between tensors; "
+                            f"it cannot be split into {num_stages} stages. Use fewer ranks or chunks.")
+        cuts.append(min(options, key=lambda c: abs(c - round(j * n / num_stages))))
+    return plan_from_cuts(captured, cuts, num_ranks, chunks, schedule, microbatches, method="uniform")

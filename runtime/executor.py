@@ -1,0 +1,353 @@
+"""Run a schedule's actions on stage modules through a Transport.
+
+F(k, mb): gather inputs (received activations, the local slice of the user
+inputs), run the stage, keep its outputs' autograd graph, send the outputs to
+every consumer stage. The last stage rebuilds the model's output, applies
+loss_fn(output, target) / microbatches and accumulates the loss.
+B(k, mb): torch.autograd.backward(outputs, grads summed over consumers) and
+send the gradient of every received input back to its producer. Parameter
+gradients accumulate across microbatches in `.grad`.
+
+Under torchrun each process runs its rank's action list; in one process the
+executor interleaves every rank's list in a dependency-respecting order.
+ParameterStore holds the real parameters of the stages a process runs and keeps
+replicas of tied weights in step (gradient all-reduce across ranks).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from passes.split import USER_INPUT, StageModule
+from partitioner.errors import RuntimeConfigError
+from runtime.comm_plan import CommPlan, build_comm_plan, forward_only
+from runtime.schedules import Action, Schedule, dependencies
+from runtime.transport import Transport
+
+
+def in_process_order(schedule: Schedule) -> list[Action]:
+    """All ranks' actions as one list: round-robin over ranks, each rank taking its next
+    action once the actions it depends on have run (a valid schedule never stalls)."""
+    pos = [0] * schedule.num_ranks
+    done: set[Action] = set()
+    order: list[Action] = []
+    total = sum(len(row) for row in schedule.actions)
+    while len(order) < total:
+        progressed = False
+        for r, row in enumerate(schedule.actions):
+            while pos[r] < len(row) and all(d in done for d in dependencies(schedule, row[pos[r]])):
+                order.append(row[pos[r]])
+                done.add(row[pos[r]])
+                pos[r] += 1
+                progressed = True
+        if not progressed:
+            stuck = ", ".join(str(row[pos[r]]) for r, row in enumerate(schedule.actions) if pos[r] < len(row))
+            raise RuntimeConfigError(f"schedule {schedule.name!r} deadlocks: every rank waits ({stuck}).")
+    return order
+
+
+class Executor:
+    """Runs the stages `local` (stage ids held by this process) of a split model.
+
+    stages: every stage (for the communication plan); only `local` ones are run.
+    stage_device: device of every local stage.
+    order: this process's actions (a rank's list, or in_process_order for all ranks).
+    """
+
+    def __init__(self, stages: list[StageModule], local: list[int], schedule: Schedule, transport: Transport,
+                 loss_fn: Callable[[Any, Any], torch.Tensor], unflatten: Callable[[list[Any]], Any],
+                 stage_device: dict[int, torch.device], order: list[Action], inference_order: list[Action]):
+        self.stages = stages
+        self.local = set(local)
+        self.schedule = schedule
+        self.transport = transport
+        self.loss_fn = loss_fn
+        self.unflatten = unflatten
+        self.stage_device = stage_device
+        self.order = order
+        self.inference_order = inference_order
+        self.train_comm = build_comm_plan(stages, schedule)
+        self.inference_comm = build_comm_plan(stages, forward_only(schedule))
+        self.last = len(stages) - 1
+
+    # ------------------------------------------------------------------ public
+
+    def train_step(self, mb_inputs: list[list[Any]], mb_targets: list[Any]) -> torch.Tensor | None:
+        """Forward and backward of every microbatch; returns the summed (already 1/m-scaled) loss
+        if the last stage is local, else None. Parameter gradients accumulate in .grad."""
+        state = _StepState(mb_inputs, mb_targets, train=True)
+        self._run(self.order, self.train_comm, state)
+        return state.loss
+
+    @torch.no_grad()
+    def forward(self, mb_inputs: list[list[Any]]) -> list[list[Any]] | None:
+        """Forward only; the flat output leaves of every microbatch if the last stage is local, else None."""
+        state = _StepState(mb_inputs, [None] * len(mb_inputs), train=False)
+        self._run(self.inference_order, self.inference_comm, state)
+        return [state.outputs[mb] for mb in range(len(mb_inputs))] if self.last in self.local else None
+
+    # ------------------------------------------------------------------ actions
+
+    def _run(self, order: list[Action], comm: CommPlan, state: "_StepState") -> None:
+        self.transport.begin(comm)
+        try:
+            for i, action in enumerate(order):
+                if i + 1 < len(order):  # post the next action's receives before computing this one
+                    self.transport.prefetch(comm.recvs[order[i + 1]])
+                if action.kind == "F":
+                    self._forward(action, comm, state)
+                else:
+                    self._backward(action, comm, state)
+        finally:
+            state.saved.clear()
+        self.transport.finish()
+
+    def _forward(self, a: Action, comm: CommPlan, state: "_StepState") -> None:
+        st = self.stages[a.stage]
+        device = self.stage_device[a.stage]
+        received = {m.value: m for m in comm.recvs[a]}
+        args: list[Any] = []
+        leaves: dict[str, torch.Tensor] = {}
+        for name in st.inputs:
+            if st.input_sources[name] == USER_INPUT:
+                x = state.inputs[a.microbatch][st.user_inputs[name]]
+                x = x.to(device) if isinstance(x, torch.Tensor) else x
+            else:
+                x = self.transport.recv(received[name])
+                if state.train and st.value_meta[name].requires_grad:
+                    x = x.detach().requires_grad_(True)
+                    leaves[name] = x
+            if name in st.mutated_inputs and isinstance(x, torch.Tensor):
+                x = x.clone()  # the stage writes it in place: keep the received leaf intact
+            args.append(x)
+        outs = st.graph_module(*args)
+        if st.is_last:
+            state.outputs[a.microbatch] = list(outs)
+            if state.train:
+                loss = self.loss_fn(self.unflatten(list(outs)), state.targets[a.microbatch])
+                loss = loss / len(state.inputs)
+                state.add_loss(loss.detach())
+                state.saved[a] = (leaves, [loss])
+        else:
+            by_name = dict(zip(st.outputs, outs))
+            for msg in comm.sends[a]:
+                self.transport.send(msg, by_name[msg.value])
+            if state.train:
+                state.saved[a] = (leaves, [by_name[v] for v in st.outputs])
+
+    def _backward(self, a: Action, comm: CommPlan, state: "_StepState") -> None:
+        st = self.stages[a.stage]
+        leaves, outs = state.saved.pop(Action(a.stage, "F", a.microbatch))
+        tensors: list[torch.Tensor] = []
+        grads: list[torch.Tensor | None] = []
+        if st.is_last:
+            if outs[0].requires_grad:
+                tensors, grads = outs, [None]
+        else:
+            grad_of: dict[str, torch.Tensor] = {}
+            for msg in comm.recvs[a]:  # one gradient per (value, consumer): sum them
+                g = self.transport.recv(msg)
+                grad_of[msg.value] = g if msg.value not in grad_of else grad_of[msg.value] + g
+            for name, out in zip(st.outputs, outs):
+                if name in grad_of and out.requires_grad:
+                    tensors.append(out)
+                    grads.append(grad_of[name])
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+        for msg in comm.sends[a]:
+            x = leaves[msg.value]
+            self.transport.send(msg, x.grad if x.grad is not None else torch.zeros_like(x))
+
+
+class _StepState:
+    """What one train_step/forward keeps between actions."""
+
+    def __init__(self, inputs: list[list[Any]], targets: list[Any], train: bool):
+        self.inputs = inputs
+        self.targets = targets
+        self.train = train
+        self.saved: dict[Action, tuple[dict[str, torch.Tensor], list[torch.Tensor]]] = {}
+        self.outputs: dict[int, list[Any]] = {}
+        self.loss: torch.Tensor | None = None
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss = loss if self.loss is None else self.loss + loss
+
+
+class ParameterStore:
+    """The parameters and buffers of this process's stages, as real tensors on their devices.
+
+    One tensor per FQN and rank, shared by that rank's stages (interleaved chunks of one rank
+    use one copy); in one process, ranks on the same device share it too. An FQN held on
+    several ranks (a tied weight split across stages) is replicated: under torchrun its
+    gradient is all-reduced (summed) over the ranks holding it after every step; in one
+    process the first copy is the one exposed (parameters(), state_dict), the others are
+    refreshed from it before each step and their gradients summed into it after.
+    State the graph never reads (e.g. an unused head) is kept on rank 0 for the state dict.
+    """
+
+    def __init__(self, model: torch.nn.Module, captured, stages: list[StageModule], devices: list[torch.device],
+                 local_ranks: list[int], distributed: bool, timeout_s: float = 300.0):
+        self.distributed = distributed
+        names_of: dict[int, list[str]] = {}
+        for name, t in [*model.named_parameters(remove_duplicate=False),
+                        *model.named_buffers(remove_duplicate=False)]:
+            names_of.setdefault(id(t), []).append(name)
+        model_state = model.state_dict(keep_vars=True)
+        self.model_keys = set(model_state)
+        self.holders: dict[str, list[int]] = {}
+        self.is_param: dict[str, bool] = {}
+        for st in stages:
+            for fqn in [*st.params, *st.buffers]:
+                self.is_param[fqn] = fqn in st.params
+                if st.rank not in self.holders.setdefault(fqn, []):
+                    self.holders[fqn].append(st.rank)
+        self.aliases: dict[str, list[str]] = {}
+        self.replicas: dict[str, list[torch.Tensor]] = {}
+        made: dict[tuple[str, Any], torch.Tensor] = {}
+        for st in stages:
+            if st.rank not in local_ranks:
+                continue
+            device = devices[st.rank]
+            for fqn in [*st.params, *st.buffers]:
+                key = (fqn, st.rank if distributed else device)
+                if key not in made:
+                    src = _source(model, captured, fqn)
+                    self.aliases[fqn] = [n for n in names_of.get(id(src), [fqn]) if n in self.model_keys]
+                    made[key] = _materialise(src, device, self.is_param[fqn], fqn)
+                    self.replicas.setdefault(fqn, []).append(made[key])
+                _set_attr(st.graph_module, fqn, made[key])
+        covered = {n for fqn in self.holders for n in _all_names(model, captured, fqn, names_of)}
+        self.unused = {k: v.detach().clone() for k, v in model_state.items() if k not in covered} \
+            if 0 in local_ranks else {}
+        self.groups: dict[tuple[int, ...], Any] = {}
+        if distributed:
+            import torch.distributed as dist
+            from datetime import timedelta
+            sets = sorted({tuple(sorted(r)) for f, r in self.holders.items() if len(r) > 1 and self.is_param[f]})
+            for ranks in sets:  # created in the same order on every rank
+                group = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s))
+                if local_ranks[0] in ranks:
+                    self.groups[ranks] = group
+        self._stash: dict[str, torch.Tensor | None] = {}
+
+    # ------------------------------------------------------------------ replicas
+
+    def _shared(self) -> list[str]:
+        """Trainable FQNs with copies on several ranks."""
+        return [f for f, r in self.holders.items() if len(r) > 1 and self.is_param[f] and f in self.replicas
+                and self.replicas[f][0].requires_grad]
+
+    @torch.no_grad()
+    def refresh_replicas(self) -> None:
+        """In one process: copy the exposed tensor of every FQN into its other copies (the optimizer
+        or load_state_dict changed only the exposed one)."""
+        if not self.distributed:
+            for copies in self.replicas.values():
+                for t in copies[1:]:
+                    t.copy_(copies[0])
+
+    def before_step(self) -> None:
+        """Refresh replicas; under torchrun set aside the gradient so far, so that only this
+        step's gradient of a replicated parameter is all-reduced."""
+        self.refresh_replicas()
+        for copies in self.replicas.values():
+            for t in copies[1:]:
+                t.grad = None
+        if self.distributed:
+            for fqn in self._shared():
+                p = self.replicas[fqn][0]
+                self._stash[fqn], p.grad = p.grad, None
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if not self.distributed:
+            for fqn, copies in self.replicas.items():
+                for t in copies[1:]:
+                    if t.grad is not None:
+                        g = t.grad.to(copies[0].device)
+                        copies[0].grad = g if copies[0].grad is None else copies[0].grad + g
+                        t.grad = None
+            return
+        import torch.distributed as dist
+        for fqn in self._shared():
+            p = self.replicas[fqn][0]
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(g, group=self.groups[tuple(sorted(self.holders[fqn]))])
+            stash = self._stash.pop(fqn, None)
+            p.grad = g if stash is None else stash + g
+
+    # ------------------------------------------------------------------ views
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(f, c[0]) for f, c in self.replicas.items() if self.is_param[f]]
+
+    def named_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        return [(f, c[0]) for f, c in self.replicas.items() if not self.is_param[f]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for copies in self.replicas.values():
+            for t in copies:
+                if t.grad is not None:
+                    if set_to_none:
+                        t.grad = None
+                    else:
+                        t.grad.zero_()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {name: copies[0] for fqn, copies in self.replicas.items() for name in self.aliases[fqn]}
+        out.update(self.unused)
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        missing = []
+        for fqn, copies in self.replicas.items():
+            key = next((k for k in [*self.aliases[fqn], fqn] if k in state), None)
+            if key is None:
+                if self.aliases[fqn]:
+                    missing.append(fqn)
+                continue
+            for t in copies:
+                t.copy_(state[key])
+        for k, t in self.unused.items():
+            if k in state:
+                t.copy_(state[k])
+            else:
+                missing.append(k)
+        unexpected = [k for k in state if k not in self.model_keys]
+        if strict and (missing or unexpected):
+            raise RuntimeConfigError(f"load_state_dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}; "
+                                     "pass a state dict of the original model (or strict=False).")
+
+
+def _source(model: torch.nn.Module, captured, fqn: str) -> torch.Tensor:
+    """The model's tensor behind FQN (constants the capture created come from the captured graph)."""
+    for getter in (model.get_parameter, model.get_buffer, captured.graph_module.get_parameter,
+                   captured.graph_module.get_buffer):
+        try:
+            return getter(fqn)
+        except (AttributeError, KeyError):
+            continue
+    obj: Any = captured.graph_module
+    for part in fqn.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _all_names(model, captured, fqn: str, names_of: dict[int, list[str]]) -> list[str]:
+    return names_of.get(id(_source(model, captured, fqn)), [fqn])
+
+
+def _materialise(src: torch.Tensor, device: torch.device, is_param: bool, fqn: str) -> torch.Tensor:
+    if src.device.type == "meta":
+        raise RuntimeConfigError(f"'{fqn}' is on the meta device; the model's weights must be real to train it. "
+                                 "Materialise the model (e.g. model.to_empty(device=...) and load weights) first.")
+    t = src.detach().to(device, copy=True)
+    return torch.nn.Parameter(t, requires_grad=src.requires_grad) if is_param else t
+
+
+def _set_attr(root: torch.nn.Module, fqn: str, value: torch.Tensor) -> None:
+    prefix, _, name = fqn.rpartition(".")
+    setattr(root.get_submodule(prefix) if prefix else root, name, value)

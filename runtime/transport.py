@@ -1,0 +1,198 @@
+"""Moving activations and gradients between stages.
+
+A Transport delivers the Messages of a CommPlan. Sends never block compute;
+receives can be posted before they are needed (`prefetch`) and are waited for
+in `recv`. Shapes and dtypes come from the captured graph, so no shape
+handshake is needed.
+
+- InProcessTransport: one process drives every stage; a message is the
+  sender's tensor, detached and moved to the receiving stage's device.
+- DistTransport: torch.distributed P2P (isend/irecv; NCCL on GPUs, gloo on
+  CPU). One process group per ordered pair of ranks (src -> dst), created in
+  the same order on every rank; the receiver posts receives in exactly the
+  sender's issue order on that channel (from the CommPlan), which is what
+  NCCL's in-order matching needs and what keeps gloo's tag-free matching
+  correct. Every group has a timeout: a dead or stuck peer raises a
+  RuntimeConfigError naming it instead of hanging.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from partitioner.errors import RuntimeConfigError
+from runtime.comm_plan import CommPlan, Message
+
+
+class Transport(ABC):
+    """Delivers the messages of one CommPlan at a time (set with `begin`)."""
+
+    def _connect(self) -> None:
+        """One blocking send/recv per channel, in the same global order on every rank: NCCL creates a
+        P2P communicator lazily and blocks until both ranks join, so a receive posted early on a fresh
+        channel could otherwise wait for a peer that waits for us. Also checks every peer is there."""
+        for (src, dst), group in sorted(self.groups.items()):
+            probe = torch.zeros(1, device=self.device)
+            try:
+                if self.rank == src:
+                    dist.send(probe, dst=dst, group=group)
+                else:
+                    dist.recv(probe, src=src, group=group)
+            except Exception as err:
+                peer = dst if self.rank == src else src
+                raise RuntimeConfigError(f"rank {self.rank}: could not connect to rank {peer} within "
+                                         f"{self.timeout.total_seconds():.0f} s ({str(err).splitlines()[0]}); "
+                                         f"check that rank {peer} is running the same program.") from err
+
+    def begin(self, comm: CommPlan) -> None:
+        """Start a step (or an inference pass) that runs the actions of `comm`."""
+
+    @abstractmethod
+    def send(self, msg: Message, tensor: torch.Tensor) -> None:
+        """Send `tensor` as `msg`; returns at once."""
+
+    def prefetch(self, msgs: list[Message]) -> None:
+        """Post the receives of `msgs` now (they are waited for later in `recv`)."""
+
+    @abstractmethod
+    def recv(self, msg: Message) -> torch.Tensor:
+        """The tensor of `msg` (a fresh tensor the caller owns, not part of any autograd graph)."""
+
+    def finish(self) -> None:
+        """Wait for every send of the step and check that every message was received."""
+
+
+class InProcessTransport(Transport):
+    """Every stage in this process: a mailbox of tensors, moved to `stage_device[dst_stage]`."""
+
+    def __init__(self, stage_device: dict[int, torch.device]):
+        self.stage_device = stage_device
+        self.mailbox: dict[Message, torch.Tensor] = {}
+
+    def send(self, msg: Message, tensor: torch.Tensor) -> None:
+        self.mailbox[msg] = tensor.detach().to(self.stage_device[msg.dst_stage])
+
+    def recv(self, msg: Message) -> torch.Tensor:
+        if msg not in self.mailbox:
+            raise RuntimeConfigError(f"in-process pipeline: {msg} was not sent before it was needed; the action "
+                                     "order does not respect the data flow between stages.")
+        return self.mailbox.pop(msg)
+
+    def finish(self) -> None:
+        if self.mailbox:
+            left = next(iter(self.mailbox))
+            self.mailbox.clear()
+            raise RuntimeConfigError(f"in-process pipeline: {left} (and maybe others) was sent but never received.")
+
+
+class DistTransport(Transport):
+    """torch.distributed P2P between this rank and its peers (see module docstring).
+
+    channels: every (src_rank, dst_rank) pair that will ever carry a message, the
+    same list on every rank (groups are created in its sorted order).
+    """
+
+    def __init__(self, rank: int, device: torch.device, channels: list[tuple[int, int]],
+                 timeout_s: float = 300.0, backend: str | None = None):
+        self.rank = rank
+        self.device = torch.device(device)
+        self.timeout = timedelta(seconds=timeout_s)
+        self.groups: dict[tuple[int, int], dist.ProcessGroup] = {}
+        for src, dst in sorted(set(channels)):
+            group = dist.new_group([src, dst], timeout=self.timeout, backend=backend)
+            if self.rank in (src, dst):
+                self.groups[(src, dst)] = group
+        self._connect()
+        self.local: dict[Message, torch.Tensor] = {}
+        self.pending_sends: deque[tuple[dist.Work, torch.Tensor, Message]] = deque()
+        self.incoming: dict[int, list[Message]] = {}  # src rank -> messages in issue order
+        self.position: dict[Message, int] = {}
+        self.next_post: dict[int, int] = {}
+        self.posted: dict[Message, tuple[dist.Work, torch.Tensor]] = {}
+
+    def _connect(self) -> None:
+        """One blocking send/recv per channel, in the same global order on every rank: NCCL creates a
+        P2P communicator lazily and blocks until both ranks join, so a receive posted early on a fresh
+        channel could otherwise wait for a peer that waits for us. Also checks every peer is there."""
+        for (src, dst), group in sorted(self.groups.items()):
+            probe = torch.zeros(1, device=self.device)
+            try:
+                if self.rank == src:
+                    dist.send(probe, dst=dst, group=group)
+                else:
+                    dist.recv(probe, src=src, group=group)
+            except Exception as err:
+                peer = dst if self.rank == src else src
+                raise RuntimeConfigError(f"rank {self.rank}: could not connect to rank {peer} within "
+                                         f"{self.timeout.total_seconds():.0f} s ({str(err).splitlines()[0]}); "
+                                         f"check that rank {peer} is running the same program.") from err
+
+    def begin(self, comm: CommPlan) -> None:
+        self.incoming = {src: msgs for (src, dst), msgs in comm.channels.items() if dst == self.rank}
+        for (src, dst) in comm.channels:
+            if self.rank in (src, dst) and (src, dst) not in self.groups:
+                raise RuntimeConfigError(f"rank {self.rank}: no process group for messages from rank {src} to rank "
+                                         f"{dst}; build the DistTransport with every channel of every CommPlan.")
+        self.position = {m: i for msgs in self.incoming.values() for i, m in enumerate(msgs)}
+        self.next_post = {src: 0 for src in self.incoming}
+
+    def send(self, msg: Message, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        if msg.dst_rank == self.rank:
+            self.local[msg] = tensor
+            return
+        tensor = tensor.contiguous()
+        work = dist.isend(tensor, dst=msg.dst_rank, group=self.groups[(self.rank, msg.dst_rank)])
+        self.pending_sends.append((work, tensor, msg))
+        while self.pending_sends and self.pending_sends[0][0].is_completed():
+            self._wait(*self.pending_sends.popleft())
+
+    def prefetch(self, msgs: list[Message]) -> None:
+        for msg in msgs:
+            if msg.src_rank == self.rank:
+                continue
+            if msg not in self.position:
+                raise RuntimeConfigError(f"rank {self.rank}: {msg} is not in the communication plan of this step.")
+            src, queue = msg.src_rank, self.incoming[msg.src_rank]
+            group = self.groups[(src, self.rank)]
+            while self.next_post[src] <= self.position[msg]:
+                m = queue[self.next_post[src]]
+                buf = torch.empty(m.shape, dtype=m.dtype, device=self.device)
+                self.posted[m] = (dist.irecv(buf, src=src, group=group), buf)
+                self.next_post[src] += 1
+
+    def recv(self, msg: Message) -> torch.Tensor:
+        if msg.src_rank == self.rank:
+            if msg not in self.local:
+                raise RuntimeConfigError(f"rank {self.rank}: {msg} was not produced before it was needed; "
+                                         "the schedule runs a consumer before its producer.")
+            return self.local.pop(msg)
+        self.prefetch([msg])
+        work, buf = self.posted.pop(msg)
+        self._wait(work, buf, msg)
+        return buf
+
+    def finish(self) -> None:
+        while self.pending_sends:
+            self._wait(*self.pending_sends.popleft())
+        left = [m for m in self.posted] + list(self.local)
+        left += [q[i] for src, q in self.incoming.items() for i in range(self.next_post[src], len(q))]
+        self.posted.clear()
+        self.local.clear()
+        if left:
+            raise RuntimeConfigError(f"rank {self.rank}: {len(left)} message(s) were never received, e.g. {left[0]}.")
+
+    def _wait(self, work: dist.Work, tensor: torch.Tensor, msg: Message) -> None:
+        peer = msg.dst_rank if msg.src_rank == self.rank else msg.src_rank
+        verb = "sending" if msg.src_rank == self.rank else "receiving"
+        try:
+            work.wait(self.timeout)
+        except Exception as err:
+            raise RuntimeConfigError(
+                f"rank {self.rank}: {verb} {msg} failed: rank {peer} did not answer within "
+                f"{self.timeout.total_seconds():.0f} s or has died ({str(err).splitlines()[0] if str(err) else err!r}). "
+                f"Check the log of rank {peer}.") from err

@@ -1,0 +1,84 @@
+"""Helpers for the runtime tests: reference gradients and multi-process gloo runs with timeouts."""
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import socket
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+from partitioner import zoo
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build(name: str, batch: int = 4, seq: int = 8, seed: int = 0) -> zoo.ZooModel:
+    """A small zoo model with a batch big enough to split into microbatches."""
+    return zoo.build(name, small=True, batch=batch, seq=seq, seed=seed)
+
+
+def reference(zm: zoo.ZooModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and gradients (by FQN, each tied parameter once) of the unpartitioned model."""
+    model = copy.deepcopy(zm.model)
+    loss = zm.loss_fn(model(*zm.example_args, **zm.example_kwargs), zm.target)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.detach().cpu() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
+def grad_errors(pm, ref_grads: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Relative error of every gradient of the ParallelModel's (local) parameters."""
+    out = {}
+    for name, p in pm.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        out[name] = max_rel_err(p.grad, ref_grads[name])
+    return out
+
+
+def run_workers(fn: Callable[[int, int, Any], Any], world_size: int, arg: Any = None,
+                timeout_s: float = 150.0) -> list[Any]:
+    """Run fn(rank, world_size, arg) in world_size spawned processes (torchrun's environment variables
+    set, gloo rendezvous on a free port); return each rank's result. Raises on error or timeout."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(_worker, args=(fn, world_size, arg, port, tmp), nprocs=world_size,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{world_size} workers did not finish within {timeout_s} s")
+        finally:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+        results = []
+        for rank in range(world_size):  # None for a rank that exited without a result
+            path = os.path.join(tmp, f"{rank}.pkl")
+            with open(path, "rb") if os.path.exists(path) else open(os.devnull, "rb") as f:
+                results.append(pickle.load(f) if f.name == path else None)
+        return results
+
+
+def _worker(rank: int, fn, world_size: int, arg, port: int, tmp: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = fn(rank, world_size, arg)
+    with open(os.path.join(tmp, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()

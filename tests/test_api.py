@@ -1,0 +1,189 @@
+"""partitioner/api.py: compile_parallel in one process and under torchrun-style gloo processes.
+
+Loss, gradients, parameters after an optimizer step, state dicts and outputs equal the
+unpartitioned model's; wrong set-ups and inputs raise RuntimeConfigError.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from dist_utils import build, grad_errors, max_rel_err, reference, run_workers
+from test_executor import random_plan
+
+from partitioner.api import compile_parallel
+from partitioner.errors import RuntimeConfigError
+from passes.capture import capture
+from passes.split import even_plan
+
+
+def compile_zoo(zm, ranks=2, devices=None, **kw):
+    kw.setdefault("microbatches", 4)
+    return compile_parallel(copy.deepcopy(zm.model), devices or ["cpu"] * ranks, zm.example_args, zm.loss_fn,
+                            example_kwargs=zm.example_kwargs, **kw)
+
+
+def train_reference(zm, steps=2):
+    """The unpartitioned model after `steps` SGD steps, and the loss of each step. (SGD, not Adam:
+    Adam turns gradients that are zero up to rounding, e.g. of attention key biases, into full steps.)"""
+    model = copy.deepcopy(zm.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        loss = zm.loss_fn(model(*zm.example_args, **zm.example_kwargs), zm.target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return model, losses
+
+
+def train_parallel(pm, zm, steps=2):
+    opt = torch.optim.SGD(pm.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        losses.append(pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs))
+        opt.step()
+        pm.zero_grad()
+    return losses
+
+
+def param_errors(pm, model) -> dict[str, float]:
+    want = dict(model.named_parameters())
+    return {n: max_rel_err(p, want[n].detach()) for n, p in pm.named_parameters()}
+
+
+def test_optimizer_steps_state_dict_and_forward_match_the_model():
+    zm = build("gpt2")
+    # "cpu:0" and "cpu:1" count as two devices: the tied embedding gets a replica per device
+    captured = capture(zm.model, tuple(x[:1] for x in zm.example_args))
+    pm = compile_zoo(zm, devices=["cpu:0", "cpu:1"], plan=even_plan(captured, 2, microbatches=4))
+    assert pm.plan.num_ranks == 2 and len(pm.stages) == 2
+    assert [len(c) for c in pm.store.replicas.values() if len(c) > 1] == [2]
+    model, ref_losses = train_reference(zm)
+    losses = train_parallel(pm, zm)
+    for got, want in zip(losses, ref_losses):
+        assert max_rel_err(got, want) < 1e-5
+    assert max(param_errors(pm, model).values()) < 1e-5
+    # every parameter once, tied weight included, under the original FQNs
+    assert sorted(n for n, _ in pm.named_parameters()) == sorted(n for n, _ in model.named_parameters())
+
+    full = pm.full_state_dict()
+    assert set(full) == set(zm.model.state_dict())
+    fresh = copy.deepcopy(zm.model)
+    fresh.load_state_dict(full, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(*zm.example_args).logits, fresh(*zm.example_args).logits)
+        torch.testing.assert_close(pm(*zm.example_args).logits, model(*zm.example_args).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+    pm.load_state_dict(zm.model.state_dict())  # back to the initial weights
+    assert max(param_errors(pm, zm.model).values()) == 0
+
+
+@pytest.mark.parametrize("chunks,schedule", [(1, "1f1b"), (2, "interleaved-1f1b")])
+def test_default_plan_trains_t5_exactly(chunks, schedule):
+    zm = build("t5-base")
+    ref_loss, ref_grads = reference(zm)
+    pm = compile_zoo(zm, chunks=chunks, schedule=schedule)
+    loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
+    assert max_rel_err(loss, ref_loss) < 1e-5
+    assert max(grad_errors(pm, ref_grads).values()) < 1e-5
+
+
+def test_bad_inputs_raise():
+    zm = build("mlp")
+    with pytest.raises(RuntimeConfigError, match="cannot be split into 3 equal microbatches"):
+        compile_zoo(zm, microbatches=3)
+    pm = compile_zoo(zm)
+    x, = zm.example_args
+    with pytest.raises(RuntimeConfigError, match=r"input 0 is \(8, .*example inputs had \(4,"):
+        pm.train_step(torch.cat([x, x]), target=zm.target)
+    with pytest.raises(RuntimeConfigError, match="target has batch size 5"):
+        pm.train_step(x, target=zm.target[:5].repeat(2)[:5])
+    with pytest.raises(RuntimeConfigError, match="structure"):
+        pm.train_step(x, x, target=zm.target)
+    plan = random_plan(zm, 4, 3, 1, "1f1b", seed=0)
+    with pytest.raises(RuntimeConfigError, match="plan is for 3 ranks but 2 devices"):
+        compile_zoo(zm, plan=plan)
+
+
+# ---------------------------------------------------------------------- several processes (gloo)
+
+
+def _worker(rank: int, world: int, cases: list[tuple]) -> dict:
+    out: dict = {}
+    refs: dict = {}
+    for case in cases:
+        kind, name = case[0], case[1]
+        zm = build(name)
+        try:
+            if kind == "devices":  # more devices than processes
+                compile_zoo(zm, ranks=world + 1)
+            elif kind == "args":  # rank 1 asks for other microbatches than rank 0
+                compile_zoo(zm, ranks=world, microbatches=4 if rank == 0 else 2)
+            else:
+                schedule, chunks, random_cuts = case[2], case[3], case[4]
+                plan = random_plan(zm, 4, world, chunks, schedule, seed=7) if random_cuts else None
+                pm = compile_zoo(zm, ranks=world, schedule=schedule, chunks=chunks, plan=plan, timeout_s=60)
+                if name not in refs:
+                    refs[name] = reference(zm), train_reference(zm)
+                (ref_loss, ref_grads), (model, ref_losses) = refs[name]
+                loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
+                result = {"loss": max_rel_err(loss, ref_loss), "grads": max(grad_errors(pm, ref_grads).values()),
+                          "local": sorted(n for n, _ in pm.named_parameters())}
+                pm.zero_grad()
+                losses = train_parallel(pm, zm)
+                result["step_losses"] = max(max_rel_err(a, b) for a, b in zip(losses, ref_losses))
+                result["params"] = max(param_errors(pm, model).values())
+                full = pm.full_state_dict()
+                if rank == 0:
+                    fresh = copy.deepcopy(zm.model)
+                    fresh.load_state_dict(full, strict=True)
+                    result["full_state"] = max(max_rel_err(fresh.get_parameter(n), p.detach())
+                                               for n, p in model.named_parameters())
+                with torch.no_grad():
+                    y = pm(*zm.example_args, **zm.example_kwargs)
+                    if y is not None:
+                        want = model(*zm.example_args, **zm.example_kwargs)
+                        result["forward"] = max_rel_err(y if isinstance(y, torch.Tensor) else y.logits,
+                                                        want if isinstance(want, torch.Tensor) else want.logits)
+                out[case] = result
+        except RuntimeConfigError as err:
+            out[case] = str(err)
+    return out
+
+
+def _check(results: list[dict], case: tuple, world: int) -> None:
+    locals_ = []
+    for rank, res in enumerate(results):
+        r = res[case]
+        assert isinstance(r, dict), (rank, r)
+        assert r["loss"] < 1e-5 and r["grads"] < 1e-5 and r["step_losses"] < 1e-5 and r["params"] < 1e-5, r
+        locals_.append(set(r["local"]))
+    assert results[0][case]["full_state"] < 1e-5
+    assert "forward" in results[world - 1][case] and results[world - 1][case]["forward"] < 1e-5
+    assert set().union(*locals_) == set(dict(build(case[1]).model.named_parameters()))
+
+
+def test_two_processes():
+    cases = [("devices", "mlp", "before init"), ("train", "gpt2", "1f1b", 1, False),
+             ("train", "t5-base", "interleaved-1f1b", 2, True),
+             ("args", "mlp"), ("devices", "mlp", "after init")]
+    results = run_workers(_worker, 2, cases, timeout_s=240)
+    for case in cases[1:3]:
+        _check(results, case, 2)
+    for rank in range(2):
+        assert "torchrun started 2 processes but 3 devices" in results[rank][cases[0]]
+        assert "differ across ranks" in results[rank][cases[3]]
+        assert "world has 2 processes but 3 devices" in results[rank][cases[4]]
+
+
+def test_four_processes():
+    cases = [("train", "gpt2", "interleaved-1f1b", 2, True)]
+    results = run_workers(_worker, 4, cases, timeout_s=240)
+    for case in cases:
+        _check(results, case, 4)
+    holders = [r for r, res in enumerate(results) if "transformer.wte.weight" in res[cases[0]]["local"]]
+    assert len(holders) > 1  # the tied embedding is replicated: its gradient was all-reduced

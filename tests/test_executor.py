@@ -1,0 +1,134 @@
+"""runtime/executor.py: in one process, loss and every gradient equal the unpartitioned model's
+for every model, schedule and (random) plan."""
+from __future__ import annotations
+
+import copy
+import random
+import zlib
+
+import pytest
+import torch
+import torch.nn as nn
+from dist_utils import build, grad_errors, max_rel_err, reference
+
+from partitioner.api import compile_parallel
+from passes.capture import capture
+from passes.split import plan_from_cuts, valid_cuts
+from runtime.executor import in_process_order
+from runtime.schedules import dependencies, make_schedule
+
+SCHEDULES = [("gpipe", 2, 1), ("1f1b", 2, 1), ("interleaved-1f1b", 2, 2)]
+
+
+@pytest.mark.parametrize("name,ranks,chunks", [("1f1b", 3, 1), ("gpipe", 2, 3), ("interleaved-1f1b", 2, 2)])
+def test_in_process_order_runs_dependencies_first(name, ranks, chunks):
+    schedule = make_schedule(name, ranks, 4, chunks)
+    order = in_process_order(schedule)
+    assert sorted(map(str, order)) == sorted(str(a) for row in schedule.actions for a in row)
+    seen = set()
+    for a in order:
+        assert all(d in seen for d in dependencies(schedule, a)), a
+        seen.add(a)
+    for row in schedule.actions:  # every rank's own order is kept
+        assert [a for a in order if a in set(row)] == list(row)
+
+
+def random_plan(zm, microbatches, ranks, chunks, schedule, seed):
+    """A plan cutting the microbatch-sized graph at random places where tensors cross."""
+    mb = [x[: x.shape[0] // microbatches] for x in zm.example_args]
+    mb_kwargs = {k: v[: v.shape[0] // microbatches] for k, v in zm.example_kwargs.items()}
+    captured = capture(zm.model, tuple(mb), mb_kwargs)
+    cuts = sorted(random.Random(seed).sample(valid_cuts(captured), ranks * chunks - 1))
+    return plan_from_cuts(captured, cuts, ranks, chunks, schedule, microbatches)
+
+
+def check_equivalent(zm, schedule, ranks, chunks, seed, microbatches=4):
+    ref_loss, ref_grads = reference(zm)
+    plan = random_plan(zm, microbatches, ranks, chunks, schedule, seed)
+    pm = compile_parallel(copy.deepcopy(zm.model), ["cpu"] * ranks, zm.example_args, zm.loss_fn,
+                          example_kwargs=zm.example_kwargs, microbatches=microbatches, schedule=schedule,
+                          plan=plan)
+    loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
+    assert max_rel_err(loss, ref_loss) < 1e-5
+    errors = grad_errors(pm, ref_grads)
+    assert set(errors) == set(ref_grads)
+    assert max(errors.values()) < 1e-5, max(errors.items(), key=lambda kv: kv[1])
+    return pm, ref_grads
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "gpt2", "t5-base"])
+@pytest.mark.parametrize("schedule,ranks,chunks", SCHEDULES)
+def test_loss_and_gradients_equal_the_unpartitioned_model(model, schedule, ranks, chunks):
+    check_equivalent(build(model), schedule, ranks, chunks, seed=zlib.crc32(f"{model}{schedule}{ranks}".encode()))
+
+
+def test_looped_gpipe_with_a_tied_weight_across_six_stages():
+    check_equivalent(build("gpt2"), "gpipe", 3, 2, seed=5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_eight_stage_plans_of_t5(seed):
+    """Encoder output read by many decoder stages, decoder inputs read by later stages."""
+    pm, _ = check_equivalent(build("t5-base"), "interleaved-1f1b", 4, 2, seed=seed)
+    assert max(len(c) for st in pm.stages for c in st.output_consumers.values()) > 1
+
+
+def test_gradients_accumulate_across_steps():
+    zm = build("gpt2")
+    pm, ref_grads = check_equivalent(zm, "1f1b", 2, 1, seed=3)
+    pm.train_step(*zm.example_args, target=zm.target)
+    errors = grad_errors(pm, {n: 2 * g for n, g in ref_grads.items()})
+    assert max(errors.values()) < 1e-5
+    pm.zero_grad()
+    assert all(p.grad is None for p in pm.parameters())
+
+
+class SkipInPlace(nn.Module):
+    """A skip connection across stages, an in-place op on a received value, an integer output."""
+
+    def __init__(self):
+        super().__init__()
+        self.l0, self.l1, self.l2 = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.l0(x)
+        top = h.argmax(-1)
+        y = self.act(self.l1(self.act(h * 1.0)))
+        return {"out": self.l2(y) + h, "top": top}
+
+
+def skip_loss(output, target):
+    return nn.functional.mse_loss(output["out"], target)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_skip_connections_in_place_ops_and_integer_values(seed):
+    torch.manual_seed(seed)
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+    zm = type("ZM", (), dict(model=SkipInPlace(), example_args=(x,), example_kwargs={}, target=y,
+                             loss_fn=staticmethod(skip_loss)))
+    pm, _ = check_equivalent(zm, "1f1b", 3, 1, seed=seed)
+    out = pm(x)
+    torch.testing.assert_close(out["out"], zm.model(x)["out"])
+    assert torch.equal(out["top"], zm.model(x)["top"])
+
+
+def test_frozen_parameters_send_no_gradients():
+    zm = build("mlp")
+    for p in zm.model.layers[0].parameters():
+        p.requires_grad_(False)
+    ref_loss, ref_grads = reference(zm)
+    captured = capture(zm.model, (zm.example_args[0][:1],))
+    plan = plan_from_cuts(captured, [2], 2)  # stage 0: the frozen layer and its activation
+    pm = compile_parallel(copy.deepcopy(zm.model), ["cpu"] * 2, zm.example_args, zm.loss_fn, microbatches=4,
+                          plan=plan)
+    first = pm.stages[0]
+    assert first.outputs and not any(first.value_meta[v].requires_grad for v in first.outputs)
+    assert not pm.executor.train_comm.sends[pm.schedule.actions[1][1]]  # 1B0 sends nothing back
+    pm.train_step(*zm.example_args, target=zm.target)
+    for name, p in pm.named_parameters():
+        if name.startswith("layers.0."):
+            assert p.grad is None and not p.requires_grad
+        else:
+            assert max_rel_err(p.grad, ref_grads[name]) < 1e-5

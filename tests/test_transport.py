@@ -1,0 +1,81 @@
+"""runtime/transport.py: in-process mailbox; gloo P2P in the sender's order, dead peers named."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from dist_utils import run_workers
+
+from partitioner.errors import RuntimeConfigError
+from runtime.comm_plan import CommPlan, Message
+from runtime.transport import DistTransport, InProcessTransport
+
+
+def msg(i: int, src: int, dst: int, shape=(2, 3), dtype=torch.float32, kind="act") -> Message:
+    return Message(kind, f"v{i}", src, dst, 0, src, dst, shape, dtype)
+
+
+def test_in_process_transport_detaches_and_checks_delivery():
+    t = InProcessTransport({0: torch.device("cpu"), 1: torch.device("cpu")})
+    x = torch.randn(2, 3, requires_grad=True) * 2
+    t.send(msg(0, 0, 1), x)
+    got = t.recv(msg(0, 0, 1))
+    assert got.grad_fn is None and not got.requires_grad and torch.equal(got, x)
+    with pytest.raises(RuntimeConfigError, match="not sent"):
+        t.recv(msg(1, 0, 1))
+    t.send(msg(2, 0, 1), x)
+    with pytest.raises(RuntimeConfigError, match="never received"):
+        t.finish()
+
+
+def _channels():
+    """Rank 0 -> 1: five tensors of different shapes/dtypes; 1 -> 0: two; and one local message."""
+    forward = [msg(i, 0, 1, shape=(i + 1, 2), dtype=torch.float32 if i % 2 else torch.int64) for i in range(5)]
+    backward = [msg(10 + i, 1, 0, shape=(3,), kind="grad") for i in range(2)]
+    return CommPlan(channels={(0, 1): forward, (1, 0): backward}), forward, backward
+
+
+def _value(m: Message) -> torch.Tensor:
+    return torch.full(m.shape, int(m.value[1:]), dtype=m.dtype)
+
+
+def _exchange_then_die(rank: int, world: int, arg) -> tuple[list[bool], str]:
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    comm, forward, backward = _channels()
+    t = DistTransport(rank, torch.device("cpu"), list(comm.channels), timeout_s=10)
+    t.begin(comm)
+    ok = []
+    if rank == 0:
+        for m in forward:
+            t.send(m, _value(m))
+        local = msg(99, 0, 0)
+        t.send(local, _value(local))
+        t.prefetch(backward)
+        ok += [torch.equal(t.recv(m), _value(m)) for m in reversed(backward)]
+        ok.append(torch.equal(t.recv(local), _value(local)))
+    else:
+        for m in backward:
+            t.send(m, _value(m))
+        # wait in another order than the sender's: receives are still posted in its order
+        ok += [torch.equal(t.recv(m), _value(m)) for m in [forward[3], forward[0], forward[4], forward[1], forward[2]]]
+    t.finish()
+    # second round: rank 1 dies without sending; rank 0 must name it instead of hanging
+    t.begin(comm)
+    if rank == 1:
+        dist.barrier()
+        os._exit(0 if ok == [True] * 5 else 3)  # a wrong receive fails the run through the exit code
+    dist.barrier()
+    try:
+        t.recv(backward[0])
+    except RuntimeConfigError as err:
+        return ok, str(err)
+    return ok, "no error"
+
+
+def test_dist_transport_matches_messages_in_the_senders_order_and_names_dead_peers():
+    results = run_workers(_exchange_then_die, 2, timeout_s=90)
+    ok, error = results[0]
+    assert ok == [True] * 3 and results[1] is None
+    assert "rank 1" in error and "failed" in error, error
