@@ -1,0 +1,85 @@
+"""GPU runs: several stages in one process on one GPU, and NCCL across GPUs (one process each).
+
+Skipped without CUDA. Loss and every gradient must equal the unpartitioned model's on the
+same device (fp32, relative error < 1e-5), as on CPU.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from dist_utils import build, grad_errors, max_rel_err, run_workers
+from test_executor import random_plan
+
+from partitioner.api import compile_parallel
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _exact_fp32() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would make both sides differ by ~1e-3
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _to(zm, device):
+    zm = copy.copy(zm)
+    mv = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    zm.model = copy.deepcopy(zm.model).to(device)
+    zm.example_args = tuple(mv(x) for x in zm.example_args)
+    zm.example_kwargs = {k: mv(v) for k, v in zm.example_kwargs.items()}
+    zm.target = mv(zm.target)
+    return zm
+
+
+def _reference(zm):
+    model = copy.deepcopy(zm.model)
+    loss = zm.loss_fn(model(*zm.example_args, **zm.example_kwargs), zm.target)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _train_and_compare(zm, devices, schedule, chunks, plan_seed) -> dict:
+    plan = random_plan(zm, 4, len(devices), chunks, schedule, seed=plan_seed)
+    pm = compile_parallel(copy.deepcopy(zm.model), devices, zm.example_args, zm.loss_fn,
+                          example_kwargs=zm.example_kwargs, microbatches=4, schedule=schedule, plan=plan,
+                          timeout_s=120)
+    ref_loss, ref_grads = _reference(zm)
+    loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
+    errors = grad_errors(pm, {n: g.cpu() for n, g in ref_grads.items()})
+    return {"loss": max_rel_err(loss, ref_loss.cpu()), "grads": max(errors.values()),
+            "local": sorted(errors)}
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "gpt2", "t5-base", "llama-1b"])
+@pytest.mark.parametrize("schedule,ranks,chunks", [("gpipe", 2, 1), ("1f1b", 4, 1), ("interleaved-1f1b", 2, 2)])
+def test_stages_in_one_process_on_one_gpu(model, schedule, ranks, chunks):
+    _exact_fp32()
+    zm = _to(build(model), "cuda:0")
+    r = _train_and_compare(zm, ["cuda:0"] * ranks, schedule, chunks, plan_seed=3)
+    assert r["loss"] < 1e-5 and r["grads"] < 1e-5, r
+
+
+def _nccl_worker(rank: int, world: int, cases: list[tuple]) -> dict:
+    _exact_fp32()
+    out = {}
+    for name, schedule, chunks in cases:
+        zm = _to(build(name), f"cuda:{rank}")
+        out[(name, schedule, chunks)] = _train_and_compare(zm, [f"cuda:{r}" for r in range(world)],
+                                                           schedule, chunks, plan_seed=5)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_nccl_one_process_per_gpu(world):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    cases = [("gpt2", "1f1b", 1), ("t5-base", "interleaved-1f1b", 2), ("cnn", "gpipe", 1)]
+    results = run_workers(_nccl_worker, world, cases, timeout_s=300)
+    for case in cases:
+        for rank, res in enumerate(results):
+            r = res[case]
+            assert r["loss"] < 1e-5 and r["grads"] < 1e-5, (case, rank, r)
+        ref = dict(build(case[0]).model.named_parameters())
+        assert set().union(*(set(res[case]["local"]) for res in results)) == set(ref)
