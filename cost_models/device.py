@@ -32,7 +32,18 @@ class DeviceSpec:
     mem_bytes: device memory capacity.
     intra_node_bw_bytes_per_s: point-to-point bandwidth to a GPU of the same host (NVLink/PCIe).
     inter_node_bw_bytes_per_s: bandwidth to another host (InfiniBand/Ethernet), per GPU.
-    kernel_overhead_s: fixed cost of launching one kernel (eager PyTorch dispatch included).
+    kernel_overhead_s: fixed GPU-side cost of one kernel (launch gap, tail of a small kernel).
+    matmul_efficiency: achieved fraction of peak_flops by large dense matmuls (cuBLAS).
+    attention_efficiency: achieved fraction of peak_flops by fused attention (flash /
+        memory-efficient SDPA), relative to FlopCounterMode's (non-causal) count.
+    misaligned_matmul_efficiency: fraction of peak reached by a 16-bit matmul one of whose
+        tensors has an innermost dimension that is not a multiple of 16 bytes (e.g. GPT-2's
+        vocabulary of 50257): cuBLAS falls back to unaligned (align1) tensor-core kernels.
+    mem_bw_efficiency: achieved fraction of mem_bw_bytes_per_s by large elementwise kernels.
+    cpu_fwd_overhead_s / cpu_bwd_overhead_s: host time eager PyTorch spends dispatching one
+        graph node's forward (views included) / running its autograd node in backward. A GPU
+        runs asynchronously, so a node takes max(GPU time, host time); 0 on the CPU itself,
+        where that time is in kernel_overhead_s.
     """
 
     name: str
@@ -43,6 +54,12 @@ class DeviceSpec:
     inter_node_bw_bytes_per_s: float
     kernel_overhead_s: float = 5e-6
     notes: str = field(default="", compare=False)
+    matmul_efficiency: float = 1.0
+    attention_efficiency: float = 1.0
+    misaligned_matmul_efficiency: float = 1.0
+    mem_bw_efficiency: float = 1.0
+    cpu_fwd_overhead_s: float = 0.0
+    cpu_bwd_overhead_s: float = 0.0
 
     def flops_per_s(self, dtype: torch.dtype | str, *, tf32: bool = False) -> float:
         """Peak FLOP/s for matmuls in `dtype`; fp32 uses the TF32 rate when `tf32` is on."""
@@ -70,10 +87,25 @@ class DeviceSpec:
         return spec
 
 
+# Achieved fractions of the datasheet peaks and eager-mode overheads, measured on one H200
+# (torch 2.11, CUDA 13, TF32 off as torch defaults) with
+#     python -m benchmarks.cost_model_accuracy --per-node --profile --calibrate
+# (its "calib" rows): nn.functional.linear fwd+bwd of (M, K, N) from (1024, 768, 768) to
+# (16384, 4096, 4096): fp32 46-52 of 67 TFLOP/s, bf16 570-770 of 989 (big shapes; 0.72);
+# with N = 50257, bf16 95-145 TFLOP/s (0.12); SDPA flash fwd+bwd bf16 270-500 TFLOP/s of the
+# non-causal count (0.40), fp32 28-55 of 67; copy/add of 256 MiB-1 GiB 4.2 of 4.8 TB/s (0.87).
+# Host overheads: one tiny eager op with autograd 12.5 us forward, a chain of them 35 us
+# forward+backward per op. They are properties of the host CPU and PyTorch's eager dispatch,
+# not of the GPU: the same values are assumed for every GPU below (H100/A100/L4 use the H200's
+# fractions; re-measure there and write a JSON spec when it matters).
+GPU_EFFICIENCY = dict(matmul_efficiency=0.72, attention_efficiency=0.40, misaligned_matmul_efficiency=0.12,
+                      mem_bw_efficiency=0.87, cpu_fwd_overhead_s=14e-6, cpu_bwd_overhead_s=24e-6)
+
+
 def _gpu(name: str, fp32: float, tf32: float, bf16: float, mem_bw: float, mem: int, intra: float,
          inter: float, notes: str) -> DeviceSpec:
     return DeviceSpec(name, {"float32": fp32, "tf32": tf32, "bfloat16": bf16, "float16": bf16},
-                      mem_bw, mem, intra, inter, 5e-6, notes)
+                      mem_bw, mem, intra, inter, 3e-6, notes, **GPU_EFFICIENCY)
 
 
 T = 1e12

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx
+from torch.utils import _pytree as pytree
 
 from cost_models.device import DeviceSpec, get_device_spec
 from cost_models.flops import NodeTrace, trace_nodes
@@ -141,7 +142,7 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
         param_bytes_by_node[name] = sum(value_bytes(traces[a.name].output, scale) for a in node.all_input_nodes
                                         if a.op == "get_attr")
 
-    times = {name: _analytic(t, spec, scale) for name, t in traces.items()}
+    times = {name: _analytic(t, spec, scale, graph_nodes[name]) for name, t in traces.items()}
     if measure:
         times = _measured_times(gm, traces, times, annotated, example_inputs, measure_groups, progress)
 
@@ -156,12 +157,34 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
                      time_source="measured" if measure else "analytic")
 
 
-def _analytic(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale) -> NodeTime:
+_ATTENTION_TARGETS = {torch.ops.aten.scaled_dot_product_attention.default,
+                      torch.ops.aten._scaled_dot_product_flash_attention.default,
+                      torch.ops.aten._scaled_dot_product_efficient_attention.default}
+
+
+def flops_efficiency(node: torch.fx.Node, spec: DeviceSpec, dtype: torch.dtype) -> float:
+    """Achieved fraction of peak FLOP/s for `node`: fused attention, a 16-bit matmul over a
+    tensor whose innermost dimension is not 16-byte aligned (tensor cores fall back to slow
+    kernels), or a plain matmul (DeviceSpec's efficiencies)."""
+    if node.target in _ATTENTION_TARGETS:
+        return spec.attention_efficiency
+    if dtype.itemsize < 4:
+        vals = [a.meta.get("val") for a in node.all_input_nodes] + [node.meta.get("val")]
+        for t in pytree.tree_leaves(vals):
+            if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2
+                    and (t.shape[-1] * dtype.itemsize) % 16):
+                return spec.misaligned_matmul_efficiency
+    return spec.matmul_efficiency
+
+
+def _analytic(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale, node: torch.fx.Node) -> NodeTime:
     if trace.op not in ("call_function", "call_module", "call_method"):
         return NodeTime(0.0, 0.0)
     moved = sum(scale.nbytes(n, dt) for n, dt in trace.input_sizes) + value_bytes(trace.output, scale)
+    eff = flops_efficiency(node, spec, scale.to_dtype) if trace.fwd_flops else spec.matmul_efficiency
     return analytic_node_time(trace.fwd_flops, trace.bwd_flops, moved, trace.fwd_kernels, trace.bwd_kernels,
-                              spec, scale.to_dtype)
+                              spec, scale.to_dtype, flops_efficiency=eff, dispatched=True,
+                              has_backward=trace.requires_grad)
 
 
 def _measured_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], analytic: dict[str, NodeTime],

@@ -1,24 +1,31 @@
 """Time of every node: an analytic roofline, or measured on the real device.
 
-Analytic (roofline): a node's forward takes
-    max(flops / peak_flops[dtype], bytes_moved / mem_bw) + kernels x kernel_overhead
-with bytes_moved = its distinct inputs (parameters included) + its outputs. Its
-backward uses the backward FLOPs and twice the forward bytes (it reads the
-saved inputs and the output gradient and writes the input gradients). Views,
-getitem and get_attr launch no kernel and cost 0.
+Analytic: a node's forward takes
+    max(GPU time, host time)
+    GPU time  = max(flops / (peak_flops[dtype] x efficiency), bytes_moved / (mem_bw x mem_bw_efficiency))
+                + kernels x kernel_overhead
+    host time = cpu_fwd_overhead (eager dispatch of one node, views included)
+with bytes_moved = its distinct inputs (parameters included) + its outputs, and the
+efficiency that of a matmul, of fused attention or of a misaligned 16-bit matmul
+(DeviceSpec). The GPU runs asynchronously, so whichever of the two is longer sets the
+pace. Its backward uses the backward FLOPs, twice the forward bytes (it reads the
+saved inputs and the output gradient and writes the input gradients) and
+cpu_bwd_overhead when the node has an autograd node. On the CPU device the host
+overheads are 0 and kernel_overhead holds the per-op cost.
 
 Measured: `measure_block_times` cuts each group of nodes (a block) out as its own
 GraphModule, feeds it real tensors of the captured shapes and times forward and
-backward (CUDA events on GPU, perf_counter on CPU; warm-up, then the median of
-repeats). Results are cached on disk, keyed by the block's code, shapes, dtypes
-and device, in $PARTITIONER_CACHE or ~/.cache/partitioner/.
+backward back to back, as a training step runs them (CUDA events on GPU,
+perf_counter on CPU; warm-up, then repeats without synchronising between them,
+so host dispatch overlaps GPU work as in the real step). Results are cached on
+disk, keyed by the block's code, shapes, dtypes and device, in
+$PARTITIONER_CACHE or ~/.cache/partitioner/.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,25 +48,42 @@ class NodeTime:
 
 
 def roofline_time_s(flops: float, bytes_moved: float, kernels: int, spec: DeviceSpec,
-                    dtype: torch.dtype | str = torch.float32) -> float:
-    """max(compute time, memory time) + launch overhead; 0 when nothing is launched."""
+                    dtype: torch.dtype | str = torch.float32, *, flops_efficiency: float | None = None) -> float:
+    """GPU time: max(compute time, memory time) + launch overhead; 0 when nothing is launched.
+
+    flops_efficiency: achieved fraction of the peak (default spec.matmul_efficiency).
+    """
     if kernels <= 0 and flops <= 0:
         return 0.0
-    compute = flops / spec.flops_per_s(dtype)
-    memory = bytes_moved / spec.mem_bw_bytes_per_s
+    eff = spec.matmul_efficiency if flops_efficiency is None else flops_efficiency
+    compute = flops / (spec.flops_per_s(dtype) * eff)
+    memory = bytes_moved / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency)
     return max(compute, memory) + kernels * spec.kernel_overhead_s
 
 
 def is_compute_bound(flops: float, bytes_moved: float, spec: DeviceSpec, dtype: torch.dtype | str = torch.float32) -> bool:
     """True when the roofline's compute term exceeds its memory term (arithmetic intensity above the ridge)."""
-    return flops / spec.flops_per_s(dtype) > bytes_moved / spec.mem_bw_bytes_per_s
+    return (flops / (spec.flops_per_s(dtype) * spec.matmul_efficiency)
+            > bytes_moved / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency))
 
 
 def analytic_node_time(fwd_flops: float, bwd_flops: float, fwd_bytes: float, fwd_kernels: int,
-                       bwd_kernels: int, spec: DeviceSpec, dtype: torch.dtype | str = torch.float32) -> NodeTime:
-    """Roofline forward and backward time of one node (backward moves ~2x the forward bytes)."""
-    fwd = roofline_time_s(fwd_flops, fwd_bytes, fwd_kernels, spec, dtype)
-    bwd = roofline_time_s(bwd_flops, 2 * fwd_bytes, bwd_kernels, spec, dtype) if bwd_kernels or bwd_flops else 0.0
+                       bwd_kernels: int, spec: DeviceSpec, dtype: torch.dtype | str = torch.float32, *,
+                       flops_efficiency: float | None = None, dispatched: bool = False,
+                       has_backward: bool = False) -> NodeTime:
+    """Forward and backward time of one node (backward moves ~2x the forward bytes).
+
+    dispatched: the node is an eager op call (pays spec.cpu_fwd_overhead_s even when it
+        launches nothing, e.g. a view); has_backward: it records an autograd node
+        (pays spec.cpu_bwd_overhead_s). Each pass takes max(GPU time, host time).
+    """
+    fwd = roofline_time_s(fwd_flops, fwd_bytes, fwd_kernels, spec, dtype, flops_efficiency=flops_efficiency)
+    bwd = (roofline_time_s(bwd_flops, 2 * fwd_bytes, bwd_kernels, spec, dtype, flops_efficiency=flops_efficiency)
+           if bwd_kernels or bwd_flops else 0.0)
+    if dispatched:
+        fwd = max(fwd, spec.cpu_fwd_overhead_s)
+    if has_backward:
+        bwd = max(bwd, spec.cpu_bwd_overhead_s)
     return NodeTime(fwd, bwd)
 
 
@@ -153,35 +177,47 @@ def _sync(device: torch.device) -> None:
 
 def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[torch.Tensor],
                  warmup: int = 2, repeats: int = 5) -> NodeTime:
-    """Median forward and backward seconds of `fn()` (backward w.r.t. `grad_inputs`)."""
-    fwd_times, bwd_times = [], []
-    for i in range(warmup + repeats):
-        _sync(device)
-        if device.type == "cuda":
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-            events[0].record()
-        t0 = time.perf_counter()
-        out = fn()
-        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-        if device.type == "cuda":
-            events[1].record()
-        _sync(device)
-        t1 = time.perf_counter()
+    """Forward and backward seconds of `fn()` (backward w.r.t. `grad_inputs`), per call.
+
+    Runs `repeats` forwards back to back, then `repeats` forward+backward passes,
+    synchronising only around each loop: as in a training step, the host queues the
+    next op while the GPU works, so a block costs max(host, GPU) time and not their
+    sum plus a synchronisation. backward = (forward+backward) - forward.
+    """
+    def outputs(out: Any) -> list[torch.Tensor]:
+        return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    grads: list[torch.Tensor] | None = None
+    for _ in range(max(1, warmup)):
+        outs = outputs(fn())
+        grads = [torch.ones_like(t) for t in outs]
         if outs and grad_inputs:
-            torch.autograd.grad(outs, grad_inputs, [torch.ones_like(t) for t in outs], allow_unused=True)
-        if device.type == "cuda":
-            events[2].record()
+            torch.autograd.grad(outs, grad_inputs, grads, allow_unused=True)
+        del outs
+    backward = bool(grads) and bool(grad_inputs)
+
+    def loop(with_backward: bool) -> float:
         _sync(device)
-        t2 = time.perf_counter()
-        if i >= warmup:
-            if device.type == "cuda":
-                fwd_times.append(events[0].elapsed_time(events[1]) / 1e3)
-                bwd_times.append(events[1].elapsed_time(events[2]) / 1e3 if outs and grad_inputs else 0.0)
-            else:
-                fwd_times.append(t1 - t0)
-                bwd_times.append(t2 - t1 if outs and grad_inputs else 0.0)
-        del out, outs
-    return NodeTime(statistics.median(fwd_times), statistics.median(bwd_times))
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            outs = outputs(fn())
+            if with_backward:
+                torch.autograd.grad(outs, grad_inputs, grads, allow_unused=True)
+            del outs
+        if device.type == "cuda":
+            end.record()
+        _sync(device)
+        elapsed = start.elapsed_time(end) / 1e3 if device.type == "cuda" else time.perf_counter() - t0
+        return elapsed / repeats
+
+    fwd = loop(False)
+    if not backward:
+        return NodeTime(fwd, 0.0)
+    total = loop(True)
+    return NodeTime(fwd, max(0.0, total - fwd))
 
 
 class _DiskCache:

@@ -114,3 +114,21 @@ def test_cli_profile_prints_modules_and_writes_json(tmp_path, capsys, monkeypatc
 
     assert main(["profile", "test_profile:meta_only_model", "--measure"]) == 2
     assert "needs real weights" in capsys.readouterr().err
+
+
+def test_misaligned_16bit_matmul_is_slower_than_aligned():
+    """A bf16 linear whose output width is not a multiple of 8 runs on slow unaligned kernels."""
+    from cost_models.device import get_device_spec
+    from cost_models.profile import flops_efficiency
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    spec = get_device_spec("h100")
+    for width, expected in ((64, spec.matmul_efficiency), (63, spec.misaligned_matmul_efficiency)):
+        gm = torch.fx.symbolic_trace(torch.nn.Linear(32, width).to(torch.bfloat16))
+        x = torch.randn(4, 32, dtype=torch.bfloat16)
+        ShapeProp(gm).propagate(x)
+        for n in gm.graph.nodes:
+            n.meta["val"] = n.meta["tensor_meta"] and torch.empty(n.meta["tensor_meta"].shape, dtype=torch.bfloat16)
+        linear = next(n for n in gm.graph.nodes if n.op in ("call_module", "call_function"))
+        assert flops_efficiency(linear, spec, torch.bfloat16) == expected
+        assert flops_efficiency(linear, spec, torch.float32) == spec.matmul_efficiency  # no tensor cores in fp32

@@ -18,11 +18,14 @@ def test_roofline_picks_compute_or_memory_bound():
     mm_flops, mm_bytes = 2 * n ** 3, 3 * n * n * 2
     assert is_compute_bound(mm_flops, mm_bytes, h100, torch.bfloat16)
     t = roofline_time_s(mm_flops, mm_bytes, 1, h100, torch.bfloat16)
-    assert t == pytest.approx(mm_flops / h100.flops_per_s(torch.bfloat16) + h100.kernel_overhead_s)
-    # elementwise add of two 1 GiB tensors: no FLOPs counted, pure bandwidth
+    achieved = h100.flops_per_s(torch.bfloat16) * h100.matmul_efficiency
+    assert t == pytest.approx(mm_flops / achieved + h100.kernel_overhead_s)
+    assert roofline_time_s(mm_flops, mm_bytes, 1, h100, torch.bfloat16, flops_efficiency=0.5) > t
+    # elementwise add of two 1 GiB tensors: no FLOPs counted, pure (achievable) bandwidth
     add_bytes = 3 * 2 ** 30
     assert not is_compute_bound(0, add_bytes, h100)
-    assert roofline_time_s(0, add_bytes, 1, h100) == pytest.approx(add_bytes / h100.mem_bw_bytes_per_s + 5e-6)
+    bw = h100.mem_bw_bytes_per_s * h100.mem_bw_efficiency
+    assert roofline_time_s(0, add_bytes, 1, h100) == pytest.approx(add_bytes / bw + h100.kernel_overhead_s)
     # fp32 runs at the fp32 peak, so the same matmul takes longer than in bf16
     assert roofline_time_s(mm_flops, 2 * mm_bytes, 1, h100, torch.float32) > t
 
@@ -32,6 +35,17 @@ def test_views_cost_nothing_and_backward_moves_twice_the_bytes():
     assert analytic_node_time(0, 0, 10 ** 6, 0, 0, spec) == time_model.NodeTime(0.0, 0.0)
     t = analytic_node_time(0, 0, 10 ** 9, 1, 1, spec)
     assert t.bwd_s - spec.kernel_overhead_s == pytest.approx(2 * (t.fwd_s - spec.kernel_overhead_s))
+
+
+def test_host_overhead_bounds_small_nodes_on_a_gpu():
+    """An eager op costs at least its host dispatch time: a view, a tiny add; a big one is GPU-bound."""
+    spec = get_device_spec("h100")
+    view = analytic_node_time(0, 0, 10 ** 3, 0, 0, spec, dispatched=True, has_backward=True)
+    assert view == time_model.NodeTime(spec.cpu_fwd_overhead_s, spec.cpu_bwd_overhead_s)
+    tiny = analytic_node_time(0, 0, 10 ** 3, 1, 1, spec, dispatched=True, has_backward=True)
+    assert tiny == view  # the GPU finishes it before the host has dispatched the next op
+    big = analytic_node_time(0, 0, 10 ** 10, 1, 1, spec, dispatched=True, has_backward=True)
+    assert big.fwd_s == pytest.approx(roofline_time_s(0, 10 ** 10, 1, spec)) and big.fwd_s > spec.cpu_fwd_overhead_s
 
 
 class _Stack(nn.Module):
