@@ -16,11 +16,12 @@ import time
 # (name, module, args for quick, args for full, needs_gpu)
 SUITE: list[tuple[str, str, list[str], list[str], bool]] = [
     ("capture", "benchmarks.capture", [], [], False),
-    ("solve_time", "benchmarks.solve_time", ["--quick"], [], False),
-    ("plan_quality", "benchmarks.plan_quality", ["--quick"], [], False),
+    ("solve_time", "benchmarks.solve_time", ["--blocks", "100", "1000", "--stages", "4", "16"], [], False),
+    ("plan_quality", "benchmarks.plan_quality", ["--models", "gpt2-xl", "cnn"], [], False),
     ("executor_vs_torch", "benchmarks.executor_vs_torch", ["--quick"], [], False),
     ("cost_model_accuracy", "benchmarks.cost_model_accuracy", [], [], True),
     ("gpu_runtime", "benchmarks.gpu_runtime", [], [], True),
+    ("executor_vs_torch_gpu", "benchmarks.executor_vs_torch", ["--device", "cuda"], [], True),
 ]
 
 

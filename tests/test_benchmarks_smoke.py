@@ -1,0 +1,48 @@
+"""benchmarks/executor_vs_torch.py and benchmarks/gpu_runtime.py still run end to end (tiny configs, in a
+subprocess with a timeout), write their JSON and PNG, and find our executor's loss and gradients equal to
+torch.distributed.pipelining's on the same stages."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--steps", "2", "--warmup", "1", "--blocks", "4", "--dim", "64", "--microbatches", "2"]
+
+
+def run_benchmark(module: str, args: list[str], out: Path, timeout_s: float = 50.0) -> dict:
+    cmd = [sys.executable, "-W", "ignore", "-m", module, *args, "--results-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    (path,) = out.glob("*.json")
+    assert path.with_suffix(".png").stat().st_size > 10_000
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("mode", ["dist", "one-process"])
+def test_executor_vs_torch_runs_and_matches_torch(mode, tmp_path):
+    args = ["--quick", "--mode", mode, "--ranks", "2", "--stages", "2", *TINY]
+    result = run_benchmark("benchmarks.executor_vs_torch", args, tmp_path)
+    pairs = [r for r in result["rows"] if r.get("torch_ms") is not None]
+    want = [("1f1b", 2, 1), ("interleaved-1f1b", 2, 2)] if mode == "dist" else [("interleaved-1f1b", 1, 2)]
+    assert [(r["schedule"], r["ranks"], r["chunks"]) for r in pairs] == want
+    for r in pairs:
+        assert r["grad_rel_err"] < 1e-5 and r["loss_abs_err"] < 1e-5, r
+        assert r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["pred_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["ours_ms"] / r["torch_ms"])
+    assert result["summary"]["max_ratio"] == pytest.approx(max(r["ratio"] for r in pairs))
+
+
+def test_gpu_runtime_runs_on_cpu(tmp_path):
+    args = ["--device", "cpu", "--quick", "--steps", "2", "--warmup", "1", "--stages", "1,2"]
+    result = run_benchmark("benchmarks.gpu_runtime", args, tmp_path)
+    rows = result["rows"]
+    assert [r["stages"] for r in rows] == [1, 1, 2]
+    assert rows[0]["overhead_pct"] == 0
+    # more stages keep at least as many activations in flight under 1F1B
+    assert rows[2]["pred_peak_mib"] >= rows[1]["pred_peak_mib"] > 0
+    assert all(r["meas_peak_mib"] is None for r in rows)  # measured only on CUDA
