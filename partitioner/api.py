@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
@@ -24,7 +25,7 @@ from torch.utils import _pytree as pytree
 from partitioner.errors import RuntimeConfigError
 from partitioner.plan import Plan
 from passes.capture import Captured, capture
-from passes.split import StageModule, split
+from passes.split import StageModule, place_on_device, split
 from runtime.comm_plan import build_comm_plan, forward_only
 from runtime.executor import Executor, ParameterStore, in_process_order
 from runtime.schedules import make_schedule, validate
@@ -72,7 +73,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
     else:
         captured = capture(model, mb_args, mb_kwargs)
     if rank is not None:
-        _agree(plan.to_json() + captured.graph_module.code, "the plan or the captured graph", rank, devices)
+        # the graph may name the device it was captured on (each rank's own GPU): compare without it
+        graph_code = re.sub(r"device\(type='\w+'(, index=\d+)?\)", "device", captured.graph_module.code)
+        _agree(plan.to_json() + graph_code, "the plan or the captured graph", rank, devices)
     _check_plan(plan, p, chunks)
 
     stages = split(captured, plan)
@@ -85,6 +88,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
     store = ParameterStore(model, captured, stages, devices, local_ranks, distributed=rank is not None,
                            timeout_s=timeout_s)
     stage_device = {st.stage: devices[st.rank] for st in stages}
+    for st in stages:
+        place_on_device(st, stage_device[st.stage])
     local = [st.stage for st in stages if st.rank in local_ranks]
     if rank is None:
         transport = InProcessTransport(stage_device)

@@ -285,3 +285,20 @@ def even_plan(captured: Captured, num_ranks: int, chunks: int = 1, schedule: str
                             f"it cannot be split into {num_stages} stages. Use fewer ranks or chunks.")
         cuts.append(min(options, key=lambda c: abs(c - round(j * n / num_stages))))
     return plan_from_cuts(captured, cuts, num_ranks, chunks, schedule, microbatches, method="uniform")
+
+
+def place_on_device(stage: StageModule, device: torch.device) -> None:
+    """Point every device argument baked into the stage's graph at `device`.
+
+    torch.export records the device of tensors created inside the model (e.g.
+    GPT-2's `arange(..., device=cpu)` for position ids) as a constant; a stage run
+    on another device than the model was captured on must create them there.
+    """
+    gm = stage.graph_module
+    changed = False
+    for node in gm.graph.nodes:
+        if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != device:
+            node.update_kwarg("device", device)
+            changed = True
+    if changed:
+        gm.recompile()

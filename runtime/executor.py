@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch.utils import _pytree as pytree
 
 from passes.split import USER_INPUT, StageModule
 from partitioner.errors import RuntimeConfigError
@@ -125,7 +126,9 @@ class Executor:
         if st.is_last:
             state.outputs[a.microbatch] = list(outs)
             if state.train:
-                loss = self.loss_fn(self.unflatten(list(outs)), state.targets[a.microbatch])
+                target = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,
+                                         state.targets[a.microbatch])
+                loss = self.loss_fn(self.unflatten(list(outs)), target)
                 loss = loss / len(state.inputs)
                 state.add_loss(loss.detach())
                 state.saved[a] = (leaves, [loss])

@@ -187,3 +187,15 @@ def test_four_processes():
         _check(results, case, 4)
     holders = [r for r, res in enumerate(results) if "transformer.wte.weight" in res[cases[0]]["local"]]
     assert len(holders) > 1  # the tied embedding is replicated: its gradient was all-reduced
+
+
+def test_stages_run_on_devices_other_than_the_capture_device():
+    """Devices baked into the graph (GPT-2's position arange) follow each stage's device, and the
+    target moves to the last stage's device."""
+    zm = build("gpt2")
+    pm = compile_zoo(zm, devices=["cpu:0", "cpu:1"], schedule="1f1b")
+    for st in pm.stages:
+        baked = [n.kwargs["device"] for n in st.graph_module.graph.nodes if "device" in n.kwargs]
+        assert all(d == torch.device(f"cpu:{st.rank}") for d in baked), baked
+    ref_loss, _ = reference(zm)
+    assert max_rel_err(pm.train_step(*zm.example_args, target=zm.target), ref_loss) < 1e-5
