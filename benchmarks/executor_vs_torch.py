@@ -271,6 +271,7 @@ class WorkerArgs:
     out_dir: str
     timeout_s: float
     threads: int = 1
+    device_type: str = "cpu"  # "cuda": NCCL, rank r on cuda:r
 
 
 def free_port() -> int:
@@ -306,12 +307,13 @@ def run_rounds(steps_fns: list, zero, steps: int, warmup: int, sync, probe=None)
     return times
 
 
-def _ping_pong_s(rank: int, cfg: ChainConfig, repeats: int = 20) -> float:
-    """One-way gloo latency of one activation between ranks 0 and 1 (half the median round trip)."""
-    buf = torch.zeros(cfg.microbatch_size, cfg.seq, cfg.dim)
+def _ping_pong_s(rank: int, cfg: ChainConfig, device: torch.device, repeats: int = 20) -> float:
+    """One-way latency of one activation between ranks 0 and 1 (half the median round trip)."""
+    buf = torch.zeros(cfg.microbatch_size, cfg.seq, cfg.dim, device=device)
     rtts = []
-    for _ in range(repeats):
+    for i in range(repeats + 2):  # two warm-ups: NCCL connects on the first send
         dist.barrier()
+        _sync(device)
         t0 = time.perf_counter()
         if rank == 0:
             dist.send(buf, 1)
@@ -319,28 +321,40 @@ def _ping_pong_s(rank: int, cfg: ChainConfig, repeats: int = 20) -> float:
         elif rank == 1:
             dist.recv(buf, 0)
             dist.send(buf, 0)
-        rtts.append(time.perf_counter() - t0)
+        _sync(device)
+        if i >= 2:
+            rtts.append(time.perf_counter() - t0)
     return statistics.median(rtts) / 2
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _worker(rank: int, world: int, args: WorkerArgs) -> None:
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=args.timeout_s))
-    cfg, cpu = args.cfg, torch.device("cpu")
-    x, y = make_batch(cfg)
-    result: dict[str, Any] = {"send_s": _ping_pong_s(rank, cfg), "cases": []}
+    cuda = args.device_type == "cuda"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=args.timeout_s))
+    cfg = args.cfg
+    x, y = (t.to(device) for t in make_batch(cfg))
+    devices = [torch.device("cuda", r) for r in range(world)] if cuda else [device] * world
+    sync = (lambda: (torch.cuda.synchronize(device), dist.barrier())) if cuda else dist.barrier
+    result: dict[str, Any] = {"send_s": _ping_pong_s(rank, cfg, device), "cases": []}
     for case in args.cases:
-        model = build_chain(cfg)
+        model = build_chain(cfg).to(device)
         plan, bounds = chain_plan(model, cfg, case.ranks, case.chunks, case.schedule)
-        pm = compile_parallel(model, [cpu] * world, (x,), mse_loss, microbatches=cfg.microbatches,
+        pm = compile_parallel(model, devices, (x,), mse_loss, microbatches=cfg.microbatches,
                               schedule=case.schedule, plan=plan, timeout_s=args.timeout_s)
-        ref = build_chain(cfg)
-        sched = torch_schedule(ref, cfg, bounds, rank, world, case.chunks, cpu)
+        ref = build_chain(cfg).to(device)
+        sched = torch_schedule(ref, cfg, bounds, rank, world, case.chunks, device)
         pair = Pair(pm, ref, sched, x, y, first=rank == 0, last=rank == (case.ranks * case.chunks - 1) % world)
-        timer = StageTimer(pm, cfg, cpu, rank)  # every rank at once: ranks sharing a core contend as in the pipeline
-        mine, torch_times = run_rounds([pair.ours, pair.theirs], pair.zero, args.steps, args.warmup, dist.barrier,
-                                       timer)
+        timer = StageTimer(pm, cfg, device, rank)  # every rank at once: ranks sharing a core contend as in the pipeline
+        mine, torch_times = run_rounds([pair.ours, pair.theirs], pair.zero, args.steps, args.warmup, sync, timer)
         grad_err, loss_err = pair.check()
         result["cases"].append({"case": case, "ours_s": mine, "torch_s": torch_times, "stage_times": timer.medians(),
                                 "grad_rel_err": grad_err, "loss_abs_err": loss_err})
@@ -374,13 +388,14 @@ def spawn(world: int, args: WorkerArgs) -> list[dict]:
 
 
 def run_distributed(cfg: ChainConfig, world_sizes: list[int], steps: int, warmup: int, timeout_s: float,
-                    threads: int = 1) -> list[dict]:
+                    threads: int = 1, device_type: str = "cpu") -> list[dict]:
     rows = []
     for world in world_sizes:
         cases = (Case("1f1b", world, 1), Case("interleaved-1f1b", world, 2))
         print(f"{world} ranks: {', '.join(c.label for c in cases)} ...", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            results = spawn(world, WorkerArgs(cfg, cases, steps, warmup, free_port(), tmp, timeout_s, threads))
+            results = spawn(world, WorkerArgs(cfg, cases, steps, warmup, free_port(), tmp, timeout_s, threads,
+                                                    device_type))
         send_s = results[0]["send_s"]
         for i, case in enumerate(cases):
             per_rank = [r["cases"][i] for r in results]
@@ -551,8 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("executor_vs_torch: no CUDA device; run with --device cpu", file=sys.stderr)
         return 2
-    if mode == "dist" and device.type != "cpu":
-        print("executor_vs_torch: dist mode runs gloo ranks on CPU; use --mode one-process on cuda", file=sys.stderr)
+    if mode == "dist" and device.type == "cuda" and torch.cuda.device_count() < max(int(w) for w in args.ranks.split(",")):
+        print(f"executor_vs_torch: --ranks {args.ranks} needs that many GPUs (NCCL, one per rank); "
+              f"this machine has {torch.cuda.device_count()}", file=sys.stderr)
         return 2
     cfg = (GPU_QUICK if args.quick else GPU_FULL) if device.type == "cuda" else (QUICK if args.quick else CPU_FULL)
     overrides = {"blocks": args.blocks, "dim": args.dim, "hidden": 4 * args.dim if args.dim else None,
@@ -564,9 +580,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if mode == "dist":
         rows = run_distributed(cfg, [int(w) for w in args.ranks.split(",")], steps, args.warmup, args.timeout,
-                               args.threads)
-        where = f"gloo on CPU, {args.threads} thread(s) per rank, {os.cpu_count()} cores"
-        name = args.name or "executor_vs_torch"
+                               args.threads, device.type)
+        if device.type == "cuda":
+            where = f"NCCL, one {torch.cuda.get_device_name(0)} per rank"
+            name = args.name or "executor_vs_torch_nccl"
+        else:
+            where = f"gloo on CPU, {args.threads} thread(s) per rank, {os.cpu_count()} cores"
+            name = args.name or "executor_vs_torch"
     else:
         rows = run_one_process(cfg, device, [int(s) for s in args.stages.split(",")], steps, args.warmup)
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -578,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                 [{k: r[k] for k in cols if r.get(k) is not None} for r in rows])
     cores = os.cpu_count() or 1
     for r in rows:  # ranks sharing cores: the simulator's one-device-per-rank assumption does not hold
-        r["shares_cores"] = mode == "dist" and r["ranks"] * args.threads > cores
+        r["shares_cores"] = mode == "dist" and device.type == "cpu" and r["ranks"] * args.threads > cores
     ratios = [r["ratio"] for r in rows if r.get("ratio") is not None]
     errs = [abs(r["pred_err"]) for r in rows if r.get("pred_err") is not None and not r["shares_cores"]]
     summary = {"max_ratio": max(ratios), "ratio_target": 1.0, "pred_err_target": 0.10,

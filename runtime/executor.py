@@ -124,8 +124,9 @@ class Executor:
             args.append(x)
         outs = st.graph_module(*args)
         if st.is_last:
-            state.outputs[a.microbatch] = list(outs)
-            if state.train:
+            if not state.train:  # training keeps only the loss: logits of every microbatch are large
+                state.outputs[a.microbatch] = list(outs)
+            else:
                 target = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,
                                          state.targets[a.microbatch])
                 loss = self.loss_fn(self.unflatten(list(outs)), target)
