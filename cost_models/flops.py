@@ -11,11 +11,14 @@ difference of the running total before and after it.
 
 While the forward of a node runs, saved_tensors_hooks record the tensors
 autograd keeps for backward (see cost_models/memory.py for the byte counts).
-scaled_dot_product_attention is accounted as the fused (flash / memory-efficient)
-kernel eager PyTorch runs on GPUs, not as the math decomposition fake tensors run
-on meta: FLOPs by torch's flash formulas (the backward recomputes Q K^T: 2.5x the
-forward), saved bytes q, k, v, output and log-sum-exp. Likewise dropout keeps the
-bool mask of CUDA's native_dropout, not the float mask of the CPU decomposition.
+scaled_dot_product_attention is accounted as the kernel eager PyTorch picks on a
+GPU (`sdpa_backend`), not as whatever fake tensors run on meta/CPU. Fused (flash,
+memory-efficient, cuDNN): FLOPs by torch's flash formulas (the backward recomputes
+Q K^T: 2.5x the forward), saved q, k, v, output, log-sum-exp and the additive mask
+(a bool mask is first converted to a float one of q's dtype). Math: the explicit
+matmuls (backward 2x the forward), saved scaled q and k, v and the (B, H, L, S)
+probabilities, in fp32 for 16-bit inputs (see AttentionCall). Likewise dropout keeps
+the bool mask of CUDA's native_dropout, not the float mask of the CPU decomposition.
 """
 from __future__ import annotations
 
@@ -35,11 +38,108 @@ from partitioner.errors import CostModelError
 
 @dataclass
 class SavedTensor:
-    """One tensor autograd saved for backward: its storage identity, size and dtype."""
+    """One tensor autograd saved for backward: its storage identity, size and dtype.
+
+    accumulates: kept in fp32 whenever the computation runs in a 16-bit dtype (SDPA's
+        math path upcasts fp16/bf16 inputs), even where the graph is re-costed in bf16.
+    """
 
     storage: StorageWeakRef
     storage_bytes: int
     dtype: torch.dtype
+    accumulates: bool = False
+
+
+# ----------------------------------------------------------------------------- attention
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def sdpa_backend(query_shape: tuple[int, ...], key_shape: tuple[int, ...], value_shape: tuple[int, ...],
+                 dtype: torch.dtype, *, has_mask: bool = False, mask_requires_grad: bool = False,
+                 is_causal: bool = False) -> str:
+    """The kernel eager scaled_dot_product_attention runs on a CUDA GPU (sm80-sm90, every
+    backend enabled): "flash", "efficient" (memory-efficient or cuDNN: same costs) or "math".
+
+    Follows torch's select_sdp_backend (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp),
+    priority cuDNN > flash > memory-efficient > math:
+    - a mask that requires grad (e.g. T5's trainable relative position bias): math. cuDNN's
+      check_attn_mask_shape rejects it and flash takes no mask; memory-efficient is taken
+      to reject it too: on an H200 (torch 2.11) T5's activation memory matches the math
+      path within 2% in fp32 and bf16, and is 2x the memory-efficient prediction in bf16;
+    - flash: fp16/bf16, no mask, equal head dims <= 256, is_causal only with L == S;
+    - memory-efficient / cuDNN: fp32 too, additive or bool masks; q and k head dims equal,
+      q and v head dims a multiple of 8 (16-bit) or 4 (fp32) (minimum_gemm_alignment);
+    - anything else: math.
+    The CPU's fused kernel rejects a mask that requires grad as well, so the rule holds there.
+    """
+    e_q, e_k, e_v = query_shape[-1], key_shape[-1], value_shape[-1]
+    if mask_requires_grad:
+        return "math"
+    if dtype in _HALF and not has_mask and e_q == e_k == e_v <= 256 and not (
+            is_causal and query_shape[-2] != key_shape[-2]):
+        return "flash"
+    align = 8 if dtype in _HALF else 4 if dtype == torch.float32 else 0
+    if align and e_q == e_k and e_q % align == 0 and e_v % align == 0:
+        return "efficient"
+    return "math"
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One scaled_dot_product_attention node as costed: its backend and sizes.
+
+    batch_heads: B x H of the query (key/value heads are broadcast to it under GQA);
+    q_len / kv_len: L and S; qk_dim / v_dim: E and Ev; dtype: the inputs' dtype;
+    mask_numel: elements of the attn_mask as passed, broadcast dims included (0 = none);
+    mask_requires_grad: the mask depends on a trainable parameter; dropout_p: dropout.
+    """
+
+    backend: str
+    batch_heads: int
+    q_len: int
+    kv_len: int
+    qk_dim: int
+    v_dim: int
+    dtype: torch.dtype
+    mask_numel: int = 0
+    mask_dtype: torch.dtype | None = None
+    mask_requires_grad: bool = False
+    dropout_p: float = 0.0
+
+    @property
+    def scores(self) -> int:
+        """Elements of the (B, H, L, S) score matrix."""
+        return self.batch_heads * self.q_len * self.kv_len
+
+    def fwd_flops(self) -> int:
+        """Matmul FLOPs of the forward: Q K^T and P V (the same count for every backend)."""
+        return 2 * self.scores * (self.qk_dim + self.v_dim)
+
+    def bwd_flops(self) -> int:
+        """Backward FLOPs: fused kernels recompute Q K^T (torch's flash formula, 2.5x the
+        forward); math runs the four gradient matmuls of its two bmm's (2x the forward)."""
+        if self.backend == "math":
+            return 2 * self.fwd_flops()
+        return 2 * self.scores * (3 * self.qk_dim + 2 * self.v_dim)
+
+
+def attention_call(args: tuple, kwargs: dict) -> AttentionCall:
+    """The AttentionCall of aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, ...)."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    q, k, v = bound["query"], bound["key"], bound["value"]
+    mask = bound.get("attn_mask")
+    mask = mask if isinstance(mask, torch.Tensor) else None
+    mask_grad = bool(mask is not None and mask.requires_grad and torch.is_grad_enabled())
+    backend = sdpa_backend(tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, has_mask=mask is not None,
+                           mask_requires_grad=mask_grad, is_causal=bool(bound.get("is_causal", False)))
+    batch_heads = q.numel() // (q.shape[-2] * q.shape[-1]) if q.dim() >= 2 else 1
+    return AttentionCall(backend, batch_heads, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], q.dtype,
+                         mask_numel=mask.numel() if mask is not None else 0,
+                         mask_dtype=mask.dtype if mask is not None else None, mask_requires_grad=mask_grad,
+                         dropout_p=float(bound.get("dropout_p", 0.0) or 0.0))
 
 
 @dataclass
@@ -56,6 +156,7 @@ class NodeTrace:
     fwd_kernels / bwd_kernels: kernels it launches (what per-kernel overhead is paid
         for): forward 1 when it dispatches any aten op other than views, aliases and
         allocations, else 0; backward ~one per input gradient.
+    attention: for scaled_dot_product_attention nodes, the backend and sizes costed.
     """
 
     name: str
@@ -68,6 +169,7 @@ class NodeTrace:
     input_sizes: list[tuple[int, torch.dtype]] = field(default_factory=list)
     fwd_kernels: int = 0
     bwd_kernels: int = 0
+    attention: AttentionCall | None = None
 
 
 def _is_float_tensor(x: Any) -> bool:
@@ -112,7 +214,7 @@ _EXTRA_FLOP_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_bwd,
 }
 
-_FUSED_ATTENTION = (torch.ops.aten.scaled_dot_product_attention.default,)
+_SDPA = (torch.ops.aten.scaled_dot_product_attention.default,)
 
 
 class _KernelCounter(TorchDispatchMode):
@@ -183,9 +285,10 @@ class _NodeTracer(torch.fx.Interpreter):
         # one fx node is one aten op, which eager runs as one kernel even where fake
         # tensors decompose it (SDPA on meta runs its math decomposition)
         trace.fwd_kernels = min(1, self.kernels.count - kernels)
-        fused_attention = n.target in _FUSED_ATTENTION
-        if fused_attention and trace.saved:
-            trace.saved = self._fused_attention_saved(args, out)
+        if n.target in _SDPA:
+            trace.attention = attention_call(args, kwargs)
+            if trace.saved:
+                trace.saved = self._attention_saved(trace.attention, args, kwargs, out)
         if n.target is torch.ops.aten.dropout.default and trace.saved:
             # CUDA runs native_dropout and keeps a bool mask; CPU/meta keep a scaled float mask
             trace.saved = self._record_saved([torch.empty(tuple(out.shape), dtype=torch.bool, device=out.device)])
@@ -197,10 +300,9 @@ class _NodeTracer(torch.fx.Interpreter):
             torch.autograd.grad(outs, leaves, grads, allow_unused=True)
             trace.bwd_flops = self._total_flops() - before
             trace.bwd_kernels = min(len(leaves), self.kernels.count - kernels)  # ~one kernel per input gradient
-        if fused_attention:
-            q, k, v = (tuple(t.shape) for t in args[:3])
-            trace.fwd_flops = sdpa_flop_count(q, k, v)
-            trace.bwd_flops = sdpa_backward_flop_count(tuple(out.shape), q, k, v) if trace.bwd_flops else 0
+        if trace.attention is not None:
+            trace.fwd_flops = trace.attention.fwd_flops()
+            trace.bwd_flops = trace.attention.bwd_flops() if trace.bwd_flops else 0
         # the next nodes read this value detached: this node's autograd graph is dropped here
         trace.output = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(t.requires_grad), out)
         return trace.output
@@ -222,19 +324,48 @@ class _NodeTracer(torch.fx.Interpreter):
         args, kwargs = pytree.tree_map_only(torch.Tensor, as_leaf, (args, kwargs))
         return args, kwargs, leaves
 
-    def _fused_attention_saved(self, args: tuple, out: torch.Tensor) -> list[SavedTensor]:
-        """What flash/memory-efficient attention saves: q, k, v, the output and the fp32
-        log-sum-exp (B, H, L). Fake tensors on meta run SDPA's math decomposition, which
-        would save the (B, H, L, S) attention matrix that GPUs never store."""
-        q, k, v = args[:3]
-        lse = torch.empty(tuple(q.shape[:-1]), dtype=torch.float32, device=q.device)
-        return self._record_saved([q, k, v, out, lse])
+    def _attention_saved(self, call: AttentionCall, args: tuple, kwargs: dict, out: torch.Tensor) -> list[SavedTensor]:
+        """What the chosen SDPA backend saves for backward (fake tensors on meta/CPU run
+        another kernel, whose saved tensors would be wrong for a GPU).
 
-    def _record_saved(self, tensors: list[torch.Tensor]) -> list[SavedTensor]:
+        Fused: q, k, v, the output, the fp32 log-sum-exp (B, H, L) and the mask (a bool mask
+        is converted to a new float mask of q's dtype first). Math: q and k scaled (new
+        tensors), v (expanded to q's heads under GQA), the softmax output P (B, H, L, S) and,
+        with dropout, its bool mask and the dropped P: all in fp32 for 16-bit inputs
+        (torch's default allow_fp16_bf16_reduction_math_sdp=False), else in q's dtype.
+        """
+        q, k, v = args[:3]
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        mask = mask if isinstance(mask, torch.Tensor) else None
+        if call.backend != "math":
+            lse = torch.empty(tuple(q.shape[:-1]), dtype=torch.float32, device=q.device)
+            saved = [q, k, v, out, lse]
+            if mask is not None:
+                saved.append(torch.empty(tuple(mask.shape), dtype=q.dtype, device=q.device)
+                             if mask.dtype == torch.bool else mask)
+            return self._record_saved(saved)
+        acc = torch.float32 if call.dtype in _HALF else call.dtype
+        bh, dev = call.batch_heads, q.device
+        new = [torch.empty(bh * call.q_len * call.qk_dim, dtype=acc, device=dev),  # q * sqrt(scale)
+               torch.empty(bh * call.kv_len * call.qk_dim, dtype=acc, device=dev),  # k^T * sqrt(scale)
+               torch.empty(call.scores, dtype=acc, device=dev)]  # softmax output P
+        if call.dtype in _HALF or k.numel() // k.shape[-1] != bh * call.kv_len:  # v upcast / GQA-expanded
+            new.append(torch.empty(bh * call.kv_len * call.v_dim, dtype=acc, device=dev))
+            kept_v = []
+        else:
+            kept_v = [v]
+        if call.dropout_p > 0:
+            new.append(torch.empty(call.scores, dtype=acc, device=dev))  # dropped P, read by P @ V
+        saved = self._record_saved(new, accumulates=True) + self._record_saved(kept_v)
+        if call.dropout_p > 0:
+            saved += self._record_saved([torch.empty(call.scores, dtype=torch.bool, device=dev)])
+        return saved
+
+    def _record_saved(self, tensors: list[torch.Tensor], accumulates: bool = False) -> list[SavedTensor]:
         saved = []
         for t in tensors:
             storage = t.untyped_storage()
-            saved.append(SavedTensor(StorageWeakRef(storage), int(storage.nbytes()), t.dtype))
+            saved.append(SavedTensor(StorageWeakRef(storage), int(storage.nbytes()), t.dtype, accumulates))
             self._keep_alive.append(t)
         return saved
 

@@ -8,7 +8,10 @@ again, and parameters/buffers (get_attr storages) are not activations.
 Bytes may be re-expressed in another dtype than the graph was captured in: a
 floating tensor of the graph's float dtype (`from_dtype`) counts at the size of
 `to_dtype`; other dtypes (int indices, bool masks, explicit fp32 upcasts in a
-bf16 graph) keep their size.
+bf16 graph such as T5LayerNorm's `.to(float32).pow(2)`) keep their size: a graph
+captured in the dtype it trains in is counted by each node's actual dtype. Saved
+tensors marked `accumulates` (SDPA's math path) stay fp32 whenever the computation
+is 16-bit, even when an fp32 graph is re-costed as bf16.
 """
 from __future__ import annotations
 
@@ -73,7 +76,10 @@ def saved_bytes_per_node(traces: dict[str, NodeTrace], scale: DtypeScale | None 
             if s.storage in excluded or s.storage in seen:
                 continue
             seen.add(s.storage)
-            total += scale.storage_bytes(s.storage_bytes, s.dtype)
+            nbytes = scale.storage_bytes(s.storage_bytes, s.dtype)
+            if s.accumulates:  # fp32 accumulation of a 16-bit computation
+                nbytes = max(nbytes, s.storage_bytes // s.dtype.itemsize * torch.float32.itemsize)
+            total += nbytes
         out[name] = total
     return out
 

@@ -27,7 +27,8 @@ from cost_models.device import DeviceSpec, get_device_spec
 from cost_models.flops import NodeTrace, trace_nodes
 from cost_models.memory import OPTIMIZER_STATES, DtypeScale, params_state_bytes, saved_bytes_per_node, value_bytes
 from cost_models.node_costs import NodeCost, NodeCosts
-from cost_models.time import NodeTime, analytic_node_time, measure_block_times
+from cost_models.time import (NodeTime, analytic_node_time, kernels_time_s, math_attention_kernels,
+                               measure_block_times)
 from partitioner.errors import CostModelError
 
 
@@ -180,6 +181,13 @@ def flops_efficiency(node: torch.fx.Node, spec: DeviceSpec, dtype: torch.dtype) 
 def _analytic(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale, node: torch.fx.Node) -> NodeTime:
     if trace.op not in ("call_function", "call_module", "call_method"):
         return NodeTime(0.0, 0.0)
+    call = trace.attention
+    if call is not None and call.backend == "math":  # a sequence of unfused kernels (cost_models/time.py)
+        fwd_kernels, bwd_kernels = math_attention_kernels(call, scale.to_dtype if call.dtype == scale.from_dtype
+                                                          else call.dtype)
+        fwd = kernels_time_s(fwd_kernels, spec, spec.cpu_fwd_overhead_s)
+        bwd = kernels_time_s(bwd_kernels, spec, spec.cpu_bwd_overhead_s) if trace.bwd_flops else 0.0
+        return NodeTime(fwd, bwd)
     moved = sum(scale.nbytes(n, dt) for n, dt in trace.input_sizes) + value_bytes(trace.output, scale)
     eff = flops_efficiency(node, spec, scale.to_dtype) if trace.fwd_flops else spec.matmul_efficiency
     return analytic_node_time(trace.fwd_flops, trace.bwd_flops, moved, trace.fwd_kernels, trace.bwd_kernels,

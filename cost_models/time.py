@@ -7,7 +7,8 @@ Analytic: a node's forward takes
     host time = cpu_fwd_overhead (eager dispatch of one node, views included)
 with bytes_moved = its distinct inputs (parameters included) + its outputs, and the
 efficiency that of a matmul, of fused attention or of a misaligned 16-bit matmul
-(DeviceSpec). The GPU runs asynchronously, so whichever of the two is longer sets the
+(DeviceSpec). A node that eager PyTorch runs as a sequence of kernels (SDPA on its
+math path) is costed kernel by kernel (`math_attention_kernels`, `kernels_time_s`). The GPU runs asynchronously, so whichever of the two is longer sets the
 pace. Its backward uses the backward FLOPs, twice the forward bytes (it reads the
 saved inputs and the output gradient and writes the input gradients) and
 cpu_bwd_overhead when the node has an autograd node. On the CPU device the host
@@ -36,6 +37,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from cost_models.device import DeviceSpec
+from cost_models.flops import AttentionCall
 from partitioner.errors import CostModelError
 
 
@@ -85,6 +87,84 @@ def analytic_node_time(fwd_flops: float, bwd_flops: float, fwd_bytes: float, fwd
     if has_backward:
         bwd = max(bwd, spec.cpu_bwd_overhead_s)
     return NodeTime(fwd, bwd)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One GPU kernel: FLOPs (cuBLAS matmul efficiency when `matmul`), bytes read + written, dtype."""
+
+    flops: float
+    bytes_moved: float
+    dtype: torch.dtype = torch.float32
+    matmul: bool = False
+
+
+def kernels_time_s(kernels: Sequence[Kernel], spec: DeviceSpec, host_overhead_s: float = 0.0) -> float:
+    """Time of kernels run one after another: max(the sum of their rooflines, host time),
+    the host paying `host_overhead_s` to dispatch each (spec.cpu_fwd_overhead_s per eager op
+    forward, spec.cpu_bwd_overhead_s per autograd node backward)."""
+    gpu = sum(roofline_time_s(k.flops, k.bytes_moved, 1, spec, k.dtype,
+                              flops_efficiency=None if k.matmul else 1.0) for k in kernels)
+    return max(gpu, len(kernels) * host_overhead_s)
+
+
+def math_attention_kernels(call: AttentionCall, dtype: torch.dtype | None = None) -> tuple[list[Kernel], list[Kernel]]:
+    """Forward and backward kernels of SDPA's math path (aten _scaled_dot_product_attention_math).
+
+    dtype: the dtype the inputs have in training (default call.dtype). 16-bit inputs are
+    upcast to fp32 first (allow_fp16_bf16_reduction_math_sdp is off by default), so the
+    matmuls run at the fp32 rate and the (B, H, L, S) passes move 4-byte elements.
+    Forward: [upcast q, k, v], q * s, k^T * s, S = q k^T, [S + mask], P = softmax(S),
+    [dropout], O = P v, [O cast back]. Backward: [cast dO], dP = dO v^T, dv = P^T dO,
+    softmax backward, [mask gradient: cast / broadcast reduction], dq = dS k, dk = dS^T q,
+    two scale multiplies, [three casts down] (the ops torch 2.13 dispatches, views aside).
+    """
+    dtype = dtype or call.dtype
+    half = dtype.itemsize < 4
+    acc = torch.float32 if half else dtype
+    a, io = acc.itemsize, dtype.itemsize
+    n = call.scores
+    q = call.batch_heads * call.q_len * call.qk_dim
+    k = call.batch_heads * call.kv_len * call.qk_dim
+    v = call.batch_heads * call.kv_len * call.v_dim
+    o = call.batch_heads * call.q_len * call.v_dim
+    # a bool mask is converted to q's dtype; a float mask of q's dtype trains in `dtype`
+    same = call.mask_dtype in (None, torch.bool, call.dtype)
+    mask_bytes = call.mask_numel * (io if same else call.mask_dtype.itemsize)
+
+    def pointwise(numel: int, read: int, write: int) -> Kernel:
+        return Kernel(0.0, numel * (read + write), acc)
+
+    def bmm(m: int, kk: int, nn: int, read: float, write: float) -> Kernel:
+        return Kernel(2.0 * call.batch_heads * m * kk * nn, read + write, acc, matmul=True)
+
+    L, S, E, Ev = call.q_len, call.kv_len, call.qk_dim, call.v_dim
+    fwd = [pointwise(x, io, a) for x in (q, k, v)] if half else []
+    fwd += [pointwise(q, a, a), pointwise(k, a, a)]
+    fwd.append(bmm(L, E, S, (q + k) * a, n * a))
+    if call.mask_numel:
+        fwd.append(Kernel(0.0, 2 * n * a + mask_bytes, acc))
+    fwd.append(pointwise(n, a, a))
+    if call.dropout_p > 0:
+        fwd.append(Kernel(0.0, n * (a + a + 1), acc))
+    fwd.append(bmm(L, S, Ev, (n + v) * a, o * a))
+    if half:
+        fwd.append(pointwise(o, a, io))
+
+    bwd = [pointwise(o, io, a)] if half else []
+    bwd.append(bmm(L, Ev, S, (o + v) * a, n * a))  # dP = dO v^T
+    bwd.append(bmm(S, L, Ev, (n + o) * a, v * a))  # dv = P^T dO
+    if call.dropout_p > 0:
+        bwd.append(Kernel(0.0, n * (a + a + 1), acc))
+    bwd.append(Kernel(0.0, 3 * n * a, acc))  # dS = P * (dP - sum(dP * P))
+    if call.mask_requires_grad and (half or call.mask_numel < n):
+        bwd.append(Kernel(0.0, n * a + mask_bytes, acc))
+    bwd.append(bmm(L, S, E, (n + k) * a, q * a))  # dq = dS k
+    bwd.append(bmm(S, L, E, (n + q) * a, k * a))  # dk = dS^T q
+    bwd += [pointwise(q, a, a), pointwise(k, a, a)]
+    if half:
+        bwd += [pointwise(x, a, io) for x in (q, k, v)]
+    return fwd, bwd
 
 
 # ----------------------------------------------------------------------------- measured

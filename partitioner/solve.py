@@ -1,12 +1,18 @@
 """The partition ILP, solved with OR-Tools CP-SAT.
 
 Blocks b, virtual stages k = 0..K-1 (K = p * v), stage k on rank k % p.
-- x[b,k] boolean, sum_k x[b,k] = 1; stage s_b = sum_k k x[b,k]; s_u <= s_v on
-  every edge; every stage holds a block.
+- Order encoding: y[b,k] boolean = (stage(b) >= k), y[b,k+1] <= y[b,k];
+  x[b,k] = y[b,k] - y[b,k+1] is a linear expression, not a variable. Along
+  every edge u -> v (transitive reduction only) y[u,k] <= y[v,k]; every stage
+  holds a block. y is fixed outside each block's stage domain (_domains).
+- Paths (block b feeds b + 1 for all b, the usual case) have contiguous stages,
+  s(b+1) - s(b) is 0 or 1 (clauses y[b+1,k+1] -> y[b,k] keep stages
+  non-empty), and a value b -> b+1 crosses into k iff y[b+1,k] - y[b,k] = 1:
+  a linear term, no extra variable.
 - Stage time t_k = c_k + l_k: compute c_k = sum_b (fwd+bwd)_b x[b,k], and the
   latency l_k of receiving every value that crosses into k from another rank,
-  paid once per value and destination stage: y[c,k] >= x[consumer,k] -
-  sum_{j = k mod p} x[producer,j]. Values the graph outputs must reach the last
+  paid once per value and destination stage: z[c,k] >= x[consumer,k] -
+  sum_{j = k mod p, j <= k} x[producer,j]. Values the graph outputs must reach the last
   stage. Sends overlap compute (as in the simulator), so with one stage per
   rank communication delays the pipeline's fill and drain but not the steady
   state, unless a link is busier than its rank: M >= l_k.
@@ -29,14 +35,25 @@ Blocks b, virtual stages k = 0..K-1 (K = p * v), stage k on rank k % p.
 - Shared parameters: rep_s boolean; without it all users sit on one rank
   (sum_r h[s,r] <= 1), with it every holder pays the memory and the step pays
   an all-reduce of 2 * bytes / link bandwidth. The solver picks.
-Warm start: the exact chain DP (partitioner/chain_dp.py) over the blocks in
-topological order.
+Incumbent and pruning: the chain DP splits (partitioner/chain_dp.py, by time
+with receives and by compute) and the baselines' splits are scored by the
+model's objective (_model_objective); the best one within the memory cap is a
+complete hint and its objective U an upper bound. Any better solution has
+every stage's compute <= C (v = 1: (U - total) / (m - 1); v > 1: (U - m *
+M_lb) / (p - 1)), so block b, whose ancestors fill stages 0..s(b), needs
+s(b) >= ceil(work(b and ancestors) / C) - 1, and likewise towards the end.
+On 1,000 blocks x 16 stages this leaves each block two or three stages: 155
+variables instead of 32,000, solved to optimality in under a second. The
+result is exact: the pruned model still holds the incumbent, and what it cuts
+off is worse than it. Lower bounds on M and S come from the average and, for
+paths, the chain DP's bottleneck.
 
 The objective is a closed form; the event simulator is the judge. So the
-solver's solution (and the two chain DP splits) are polished by a short local search
-on the simulated step time: move a block at a stage boundary to the
-neighbouring stage while the move keeps stages ordered, non-empty and within
-the memory cap, and the simulator says the step gets faster.
+solver's solution and every seed are polished by a short local search on the
+simulated step time: move a block at a stage boundary to the neighbouring
+stage while the move keeps stages ordered, non-empty and within the memory
+cap, and the simulator says the step gets faster. time_limit_s bounds the
+whole of solve(): building, solving and this polish.
 """
 from __future__ import annotations
 
@@ -44,6 +61,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 from ortools.sat.python import cp_model
 
 from partitioner.chain_dp import split_chain
@@ -57,83 +75,247 @@ _MEM_LIMIT = 1 << 52  # bytes are exact below this total, scaled above
 
 @dataclass
 class _Ilp:
+    """The CP-SAT model and how to read and seed it.
+
+    y[b][k] = stage(b) >= k, for k = 0..K: the int 1 or 0 where fixed, else a BoolVar.
+    rules: (var, expr, div) for every variable other than y: the smallest value the
+    constraints allow is max(its lower bound, ceil(expr / div)) over its rules, so a
+    full hint follows from y alone (see _hint).
+    """
+
     model: cp_model.CpModel
-    x: dict[tuple[int, int], cp_model.IntVar]
+    y: list[list]
     rank_mem: list  # linear expressions in memory units
     objective: object
     time_scale: float
     mem_scale: float
+    rules: list[tuple[cp_model.IntVar, object, int]]
+
+    def assignment(self, value) -> list[int]:
+        """Stage of every block, with value(var) reading a solution."""
+        return [sum(e if isinstance(e, int) else value(e) for e in row[1:-1]) for row in self.y]
 
 
-def _domains(bg, K: int) -> list[range]:
-    """Stages block b can take: stages before it hold non-descendants, after it non-ancestors."""
+def _is_var(e) -> bool:
+    return not isinstance(e, int)
+
+
+def _imply(md: cp_model.CpModel, a, b) -> None:
+    """a <= b for literals or the constants 0/1."""
+    if _is_var(a) and _is_var(b):
+        md.AddImplication(a, b)
+    elif _is_var(a) or _is_var(b):
+        md.Add(a <= b)
+    elif a > b:
+        md.AddBoolOr([])  # infeasible; the caller reports it
+
+
+def _closure(bg) -> tuple[list[int], list[int]]:
+    """Bitsets of the ancestors and of the descendants of every block (ids are topological)."""
     n = len(bg.blocks)
-    preds = [[] for _ in range(n)]
-    for u, v in bg.graph.edges:
-        preds[v].append(u)
-    anc = [0] * n
+    anc, desc = [0] * n, [0] * n
     for b in range(n):
-        for u in preds[b]:
+        for u in bg.graph.predecessors(b):
             anc[b] |= anc[u] | (1 << u)
-    desc_count = [0] * n
+    for b in reversed(range(n)):
+        for s in bg.graph.successors(b):
+            desc[b] |= desc[s] | (1 << s)
+    return anc, desc
+
+
+def _bit_sums(bits: list[int], wv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per bitset: how many bits it has and the sum of wv over them (one row at a time: O(n) memory)."""
+    n, nbytes = len(wv), max(1, (len(wv) + 7) // 8)
+    counts, sums = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    for i, x in enumerate(bits):
+        row = np.unpackbits(np.frombuffer(x.to_bytes(nbytes, "little"), dtype=np.uint8), bitorder="little")[:n]
+        counts[i], sums[i] = row.sum(), row @ wv
+    return counts, sums
+
+
+def _domains(bg, K: int, w: list[int], stage_cap: int | None, anc: list[int], desc: list[int],
+             path: bool) -> list[range]:
+    """Stages block b can take.
+
+    Every stage before b's holds a block that is not b's descendant, every stage
+    after it one that is not b's ancestor. With stage_cap (the most compute a
+    stage holds in any solution better than the incumbent) b and its ancestors
+    also fill stages 0..s(b): s(b) >= ceil(work / cap) - 1, and b and its
+    descendants stages s(b)..K-1.
+    """
+    n, wv = len(bg.blocks), np.asarray(w, dtype=np.int64)
+    if path:  # ancestors are exactly the lower ids, descendants the higher ones
+        n_anc, n_desc = np.arange(n), n - 1 - np.arange(n)
+        w_anc = np.concatenate([[0], np.cumsum(wv)])[:n]
+        w_desc = wv.sum() - w_anc - wv
+    else:
+        (n_anc, w_anc), (n_desc, w_desc) = _bit_sums(anc, wv), _bit_sums(desc, wv)
+    out = []
     for b in range(n):
-        a = anc[b]
-        while a:
-            low = a & -a
-            desc_count[low.bit_length() - 1] += 1
-            a ^= low
-    return [range(max(0, K - n + bin(anc[b]).count("1")), min(K - 1, n - 1 - desc_count[b]) + 1)
-            for b in range(n)]
+        lo, hi = max(0, K - n + int(n_anc[b])), min(K - 1, n - 1 - int(n_desc[b]))
+        if stage_cap is not None and stage_cap > 0:
+            lo = max(lo, -(-(int(w_anc[b]) + w[b]) // stage_cap) - 1)
+            hi = min(hi, K - -(-(int(w_desc[b]) + w[b]) // stage_cap))
+        out.append(range(lo, hi + 1))
+    return out
+
+
+def _is_path(bg) -> bool:
+    """Every block feeds the next: stages are then contiguous runs of block ids."""
+    return all(bg.graph.has_edge(b, b + 1) for b in range(len(bg.blocks) - 1))
+
+
+def _time_units(bg) -> tuple[list[int], float]:
+    """Integer fwd+bwd time of every block (total about _TIME_UNITS) and the scale (units per second)."""
+    ts = _TIME_UNITS / (sum(b.time_s for b in bg.blocks) or 1.0)
+    return [round(b.time_s * ts) for b in bg.blocks], ts
+
+
+def _time_lower_bounds(w: list[int], p: int, v: int, path: bool) -> tuple[int, int]:
+    """Lower bounds on the busiest rank's and the largest stage's time (units).
+
+    Average work; for paths also the best contiguous split's bottleneck, which is
+    exact for the largest stage and, for v = 1, for the busiest rank.
+    """
+    K, total = p * v, sum(w)
+    lb_rank, lb_stage = -(-total // p), -(-total // K)
+    if path:
+        lb_stage = max(lb_stage, int(split_chain(w, K).bottleneck))
+        if v == 1:
+            lb_rank = max(lb_rank, lb_stage)
+    return lb_rank, lb_stage
+
+
+def _stage_cap(upper: int | None, w: list[int], p: int, v: int, m: int, path: bool) -> tuple[int | None, int | None]:
+    """(most compute of one stage, largest M) in any solution with objective <= upper."""
+    if upper is None:
+        return None, None
+    lb_rank, lb_stage = _time_lower_bounds(w, p, v, path)
+    if v == 1:  # objective >= (m - 1) M + total, and every stage's compute <= M
+        if m == 1:
+            return None, None
+        top = (upper - sum(w)) // (m - 1)
+        return top, top
+    if p == 1:
+        return None, None
+    # objective >= m M + (p - 1) S, and every stage's compute <= S
+    return (upper - m * lb_rank) // (p - 1), (upper - (p - 1) * lb_stage) // m
+
+
+def _model_objective(bg, assign: list[int], p: int, v: int, m: int, bw: float, w: list[int], ts: float) -> int:
+    """The ILP's objective (integer units) of a valid assignment, computed directly."""
+    K = p * v
+    c, lat = [0] * K, [0] * K
+    for b, k in enumerate(assign):
+        c[k] += w[b]
+    if p > 1:
+        for val in bg.values:
+            cost = round(val.bytes / bw * ts)
+            if cost <= 0:
+                continue
+            j = assign[val.producer]
+            for k in {assign[x] for x in val.consumers} | ({K - 1} if val.to_output else set()):
+                if k % p != j % p:
+                    lat[k] += cost
+    t = [a + b for a, b in zip(c, lat)]
+    busy = t if v > 1 else c
+    top = max([sum(busy[r::p]) for r in range(p)] + lat)
+    allreduce = sum(round(2 * sp.bytes / bw * ts) for sp in bg.shared_params
+                    if sp.trainable and len({assign[b] % p for b in sp.blocks}) > 1)
+    if v == 1:
+        return (m - 1) * top + sum(t) + allreduce
+    return m * top + (p - 1) * max(t) + allreduce
 
 
 def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None,
-           with_time: bool = True) -> _Ilp:
+           with_time: bool = True, upper: int | None = None) -> _Ilp:
+    """The model; with `upper` (an incumbent's objective) only solutions at least as good remain."""
     K, n = p * v, len(bg.blocks)
-    total = sum(b.time_s for b in bg.blocks) or 1.0
-    ts = _TIME_UNITS / total
+    w, ts = _time_units(bg)
+    total_w = sum(w)
     total_mem = sum(b.param_state_bytes + b.saved_bytes * m * v for b in bg.blocks) + \
         sum(s.state_bytes * p for s in bg.shared_params)
     ms = min(1.0, _MEM_LIMIT / max(total_mem, 1))
     md = cp_model.CpModel()
-    dom = _domains(bg, K)
-    x = {(b, k): md.NewBoolVar(f"x{b}_{k}") for b in range(n) for k in dom[b]}
-    by_stage: list[list[int]] = [[] for _ in range(K)]
-    for (b, k) in x:
-        by_stage[k].append(b)
+    rules: list = []
+    path = _is_path(bg)
+    anc, desc = _closure(bg)
+    stage_cap, top_cap = _stage_cap(upper if with_time else None, w, p, v, m, path)
+    dom = _domains(bg, K, w, stage_cap, anc, desc, path)
+    if upper is not None and any(len(d) == 0 for d in dom):
+        raise _NoSplit()
+    if any(len(d) == 0 for d in dom):
+        md.AddBoolOr([])  # the graph's order leaves a stage empty: infeasible
+    y = [[1 if k <= dom[b].start else 0 if k >= dom[b].stop else md.NewBoolVar(f"y{b}_{k}")
+          for k in range(K + 1)] for b in range(n)]
     for b in range(n):
-        md.AddExactlyOne(x[b, k] for k in dom[b])
-    stage_of = [sum(k * x[b, k] for k in dom[b]) for b in range(n)]
-    for u, w in bg.graph.edges:
-        md.Add(stage_of[u] <= stage_of[w])
-    for k in range(K):
-        md.AddBoolOr([x[b, k] for b in by_stage[k]])
+        for k in range(dom[b].start + 1, dom[b].stop - 1):
+            md.AddImplication(y[b][k + 1], y[b][k])
+    # precedence on the transitive reduction (an edge implied by a longer path adds nothing)
+    for u, wb in bg.graph.edges:
+        if any(anc[o] >> u & 1 for o in bg.graph.predecessors(wb) if o != u):
+            continue
+        for k in range(1, K):
+            _imply(md, y[u][k], y[wb][k])
 
-    # compute and receive latency of each stage, integer units
-    c = [sum(round(bg.blocks[b].time_s * ts) * x[b, k] for b in by_stage[k]) for k in range(K)]
-    lat = [0] * K
+    def x(b: int, k: int):
+        return y[b][k] - y[b][k + 1]
+
+    def stage_sum(k: int, weights: list[int]):
+        """sum_b weights[b] * x[b,k] as one weighted sum."""
+        vs, cs, const = [], [], 0
+        for j, sign in ((k, 1), (k + 1, -1)):
+            for b in range(n):
+                e = y[b][j]
+                if weights[b] == 0:
+                    continue
+                if _is_var(e):
+                    vs.append(e)
+                    cs.append(sign * weights[b])
+                else:
+                    const += sign * weights[b] * e
+        return cp_model.LinearExpr.WeightedSum(vs, cs) + const
+
+    if path:  # consecutive blocks differ by at most one stage, so none is left empty
+        for b in range(n - 1):
+            for k in range(1, K - 1):
+                _imply(md, y[b + 1][k + 1], y[b][k])
+    else:
+        for k in range(K):
+            md.Add(stage_sum(k, [1] * n) >= 1)
+
+    c = [stage_sum(k, w) for k in range(K)]
+    lat: list = [0] * K
     if p > 1 and with_time:
         for ci, val in enumerate(bg.values):
             cost = round(val.bytes / bw * ts)
             if cost <= 0:
                 continue
             u = val.producer
-            dests: dict[int, list] = {}
+            if path and tuple(val.consumers) == (u + 1,) and not val.to_output:
+                # s(u+1) - s(u) is 0 or 1: the value crosses into k iff s(u) < k <= s(u+1)
+                for k in range(1, K):
+                    if _is_var(y[u + 1][k]) or _is_var(y[u][k]) or y[u + 1][k] != y[u][k]:
+                        lat[k] += cost * (y[u + 1][k] - y[u][k])
+                continue
+            needs: dict[int, list] = {}
             for cons in val.consumers:
                 for k in dom[cons]:
-                    dests.setdefault(k, []).append(x[cons, k])
+                    needs.setdefault(k, []).append(x(cons, k))
             if val.to_output:
-                dests.setdefault(K - 1, []).append(1)
-            for k, needs in dests.items():
-                same_rank = [x[u, j] for j in dom[u] if j <= k and j % p == k % p]
-                if k not in dom[u] and not same_rank and all(isinstance(e, int) for e in needs):
-                    lat[k] += cost  # always crosses
+                needs.setdefault(K - 1, []).append(1)
+            for k, need in needs.items():
+                # the producer on k's rank at a stage <= k (for v = 1: at k, i.e. s(u) >= k)
+                same = y[u][k] if v == 1 else sum(x(u, j) for j in range(k % p, k + 1, p) if j in dom[u])
+                if not _is_var(same) and all(not _is_var(e) for e in need):
+                    lat[k] += cost * max(0, max(need) - same)
                     continue
-                y = md.NewBoolVar(f"y{ci}_{k}")
-                for need in needs:
-                    md.Add(y >= need - sum(same_rank))
-                lat[k] += cost * y
+                z = md.NewBoolVar(f"z{ci}_{k}")
+                for e in need:
+                    md.Add(z >= e - same)
+                    rules.append((z, e - same, 1))
+                lat[k] += cost * z
     t = [c[k] + lat[k] for k in range(K)]
-    rank_of = [k % p for k in range(K)]
 
     # shared parameters: holders per rank, replicate or co-locate
     allreduce = []
@@ -142,9 +324,11 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
         h = [md.NewBoolVar(f"h{si}_{r}") for r in range(p)]
         for b in sp.blocks:
             for k in dom[b]:
-                md.AddImplication(x[b, k], h[rank_of[k]])
+                md.Add(h[k % p] >= x(b, k))
+                rules.append((h[k % p], x(b, k), 1))
         rep = md.NewBoolVar(f"rep{si}")
         md.Add(sum(h) <= 1 + (p - 1) * rep)
+        rules.append((rep, sum(h) - 1, max(1, p - 1)))
         if sp.trainable:
             allreduce.append(round(2 * sp.bytes / bw * ts) * rep)
         for r in range(p):
@@ -152,18 +336,20 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
 
     # memory per rank
     inflight = inflight_microbatches(schedule, p, m, v)
+    static_w = [int(b.param_state_bytes * ms + 0.999) for b in bg.blocks]
+    saved_w = [int(b.saved_bytes * ms + 0.999) for b in bg.blocks]
     rank_mem = []
     for r in range(p):
-        stages = [k for k in range(K) if rank_of[k] == r]
-        static = sum(int(bg.blocks[b].param_state_bytes * ms + 0.999) * x[b, k] for k in stages for b in by_stage[k])
+        static = sum(stage_sum(k, static_w) for k in range(r, K, p))
         static += sum(int(sb * ms + 0.999) * h for sb, h in holds[r])
-        saved = [sum(int(bg.blocks[b].saved_bytes * ms + 0.999) * x[b, k] for b in by_stage[k]) for k in stages]
+        saved = [stage_sum(k, saved_w) for k in range(r, K, p)]
         if len(saved) == 1:
             act = inflight[r] * saved[0]
         else:
-            z = md.NewIntVar(0, int(sum(b.saved_bytes for b in bg.blocks) * ms) + n, f"z{r}")
+            z = md.NewIntVar(0, sum(saved_w), f"act{r}")
             for s in saved:
                 md.Add(z >= s)
+                rules.append((z, s, 1))
             act = inflight[r] * z
         rank_mem.append(static + act)
         if cap is not None:
@@ -171,23 +357,33 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
 
     objective = 0
     if with_time:
-        top = md.NewIntVar(0, sum(round(b.time_s * ts) for b in bg.blocks) + 10 * _TIME_UNITS * K, "M")
+        hi = total_w + 10 * _TIME_UNITS * K
         busy = t if v > 1 else c  # see the module docstring
+        # lower bounds: average work; for paths the best contiguous split's bottleneck
+        # (v = 1: the busiest rank holds one stage; v > 1: the largest chunk)
+        lb_rank, lb_stage = _time_lower_bounds(w, p, v, path)
+        top = md.NewIntVar(lb_rank, max(lb_rank, min(hi, top_cap if top_cap is not None else hi)), "M")
         for r in range(p):
-            md.Add(top >= sum(busy[k] for k in range(K) if rank_of[k] == r))
+            rank_busy = sum(busy[k] for k in range(r, K, p))
+            md.Add(top >= rank_busy)
+            rules.append((top, rank_busy, 1))
         for k in range(K):
-            if not isinstance(lat[k], int):
+            if not isinstance(lat[k], int) or lat[k] > 0:
                 md.Add(top >= lat[k])
-        md.Add(top * p >= sum(round(b.time_s * ts) for b in bg.blocks))  # average work: helps the bound
+                rules.append((top, lat[k], 1))
         if v == 1:
             objective = (m - 1) * top + sum(t) + sum(allreduce)
         else:
-            biggest = md.NewIntVar(0, sum(round(b.time_s * ts) for b in bg.blocks) + 10 * _TIME_UNITS * K, "S")
+            biggest = md.NewIntVar(lb_stage, max(lb_stage, min(hi, stage_cap if stage_cap is not None else hi)), "S")
             for k in range(K):
                 md.Add(biggest >= t[k])
-            md.Add(biggest * K >= sum(round(b.time_s * ts) for b in bg.blocks))
+                rules.append((biggest, t[k], 1))
             objective = m * top + (p - 1) * biggest + sum(allreduce)
-    return _Ilp(md, x, rank_mem, objective, ts, ms)
+    return _Ilp(md, y, rank_mem, objective, ts, ms, rules)
+
+
+class _NoSplit(Exception):
+    """No assignment satisfies the domains (the caller drops `upper`, or reports the graph)."""
 
 
 def _hint_split(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None) -> list[int]:
@@ -214,23 +410,45 @@ def _hint_split(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int |
     return split_chain(times, K, cut).block_stage()
 
 
-def _add_full_hint(ilp: _Ilp, assign: list[int], workers: int | None) -> None:
-    """Hint every variable, not only x: fix x to `assign` in a copy, let CP-SAT fill in the rest.
+def _hint(ilp: _Ilp, assign: list[int], cap: int | None) -> tuple[int, bool] | None:
+    """Hint every variable from `assign`; (model objective, within the memory cap), None if out of domain.
 
-    With x alone, CP-SAT often fails to complete the hint on large models (1,000
-    blocks x 16 stages) and finds no solution within the time limit.
+    y follows from the split, every other variable from its rules, so CP-SAT starts
+    from a complete solution (with x alone it often found none within the time
+    limit on 1,000 blocks x 16 stages).
     """
-    fixed = ilp.model.clone()
-    for (b, k), var in ilp.x.items():
-        fixed.Add(fixed.GetBoolVarFromProtoIndex(var.Index()) == int(assign[b] == k))
-    fixed.ClearObjective()
-    solver = _solver(5.0, workers)
-    if solver.Solve(fixed) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        for (b, k), var in ilp.x.items():  # e.g. the split breaks the memory cap: hint x only
-            ilp.model.AddHint(var, int(assign[b] == k))
-        return
-    for i in range(len(ilp.model.Proto().variables)):
-        ilp.model.AddHint(ilp.model.GetIntVarFromProtoIndex(i), solver.Value(fixed.GetIntVarFromProtoIndex(i)))
+    md = ilp.model
+    proto = md.Proto()
+    val = [var.domain[0] for var in proto.variables]
+    for b, row in enumerate(ilp.y):
+        for k, e in enumerate(row):
+            want = int(assign[b] >= k)
+            if _is_var(e):
+                val[e.Index()] = want
+            elif e != want:
+                return None  # outside the block's stage domain
+    for var, expr, div in ilp.rules:
+        offset, terms = _flat(expr)
+        i = var.Index()
+        val[i] = min(proto.variables[i].domain[-1], max(val[i], -(-(offset + sum(c * val[j] for j, c in terms)) // div)))
+
+    def value(expr) -> int:
+        offset, terms = _flat(expr)
+        return offset + sum(c * val[j] for j, c in terms)
+
+    md.ClearHints()
+    for i, x in enumerate(val):
+        md.AddHint(md.GetIntVarFromProtoIndex(i), x)
+    fits = cap is None or all(value(e) <= int(cap * ilp.mem_scale) for e in ilp.rank_mem)
+    return value(ilp.objective), fits
+
+
+def _flat(expr) -> tuple[int, list[tuple[int, int]]]:
+    """(offset, [(var index, coefficient)]) of a linear expression or an int."""
+    if isinstance(expr, int):
+        return expr, []
+    f = cp_model.FlatIntExpr(expr)
+    return f.offset, [(v.index, c) for v, c in zip(f.vars, f.coeffs)]
 
 
 def _solver(time_limit_s: float, workers: int | None) -> cp_model.CpSolver:
@@ -255,8 +473,7 @@ def min_memory_bytes(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise PlanError(f"could not compute the smallest memory for {num_ranks * chunks} stages within "
                         f"{time_limit_s:g} s: raise --time-limit")
-    K = num_ranks * chunks
-    assign = [next(k for k in range(K) if (b, k) in ilp.x and solver.Value(ilp.x[b, k])) for b in range(len(bg.blocks))]
+    assign = ilp.assignment(solver.Value)
     plan = evaluate_assignment(bg, assign, num_ranks, chunks, m, schedule, simulate=False)
     return max(plan.rank_mem_bytes), status == cp_model.OPTIMAL
 
@@ -276,15 +493,36 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     if refine_time_s is None:
         refine_time_s = min(2.0, time_limit_s / 4)
     t0 = time.perf_counter()
-    ilp = _build(bg, p, v, m, schedule, link_bw_bytes_per_s, memory_cap_bytes)
+    from partitioner.baselines import BASELINES, baseline_assignment
+    bw, cap = link_bw_bytes_per_s, memory_cap_bytes
+    dp_split = _hint_split(bg, p, v, m, schedule, bw, cap)
+    compute_split = split_chain([b.time_s for b in bg.blocks], K).block_stage()
+    baseline_splits = [baseline_assignment(bg, name, K) for name in BASELINES]
+    start, upper = None, None
+    if hint:  # the best seed by the model's objective is the incumbent; it prunes the model (_domains)
+        w, ts = _time_units(bg)
+        seeds = [dp_split, compute_split] + baseline_splits
+        fitting = [a for a in seeds if cap is None or _fits(bg, a, p, v, m, schedule, cap)]
+        start = min(fitting or seeds, key=lambda a: _model_objective(bg, a, p, v, m, bw, w, ts))
+        upper = _model_objective(bg, start, p, v, m, bw, w, ts) if fitting else None
+    ilp = None
+    if upper is not None:
+        try:
+            ilp = _build(bg, p, v, m, schedule, bw, cap, upper=upper)
+            got = _hint(ilp, start, cap)
+            if got is None or got[0] > upper or not got[1]:  # the pruning would cut off the incumbent
+                ilp = None
+        except _NoSplit:
+            ilp = None
+    if ilp is None:
+        ilp = _build(bg, p, v, m, schedule, bw, cap)
+        if start is not None:
+            _hint(ilp, start, cap)
     ilp.model.Minimize(ilp.objective)
-    start = None
-    if hint:
-        start = _hint_split(bg, p, v, m, schedule, link_bw_bytes_per_s, memory_cap_bytes)
-        _add_full_hint(ilp, start, workers)
-    solver = _solver(time_limit_s, workers)
+    # time_limit_s bounds the whole call: model building, the solver and the refinement after it
+    reserve = refine_time_s + 0.05 * time_limit_s if simulate else 0.02 * time_limit_s
+    solver = _solver(max(0.1, time_limit_s - reserve - (time.perf_counter() - t0)), workers)
     status = solver.Solve(ilp.model)
-    elapsed = time.perf_counter() - t0
     if status == cp_model.INFEASIBLE or (status == cp_model.UNKNOWN and memory_cap_bytes is not None
                                          and not _fits(bg, start, p, v, m, schedule, memory_cap_bytes)):
         if memory_cap_bytes is None:
@@ -296,11 +534,11 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
                         f"{_gib(need)} ({schedule}, {m} microbatches). Raise --memory, add --devices, "
                         "or use fewer microbatches in flight (1f1b instead of gpipe)")
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        assign = [next(k for k in range(K) if (b, k) in ilp.x and solver.Value(ilp.x[b, k])) for b in range(n)]
+        assign = ilp.assignment(solver.Value)
         status_name = solver.StatusName(status)
         obj, bound = solver.ObjectiveValue(), solver.BestObjectiveBound()
     else:  # time limit without a solution: the warm start is still a valid plan
-        assign = start or _hint_split(bg, p, v, m, schedule, link_bw_bytes_per_s, memory_cap_bytes)
+        assign = start or dp_split
         status_name = "DP_FALLBACK"
         obj, bound = float("nan"), solver.BestObjectiveBound()
     refined = False
@@ -308,9 +546,7 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
         # the ILP's answer, its warm start and the compute-only chain DP: the closed form
         # misjudges interleaved schedules on slow links, where balance beats fewer cuts.
         # The baselines' splits are seeds too, so the result is never worse than any of them.
-        from partitioner.baselines import BASELINES, baseline_assignment
-        seeds = [assign, start, split_chain([b.time_s for b in bg.blocks], K).block_stage()]
-        seeds += [baseline_assignment(bg, name, K) for name in BASELINES]
+        seeds = [assign, start, dp_split, compute_split] + baseline_splits
         seeds = [a for i, a in enumerate(seeds) if a is not None and a not in seeds[:i]]
         best = min((refine(bg, a, p, v, m, schedule, link_bw_bytes_per_s, memory_cap_bytes,
                            refine_time_s / len(seeds)) for a in seeds), key=lambda r: r[1])
@@ -323,7 +559,7 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     plan.objective = obj / scale if obj == obj else plan.model_step_time_s
     plan.bound = bound / scale
     plan.gap = max(0.0, (plan.objective - plan.bound) / plan.objective) if plan.objective > 0 else 0.0
-    plan.solve_time_s = elapsed
+    plan.solve_time_s = time.perf_counter() - t0
     return plan
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cost_models.flops import module_flops, node_flops
+from cost_models.flops import module_flops, node_flops, sdpa_backend, trace_nodes
 
 
 def _export(model: nn.Module, *args: torch.Tensor) -> torch.fx.GraphModule:
@@ -85,3 +85,59 @@ def test_meta_model_and_module_rollup():
     # first layer: weight grad only; second: weight and input grads
     assert per_module["0"].bwd == per_module["0"].fwd
     assert per_module["2"].bwd == 2 * per_module["2"].fwd
+
+
+# ----------------------------------------------------------------------------- SDPA backend
+
+@pytest.mark.parametrize("dtype, q, k, v, mask, mask_grad, causal, expected", [
+    (torch.bfloat16, (2, 4, 16, 64), (2, 4, 16, 64), (2, 4, 16, 64), False, False, True, "flash"),  # GPT-2-like
+    (torch.bfloat16, (2, 4, 8, 64), (2, 4, 16, 64), (2, 4, 16, 64), False, False, True, "efficient"),  # causal L != S
+    (torch.bfloat16, (2, 4, 16, 64), (2, 4, 16, 64), (2, 4, 16, 64), True, False, False, "efficient"),  # additive mask
+    (torch.bfloat16, (2, 4, 16, 12), (2, 4, 16, 12), (2, 4, 16, 12), True, False, False, "math"),  # 12 % 8
+    (torch.float32, (2, 4, 16, 64), (2, 4, 16, 64), (2, 4, 16, 64), False, False, False, "efficient"),  # no fp32 flash
+    (torch.float32, (2, 4, 16, 6), (2, 4, 16, 6), (2, 4, 16, 6), False, False, False, "math"),  # 6 % 4
+    (torch.bfloat16, (2, 4, 16, 64), (2, 4, 16, 64), (2, 4, 16, 64), True, True, False, "math"),  # T5 bias
+    (torch.float32, (2, 4, 16, 64), (2, 4, 16, 64), (2, 4, 16, 64), True, True, False, "math"),
+])
+def test_sdpa_backend_rule(dtype, q, k, v, mask, mask_grad, causal, expected):
+    assert sdpa_backend(q, k, v, dtype, has_mask=mask, mask_requires_grad=mask_grad, is_causal=causal) == expected
+
+
+class _BiasedAttention(nn.Module):
+    """T5-style: a trainable (1, H, L, S) position bias passed as the additive attn_mask."""
+
+    def __init__(self, H: int, L: int, S: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, H, L, S))
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias, scale=1.0)
+
+
+def test_trainable_bias_runs_math_attention_flops():
+    B, H, L, S, E = 2, 3, 8, 16, 8
+    q, k, v = torch.randn(B, H, L, E), torch.randn(B, H, S, E), torch.randn(B, H, S, E)
+    gm = _export(_BiasedAttention(H, L, S), q, k, v)
+    traces = trace_nodes(gm, inputs_require_grad=True)
+    t = _only(traces, "scaled_dot_product_attention")
+    assert t.attention.backend == "math" and t.attention.mask_requires_grad
+    assert t.fwd_flops == 4 * B * H * L * S * E  # Q K^T and P V
+    assert t.bwd_flops == 8 * B * H * L * S * E  # dP, dV, dQ, dK: no recompute
+    # the same attention with a frozen bias is fused (memory-efficient): flash's counts
+    model = _BiasedAttention(H, L, S).requires_grad_(False)
+    t = _only(trace_nodes(_export(model, q, k, v), inputs_require_grad=True), "scaled_dot_product_attention")
+    assert t.attention.backend == "efficient" and t.bwd_flops == 10 * B * H * L * S * E
+
+
+def test_causal_attention_without_mask_is_fused():
+    B, H, L, E = 2, 3, 16, 8
+
+    class Causal(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q = torch.randn(B, H, L, E, dtype=torch.bfloat16)
+    t = _only(trace_nodes(_export(Causal(), q, q.clone(), q.clone()), inputs_require_grad=True),
+              "scaled_dot_product_attention")
+    assert t.attention.backend == "flash"
+    assert (t.fwd_flops, t.bwd_flops) == (4 * B * H * L * L * E, 10 * B * H * L * L * E)

@@ -98,3 +98,86 @@ def test_dropout_keeps_a_bool_mask_as_on_gpu():
     gm = torch.export.export(model, (torch.randn(B, IN),), strict=False).module()
     saved = saved_bytes_per_node(trace_nodes(gm))
     assert sum(saved.values()) == B * IN * 4 + B * HID * 1  # linear input + bool mask
+
+
+# ----------------------------------------------------------------------------- attention
+
+class _BiasedAttention(nn.Module):
+    """T5-style attention: a trainable position bias as the additive mask (SDPA math path)."""
+
+    def __init__(self, H: int, L: int, S: int, trainable: bool = True):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, H, L, S), requires_grad=trainable)
+
+    def forward(self, q, k, v):
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+
+
+AB, AH, AL, AS, AE = 2, 3, 8, 16, 8
+
+
+def _attention_gm(dtype: torch.dtype, trainable: bool = True) -> torch.fx.GraphModule:
+    q = torch.randn(AB, AH, AL, AE, dtype=dtype)
+    k, v = (torch.randn(AB, AH, AS, AE, dtype=dtype) for _ in range(2))
+    model = _BiasedAttention(AH, AL, AS, trainable).to(dtype)
+    return torch.export.export(model, (q, k, v), strict=False).module()
+
+
+def _sdpa_saved(gm: torch.fx.GraphModule, scale: DtypeScale | None = None) -> int:
+    saved = saved_bytes_per_node(trace_nodes(gm, inputs_require_grad=True), scale)
+    return sum(b for name, b in saved.items() if name.startswith("scaled_dot_product_attention"))
+
+
+def test_math_attention_saves_probabilities_and_scaled_qk():
+    q, kv, scores = AB * AH * AL * AE, AB * AH * AS * AE, AB * AH * AL * AS
+    # fp32: q * s, k^T * s and P are new fp32 tensors; v is the input itself
+    assert _sdpa_saved(_attention_gm(torch.float32)) == 4 * (q + kv + scores + kv)
+    # bf16 inputs are upcast: everything saved is fp32, v an upcast copy
+    assert _sdpa_saved(_attention_gm(torch.bfloat16)) == 4 * (q + kv + scores + kv)
+    # an fp32 graph costed in bf16: the fp32 accumulators stay 4 bytes, v (the input) halves
+    assert _sdpa_saved(_attention_gm(torch.float32), DtypeScale(torch.float32, torch.bfloat16)) == \
+        4 * (q + kv + scores) + 2 * kv
+
+
+def test_fused_attention_saves_qkv_out_lse_and_mask():
+    q, kv, lse = AB * AH * AL * AE, AB * AH * AS * AE, AB * AH * AL
+    # the frozen (1, H, L, S) bias is saved as it is: a parameter, so no activation bytes
+    assert _sdpa_saved(_attention_gm(torch.float32, trainable=False)) == 4 * (q + 2 * kv + q + lse)
+
+
+def test_bool_mask_is_saved_as_a_float_mask_of_q_dtype():
+    class BoolMask(nn.Module):
+        def forward(self, q, k, v, mask):
+            return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q = torch.randn(AB, AH, AL, AE, dtype=torch.bfloat16)
+    k, v = (torch.randn(AB, AH, AS, AE, dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(AB, 1, AL, AS, dtype=torch.bool)
+    gm = torch.export.export(BoolMask(), (q, k, v, mask), strict=False).module()
+    lse_bytes = AB * AH * AL * 4
+    expected = 2 * (AB * AH * AL * AE * 2 + AB * AH * AS * AE * 2) + lse_bytes + 2 * AB * AL * AS
+    assert _sdpa_saved(gm) == expected
+
+
+class _RMSNormUpcast(nn.Module):
+    """T5LayerNorm: the variance is computed in fp32 even in a bf16 model."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + 1e-6)
+        return self.weight * x.to(self.weight.dtype)
+
+
+def test_explicit_fp32_upcast_in_a_bf16_graph_counts_four_bytes():
+    x = torch.randn(B, 5, IN, dtype=torch.bfloat16)
+    gm = torch.export.export(_RMSNormUpcast(IN).to(torch.bfloat16), (x,), strict=False).module()
+    traces = trace_nodes(gm, inputs_require_grad=True)
+    saved = saved_bytes_per_node(traces, DtypeScale(torch.bfloat16, torch.bfloat16))
+    pow_node = next(name for name in saved if name.startswith("pow"))
+    assert saved[pow_node] == B * 5 * IN * 4  # the fp32 copy pow keeps
+    # bf16 x (kept by x * rsqrt), fp32 rsqrt (B, 5, 1), bf16 normalised x (kept by weight * x)
+    assert sum(saved.values()) == B * 5 * IN * 4 + B * 5 * IN * 2 + B * 5 * 4 + B * 5 * IN * 2

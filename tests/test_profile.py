@@ -132,3 +132,37 @@ def test_misaligned_16bit_matmul_is_slower_than_aligned():
         linear = next(n for n in gm.graph.nodes if n.op in ("call_module", "call_function"))
         assert flops_efficiency(linear, spec, torch.bfloat16) == expected
         assert flops_efficiency(linear, spec, torch.float32) == spec.matmul_efficiency  # no tensor cores in fp32
+
+
+def test_math_attention_node_costs_its_kernels():
+    """A T5-like trainable bias makes SDPA run unfused: its time is the math path's kernels."""
+    from cost_models.device import get_device_spec
+    from cost_models.flops import trace_nodes
+    from cost_models.time import kernels_time_s, math_attention_kernels
+
+    B, H, L, E = 4, 4, 128, 64
+
+    class Biased(nn.Module):
+        def __init__(self, trainable: bool):
+            super().__init__()
+            self.bias = nn.Parameter(torch.zeros(1, H, L, L), requires_grad=trainable)
+
+        def forward(self, q, k, v):
+            return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+
+    q = torch.randn(B, H, L, E, dtype=torch.bfloat16)
+    spec = get_device_spec("h200")
+    times = {}
+    for trainable in (True, False):
+        gm = torch.export.export(Biased(trainable).to(torch.bfloat16), (q, q.clone(), q.clone()),
+                                 strict=False).module()
+        costs = profile(gm, device=spec, dtype=torch.bfloat16, inputs_require_grad=True, progress=False)
+        name = next(n for n in costs.nodes if n.startswith("scaled_dot_product_attention"))
+        times[trainable] = costs.nodes[name]
+        if trainable:
+            call = trace_nodes(gm, inputs_require_grad=True)[name].attention
+            fwd, bwd = math_attention_kernels(call)
+            assert costs.nodes[name].fwd_time_s == pytest.approx(kernels_time_s(fwd, spec, spec.cpu_fwd_overhead_s))
+            assert costs.nodes[name].bwd_time_s == pytest.approx(kernels_time_s(bwd, spec, spec.cpu_bwd_overhead_s))
+    assert times[True].saved_bytes > times[False].saved_bytes + B * H * L * L * 4  # fp32 probabilities
+    assert times[True].fwd_time_s > times[False].fwd_time_s

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +25,18 @@ def random_dag(rng: random.Random, n: int, skip_prob: float = 0.3, shared: bool 
         for v in range(u + 2, n):
             if rng.random() < skip_prob:
                 edges[u, v] = rng.randint(0, 2_000_000_000)
+    tied = [("tied.weight", 4 * rng.randint(0, 4_000_000_000), (0, n - 1))] if shared else None
+    return synthetic_block_graph(times, edges, [rng.randint(0, 100) for _ in range(n)],
+                                 [rng.randint(0, 10) for _ in range(n)], tied, rng.randint(0, 10**9))
+
+
+def branchy_dag(rng: random.Random, n: int, shared: bool = False):
+    """A DAG where block b need not feed b + 1 (parallel branches): stages need not be contiguous."""
+    times = [rng.uniform(0.5, 5.0) for _ in range(n)]
+    edges = {}
+    for w in range(1, n):
+        for u in rng.sample(range(max(0, w - 4), w), k=min(w, rng.randint(1, 2))):
+            edges[u, w] = rng.randint(0, 2_000_000_000)
     tied = [("tied.weight", 4 * rng.randint(0, 4_000_000_000), (0, n - 1))] if shared else None
     return synthetic_block_graph(times, edges, [rng.randint(0, 100) for _ in range(n)],
                                  [rng.randint(0, 10) for _ in range(n)], tied, rng.randint(0, 10**9))
@@ -65,6 +78,69 @@ def test_dag_with_skips_matches_brute_force(seed):
     assert plan.solver_status == "OPTIMAL"
     assert plan.model_step_time_s == pytest.approx(brute_force(bg, p, v, m), rel=1e-4)
     assert plan.objective == pytest.approx(plan.model_step_time_s, rel=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_branchy_dag_matches_brute_force(seed):
+    rng = random.Random(100 + seed)
+    bg = branchy_dag(rng, rng.randint(5, 6), shared=seed % 2 == 0)
+    assert any(not bg.graph.has_edge(b, b + 1) for b in range(len(bg.blocks) - 1))
+    p, v = [(2, 1), (3, 1), (2, 2)][seed % 3]
+    plan = solve(bg, p, chunks=v, microbatches=4, link_bw_bytes_per_s=BW, time_limit_s=20, simulate=False)
+    assert plan.solver_status == "OPTIMAL"
+    assert plan.model_step_time_s == pytest.approx(brute_force(bg, p, v, 4), rel=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_pruning_by_the_incumbent_keeps_the_optimum(seed):
+    """hint=True prunes stage domains with the best seed's objective; hint=False solves the full model."""
+    rng = random.Random(200 + seed)
+    if seed < 4:
+        bg = random_dag(rng, rng.randint(12, 30), skip_prob=0.1, shared=seed % 2 == 0)
+    else:
+        bg = branchy_dag(rng, rng.randint(10, 16), shared=seed % 2 == 0)
+    p, v = [(2, 1), (4, 1), (2, 2), (3, 2)][seed % 4]
+    cap = None
+    if seed % 3 == 2:
+        need, _ = min_memory_bytes(bg, p, v, 4 * p)
+        cap = need + (need >> 3)
+    kw = dict(chunks=v, microbatches=4 * p, link_bw_bytes_per_s=BW, memory_cap_bytes=cap, time_limit_s=30,
+              simulate=False)
+    pruned, full = solve(bg, p, **kw), solve(bg, p, hint=False, **kw)
+    assert pruned.solver_status == full.solver_status == "OPTIMAL"
+    assert pruned.objective == pytest.approx(full.objective, rel=1e-6)
+    assert pruned.model_step_time_s == pytest.approx(pruned.objective, rel=1e-4)
+
+
+def synthetic_chain(n: int, seed: int = 0):
+    """Like benchmarks/solve_time.py: random block times and activations, 5% short skip edges."""
+    rng = random.Random(seed)
+    edges = {(b, b + 1): rng.randint(1 << 20, 1 << 25) for b in range(n - 1)}
+    for u in range(n - 3):
+        if rng.random() < 0.05:
+            edges[u, u + rng.randint(2, 3)] = rng.randint(1 << 20, 1 << 25)
+    return synthetic_block_graph([rng.uniform(0.5e-3, 2e-3) for _ in range(n)], edges,
+                                 [rng.randint(1 << 24, 1 << 28) for _ in range(n)],
+                                 [rng.randint(1 << 22, 1 << 26) for _ in range(n)])
+
+
+def test_thousand_blocks_sixteen_stages_optimal_within_the_time_limit():
+    bg = synthetic_chain(1000)
+    t0 = time.perf_counter()
+    plan = solve(bg, 16, microbatches=32, link_bw_bytes_per_s=50e9, time_limit_s=10, refine_time_s=0)
+    wall = time.perf_counter() - t0
+    assert plan.solver_status == "OPTIMAL" and plan.gap == 0
+    assert wall < 10
+    dp = split_chain([b.time_s for b in bg.blocks], 16)
+    assert max(plan.rank_time_s) >= dp.bottleneck * (1 - 1e-5)  # the DP's bottleneck bounds every split
+
+
+def test_time_limit_covers_the_whole_call():
+    bg = synthetic_chain(400, seed=1)
+    t0 = time.perf_counter()
+    plan = solve(bg, 16, microbatches=32, link_bw_bytes_per_s=50e9, time_limit_s=1.5, hint=False)
+    assert time.perf_counter() - t0 < 1.5 + 0.75  # CP-SAT stops a little after its own limit
+    assert sorted(set(plan.block_stage)) == list(range(16))
 
 
 def test_stages_follow_edges_and_are_non_empty():

@@ -102,3 +102,37 @@ def test_measuring_a_meta_graph_is_a_clear_error():
     from partitioner.errors import CostModelError
     with pytest.raises(CostModelError, match="meta device"):
         measure_block_times(gm, [[n.name for n in gm.graph.nodes if n.op == "call_function"]])
+
+
+def _t5_like_call(dtype: torch.dtype):
+    from cost_models.flops import AttentionCall
+    return AttentionCall("math", batch_heads=8 * 12, q_len=512, kv_len=512, qk_dim=64, v_dim=64, dtype=dtype,
+                         mask_numel=8 * 12 * 512 * 512, mask_dtype=dtype, mask_requires_grad=True)
+
+
+@pytest.mark.parametrize("dtype, n_fwd, n_bwd", [(torch.float32, 6, 7), (torch.bfloat16, 10, 12)])
+def test_math_attention_kernels_closed_form(dtype, n_fwd, n_bwd):
+    call = _t5_like_call(dtype)
+    fwd, bwd = time_model.math_attention_kernels(call)
+    assert (len(fwd), len(bwd)) == (n_fwd, n_bwd)
+    n = call.scores
+    assert sum(k.flops for k in fwd) == 2 * n * (64 + 64) == call.fwd_flops()
+    assert sum(k.flops for k in bwd) == 4 * n * (64 + 64) == call.bwd_flops()
+    # every (B, H, L, S) pass moves fp32 elements, even for bf16 inputs (upcast)
+    assert all(k.dtype == torch.float32 for k in fwd + bwd)
+    softmax = [k for k in fwd if not k.matmul and k.bytes_moved == 2 * n * 4]
+    assert softmax, "softmax reads and writes the fp32 scores once"
+
+
+def test_kernel_sequence_time_is_sum_of_rooflines_or_host_bound():
+    spec = get_device_spec("h100")
+    call = _t5_like_call(torch.bfloat16)
+    fwd, _ = time_model.math_attention_kernels(call)
+    gpu = sum(roofline_time_s(k.flops, k.bytes_moved, 1, spec, k.dtype,
+                              flops_efficiency=None if k.matmul else 1.0) for k in fwd)
+    assert time_model.kernels_time_s(fwd, spec) == pytest.approx(gpu)
+    # the matmuls of the upcast math path run at the fp32 rate: far slower than fused bf16
+    fused = roofline_time_s(call.fwd_flops(), 0, 1, spec, torch.bfloat16, flops_efficiency=spec.attention_efficiency)
+    assert gpu > 3 * fused
+    # tiny shapes: each kernel's eager dispatch bounds the time
+    assert time_model.kernels_time_s(fwd[:1], spec, host_overhead_s=1.0) == 1.0
