@@ -31,23 +31,6 @@ from runtime.comm_plan import CommPlan, Message
 class Transport(ABC):
     """Delivers the messages of one CommPlan at a time (set with `begin`)."""
 
-    def _connect(self) -> None:
-        """One blocking send/recv per channel, in the same global order on every rank: NCCL creates a
-        P2P communicator lazily and blocks until both ranks join, so a receive posted early on a fresh
-        channel could otherwise wait for a peer that waits for us. Also checks every peer is there."""
-        for (src, dst), group in sorted(self.groups.items()):
-            probe = torch.zeros(1, device=self.device)
-            try:
-                if self.rank == src:
-                    dist.send(probe, dst=dst, group=group)
-                else:
-                    dist.recv(probe, src=src, group=group)
-            except Exception as err:
-                peer = dst if self.rank == src else src
-                raise RuntimeConfigError(f"rank {self.rank}: could not connect to rank {peer} within "
-                                         f"{self.timeout.total_seconds():.0f} s ({str(err).splitlines()[0]}); "
-                                         f"check that rank {peer} is running the same program.") from err
-
     def begin(self, comm: CommPlan) -> None:
         """Start a step (or an inference pass) that runs the actions of `comm`."""
 
@@ -190,7 +173,13 @@ class DistTransport(Transport):
         peer = msg.dst_rank if msg.src_rank == self.rank else msg.src_rank
         verb = "sending" if msg.src_rank == self.rank else "receiving"
         try:
-            work.wait(self.timeout)
+            if self.device.type == "cuda":
+                # NCCL: wait() only orders the compute stream after the transfer. A timeout
+                # argument would block the CPU until the GPU finishes, stalling the next kernels;
+                # the process group's own timeout (watchdog) still catches a dead peer.
+                work.wait()
+            else:
+                work.wait(self.timeout)
         except Exception as err:
             raise RuntimeConfigError(
                 f"rank {self.rank}: {verb} {msg} failed: rank {peer} did not answer within "
