@@ -65,6 +65,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from partitioner.chain_dp import split_chain
+from partitioner.refine import refine
 from partitioner.errors import PlanError
 from partitioner.plan import (DEFAULT_LINK_BW_BYTES_PER_S, Plan, check_config, evaluate_assignment,
                               inflight_microbatches, stage_stats)
@@ -561,58 +562,6 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     plan.gap = max(0.0, (plan.objective - plan.bound) / plan.objective) if plan.objective > 0 else 0.0
     plan.solve_time_s = time.perf_counter() - t0
     return plan
-
-
-def refine(bg, assign: list[int], p: int, v: int, m: int, schedule: str, bw: float, cap: int | None,
-           budget_s: float) -> tuple[list[int], float]:
-    """Local search on the simulated step time from `assign`; returns (assignment, step time)."""
-    from runtime.schedules import make_schedule
-    from runtime.simulator import StageCosts, simulate
-
-    deadline = time.perf_counter() + budget_s
-    sched = make_schedule(schedule, p, m, v)
-    inflight = inflight_microbatches(schedule, p, m, v)
-    preds = [list(bg.graph.predecessors(b)) for b in range(len(bg.blocks))]
-    succs = [list(bg.graph.successors(b)) for b in range(len(bg.blocks))]
-
-    def score(a: list[int]) -> float:
-        st = stage_stats(bg, a, p, v, bw)
-        if cap is not None and any(st.static_bytes[r] + inflight[r] * max(st.saved_bytes[r::p]) > cap
-                                   for r in range(p)):
-            return float("inf")
-        costs = StageCosts(tuple(st.fwd_time_s), tuple(st.bwd_time_s),
-                           tuple(tuple(b / bw for b in row) for row in st.comm_bytes),
-                           tuple(st.saved_bytes), tuple(st.static_bytes))
-        return simulate(sched, costs).step_time_s + st.allreduce_time_s
-
-    a = list(assign)
-    best = score(a)
-    counts = [0] * (p * v)
-    for k in a:
-        counts[k] += 1
-    improved = True
-    while improved and time.perf_counter() < deadline:
-        improved = False
-        for b in range(len(a)):
-            for to in (a[b] - 1, a[b] + 1):
-                if not 0 <= to < p * v or counts[a[b]] == 1:
-                    continue
-                if any(a[u] > to for u in preds[b]) or any(a[w] < to for w in succs[b]):
-                    continue
-                if not any(a[c] == to for c in preds[b] + succs[b] + [b - 1, b + 1] if 0 <= c < len(a)):
-                    continue  # only boundary moves
-                old = a[b]
-                a[b] = to
-                new = score(a)
-                if new < best * (1 - 1e-9):
-                    best, improved = new, True
-                    counts[old] -= 1
-                    counts[to] += 1
-                else:
-                    a[b] = old
-                if time.perf_counter() > deadline:
-                    return a, best
-    return a, best
 
 
 def _fits(bg, assign, p, v, m, schedule, cap) -> bool:
