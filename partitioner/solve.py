@@ -65,10 +65,10 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from partitioner.chain_dp import split_chain
-from partitioner.refine import refine
 from partitioner.errors import PlanError
 from partitioner.plan import (DEFAULT_LINK_BW_BYTES_PER_S, Plan, check_config, evaluate_assignment,
-                              inflight_microbatches, stage_stats)
+                              inflight_microbatches)
+from partitioner.refine import refine
 
 _TIME_UNITS = 1_000_000  # total work is scaled to about this many integer units
 _MEM_LIMIT = 1 << 52  # bytes are exact below this total, scaled above
