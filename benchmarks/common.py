@@ -47,7 +47,21 @@ def command_line() -> str:
         head = ["python", "-m", ".".join(script.resolve().relative_to(root).with_suffix("").parts)]
     else:
         head = ["python", script.name if script else "-c"]
-    return " ".join(shlex.quote(a) for a in head + sys.argv[1:])
+    return " ".join(shlex.quote(a) for a in head + _without_output_paths(sys.argv[1:]))
+
+
+def _without_output_paths(args: list[str]) -> list[str]:
+    """Drop where the results were written (--results-dir/--out DIR): a path of that machine,
+    not part of what reproduces the numbers."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--results-dir", "--out"):
+            skip = True
+        elif not a.startswith(("--results-dir=", "--out=")):
+            out.append(a)
+    return out
 
 
 def write_result(name: str, rows: list[dict], extra: dict | None = None) -> Path:

@@ -33,10 +33,7 @@ from partitioner import zoo
 from passes.annotate import annotate
 from passes.capture import capture
 
-try:
-    from benchmarks.common import print_table, write_result
-except ImportError:  # the shared helpers are optional: fall back to plain JSON
-    print_table = write_result = None
+from benchmarks.common import print_table, write_result
 
 # model -> (batch, seq) on a GPU; --quick uses the zoo's small configs with batch 2, seq 16
 FULL_SHAPES = {"gpt2": (8, 1024), "llama-1b": (4, 1024), "t5-base": (8, 512)}
@@ -308,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-node", action="store_true", help="also measure every node alone (calibration data)")
     parser.add_argument("--profile", action="store_true", help="also break each step down by GPU kernel")
     parser.add_argument("--calibrate", action="store_true", help="also run matmul/bandwidth/overhead microbenchmarks")
-    parser.add_argument("--out", default="cost_model_accuracy", help="result name under benchmarks/results")
+    parser.add_argument("--name", default="cost_model_accuracy", help="result name under benchmarks/results")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -328,22 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     printable = [{k: v for k, v in r.items() if v is not None} for r in rows if r["kind"] in ("block", "step")
                  or r["kind"].startswith("mem")]
-    if print_table is not None:
-        print_table(f"cost model accuracy on {device_name}: predicted (roofline) vs measured", printable)
-        print_table("summary: |relative error| of fwd+bwd time per block, step and memory", summaries)
-        path = write_result(args.out, rows,
-                            extra={"device": device_name, "quick": args.quick, "summary": summaries})
-    else:
-        import json
-        import platform
-        from pathlib import Path
-        path = Path(__file__).resolve().parent / "results" / "cost_model_accuracy.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"device": device_name, "torch_version": torch.__version__,
-                                    "command": " ".join(sys.argv), "platform": platform.platform(),
-                                    "rows": rows, "summary": summaries}, indent=2, default=str))
-        for s in summaries:
-            print(s)
+    print_table(f"cost model accuracy on {device_name}: predicted (roofline) vs measured", printable)
+    print_table("summary: |relative error| of fwd+bwd time per block, step and memory", summaries)
+    path = write_result(args.name, rows, extra={"device": device_name, "quick": args.quick, "summary": summaries})
     print(f"wrote {path}")
     return 0
 

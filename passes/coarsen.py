@@ -221,7 +221,6 @@ def coarsen(annotated, costs, depth: int | None = None, min_blocks: int = 1,
     num_blocks = run_of[-1] + 1 if run_of else 0
     block_of: dict[str, int] = {info.name: r for info, r in zip(compute, run_of)}
     canon = {fqn: grp[0] for grp in annotated.tied for fqn in grp}
-    infos = annotated.by_name()
     users: dict[str, list[str]] = {}
     for info in annotated.nodes:
         for src in info.inputs:
