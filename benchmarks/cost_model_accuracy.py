@@ -16,7 +16,9 @@ Prints median and p90 relative errors and writes benchmarks/results/cost_model_a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 import time
 from typing import Any
 
@@ -33,7 +35,7 @@ from partitioner import zoo
 from passes.annotate import annotate
 from passes.capture import capture
 
-from benchmarks.common import print_table, write_result
+from benchmarks.common import RESULTS_DIR, print_table, write_result
 
 # model -> (batch, seq) on a GPU; --quick uses the zoo's small configs with batch 2, seq 16
 FULL_SHAPES = {"gpt2": (8, 1024), "llama-1b": (4, 1024), "t5-base": (8, 512)}
@@ -295,6 +297,45 @@ def calibration_rows(device: torch.device) -> list[dict]:
     return rows
 
 
+def plot(rows: list[dict], device_name: str, path: Path) -> Path:
+    """Predicted vs measured scatter: fwd+bwd time per block and per step (log-log), and memory."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [1.4, 1]})
+    keys = sorted({(r["model"], r["dtype"]) for r in rows})
+    colours = dict(zip(keys, plt.cm.tab10.colors))
+    for key in keys:
+        mine = [r for r in rows if (r["model"], r["dtype"]) == key]
+        blocks = [r for r in mine if r["kind"] == "block" and r["meas_ms"] and r["pred_ms"]]
+        steps = [r for r in mine if r["kind"] == "step"]
+        label = f"{key[0]} {key[1]}"
+        ax_t.scatter([r["meas_ms"] for r in blocks], [r["pred_ms"] for r in blocks], s=14, alpha=0.6,
+                     color=colours[key], label=label)
+        ax_t.scatter([r["meas_ms"] for r in steps], [r["pred_ms"] for r in steps], s=90, marker="*",
+                     color=colours[key], edgecolor="black", linewidth=0.5)
+        for kind, marker in (("mem_activations", "o"), ("mem_peak", "s")):
+            mem = [r for r in mine if r["kind"] == kind]
+            ax_m.scatter([r["meas_gib"] for r in mem], [r["pred_gib"] for r in mem], marker=marker, s=40,
+                         color=colours[key])
+    for ax, unit in ((ax_t, "ms"), (ax_m, "GiB")):
+        lo, hi = ax.get_xlim()[0], max(ax.get_xlim()[1], ax.get_ylim()[1])
+        ax.plot([lo, hi], [lo, hi], "k--", linewidth=0.8, label="predicted = measured")
+        ax.set_xlabel(f"measured ({unit})")
+        ax.set_ylabel(f"predicted ({unit})")
+    ax_t.set_xscale("log")
+    ax_t.set_yscale("log")
+    ax_t.set_title("forward+backward time: blocks (dots), whole step (stars)")
+    ax_m.set_title("memory: activations after forward (o), step peak (s)")
+    ax_t.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"analytic cost model vs measurement on {device_name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -306,7 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also break each step down by GPU kernel")
     parser.add_argument("--calibrate", action="store_true", help="also run matmul/bandwidth/overhead microbenchmarks")
     parser.add_argument("--name", default="cost_model_accuracy", help="result name under benchmarks/results")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="only redraw benchmarks/results/NAME.png from NAME.json (no measuring)")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        record = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
+        print(f"wrote {plot(record['rows'], record['device'], RESULTS_DIR / f'{args.name}.png')}")
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu --quick", file=sys.stderr)
@@ -328,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"cost model accuracy on {device_name}: predicted (roofline) vs measured", printable)
     print_table("summary: |relative error| of fwd+bwd time per block, step and memory", summaries)
     path = write_result(args.name, rows, extra={"device": device_name, "quick": args.quick, "summary": summaries})
+    plot(rows, device_name, path.with_suffix(".png"))
     print(f"wrote {path}")
     return 0
 
