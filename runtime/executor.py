@@ -94,7 +94,7 @@ class Executor:
         self.transport.begin(comm)
         try:
             for i, action in enumerate(order):
-                if i + 1 < len(order):  # post the next action's receives before computing this one
+                if i + 1 < len(order):  # gloo posts the next action's receives now, NCCL when needed
                     self.transport.prefetch(comm.recvs[order[i + 1]])
                 if action.kind == "F":
                     self._forward(action, comm, state)

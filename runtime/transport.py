@@ -14,6 +14,15 @@ handshake is needed.
   NCCL's in-order matching needs and what keeps gloo's tag-free matching
   correct. Every group has a timeout: a dead or stuck peer raises a
   RuntimeConfigError naming it instead of hanging.
+
+When receives are posted: on gloo, `prefetch` posts them early, so the
+transfer runs in gloo's threads while this rank computes. On NCCL it does not
+(`post_early=False`): an irecv launches an NCCL kernel once the compute queued
+before it ends, and that kernel spins on SMs until the peer's send arrives,
+i.e. through the whole next computation. Measured on 2 H200s (1F1B, fp32
+GEMMs): forwards 22 -> 34 ms, backwards 45 -> 61 ms, step 604 -> 708 ms.
+Posted when needed (as torch.distributed.pipelining does), the kernel starts
+after the previous computation and only waits for the peer.
 """
 from __future__ import annotations
 
@@ -39,7 +48,7 @@ class Transport(ABC):
         """Send `tensor` as `msg`; returns at once."""
 
     def prefetch(self, msgs: list[Message]) -> None:
-        """Post the receives of `msgs` now (they are waited for later in `recv`)."""
+        """`msgs` will be received soon: a transport may post their receives now (waited for in `recv`)."""
 
     @abstractmethod
     def recv(self, msg: Message) -> torch.Tensor:
@@ -77,12 +86,15 @@ class DistTransport(Transport):
 
     channels: every (src_rank, dst_rank) pair that will ever carry a message, the
     same list on every rank (groups are created in its sorted order).
+    post_early: whether `prefetch` posts receives before they are needed; default
+    True on CPU (gloo), False on CUDA (NCCL), see the module docstring.
     """
 
     def __init__(self, rank: int, device: torch.device, channels: list[tuple[int, int]],
-                 timeout_s: float = 300.0, backend: str | None = None):
+                 timeout_s: float = 300.0, backend: str | None = None, post_early: bool | None = None):
         self.rank = rank
         self.device = torch.device(device)
+        self.post_early = self.device.type != "cuda" if post_early is None else post_early
         self.timeout = timedelta(seconds=timeout_s)
         self.groups: dict[tuple[int, int], dist.ProcessGroup] = {}
         for src, dst in sorted(set(channels)):
@@ -135,6 +147,11 @@ class DistTransport(Transport):
             self._wait(*self.pending_sends.popleft())
 
     def prefetch(self, msgs: list[Message]) -> None:
+        if self.post_early:
+            self._post(msgs)
+
+    def _post(self, msgs: list[Message]) -> None:
+        """Post the receives of `msgs`, and of every message before them on their channels."""
         for msg in msgs:
             if msg.src_rank == self.rank:
                 continue
@@ -154,7 +171,7 @@ class DistTransport(Transport):
                 raise RuntimeConfigError(f"rank {self.rank}: {msg} was not produced before it was needed; "
                                          "the schedule runs a consumer before its producer.")
             return self.local.pop(msg)
-        self.prefetch([msg])
+        self._post([msg])
         work, buf = self.posted.pop(msg)
         self._wait(work, buf, msg)
         return buf
