@@ -1,27 +1,36 @@
 """Run the benchmark suite: `python -m benchmarks [--full] [--gpu] [--only NAME ...]`.
 
-quick (default): what runs on a 2-core CPU machine in under 10 minutes.
---full: adds the slow CPU cases (bigger models, more stages, longer solves).
---gpu:  the parts meant for a GPU machine (cost-model accuracy, one-GPU runtime overhead).
-Every benchmark prints a table and writes JSON (and a PNG where it has a figure) to
-benchmarks/results/.
+quick (default): what runs on a 2-core CPU machine in under 10 minutes; results go to
+        benchmarks/results/quick/ (smaller cases than the README quotes).
+--full: the CPU benchmarks at the sizes the README quotes; results in benchmarks/results/.
+--gpu:  the parts meant for a GPU machine (cost-model accuracy, one-GPU runtime overhead,
+        executor on one GPU); results in benchmarks/results/.
+Every benchmark prints a table and writes JSON (and a PNG where it has a figure).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 # (name, module, args for quick, args for full, needs_gpu)
 SUITE: list[tuple[str, str, list[str], list[str], bool]] = [
     ("capture", "benchmarks.capture", [], [], False),
-    ("solve_time", "benchmarks.solve_time", ["--blocks", "100", "1000", "--stages", "4", "16"], [], False),
-    ("plan_quality", "benchmarks.plan_quality", ["--models", "gpt2-xl", "cnn"], [], False),
-    ("executor_vs_torch", "benchmarks.executor_vs_torch", ["--quick"], [], False),
+    ("solve_time", "benchmarks.solve_time", ["--blocks", "100", "1000", "--stages", "4", "16"],
+     ["--blocks", "50", "200", "500", "1000", "--stages", "4", "8", "16", "--chunks", "1", "2"], False),
+    ("plan_quality", "benchmarks.plan_quality", ["--models", "gpt2-xl", "cnn", "--ranks", "4"], [], False),
+    ("executor_vs_torch", "benchmarks.executor_vs_torch", ["--quick"], ["--quick"], False),
+    ("executor_vs_torch_1proc", "benchmarks.executor_vs_torch", ["--quick", "--mode", "one-process"],
+     ["--quick", "--mode", "one-process"], False),
     ("cost_model_accuracy", "benchmarks.cost_model_accuracy", [], [], True),
     ("gpu_runtime", "benchmarks.gpu_runtime", [], [], True),
-    ("executor_vs_torch_gpu", "benchmarks.executor_vs_torch", ["--device", "cuda"], [], True),
+    ("executor_vs_torch_gpu", "benchmarks.executor_vs_torch", ["--device", "cuda"], ["--device", "cuda"], True),
+    ("executor_vs_torch_nccl", "benchmarks.executor_vs_torch",  # needs 4 GPUs
+     ["--device", "cuda", "--mode", "dist", "--ranks", "2,4"], ["--device", "cuda", "--mode", "dist", "--ranks", "2,4"],
+     True),
 ]
 
 
@@ -41,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", module] + (full_args if args.full else quick_args)
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.call(cmd)
+        env = dict(os.environ)
+        if not (args.full or args.gpu):
+            env.setdefault("PARTITIONER_RESULTS_DIR", str(Path(__file__).resolve().parent / "results" / "quick"))
+        rc = subprocess.call(cmd, env=env)
         print(f"=== {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {time.perf_counter() - t0:.1f} s", flush=True)
         if rc != 0:
             failed.append(name)

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# PARTITIONER_RESULTS_DIR redirects every benchmark's output (the quick suite writes to
+# benchmarks/results/quick, so it never overwrites the full runs the README quotes)
+RESULTS_DIR = Path(os.environ.get("PARTITIONER_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def machine_info() -> dict[str, Any]:

@@ -40,11 +40,12 @@ def _value(m: Message) -> torch.Tensor:
     return torch.full(m.shape, int(m.value[1:]), dtype=m.dtype)
 
 
-def _exchange_then_die(rank: int, world: int, arg) -> tuple[list[bool], str]:
+def _exchange_then_die(rank: int, world: int, post_early) -> tuple[list[bool], str]:
     import torch.distributed as dist
     dist.init_process_group("gloo")
     comm, forward, backward = _channels()
-    t = DistTransport(rank, torch.device("cpu"), list(comm.channels), timeout_s=10)
+    t = DistTransport(rank, torch.device("cpu"), list(comm.channels), timeout_s=10, post_early=post_early)
+    assert t.post_early == (post_early is None or post_early)  # CPU default: post receives early
     t.begin(comm)
     ok = []
     if rank == 0:
@@ -74,8 +75,9 @@ def _exchange_then_die(rank: int, world: int, arg) -> tuple[list[bool], str]:
     return ok, "no error"
 
 
-def test_dist_transport_matches_messages_in_the_senders_order_and_names_dead_peers():
-    results = run_workers(_exchange_then_die, 2, timeout_s=90)
+@pytest.mark.parametrize("post_early", [None, False])  # None: CPU default (early); False: NCCL's just-in-time
+def test_dist_transport_matches_messages_in_the_senders_order_and_names_dead_peers(post_early):
+    results = run_workers(_exchange_then_die, 2, post_early, timeout_s=90)
     ok, error = results[0]
     assert ok == [True] * 3 and results[1] is None
     assert "rank 1" in error and "failed" in error, error
