@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import RuntimeConfigError
+from partitioner.microbatch import batch_size, split_batch
 from partitioner.plan import Plan
 from passes.capture import Captured, capture
 from passes.split import StageModule, place_on_device, split
@@ -137,7 +138,7 @@ class ParallelModel:
         of loss_fn over the microbatches, as a 0-dim float32 tensor on every rank.
         """
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
-        targets = _split_batch(target, self.microbatches, "target")
+        targets = split_batch(target, self.microbatches, "target")
         self.store.before_step()
         loss = self.executor.train_step(mb_inputs, targets)
         self.store.after_step()
@@ -176,7 +177,7 @@ class ParallelModel:
                 raise RuntimeConfigError(f"input {i} is {got} but the example inputs had {want}; the stages were "
                                          "captured for that shape. Pass batches shaped like the example inputs.")
         return [self.captured.flatten_inputs(a, kw) for a, kw in
-                _split_batch((tuple(inputs), dict(kwargs)), self.microbatches, "input", _batch_size(leaves))]
+                split_batch((tuple(inputs), dict(kwargs)), self.microbatches, "input", batch_size(leaves))]
 
     def _share_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
         if self.rank is None:
@@ -280,32 +281,8 @@ def _fingerprint(model: torch.nn.Module, devices: list[torch.device], args: tupl
                  microbatches, schedule, chunks, params, plan.to_json() if plan is not None else None))
 
 
-def _split_batch(x: Any, microbatches: int, what: str, batch: int | None = None) -> list[Any]:
-    """Split the tensor leaves of x along dim 0 into `microbatches` equal parts: every leaf, or with
-    `batch` given only those whose dim 0 is the batch size (the others go whole to every microbatch)."""
-    leaves, spec = pytree.tree_flatten(x)
-    parts = []
-    for i, leaf in enumerate(leaves):
-        if not isinstance(leaf, torch.Tensor) or (batch is not None and (leaf.dim() == 0 or leaf.shape[0] != batch)):
-            parts.append([leaf] * microbatches)
-            continue
-        if leaf.dim() == 0 or leaf.shape[0] % microbatches:
-            size = "a 0-dim tensor" if leaf.dim() == 0 else f"batch size {leaf.shape[0]}"
-            name = what if len(leaves) == 1 else f"{what} {i}"
-            raise RuntimeConfigError(f"{name} has {size}, which cannot be split into {microbatches} equal "
-                                     "microbatches along dim 0; make the batch a multiple of microbatches.")
-        parts.append(list(leaf.chunk(microbatches)))
-    return [pytree.tree_unflatten([p[mb] for p in parts], spec) for mb in range(microbatches)]
-
-
-def _batch_size(leaves: list[Any]) -> int | None:
-    """The global batch: dim 0 of the first tensor input with a dim (the planner's rule)."""
-    return next((x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0), None)
-
-
 def _first_microbatch(args: tuple, kwargs: dict, microbatches: int) -> tuple[tuple, dict]:
-    return _split_batch((args, kwargs), microbatches, "example input",
-                        _batch_size(pytree.tree_leaves((args, kwargs))))[0]
+    return split_batch((args, kwargs), microbatches, "example input", batch_size((args, kwargs)))[0]
 
 
 def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_kwargs: dict, p: int, chunks: int,

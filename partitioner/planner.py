@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch.utils import _pytree as pytree
 
 from partitioner.errors import PlanError
+from partitioner.microbatch import batch_size, split_batch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,19 +59,15 @@ class PlanResult:
 
 def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbatches: int) -> tuple[tuple, dict]:
     """Cut every tensor whose dim 0 is the global batch to one microbatch (the first one)."""
-    example_kwargs = dict(example_kwargs or {})
-    leaves, spec = pytree.tree_flatten((tuple(example_args), example_kwargs))
-    tensors = [x for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0]
-    if not tensors:
-        return tuple(example_args), example_kwargs
-    batch = tensors[0].shape[0]
+    inputs = (tuple(example_args), dict(example_kwargs or {}))
+    batch = batch_size(inputs)
+    if batch is None:
+        return inputs
     if batch % microbatches:
         raise PlanError(f"the global batch of the example inputs is {batch}, not divisible into {microbatches} "
                         f"microbatches: use --batch {microbatches * max(1, -(-batch // microbatches))} "
                         f"or --microbatches dividing {batch}")
-    mb = batch // microbatches
-    leaves = [x[:mb] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch else x for x in leaves]
-    args, kwargs = pytree.tree_unflatten(leaves, spec)
+    args, kwargs = split_batch(inputs, microbatches, "example input", batch)[0]
     return tuple(args), dict(kwargs)
 
 

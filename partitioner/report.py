@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from partitioner.errors import PlanError
+from partitioner.microbatch import batch_size
 from partitioner.plan import Plan
 from partitioner.planner import DTYPES, PlanConfig, PlanResult, plan_model
 
@@ -103,14 +104,6 @@ def compare_table(result: PlanResult) -> Table:
     return table
 
 
-def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    import torch
-    from torch.utils import _pytree as pytree
-
-    leaves = pytree.tree_leaves((args, kwargs))
-    return next((x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0), None)
-
-
 def config_from_args(args: argparse.Namespace) -> PlanConfig:
     return PlanConfig(num_ranks=args.devices, chunks=args.chunks, microbatches=args.microbatches,
                       schedule=args.schedule, memory_cap_bytes=parse_bytes(args.memory) if args.memory else None,
@@ -132,7 +125,7 @@ def run_plan(args: argparse.Namespace) -> None:
     with err.status(f"loading {args.model}") as status:
         spec = load_model_spec(args.model, batch=config.batch, seq=config.seq, device="meta",
                                dtype=DTYPES[config.dtype])
-        batch = _batch_size(spec.example_args, spec.example_kwargs)
+        batch = batch_size((spec.example_args, spec.example_kwargs))
         if config.batch is None and batch and batch % m:  # the model's default batch: round it up
             config.batch = m * -(-batch // m)
             err.print(f"using --batch {config.batch}: the default batch {batch} does not split into {m} microbatches")
