@@ -5,6 +5,8 @@
 
 Each model is captured and profiled once for one microbatch of one sample
 (analytic H100 costs, fp32, AdamW), then planned with m = 2p microbatches.
+A second table caps memory so that it binds (see memory_bound_row) and compares
+the ILP with the memory-aware chain DP and the baselines.
 Lower bound: every rank busy all the time, m W / p (W = fwd+bwd of one
 microbatch through the model). For reference, equal_stages_ms is the textbook
 step with p v equal stages and no communication, m W / p + (p - 1) W / (p v);
@@ -43,16 +45,20 @@ def equal_stages_s(bg, p: int, v: int, m: int) -> float:
     return m * work / p + (p - 1) * work / (p * v)
 
 
-def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: float, device: str) -> list[dict]:
+def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: float, device: str,
+        memory_bound: bool = True) -> tuple[list[dict], list[dict]]:
     from cost_models.device import get_device_spec
     from partitioner.baselines import all_baselines
     from partitioner.solve import solve
     from passes.coarsen import coarsen
 
     bw = get_device_spec(device).intra_node_bw_bytes_per_s
-    rows = []
+    rows, capped = [], []
     for name in models:
         ag, costs = profile_model(name, device)
+        if memory_bound:
+            capped.append(memory_bound_row(name, coarsen(ag, costs, min_blocks=4, target_blocks=8), 4, 1, 8, bw,
+                                           time_limit_s))
         for p in ranks:
             for v in chunks:
                 m = 2 * p
@@ -74,7 +80,37 @@ def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: fl
                 rows.append(row)
                 print(f"{name} p={p} v={v}: ilp {row['ilp_ms']:.2f} ms, best baseline {best_name} "
                       f"{base[best_name].step_time_s * 1e3:.2f} ms, bound {lb * 1e3:.2f} ms", flush=True)
-    return rows
+    return rows, capped
+
+
+def memory_bound_row(name: str, bg, p: int, v: int, m: int, bw: float, time_limit_s: float) -> dict:
+    """Where memory binds: a cap a quarter of the way from the smallest memory any split needs to the
+    unconstrained ILP plan's peak. The ILP against the memory-aware chain DP (the best contiguous split
+    that fits) and the baselines (which ignore memory: do they fit?)."""
+    from partitioner.baselines import all_baselines
+    from partitioner.plan import evaluate_assignment
+    from partitioner.solve import chain_dp_split, min_memory_bytes, solve
+
+    free = solve(bg, p, v, m, link_bw_bytes_per_s=bw, time_limit_s=time_limit_s)
+    need, _ = min_memory_bytes(bg, p, v, m, time_limit_s=time_limit_s)
+    peak = max(free.rank_mem_bytes)
+    cap = int(need + 0.25 * (peak - need))
+    ilp = solve(bg, p, v, m, memory_cap_bytes=cap, link_bw_bytes_per_s=bw, time_limit_s=time_limit_s)
+    dp = evaluate_assignment(bg, chain_dp_split(bg, p, v, m, "1f1b" if v == 1 else "interleaved-1f1b", bw, cap),
+                             p, v, m, link_bw_bytes_per_s=bw, memory_cap_bytes=cap)
+    base = all_baselines(bg, p, v, m, memory_cap_bytes=cap, link_bw_bytes_per_s=bw)
+    fitting = [k for k, b in base.items() if max(b.rank_mem_bytes) <= cap]
+    row = {"model": name, "p": p, "v": v, "m": m, "blocks": len(bg.blocks), "cap_gib": cap / 2 ** 30,
+           "min_memory_gib": need / 2 ** 30, "free_peak_gib": peak / 2 ** 30, "free_ilp_ms": free.step_time_s * 1e3,
+           "ilp_ms": ilp.step_time_s * 1e3, "ilp_peak_gib": max(ilp.rank_mem_bytes) / 2 ** 30,
+           "dp_capped_ms": dp.step_time_s * 1e3, "dp_fits": max(dp.rank_mem_bytes) <= cap,
+           # a DP split over the cap is no plan: no ratio then
+           "ilp_vs_dp_capped": ilp.step_time_s / dp.step_time_s if max(dp.rank_mem_bytes) <= cap else None,
+           "baselines_fitting": ",".join(fitting) or "none"}
+    print(f"{name} memory cap {row['cap_gib']:.2f} GiB: ilp {row['ilp_ms']:.2f} ms, memory-aware chain DP "
+          f"{row['dp_capped_ms']:.2f} ms (fits: {row['dp_fits']}), baselines that fit: {row['baselines_fitting']}",
+          flush=True)
+    return row
 
 
 def plot(rows: list[dict], path) -> None:
@@ -108,9 +144,12 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=10.0)
     ap.add_argument("--device", default="h100")
     a = ap.parse_args()
-    rows = run(a.models, a.ranks, a.chunks, a.time_limit, a.device)
+    rows, capped = run(a.models, a.ranks, a.chunks, a.time_limit, a.device)
     print_table("plan quality (simulated step time, ms)", rows)
-    path = write_result("plan_quality", rows, {"device": a.device, "time_limit_s": a.time_limit})
+    print_table("where memory binds (p=4, 1f1b, 8 microbatches)",
+                [{k: v for k, v in r.items() if v is not None} for r in capped])
+    path = write_result("plan_quality", rows, {"device": a.device, "time_limit_s": a.time_limit,
+                                               "memory_bound": capped})
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     plot(rows, RESULTS_DIR / "plan_quality.png")
     print(f"wrote {path} and {RESULTS_DIR / 'plan_quality.png'}")

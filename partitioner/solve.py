@@ -387,8 +387,9 @@ class _NoSplit(Exception):
     """No assignment satisfies the domains (the caller drops `upper`, or reports the graph)."""
 
 
-def _hint_split(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None) -> list[int]:
-    """Block -> stage from the chain DP over blocks in topological order (time incl. receives)."""
+def chain_dp_split(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None) -> list[int]:
+    """Block -> stage from the chain DP over blocks in topological order (time incl. receives),
+    within the memory cap when one is given and some contiguous split fits it; else without."""
     n, K = len(bg.blocks), p * v
     cut = [0.0] * n
     for val in bg.values:
@@ -496,7 +497,7 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     t0 = time.perf_counter()
     from partitioner.baselines import BASELINES, baseline_assignment
     bw, cap = link_bw_bytes_per_s, memory_cap_bytes
-    dp_split = _hint_split(bg, p, v, m, schedule, bw, cap)
+    dp_split = chain_dp_split(bg, p, v, m, schedule, bw, cap)
     compute_split = split_chain([b.time_s for b in bg.blocks], K).block_stage()
     baseline_splits = [baseline_assignment(bg, name, K) for name in BASELINES]
     start, upper = None, None
