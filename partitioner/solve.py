@@ -161,11 +161,6 @@ def _domains(bg, K: int, w: list[int], stage_cap: int | None, anc: list[int], de
     return out
 
 
-def _is_path(bg) -> bool:
-    """Every block feeds the next: stages are then contiguous runs of block ids."""
-    return all(bg.graph.has_edge(b, b + 1) for b in range(len(bg.blocks) - 1))
-
-
 def _time_units(bg) -> tuple[list[int], float]:
     """Integer fwd+bwd time of every block (total about _TIME_UNITS) and the scale (units per second)."""
     ts = _TIME_UNITS / (sum(b.time_s for b in bg.blocks) or 1.0)
@@ -239,7 +234,7 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
     ms = min(1.0, _MEM_LIMIT / max(total_mem, 1))
     md = cp_model.CpModel()
     rules: list = []
-    path = _is_path(bg)
+    path = bg.is_path()
     anc, desc = _closure(bg)
     stage_cap, top_cap = _stage_cap(upper if with_time else None, w, p, v, m, path)
     dom = _domains(bg, K, w, stage_cap, anc, desc, path)

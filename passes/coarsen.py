@@ -104,6 +104,10 @@ class BlockGraph:
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    def is_path(self) -> bool:
+        """True when every block feeds the next: every valid plan is then a contiguous split."""
+        return all(self.graph.has_edge(b, b + 1) for b in range(len(self.blocks) - 1))
+
     def is_chain(self) -> bool:
         """True when every value goes to the next block only (and outputs come from the last)."""
         n = len(self.blocks)
