@@ -194,6 +194,8 @@ class ParallelModel:
         return iter(self.store.named_parameters())
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """This rank's trainable parameters (each tied weight once). Empty on a rank whose stages hold
+        no parameters (e.g. only pooling): build its optimizer only if there is something to step."""
         return (p for _, p in self.store.named_parameters())
 
     def named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
