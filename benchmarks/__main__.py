@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         if needs_gpu != args.gpu and not args.only:
             continue
         cmd = [sys.executable, "-m", module] + (full_args if args.full else quick_args)
+        if "--ranks" in cmd and needs_gpu:  # NCCL: one GPU per rank, use the world sizes this machine has
+            import torch
+            sizes = [w for w in (2, 4, 8) if w <= torch.cuda.device_count()]
+            if not sizes:
+                print(f"\n=== {name}: skipped (needs at least 2 GPUs, found {torch.cuda.device_count()})")
+                continue
+            cmd[cmd.index("--ranks") + 1] = ",".join(map(str, sizes))
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         env = dict(os.environ)
