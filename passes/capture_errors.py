@@ -1,0 +1,153 @@
+"""Why a capture failed, in words a user can act on.
+
+Names the module that was running when tracing failed (global forward hooks),
+tells data-dependent control flow apart from bad example inputs (by running the
+model on them), and turns both tracers' exceptions into one CaptureError that
+says what to try.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from partitioner.errors import CaptureError
+
+
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "data-dependent", "data dependent",
+                   "symbolically traced variables cannot be used as inputs to control flow",
+                   "Could not guard on data-dependent", "Could not extract specialized integer")
+
+
+def is_data_dependent(err: BaseException) -> bool:
+    e: BaseException | None = err
+    while e is not None:
+        if type(e).__name__ in ("GuardOnDataDependentSymNode", "DataDependentOutputException",
+                                "DynamicOutputShapeException"):
+            return True
+        if any(s in str(e) for s in _DATA_DEPENDENT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip().splitlines()
+    msg = text[0] if text else ""
+    msg = msg if len(msg) <= limit else msg[:limit] + "..."
+    return f"{type(err).__name__}: {msg}"
+
+
+class ModuleTracker:
+    """Records which submodule is running (global forward hooks), to name where tracing fails."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.stack: list[tuple[str, str, tuple]] = []
+        self.failed: tuple[str, str, tuple] | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> "ModuleTracker":
+        def pre(mod, args):
+            name = self.names.get(id(mod))
+            if name is not None:
+                self.stack.append((name, type(mod).__name__, args))
+
+        def post(mod, args, out):
+            if self.names.get(id(mod)) is not None and self.stack:
+                self.stack.pop()
+
+        from torch.nn.modules import module as nn_module
+        self._handles = [nn_module.register_module_forward_pre_hook(pre),
+                         nn_module.register_module_forward_hook(post)]
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for h in self._handles:
+            h.remove()
+        if exc_type is not None and self.stack:
+            self.failed = self.stack[-1]
+
+    def where(self) -> str:
+        if self.failed is None:
+            return "the model's forward"
+        name, typ, _ = self.failed
+        return f"module '{name or '<root>'}' ({typ})"
+
+
+def model_name(model: torch.nn.Module) -> str:
+    return type(model).__name__
+
+
+def _describe_inputs(names: list[str], leaves: list[Any]) -> str:
+    if not leaves:
+        return "empty (no args, no kwargs)"
+    parts = []
+    for n, v in zip(names, leaves):
+        if isinstance(v, torch.Tensor):
+            parts.append(f"'{n}': {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}")
+        else:
+            parts.append(f"'{n}': {v!r}")
+    return ", ".join(parts)
+
+
+def check_inputs_eagerly(model: torch.nn.Module, args: tuple, kwargs: dict,
+                          names: list[str], leaves: list[Any]) -> None:
+    """Run the model on its example inputs; if it fails there, name the module and the input."""
+    tracker = ModuleTracker(model)
+    try:
+        with torch.no_grad(), tracker:
+            model(*args, **kwargs)
+    except Exception as err:  # the model's own exception on the example inputs
+        if is_data_dependent(err) or _is_meta_item_error(err):
+            return
+        culprit = ""
+        if tracker.failed is not None:
+            got = [a for a in pytree.tree_leaves(tracker.failed[2]) if isinstance(a, torch.Tensor)]
+            ids = {id(a) for a in got}
+            hit = [n for n, v in zip(names, leaves) if id(v) in ids]
+            if hit:
+                culprit = f" The failing module received input {', '.join(repr(h) for h in hit)} directly."
+            else:  # e.g. a reshaped view of an input: match by shape and dtype
+                sigs = {(tuple(a.shape), a.dtype) for a in got}
+                hit = [n for n, v in zip(names, leaves)
+                       if isinstance(v, torch.Tensor) and (tuple(v.shape), v.dtype) in sigs]
+                if hit:
+                    culprit = f" The failing module received a tensor shaped like input {', '.join(repr(h) for h in hit)}."
+        raise CaptureError(
+            f"cannot capture {model_name(model)}: the model itself fails on the example inputs in "
+            f"{tracker.where()}: {first_line(err)}.{culprit} Example inputs were "
+            f"{_describe_inputs(names, leaves)}. Check the shape/dtype of these inputs "
+            "(and pass keyword inputs as example_kwargs).") from err
+
+
+def _is_meta_item_error(err: BaseException) -> bool:
+    # eager code that calls .item() cannot run on meta tensors; that says nothing about the inputs
+    return "meta" in str(err).lower() and ("item" in str(err).lower() or "data" in str(err).lower())
+
+
+
+def capture_error(model: torch.nn.Module, export_err: BaseException, export_where: str,
+                   trace_err: BaseException, trace_where: str) -> CaptureError:
+    name = model_name(model)
+    unknown = re.search(r"Found <class '([\w.]+)'> in output, which is not a known type", str(export_err))
+    if unknown:
+        hint = (" For Hugging Face models pass use_cache=False (in the config or as an example kwarg)."
+                if "cache" in unknown.group(1).lower() else "")
+        return CaptureError(
+            f"cannot capture {name}: its output holds a {unknown.group(1)}, which torch's pytree cannot "
+            f"flatten.{hint} Otherwise return tensors/tuples/dicts, or register the type with "
+            "torch.utils._pytree.register_pytree_node.")
+    if is_data_dependent(export_err):
+        return CaptureError(
+            f"cannot capture {name}: data-dependent control flow in {export_where}: a Python branch or "
+            f"shape depends on tensor values ({first_line(export_err, 200)}). Make the branch "
+            "independent of tensor data (static shapes, torch.where, torch.cond), or move it "
+            "out of the model.")
+    trace_kind = " (data-dependent control flow)" if is_data_dependent(trace_err) else ""
+    return CaptureError(
+        f"cannot capture {name}: torch.export failed in {export_where} ({first_line(export_err)}) and "
+        f"torch.fx.symbolic_trace failed in {trace_where}{trace_kind} ({first_line(trace_err)}). Try "
+        "passing keyword inputs as example_kwargs, static shapes, or simplifying that module's forward.")
