@@ -199,9 +199,11 @@ class ParallelModel:
         return (p for _, p in self.store.named_parameters())
 
     def named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """This rank's buffers under the original FQNs."""
         return iter(self.store.named_buffers())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of this rank's parameters (tied replicas included), as Module.zero_grad."""
         self.store.zero_grad(set_to_none)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
