@@ -57,6 +57,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
         chunks = plan.chunks
     schedule = schedule or (plan.schedule if plan is not None else None) or \
         ("interleaved-1f1b" if chunks > 1 else "1f1b")
+    defaulted = not microbatches
     microbatches = microbatches or (plan.microbatches if plan is not None else 0) or 2 * p
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
@@ -67,6 +68,14 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
                "the arguments of compile_parallel (model, devices, example inputs, microbatches, schedule, "
                "chunks, plan)", rank, devices)
 
+    batch = batch_size((args, kwargs))
+    if batch is not None and batch % microbatches:
+        fits = [d for d in range(1, batch + 1) if batch % d == 0]
+        origin = (f"the default of 2 x {p} devices" if defaulted and plan is None else
+                  "the plan's" if defaulted else "requested")
+        raise RuntimeConfigError(f"compile_parallel: the example batch of {batch} does not split into {microbatches} "
+                                 f"microbatches ({origin}); pass microbatches= one of {fits} or a batch that "
+                                 f"{microbatches} divides.")
     mb_args, mb_kwargs = _first_microbatch(args, kwargs, microbatches)
     if plan is None:
         plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,

@@ -96,7 +96,7 @@ def test_default_plan_trains_t5_exactly(chunks, schedule):
 
 def test_bad_inputs_raise():
     zm = build("mlp")
-    with pytest.raises(RuntimeConfigError, match="cannot be split into 3 equal microbatches"):
+    with pytest.raises(RuntimeConfigError, match=r"batch of 4 does not split into 3 microbatches \(requested\)"):
         compile_zoo(zm, microbatches=3)
     pm = compile_zoo(zm)
     x, = zm.example_args
@@ -203,3 +203,10 @@ def test_stages_run_on_devices_other_than_the_capture_device():
         assert all(d == torch.device(f"cpu:{st.rank}") for d in baked), baked
     ref_loss, _ = reference(zm)
     assert max_rel_err(pm.train_step(*zm.example_args, target=zm.target), ref_loss) < 1e-5
+
+
+def test_a_batch_the_microbatches_do_not_divide_names_the_choices():
+    zm = build("mlp", batch=6)
+    with pytest.raises(RuntimeConfigError, match=r"batch of 6 does not split into 4 microbatches \(the default of "
+                                                 r"2 x 2 devices\); pass microbatches= one of \[1, 2, 3, 6\]"):
+        compile_parallel(copy.deepcopy(zm.model), ["cpu"] * 2, zm.example_args, zm.loss_fn)
