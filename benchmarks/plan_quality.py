@@ -20,6 +20,7 @@ import argparse
 import time
 
 from benchmarks.common import RESULTS_DIR, print_table, write_result
+from partitioner.planner import BLOCKS_PER_STAGE
 
 MODELS = ("gpt2-xl", "t5-base", "cnn", "llama-8b")
 
@@ -80,12 +81,12 @@ def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: fl
     for name in models:
         ag, costs = profile_model(name, device)
         if memory_bound:
-            capped.append(memory_bound_row(name, coarsen(ag, costs, min_blocks=4, target_blocks=8), 4, 1, 8, bw,
-                                           time_limit_s))
+            bg = coarsen(ag, costs, min_blocks=4, target_blocks=4 * BLOCKS_PER_STAGE)
+            capped.append(memory_bound_row(name, bg, 4, 1, 8, bw, time_limit_s))
         for p in ranks:
             for v in chunks:
                 m = 2 * p
-                bg = coarsen(ag, costs, min_blocks=p * v, target_blocks=2 * p * v)
+                bg = coarsen(ag, costs, min_blocks=p * v, target_blocks=BLOCKS_PER_STAGE * p * v)  # as the planner
                 t0 = time.perf_counter()
                 ilp = solve(bg, p, v, m, link_bw_bytes_per_s=bw, time_limit_s=time_limit_s)
                 wall = time.perf_counter() - t0

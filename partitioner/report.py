@@ -55,14 +55,18 @@ def _span(names: list[str]) -> str:
     return f"{first}..{last}"
 
 
-def plan_table(result: PlanResult, title: str = "") -> Table:
-    """One row per virtual stage: rank, blocks it holds, parameters, times, memory of its rank."""
+def plan_table(result: PlanResult, title: str = "", width: int = 160) -> Table:
+    """One row per virtual stage: rank, blocks it holds, parameters, times, memory of its rank.
+    The blocks column gives way (ellipsis) so that the table fits `width` characters."""
     plan, bg = result.plan, result.block_graph
     table = Table(title=title or None, title_justify="left")
     for col, just in (("stage", "right"), ("rank", "right"), ("blocks", "left"), ("#", "right"),
                       ("params", "right"), ("saved/mb", "right"), ("fwd", "right"), ("bwd", "right"),
                       ("recv", "right"), ("rank memory", "right")):
-        table.add_column(col, justify=just, no_wrap=True)
+        if col == "blocks":  # the one column that gives way on a narrow terminal (the others need ~100)
+            table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis", max_width=max(16, width - 100))
+        else:
+            table.add_column(col, justify=just, no_wrap=True, min_width=len(col))
     for k, blocks in enumerate(_stage_blocks(result)):
         r = plan.stage_rank[k]
         first_of_rank = plan.stage_rank.index(r) == k
@@ -120,7 +124,7 @@ def run_plan(args: argparse.Namespace) -> None:
     _, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
     console = Console()
     if not console.is_terminal:
-        console = Console(width=max(console.width, 130))
+        console = Console(width=max(console.width, 160))  # logs and pipes: room for the whole table
     err = Console(stderr=True)
     with err.status(f"loading {args.model}") as status:
         spec = load_model_spec(args.model, batch=config.batch, seq=config.seq, device="meta",
@@ -134,7 +138,7 @@ def run_plan(args: argparse.Namespace) -> None:
         result = plan_model(spec.model, spec.example_args, spec.example_kwargs, config,
                             on_step=lambda msg: status.update(msg))
     plan = result.plan
-    console.print(plan_table(result, f"{args.model}: {len(result.block_graph.blocks)} blocks "
+    console.print(plan_table(result, width=console.width, title=f"{args.model}: {len(result.block_graph.blocks)} blocks "
                                      f"(module depth {result.block_graph.depth}) on {plan.num_stages} stages"))
     for line in summary_lines(plan):
         console.print(line)

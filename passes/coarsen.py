@@ -214,9 +214,9 @@ def coarsen(annotated, costs, depth: int | None = None, min_blocks: int = 1,
 
     depth None picks the shallowest module depth giving at least
     max(target_blocks, min_blocks) blocks (target_blocks default 16), none
-    longer than 2 / target_blocks of the total time: the planner passes 2x the
-    number of stages, so every block fits in an ideal stage and the solver has
-    few enough blocks to prove optimality quickly.
+    longer than 2 / target_blocks of the total time: the planner passes 8x the
+    number of stages (planner.BLOCKS_PER_STAGE), so every block is at most a
+    quarter of an ideal stage and stages can balance within a few percent.
     """
     compute = [i for i in annotated.nodes if i.op in ("call_function", "call_module", "call_method")]
     if depth is None:
