@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from cost_models.report import human_bytes
 from partitioner.errors import PlanError
 from partitioner.microbatch import batch_size
 from partitioner.plan import Plan
@@ -24,13 +25,6 @@ def parse_bytes(text: str) -> int:
     if not match or match.group(2).lower() not in _UNITS:
         raise PlanError(f"cannot read memory size {text!r}: write e.g. 24GiB, 80GB or 1.5e10")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def human_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def human_time(s: float) -> str:
