@@ -42,25 +42,34 @@ def lower_bound_s(bg, p: int, v: int, m: int) -> float:
 
 
 def pipeline_bound_s(bg, p: int, v: int, m: int) -> float | None:
-    """A true lower bound on the simulated step of any plan of a chain with one stage per rank.
+    """A true lower bound on the simulated 1F1B step of any plan with one stage per rank.
 
-    Rank k cannot start before the forwards of stages 0..k-1 of a microbatch ran, must then run
-    m (f_k + b_k), and its last backward is followed by the backwards of stages k-1..0:
-    step >= max_k [sum_{j<k} (f_j + b_j) + m (f_k + b_k)]. Minimised over all contiguous splits
-    (a DP), this bounds every plan when every block feeds the next (then every valid plan is a
-    contiguous split); None otherwise, or with interleaving (v > 1), where the argument differs.
+    Two facts about rank k (stage k, forward f_k, backward b_k, W the whole work of a microbatch):
+    - it cannot start before the forwards of stages 0..k-1 of a microbatch ran, then runs
+      m (f_k + b_k), and its last backward is followed by the backwards of stages k-1..0:
+      step >= sum_{j<k} (f_j + b_j) + m (f_k + b_k);
+    - in 1F1B it runs p - k forwards before its first backward, which waits for the forwards of
+      all stages and the backwards of stages after k; then come its m backwards and m - p + k
+      forwards, then the backwards of stages before k: step >= W + (m - 1) b_k + (m - p + k) f_k.
+    The bound is the least over contiguous splits (a DP) of the largest of these over k: it bounds
+    every plan when every block feeds the next (every valid plan is then a contiguous split) and
+    m >= p; None otherwise, or with interleaving (v > 1), where the argument differs.
     """
-    if v != 1 or not bg.is_path():
+    if v != 1 or m < p or not bg.is_path():
         return None
-    t = [b.time_s for b in bg.blocks]
-    prefix = [0.0]
-    for x in t:
-        prefix.append(prefix[-1] + x)
-    n, inf = len(t), float("inf")
-    best = [m * prefix[i] if i > 0 else inf for i in range(n + 1)]  # one stage covering blocks [0, i)
+    f_pre, b_pre = [0.0], [0.0]
+    for blk in bg.blocks:
+        f_pre.append(f_pre[-1] + blk.fwd_time_s)
+        b_pre.append(b_pre[-1] + blk.bwd_time_s)
+    n, inf, work = len(bg.blocks), float("inf"), f_pre[-1] + b_pre[-1]
+
+    def stage_cost(k: int, a: int, i: int) -> float:  # stage k holds blocks [a, i)
+        f, b = f_pre[i] - f_pre[a], b_pre[i] - b_pre[a]
+        return max(f_pre[a] + b_pre[a] + m * (f + b), work + (m - 1) * b + (m - p + k) * f)
+
+    best = [stage_cost(0, 0, i) if i > 0 else inf for i in range(n + 1)]  # stage 0 covers [0, i)
     for k in range(1, p):
-        best = [min((max(best[a], prefix[a] + m * (prefix[i] - prefix[a])) for a in range(k, i)), default=inf)
-                for i in range(n + 1)]
+        best = [min((max(best[a], stage_cost(k, a, i)) for a in range(k, i)), default=inf) for i in range(n + 1)]
     return best[n]
 
 
