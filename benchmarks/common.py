@@ -12,7 +12,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -107,3 +107,18 @@ def print_table(title: str, rows: list[dict]) -> None:
     if not console.is_terminal:  # piped output: do not squeeze columns to 80 characters
         console = Console(width=200)
     console.print(table)
+
+
+def timed(fn: Callable[[], Any], sync: Callable[[], Any]) -> float:
+    """Seconds of fn(), with sync() before and after (device work and peers included)."""
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile of values (nearest rank)."""
+    v = sorted(values)
+    return v[min(len(v) - 1, round(q * (len(v) - 1)))]

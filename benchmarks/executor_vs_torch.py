@@ -63,8 +63,8 @@ import torch.nn as nn
 from benchmarks import common
 from benchmarks.chain_model import (CPU_FULL, GPU_FULL, GPU_QUICK, QUICK, ChainConfig, build_chain, chain_plan,
                                     make_batch, mse_loss, torch_schedule)
-from benchmarks.common import print_table, write_result
-from cost_models.time import time_fwd_bwd
+from benchmarks.common import print_table, quantile, timed, write_result
+from cost_models.time import synchronize, time_fwd_bwd
 from partitioner.api import ParallelModel, compile_parallel
 from runtime.schedules import make_schedule
 from runtime.simulator import StageCosts, simulate
@@ -189,14 +189,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _timed(fn, sync) -> float:
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
-
-
 def run_rounds(steps_fns: list, zero, steps: int, warmup: int, sync, probe=None) -> list[list[float]]:
     """Rounds of one step of every runtime (the order rotates each round, so load and clock drift hit all
     alike); step times after the warm-up rounds, per runtime. probe(), if given, runs after every
@@ -206,7 +198,7 @@ def run_rounds(steps_fns: list, zero, steps: int, warmup: int, sync, probe=None)
     for i in range(warmup + steps):
         for j in [(i + k) % n for k in range(n)]:
             zero()
-            t = _timed(steps_fns[j], sync)
+            t = timed(steps_fns[j], sync)
             if i >= warmup:
                 times[j].append(t)
         if probe is not None and i >= warmup:
@@ -222,7 +214,7 @@ def _ping_pong_s(rank: int, cfg: ChainConfig, device: torch.device, repeats: int
     rtts = []
     for i in range(repeats + 2):  # two warm-ups: NCCL connects on the first send
         dist.barrier()
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         if rank == 0:
             dist.send(buf, 1)
@@ -230,15 +222,10 @@ def _ping_pong_s(rank: int, cfg: ChainConfig, device: torch.device, repeats: int
         elif rank == 1:
             dist.recv(buf, 0)
             dist.send(buf, 0)
-        _sync(device)
+        synchronize(device)
         if i >= 2:
             rtts.append(time.perf_counter() - t0)
     return statistics.median(rtts) / 2
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _worker(rank: int, world: int, args: WorkerArgs) -> None:
@@ -325,15 +312,10 @@ def _row(case: Case, cfg: ChainConfig, ours: list[float], theirs: list[float] | 
             "stages": case.ranks * case.chunks, "microbatches": cfg.microbatches,
             "ours_ms": ours_ms, "torch_ms": torch_ms, "ratio": ours_ms / torch_ms if torch_ms else None,
             "pred_ms": pred_s * 1e3, "pred_err": pred_s * 1e3 / ours_ms - 1,
-            "ours_p25_ms": _quantile(ours, 0.25) * 1e3, "ours_p75_ms": _quantile(ours, 0.75) * 1e3,
-            "torch_p25_ms": _quantile(theirs, 0.25) * 1e3 if theirs else None,
-            "torch_p75_ms": _quantile(theirs, 0.75) * 1e3 if theirs else None,
+            "ours_p25_ms": quantile(ours, 0.25) * 1e3, "ours_p75_ms": quantile(ours, 0.75) * 1e3,
+            "torch_p25_ms": quantile(theirs, 0.25) * 1e3 if theirs else None,
+            "torch_p75_ms": quantile(theirs, 0.75) * 1e3 if theirs else None,
             "send_us": send_s * 1e6, "grad_rel_err": grad_err, "loss_abs_err": loss_err}
-
-
-def _quantile(values: list[float], q: float) -> float:
-    v = sorted(values)
-    return v[min(len(v) - 1, round(q * (len(v) - 1)))]
 
 
 # ---------------------------------------------------------------------- one process, one device
@@ -379,7 +361,7 @@ def run_one_process(cfg: ChainConfig, device: torch.device, stage_counts: list[i
         del pm, ref, sched, pair, timer
     rows.append({"config": "plain model (grad accumulation)", "schedule": "-", "ranks": 1, "chunks": 1,
                  "stages": 1, "microbatches": cfg.microbatches, "ours_ms": statistics.median(all_plain) * 1e3,
-                 "ours_p25_ms": _quantile(all_plain, 0.25) * 1e3, "ours_p75_ms": _quantile(all_plain, 0.75) * 1e3})
+                 "ours_p25_ms": quantile(all_plain, 0.25) * 1e3, "ours_p75_ms": quantile(all_plain, 0.75) * 1e3})
     return rows
 
 

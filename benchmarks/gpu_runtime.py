@@ -28,7 +28,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,8 +35,9 @@ from typing import Any, Callable
 import torch
 
 from benchmarks import common
-from benchmarks.common import print_table, write_result
+from benchmarks.common import print_table, quantile, timed, write_result
 from cost_models.profile import profile
+from cost_models.time import synchronize
 from partitioner import zoo
 from partitioner.api import ParallelModel, compile_parallel
 from passes.capture import capture
@@ -56,11 +56,6 @@ class Runner:
     zero: Callable[[], None]
     param_bytes: int
     pred_peak_bytes: int
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def param_bytes(params) -> int:
@@ -121,12 +116,9 @@ def time_runners(runners: list[Runner], device: torch.device, steps: int, warmup
     for i in range(warmup + steps):
         for r in runners:
             r.zero()
-            _sync(device)
-            t0 = time.perf_counter()
-            r.step()
-            _sync(device)
+            t = timed(r.step, lambda: synchronize(device))
             if i >= warmup:
-                times[r.name].append(time.perf_counter() - t0)
+                times[r.name].append(t)
     return times
 
 
@@ -228,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         step_ms = statistics.median(ts) * 1e3
         peak = peak_bytes(r, device)
         rows.append({"runner": r.name, "stages": r.stages, "step_ms": step_ms,
-                     "p25_ms": ts[round(0.25 * (len(ts) - 1))] * 1e3, "p75_ms": ts[round(0.75 * (len(ts) - 1))] * 1e3,
+                     "p25_ms": quantile(ts, 0.25) * 1e3, "p75_ms": quantile(ts, 0.75) * 1e3,
                      "overhead_pct": (step_ms / plain_ms - 1) * 100,
                      "pred_peak_mib": r.pred_peak_bytes / MiB, "meas_peak_mib": peak / MiB if peak else None,
                      "mem_rel_err": r.pred_peak_bytes / peak - 1 if peak else None})

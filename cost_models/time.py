@@ -250,7 +250,8 @@ def _make_tensor(node: torch.fx.Node, val: Any, device: torch.device, requires_g
     return t
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -277,7 +278,7 @@ def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
     backward = bool(grads) and bool(grad_inputs)
 
     def loop(with_backward: bool) -> float:
-        _sync(device)
+        synchronize(device)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -289,7 +290,7 @@ def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
             del outs
         if device.type == "cuda":
             end.record()
-        _sync(device)
+        synchronize(device)
         elapsed = start.elapsed_time(end) / 1e3 if device.type == "cuda" else time.perf_counter() - t0
         return elapsed / repeats
 
