@@ -16,7 +16,10 @@ class NodeCost:
         nodes the parameter's size, for placeholders the input's, 0 for the output node.
     saved_bytes: activation bytes autograd saves for backward when this node runs
         (saved_tensors_hooks; parameters and already-counted storages excluded).
-    fwd_time_s / bwd_time_s: predicted (analytic roofline) or measured times.
+    fwd_time_s / bwd_time_s: predicted (analytic roofline) or measured device times.
+    host_fwd_time_s / host_bwd_time_s: host dispatch times where measured apart (CUDA);
+        0 where the device times include them. A run of nodes takes, per pass,
+        max(sum of device times, sum of host times) (see `time_s`).
     Bytes and times are in NodeCosts.dtype (see cost_models/profile.py).
     """
 
@@ -28,6 +31,13 @@ class NodeCost:
     saved_bytes: int = 0
     fwd_time_s: float = 0.0
     bwd_time_s: float = 0.0
+    host_fwd_time_s: float = 0.0
+    host_bwd_time_s: float = 0.0
+
+    @property
+    def time_s(self) -> float:
+        """Forward + backward seconds, host and device overlapping within each pass."""
+        return max(self.fwd_time_s, self.host_fwd_time_s) + max(self.bwd_time_s, self.host_bwd_time_s)
 
 
 @dataclass
@@ -48,6 +58,11 @@ class NodeCosts:
 
     def total(self, attr: str) -> float:
         return sum(getattr(c, attr) for c in self.nodes.values())
+
+    def step_time_s(self) -> float:
+        """Forward + backward of the whole graph on one device: per pass, max(sum device, sum host)."""
+        return (max(self.total("fwd_time_s"), self.total("host_fwd_time_s"))
+                + max(self.total("bwd_time_s"), self.total("host_bwd_time_s")))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -152,7 +152,8 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
         out_bytes = 0 if trace.op == "output" else value_bytes(trace.output, scale)
         nodes[name] = NodeCost(name=name, fwd_flops=float(trace.fwd_flops), bwd_flops=float(trace.bwd_flops),
                                param_bytes=param_bytes_by_node[name], output_bytes=out_bytes,
-                               saved_bytes=saved[name], fwd_time_s=times[name].fwd_s, bwd_time_s=times[name].bwd_s)
+                               saved_bytes=saved[name], fwd_time_s=times[name].fwd_s, bwd_time_s=times[name].bwd_s,
+                               host_fwd_time_s=times[name].host_fwd_s, host_bwd_time_s=times[name].host_bwd_s)
     return NodeCosts(nodes=nodes, param_state_bytes=params_state_bytes(param_rows.values(), optimizer, scale),
                      device=spec.name, dtype=str(dtype).removeprefix("torch."), optimizer=optimizer,
                      time_source="measured" if measure else "analytic")
@@ -198,7 +199,8 @@ def _analytic(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale, node: torch
 def _measured_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], analytic: dict[str, NodeTime],
                     annotated: Any, example_inputs: Sequence[Any] | None, groups: list[list[str]] | None,
                     progress: bool) -> dict[str, NodeTime]:
-    """Measure blocks, then give each node its share of its block's time (by roofline time)."""
+    """Measure blocks, then give each node its share of its block's device time (by roofline
+    time) and of its host time (evenly over the nodes that run something)."""
     if groups is None:
         paths = ({n.name: n.module_path for n in annotated.nodes} if annotated is not None
                  else module_paths_from_graph(gm))
@@ -216,8 +218,10 @@ def _measured_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], anal
     for group, block_time in zip(groups, measured):
         fwd = _spread(block_time.fwd_s, [analytic[n].fwd_s for n in group])
         bwd = _spread(block_time.bwd_s, [analytic[n].bwd_s for n in group])
-        for n, f, b in zip(group, fwd, bwd):
-            times[n] = NodeTime(f, b)
+        host_fwd = _spread(block_time.host_fwd_s, [float(analytic[n].fwd_s > 0) for n in group])
+        host_bwd = _spread(block_time.host_bwd_s, [float(analytic[n].bwd_s > 0) for n in group])
+        for n, f, b, hf, hb in zip(group, fwd, bwd, host_fwd, host_bwd):
+            times[n] = NodeTime(f, b, hf, hb)
     return times
 
 
@@ -237,7 +241,8 @@ def module_costs(costs: NodeCosts, gm: torch.fx.GraphModule, module_paths: dict[
     canonical = _canonical_fqns(gm, tied)
     counted_params: set[str] = set()
     sums: dict[str, dict[str, float]] = {}
-    summed = ("fwd_flops", "bwd_flops", "saved_bytes", "fwd_time_s", "bwd_time_s")
+    summed = ("fwd_flops", "bwd_flops", "saved_bytes", "fwd_time_s", "bwd_time_s", "host_fwd_time_s",
+              "host_bwd_time_s")
 
     def prefixes(path: str) -> list[str]:
         parts = path.split(".") if path else []

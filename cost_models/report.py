@@ -169,14 +169,15 @@ def run_profile(args: argparse.Namespace) -> None:
         indent = "  " * path.count(".")
         table.add_row(indent + path.rpartition(".")[2] if indent else path, types.get(path, "").rpartition(".")[2],
                       human_flops(c.fwd_flops + c.bwd_flops), human_bytes(c.param_bytes),
-                      human_bytes(c.output_bytes), human_bytes(c.saved_bytes), human_time(c.fwd_time_s + c.bwd_time_s))
+                      human_bytes(c.output_bytes), human_bytes(c.saved_bytes), human_time(c.time_s))
     table.add_section()
     table.add_row("total", types.get("", "").rpartition(".")[2], human_flops(total.fwd_flops + total.bwd_flops),
                   human_bytes(total.param_bytes), human_bytes(total.output_bytes), human_bytes(total.saved_bytes),
-                  human_time(total.fwd_time_s + total.bwd_time_s))
+                  human_time(total.time_s))
     console.print(table)
     state = sum(costs.param_state_bytes.values())
-    console.print(f"one microbatch: forward {human_time(total.fwd_time_s)}, backward {human_time(total.bwd_time_s)}; "
+    fwd_s, bwd_s = max(total.fwd_time_s, total.host_fwd_time_s), max(total.bwd_time_s, total.host_bwd_time_s)
+    console.print(f"one microbatch: forward {human_time(fwd_s)}, backward {human_time(bwd_s)}; "
                   f"parameters + gradients + {args.optimizer} state: {human_bytes(state)}; "
                   f"activations saved for backward: {human_bytes(total.saved_bytes)} (depth {depth})")
     if args.json:

@@ -8,17 +8,23 @@ Analytic: a node's forward takes
 with bytes_moved = its distinct inputs (parameters included) + its outputs, and the
 efficiency that of a matmul, of fused attention or of a misaligned 16-bit matmul
 (DeviceSpec). A node that eager PyTorch runs as a sequence of kernels (SDPA on its
-math path) is costed kernel by kernel (`math_attention_kernels`, `kernels_time_s`). The GPU runs asynchronously, so whichever of the two is longer sets the
-pace. Its backward uses the backward FLOPs, twice the forward bytes (it reads the
-saved inputs and the output gradient and writes the input gradients) and
-cpu_bwd_overhead when the node has an autograd node. On the CPU device the host
+math path) is costed kernel by kernel (`math_attention_kernels`, `kernels_time_s`). The GPU runs
+asynchronously, so whichever of the two is longer sets the pace; the per-node max is
+what DeviceSpec's efficiencies were fitted with (keeping host and GPU apart up to the
+stage, as measured mode does, fitted the H200's whole steps worse with these
+efficiencies: -19%..+5% against +6%..+13%). Its backward uses the backward FLOPs,
+twice the forward bytes (it reads the saved inputs and the output gradient and writes
+the input gradients) and cpu_bwd_overhead when the node has an autograd node. On the CPU device the host
 overheads are 0 and kernel_overhead holds the per-op cost.
 
 Measured: `measure_block_times` cuts each group of nodes (a block) out as its own
-GraphModule, feeds it real tensors of the captured shapes and times forward and
-backward back to back, as a training step runs them (CUDA events on GPU,
-perf_counter on CPU; warm-up, then repeats without synchronising between them,
-so host dispatch overlaps GPU work as in the real step). Results are cached on
+GraphModule, feeds it real tensors of the captured shapes and times its forward and
+its forward+backward (warm-up, then medians of repeats). On CUDA the GPU's busy time
+and the host's dispatch time are measured apart (the call is queued behind a sleep
+kernel, see `time_fwd_bwd`): blocks timed one by one cannot overlap one block's host
+work with another's kernels as a whole step does, so summing their wall times
+overstates host-bound runs; a stage takes max(sum GPU, sum host) per pass instead.
+On CPU, perf_counter of repeats back to back. Results are cached on
 disk, keyed by the block's code, shapes, dtypes and device, in
 $PARTITIONER_CACHE or ~/.cache/partitioner/.
 """
@@ -43,10 +49,25 @@ from partitioner.errors import CostModelError
 
 @dataclass(frozen=True)
 class NodeTime:
-    """Forward and backward seconds of one node (or one block)."""
+    """Forward and backward seconds of one node (or one block).
+
+    fwd_s / bwd_s: device time (the GPU busy; on the CPU device, the whole time).
+    host_fwd_s / host_bwd_s: host time dispatching it, when known apart (measured on
+    CUDA); 0 when fwd_s / bwd_s already include it (analytic: max(GPU, host) per node).
+    The host queues work ahead of the GPU, so a run of nodes takes max(sum of device
+    times, sum of host times) per pass (`pass_time_s`), not the sum of per-node maxima.
+    """
 
     fwd_s: float
     bwd_s: float
+    host_fwd_s: float = 0.0
+    host_bwd_s: float = 0.0
+
+
+def pass_time_s(device_s: float, host_s: float) -> float:
+    """Time of a forward or backward pass over a run of nodes: the device and the host work
+    in parallel (the host queues kernels ahead), so the slower of the two sets the pace."""
+    return max(device_s, host_s)
 
 
 def roofline_time_s(flops: float, bytes_moved: float, kernels: int, spec: DeviceSpec,
@@ -257,13 +278,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[torch.Tensor],
-                 warmup: int = 2, repeats: int = 5) -> NodeTime:
+                 warmup: int = 2, repeats: int = 5, *, separate_host: bool = True) -> NodeTime:
     """Forward and backward seconds of `fn()` (backward w.r.t. `grad_inputs`), per call.
 
-    Runs `repeats` forwards back to back, then `repeats` forward+backward passes,
-    synchronising only around each loop: as in a training step, the host queues the
-    next op while the GPU works, so a block costs max(host, GPU) time and not their
-    sum plus a synchronisation. backward = (forward+backward) - forward.
+    On CUDA with separate_host, the device and host times come apart (`_queued_call_s`):
+    each call is issued behind a sleep kernel, so the host never waits for the GPU; medians
+    over `repeats`. Otherwise (CPU, separate_host=False, or a call that can't be queued whole:
+    a host sync inside it) `repeats` calls run back to back, synchronising only around the
+    loop, as a training step runs them: the wall time per call, host overlapping GPU.
+    backward = (forward+backward) - forward.
     """
     def outputs(out: Any) -> list[torch.Tensor]:
         return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -277,6 +300,11 @@ def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
         del outs
     backward = bool(grads) and bool(grad_inputs)
 
+    def call(with_backward: bool) -> None:
+        outs = outputs(fn())
+        if with_backward:
+            torch.autograd.grad(outs, grad_inputs, grads, allow_unused=True)
+
     def loop(with_backward: bool) -> float:
         synchronize(device)
         if device.type == "cuda":
@@ -284,25 +312,83 @@ def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
             start.record()
         t0 = time.perf_counter()
         for _ in range(repeats):
-            outs = outputs(fn())
-            if with_backward:
-                torch.autograd.grad(outs, grad_inputs, grads, allow_unused=True)
-            del outs
+            call(with_backward)
         if device.type == "cuda":
             end.record()
         synchronize(device)
         elapsed = start.elapsed_time(end) / 1e3 if device.type == "cuda" else time.perf_counter() - t0
         return elapsed / repeats
 
-    fwd = loop(False)
+    if device.type == "cuda" and separate_host:
+        fwd = _queued_call_s(lambda: call(False), device, repeats)
+        total = _queued_call_s(lambda: call(True), device, repeats) if backward else (0.0, 0.0)
+        if fwd is not None and total is not None:
+            return NodeTime(fwd[0], max(0.0, total[0] - fwd[0]) if backward else 0.0,
+                            fwd[1], max(0.0, total[1] - fwd[1]) if backward else 0.0)
+    fwd_s = loop(False)
     if not backward:
-        return NodeTime(fwd, 0.0)
-    total = loop(True)
-    return NodeTime(fwd, max(0.0, total - fwd))
+        return NodeTime(fwd_s, 0.0)
+    return NodeTime(fwd_s, max(0.0, loop(True) - fwd_s))
+
+
+_SLEEP_CYCLES_PER_S: dict[int, float] = {}
+
+
+def _sleep_cycles_per_s(device: torch.device) -> float:
+    """Clock cycles per second of torch.cuda._sleep on `device` (timed once per process)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SLEEP_CYCLES_PER_S:
+        cycles = 20_000_000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles // 10)  # wake the clocks up
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _SLEEP_CYCLES_PER_S[index] = cycles / (start.elapsed_time(end) / 1e3)
+    return _SLEEP_CYCLES_PER_S[index]
+
+
+def _queued_call_s(call: Callable[[], None], device: torch.device, repeats: int) -> tuple[float, float] | None:
+    """(GPU seconds, host seconds) of one `call`, medians over `repeats`; None if it can't be queued.
+
+    A sleep kernel holds the GPU while the host issues the call: perf_counter around the call
+    is the host's dispatch time alone, and CUDA events recorded after the sleep and after the
+    call time the GPU running the call's kernels back to back, with no launch gaps. Valid only
+    if the host finished before the sleep did (the start event still pending); a call that
+    syncs with the GPU, or queues more kernels than the launch queue holds, never is: None.
+    """
+    synchronize(device)
+    t0 = time.perf_counter()
+    call()
+    synchronize(device)
+    sleep_s = 2 * (time.perf_counter() - t0) + 2e-3  # the synchronised wall time bounds the host time
+    gpu, host = [], []
+    for _ in range(max(1, repeats)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(sleep_s * _sleep_cycles_per_s(device)))
+        start.record()
+        t0 = time.perf_counter()
+        call()
+        host_s = time.perf_counter() - t0
+        end.record()
+        queued_whole = not start.query()
+        end.synchronize()
+        if not queued_whole:
+            return None
+        gpu.append(start.elapsed_time(end) / 1e3)
+        host.append(host_s)
+    return _median(gpu), _median(host)
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 class _DiskCache:
-    """JSON dict key -> [fwd_s, bwd_s] in cache_dir()/block_times.json."""
+    """JSON dict key -> [fwd_s, bwd_s, host_fwd_s, host_bwd_s] in cache_dir()/block_times.json."""
 
     def __init__(self):
         self.path = cache_dir() / "block_times.json"
@@ -316,7 +402,7 @@ class _DiskCache:
         return NodeTime(*v) if v else None
 
     def put(self, key: str, t: NodeTime) -> None:
-        self.data[key] = [t.fwd_s, t.bwd_s]
+        self.data[key] = [t.fwd_s, t.bwd_s, t.host_fwd_s, t.host_bwd_s]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(self.data))
@@ -371,7 +457,7 @@ def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence
     measured: dict[str, NodeTime] = {}
     results = []
     for block in blocks:
-        key = f"{block.key}:{dev}:{torch.__version__}:{example_inputs is not None}"
+        key = f"{block.key}:{dev}:{torch.__version__}:{example_inputs is not None}:v2"
         t = measured.get(key) or (cache.get(key) if cache else None)
         if t is None:
             module = block.module.to(device)

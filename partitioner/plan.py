@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from cost_models.time import pass_time_s
+
 
 @dataclass
 class Plan:
@@ -140,13 +142,15 @@ def stage_stats(bg, block_stage: list[int], num_ranks: int, chunks: int,
     """Costs of putting block b on stage block_stage[b] (stage k on rank k % num_ranks)."""
     K, p = num_ranks * chunks, num_ranks
     rank = [k % p for k in range(K)]
-    fwd, bwd = [0.0] * K, [0.0] * K
+    fwd, bwd, host_fwd, host_bwd = [0.0] * K, [0.0] * K, [0.0] * K, [0.0] * K
     saved, pbytes, static = [0] * K, [0] * K, [0] * p
     rank_params = [0] * p
     node_stage: dict[str, int] = {}
     for blk, k in zip(bg.blocks, block_stage):
         fwd[k] += blk.fwd_time_s
         bwd[k] += blk.bwd_time_s
+        host_fwd[k] += blk.host_fwd_time_s
+        host_bwd[k] += blk.host_bwd_time_s
         saved[k] += blk.saved_bytes
         pbytes[k] += blk.param_bytes
         static[rank[k]] += blk.param_state_bytes
@@ -178,6 +182,8 @@ def stage_stats(bg, block_stage: list[int], num_ranks: int, chunks: int,
                 node_stage[n] = stages[0]
         if len(ranks) > 1 and sp.trainable:
             allreduce += 2 * sp.bytes / link_bw_bytes_per_s
+    fwd = [pass_time_s(d, h) for d, h in zip(fwd, host_fwd)]  # the host queues ahead of the device
+    bwd = [pass_time_s(d, h) for d, h in zip(bwd, host_bwd)]
     return StageStats(fwd, bwd, recv, comm, saved, pbytes, static, rank_params, allreduce, replicated,
                       node_stage)
 

@@ -50,10 +50,13 @@ class Block:
     param_state_bytes: int
     saved_bytes: int
     output_bytes: int
+    host_fwd_time_s: float = 0.0  # host dispatch, where measured apart (cost_models.node_costs)
+    host_bwd_time_s: float = 0.0
 
     @property
     def time_s(self) -> float:
-        return self.fwd_time_s + self.bwd_time_s
+        """Forward + backward seconds of the block on its own (host and device overlapping per pass)."""
+        return max(self.fwd_time_s, self.host_fwd_time_s) + max(self.bwd_time_s, self.host_bwd_time_s)
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ def choose_depth(annotated, target_blocks: int, min_blocks: int = 1, costs=None)
     """Shallowest module depth giving >= target_blocks blocks, none longer than 2/target_blocks
     of the total time when `costs` are given (so an even split exists); else the most blocks."""
     compute = [i for i in annotated.nodes if i.op in ("call_function", "call_module", "call_method")]
-    times = [(costs.nodes[i.name].fwd_time_s + costs.nodes[i.name].bwd_time_s) if costs is not None
+    times = [costs.nodes[i.name].time_s if costs is not None
              and i.name in costs.nodes else 0.0 for i in compute]
     total = sum(times)
     best_d, best_n = 1, -1
@@ -281,6 +284,7 @@ def coarsen(annotated, costs, depth: int | None = None, min_blocks: int = 1,
         blocks.append(Block(
             id=b, name=names[b], nodes=tuple(nodes_of[b]), params=tuple(params_of[b]),
             fwd_time_s=sum(c.fwd_time_s for c in nc), bwd_time_s=sum(c.bwd_time_s for c in nc),
+            host_fwd_time_s=sum(c.host_fwd_time_s for c in nc), host_bwd_time_s=sum(c.host_bwd_time_s for c in nc),
             fwd_flops=sum(c.fwd_flops for c in nc), bwd_flops=sum(c.bwd_flops for c in nc),
             param_bytes=sum(int(annotated.param_bytes.get(f, 0)) for f in own),
             param_state_bytes=sum(state_bytes(f) for f in own),

@@ -89,3 +89,25 @@ def test_nccl_one_process_per_gpu(world):
             assert r["loss"] < 1e-5 and r["grads"] < 1e-5, (case, rank, r)
         ref = dict(build(case[0]).model.named_parameters())
         assert set().union(*(set(res[case]["local"]) for res in results)) == set(ref)
+
+
+def test_measured_times_keep_gpu_and_host_apart():
+    """A big matmul is GPU-bound, a chain of tiny ops host-bound; the split times say which."""
+    from cost_models.time import time_fwd_bwd
+
+    dev = torch.device("cuda")
+    x = torch.randn(4096, 4096, device=dev, requires_grad=True)
+    w = torch.randn(4096, 4096, device=dev, requires_grad=True)
+    big = time_fwd_bwd(lambda: x @ w, dev, [x, w])
+    wall = time_fwd_bwd(lambda: x @ w, dev, [x, w], separate_host=False)
+    assert 0 < big.host_fwd_s < big.fwd_s and 0 < big.host_bwd_s < big.bwd_s
+    assert big.fwd_s == pytest.approx(wall.fwd_s, rel=0.2) and big.bwd_s == pytest.approx(wall.bwd_s, rel=0.2)
+    s = torch.randn(64, device=dev, requires_grad=True)
+
+    def chain():
+        y = s
+        for _ in range(100):
+            y = y * 1.0001
+        return y
+    tiny = time_fwd_bwd(chain, dev, [s])
+    assert tiny.host_fwd_s > 2 * tiny.fwd_s and tiny.host_bwd_s > 2 * tiny.bwd_s

@@ -60,3 +60,24 @@ def test_check_config_defaults_and_errors():
         check_config(100, 4, chunks=2, microbatches=5)
     with pytest.raises(PlanError, match="at least 1"):
         check_config(100, 2, microbatches=0)
+
+
+def test_a_stage_overlaps_its_blocks_host_and_device_time():
+    """Stage time per pass is max(sum of device times, sum of host times) of its blocks, not the
+    sum of per-block maxima: a host-bound block hides behind a GPU-bound one on the same stage."""
+    import dataclasses
+
+    from partitioner.plan import stage_stats
+
+    bg = synthetic_block_graph([3.0, 3.0, 3.0, 3.0])
+    gpu_bound = [dataclasses.replace(b, host_fwd_time_s=0.1, host_bwd_time_s=0.2) for b in bg.blocks[:2]]
+    host_bound = [dataclasses.replace(b, fwd_time_s=0.1, bwd_time_s=0.2, host_fwd_time_s=2.0, host_bwd_time_s=2.5)
+                  for b in bg.blocks[2:]]
+    bg = dataclasses.replace(bg, blocks=gpu_bound + host_bound)
+    assert [b.time_s for b in bg.blocks] == [3.0, 3.0, 4.5, 4.5]
+    st = stage_stats(bg, [0, 1, 0, 1], 2, 1, 1e12)  # each stage: one GPU-bound and one host-bound block
+    for k in range(2):
+        assert st.fwd_time_s[k] == pytest.approx(max(1.0 + 0.1, 0.1 + 2.0))
+        assert st.bwd_time_s[k] == pytest.approx(max(2.0 + 0.2, 0.2 + 2.5))
+    st = stage_stats(bg, [0, 0, 1, 1], 2, 1, 1e12)
+    assert st.fwd_time_s == pytest.approx([2.0, 4.0]) and st.bwd_time_s == pytest.approx([4.0, 5.0])

@@ -48,6 +48,19 @@ def test_host_overhead_bounds_small_nodes_on_a_gpu():
     assert big.fwd_s == pytest.approx(roofline_time_s(0, 10 ** 10, 1, spec)) and big.fwd_s > spec.cpu_fwd_overhead_s
 
 
+def test_a_run_of_nodes_takes_the_larger_of_its_summed_host_and_device_times():
+    """Host and device times add up apart and meet per pass: max(sum device, sum host)."""
+    from cost_models.node_costs import NodeCost, NodeCosts
+
+    gpu_bound = NodeCost("mm", fwd_time_s=10.0, bwd_time_s=20.0, host_fwd_time_s=1.0, host_bwd_time_s=2.0)
+    host_bound = NodeCost("view", host_fwd_time_s=3.0, host_bwd_time_s=4.0)
+    assert gpu_bound.time_s == 30.0 and host_bound.time_s == 7.0
+    costs = NodeCosts({"mm": gpu_bound, "view": host_bound})
+    assert costs.step_time_s() == 30.0  # the views' dispatch hides behind the matmul
+    costs = NodeCosts({"mm": gpu_bound, "views": NodeCost("views", host_fwd_time_s=12.0, host_bwd_time_s=4.0)})
+    assert costs.step_time_s() == 13.0 + 20.0
+
+
 class _Stack(nn.Module):
     """Two identical layers and a head: identical blocks are measured once."""
 
