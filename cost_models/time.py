@@ -283,7 +283,7 @@ def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
 
     On CUDA with separate_host, the device and host times come apart (`_queued_call_s`):
     each call is issued behind a sleep kernel, so the host never waits for the GPU; medians
-    over `repeats`. Otherwise (CPU, separate_host=False, or a call that can't be queued whole:
+    over `repeats`; the host time is capped by the back-to-back loop's wall time. Otherwise (CPU, separate_host=False, or a call that can't be queued whole:
     a host sync inside it) `repeats` calls run back to back, synchronising only around the
     loop, as a training step runs them: the wall time per call, host overlapping GPU.
     backward = (forward+backward) - forward.
@@ -323,8 +323,12 @@ def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
         fwd = _queued_call_s(lambda: call(False), device, repeats)
         total = _queued_call_s(lambda: call(True), device, repeats) if backward else (0.0, 0.0)
         if fwd is not None and total is not None:
+            # a host that waited idle for the GPU dispatches slower than one in a busy loop: the
+            # loop's wall time, max(GPU, host), bounds the host time from above
+            host_fwd = min(fwd[1], loop(False))
+            host_total = min(total[1], loop(True)) if backward else 0.0
             return NodeTime(fwd[0], max(0.0, total[0] - fwd[0]) if backward else 0.0,
-                            fwd[1], max(0.0, total[1] - fwd[1]) if backward else 0.0)
+                            host_fwd, max(0.0, host_total - host_fwd) if backward else 0.0)
     fwd_s = loop(False)
     if not backward:
         return NodeTime(fwd_s, 0.0)
