@@ -52,8 +52,14 @@ The objective is a closed form; the event simulator is the judge. So the
 solver's solution and every seed are polished by a short local search on the
 simulated step time: move a block at a stage boundary to the neighbouring
 stage while the move keeps stages ordered, non-empty and within the memory
-cap, and the simulator says the step gets faster. time_limit_s bounds the
-whole of solve(): building, solving and this polish.
+cap, and the simulator says the step gets faster. For one stage per rank
+(1f1b) on a path-shaped graph every valid plan is a contiguous split, and a
+branch and bound over them (partitioner/exact.py) then starts from the polished
+plan and replaces it only by a faster split within the cap; solver_status gains
+"+exact(optimal)" (or "+exact(incomplete)": out of time) when it did, "+optimal"
+when it proved the polished plan the best split. time_limit_s bounds the whole
+of solve(): building, solving, the polish and the exact search (at most
+EXACT_TIME_CAP_S of it).
 """
 from __future__ import annotations
 
@@ -66,12 +72,14 @@ from ortools.sat.python import cp_model
 
 from partitioner.chain_dp import split_chain
 from partitioner.errors import PlanError
+from partitioner.exact import best_split_s, split_assignment, split_cuts
 from partitioner.plan import (DEFAULT_LINK_BW_BYTES_PER_S, Plan, check_config, evaluate_assignment,
                               inflight_microbatches)
 from partitioner.refine import refine
 
 _TIME_UNITS = 1_000_000  # total work is scaled to about this many integer units
 _MEM_LIMIT = 1 << 52  # bytes are exact below this total, scaled above
+EXACT_TIME_CAP_S = 10.0  # most time the exact split search after refine takes
 
 
 @dataclass
@@ -551,8 +559,20 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
         assign = best[0]
     plan = evaluate_assignment(bg, assign, p, v, m, schedule, link_bw_bytes_per_s, memory_cap_bytes,
                                method="ilp", simulate=simulate)
+    exact = ""
+    if simulate and refine_time_s > 0 and v == 1 and schedule == "1f1b" and m >= p and p > 1 and bg.is_path():
+        # every valid plan is a contiguous split: search them all, the refined plan as incumbent
+        budget_s = min(EXACT_TIME_CAP_S, max(0.0, time_limit_s - (time.perf_counter() - t0)))
+        found = best_split_s(bg, p, m, link_bw_bytes_per_s, plan.step_time_s, budget_s,
+                             split_cuts(plan.block_stage), memory_cap_bytes)
+        if found.cuts is not None and found.step_time_s < plan.step_time_s:
+            plan = evaluate_assignment(bg, split_assignment(found.cuts, n), p, v, m, schedule, link_bw_bytes_per_s,
+                                       memory_cap_bytes, method="ilp", simulate=simulate)
+            exact = "+exact(optimal)" if found.complete else "+exact(incomplete)"
+        elif found.complete:
+            exact = "+optimal"  # the search proved no split beats the refined plan
     scale = ilp.time_scale
-    plan.solver_status = status_name + ("+refined" if refined else "")
+    plan.solver_status = status_name + ("+refined" if refined else "") + exact
     plan.objective = obj / scale if obj == obj else plan.model_step_time_s
     plan.bound = bound / scale
     plan.gap = max(0.0, (plan.objective - plan.bound) / plan.objective) if plan.objective > 0 else 0.0

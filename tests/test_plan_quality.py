@@ -1,12 +1,13 @@
-"""benchmarks/plan_quality.py: its pipeline bound is a true lower bound of the simulated step, and its
-exact split search finds the best contiguous split."""
+"""partitioner/exact.py (reported by benchmarks/plan_quality.py): the pipeline bound is a true lower bound
+of the simulated step, and the exact split search finds the best contiguous split."""
 import dataclasses
 import itertools
 import random
 
 import pytest
 
-from benchmarks.plan_quality import _RelaxedPipeline, best_split_s, lower_bound_s, pipeline_bound_s
+from benchmarks.plan_quality import lower_bound_s
+from partitioner.exact import RelaxedPipeline, best_split_s, pipeline_bound_s
 from partitioner.plan import evaluate_assignment
 from passes.coarsen import synthetic_block_graph
 
@@ -74,7 +75,7 @@ def test_relaxed_pipeline_bounds_every_split_and_is_the_simulator_without_commun
     n, p = rng.randint(6, 9), rng.choice([3, 4])
     m = 2 * p
     bg = random_chain(rng, n)
-    relaxed = _RelaxedPipeline(p, m)
+    relaxed = RelaxedPipeline(p, m)
     fwd = [b.fwd_time_s for b in bg.blocks]
     bwd = [b.bwd_time_s for b in bg.blocks]
     for cuts in itertools.combinations(range(1, n), p - 1):
