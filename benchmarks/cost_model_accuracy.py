@@ -5,8 +5,9 @@ For each model and dtype: capture it on the device, profile it analytically
 runs at layer depth) forward+backward on the device, and a whole step of the
 full graph. On CUDA also memory: activations held after the forward
 (predicted: saved-for-backward bytes) and the step's peak
-(torch.cuda.max_memory_allocated; predicted: weights + gradients + saved
-activations + the largest single output).
+(torch.cuda.max_memory_allocated; predicted: weights and inputs as allocated, plus
+cost_models.memory.training_peak_bytes: a walk of the backward counting saved
+activations, gradients in flight, parameter gradients and the running node's workspace).
 
     python -m benchmarks.cost_model_accuracy                      # GPU: gpt2, llama-1b, t5-base; fp32 + bf16
     python -m benchmarks.cost_model_accuracy --device cpu --quick # tiny configs, runs anywhere
@@ -28,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from cost_models.device import spec_for_torch_device
 from cost_models.flops import trace_nodes
-from cost_models.memory import DtypeScale, value_bytes
+from cost_models.memory import DtypeScale, saved_bytes_per_node, training_peak_bytes, value_bytes
 from cost_models.node_costs import NodeCost
 from cost_models.profile import default_measure_groups, layer_key, profile
 from cost_models.time import measure_block_times, time_fwd_bwd
@@ -158,10 +159,9 @@ def _memory_rows(name: str, dtype_name: str, device: torch.device, gm: torch.fx.
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     del loss
-    weights = sum(p.numel() * p.element_size() for p in params)
     saved = costs.total("saved_bytes")
-    largest_output = max(c.output_bytes for c in costs.nodes.values())
-    pred_peak = base + weights + saved + largest_output  # + a gradient of every weight at the end of backward
+    traces = trace_nodes(gm)
+    pred_peak = base + training_peak_bytes(gm, traces, saved_bytes_per_node(traces))
     gib = 2 ** 30
     return [
         {"model": name, "dtype": dtype_name, "kind": "mem_activations", "block": "<after forward>",

@@ -119,3 +119,65 @@ def params_state_bytes(params: Iterable[tuple[str, int, torch.dtype, bool]], opt
         dt = scale.to_dtype if dtype == scale.from_dtype else dtype
         out[fqn] = param_state_bytes(numel, dt, optimizer, trainable=trainable)
     return out
+
+
+@dataclass(frozen=True)
+class BackwardStep:
+    """What is alive while one node's backward runs (see `backward_walk`)."""
+
+    node: str
+    saved_live_bytes: int  # saved tensors of this node and every node before it
+    grads_in_flight_bytes: int  # activation gradients written and not yet consumed
+    param_grad_bytes: int  # parameter gradients produced so far
+    workspace_bytes: int  # gradients of the intermediates this node saved
+
+
+def backward_walk(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], saved: dict[str, int],
+                  scale: DtypeScale | None = None) -> list[BackwardStep]:
+    """The backward, node by node in reverse graph order, with the bytes alive at each step.
+
+    While node n's backward runs, alive are: the saved tensors of every node not yet
+    backpropagated (n's included); the gradients of values whose producer has not run its
+    backward yet (n's output's, and its inputs', which n now writes; one buffer per value,
+    several consumers accumulate into it); every parameter gradient produced so far (kept to
+    the end, for the optimizer); and n's workspace, as large as what n saved: its backward
+    materialises a gradient for each intermediate it saved (the scores of an unfused
+    attention, the log-probabilities of a cross-entropy). Then n's saved tensors and its
+    output's gradient are freed. Nodes that need no gradient are skipped.
+    """
+    scale = scale or DtypeScale()
+    order = [n for n in gm.graph.nodes if n.name in traces]
+    out_bytes = {n.name: value_bytes(traces[n.name].output, scale) for n in order}
+    computing = [n for n in order if n.op not in ("placeholder", "get_attr", "output")]
+    saved_live = sum(saved.get(n.name, 0) for n in computing)
+    grads: dict[str, int] = {}  # value -> bytes of its gradient, alive until its producer's backward ran
+    param_grads, seen_params, steps = 0, set(), []
+    for n in reversed(computing):
+        if traces[n.name].requires_grad:
+            for a in n.all_input_nodes:
+                if not traces[a.name].requires_grad:
+                    continue
+                if a.op == "get_attr":
+                    key = id(traces[a.name].output)  # a tied weight is one tensor: one gradient
+                    if key not in seen_params:
+                        seen_params.add(key)
+                        param_grads += out_bytes[a.name]
+                elif a.name not in grads:
+                    grads[a.name] = out_bytes[a.name]
+            steps.append(BackwardStep(n.name, saved_live, sum(grads.values()), param_grads, saved.get(n.name, 0)))
+        saved_live -= saved.get(n.name, 0)
+        grads.pop(n.name, None)
+    return steps
+
+
+def training_peak_bytes(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], saved: dict[str, int],
+                        scale: DtypeScale | None = None) -> int:
+    """Peak bytes one forward+backward adds on top of weights and inputs (`backward_walk`'s
+    largest step, or the forward's: everything saved plus the largest value produced)."""
+    scale = scale or DtypeScale()
+    computing = [n.name for n in gm.graph.nodes if n.name in traces and n.op not in ("placeholder", "get_attr", "output")]
+    fwd_peak = (sum(saved.get(n, 0) for n in computing)
+                + max((value_bytes(traces[n].output, scale) for n in computing), default=0))
+    bwd_peak = max((s.saved_live_bytes + s.grads_in_flight_bytes + s.param_grad_bytes + s.workspace_bytes
+                    for s in backward_walk(gm, traces, saved, scale)), default=0)
+    return max(fwd_peak, bwd_peak)

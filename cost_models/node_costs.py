@@ -16,6 +16,9 @@ class NodeCost:
         nodes the parameter's size, for placeholders the input's, 0 for the output node.
     saved_bytes: activation bytes autograd saves for backward when this node runs
         (saved_tensors_hooks; parameters and already-counted storages excluded).
+    bwd_working_bytes: transient bytes while its backward runs, beyond saved activations
+        and parameter gradients: activation gradients in flight plus its workspace
+        (cost_models.memory.backward_walk).
     fwd_time_s / bwd_time_s: predicted (analytic roofline) or measured device times.
     host_fwd_time_s / host_bwd_time_s: host dispatch times where measured apart (CUDA);
         0 where the device times include them. A run of nodes takes, per pass,
@@ -29,6 +32,7 @@ class NodeCost:
     param_bytes: int = 0
     output_bytes: int = 0
     saved_bytes: int = 0
+    bwd_working_bytes: int = 0
     fwd_time_s: float = 0.0
     bwd_time_s: float = 0.0
     host_fwd_time_s: float = 0.0

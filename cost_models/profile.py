@@ -25,7 +25,8 @@ from torch.utils import _pytree as pytree
 
 from cost_models.device import DeviceSpec, get_device_spec
 from cost_models.flops import NodeTrace, trace_nodes
-from cost_models.memory import OPTIMIZER_STATES, DtypeScale, params_state_bytes, saved_bytes_per_node, value_bytes
+from cost_models.memory import (OPTIMIZER_STATES, DtypeScale, backward_walk, params_state_bytes, saved_bytes_per_node,
+                                 value_bytes)
 from cost_models.node_costs import NodeCost, NodeCosts
 from cost_models.time import (NodeTime, analytic_node_time, kernels_time_s, math_attention_kernels,
                                measure_block_times)
@@ -129,6 +130,7 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
 
     traces = trace_nodes(gm, inputs_require_grad=inputs_require_grad)
     saved = saved_bytes_per_node(traces, scale)
+    working = {s.node: s.grads_in_flight_bytes + s.workspace_bytes for s in backward_walk(gm, traces, saved, scale)}
     canonical = _canonical_fqns(gm, tied)
     graph_nodes = {n.name: n for n in gm.graph.nodes}
 
@@ -152,7 +154,8 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
         out_bytes = 0 if trace.op == "output" else value_bytes(trace.output, scale)
         nodes[name] = NodeCost(name=name, fwd_flops=float(trace.fwd_flops), bwd_flops=float(trace.bwd_flops),
                                param_bytes=param_bytes_by_node[name], output_bytes=out_bytes,
-                               saved_bytes=saved[name], fwd_time_s=times[name].fwd_s, bwd_time_s=times[name].bwd_s,
+                               saved_bytes=saved[name], bwd_working_bytes=working.get(name, 0),
+                               fwd_time_s=times[name].fwd_s, bwd_time_s=times[name].bwd_s,
                                host_fwd_time_s=times[name].host_fwd_s, host_bwd_time_s=times[name].host_bwd_s)
     return NodeCosts(nodes=nodes, param_state_bytes=params_state_bytes(param_rows.values(), optimizer, scale),
                      device=spec.name, dtype=str(dtype).removeprefix("torch."), optimizer=optimizer,

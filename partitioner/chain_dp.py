@@ -31,11 +31,13 @@ class ChainSplit:
 
 def split_chain(times: Sequence[float], num_stages: int, cut_times: Sequence[float] | None = None,
                 static_bytes: Sequence[float] | None = None, saved_bytes: Sequence[float] | None = None,
-                inflight: Sequence[float] | None = None, mem_cap_bytes: float | None = None) -> ChainSplit:
+                inflight: Sequence[float] | None = None, mem_cap_bytes: float | None = None,
+                working_bytes: Sequence[float] | None = None) -> ChainSplit:
     """Best split of blocks 0..n-1 into `num_stages` non-empty contiguous stages.
 
     cut_times[a]: extra time of a stage that starts at block a (0 for a == 0).
     inflight[s]: microbatches whose activations stage s holds at once (default 1).
+    working_bytes[b]: transient of block b's backward; a stage pays its blocks' largest.
     Raises PlanError when there are fewer blocks than stages or nothing fits the cap.
     """
     n, S = len(times), num_stages
@@ -51,6 +53,7 @@ def split_chain(times: Sequence[float], num_stages: int, cut_times: Sequence[flo
         Q = np.concatenate([[0.0], np.cumsum(np.asarray(static_bytes if static_bytes is not None else [0] * n, float))])
         R = np.concatenate([[0.0], np.cumsum(np.asarray(saved_bytes if saved_bytes is not None else [0] * n, float))])
         infl = np.ones(S) if inflight is None else np.asarray(inflight, float)
+        work = np.zeros(n) if working_bytes is None else np.asarray(working_bytes, float)
     best = np.full(n + 1, np.inf)
     best[0] = 0.0
     arg = np.zeros((S + 1, n + 1), dtype=np.int64)
@@ -60,7 +63,8 @@ def split_chain(times: Sequence[float], num_stages: int, cut_times: Sequence[flo
             a = np.arange(s - 1, i)
             cost = np.maximum(best[a], P[i] - P[a] + cut[a])
             if use_mem:
-                mem = Q[i] - Q[a] + infl[s - 1] * (R[i] - R[a])
+                mem = (Q[i] - Q[a] + infl[s - 1] * (R[i] - R[a])
+                       + np.maximum.accumulate(work[s - 1:i][::-1])[::-1])  # max(work[a:i]) for each a
                 cost = np.where(mem <= mem_cap_bytes * (1 + 1e-12), cost, np.inf)
             j = int(np.argmin(cost))
             new[i], arg[s, i] = cost[j], a[j]

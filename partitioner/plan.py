@@ -102,12 +102,15 @@ def check_config(num_blocks: int, num_ranks: int, chunks: int = 1, microbatches:
     if microbatches < 1:
         raise PlanError(f"--microbatches is {microbatches}: use at least 1")
     if schedule == "interleaved-1f1b" and chunks > 1 and microbatches % num_ranks:
+        fit = num_ranks * max(1, -(-microbatches // num_ranks))
         raise PlanError(f"interleaved-1f1b needs microbatches to be a multiple of the {num_ranks} devices, "
-                        f"got {microbatches}: use --microbatches {num_ranks * max(1, -(-microbatches // num_ranks))}")
+                        f"got {microbatches}: use {fit} (--microbatches {fit}; microbatches={fit} in Python)")
     num_stages = num_ranks * chunks
     if num_stages > num_blocks:
         raise PlanError(f"{num_stages} stages ({num_ranks} devices x {chunks} chunks) but the model has only "
-                        f"{num_blocks} blocks at this module depth: lower --devices/--chunks or use a deeper --depth")
+                        f"{num_blocks} blocks at this module depth: use at most {num_blocks} stages (fewer devices "
+                        "or chunks), a deeper module depth (--depth), or cut it yourself between any two ops "
+                        "(passes.split.valid_cuts / plan_from_cuts, then compile_parallel(..., plan=...))")
     return schedule, microbatches
 
 
@@ -135,6 +138,22 @@ class StageStats:
     allreduce_time_s: float
     replicated_params: list[str]  # shared FQNs used by more than one stage
     node_stage: dict[str, int]
+    working_bytes: list[int] = field(default_factory=list)  # per stage: transient of its backward
+
+    def rank_mem_bytes(self, inflight: list[int]) -> list[int]:
+        """Closed-form peak per rank: static + in-flight microbatches x the rank's largest saved
+        activations + the largest backward transient among its stages."""
+        p = len(self.static_bytes)
+        working = self.working_bytes or [0] * len(self.saved_bytes)
+        return [self.static_bytes[r] + inflight[r] * max(self.saved_bytes[r::p]) + max(working[r::p])
+                for r in range(p)]
+
+    def stage_costs(self, link_bw_bytes_per_s: float):
+        """The simulator's StageCosts of these stages."""
+        from runtime.simulator import StageCosts
+        return StageCosts(tuple(self.fwd_time_s), tuple(self.bwd_time_s),
+                          tuple(tuple(b / link_bw_bytes_per_s for b in row) for row in self.comm_bytes),
+                          tuple(self.saved_bytes), tuple(self.static_bytes), tuple(self.working_bytes))
 
 
 def stage_stats(bg, block_stage: list[int], num_ranks: int, chunks: int,
@@ -143,7 +162,7 @@ def stage_stats(bg, block_stage: list[int], num_ranks: int, chunks: int,
     K, p = num_ranks * chunks, num_ranks
     rank = [k % p for k in range(K)]
     fwd, bwd, host_fwd, host_bwd = [0.0] * K, [0.0] * K, [0.0] * K, [0.0] * K
-    saved, pbytes, static = [0] * K, [0] * K, [0] * p
+    saved, pbytes, static, working = [0] * K, [0] * K, [0] * p, [0] * K
     rank_params = [0] * p
     node_stage: dict[str, int] = {}
     for blk, k in zip(bg.blocks, block_stage):
@@ -152,6 +171,7 @@ def stage_stats(bg, block_stage: list[int], num_ranks: int, chunks: int,
         host_fwd[k] += blk.host_fwd_time_s
         host_bwd[k] += blk.host_bwd_time_s
         saved[k] += blk.saved_bytes
+        working[k] = max(working[k], blk.bwd_working_bytes)
         pbytes[k] += blk.param_bytes
         static[rank[k]] += blk.param_state_bytes
         rank_params[rank[k]] += blk.param_bytes
@@ -185,7 +205,7 @@ def stage_stats(bg, block_stage: list[int], num_ranks: int, chunks: int,
     fwd = [pass_time_s(d, h) for d, h in zip(fwd, host_fwd)]  # the host queues ahead of the device
     bwd = [pass_time_s(d, h) for d, h in zip(bwd, host_bwd)]
     return StageStats(fwd, bwd, recv, comm, saved, pbytes, static, rank_params, allreduce, replicated,
-                      node_stage)
+                      node_stage, working)
 
 
 def model_step_time(compute_s: list[float], latency_s: list[float], num_ranks: int, chunks: int,
@@ -223,7 +243,7 @@ def evaluate_assignment(bg, block_stage: list[int], num_ranks: int, chunks: int 
     rank_time = [sum(compute[r::num_ranks]) for r in range(num_ranks)]
     closed = model_step_time(compute, st.recv_time_s, num_ranks, chunks, microbatches) + st.allreduce_time_s
     inflight = inflight_microbatches(schedule, num_ranks, microbatches, chunks)
-    mem = [st.static_bytes[r] + inflight[r] * max(st.saved_bytes[r::num_ranks]) for r in range(num_ranks)]
+    mem = st.rank_mem_bytes(inflight)
     plan = Plan(num_ranks=num_ranks, chunks=chunks, schedule=schedule, microbatches=microbatches,
                 block_stage=list(block_stage), stage_rank=[k % num_ranks for k in range(K)],
                 node_stage=st.node_stage, method=method, replicated_params=st.replicated_params,
@@ -256,10 +276,7 @@ def plan_timeline(plan: Plan, bg):
 
 def _simulate(plan: Plan, st: StageStats):
     from runtime.schedules import make_schedule
-    from runtime.simulator import StageCosts, simulate
+    from runtime.simulator import simulate
 
-    bw = plan.link_bw_bytes_per_s
-    costs = StageCosts(tuple(st.fwd_time_s), tuple(st.bwd_time_s),
-                       tuple(tuple(b / bw for b in row) for row in st.comm_bytes),
-                       tuple(st.saved_bytes), tuple(st.static_bytes))
-    return simulate(make_schedule(plan.schedule, plan.num_ranks, plan.microbatches, plan.chunks), costs)
+    return simulate(make_schedule(plan.schedule, plan.num_ranks, plan.microbatches, plan.chunks),
+                    st.stage_costs(plan.link_bw_bytes_per_s))

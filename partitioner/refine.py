@@ -17,7 +17,7 @@ def refine(bg, assign: list[int], p: int, v: int, m: int, schedule: str, bw: flo
            budget_s: float) -> tuple[list[int], float]:
     """Local search on the simulated step time from `assign`; returns (assignment, step time)."""
     from runtime.schedules import make_schedule
-    from runtime.simulator import StageCosts, simulate
+    from runtime.simulator import simulate
 
     deadline = time.perf_counter() + budget_s
     sched = make_schedule(schedule, p, m, v)
@@ -27,13 +27,9 @@ def refine(bg, assign: list[int], p: int, v: int, m: int, schedule: str, bw: flo
 
     def score(a: list[int]) -> float:
         st = stage_stats(bg, a, p, v, bw)
-        if cap is not None and any(st.static_bytes[r] + inflight[r] * max(st.saved_bytes[r::p]) > cap
-                                   for r in range(p)):
+        if cap is not None and max(st.rank_mem_bytes(inflight)) > cap:
             return float("inf")
-        costs = StageCosts(tuple(st.fwd_time_s), tuple(st.bwd_time_s),
-                           tuple(tuple(b / bw for b in row) for row in st.comm_bytes),
-                           tuple(st.saved_bytes), tuple(st.static_bytes))
-        return simulate(sched, costs).step_time_s + st.allreduce_time_s
+        return simulate(sched, st.stage_costs(bw)).step_time_s + st.allreduce_time_s
 
     a = list(assign)
     best = score(a)

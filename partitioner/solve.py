@@ -237,7 +237,7 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
     K, n = p * v, len(bg.blocks)
     w, ts = _time_units(bg)
     total_w = sum(w)
-    total_mem = sum(b.param_state_bytes + b.saved_bytes * m * v for b in bg.blocks) + \
+    total_mem = sum(b.param_state_bytes + b.saved_bytes * m * v + b.bwd_working_bytes for b in bg.blocks) + \
         sum(s.state_bytes * p for s in bg.shared_params)
     ms = min(1.0, _MEM_LIMIT / max(total_mem, 1))
     md = cp_model.CpModel()
@@ -342,6 +342,7 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
     inflight = inflight_microbatches(schedule, p, m, v)
     static_w = [int(b.param_state_bytes * ms + 0.999) for b in bg.blocks]
     saved_w = [int(b.saved_bytes * ms + 0.999) for b in bg.blocks]
+    work_w = [int(b.bwd_working_bytes * ms + 0.999) for b in bg.blocks]
     rank_mem = []
     for r in range(p):
         static = sum(stage_sum(k, static_w) for k in range(r, K, p))
@@ -355,9 +356,17 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
                 md.Add(z >= s)
                 rules.append((z, s, 1))
             act = inflight[r] * z
-        rank_mem.append(static + act)
+        work = 0  # the largest backward transient among the rank's blocks
+        if any(work_w):
+            work = md.NewIntVar(0, max(work_w), f"work{r}")
+            for b, wb in enumerate(work_w):
+                for k in dom[b]:
+                    if k % p == r and wb > 0:
+                        md.Add(work >= wb * x(b, k))
+                        rules.append((work, wb * x(b, k), 1))
+        rank_mem.append(static + act + work)
         if cap is not None:
-            md.Add(static + act <= int(cap * ms))
+            md.Add(static + act + work <= int(cap * ms))
 
     objective = 0
     if with_time:
@@ -409,7 +418,7 @@ def chain_dp_split(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: in
         try:
             return split_chain(times, K, cut, [b.param_state_bytes for b in bg.blocks],
                                [b.saved_bytes for b in bg.blocks], [infl[k % p] for k in range(K)],
-                               cap / v).block_stage()
+                               cap / v, [b.bwd_working_bytes for b in bg.blocks]).block_stage()
         except PlanError:
             pass
     return split_chain(times, K, cut).block_stage()
@@ -532,12 +541,12 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
                                          and not _fits(bg, start, p, v, m, schedule, memory_cap_bytes)):
         if memory_cap_bytes is None:
             raise PlanError(f"no valid split of {n} blocks into {K} stages: the block graph forces an order "
-                            "that leaves a stage empty; use fewer --devices/--chunks or a deeper --depth")
+                            "that leaves a stage empty; use fewer devices or chunks, or a deeper module depth (--depth)")
         need, exact = min_memory_bytes(bg, p, v, m, schedule, time_limit_s, workers)
         raise PlanError(f"memory cap {_gib(memory_cap_bytes)} per device is too small: no split into {K} stages "
                         f"fits; the smallest per-device memory that fits is {'' if exact else 'at most '}"
-                        f"{_gib(need)} ({schedule}, {m} microbatches). Raise --memory, add --devices, "
-                        "or use fewer microbatches in flight (1f1b instead of gpipe)")
+                        f"{_gib(need)} ({schedule}, {m} microbatches). Raise the cap (--memory / memory=), add "
+                        "devices, or use fewer microbatches in flight (1f1b instead of gpipe)")
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         assign = ilp.assignment(solver.Value)
         status_name = solver.StatusName(status)
@@ -588,4 +597,7 @@ def _fits(bg, assign, p, v, m, schedule, cap) -> bool:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 28 else f"{n / 2 ** 20:.1f} MiB"
+    """Bytes for an error message, precise enough that a cap and the memory needed read apart."""
+    if n >= 2 ** 28:
+        return f"{n / 2 ** 30:.2f} GiB"
+    return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n / 2 ** 10:.1f} KiB"

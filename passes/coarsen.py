@@ -52,6 +52,7 @@ class Block:
     output_bytes: int
     host_fwd_time_s: float = 0.0  # host dispatch, where measured apart (cost_models.node_costs)
     host_bwd_time_s: float = 0.0
+    bwd_working_bytes: int = 0  # largest transient of its nodes' backward (NodeCost.bwd_working_bytes)
 
     @property
     def time_s(self) -> float:
@@ -288,7 +289,8 @@ def coarsen(annotated, costs, depth: int | None = None, min_blocks: int = 1,
             fwd_flops=sum(c.fwd_flops for c in nc), bwd_flops=sum(c.bwd_flops for c in nc),
             param_bytes=sum(int(annotated.param_bytes.get(f, 0)) for f in own),
             param_state_bytes=sum(state_bytes(f) for f in own),
-            saved_bytes=sum(int(c.saved_bytes) for c in nc), output_bytes=out_bytes[b]))
+            saved_bytes=sum(int(c.saved_bytes) for c in nc), output_bytes=out_bytes[b],
+            bwd_working_bytes=max((int(c.bwd_working_bytes) for c in nc), default=0)))
 
     shared = []
     for f in sorted(shared_fqns, key=lambda f: min(param_blocks[f])):

@@ -29,6 +29,7 @@ class StageCosts:
     An empty comm_time_s means no communication cost.
     saved_bytes[k]: activations stage k keeps per in-flight microbatch.
     static_bytes[r]: parameters + grads + optimizer state on rank r (empty: 0).
+    working_bytes[k]: transient bytes while a backward of stage k runs (empty: 0).
     """
 
     fwd_time_s: tuple[float, ...]
@@ -36,6 +37,7 @@ class StageCosts:
     comm_time_s: tuple[tuple[float, ...], ...]
     saved_bytes: tuple[int, ...]
     static_bytes: tuple[int, ...] = ()
+    working_bytes: tuple[int, ...] = ()
 
     @classmethod
     def chain(
@@ -193,6 +195,8 @@ def simulate(schedule: Schedule, costs: StageCosts) -> Timeline:
                 mem += c.saved_bytes[a.stage]
                 most, most_mem = max(most, count), max(most_mem, mem)
             else:
+                if c.working_bytes:  # its backward runs with this microbatch's activations still held
+                    most_mem = max(most_mem, mem + c.working_bytes[a.stage])
                 count -= 1
                 mem -= c.saved_bytes[a.stage]
         peak_inflight.append(most)

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 from cost_models.flops import trace_nodes
-from cost_models.memory import DtypeScale, param_state_bytes, saved_bytes_per_node, value_bytes
+from cost_models.memory import (DtypeScale, param_state_bytes, saved_bytes_per_node, training_peak_bytes,
+                                 value_bytes)
 from cost_models.profile import profile
 from partitioner.errors import CostModelError
 
@@ -27,6 +28,19 @@ def test_saved_bytes_linear_gelu_chain_hand_count():
     # in the captured dtype vs expressed in bf16: every fp32 activation halves
     half = saved_bytes_per_node(trace_nodes(_gm(nn.GELU())), DtypeScale(torch.float32, torch.bfloat16))
     assert sum(half.values()) * 2 == sum(saved.values())
+
+
+def test_training_peak_linear_gelu_chain_hand_count():
+    """The walk of the backward: the peak is at the first linear's backward, when every parameter
+    gradient exists, the gradient of GELU's input is in flight and the linear's saved input is
+    alive twice (kept, and the workspace of its backward)."""
+    gm = _gm(nn.GELU())
+    traces = trace_nodes(gm)
+    f32 = 4
+    x, h, w1, w2 = B * IN * f32, B * HID * f32, (HID * IN + HID) * f32, (OUT * HID + OUT) * f32
+    assert training_peak_bytes(gm, traces, saved_bytes_per_node(traces)) == x + h + (w1 + w2) + x
+    # the forward alone: everything saved plus the largest value
+    assert training_peak_bytes(gm, traces, saved_bytes_per_node(traces)) > x + 2 * h + h
 
 
 def test_storage_saved_twice_counts_once():

@@ -139,7 +139,9 @@ def test_time_limit_covers_the_whole_call():
     bg = synthetic_chain(400, seed=1)
     t0 = time.perf_counter()
     plan = solve(bg, 16, microbatches=32, link_bw_bytes_per_s=50e9, time_limit_s=1.5, hint=False)
-    assert time.perf_counter() - t0 < 1.5 + 0.75  # CP-SAT stops a little after its own limit
+    # CP-SAT, the polish and the exact search each stop a little after the deadline (more on a
+    # loaded machine); without the shared deadline the call takes far longer
+    assert time.perf_counter() - t0 < 2 * 1.5
     assert sorted(set(plan.block_stage)) == list(range(16))
 
 
