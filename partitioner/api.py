@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-from partitioner.errors import RuntimeConfigError
+from partitioner.errors import CaptureError, RuntimeConfigError
 from partitioner.microbatch import batch_size, split_batch
 from partitioner.plan import Plan
 from passes.capture import Captured, capture
@@ -77,11 +77,17 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
                                  f"microbatches ({origin}); pass microbatches= one of {fits} or a batch that "
                                  f"{microbatches} divides.")
     mb_args, mb_kwargs = _first_microbatch(args, kwargs, microbatches)
-    if plan is None:
-        plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
-                               memory, device_type, time_limit_s, rank, devices)
-    else:
-        captured = capture(model, mb_args, mb_kwargs)
+    try:
+        if plan is None:
+            plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
+                                   memory, device_type, time_limit_s, rank, devices)
+        else:
+            captured = capture(model, mb_args, mb_kwargs)
+    except CaptureError as err:
+        hint = _split_hint(model, args, kwargs, batch)
+        if not hint:
+            raise
+        raise CaptureError(f"{err}{hint}") from err
     if rank is not None:
         # the graph may name the device it was captured on (each rank's own GPU): compare without it
         graph_code = re.sub(r"device\(type='\w+'(, index=\d+)?\)", "device", captured.graph_module.code)
@@ -292,6 +298,22 @@ def _fingerprint(model: torch.nn.Module, devices: list[torch.device], args: tupl
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     return repr((type(model).__qualname__, [str(d) for d in devices], str(spec), [describe(x) for x in leaves],
                  microbatches, schedule, chunks, params, plan.to_json() if plan is not None else None))
+
+
+def _split_hint(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | None) -> str:
+    """Name the inputs besides the first that were cut into microbatches only because their dim 0
+    happens to equal the batch size (e.g. a shared (T, T) mask with T == batch): capture saw them cut."""
+    from passes.capture import input_leaf_names
+    leaves = pytree.tree_leaves((args, kwargs))
+    names = input_leaf_names(model, args, kwargs)
+    tensors = [(n, x) for n, x in zip(names, leaves) if isinstance(x, torch.Tensor) and x.dim() > 0]
+    cut = [f"'{n}' {tuple(x.shape)}" for n, x in tensors[1:] if batch is not None and x.shape[0] == batch]
+    if not cut:
+        return ""
+    return (f" Note: compile_parallel captured ONE microbatch, and cut input(s) {', '.join(cut)} along dim 0 "
+            f"because dim 0 equals the batch size {batch} (dim 0 of the first tensor input). If such an input "
+            "is not batched (e.g. a mask shared by the batch), give it a leading dim of 1 to broadcast, or use a "
+            "batch size different from its dim 0.")
 
 
 def _first_microbatch(args: tuple, kwargs: dict, microbatches: int) -> tuple[tuple, dict]:

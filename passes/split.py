@@ -87,7 +87,7 @@ def split(captured: Captured, plan: Plan) -> list[StageModule]:
 
     stage_of = _node_stages(nodes, plan)
     _check_order(nodes, stage_of)
-    grad = _requires_grad(nodes, gm)
+    grad = _requires_grad(nodes, gm, flat_outputs)
 
     # which stages read each node (the last stage reads every output leaf)
     readers: dict[torch.fx.Node, set[int]] = {n: set() for n in nodes}
@@ -189,8 +189,16 @@ def _check_sendable(n: torch.fx.Node, stage: int, later: list[int]) -> None:
                         f"'{n.name}' and its readers share a stage.")
 
 
-def _requires_grad(nodes: list[torch.fx.Node], gm: torch.fx.GraphModule) -> dict[torch.fx.Node, bool]:
-    """Static: a value carries a gradient if it is floating point and depends on a trainable parameter."""
+# ops whose output carries no gradient back to their input although both are floating point
+_NO_GRAD_THROUGH = {torch.ops.aten.detach.default, torch.Tensor.detach, "detach"}
+
+
+def _requires_grad(nodes: list[torch.fx.Node], gm: torch.fx.GraphModule,
+                   flat_outputs: Any = ()) -> dict[torch.fx.Node, bool]:
+    """Static: a value carries a gradient if it is floating point, depends on a trainable parameter and
+    a gradient can flow back into it: it is an output leaf or a differentiable reader carries one.
+    (A float value read only by argmax/detach gets no gradient in the model: its producer's parameters
+    keep .grad None, so the stage boundary must not send a zero gradient back for it.)"""
     grad: dict[torch.fx.Node, bool] = {}
     for n in nodes:
         if n.op == "get_attr":
@@ -200,6 +208,11 @@ def _requires_grad(nodes: list[torch.fx.Node], gm: torch.fx.GraphModule) -> dict
             dep = any(grad.get(i, False) for i in n.all_input_nodes)
         val = n.meta.get("val")
         grad[n] = dep and (not isinstance(val, torch.Tensor) or val.is_floating_point() or val.is_complex())
+    outputs = {x for x in flat_outputs if isinstance(x, torch.fx.Node)}
+    for n in reversed(nodes):
+        if grad[n] and n.op != "get_attr" and n not in outputs:
+            grad[n] = any(grad.get(u, False) and u.target not in _NO_GRAD_THROUGH for u in n.users
+                          if u.op != "output")
     return grad
 
 

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn as nn
 from dist_utils import build, grad_errors, max_rel_err, reference, run_workers
 from test_executor import random_plan
 
@@ -210,3 +211,67 @@ def test_a_batch_the_microbatches_do_not_divide_names_the_choices():
     with pytest.raises(RuntimeConfigError, match=r"batch of 6 does not split into 4 microbatches \(the default of "
                                                  r"2 x 2 devices\); pass microbatches= one of \[1, 2, 3, 6\]"):
         compile_parallel(copy.deepcopy(zm.model), ["cpu"] * 2, zm.example_args, zm.loss_fn)
+
+
+class _ArgmaxSide(nn.Module):
+    """A float value read only by argmax (no gradient flows into it) whose int result is used late."""
+
+    def __init__(self, vocab: int = 11, dim: int = 8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.route = nn.Linear(dim, vocab)
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(3))
+        self.emb2 = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        idx = self.route(h).argmax(-1)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return self.head(h + self.emb2(idx))
+
+
+def test_a_value_no_gradient_flows_into_leaves_its_producers_gradient_none():
+    """Cut between route and argmax: route's output crosses a stage but gets no gradient in the model,
+    so route's parameters must keep .grad None (a zero would make weight decay touch them)."""
+    from passes.split import plan_from_cuts, valid_cuts
+
+    torch.manual_seed(0)
+    model, tokens = _ArgmaxSide(), torch.randint(0, 11, (8, 5))
+    target = torch.randint(0, 11, (8, 5))
+    loss_fn = lambda out, t: nn.functional.cross_entropy(out.flatten(0, 1), t.flatten())  # noqa: E731
+    ref = copy.deepcopy(model)
+    loss_fn(ref(tokens), target).backward()
+    captured = capture(model, (tokens[:2],))
+    names = [n.name for n in captured.graph_module.graph.nodes if n.op == "call_function"]
+    argmax = next(i for i, name in enumerate(names) if name.startswith("argmax"))
+    cut = max(c for c in valid_cuts(captured) if c <= argmax)  # the last cut before argmax
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (tokens,), loss_fn, microbatches=4,
+                          plan=plan_from_cuts(captured, [cut], 2, 1, "1f1b", 4))
+    pm.train_step(tokens, target=target)
+    want = dict(ref.named_parameters())
+    for name, p in pm.named_parameters():
+        assert (p.grad is None) == (want[name].grad is None), name
+        if p.grad is not None:
+            assert max_rel_err(p.grad, want[name].grad) < 1e-5, name
+    assert dict(pm.named_parameters())["route.weight"].grad is None
+
+
+def test_an_unbatched_input_whose_dim_0_equals_the_batch_is_named():
+    """A (T, T) mask shared by the batch is cut into microbatches when T equals the batch size:
+    the capture error then names it and the fix."""
+    from partitioner.errors import CaptureError
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x, mask):  # x (B, T, 4), mask (T, T)
+            return torch.softmax((self.proj(x) @ x.transpose(1, 2)).masked_fill(mask, -1e9), -1) @ x
+
+    x, mask = torch.randn(6, 6, 4), torch.ones(6, 6, dtype=torch.bool).triu(1)
+    with pytest.raises(CaptureError, match=r"'mask' \(6, 6\).*leading dim of 1"):
+        compile_parallel(Masked(), ["cpu"] * 2, (x,), lambda out, t: (out - t).pow(2).mean(),
+                         example_kwargs={"mask": mask}, microbatches=3)
