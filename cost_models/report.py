@@ -24,12 +24,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class ModelSpec:
-    """A model ready to capture: model(*example_args, **example_kwargs)."""
+    """A model ready to capture: model(*example_args, **example_kwargs); zoo models also bring
+    their loss_fn(output, target) and a target, so plans count the loss."""
 
     name: str
     model: torch.nn.Module
     example_args: tuple
     example_kwargs: dict = field(default_factory=dict)
+    loss_fn: Any = None
+    target: Any = None
 
 
 def load_model_spec(spec: str, batch: int | None = None, seq: int | None = None,
@@ -50,7 +53,7 @@ def load_model_spec(spec: str, batch: int | None = None, seq: int | None = None,
         if seq is not None:
             kwargs["seq"] = seq
         zm = zoo.build(spec, **kwargs)
-        return ModelSpec(spec, zm.model, tuple(zm.example_args), dict(zm.example_kwargs))
+        return ModelSpec(spec, zm.model, tuple(zm.example_args), dict(zm.example_kwargs), zm.loss_fn, zm.target)
 
     module_name, _, fn_name = spec.partition(":")
     if "" not in sys.path and os.getcwd() not in sys.path:  # console scripts do not import from the cwd

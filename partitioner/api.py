@@ -37,7 +37,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
                      loss_fn: Callable[[Any, Any], torch.Tensor], *, example_kwargs: dict | None = None,
                      microbatches: int | None = None, schedule: str | None = None, chunks: int = 1,
                      plan: Plan | None = None, memory: int | str | None = None, device_type: str | None = None,
-                     time_limit_s: float = 10.0, timeout_s: float = 300.0) -> "ParallelModel":
+                     time_limit_s: float = 10.0, timeout_s: float = 300.0,
+                     example_target: Any = None) -> "ParallelModel":
     """Partition `model` over `devices` and return a ParallelModel that trains it.
 
     example_inputs / example_kwargs: the GLOBAL batch, as model(*example_inputs, **example_kwargs);
@@ -46,7 +47,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
     loss_fn(output, target) -> scalar mean loss of a batch; train_step returns the mean over microbatches.
     schedule: "gpipe", "1f1b" (default) or "interleaved-1f1b" (default when chunks > 1).
     plan: a Plan to use as is; else partitioner.planner plans it (memory: per-device cap, e.g. "24GiB";
-        device_type: DeviceSpec name for the cost model; time_limit_s: solver time).
+        device_type: DeviceSpec name for the cost model; time_limit_s: solver time;
+        example_target: a target of the global batch, as train_step will get it: the plan then
+        counts the loss's time and memory on the last stage, e.g. a cross-entropy's fp32
+        log-probabilities over the vocabulary).
     timeout_s: how long a rank waits for a peer before raising RuntimeConfigError.
     """
     devices = [torch.device(d) for d in devices]
@@ -80,7 +84,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
     try:
         if plan is None:
             plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
-                                   memory, device_type, time_limit_s, rank, devices)
+                                   memory, device_type, time_limit_s, rank, devices, loss_fn, example_target)
         else:
             captured = capture(model, mb_args, mb_kwargs)
     except CaptureError as err:
@@ -322,7 +326,8 @@ def _first_microbatch(args: tuple, kwargs: dict, microbatches: int) -> tuple[tup
 
 def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_kwargs: dict, p: int, chunks: int,
           schedule: str, microbatches: int, memory: int | str | None, device_type: str | None,
-          time_limit_s: float, rank: int | None, devices: list[torch.device]) -> tuple[Plan, Captured]:
+          time_limit_s: float, rank: int | None, devices: list[torch.device], loss_fn: Callable[[Any, Any], Any],
+          example_target: Any) -> tuple[Plan, Captured]:
     """Plan on rank 0 (the solver is not deterministic across processes) and share the plan."""
     if rank is None or rank == 0:
         from partitioner.planner import PlanConfig, plan_model
@@ -332,7 +337,7 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
         device_type = device_type or ("cpu" if devices[0].type == "cpu" else "h100")
         config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=microbatches,
                             memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s)
-        result = plan_model(model, args, kwargs, config)
+        result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target)
         plan, captured = result.plan, result.captured
     if rank is None:
         return plan, captured

@@ -77,19 +77,23 @@ def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbat
 
 
 def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | None, config: PlanConfig,
-               on_step: Callable[[str], None] | None = None) -> PlanResult:
+               on_step: Callable[[str], None] | None = None, loss_fn: Callable[[Any, Any], Any] | None = None,
+               example_target: Any = None) -> PlanResult:
     """Plan `model` (called as model(*example_args, **example_kwargs) on a global batch).
 
     on_step(msg) is called before each step (progress display).
+    loss_fn / example_target (a global batch's target): when both are given, the loss's time and
+        memory count on the block producing the output (it runs on the last stage).
     """
     from cost_models.device import get_device_spec
+    from cost_models.loss import profile_loss
     from cost_models.profile import profile
     from partitioner.baselines import all_baselines
     from partitioner.plan import check_config
     from partitioner.solve import solve
     from passes.annotate import annotate
     from passes.capture import capture
-    from passes.coarsen import coarsen
+    from passes.coarsen import attach_loss, coarsen
 
     step = on_step or (lambda msg: None)
     schedule, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
@@ -108,6 +112,11 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
                     progress=False)
     K = config.num_ranks * config.chunks
     bg = coarsen(annotated, costs, depth=config.depth, min_blocks=K, target_blocks=BLOCKS_PER_STAGE * K)
+    if loss_fn is not None and example_target is not None:
+        step("profiling the loss")
+        target = split_batch(example_target, m, "example target", batch_size((example_args, example_kwargs)))[0]
+        bg = attach_loss(bg, profile_loss(loss_fn, captured, target, device=spec, dtype=DTYPES[config.dtype],
+                                          optimizer=config.optimizer))
     step(f"solving the ILP: {len(bg.blocks)} blocks -> {K} stages (up to {config.time_limit_s:g} s)")
     plan = solve(bg, config.num_ranks, config.chunks, m, schedule, memory_cap_bytes=cap, link_bw_bytes_per_s=bw,
                  time_limit_s=config.time_limit_s)

@@ -130,7 +130,7 @@ def run_plan(args: argparse.Namespace) -> None:
             spec = load_model_spec(args.model, batch=config.batch, seq=config.seq, device="meta",
                                    dtype=DTYPES[config.dtype])
         result = plan_model(spec.model, spec.example_args, spec.example_kwargs, config,
-                            on_step=lambda msg: status.update(msg))
+                            on_step=lambda msg: status.update(msg), loss_fn=spec.loss_fn, example_target=spec.target)
     plan = result.plan
     console.print(plan_table(result, width=console.width, title=f"{args.model}: {len(result.block_graph.blocks)} blocks "
                                      f"(module depth {result.block_graph.depth}) on {plan.num_stages} stages"))

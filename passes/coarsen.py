@@ -19,6 +19,7 @@ CrossValues with to_output=True: they must reach the last stage.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 
@@ -324,6 +325,26 @@ def _block_names(compute: list, run_of: list[int], num_blocks: int, depth: int) 
         f, l = firsts[b] or "(glue)", lasts[b] or "(glue)"
         names.append(f if f == l else f"{f}..{l}")
     return names
+
+
+def attach_loss(bg: BlockGraph, loss) -> BlockGraph:
+    """`bg` with the loss's costs (cost_models.loss.profile_loss) added to the block that produces
+    the model's output (the last block producing an output value): the loss runs on the last
+    stage, which holds that block in every plan where the output is made last."""
+    producers = [v.producer for v in bg.values if v.to_output]
+    b = max(producers) if producers else len(bg.blocks) - 1
+    blk = bg.blocks[b]
+    total = loss.total
+    blocks = list(bg.blocks)
+    blocks[b] = dataclasses.replace(
+        blk, fwd_time_s=blk.fwd_time_s + total("fwd_time_s"), bwd_time_s=blk.bwd_time_s + total("bwd_time_s"),
+        host_fwd_time_s=blk.host_fwd_time_s + total("host_fwd_time_s"),
+        host_bwd_time_s=blk.host_bwd_time_s + total("host_bwd_time_s"),
+        fwd_flops=blk.fwd_flops + total("fwd_flops"), bwd_flops=blk.bwd_flops + total("bwd_flops"),
+        saved_bytes=blk.saved_bytes + int(total("saved_bytes")),
+        bwd_working_bytes=max(blk.bwd_working_bytes, max((c.bwd_working_bytes for c in loss.nodes.values()),
+                                                         default=0)))
+    return dataclasses.replace(bg, blocks=blocks)
 
 
 def synthetic_block_graph(times_s: list[float], edges: dict[tuple[int, int], int] | None = None,

@@ -111,3 +111,40 @@ def test_measured_times_keep_gpu_and_host_apart():
         return y
     tiny = time_fwd_bwd(chain, dev, [s])
     assert tiny.host_fwd_s > 2 * tiny.fwd_s and tiny.host_bwd_s > 2 * tiny.bwd_s
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5-base"])
+def test_training_peak_matches_cuda_max_memory_allocated(name):
+    """cost_models.memory.training_peak_bytes (the backward walk) against the allocator's peak."""
+    from cost_models.flops import trace_nodes
+    from cost_models.memory import saved_bytes_per_node, training_peak_bytes
+    from partitioner import zoo
+    from passes.capture import capture
+
+    dev = torch.device("cuda")
+    zm = zoo.build(name, batch=4, seq=256, device=dev)
+
+    class WithLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = zm.model
+
+        def forward(self, *args, target, **kwargs):
+            return zm.loss_fn(self.model(*args, **kwargs), target)
+
+    kwargs = {**zm.example_kwargs, "target": zm.target}
+    cap = capture(WithLoss(), zm.example_args, kwargs)
+    gm, flat = cap.graph_module, cap.flatten_inputs(zm.example_args, kwargs)
+    traces = trace_nodes(gm)
+    predicted = training_peak_bytes(gm, traces, saved_bytes_per_node(traces))
+    params = [p for p in gm.parameters() if p.requires_grad]
+    torch.autograd.grad(gm(*flat), params)  # warm-up: cuBLAS workspaces are allocated once, on first use
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    grads = torch.autograd.grad(gm(*flat), params)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - base
+    del grads
+    assert predicted == pytest.approx(measured, rel=0.05)

@@ -1,0 +1,47 @@
+"""The loss's cost: loss_fn(model output, target) runs on the last stage, outside the model's graph.
+
+A language model's loss is not small: a cross-entropy over a 50k vocabulary saves
+log-probabilities as large as the logits (in fp32) and its backward writes gradients
+of that size too, all on the last stage. `profile_loss` captures loss_fn on meta
+tensors shaped like the model's outputs and the target, and profiles it like a model
+whose inputs carry gradients; passes.coarsen.attach_loss adds the result to the
+block that produces the model's output.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from cost_models.node_costs import NodeCosts
+
+
+class _Loss(torch.nn.Module):
+    def __init__(self, loss_fn: Callable[[Any, Any], torch.Tensor]):
+        super().__init__()
+        self.loss_fn = loss_fn
+
+    def forward(self, output: Any, target: Any) -> torch.Tensor:
+        return self.loss_fn(output, target)
+
+
+def _meta_like(value: Any) -> Any:
+    return pytree.tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), value)
+
+
+def profile_loss(loss_fn: Callable[[Any, Any], torch.Tensor], captured: Any, target: Any, **profile_kwargs
+                 ) -> NodeCosts:
+    """Costs of loss_fn(output, target) for one microbatch; output shaped as `captured`'s outputs.
+
+    target: one microbatch of the target (any device; only shapes and dtypes are used).
+    profile_kwargs: as cost_models.profile.profile (device, dtype, optimizer).
+    """
+    from cost_models.profile import profile
+    from passes.capture import capture
+
+    out_node = next(n for n in captured.graph_module.graph.nodes if n.op == "output")
+    leaves = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in out_node.args[0]]
+    output = pytree.tree_unflatten([_meta_like(v) for v in leaves], captured.out_spec)
+    loss_graph = capture(_Loss(loss_fn), (output, _meta_like(target)))
+    return profile(loss_graph, inputs_require_grad=True, progress=False, **profile_kwargs)

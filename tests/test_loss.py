@@ -1,0 +1,40 @@
+"""cost_models/loss.py and passes.coarsen.attach_loss: the loss is costed on the last stage."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cost_models.loss import profile_loss
+from partitioner import zoo
+from partitioner.planner import PlanConfig, plan_model
+from passes.capture import capture
+
+
+def _lm_loss(out, target):
+    return F.cross_entropy(out.flatten(0, 1), target.flatten())
+
+
+def test_cross_entropy_saves_fp32_log_probabilities_and_writes_their_gradient():
+    B, T, V = 2, 8, 50
+    model = torch.nn.Linear(16, V)
+    captured = capture(model, (torch.randn(B, T, 16),))
+    costs = profile_loss(_lm_loss, captured, torch.randint(0, V, (B, T)), device="h100")
+    logits = B * T * V * 4
+    # log_softmax's output, plus the int64 target and a scalar nll_loss keeps for its backward
+    assert costs.total("saved_bytes") == logits + B * T * 8 + 4
+    assert max(c.bwd_working_bytes for c in costs.nodes.values()) >= 2 * logits  # grad in + grad out
+    assert costs.total("fwd_time_s") > 0 and costs.total("bwd_time_s") > 0
+
+
+def test_plans_count_the_loss_on_the_last_stage():
+    zm = zoo.build("gpt2", small=True, batch=8, seq=16)
+    config = PlanConfig(num_ranks=2, microbatches=4)
+    without = plan_model(zm.model, zm.example_args, zm.example_kwargs, config)
+    with_loss = plan_model(zm.model, zm.example_args, zm.example_kwargs, config, loss_fn=zm.loss_fn,
+                           example_target=zm.target)
+    assert sum(b.saved_bytes for b in with_loss.block_graph.blocks) > sum(b.saved_bytes for b in without.block_graph.blocks)
+    assert with_loss.plan.rank_mem_bytes[-1] > without.plan.rank_mem_bytes[-1]
+    assert with_loss.plan.rank_mem_bytes[0] == without.plan.rank_mem_bytes[0] or \
+        with_loss.plan.block_stage != without.plan.block_stage
+    work = sum(b.time_s for b in with_loss.block_graph.blocks) - sum(b.time_s for b in without.block_graph.blocks)
+    assert work > 0
