@@ -80,7 +80,8 @@ def exact_columns(bg, p: int, v: int, m: int, bw: float, ilp, base: dict, pb: fl
 
 
 def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: float, device: str,
-        memory_bound: bool = True, exact_budget_s: float = EXACT_BUDGET_S) -> tuple[list[dict], list[dict]]:
+        memory_bound: bool = True, exact_budget_s: float = EXACT_BUDGET_S,
+        microbatches_per_rank: tuple[int, ...] = (2,)) -> tuple[list[dict], list[dict]]:
     from cost_models.device import get_device_spec
     from partitioner.baselines import all_baselines
     from partitioner.solve import solve
@@ -94,8 +95,8 @@ def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: fl
             bg = coarsen(ag, costs, min_blocks=4, target_blocks=4 * BLOCKS_PER_STAGE)
             capped.append(memory_bound_row(name, bg, 4, 1, 8, bw, time_limit_s))
         for p in ranks:
-            for v in chunks:
-                m = 2 * p
+            for v, f in [(v, f) for v in chunks for f in microbatches_per_rank]:
+                m = f * p
                 bg = coarsen(ag, costs, min_blocks=p * v, target_blocks=BLOCKS_PER_STAGE * p * v)  # as the planner
                 t0 = time.perf_counter()
                 ilp = solve(bg, p, v, m, link_bw_bytes_per_s=bw, time_limit_s=time_limit_s)
@@ -118,7 +119,7 @@ def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: fl
                 rows.append(row)
                 exact = "" if row["exact_ms"] is None else \
                     f", exact {row['exact_ms']:.2f} ms ({'optimal' if row['exact_complete'] else 'incomplete'})"
-                print(f"{name} p={p} v={v}: ilp {row['ilp_ms']:.2f} ms, best baseline {best_name} "
+                print(f"{name} p={p} v={v} m={m}: ilp {row['ilp_ms']:.2f} ms, best baseline {best_name} "
                       f"{base[best_name].step_time_s * 1e3:.2f} ms, bound {lb * 1e3:.2f} ms{exact}", flush=True)
     return rows, capped
 
@@ -160,7 +161,7 @@ def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     methods = ["ilp", "uniform", "torchtitan", "parameters", "flops", "size", "dp"]
-    labels = [f"{r['model']}\np={r['p']} v={r['v']}" for r in rows]
+    labels = [f"{r['model']}\np={r['p']} v={r['v']} m={r['m']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.5))
     width = 0.8 / len(methods)
     for i, meth in enumerate(methods):
@@ -185,16 +186,21 @@ def main() -> None:
     ap.add_argument("--device", default="h100")
     ap.add_argument("--exact-budget", type=float, default=EXACT_BUDGET_S,
                     help="seconds of exact split search per v=1 path-shaped row (0: skip it)")
+    ap.add_argument("--microbatches-per-rank", nargs="+", type=int, default=[2],
+                    help="m = this x p for every row (more microbatches: less bubble, balance matters more)")
+    ap.add_argument("--name", default="plan_quality", help="result name under benchmarks/results")
+    ap.add_argument("--no-memory-bound", action="store_true", help="skip the table where memory binds")
     a = ap.parse_args()
-    rows, capped = run(a.models, a.ranks, a.chunks, a.time_limit, a.device, exact_budget_s=a.exact_budget)
+    rows, capped = run(a.models, a.ranks, a.chunks, a.time_limit, a.device, memory_bound=not a.no_memory_bound,
+                       exact_budget_s=a.exact_budget, microbatches_per_rank=tuple(a.microbatches_per_rank))
     print_table("plan quality (simulated step time, ms)", [{k: v for k, v in r.items() if v is not None} for r in rows])
     print_table("where memory binds (p=4, 1f1b, 8 microbatches)",
                 [{k: v for k, v in r.items() if v is not None} for r in capped])
-    path = write_result("plan_quality", rows, {"device": a.device, "time_limit_s": a.time_limit,
-                                               "exact_budget_s": a.exact_budget, "memory_bound": capped})
+    path = write_result(a.name, rows, {"device": a.device, "time_limit_s": a.time_limit,
+                                       "exact_budget_s": a.exact_budget, "memory_bound": capped})
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    plot(rows, RESULTS_DIR / "plan_quality.png")
-    print(f"wrote {path} and {RESULTS_DIR / 'plan_quality.png'}")
+    plot(rows, RESULTS_DIR / f"{a.name}.png")
+    print(f"wrote {path} and {RESULTS_DIR / f'{a.name}.png'}")
 
 
 if __name__ == "__main__":
