@@ -285,9 +285,10 @@ def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
 
     On CUDA with separate_host, the device and host times come apart (`_queued_call_s`):
     each call is issued behind a sleep kernel, so the host never waits for the GPU; medians
-    over `repeats`; the host time is capped by the back-to-back loop's wall time. Otherwise (CPU, separate_host=False, or a call that can't be queued whole:
-    a host sync inside it) `repeats` calls run back to back, synchronising only around the
-    loop, as a training step runs them: the wall time per call, host overlapping GPU.
+    over `repeats`; the host time is capped by the back-to-back loop's wall time. Otherwise
+    (CPU, separate_host=False, or a call that can't be queued whole: a host sync inside it)
+    `repeats` calls run back to back, synchronising only around the loop, as a training step
+    runs them: the wall time per call, host overlapping GPU.
     backward = (forward+backward) - forward.
     """
     def outputs(out: Any) -> list[torch.Tensor]:
