@@ -38,3 +38,36 @@ def test_plans_count_the_loss_on_the_last_stage():
         with_loss.plan.block_stage != without.plan.block_stage
     work = sum(b.time_s for b in with_loss.block_graph.blocks) - sum(b.time_s for b in without.block_graph.blocks)
     assert work > 0
+
+
+def test_compile_parallel_with_example_target_and_a_dict_output_trains_exactly():
+    """The loss reads one entry of a dict output; planning with example_target costs it and the
+    pipeline still gives the plain model's loss and gradients."""
+    import copy
+
+    class DictOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 16)
+            self.body = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)])
+            self.head = torch.nn.Linear(16, 20)
+
+        def forward(self, tokens):
+            h = self.body(self.emb(tokens))
+            return {"logits": self.head(h), "hidden": h}
+
+    from partitioner import compile_parallel
+
+    torch.manual_seed(0)
+    model, tokens, target = DictOut(), torch.randint(0, 20, (8, 6)), torch.randint(0, 20, (8, 6))
+    loss_fn = lambda out, t: _lm_loss(out["logits"], t)  # noqa: E731
+    ref = copy.deepcopy(model)
+    want = loss_fn(ref(tokens), target)
+    want.backward()
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (tokens,), loss_fn, microbatches=4,
+                          example_target=target)
+    got = pm.train_step(tokens, target=target)
+    assert torch.allclose(got, want, rtol=1e-5)
+    grads = dict(ref.named_parameters())
+    for name, p in pm.named_parameters():
+        assert torch.allclose(p.grad, grads[name].grad, rtol=1e-5, atol=1e-7), name
