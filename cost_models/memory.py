@@ -151,7 +151,7 @@ def backward_walk(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], saved:
     computing = [n for n in order if n.op not in ("placeholder", "get_attr", "output")]
     saved_live = sum(saved.get(n.name, 0) for n in computing)
     grads: dict[str, int] = {}  # value -> bytes of its gradient, alive until its producer's backward ran
-    param_grads, seen_params, steps = 0, set(), []
+    grads_total, param_grads, seen_params, steps = 0, 0, set(), []
     for n in reversed(computing):
         if traces[n.name].requires_grad:
             for a in n.all_input_nodes:
@@ -164,9 +164,10 @@ def backward_walk(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], saved:
                         param_grads += out_bytes[a.name]
                 elif a.name not in grads:
                     grads[a.name] = out_bytes[a.name]
-            steps.append(BackwardStep(n.name, saved_live, sum(grads.values()), param_grads, saved.get(n.name, 0)))
+                    grads_total += grads[a.name]
+            steps.append(BackwardStep(n.name, saved_live, grads_total, param_grads, saved.get(n.name, 0)))
         saved_live -= saved.get(n.name, 0)
-        grads.pop(n.name, None)
+        grads_total -= grads.pop(n.name, 0)
     return steps
 
 

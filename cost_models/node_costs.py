@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from cost_models.time import pass_time_s
+
 
 @dataclass(frozen=True)
 class NodeCost:
@@ -41,7 +43,7 @@ class NodeCost:
     @property
     def time_s(self) -> float:
         """Forward + backward seconds, host and device overlapping within each pass."""
-        return max(self.fwd_time_s, self.host_fwd_time_s) + max(self.bwd_time_s, self.host_bwd_time_s)
+        return pass_time_s(self.fwd_time_s, self.host_fwd_time_s) + pass_time_s(self.bwd_time_s, self.host_bwd_time_s)
 
 
 @dataclass
@@ -65,8 +67,8 @@ class NodeCosts:
 
     def step_time_s(self) -> float:
         """Forward + backward of the whole graph on one device: per pass, max(sum device, sum host)."""
-        return (max(self.total("fwd_time_s"), self.total("host_fwd_time_s"))
-                + max(self.total("bwd_time_s"), self.total("host_bwd_time_s")))
+        return (pass_time_s(self.total("fwd_time_s"), self.total("host_fwd_time_s"))
+                + pass_time_s(self.total("bwd_time_s"), self.total("host_bwd_time_s")))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

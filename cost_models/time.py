@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,11 @@ class NodeTime:
     bwd_s: float
     host_fwd_s: float = 0.0
     host_bwd_s: float = 0.0
+
+    @property
+    def time_s(self) -> float:
+        """Forward + backward seconds, host and device overlapping within each pass."""
+        return pass_time_s(self.fwd_s, self.host_fwd_s) + pass_time_s(self.bwd_s, self.host_bwd_s)
 
 
 def pass_time_s(device_s: float, host_s: float) -> float:
@@ -385,13 +391,7 @@ def _queued_call_s(call: Callable[[], None], device: torch.device, repeats: int)
             return None
         gpu.append(start.elapsed_time(end) / 1e3)
         host.append(host_s)
-    return _median(gpu), _median(host)
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    return statistics.median(gpu), statistics.median(host)
 
 
 class _DiskCache:
@@ -515,6 +515,6 @@ def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], bl
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return blocks  # the whole graph does not fit: keep the blocks' own host times
-    fwd_scale = min(1.0, _median(fwd_s) / (sum(t.host_fwd_s for t in blocks) or float("inf")))
-    bwd_scale = min(1.0, _median(bwd_s) / (sum(t.host_bwd_s for t in blocks) or float("inf")))
+    fwd_scale = min(1.0, statistics.median(fwd_s) / (sum(t.host_fwd_s for t in blocks) or float("inf")))
+    bwd_scale = min(1.0, statistics.median(bwd_s) / (sum(t.host_bwd_s for t in blocks) or float("inf")))
     return [NodeTime(t.fwd_s, t.bwd_s, t.host_fwd_s * fwd_scale, t.host_bwd_s * bwd_scale) for t in blocks]

@@ -31,8 +31,7 @@ class PassTimes:
         self.num_blocks = len(bg.blocks)
         self._pre = [[0.0] * (self.num_blocks + 1) for _ in range(4)]  # device fwd, host fwd, device bwd, host bwd
         for b, blk in enumerate(bg.blocks):
-            times = (blk.fwd_time_s, getattr(blk, "host_fwd_time_s", 0.0),
-                     blk.bwd_time_s, getattr(blk, "host_bwd_time_s", 0.0))
+            times = (blk.fwd_time_s, blk.host_fwd_time_s, blk.bwd_time_s, blk.host_bwd_time_s)
             for pre, t in zip(self._pre, times):
                 pre[b + 1] = pre[b] + t
 

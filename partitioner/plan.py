@@ -138,14 +138,13 @@ class StageStats:
     allreduce_time_s: float
     replicated_params: list[str]  # shared FQNs used by more than one stage
     node_stage: dict[str, int]
-    working_bytes: list[int] = field(default_factory=list)  # per stage: transient of its backward
+    working_bytes: list[int]  # per stage: transient of its backward
 
     def rank_mem_bytes(self, inflight: list[int]) -> list[int]:
         """Closed-form peak per rank: static + in-flight microbatches x the rank's largest saved
         activations + the largest backward transient among its stages."""
         p = len(self.static_bytes)
-        working = self.working_bytes or [0] * len(self.saved_bytes)
-        return [self.static_bytes[r] + inflight[r] * max(self.saved_bytes[r::p]) + max(working[r::p])
+        return [self.static_bytes[r] + inflight[r] * max(self.saved_bytes[r::p]) + max(self.working_bytes[r::p])
                 for r in range(p)]
 
     def stage_costs(self, link_bw_bytes_per_s: float):

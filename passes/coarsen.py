@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
+from cost_models.time import pass_time_s
+
 
 @dataclass(frozen=True)
 class Block:
@@ -58,7 +60,7 @@ class Block:
     @property
     def time_s(self) -> float:
         """Forward + backward seconds of the block on its own (host and device overlapping per pass)."""
-        return max(self.fwd_time_s, self.host_fwd_time_s) + max(self.bwd_time_s, self.host_bwd_time_s)
+        return pass_time_s(self.fwd_time_s, self.host_fwd_time_s) + pass_time_s(self.bwd_time_s, self.host_bwd_time_s)
 
 
 @dataclass(frozen=True)

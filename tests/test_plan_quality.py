@@ -106,8 +106,6 @@ def test_bounds_and_search_hold_where_the_host_paces_some_blocks(seed):
     n, p, bw = rng.randint(8, 11), rng.choice([2, 3]), 1e10
     m = 2 * p
     bg = random_chain(rng, n)
-    if not hasattr(bg.blocks[0], "host_fwd_time_s"):
-        pytest.skip("blocks carry no host time in this version of passes/coarsen.py")
     bg.blocks = [dataclasses.replace(b, host_fwd_time_s=rng.uniform(0, 2 * b.fwd_time_s),
                                      host_bwd_time_s=rng.uniform(0, 2 * b.bwd_time_s)) for b in bg.blocks]
     steps = [split_step_s(bg, cuts, p, m, bw) for cuts in itertools.combinations(range(1, n), p - 1)]
