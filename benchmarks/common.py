@@ -122,3 +122,21 @@ def quantile(values: list[float], q: float) -> float:
     """The q-quantile of values (nearest rank)."""
     v = sorted(values)
     return v[min(len(v) - 1, round(q * (len(v) - 1)))]
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (benchmarks write PNGs, never open windows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, title: str | None = None, **title_kwargs) -> None:
+    """Lay out `fig`, write it to `path` (120 dpi) and close it; `title` goes over all its panels."""
+    if title:
+        fig.suptitle(title, **title_kwargs)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)

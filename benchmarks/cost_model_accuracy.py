@@ -30,14 +30,13 @@ from torch.utils import _pytree as pytree
 from cost_models.device import spec_for_torch_device
 from cost_models.flops import trace_nodes
 from cost_models.memory import DtypeScale, saved_bytes_per_node, training_peak_bytes, value_bytes
-from cost_models.node_costs import NodeCost
 from cost_models.profile import default_measure_groups, layer_key, profile
-from cost_models.time import measure_block_times, time_fwd_bwd
+from cost_models.time import NodeTime, measure_block_times, time_fwd_bwd
 from partitioner import zoo
 from passes.annotate import annotate
 from passes.capture import capture
 
-from benchmarks.common import RESULTS_DIR, print_table, write_result
+from benchmarks.common import RESULTS_DIR, print_table, pyplot, save_figure, write_result
 
 # model -> (batch, seq) on a GPU; --quick uses the zoo's small configs with batch 2, seq 16
 FULL_SHAPES = {"gpt2": (8, 1024), "llama-1b": (4, 1024), "t5-base": (8, 512)}
@@ -100,15 +99,14 @@ def measure_model(name: str, dtype_name: str, device: torch.device, quick: bool,
     for group, meas in zip(groups, measured):
         pred = sum(costs.nodes[n].time_s for n in group)
         block = layer_key(paths.get(group[0], "")) or "<root>"
-        m = NodeCost("", fwd_time_s=meas.fwd_s, bwd_time_s=meas.bwd_s, host_fwd_time_s=meas.host_fwd_s,
-                     host_bwd_time_s=meas.host_bwd_s).time_s  # the block alone: max(GPU, host) per pass
+        m = meas.time_s  # the block alone: max(GPU, host) per pass
         rows.append({"model": name, "dtype": dtype_name, "kind": "block", "block": block, "nodes": len(group),
                      "pred_ms": pred * 1e3, "meas_ms": m * 1e3, "rel_err": rel_err(pred, m),
                      "meas_gpu_fwd_ms": meas.fwd_s * 1e3, "meas_gpu_bwd_ms": meas.bwd_s * 1e3,
                      "meas_host_fwd_ms": meas.host_fwd_s * 1e3, "meas_host_bwd_ms": meas.host_bwd_s * 1e3})
     # measured mode's prediction of the step: per pass, max(sum of GPU times, sum of host times)
-    measured_mode_s = (max(sum(t.fwd_s for t in measured), sum(t.host_fwd_s for t in measured))
-                       + max(sum(t.bwd_s for t in measured), sum(t.host_bwd_s for t in measured)))
+    measured_mode_s = NodeTime(*(sum(getattr(t, f) for t in measured)
+                                 for f in ("fwd_s", "bwd_s", "host_fwd_s", "host_bwd_s"))).time_s
     blocks_wall_sum_s = sum(r["meas_ms"] for r in rows) / 1e3
 
     # a whole step: the full graph, forward + backward of the model's loss w.r.t. every parameter
@@ -308,9 +306,7 @@ def calibration_rows(device: torch.device) -> list[dict]:
 
 def plot(rows: list[dict], device_name: str, path: Path) -> Path:
     """Predicted vs measured scatter: fwd+bwd time per block and per step (log-log), and memory."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [1.4, 1]})
     keys = sorted({(r["model"], r["dtype"]) for r in rows})
@@ -338,10 +334,7 @@ def plot(rows: list[dict], device_name: str, path: Path) -> Path:
     ax_t.set_title("forward+backward time: blocks (dots), whole step (stars)")
     ax_m.set_title("memory: activations after forward (o), step peak (s)")
     ax_t.legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"analytic cost model vs measurement on {device_name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, f"analytic cost model vs measurement on {device_name}")
     return path
 
 

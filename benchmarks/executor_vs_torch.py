@@ -63,7 +63,7 @@ import torch.nn as nn
 from benchmarks import common
 from benchmarks.chain_model import (CPU_FULL, GPU_FULL, GPU_QUICK, QUICK, ChainConfig, build_chain, chain_plan,
                                     make_batch, mse_loss, torch_schedule)
-from benchmarks.common import print_table, quantile, timed, write_result
+from benchmarks.common import print_table, pyplot, quantile, save_figure, timed, write_result
 from cost_models.time import synchronize, time_fwd_bwd
 from partitioner.api import ParallelModel, compile_parallel
 from runtime.schedules import make_schedule
@@ -370,9 +370,7 @@ def run_one_process(cfg: ChainConfig, device: torch.device, stage_counts: list[i
 
 def plot(rows: list[dict], title: str, path) -> None:
     """Left: step time ours vs torch per config (median, bars p25-p75). Right: predicted vs measured."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pairs = [r for r in rows if r.get("torch_ms") is not None]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
@@ -418,10 +416,7 @@ def plot(rows: list[dict], title: str, path) -> None:
     bx.set_ylabel("simulator prediction (ms)")
     bx.set_title("simulator vs measured", fontsize=10)
     bx.legend(fontsize=8, loc="upper left")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title, fontsize=11)
 
 
 

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 from benchmarks import common
-from benchmarks.common import print_table, quantile, timed, write_result
+from benchmarks.common import print_table, pyplot, quantile, save_figure, timed, write_result
 from cost_models.profile import profile
 from cost_models.time import synchronize
 from partitioner import zoo
@@ -138,9 +138,7 @@ def peak_bytes(r: Runner, device: torch.device) -> int | None:
 
 def plot(rows: list[dict], title: str, path) -> None:
     """Left: step time per runner (median, bars p25-p75), overhead labels. Right: peak memory."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     has_mem = any(r["meas_peak_mib"] is not None for r in rows)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -173,10 +171,7 @@ def plot(rows: list[dict], title: str, path) -> None:
     bx.set_ylabel(f"peak memory of a step ({unit})")
     bx.set_title("peak memory: weights + grads + activations", fontsize=10)
     bx.legend(fontsize=8, loc="lower right")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title, fontsize=11)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.common import RESULTS_DIR, print_table, write_result
+from benchmarks.common import RESULTS_DIR, print_table, pyplot, save_figure, write_result
 from partitioner.exact import EXACT_BUDGET_S, PassTimes, best_split_s, pipeline_bound_s, split_cuts
 from partitioner.planner import BLOCKS_PER_STAGE
 
@@ -155,10 +155,7 @@ def memory_bound_row(name: str, bg, p: int, v: int, m: int, bw: float, time_limi
 
 
 def plot(rows: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     methods = ["ilp", "uniform", "torchtitan", "parameters", "flops", "size", "dp"]
     labels = [f"{r['model']}\np={r['p']} v={r['v']} m={r['m']}" for r in rows]
@@ -173,8 +170,7 @@ def plot(rows: list[dict], path) -> None:
     ax.set_ylim(0.9, max(1.6, max(r[f"{m}_ms"] / r["lower_bound_ms"] for r in rows for m in methods) * 1.02))
     ax.legend(ncol=4, fontsize=7)
     ax.set_title("Pipeline plans: ILP vs baselines (same simulator)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:

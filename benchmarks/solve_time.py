@@ -18,7 +18,7 @@ import argparse
 import random
 import time
 
-from benchmarks.common import RESULTS_DIR, print_table, write_result
+from benchmarks.common import RESULTS_DIR, print_table, pyplot, save_figure, write_result
 
 
 def synthetic(n: int, seed: int = 0):
@@ -60,10 +60,7 @@ def run(blocks: list[int], stages: list[int], time_limit_s: float, chunks: list[
 
 
 def plot(rows: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     stage_counts = sorted({r["stages"] for r in rows})
@@ -79,8 +76,7 @@ def plot(rows: list[dict], path) -> None:
     ax.set_ylabel("solve time (s, incl. model build)")
     ax.set_title("CP-SAT partition ILP: solve time")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:
