@@ -343,6 +343,10 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
     static_w = [int(b.param_state_bytes * ms + 0.999) for b in bg.blocks]
     saved_w = [int(b.saved_bytes * ms + 0.999) for b in bg.blocks]
     work_w = [int(b.bwd_working_bytes * ms + 0.999) for b in bg.blocks]
+    on_rank: list[list[tuple[int, int]]] = [[] for _ in range(p)]  # (block, stage) pairs that can land on a rank
+    for b, wb in enumerate(work_w):
+        for k in dom[b] if wb > 0 else ():
+            on_rank[k % p].append((b, k))
     rank_mem = []
     for r in range(p):
         static = sum(stage_sum(k, static_w) for k in range(r, K, p))
@@ -357,13 +361,11 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
                 rules.append((z, s, 1))
             act = inflight[r] * z
         work = 0  # the largest backward transient among the rank's blocks
-        if any(work_w):
+        if on_rank[r]:
             work = md.NewIntVar(0, max(work_w), f"work{r}")
-            for b, wb in enumerate(work_w):
-                for k in dom[b]:
-                    if k % p == r and wb > 0:
-                        md.Add(work >= wb * x(b, k))
-                        rules.append((work, wb * x(b, k), 1))
+            for b, k in on_rank[r]:
+                md.Add(work >= work_w[b] * x(b, k))
+                rules.append((work, work_w[b] * x(b, k), 1))
         rank_mem.append(static + act + work)
         if cap is not None:
             md.Add(static + act + work <= int(cap * ms))
