@@ -36,14 +36,16 @@ class DeviceSpec:
     matmul_efficiency: achieved fraction of peak_flops by large dense matmuls (cuBLAS).
     attention_efficiency: achieved fraction of peak_flops by fused attention (flash /
         memory-efficient SDPA), relative to FlopCounterMode's (non-causal) count.
+    masked_attention_efficiency: the same for 16-bit fused attention with an attn_mask
+        (memory-efficient / cuDNN kernels, about half the flash rate).
     misaligned_matmul_efficiency: fraction of peak reached by a 16-bit matmul one of whose
         tensors has an innermost dimension that is not a multiple of 16 bytes (e.g. GPT-2's
         vocabulary of 50257): cuBLAS falls back to unaligned (align1) tensor-core kernels.
     mem_bw_efficiency: achieved fraction of mem_bw_bytes_per_s by large elementwise kernels.
     cpu_fwd_overhead_s / cpu_bwd_overhead_s: host time eager PyTorch spends dispatching one
-        graph node's forward (views included) / running its autograd node in backward. A GPU
-        runs asynchronously, so a node takes max(GPU time, host time); 0 on the CPU itself,
-        where that time is in kernel_overhead_s.
+        graph node's forward (views included) / each kernel its backward runs. A GPU runs
+        asynchronously, so a run of nodes takes max(GPU time, host time) per pass; 0 on the
+        CPU itself, where that time is in kernel_overhead_s.
     """
 
     name: str
@@ -56,6 +58,7 @@ class DeviceSpec:
     notes: str = field(default="", compare=False)
     matmul_efficiency: float = 1.0
     attention_efficiency: float = 1.0
+    masked_attention_efficiency: float = 1.0
     misaligned_matmul_efficiency: float = 1.0
     mem_bw_efficiency: float = 1.0
     cpu_fwd_overhead_s: float = 0.0
@@ -89,17 +92,21 @@ class DeviceSpec:
 
 # Achieved fractions of the datasheet peaks and eager-mode overheads, measured on one H200
 # (torch 2.11, CUDA 13, TF32 off as torch defaults) with
-#     python -m benchmarks.cost_model_accuracy --per-node --profile --calibrate
-# (its "calib" rows): nn.functional.linear fwd+bwd of (M, K, N) from (1024, 768, 768) to
-# (16384, 4096, 4096): fp32 46-52 of 67 TFLOP/s, bf16 570-770 of 989 (big shapes; 0.72);
-# with N = 50257, bf16 95-145 TFLOP/s (0.12); SDPA flash fwd+bwd bf16 270-500 TFLOP/s of the
-# non-causal count (0.40), fp32 28-55 of 67; copy/add of 256 MiB-1 GiB 4.2 of 4.8 TB/s (0.87).
-# Host overheads: one tiny eager op with autograd 12.5 us forward, a chain of them 35 us
-# forward+backward per op. They are properties of the host CPU and PyTorch's eager dispatch,
-# not of the GPU: the same values are assumed for every GPU below (H100/A100/L4 use the H200's
-# fractions; re-measure there and write a JSON spec when it matters).
-GPU_EFFICIENCY = dict(matmul_efficiency=0.72, attention_efficiency=0.40, misaligned_matmul_efficiency=0.12,
-                      mem_bw_efficiency=0.87, cpu_fwd_overhead_s=14e-6, cpu_bwd_overhead_s=24e-6)
+#     python -m benchmarks.cost_model_accuracy --calibrate       (its "calib" rows)
+#     python -m benchmarks.cost_model_accuracy --per-node        (every node alone: host times)
+# nn.functional.linear fwd+bwd of (M, K, N) from (1024, 768, 768) to (16384, 4096, 4096): fp32
+# 46-52 of 67 TFLOP/s, bf16 570-770 of 989 (big shapes; 0.72); with N = 50257, bf16 95 TFLOP/s
+# forward (0.10); SDPA flash fwd+bwd bf16 270-500 TFLOP/s of the non-causal count (0.40), fp32
+# 28-55 of 67; bf16 SDPA with an additive mask 205-225 TFLOP/s (0.22); copy/add of 256 MiB-1 GiB
+# 4.2 of 4.8 TB/s (0.87). Host, in context (whole-graph dispatch), least squares over the layers
+# of gpt2, llama-1b and t5-base that are not GPU-bound: 21 us per node forward (further aten ops
+# of a node add nothing measurable), 31 us per backward kernel.
+# They are properties of the host CPU and PyTorch's eager dispatch, not of the GPU: the same
+# values are assumed for every GPU below (H100/A100/L4 use the H200's fractions; re-measure
+# there and write a JSON spec when it matters).
+GPU_EFFICIENCY = dict(matmul_efficiency=0.72, attention_efficiency=0.40, masked_attention_efficiency=0.22,
+                      misaligned_matmul_efficiency=0.10, mem_bw_efficiency=0.87, cpu_fwd_overhead_s=21e-6,
+                      cpu_bwd_overhead_s=31e-6)
 
 
 def _gpu(name: str, fp32: float, tf32: float, bf16: float, mem_bw: float, mem: int, intra: float,

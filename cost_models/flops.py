@@ -107,6 +107,11 @@ class AttentionCall:
     mask_requires_grad: bool = False
     dropout_p: float = 0.0
 
+    def io_numel(self) -> int:
+        """Elements a fused kernel reads and writes: q, k, v, the output and the mask."""
+        return (self.batch_heads * (self.q_len * (self.qk_dim + self.v_dim) + self.kv_len * (self.qk_dim + self.v_dim))
+                + self.mask_numel)
+
     @property
     def scores(self) -> int:
         """Elements of the (B, H, L, S) score matrix."""
@@ -142,6 +147,20 @@ def attention_call(args: tuple, kwargs: dict) -> AttentionCall:
                          dropout_p=float(bound.get("dropout_p", 0.0) or 0.0))
 
 
+@dataclass(frozen=True)
+class OpKernel:
+    """One aten op a node dispatched that launches a device kernel, as the time model costs it.
+
+    name: the op's name ("mm", "native_layer_norm_backward", ...); flops: its
+    FlopCounterMode count; tensors: (numel, dtype, innermost dim) of every distinct tensor it
+    reads (a broadcast input counts its storage, not its expanded size) and writes.
+    """
+
+    name: str
+    flops: int
+    tensors: tuple[tuple[int, torch.dtype, int], ...]
+
+
 @dataclass
 class NodeTrace:
     """What running one node on fake tensors showed.
@@ -153,9 +172,8 @@ class NodeTrace:
     output: its (fake) output value, kept so sizes can be read.
     requires_grad: whether its output depends on a trainable parameter.
     input_sizes: (numel, dtype) of every distinct tensor it reads (for bytes moved).
-    fwd_kernels / bwd_kernels: kernels it launches (what per-kernel overhead is paid
-        for): forward 1 when it dispatches any aten op other than views, aliases and
-        allocations, else 0; backward ~one per input gradient.
+    fwd_ops / bwd_ops: the kernels its forward and its backward launch, one OpKernel per
+        aten op other than views, aliases and allocations (cost_models.time costs each).
     attention: for scaled_dot_product_attention nodes, the backend and sizes costed.
     """
 
@@ -167,9 +185,17 @@ class NodeTrace:
     output: Any = None
     requires_grad: bool = False
     input_sizes: list[tuple[int, torch.dtype]] = field(default_factory=list)
-    fwd_kernels: int = 0
-    bwd_kernels: int = 0
+    fwd_ops: list[OpKernel] = field(default_factory=list)
+    bwd_ops: list[OpKernel] = field(default_factory=list)
     attention: AttentionCall | None = None
+
+    @property
+    def fwd_kernels(self) -> int:
+        return len(self.fwd_ops)
+
+    @property
+    def bwd_kernels(self) -> int:
+        return len(self.bwd_ops)
 
 
 def _is_float_tensor(x: Any) -> bool:
@@ -196,7 +222,7 @@ def _is_trainable_attr(gm: torch.fx.GraphModule, target: str) -> bool:
 
 
 _NO_KERNEL_PREFIXES = ("empty", "detach", "alias", "lift_fresh", "_assert", "sym_", "_local_scalar_dense",
-                       "new_empty", "set_", "resize_")
+                       "new_empty", "set_", "resize_", "_unsafe_view")
 
 
 def _cpu_flash_fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -217,18 +243,45 @@ _EXTRA_FLOP_FORMULAS = {
 _SDPA = (torch.ops.aten.scaled_dot_product_attention.default,)
 
 
-class _KernelCounter(TorchDispatchMode):
-    """Counts dispatched aten ops that launch a device kernel."""
+def _tensor_sizes(tree: Any, seen: set[int]) -> list[tuple[int, torch.dtype, int]]:
+    out = []
+    for t in pytree.tree_leaves(tree):
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            stored = t.untyped_storage().nbytes() // t.element_size() if t.element_size() else t.numel()
+            out.append((min(t.numel(), stored), t.dtype, t.shape[-1] if t.dim() else 1))
+    return out
 
-    def __init__(self):
+
+# gathers read only the rows they write: their table (first argument) counts at the output's size
+_GATHERS = ("embedding", "index_select", "index", "gather")
+
+
+class _KernelRecorder(TorchDispatchMode):
+    """Records every dispatched aten op that launches a device kernel as an OpKernel.
+
+    Active inside the FlopCounterMode, so each op's FLOPs are the counter's increase.
+    """
+
+    def __init__(self, counter: FlopCounterMode):
         super().__init__()
-        self.count = 0
+        self.counter = counter
+        self.ops: list[OpKernel] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        before = self.counter.get_total_flops()
+        out = func(*args, **kwargs)
         name = func.__name__
         if func.namespace == "aten" and not (func.is_view or name.startswith(_NO_KERNEL_PREFIXES)):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+            seen: set[int] = set()
+            written = _tensor_sizes(out, set())
+            read = _tensor_sizes((args, kwargs), seen)
+            op = func._overloadpacket.__name__
+            if op in _GATHERS and read and written:
+                read[0] = (min(read[0][0], written[0][0]), *read[0][1:])
+            self.ops.append(OpKernel(op, self.counter.get_total_flops() - before, tuple(read + written)))
+        return out
 
 
 class _NodeTracer(torch.fx.Interpreter):
@@ -239,7 +292,7 @@ class _NodeTracer(torch.fx.Interpreter):
         self.inputs_require_grad = inputs_require_grad
         self.traces: dict[str, NodeTrace] = {}
         self.counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
-        self.kernels = _KernelCounter()
+        self.kernels = _KernelRecorder(self.counter)
         self._keep_alive: list[torch.Tensor] = []  # saved tensors must outlive the run: storage ids stay unique
 
     def _total_flops(self) -> int:
@@ -274,7 +327,7 @@ class _NodeTracer(torch.fx.Interpreter):
             return out
         args, kwargs, leaves = self._leaf_args(n)
         trace.input_sizes = _distinct_sizes((args, kwargs))
-        before, kernels = self._total_flops(), self.kernels.count
+        before, first_op = self._total_flops(), len(self.kernels.ops)
         if leaves:
             with torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(trace, t), lambda h: h):
                 out = getattr(self, n.op)(n.target, args, kwargs)
@@ -282,9 +335,7 @@ class _NodeTracer(torch.fx.Interpreter):
             with torch.no_grad():
                 out = getattr(self, n.op)(n.target, args, kwargs)
         trace.fwd_flops = self._total_flops() - before
-        # one fx node is one aten op, which eager runs as one kernel even where fake
-        # tensors decompose it (SDPA on meta runs its math decomposition)
-        trace.fwd_kernels = min(1, self.kernels.count - kernels)
+        trace.fwd_ops = self.kernels.ops[first_op:]
         if n.target in _SDPA:
             trace.attention = attention_call(args, kwargs)
             if trace.saved:
@@ -292,14 +343,17 @@ class _NodeTracer(torch.fx.Interpreter):
         if n.target is torch.ops.aten.dropout.default and trace.saved:
             # CUDA runs native_dropout and keeps a bool mask; CPU/meta keep a scaled float mask
             trace.saved = self._record_saved([torch.empty(tuple(out.shape), dtype=torch.bool, device=out.device)])
+            trace.fwd_ops = [_native_dropout(out)]  # CPU/meta decompose it into bernoulli, mul, div
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         trace.requires_grad = bool(outs)
         if outs and leaves:
             grads = [torch.empty_like(t) for t in outs]
-            before, kernels = self._total_flops(), self.kernels.count
+            before, first_op = self._total_flops(), len(self.kernels.ops)
             torch.autograd.grad(outs, leaves, grads, allow_unused=True)
             trace.bwd_flops = self._total_flops() - before
-            trace.bwd_kernels = min(len(leaves), self.kernels.count - kernels)  # ~one kernel per input gradient
+            trace.bwd_ops = self.kernels.ops[first_op:]
+            if n.target is torch.ops.aten.dropout.default and trace.saved:
+                trace.bwd_ops = [_native_dropout(out)]  # CUDA: grad * mask * scale, one kernel
         if trace.attention is not None:
             trace.fwd_flops = trace.attention.fwd_flops()
             trace.bwd_flops = trace.attention.bwd_flops() if trace.bwd_flops else 0
@@ -374,6 +428,13 @@ class _NodeTracer(torch.fx.Interpreter):
         trace.saved.append(SavedTensor(StorageWeakRef(storage), int(storage.nbytes()), t.dtype))
         self._keep_alive.append(t)
         return t
+
+
+def _native_dropout(out: torch.Tensor) -> OpKernel:
+    """CUDA's fused dropout kernel: reads a tensor like `out`, writes it and a bool mask (the
+    backward reads the gradient and the mask and writes the input gradient: the same bytes)."""
+    numel, last = out.numel(), out.shape[-1] if out.dim() else 1
+    return OpKernel("native_dropout", 0, ((numel, out.dtype, last), (numel, out.dtype, last), (numel, torch.bool, last)))
 
 
 def _distinct_sizes(tree: Any) -> list[tuple[int, torch.dtype]]:

@@ -24,12 +24,11 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from cost_models.device import DeviceSpec, get_device_spec
-from cost_models.flops import NodeTrace, trace_nodes
+from cost_models.flops import NodeTrace, OpKernel, trace_nodes
 from cost_models.memory import (OPTIMIZER_STATES, DtypeScale, backward_walk, params_state_bytes, saved_bytes_per_node,
                                  value_bytes)
 from cost_models.node_costs import NodeCost, NodeCosts
-from cost_models.time import (NodeTime, analytic_node_time, kernels_time_s, math_attention_kernels,
-                               measure_block_times)
+from cost_models.time import Kernel, NodeTime, analytic_node_time, math_attention_kernels, measure_block_times
 from partitioner.errors import CostModelError
 
 
@@ -162,48 +161,58 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
                      time_source="measured" if measure else "analytic")
 
 
-_ATTENTION_TARGETS = {torch.ops.aten.scaled_dot_product_attention.default,
-                      torch.ops.aten._scaled_dot_product_flash_attention.default,
-                      torch.ops.aten._scaled_dot_product_efficient_attention.default}
+_ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
+
+# ops eager CUDA runs as several kernels: kernels beyond the first, and passes over their
+# bytes (layer norm's backward reduces the weight and bias gradients apart from the input
+# gradient; the embedding backward sorts the indices and reduces segments)
+_EXTRA_LAUNCHES = {"native_layer_norm_backward": 2, "embedding_dense_backward": 20}
+_EXTRA_PASSES = {"native_layer_norm_backward": 1.5}
 
 
-def flops_efficiency(node: torch.fx.Node, spec: DeviceSpec, dtype: torch.dtype) -> float:
-    """Achieved fraction of peak FLOP/s for `node`: fused attention, a 16-bit matmul over a
-    tensor whose innermost dimension is not 16-byte aligned (tensor cores fall back to slow
-    kernels), or a plain matmul (DeviceSpec's efficiencies)."""
-    if node.target in _ATTENTION_TARGETS:
-        return spec.attention_efficiency
-    if dtype.itemsize < 4:
-        vals = [a.meta.get("val") for a in node.all_input_nodes] + [node.meta.get("val")]
-        for t in pytree.tree_leaves(vals):
-            if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2
-                    and (t.shape[-1] * dtype.itemsize) % 16):
-                return spec.misaligned_matmul_efficiency
-    return spec.matmul_efficiency
+def op_kernel(op: OpKernel, spec: DeviceSpec, scale: DtypeScale) -> Kernel:
+    """The Kernel `op` runs in `scale.to_dtype`: its bytes, and for FLOPs the efficiency of
+    fused attention, of a 16-bit matmul over a tensor whose innermost dimension is not a
+    multiple of 16 bytes (tensor cores fall back to slow kernels), or of a plain matmul."""
+    moved = sum(scale.nbytes(numel, dt) for numel, dt, _ in op.tensors) * _EXTRA_PASSES.get(op.name, 1.0)
+    floats = [(scale.to_dtype if dt == scale.from_dtype else dt, last) for _, dt, last in op.tensors
+              if dt.is_floating_point]
+    dtype = floats[-1][0] if floats else scale.to_dtype
+    eff = None
+    if op.flops:
+        eff = spec.matmul_efficiency
+        if any(key in op.name for key in _ATTENTION_OPS):
+            eff = spec.attention_efficiency
+        elif any(dt.itemsize < 4 and (last * dt.itemsize) % 16 for dt, last in floats):
+            eff = spec.misaligned_matmul_efficiency
+    return Kernel(float(op.flops), moved, dtype, matmul=bool(op.flops), flops_efficiency=eff,
+                  launches=1 + _EXTRA_LAUNCHES.get(op.name, 0))
 
 
 def _analytic(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale, node: torch.fx.Node) -> NodeTime:
     if trace.op not in ("call_function", "call_module", "call_method"):
         return NodeTime(0.0, 0.0)
     call = trace.attention
-    if call is not None and call.backend == "math":  # a sequence of unfused kernels (cost_models/time.py)
-        fwd_kernels, bwd_kernels = math_attention_kernels(call, scale.to_dtype if call.dtype == scale.from_dtype
-                                                          else call.dtype)
-        fwd = kernels_time_s(fwd_kernels, spec, spec.cpu_fwd_overhead_s)
-        bwd = kernels_time_s(bwd_kernels, spec, spec.cpu_bwd_overhead_s) if trace.bwd_flops else 0.0
-        return NodeTime(fwd, bwd)
-    moved = sum(scale.nbytes(n, dt) for n, dt in trace.input_sizes) + value_bytes(trace.output, scale)
-    eff = flops_efficiency(node, spec, scale.to_dtype) if trace.fwd_flops else spec.matmul_efficiency
-    return analytic_node_time(trace.fwd_flops, trace.bwd_flops, moved, trace.fwd_kernels, trace.bwd_kernels,
-                              spec, scale.to_dtype, flops_efficiency=eff, dispatched=True,
-                              has_backward=trace.requires_grad)
+    if call is not None:  # the kernel(s) a GPU runs, not what fake tensors ran
+        dtype = scale.to_dtype if call.dtype == scale.from_dtype else call.dtype
+        if call.backend == "math":
+            fwd, bwd = math_attention_kernels(call, dtype)
+        else:
+            eff = spec.masked_attention_efficiency if call.mask_numel and dtype.itemsize < 4 else spec.attention_efficiency
+            moved = call.io_numel() * dtype.itemsize
+            fwd = [Kernel(call.fwd_flops(), moved, dtype, True, eff)]
+            bwd = [Kernel(call.bwd_flops(), 2 * moved, dtype, True, eff)]
+        return analytic_node_time(fwd, bwd if trace.bwd_flops else [], spec, dispatched=True)
+    return analytic_node_time([op_kernel(k, spec, scale) for k in trace.fwd_ops],
+                              [op_kernel(k, spec, scale) for k in trace.bwd_ops], spec,
+                              dispatched=True)
 
 
 def _measured_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], analytic: dict[str, NodeTime],
                     annotated: Any, example_inputs: Sequence[Any] | None, groups: list[list[str]] | None,
                     progress: bool) -> dict[str, NodeTime]:
-    """Measure blocks, then give each node its share of its block's device time (by roofline
-    time) and of its host time (evenly over the nodes that run something)."""
+    """Measure blocks, then give each node its share of its block's device time and of its
+    host time, in proportion to its analytic ones."""
     if groups is None:
         paths = ({n.name: n.module_path for n in annotated.nodes} if annotated is not None
                  else module_paths_from_graph(gm))
@@ -221,8 +230,8 @@ def _measured_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], anal
     for group, block_time in zip(groups, measured):
         fwd = _spread(block_time.fwd_s, [analytic[n].fwd_s for n in group])
         bwd = _spread(block_time.bwd_s, [analytic[n].bwd_s for n in group])
-        host_fwd = _spread(block_time.host_fwd_s, [float(analytic[n].fwd_s > 0) for n in group])
-        host_bwd = _spread(block_time.host_bwd_s, [float(analytic[n].bwd_s > 0) for n in group])
+        host_fwd = _spread(block_time.host_fwd_s, [analytic[n].host_fwd_s for n in group])
+        host_bwd = _spread(block_time.host_bwd_s, [analytic[n].host_bwd_s for n in group])
         for n, f, b, hf, hb in zip(group, fwd, bwd, host_fwd, host_bwd):
             times[n] = NodeTime(f, b, hf, hb)
     return times

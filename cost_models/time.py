@@ -1,21 +1,17 @@
 """Time of every node: an analytic roofline, or measured on the real device.
 
-Analytic: a node's forward takes
-    max(GPU time, host time)
-    GPU time  = max(flops / (peak_flops[dtype] x efficiency), bytes_moved / (mem_bw x mem_bw_efficiency))
-                + kernels x kernel_overhead
-    host time = cpu_fwd_overhead (eager dispatch of one node, views included)
-with bytes_moved = its distinct inputs (parameters included) + its outputs, and the
-efficiency that of a matmul, of fused attention or of a misaligned 16-bit matmul
-(DeviceSpec). A node that eager PyTorch runs as a sequence of kernels (SDPA on its
-math path) is costed kernel by kernel (`math_attention_kernels`, `kernels_time_s`). The GPU runs
-asynchronously, so whichever of the two is longer sets the pace; the per-node max is
-what DeviceSpec's efficiencies were fitted with (keeping host and GPU apart up to the
-stage, as measured mode does, fitted the H200's whole steps worse with these
-efficiencies: -19%..+5% against +6%..+13%). Its backward uses the backward FLOPs,
-twice the forward bytes (it reads the saved inputs and the output gradient and writes
-the input gradients) and cpu_bwd_overhead when the node has an autograd node. On the CPU device the host
-overheads are 0 and kernel_overhead holds the per-op cost.
+Analytic: a node is costed kernel by kernel, from the aten ops its forward and its
+backward dispatched on fake tensors (cost_models.flops.OpKernel): each kernel takes
+    flops / (peak_flops[dtype] x efficiency) + bytes_moved / (mem_bw x mem_bw_efficiency)
+    + kernel_overhead
+(`roofline_time_s`; bytes_moved = what it reads and writes; the efficiency that of a
+matmul, of fused attention, or of a misaligned 16-bit matmul: DeviceSpec). SDPA is costed
+as the kernel a GPU runs (fused, or its math path's sequence: `math_attention_kernels`),
+not as what fake tensors ran. The host's dispatch time is kept apart: cpu_fwd_overhead per
+node forward, cpu_bwd_overhead per backward kernel
+(`analytic_node_time`). The host queues kernels ahead of the GPU, so a run of nodes takes
+max(sum of GPU times, sum of host times) per pass, as in measured mode. On the CPU device
+the host overheads are 0 and kernel_overhead holds the per-op cost.
 
 Measured: `measure_block_times` cuts each group of nodes (a block) out as its own
 GraphModule, feeds it real tensors of the captured shapes and times its forward and
@@ -55,8 +51,8 @@ class NodeTime:
     """Forward and backward seconds of one node (or one block).
 
     fwd_s / bwd_s: device time (the GPU busy; on the CPU device, the whole time).
-    host_fwd_s / host_bwd_s: host time dispatching it, when known apart (measured on
-    CUDA); 0 when fwd_s / bwd_s already include it (analytic: max(GPU, host) per node).
+    host_fwd_s / host_bwd_s: host time dispatching it (0 on the CPU device, whose fwd_s /
+    bwd_s include it).
     The host queues work ahead of the GPU, so a run of nodes takes max(sum of device
     times, sum of host times) per pass (`pass_time_s`), not the sum of per-node maxima.
     """
@@ -80,16 +76,21 @@ def pass_time_s(device_s: float, host_s: float) -> float:
 
 def roofline_time_s(flops: float, bytes_moved: float, kernels: int, spec: DeviceSpec,
                     dtype: torch.dtype | str = torch.float32, *, flops_efficiency: float | None = None) -> float:
-    """GPU time: max(compute time, memory time) + launch overhead; 0 when nothing is launched.
+    """GPU time: compute time + memory time + launch overhead; 0 when nothing is launched.
 
+    The sum, not the max, of the two terms: a kernel streams its operands while it computes,
+    but not perfectly. It matches batched matmuls whose inner dimension is small, where
+    neither term dominates (8x12x1024x1024x64 on an H200: measured fp32 0.395 ms, sum 0.376,
+    max 0.267; bf16 0.070, sum 0.072, max 0.054), and equals the max within a few percent
+    wherever one term dominates (large matmuls, elementwise kernels).
     flops_efficiency: achieved fraction of the peak (default spec.matmul_efficiency).
     """
     if kernels <= 0 and flops <= 0:
         return 0.0
     eff = spec.matmul_efficiency if flops_efficiency is None else flops_efficiency
-    compute = flops / (spec.flops_per_s(dtype) * eff)
+    compute = flops / (spec.flops_per_s(dtype) * eff) if flops > 0 else 0.0
     memory = bytes_moved / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency)
-    return max(compute, memory) + kernels * spec.kernel_overhead_s
+    return compute + memory + kernels * spec.kernel_overhead_s
 
 
 def is_compute_bound(flops: float, bytes_moved: float, spec: DeviceSpec, dtype: torch.dtype | str = torch.float32) -> bool:
@@ -98,43 +99,40 @@ def is_compute_bound(flops: float, bytes_moved: float, spec: DeviceSpec, dtype: 
             > bytes_moved / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency))
 
 
-def analytic_node_time(fwd_flops: float, bwd_flops: float, fwd_bytes: float, fwd_kernels: int,
-                       bwd_kernels: int, spec: DeviceSpec, dtype: torch.dtype | str = torch.float32, *,
-                       flops_efficiency: float | None = None, dispatched: bool = False,
-                       has_backward: bool = False) -> NodeTime:
-    """Forward and backward time of one node (backward moves ~2x the forward bytes).
-
-    dispatched: the node is an eager op call (pays spec.cpu_fwd_overhead_s even when it
-        launches nothing, e.g. a view); has_backward: it records an autograd node
-        (pays spec.cpu_bwd_overhead_s). Each pass takes max(GPU time, host time).
-    """
-    fwd = roofline_time_s(fwd_flops, fwd_bytes, fwd_kernels, spec, dtype, flops_efficiency=flops_efficiency)
-    bwd = (roofline_time_s(bwd_flops, 2 * fwd_bytes, bwd_kernels, spec, dtype, flops_efficiency=flops_efficiency)
-           if bwd_kernels or bwd_flops else 0.0)
-    if dispatched:
-        fwd = max(fwd, spec.cpu_fwd_overhead_s)
-    if has_backward:
-        bwd = max(bwd, spec.cpu_bwd_overhead_s)
-    return NodeTime(fwd, bwd)
-
-
 @dataclass(frozen=True)
 class Kernel:
-    """One GPU kernel: FLOPs (cuBLAS matmul efficiency when `matmul`), bytes read + written, dtype."""
+    """One GPU kernel (or a few launched for one op): FLOPs, bytes read + written, dtype.
+
+    flops_efficiency: achieved fraction of the peak for its FLOPs (default: the
+    matmul efficiency when `matmul`, else 1); launches: kernels it stands for.
+    """
 
     flops: float
     bytes_moved: float
     dtype: torch.dtype = torch.float32
     matmul: bool = False
+    flops_efficiency: float | None = None
+    launches: int = 1
 
 
-def kernels_time_s(kernels: Sequence[Kernel], spec: DeviceSpec, host_overhead_s: float = 0.0) -> float:
-    """Time of kernels run one after another: max(the sum of their rooflines, host time),
-    the host paying `host_overhead_s` to dispatch each (spec.cpu_fwd_overhead_s per eager op
-    forward, spec.cpu_bwd_overhead_s per autograd node backward)."""
-    gpu = sum(roofline_time_s(k.flops, k.bytes_moved, 1, spec, k.dtype,
-                              flops_efficiency=None if k.matmul else 1.0) for k in kernels)
-    return max(gpu, len(kernels) * host_overhead_s)
+def kernels_time_s(kernels: Sequence[Kernel], spec: DeviceSpec) -> float:
+    """GPU time of kernels run one after another: the sum of their rooflines."""
+    return sum(roofline_time_s(k.flops, k.bytes_moved, k.launches, spec, k.dtype,
+                               flops_efficiency=k.flops_efficiency if k.flops_efficiency is not None
+                               else None if k.matmul else 1.0) for k in kernels)
+
+
+def analytic_node_time(fwd: Sequence[Kernel], bwd: Sequence[Kernel], spec: DeviceSpec, *,
+                       dispatched: bool = False) -> NodeTime:
+    """Device and host time of one node whose forward launches `fwd` and backward `bwd`.
+
+    Device: the kernels' rooflines, one after another. Host, kept apart (a run of nodes takes
+    max(sum of device, sum of host) per pass): dispatched (an eager op call, views included)
+    pays spec.cpu_fwd_overhead_s; its backward spec.cpu_bwd_overhead_s per kernel.
+    """
+    host_fwd = spec.cpu_fwd_overhead_s if dispatched else 0.0
+    host_bwd = spec.cpu_bwd_overhead_s * len(bwd)
+    return NodeTime(kernels_time_s(fwd, spec), kernels_time_s(bwd, spec), host_fwd, host_bwd)
 
 
 def math_attention_kernels(call: AttentionCall, dtype: torch.dtype | None = None) -> tuple[list[Kernel], list[Kernel]]:

@@ -119,19 +119,46 @@ def test_cli_profile_prints_modules_and_writes_json(tmp_path, capsys, monkeypatc
 def test_misaligned_16bit_matmul_is_slower_than_aligned():
     """A bf16 linear whose output width is not a multiple of 8 runs on slow unaligned kernels."""
     from cost_models.device import get_device_spec
-    from cost_models.profile import flops_efficiency
-    from torch.fx.passes.shape_prop import ShapeProp
+    from cost_models.flops import trace_nodes
+    from cost_models.memory import DtypeScale
+    from cost_models.profile import op_kernel
 
     spec = get_device_spec("h100")
     for width, expected in ((64, spec.matmul_efficiency), (63, spec.misaligned_matmul_efficiency)):
-        gm = torch.fx.symbolic_trace(torch.nn.Linear(32, width).to(torch.bfloat16))
-        x = torch.randn(4, 32, dtype=torch.bfloat16)
-        ShapeProp(gm).propagate(x)
-        for n in gm.graph.nodes:
-            n.meta["val"] = n.meta["tensor_meta"] and torch.empty(n.meta["tensor_meta"].shape, dtype=torch.bfloat16)
-        linear = next(n for n in gm.graph.nodes if n.op in ("call_module", "call_function"))
-        assert flops_efficiency(linear, spec, torch.bfloat16) == expected
-        assert flops_efficiency(linear, spec, torch.float32) == spec.matmul_efficiency  # no tensor cores in fp32
+        model = torch.nn.Linear(32, width).to(torch.bfloat16)
+        gm = torch.export.export(model, (torch.randn(4, 32, dtype=torch.bfloat16),), strict=False).module()
+        trace = next(t for t in trace_nodes(gm).values() if t.fwd_flops)
+        bf16 = DtypeScale(torch.bfloat16, torch.bfloat16)
+        (mm,) = [op_kernel(k, spec, bf16) for k in trace.fwd_ops if k.flops]
+        assert mm.flops_efficiency == expected
+        # the same graph costed in fp32: no tensor cores, no alignment rule
+        (mm32,) = [op_kernel(k, spec, DtypeScale(torch.bfloat16, torch.float32)) for k in trace.fwd_ops if k.flops]
+        assert mm32.flops_efficiency == spec.matmul_efficiency and mm32.dtype == torch.float32
+
+
+def test_a_node_is_costed_kernel_by_kernel():
+    """Cross-entropy runs log_softmax then nll_loss forward, and two kernels backward: each is
+    costed; its host time, kept apart, is one dispatch forward and one per kernel backward."""
+    from cost_models.device import get_device_spec
+    from cost_models.flops import trace_nodes
+
+    class Loss(nn.Module):
+        def forward(self, logits, target):
+            return nn.functional.cross_entropy(logits, target)
+
+    logits, target = torch.randn(64, 1000, requires_grad=True), torch.randint(0, 1000, (64,))
+    gm = torch.export.export(Loss(), (logits, target), strict=False).module()
+    traces = trace_nodes(gm, inputs_require_grad=True)
+    spec = get_device_spec("h100")
+    costs = profile(gm, device=spec, inputs_require_grad=True, progress=False)
+    (name,) = [n for n, t in traces.items() if t.fwd_ops and t.bwd_ops]
+    ops = traces[name]
+    assert [k.name for k in ops.fwd_ops][-1].startswith("nll_loss") and len(ops.fwd_ops) >= 2
+    assert len(ops.bwd_ops) >= 2
+    c = costs.nodes[name]
+    assert c.fwd_time_s >= len(ops.fwd_ops) * spec.kernel_overhead_s
+    assert c.host_fwd_time_s == pytest.approx(spec.cpu_fwd_overhead_s)
+    assert c.host_bwd_time_s == pytest.approx(len(ops.bwd_ops) * spec.cpu_bwd_overhead_s)
 
 
 def test_math_attention_node_costs_its_kernels():
@@ -162,7 +189,8 @@ def test_math_attention_node_costs_its_kernels():
         if trainable:
             call = trace_nodes(gm, inputs_require_grad=True)[name].attention
             fwd, bwd = math_attention_kernels(call)
-            assert costs.nodes[name].fwd_time_s == pytest.approx(kernels_time_s(fwd, spec, spec.cpu_fwd_overhead_s))
-            assert costs.nodes[name].bwd_time_s == pytest.approx(kernels_time_s(bwd, spec, spec.cpu_bwd_overhead_s))
+            assert costs.nodes[name].fwd_time_s == pytest.approx(kernels_time_s(fwd, spec))
+            assert costs.nodes[name].bwd_time_s == pytest.approx(kernels_time_s(bwd, spec))
+            assert costs.nodes[name].host_bwd_time_s == pytest.approx(len(bwd) * spec.cpu_bwd_overhead_s)
     assert times[True].saved_bytes > times[False].saved_bytes + B * H * L * L * 4  # fp32 probabilities
     assert times[True].fwd_time_s > times[False].fwd_time_s
