@@ -31,7 +31,7 @@ from cost_models.device import spec_for_torch_device
 from cost_models.flops import trace_nodes
 from cost_models.memory import DtypeScale, saved_bytes_per_node, training_peak_bytes, value_bytes
 from cost_models.profile import default_measure_groups, layer_key, profile
-from cost_models.time import NodeTime, measure_block_times, time_fwd_bwd
+from cost_models.time import NodeTime, measure_block_times, step_wall_s
 from partitioner import zoo
 from passes.annotate import annotate
 from passes.capture import capture
@@ -116,11 +116,10 @@ def measure_model(name: str, dtype_name: str, device: torch.device, quick: bool,
         out = gm(*flat)
         return _first_tensor(out).float().mean()
 
-    meas = time_fwd_bwd(step, device, params, warmup=2, repeats=repeats, separate_host=False)  # wall time
+    meas_s = step_wall_s(step, device, params, repeats)  # wall time, steps back to back
     pred = costs.step_time_s()
     rows.append({"model": name, "dtype": dtype_name, "kind": "step", "block": "<step>", "nodes": len(costs.nodes),
-                 "pred_ms": pred * 1e3, "meas_ms": (meas.fwd_s + meas.bwd_s) * 1e3,
-                 "rel_err": rel_err(pred, meas.fwd_s + meas.bwd_s)})
+                 "pred_ms": pred * 1e3, "meas_ms": meas_s * 1e3, "rel_err": rel_err(pred, meas_s)})
 
     if device.type == "cuda":
         rows += _memory_rows(name, dtype_name, device, gm, flat, step, params, costs)
@@ -307,7 +306,7 @@ def calibration_rows(device: torch.device) -> list[dict]:
 def plot(rows: list[dict], device_name: str, path: Path) -> Path:
     """Predicted vs measured scatter: fwd+bwd time per block and per step (log-log), and memory."""
     plt = pyplot()
-
+    rows = [r for r in rows if "model" in r]  # calibration rows are not per model
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [1.4, 1]})
     keys = sorted({(r["model"], r["dtype"]) for r in rows})
     colours = dict(zip(keys, plt.cm.tab10.colors))

@@ -161,9 +161,16 @@ def calibrate_cpu() -> DeviceSpec:
     x = torch.empty(16 * 2 ** 20 // 4, dtype=torch.float32)  # 16 MiB: out of most L2s
     y = torch.empty_like(x)
     bw = 2 * x.nbytes / _time_it(lambda: y.copy_(x))
-    # one eager op that autograd records: what a graph node costs beyond its data movement
-    small = torch.empty(8, requires_grad=True)
-    overhead = _time_it(lambda: torch.add(small, small), min_time_s=0.01)
+    # a chain of tiny eager ops, forward and backward: what one kernel costs beyond its data
+    # movement (dispatch, autograd bookkeeping), split evenly over its forward and backward kernel
+    small = torch.ones(8, requires_grad=True)
+
+    def chain(ops: int = 20) -> None:
+        y = small
+        for _ in range(ops):
+            y = y * 1.0001
+        torch.autograd.grad(y.sum(), small)
+    overhead = _time_it(chain, min_time_s=0.02) / (2 * 20)
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -20,8 +20,8 @@ and the host's dispatch time are measured apart (the call is queued behind a sle
 kernel, see `time_fwd_bwd`): blocks timed one by one cannot overlap one block's host
 work with another's kernels as a whole step does, so summing their wall times
 overstates host-bound runs; a stage takes max(sum GPU, sum host) per pass instead.
-A block alone also dispatches slower per node than inside a whole graph, so with
-example inputs the host times are scaled down to the whole graph's dispatch time
+A block alone also dispatches slower per node than whole steps run back to back, so
+with example inputs the host times are scaled down to such a step's wall time
 (`_host_in_context`). On CPU, perf_counter of repeats back to back. Results are cached on
 disk, keyed by the block's code, shapes, dtypes and device, in
 $PARTITIONER_CACHE or ~/.cache/partitioner/.
@@ -342,6 +342,18 @@ def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
     return NodeTime(fwd_s, max(0.0, loop(True) - fwd_s))
 
 
+def step_wall_s(fn: Callable[[], Any], device: torch.device, grad_inputs: list[torch.Tensor], repeats: int = 5,
+                loops: int = 3) -> float:
+    """Wall seconds per forward + backward of `fn` run back to back, as training runs steps: the
+    median of `loops` loops of `repeats` steps (a host-bound step's dispatch speed varies by
+    +-20% from loop to loop on an H200 host)."""
+    walls = []
+    for i in range(loops):
+        t = time_fwd_bwd(fn, device, grad_inputs, warmup=1 if i else 2, repeats=repeats, separate_host=False)
+        walls.append(t.fwd_s + t.bwd_s)
+    return statistics.median(walls)
+
+
 _SLEEP_CYCLES_PER_S: dict[int, float] = {}
 
 
@@ -484,35 +496,25 @@ def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence
 
 def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], blocks: list[NodeTime],
                      repeats: int) -> list[NodeTime]:
-    """Scale the blocks' host times down to what dispatching the whole graph takes, pass by pass.
+    """Scale the blocks' host times down to what dispatching the whole graph takes in training.
 
-    A block timed on its own dispatches slower per node than the same nodes inside a whole
-    forward or backward (on an H200 host, 1-2.5x, varying from run to run), so the blocks' host
-    times are rescaled to sum to the whole graph's host time, measured with perf_counter around
-    its forward and its backward call. The GPU's own times are left as measured. Never scales
-    up: a GPU-bound graph's host waits on a full launch queue, which is not dispatch work.
+    A block timed on its own dispatches slower per node than the same nodes inside whole
+    steps run back to back, as training runs them (on an H200 host, 1-2.5x, varying from run
+    to run; a host that waited idle for the GPU is slower still). So the whole graph's forward
+    + backward is timed back to back (wall time per step, `time_fwd_bwd` without separate
+    host) and the blocks' host times are scaled by one factor so that they sum to no more than
+    it. The GPU's own times are left as measured. Never scales up: a GPU-bound step's wall
+    time is its GPU time, which bounds its host time only from above.
     """
     params = [p for p in gm.parameters() if p.requires_grad]
-    fwd_s, bwd_s = [], []
+    device = next((t.device for t in pytree.tree_leaves(list(example_inputs)) if isinstance(t, torch.Tensor)),
+                  torch.device("cuda"))
     try:
         with torch.enable_grad():
-            for i in range(repeats + 1):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                outs = [t for t in pytree.tree_leaves(gm(*example_inputs))
-                        if isinstance(t, torch.Tensor) and t.requires_grad]
-                t1 = time.perf_counter()
-                if outs and params:
-                    torch.autograd.grad(outs, params, [torch.ones_like(t) for t in outs], allow_unused=True)
-                t2 = time.perf_counter()
-                del outs
-                if i:  # the first is a warm-up
-                    fwd_s.append(t1 - t0)
-                    bwd_s.append(t2 - t1)
-            torch.cuda.synchronize()
+            step_s = step_wall_s(lambda: gm(*example_inputs), device, params, repeats)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return blocks  # the whole graph does not fit: keep the blocks' own host times
-    fwd_scale = min(1.0, statistics.median(fwd_s) / (sum(t.host_fwd_s for t in blocks) or float("inf")))
-    bwd_scale = min(1.0, statistics.median(bwd_s) / (sum(t.host_bwd_s for t in blocks) or float("inf")))
+    host = sum(t.host_fwd_s + t.host_bwd_s for t in blocks)
+    fwd_scale = bwd_scale = min(1.0, step_s / host) if host > 0 else 1.0
     return [NodeTime(t.fwd_s, t.bwd_s, t.host_fwd_s * fwd_scale, t.host_bwd_s * bwd_scale) for t in blocks]
