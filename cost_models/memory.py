@@ -129,7 +129,7 @@ class BackwardStep:
     saved_live_bytes: int  # saved tensors of this node and every node before it
     grads_in_flight_bytes: int  # activation gradients written and not yet consumed
     param_grad_bytes: int  # parameter gradients produced so far
-    workspace_bytes: int  # gradients of the intermediates this node saved
+    workspace_bytes: int  # gradients of the intermediates this node saved, of weights already holding one
 
 
 def backward_walk(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], saved: dict[str, int],
@@ -142,8 +142,10 @@ def backward_walk(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], saved:
     several consumers accumulate into it); every parameter gradient produced so far (kept to
     the end, for the optimizer); and n's workspace, as large as what n saved: its backward
     materialises a gradient for each intermediate it saved (the scores of an unfused
-    attention, the log-probabilities of a cross-entropy). Then n's saved tensors and its
-    output's gradient are freed. Nodes that need no gradient are skipped.
+    attention, the log-probabilities of a cross-entropy), plus a whole new gradient for each
+    tied weight it reads that already has one (autograd adds it into the first; T5's shared
+    embedding gets three). Then n's saved tensors and its output's gradient are freed. Nodes
+    that need no gradient are skipped.
     """
     scale = scale or DtypeScale()
     order = [n for n in gm.graph.nodes if n.name in traces]
@@ -154,6 +156,7 @@ def backward_walk(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], saved:
     grads_total, param_grads, seen_params, steps = 0, 0, set(), []
     for n in reversed(computing):
         if traces[n.name].requires_grad:
+            accumulated = 0  # gradients of tied weights that already have one: added into it
             for a in n.all_input_nodes:
                 if not traces[a.name].requires_grad:
                     continue
@@ -162,10 +165,13 @@ def backward_walk(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], saved:
                     if key not in seen_params:
                         seen_params.add(key)
                         param_grads += out_bytes[a.name]
+                    else:
+                        accumulated += out_bytes[a.name]
                 elif a.name not in grads:
                     grads[a.name] = out_bytes[a.name]
                     grads_total += grads[a.name]
-            steps.append(BackwardStep(n.name, saved_live, grads_total, param_grads, saved.get(n.name, 0)))
+            steps.append(BackwardStep(n.name, saved_live, grads_total, param_grads,
+                                      saved.get(n.name, 0) + accumulated))
         saved_live -= saved.get(n.name, 0)
         grads_total -= grads.pop(n.name, 0)
     return steps

@@ -43,6 +43,31 @@ def test_training_peak_linear_gelu_chain_hand_count():
     assert training_peak_bytes(gm, traces, saved_bytes_per_node(traces)) > x + 2 * h + h
 
 
+def test_tied_weight_second_gradient_is_a_transient():
+    """A weight read twice (tied embedding and head) has one gradient; the second user's backward
+    first materialises a whole new one, then autograd adds it in: a weight-sized transient."""
+    from cost_models.memory import backward_walk
+
+    V, D = 50, 8
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(V, D)
+
+        def forward(self, ids):
+            return self.emb(ids) @ self.emb.weight.t()
+
+    gm = torch.export.export(Tied(), (torch.randint(0, V, (2, 3)),), strict=False).module()
+    traces = trace_nodes(gm)
+    saved = saved_bytes_per_node(traces)
+    steps = {s.node: s for s in backward_walk(gm, traces, saved)}
+    weight = V * D * 4
+    emb = next(s for name, s in steps.items() if name.startswith("embedding"))
+    assert emb.param_grad_bytes == weight  # one gradient for the tied weight
+    assert emb.workspace_bytes == saved[emb.node] + weight  # the embedding's own, before it is added in
+
+
 def test_storage_saved_twice_counts_once():
     # ReLU saves its output, and linear 2 saves that same tensor as its input
     saved = saved_bytes_per_node(trace_nodes(_gm(nn.ReLU())))
