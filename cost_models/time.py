@@ -20,9 +20,9 @@ and the host's dispatch time are measured apart (the call is queued behind a sle
 kernel, see `time_fwd_bwd`): blocks timed one by one cannot overlap one block's host
 work with another's kernels as a whole step does, so summing their wall times
 overstates host-bound runs; a stage takes max(sum GPU, sum host) per pass instead.
-A block alone also dispatches slower per node than whole steps run back to back, so
-with example inputs the host times are scaled down to such a step's wall time
-(`_host_in_context`). On CPU, perf_counter of repeats back to back. Results are cached on
+A block alone dispatches at another speed than inside whole steps, so with example
+inputs the host times are calibrated on the wall time of whole steps run back to back
+(`_host_in_context`, `host_scale`). On CPU, perf_counter of repeats back to back. Results are cached on
 disk, keyed by the block's code, shapes, dtypes and device, in
 $PARTITIONER_CACHE or ~/.cache/partitioner/.
 """
@@ -342,6 +342,24 @@ def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
     return NodeTime(fwd_s, max(0.0, loop(True) - fwd_s))
 
 
+def host_scale(gpu_fwd_s: float, gpu_bwd_s: float, host_fwd_s: float, host_bwd_s: float, wall_s: float) -> float:
+    """The factor k for host times such that max(gpu_fwd, k host_fwd) + max(gpu_bwd, k host_bwd)
+    equals a measured step's `wall_s` when the GPU alone is faster than it; else the largest
+    k <= 1 keeping each pass's host time within its GPU time."""
+    if host_fwd_s + host_bwd_s <= 0:
+        return 1.0
+    if gpu_fwd_s + gpu_bwd_s >= wall_s:  # GPU-bound
+        return min([1.0] + [g / h for g, h in ((gpu_fwd_s, host_fwd_s), (gpu_bwd_s, host_bwd_s)) if h > 0])
+
+    def step(k: float) -> float:
+        return max(gpu_fwd_s, k * host_fwd_s) + max(gpu_bwd_s, k * host_bwd_s)
+    lo, hi = 0.0, wall_s / (host_fwd_s + host_bwd_s) * 2 + 1.0
+    for _ in range(60):  # step() grows with k: bisect
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if step(mid) < wall_s else (lo, mid)
+    return (lo + hi) / 2
+
+
 def step_wall_s(fn: Callable[[], Any], device: torch.device, grad_inputs: list[torch.Tensor], repeats: int = 5,
                 loops: int = 3) -> float:
     """Wall seconds per forward + backward of `fn` run back to back, as training runs steps: the
@@ -496,25 +514,25 @@ def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence
 
 def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], blocks: list[NodeTime],
                      repeats: int) -> list[NodeTime]:
-    """Scale the blocks' host times down to what dispatching the whole graph takes in training.
+    """Calibrate the blocks' host times on whole training steps.
 
-    A block timed on its own dispatches slower per node than the same nodes inside whole
-    steps run back to back, as training runs them (on an H200 host, 1-2.5x, varying from run
-    to run; a host that waited idle for the GPU is slower still). So the whole graph's forward
-    + backward is timed back to back (wall time per step, `time_fwd_bwd` without separate
-    host) and the blocks' host times are scaled by one factor so that they sum to no more than
-    it. The GPU's own times are left as measured. Never scales up: a GPU-bound step's wall
-    time is its GPU time, which bounds its host time only from above.
+    A block timed on its own dispatches at another speed than the same nodes inside whole
+    steps run back to back, as training runs them (on an H200 host 1-2.5x slower, and the
+    host's speed drifts by +-20% from minute to minute). The GPU's times are steady, so they
+    are kept as measured, and the blocks' host times are scaled by one factor `host_scale`
+    fitted to the wall time of whole steps (`step_wall_s`): so that the step of all blocks,
+    max(sum GPU, sum host) per pass, is that wall time where the step is host-bound, and
+    no pass's host exceeds its GPU time where the step is GPU-bound.
     """
     params = [p for p in gm.parameters() if p.requires_grad]
     device = next((t.device for t in pytree.tree_leaves(list(example_inputs)) if isinstance(t, torch.Tensor)),
                   torch.device("cuda"))
     try:
         with torch.enable_grad():
-            step_s = step_wall_s(lambda: gm(*example_inputs), device, params, repeats)
+            wall_s = step_wall_s(lambda: gm(*example_inputs), device, params, repeats)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return blocks  # the whole graph does not fit: keep the blocks' own host times
-    host = sum(t.host_fwd_s + t.host_bwd_s for t in blocks)
-    fwd_scale = bwd_scale = min(1.0, step_s / host) if host > 0 else 1.0
+    sums = [sum(getattr(t, f) for t in blocks) for f in ("fwd_s", "bwd_s", "host_fwd_s", "host_bwd_s")]
+    fwd_scale = bwd_scale = host_scale(*sums, wall_s)
     return [NodeTime(t.fwd_s, t.bwd_s, t.host_fwd_s * fwd_scale, t.host_bwd_s * bwd_scale) for t in blocks]

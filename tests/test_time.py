@@ -147,3 +147,15 @@ def test_kernel_sequence_time_is_sum_of_rooflines():
     # the matmuls of the upcast math path run at the fp32 rate: far slower than fused bf16
     fused = roofline_time_s(call.fwd_flops(), 0, 1, spec, torch.bfloat16, flops_efficiency=spec.attention_efficiency)
     assert gpu > 3 * fused
+
+
+def test_host_scale_fits_a_host_bound_step_and_caps_a_gpu_bound_one():
+    from cost_models.time import host_scale
+    # host-bound: the blocks' host (30 + 60) is slower than the step (72): scaled to fit it exactly
+    k = host_scale(10.0, 20.0, 30.0, 60.0, 72.0)
+    assert max(10, k * 30) + max(20, k * 60) == pytest.approx(72.0)
+    # a step slower than the blocks' own host: scaled up
+    assert host_scale(10.0, 20.0, 30.0, 60.0, 120.0) == pytest.approx(120 / 90)
+    # GPU-bound (step = GPU sum): no pass's host above its GPU time, never scaled up
+    assert host_scale(40.0, 70.0, 58.0, 84.0, 110.0) == pytest.approx(40 / 58)
+    assert host_scale(40.0, 70.0, 10.0, 20.0, 110.0) == 1.0
