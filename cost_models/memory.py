@@ -142,10 +142,11 @@ def backward_walk(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], saved:
     several consumers accumulate into it); every parameter gradient produced so far (kept to
     the end, for the optimizer); and n's workspace, as large as what n saved: its backward
     materialises a gradient for each intermediate it saved (the scores of an unfused
-    attention, the log-probabilities of a cross-entropy), plus a whole new gradient for each
-    tied weight it reads that already has one (autograd adds it into the first; T5's shared
-    embedding gets three). Then n's saved tensors and its output's gradient are freed. Nodes
-    that need no gradient are skipped.
+    attention, the log-probabilities of a cross-entropy), plus, for each tied weight it reads
+    that already has a gradient, a whole new one and their sum (T5's shared embedding gets
+    three; on an H200 two weight-sized buffers appear at its later embedding backward). Then
+    n's saved tensors and its output's gradient are freed. Nodes that need no gradient are
+    skipped.
     """
     scale = scale or DtypeScale()
     order = [n for n in gm.graph.nodes if n.name in traces]
@@ -165,8 +166,8 @@ def backward_walk(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], saved:
                     if key not in seen_params:
                         seen_params.add(key)
                         param_grads += out_bytes[a.name]
-                    else:
-                        accumulated += out_bytes[a.name]
+                    else:  # materialised, then summed with the first out of place
+                        accumulated += 2 * out_bytes[a.name]
                 elif a.name not in grads:
                     grads[a.name] = out_bytes[a.name]
                     grads_total += grads[a.name]

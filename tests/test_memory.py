@@ -45,7 +45,7 @@ def test_training_peak_linear_gelu_chain_hand_count():
 
 def test_tied_weight_second_gradient_is_a_transient():
     """A weight read twice (tied embedding and head) has one gradient; the second user's backward
-    first materialises a whole new one, then autograd adds it in: a weight-sized transient."""
+    materialises a whole new one and the sum: two weight-sized transients."""
     from cost_models.memory import backward_walk
 
     V, D = 50, 8
@@ -65,7 +65,7 @@ def test_tied_weight_second_gradient_is_a_transient():
     weight = V * D * 4
     emb = next(s for name, s in steps.items() if name.startswith("embedding"))
     assert emb.param_grad_bytes == weight  # one gradient for the tied weight
-    assert emb.workspace_bytes == saved[emb.node] + weight  # the embedding's own, before it is added in
+    assert emb.workspace_bytes == saved[emb.node] + 2 * weight  # its own, and the sum
 
 
 def test_storage_saved_twice_counts_once():
