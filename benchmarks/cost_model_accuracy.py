@@ -17,6 +17,7 @@ Prints median and p90 relative errors and writes benchmarks/results/cost_model_a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from cost_models.device import spec_for_torch_device
+from cost_models.device import spec_for_gpu_name, spec_for_torch_device
 from cost_models.flops import trace_nodes
 from cost_models.memory import DtypeScale, saved_bytes_per_node, training_peak_bytes, value_bytes
 from cost_models.profile import default_measure_groups, layer_key, profile
@@ -36,7 +37,7 @@ from partitioner import zoo
 from passes.annotate import annotate
 from passes.capture import capture
 
-from benchmarks.common import RESULTS_DIR, print_table, pyplot, save_figure, write_result
+from benchmarks.common import RESULTS_DIR, command_line, print_table, pyplot, save_figure, write_result
 
 # model -> (batch, seq) on a GPU; --quick uses the zoo's small configs with batch 2, seq 16
 FULL_SHAPES = {"gpt2": (8, 1024), "llama-1b": (4, 1024), "t5-base": (8, 512)}
@@ -73,35 +74,46 @@ class WithLoss(nn.Module):
         return self.loss_fn(self.model(*args, **kwargs), target)
 
 
-def measure_model(name: str, dtype_name: str, device: torch.device, quick: bool, repeats: int,
-                  per_node: bool = False, profile_step: bool = False) -> tuple[list[dict], dict]:
-    """Rows (one per block, one for the step, memory rows on CUDA) and a summary for one model and dtype."""
+def analytic_costs(name: str, dtype_name: str, device: torch.device | str, quick: bool, spec):
+    """Build zoo model `name` (with its loss) on `device`, capture it and cost it analytically with
+    `spec`: (zoo model with the target among its kwargs, Captured, AnnotatedGraph, NodeCosts, blocks)."""
     dtype = DTYPES[dtype_name]
     batch, seq = (2, 16) if quick else FULL_SHAPES.get(name, (8, 512))
     zm = zoo.build(name, batch=batch, seq=seq, device=device, dtype=dtype, small=quick)
     zm.model.train()
     if zm.loss_fn is not None and zm.target is not None:
-        module = WithLoss(zm.model, zm.loss_fn)
-        example_kwargs = {**zm.example_kwargs, "target": zm.target}
-    else:
-        module, example_kwargs = zm.model, zm.example_kwargs
-    captured = capture(module, zm.example_args, example_kwargs)
+        zm = dataclasses.replace(zm, model=WithLoss(zm.model, zm.loss_fn),
+                                 example_kwargs={**zm.example_kwargs, "target": zm.target})
+    captured = capture(zm.model, zm.example_args, zm.example_kwargs)
     annotated = annotate(captured)
-    spec = spec_for_torch_device(device)
-    costs = profile(captured, annotated, device=spec, dtype=dtype)
-    gm = captured.graph_module
-    flat = captured.flatten_inputs(zm.example_args, example_kwargs)
+    costs = profile(captured, annotated, device=spec, dtype=dtype, progress=False)
+    groups = default_measure_groups(captured.graph_module, {n.name: n.module_path for n in annotated.nodes})
+    return zm, captured, annotated, costs, groups
 
-    paths = {n.name: n.module_path for n in annotated.nodes}
-    groups = default_measure_groups(gm, paths)
+
+def block_prediction(costs, group: list[str]) -> dict:
+    """The analytic model's time of one block: max(sum GPU, sum host) per pass, and its GPU part."""
+    nodes = [costs.nodes[n] for n in group]
+    t = NodeTime(*(sum(getattr(c, f) for c in nodes) for f in ("fwd_time_s", "bwd_time_s", "host_fwd_time_s",
+                                                             "host_bwd_time_s")))
+    return {"pred_ms": t.time_s * 1e3, "pred_gpu_ms": (t.fwd_s + t.bwd_s) * 1e3}
+
+
+def measure_model(name: str, dtype_name: str, device: torch.device, quick: bool, repeats: int,
+                  per_node: bool = False, profile_step: bool = False) -> tuple[list[dict], dict]:
+    """Rows (one per block, one for the step, memory rows on CUDA) and a summary for one model and dtype."""
+    zm, captured, annotated, costs, groups = analytic_costs(name, dtype_name, device, quick, spec_for_torch_device(device))
+    gm = captured.graph_module
+    flat = captured.flatten_inputs(zm.example_args, zm.example_kwargs)
     measured = measure_block_times(gm, groups, flat, device, repeats=repeats, use_cache=False)
+    paths = {n.name: n.module_path for n in annotated.nodes}
     rows = []
     for group, meas in zip(groups, measured):
-        pred = sum(costs.nodes[n].time_s for n in group)
         block = layer_key(paths.get(group[0], "")) or "<root>"
+        pred = block_prediction(costs, group)
         m = meas.time_s  # the block alone: max(GPU, host) per pass
         rows.append({"model": name, "dtype": dtype_name, "kind": "block", "block": block, "nodes": len(group),
-                     "pred_ms": pred * 1e3, "meas_ms": m * 1e3, "rel_err": rel_err(pred, m),
+                     **pred, "meas_ms": m * 1e3, "rel_err": rel_err(pred["pred_ms"], m * 1e3),
                      "meas_gpu_fwd_ms": meas.fwd_s * 1e3, "meas_gpu_bwd_ms": meas.bwd_s * 1e3,
                      "meas_host_fwd_ms": meas.host_fwd_s * 1e3, "meas_host_bwd_ms": meas.host_bwd_s * 1e3})
     # measured mode's prediction of the step: per pass, max(sum of GPU times, sum of host times)
@@ -127,12 +139,7 @@ def measure_model(name: str, dtype_name: str, device: torch.device, quick: bool,
         rows += _node_rows(name, dtype_name, device, gm, flat, costs, repeats)
     if profile_step and device.type == "cuda":
         rows += _profile_rows(name, dtype_name, step, params)
-    # blocks of views only (predicted 0) measure the interpreter's own overhead: left out of the stats
-    block_errs = [abs(r["rel_err"]) for r in rows if r["kind"] == "block" and r["pred_ms"] > 0]
-    summary = {"model": name, "dtype": dtype_name, "blocks": len(block_errs),
-               "block_median_abs_rel_err": percentile(block_errs, 0.5),
-               "block_p90_abs_rel_err": percentile(block_errs, 0.9),
-               "step_rel_err": next(r["rel_err"] for r in rows if r["kind"] == "step")}
+    summary = {"model": name, "dtype": dtype_name, **analytic_summary(rows)}
     step_s = next(r["meas_ms"] for r in rows if r["kind"] == "step") / 1e3
     summary["measured_mode_vs_step_rel_err"] = rel_err(measured_mode_s, step_s)
     summary["blocks_wall_sum_vs_step_rel_err"] = rel_err(blocks_wall_sum_s, step_s)
@@ -140,6 +147,49 @@ def measure_model(name: str, dtype_name: str, device: torch.device, quick: bool,
         if r["kind"].startswith("mem"):
             summary[f"{r['kind']}_rel_err"] = r["rel_err"]
     return rows, summary
+
+
+def analytic_summary(rows: list[dict]) -> dict:
+    """Median and p90 |relative error| of the analytic block times (max of GPU and host sums per
+    pass, against the measured blocks), median of their GPU part alone, and the step's error."""
+    # blocks of views only (predicted 0) measure the interpreter's own overhead: left out of the stats
+    blocks = [r for r in rows if r["kind"] == "block" and r["pred_ms"] > 0]
+    errs = [abs(r["rel_err"]) for r in blocks]
+    gpu_errs = [abs(rel_err(r["pred_gpu_ms"], r["meas_gpu_fwd_ms"] + r["meas_gpu_bwd_ms"])) for r in blocks
+                if "pred_gpu_ms" in r]
+    return {"blocks": len(errs), "block_median_abs_rel_err": percentile(errs, 0.5),
+            "block_p90_abs_rel_err": percentile(errs, 0.9),
+            "block_gpu_median_abs_rel_err": percentile(gpu_errs, 0.5),
+            "step_rel_err": next(r["rel_err"] for r in rows if r["kind"] == "step")}
+
+
+def rescore(name: str) -> Path:
+    """Re-predict a stored run's blocks and steps with the current analytic model (no device needed:
+    the models are rebuilt on the meta device with the run's shapes and costed with its GPU's
+    DeviceSpec); measured values and memory rows stay as stored. Rewrites NAME.json and .png."""
+    path = RESULTS_DIR / f"{name}.json"
+    record = json.loads(path.read_text())
+    spec = spec_for_gpu_name(record["device"])
+    rows = record["rows"]
+    for summary in record["summary"]:
+        model, dtype_name = summary["model"], summary["dtype"]
+        _, _, _, costs, groups = analytic_costs(model, dtype_name, "meta", record.get("quick", False), spec)
+        mine = [r for r in rows if r.get("model") == model and r["dtype"] == dtype_name]
+        blocks = [r for r in mine if r["kind"] == "block"]
+        if len(blocks) != len(groups):
+            raise SystemExit(f"{name}: {model} {dtype_name} has {len(blocks)} stored blocks, the graph {len(groups)}")
+        for r, group in zip(blocks, groups):
+            r.update(block_prediction(costs, group))
+            r["rel_err"] = rel_err(r["pred_ms"], r["meas_ms"])
+        step = next(r for r in mine if r["kind"] == "step")
+        step["pred_ms"] = costs.step_time_s() * 1e3
+        step["rel_err"] = rel_err(step["pred_ms"], step["meas_ms"])
+        summary.update(analytic_summary(mine))
+    record["rescored"] = f"{command_line()} ({time.strftime('%Y-%m-%d')})"
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print_table("summary after rescoring", record["summary"])
+    plot(rows, record["device"], path.with_suffix(".png"))
+    return path
 
 
 def _memory_rows(name: str, dtype_name: str, device: torch.device, gm: torch.fx.GraphModule, flat: list,
@@ -348,9 +398,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also break each step down by GPU kernel")
     parser.add_argument("--calibrate", action="store_true", help="also run matmul/bandwidth/overhead microbenchmarks")
     parser.add_argument("--name", default="cost_model_accuracy", help="result name under benchmarks/results")
+    parser.add_argument("--rescore", action="store_true",
+                        help="re-predict the stored NAME.json's blocks and steps with the current analytic model "
+                             "(no device needed; measurements kept)")
     parser.add_argument("--plot-only", action="store_true",
                         help="only redraw benchmarks/results/NAME.png from NAME.json (no measuring)")
     args = parser.parse_args(argv)
+    if args.rescore:
+        print(f"wrote {rescore(args.name)}")
+        return 0
     if args.plot_only:
         record = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
         print(f"wrote {plot(record['rows'], record['device'], RESULTS_DIR / f'{args.name}.png')}")

@@ -202,15 +202,20 @@ def spec_for_torch_device(device: torch.device | str) -> DeviceSpec:
     """The table entry closest to a real torch device (by CUDA device name), else the calibrated CPU."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(device).lower()
-        props = torch.cuda.get_device_properties(device)
-        if "h200" in gpu:
-            return DEVICE_SPECS["h200"]
-        if "h100" in gpu:
-            return DEVICE_SPECS["h100"]
-        if "a100" in gpu:
-            return DEVICE_SPECS["a100-80gb" if props.total_memory > 50 * GiB else "a100-40gb"]
-        if "l4" in gpu:
-            return DEVICE_SPECS["l4"]
-        raise CostModelError(f"no DeviceSpec for GPU '{gpu}': write one as JSON and pass its path")
+        return spec_for_gpu_name(torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory)
     return calibrate_cpu()
+
+
+def spec_for_gpu_name(name: str, total_memory: int | None = None) -> DeviceSpec:
+    """The table entry for a CUDA device name ("NVIDIA H100 80GB HBM3"); total_memory tells A100s apart."""
+    gpu = name.lower()
+    if "h200" in gpu:
+        return DEVICE_SPECS["h200"]
+    if "h100" in gpu:
+        return DEVICE_SPECS["h100"]
+    if "a100" in gpu:
+        big = total_memory > 50 * GiB if total_memory is not None else "80" in gpu
+        return DEVICE_SPECS["a100-80gb" if big else "a100-40gb"]
+    if "l4" in gpu:
+        return DEVICE_SPECS["l4"]
+    raise CostModelError(f"no DeviceSpec for GPU '{name}': write one as JSON and pass its path")

@@ -20,9 +20,9 @@ and the host's dispatch time are measured apart (the call is queued behind a sle
 kernel, see `time_fwd_bwd`): blocks timed one by one cannot overlap one block's host
 work with another's kernels as a whole step does, so summing their wall times
 overstates host-bound runs; a stage takes max(sum GPU, sum host) per pass instead.
-A block alone dispatches at another speed than inside whole steps, so with example
-inputs the host times are calibrated on the wall time of whole steps run back to back
-(`_host_in_context`, `host_scale`). On CPU, perf_counter of repeats back to back. Results are cached on
+A block alone dispatches slower than inside a whole graph, so with example inputs the
+host times are calibrated on the whole graph: its passes' dispatch times and the wall
+time of whole steps run back to back (`_host_in_context`, `host_scale`). On CPU, perf_counter of repeats back to back. Results are cached on
 disk, keyed by the block's code, shapes, dtypes and device, in
 $PARTITIONER_CACHE or ~/.cache/partitioner/.
 """
@@ -514,25 +514,48 @@ def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence
 
 def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], blocks: list[NodeTime],
                      repeats: int) -> list[NodeTime]:
-    """Calibrate the blocks' host times on whole training steps.
+    """Calibrate the blocks' host times on the whole graph.
 
-    A block timed on its own dispatches at another speed than the same nodes inside whole
-    steps run back to back, as training runs them (on an H200 host 1-2.5x slower, and the
-    host's speed drifts by +-20% from minute to minute). The GPU's times are steady, so they
-    are kept as measured, and the blocks' host times are scaled by one factor `host_scale`
-    fitted to the wall time of whole steps (`step_wall_s`): so that the step of all blocks,
-    max(sum GPU, sum host) per pass, is that wall time where the step is host-bound, and
-    no pass's host exceeds its GPU time where the step is GPU-bound.
+    A block timed on its own dispatches slower per node than the same nodes inside a whole
+    graph (on an H200 host 1-2.5x, varying from run to run), and the host's speed drifts by
+    +-20% from minute to minute. The GPU's times are steady and kept as measured. Two
+    measurements of the whole graph set the host's:
+    - its forward and its backward call timed with perf_counter, each after a synchronize:
+      per pass, an upper bound on its dispatch time (a pass that fills the launch queue waits
+      for the GPU); the blocks' host times are scaled down to it, pass by pass;
+    - the wall time of whole steps run back to back (`step_wall_s`), as training runs them:
+      one more factor (`host_scale`) makes the blocks' step, max(sum GPU, sum host) per pass,
+      that wall time where the GPU alone is faster, and keeps each pass's host time within
+      its GPU time where it is not.
     """
     params = [p for p in gm.parameters() if p.requires_grad]
     device = next((t.device for t in pytree.tree_leaves(list(example_inputs)) if isinstance(t, torch.Tensor)),
                   torch.device("cuda"))
+    fwd_s, bwd_s = [], []
     try:
         with torch.enable_grad():
+            for i in range(repeats + 1):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                outs = [t for t in pytree.tree_leaves(gm(*example_inputs))
+                        if isinstance(t, torch.Tensor) and t.requires_grad]
+                t1 = time.perf_counter()
+                if outs and params:
+                    torch.autograd.grad(outs, params, [torch.ones_like(t) for t in outs], allow_unused=True)
+                t2 = time.perf_counter()
+                del outs
+                if i:  # the first is a warm-up
+                    fwd_s.append(t1 - t0)
+                    bwd_s.append(t2 - t1)
+            torch.cuda.synchronize()
             wall_s = step_wall_s(lambda: gm(*example_inputs), device, params, repeats)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return blocks  # the whole graph does not fit: keep the blocks' own host times
-    sums = [sum(getattr(t, f) for t in blocks) for f in ("fwd_s", "bwd_s", "host_fwd_s", "host_bwd_s")]
-    fwd_scale = bwd_scale = host_scale(*sums, wall_s)
+    gpu_fwd, gpu_bwd = sum(t.fwd_s for t in blocks), sum(t.bwd_s for t in blocks)
+    host_fwd, host_bwd = sum(t.host_fwd_s for t in blocks), sum(t.host_bwd_s for t in blocks)
+    fwd_scale = min(1.0, statistics.median(fwd_s) / host_fwd) if host_fwd > 0 else 1.0
+    bwd_scale = min(1.0, statistics.median(bwd_s) / host_bwd) if host_bwd > 0 else 1.0
+    common = host_scale(gpu_fwd, gpu_bwd, fwd_scale * host_fwd, bwd_scale * host_bwd, wall_s)
+    fwd_scale, bwd_scale = common * fwd_scale, common * bwd_scale
     return [NodeTime(t.fwd_s, t.bwd_s, t.host_fwd_s * fwd_scale, t.host_bwd_s * bwd_scale) for t in blocks]
