@@ -361,7 +361,7 @@ def host_scale(gpu_fwd_s: float, gpu_bwd_s: float, host_fwd_s: float, host_bwd_s
 
 
 def step_wall_s(fn: Callable[[], Any], device: torch.device, grad_inputs: list[torch.Tensor], repeats: int = 5,
-                loops: int = 3) -> float:
+                loops: int = 5) -> float:
     """Wall seconds per forward + backward of `fn` run back to back, as training runs steps: the
     median of `loops` loops of `repeats` steps (a host-bound step's dispatch speed varies by
     +-20% from loop to loop on an H200 host)."""
