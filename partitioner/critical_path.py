@@ -6,20 +6,26 @@ lasting f_k or b_k) and whose edges are rank order (no delay) and data dependenc
 and B(k) -> B(j) for j < k, delayed by comm_time_s[j][k] across ranks). The DAG does not depend
 on the plan, only the durations do. So every path P bounds every plan's step from below:
 
-    step >= sum_k alpha_P[k] f_k + beta_P[k] b_k (+ the all-reduce of replicated tied weights)
+    step >= sum_k alpha_P[k] f_k + beta_P[k] b_k + gamma_P[k] l_k (+ the all-reduce of tied weights)
 
-with alpha/beta the numbers of P's forwards/backwards of stage k; communication is left out of
-the rows (it only adds to a path, so dropping it keeps the bound valid). f_k and b_k are linear
-in the partition ILP's assignment (f_k >= sum of the stage's device times, f_k >= sum of its host
-times: partitioner.plan.stage_stats takes their max, and the minimiser makes one of them tight).
+with alpha/beta the numbers of P's forwards/backwards of stage k and gamma_P[k] its hops between
+stages k - 1 and k (F(k-1) -> F(k), B(k) -> B(k-1)), each waiting comm_time_s[k-1][k] >= l_k.
+All of it is linear in the partition ILP's assignment: f_k >= the sum of the stage's device times,
+f_k >= the sum of its host times (partitioner.plan.stage_stats takes their max; the minimiser
+makes one tight); l_k sums the values produced on k - 1 and read on k (a crossing indicator per
+value, linear on path-shaped graphs). l_k is modelled only where links could matter (more than
+a tenth of tol of the step); elsewhere, and for hops between stages further apart, communication
+is left out, which only weakens the bound.
 
 path_bound_solve minimises T subject to T >= every row over the ILP's feasible set
 (partitioner.solve._build without its closed-form time model: stage order, non-empty stages,
-the memory cap), simulates the answer, adds its critical path (with and without communication)
-as new rows and repeats. The relaxation's proven optimum is a lower bound on every plan's step;
-the best simulated answer within the cap is an upper bound. Durations are scaled to integers
-rounded down, so the bound stays valid. At convergence (no path of the answer is missing) the
-bound is the least communication-free step over all plans: exact up to communication.
+the memory cap), simulates the answers CP-SAT finds, adds their critical paths (with and without
+communication) as new rows and repeats. The relaxation's proven bound is a lower bound on every
+plan's step; the best simulated answer within the cap is an upper bound. Durations are scaled to
+integers rounded down, so the bound stays valid. Plans no faster than the best found are pruned
+(prefix_caps: an LP over per-stage work with its own path separation bounds how much work the
+first j stages hold), which keeps the model small. Once no answer brings a new path the bound is
+the optimum up to the communication left out (exact on chains).
 
 The memory cap is the ILP's closed form (StageStats.rank_mem_bytes), which the simulated peak
 never exceeds; the bound holds for every plan within it.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -45,7 +52,7 @@ _log = logging.getLogger(__name__)
 class PathRow:
     """A path through the schedule's action DAG: how many forwards and backwards of each stage it runs.
 
-    comm_s: the communication delays on it in the timeline it came from (not part of the row).
+    comm_s: the communication delays on it in the timeline it came from.
     actions: the path, first action first.
     """
 
@@ -53,10 +60,11 @@ class PathRow:
     bwd_count: tuple[int, ...]
     comm_s: float = 0.0
     actions: tuple = ()
+    hops: tuple[int, ...] = ()  # [k]: data edges between stages k - 1 and k on the path (F(k-1) -> F(k), B(k) -> B(k-1))
 
     @property
     def key(self) -> tuple:
-        return self.fwd_count, self.bwd_count
+        return self.fwd_count, self.bwd_count, self.hops
 
     def compute_s(self, fwd_s, bwd_s) -> float:
         """The path's compute with these stage times: a lower bound on the step."""
@@ -85,7 +93,7 @@ def critical_path(timeline, costs) -> PathRow:
             return 0.0
         return costs.comm_time_s[j][k]
 
-    fwd, bwd = [0] * n, [0] * n
+    fwd, bwd, hops = [0] * n, [0] * n, [0] * n
     path, delay = [], 0.0
     a = max(end, key=lambda x: end[x]) if end else None
     while a is not None:
@@ -104,9 +112,11 @@ def critical_path(timeline, costs) -> PathRow:
         if end[d] + lag != start[a]:
             raise ValueError(f"timeline does not match the costs: {a} starts at {start[a]}, not when its "
                              "inputs arrive")
+        if d.kind == a.kind and d.microbatch == a.microbatch and abs(d.stage - a.stage) == 1:
+            hops[max(d.stage, a.stage)] += 1
         a = d
         delay += lag
-    return PathRow(tuple(fwd), tuple(bwd), delay, tuple(reversed(path)))
+    return PathRow(tuple(fwd), tuple(bwd), delay, tuple(reversed(path)), tuple(hops))
 
 
 @dataclass
@@ -265,70 +275,115 @@ class ActionDag:
             end[i] = t + (fwd_s if self.fwd[i] else bwd_s)[self.stage[i]]
             arg[i] = a
         i = max(range(n), key=end.__getitem__) if n else -1
-        fc, bc, path = [0] * self.num_stages, [0] * self.num_stages, []
+        fc, bc, hops, path = [0] * self.num_stages, [0] * self.num_stages, [0] * self.num_stages, []
         while i >= 0:
             (fc if self.fwd[i] else bc)[self.stage[i]] += 1
             path.append(self.actions[i])
-            i = arg[i]
-        return (max(end) if n else 0.0), PathRow(tuple(fc), tuple(bc), 0.0, tuple(reversed(path)))
+            j = arg[i]
+            if j >= 0 and self.fwd[j] == self.fwd[i] and abs(self.stage[j] - self.stage[i]) == 1 and \
+                    self.actions[j].microbatch == self.actions[i].microbatch:
+                hops[max(self.stage[i], self.stage[j])] += 1
+            i = j
+        return (max(end) if n else 0.0), PathRow(tuple(fc), tuple(bc), 0.0, tuple(reversed(path)), tuple(hops))
 
 
-def prefix_caps(rows: dict, units: _Units, dag: ActionDag, upper_s: float,
-                max_rounds: int = 20) -> tuple[list[int], list[int]] | None:
+class FluidLp:
+    """Per-stage device forward and backward sums (units) as continuous variables: blocks may split.
+
+    They sum to the plan's totals and keep its range of backward/forward ratios, so every plan's
+    stage sums are a point of it. Rows bound the step from below: each one is at most `top`
+    (a constant), or, with top None, at most the variable T.
+    """
+
+    def __init__(self, units: _Units, num_stages: int, top: float | None = None):
+        from ortools.linear_solver import pywraplp
+
+        K = num_stages
+        self.lp = lp = pywraplp.Solver.CreateSolver("GLOP")
+        self.f = [lp.NumVar(0, lp.infinity(), f"f{k}") for k in range(K)]
+        self.b = [lp.NumVar(0, lp.infinity(), f"b{k}") for k in range(K)]
+        lp.Add(sum(self.f) == sum(units.fdev))
+        lp.Add(sum(self.b) == sum(units.bdev))
+        ratios = [bd / fd for fd, bd in zip(units.fdev, units.bdev) if fd > 0]
+        if ratios:
+            for k in range(K):
+                lp.Add(self.b[k] >= min(ratios) * self.f[k])
+                if all(fd > 0 or bd == 0 for fd, bd in zip(units.fdev, units.bdev)):
+                    lp.Add(self.b[k] <= max(ratios) * self.f[k])
+        self.top = top
+        self.T = lp.NumVar(0, lp.infinity(), "T") if top is None else None
+        self.rows: dict[tuple, tuple[PathRow, object]] = {}
+
+    def add(self, k: tuple, r: PathRow) -> None:
+        e = sum(c * x for c, x in zip(r.fwd_count, self.f) if c) + sum(c * x for c, x in zip(r.bwd_count, self.b) if c)
+        self.rows[k] = r, self.lp.Add(e <= self.top) if self.T is None else self.lp.Add(e - self.T <= 0)
+
+    def solve(self, dag: ActionDag, rows: dict, key, max_rounds: int) -> bool:
+        """Solve, adding the longest path at the answer while it breaks the bound (to `rows` too);
+        False when the LP has no answer (infeasible: no plan meets top)."""
+        from ortools.linear_solver import pywraplp
+
+        for i in range(max_rounds + 1):
+            if self.lp.Solve() != pywraplp.Solver.OPTIMAL:
+                return False
+            if i == max_rounds:
+                return True
+            bound = self.top if self.T is None else self.T.solution_value()
+            length, r = dag.longest([x.solution_value() for x in self.f], [x.solution_value() for x in self.b])
+            if length <= bound * (1 + 1e-7) or key(r) in self.rows:
+                return True
+            rows.setdefault(key(r), r)
+            self.add(key(r), r)
+        return True
+
+
+def fluid_bound(rows: dict, units: _Units, dag: ActionDag, key=lambda r: r.key,
+                max_rounds: int = 200) -> tuple[float, list[PathRow]]:
+    """(lower bound in seconds, the rows that set it): min T over FluidLp with every path's row.
+
+    Every plan's stage sums are a point of the LP, so its optimum bounds every plan's step (without
+    communication and all-reduce) from below; paths violated at the answer are added (to `rows` too)
+    until none is or max_rounds. The rows with a positive dual are the ones the bound needs.
+    """
+    lp = FluidLp(units, dag.num_stages)
+    for k, r in rows.items():
+        lp.add(k, r)
+    lp.lp.Minimize(lp.T)
+    if not lp.solve(dag, rows, key, max_rounds):
+        return 0.0, []
+    tight = [r for r, con in lp.rows.values() if con.dual_value() < -1e-9 or con.dual_value() > 1e-9]
+    return max(0.0, lp.T.solution_value() * (1 - 1e-6)) / units.scale, tight  # (1 - 1e-6): the LP's tolerance
+
+
+def prefix_caps(rows: dict, units: _Units, dag: ActionDag, upper_s: float, max_rounds: int = 20,
+                key=lambda r: r.key, deadline: float = math.inf) -> tuple[list[int], list[int]] | None:
     """(most[j], most_after[j]): the most device work (units) stages 0..j, and stages j..K-1, hold in any
     plan whose step is at most upper_s; None when no plan is.
 
-    An LP over per-stage device forward and backward sums (fluid: blocks may split) with the plan's
-    totals and its range of backward/forward ratios: every row, a lower bound on the step, is at most
-    upper_s. The LP's answer is checked against every path (ActionDag.longest) and a violated one
-    becomes a row (added to `rows` too) until none is: the caps are those of the fluid problem.
-    A relaxation of every plan no slower than upper_s, so the caps are valid.
+    FluidLp with every row at most upper_s, maximising and minimising the work of stages 0..j, its
+    answer checked against every path (ActionDag.longest; a violated one becomes a row, added to
+    `rows`, by key(row), too) for up to max_rounds: the caps are those of the fluid problem
+    (communication left out). Past `deadline` the caps left stay trivial. A relaxation of every
+    plan no slower than upper_s, so the caps are valid.
     """
-    from ortools.linear_solver import pywraplp
-
     K = dag.num_stages
-    lp = pywraplp.Solver.CreateSolver("GLOP")
-    f = [lp.NumVar(0, lp.infinity(), f"f{k}") for k in range(K)]
-    b = [lp.NumVar(0, lp.infinity(), f"b{k}") for k in range(K)]
-    lp.Add(sum(f) == sum(units.fdev))
-    lp.Add(sum(b) == sum(units.bdev))
-    ratios = [bd / fd for fd, bd in zip(units.fdev, units.bdev) if fd > 0]
-    if ratios:
-        for k in range(K):
-            lp.Add(b[k] >= min(ratios) * f[k])
-            if all(fd > 0 or bd == 0 for fd, bd in zip(units.fdev, units.bdev)):
-                lp.Add(b[k] <= max(ratios) * f[k])
-    top = upper_s * units.scale * (1 + 1e-9)
-
-    def add(r: PathRow) -> None:
-        lp.Add(sum(c * x for c, x in zip(r.fwd_count, f) if c) + sum(c * x for c, x in zip(r.bwd_count, b) if c)
-               <= top)
-
-    for r in rows.values():
-        add(r)
+    lp = FluidLp(units, K, upper_s * units.scale * (1 + 1e-9))
+    for k, r in rows.items():
+        lp.add(k, r)
     total = sum(units.work)
     most, least = [total] * K, [0] * K  # least[j]: the least work stages 0..j hold
     for j in range(K - 1):
+        if time.perf_counter() > deadline:
+            break  # the caps not computed stay trivial (valid)
         for sense, out in ((1, most), (-1, least)):
-            obj = lp.Objective()
+            obj = lp.lp.Objective()
             obj.Clear()
             for k in range(j + 1):
-                obj.SetCoefficient(f[k], 1)
-                obj.SetCoefficient(b[k], 1)
+                obj.SetCoefficient(lp.f[k], 1)
+                obj.SetCoefficient(lp.b[k], 1)
             obj.SetMaximization() if sense > 0 else obj.SetMinimization()
-            for i in range(max_rounds + 1):
-                got = lp.Solve()
-                if got == pywraplp.Solver.INFEASIBLE:
-                    return None
-                if got != pywraplp.Solver.OPTIMAL or i == max_rounds:
-                    break
-                length, r = dag.longest([x.solution_value() for x in f], [x.solution_value() for x in b])
-                if length <= top * (1 + 1e-7) or r.key in rows:
-                    break
-                rows[r.key] = r
-                add(r)
-            if got != pywraplp.Solver.OPTIMAL:
-                continue
+            if not lp.solve(dag, rows, key, max_rounds):
+                return None
             val = obj.Value()  # valid whether or not the separation finished: the LP only grew
             slack = 1e-6 * total + 2  # the LP's tolerances
             out[j] = min(total, math.ceil(val + slack)) if sense > 0 else max(0, math.floor(val - slack))
@@ -340,7 +395,7 @@ class _Relaxation:
     """min T subject to T >= every row, over the partition ILP's feasible set (partitioner.solve._build)."""
 
     def __init__(self, bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None, units: _Units,
-                 prefix: tuple[list[int], list[int]] | None):
+                 prefix: tuple[list[int], list[int]] | None, comm: bool = False):
         from partitioner.solve import _build
 
         self.cap, self.units = cap, units
@@ -360,8 +415,55 @@ class _Relaxation:
                     ilp.rules.append((var, e, 1))
                 out.append(var)
         self.allreduce = sum(math.floor(sec * scale) * rep for sec, rep in ilp.allreduce)
+        self.hop = self._hops(bg, p, bw) if comm and p > 1 else [0] * K
         self.top = md.NewIntVar(0, hi, "T")
         md.Minimize(self.top)
+
+    def _hops(self, bg, p: int, bw: float) -> list:
+        """[k]: a lower bound (units) on comm_time_s[k-1][k], what a hop between stages k-1 and k waits.
+
+        Every value whose producer sits on k - 1 and some reader on k (or k = K - 1 the output)
+        crosses: z >= x[producer, k-1] + x[reader, k] - 1; on a path-shaped graph a value b -> b+1
+        crosses iff y[b+1, k] - y[b, k] = 1 (stages are contiguous), no variable needed.
+        """
+        y, md, K = self.ilp.y, self.model, len(self.ilp.y[0]) - 1
+
+        def x(b: int, k: int):
+            return y[b][k] - y[b][k + 1]
+
+        path = bg.is_path()
+        hop: list = [0] * K
+        for ci, val in enumerate(bg.values):
+            cost = math.floor(val.bytes / bw * self.units.scale)
+            if cost <= 0:
+                continue
+            u = val.producer
+            for k in range(1, K):
+                if (k - 1) % p == k % p:
+                    continue
+                if path and tuple(val.consumers) == (u + 1,) and not val.to_output:
+                    hop[k] += cost * (y[u + 1][k] - y[u][k])
+                    continue
+                src = x(u, k - 1)
+                need = [x(w, k) for w in val.consumers] + ([1] if val.to_output and k == K - 1 else [])
+                need = [e for e in need if not isinstance(e, int) or e > 0]
+                if (isinstance(src, int) and src <= 0) or not need:
+                    continue
+                z = md.NewBoolVar(f"hop{ci}_{k}")
+                for e in need:
+                    md.Add(z >= src + e - 1)
+                    self.ilp.rules.append((z, src + e - 1, 1))
+                hop[k] += cost * z
+        out = []
+        for k, e in enumerate(hop):
+            if isinstance(e, int):
+                out.append(e)
+                continue
+            var = md.NewIntVar(0, sum(math.floor(val.bytes / bw * self.units.scale) for val in bg.values), f"L{k}")
+            md.Add(var >= e)
+            self.ilp.rules.append((var, e, 1))
+            out.append(var)
+        return out
 
     def domain_size(self) -> int:
         """Free (block, stage) order variables: how large the model is."""
@@ -369,7 +471,8 @@ class _Relaxation:
 
     def add_row(self, r: PathRow) -> None:
         e = sum(c * x for c, x in zip(r.fwd_count, self.fwd) if c) + \
-            sum(c * x for c, x in zip(r.bwd_count, self.bwd) if c) + self.allreduce
+            sum(c * x for c, x in zip(r.bwd_count, self.bwd) if c) + self.allreduce + \
+            sum(c * h for c, h in zip(r.hops, self.hop) if c and not (isinstance(h, int) and h == 0))
         self.model.Add(self.top >= e)
         self.ilp.rules.append((self.top, e, 1))
 
@@ -390,7 +493,7 @@ class _Relaxation:
         """(status, proven bound in seconds, assignments of the last solutions found)."""
         from partitioner.solve import _solver
 
-        solver = _solver(time_s, workers)
+        solver = _solver(time_s, workers or min(8, os.cpu_count() or 1))  # more workers than cores only thrash
         solver.parameters.relative_gap_limit = tol / 2
         found = _Collect(self.ilp)
         got = solver.Solve(self.model, found)
@@ -421,10 +524,16 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
     p, v, K = num_ranks, chunks, num_ranks * chunks
     bw, cap = link_bw_bytes_per_s, memory_cap_bytes
     scorer = _Scorer(bg, p, v, m, schedule, bw, cap)
-    rows: dict[tuple, PathRow] = {}
-    for r in list(paths) + synthetic_rows(scorer.sched, K):
-        rows.setdefault(r.key, r)
-    best, best_step = None, math.inf
+    rows: dict[tuple, PathRow] = {}  # the relaxation's, by key (the row's coefficients in the model)
+    lp_rows: dict[tuple, PathRow] = {}  # prefix_caps': these and the fluid LP's own
+    best, best_step, comm = None, math.inf, False
+
+    def key(r: PathRow) -> tuple:
+        return r.key if comm else r.key[:2]
+
+    def add(r: PathRow) -> bool:
+        lp_rows.setdefault(key(r), r)
+        return rows.setdefault(key(r), r) is r
 
     def consider(assign: list[int]) -> int:
         """Score a plan (the best within the cap is kept) and add its critical paths; how many were new."""
@@ -432,19 +541,31 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
         step, fits, paths = scorer.score(assign)
         if fits and step < best_step:
             best, best_step = list(assign), step
-        new = [r for r in paths if r.key not in rows]
-        for r in new:
-            rows[r.key] = r
-        return len(new)
+        return sum(add(r) for r in paths)
 
     starts = [a for a in ([incumbent] if incumbent is not None else []) + list(seeds) if a is not None]
     for a in starts or [chain_dp_split(bg, p, v, m, schedule, bw, cap)]:
         consider(a)
+    # model the links when the hops of a path (2 per stage boundary and microbatch, at most the
+    # largest value each) could add more than a tenth of tol to the least step (m W / p)
+    hop_s = max((val.bytes / bw for val in bg.values), default=0.0)
+    comm = p > 1 and 2 * (K - 1) * hop_s > tol / 10 * m * sum(b.time_s for b in bg.blocks) / p
+    found_rows, rows, lp_rows = list(rows.values()), {}, {}
+    for r in list(paths) + synthetic_rows(scorer.sched, K) + found_rows:
+        add(r)
     units = _Units.of(bg)
+    dag = ActionDag(scorer.sched)
+
+    def caps_now():
+        if best is None or time.perf_counter() > deadline - 0.1:
+            return None
+        return prefix_caps(lp_rows, units, dag, best_step, key=key, deadline=deadline)
 
     def relaxation(prefix):
+        if time.perf_counter() > deadline - 0.1:
+            return None
         try:
-            rel = _Relaxation(bg, p, v, m, schedule, bw, cap, units, prefix)
+            rel = _Relaxation(bg, p, v, m, schedule, bw, cap, units, prefix, comm)
         except _NoSplit:
             return None
         if best is not None and not rel.hint(best):
@@ -454,12 +575,15 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
         rel.bound_top(lower, best_step)
         return rel
 
-    lower, iterations, status = 0.0, 0, "time_limit"
-    dag = ActionDag(scorer.sched)
-    caps = prefix_caps(rows, units, dag, best_step) if best is not None else None
+    # the fluid bound (blocks may split) and the rows that set it: the relaxation's LP needs them
+    lower, tight = fluid_bound(lp_rows, units, dag, key)
+    for r in tight:
+        add(r)
+    iterations, status = 0, "time_limit"
+    caps = caps_now()
     rel = (relaxation(caps) if caps is not None else None) or relaxation(None)
-    slice_s = max(_MIN_SLICE_S, time_limit_s / 8)  # a relaxation's time; doubled when it brings no new path
-    while time.perf_counter() < deadline - 0.05:
+    slice_s = max(_MIN_SLICE_S, time_limit_s / 8)  # the first relaxation's time
+    while rel is not None and time.perf_counter() < deadline - 0.1:
         if best is not None:
             rel.hint(best)
         got, bound, found = rel.solve(min(deadline - time.perf_counter(), slice_s), tol, workers)
@@ -474,13 +598,12 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
         if best is not None and best_step <= lower * (1 + tol):
             status = "converged"
             break
-        if not new:
-            if got == cp_model.OPTIMAL:  # the answer's paths are all rows: only communication is left
-                status = "stalled"
-                break
-            slice_s *= 2
-        tighter = prefix_caps(rows, units, dag, best_step) if best is not None else None
+        if not new and got == cp_model.OPTIMAL:  # the answer's paths are all rows: only communication is left
+            status = "stalled"
+            break
+        slice_s *= 1.5  # later relaxations, with more rows, need longer to prove their bound
         fresh = list(rows.values())[before:]
+        tighter = caps_now()
         if tighter is not None and tighter != caps:
             again = relaxation(tighter)
             if again is not None and again.domain_size() < 0.95 * rel.domain_size():
@@ -488,7 +611,5 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
         for r in fresh:
             rel.add_row(r)
         rel.bound_top(lower, best_step)
-    if best is not None:
-        lower = min(lower, best_step)
     return PathBound(best, best_step, lower, iterations, len(rows), status, time.perf_counter() - t0,
                      list(rows.values()))

@@ -57,9 +57,14 @@ cap, and the simulator says the step gets faster. For one stage per rank
 branch and bound over them (partitioner/exact.py) then starts from the polished
 plan and replaces it only by a faster split within the cap; solver_status gains
 "+exact(optimal)" (or "+exact(incomplete)": out of time) when it did, "+optimal"
-when it proved the polished plan the best split. time_limit_s bounds the whole
-of solve(): building, solving, the polish and the exact search (at most
-EXACT_TIME_CAP_S of it).
+when it proved the polished plan the best split. Where that proof is missing
+(interleaving, branchy graphs, gpipe) critical-path row generation
+(partitioner/critical_path.py) follows: a lower bound on the simulated step of
+every valid plan within the cap, and a faster plan where it finds one
+(solver_status gains "+paths"). Plan.step_lower_bound_s reports the bound (the
+exact search's where it finished). time_limit_s bounds the whole of solve():
+building, solving, the polish, the exact search (at most EXACT_TIME_CAP_S of it)
+and the row generation (the rest, at most PATHS_TIME_CAP_S).
 """
 from __future__ import annotations
 
