@@ -126,8 +126,9 @@ class PathBound:
     assignment: the best plan found within the memory cap (block -> stage), None if none fits;
     step_time_s: its simulated step (+ all-reduce); lower_bound_s: no valid plan within the cap
     is faster; iterations: relaxations solved; rows: paths in the last one; status: "converged"
-    (the plan is within tol of the bound), "stalled" (no new path: what is left is communication,
-    or the relaxation was not solved to optimality), "time_limit" or "infeasible" (no plan fits).
+    (the plan is within tol of the bound), "stalled" (the relaxation's optimum brought no new
+    path: what is left is the communication the rows leave out), "time_limit" or "infeasible"
+    (no plan fits the cap).
     """
 
     assignment: list[int] | None
@@ -137,7 +138,7 @@ class PathBound:
     rows: int
     status: str
     solve_time_s: float = 0.0
-    paths: list[PathRow] = field(default_factory=list)  # every row found (to start another run from)
+    paths: list[PathRow] = field(default_factory=list)  # the relaxation's rows (to start another run from)
 
     @property
     def gap(self) -> float:
@@ -154,11 +155,13 @@ class _Collect(cp_model.CpSolverSolutionCallback):
         super().__init__()
         self.ilp, self.keep = ilp, keep
         self.assignments: list[list[int]] = []
+        self.objectives: list[float] = []  # the relaxation's T of each (units)
 
     def on_solution_callback(self) -> None:
         a = self.ilp.assignment(self.Value)
         if a not in self.assignments:
             self.assignments = (self.assignments + [a])[-self.keep:]
+            self.objectives = (self.objectives + [self.ObjectiveValue()])[-self.keep:]
 
 
 class _Scorer:
@@ -490,7 +493,7 @@ class _Relaxation:
         return _hint(self.ilp, assign, self.cap) is not None
 
     def solve(self, time_s: float, tol: float, workers: int | None):
-        """(status, proven bound in seconds, assignments of the last solutions found)."""
+        """(status, proven bound in seconds, [(assignment, its T in seconds)] of the last solutions found)."""
         from partitioner.solve import _solver
 
         solver = _solver(time_s, workers or min(8, os.cpu_count() or 1))  # more workers than cores only thrash
@@ -500,7 +503,8 @@ class _Relaxation:
         _log.debug("relaxation %s in %.2f s: bound %.6g s, %d order variables, %d solutions",
                    solver.StatusName(got), solver.WallTime(), solver.BestObjectiveBound() / self.units.scale,
                    self.domain_size(), len(found.assignments))
-        return got, solver.BestObjectiveBound() / self.units.scale, found.assignments
+        return (got, solver.BestObjectiveBound() / self.units.scale,
+                [(a, t / self.units.scale) for a, t in zip(found.assignments, found.objectives)])
 
 
 def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None,
@@ -535,13 +539,15 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
         lp_rows.setdefault(key(r), r)
         return rows.setdefault(key(r), r) is r
 
-    def consider(assign: list[int]) -> int:
-        """Score a plan (the best within the cap is kept) and add its critical paths; how many were new."""
+    def consider(assign: list[int]) -> float:
+        """Score a plan (the best within the cap is kept) and add its critical paths; its step."""
         nonlocal best, best_step
         step, fits, paths = scorer.score(assign)
         if fits and step < best_step:
             best, best_step = list(assign), step
-        return sum(add(r) for r in paths)
+        for r in paths:
+            add(r)
+        return step
 
     starts = [a for a in ([incumbent] if incumbent is not None else []) + list(seeds) if a is not None]
     for a in starts or [chain_dp_split(bg, p, v, m, schedule, bw, cap)]:
@@ -582,7 +588,7 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
     iterations, status = 0, "time_limit"
     caps = caps_now()
     rel = (relaxation(caps) if caps is not None else None) or relaxation(None)
-    slice_s = max(_MIN_SLICE_S, time_limit_s / 8)  # the first relaxation's time
+    slice_s = first_slice_s = max(_MIN_SLICE_S, time_limit_s / 16)  # a relaxation's time
     while rel is not None and time.perf_counter() < deadline - 0.1:
         if best is not None:
             rel.hint(best)
@@ -594,14 +600,18 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
             break
         lower = max(lower, bound)
         before = len(rows)
-        new = sum(consider(a) for a in found)
+        steps = [consider(a) for a, _ in found]
+        missing = steps[-1] / found[-1][1] - 1 if found and found[-1][1] > 0 else 0.0  # what the rows miss
+        _log.debug("rows miss %.2f%% of the answer's step; best %.6g s, bound %.6g s", 100 * missing, best_step, lower)
         if best is not None and best_step <= lower * (1 + tol):
             status = "converged"
             break
-        if not new and got == cp_model.OPTIMAL:  # the answer's paths are all rows: only communication is left
-            status = "stalled"
+        if len(rows) == before and got == cp_model.OPTIMAL:  # the answer's paths are all rows
+            status = "stalled"  # only the communication the rows leave out is left
             break
-        slice_s *= 1.5  # later relaxations, with more rows, need longer to prove their bound
+        # while the rows miss much of the answers' steps, short relaxations gather paths faster;
+        # once they describe them, longer ones prove the bound
+        slice_s = first_slice_s if missing > tol else slice_s * 2
         fresh = list(rows.values())[before:]
         tighter = caps_now()
         if tighter is not None and tighter != caps:
@@ -611,5 +621,7 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
         for r in fresh:
             rel.add_row(r)
         rel.bound_top(lower, best_step)
+    if best is not None:
+        lower = min(lower, best_step)
     return PathBound(best, best_step, lower, iterations, len(rows), status, time.perf_counter() - t0,
                      list(rows.values()))
