@@ -1,7 +1,7 @@
 """Plan quality: simulated step time of the ILP plan vs every baseline vs lower bounds and the exact best split.
 
     python -m benchmarks.plan_quality                       # gpt2-xl t5-base cnn llama-8b, p=4,8, v=1,2
-    python -m benchmarks.plan_quality --models gpt2 --ranks 4 --exact-budget 10
+    python -m benchmarks.plan_quality --models gpt2 --ranks 4 --exact-budget 10 --paths-budget 10
 
 Each model is captured and profiled once for one microbatch of one sample
 (analytic H100 costs, fp32, AdamW), then planned with m = 2p microbatches.
@@ -23,6 +23,13 @@ of the uniform/torchtitan/parameters steps / the tightest valid lower bound (the
 optimum when the search completed, else the larger of pipeline_bound_ms and the
 search's own bound exact_lb_ms): the most any plan could gain over the
 layer-count baselines. None where a column does not apply.
+Critical-path row generation (every row, partitioner.critical_path.path_bound_solve from the ILP
+plan, --paths-budget seconds): paths_lb_ms is the lower bound it proves on the simulated step of
+every valid plan, ilp_vs_paths_lb the ILP plan's distance from it (proven_3pct: at most 3%),
+paths_ms the best plan it found, paths_status how it stopped. ilp_lb_ms is the bound solve()
+itself reported within its time limit (Plan.step_lower_bound_s). The tightest bound of a row
+(tightest_lb_ms) is the largest of all of them (the exact optimum where the search completed);
+layer_count_ceiling is taken against it on every row.
 Writes benchmarks/results/plan_quality.json and plan_quality.png.
 """
 from __future__ import annotations
@@ -31,11 +38,13 @@ import argparse
 import time
 
 from benchmarks.common import RESULTS_DIR, print_table, pyplot, save_figure, write_result
+from partitioner.critical_path import path_bound_solve
 from partitioner.exact import EXACT_BUDGET_S, PassTimes, best_split_s, pipeline_bound_s, split_cuts
 from partitioner.planner import BLOCKS_PER_STAGE
 
 MODELS = ("gpt2-xl", "t5-base", "cnn", "llama-8b")
 LAYER_COUNT_BASELINES = ("uniform", "torchtitan", "parameters")
+PATHS_BUDGET_S = 60.0  # default seconds of critical-path row generation per row
 
 
 def profile_model(name: str, device: str):
@@ -60,28 +69,45 @@ def equal_stages_s(bg, p: int, v: int, m: int) -> float:
     return m * work / p + (p - 1) * work / (p * v)
 
 
-def exact_columns(bg, p: int, v: int, m: int, bw: float, ilp, base: dict, pb: float | None,
-                  budget_s: float) -> dict:
+def exact_columns(bg, p: int, v: int, m: int, bw: float, ilp, pb: float | None, budget_s: float) -> dict:
     """The exact-search columns of a row (see the module docstring); None where they do not apply."""
-    cols = dict.fromkeys(("exact_ms", "exact_complete", "exact_splits", "exact_lb_ms", "exact_s", "ilp_vs_exact",
-                          "layer_count_ceiling"))
-    if pb is None:
+    cols = dict.fromkeys(("exact_ms", "exact_complete", "exact_splits", "exact_lb_ms", "exact_s", "ilp_vs_exact"))
+    if pb is None or budget_s <= 0:
         return cols
-    tightest = pb
-    if budget_s > 0:
-        t0 = time.perf_counter()
-        ex = best_split_s(bg, p, m, bw, ilp.step_time_s, budget_s, split_cuts(ilp.block_stage))
-        cols.update(exact_ms=ex.step_time_s * 1e3, exact_complete=ex.complete, exact_splits=ex.splits_simulated,
-                    exact_lb_ms=ex.lower_bound_s * 1e3, exact_s=time.perf_counter() - t0,
-                    ilp_vs_exact=ilp.step_time_s / ex.step_time_s)
-        tightest = ex.step_time_s if ex.complete else max(pb, ex.lower_bound_s)
-    cols["layer_count_ceiling"] = min(base[k].step_time_s for k in LAYER_COUNT_BASELINES) / tightest
+    t0 = time.perf_counter()
+    ex = best_split_s(bg, p, m, bw, ilp.step_time_s, budget_s, split_cuts(ilp.block_stage))
+    cols.update(exact_ms=ex.step_time_s * 1e3, exact_complete=ex.complete, exact_splits=ex.splits_simulated,
+                exact_lb_ms=ex.lower_bound_s * 1e3, exact_s=time.perf_counter() - t0,
+                ilp_vs_exact=ilp.step_time_s / ex.step_time_s)
     return cols
+
+
+def paths_columns(bg, p: int, v: int, m: int, bw: float, ilp, budget_s: float, cap: int | None = None) -> dict:
+    """The critical-path row generation columns of a row (see the module docstring)."""
+    cols = dict.fromkeys(("paths_lb_ms", "ilp_vs_paths_lb", "proven_3pct", "paths_ms", "paths_status", "paths_s"))
+    if budget_s <= 0:
+        return cols
+    t0 = time.perf_counter()
+    found = path_bound_solve(bg, p, v, m, ilp.schedule, cap, bw, budget_s, incumbent=ilp.block_stage)
+    cols.update(paths_lb_ms=found.lower_bound_s * 1e3, ilp_vs_paths_lb=ilp.step_time_s / found.lower_bound_s,
+                proven_3pct=ilp.step_time_s <= 1.03 * found.lower_bound_s, paths_ms=found.step_time_s * 1e3,
+                paths_status=found.status, paths_s=time.perf_counter() - t0)
+    return cols
+
+
+def tightest_columns(row: dict, ilp, base: dict) -> dict:
+    """The tightest valid lower bound of a row and the layer-count ceiling against it."""
+    bounds = [row[k] for k in ("lower_bound_ms", "pipeline_bound_ms", "exact_lb_ms", "paths_lb_ms", "ilp_lb_ms")
+              if row.get(k)]
+    tightest = row["exact_ms"] if row.get("exact_complete") else max(bounds)
+    return {"tightest_lb_ms": tightest, "ilp_vs_tightest_lb": ilp.step_time_s * 1e3 / tightest,
+            "layer_count_ceiling": min(base[k].step_time_s for k in LAYER_COUNT_BASELINES) * 1e3 / tightest}
 
 
 def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: float, device: str,
         memory_bound: bool = True, exact_budget_s: float = EXACT_BUDGET_S,
-        microbatches_per_rank: tuple[int, ...] = (2,)) -> tuple[list[dict], list[dict]]:
+        microbatches_per_rank: tuple[int, ...] = (2,),
+        paths_budget_s: float = PATHS_BUDGET_S) -> tuple[list[dict], list[dict]]:
     from cost_models.device import get_device_spec
     from partitioner.baselines import all_baselines
     from partitioner.solve import solve
@@ -93,7 +119,7 @@ def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: fl
         ag, costs = profile_model(name, device)
         if memory_bound:
             bg = coarsen(ag, costs, min_blocks=4, target_blocks=4 * BLOCKS_PER_STAGE)
-            capped.append(memory_bound_row(name, bg, 4, 1, 8, bw, time_limit_s))
+            capped.append(memory_bound_row(name, bg, 4, 1, 8, bw, time_limit_s, paths_budget_s))
         for p in ranks:
             for v, f in [(v, f) for v in chunks for f in microbatches_per_rank]:
                 m = f * p
@@ -114,17 +140,24 @@ def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: fl
                             "ilp_vs_pipeline_bound": ilp.step_time_s / pb if pb is not None else None,
                             "best_baseline": best_name,
                             "ilp_vs_best_baseline": ilp.step_time_s / base[best_name].step_time_s,
-                            "status": ilp.solver_status, "gap": ilp.gap, "solve_s": wall})
-                row.update(exact_columns(bg, p, v, m, bw, ilp, base, pb, exact_budget_s))
+                            "status": ilp.solver_status, "gap": ilp.gap, "solve_s": wall,
+                            "ilp_lb_ms": ilp.step_lower_bound_s * 1e3 or None})
+                row.update(exact_columns(bg, p, v, m, bw, ilp, pb, exact_budget_s))
+                row.update(paths_columns(bg, p, v, m, bw, ilp, paths_budget_s))
+                row.update(tightest_columns(row, ilp, base))
                 rows.append(row)
                 exact = "" if row["exact_ms"] is None else \
                     f", exact {row['exact_ms']:.2f} ms ({'optimal' if row['exact_complete'] else 'incomplete'})"
+                paths = "" if row["paths_lb_ms"] is None else \
+                    f", proven bound {row['paths_lb_ms']:.2f} ms (ilp within {row['ilp_vs_paths_lb'] - 1:.2%}, " \
+                    f"{row['paths_status']})"
                 print(f"{name} p={p} v={v} m={m}: ilp {row['ilp_ms']:.2f} ms, best baseline {best_name} "
-                      f"{base[best_name].step_time_s * 1e3:.2f} ms, bound {lb * 1e3:.2f} ms{exact}", flush=True)
+                      f"{base[best_name].step_time_s * 1e3:.2f} ms, bound {lb * 1e3:.2f} ms{exact}{paths}", flush=True)
     return rows, capped
 
 
-def memory_bound_row(name: str, bg, p: int, v: int, m: int, bw: float, time_limit_s: float) -> dict:
+def memory_bound_row(name: str, bg, p: int, v: int, m: int, bw: float, time_limit_s: float,
+                     paths_budget_s: float = PATHS_BUDGET_S) -> dict:
     """Where memory binds: a cap a quarter of the way from the smallest memory any split needs to the
     unconstrained ILP plan's peak. The ILP against the memory-aware chain DP (the best contiguous split
     that fits) and the baselines (which ignore memory: do they fit?)."""
@@ -148,28 +181,37 @@ def memory_bound_row(name: str, bg, p: int, v: int, m: int, bw: float, time_limi
            # a DP split over the cap is no plan: no ratio then
            "ilp_vs_dp_capped": ilp.step_time_s / dp.step_time_s if max(dp.rank_mem_bytes) <= cap else None,
            "baselines_fitting": ",".join(fitting) or "none"}
+    paths = paths_columns(bg, p, v, m, bw, ilp, paths_budget_s, cap)
+    row.update({k: paths[k] for k in ("paths_lb_ms", "ilp_vs_paths_lb", "proven_3pct", "paths_status")})
     print(f"{name} memory cap {row['cap_gib']:.2f} GiB: ilp {row['ilp_ms']:.2f} ms, memory-aware chain DP "
           f"{row['dp_capped_ms']:.2f} ms (fits: {row['dp_fits']}), baselines that fit: {row['baselines_fitting']}",
           flush=True)
     return row
 
 
-def plot(rows: list[dict], path) -> None:
+def plot(rows: list[dict], path, top: float = 1.8) -> None:
+    """Every method's step over the row's tightest proven lower bound; bars above `top` are cut and labelled."""
     plt = pyplot()
 
-    methods = ["ilp", "uniform", "torchtitan", "parameters", "flops", "size", "dp"]
+    methods = ["ilp", "paths", "uniform", "torchtitan", "parameters", "flops", "size", "dp"]
+    names = {"paths": "row generation (--paths-budget)"}
     labels = [f"{r['model']}\np={r['p']} v={r['v']} m={r['m']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.5))
     width = 0.8 / len(methods)
     for i, meth in enumerate(methods):
-        ax.bar([j + i * width for j in range(len(rows))], [r[f"{meth}_ms"] / r["lower_bound_ms"] for r in rows],
-               width, label=meth)
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="lower bound")
+        xs = [j + i * width for j in range(len(rows))]
+        ys = [(r[f"{meth}_ms"] or float("nan")) / r["tightest_lb_ms"] for r in rows]
+        ax.bar(xs, [min(y, top) for y in ys], width, label=names.get(meth, meth))
+        for x, y in zip(xs, ys):
+            if y > top:
+                ax.text(x, top, f"{y:.1f}", rotation=90, ha="center", va="top", fontsize=5, color="white")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="proven lower bound")
+    ax.axhline(1.03, color="grey", linewidth=0.6, linestyle=":", label="bound + 3%")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], labels, fontsize=7)
-    ax.set_ylabel("simulated step time / lower bound")
-    ax.set_ylim(0.9, max(1.6, max(r[f"{m}_ms"] / r["lower_bound_ms"] for r in rows for m in methods) * 1.02))
-    ax.legend(ncol=4, fontsize=7)
-    ax.set_title("Pipeline plans: ILP vs baselines (same simulator)")
+    ax.set_ylabel("simulated step time / tightest proven lower bound")
+    ax.set_ylim(0.95, top)
+    ax.legend(ncol=5, fontsize=7)
+    ax.set_title("Pipeline plans: ILP vs baselines (same simulator) against a proven lower bound")
     save_figure(fig, path)
 
 
@@ -182,18 +224,27 @@ def main() -> None:
     ap.add_argument("--device", default="h100")
     ap.add_argument("--exact-budget", type=float, default=EXACT_BUDGET_S,
                     help="seconds of exact split search per v=1 path-shaped row (0: skip it)")
+    ap.add_argument("--paths-budget", type=float, default=PATHS_BUDGET_S,
+                    help="seconds of critical-path row generation per row (0: skip it)")
     ap.add_argument("--microbatches-per-rank", nargs="+", type=int, default=[2],
                     help="m = this x p for every row (more microbatches: less bubble, balance matters more)")
     ap.add_argument("--name", default="plan_quality", help="result name under benchmarks/results")
     ap.add_argument("--no-memory-bound", action="store_true", help="skip the table where memory binds")
     a = ap.parse_args()
     rows, capped = run(a.models, a.ranks, a.chunks, a.time_limit, a.device, memory_bound=not a.no_memory_bound,
-                       exact_budget_s=a.exact_budget, microbatches_per_rank=tuple(a.microbatches_per_rank))
+                       exact_budget_s=a.exact_budget, microbatches_per_rank=tuple(a.microbatches_per_rank),
+                       paths_budget_s=a.paths_budget)
     print_table("plan quality (simulated step time, ms)", [{k: v for k, v in r.items() if v is not None} for r in rows])
+    print_table("ILP plan vs the proven lower bound (critical-path row generation)",
+                [{"model": r["model"], "p": r["p"], "v": r["v"], "ilp_ms": r["ilp_ms"], "paths_lb_ms": r["paths_lb_ms"],
+                  "gap": r["ilp_vs_paths_lb"] - 1, "proven_3pct": r["proven_3pct"], "paths_ms": r["paths_ms"],
+                  "paths_status": r["paths_status"], "tightest_gap": r["ilp_vs_tightest_lb"] - 1}
+                 for r in rows if r["paths_lb_ms"] is not None])
     print_table("where memory binds (p=4, 1f1b, 8 microbatches)",
                 [{k: v for k, v in r.items() if v is not None} for r in capped])
     path = write_result(a.name, rows, {"device": a.device, "time_limit_s": a.time_limit,
-                                       "exact_budget_s": a.exact_budget, "memory_bound": capped})
+                                       "exact_budget_s": a.exact_budget, "paths_budget_s": a.paths_budget,
+                                       "memory_bound": capped})
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     plot(rows, RESULTS_DIR / f"{a.name}.png")
     print(f"wrote {path} and {RESULTS_DIR / f'{a.name}.png'}")

@@ -29,6 +29,8 @@ class Plan:
     rank_mem_bytes: peak per rank (simulator's when available, else the solver's
     conservative model); model_step_time_s: the ILP's closed-form objective
     (plan.model_step_time + all-reduce; see partitioner/solve.py).
+    step_lower_bound_s: proven lower bound on the simulated step of every valid plan within the
+    memory cap (the exact split search's or critical-path row generation's; 0 when not known).
     """
 
     num_ranks: int
@@ -61,10 +63,18 @@ class Plan:
     simulated: bool = False
     memory_cap_bytes: int | None = None
     link_bw_bytes_per_s: float = 0.0
+    step_lower_bound_s: float = 0.0  # no valid plan within the cap simulates faster (0: not known)
 
     @property
     def num_stages(self) -> int:
         return len(self.stage_rank)
+
+    @property
+    def step_gap(self) -> float | None:
+        """(step - step_lower_bound_s) / step: at most this much faster could any plan be (None: no bound)."""
+        if self.step_lower_bound_s <= 0 or self.step_time_s <= 0:
+            return None
+        return max(0.0, (self.step_time_s - self.step_lower_bound_s) / self.step_time_s)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

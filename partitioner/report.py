@@ -82,6 +82,9 @@ def summary_lines(plan: Plan) -> list[str]:
         f"gap {plan.gap:.1%}, {plan.solve_time_s:.2f} s",
         f"activations crossing ranks {human_bytes(plan.bytes_crossing)} per microbatch",
     ]
+    if plan.step_gap is not None:
+        lines.insert(3, f"lower bound on any valid plan's step {human_time(plan.step_lower_bound_s)}: "
+                        f"this plan is within {plan.step_gap:.1%} of it")
     if plan.replicated_params:
         lines.append(f"tied parameters replicated: {', '.join(plan.replicated_params)} "
                      f"(gradient all-reduce {human_time(plan.allreduce_time_s)} per step)")

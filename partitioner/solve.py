@@ -57,22 +57,29 @@ cap, and the simulator says the step gets faster. For one stage per rank
 branch and bound over them (partitioner/exact.py) then starts from the polished
 plan and replaces it only by a faster split within the cap; solver_status gains
 "+exact(optimal)" (or "+exact(incomplete)": out of time) when it did, "+optimal"
-when it proved the polished plan the best split. time_limit_s bounds the whole
-of solve(): building, solving, the polish and the exact search (at most
-EXACT_TIME_CAP_S of it).
+when it proved the polished plan the best split. Where that proof is missing
+(interleaving, branchy graphs, gpipe) critical-path row generation
+(partitioner/critical_path.py) follows: a lower bound on the simulated step of
+every valid plan within the cap, and a faster plan where it finds one
+(solver_status gains "+paths"). Plan.step_lower_bound_s reports the bound (the
+exact search's where it finished). time_limit_s bounds the whole of solve():
+building, solving, the polish, the exact search (at most EXACT_TIME_CAP_S of it)
+and the row generation (the rest, at most PATHS_TIME_CAP_S).
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from ortools.sat.python import cp_model
 
 from partitioner.chain_dp import split_chain
+from partitioner.critical_path import DEFAULT_TOL as PATHS_TOL
+from partitioner.critical_path import path_bound_solve
 from partitioner.errors import PlanError
-from partitioner.exact import best_split_s, split_assignment, split_cuts
+from partitioner.exact import best_split_s, pipeline_bound_s, split_assignment, split_cuts
 from partitioner.plan import (DEFAULT_LINK_BW_BYTES_PER_S, Plan, check_config, evaluate_assignment,
                               inflight_microbatches)
 from partitioner.refine import refine
@@ -80,6 +87,8 @@ from partitioner.refine import refine
 _TIME_UNITS = 1_000_000  # total work is scaled to about this many integer units
 _MEM_LIMIT = 1 << 52  # bytes are exact below this total, scaled above
 EXACT_TIME_CAP_S = 10.0  # most time the exact split search after refine takes
+PATHS_TIME_CAP_S = 30.0  # most time the critical-path row generation after them takes
+PATHS_MIN_TIME_S = 0.5  # less time left than this: no row generation
 
 
 @dataclass
@@ -99,6 +108,8 @@ class _Ilp:
     time_scale: float
     mem_scale: float
     rules: list[tuple[cp_model.IntVar, object, int]]
+    stage_sum: object = None  # stage_sum(k, weights): sum_b weights[b] x[b,k] as a linear expression
+    allreduce: list = field(default_factory=list)  # (seconds, rep): a replicated tied weight's all-reduce
 
     def assignment(self, value) -> list[int]:
         """Stage of every block, with value(var) reading a solution."""
@@ -143,14 +154,15 @@ def _bit_sums(bits: list[int], wv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _domains(bg, K: int, w: list[int], stage_cap: int | None, anc: list[int], desc: list[int],
-             path: bool) -> list[range]:
+             path: bool, prefix: tuple[list[int], list[int]] | None = None) -> list[range]:
     """Stages block b can take.
 
     Every stage before b's holds a block that is not b's descendant, every stage
     after it one that is not b's ancestor. With stage_cap (the most compute a
     stage holds in any solution better than the incumbent) b and its ancestors
     also fill stages 0..s(b): s(b) >= ceil(work / cap) - 1, and b and its
-    descendants stages s(b)..K-1.
+    descendants stages s(b)..K-1. prefix (most[j], most_after[j]) generalises it:
+    the most work stages 0..j, and stages j..K-1, hold.
     """
     n, wv = len(bg.blocks), np.asarray(w, dtype=np.int64)
     if path:  # ancestors are exactly the lower ids, descendants the higher ones
@@ -165,6 +177,10 @@ def _domains(bg, K: int, w: list[int], stage_cap: int | None, anc: list[int], de
         if stage_cap is not None and stage_cap > 0:
             lo = max(lo, -(-(int(w_anc[b]) + w[b]) // stage_cap) - 1)
             hi = min(hi, K - -(-(int(w_desc[b]) + w[b]) // stage_cap))
+        if prefix is not None:
+            before, after = int(w_anc[b]) + w[b], int(w_desc[b]) + w[b]
+            lo = max(lo, next((j for j in range(K) if prefix[0][j] >= before), K))
+            hi = min(hi, next((j for j in reversed(range(K)) if prefix[1][j] >= after), -1))
         out.append(range(lo, hi + 1))
     return out
 
@@ -232,8 +248,14 @@ def _model_objective(bg, assign: list[int], p: int, v: int, m: int, bw: float, w
 
 
 def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None,
-           with_time: bool = True, upper: int | None = None) -> _Ilp:
-    """The model; with `upper` (an incumbent's objective) only solutions at least as good remain."""
+           with_time: bool = True, upper: int | None = None,
+           domain_cap: tuple[list[int], list[int], list[int]] | None = None) -> _Ilp:
+    """The model; with `upper` (an incumbent's objective) only solutions at least as good remain.
+
+    domain_cap (weights, most, most_after): prune the stage domains as if stages 0..j held at most
+    most[j] of the weights and stages j..K-1 at most most_after[j] (_domains), in place of the
+    pruning `upper` gives; the caller vouches for it.
+    """
     K, n = p * v, len(bg.blocks)
     w, ts = _time_units(bg)
     total_w = sum(w)
@@ -245,7 +267,10 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
     path = bg.is_path()
     anc, desc = _closure(bg)
     stage_cap, top_cap = _stage_cap(upper if with_time else None, w, p, v, m, path)
-    dom = _domains(bg, K, w, stage_cap, anc, desc, path)
+    if domain_cap is not None:
+        dom = _domains(bg, K, domain_cap[0], None, anc, desc, path, domain_cap[1:])
+    else:
+        dom = _domains(bg, K, w, stage_cap, anc, desc, path)
     if upper is not None and any(len(d) == 0 for d in dom):
         raise _NoSplit()
     if any(len(d) == 0 for d in dom):
@@ -322,7 +347,7 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
     t = [c[k] + lat[k] for k in range(K)]
 
     # shared parameters: holders per rank, replicate or co-locate
-    allreduce = []
+    allreduce, reps = [], []
     holds: list[list[tuple]] = [[] for _ in range(p)]
     for si, sp in enumerate(bg.shared_params):
         h = [md.NewBoolVar(f"h{si}_{r}") for r in range(p)]
@@ -335,6 +360,7 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
         rules.append((rep, sum(h) - 1, max(1, p - 1)))
         if sp.trainable:
             allreduce.append(round(2 * sp.bytes / bw * ts) * rep)
+            reps.append((2 * sp.bytes / bw, rep))
         for r in range(p):
             holds[r].append((sp.state_bytes, h[r]))
 
@@ -394,7 +420,7 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
                 md.Add(biggest >= t[k])
                 rules.append((biggest, t[k], 1))
             objective = m * top + (p - 1) * biggest + sum(allreduce)
-    return _Ilp(md, y, rank_mem, objective, ts, ms, rules)
+    return _Ilp(md, y, rank_mem, objective, ts, ms, rules, stage_sum, reps)
 
 
 class _NoSplit(Exception):
@@ -446,7 +472,8 @@ def _hint(ilp: _Ilp, assign: list[int], cap: int | None) -> tuple[int, bool] | N
     for var, expr, div in ilp.rules:
         offset, terms = _flat(expr)
         i = var.Index()
-        val[i] = min(proto.variables[i].domain[-1], max(val[i], -(-(offset + sum(c * val[j] for j, c in terms)) // div)))
+        dom = proto.variables[i].domain  # (its [-1] reads 0 in this ortools: index from the front)
+        val[i] = min(dom[len(dom) - 1], max(val[i], -(-(offset + sum(c * val[j] for j, c in terms)) // div)))
 
     def value(expr) -> int:
         offset, terms = _flat(expr)
@@ -570,7 +597,7 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
         assign = best[0]
     plan = evaluate_assignment(bg, assign, p, v, m, schedule, link_bw_bytes_per_s, memory_cap_bytes,
                                method="ilp", simulate=simulate)
-    exact = ""
+    exact, lower = "", 0.0  # lower: no valid plan within the cap simulates faster (0: not known)
     if simulate and refine_time_s > 0 and v == 1 and schedule == "1f1b" and m >= p and p > 1 and bg.is_path():
         # every valid plan is a contiguous split: search them all, the refined plan as incumbent
         budget_s = min(EXACT_TIME_CAP_S, max(0.0, time_limit_s - (time.perf_counter() - t0)))
@@ -582,11 +609,26 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
             exact = "+exact(optimal)" if found.complete else "+exact(incomplete)"
         elif found.complete:
             exact = "+optimal"  # the search proved no split beats the refined plan
+        lower = plan.step_time_s if found.complete else max(found.lower_bound_s, pipeline_bound_s(bg, p, v, m))
+    if simulate and refine_time_s > 0 and plan.step_time_s > lower * (1 + PATHS_TOL):
+        # critical-path row generation: a lower bound for interleaving and branchy graphs, and
+        # sometimes a faster plan than the closed form's (partitioner/critical_path.py)
+        budget_s = min(PATHS_TIME_CAP_S, time_limit_s - (time.perf_counter() - t0))
+        if budget_s >= PATHS_MIN_TIME_S:
+            seeds = [start, dp_split] if start is not None else [dp_split]
+            found = path_bound_solve(bg, p, v, m, schedule, memory_cap_bytes, link_bw_bytes_per_s, budget_s,
+                                     plan.block_stage, tuple(seeds), PATHS_TOL, workers)
+            if found.assignment is not None and found.step_time_s < plan.step_time_s * (1 - 1e-12):
+                plan = evaluate_assignment(bg, found.assignment, p, v, m, schedule, link_bw_bytes_per_s,
+                                           memory_cap_bytes, method="ilp", simulate=simulate)
+                exact += "+paths"
+            lower = max(lower, min(found.lower_bound_s, plan.step_time_s))
     scale = ilp.time_scale
     plan.solver_status = status_name + ("+refined" if refined else "") + exact
     plan.objective = obj / scale if obj == obj else plan.model_step_time_s
     plan.bound = bound / scale
     plan.gap = max(0.0, (plan.objective - plan.bound) / plan.objective) if plan.objective > 0 else 0.0
+    plan.step_lower_bound_s = lower
     plan.solve_time_s = time.perf_counter() - t0
     return plan
 

@@ -241,3 +241,22 @@ def test_chain_dp_is_exact_with_memory_cap(times, stages, cap):
     got = split_chain(times, stages, cut, static_bytes=times, mem_cap_bytes=cap)
     assert got.bottleneck == pytest.approx(best)
     assert len(set(got.block_stage())) == stages
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_warm_start_hint_is_a_solution(seed):
+    """_hint fills every variable from the assignment: fixing them all to it leaves a feasible model."""
+    from ortools.sat.python import cp_model
+
+    from partitioner.solve import _build, _hint, chain_dp_split
+    bg = random_dag(random.Random(seed), 12, shared=True)
+    p, v, m = 3, 2, 6
+    ilp = _build(bg, p, v, m, "interleaved-1f1b", BW, None)
+    start = chain_dp_split(bg, p, v, m, "interleaved-1f1b", BW, None)
+    assert _hint(ilp, start, None) is not None
+    proto = ilp.model.Proto()
+    for i, value in zip(proto.solution_hint.vars, proto.solution_hint.values):
+        ilp.model.Add(ilp.model.GetIntVarFromProtoIndex(i) == value)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = 10
+    assert solver.Solve(ilp.model) in (cp_model.OPTIMAL, cp_model.FEASIBLE)

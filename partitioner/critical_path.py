@@ -1,0 +1,627 @@
+"""Critical-path row generation: a lower bound on the simulated step of every plan, and plans that meet it.
+
+For a fixed schedule (every rank's action order, runtime.schedules.make_schedule) the simulator's
+step is the longest path in a DAG whose nodes are the actions (F or B of stage k on one microbatch,
+lasting f_k or b_k) and whose edges are rank order (no delay) and data dependencies (F(j) -> F(k)
+and B(k) -> B(j) for j < k, delayed by comm_time_s[j][k] across ranks). The DAG does not depend
+on the plan, only the durations do. So every path P bounds every plan's step from below:
+
+    step >= sum_k alpha_P[k] f_k + beta_P[k] b_k + gamma_P[k] l_k (+ the all-reduce of tied weights)
+
+with alpha/beta the numbers of P's forwards/backwards of stage k and gamma_P[k] its hops between
+stages k - 1 and k (F(k-1) -> F(k), B(k) -> B(k-1)), each waiting comm_time_s[k-1][k] >= l_k.
+All of it is linear in the partition ILP's assignment: f_k >= the sum of the stage's device times,
+f_k >= the sum of its host times (partitioner.plan.stage_stats takes their max; the minimiser
+makes one tight); l_k sums the values produced on k - 1 and read on k (a crossing indicator per
+value, linear on path-shaped graphs). l_k is modelled only where links could matter (more than
+a tenth of tol of the step); elsewhere, and for hops between stages further apart, communication
+is left out, which only weakens the bound.
+
+path_bound_solve minimises T subject to T >= every row over the ILP's feasible set
+(partitioner.solve._build without its closed-form time model: stage order, non-empty stages,
+the memory cap), simulates the answers CP-SAT finds, adds their critical paths (with and without
+communication) as new rows and repeats. The relaxation's proven bound is a lower bound on every
+plan's step; the best simulated answer within the cap is an upper bound. Durations are scaled to
+integers rounded down, so the bound stays valid. Plans no faster than the best found are pruned
+(prefix_caps: an LP over per-stage work with its own path separation bounds how much work the
+first j stages hold), which keeps the model small. Once no answer brings a new path the bound is
+the optimum up to the communication left out (exact on chains).
+
+The memory cap is the ILP's closed form (StageStats.rank_mem_bytes), which the simulated peak
+never exceeds; the bound holds for every plan within it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+from ortools.sat.python import cp_model
+
+from partitioner.plan import DEFAULT_LINK_BW_BYTES_PER_S, check_config, inflight_microbatches, stage_stats
+
+_UNITS = 10_000_000  # one microbatch's whole work is about this many integer units
+DEFAULT_TOL = 0.005  # stop once the best plan is within this fraction of the bound
+_MIN_SLICE_S = 1.0  # least time one relaxation gets
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PathRow:
+    """A path through the schedule's action DAG: how many forwards and backwards of each stage it runs.
+
+    comm_s: the communication delays on it in the timeline it came from.
+    actions: the path, first action first.
+    """
+
+    fwd_count: tuple[int, ...]
+    bwd_count: tuple[int, ...]
+    comm_s: float = 0.0
+    actions: tuple = ()
+    hops: tuple[int, ...] = ()  # [k]: data edges between stages k - 1 and k on the path (F(k-1) -> F(k), B(k) -> B(k-1))
+
+    @property
+    def key(self) -> tuple:
+        return self.fwd_count, self.bwd_count, self.hops
+
+    def compute_s(self, fwd_s, bwd_s) -> float:
+        """The path's compute with these stage times: a lower bound on the step."""
+        return sum(a * f for a, f in zip(self.fwd_count, fwd_s)) + sum(b * t for b, t in zip(self.bwd_count, bwd_s))
+
+
+def critical_path(timeline, costs) -> PathRow:
+    """The path that sets the step of a simulated timeline (runtime.simulator.simulate(schedule, costs)).
+
+    Back from the last action to end, through whichever predecessor its start waited for: the rank's
+    previous action or a data dependency plus its delay, exactly as the simulator computes starts.
+    compute_s(costs) + comm_s equals timeline.step_time_s.
+    """
+    from runtime.schedules import Action
+
+    s = timeline.schedule
+    start, end = timeline.start_s, timeline.end_s
+    n = s.num_stages
+    prev = {}
+    for row in s.actions:
+        for i, a in enumerate(row):
+            prev[a] = row[i - 1] if i > 0 else None
+
+    def comm(j: int, k: int) -> float:
+        if not costs.comm_time_s or s.stage_rank[j] == s.stage_rank[k]:
+            return 0.0
+        return costs.comm_time_s[j][k]
+
+    fwd, bwd, hops = [0] * n, [0] * n, [0] * n
+    path, delay = [], 0.0
+    a = max(end, key=lambda x: end[x]) if end else None
+    while a is not None:
+        path.append(a)
+        (fwd if a.kind == "F" else bwd)[a.stage] += 1
+        k, mb = a.stage, a.microbatch
+        if a.kind == "F":
+            deps = [(Action(j, "F", mb), comm(j, k)) for j in range(k)]
+        else:
+            deps = [(Action(k, "F", mb), 0.0)] + [(Action(j, "B", mb), comm(k, j)) for j in range(k + 1, n)]
+        if prev[a] is not None:
+            deps.append((prev[a], 0.0))
+        if start[a] <= 0.0 or not deps:
+            break  # a path may start anywhere: every start is at least 0
+        d, lag = max(deps, key=lambda x: end[x[0]] + x[1])
+        if end[d] + lag != start[a]:
+            raise ValueError(f"timeline does not match the costs: {a} starts at {start[a]}, not when its "
+                             "inputs arrive")
+        if d.kind == a.kind and d.microbatch == a.microbatch and abs(d.stage - a.stage) == 1:
+            hops[max(d.stage, a.stage)] += 1
+        a = d
+        delay += lag
+    return PathRow(tuple(fwd), tuple(bwd), delay, tuple(reversed(path)), tuple(hops))
+
+
+@dataclass
+class PathBound:
+    """Outcome of path_bound_solve.
+
+    assignment: the best plan found within the memory cap (block -> stage), None if none fits;
+    step_time_s: its simulated step (+ all-reduce); lower_bound_s: no valid plan within the cap
+    is faster; iterations: relaxations solved; rows: paths in the last one; status: "converged"
+    (the plan is within tol of the bound), "stalled" (the relaxation's optimum brought no new
+    path: what is left is the communication the rows leave out), "time_limit" or "infeasible"
+    (no plan fits the cap).
+    """
+
+    assignment: list[int] | None
+    step_time_s: float
+    lower_bound_s: float
+    iterations: int
+    rows: int
+    status: str
+    solve_time_s: float = 0.0
+    paths: list[PathRow] = field(default_factory=list)  # the relaxation's rows (to start another run from)
+
+    @property
+    def gap(self) -> float:
+        """(step - bound) / step: how much faster any plan could be, at most."""
+        if self.assignment is None or self.step_time_s <= 0:
+            return 0.0
+        return max(0.0, (self.step_time_s - self.lower_bound_s) / self.step_time_s)
+
+
+class _Collect(cp_model.CpSolverSolutionCallback):
+    """The assignments of the last few solutions CP-SAT finds (each better than the one before)."""
+
+    def __init__(self, ilp, keep: int = 8):
+        super().__init__()
+        self.ilp, self.keep = ilp, keep
+        self.assignments: list[list[int]] = []
+        self.objectives: list[float] = []  # the relaxation's T of each (units)
+
+    def on_solution_callback(self) -> None:
+        a = self.ilp.assignment(self.Value)
+        if a not in self.assignments:
+            self.assignments = (self.assignments + [a])[-self.keep:]
+            self.objectives = (self.objectives + [self.ObjectiveValue()])[-self.keep:]
+
+
+class _Scorer:
+    """Simulated step (+ all-reduce) and closed-form fit of assignments, and their critical paths."""
+
+    def __init__(self, bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None):
+        from runtime.schedules import make_schedule
+
+        self.bg, self.p, self.v, self.bw, self.cap = bg, p, v, bw, cap
+        self.sched = make_schedule(schedule, p, m, v)
+        self.inflight = inflight_microbatches(schedule, p, m, v)
+
+    def score(self, assign: list[int]) -> tuple[float, bool, list[PathRow]]:
+        """(step, within the cap, critical paths with and without communication)."""
+        from runtime.simulator import StageCosts, simulate
+
+        st = stage_stats(self.bg, assign, self.p, self.v, self.bw)
+        fits = self.cap is None or max(st.rank_mem_bytes(self.inflight)) <= self.cap
+        costs = st.stage_costs(self.bw)
+        tl = simulate(self.sched, costs)
+        free = StageCosts(costs.fwd_time_s, costs.bwd_time_s, (), costs.saved_bytes)
+        return (tl.step_time_s + st.allreduce_time_s, fits,
+                [critical_path(tl, costs), critical_path(simulate(self.sched, free), free)])
+
+
+def synthetic_rows(schedule, num_stages: int) -> list[PathRow]:
+    """Critical paths of the schedule under made-up stage times: equal stages, then each rank and each
+    stage much heavier than the rest (a path through its whole action list with fill and drain)."""
+    from runtime.simulator import StageCosts, simulate
+
+    p, K = schedule.num_ranks, num_stages
+    weights = [[1.0] * K]
+    weights += [[30.0 if schedule.stage_rank[k] == r else 1.0 for k in range(K)] for r in range(p)]
+    if K > p:
+        weights += [[30.0 if k == j else 1.0 for k in range(K)] for j in range(K)]
+    out = []
+    for wt in weights:
+        costs = StageCosts(tuple(wt), tuple(2 * x for x in wt), (), (0,) * K)
+        out.append(critical_path(simulate(schedule, costs), costs))
+    return out
+
+
+@dataclass(frozen=True)
+class _Units:
+    """Integer block times (rounded down, so every row stays a lower bound) and the scale (units per second)."""
+
+    scale: float
+    fdev: list[int]
+    bdev: list[int]
+    fhost: list[int]
+    bhost: list[int]
+
+    @classmethod
+    def of(cls, bg) -> "_Units":
+        scale = _UNITS / (sum(b.time_s for b in bg.blocks) or 1.0)
+
+        def down(attr: str) -> list[int]:
+            return [math.floor(getattr(b, attr) * scale) for b in bg.blocks]
+
+        return cls(scale, down("fwd_time_s"), down("bwd_time_s"), down("host_fwd_time_s"), down("host_bwd_time_s"))
+
+    @property
+    def work(self) -> list[int]:
+        """Device forward + backward: a stage takes at least the sum over its blocks."""
+        return [f + b for f, b in zip(self.fdev, self.bdev)]
+
+
+class ActionDag:
+    """A schedule's actions in a topological order with their predecessors (the rank's previous action,
+    F(k-1) before F(k), F(k) and B(k+1) before B(k)): the longest path without communication, fast.
+
+    Without communication the chain's dependencies imply the simulator's others (F(j), j < k, ends
+    before F(k-1) does), so `longest` is the simulated step of those stage times.
+    """
+
+    def __init__(self, schedule):
+        from runtime.schedules import Action
+
+        s = schedule
+        pos = [0] * s.num_ranks
+        order, index = [], {}
+        while len(order) < sum(map(len, s.actions)):
+            moved = False
+            for r, row in enumerate(s.actions):
+                while pos[r] < len(row):
+                    a = row[pos[r]]
+                    k, mb = a.stage, a.microbatch
+                    deps = ([Action(k - 1, "F", mb)] if k > 0 else []) if a.kind == "F" else \
+                        [Action(k, "F", mb)] + ([Action(k + 1, "B", mb)] if k + 1 < s.num_stages else [])
+                    if any(d not in index for d in deps):
+                        break
+                    preds = [index[d] for d in deps] + ([index[row[pos[r] - 1]]] if pos[r] > 0 else [])
+                    index[a] = len(order)
+                    order.append((a, preds))
+                    pos[r] += 1
+                    moved = True
+            if not moved:
+                raise ValueError(f"schedule {s.name!r} deadlocks")
+        self.num_stages = s.num_stages
+        self.actions = [a for a, _ in order]
+        self.preds = [preds for _, preds in order]
+        self.fwd = [a.kind == "F" for a in self.actions]
+        self.stage = [a.stage for a in self.actions]
+
+    def longest(self, fwd_s, bwd_s) -> tuple[float, PathRow]:
+        """(length, path) of the longest path with these stage times."""
+        n = len(self.actions)
+        end, arg = [0.0] * n, [-1] * n
+        for i in range(n):
+            t, a = 0.0, -1
+            for j in self.preds[i]:
+                if end[j] > t:
+                    t, a = end[j], j
+            end[i] = t + (fwd_s if self.fwd[i] else bwd_s)[self.stage[i]]
+            arg[i] = a
+        i = max(range(n), key=end.__getitem__) if n else -1
+        fc, bc, hops, path = [0] * self.num_stages, [0] * self.num_stages, [0] * self.num_stages, []
+        while i >= 0:
+            (fc if self.fwd[i] else bc)[self.stage[i]] += 1
+            path.append(self.actions[i])
+            j = arg[i]
+            if j >= 0 and self.fwd[j] == self.fwd[i] and abs(self.stage[j] - self.stage[i]) == 1 and \
+                    self.actions[j].microbatch == self.actions[i].microbatch:
+                hops[max(self.stage[i], self.stage[j])] += 1
+            i = j
+        return (max(end) if n else 0.0), PathRow(tuple(fc), tuple(bc), 0.0, tuple(reversed(path)), tuple(hops))
+
+
+class FluidLp:
+    """Per-stage device forward and backward sums (units) as continuous variables: blocks may split.
+
+    They sum to the plan's totals and keep its range of backward/forward ratios, so every plan's
+    stage sums are a point of it. Rows bound the step from below: each one is at most `top`
+    (a constant), or, with top None, at most the variable T.
+    """
+
+    def __init__(self, units: _Units, num_stages: int, top: float | None = None):
+        from ortools.linear_solver import pywraplp
+
+        K = num_stages
+        self.lp = lp = pywraplp.Solver.CreateSolver("GLOP")
+        self.f = [lp.NumVar(0, lp.infinity(), f"f{k}") for k in range(K)]
+        self.b = [lp.NumVar(0, lp.infinity(), f"b{k}") for k in range(K)]
+        lp.Add(sum(self.f) == sum(units.fdev))
+        lp.Add(sum(self.b) == sum(units.bdev))
+        ratios = [bd / fd for fd, bd in zip(units.fdev, units.bdev) if fd > 0]
+        if ratios:
+            for k in range(K):
+                lp.Add(self.b[k] >= min(ratios) * self.f[k])
+                if all(fd > 0 or bd == 0 for fd, bd in zip(units.fdev, units.bdev)):
+                    lp.Add(self.b[k] <= max(ratios) * self.f[k])
+        self.top = top
+        self.T = lp.NumVar(0, lp.infinity(), "T") if top is None else None
+        self.rows: dict[tuple, tuple[PathRow, object]] = {}
+
+    def add(self, k: tuple, r: PathRow) -> None:
+        e = sum(c * x for c, x in zip(r.fwd_count, self.f) if c) + sum(c * x for c, x in zip(r.bwd_count, self.b) if c)
+        self.rows[k] = r, self.lp.Add(e <= self.top) if self.T is None else self.lp.Add(e - self.T <= 0)
+
+    def solve(self, dag: ActionDag, rows: dict, key, max_rounds: int) -> bool:
+        """Solve, adding the longest path at the answer while it breaks the bound (to `rows` too);
+        False when the LP has no answer (infeasible: no plan meets top)."""
+        from ortools.linear_solver import pywraplp
+
+        for i in range(max_rounds + 1):
+            if self.lp.Solve() != pywraplp.Solver.OPTIMAL:
+                return False
+            if i == max_rounds:
+                return True
+            bound = self.top if self.T is None else self.T.solution_value()
+            length, r = dag.longest([x.solution_value() for x in self.f], [x.solution_value() for x in self.b])
+            if length <= bound * (1 + 1e-7) or key(r) in self.rows:
+                return True
+            rows.setdefault(key(r), r)
+            self.add(key(r), r)
+        return True
+
+
+def fluid_bound(rows: dict, units: _Units, dag: ActionDag, key=lambda r: r.key,
+                max_rounds: int = 200) -> tuple[float, list[PathRow]]:
+    """(lower bound in seconds, the rows that set it): min T over FluidLp with every path's row.
+
+    Every plan's stage sums are a point of the LP, so its optimum bounds every plan's step (without
+    communication and all-reduce) from below; paths violated at the answer are added (to `rows` too)
+    until none is or max_rounds. The rows with a positive dual are the ones the bound needs.
+    """
+    lp = FluidLp(units, dag.num_stages)
+    for k, r in rows.items():
+        lp.add(k, r)
+    lp.lp.Minimize(lp.T)
+    if not lp.solve(dag, rows, key, max_rounds):
+        return 0.0, []
+    tight = [r for r, con in lp.rows.values() if con.dual_value() < -1e-9 or con.dual_value() > 1e-9]
+    return max(0.0, lp.T.solution_value() * (1 - 1e-6)) / units.scale, tight  # (1 - 1e-6): the LP's tolerance
+
+
+def prefix_caps(rows: dict, units: _Units, dag: ActionDag, upper_s: float, max_rounds: int = 20,
+                key=lambda r: r.key, deadline: float = math.inf) -> tuple[list[int], list[int]] | None:
+    """(most[j], most_after[j]): the most device work (units) stages 0..j, and stages j..K-1, hold in any
+    plan whose step is at most upper_s; None when no plan is.
+
+    FluidLp with every row at most upper_s, maximising and minimising the work of stages 0..j, its
+    answer checked against every path (ActionDag.longest; a violated one becomes a row, added to
+    `rows`, by key(row), too) for up to max_rounds: the caps are those of the fluid problem
+    (communication left out). Past `deadline` the caps left stay trivial. A relaxation of every
+    plan no slower than upper_s, so the caps are valid.
+    """
+    K = dag.num_stages
+    lp = FluidLp(units, K, upper_s * units.scale * (1 + 1e-9))
+    for k, r in rows.items():
+        lp.add(k, r)
+    total = sum(units.work)
+    most, least = [total] * K, [0] * K  # least[j]: the least work stages 0..j hold
+    for j in range(K - 1):
+        if time.perf_counter() > deadline:
+            break  # the caps not computed stay trivial (valid)
+        for sense, out in ((1, most), (-1, least)):
+            obj = lp.lp.Objective()
+            obj.Clear()
+            for k in range(j + 1):
+                obj.SetCoefficient(lp.f[k], 1)
+                obj.SetCoefficient(lp.b[k], 1)
+            obj.SetMaximization() if sense > 0 else obj.SetMinimization()
+            if not lp.solve(dag, rows, key, max_rounds):
+                return None
+            val = obj.Value()  # valid whether or not the separation finished: the LP only grew
+            slack = 1e-6 * total + 2  # the LP's tolerances
+            out[j] = min(total, math.ceil(val + slack)) if sense > 0 else max(0, math.floor(val - slack))
+    after = [total - (least[j - 1] if j > 0 else 0) for j in range(K)]
+    return most, after
+
+
+class _Relaxation:
+    """min T subject to T >= every row, over the partition ILP's feasible set (partitioner.solve._build)."""
+
+    def __init__(self, bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None, units: _Units,
+                 prefix: tuple[list[int], list[int]] | None, comm: bool = False):
+        from partitioner.solve import _build
+
+        self.cap, self.units = cap, units
+        K, scale = p * v, units.scale
+        dc = (units.work, *prefix) if prefix is not None else None
+        self.ilp = ilp = _build(bg, p, v, m, schedule, bw, cap, with_time=False, domain_cap=dc)
+        md = self.model = ilp.model
+        hi = _UNITS * 4 * (m * v + K) + sum(math.floor(sec * scale) for sec, _ in ilp.allreduce)
+        self.fwd, self.bwd = [], []
+        for k in range(K):
+            for out, dev, host, name in ((self.fwd, units.fdev, units.fhost, "F"),
+                                         (self.bwd, units.bdev, units.bhost, "B")):
+                var = md.NewIntVar(0, hi, f"{name}{k}")
+                for wts in (dev, host) if any(host) else (dev,):
+                    e = ilp.stage_sum(k, wts)
+                    md.Add(var >= e)
+                    ilp.rules.append((var, e, 1))
+                out.append(var)
+        self.allreduce = sum(math.floor(sec * scale) * rep for sec, rep in ilp.allreduce)
+        self.hop = self._hops(bg, p, bw) if comm and p > 1 else [0] * K
+        self.top = md.NewIntVar(0, hi, "T")
+        md.Minimize(self.top)
+
+    def _hops(self, bg, p: int, bw: float) -> list:
+        """[k]: a lower bound (units) on comm_time_s[k-1][k], what a hop between stages k-1 and k waits.
+
+        Every value whose producer sits on k - 1 and some reader on k (or k = K - 1 the output)
+        crosses: z >= x[producer, k-1] + x[reader, k] - 1; on a path-shaped graph a value b -> b+1
+        crosses iff y[b+1, k] - y[b, k] = 1 (stages are contiguous), no variable needed.
+        """
+        y, md, K = self.ilp.y, self.model, len(self.ilp.y[0]) - 1
+
+        def x(b: int, k: int):
+            return y[b][k] - y[b][k + 1]
+
+        path = bg.is_path()
+        hop: list = [0] * K
+        for ci, val in enumerate(bg.values):
+            cost = math.floor(val.bytes / bw * self.units.scale)
+            if cost <= 0:
+                continue
+            u = val.producer
+            for k in range(1, K):
+                if (k - 1) % p == k % p:
+                    continue
+                if path and tuple(val.consumers) == (u + 1,) and not val.to_output:
+                    hop[k] += cost * (y[u + 1][k] - y[u][k])
+                    continue
+                src = x(u, k - 1)
+                need = [x(w, k) for w in val.consumers] + ([1] if val.to_output and k == K - 1 else [])
+                need = [e for e in need if not isinstance(e, int) or e > 0]
+                if (isinstance(src, int) and src <= 0) or not need:
+                    continue
+                z = md.NewBoolVar(f"hop{ci}_{k}")
+                for e in need:
+                    md.Add(z >= src + e - 1)
+                    self.ilp.rules.append((z, src + e - 1, 1))
+                hop[k] += cost * z
+        out = []
+        for k, e in enumerate(hop):
+            if isinstance(e, int):
+                out.append(e)
+                continue
+            var = md.NewIntVar(0, sum(math.floor(val.bytes / bw * self.units.scale) for val in bg.values), f"L{k}")
+            md.Add(var >= e)
+            self.ilp.rules.append((var, e, 1))
+            out.append(var)
+        return out
+
+    def domain_size(self) -> int:
+        """Free (block, stage) order variables: how large the model is."""
+        return sum(1 for row in self.ilp.y for e in row if not isinstance(e, int))
+
+    def add_row(self, r: PathRow) -> None:
+        e = sum(c * x for c, x in zip(r.fwd_count, self.fwd) if c) + \
+            sum(c * x for c, x in zip(r.bwd_count, self.bwd) if c) + self.allreduce + \
+            sum(c * h for c, h in zip(r.hops, self.hop) if c and not (isinstance(h, int) and h == 0))
+        self.model.Add(self.top >= e)
+        self.ilp.rules.append((self.top, e, 1))
+
+    def bound_top(self, lower_s: float, upper_s: float) -> None:
+        """T lies in [lower, upper] (a proven bound, the best plan's step): prunes the search."""
+        scale = self.units.scale
+        self.model.Add(self.top >= math.floor(lower_s * scale))
+        if upper_s < math.inf:
+            self.model.Add(self.top <= math.ceil(upper_s * scale))
+
+    def hint(self, assign: list[int]) -> bool:
+        """Hint the solver with a plan; False when it lies outside the (pruned) model."""
+        from partitioner.solve import _hint
+
+        return _hint(self.ilp, assign, self.cap) is not None
+
+    def solve(self, time_s: float, tol: float, workers: int | None):
+        """(status, proven bound in seconds, [(assignment, its T in seconds)] of the last solutions found)."""
+        from partitioner.solve import _solver
+
+        solver = _solver(time_s, workers or min(8, os.cpu_count() or 1))  # more workers than cores only thrash
+        solver.parameters.relative_gap_limit = tol / 2
+        found = _Collect(self.ilp)
+        got = solver.Solve(self.model, found)
+        _log.debug("relaxation %s in %.2f s: bound %.6g s, %d order variables, %d solutions",
+                   solver.StatusName(got), solver.WallTime(), solver.BestObjectiveBound() / self.units.scale,
+                   self.domain_size(), len(found.assignments))
+        return (got, solver.BestObjectiveBound() / self.units.scale,
+                [(a, t / self.units.scale) for a, t in zip(found.assignments, found.objectives)])
+
+
+def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None,
+                     schedule: str | None = None, memory_cap_bytes: int | None = None,
+                     link_bw_bytes_per_s: float = DEFAULT_LINK_BW_BYTES_PER_S, time_limit_s: float = 10.0,
+                     incumbent: list[int] | None = None, seeds: tuple = (), tol: float = DEFAULT_TOL,
+                     workers: int | None = None, paths: tuple = ()) -> PathBound:
+    """Row generation over critical paths (module docstring): the best plan found and a proven lower bound.
+
+    incumbent / seeds: assignments to start from (default: the chain DP's split); the best of them
+    within the cap is the first upper bound. Stops when the best plan is within `tol` of the bound,
+    when no new path turns up, or after time_limit_s. Each relaxation's domains are pruned by the
+    prefix caps the rows and the best plan's step allow (prefix_caps); the model is rebuilt when
+    they shrink it.
+    """
+    from partitioner.solve import _NoSplit, chain_dp_split
+
+    t0 = time.perf_counter()
+    deadline = t0 + time_limit_s
+    schedule, m = check_config(len(bg.blocks), num_ranks, chunks, microbatches, schedule)
+    p, v, K = num_ranks, chunks, num_ranks * chunks
+    bw, cap = link_bw_bytes_per_s, memory_cap_bytes
+    scorer = _Scorer(bg, p, v, m, schedule, bw, cap)
+    rows: dict[tuple, PathRow] = {}  # the relaxation's, by key (the row's coefficients in the model)
+    lp_rows: dict[tuple, PathRow] = {}  # prefix_caps': these and the fluid LP's own
+    best, best_step, comm = None, math.inf, False
+
+    def key(r: PathRow) -> tuple:
+        return r.key if comm else r.key[:2]
+
+    def add(r: PathRow) -> bool:
+        lp_rows.setdefault(key(r), r)
+        return rows.setdefault(key(r), r) is r
+
+    def consider(assign: list[int]) -> float:
+        """Score a plan (the best within the cap is kept) and add its critical paths; its step."""
+        nonlocal best, best_step
+        step, fits, paths = scorer.score(assign)
+        if fits and step < best_step:
+            best, best_step = list(assign), step
+        for r in paths:
+            add(r)
+        return step
+
+    starts = [a for a in ([incumbent] if incumbent is not None else []) + list(seeds) if a is not None]
+    for a in starts or [chain_dp_split(bg, p, v, m, schedule, bw, cap)]:
+        consider(a)
+    # model the links when the hops of a path (2 per stage boundary and microbatch, at most the
+    # largest value each) could add more than a tenth of tol to the least step (m W / p)
+    hop_s = max((val.bytes / bw for val in bg.values), default=0.0)
+    comm = p > 1 and 2 * (K - 1) * hop_s > tol / 10 * m * sum(b.time_s for b in bg.blocks) / p
+    found_rows, rows, lp_rows = list(rows.values()), {}, {}
+    for r in list(paths) + synthetic_rows(scorer.sched, K) + found_rows:
+        add(r)
+    units = _Units.of(bg)
+    dag = ActionDag(scorer.sched)
+
+    def caps_now():
+        if best is None or time.perf_counter() > deadline - 0.1:
+            return None
+        return prefix_caps(lp_rows, units, dag, best_step, key=key, deadline=deadline)
+
+    def relaxation(prefix):
+        if time.perf_counter() > deadline - 0.1:
+            return None
+        try:
+            rel = _Relaxation(bg, p, v, m, schedule, bw, cap, units, prefix, comm)
+        except _NoSplit:
+            return None
+        if best is not None and not rel.hint(best):
+            return None  # the caps cut off the best plan (rounding): not safe
+        for r in rows.values():
+            rel.add_row(r)
+        rel.bound_top(lower, best_step)
+        return rel
+
+    # the fluid bound (blocks may split) and the rows that set it: the relaxation's LP needs them
+    lower, tight = fluid_bound(lp_rows, units, dag, key)
+    for r in tight:
+        add(r)
+    iterations, status = 0, "time_limit"
+    caps = caps_now()
+    rel = (relaxation(caps) if caps is not None else None) or relaxation(None)
+    slice_s = first_slice_s = max(_MIN_SLICE_S, time_limit_s / 16)  # a relaxation's time
+    while rel is not None and time.perf_counter() < deadline - 0.1:
+        if best is not None:
+            rel.hint(best)
+        got, bound, found = rel.solve(min(deadline - time.perf_counter(), slice_s), tol, workers)
+        iterations += 1
+        if got == cp_model.INFEASIBLE:  # nothing fits the cap (or, with an incumbent, nothing beats it)
+            status = "infeasible" if best is None else "converged"
+            lower = best_step if best is not None else math.inf
+            break
+        lower = max(lower, bound)
+        before = len(rows)
+        steps = [consider(a) for a, _ in found]
+        missing = steps[-1] / found[-1][1] - 1 if found and found[-1][1] > 0 else 0.0  # what the rows miss
+        _log.debug("rows miss %.2f%% of the answer's step; best %.6g s, bound %.6g s", 100 * missing, best_step, lower)
+        if best is not None and best_step <= lower * (1 + tol):
+            status = "converged"
+            break
+        if len(rows) == before and got == cp_model.OPTIMAL:  # the answer's paths are all rows
+            status = "stalled"  # only the communication the rows leave out is left
+            break
+        # while the rows miss much of the answers' steps, short relaxations gather paths faster;
+        # once they describe them, longer ones prove the bound
+        slice_s = first_slice_s if missing > tol else slice_s * 2
+        fresh = list(rows.values())[before:]
+        tighter = caps_now()
+        if tighter is not None and tighter != caps:
+            again = relaxation(tighter)
+            if again is not None and again.domain_size() < 0.95 * rel.domain_size():
+                rel, caps, fresh = again, tighter, []
+        for r in fresh:
+            rel.add_row(r)
+        rel.bound_top(lower, best_step)
+    if best is not None:
+        lower = min(lower, best_step)
+    return PathBound(best, best_step, lower, iterations, len(rows), status, time.perf_counter() - t0,
+                     list(rows.values()))
