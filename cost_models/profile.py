@@ -21,7 +21,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx
-from torch.utils import _pytree as pytree
 
 from cost_models.device import DeviceSpec, get_device_spec
 from cost_models.flops import NodeTrace, OpKernel, trace_nodes
