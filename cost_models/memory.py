@@ -133,7 +133,7 @@ class BackwardStep:
 
 
 def backward_walk(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], saved: dict[str, int],
-                  scale: DtypeScale | None = None) -> list[BackwardStep]:
+                  scale: DtypeScale | None = None, *, tied_sums: bool = True) -> list[BackwardStep]:
     """The backward, node by node in reverse graph order, with the bytes alive at each step.
 
     While node n's backward runs, alive are: the saved tensors of every node not yet
@@ -144,9 +144,10 @@ def backward_walk(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], saved:
     materialises a gradient for each intermediate it saved (the scores of an unfused
     attention, the log-probabilities of a cross-entropy), plus, for each tied weight it reads
     that already has a gradient, a whole new one and their sum (T5's shared embedding gets
-    three; on an H200 two weight-sized buffers appear at its later embedding backward). Then
-    n's saved tensors and its output's gradient are freed. Nodes that need no gradient are
-    skipped.
+    three; on an H200 two weight-sized buffers appear at its later embedding backward; with
+    tied_sums=False they are left out: in a pipeline the users of a tied weight usually sit on
+    different ranks, each with its own replica and gradient). Then n's saved tensors and its
+    output's gradient are freed. Nodes that need no gradient are skipped.
     """
     scale = scale or DtypeScale()
     order = [n for n in gm.graph.nodes if n.name in traces]
@@ -166,7 +167,7 @@ def backward_walk(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], saved:
                     if key not in seen_params:
                         seen_params.add(key)
                         param_grads += out_bytes[a.name]
-                    else:  # materialised, then summed with the first out of place
+                    elif tied_sums:  # materialised, then summed with the first out of place
                         accumulated += 2 * out_bytes[a.name]
                 elif a.name not in grads:
                     grads[a.name] = out_bytes[a.name]

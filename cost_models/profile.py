@@ -128,7 +128,10 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
 
     traces = trace_nodes(gm, inputs_require_grad=inputs_require_grad)
     saved = saved_bytes_per_node(traces, scale)
-    working = {s.node: s.grads_in_flight_bytes + s.workspace_bytes for s in backward_walk(gm, traces, saved, scale)}
+    # per node, for plans: a tied weight's users usually sit on different ranks (replicas), so
+    # the sums of its gradients on one device are left out
+    working = {s.node: s.grads_in_flight_bytes + s.workspace_bytes
+               for s in backward_walk(gm, traces, saved, scale, tied_sums=False)}
     canonical = _canonical_fqns(gm, tied)
     graph_nodes = {n.name: n for n in gm.graph.nodes}
 

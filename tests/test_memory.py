@@ -66,6 +66,9 @@ def test_tied_weight_second_gradient_is_a_transient():
     emb = next(s for name, s in steps.items() if name.startswith("embedding"))
     assert emb.param_grad_bytes == weight  # one gradient for the tied weight
     assert emb.workspace_bytes == saved[emb.node] + 2 * weight  # its own, and the sum
+    # for plans (replicas on different ranks) the sum is left out
+    apart = {s.node: s for s in backward_walk(gm, traces, saved, tied_sums=False)}
+    assert apart[emb.node].workspace_bytes == saved[emb.node]
 
 
 def test_storage_saved_twice_counts_once():
