@@ -22,13 +22,22 @@ examples:
 """
 
 
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def _dtype_name(text: str) -> str:
+    """--dtype's value: a torch dtype name, or its short form (bf16 -> bfloat16)."""
+    return _DTYPE_ALIASES.get(text.lower(), text.lower())
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a zoo name (see `partitioner models`) or package.module:function "
                    "returning (model, example_args[, example_kwargs])")
     p.add_argument("--batch", type=int, default=None, help="global batch size of the example inputs (default: the model's)")
     p.add_argument("--seq", type=int, default=None, help="sequence length for language models (default: the model's)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="parameter/activation dtype used for costs (default float32)")
+    p.add_argument("--dtype", default="float32", type=_dtype_name, choices=["float32", "bfloat16", "float16"],
+                   help="parameter/activation dtype used for costs: float32 (fp32), bfloat16 (bf16) or "
+                        "float16 (fp16); default float32")
     p.add_argument("--device-type", default="h100", help="DeviceSpec name used for analytic times and memory "
                    "(h100, h200, a100-40gb, a100-80gb, l4, cpu) or a JSON file with your own spec")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "sgd-momentum", "none"],

@@ -115,6 +115,10 @@ def test_cli_profile_prints_modules_and_writes_json(tmp_path, capsys, monkeypatc
     assert main(["profile", "test_profile:meta_only_model", "--measure"]) == 2
     assert "needs real weights" in capsys.readouterr().err
 
+    # short dtype names as in `--dtype bf16`
+    assert main(["profile", "test_profile:tiny_model", "--dtype", "bf16", "--json", str(out_json)]) == 0
+    assert NodeCosts.from_json(out_json.read_text()).dtype == "bfloat16"
+
 
 def test_misaligned_16bit_matmul_is_slower_than_aligned():
     """A bf16 linear whose output width is not a multiple of 8 runs on slow unaligned kernels."""
