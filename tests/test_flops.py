@@ -141,3 +141,35 @@ def test_causal_attention_without_mask_is_fused():
               "scaled_dot_product_attention")
     assert t.attention.backend == "flash"
     assert (t.fwd_flops, t.bwd_flops) == (4 * B * H * L * L * E, 10 * B * H * L * L * E)
+
+
+def test_op_kernels_record_flops_and_the_bytes_each_op_moves():
+    """Every aten op a node dispatches is one OpKernel: a matmul's FLOPs, a broadcast input at its
+    storage's size, and an embedding reading only the rows it gathers (not the whole table)."""
+    V, D, B, L = 1000, 16, 2, 3
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(V, D)
+            self.proj = nn.Linear(D, D, bias=False)
+            self.scale = nn.Parameter(torch.ones(D))
+
+        def forward(self, ids):
+            return self.proj(self.emb(ids)) * self.scale  # scale broadcasts over (B, L)
+
+    gm = torch.export.export(Net(), (torch.randint(0, V, (B, L)),), strict=False).module()
+    traces = trace_nodes(gm)
+    by_target = {str(n.target): traces[n.name] for n in gm.graph.nodes if n.name in traces}
+    emb = by_target["aten.embedding.default"]
+    (gather,) = emb.fwd_ops
+    assert gather.name == "embedding"
+    assert sum(numel for numel, _, _ in gather.tensors) == B * L * D + B * L + B * L * D  # rows, ids, out
+    assert [k.name for k in emb.bwd_ops] == ["embedding_dense_backward"]
+    linear = by_target["aten.linear.default"]
+    assert sum(k.flops for k in linear.fwd_ops) == 2 * B * L * D * D == linear.fwd_flops
+    assert linear.fwd_kernels == 1 and linear.bwd_kernels == 2  # input and weight gradients
+    assert sum(k.flops for k in linear.bwd_ops) == 2 * linear.fwd_flops
+    mul = by_target["aten.mul.Tensor"]
+    (op,) = mul.fwd_ops
+    assert sorted(numel for numel, _, _ in op.tensors) == [D, B * L * D, B * L * D]
