@@ -161,16 +161,14 @@ def calibrate_cpu() -> DeviceSpec:
     x = torch.empty(16 * 2 ** 20 // 4, dtype=torch.float32)  # 16 MiB: out of most L2s
     y = torch.empty_like(x)
     bw = 2 * x.nbytes / _time_it(lambda: y.copy_(x))
-    # a chain of tiny eager ops, forward and backward: what one kernel costs beyond its data
-    # movement (dispatch, autograd bookkeeping), split evenly over its forward and backward kernel
-    small = torch.ones(8, requires_grad=True)
-
-    def chain(ops: int = 20) -> None:
-        y = small
-        for _ in range(ops):
-            y = y * 1.0001
-        torch.autograd.grad(y.sum(), small)
-    overhead = _time_it(chain, min_time_s=0.02) / (2 * 20)
+    # a few tiny layers as a GraphModule, forward and backward: what one kernel of a real graph
+    # costs beyond its data movement (Python and dispatch per node, autograd bookkeeping)
+    block = torch.fx.symbolic_trace(torch.nn.Sequential(
+        *[m for _ in range(4) for m in (torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.GELU())]))
+    x, params = torch.randn(2, 3, 8), list(block.parameters())
+    # per layer: addmm, layer_norm, gelu forward; mm, mm, sum, layer_norm and gelu backward; + the sum
+    kernels = 4 * (3 + 5) + 1
+    overhead = _time_it(lambda: torch.autograd.grad(block(x).sum(), params), min_time_s=0.05) / kernels
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
