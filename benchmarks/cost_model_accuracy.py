@@ -93,10 +93,8 @@ def analytic_costs(name: str, dtype_name: str, device: torch.device | str, quick
 
 def block_prediction(costs, group: list[str]) -> dict:
     """The analytic model's time of one block: max(sum GPU, sum host) per pass, and its GPU part."""
-    nodes = [costs.nodes[n] for n in group]
-    t = NodeTime(*(sum(getattr(c, f) for c in nodes) for f in ("fwd_time_s", "bwd_time_s", "host_fwd_time_s",
-                                                             "host_bwd_time_s")))
-    return {"pred_ms": t.time_s * 1e3, "pred_gpu_ms": (t.fwd_s + t.bwd_s) * 1e3}
+    gpu_s = costs.total("fwd_time_s", group) + costs.total("bwd_time_s", group)
+    return {"pred_ms": costs.step_time_s(group) * 1e3, "pred_gpu_ms": gpu_s * 1e3}
 
 
 def measure_model(name: str, dtype_name: str, device: torch.device, quick: bool, repeats: int,
@@ -117,8 +115,7 @@ def measure_model(name: str, dtype_name: str, device: torch.device, quick: bool,
                      "meas_gpu_fwd_ms": meas.fwd_s * 1e3, "meas_gpu_bwd_ms": meas.bwd_s * 1e3,
                      "meas_host_fwd_ms": meas.host_fwd_s * 1e3, "meas_host_bwd_ms": meas.host_bwd_s * 1e3})
     # measured mode's prediction of the step: per pass, max(sum of GPU times, sum of host times)
-    measured_mode_s = NodeTime(*(sum(getattr(t, f) for t in measured)
-                                 for f in ("fwd_s", "bwd_s", "host_fwd_s", "host_bwd_s"))).time_s
+    measured_mode_s = NodeTime.summed(measured).time_s
     blocks_wall_sum_s = sum(r["meas_ms"] for r in rows) / 1e3
 
     # a whole step: the full graph, forward + backward of the model's loss w.r.t. every parameter

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Iterable
 
 from cost_models.time import pass_time_s
 
@@ -62,13 +63,17 @@ class NodeCosts:
     optimizer: str = "adamw"
     time_source: str = "analytic"
 
-    def total(self, attr: str) -> float:
-        return sum(getattr(c, attr) for c in self.nodes.values())
+    def total(self, attr: str, names: Iterable[str] | None = None) -> float:
+        """`attr` summed over the nodes `names` (default: every node)."""
+        nodes = self.nodes.values() if names is None else [self.nodes[n] for n in names]
+        return sum(getattr(c, attr) for c in nodes)
 
-    def step_time_s(self) -> float:
-        """Forward + backward of the whole graph on one device: per pass, max(sum device, sum host)."""
-        return (pass_time_s(self.total("fwd_time_s"), self.total("host_fwd_time_s"))
-                + pass_time_s(self.total("bwd_time_s"), self.total("host_bwd_time_s")))
+    def step_time_s(self, names: Iterable[str] | None = None) -> float:
+        """Forward + backward of the nodes `names` (default: the whole graph) on one device:
+        per pass, max(sum device, sum host)."""
+        names = None if names is None else list(names)
+        return (pass_time_s(self.total("fwd_time_s", names), self.total("host_fwd_time_s", names))
+                + pass_time_s(self.total("bwd_time_s", names), self.total("host_bwd_time_s", names)))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

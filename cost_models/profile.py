@@ -146,7 +146,7 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
         param_bytes_by_node[name] = sum(value_bytes(traces[a.name].output, scale) for a in node.all_input_nodes
                                         if a.op == "get_attr")
 
-    times = {name: _analytic(t, spec, scale, graph_nodes[name]) for name, t in traces.items()}
+    times = {name: _analytic(t, spec, scale) for name, t in traces.items()}
     if measure:
         times = _measured_times(gm, traces, times, annotated, example_inputs, measure_groups, progress)
 
@@ -191,7 +191,7 @@ def op_kernel(op: OpKernel, spec: DeviceSpec, scale: DtypeScale) -> Kernel:
                   launches=1 + _EXTRA_LAUNCHES.get(op.name, 0))
 
 
-def _analytic(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale, node: torch.fx.Node) -> NodeTime:
+def _analytic(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale) -> NodeTime:
     if trace.op not in ("call_function", "call_module", "call_method"):
         return NodeTime(0.0, 0.0)
     call = trace.attention

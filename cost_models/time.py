@@ -33,9 +33,9 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx
@@ -66,6 +66,12 @@ class NodeTime:
     def time_s(self) -> float:
         """Forward + backward seconds, host and device overlapping within each pass."""
         return pass_time_s(self.fwd_s, self.host_fwd_s) + pass_time_s(self.bwd_s, self.host_bwd_s)
+
+    @classmethod
+    def summed(cls, times: Iterable["NodeTime"]) -> "NodeTime":
+        """A run of nodes or blocks: each of the four times summed (its time_s is then the run's)."""
+        times = list(times)
+        return cls(*(sum(getattr(t, f) for t in times) for f in ("fwd_s", "bwd_s", "host_fwd_s", "host_bwd_s")))
 
 
 def pass_time_s(device_s: float, host_s: float) -> float:
@@ -283,6 +289,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _grad_outputs(out: Any) -> list[torch.Tensor]:
+    """The tensors of `out` that require grad (what a backward starts from)."""
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
 def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[torch.Tensor],
                  warmup: int = 2, repeats: int = 5, *, separate_host: bool = True) -> NodeTime:
     """Forward and backward seconds of `fn()` (backward w.r.t. `grad_inputs`), per call.
@@ -295,12 +306,9 @@ def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
     runs them: the wall time per call, host overlapping GPU.
     backward = (forward+backward) - forward.
     """
-    def outputs(out: Any) -> list[torch.Tensor]:
-        return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-
     grads: list[torch.Tensor] | None = None
     for _ in range(max(1, warmup)):
-        outs = outputs(fn())
+        outs = _grad_outputs(fn())
         grads = [torch.ones_like(t) for t in outs]
         if outs and grad_inputs:
             torch.autograd.grad(outs, grad_inputs, grads, allow_unused=True)
@@ -308,7 +316,7 @@ def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
     backward = bool(grads) and bool(grad_inputs)
 
     def call(with_backward: bool) -> None:
-        outs = outputs(fn())
+        outs = _grad_outputs(fn())
         if with_backward:
             torch.autograd.grad(outs, grad_inputs, grads, allow_unused=True)
 
@@ -508,12 +516,12 @@ def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence
         if progress:
             progress(1)
     if device.type == "cuda" and example_inputs is not None and any(t.host_fwd_s or t.host_bwd_s for t in results):
-        results = _host_in_context(gm, example_inputs, results, repeats)
+        results = _host_in_context(gm, example_inputs, device, results, repeats)
     return results
 
 
-def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], blocks: list[NodeTime],
-                     repeats: int) -> list[NodeTime]:
+def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], device: torch.device,
+                     blocks: list[NodeTime], repeats: int) -> list[NodeTime]:
     """Calibrate the blocks' host times on the whole graph.
 
     A block timed on its own dispatches slower per node than the same nodes inside a whole
@@ -529,16 +537,13 @@ def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], bl
       its GPU time where it is not.
     """
     params = [p for p in gm.parameters() if p.requires_grad]
-    device = next((t.device for t in pytree.tree_leaves(list(example_inputs)) if isinstance(t, torch.Tensor)),
-                  torch.device("cuda"))
     fwd_s, bwd_s = [], []
     try:
         with torch.enable_grad():
             for i in range(repeats + 1):
-                torch.cuda.synchronize()
+                synchronize(device)
                 t0 = time.perf_counter()
-                outs = [t for t in pytree.tree_leaves(gm(*example_inputs))
-                        if isinstance(t, torch.Tensor) and t.requires_grad]
+                outs = _grad_outputs(gm(*example_inputs))
                 t1 = time.perf_counter()
                 if outs and params:
                     torch.autograd.grad(outs, params, [torch.ones_like(t) for t in outs], allow_unused=True)
@@ -547,13 +552,12 @@ def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], bl
                 if i:  # the first is a warm-up
                     fwd_s.append(t1 - t0)
                     bwd_s.append(t2 - t1)
-            torch.cuda.synchronize()
+            synchronize(device)
             wall_s = step_wall_s(lambda: gm(*example_inputs), device, params, repeats)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return blocks  # the whole graph does not fit: keep the blocks' own host times
-    gpu_fwd, gpu_bwd = sum(t.fwd_s for t in blocks), sum(t.bwd_s for t in blocks)
-    host_fwd, host_bwd = sum(t.host_fwd_s for t in blocks), sum(t.host_bwd_s for t in blocks)
+    gpu_fwd, gpu_bwd, host_fwd, host_bwd = astuple(NodeTime.summed(blocks))
     fwd_scale = min(1.0, statistics.median(fwd_s) / host_fwd) if host_fwd > 0 else 1.0
     bwd_scale = min(1.0, statistics.median(bwd_s) / host_bwd) if host_bwd > 0 else 1.0
     common = host_scale(gpu_fwd, gpu_bwd, fwd_scale * host_fwd, bwd_scale * host_bwd, wall_s)
