@@ -243,13 +243,24 @@ _EXTRA_FLOP_FORMULAS = {
 _SDPA = (torch.ops.aten.scaled_dot_product_attention.default,)
 
 
-def _tensor_sizes(tree: Any, seen: set[int]) -> list[tuple[int, torch.dtype, int]]:
+def _distinct_tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensor leaves of `tree`, each object once."""
+    seen: set[int] = set()
     out = []
     for t in pytree.tree_leaves(tree):
         if isinstance(t, torch.Tensor) and id(t) not in seen:
             seen.add(id(t))
-            stored = t.untyped_storage().nbytes() // t.element_size() if t.element_size() else t.numel()
-            out.append((min(t.numel(), stored), t.dtype, t.shape[-1] if t.dim() else 1))
+            out.append(t)
+    return out
+
+
+def _tensor_sizes(tree: Any) -> list[tuple[int, torch.dtype, int]]:
+    """(elements stored, dtype, innermost dim) of each distinct tensor in `tree`: a broadcast
+    view counts the storage it reads, not its expanded size."""
+    out = []
+    for t in _distinct_tensors(tree):
+        stored = t.untyped_storage().nbytes() // t.element_size() if t.element_size() else t.numel()
+        out.append((min(t.numel(), stored), t.dtype, t.shape[-1] if t.dim() else 1))
     return out
 
 
@@ -274,9 +285,8 @@ class _KernelRecorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         name = func.__name__
         if func.namespace == "aten" and not (func.is_view or name.startswith(_NO_KERNEL_PREFIXES)):
-            seen: set[int] = set()
-            written = _tensor_sizes(out, set())
-            read = _tensor_sizes((args, kwargs), seen)
+            written = _tensor_sizes(out)
+            read = _tensor_sizes((args, kwargs))
             op = func._overloadpacket.__name__
             if op in _GATHERS and read and written:
                 read[0] = (min(read[0][0], written[0][0]), *read[0][1:])
@@ -438,12 +448,7 @@ def _native_dropout(out: torch.Tensor) -> OpKernel:
 
 
 def _distinct_sizes(tree: Any) -> list[tuple[int, torch.dtype]]:
-    seen, out = set(), []
-    for t in pytree.tree_leaves(tree):
-        if isinstance(t, torch.Tensor) and id(t) not in seen:
-            seen.add(id(t))
-            out.append((t.numel(), t.dtype))
-    return out
+    return [(t.numel(), t.dtype) for t in _distinct_tensors(tree)]
 
 
 def trace_nodes(gm: torch.fx.GraphModule, *, inputs_require_grad: bool = False) -> dict[str, NodeTrace]:
