@@ -78,7 +78,7 @@ def critical_path(timeline, costs) -> PathRow:
     previous action or a data dependency plus its delay, exactly as the simulator computes starts.
     compute_s(costs) + comm_s equals timeline.step_time_s.
     """
-    from runtime.schedules import Action
+    from runtime.simulator import input_delays
 
     s = timeline.schedule
     start, end = timeline.start_s, timeline.end_s
@@ -88,22 +88,13 @@ def critical_path(timeline, costs) -> PathRow:
         for i, a in enumerate(row):
             prev[a] = row[i - 1] if i > 0 else None
 
-    def comm(j: int, k: int) -> float:
-        if not costs.comm_time_s or s.stage_rank[j] == s.stage_rank[k]:
-            return 0.0
-        return costs.comm_time_s[j][k]
-
     fwd, bwd, hops = [0] * n, [0] * n, [0] * n
     path, delay = [], 0.0
     a = max(end, key=lambda x: end[x]) if end else None
     while a is not None:
         path.append(a)
         (fwd if a.kind == "F" else bwd)[a.stage] += 1
-        k, mb = a.stage, a.microbatch
-        if a.kind == "F":
-            deps = [(Action(j, "F", mb), comm(j, k)) for j in range(k)]
-        else:
-            deps = [(Action(k, "F", mb), 0.0)] + [(Action(j, "B", mb), comm(k, j)) for j in range(k + 1, n)]
+        deps = input_delays(s, costs, a)
         if prev[a] is not None:
             deps.append((prev[a], 0.0))
         if start[a] <= 0.0 or not deps:
@@ -238,31 +229,16 @@ class ActionDag:
     """
 
     def __init__(self, schedule):
-        from runtime.schedules import Action
+        from runtime.executor import in_process_order
+        from runtime.schedules import dependencies
 
         s = schedule
-        pos = [0] * s.num_ranks
-        order, index = [], {}
-        while len(order) < sum(map(len, s.actions)):
-            moved = False
-            for r, row in enumerate(s.actions):
-                while pos[r] < len(row):
-                    a = row[pos[r]]
-                    k, mb = a.stage, a.microbatch
-                    deps = ([Action(k - 1, "F", mb)] if k > 0 else []) if a.kind == "F" else \
-                        [Action(k, "F", mb)] + ([Action(k + 1, "B", mb)] if k + 1 < s.num_stages else [])
-                    if any(d not in index for d in deps):
-                        break
-                    preds = [index[d] for d in deps] + ([index[row[pos[r] - 1]]] if pos[r] > 0 else [])
-                    index[a] = len(order)
-                    order.append((a, preds))
-                    pos[r] += 1
-                    moved = True
-            if not moved:
-                raise ValueError(f"schedule {s.name!r} deadlocks")
+        self.actions = in_process_order(s)  # every rank's actions, each after what it waits for
+        index = {a: i for i, a in enumerate(self.actions)}
+        prev = {row[i]: row[i - 1] for row in s.actions for i in range(1, len(row))}
+        self.preds = [[index[d] for d in dependencies(s, a)] + ([index[prev[a]]] if a in prev else [])
+                      for a in self.actions]
         self.num_stages = s.num_stages
-        self.actions = [a for a, _ in order]
-        self.preds = [preds for _, preds in order]
         self.fwd = [a.kind == "F" for a in self.actions]
         self.stage = [a.stage for a in self.actions]
 

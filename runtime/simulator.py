@@ -134,27 +134,33 @@ def _check_costs(s: Schedule, c: StageCosts) -> None:
         )
 
 
-def simulate(schedule: Schedule, costs: StageCosts) -> Timeline:
-    """Play the schedule: each rank runs its actions in order, as soon as inputs arrive."""
+def input_delays(schedule: Schedule, costs: StageCosts, a: Action) -> list[tuple[Action, float]]:
+    """The actions `a` waits for, each with the delay after it ends (communication across ranks):
+    F(k, mb) the forwards of every stage before k; B(k, mb) F(k, mb) and the backwards of every
+    stage after k."""
     s, c = schedule, costs
-    validate(s)
-    _check_costs(s, c)
-    n = s.num_stages
 
     def comm(j: int, k: int) -> float:
         if not c.comm_time_s or s.stage_rank[j] == s.stage_rank[k]:
             return 0.0
         return c.comm_time_s[j][k]
 
+    k, mb = a.stage, a.microbatch
+    if a.kind == "F":
+        return [(Action(j, "F", mb), comm(j, k)) for j in range(k)]
+    return [(Action(k, "F", mb), 0.0)] + [(Action(j, "B", mb), comm(k, j)) for j in range(k + 1, s.num_stages)]
+
+
+def simulate(schedule: Schedule, costs: StageCosts) -> Timeline:
+    """Play the schedule: each rank runs its actions in order, as soon as inputs arrive."""
+    s, c = schedule, costs
+    validate(s)
+    _check_costs(s, c)
+
     def ready_at(a: Action) -> float | None:
         """When a's inputs have all arrived, or None if one has not run yet."""
-        k, mb = a.stage, a.microbatch
-        if a.kind == "F":
-            needs = [(Action(j, "F", mb), comm(j, k)) for j in range(k)]
-        else:
-            needs = [(Action(k, "F", mb), 0.0)] + [(Action(j, "B", mb), comm(k, j)) for j in range(k + 1, n)]
         t = 0.0
-        for dep, delay in needs:
+        for dep, delay in input_delays(s, c, a):
             if dep not in end:
                 return None
             t = max(t, end[dep] + delay)
