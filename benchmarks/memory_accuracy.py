@@ -7,7 +7,9 @@ Run under torchrun, one process per GPU (NCCL):
 
 For each model and schedule every rank builds the zoo model (fp32, random weights),
 compile_parallel plans and splits it over the GPUs, and AdamW trains it for three steps;
-the third step's peak (torch.cuda.max_memory_allocated, after reset) is compared with the
+the third step's peak (torch.cuda.max_memory_allocated, after reset, less what was allocated
+before the configuration started: fx GraphModules sit in reference cycles, so an earlier
+configuration's tensors are freed only once gc runs, which is done first) is compared with the
 plan's rank_mem_bytes: parameters, gradients and AdamW state of the rank's stages, the
 activations of the microbatches the schedule keeps in flight, and the largest backward
 transient (cost_models.memory.backward_walk), the loss's included (example_target given).
@@ -16,6 +18,7 @@ Rank 0 prints the table and writes benchmarks/results/memory_accuracy.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -32,29 +35,31 @@ def measure(name: str, schedule: str, chunks: int, batch: int, seq: int, microba
     from partitioner import compile_parallel, zoo
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{rank}")
+    gc.collect()  # the previous configuration's stage GraphModules sit in reference cycles (fx)
+    torch.cuda.empty_cache()
+    floor = torch.cuda.memory_allocated(device)  # anything left over is not this plan's
     torch.manual_seed(0)
     zm = zoo.build(name, batch=batch, seq=seq, device="cpu")
     devices = [f"cuda:{r}" for r in range(world)]
-    pm = compile_parallel(zm.model, devices, zm.example_args, zm.loss_fn, microbatches=microbatches,
-                          schedule=schedule, chunks=chunks, example_target=zm.target)
+    pm = compile_parallel(zm.model, devices, zm.example_args, zm.loss_fn, example_kwargs=zm.example_kwargs,
+                          microbatches=microbatches, schedule=schedule, chunks=chunks, example_target=zm.target)
     del zm.model
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)
-    device = torch.device(devices[rank])
     for step in range(steps):
         if step == steps - 1:  # the first steps create the optimizer state; measure a steady one
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        pm.train_step(*zm.example_args, target=zm.target)
+        pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
         opt.step()
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
+    peak = torch.cuda.max_memory_allocated(device) - floor
     pred = pm.plan.rank_mem_bytes[rank]
     row = {"model": name, "schedule": schedule, "ranks": world, "chunks": chunks, "microbatches": microbatches,
            "batch": batch, "seq": seq, "rank": rank, "pred_gib": pred / GIB, "meas_gib": peak / GIB,
-           "rel_err": (pred - peak) / peak}
+           "rel_err": (pred - peak) / peak, "floor_gib": floor / GIB}
     del pm, opt
-    torch.cuda.empty_cache()
     return row
 
 

@@ -84,6 +84,26 @@ def saved_bytes_per_node(traces: dict[str, NodeTrace], scale: DtypeScale | None 
     return out
 
 
+def output_savers(traces: dict[str, NodeTrace]) -> dict[str, str]:
+    """Node -> the node whose saved bytes count its output (the first to save its storage).
+
+    Only nodes whose every output tensor is saved, all by that one node, are listed. A
+    pipeline stage that sends or receives a value holds it until the microbatch's backward
+    unless one of its own nodes saves it (partitioner/plan.py, stage holds).
+    """
+    first: dict = {}
+    for name, trace in traces.items():
+        for s in trace.saved:
+            first.setdefault(s.storage, name)
+    out: dict[str, str] = {}
+    for name, trace in traces.items():
+        leaves = [t for t in pytree.tree_leaves(trace.output) if isinstance(t, torch.Tensor)]
+        savers = {first.get(_storage_key(t)) for t in leaves}
+        if leaves and len(savers) == 1 and None not in savers:
+            out[name] = savers.pop()
+    return out
+
+
 def _storage_key(t: torch.Tensor) -> StorageWeakRef:
     return StorageWeakRef(t.untyped_storage())
 

@@ -22,6 +22,10 @@ class NodeCost:
     bwd_working_bytes: transient bytes while its backward runs, beyond saved activations
         and parameter gradients: activation gradients in flight plus its workspace
         (cost_models.memory.backward_walk).
+    output_saved_by: the node whose saved_bytes count this node's output ("" if none does
+        in full; cost_models.memory.output_savers).
+    output_requires_grad: its output depends on a trainable parameter or input (a stage
+        receiving it keeps the received tensor until its backward).
     fwd_time_s / bwd_time_s: predicted (analytic roofline) or measured device times.
     host_fwd_time_s / host_bwd_time_s: host dispatch times where measured apart (CUDA);
         0 where the device times include them. A run of nodes takes, per pass,
@@ -40,6 +44,8 @@ class NodeCost:
     bwd_time_s: float = 0.0
     host_fwd_time_s: float = 0.0
     host_bwd_time_s: float = 0.0
+    output_saved_by: str = ""
+    output_requires_grad: bool = False
 
     @property
     def time_s(self) -> float:

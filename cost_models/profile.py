@@ -24,8 +24,8 @@ import torch.fx
 
 from cost_models.device import DeviceSpec, get_device_spec
 from cost_models.flops import NodeTrace, OpKernel, trace_nodes
-from cost_models.memory import (OPTIMIZER_STATES, DtypeScale, backward_walk, params_state_bytes, saved_bytes_per_node,
-                                 value_bytes)
+from cost_models.memory import (OPTIMIZER_STATES, DtypeScale, backward_walk, output_savers, params_state_bytes,
+                                 saved_bytes_per_node, value_bytes)
 from cost_models.node_costs import NodeCost, NodeCosts
 from cost_models.time import Kernel, NodeTime, analytic_node_time, math_attention_kernels, measure_block_times
 from partitioner.errors import CostModelError
@@ -128,6 +128,7 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
 
     traces = trace_nodes(gm, inputs_require_grad=inputs_require_grad)
     saved = saved_bytes_per_node(traces, scale)
+    savers = output_savers(traces)
     # per node, for plans: a tied weight's users usually sit on different ranks (replicas), so
     # the sums of its gradients on one device are left out
     working = {s.node: s.grads_in_flight_bytes + s.workspace_bytes
@@ -157,7 +158,8 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
                                param_bytes=param_bytes_by_node[name], output_bytes=out_bytes,
                                saved_bytes=saved[name], bwd_working_bytes=working.get(name, 0),
                                fwd_time_s=times[name].fwd_s, bwd_time_s=times[name].bwd_s,
-                               host_fwd_time_s=times[name].host_fwd_s, host_bwd_time_s=times[name].host_bwd_s)
+                               host_fwd_time_s=times[name].host_fwd_s, host_bwd_time_s=times[name].host_bwd_s,
+                               output_saved_by=savers.get(name, ""), output_requires_grad=trace.requires_grad)
     return NodeCosts(nodes=nodes, param_state_bytes=params_state_bytes(param_rows.values(), optimizer, scale),
                      device=spec.name, dtype=str(dtype).removeprefix("torch."), optimizer=optimizer,
                      time_source="measured" if measure else "analytic")

@@ -141,7 +141,7 @@ class StageStats:
     bwd_time_s: list[float]
     recv_time_s: list[float]  # values crossing into the stage from another rank, once per value
     comm_bytes: list[list[int]]  # [j][k]: bytes stage j sends to stage k (another rank)
-    saved_bytes: list[int]
+    saved_bytes: list[int]  # per in-flight microbatch: saved activations + held inputs/outputs
     param_bytes: list[int]  # per stage, own (unshared) parameters
     static_bytes: list[int]  # per rank: param + grad + optimizer state, shared replicas included
     rank_param_bytes: list[int]
@@ -163,6 +163,23 @@ class StageStats:
         return StageCosts(tuple(self.fwd_time_s), tuple(self.bwd_time_s),
                           tuple(tuple(b / link_bw_bytes_per_s for b in row) for row in self.comm_bytes),
                           tuple(self.saved_bytes), tuple(self.static_bytes), tuple(self.working_bytes))
+
+
+def held_as_output(v, j: int, dests: set[int], block_stage: list[int]) -> int:
+    """Bytes of value `v` that its producing stage j holds per in-flight microbatch beyond its
+    saved activations: the executor keeps a stage's outputs until their backward."""
+    saver = block_stage[v.saver] if v.saver >= 0 else None
+    return v.bytes if any(k != j for k in dests) and saver != j else 0
+
+
+def held_as_input(v, j: int, k: int, block_stage: list[int], num_ranks: int) -> int:
+    """Bytes of value `v` (made on stage j) that stage k holds per in-flight microbatch beyond its
+    saved activations: a received tensor that needs a gradient stays until k's backward. A
+    stage on the producer's rank shares the producer's tensor (held there)."""
+    if k == j or k % num_ranks == j % num_ranks or not v.requires_grad:
+        return 0
+    saver = block_stage[v.saver] if v.saver >= 0 else None
+    return v.bytes if saver != k else 0
 
 
 def stage_stats(bg, block_stage: list[int], num_ranks: int, chunks: int,
@@ -197,6 +214,9 @@ def stage_stats(bg, block_stage: list[int], num_ranks: int, chunks: int,
             if rank[k] != rank[j]:
                 comm[j][k] += v.bytes
                 recv[k] += v.bytes / link_bw_bytes_per_s
+        saved[j] += held_as_output(v, j, dests, block_stage)
+        for k in dests:
+            saved[k] += held_as_input(v, j, k, block_stage, p)
     allreduce, replicated = 0.0, []
     for sp in bg.shared_params:
         stages = sorted({block_stage[b] for b in sp.blocks})

@@ -31,7 +31,10 @@ Blocks b, virtual stages k = 0..K-1 (K = p * v), stage k on rank k % p.
 - Memory of rank r: its blocks' param+grad+optimizer bytes, one copy of every
   shared parameter a block on r reads, and saved activations x the microbatch-
   chunks in flight (warm-up + 1 of the schedule): exactly the stage's for v = 1,
-  conservatively W_r x the rank's largest stage for v > 1. <= cap.
+  conservatively W_r x the rank's largest stage for v > 1. <= cap. A stage's
+  activations include the values it sends or receives that none of its own
+  blocks saves (the executor holds them until the backward; plan.held_as_output
+  and held_as_input), one boolean per value and stage where they can occur.
 - Shared parameters: rep_s boolean; without it all users sit on one rank
   (sum_r h[s,r] <= 1), with it every holder pays the memory and the step pays
   an all-reduce of 2 * bytes / link bandwidth. The solver picks.
@@ -249,18 +252,24 @@ def _model_objective(bg, assign: list[int], p: int, v: int, m: int, bw: float, w
 
 def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None,
            with_time: bool = True, upper: int | None = None,
-           domain_cap: tuple[list[int], list[int], list[int]] | None = None) -> _Ilp:
+           domain_cap: tuple[list[int], list[int], list[int]] | None = None,
+           need_memory: bool | None = None) -> _Ilp:
     """The model; with `upper` (an incumbent's objective) only solutions at least as good remain.
+
+    need_memory (default: a cap is given): model the values stages hold at their boundaries
+    (extra booleans); without it rank_mem leaves them out.
 
     domain_cap (weights, most, most_after): prune the stage domains as if stages 0..j held at most
     most[j] of the weights and stages j..K-1 at most most_after[j] (_domains), in place of the
     pruning `upper` gives; the caller vouches for it.
     """
     K, n = p * v, len(bg.blocks)
+    if need_memory is None:
+        need_memory = cap is not None
     w, ts = _time_units(bg)
     total_w = sum(w)
     total_mem = sum(b.param_state_bytes + b.saved_bytes * m * v + b.bwd_working_bytes for b in bg.blocks) + \
-        sum(s.state_bytes * p for s in bg.shared_params)
+        sum(s.state_bytes * p for s in bg.shared_params) + 2 * m * v * sum(val.bytes for val in bg.values)
     ms = min(1.0, _MEM_LIMIT / max(total_mem, 1))
     md = cp_model.CpModel()
     rules: list = []
@@ -368,6 +377,8 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
     inflight = inflight_microbatches(schedule, p, m, v)
     static_w = [int(b.param_state_bytes * ms + 0.999) for b in bg.blocks]
     saved_w = [int(b.saved_bytes * ms + 0.999) for b in bg.blocks]
+    held = _held_bytes(md, bg, K, p, v, dom, x, ms, rules) if need_memory else [0] * K
+    held_max = 2 * sum(int(val.bytes * ms + 0.999) for val in bg.values) if need_memory else 0
     work_w = [int(b.bwd_working_bytes * ms + 0.999) for b in bg.blocks]
     on_rank: list[list[tuple[int, int]]] = [[] for _ in range(p)]  # (block, stage) pairs that can land on a rank
     for b, wb in enumerate(work_w):
@@ -377,11 +388,11 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
     for r in range(p):
         static = sum(stage_sum(k, static_w) for k in range(r, K, p))
         static += sum(int(sb * ms + 0.999) * h for sb, h in holds[r])
-        saved = [stage_sum(k, saved_w) for k in range(r, K, p)]
+        saved = [stage_sum(k, saved_w) + held[k] for k in range(r, K, p)]
         if len(saved) == 1:
             act = inflight[r] * saved[0]
         else:
-            z = md.NewIntVar(0, sum(saved_w), f"act{r}")
+            z = md.NewIntVar(0, sum(saved_w) + held_max, f"act{r}")
             for s in saved:
                 md.Add(z >= s)
                 rules.append((z, s, 1))
@@ -421,6 +432,53 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
                 rules.append((biggest, t[k], 1))
             objective = m * top + (p - 1) * biggest + sum(allreduce)
     return _Ilp(md, y, rank_mem, objective, ts, ms, rules, stage_sum, reps)
+
+
+def _held_bytes(md: cp_model.CpModel, bg, K: int, p: int, v: int, dom: list[range], x, ms: float,
+                rules: list) -> list:
+    """Per stage: bytes of the values it holds past its saved activations (as plan.held_as_output
+    and plan.held_as_input), as lower-bounded booleans (memory only ever wants them 0)."""
+    held: list = [0] * K
+    for ci, val in enumerate(bg.values):
+        size = int(val.bytes * ms + 0.999)
+        if size == 0:
+            continue
+        u, s = val.producer, val.saver
+
+        def at(b: int, k: int):
+            return x(b, k) if b >= 0 and k in dom[b] else 0
+
+        def lower(terms: list, name: str, k: int) -> None:
+            """held[k] += size * h, h >= each term (0/1 expressions)."""
+            terms = [t for t in terms if _is_var(t) or t > 0]
+            if not terms:
+                return
+            if all(not _is_var(t) for t in terms):
+                held[k] += size
+                return
+            h = md.NewBoolVar(f"{name}{ci}_{k}")
+            for t in terms:
+                md.Add(h >= t)
+                rules.append((h, t, 1))
+            held[k] += size * h
+
+        if s != u:  # sent: the producer holds it unless one of its blocks saves it
+            for k in dom[u]:
+                terms = [at(u, k) - at(c, k) - at(s, k) for c in val.consumers]
+                if val.to_output and k != K - 1:
+                    terms.append(at(u, k) - at(s, k))
+                lower(terms, "out", k)
+        if val.requires_grad:  # received: kept for the backward unless one of k's blocks saves it
+            needs: dict[int, list] = {}
+            for c in val.consumers:
+                for k in dom[c]:
+                    needs.setdefault(k, []).append(x(c, k))
+            if val.to_output:
+                needs.setdefault(K - 1, []).append(1)
+            for k, need in needs.items():
+                same = sum(at(u, j) for j in range(k % p, k + 1, p))  # the producer on k's rank
+                lower([e - same - at(s, k) for e in need], "in", k)
+    return held
 
 
 class _NoSplit(Exception):
@@ -506,7 +564,8 @@ def min_memory_bytes(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
                      workers: int | None = None) -> tuple[int, bool]:
     """Smallest per-device memory any valid split needs: (bytes, proven optimal)."""
     schedule, m = check_config(len(bg.blocks), num_ranks, chunks, microbatches, schedule)
-    ilp = _build(bg, num_ranks, chunks, m, schedule, DEFAULT_LINK_BW_BYTES_PER_S, None, with_time=False)
+    ilp = _build(bg, num_ranks, chunks, m, schedule, DEFAULT_LINK_BW_BYTES_PER_S, None, with_time=False,
+                 need_memory=True)
     peak = ilp.model.NewIntVar(0, 1 << 60, "peak")
     for e in ilp.rank_mem:
         ilp.model.Add(peak >= e)

@@ -68,6 +68,10 @@ class CrossValue:
     """One value produced in block `producer` and read by other blocks `consumers`.
 
     to_output: the graph's output node reads it, so it must also reach the last stage.
+    saver: the block whose saved_bytes count this value's storage (-1: none). A stage that
+        sends the value, or receives it, holds it until the microbatch's backward unless
+        the saver is on that stage (partitioner/plan.py: stage holds).
+    requires_grad: a stage receiving it keeps the received tensor for its backward.
     """
 
     node: str
@@ -75,6 +79,8 @@ class CrossValue:
     consumers: tuple[int, ...]
     bytes: int
     to_output: bool = False
+    saver: int = -1
+    requires_grad: bool = True
 
 
 @dataclass(frozen=True)
@@ -277,7 +283,10 @@ def coarsen(annotated, costs, depth: int | None = None, min_blocks: int = 1,
         consumers = sorted({block_of[u] for u in users.get(info.name, ()) if u in block_of} - {b})
         to_output = info.name in output_reads
         if consumers or to_output:
-            values.append(CrossValue(info.name, b, tuple(consumers), int(info.output_bytes), to_output))
+            cost = costs.nodes.get(info.name)
+            saver = block_of.get(cost.output_saved_by, -1) if cost is not None else -1
+            values.append(CrossValue(info.name, b, tuple(consumers), int(info.output_bytes), to_output, saver,
+                                     cost.output_requires_grad if cost is not None else True))
             out_bytes[b] += int(info.output_bytes)
 
     names = _block_names(compute, run_of, num_blocks, depth)

@@ -30,10 +30,30 @@ def test_evaluate_assignment_costs():
     assert plan.replicated_params == ["tied"] and plan.allreduce_time_s == pytest.approx(2.0)
     inflight = inflight_microbatches("1f1b", 2, 4)
     assert inflight == [2, 1]
-    assert plan.rank_mem_bytes == [100 + 40 + 2 * 1, 500 + 40 + 1 * 5]
+    # per microbatch in flight, stage 0 also holds what it sends (20 + 10), stage 1 what it receives
+    assert plan.rank_mem_bytes == [100 + 40 + 2 * (1 + 30), 500 + 40 + 1 * (5 + 30)]
     assert set(plan.node_stage) == {"n0", "n1", "n2"}  # the replicated get_attr is in no stage
     co = evaluate_assignment(bg, [0, 0, 0], 1, microbatches=4, link_bw_bytes_per_s=bw, simulate=False)
     assert co.replicated_params == [] and co.node_stage["attr_tied"] == 0 and co.allreduce_time_s == 0
+
+
+def test_held_values_count_unless_the_stage_saves_them():
+    """The executor keeps a stage's sent outputs and received inputs until the backward, unless
+    one of the stage's own blocks saves that storage (then it is in its saved bytes already)."""
+    import dataclasses
+    bg = synthetic_block_graph([1.0] * 4, {(0, 1): 8, (1, 2): 16, (2, 3): 32}, None, [0] * 4)
+    split = [0, 0, 1, 1]  # 1 -> 2 crosses: 16 bytes held on both sides
+    assert evaluate_assignment(bg, split, 2, microbatches=2, simulate=False).stage_saved_bytes == [16, 16]
+    saved_by_consumer = [dataclasses.replace(v, saver=2) if v.node == "v1_2" else v for v in bg.values]
+    bg2 = dataclasses.replace(bg, values=saved_by_consumer)
+    assert evaluate_assignment(bg2, split, 2, microbatches=2, simulate=False).stage_saved_bytes == [16, 0]
+    no_grad = [dataclasses.replace(v, requires_grad=False) for v in bg.values]
+    bg3 = dataclasses.replace(bg, values=no_grad)
+    assert evaluate_assignment(bg3, split, 2, microbatches=2, simulate=False).stage_saved_bytes == [16, 0]
+    # interleaved: stage 2 on rank 0 reads a value of stage 0 (same rank): the tensor is shared
+    bg4 = synthetic_block_graph([1.0] * 4, {(0, 1): 8, (0, 2): 4, (1, 2): 16, (2, 3): 32}, None, [0] * 4)
+    saved = evaluate_assignment(bg4, [0, 1, 2, 3], 2, chunks=2, microbatches=2, simulate=False).stage_saved_bytes
+    assert saved == [8 + 4, 8 + 16, 16 + 32, 32]
 
 
 def test_simulator_scores_the_plan():
