@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from cost_models.device import spec_for_gpu_name, spec_for_torch_device
+from cost_models.time import host_overheads_s
 from cost_models.flops import trace_nodes
 from cost_models.memory import DtypeScale, saved_bytes_per_node, training_peak_bytes, value_bytes
 from cost_models.profile import default_measure_groups, layer_key, profile
@@ -160,13 +161,17 @@ def analytic_summary(rows: list[dict]) -> dict:
             "step_rel_err": next(r["rel_err"] for r in rows if r["kind"] == "step")}
 
 
-def rescore(name: str) -> Path:
+def rescore(name: str, table_host: bool = False) -> Path:
     """Re-predict a stored run's blocks and steps with the current analytic model (no device needed:
     the models are rebuilt on the meta device with the run's shapes and costed with its GPU's
-    DeviceSpec); measured values and memory rows stay as stored. Rewrites NAME.json and .png."""
+    DeviceSpec, with the host constants the run calibrated, or the table's with table_host);
+    measured values and memory rows stay as stored. Rewrites NAME.json and .png."""
     path = RESULTS_DIR / f"{name}.json"
     record = json.loads(path.read_text())
     spec = spec_for_gpu_name(record["device"])
+    if record.get("host_overheads_s") and not table_host:  # the run's own host calibration
+        fwd, bwd = record["host_overheads_s"]
+        spec = dataclasses.replace(spec, cpu_fwd_overhead_s=fwd, cpu_bwd_overhead_s=bwd)
     rows = record["rows"]
     for summary in record["summary"]:
         model, dtype_name = summary["model"], summary["dtype"]
@@ -183,6 +188,7 @@ def rescore(name: str) -> Path:
         step["rel_err"] = rel_err(step["pred_ms"], step["meas_ms"])
         summary.update(analytic_summary(mine))
     record["rescored"] = f"{command_line()} ({time.strftime('%Y-%m-%d')})"
+    record["rescored_host_overheads_s"] = [spec.cpu_fwd_overhead_s, spec.cpu_bwd_overhead_s]
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print_table("summary after rescoring", record["summary"])
     plot(rows, record["device"], path.with_suffix(".png"))
@@ -398,11 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rescore", action="store_true",
                         help="re-predict the stored NAME.json's blocks and steps with the current analytic model "
                              "(no device needed; measurements kept)")
+    parser.add_argument("--table-host", action="store_true",
+                        help="with --rescore: the DeviceSpec table's host constants, not the run's calibration")
     parser.add_argument("--plot-only", action="store_true",
                         help="only redraw benchmarks/results/NAME.png from NAME.json (no measuring)")
     args = parser.parse_args(argv)
     if args.rescore:
-        print(f"wrote {rescore(args.name)}")
+        print(f"wrote {rescore(args.name, args.table_host)}")
         return 0
     if args.plot_only:
         record = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
@@ -428,7 +436,10 @@ def main(argv: list[str] | None = None) -> int:
                  or r["kind"].startswith("mem")]
     print_table(f"cost model accuracy on {device_name}: predicted (roofline) vs measured", printable)
     print_table("summary: |relative error| of fwd+bwd time per block, step and memory", summaries)
-    path = write_result(args.name, rows, extra={"device": device_name, "quick": args.quick, "summary": summaries})
+    extra = {"device": device_name, "quick": args.quick, "summary": summaries}
+    if device.type == "cuda":  # the analytic predictions used this host's calibration
+        extra["host_overheads_s"] = list(host_overheads_s(device))
+    path = write_result(args.name, rows, extra=extra)
     plot(rows, device_name, path.with_suffix(".png"))
     print(f"wrote {path}")
     return 0

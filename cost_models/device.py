@@ -8,6 +8,7 @@ the same fields (`DeviceSpec.to_json` writes one to start from).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -196,11 +197,22 @@ def get_device_spec(name_or_path: str | DeviceSpec) -> DeviceSpec:
                          "or the path of a JSON file with a DeviceSpec (see DeviceSpec.to_json)")
 
 
-def spec_for_torch_device(device: torch.device | str) -> DeviceSpec:
-    """The table entry closest to a real torch device (by CUDA device name), else the calibrated CPU."""
+def spec_for_torch_device(device: torch.device | str, calibrate_host: bool = True) -> DeviceSpec:
+    """The table entry closest to a real torch device (by CUDA device name), else the calibrated CPU.
+
+    calibrate_host: on CUDA, replace the table's host dispatch constants (fitted on one
+    machine; hosts differ by 1.5-3x) with this machine's (cost_models.time.host_overheads_s,
+    a few seconds once per process).
+    """
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
-        return spec_for_gpu_name(torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory)
+        spec = spec_for_gpu_name(torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory)
+        if calibrate_host:
+            from cost_models.time import host_overheads_s
+            fwd, bwd = host_overheads_s(device)
+            spec = dataclasses.replace(spec, cpu_fwd_overhead_s=fwd, cpu_bwd_overhead_s=bwd,
+                                       notes=f"{spec.notes}; host dispatch calibrated on this machine".lstrip("; "))
+        return spec
     return calibrate_cpu()
 
 

@@ -563,3 +563,54 @@ def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], de
     common = host_scale(gpu_fwd, gpu_bwd, fwd_scale * host_fwd, bwd_scale * host_bwd, wall_s)
     fwd_scale, bwd_scale = common * fwd_scale, common * bwd_scale
     return [NodeTime(t.fwd_s, t.bwd_s, t.host_fwd_s * fwd_scale, t.host_bwd_s * bwd_scale) for t in blocks]
+
+
+_HOST_CALIBRATION: dict[str, tuple[float, float]] = {}
+
+
+def host_overheads_s(device: torch.device | str, layers: int = 4, repeats: int = 10) -> tuple[float, float]:
+    """This host's dispatch time on `device` (CUDA): (seconds per forward node, per backward kernel),
+    as DeviceSpec.cpu_fwd_overhead_s and cpu_bwd_overhead_s count them.
+
+    A few small transformer layers (dim 64) are captured like any model and trained in steps
+    back to back: their kernels are tiny, so the step is host-bound. Per pass, the forward and
+    the backward are timed after a synchronize, and both are scaled to the back-to-back wall
+    time (a host that waited for the GPU dispatches slower); then divided by the graph's nodes
+    and backward kernels as cost_models/flops.py counts them. Once per process and device.
+    """
+    from cost_models.flops import trace_nodes
+    from passes.capture import capture
+
+    device = torch.device(device)
+    key = str(device)
+    if key not in _HOST_CALIBRATION:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(*[torch.nn.TransformerEncoderLayer(64, 4, 256, batch_first=True,
+                                                                           norm_first=True) for _ in range(layers)])
+            x = torch.randn(2, 16, 64)
+        captured = capture(model, (x,))
+        traces = trace_nodes(captured.graph_module)
+        nodes = sum(1 for t in traces.values() if t.op in ("call_function", "call_module", "call_method"))
+        kernels = sum(len(t.bwd_ops) for t in traces.values())
+        gm = captured.graph_module.to(device)
+        inputs = captured.flatten_inputs((x.to(device),), {})
+        params = [p for p in gm.parameters() if p.requires_grad]
+        fwd_s, bwd_s = [], []
+        with torch.enable_grad():
+            for i in range(repeats + 2):
+                synchronize(device)
+                t0 = time.perf_counter()
+                outs = _grad_outputs(gm(*inputs))
+                t1 = time.perf_counter()
+                torch.autograd.grad(outs, params, [torch.ones_like(t) for t in outs], allow_unused=True)
+                t2 = time.perf_counter()
+                if i >= 2:
+                    fwd_s.append(t1 - t0)
+                    bwd_s.append(t2 - t1)
+            synchronize(device)
+            wall = step_wall_s(lambda: gm(*inputs), device, params, repeats)
+        fwd, bwd = statistics.median(fwd_s), statistics.median(bwd_s)
+        scale = min(1.0, wall / (fwd + bwd))
+        _HOST_CALIBRATION[key] = (fwd * scale / nodes, bwd * scale / kernels)
+    return _HOST_CALIBRATION[key]

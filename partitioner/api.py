@@ -16,7 +16,7 @@ import hashlib
 import os
 import re
 from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,9 @@ from runtime.comm_plan import build_comm_plan, forward_only
 from runtime.executor import Executor, ParameterStore, in_process_order
 from runtime.schedules import make_schedule, validate
 from runtime.transport import DistTransport, InProcessTransport
+
+if TYPE_CHECKING:
+    from cost_models.device import DeviceSpec
 
 
 def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], example_inputs: tuple | Any,
@@ -47,7 +50,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
     loss_fn(output, target) -> scalar mean loss of a batch; train_step returns the mean over microbatches.
     schedule: "gpipe", "1f1b" (default) or "interleaved-1f1b" (default when chunks > 1).
     plan: a Plan to use as is; else partitioner.planner plans it (memory: per-device cap, e.g. "24GiB";
-        device_type: DeviceSpec name for the cost model; time_limit_s: solver time;
+        device_type: DeviceSpec name for the cost model (default: the table entry of the GPU in use,
+        with this host's dispatch speed measured; the calibrated CPU on CPU); time_limit_s: solver time;
         example_target: a target of the global batch, as train_step will get it: the plan then
         counts the loss's time and memory on the last stage, e.g. a cross-entropy's fp32
         log-probabilities over the vocabulary).
@@ -325,7 +329,7 @@ def _first_microbatch(args: tuple, kwargs: dict, microbatches: int) -> tuple[tup
 
 
 def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_kwargs: dict, p: int, chunks: int,
-          schedule: str, microbatches: int, memory: int | str | None, device_type: str | None,
+          schedule: str, microbatches: int, memory: int | str | None, device_type: str | DeviceSpec | None,
           time_limit_s: float, rank: int | None, devices: list[torch.device], loss_fn: Callable[[Any, Any], Any],
           example_target: Any) -> tuple[Plan, Captured]:
     """Plan on rank 0 (the solver is not deterministic across processes) and share the plan."""
@@ -334,7 +338,11 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
         if isinstance(memory, str):
             from partitioner.report import parse_bytes
             memory = parse_bytes(memory)
-        device_type = device_type or ("cpu" if devices[0].type == "cpu" else "h100")
+        if device_type is None:
+            device_type = "cpu" if devices[0].type == "cpu" else "h100"
+            if devices[0].type == "cuda" and torch.cuda.is_available():
+                from cost_models.device import spec_for_torch_device
+                device_type = spec_for_torch_device(devices[0])  # this GPU, this host's dispatch speed
         config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=microbatches,
                             memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s)
         result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target)

@@ -6,12 +6,15 @@ one microbatch along dim 0 before capture, as the runtime does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from partitioner.errors import PlanError
 from partitioner.microbatch import batch_size, split_batch
+
+if TYPE_CHECKING:
+    from cost_models.device import DeviceSpec
 
 # Blocks per virtual stage the automatic depth aims at: finer blocks let stages balance within a few
 # percent (8 vs 2 per stage: 1-15% faster simulated steps on gpt2-xl, llama-8b and t5-base at p = 8),
@@ -37,7 +40,7 @@ class PlanConfig:
     microbatches: int | None = None
     schedule: str | None = None
     memory_cap_bytes: int | None = None
-    device_type: str = "h100"
+    device_type: str | DeviceSpec = "h100"  # a table name, a JSON path or a DeviceSpec
     dtype: str = "float32"
     optimizer: str = "adamw"
     depth: int | None = None

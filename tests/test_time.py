@@ -159,3 +159,22 @@ def test_host_scale_fits_a_host_bound_step_and_caps_a_gpu_bound_one():
     # GPU-bound (step = GPU sum): no pass's host above its GPU time, never scaled up
     assert host_scale(40.0, 70.0, 58.0, 84.0, 110.0) == pytest.approx(40 / 58)
     assert host_scale(40.0, 70.0, 10.0, 20.0, 110.0) == 1.0
+
+
+def test_host_overheads_are_measured_once_per_device():
+    """The host calibration times a small captured graph: per forward node and per backward kernel,
+    positive and well under a millisecond on any host; a second call reuses the first."""
+    fwd, bwd = time_model.host_overheads_s("cpu", repeats=3)
+    assert 0 < fwd < 1e-3 and 0 < bwd < 1e-3
+    assert time_model.host_overheads_s("cpu") == (fwd, bwd)
+
+
+@pytest.mark.gpu
+def test_the_gpu_spec_carries_this_hosts_dispatch_speed():
+    from cost_models.device import spec_for_gpu_name, spec_for_torch_device
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    spec = spec_for_torch_device("cuda:0")
+    table = spec_for_gpu_name(torch.cuda.get_device_name(0))
+    assert (spec.cpu_fwd_overhead_s, spec.cpu_bwd_overhead_s) == time_model.host_overheads_s(torch.device("cuda:0"))
+    assert spec.peak_flops == table.peak_flops and 1e-6 < spec.cpu_fwd_overhead_s < 1e-3
