@@ -96,7 +96,8 @@ def test_measured_on_cpu_is_positive_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(time_model, "time_fwd_bwd", lambda *a, **k: calls.append(1) or real_timer(*a, **k))
 
     first = measure_block_times(gm, groups, [x], "cpu", repeats=3)
-    assert all(t.fwd_s > 0 and t.bwd_s > 0 for t in first)
+    # a backward of tiny layers can time at 0 (fwd+bwd minus fwd, clipped) on a fast host
+    assert all(t.fwd_s > 0 and t.bwd_s >= 0 for t in first)
     assert len(calls) == 2  # layers.0 and layers.1 are the same code on the same shapes
     assert first[0] == first[1]
     assert len(json.loads((tmp_path / "block_times.json").read_text())) == 2
