@@ -163,3 +163,28 @@ def test_solve_reports_a_bound_below_every_plan_and_never_a_slower_plan():
     assert plan.step_gap is not None and plan.step_gap <= 0.01
     no_paths = solve(bg, p, v, m, link_bw_bytes_per_s=1e9, time_limit_s=20, refine_time_s=0)
     assert no_paths.step_lower_bound_s == 0 and no_paths.step_gap is None
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_a_probe_refutes_a_target_below_the_relaxations_optimum_and_meets_one_above(seed):
+    """The relaxation's feasibility probe (used to raise the bound once CP-SAT's dual bound stalls):
+    no assignment keeps every row under 99% of the relaxation's optimum T*, one keeps them under
+    101% of it; T* is a lower bound on the brute-force best."""
+    from ortools.sat.python import cp_model
+
+    from partitioner.critical_path import _Relaxation, _Units
+    seed_, p, v, schedule = CASES[seed]
+    rng = random.Random(seed_)
+    bg = tiny_graph(rng, p * v + rng.randint(3, 5), skips=seed_ % 2 == 1, comm=False)
+    m = 2 * p
+    done = path_bound_solve(bg, p, v, m, schedule, link_bw_bytes_per_s=1e9, time_limit_s=20, tol=0.0)
+    rel = _Relaxation(bg, p, v, m, schedule, 1e9, None, _Units.of(bg), None)
+    for r in done.paths:
+        rel.add_row(r)
+    status, optimum, _ = rel.solve(10, 0.0, 1)
+    assert status == cp_model.OPTIMAL
+    assert optimum <= brute_force(bg, p, v, m, schedule, 1e9) * (1 + 1e-9)
+    below, none = rel.probe(0.99 * optimum, 10, 1)
+    assert below == cp_model.INFEASIBLE and none == []
+    above, plans = rel.probe(1.01 * optimum, 10, 1)
+    assert above in (cp_model.FEASIBLE, cp_model.OPTIMAL) and plans
