@@ -336,13 +336,7 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
                     if _is_var(y[u + 1][k]) or _is_var(y[u][k]) or y[u + 1][k] != y[u][k]:
                         lat[k] += cost * (y[u + 1][k] - y[u][k])
                 continue
-            needs: dict[int, list] = {}
-            for cons in val.consumers:
-                for k in dom[cons]:
-                    needs.setdefault(k, []).append(x(cons, k))
-            if val.to_output:
-                needs.setdefault(K - 1, []).append(1)
-            for k, need in needs.items():
+            for k, need in _readers(val, dom, x, K).items():
                 # the producer on k's rank at a stage <= k (for v = 1: at k, i.e. s(u) >= k)
                 same = y[u][k] if v == 1 else sum(x(u, j) for j in range(k % p, k + 1, p) if j in dom[u])
                 if not _is_var(same) and all(not _is_var(e) for e in need):
@@ -434,6 +428,17 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
     return _Ilp(md, y, rank_mem, objective, ts, ms, rules, stage_sum, reps)
 
 
+def _readers(val, dom: list[range], x, K: int) -> dict[int, list]:
+    """Stage -> the 0/1 expressions "this reader of `val` sits on it" (the graph output on the last)."""
+    needs: dict[int, list] = {}
+    for c in val.consumers:
+        for k in dom[c]:
+            needs.setdefault(k, []).append(x(c, k))
+    if val.to_output:
+        needs.setdefault(K - 1, []).append(1)
+    return needs
+
+
 def _held_bytes(md: cp_model.CpModel, bg, K: int, p: int, v: int, dom: list[range], x, ms: float,
                 rules: list) -> list:
     """Per stage: bytes of the values it holds past its saved activations (as plan.held_as_output
@@ -469,13 +474,7 @@ def _held_bytes(md: cp_model.CpModel, bg, K: int, p: int, v: int, dom: list[rang
                     terms.append(at(u, k) - at(s, k))
                 lower(terms, "out", k)
         if val.requires_grad:  # received: kept for the backward unless one of k's blocks saves it
-            needs: dict[int, list] = {}
-            for c in val.consumers:
-                for k in dom[c]:
-                    needs.setdefault(k, []).append(x(c, k))
-            if val.to_output:
-                needs.setdefault(K - 1, []).append(1)
-            for k, need in needs.items():
+            for k, need in _readers(val, dom, x, K).items():
                 same = sum(at(u, j) for j in range(k % p, k + 1, p))  # the producer on k's rank
                 lower([e - same - at(s, k) for e in need], "in", k)
     return held
