@@ -25,11 +25,11 @@ plan's step; the best simulated answer within the cap is an upper bound. Duratio
 integers rounded down, so the bound stays valid. Plans no faster than the best found are pruned
 (prefix_caps: an LP over per-stage work with its own path separation bounds how much work the
 first j stages hold), which keeps the model small. Once no answer brings a new path the bound is
-the optimum up to the communication left out (exact on chains). Where CP-SAT cannot close a
-relaxation, its dual bound stays near the LP's (10.5 ms against a 12.2 ms plan for the CNN at
-p = 8, v = 2); probes then ask whether every row can stay under a target a third of the way from
-the bound to the best plan: a refutation raises the bound to it (11.5 ms there in 120 s), an
-answer brings its paths or a better plan.
+the optimum up to the communication left out (exact on chains). Where CP-SAT neither closes a
+relaxation nor raises its dual bound, that bound stays near the LP's (10.5 ms against a 12.2 ms
+plan for the CNN at p = 8, v = 2); probes then ask whether every row can stay under a target a
+third of the way from the bound to the best plan: a refutation raises the bound to it (11.5 ms
+there in 120 s), an answer brings its paths or a better plan.
 
 The memory cap is the ILP's closed form (StageStats.rank_mem_bytes), which the simulated peak
 never exceeds; the bound holds for every plan within it.
@@ -585,7 +585,7 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
     caps = caps_now()
     rel = (relaxation(caps) if caps is not None else None) or relaxation(None)
     slice_s = first_slice_s = max(_MIN_SLICE_S, time_limit_s / 16)  # a relaxation's time
-    probing = False  # after a relaxation CP-SAT could not close: probe a third of the way up from the bound
+    probing = False  # after a relaxation that neither closed nor raised the bound: probe a third of the way up
     while rel is not None and time.perf_counter() < deadline - 0.1:
         if best is not None:
             rel.hint(best)
@@ -613,6 +613,7 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
             status = "infeasible" if best is None else "converged"
             lower = best_step if best is not None else math.inf
             break
+        stuck = bound <= lower * (1 + tol / 10)  # this relaxation did not raise the bound
         lower = max(lower, bound)
         before = len(rows)
         steps = [consider(a) for a, _ in found]
@@ -627,7 +628,7 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
         # while the rows miss much of the answers' steps, short relaxations gather paths faster;
         # once they describe them, longer ones prove the bound
         slice_s = first_slice_s if missing > tol else slice_s * 2
-        probing = got != cp_model.OPTIMAL
+        probing = got != cp_model.OPTIMAL and stuck
         fresh = list(rows.values())[before:]
         tighter = caps_now()
         if tighter is not None and tighter != caps:
