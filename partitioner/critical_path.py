@@ -28,7 +28,7 @@ first j stages hold), which keeps the model small. Once no answer brings a new p
 the optimum up to the communication left out (exact on chains). Where CP-SAT neither closes a
 relaxation nor raises its dual bound, that bound stays near the LP's (10.5 ms against a 12.2 ms
 plan for the CNN at p = 8, v = 2); probes then ask whether every row can stay under a target a
-third of the way from the bound to the best plan: a refutation raises the bound to it (11.5 ms
+third of the way from the bound to the best plan: a refutation raises the bound to it (11.4 ms
 there in 120 s), an answer brings its paths or a better plan.
 
 The memory cap is the ILP's closed form (StageStats.rank_mem_bytes), which the simulated peak
@@ -485,7 +485,6 @@ class _Relaxation:
                    self.domain_size(), len(found.assignments))
         return (got, solver.BestObjectiveBound() / self.units.scale,
                 [(a, t / self.units.scale) for a, t in zip(found.assignments, found.objectives)])
-
 
     def probe(self, upper_s: float, time_s: float, workers: int | None):
         """Can every row stay within upper_s? (status, assignments found). INFEASIBLE proves every
