@@ -1,5 +1,4 @@
 """partitioner/critical_path.py: critical paths are exact, and row generation's bound holds against brute force."""
-import itertools
 import random
 
 import pytest
