@@ -152,3 +152,40 @@ def test_captured_model_if_available():
     assert len(bg.blocks) >= 8
     assert all(u < v for u, v in bg.graph.edges)
     assert [sp.fqn for sp in bg.shared_params] == ["emb.weight"]
+
+
+def test_crossing_values_know_which_block_saves_them():
+    """On a captured pre-norm MLP stack: the residual stream leaving a layer is first saved by the
+    next layer's layer norm (a stage receiving it holds nothing extra), and the stage sending it
+    holds it until the backward (partitioner.plan.held_as_output / held_as_input)."""
+    import torch
+
+    from cost_models.profile import profile
+    from partitioner.plan import evaluate_assignment
+    from passes.annotate import annotate
+    from passes.capture import capture
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = torch.nn.LayerNorm(16), torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return x + self.fc(self.norm(x))
+
+    model = torch.nn.Sequential(*[Layer() for _ in range(4)])
+    x = torch.randn(2, 8, 16)
+    cap = capture(model, (x,))
+    ag = annotate(cap)
+    costs = profile(cap, ag, device="h100", progress=False, inputs_require_grad=True)
+    bg = coarsen(ag, costs, depth=1)
+    assert len(bg.blocks) == 4
+    stream = [v for v in bg.values if v.consumers and v.consumers[0] == v.producer + 1]
+    assert len(stream) == 3
+    for v in stream:
+        assert v.saver == v.producer + 1 and v.requires_grad  # the next layer norm saves its input
+        assert costs.nodes[v.node].output_saved_by != ""
+    split = evaluate_assignment(bg, [0, 0, 1, 1], 2, microbatches=2, simulate=False)
+    own = [sum(b.saved_bytes for b in bg.blocks[:2]), sum(b.saved_bytes for b in bg.blocks[2:])]
+    crossing = stream[1].bytes  # layer 1 -> layer 2
+    assert split.stage_saved_bytes == [own[0] + crossing, own[1]]
