@@ -29,11 +29,10 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from cost_models.device import spec_for_gpu_name, spec_for_torch_device
-from cost_models.time import host_overheads_s
-from cost_models.flops import trace_nodes
+from cost_models.flops import COMPUTE_OPS, trace_nodes
 from cost_models.memory import DtypeScale, saved_bytes_per_node, training_peak_bytes, value_bytes
 from cost_models.profile import default_measure_groups, layer_key, profile
-from cost_models.time import NodeTime, measure_block_times, step_wall_s
+from cost_models.time import NodeTime, host_overheads_s, measure_block_times, step_wall_s
 from partitioner import zoo
 from passes.annotate import annotate
 from passes.capture import capture
@@ -229,7 +228,7 @@ def _node_rows(name: str, dtype_name: str, device: torch.device, gm: torch.fx.Gr
     traces = trace_nodes(gm)
     scale = DtypeScale()
     by_name = {n.name: n for n in gm.graph.nodes}
-    names = [n.name for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method")]
+    names = [n.name for n in gm.graph.nodes if n.op in COMPUTE_OPS]
     measured = measure_block_times(gm, [[n] for n in names], flat, device, repeats=repeats, use_cache=False)
     rows, seen = [], set()
     for n, meas in zip(names, measured):

@@ -161,6 +161,9 @@ class OpKernel:
     tensors: tuple[tuple[int, torch.dtype, int], ...]
 
 
+COMPUTE_OPS = ("call_function", "call_module", "call_method")  # fx node ops that run (dispatch) work
+
+
 @dataclass
 class NodeTrace:
     """What running one node on fake tensors showed.

@@ -23,7 +23,7 @@ import torch
 import torch.fx
 
 from cost_models.device import DeviceSpec, get_device_spec
-from cost_models.flops import NodeTrace, OpKernel, trace_nodes
+from cost_models.flops import COMPUTE_OPS, NodeTrace, OpKernel, trace_nodes
 from cost_models.memory import (OPTIMIZER_STATES, DtypeScale, backward_walk, output_savers, params_state_bytes,
                                  saved_bytes_per_node, value_bytes)
 from cost_models.node_costs import NodeCost, NodeCosts
@@ -89,7 +89,7 @@ def default_measure_groups(gm: torch.fx.GraphModule, module_paths: dict[str, str
     groups: list[list[str]] = []
     last = None
     for n in gm.graph.nodes:
-        if n.op not in ("call_function", "call_module", "call_method"):
+        if n.op not in COMPUTE_OPS:
             continue
         key = layer_key(module_paths.get(n.name, ""))
         if key != last or not groups:
@@ -194,7 +194,7 @@ def op_kernel(op: OpKernel, spec: DeviceSpec, scale: DtypeScale) -> Kernel:
 
 
 def _analytic(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale) -> NodeTime:
-    if trace.op not in ("call_function", "call_module", "call_method"):
+    if trace.op not in COMPUTE_OPS:
         return NodeTime(0.0, 0.0)
     call = trace.attention
     if call is not None:  # the kernel(s) a GPU runs, not what fake tensors ran

@@ -520,6 +520,32 @@ def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence
     return results
 
 
+def _whole_graph_times(gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch.device, repeats: int,
+                       warmup: int) -> tuple[float, float, float]:
+    """(forward, backward, step) seconds of the whole graph: its forward and its backward call
+    each timed with perf_counter after a synchronize (medians of `repeats` after `warmup`; an
+    upper bound on each pass's dispatch time), and the wall time of whole steps run back to
+    back (`step_wall_s`). The backward starts from every output that requires grad."""
+    params = [p for p in gm.parameters() if p.requires_grad]
+    fwd_s, bwd_s = [], []
+    with torch.enable_grad():
+        for i in range(warmup + repeats):
+            synchronize(device)
+            t0 = time.perf_counter()
+            outs = _grad_outputs(gm(*inputs))
+            t1 = time.perf_counter()
+            if outs and params:
+                torch.autograd.grad(outs, params, [torch.ones_like(t) for t in outs], allow_unused=True)
+            t2 = time.perf_counter()
+            del outs
+            if i >= warmup:
+                fwd_s.append(t1 - t0)
+                bwd_s.append(t2 - t1)
+        synchronize(device)
+        wall_s = step_wall_s(lambda: gm(*inputs), device, params, repeats)
+    return statistics.median(fwd_s), statistics.median(bwd_s), wall_s
+
+
 def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], device: torch.device,
                      blocks: list[NodeTime], repeats: int) -> list[NodeTime]:
     """Calibrate the blocks' host times on the whole graph.
@@ -536,30 +562,14 @@ def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], de
       that wall time where the GPU alone is faster, and keeps each pass's host time within
       its GPU time where it is not.
     """
-    params = [p for p in gm.parameters() if p.requires_grad]
-    fwd_s, bwd_s = [], []
     try:
-        with torch.enable_grad():
-            for i in range(repeats + 1):
-                synchronize(device)
-                t0 = time.perf_counter()
-                outs = _grad_outputs(gm(*example_inputs))
-                t1 = time.perf_counter()
-                if outs and params:
-                    torch.autograd.grad(outs, params, [torch.ones_like(t) for t in outs], allow_unused=True)
-                t2 = time.perf_counter()
-                del outs
-                if i:  # the first is a warm-up
-                    fwd_s.append(t1 - t0)
-                    bwd_s.append(t2 - t1)
-            synchronize(device)
-            wall_s = step_wall_s(lambda: gm(*example_inputs), device, params, repeats)
+        pass_fwd, pass_bwd, wall_s = _whole_graph_times(gm, example_inputs, device, repeats, warmup=1)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return blocks  # the whole graph does not fit: keep the blocks' own host times
     gpu_fwd, gpu_bwd, host_fwd, host_bwd = astuple(NodeTime.summed(blocks))
-    fwd_scale = min(1.0, statistics.median(fwd_s) / host_fwd) if host_fwd > 0 else 1.0
-    bwd_scale = min(1.0, statistics.median(bwd_s) / host_bwd) if host_bwd > 0 else 1.0
+    fwd_scale = min(1.0, pass_fwd / host_fwd) if host_fwd > 0 else 1.0
+    bwd_scale = min(1.0, pass_bwd / host_bwd) if host_bwd > 0 else 1.0
     common = host_scale(gpu_fwd, gpu_bwd, fwd_scale * host_fwd, bwd_scale * host_bwd, wall_s)
     fwd_scale, bwd_scale = common * fwd_scale, common * bwd_scale
     return [NodeTime(t.fwd_s, t.bwd_s, t.host_fwd_s * fwd_scale, t.host_bwd_s * bwd_scale) for t in blocks]
@@ -581,7 +591,7 @@ def host_overheads_s(device: torch.device | str, layers: int = 4, repeats: int =
     (two calls a minute apart on one H100 host read 15 and 23 us per node with one round).
     Once per process and device.
     """
-    from cost_models.flops import trace_nodes
+    from cost_models.flops import COMPUTE_OPS, trace_nodes
     from passes.capture import capture
 
     device = torch.device(device)
@@ -594,30 +604,15 @@ def host_overheads_s(device: torch.device | str, layers: int = 4, repeats: int =
             x = torch.randn(2, 16, 64)
         captured = capture(model, (x,))
         traces = trace_nodes(captured.graph_module)
-        nodes = sum(1 for t in traces.values() if t.op in ("call_function", "call_module", "call_method"))
+        nodes = sum(1 for t in traces.values() if t.op in COMPUTE_OPS)
         kernels = sum(len(t.bwd_ops) for t in traces.values())
         gm = captured.graph_module.to(device)
         inputs = captured.flatten_inputs((x.to(device),), {})
-        params = [p for p in gm.parameters() if p.requires_grad]
         results = []
-        with torch.enable_grad():
-            for _ in range(rounds):  # the host's speed drifts: the median round
-                fwd_s, bwd_s = [], []
-                for i in range(repeats + 2):
-                    synchronize(device)
-                    t0 = time.perf_counter()
-                    outs = _grad_outputs(gm(*inputs))
-                    t1 = time.perf_counter()
-                    torch.autograd.grad(outs, params, [torch.ones_like(t) for t in outs], allow_unused=True)
-                    t2 = time.perf_counter()
-                    if i >= 2:
-                        fwd_s.append(t1 - t0)
-                        bwd_s.append(t2 - t1)
-                synchronize(device)
-                wall = step_wall_s(lambda: gm(*inputs), device, params, repeats)
-                fwd, bwd = statistics.median(fwd_s), statistics.median(bwd_s)
-                scale = min(1.0, wall / (fwd + bwd))
-                results.append((fwd * scale / nodes, bwd * scale / kernels))
+        for _ in range(rounds):  # the host's speed drifts: the median round
+            fwd, bwd, wall = _whole_graph_times(gm, inputs, device, repeats, warmup=2)
+            scale = min(1.0, wall / (fwd + bwd))
+            results.append((fwd * scale / nodes, bwd * scale / kernels))
         results.sort(key=sum)
         _HOST_CALIBRATION[key] = results[len(results) // 2]
     return _HOST_CALIBRATION[key]

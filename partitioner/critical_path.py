@@ -409,10 +409,12 @@ class _Relaxation:
         crosses: z >= x[producer, k-1] + x[reader, k] - 1; on a path-shaped graph a value b -> b+1
         crosses iff y[b+1, k] - y[b, k] = 1 (stages are contiguous), no variable needed.
         """
+        from partitioner.solve import on_stage
+
         y, md, K = self.ilp.y, self.model, len(self.ilp.y[0]) - 1
 
         def x(b: int, k: int):
-            return y[b][k] - y[b][k + 1]
+            return on_stage(y, b, k)
 
         path = bg.is_path()
         hop: list = [0] * K

@@ -119,6 +119,11 @@ class _Ilp:
         return [sum(e if isinstance(e, int) else value(e) for e in row[1:-1]) for row in self.y]
 
 
+def on_stage(y: list[list], b: int, k: int):
+    """x[b,k] = y[b][k] - y[b][k + 1]: 1 iff block b sits on stage k (an int where fixed)."""
+    return y[b][k] - y[b][k + 1]
+
+
 def _is_var(e) -> bool:
     return not isinstance(e, int)
 
@@ -297,7 +302,7 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
             _imply(md, y[u][k], y[wb][k])
 
     def x(b: int, k: int):
-        return y[b][k] - y[b][k + 1]
+        return on_stage(y, b, k)
 
     def stage_sum(k: int, weights: list[int]):
         """sum_b weights[b] * x[b,k] as one weighted sum."""
@@ -371,7 +376,7 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
     inflight = inflight_microbatches(schedule, p, m, v)
     static_w = [int(b.param_state_bytes * ms + 0.999) for b in bg.blocks]
     saved_w = [int(b.saved_bytes * ms + 0.999) for b in bg.blocks]
-    held = _held_bytes(md, bg, K, p, v, dom, x, ms, rules) if need_memory else [0] * K
+    held = _held_bytes(md, bg, K, p, dom, x, ms, rules) if need_memory else [0] * K
     held_max = 2 * sum(int(val.bytes * ms + 0.999) for val in bg.values) if need_memory else 0
     work_w = [int(b.bwd_working_bytes * ms + 0.999) for b in bg.blocks]
     on_rank: list[list[tuple[int, int]]] = [[] for _ in range(p)]  # (block, stage) pairs that can land on a rank
@@ -439,7 +444,7 @@ def _readers(val, dom: list[range], x, K: int) -> dict[int, list]:
     return needs
 
 
-def _held_bytes(md: cp_model.CpModel, bg, K: int, p: int, v: int, dom: list[range], x, ms: float,
+def _held_bytes(md: cp_model.CpModel, bg, K: int, p: int, dom: list[range], x, ms: float,
                 rules: list) -> list:
     """Per stage: bytes of the values it holds past its saved activations (as plan.held_as_output
     and plan.held_as_input), as lower-bounded booleans (memory only ever wants them 0)."""

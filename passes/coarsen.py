@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
+from cost_models.flops import COMPUTE_OPS
 from cost_models.time import pass_time_s
 
 
@@ -202,7 +203,7 @@ def _max_depth(compute: list) -> int:
 def choose_depth(annotated, target_blocks: int, min_blocks: int = 1, costs=None) -> int:
     """Shallowest module depth giving >= target_blocks blocks, none longer than 2/target_blocks
     of the total time when `costs` are given (so an even split exists); else the most blocks."""
-    compute = [i for i in annotated.nodes if i.op in ("call_function", "call_module", "call_method")]
+    compute = [i for i in annotated.nodes if i.op in COMPUTE_OPS]
     times = [costs.nodes[i.name].time_s if costs is not None
              and i.name in costs.nodes else 0.0 for i in compute]
     total = sum(times)
@@ -231,7 +232,7 @@ def coarsen(annotated, costs, depth: int | None = None, min_blocks: int = 1,
     number of stages (planner.BLOCKS_PER_STAGE), so every block is at most a
     quarter of an ideal stage and stages can balance within a few percent.
     """
-    compute = [i for i in annotated.nodes if i.op in ("call_function", "call_module", "call_method")]
+    compute = [i for i in annotated.nodes if i.op in COMPUTE_OPS]
     if depth is None:
         depth = choose_depth(annotated, target_blocks or 16, min_blocks, costs)
     run_of = _runs(compute, depth)
