@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 from pathlib import Path
 import time
@@ -32,7 +33,7 @@ from cost_models.device import spec_for_gpu_name, spec_for_torch_device
 from cost_models.flops import COMPUTE_OPS, trace_nodes
 from cost_models.memory import DtypeScale, saved_bytes_per_node, training_peak_bytes, value_bytes
 from cost_models.profile import default_measure_groups, layer_key, profile
-from cost_models.time import NodeTime, host_overheads_s, measure_block_times, step_wall_s
+from cost_models.time import NodeTime, host_overheads_s, measure_block_times, step_walls_s
 from partitioner import zoo
 from passes.annotate import annotate
 from passes.capture import capture
@@ -125,10 +126,12 @@ def measure_model(name: str, dtype_name: str, device: torch.device, quick: bool,
         out = gm(*flat)
         return _first_tensor(out).float().mean()
 
-    meas_s = step_wall_s(step, device, params, repeats)  # wall time, steps back to back
+    walls = step_walls_s(step, device, params, repeats)  # wall time, steps back to back, per loop
+    meas_s = statistics.median(walls)
     pred = costs.step_time_s()
     rows.append({"model": name, "dtype": dtype_name, "kind": "step", "block": "<step>", "nodes": len(costs.nodes),
-                 "pred_ms": pred * 1e3, "meas_ms": meas_s * 1e3, "rel_err": rel_err(pred, meas_s)})
+                 "pred_ms": pred * 1e3, "meas_ms": meas_s * 1e3, "rel_err": rel_err(pred, meas_s),
+                 "meas_loops_ms": [w * 1e3 for w in walls]})
 
     if device.type == "cuda":
         rows += _memory_rows(name, dtype_name, device, gm, flat, step, params, costs)
@@ -140,6 +143,9 @@ def measure_model(name: str, dtype_name: str, device: torch.device, quick: bool,
     step_s = next(r["meas_ms"] for r in rows if r["kind"] == "step") / 1e3
     summary["measured_mode_vs_step_rel_err"] = rel_err(measured_mode_s, step_s)
     summary["blocks_wall_sum_vs_step_rel_err"] = rel_err(blocks_wall_sum_s, step_s)
+    # how far the step's loops strayed from their median (the host's speed varies over seconds)
+    summary["step_loops_min_rel"] = rel_err(min(walls), meas_s)
+    summary["step_loops_max_rel"] = rel_err(max(walls), meas_s)
     for r in rows:
         if r["kind"].startswith("mem"):
             summary[f"{r['kind']}_rel_err"] = r["rel_err"]
@@ -431,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += calibration_rows(device)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    printable = [{k: v for k, v in r.items() if v is not None} for r in rows if r["kind"] in ("block", "step")
+    printable = [{k: v for k, v in r.items() if v is not None and not isinstance(v, list)} for r in rows if r["kind"] in ("block", "step")
                  or r["kind"].startswith("mem")]
     print_table(f"cost model accuracy on {device_name}: predicted (roofline) vs measured", printable)
     print_table("summary: |relative error| of fwd+bwd time per block, step and memory", summaries)

@@ -368,16 +368,28 @@ def host_scale(gpu_fwd_s: float, gpu_bwd_s: float, host_fwd_s: float, host_bwd_s
     return (lo + hi) / 2
 
 
-def step_wall_s(fn: Callable[[], Any], device: torch.device, grad_inputs: list[torch.Tensor], repeats: int = 5,
-                loops: int = 5) -> float:
-    """Wall seconds per forward + backward of `fn` run back to back, as training runs steps: the
-    median of `loops` loops of `repeats` steps (a host-bound step's dispatch speed varies by
-    +-20% from loop to loop on an H200 host)."""
-    walls = []
-    for i in range(loops):
-        t = time_fwd_bwd(fn, device, grad_inputs, warmup=1 if i else 2, repeats=repeats, separate_host=False)
+def step_walls_s(fn: Callable[[], Any], device: torch.device, grad_inputs: list[torch.Tensor], repeats: int = 5,
+                 min_loops: int = 5, max_loops: int = 30, budget_s: float = 8.0) -> list[float]:
+    """Wall seconds per forward + backward of `fn` run back to back, as training runs steps: one
+    value per loop of `repeats` steps; loops run until `max_loops`, or `budget_s` seconds once
+    `min_loops` are done.
+
+    Why several seconds of loops: the speed of a GPU machine's host varies over seconds. On an
+    H100 machine a fixed pure-Python loop took 9.0-17.4 ms from one 0.4 s sample to the next,
+    and a host-bound step (t5-base bf16) 66-114 ms with it; a GPU-bound step varies < 1%.
+    """
+    walls: list[float] = []
+    t0 = time.perf_counter()
+    while len(walls) < max_loops and (len(walls) < min_loops or time.perf_counter() - t0 < budget_s):
+        t = time_fwd_bwd(fn, device, grad_inputs, warmup=1 if walls else 2, repeats=repeats, separate_host=False)
         walls.append(t.fwd_s + t.bwd_s)
-    return statistics.median(walls)
+    return walls
+
+
+def step_wall_s(fn: Callable[[], Any], device: torch.device, grad_inputs: list[torch.Tensor], repeats: int = 5,
+                **loops: Any) -> float:
+    """The median of `step_walls_s` (same arguments)."""
+    return statistics.median(step_walls_s(fn, device, grad_inputs, repeats, **loops))
 
 
 _SLEEP_CYCLES_PER_S: dict[int, float] = {}
@@ -521,7 +533,7 @@ def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence
 
 
 def _whole_graph_times(gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch.device, repeats: int,
-                       warmup: int) -> tuple[float, float, float]:
+                       warmup: int, budget_s: float = 8.0) -> tuple[float, float, float]:
     """(forward, backward, step) seconds of the whole graph: its forward and its backward call
     each timed with perf_counter after a synchronize (medians of `repeats` after `warmup`; an
     upper bound on each pass's dispatch time), and the wall time of whole steps run back to
@@ -542,7 +554,7 @@ def _whole_graph_times(gm: torch.fx.GraphModule, inputs: Sequence[Any], device: 
                 fwd_s.append(t1 - t0)
                 bwd_s.append(t2 - t1)
         synchronize(device)
-        wall_s = step_wall_s(lambda: gm(*inputs), device, params, repeats)
+        wall_s = step_wall_s(lambda: gm(*inputs), device, params, repeats, budget_s=budget_s)
     return statistics.median(fwd_s), statistics.median(bwd_s), wall_s
 
 
@@ -610,7 +622,7 @@ def host_overheads_s(device: torch.device | str, layers: int = 4, repeats: int =
         inputs = captured.flatten_inputs((x.to(device),), {})
         results = []
         for _ in range(rounds):  # the host's speed drifts: the median round
-            fwd, bwd, wall = _whole_graph_times(gm, inputs, device, repeats, warmup=2)
+            fwd, bwd, wall = _whole_graph_times(gm, inputs, device, repeats, warmup=2, budget_s=1.0)
             scale = min(1.0, wall / (fwd + bwd))
             results.append((fwd * scale / nodes, bwd * scale / kernels))
         results.sort(key=sum)
