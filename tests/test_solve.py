@@ -296,3 +296,16 @@ def test_ilp_memory_equals_the_plans_including_held_values(seed):
         assert got == st.rank_mem_bytes(inflight_microbatches(schedule, p, m, v))
         checked += 1
     assert checked >= 5
+
+
+def test_polish_moves_a_side_block_to_any_stage_its_edges_allow():
+    # chain 0 -> 2 -> 3 -> 4, one block per stage; side block 1 (0 -> 1 -> 4) starts on stage 0.
+    # Its only good place is stage 3, two stages past any neighbour's index
+    from partitioner.refine import refine
+    bg = synthetic_block_graph([2.0, 1.0, 2.0, 2.0, 1.0], {(0, 1): 0, (0, 2): 0, (2, 3): 0, (3, 4): 0, (1, 4): 0})
+    start = [0, 0, 1, 2, 3]
+    assign, step = refine(bg, start, 4, 1, 8, "1f1b", BW, None, budget_s=30)
+    assert assign == [0, 3, 1, 2, 3]
+    best = evaluate_assignment(bg, [0, 3, 1, 2, 3], 4, 1, 8, "1f1b", BW)
+    assert step == pytest.approx(best.step_time_s)
+    assert step < evaluate_assignment(bg, start, 4, 1, 8, "1f1b", BW).step_time_s
