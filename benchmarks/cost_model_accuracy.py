@@ -3,7 +3,8 @@
 For each model and dtype: capture it on the device, profile it analytically
 (roofline with the DeviceSpec of this GPU), then measure every block (module
 runs at layer depth) forward+backward on the device, and a whole step of the
-full graph. On CUDA also memory: activations held after the forward
+full graph (steps back to back for about 8 s: the median loop, and each loop's time in the
+step row's meas_loops_ms, as a host-bound step's speed moves with the host's). On CUDA also memory: activations held after the forward
 (predicted: saved-for-backward bytes) and the step's peak
 (torch.cuda.max_memory_allocated; predicted: weights and inputs as allocated, plus
 cost_models.memory.training_peak_bytes: a walk of the backward counting saved
