@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pipeline schedule (default: 1f1b, or interleaved-1f1b when --chunks > 1)")
     plan.add_argument("--memory", default=None, help="per-device memory cap, e.g. 24GiB (default: the device's memory)")
     plan.add_argument("--depth", type=int, default=None, help="module depth of the blocks (default: automatic)")
-    plan.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT time limit in seconds (default 10)")
+    plan.add_argument("--time-limit", type=float, default=10.0,
+                      help="seconds for the whole search (default 10): the ILP, the local search on the simulator "
+                           "(half of it when interleaving or on branchy graphs), then the exact split search or "
+                           "the lower-bound row generation with what is left")
     plan.add_argument("--json", metavar="FILE", help="write the plan as JSON")
     plan.add_argument("--compare", action="store_true", help="also score the baselines (uniform, torchtitan, "
                       "parameters, FLOPs, size, chain DP) with the same simulator")
