@@ -20,9 +20,10 @@ and the host's dispatch time are measured apart (the call is queued behind a sle
 kernel, see `time_fwd_bwd`): blocks timed one by one cannot overlap one block's host
 work with another's kernels as a whole step does, so summing their wall times
 overstates host-bound runs; a stage takes max(sum GPU, sum host) per pass instead.
-A block alone dispatches slower than inside a whole graph, so with example inputs the
-host times are calibrated on the whole graph: its passes' dispatch times and the wall
-time of whole steps run back to back (`_host_in_context`, `host_scale`). On CPU, perf_counter of repeats back to back. Results are cached on
+A block alone dispatches slower than inside a whole graph, so with example inputs each
+block's host time is also measured inside whole steps (`_host_in_context`: a timestamp
+after every node of the forward, a gradient hook at every block's outputs in the
+backward) and the smaller of the two kept. On CPU, perf_counter of repeats back to back. Results are cached on
 disk, keyed by the block's code, shapes, dtypes and device, in
 $PARTITIONER_CACHE or ~/.cache/partitioner/.
 """
@@ -33,7 +34,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -350,24 +351,6 @@ def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
     return NodeTime(fwd_s, max(0.0, loop(True) - fwd_s))
 
 
-def host_scale(gpu_fwd_s: float, gpu_bwd_s: float, host_fwd_s: float, host_bwd_s: float, wall_s: float) -> float:
-    """The factor k for host times such that max(gpu_fwd, k host_fwd) + max(gpu_bwd, k host_bwd)
-    equals a measured step's `wall_s` when the GPU alone is faster than it; else the largest
-    k <= 1 keeping each pass's host time within its GPU time."""
-    if host_fwd_s + host_bwd_s <= 0:
-        return 1.0
-    if gpu_fwd_s + gpu_bwd_s >= wall_s:  # GPU-bound
-        return min([1.0] + [g / h for g, h in ((gpu_fwd_s, host_fwd_s), (gpu_bwd_s, host_bwd_s)) if h > 0])
-
-    def step(k: float) -> float:
-        return max(gpu_fwd_s, k * host_fwd_s) + max(gpu_bwd_s, k * host_bwd_s)
-    lo, hi = 0.0, wall_s / (host_fwd_s + host_bwd_s) * 2 + 1.0
-    for _ in range(60):  # step() grows with k: bisect
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if step(mid) < wall_s else (lo, mid)
-    return (lo + hi) / 2
-
-
 def step_walls_s(fn: Callable[[], Any], device: torch.device, grad_inputs: list[torch.Tensor], repeats: int = 5,
                  min_loops: int = 5, max_loops: int = 30, budget_s: float = 8.0) -> list[float]:
     """Wall seconds per forward + backward of `fn` run back to back, as training runs steps: one
@@ -528,7 +511,7 @@ def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence
         if progress:
             progress(1)
     if device.type == "cuda" and example_inputs is not None and any(t.host_fwd_s or t.host_bwd_s for t in results):
-        results = _host_in_context(gm, example_inputs, device, results, repeats)
+        results = _host_in_context(gm, example_inputs, device, node_groups, results, repeats)
     return results
 
 
@@ -558,33 +541,95 @@ def _whole_graph_times(gm: torch.fx.GraphModule, inputs: Sequence[Any], device: 
     return statistics.median(fwd_s), statistics.median(bwd_s), wall_s
 
 
-def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], device: torch.device,
-                     blocks: list[NodeTime], repeats: int) -> list[NodeTime]:
-    """Calibrate the blocks' host times on the whole graph.
+class _HostStamps:
+    """What an instrumented graph records while it runs (see `_host_in_context`)."""
 
-    A block timed on its own dispatches slower per node than the same nodes inside a whole
-    graph (on an H200 host 1-2.5x, varying from run to run), and the host's speed drifts by
-    +-20% from minute to minute. The GPU's times are steady and kept as measured. Two
-    measurements of the whole graph set the host's:
-    - its forward and its backward call timed with perf_counter, each after a synchronize:
-      per pass, an upper bound on its dispatch time (a pass that fills the launch queue waits
-      for the GPU); the blocks' host times are scaled down to it, pass by pass;
-    - the wall time of whole steps run back to back (`step_wall_s`), as training runs them:
-      one more factor (`host_scale`) makes the blocks' step, max(sum GPU, sum host) per pass,
-      that wall time where the GPU alone is faster, and keeps each pass's host time within
-      its GPU time where it is not.
+    def __init__(self, hook_block: dict[int, int]):
+        self.hook_block = hook_block  # node index -> the block whose output it is
+        self.fwd: list[tuple[int, float]] = []  # (node index, perf_counter after it ran)
+        self.bwd: list[tuple[int, float]] = []  # (block, perf_counter when its outputs' gradient was ready)
+
+
+_STAMPS: _HostStamps | None = None
+
+
+def _stamp(i: int, value: Any) -> Any:
+    """Node i of an instrumented graph has run: note the time, hook the block outputs' gradients."""
+    rec = _STAMPS
+    rec.fwd.append((i, time.perf_counter()))
+    block = rec.hook_block.get(i)
+    if block is not None:
+        for t in pytree.tree_leaves(value):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(lambda grad, block=block: rec.bwd.append((block, time.perf_counter())))
+    return value
+
+
+def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], device: torch.device,
+                     node_groups: Sequence[Sequence[str]], blocks: list[NodeTime], repeats: int) -> list[NodeTime]:
+    """The blocks' host times as measured inside whole steps, where smaller than alone.
+
+    A block timed on its own dispatches slower than the same nodes inside a whole graph,
+    mostly in the backward (one H100 host, bf16: gpt2's blocks 10.8 ms forward and 18.4 ms
+    backward alone, 11.9 and 10.5 ms inside steps; t5-base's 28.6 and 65.0 ms against 30.0 and
+    45.5 ms). So whole steps run on a copy of the graph that notes perf_counter after every
+    node (the forward's host time of a node is the time since the previous one) and hooks the
+    gradient of every block's outputs (a block's backward host time runs from its outputs'
+    gradient being ready to the next block's); medians over `repeats` steps. The GPU runs
+    ahead of a host-bound step and behind a GPU-bound one, where a full launch queue can hold
+    the host back and a block's reading then includes waiting: the smaller of the two readings
+    is kept. The GPU's times are kept as measured alone.
     """
+    global _STAMPS
+    block_of = {name: b for b, group in enumerate(node_groups) for name in group}
+    graph, env, order, hook_block = torch.fx.Graph(), {}, [], {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            graph.output(torch.fx.map_arg(n.args[0], lambda a: env[a]))
+            continue
+        copied = graph.node_copy(n, lambda a: env[a])
+        if n.op in ("placeholder", "get_attr"):
+            env[n] = copied
+            continue
+        b = block_of.get(n.name)
+        if b is not None and any(block_of.get(u.name) != b for u in n.users):
+            hook_block[len(order)] = b
+        env[n] = graph.call_function(_stamp, (len(order), copied))
+        order.append(b)
+    stamped = torch.fx.GraphModule(gm, graph)
+    params = [p for p in gm.parameters() if p.requires_grad]
+    fwd_runs, bwd_runs = [], []
     try:
-        pass_fwd, pass_bwd, wall_s = _whole_graph_times(gm, example_inputs, device, repeats, warmup=1)
+        with torch.enable_grad():
+            for i in range(1 + repeats):  # one warm-up
+                _STAMPS = rec = _HostStamps(hook_block)
+                synchronize(device)
+                t0 = time.perf_counter()
+                outs = _grad_outputs(stamped(*example_inputs))
+                if outs and params:
+                    torch.autograd.grad(outs, params, [torch.ones_like(t) for t in outs], allow_unused=True)
+                t2 = time.perf_counter()
+                del outs
+                fwd, bwd = [0.0] * len(blocks), [0.0] * len(blocks)
+                prev = t0
+                for k, t in rec.fwd:
+                    if order[k] is not None:
+                        fwd[order[k]] += t - prev
+                    prev = t
+                events = sorted(rec.bwd, key=lambda e: e[1])
+                for (b, t), (_, t_next) in zip(events, events[1:] + [(None, t2)]):
+                    bwd[b] += t_next - t
+                if i:
+                    fwd_runs.append(fwd)
+                    bwd_runs.append(bwd)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return blocks  # the whole graph does not fit: keep the blocks' own host times
-    gpu_fwd, gpu_bwd, host_fwd, host_bwd = astuple(NodeTime.summed(blocks))
-    fwd_scale = min(1.0, pass_fwd / host_fwd) if host_fwd > 0 else 1.0
-    bwd_scale = min(1.0, pass_bwd / host_bwd) if host_bwd > 0 else 1.0
-    common = host_scale(gpu_fwd, gpu_bwd, fwd_scale * host_fwd, bwd_scale * host_bwd, wall_s)
-    fwd_scale, bwd_scale = common * fwd_scale, common * bwd_scale
-    return [NodeTime(t.fwd_s, t.bwd_s, t.host_fwd_s * fwd_scale, t.host_bwd_s * bwd_scale) for t in blocks]
+    finally:
+        _STAMPS = None
+    return [NodeTime(t.fwd_s, t.bwd_s, min(t.host_fwd_s, statistics.median(r[b] for r in fwd_runs)),
+                     min(t.host_bwd_s, statistics.median(r[b] for r in bwd_runs)))
+            for b, t in enumerate(blocks)]
 
 
 _HOST_CALIBRATION: dict[str, tuple[float, float]] = {}

@@ -150,16 +150,19 @@ def test_kernel_sequence_time_is_sum_of_rooflines():
     assert gpu > 3 * fused
 
 
-def test_host_scale_fits_a_host_bound_step_and_caps_a_gpu_bound_one():
-    from cost_models.time import host_scale
-    # host-bound: the blocks' host (30 + 60) is slower than the step (72): scaled to fit it exactly
-    k = host_scale(10.0, 20.0, 30.0, 60.0, 72.0)
-    assert max(10, k * 30) + max(20, k * 60) == pytest.approx(72.0)
-    # a step slower than the blocks' own host: scaled up
-    assert host_scale(10.0, 20.0, 30.0, 60.0, 120.0) == pytest.approx(120 / 90)
-    # GPU-bound (step = GPU sum): no pass's host above its GPU time, never scaled up
-    assert host_scale(40.0, 70.0, 58.0, 84.0, 110.0) == pytest.approx(40 / 58)
-    assert host_scale(40.0, 70.0, 10.0, 20.0, 110.0) == 1.0
+def test_host_times_in_context_are_read_per_block_and_never_raised():
+    """Inside whole steps every block with work reads a positive host time in each pass, about the
+    passes' own time in all (the CPU runs them: host time is all of it); a block's own smaller
+    reading is kept, and the GPU times stay as given."""
+    x = torch.randn(64, 32)
+    gm = torch.export.export(_Stack(), (x,), strict=False).module()
+    groups = _groups(gm)
+    slow = [time_model.NodeTime(1.0, 2.0, 10.0, 10.0) for _ in groups]
+    got = time_model._host_in_context(gm, [x], torch.device("cpu"), groups, slow, repeats=5)
+    assert [(t.fwd_s, t.bwd_s) for t in got] == [(1.0, 2.0)] * len(groups)
+    assert all(0 < t.host_fwd_s < 0.1 and 0 < t.host_bwd_s < 0.1 for t in got)
+    fast = [time_model.NodeTime(1.0, 2.0, 1e-9, 1e-9) for _ in groups]
+    assert time_model._host_in_context(gm, [x], torch.device("cpu"), groups, fast, repeats=2) == fast
 
 
 def test_host_overheads_are_measured_once_per_device():
