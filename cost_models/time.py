@@ -566,7 +566,8 @@ def _stamp(i: int, value: Any) -> Any:
 
 
 def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], device: torch.device,
-                     node_groups: Sequence[Sequence[str]], blocks: list[NodeTime], repeats: int) -> list[NodeTime]:
+                     node_groups: Sequence[Sequence[str]], blocks: list[NodeTime], repeats: int,
+                     budget_s: float = 8.0, max_steps: int = 60) -> list[NodeTime]:
     """The blocks' host times as measured inside whole steps, where smaller than alone.
 
     A block timed on its own dispatches slower than the same nodes inside a whole graph,
@@ -575,7 +576,9 @@ def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], de
     45.5 ms). So whole steps run on a copy of the graph that notes perf_counter after every
     node (the forward's host time of a node is the time since the previous one) and hooks the
     gradient of every block's outputs (a block's backward host time runs from its outputs'
-    gradient being ready to the next block's); medians over `repeats` steps. The GPU runs
+    gradient being ready to the next block's); medians over at least `repeats` steps, and
+    over `budget_s` seconds of them (at most `max_steps`), as the host's speed moves within
+    seconds (`step_walls_s`). The GPU runs
     ahead of a host-bound step and behind a GPU-bound one, where a full launch queue can hold
     the host back and a block's reading then includes waiting: the smaller of the two readings
     is kept. The GPU's times are kept as measured alone.
@@ -601,7 +604,8 @@ def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], de
     fwd_runs, bwd_runs = [], []
     try:
         with torch.enable_grad():
-            for i in range(1 + repeats):  # one warm-up
+            start, i = time.perf_counter(), 0
+            while i <= repeats or (time.perf_counter() - start < budget_s and i <= max_steps):  # step 0: warm-up
                 _STAMPS = rec = _HostStamps(hook_block)
                 synchronize(device)
                 t0 = time.perf_counter()
@@ -622,6 +626,7 @@ def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], de
                 if i:
                     fwd_runs.append(fwd)
                     bwd_runs.append(bwd)
+                i += 1
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return blocks  # the whole graph does not fit: keep the blocks' own host times

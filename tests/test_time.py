@@ -158,11 +158,11 @@ def test_host_times_in_context_are_read_per_block_and_never_raised():
     gm = torch.export.export(_Stack(), (x,), strict=False).module()
     groups = _groups(gm)
     slow = [time_model.NodeTime(1.0, 2.0, 10.0, 10.0) for _ in groups]
-    got = time_model._host_in_context(gm, [x], torch.device("cpu"), groups, slow, repeats=5)
+    got = time_model._host_in_context(gm, [x], torch.device("cpu"), groups, slow, repeats=5, budget_s=0.5)
     assert [(t.fwd_s, t.bwd_s) for t in got] == [(1.0, 2.0)] * len(groups)
     assert all(0 < t.host_fwd_s < 0.1 and 0 < t.host_bwd_s < 0.1 for t in got)
     fast = [time_model.NodeTime(1.0, 2.0, 1e-9, 1e-9) for _ in groups]
-    assert time_model._host_in_context(gm, [x], torch.device("cpu"), groups, fast, repeats=2) == fast
+    assert time_model._host_in_context(gm, [x], torch.device("cpu"), groups, fast, repeats=2, budget_s=0) == fast
 
 
 def test_host_overheads_are_measured_once_per_device():
