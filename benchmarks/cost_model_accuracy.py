@@ -4,8 +4,8 @@ For each model and dtype: capture it on the device, profile it analytically
 (roofline with the DeviceSpec of this GPU), then measure every block (module
 runs at layer depth) forward+backward on the device, and a whole step of the
 full graph (steps back to back for about 8 s: the median loop, and each loop's time in the
-step row's meas_loops_ms, as a host-bound step's speed moves with the host's). On CUDA also memory: activations held after the forward
-(predicted: saved-for-backward bytes) and the step's peak
+step row's meas_loops_ms, as a host-bound step's speed moves with the host's). On CUDA also
+memory: activations held after the forward (predicted: saved-for-backward bytes) and the step's peak
 (torch.cuda.max_memory_allocated; predicted: weights and inputs as allocated, plus
 cost_models.memory.training_peak_bytes: a walk of the backward counting saved
 activations, gradients in flight, parameter gradients and the running node's workspace).
@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += calibration_rows(device)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    printable = [{k: v for k, v in r.items() if v is not None and not isinstance(v, list)} for r in rows if r["kind"] in ("block", "step")
-                 or r["kind"].startswith("mem")]
+    printable = [{k: v for k, v in r.items() if v is not None and not isinstance(v, list)} for r in rows
+                 if r["kind"] in ("block", "step") or r["kind"].startswith("mem")]
     print_table(f"cost model accuracy on {device_name}: predicted (roofline) vs measured", printable)
     print_table("summary: |relative error| of fwd+bwd time per block, step and memory", summaries)
     extra = {"device": device_name, "quick": args.quick, "summary": summaries}

@@ -565,25 +565,10 @@ def _stamp(i: int, value: Any) -> Any:
     return value
 
 
-def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], device: torch.device,
-                     node_groups: Sequence[Sequence[str]], blocks: list[NodeTime], repeats: int,
-                     budget_s: float = 8.0, max_steps: int = 60) -> list[NodeTime]:
-    """The blocks' host times as measured inside whole steps, where smaller than alone.
-
-    A block timed on its own dispatches slower than the same nodes inside a whole graph,
-    mostly in the backward (one H100 host, bf16: gpt2's blocks 10.8 ms forward and 18.4 ms
-    backward alone, 11.9 and 10.5 ms inside steps; t5-base's 28.6 and 65.0 ms against 30.0 and
-    45.5 ms). So whole steps run on a copy of the graph that notes perf_counter after every
-    node (the forward's host time of a node is the time since the previous one) and hooks the
-    gradient of every block's outputs (a block's backward host time runs from its outputs'
-    gradient being ready to the next block's); medians over at least `repeats` steps, and
-    over `budget_s` seconds of them (at most `max_steps`), as the host's speed moves within
-    seconds (`step_walls_s`). The GPU runs
-    ahead of a host-bound step and behind a GPU-bound one, where a full launch queue can hold
-    the host back and a block's reading then includes waiting: the smaller of the two readings
-    is kept. The GPU's times are kept as measured alone.
-    """
-    global _STAMPS
+def _stamped_copy(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence[str]]
+                  ) -> tuple[torch.fx.GraphModule, list[int | None], dict[int, int]]:
+    """A copy of `gm` that calls `_stamp` after every computing node: (the copy, each stamped
+    node's group or None, stamped node index -> group for the nodes whose value leaves the group)."""
     block_of = {name: b for b, group in enumerate(node_groups) for name in group}
     graph, env, order, hook_block = torch.fx.Graph(), {}, [], {}
     for n in gm.graph.nodes:
@@ -599,34 +584,55 @@ def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], de
             hook_block[len(order)] = b
         env[n] = graph.call_function(_stamp, (len(order), copied))
         order.append(b)
-    stamped = torch.fx.GraphModule(gm, graph)
+    return torch.fx.GraphModule(gm, graph), order, hook_block
+
+
+def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], device: torch.device,
+                     node_groups: Sequence[Sequence[str]], blocks: list[NodeTime], repeats: int,
+                     budget_s: float = 8.0, max_steps: int = 60) -> list[NodeTime]:
+    """The blocks' host times as measured inside whole steps, where smaller than alone.
+
+    A block timed on its own dispatches slower than the same nodes inside a whole graph,
+    mostly in the backward (one H100 host, bf16: gpt2's blocks 10.8 ms forward and 18.4 ms
+    backward alone, 11.9 and 10.5 ms inside steps; t5-base's 28.6 and 65.0 ms against 30.0 and
+    45.5 ms). So whole steps run on a copy of the graph that notes perf_counter after every
+    node (a node's forward host time is the time since the previous note) and hooks the
+    gradient of every block's outputs (a block's backward host time runs from its outputs'
+    gradient being ready to the next block's); medians over at least `repeats` steps and over
+    `budget_s` seconds of them (at most `max_steps`), as the host's speed moves within seconds
+    (`step_walls_s`). The GPU runs ahead of a host-bound step and behind a GPU-bound one, where
+    a full launch queue can hold the host back and a block's reading then includes waiting:
+    the smaller of the two readings is kept. The GPU's times are kept as measured alone.
+    """
+    global _STAMPS
+    stamped, order, hook_block = _stamped_copy(gm, node_groups)
     params = [p for p in gm.parameters() if p.requires_grad]
     fwd_runs, bwd_runs = [], []
     try:
         with torch.enable_grad():
-            start, i = time.perf_counter(), 0
-            while i <= repeats or (time.perf_counter() - start < budget_s and i <= max_steps):  # step 0: warm-up
+            start, step = time.perf_counter(), 0
+            while step <= repeats or (time.perf_counter() - start < budget_s and step <= max_steps):
                 _STAMPS = rec = _HostStamps(hook_block)
                 synchronize(device)
-                t0 = time.perf_counter()
+                t_start = time.perf_counter()
                 outs = _grad_outputs(stamped(*example_inputs))
                 if outs and params:
                     torch.autograd.grad(outs, params, [torch.ones_like(t) for t in outs], allow_unused=True)
-                t2 = time.perf_counter()
+                t_end = time.perf_counter()
                 del outs
                 fwd, bwd = [0.0] * len(blocks), [0.0] * len(blocks)
-                prev = t0
+                prev = t_start
                 for k, t in rec.fwd:
                     if order[k] is not None:
                         fwd[order[k]] += t - prev
                     prev = t
                 events = sorted(rec.bwd, key=lambda e: e[1])
-                for (b, t), (_, t_next) in zip(events, events[1:] + [(None, t2)]):
+                for (b, t), (_, t_next) in zip(events, events[1:] + [(None, t_end)]):
                     bwd[b] += t_next - t
-                if i:
+                if step:  # step 0 warms up
                     fwd_runs.append(fwd)
                     bwd_runs.append(bwd)
-                i += 1
+                step += 1
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return blocks  # the whole graph does not fit: keep the blocks' own host times

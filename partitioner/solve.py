@@ -58,8 +58,8 @@ while the move keeps stages ordered, non-empty and within the memory cap, and
 the simulator says the step gets faster; half the time goes to the seeds
 alike, the rest to the best. The polish gets half of time_limit_s where no
 exact search follows (interleaving, branchy graphs): there the closed form
-misjudges most (t5-base at p = 8, v = 2, 10 s on 2 cores: 180.2 ms with 2 s of
-polish, 176.3 ms with 6 s). For one stage per rank
+misjudges most (t5-base at p = 8, v = 2 in benchmarks/plan_quality.py, 10 s on 2
+cores: 180.2 ms with 2 s of polish and boundary moves only, 173.8 ms now). For one stage per rank
 (1f1b) on a path-shaped graph every valid plan is a contiguous split, and a
 branch and bound over them (partitioner/exact.py) then starts from the polished
 plan and replaces it only by a faster split within the cap; solver_status gains
