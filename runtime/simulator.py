@@ -151,39 +151,84 @@ def input_delays(schedule: Schedule, costs: StageCosts, a: Action) -> list[tuple
     return [(Action(k, "F", mb), 0.0)] + [(Action(j, "B", mb), comm(k, j)) for j in range(k + 1, s.num_stages)]
 
 
+@dataclass
+class _Plan:
+    """A validated schedule as flat arrays, for simulating it many times (the planner's local
+    search and row generation score thousands of plans on one schedule)."""
+
+    actions: list[Action]  # rank by rank, each rank's in order
+    rows: list[list[int]]  # per rank: indices into actions
+    forward: list[bool]
+    stage: list[int]
+    deps: list[list[tuple[int, int, int]]]  # per action: (dependency, j, k); j, k = -1: no link to cross
+
+
+# id(schedule) -> (schedule, its plan), the latest few; a Schedule is not changed once made
+_PLANS: dict[int, tuple[Schedule, _Plan]] = {}
+
+
+def _plan(s: Schedule) -> _Plan:
+    got = _PLANS.get(id(s))
+    if got is not None and got[0] is s:
+        return got[1]
+    validate(s)
+    actions = [a for row in s.actions for a in row]
+    index = {a: i for i, a in enumerate(actions)}
+    rows, n = [], 0
+    for row in s.actions:
+        rows.append(list(range(n, n + len(row))))
+        n += len(row)
+    deps = []
+    for a in actions:
+        k, mb = a.stage, a.microbatch
+        if a.kind == "F":
+            found = [(index[Action(j, "F", mb)], j, k) for j in range(k)]
+        else:
+            found = [(index[Action(k, "F", mb)], -1, -1)]
+            found += [(index[Action(j, "B", mb)], k, j) for j in range(k + 1, s.num_stages)]
+        deps.append([(d, j, k) if j < 0 or s.stage_rank[j] != s.stage_rank[k] else (d, -1, -1)
+                     for d, j, k in found])
+    plan = _Plan(actions, rows, [a.kind == "F" for a in actions], [a.stage for a in actions], deps)
+    if len(_PLANS) >= 32:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[id(s)] = (s, plan)
+    return plan
+
+
 def simulate(schedule: Schedule, costs: StageCosts) -> Timeline:
     """Play the schedule: each rank runs its actions in order, as soon as inputs arrive."""
     s, c = schedule, costs
-    validate(s)
+    plan = _plan(s)
     _check_costs(s, c)
-
-    def ready_at(a: Action) -> float | None:
-        """When a's inputs have all arrived, or None if one has not run yet."""
-        t = 0.0
-        for dep, delay in input_delays(s, c, a):
-            if dep not in end:
-                return None
-            t = max(t, end[dep] + delay)
-        return t
-
-    start: dict[Action, float] = {}
-    end: dict[Action, float] = {}
+    comm, fwd_s, bwd_s = c.comm_time_s, c.fwd_time_s, c.bwd_time_s
+    starts: list[float] = [0.0] * len(plan.actions)
+    ends: list[float | None] = [None] * len(plan.actions)
     free = [0.0] * s.num_ranks
     pos = [0] * s.num_ranks
     progress = True
     while progress:  # times do not depend on the order ranks are visited in
         progress = False
-        for r, row in enumerate(s.actions):
+        for r, row in enumerate(plan.rows):
             while pos[r] < len(row):
                 a = row[pos[r]]
-                t = ready_at(a)
-                if t is None:
-                    break
-                start[a] = max(free[r], t)
-                dur = c.fwd_time_s[a.stage] if a.kind == "F" else c.bwd_time_s[a.stage]
-                end[a] = free[r] = start[a] + dur
-                pos[r] += 1
-                progress = True
+                t = 0.0
+                for d, j, k in plan.deps[a]:  # when a's inputs have all arrived
+                    e = ends[d]
+                    if e is None:
+                        break
+                    if j >= 0 and comm:
+                        e += comm[j][k]
+                    if e > t:
+                        t = e
+                else:
+                    starts[a] = begin = max(free[r], t)
+                    ends[a] = free[r] = begin + (fwd_s[plan.stage[a]] if plan.forward[a] else bwd_s[plan.stage[a]])
+                    pos[r] += 1
+                    progress = True
+                    continue
+                break
+    start = {plan.actions[i]: t for i, t in enumerate(starts) if ends[i] is not None}
+    end = {plan.actions[i]: t for i, t in enumerate(ends) if t is not None}
 
     step = max(end.values(), default=0.0)
     busy = sum(end[a] - start[a] for a in end)

@@ -119,3 +119,15 @@ def test_property_order_respects_dependencies(p, groups, v, name, data):
         assert tl.end_s[a] >= t
         for d in dependencies(tl.schedule, a):
             assert tl.end_s[d] <= t + 1e-12
+
+
+def test_a_schedule_simulated_again_with_other_costs_times_like_a_fresh_one():
+    """simulate keeps a schedule's dependency arrays between calls: only the structure, not the costs."""
+    sched = make_schedule("interleaved-1f1b", 2, 4, 2)
+    slow = StageCosts.chain([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 8.0], 0.5)
+    fast = StageCosts.chain([1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0], 0.0)
+    first = simulate(sched, slow)
+    second = simulate(sched, fast)
+    assert second.end_s == simulate(make_schedule("interleaved-1f1b", 2, 4, 2), fast).end_s
+    assert simulate(sched, slow).end_s == first.end_s
+    assert first.step_time_s > second.step_time_s
