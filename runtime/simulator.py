@@ -134,21 +134,27 @@ def _check_costs(s: Schedule, c: StageCosts) -> None:
         )
 
 
-def input_delays(schedule: Schedule, costs: StageCosts, a: Action) -> list[tuple[Action, float]]:
-    """The actions `a` waits for, each with the delay after it ends (communication across ranks):
-    F(k, mb) the forwards of every stage before k; B(k, mb) F(k, mb) and the backwards of every
-    stage after k."""
-    s, c = schedule, costs
+def input_links(schedule: Schedule, a: Action) -> list[tuple[Action, int, int]]:
+    """The actions `a` waits for, each with the link (j, k) its data crosses, paid as
+    comm_time_s[j][k] after it ends; (-1, -1) where no link is crossed (same rank, or B(k) on
+    its own F(k)): F(k, mb) the forwards of every stage before k; B(k, mb) F(k, mb) and the
+    backwards of every stage after k."""
+    s = schedule
 
-    def comm(j: int, k: int) -> float:
-        if not c.comm_time_s or s.stage_rank[j] == s.stage_rank[k]:
-            return 0.0
-        return c.comm_time_s[j][k]
+    def link(dep: Action, j: int, k: int) -> tuple[Action, int, int]:
+        return (dep, j, k) if s.stage_rank[j] != s.stage_rank[k] else (dep, -1, -1)
 
     k, mb = a.stage, a.microbatch
     if a.kind == "F":
-        return [(Action(j, "F", mb), comm(j, k)) for j in range(k)]
-    return [(Action(k, "F", mb), 0.0)] + [(Action(j, "B", mb), comm(k, j)) for j in range(k + 1, s.num_stages)]
+        return [link(Action(j, "F", mb), j, k) for j in range(k)]
+    return [(Action(k, "F", mb), -1, -1)] + [link(Action(j, "B", mb), k, j) for j in range(k + 1, s.num_stages)]
+
+
+def input_delays(schedule: Schedule, costs: StageCosts, a: Action) -> list[tuple[Action, float]]:
+    """The actions `a` waits for, each with the delay after it ends (`input_links` priced by
+    costs.comm_time_s; no delay when that is empty)."""
+    comm = costs.comm_time_s
+    return [(dep, comm[j][k] if j >= 0 and comm else 0.0) for dep, j, k in input_links(schedule, a)]
 
 
 @dataclass
@@ -160,7 +166,7 @@ class _Plan:
     rows: list[list[int]]  # per rank: indices into actions
     forward: list[bool]
     stage: list[int]
-    deps: list[list[tuple[int, int, int]]]  # per action: (dependency, j, k); j, k = -1: no link to cross
+    deps: list[list[tuple[int, int, int]]]  # per action: input_links, as indices into actions
 
 
 # id(schedule) -> (schedule, its plan), the latest few; a Schedule is not changed once made
@@ -178,16 +184,7 @@ def _plan(s: Schedule) -> _Plan:
     for row in s.actions:
         rows.append(list(range(n, n + len(row))))
         n += len(row)
-    deps = []
-    for a in actions:
-        k, mb = a.stage, a.microbatch
-        if a.kind == "F":
-            found = [(index[Action(j, "F", mb)], j, k) for j in range(k)]
-        else:
-            found = [(index[Action(k, "F", mb)], -1, -1)]
-            found += [(index[Action(j, "B", mb)], k, j) for j in range(k + 1, s.num_stages)]
-        deps.append([(d, j, k) if j < 0 or s.stage_rank[j] != s.stage_rank[k] else (d, -1, -1)
-                     for d, j, k in found])
+    deps = [[(index[dep], j, k) for dep, j, k in input_links(s, a)] for a in actions]
     plan = _Plan(actions, rows, [a.kind == "F" for a in actions], [a.stage for a in actions], deps)
     if len(_PLANS) >= 32:
         _PLANS.pop(next(iter(_PLANS)))
