@@ -23,8 +23,8 @@ overstates host-bound runs; a stage takes max(sum GPU, sum host) per pass instea
 A block alone dispatches slower than inside a whole graph, so with example inputs each
 block's host time is also measured inside whole steps (`_host_in_context`: a timestamp
 after every node of the forward, a gradient hook at every block's outputs in the
-backward) and the smaller of the two kept. On CPU, perf_counter of repeats back to back. Results are cached on
-disk, keyed by the block's code, shapes, dtypes and device, in
+backward) and the smaller of the two kept. On CPU, perf_counter of repeats back to back.
+Results are cached on disk, keyed by the block's code, shapes, dtypes and device, in
 $PARTITIONER_CACHE or ~/.cache/partitioner/.
 """
 from __future__ import annotations
@@ -515,6 +515,12 @@ def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence
     return results
 
 
+def _backward_to(params: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+    """A whole graph's backward: from every output that requires grad (ones), to `params`."""
+    if outs and params:
+        torch.autograd.grad(outs, params, [torch.ones_like(t) for t in outs], allow_unused=True)
+
+
 def _whole_graph_times(gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch.device, repeats: int,
                        warmup: int, budget_s: float = 8.0) -> tuple[float, float, float]:
     """(forward, backward, step) seconds of the whole graph: its forward and its backward call
@@ -529,8 +535,7 @@ def _whole_graph_times(gm: torch.fx.GraphModule, inputs: Sequence[Any], device: 
             t0 = time.perf_counter()
             outs = _grad_outputs(gm(*inputs))
             t1 = time.perf_counter()
-            if outs and params:
-                torch.autograd.grad(outs, params, [torch.ones_like(t) for t in outs], allow_unused=True)
+            _backward_to(params, outs)
             t2 = time.perf_counter()
             del outs
             if i >= warmup:
@@ -616,8 +621,7 @@ def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], de
                 synchronize(device)
                 t_start = time.perf_counter()
                 outs = _grad_outputs(stamped(*example_inputs))
-                if outs and params:
-                    torch.autograd.grad(outs, params, [torch.ones_like(t) for t in outs], allow_unused=True)
+                _backward_to(params, outs)
                 t_end = time.perf_counter()
                 del outs
                 fwd, bwd = [0.0] * len(blocks), [0.0] * len(blocks)
