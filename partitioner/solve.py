@@ -661,10 +661,11 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
         seeds = [assign, start, dp_split, compute_split] + baseline_splits
         seeds = [a for i, a in enumerate(seeds) if a is not None and a not in seeds[:i]]
         polish_end = time.perf_counter() + refine_time_s
-        best = min((refine(bg, a, p, v, m, schedule, link_bw_bytes_per_s, memory_cap_bytes,
-                           refine_time_s / (2 * len(seeds))) for a in seeds), key=lambda r: r[1])
-        best = refine(bg, best[0], p, v, m, schedule, link_bw_bytes_per_s, memory_cap_bytes,
-                      max(0.0, polish_end - time.perf_counter()))
+
+        def polish(a: list[int], budget_s: float) -> tuple[list[int], float]:
+            return refine(bg, a, p, v, m, schedule, bw, cap, budget_s)
+        best = min((polish(a, refine_time_s / (2 * len(seeds))) for a in seeds), key=lambda r: r[1])
+        best = polish(best[0], max(0.0, polish_end - time.perf_counter()))
         refined = best[0] != assign
         assign = best[0]
     plan = evaluate_assignment(bg, assign, p, v, m, schedule, link_bw_bytes_per_s, memory_cap_bytes,
