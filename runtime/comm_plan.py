@@ -5,11 +5,15 @@ of its outputs to every consumer stage. B(k, mb) receives the gradient of each
 output from every consumer and sends the gradient of each received input back
 to its producer (values that carry no gradient send none).
 
-Every rank computes the same CommPlan, so a receiver knows the exact order in
-which a sender issues its messages on a channel (src rank -> dst rank): the
-sender's actions in schedule order, each action's messages in a fixed order.
-Receives posted in that order match sends one to one, for NCCL (which matches
-P2P ops in issue order and ignores tags) and gloo alike.
+Every rank computes the same CommPlan, so both ends of a channel (src rank ->
+dst rank) agree on the order of its messages: the order the receiver needs
+them in (its actions in schedule order, each action's receives in a fixed
+order). Sends and receives issued in that order match one to one, for NCCL
+(which matches P2P ops in issue order and ignores tags) and gloo alike. The
+sender, whose own order can differ (on rank 1 of an interleaved p = 2 plan,
+activations for stage 2 and gradients for stage 0 mix), holds a message back
+until the ones before it on its channel are sent; the receiver then never has
+to post a receive before it needs it just to reach a later one.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ class Message:
 
 @dataclass
 class CommPlan:
-    """sends/recvs per action; channels[(src_rank, dst_rank)] = cross-rank messages in issue order."""
+    """sends/recvs per action; channels[(src_rank, dst_rank)] = cross-rank messages in the receiver's order."""
 
     sends: dict[Action, list[Message]] = field(default_factory=dict)
     recvs: dict[Action, list[Message]] = field(default_factory=dict)
@@ -57,9 +61,9 @@ def build_comm_plan(stages: list[StageModule], schedule: Schedule) -> CommPlan:
             plan.sends[a], plan.recvs[a] = _messages(stages, a)
     for r, row in enumerate(schedule.actions):
         for a in row:
-            for msg in plan.sends[a]:
-                if msg.dst_rank != r:
-                    plan.channels.setdefault((r, msg.dst_rank), []).append(msg)
+            for msg in plan.recvs[a]:
+                if msg.src_rank != r:
+                    plan.channels.setdefault((msg.src_rank, r), []).append(msg)
     return plan
 
 

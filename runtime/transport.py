@@ -9,10 +9,15 @@ handshake is needed.
   sender's tensor, detached and moved to the receiving stage's device.
 - DistTransport: torch.distributed P2P (isend/irecv; NCCL on GPUs, gloo on
   CPU). One process group per ordered pair of ranks (src -> dst), created in
-  the same order on every rank; the receiver posts receives in exactly the
-  sender's issue order on that channel (from the CommPlan), which is what
+  the same order on every rank. Both ends issue a channel's messages in the
+  CommPlan's order for it, the order the receiver needs them in: that is what
   NCCL's in-order matching needs and what keeps gloo's tag-free matching
-  correct. Every group has a timeout: a dead or stuck peer raises a
+  correct. A message produced before an earlier one of its channel waits on
+  the sender (`held`) until that one is sent. So a receive is never posted
+  before it is needed only to reach a later message, which would hold a
+  buffer the plan's memory does not count. Holding back never deadlocks:
+  the receiver takes the channel's messages in that order, so every message
+  before the one it waits for has been sent already. Every group has a timeout: a dead or stuck peer raises a
   RuntimeConfigError naming it instead of hanging.
 
 When receives are posted: on gloo, `prefetch` posts them early, so the
@@ -104,10 +109,13 @@ class DistTransport(Transport):
         self._connect()
         self.local: dict[Message, torch.Tensor] = {}
         self.pending_sends: deque[tuple[dist.Work, torch.Tensor, Message]] = deque()
-        self.incoming: dict[int, list[Message]] = {}  # src rank -> messages in issue order
+        self.incoming: dict[int, list[Message]] = {}  # src rank -> messages in channel order
+        self.outgoing: dict[int, list[Message]] = {}  # dst rank -> messages in channel order
         self.position: dict[Message, int] = {}
         self.next_post: dict[int, int] = {}
+        self.next_send: dict[int, int] = {}
         self.posted: dict[Message, tuple[dist.Work, torch.Tensor]] = {}
+        self.held: dict[Message, torch.Tensor] = {}  # produced, waiting for earlier messages of the channel
 
     def _connect(self) -> None:
         """One blocking send/recv per channel, in the same global order on every rank: NCCL creates a
@@ -132,17 +140,24 @@ class DistTransport(Transport):
             if self.rank in (src, dst) and (src, dst) not in self.groups:
                 raise RuntimeConfigError(f"rank {self.rank}: no process group for messages from rank {src} to rank "
                                          f"{dst}; build the DistTransport with every channel of every CommPlan.")
+        self.outgoing = {dst: msgs for (src, dst), msgs in comm.channels.items() if src == self.rank}
         self.position = {m: i for msgs in self.incoming.values() for i, m in enumerate(msgs)}
         self.next_post = {src: 0 for src in self.incoming}
+        self.next_send = {dst: 0 for dst in self.outgoing}
 
     def send(self, msg: Message, tensor: torch.Tensor) -> None:
         tensor = tensor.detach()
         if msg.dst_rank == self.rank:
             self.local[msg] = tensor
             return
-        tensor = tensor.contiguous()
-        work = dist.isend(tensor, dst=msg.dst_rank, group=self.groups[(self.rank, msg.dst_rank)])
-        self.pending_sends.append((work, tensor, msg))
+        dst, queue = msg.dst_rank, self.outgoing.get(msg.dst_rank, [])
+        self.held[msg] = tensor.contiguous()
+        group = self.groups[(self.rank, dst)]
+        while self.next_send[dst] < len(queue) and queue[self.next_send[dst]] in self.held:
+            m = queue[self.next_send[dst]]
+            t = self.held.pop(m)
+            self.pending_sends.append((dist.isend(t, dst=dst, group=group), t, m))
+            self.next_send[dst] += 1
         while self.pending_sends and self.pending_sends[0][0].is_completed():
             self._wait(*self.pending_sends.popleft())
 
@@ -181,10 +196,14 @@ class DistTransport(Transport):
             self._wait(*self.pending_sends.popleft())
         left = [m for m in self.posted] + list(self.local)
         left += [q[i] for src, q in self.incoming.items() for i in range(self.next_post[src], len(q))]
+        unsent = [q[i] for dst, q in self.outgoing.items() for i in range(self.next_send[dst], len(q))]
         self.posted.clear()
         self.local.clear()
+        self.held.clear()
         if left:
             raise RuntimeConfigError(f"rank {self.rank}: {len(left)} message(s) were never received, e.g. {left[0]}.")
+        if unsent:
+            raise RuntimeConfigError(f"rank {self.rank}: {len(unsent)} message(s) were never sent, e.g. {unsent[0]}.")
 
     def _wait(self, work: dist.Work, tensor: torch.Tensor, msg: Message) -> None:
         peer = msg.dst_rank if msg.src_rank == self.rank else msg.src_rank

@@ -1,4 +1,4 @@
-"""runtime/transport.py: in-process mailbox; gloo P2P in the sender's order, dead peers named."""
+"""runtime/transport.py: in-process mailbox; gloo P2P in the channel's order, dead peers named."""
 from __future__ import annotations
 
 import os
@@ -59,7 +59,7 @@ def _exchange_then_die(rank: int, world: int, post_early) -> tuple[list[bool], s
     else:
         for m in backward:
             t.send(m, _value(m))
-        # wait in another order than the sender's: receives are still posted in its order
+        # wait in another order than the channel's: receives are still posted in its order
         ok += [torch.equal(t.recv(m), _value(m)) for m in [forward[3], forward[0], forward[4], forward[1], forward[2]]]
     t.finish()
     # second round: rank 1 dies without sending; rank 0 must name it instead of hanging
@@ -76,8 +76,38 @@ def _exchange_then_die(rank: int, world: int, post_early) -> tuple[list[bool], s
 
 
 @pytest.mark.parametrize("post_early", [None, False])  # None: CPU default (early); False: NCCL's just-in-time
-def test_dist_transport_matches_messages_in_the_senders_order_and_names_dead_peers(post_early):
+def test_dist_transport_matches_messages_in_the_channels_order_and_names_dead_peers(post_early):
     results = run_workers(_exchange_then_die, 2, post_early, timeout_s=90)
     ok, error = results[0]
     assert ok == [True] * 3 and results[1] is None
     assert "rank 1" in error and "failed" in error, error
+
+
+def _send_out_of_order(rank: int, world: int, _=None) -> tuple[list[bool], list[int]]:
+    """Rank 0 produces the channel's messages last first; rank 1 receives them in the channel's order."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    comm, forward, backward = _channels()
+    t = DistTransport(rank, torch.device("cpu"), list(comm.channels), timeout_s=10, post_early=False)
+    t.begin(comm)
+    ok, held = [], []
+    if rank == 0:
+        for m in reversed(forward):
+            t.send(m, _value(m))
+            held.append(len(t.held))  # nothing goes out before forward[0] does
+        for m in backward:
+            t.recv(m)
+    else:
+        for m in forward:
+            got = t.recv(m)
+            ok.append(torch.equal(got, _value(m)) and not t.posted)  # no receive posted ahead
+        for m in backward:
+            t.send(m, _value(m))
+    t.finish()
+    return ok, held
+
+
+def test_dist_transport_holds_a_send_until_the_earlier_messages_of_its_channel_are_sent():
+    results = run_workers(_send_out_of_order, 2, timeout_s=90)
+    assert results[0] == ([], [1, 2, 3, 4, 0])
+    assert results[1] == ([True] * 5, [])
