@@ -657,15 +657,15 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
         # the ILP's answer, its warm start and the compute-only chain DP: the closed form
         # misjudges interleaved schedules on slow links, where balance beats fewer cuts.
         # The baselines' splits are seeds too, so the result is never worse than any of them.
-        # Half the time goes to the seeds alike, the rest to the best of them.
+        # Half the time goes to the seeds alike, the rest to the best of them, with kicks.
         seeds = [assign, start, dp_split, compute_split] + baseline_splits
         seeds = [a for i, a in enumerate(seeds) if a is not None and a not in seeds[:i]]
         polish_end = time.perf_counter() + refine_time_s
 
-        def polish(a: list[int], budget_s: float) -> tuple[list[int], float]:
-            return refine(bg, a, p, v, m, schedule, bw, cap, budget_s)
+        def polish(a: list[int], budget_s: float, kicks: bool = False) -> tuple[list[int], float]:
+            return refine(bg, a, p, v, m, schedule, bw, cap, budget_s, kicks)
         best = min((polish(a, refine_time_s / (2 * len(seeds))) for a in seeds), key=lambda r: r[1])
-        best = polish(best[0], max(0.0, polish_end - time.perf_counter()))
+        best = polish(best[0], max(0.0, polish_end - time.perf_counter()), kicks=True)
         refined = best[0] != assign
         assign = best[0]
     plan = evaluate_assignment(bg, assign, p, v, m, schedule, link_bw_bytes_per_s, memory_cap_bytes,
