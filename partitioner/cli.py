@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--depth", type=int, default=None, help="module depth of the blocks (default: automatic)")
     plan.add_argument("--time-limit", type=float, default=10.0,
                       help="seconds for the whole search (default 10): the ILP, the local search on the simulator "
-                           "(half of it when interleaving or on branchy graphs), then the exact split search or "
+                           "(70%% of it when interleaving or on branchy graphs), then the exact split search or "
                            "the lower-bound row generation with what is left")
     plan.add_argument("--json", metavar="FILE", help="write the plan as JSON")
     plan.add_argument("--compare", action="store_true", help="also score the baselines (uniform, torchtitan, "

@@ -8,10 +8,14 @@ stages while the simulated step time drops, so the final plan is never worse
 stage order along every edge and every stage non-empty:
 
 - one block to another stage (nearest stages first);
-- a ripple: stage boundaries lo..hi all shift by one block in the same
-  direction, so the stages between keep their size and only their ends change;
-  interleaved plans balance a rank's chunks against each other, and one
-  block's move cannot shift load across several ranks at once;
+- a ripple: the boundaries between stages lo..hi all shift by the same number
+  of blocks (up to a quarter of an average stage) in the same direction, so
+  the stages between keep their size and only their ends change. Interleaved
+  plans balance a rank's chunks against each other and the pipeline's fill
+  against its drain, which takes many boundaries moving together: on gpt2-xl
+  at p = 8, v = 2 (benchmarks/plan_quality.py's blocks, 2-core CPU) no single
+  move and no single boundary's shift shortened a 673.6 ms plan, and ripples
+  took it to 666.5 ms in 2.1 s;
 - kicks (optional): a few random single moves, then single moves again; a kick
   that ends below the best plan is kept and descends with ripples too. This
   leaves the local optimum the moves above stop in.
@@ -40,6 +44,7 @@ class _Search:
         self.preds = [list(bg.graph.predecessors(b)) for b in range(n)]
         self.succs = [list(bg.graph.successors(b)) for b in range(n)]
         self.K = p * v
+        self.max_shift = max(1, -(-n // (4 * self.K)))  # ripples shift up to a quarter of an average stage
 
     def out_of_time(self) -> bool:
         return time.perf_counter() > self.deadline
@@ -60,9 +65,7 @@ class _Search:
 
     def single_moves(self, a: list[int], best: float) -> float:
         """First-improvement sweeps of one-block moves until none helps; edits `a`, returns its step."""
-        counts = [0] * self.K
-        for k in a:
-            counts[k] += 1
+        counts = self.stage_ends(a)[2]
         improved = True
         while improved and not self.out_of_time():
             improved = False
@@ -85,13 +88,12 @@ class _Search:
                         return best
         return best
 
-    def ripple(self, a: list[int], ends: tuple, lo: int, hi: int, right: bool) -> list[int] | None:
-        """Shift the boundaries of stages lo..hi by one block: right, the last block of each stage
+    def ripple(self, a: list[int], lo: int, hi: int, right: bool) -> list[int] | None:
+        """Shift the boundaries between stages lo..hi by one block: right, the last block of each stage
         lo..hi-1 (in topological order, so its successors lie on later stages) moves to the next stage;
         left, the first block of each stage hi..lo+1 to the previous one. None where stage lo (right) or
-        hi (left) would empty; the stages between gain a block before they give one.
-        ends: (first, last, count) per stage of `a` (_stage_ends)."""
-        first, last, count = ends
+        hi (left) would empty; the stages between gain a block before they give one."""
+        first, last, count = self.stage_ends(a)
         if count[lo if right else hi] < 2:
             return None
         x, carried = list(a), None
@@ -114,23 +116,31 @@ class _Search:
         return first, last, count
 
     def ripples(self, a: list[int], best: float) -> tuple[list[int], float]:
-        """The first ripple over three or more stages that shortens the step, or (a, best) if none does."""
-        ends = self.stage_ends(a)
-        for span in range(3, self.K + 1):
-            for lo in range(self.K - span + 1):
+        """One sweep over every range of boundaries lo..hi and shifts of 1..max_shift blocks either way,
+        keeping each that shortens the step (one boundary alone: 2 blocks or more, single moves do 1)."""
+        for lo in range(self.K - 1):
+            for hi in range(lo + 1, self.K):
                 for right in (True, False):
-                    x = self.ripple(a, ends, lo, lo + span - 1, right)
-                    if x is None:
-                        continue
-                    new = self.score(x)
-                    if new < best * (1 - 1e-9):
-                        return x, new
+                    x, last, rising = a, best, 0
+                    for steps in range(1, self.max_shift + 1):
+                        x = self.ripple(x, lo, hi, right)
+                        if x is None:
+                            break
+                        if hi == lo + 1 and steps == 1:
+                            continue
+                        new = self.score(x)
+                        if new < best * (1 - 1e-9):  # kept; shifting further may pay too
+                            a, best = x, new
+                        rising = rising + 1 if new > last else 0
+                        last = new
+                        if rising == 2 or self.out_of_time():  # two steps uphill in a row: stop this way
+                            break
                     if self.out_of_time():
                         return a, best
         return a, best
 
     def descend(self, a: list[int], best: float) -> tuple[list[int], float]:
-        """Single moves, then a ripple, then single moves again, until neither helps."""
+        """Single moves and ripple sweeps, in turn, until neither shortens the step."""
         a = list(a)
         while True:
             best = self.single_moves(a, best)
@@ -139,14 +149,12 @@ class _Search:
             x, new = self.ripples(a, best)
             if x is a:
                 return a, best
-            a, best = x, new
+            a, best = list(x), new
 
     def kick(self, a: list[int], rng: random.Random) -> list[int]:
         """`a` with KICK_MOVES random valid one-block moves."""
         x = list(a)
-        counts = [0] * self.K
-        for k in x:
-            counts[k] += 1
+        counts = self.stage_ends(x)[2]
         for _ in range(KICK_MOVES):
             b = rng.randrange(len(x))
             allowed = self.stage_range(x, b)
@@ -166,9 +174,9 @@ def refine(bg, assign: list[int], p: int, v: int, m: int, schedule: str, bw: flo
     until neither shortens the step or `budget_s` is spent. With `kicks`, the rest of the budget
     goes to kicks from the best plan found (random moves, then the descent again), until
     KICKS_WITHOUT_GAIN of them in a row found nothing; `seed` seeds them. Plans over the memory cap
-    `cap` score infinite. On benchmarks/plan_quality.py's blocks at p = 8, v = 2, 2 cores, from
-    the ILP's plan: descent then kicks for 5 s in all took gpt2-xl from 680.3 to 672.9 ms (67
-    kicks) and t5-base from 175.4 to 172.1 ms (13 kicks).
+    `cap` score infinite. On benchmarks/plan_quality.py's blocks at p = 8, v = 2, 2 cores, 5 s
+    from the ILP's plan took gpt2-xl from 681.6 to 663.6 ms and t5-base from 182.1 to 173.2 ms.
+    A ripple sweep stops shifting one way after two steps that each lengthen the step.
     """
     search = _Search(bg, p, v, m, schedule, bw, cap, time.perf_counter() + budget_s)
     best_a, best = search.descend(assign, search.score(assign))

@@ -53,13 +53,14 @@ paths, the chain DP's bottleneck.
 
 The objective is a closed form; the event simulator is the judge. So the
 solver's solution and every seed are polished by a local search on the
-simulated step time (partitioner/refine.py): move a block to another stage
-while the move keeps stages ordered, non-empty and within the memory cap, and
-the simulator says the step gets faster; half the time goes to the seeds
-alike, the rest to the best. The polish gets half of time_limit_s where no
-exact search follows (interleaving, branchy graphs): there the closed form
-misjudges most (t5-base at p = 8, v = 2 in benchmarks/plan_quality.py, 10 s on 2
-cores: 180.2 ms with 2 s of polish and boundary moves only, 173.8 ms now). For one stage per rank
+simulated step time (partitioner/refine.py): move a block, or shift a range of
+stage boundaries together, while the move keeps stages ordered, non-empty and
+within the memory cap and the simulator says the step gets faster; half the
+time goes to the seeds alike, the rest to the best (with random kicks once it
+stops). The polish gets 70% of time_limit_s where no exact search follows
+(interleaving, branchy graphs): there the closed form misjudges most (gpt2-xl at
+p = 8, v = 2 in benchmarks/plan_quality.py, 10 s on 2 cores: 673.6 ms with half
+the time and one-block moves, 666.5 ms now). For one stage per rank
 (1f1b) on a path-shaped graph every valid plan is a contiguous split, and a
 branch and bound over them (partitioner/exact.py) then starts from the polished
 plan and replaces it only by a faster split within the cap; solver_status gains
@@ -602,7 +603,7 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     K, n = p * v, len(bg.blocks)
     exact_follows = v == 1 and schedule == "1f1b" and m >= p and p > 1 and bg.is_path()
     if refine_time_s is None:  # the simulator's polish pays most where no exact search follows it
-        refine_time_s = min(2.0, time_limit_s / 4) if exact_follows else time_limit_s / 2
+        refine_time_s = min(2.0, time_limit_s / 4) if exact_follows else 0.7 * time_limit_s
     t0 = time.perf_counter()
     from partitioner.baselines import BASELINES, baseline_assignment
     bw, cap = link_bw_bytes_per_s, memory_cap_bytes

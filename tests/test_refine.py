@@ -34,19 +34,22 @@ def test_ripples_and_kicks_keep_edges_ordered_and_stages_non_empty(seed):
     for _ in range(10):
         a = random_plan(rng, search, n, K)
         assert valid(bg, a, K)
-        ends = search.stage_ends(a)
         for lo, hi in itertools.combinations(range(K), 2):
             for right in (True, False):
-                x = search.ripple(a, ends, lo, hi, right)
-                if x is None:
-                    continue
-                assert valid(bg, x, K), (a, lo, hi, right, x)
-                moved = [b for b in range(n) if x[b] != a[b]]
-                # each boundary between lo and hi moves one block, one stage; a block may pass through
-                assert all(abs(x[b] - a[b]) <= hi - lo and (x[b] > a[b]) == right for b in moved)
-                assert sum(abs(x[b] - a[b]) for b in moved) == hi - lo
-                shifted += 1
-    assert shifted > 50
+                x = a
+                for steps in (1, 2, 3):  # a shift by several blocks is one block's shift, repeated
+                    before, x = x, search.ripple(x, lo, hi, right)
+                    if x is None:
+                        break
+                    assert valid(bg, x, K), (before, lo, hi, right, x)
+                    moved = [b for b in range(n) if x[b] != before[b]]
+                    # each boundary between lo and hi moves one block one stage on; a block may pass through
+                    assert all(abs(x[b] - before[b]) <= hi - lo and (x[b] > before[b]) == right for b in moved)
+                    assert sum(abs(x[b] - before[b]) for b in moved) == hi - lo
+                    assert [x.count(k) for k in range(K)] == [before.count(k) - (k == (lo if right else hi))
+                                                             + (k == (hi if right else lo)) for k in range(K)]
+                    shifted += 1
+    assert shifted > 100
 
 
 def test_a_ripple_leaves_the_optimum_that_single_moves_miss():
@@ -76,3 +79,17 @@ def test_kicks_never_end_above_the_descent(seed):
     assert kicked[1] <= plain[1] * (1 + 1e-12)
     assert valid(bg, kicked[0], p * v)
     assert kicked[1] == pytest.approx(evaluate_assignment(bg, kicked[0], p, v, m, "interleaved-1f1b", BW).step_time_s)
+
+
+def test_a_ripple_of_two_blocks_leaves_a_plan_that_one_block_shifts_cannot():
+    # p = 2, v = 2; from `stuck` no single move and no one-block ripple shortens the step (80.7);
+    # shifting the boundaries of stages 0..2 left by two blocks does (80.1)
+    bg = synthetic_block_graph([2.7, 1.5, 2.0, 3.6, 1.2, 4.6, 1.7, 4.6, 1.9, 4.8, 3.7, 2.8])
+    search = _Search(bg, 2, 2, 4, "interleaved-1f1b", BW, None, float("inf"))
+    stuck = [0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    search.max_shift = 1
+    assert search.descend(stuck, search.score(stuck)) == (stuck, pytest.approx(80.7))
+    search.max_shift = 2
+    assign, step = search.descend(stuck, search.score(stuck))
+    assert step <= 80.1 + 1e-9 and valid(bg, assign, 4)
+    assert step == pytest.approx(evaluate_assignment(bg, assign, 2, 2, 4, "interleaved-1f1b", BW).step_time_s)
