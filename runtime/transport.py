@@ -17,8 +17,9 @@ handshake is needed.
   before it is needed only to reach a later message, which would hold a
   buffer the plan's memory does not count. Holding back never deadlocks:
   the receiver takes the channel's messages in that order, so every message
-  before the one it waits for has been sent already. Every group has a timeout: a dead or stuck peer raises a
-  RuntimeConfigError naming it instead of hanging.
+  before the one it waits for has been sent already. Every group has a
+  timeout: a dead or stuck peer raises a RuntimeConfigError naming it
+  instead of hanging.
 
 When receives are posted: on gloo, `prefetch` posts them early, so the
 transfer runs in gloo's threads while this rank computes. On NCCL it does not
@@ -111,7 +112,7 @@ class DistTransport(Transport):
         self.pending_sends: deque[tuple[dist.Work, torch.Tensor, Message]] = deque()
         self.incoming: dict[int, list[Message]] = {}  # src rank -> messages in channel order
         self.outgoing: dict[int, list[Message]] = {}  # dst rank -> messages in channel order
-        self.position: dict[Message, int] = {}
+        self.position: dict[Message, int] = {}  # a message's place on its channel (either way)
         self.next_post: dict[int, int] = {}
         self.next_send: dict[int, int] = {}
         self.posted: dict[Message, tuple[dist.Work, torch.Tensor]] = {}
@@ -141,7 +142,8 @@ class DistTransport(Transport):
                 raise RuntimeConfigError(f"rank {self.rank}: no process group for messages from rank {src} to rank "
                                          f"{dst}; build the DistTransport with every channel of every CommPlan.")
         self.outgoing = {dst: msgs for (src, dst), msgs in comm.channels.items() if src == self.rank}
-        self.position = {m: i for msgs in self.incoming.values() for i, m in enumerate(msgs)}
+        self.position = {m: i for msgs in [*self.incoming.values(), *self.outgoing.values()]
+                         for i, m in enumerate(msgs)}
         self.next_post = {src: 0 for src in self.incoming}
         self.next_send = {dst: 0 for dst in self.outgoing}
 
@@ -150,7 +152,9 @@ class DistTransport(Transport):
         if msg.dst_rank == self.rank:
             self.local[msg] = tensor
             return
-        dst, queue = msg.dst_rank, self.outgoing.get(msg.dst_rank, [])
+        if msg not in self.position:
+            raise RuntimeConfigError(f"rank {self.rank}: {msg} is not in the communication plan of this step.")
+        dst, queue = msg.dst_rank, self.outgoing[msg.dst_rank]
         self.held[msg] = tensor.contiguous()
         group = self.groups[(self.rank, dst)]
         while self.next_send[dst] < len(queue) and queue[self.next_send[dst]] in self.held:

@@ -95,6 +95,10 @@ def _send_out_of_order(rank: int, world: int, _=None) -> tuple[list[bool], list[
         for m in reversed(forward):
             t.send(m, _value(m))
             held.append(len(t.held))  # nothing goes out before forward[0] does
+        try:
+            t.send(msg(77, 0, 1), torch.zeros(2, 3))
+        except RuntimeConfigError as err:
+            ok.append("not in the communication plan" in str(err))
         for m in backward:
             t.recv(m)
     else:
@@ -109,5 +113,5 @@ def _send_out_of_order(rank: int, world: int, _=None) -> tuple[list[bool], list[
 
 def test_dist_transport_holds_a_send_until_the_earlier_messages_of_its_channel_are_sent():
     results = run_workers(_send_out_of_order, 2, timeout_s=90)
-    assert results[0] == ([], [1, 2, 3, 4, 0])
+    assert results[0] == ([True], [1, 2, 3, 4, 0])  # True: a message outside the plan is refused
     assert results[1] == ([True] * 5, [])
