@@ -50,12 +50,12 @@ class _Search:
         return time.perf_counter() > self.deadline
 
     def score(self, a: list[int]) -> float:
-        from runtime.simulator import simulate
+        from runtime.simulator import step_time_s
 
         st = stage_stats(self.bg, a, self.p, self.v, self.bw)
         if self.cap is not None and max(st.rank_mem_bytes(self.inflight)) > self.cap:
             return float("inf")
-        return simulate(self.sched, st.stage_costs(self.bw)).step_time_s + st.allreduce_time_s
+        return step_time_s(self.sched, st.stage_costs(self.bw)) + st.allreduce_time_s
 
     def stage_range(self, a: list[int], b: int) -> range:
         """The stages block b may move to: from its latest predecessor's to its earliest successor's."""

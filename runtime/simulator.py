@@ -167,6 +167,8 @@ class _Plan:
     forward: list[bool]
     stage: list[int]
     deps: list[list[tuple[int, int, int]]]  # per action: input_links, as indices into actions
+    order: list[int] = field(default_factory=list)  # every action after its inputs and its rank's earlier ones
+    rank: list[int] = field(default_factory=list)
 
 
 # id(schedule) -> (schedule, its plan), the latest few; a Schedule is not changed once made
@@ -185,47 +187,61 @@ def _plan(s: Schedule) -> _Plan:
         rows.append(list(range(n, n + len(row))))
         n += len(row)
     deps = [[(index[dep], j, k) for dep, j, k in input_links(s, a)] for a in actions]
-    plan = _Plan(actions, rows, [a.kind == "F" for a in actions], [a.stage for a in actions], deps)
+    plan = _Plan(actions, rows, [a.kind == "F" for a in actions], [a.stage for a in actions], deps,
+                 _topological_order(rows, deps), [r for r, row in enumerate(rows) for _ in row])
     if len(_PLANS) >= 32:
         _PLANS.pop(next(iter(_PLANS)))
     _PLANS[id(s)] = (s, plan)
     return plan
 
 
+def _topological_order(rows: list[list[int]], deps: list[list[tuple[int, int, int]]]) -> list[int]:
+    """Actions in an order that puts each after its inputs and its rank's earlier actions (ranks
+    visited in turn, each as far as its inputs allow; validate() has ruled out cycles)."""
+    done = [False] * sum(len(row) for row in rows)
+    pos, order = [0] * len(rows), []
+    while len(order) < len(done):
+        before = len(order)
+        for r, row in enumerate(rows):
+            while pos[r] < len(row) and all(done[d] for d, _, _ in deps[row[pos[r]]]):
+                done[row[pos[r]]] = True
+                order.append(row[pos[r]])
+                pos[r] += 1
+        if len(order) == before:
+            raise ScheduleError("the schedule has a dependency cycle; validate() it first.")
+    return order
+
+
+def _event_times(plan: _Plan, s: Schedule, c: StageCosts) -> tuple[list[float], list[float]]:
+    """Start and end of every action (indices as plan.actions): each starts once its rank is free and
+    its inputs have arrived, in one pass over plan.order."""
+    _check_costs(s, c)
+    comm, fwd_s, bwd_s, deps, rank = c.comm_time_s, c.fwd_time_s, c.bwd_time_s, plan.deps, plan.rank
+    starts, ends = [0.0] * len(plan.actions), [0.0] * len(plan.actions)
+    free = [0.0] * s.num_ranks
+    for a in plan.order:
+        t = free[rank[a]]
+        for d, j, k in deps[a]:
+            e = ends[d] + comm[j][k] if j >= 0 and comm else ends[d]
+            if e > t:
+                t = e
+        starts[a] = t
+        ends[a] = free[rank[a]] = t + (fwd_s[plan.stage[a]] if plan.forward[a] else bwd_s[plan.stage[a]])
+    return starts, ends
+
+
+def step_time_s(schedule: Schedule, costs: StageCosts) -> float:
+    """simulate(schedule, costs).step_time_s, without building the timeline (for searches)."""
+    return max(_event_times(_plan(schedule), schedule, costs)[1], default=0.0)
+
+
 def simulate(schedule: Schedule, costs: StageCosts) -> Timeline:
     """Play the schedule: each rank runs its actions in order, as soon as inputs arrive."""
     s, c = schedule, costs
     plan = _plan(s)
-    _check_costs(s, c)
-    comm, fwd_s, bwd_s = c.comm_time_s, c.fwd_time_s, c.bwd_time_s
-    starts: list[float] = [0.0] * len(plan.actions)
-    ends: list[float | None] = [None] * len(plan.actions)
-    free = [0.0] * s.num_ranks
-    pos = [0] * s.num_ranks
-    progress = True
-    while progress:  # times do not depend on the order ranks are visited in
-        progress = False
-        for r, row in enumerate(plan.rows):
-            while pos[r] < len(row):
-                a = row[pos[r]]
-                t = 0.0
-                for d, j, k in plan.deps[a]:  # when a's inputs have all arrived
-                    e = ends[d]
-                    if e is None:
-                        break
-                    if j >= 0 and comm:
-                        e += comm[j][k]
-                    if e > t:
-                        t = e
-                else:
-                    starts[a] = begin = max(free[r], t)
-                    ends[a] = free[r] = begin + (fwd_s[plan.stage[a]] if plan.forward[a] else bwd_s[plan.stage[a]])
-                    pos[r] += 1
-                    progress = True
-                    continue
-                break
-    start = {plan.actions[i]: t for i, t in enumerate(starts) if ends[i] is not None}
-    end = {plan.actions[i]: t for i, t in enumerate(ends) if t is not None}
+    starts, ends = _event_times(plan, s, c)
+    start = dict(zip(plan.actions, starts))
+    end = dict(zip(plan.actions, ends))
 
     step = max(end.values(), default=0.0)
     busy = sum(end[a] - start[a] for a in end)

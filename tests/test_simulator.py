@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from partitioner.errors import ScheduleError
 from runtime.schedules import Action, dependencies, make_schedule
-from runtime.simulator import StageCosts, simulate
+from runtime.simulator import StageCosts, input_delays, simulate, step_time_s
 
 
 def _assert_order_respects_dependencies(timeline):
@@ -119,6 +119,12 @@ def test_property_order_respects_dependencies(p, groups, v, name, data):
         assert tl.end_s[a] >= t
         for d in dependencies(tl.schedule, a):
             assert tl.end_s[d] <= t + 1e-12
+    for row in tl.schedule.actions:  # every action starts as soon as its rank and its inputs allow
+        for i, a in enumerate(row):
+            ready = [tl.end_s[row[i - 1]]] if i else [0.0]
+            ready += [tl.end_s[d] + delay for d, delay in input_delays(tl.schedule, costs, a)]
+            assert tl.start_s[a] == pytest.approx(max(ready))
+    assert step_time_s(tl.schedule, costs) == tl.step_time_s
 
 
 def test_a_schedule_simulated_again_with_other_costs_times_like_a_fresh_one():
