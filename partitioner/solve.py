@@ -55,12 +55,12 @@ The objective is a closed form; the event simulator is the judge. So the
 solver's solution and every seed are polished by a local search on the
 simulated step time (partitioner/refine.py): move a block, or shift a range of
 stage boundaries together, while the move keeps stages ordered, non-empty and
-within the memory cap and the simulator says the step gets faster; half the
-time goes to the seeds alike, the rest to the best (with random kicks once it
-stops). The polish gets 70% of time_limit_s where no exact search follows
+within the memory cap and the simulator says the step gets faster; a third of
+the time goes to the seeds alike, the rest to the best (with random kicks once
+it stops). The polish gets 70% of time_limit_s where no exact search follows
 (interleaving, branchy graphs): there the closed form misjudges most (gpt2-xl at
 p = 8, v = 2 in benchmarks/plan_quality.py, 10 s on 2 cores: 673.6 ms with half
-the time and one-block moves, 666.5 ms now). For one stage per rank
+the time and one-block moves, 663.1 ms now). For one stage per rank
 (1f1b) on a path-shaped graph every valid plan is a contiguous split, and a
 branch and bound over them (partitioner/exact.py) then starts from the polished
 plan and replaces it only by a faster split within the cap; solver_status gains
@@ -658,14 +658,14 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
         # the ILP's answer, its warm start and the compute-only chain DP: the closed form
         # misjudges interleaved schedules on slow links, where balance beats fewer cuts.
         # The baselines' splits are seeds too, so the result is never worse than any of them.
-        # Half the time goes to the seeds alike, the rest to the best of them, with kicks.
+        # A third of the time goes to the seeds alike, the rest to the best of them, with kicks.
         seeds = [assign, start, dp_split, compute_split] + baseline_splits
         seeds = [a for i, a in enumerate(seeds) if a is not None and a not in seeds[:i]]
         polish_end = time.perf_counter() + refine_time_s
 
         def polish(a: list[int], budget_s: float, kicks: bool = False) -> tuple[list[int], float]:
             return refine(bg, a, p, v, m, schedule, bw, cap, budget_s, kicks)
-        best = min((polish(a, refine_time_s / (2 * len(seeds))) for a in seeds), key=lambda r: r[1])
+        best = min((polish(a, refine_time_s / (3 * len(seeds))) for a in seeds), key=lambda r: r[1])
         best = polish(best[0], max(0.0, polish_end - time.perf_counter()), kicks=True)
         refined = best[0] != assign
         assign = best[0]
