@@ -163,12 +163,11 @@ class _Plan:
     search and row generation score thousands of plans on one schedule)."""
 
     actions: list[Action]  # rank by rank, each rank's in order
-    rows: list[list[int]]  # per rank: indices into actions
     forward: list[bool]
     stage: list[int]
+    rank: list[int]
     deps: list[list[tuple[int, int, int]]]  # per action: input_links, as indices into actions
-    order: list[int] = field(default_factory=list)  # every action after its inputs and its rank's earlier ones
-    rank: list[int] = field(default_factory=list)
+    order: list[int]  # every action after its inputs and its rank's earlier ones
 
 
 # id(schedule) -> (schedule, its plan), the latest few; a Schedule is not changed once made
@@ -187,8 +186,8 @@ def _plan(s: Schedule) -> _Plan:
         rows.append(list(range(n, n + len(row))))
         n += len(row)
     deps = [[(index[dep], j, k) for dep, j, k in input_links(s, a)] for a in actions]
-    plan = _Plan(actions, rows, [a.kind == "F" for a in actions], [a.stage for a in actions], deps,
-                 _topological_order(rows, deps), [r for r, row in enumerate(rows) for _ in row])
+    plan = _Plan(actions, [a.kind == "F" for a in actions], [a.stage for a in actions],
+                 [r for r, row in enumerate(rows) for _ in row], deps, _topological_order(rows, deps))
     if len(_PLANS) >= 32:
         _PLANS.pop(next(iter(_PLANS)))
     _PLANS[id(s)] = (s, plan)
