@@ -53,6 +53,10 @@ class Transport(ABC):
     def send(self, msg: Message, tensor: torch.Tensor) -> None:
         """Send `tensor` as `msg`; returns at once."""
 
+    def _check_planned(self, msg: Message) -> None:
+        if msg not in self.position:
+            raise RuntimeConfigError(f"rank {self.rank}: {msg} is not in the communication plan of this step.")
+
     def prefetch(self, msgs: list[Message]) -> None:
         """`msgs` will be received soon: a transport may post their receives now (waited for in `recv`)."""
 
@@ -152,8 +156,7 @@ class DistTransport(Transport):
         if msg.dst_rank == self.rank:
             self.local[msg] = tensor
             return
-        if msg not in self.position:
-            raise RuntimeConfigError(f"rank {self.rank}: {msg} is not in the communication plan of this step.")
+        self._check_planned(msg)
         dst, queue = msg.dst_rank, self.outgoing[msg.dst_rank]
         self.held[msg] = tensor.contiguous()
         group = self.groups[(self.rank, dst)]
@@ -174,8 +177,7 @@ class DistTransport(Transport):
         for msg in msgs:
             if msg.src_rank == self.rank:
                 continue
-            if msg not in self.position:
-                raise RuntimeConfigError(f"rank {self.rank}: {msg} is not in the communication plan of this step.")
+            self._check_planned(msg)
             src, queue = msg.src_rank, self.incoming[msg.src_rank]
             group = self.groups[(src, self.rank)]
             while self.next_post[src] <= self.position[msg]:
