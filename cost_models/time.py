@@ -36,7 +36,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -362,11 +362,19 @@ def step_walls_s(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
     and a host-bound step (t5-base bf16) 66-114 ms with it; a GPU-bound step varies < 1%.
     """
     walls: list[float] = []
-    t0 = time.perf_counter()
-    while len(walls) < max_loops and (len(walls) < min_loops or time.perf_counter() - t0 < budget_s):
+    for _ in _budgeted_runs(min_loops, max_loops, budget_s):
         t = time_fwd_bwd(fn, device, grad_inputs, warmup=1 if walls else 2, repeats=repeats, separate_host=False)
         walls.append(t.fwd_s + t.bwd_s)
     return walls
+
+
+def _budgeted_runs(min_runs: int, max_runs: int, budget_s: float) -> Iterator[int]:
+    """0, 1, 2, ...: at least min_runs, then more while budget_s seconds (from the first) have not
+    passed, never more than max_runs."""
+    t0, i = time.perf_counter(), 0
+    while i < max_runs and (i < min_runs or time.perf_counter() - t0 < budget_s):
+        yield i
+        i += 1
 
 
 def step_wall_s(fn: Callable[[], Any], device: torch.device, grad_inputs: list[torch.Tensor], repeats: int = 5,
@@ -615,8 +623,7 @@ def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], de
     fwd_runs, bwd_runs = [], []
     try:
         with torch.enable_grad():
-            start, step = time.perf_counter(), 0
-            while step <= repeats or (time.perf_counter() - start < budget_s and step <= max_steps):
+            for step in _budgeted_runs(repeats + 1, max(repeats, max_steps) + 1, budget_s):
                 _STAMPS = rec = _HostStamps(hook_block)
                 synchronize(device)
                 t_start = time.perf_counter()
@@ -636,7 +643,6 @@ def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], de
                 if step:  # step 0 warms up
                     fwd_runs.append(fwd)
                     bwd_runs.append(bwd)
-                step += 1
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return blocks  # the whole graph does not fit: keep the blocks' own host times
