@@ -12,6 +12,7 @@ stage on the devices listed (they may repeat, e.g. ["cpu"] * 4).
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
@@ -270,6 +271,8 @@ def _init_distributed(devices: list[torch.device], timeout_s: float) -> int | No
                                      f"(torchrun --nproc_per_node {len(devices)}).")
         backend = "nccl" if devices[rank].type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        if backend == "gloo":
+            atexit.register(_destroy_gloo_groups)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world != len(devices):
         raise RuntimeConfigError(f"compile_parallel on rank {rank}: the world has {world} processes but "
@@ -278,6 +281,16 @@ def _init_distributed(devices: list[torch.device], timeout_s: float) -> int | No
     if devices[rank].type == "cuda":
         torch.cuda.set_device(devices[rank])
     return rank
+
+
+def _destroy_gloo_groups() -> None:
+    """Destroy the process groups compile_parallel created, while the interpreter is still whole.
+
+    A gloo process left to interpreter teardown can abort ("terminate called without an active
+    exception") as its worker threads are destroyed. NCCL groups are left to the user
+    (`dist.destroy_process_group()`): after a failed step NCCL's teardown can wait on the dead peer."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _agree(text: str, what: str, rank: int, devices: list[torch.device]) -> None:

@@ -275,3 +275,27 @@ def test_an_unbatched_input_whose_dim_0_equals_the_batch_is_named():
     with pytest.raises(CaptureError, match=r"'mask' \(6, 6\).*leading dim of 1"):
         compile_parallel(Masked(), ["cpu"] * 2, (x,), lambda out, t: (out - t).pow(2).mean(),
                          example_kwargs={"mask": mask}, microbatches=3)
+
+
+def test_a_gloo_group_compile_parallel_created_is_destroyed_at_exit(monkeypatch):
+    """Left to interpreter teardown, gloo's worker threads can abort the process; the exit hook
+    compile_parallel registers destroys the group first."""
+    import torch.distributed as dist
+    from dist_utils import free_port
+
+    from partitioner import api
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    hooks = []
+    monkeypatch.setattr(api.atexit, "register", hooks.append)
+    for key, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    try:
+        assert api._init_distributed([torch.device("cpu")], timeout_s=30) == 0
+        assert dist.is_initialized() and hooks
+        for hook in hooks:
+            hook()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
