@@ -44,7 +44,9 @@ from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
 
-from partitioner.plan import DEFAULT_LINK_BW_BYTES_PER_S, check_config, inflight_microbatches, stage_stats
+from partitioner.plan import (DEFAULT_LINK_BW_BYTES_PER_S, check_config, closed_form_rank_mem_bytes,
+                              inflight_microbatches)
+from partitioner.stage_scorer import StageScorer
 
 _UNITS = 10_000_000  # one microbatch's whole work is about this many integer units
 DEFAULT_TOL = 0.005  # stop once the best plan is within this fraction of the bound
@@ -168,17 +170,17 @@ class _Scorer:
         self.bg, self.p, self.v, self.bw, self.cap = bg, p, v, bw, cap
         self.sched = make_schedule(schedule, p, m, v)
         self.inflight = inflight_microbatches(schedule, p, m, v)
+        self.scorer = StageScorer(bg, p, v, bw)
 
     def score(self, assign: list[int]) -> tuple[float, bool, list[PathRow]]:
         """(step, within the cap, critical paths with and without communication)."""
         from runtime.simulator import StageCosts, simulate
 
-        st = stage_stats(self.bg, assign, self.p, self.v, self.bw)
-        fits = self.cap is None or max(st.rank_mem_bytes(self.inflight)) <= self.cap
-        costs = st.stage_costs(self.bw)
+        costs, allreduce_s = self.scorer.costs(assign)
+        fits = self.cap is None or max(closed_form_rank_mem_bytes(costs, self.inflight)) <= self.cap
         tl = simulate(self.sched, costs)
         free = StageCosts(costs.fwd_time_s, costs.bwd_time_s, (), costs.saved_bytes)
-        return (tl.step_time_s + st.allreduce_time_s, fits,
+        return (tl.step_time_s + allreduce_s, fits,
                 [critical_path(tl, costs), critical_path(simulate(self.sched, free), free)])
 
 

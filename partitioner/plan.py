@@ -151,11 +151,8 @@ class StageStats:
     working_bytes: list[int]  # per stage: transient of its backward
 
     def rank_mem_bytes(self, inflight: list[int]) -> list[int]:
-        """Closed-form peak per rank: static + in-flight microbatches x the rank's largest saved
-        activations + the largest backward transient among its stages."""
-        p = len(self.static_bytes)
-        return [self.static_bytes[r] + inflight[r] * max(self.saved_bytes[r::p]) + max(self.working_bytes[r::p])
-                for r in range(p)]
+        """Closed-form peak per rank (`closed_form_rank_mem_bytes`)."""
+        return closed_form_rank_mem_bytes(self, inflight)
 
     def stage_costs(self, link_bw_bytes_per_s: float):
         """The simulator's StageCosts of these stages."""
@@ -163,6 +160,14 @@ class StageStats:
         return StageCosts(tuple(self.fwd_time_s), tuple(self.bwd_time_s),
                           tuple(tuple(b / link_bw_bytes_per_s for b in row) for row in self.comm_bytes),
                           tuple(self.saved_bytes), tuple(self.static_bytes), tuple(self.working_bytes))
+
+
+def closed_form_rank_mem_bytes(costs, inflight: list[int]) -> list[int]:
+    """Peak per rank of a StageStats or the simulator's StageCosts: static + in-flight microbatches x
+    the rank's largest saved activations + the largest backward transient among its stages."""
+    p = len(costs.static_bytes)
+    return [costs.static_bytes[r] + inflight[r] * max(costs.saved_bytes[r::p]) + max(costs.working_bytes[r::p])
+            for r in range(p)]
 
 
 def held_as_output(v, j: int, dests: set[int], block_stage: list[int]) -> int:

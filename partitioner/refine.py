@@ -29,7 +29,8 @@ from __future__ import annotations
 import random
 import time
 
-from partitioner.plan import inflight_microbatches, stage_stats
+from partitioner.plan import closed_form_rank_mem_bytes, inflight_microbatches
+from partitioner.stage_scorer import StageScorer
 
 KICK_MOVES = 3  # random single moves in half the kicks
 KICKS_WITHOUT_GAIN = 100  # kicks stop after this many in a row found nothing
@@ -48,6 +49,7 @@ class _Search:
         self.preds = [list(bg.graph.predecessors(b)) for b in range(n)]
         self.succs = [list(bg.graph.successors(b)) for b in range(n)]
         self.K = p * v
+        self.scorer = StageScorer(bg, p, v, bw)
         self.max_shift = max(1, -(-n // (4 * self.K)))  # ripples shift up to a quarter of an average stage
 
     def out_of_time(self) -> bool:
@@ -56,10 +58,10 @@ class _Search:
     def score(self, a: list[int]) -> float:
         from runtime.simulator import step_time_s
 
-        st = stage_stats(self.bg, a, self.p, self.v, self.bw)
-        if self.cap is not None and max(st.rank_mem_bytes(self.inflight)) > self.cap:
+        costs, allreduce_s = self.scorer.costs(a)
+        if self.cap is not None and max(closed_form_rank_mem_bytes(costs, self.inflight)) > self.cap:
             return float("inf")
-        return step_time_s(self.sched, st.stage_costs(self.bw)) + st.allreduce_time_s
+        return step_time_s(self.sched, costs) + allreduce_s
 
     def stage_range(self, a: list[int], b: int) -> range:
         """The stages block b may move to: from its latest predecessor's to its earliest successor's."""

@@ -165,9 +165,12 @@ class _Plan:
     actions: list[Action]  # rank by rank, each rank's in order
     forward: list[bool]
     stage: list[int]
+    microbatch: list[int]
     rank: list[int]
-    deps: list[list[tuple[int, int, int]]]  # per action: input_links, as indices into actions
     order: list[int]  # every action after its inputs and its rank's earlier ones
+    fwd_index: list[list[int]]  # [stage][microbatch]: index of the forward in actions
+    bwd_index: list[list[int]]  # the same for the backward (-1: none, a forward-only schedule)
+    cross: list[list[bool]]  # [j][k]: stages j and k sit on different ranks
 
 
 # id(schedule) -> (schedule, its plan), the latest few; a Schedule is not changed once made
@@ -185,16 +188,21 @@ def _plan(s: Schedule) -> _Plan:
     for row in s.actions:
         rows.append(list(range(n, n + len(row))))
         n += len(row)
-    deps = [[(index[dep], j, k) for dep, j, k in input_links(s, a)] for a in actions]
+    deps = [[index[dep] for dep, _, _ in input_links(s, a)] for a in actions]
+    mbs = 1 + max((a.microbatch for a in actions), default=-1)
+    slots = {kind: [[index.get(Action(k, kind, mb), -1) for mb in range(mbs)] for k in range(s.num_stages)]
+             for kind in "FB"}
     plan = _Plan(actions, [a.kind == "F" for a in actions], [a.stage for a in actions],
-                 [r for r, row in enumerate(rows) for _ in row], deps, _topological_order(rows, deps))
+                 [a.microbatch for a in actions], [r for r, row in enumerate(rows) for _ in row],
+                 _topological_order(rows, deps), slots["F"], slots["B"],
+                 [[s.stage_rank[j] != s.stage_rank[k] for k in range(s.num_stages)] for j in range(s.num_stages)])
     if len(_PLANS) >= 32:
         _PLANS.pop(next(iter(_PLANS)))
     _PLANS[id(s)] = (s, plan)
     return plan
 
 
-def _topological_order(rows: list[list[int]], deps: list[list[tuple[int, int, int]]]) -> list[int]:
+def _topological_order(rows: list[list[int]], deps: list[list[int]]) -> list[int]:
     """Actions in an order that puts each after its inputs and its rank's earlier actions (ranks
     visited in turn, each as far as its inputs allow; validate() has ruled out cycles)."""
     done = [False] * sum(len(row) for row in rows)
@@ -202,7 +210,7 @@ def _topological_order(rows: list[list[int]], deps: list[list[tuple[int, int, in
     while len(order) < len(done):
         before = len(order)
         for r, row in enumerate(rows):
-            while pos[r] < len(row) and all(done[d] for d, _, _ in deps[row[pos[r]]]):
+            while pos[r] < len(row) and all(done[d] for d in deps[row[pos[r]]]):
                 done[row[pos[r]]] = True
                 order.append(row[pos[r]])
                 pos[r] += 1
@@ -213,19 +221,49 @@ def _topological_order(rows: list[list[int]], deps: list[list[tuple[int, int, in
 
 def _event_times(plan: _Plan, s: Schedule, c: StageCosts) -> tuple[list[float], list[float]]:
     """Start and end of every action (indices as plan.actions): each starts once its rank is free and
-    its inputs have arrived, in one pass over plan.order."""
+    its inputs (`input_links`) have arrived, in one pass over plan.order.
+
+    Of F(k, mb)'s inputs only F(k-1, mb) and the forwards that reach k over a link that takes
+    time can bind: F(j, mb) for j < k-1 ended before F(k-1, mb) began. Likewise B(k, mb) needs
+    F(k, mb), B(k+1, mb) and the backwards of later stages whose link to k takes time."""
     _check_costs(s, c)
-    comm, fwd_s, bwd_s, deps, rank = c.comm_time_s, c.fwd_time_s, c.bwd_time_s, plan.deps, plan.rank
+    K, cross = s.num_stages, plan.cross
+    comm = c.comm_time_s or [[0.0] * K for _ in range(K)]
+    next_f = [comm[k - 1][k] if k > 0 and cross[k - 1][k] else 0.0 for k in range(K)]  # F(k-1) -> F(k)
+    next_b = [comm[k][k + 1] if k + 1 < K and cross[k][k + 1] else 0.0 for k in range(K)]  # B(k+1) -> B(k)
+    far_f = [[(j, comm[j][k]) for j in range(k - 1) if comm[j][k] > 0 and cross[j][k]] for k in range(K)]
+    far_b = [[(j, comm[k][j]) for j in range(k + 2, K) if comm[k][j] > 0 and cross[k][j]] for k in range(K)]
+    fwd_s, bwd_s, F, B = c.fwd_time_s, c.bwd_time_s, plan.fwd_index, plan.bwd_index
+    stage, micro, rank, forward = plan.stage, plan.microbatch, plan.rank, plan.forward
     starts, ends = [0.0] * len(plan.actions), [0.0] * len(plan.actions)
     free = [0.0] * s.num_ranks
     for a in plan.order:
-        t = free[rank[a]]
-        for d, j, k in deps[a]:
-            e = ends[d] + comm[j][k] if j >= 0 and comm else ends[d]
+        k, mb, r = stage[a], micro[a], rank[a]
+        t = free[r]
+        if forward[a]:
+            if k:
+                e = ends[F[k - 1][mb]] + next_f[k]
+                if e > t:
+                    t = e
+                for j, d in far_f[k]:
+                    e = ends[F[j][mb]] + d
+                    if e > t:
+                        t = e
+            ends[a] = free[r] = t + fwd_s[k]
+        else:
+            e = ends[F[k][mb]]
             if e > t:
                 t = e
+            if k + 1 < K:
+                e = ends[B[k + 1][mb]] + next_b[k]
+                if e > t:
+                    t = e
+                for j, d in far_b[k]:
+                    e = ends[B[j][mb]] + d
+                    if e > t:
+                        t = e
+            ends[a] = free[r] = t + bwd_s[k]
         starts[a] = t
-        ends[a] = free[rank[a]] = t + (fwd_s[plan.stage[a]] if plan.forward[a] else bwd_s[plan.stage[a]])
     return starts, ends
 
 

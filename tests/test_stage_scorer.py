@@ -1,0 +1,63 @@
+"""partitioner/stage_scorer.py prices assignments exactly as partitioner.plan.stage_stats does."""
+from __future__ import annotations
+
+import random
+
+import networkx as nx
+import pytest
+
+from partitioner.plan import closed_form_rank_mem_bytes, inflight_microbatches, stage_stats
+from partitioner.stage_scorer import StageScorer
+from passes.coarsen import Block, BlockGraph, CrossValue, SharedParam
+
+BW = 3e9
+
+
+def random_graph(rng: random.Random, n: int) -> BlockGraph:
+    """Blocks with device and host times, working bytes; values read by several blocks, by the
+    output, saved by a reader or by no one, with and without gradients; tied parameters, some frozen."""
+    blocks = [Block(b, f"b{b}", (f"n{b}", f"m{b}"), (), rng.uniform(0, 3), rng.uniform(0, 6), 0.0, 0.0,
+                    rng.randint(0, 10**6), rng.randint(0, 10**7), rng.randint(0, 10**8), 0,
+                    host_fwd_time_s=rng.choice([0.0, rng.uniform(0, 3)]),
+                    host_bwd_time_s=rng.choice([0.0, rng.uniform(0, 6)]),
+                    bwd_working_bytes=rng.randint(0, 10**8)) for b in range(n)]
+    values, graph = [], nx.DiGraph()
+    graph.add_nodes_from(range(n))
+    for u in range(n):
+        later = list(range(u + 1, n))
+        consumers = tuple(sorted(rng.sample(later, k=min(len(later), rng.randint(0, 3)))))
+        to_output = u == n - 1 or rng.random() < 0.2
+        if not consumers and not to_output:
+            continue
+        saver = rng.choice([-1, u, *consumers])
+        values.append(CrossValue(f"v{u}", u, consumers, rng.randint(0, 10**9), to_output, saver,
+                                 rng.random() < 0.8))
+        for c in consumers:
+            graph.add_edge(u, c, bytes=values[-1].bytes)
+    shared = [SharedParam(f"tied{i}", rng.randint(0, 10**8), rng.randint(0, 10**9),
+                          tuple(sorted(rng.sample(range(n), k=rng.randint(1, 3)))), (f"attr{i}",),
+                          trainable=rng.random() < 0.7) for i in range(rng.randint(0, 3))]
+    return BlockGraph(blocks, values, shared, graph)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_costs_match_stage_stats(seed):
+    rng = random.Random(seed)
+    n = rng.randint(3, 30)
+    p, v = rng.choice([(1, 1), (2, 1), (3, 1), (2, 2), (4, 2), (2, 3)])
+    bg = random_graph(rng, n)
+    scorer = StageScorer(bg, p, v, BW)
+    inflight = inflight_microbatches("interleaved-1f1b" if v > 1 else "1f1b", p, 2 * p, v)
+    for _ in range(20):
+        assign = [rng.randrange(p * v) for _ in range(n)]  # any assignment: neither prices validity
+        st = stage_stats(bg, assign, p, v, BW)
+        want = st.stage_costs(BW)
+        got, allreduce_s = scorer.costs(assign)
+        assert got.fwd_time_s == pytest.approx(want.fwd_time_s, rel=1e-12)
+        assert got.bwd_time_s == pytest.approx(want.bwd_time_s, rel=1e-12)
+        for row_got, row_want in zip(got.comm_time_s, want.comm_time_s):
+            assert row_got == pytest.approx(row_want, rel=1e-12, abs=1e-18)
+        assert (got.saved_bytes, got.static_bytes, got.working_bytes) == \
+            (want.saved_bytes, want.static_bytes, want.working_bytes)
+        assert allreduce_s == pytest.approx(st.allreduce_time_s, rel=1e-12)
+        assert closed_form_rank_mem_bytes(got, inflight) == st.rank_mem_bytes(inflight)
