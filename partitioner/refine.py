@@ -15,14 +15,19 @@ stage order along every edge and every stage non-empty:
   against its drain, which takes many boundaries moving together: on gpt2-xl
   at p = 8, v = 2 (benchmarks/plan_quality.py's blocks, 2-core CPU) no single
   move and no single boundary's shift shortened a 673.6 ms plan, and ripples
-  took it to 666.5 ms in 2.1 s;
+  took it to 666.5 ms;
 - kicks (optional): a random ripple (and half the time a few random single
-  moves), then single moves again; a kick that ends below the best plan is
-  kept and descends with ripples too. This leaves the local optimum the moves
-  above stop in: from the 10 s solve's plans (plan_quality's blocks, p = 8,
-  v = 2, 2-core CPU) gpt2-xl went from 666.5 to 663.1 ms in 3.3 s and t5-base
-  from 174.1 to 172.2 ms in 1.5 s, where random single moves as kicks needed
-  8.6 s to reach 172.6 ms on t5-base.
+  moves) off the current plan, then single moves again. A kick that ends below
+  the best plan descends with ripples too and becomes the best and the current
+  plan; one that ends within WALK_TOLERANCE above the current plan becomes the
+  current plan, so the search walks across near-equal plans instead of kicking
+  from one local optimum only.
+
+Scores come from partitioner/stage_scorer.py and the simulator's step_time_s,
+0.24 ms per plan on t5-base's 371 blocks at p = 8, v = 2 (2-core CPU). From the
+ILP's plans of benchmarks/plan_quality.py at p = 8, v = 2, 5 s on that CPU took
+gpt2-xl from 695.8 to 660.3 ms (the descent alone: 666.5 ms in 0.5 s) and
+t5-base from 182.7 to 171.1 ms (descent: 174.6 ms in 1.0 s).
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ from partitioner.plan import closed_form_rank_mem_bytes, inflight_microbatches
 from partitioner.stage_scorer import StageScorer
 
 KICK_MOVES = 3  # random single moves in half the kicks
-KICKS_WITHOUT_GAIN = 100  # kicks stop after this many in a row found nothing
+KICKS_WITHOUT_GAIN = 300  # kicks stop after this many in a row found nothing
+WALK_TOLERANCE = 0.002  # a kick ending this close above the current plan becomes the current plan
 
 
 class _Search:
@@ -185,22 +191,21 @@ def refine(bg, assign: list[int], p: int, v: int, m: int, schedule: str, bw: flo
 
     Single-block moves (first improvement, nearer stages first) and ripples (module docstring)
     until neither shortens the step or `budget_s` is spent. With `kicks`, the rest of the budget
-    goes to kicks from the best plan found (a random ripple and moves, then the descent again), until
-    KICKS_WITHOUT_GAIN of them in a row found nothing; `seed` seeds them. Plans over the memory cap
-    `cap` score infinite. On benchmarks/plan_quality.py's blocks at p = 8, v = 2, 2 cores, 5 s
-    from the ILP's plan took gpt2-xl from 681.6 to 663.6 ms (the descent alone, 3.9 s) and
-    t5-base from 183.3 to 172.0 ms (descent 174.2 ms in 2.7 s, then kicks). A ripple sweep stops
+    goes to kicks (module docstring) until KICKS_WITHOUT_GAIN of them in a row found no better
+    plan; `seed` seeds them. Plans over the memory cap `cap` score infinite. A ripple sweep stops
     shifting one way after two steps that each lengthen the step.
     """
     search = _Search(bg, p, v, m, schedule, bw, cap, time.perf_counter() + budget_s)
     best_a, best = search.descend(assign, search.score(assign))
     rng = random.Random(seed)
-    failed = 0
+    failed, current_a, current = 0, best_a, best
     while kicks and search.K > 1 and failed < KICKS_WITHOUT_GAIN and not search.out_of_time():
-        x = search.kick(best_a, rng)
+        x = search.kick(current_a, rng)
         step = search.single_moves(x, search.score(x))  # ripples (slow) only for a kick that pays
         failed += 1
         if step < best * (1 - 1e-9):
             best_a, best = search.descend(x, step)
-            failed = 0
+            current_a, current, failed = best_a, best, 0
+        elif step < current * (1 + WALK_TOLERANCE):
+            current_a, current = x, step
     return best_a, best
