@@ -24,8 +24,9 @@ optimum when the search completed, else the larger of pipeline_bound_ms and the
 search's own bound exact_lb_ms): the most any plan could gain over the
 layer-count baselines. None where a column does not apply.
 Critical-path row generation (every row, partitioner.critical_path.path_bound_solve from the ILP
-plan, --paths-budget seconds): paths_lb_ms is the lower bound it proves on the simulated step of
-every valid plan, ilp_vs_paths_lb the ILP plan's distance from it (proven_3pct: at most 3%),
+plan, --paths-budget seconds; a row whose plan is then over 3% above the bound gets --paths-extra
+seconds more, a second run from the best plan found): paths_lb_ms is the lower bound it proves on
+the simulated step of every valid plan, ilp_vs_paths_lb the ILP plan's distance from it (proven_3pct: at most 3%),
 paths_ms the best plan it found, paths_status how it stopped. ilp_lb_ms is the bound solve()
 itself reported within its time limit (Plan.step_lower_bound_s). The tightest bound of a row
 (tightest_lb_ms) is the largest of all of them (the exact optimum where the search completed);
@@ -45,6 +46,7 @@ from partitioner.planner import BLOCKS_PER_STAGE
 MODELS = ("gpt2-xl", "t5-base", "cnn", "llama-8b")
 LAYER_COUNT_BASELINES = ("uniform", "torchtitan", "parameters")
 PATHS_BUDGET_S = 60.0  # default seconds of critical-path row generation per row
+PATHS_EXTRA_S = 240.0  # default seconds more for a row whose plan is then still over 3% above the bound
 
 
 def profile_model(name: str, device: str):
@@ -82,16 +84,25 @@ def exact_columns(bg, p: int, v: int, m: int, bw: float, ilp, pb: float | None, 
     return cols
 
 
-def paths_columns(bg, p: int, v: int, m: int, bw: float, ilp, budget_s: float, cap: int | None = None) -> dict:
-    """The critical-path row generation columns of a row (see the module docstring)."""
+def paths_columns(bg, p: int, v: int, m: int, bw: float, ilp, budget_s: float, cap: int | None = None,
+                  extra_s: float = 0.0) -> dict:
+    """The critical-path row generation columns of a row (see the module docstring). A row whose plan
+    is still over 3% above the bound after budget_s gets a second run of extra_s seconds, from the
+    best plan found so far (a faster incumbent prunes more); the larger bound of the two holds."""
     cols = dict.fromkeys(("paths_lb_ms", "ilp_vs_paths_lb", "proven_3pct", "paths_ms", "paths_status", "paths_s"))
     if budget_s <= 0:
         return cols
     t0 = time.perf_counter()
     found = path_bound_solve(bg, p, v, m, ilp.schedule, cap, bw, budget_s, incumbent=ilp.block_stage)
-    cols.update(paths_lb_ms=found.lower_bound_s * 1e3, ilp_vs_paths_lb=ilp.step_time_s / found.lower_bound_s,
-                proven_3pct=ilp.step_time_s <= 1.03 * found.lower_bound_s, paths_ms=found.step_time_s * 1e3,
-                paths_status=found.status, paths_s=time.perf_counter() - t0)
+    lower, best = found.lower_bound_s, found
+    if ilp.step_time_s > 1.03 * lower and found.status == "time_limit" and extra_s > 0:
+        incumbent = found.assignment if found.step_time_s < ilp.step_time_s else ilp.block_stage
+        again = path_bound_solve(bg, p, v, m, ilp.schedule, cap, bw, extra_s, incumbent=incumbent)
+        lower = max(lower, again.lower_bound_s)
+        best = min(found, again, key=lambda f: f.step_time_s)
+    cols.update(paths_lb_ms=lower * 1e3, ilp_vs_paths_lb=ilp.step_time_s / lower,
+                proven_3pct=ilp.step_time_s <= 1.03 * lower, paths_ms=best.step_time_s * 1e3,
+                paths_status=best.status, paths_s=time.perf_counter() - t0)
     return cols
 
 
@@ -107,7 +118,7 @@ def tightest_columns(row: dict, ilp, base: dict) -> dict:
 def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: float, device: str,
         memory_bound: bool = True, exact_budget_s: float = EXACT_BUDGET_S,
         microbatches_per_rank: tuple[int, ...] = (2,),
-        paths_budget_s: float = PATHS_BUDGET_S) -> tuple[list[dict], list[dict]]:
+        paths_budget_s: float = PATHS_BUDGET_S, paths_extra_s: float = PATHS_EXTRA_S) -> tuple[list[dict], list[dict]]:
     from cost_models.device import get_device_spec
     from partitioner.baselines import all_baselines
     from partitioner.solve import solve
@@ -143,7 +154,7 @@ def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: fl
                             "status": ilp.solver_status, "gap": ilp.gap, "solve_s": wall,
                             "ilp_lb_ms": ilp.step_lower_bound_s * 1e3 or None})
                 row.update(exact_columns(bg, p, v, m, bw, ilp, pb, exact_budget_s))
-                row.update(paths_columns(bg, p, v, m, bw, ilp, paths_budget_s))
+                row.update(paths_columns(bg, p, v, m, bw, ilp, paths_budget_s, extra_s=paths_extra_s))
                 row.update(tightest_columns(row, ilp, base))
                 rows.append(row)
                 exact = "" if row["exact_ms"] is None else \
@@ -226,6 +237,9 @@ def main() -> None:
                     help="seconds of exact split search per v=1 path-shaped row (0: skip it)")
     ap.add_argument("--paths-budget", type=float, default=PATHS_BUDGET_S,
                     help="seconds of critical-path row generation per row (0: skip it)")
+    ap.add_argument("--paths-extra", type=float, default=PATHS_EXTRA_S,
+                    help="seconds of a second row generation, from the best plan found, for a row whose plan "
+                         "is still over 3%% above the bound (0: none)")
     ap.add_argument("--microbatches-per-rank", nargs="+", type=int, default=[2],
                     help="m = this x p for every row (more microbatches: less bubble, balance matters more)")
     ap.add_argument("--name", default="plan_quality", help="result name under benchmarks/results")
@@ -233,7 +247,7 @@ def main() -> None:
     a = ap.parse_args()
     rows, capped = run(a.models, a.ranks, a.chunks, a.time_limit, a.device, memory_bound=not a.no_memory_bound,
                        exact_budget_s=a.exact_budget, microbatches_per_rank=tuple(a.microbatches_per_rank),
-                       paths_budget_s=a.paths_budget)
+                       paths_budget_s=a.paths_budget, paths_extra_s=a.paths_extra)
     print_table("plan quality (simulated step time, ms)", [{k: v for k, v in r.items() if v is not None} for r in rows])
     print_table("ILP plan vs the proven lower bound (critical-path row generation)",
                 [{"model": r["model"], "p": r["p"], "v": r["v"], "ilp_ms": r["ilp_ms"], "paths_lb_ms": r["paths_lb_ms"],
@@ -244,6 +258,7 @@ def main() -> None:
                 [{k: v for k, v in r.items() if v is not None} for r in capped])
     path = write_result(a.name, rows, {"device": a.device, "time_limit_s": a.time_limit,
                                        "exact_budget_s": a.exact_budget, "paths_budget_s": a.paths_budget,
+                                       "paths_extra_s": a.paths_extra,
                                        "memory_bound": capped})
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     plot(rows, RESULTS_DIR / f"{a.name}.png")
