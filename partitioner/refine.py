@@ -24,7 +24,7 @@ stage order along every edge and every stage non-empty:
   from one local optimum only.
 
 Scores come from partitioner/stage_scorer.py and the simulator's step_time_s,
-0.24 ms per plan on t5-base's 371 blocks at p = 8, v = 2 (2-core CPU). From the
+0.25 ms per plan on t5-base's 371 blocks at p = 8, v = 2 (2-core CPU). From the
 ILP's plans of benchmarks/plan_quality.py at p = 8, v = 2, 5 s on that CPU took
 gpt2-xl from 695.8 to 660.3 ms (the descent alone: 666.5 ms in 0.5 s) and
 t5-base from 182.7 to 171.1 ms (descent: 174.6 ms in 1.0 s).

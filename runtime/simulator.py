@@ -229,10 +229,11 @@ def _event_times(plan: _Plan, s: Schedule, c: StageCosts) -> tuple[list[float], 
     _check_costs(s, c)
     K, cross = s.num_stages, plan.cross
     comm = c.comm_time_s or [[0.0] * K for _ in range(K)]
-    next_f = [comm[k - 1][k] if k > 0 and cross[k - 1][k] else 0.0 for k in range(K)]  # F(k-1) -> F(k)
-    next_b = [comm[k][k + 1] if k + 1 < K and cross[k][k + 1] else 0.0 for k in range(K)]  # B(k+1) -> B(k)
-    far_f = [[(j, comm[j][k]) for j in range(k - 1) if comm[j][k] > 0 and cross[j][k]] for k in range(K)]
-    far_b = [[(j, comm[k][j]) for j in range(k + 2, K) if comm[k][j] > 0 and cross[k][j]] for k in range(K)]
+    # per stage: the (stage, delay) inputs that can bind, F(k-1) and B(k+1) first
+    inputs_f = [[(j, comm[j][k] if cross[j][k] else 0.0) for j in range(k - 1, -1, -1)
+                 if j == k - 1 or (comm[j][k] > 0 and cross[j][k])] for k in range(K)]
+    inputs_b = [[(j, comm[k][j] if cross[k][j] else 0.0) for j in range(k + 1, K)
+                 if j == k + 1 or (comm[k][j] > 0 and cross[k][j])] for k in range(K)]
     fwd_s, bwd_s, F, B = c.fwd_time_s, c.bwd_time_s, plan.fwd_index, plan.bwd_index
     stage, micro, rank, forward = plan.stage, plan.microbatch, plan.rank, plan.forward
     starts, ends = [0.0] * len(plan.actions), [0.0] * len(plan.actions)
@@ -241,29 +242,18 @@ def _event_times(plan: _Plan, s: Schedule, c: StageCosts) -> tuple[list[float], 
         k, mb, r = stage[a], micro[a], rank[a]
         t = free[r]
         if forward[a]:
-            if k:
-                e = ends[F[k - 1][mb]] + next_f[k]
-                if e > t:
-                    t = e
-                for j, d in far_f[k]:
-                    e = ends[F[j][mb]] + d
-                    if e > t:
-                        t = e
-            ends[a] = free[r] = t + fwd_s[k]
+            index, inputs, duration = F, inputs_f[k], fwd_s[k]
         else:
-            e = ends[F[k][mb]]
+            index, inputs, duration = B, inputs_b[k], bwd_s[k]
+            e = ends[F[k][mb]]  # its own forward
             if e > t:
                 t = e
-            if k + 1 < K:
-                e = ends[B[k + 1][mb]] + next_b[k]
-                if e > t:
-                    t = e
-                for j, d in far_b[k]:
-                    e = ends[B[j][mb]] + d
-                    if e > t:
-                        t = e
-            ends[a] = free[r] = t + bwd_s[k]
+        for j, d in inputs:
+            e = ends[index[j][mb]] + d
+            if e > t:
+                t = e
         starts[a] = t
+        ends[a] = free[r] = t + duration
     return starts, ends
 
 
