@@ -60,7 +60,7 @@ the time goes to the seeds alike, the rest to the best (with random kicks once
 it stops). The polish gets 70% of time_limit_s where no exact search follows
 (interleaving, branchy graphs): there the closed form misjudges most (gpt2-xl at
 p = 8, v = 2 in benchmarks/plan_quality.py, 10 s on 2 cores: 673.6 ms with half
-the time and one-block moves, 663.1 ms now). For one stage per rank
+the time and one-block moves, 660.3 ms now). For one stage per rank
 (1f1b) on a path-shaped graph every valid plan is a contiguous split, and a
 branch and bound over them (partitioner/exact.py) then starts from the polished
 plan and replaces it only by a faster split within the cap; solver_status gains
