@@ -25,7 +25,7 @@ search's own bound exact_lb_ms): the most any plan could gain over the
 layer-count baselines. None where a column does not apply.
 Critical-path row generation (every row, partitioner.critical_path.path_bound_solve from the ILP
 plan, --paths-budget seconds; a row whose plan is then over 3% above the bound gets --paths-extra
-seconds more, a second run from the best plan found): paths_lb_ms is the lower bound it proves on
+seconds more, a second run from the best plan found, polished for --paths-extra / 8 s first): paths_lb_ms is the lower bound it proves on
 the simulated step of every valid plan, ilp_vs_paths_lb the ILP plan's distance from it (proven_3pct: at most 3%),
 paths_ms the best plan it found, paths_status how it stopped. ilp_lb_ms is the bound solve()
 itself reported within its time limit (Plan.step_lower_bound_s). The tightest bound of a row
@@ -87,8 +87,11 @@ def exact_columns(bg, p: int, v: int, m: int, bw: float, ilp, pb: float | None, 
 def paths_columns(bg, p: int, v: int, m: int, bw: float, ilp, budget_s: float, cap: int | None = None,
                   extra_s: float = 0.0) -> dict:
     """The critical-path row generation columns of a row (see the module docstring). A row whose plan
-    is still over 3% above the bound after budget_s gets a second run of extra_s seconds, from the
-    best plan found so far (a faster incumbent prunes more); the larger bound of the two holds."""
+    is still over 3% above the bound after budget_s gets a second run of extra_s seconds from the best
+    plan found so far, polished (refine with kicks) for extra_s / 8 more: a faster incumbent prunes
+    more of the relaxation. The larger bound of the two holds."""
+    from partitioner.refine import refine
+
     cols = dict.fromkeys(("paths_lb_ms", "ilp_vs_paths_lb", "proven_3pct", "paths_ms", "paths_status", "paths_s"))
     if budget_s <= 0:
         return cols
@@ -97,6 +100,7 @@ def paths_columns(bg, p: int, v: int, m: int, bw: float, ilp, budget_s: float, c
     lower, best = found.lower_bound_s, found
     if ilp.step_time_s > 1.03 * lower and found.status == "time_limit" and extra_s > 0:
         incumbent = found.assignment if found.step_time_s < ilp.step_time_s else ilp.block_stage
+        incumbent = refine(bg, incumbent, p, v, m, ilp.schedule, bw, cap, extra_s / 8, kicks=True)[0]
         again = path_bound_solve(bg, p, v, m, ilp.schedule, cap, bw, extra_s, incumbent=incumbent)
         lower = max(lower, again.lower_bound_s)
         best = min(found, again, key=lambda f: f.step_time_s)
