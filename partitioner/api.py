@@ -7,8 +7,11 @@ transport and executor.
 
 Under torchrun (torch.distributed initialised, or RANK/WORLD_SIZE set) every
 process calls compile_parallel with the same arguments and rank r runs the
-stages of rank r on devices[r]. Without torchrun one process drives every
-stage on the devices listed (they may repeat, e.g. ["cpu"] * 4).
+stages of rank r on devices[r]; where no process group exists yet it creates one
+(NCCL on GPUs, gloo on CPU). A gloo group it created is destroyed at exit; destroy
+an NCCL one with dist.destroy_process_group() at the end of the script. Without
+torchrun one process drives every stage on the devices listed (they may repeat,
+e.g. ["cpu"] * 4).
 """
 from __future__ import annotations
 
