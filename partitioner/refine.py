@@ -48,7 +48,7 @@ class _Search:
     def __init__(self, bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None, deadline: float):
         from runtime.schedules import make_schedule
 
-        self.bg, self.p, self.v, self.bw, self.cap, self.deadline = bg, p, v, bw, cap, deadline
+        self.cap, self.deadline = cap, deadline
         self.sched = make_schedule(schedule, p, m, v)
         self.inflight = inflight_microbatches(schedule, p, m, v)
         n = len(bg.blocks)

@@ -53,10 +53,6 @@ class Transport(ABC):
     def send(self, msg: Message, tensor: torch.Tensor) -> None:
         """Send `tensor` as `msg`; returns at once."""
 
-    def _check_planned(self, msg: Message) -> None:
-        if msg not in self.position:
-            raise RuntimeConfigError(f"rank {self.rank}: {msg} is not in the communication plan of this step.")
-
     def prefetch(self, msgs: list[Message]) -> None:
         """`msgs` will be received soon: a transport may post their receives now (waited for in `recv`)."""
 
@@ -121,6 +117,10 @@ class DistTransport(Transport):
         self.next_send: dict[int, int] = {}
         self.posted: dict[Message, tuple[dist.Work, torch.Tensor]] = {}
         self.held: dict[Message, torch.Tensor] = {}  # produced, waiting for earlier messages of the channel
+
+    def _check_planned(self, msg: Message) -> None:
+        if msg not in self.position:
+            raise RuntimeConfigError(f"rank {self.rank}: {msg} is not in the communication plan of this step.")
 
     def _connect(self) -> None:
         """One blocking send/recv per channel, in the same global order on every rank: NCCL creates a
