@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from cost_models.time import pass_time_s
 
 
 @dataclass
@@ -170,76 +169,23 @@ def closed_form_rank_mem_bytes(costs, inflight: list[int]) -> list[int]:
             for r in range(p)]
 
 
-def held_as_output(v, j: int, dests: set[int], block_stage: list[int]) -> int:
-    """Bytes of value `v` that its producing stage j holds per in-flight microbatch beyond its
-    saved activations: the executor keeps a stage's outputs until their backward."""
-    saver = block_stage[v.saver] if v.saver >= 0 else None
-    return v.bytes if any(k != j for k in dests) and saver != j else 0
-
-
-def held_as_input(v, j: int, k: int, block_stage: list[int], num_ranks: int) -> int:
-    """Bytes of value `v` (made on stage j) that stage k holds per in-flight microbatch beyond its
-    saved activations: a received tensor that needs a gradient stays until k's backward. A
-    stage on the producer's rank shares the producer's tensor (held there)."""
-    if k == j or k % num_ranks == j % num_ranks or not v.requires_grad:
-        return 0
-    saver = block_stage[v.saver] if v.saver >= 0 else None
-    return v.bytes if saver != k else 0
-
-
 def stage_stats(bg, block_stage: list[int], num_ranks: int, chunks: int,
                 link_bw_bytes_per_s: float) -> StageStats:
-    """Costs of putting block b on stage block_stage[b] (stage k on rank k % num_ranks)."""
-    K, p = num_ranks * chunks, num_ranks
-    rank = [k % p for k in range(K)]
-    fwd, bwd, host_fwd, host_bwd = [0.0] * K, [0.0] * K, [0.0] * K, [0.0] * K
-    saved, pbytes, static, working = [0] * K, [0] * K, [0] * p, [0] * K
-    rank_params = [0] * p
-    node_stage: dict[str, int] = {}
-    for blk, k in zip(bg.blocks, block_stage):
-        fwd[k] += blk.fwd_time_s
-        bwd[k] += blk.bwd_time_s
-        host_fwd[k] += blk.host_fwd_time_s
-        host_bwd[k] += blk.host_bwd_time_s
-        saved[k] += blk.saved_bytes
-        working[k] = max(working[k], blk.bwd_working_bytes)
-        pbytes[k] += blk.param_bytes
-        static[rank[k]] += blk.param_state_bytes
-        rank_params[rank[k]] += blk.param_bytes
-        for n in blk.nodes:
-            node_stage[n] = k
-    comm = [[0] * K for _ in range(K)]
-    recv = [0.0] * K
-    for v in bg.values:
-        j = block_stage[v.producer]
-        dests = {block_stage[c] for c in v.consumers}
-        if v.to_output:
-            dests.add(K - 1)
-        for k in dests:
-            if rank[k] != rank[j]:
-                comm[j][k] += v.bytes
-                recv[k] += v.bytes / link_bw_bytes_per_s
-        saved[j] += held_as_output(v, j, dests, block_stage)
-        for k in dests:
-            saved[k] += held_as_input(v, j, k, block_stage, p)
-    allreduce, replicated = 0.0, []
+    """Costs of putting block b on stage block_stage[b] (stage k on rank k % num_ranks): the sums of
+    partitioner/stage_scorer.py, and where every fx node goes."""
+    from partitioner.stage_scorer import StageScorer
+
+    st = StageScorer(bg, num_ranks, chunks, link_bw_bytes_per_s).totals(block_stage)
+    node_stage = {n: k for blk, k in zip(bg.blocks, block_stage) for n in blk.nodes}
+    replicated = []
     for sp in bg.shared_params:
-        stages = sorted({block_stage[b] for b in sp.blocks})
-        ranks = sorted({rank[k] for k in stages})
-        for r in ranks:
-            static[r] += sp.state_bytes
-            rank_params[r] += sp.bytes
+        stages = {block_stage[b] for b in sp.blocks}
         if len(stages) > 1:
             replicated.append(sp.fqn)
         else:
-            for n in sp.nodes:
-                node_stage[n] = stages[0]
-        if len(ranks) > 1 and sp.trainable:
-            allreduce += 2 * sp.bytes / link_bw_bytes_per_s
-    fwd = [pass_time_s(d, h) for d, h in zip(fwd, host_fwd)]  # the host queues ahead of the device
-    bwd = [pass_time_s(d, h) for d, h in zip(bwd, host_bwd)]
-    return StageStats(fwd, bwd, recv, comm, saved, pbytes, static, rank_params, allreduce, replicated,
-                      node_stage, working)
+            node_stage.update(dict.fromkeys(sp.nodes, stages.pop()))
+    st.replicated_params, st.node_stage = replicated, node_stage
+    return st
 
 
 def model_step_time(compute_s: list[float], latency_s: list[float], num_ranks: int, chunks: int,

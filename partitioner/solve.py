@@ -33,8 +33,8 @@ Blocks b, virtual stages k = 0..K-1 (K = p * v), stage k on rank k % p.
   chunks in flight (warm-up + 1 of the schedule): exactly the stage's for v = 1,
   conservatively W_r x the rank's largest stage for v > 1. <= cap. A stage's
   activations include the values it sends or receives that none of its own
-  blocks saves (the executor holds them until the backward; plan.held_as_output
-  and held_as_input), one boolean per value and stage where they can occur.
+  blocks saves (the executor holds them until the backward; partitioner/stage_scorer.py
+  says when), one boolean per value and stage where they can occur.
 - Shared parameters: rep_s boolean; without it all users sit on one rank
   (sum_r h[s,r] <= 1), with it every holder pays the memory and the step pays
   an all-reduce of 2 * bytes / link bandwidth. The solver picks.
@@ -451,8 +451,8 @@ def _readers(val, dom: list[range], x, K: int) -> dict[int, list]:
 
 def _held_bytes(md: cp_model.CpModel, bg, K: int, p: int, dom: list[range], x, ms: float,
                 rules: list) -> list:
-    """Per stage: bytes of the values it holds past its saved activations (as plan.held_as_output
-    and plan.held_as_input), as lower-bounded booleans (memory only ever wants them 0)."""
+    """Per stage: bytes of the values it holds past its saved activations (the rules of
+    partitioner/stage_scorer.py), as lower-bounded booleans (memory only ever wants them 0)."""
     held: list = [0] * K
     for ci, val in enumerate(bg.values):
         size = int(val.bytes * ms + 0.999)

@@ -1,26 +1,35 @@
-"""Stage costs of many assignments of one block graph, fast: for searches.
+"""Per-stage sums of assigning a block graph's blocks to stages, as numpy bincounts.
 
-`partitioner.plan.stage_stats` walks every block, value and fx node in Python
-(0.6 ms on t5-base's 371 blocks and 439 values). The local search and the row
-generation price thousands of assignments of the same graph, and need only what
-the simulator reads (stage times, link times, saved/static/working bytes) and
-the all-reduce. `StageScorer` lays the graph out once as numpy arrays and
-prices an assignment with a few bincounts, by the same rules as stage_stats:
+`StageScorer` lays the graph out once as arrays; `totals(block_stage)` then sums
+an assignment's stage times, link bytes, saved/static/working bytes and the tied
+parameters' all-reduce. partitioner.plan.stage_stats is built on it, and the
+local search and the row generation, which price thousands of assignments of
+one graph, call `costs` (the simulator's StageCosts) on one scorer (0.1 ms on
+t5-base's 371 blocks and 439 values, 2-core CPU, where a Python walk over the
+blocks and values took 0.6 ms). The rules:
 
+- a pass over a stage takes the larger of its device and host time (the host
+  queues kernels ahead, cost_models.time.pass_time_s);
 - a value crossing to a stage on another rank costs its bytes on that link,
   once per destination stage (the graph's output counts as the last stage);
-- the producing stage holds a value it sends elsewhere, and a receiving stage a
-  received value that needs a gradient, unless that stage saves it anyway
-  (`held_as_output`, `held_as_input`);
+- the producing stage holds, per in-flight microbatch, a value it sends to
+  another stage, unless it also saves it (the executor keeps a stage's outputs
+  until their backward); a stage that receives a value needing a gradient from
+  another rank holds it until its backward, unless it saves it anyway (a stage
+  on the producer's rank shares the producer's tensor);
 - a tied parameter costs its state on every rank holding it, and an all-reduce
   when it sits on more than one rank and trains.
 
-tests/test_stage_scorer.py checks it against stage_stats on random graphs.
+tests/test_stage_scorer.py checks it against a plain Python walk of these rules
+on random graphs.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
+from partitioner.plan import StageStats
 from runtime.simulator import StageCosts
 
 
@@ -39,7 +48,7 @@ class StageScorer:
         self.fwd, self.bwd = column("fwd_time_s"), column("bwd_time_s")
         self.host_fwd, self.host_bwd = column("host_fwd_time_s"), column("host_bwd_time_s")
         self.saved, self.working = column("saved_bytes"), column("bwd_working_bytes")
-        self.param_state = column("param_state_bytes")
+        self.param_state, self.param_bytes = column("param_state_bytes"), column("param_bytes")
         values = bg.values
         self.producer = np.array([v.producer for v in values], dtype=np.int64)
         self.value_bytes = np.array([v.bytes for v in values], dtype=np.float64)
@@ -50,11 +59,26 @@ class StageScorer:
         self.pair_value = np.array([i for i, _ in pairs], dtype=np.int64)
         self.pair_block = np.array([c for _, c in pairs], dtype=np.int64)
         self.output_values = np.array([i for i, v in enumerate(values) if v.to_output], dtype=np.int64)
-        self.shared = [(np.array(sp.blocks, dtype=np.int64), sp.state_bytes, 2 * sp.bytes / link_bw_bytes_per_s
-                        if sp.trainable else 0.0) for sp in bg.shared_params]
+        self.shared = [(np.array(sp.blocks, dtype=np.int64), sp.state_bytes, sp.bytes,
+                        2 * sp.bytes / link_bw_bytes_per_s if sp.trainable else 0.0) for sp in bg.shared_params]
+
+    def totals(self, block_stage: list[int]) -> StageStats:
+        """Per-stage and per-rank sums of putting block b on stage block_stage[b], as a StageStats
+        without the placement of fx nodes (replicated_params and node_stage empty; stage_stats adds them)."""
+        t = self._sums(block_stage)
+        return StageStats(t.fwd.tolist(), t.bwd.tolist(), t.recv.tolist(), _ints(t.comm).tolist(),
+                          _ints(t.saved).tolist(), _ints(t.param).tolist(), _ints(t.static).tolist(),
+                          _ints(t.rank_params).tolist(), t.allreduce, [], {}, _ints(t.working).tolist())
 
     def costs(self, block_stage: list[int]) -> tuple[StageCosts, float]:
-        """(StageCosts, all-reduce seconds per step) of putting block b on stage block_stage[b]."""
+        """(StageCosts, all-reduce seconds per step) of putting block b on stage block_stage[b]; for
+        searches, which call it thousands of times (it skips totals' conversion to Python ints)."""
+        t = self._sums(block_stage)
+        return (StageCosts(tuple(t.fwd.tolist()), tuple(t.bwd.tolist()), tuple(map(tuple, (t.comm / self.bw).tolist())),
+                           tuple(_ints(t.saved).tolist()), tuple(_ints(t.static).tolist()),
+                           tuple(_ints(t.working).tolist())), t.allreduce)
+
+    def _sums(self, block_stage: list[int]) -> _Sums:
         K, p = self.K, self.p
         a = np.asarray(block_stage, dtype=np.int64)
 
@@ -67,8 +91,9 @@ class StageScorer:
         working = np.zeros(K)
         np.maximum.at(working, a, self.working)
         static = np.bincount(self.rank_of[a], weights=self.param_state, minlength=p)
+        rank_params = np.bincount(self.rank_of[a], weights=self.param_bytes, minlength=p)
 
-        # every (value, destination stage) once
+        # every (value, destination stage) once, in value order
         src = a[self.producer]
         dest = np.concatenate([a[self.pair_block], np.full(len(self.output_values), K - 1, dtype=np.int64)])
         value = np.concatenate([self.pair_value, self.output_values])
@@ -78,6 +103,7 @@ class StageScorer:
         nbytes = self.value_bytes[value]
         cross = self.rank_of[dest] != self.rank_of[src_of]
         comm = np.bincount(src_of[cross] * K + dest[cross], weights=nbytes[cross], minlength=K * K)
+        recv = np.bincount(dest[cross], weights=nbytes[cross] / self.bw, minlength=K)
 
         saver_stage = np.where(self.saver >= 0, a[np.maximum(self.saver, 0)], -1)
         sent_elsewhere = np.zeros(len(src), dtype=bool)
@@ -88,14 +114,31 @@ class StageScorer:
         saved += np.bincount(dest[held_in], weights=nbytes[held_in], minlength=K)
 
         allreduce = 0.0
-        for blocks, state_bytes, allreduce_s in self.shared:
+        for blocks, state_bytes, nbytes_param, allreduce_s in self.shared:
             ranks = np.unique(self.rank_of[a[blocks]])
             static[ranks] += state_bytes
+            rank_params[ranks] += nbytes_param
             if len(ranks) > 1:
                 allreduce += allreduce_s
-        comm_time = (comm / self.bw).reshape(K, K).tolist()
-        costs = StageCosts(tuple(fwd.tolist()), tuple(bwd.tolist()), tuple(map(tuple, comm_time)),
-                           tuple(int(x) for x in np.rint(saved)), tuple(int(x) for x in np.rint(static)),
-                           tuple(int(x) for x in np.rint(working)))
-        return costs, allreduce
+        return _Sums(fwd, bwd, recv, comm.reshape(K, K), saved, per_stage(self.param_bytes), static, rank_params,
+                     working, allreduce)
 
+
+class _Sums(NamedTuple):
+    """StageStats' sums as float64 arrays."""
+
+    fwd: np.ndarray
+    bwd: np.ndarray
+    recv: np.ndarray
+    comm: np.ndarray
+    saved: np.ndarray
+    param: np.ndarray
+    static: np.ndarray
+    rank_params: np.ndarray
+    working: np.ndarray
+    allreduce: float
+
+
+def _ints(x: np.ndarray) -> np.ndarray:
+    """Byte sums, exact in float64 below 2**53, back to Python ints."""
+    return np.rint(x).astype(np.int64)

@@ -1,4 +1,5 @@
-"""partitioner/stage_scorer.py prices assignments exactly as partitioner.plan.stage_stats does."""
+"""partitioner/stage_scorer.py sums assignments exactly as a plain Python walk of its rules does, and
+partitioner.plan.stage_stats passes those sums on."""
 from __future__ import annotations
 
 import random
@@ -6,7 +7,7 @@ import random
 import networkx as nx
 import pytest
 
-from partitioner.plan import closed_form_rank_mem_bytes, inflight_microbatches, stage_stats
+from partitioner.plan import StageStats, closed_form_rank_mem_bytes, inflight_microbatches, stage_stats
 from partitioner.stage_scorer import StageScorer
 from passes.coarsen import Block, BlockGraph, CrossValue, SharedParam
 
@@ -40,8 +41,52 @@ def random_graph(rng: random.Random, n: int) -> BlockGraph:
     return BlockGraph(blocks, values, shared, graph)
 
 
+def reference_stats(bg, block_stage: list[int], p: int, v: int, bw: float) -> StageStats:
+    """The module docstring's rules, one block, value and tied parameter at a time."""
+    K = p * v
+    rank = [k % p for k in range(K)]
+    fwd, bwd, host_fwd, host_bwd = [0.0] * K, [0.0] * K, [0.0] * K, [0.0] * K
+    saved, pbytes, static, working, rank_params = [0] * K, [0] * K, [0] * p, [0] * K, [0] * p
+    for blk, k in zip(bg.blocks, block_stage):
+        fwd[k] += blk.fwd_time_s
+        bwd[k] += blk.bwd_time_s
+        host_fwd[k] += blk.host_fwd_time_s
+        host_bwd[k] += blk.host_bwd_time_s
+        saved[k] += blk.saved_bytes
+        working[k] = max(working[k], blk.bwd_working_bytes)
+        pbytes[k] += blk.param_bytes
+        static[rank[k]] += blk.param_state_bytes
+        rank_params[rank[k]] += blk.param_bytes
+    comm, recv = [[0] * K for _ in range(K)], [0.0] * K
+    for val in bg.values:
+        j = block_stage[val.producer]
+        saver = block_stage[val.saver] if val.saver >= 0 else None
+        dests = {block_stage[c] for c in val.consumers} | ({K - 1} if val.to_output else set())
+        for k in dests:
+            if rank[k] != rank[j]:
+                comm[j][k] += val.bytes
+                recv[k] += val.bytes / bw
+                if val.requires_grad and saver != k:
+                    saved[k] += val.bytes  # received, held until k's backward
+        if any(k != j for k in dests) and saver != j:
+            saved[j] += val.bytes  # sent, held until j's backward
+    allreduce, replicated = 0.0, []
+    for sp in bg.shared_params:
+        stages = {block_stage[b] for b in sp.blocks}
+        ranks = {rank[k] for k in stages}
+        for r in ranks:
+            static[r] += sp.state_bytes
+            rank_params[r] += sp.bytes
+        if len(stages) > 1:
+            replicated.append(sp.fqn)
+        if len(ranks) > 1 and sp.trainable:
+            allreduce += 2 * sp.bytes / bw
+    return StageStats([max(d, h) for d, h in zip(fwd, host_fwd)], [max(d, h) for d, h in zip(bwd, host_bwd)],
+                      recv, comm, saved, pbytes, static, rank_params, allreduce, replicated, {}, working)
+
+
 @pytest.mark.parametrize("seed", range(12))
-def test_costs_match_stage_stats(seed):
+def test_costs_and_stage_stats_match_the_rules(seed):
     rng = random.Random(seed)
     n = rng.randint(3, 30)
     p, v = rng.choice([(1, 1), (2, 1), (3, 1), (2, 2), (4, 2), (2, 3)])
@@ -50,7 +95,7 @@ def test_costs_match_stage_stats(seed):
     inflight = inflight_microbatches("interleaved-1f1b" if v > 1 else "1f1b", p, 2 * p, v)
     for _ in range(20):
         assign = [rng.randrange(p * v) for _ in range(n)]  # any assignment: neither prices validity
-        st = stage_stats(bg, assign, p, v, BW)
+        st = reference_stats(bg, assign, p, v, BW)
         want = st.stage_costs(BW)
         got, allreduce_s = scorer.costs(assign)
         assert got.fwd_time_s == pytest.approx(want.fwd_time_s, rel=1e-12)
@@ -61,3 +106,10 @@ def test_costs_match_stage_stats(seed):
             (want.saved_bytes, want.static_bytes, want.working_bytes)
         assert allreduce_s == pytest.approx(st.allreduce_time_s, rel=1e-12)
         assert closed_form_rank_mem_bytes(got, inflight) == st.rank_mem_bytes(inflight)
+        full = stage_stats(bg, assign, p, v, BW)
+        for name in ("fwd_time_s", "bwd_time_s", "recv_time_s"):
+            assert getattr(full, name) == pytest.approx(getattr(st, name), rel=1e-12)
+        for name in ("comm_bytes", "saved_bytes", "param_bytes", "static_bytes", "rank_param_bytes",
+                     "working_bytes", "replicated_params"):
+            assert getattr(full, name) == getattr(st, name), name
+        assert full.allreduce_time_s == pytest.approx(st.allreduce_time_s, rel=1e-12)
