@@ -32,6 +32,7 @@ from partitioner.plan import Plan
 from passes.capture import Captured, capture
 from passes.split import StageModule, place_on_device, split
 from runtime.comm_plan import build_comm_plan, forward_only
+from runtime.compiled import compile_options, compile_report, compile_stages, print_once
 from runtime.executor import Executor, ParameterStore, in_process_order
 from runtime.schedules import make_schedule, validate
 from runtime.transport import DistTransport, InProcessTransport
@@ -45,7 +46,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
                      microbatches: int | None = None, schedule: str | None = None, chunks: int = 1,
                      plan: Plan | None = None, memory: int | str | None = None, device_type: str | None = None,
                      time_limit_s: float = 10.0, timeout_s: float = 300.0,
-                     example_target: Any = None) -> "ParallelModel":
+                     example_target: Any = None, compile: bool | dict | None = None) -> "ParallelModel":
     """Partition `model` over `devices` and return a ParallelModel that trains it.
 
     example_inputs / example_kwargs: the GLOBAL batch, as model(*example_inputs, **example_kwargs);
@@ -60,9 +61,14 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
         counts the loss's time and memory on the last stage, e.g. a cross-entropy's fp32
         log-probabilities over the vocabulary).
     timeout_s: how long a rank waits for a peer before raising RuntimeConfigError.
+    compile: run every stage graph (and loss_fn) through torch.compile (inductor). None (default): on
+        for CUDA devices, off on CPU; True / False; or a dict of torch.compile options (e.g.
+        {"mode": "max-autotune"}). Compilation happens in the first train_step / forward; a stage that
+        fails to compile runs eagerly with a warning naming it.
     """
     devices = [torch.device(d) for d in devices]
     p = len(devices)
+    options = compile_options(compile, devices)
     if p < 1:
         raise RuntimeConfigError("compile_parallel: devices is empty; list one device per pipeline rank.")
     if plan is not None:
@@ -126,8 +132,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
         channels = list(build_comm_plan(stages, sched).channels)
         transport = DistTransport(rank, devices[rank], channels, timeout_s=timeout_s)
         order, inference_order = list(sched.actions[rank]), list(forward_only(sched).actions[rank])
+    runners, loss_fn = compile_stages({k: stages[k].graph_module for k in local}, loss_fn, options)
     executor = Executor(stages, local, sched, transport, loss_fn, captured.unflatten_outputs, stage_device,
-                        order, inference_order)
+                        order, inference_order, runners)
     return ParallelModel(captured, plan, stages, executor, store, devices, rank, args, kwargs, microbatches)
 
 
@@ -151,6 +158,7 @@ class ParallelModel:
         self.microbatches = microbatches
         self._example_leaves, self._example_spec = pytree.tree_flatten((example_args, example_kwargs))
         self._last_rank = stages[-1].rank
+        self._steps_run = 0
 
     @property
     def schedule(self):
@@ -169,6 +177,9 @@ class ParallelModel:
         self.store.before_step()
         loss = self.executor.train_step(mb_inputs, targets)
         self.store.after_step()
+        if not self._steps_run:
+            print_once(compile_report(self.executor.runners), self.rank)
+        self._steps_run += 1
         return self._share_loss(loss)
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:

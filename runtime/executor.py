@@ -54,12 +54,16 @@ class Executor:
     stages: every stage (for the communication plan); only `local` ones are run.
     stage_device: device of every local stage.
     order: this process's actions (a rank's list, or in_process_order for all ranks).
+    runners: stage -> the callable that runs it (default: its graph module); loss_fn may be compiled too.
     """
 
     def __init__(self, stages: list[StageModule], local: list[int], schedule: Schedule, transport: Transport,
                  loss_fn: Callable[[Any, Any], torch.Tensor], unflatten: Callable[[list[Any]], Any],
-                 stage_device: dict[int, torch.device], order: list[Action], inference_order: list[Action]):
+                 stage_device: dict[int, torch.device], order: list[Action], inference_order: list[Action],
+                 runners: dict[int, Callable] | None = None):
         self.stages = stages
+        # what runs a stage: its graph module, or that compiled (runtime/compiled.py)
+        self.runners = runners or {st.stage: st.graph_module for st in stages}
         self.local = set(local)
         self.schedule = schedule
         self.transport = transport
@@ -122,7 +126,7 @@ class Executor:
             if name in st.mutated_inputs and isinstance(x, torch.Tensor):
                 x = x.clone()  # the stage writes it in place: keep the received leaf intact
             args.append(x)
-        outs = st.graph_module(*args)
+        outs = self.runners[a.stage](*args)
         if st.is_last:
             if not state.train:  # training keeps only the loss: logits of every microbatch are large
                 state.outputs[a.microbatch] = list(outs)

@@ -1,0 +1,138 @@
+"""Compiled stages: each stage GraphModule (and the loss) through torch.compile.
+
+The stage graphs are ours, flat and of fixed shapes (the plan fixes the
+microbatch), so inductor sees whole stages: elementwise chains fuse across
+layer boundaries and the host dispatches a few fused kernels instead of every
+aten op. Parameters stay attributes of the graph module, so optimizer steps,
+load_state_dict and replica refreshes (all in place) are seen by the compiled
+code.
+
+A stage whose compilation fails runs eagerly, with a warning naming the stage
+and the node inductor stopped at; a runtime error of the compiled code is
+raised as is.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from partitioner.errors import RuntimeConfigError
+
+# what compile=True passes to torch.compile: stage shapes are fixed by the plan
+DEFAULT_OPTIONS: dict[str, Any] = {"dynamic": False}
+
+
+def compile_options(compile: bool | dict | None, devices: list[torch.device]) -> dict[str, Any] | None:
+    """torch.compile's keyword arguments, or None for eager stages.
+
+    compile None: on where the stages run on CUDA, off on CPU; True: DEFAULT_OPTIONS;
+    a dict: those options over DEFAULT_OPTIONS (e.g. {"mode": "max-autotune"}).
+    """
+    if compile is None:
+        compile = all(d.type == "cuda" for d in devices)
+    if compile is False:
+        return None
+    options = {**DEFAULT_OPTIONS, **(compile if isinstance(compile, dict) else {})}
+    backend = options.get("backend", "inductor")
+    if backend == "inductor" and any(d.type == "cpu" for d in devices) and not _cxx_compiler():
+        raise RuntimeConfigError("compile_parallel(compile=True): inductor needs a C++ compiler for CPU stages and "
+                                 "none was found (set CXX or install g++); pass compile=False to run eagerly.")
+    return options
+
+
+def _cxx_compiler() -> str | None:
+    import os
+    return next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
+
+
+class CompiledStage:
+    """Calls a stage's compiled graph; falls back to the eager graph module if compilation fails."""
+
+    def __init__(self, name: str, module: Callable, graph: torch.fx.Graph | None, options: dict[str, Any]):
+        self.name = name
+        self.eager = module
+        self.graph = graph
+        self.compiled = torch.compile(module, **options)
+        self.failed = False
+        self.compile_s = 0.0
+        self._first = True
+
+    def __call__(self, *args: Any) -> Any:
+        if self.failed:
+            return self.eager(*args)
+        start = time.perf_counter() if self._first else 0.0
+        try:
+            out = self.compiled(*args)
+        except Exception as err:  # noqa: BLE001 - only compile-time failures are caught, see _is_compile_error
+            if not _is_compile_error(err):
+                raise
+            self.failed = True
+            warnings.warn(f"torch.compile failed on {self.name}{_failing_node(err, self.graph)}: {_first_line(err)}. "
+                          f"{self.name} runs eagerly (the others stay compiled); pass compile=False to run every "
+                          "stage eagerly.", RuntimeWarning, stacklevel=2)
+            return self.eager(*args)
+        if self._first:
+            self.compile_s = time.perf_counter() - start
+            self._first = False
+        return out
+
+
+def compile_stages(graph_modules: dict[int, torch.fx.GraphModule], loss_fn: Callable,
+                   options: dict[str, Any] | None) -> tuple[dict[int, Callable], Callable]:
+    """The callable the executor runs for every stage, and the loss function's."""
+    if options is None:
+        return dict(graph_modules), loss_fn
+    runners = {k: CompiledStage(f"stage {k}", gm, gm.graph, options) for k, gm in graph_modules.items()}
+    loss = CompiledStage("the loss function", loss_fn, None, options)
+    return runners, loss
+
+
+def compile_report(runners: dict[int, Callable]) -> str | None:
+    """One line on what compiling the stages took (after the first step), or None if nothing compiled."""
+    compiled = [r for r in runners.values() if isinstance(r, CompiledStage)]
+    if not compiled:
+        return None
+    total = sum(r.compile_s for r in compiled)
+    failed = [r.name for r in compiled if r.failed]
+    tail = f"; eager after a compile failure: {', '.join(failed)}" if failed else ""
+    return f"compiled {len(compiled)} stage graph(s) in {total:.1f} s (first step){tail}"
+
+
+def _is_compile_error(err: BaseException) -> bool:
+    from torch._dynamo import exc as dynamo_exc
+    kinds: tuple[type, ...] = (dynamo_exc.BackendCompilerFailed, dynamo_exc.Unsupported, dynamo_exc.InternalTorchDynamoError)
+    try:
+        from torch._inductor.exc import InductorError
+        kinds += (InductorError,)
+    except ImportError:
+        pass
+    return isinstance(err, kinds)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _failing_node(err: BaseException, graph: torch.fx.Graph | None) -> str:
+    """' at node NAME (TARGET)' for the first node of `graph` whose aten target the error names."""
+    if graph is None:
+        return ""
+    text = str(err)
+    names = set(re.findall(r"(?:aten|prims)\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", text))
+    for node in graph.nodes:
+        if node.op == "call_function" and any(str(node.target).startswith(n) or n.startswith(str(node.target))
+                                              for n in names):
+            return f" at node '{node.name}' ({node.target})"
+    return ""
+
+
+def print_once(message: str | None, rank: int | None) -> None:
+    if message and rank in (None, 0):
+        print(f"partitioner: {message}", file=sys.stderr, flush=True)

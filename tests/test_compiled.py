@@ -1,0 +1,92 @@
+"""runtime/compiled.py: stages under torch.compile equal the unpartitioned model, see parameter
+changes, do not recompile in steady state, and fall back to eager with a warning naming the stage."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from dist_utils import build, grad_errors, max_rel_err, reference
+from test_api import compile_zoo, param_errors, train_reference
+
+from partitioner.errors import RuntimeConfigError
+from runtime.compiled import CompiledStage, compile_options
+
+pytestmark = pytest.mark.skipif(compile_options(None, [torch.device("cpu")]) is not None or
+                                not __import__("shutil").which("g++"), reason="needs g++ for inductor on CPU")
+
+
+def unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+@pytest.mark.parametrize("name,chunks", [("mlp", 1), ("gpt2", 1), ("t5-base", 2)])
+def test_compiled_stages_equal_the_unpartitioned_model(name, chunks):
+    torch._dynamo.reset()
+    zm = build(name)
+    ref_loss, ref_grads = reference(zm)
+    pm = compile_zoo(zm, chunks=chunks, compile=True)
+    assert all(isinstance(r, CompiledStage) for r in pm.executor.runners.values())
+    loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
+    assert not any(r.failed for r in pm.executor.runners.values())
+    assert max_rel_err(loss, ref_loss) < 1e-4
+    assert max(grad_errors(pm, ref_grads).values()) < 1e-4
+
+
+def test_optimizer_steps_are_seen_and_nothing_recompiles():
+    torch._dynamo.reset()
+    zm = build("gpt2")
+    pm = compile_zoo(zm, compile=True)
+    model, ref_losses = train_reference(zm, steps=3)
+    opt = torch.optim.SGD(pm.parameters(), lr=0.1, momentum=0.9)
+    losses, graphs = [], []
+    for _ in range(3):
+        losses.append(pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs))
+        opt.step()
+        pm.zero_grad()
+        graphs.append(unique_graphs())
+    assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * 2, f"steady-state steps recompiled: {graphs}"
+    for got, want in zip(losses, ref_losses):
+        assert max_rel_err(got, want) < 1e-4
+    assert max(param_errors(pm, model).values()) < 1e-4
+
+
+def test_load_state_dict_changes_the_compiled_output():
+    torch._dynamo.reset()
+    zm = build("mlp")
+    pm = compile_zoo(zm, compile=True)
+    with torch.no_grad():
+        before = pm(*zm.example_args)
+        state = {k: v * 0.5 if v.is_floating_point() else v for k, v in pm.full_state_dict().items()}
+        pm.load_state_dict(state)
+        after = pm(*zm.example_args)
+        fresh = copy.deepcopy(zm.model)
+        fresh.load_state_dict(state)
+        want = fresh(*zm.example_args)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_stage_that_fails_to_compile_runs_eagerly_with_a_warning():
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("lowering aten.addmm.default is not supported here")
+
+    torch._dynamo.reset()
+    zm = build("mlp")
+    ref_loss, ref_grads = reference(zm)
+    pm = compile_zoo(zm, compile={"backend": broken_backend})
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed on stage \d.*runs eagerly"):
+        loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
+    assert all(r.failed for r in pm.executor.runners.values())
+    assert max_rel_err(loss, ref_loss) < 1e-5
+    assert max(grad_errors(pm, ref_grads).values()) < 1e-5
+
+
+def test_compile_defaults_follow_the_device_and_need_a_compiler(monkeypatch):
+    assert compile_options(None, [torch.device("cpu")] * 2) is None
+    assert compile_options(None, [torch.device("cuda:0")]) == {"dynamic": False}
+    assert compile_options({"mode": "max-autotune"}, [torch.device("cuda:0")])["mode"] == "max-autotune"
+    monkeypatch.setattr("runtime.compiled._cxx_compiler", lambda: None)
+    with pytest.raises(RuntimeConfigError, match="C\\+\\+ compiler"):
+        compile_options(True, [torch.device("cpu")])
