@@ -29,7 +29,8 @@ from torch.utils import _pytree as pytree
 from partitioner.errors import CaptureError, RuntimeConfigError
 from partitioner.microbatch import batch_size, split_batch
 from partitioner.plan import Plan
-from passes.capture import Captured, capture
+from partitioner.planner import capture_for_training
+from passes.capture import Captured
 from passes.split import StageModule, place_on_device, split
 from runtime.comm_plan import build_comm_plan, forward_only
 from runtime.compiled import compile_options, compile_report, compile_stages, print_once
@@ -46,7 +47,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
                      microbatches: int | None = None, schedule: str | None = None, chunks: int = 1,
                      plan: Plan | None = None, memory: int | str | None = None, device_type: str | None = None,
                      time_limit_s: float = 10.0, timeout_s: float = 300.0,
-                     example_target: Any = None, compile: bool | dict | None = None) -> "ParallelModel":
+                     example_target: Any = None, compile: bool | dict | None = None,
+                     mixed_precision: str | None = None) -> "ParallelModel":
     """Partition `model` over `devices` and return a ParallelModel that trains it.
 
     example_inputs / example_kwargs: the GLOBAL batch, as model(*example_inputs, **example_kwargs);
@@ -65,6 +67,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
         for CUDA devices, off on CPU; True / False; or a dict of torch.compile options (e.g.
         {"mode": "max-autotune"}). Compilation happens in the first train_step / forward; a stage that
         fails to compile runs eagerly with a warning naming it.
+    mixed_precision: None (default) runs and plans the model in its own dtype (a bf16 model is planned
+        and trained in bf16); "bf16" keeps fp32 parameters, gradients and optimizer state and computes in
+        bf16 (each parameter and float input cast where it is read, as FSDP2's MixedPrecisionPolicy).
     """
     devices = [torch.device(d) for d in devices]
     p = len(devices)
@@ -98,9 +103,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
     try:
         if plan is None:
             plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
-                                   memory, device_type, time_limit_s, rank, devices, loss_fn, example_target)
+                                   memory, device_type, time_limit_s, rank, devices, loss_fn, example_target,
+                                   mixed_precision)
         else:
-            captured = capture(model, mb_args, mb_kwargs)
+            captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     except CaptureError as err:
         hint = _split_hint(model, args, kwargs, batch)
         if not hint:
@@ -358,7 +364,7 @@ def _first_microbatch(args: tuple, kwargs: dict, microbatches: int) -> tuple[tup
 def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_kwargs: dict, p: int, chunks: int,
           schedule: str, microbatches: int, memory: int | str | None, device_type: str | DeviceSpec | None,
           time_limit_s: float, rank: int | None, devices: list[torch.device], loss_fn: Callable[[Any, Any], Any],
-          example_target: Any) -> tuple[Plan, Captured]:
+          example_target: Any, mixed_precision: str | None) -> tuple[Plan, Captured]:
     """Plan on rank 0 (the solver is not deterministic across processes) and share the plan."""
     if rank is None or rank == 0:
         from partitioner.planner import PlanConfig, plan_model
@@ -371,7 +377,8 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
                 from cost_models.device import spec_for_torch_device
                 device_type = spec_for_torch_device(devices[0])  # this GPU, this host's dispatch speed
         config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=microbatches,
-                            memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s)
+                            memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s,
+                            dtype=None, mixed_precision=mixed_precision)
         result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target)
         plan, captured = result.plan, result.captured
     if rank is None:
@@ -380,7 +387,7 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
     dist.broadcast_object_list(box, src=0)
     if rank != 0:
         plan = Plan.from_json(box[0])
-        captured = capture(model, mb_args, mb_kwargs)
+        captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     return plan, captured
 
 

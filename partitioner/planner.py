@@ -41,7 +41,8 @@ class PlanConfig:
     schedule: str | None = None
     memory_cap_bytes: int | None = None
     device_type: str | DeviceSpec = "h100"  # a table name, a JSON path or a DeviceSpec
-    dtype: str = "float32"
+    dtype: str | None = "float32"  # the dtype costs are expressed in; None: the model's own
+    mixed_precision: str | None = None  # e.g. "bf16": fp32 parameters, bf16 compute (passes/mixed_precision.py)
     optimizer: str = "adamw"
     depth: int | None = None
     time_limit_s: float = 10.0
@@ -90,17 +91,16 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     """
     from cost_models.device import get_device_spec
     from cost_models.loss import profile_loss
-    from cost_models.profile import profile
+    from cost_models.profile import graph_float_dtype, profile
     from partitioner.baselines import all_baselines
     from partitioner.plan import check_config
     from partitioner.solve import solve
     from passes.annotate import annotate
-    from passes.capture import capture
     from passes.coarsen import attach_loss, coarsen
 
     step = on_step or (lambda msg: None)
     schedule, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
-    if config.dtype not in DTYPES:
+    if config.dtype is not None and config.dtype not in DTYPES:
         raise PlanError(f"unknown dtype {config.dtype!r}: use one of {', '.join(DTYPES)}")
     args, kwargs = microbatch_inputs(example_args, example_kwargs, m)
     spec = get_device_spec(config.device_type)
@@ -108,17 +108,18 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     bw = config.link_bw_bytes_per_s or spec.intra_node_bw_bytes_per_s
 
     step(f"capturing {type(model).__name__} (one microbatch)")
-    captured = capture(model, args, kwargs)
+    captured = capture_for_training(model, args, kwargs, config.mixed_precision)
     annotated = annotate(captured)
+    dtype = DTYPES[config.dtype] if config.dtype is not None else graph_float_dtype(captured.graph_module)
     step(f"profiling {len(annotated.nodes)} nodes for {spec.name}")
-    costs = profile(captured, annotated, device=spec, dtype=DTYPES[config.dtype], optimizer=config.optimizer,
+    costs = profile(captured, annotated, device=spec, dtype=dtype, optimizer=config.optimizer,
                     progress=False)
     K = config.num_ranks * config.chunks
     bg = coarsen(annotated, costs, depth=config.depth, min_blocks=K, target_blocks=BLOCKS_PER_STAGE * K)
     if loss_fn is not None and example_target is not None:
         step("profiling the loss")
         target = split_batch(example_target, m, "example target", batch_size((example_args, example_kwargs)))[0]
-        bg = attach_loss(bg, profile_loss(loss_fn, captured, target, device=spec, dtype=DTYPES[config.dtype],
+        bg = attach_loss(bg, profile_loss(loss_fn, captured, target, device=spec, dtype=dtype,
                                           optimizer=config.optimizer))
     step(f"solving the ILP: {len(bg.blocks)} blocks -> {K} stages (up to {config.time_limit_s:g} s)")
     plan = solve(bg, config.num_ranks, config.chunks, m, schedule, memory_cap_bytes=cap, link_bw_bytes_per_s=bw,
@@ -128,3 +129,12 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
         step("scoring the baselines")
         baselines = all_baselines(bg, config.num_ranks, config.chunks, m, schedule, cap, bw)
     return PlanResult(captured, annotated, costs, bg, plan, baselines, args, kwargs)
+
+
+def capture_for_training(model: torch.nn.Module, args: tuple, kwargs: dict, mixed_precision: str | None = None):
+    """capture(), then the mixed-precision cast when asked for: the graph the stages will run."""
+    from passes.capture import capture
+    from passes.mixed_precision import capture_mixed, compute_dtype
+
+    dtype = compute_dtype(mixed_precision)
+    return capture_mixed(model, args, kwargs, dtype) if dtype is not None else capture(model, args, kwargs)

@@ -1,0 +1,124 @@
+"""Mixed precision at capture: fp32 parameters and optimizer state, bf16 compute.
+
+The usual recipe of large-model training (FSDP2's MixedPrecisionPolicy with
+param_dtype=bf16 and cast_forward_inputs, torchtitan's default): the model
+computes as if its floating parameters and inputs were bf16, while the
+optimizer updates fp32 weights (the cast's backward returns fp32 gradients).
+Buffers keep their dtype, as under FSDP2.
+
+Models make dtype decisions in Python (an RMSNorm upcasts to fp32 and casts
+back to "the input's dtype"), which a trace freezes. So the model is captured
+with bf16 stand-ins for its floating parameters and inputs, and the graph then
+reads the real fp32 tensors through a cast at every use. The cast sits in the
+using node's module, so a stage casts only the weights it reads, and the
+planner costs what the stages run: bf16 kernels and activations, fp32
+parameters, gradients and optimizer state.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from partitioner.errors import CaptureError
+from passes.capture import Captured, capture
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def compute_dtype(mixed_precision: str | torch.dtype | None) -> torch.dtype | None:
+    """The compute dtype a `mixed_precision` option names (None: off)."""
+    if mixed_precision is None or isinstance(mixed_precision, torch.dtype):
+        return mixed_precision
+    if mixed_precision not in DTYPES:
+        raise CaptureError(f"mixed_precision={mixed_precision!r} is not known; use 'bf16' (or 'fp16'), or None "
+                           "for the model's own dtype.")
+    return DTYPES[mixed_precision]
+
+
+def capture_mixed(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -> Captured:
+    """capture() of `model` computing in `dtype` with its parameters and inputs kept as they are."""
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    cast_leaves = [x.to(dtype) if _castable(x, dtype) else x for x in leaves]
+    cast_args, cast_kwargs = pytree.tree_unflatten(cast_leaves, spec)
+    with _parameters_in(model, dtype) as originals:
+        captured = capture(model, cast_args, cast_kwargs)
+    _read_through_casts(captured, originals, leaves, dtype)
+    return captured
+
+
+def _castable(x: Any, dtype: torch.dtype) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype
+
+
+@contextlib.contextmanager
+def _parameters_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[dict[str, torch.nn.Parameter]]:
+    """Swap every floating parameter for a `dtype` copy (tied ones stay tied) for the block's duration;
+    yields FQN -> the original parameter."""
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    stand_in: dict[int, torch.nn.Parameter] = {}
+    originals: dict[str, torch.nn.Parameter] = {}
+    try:
+        for prefix, module in model.named_modules(remove_duplicate=False):
+            for name, p in list(module._parameters.items()):
+                if p is None or not _castable(p, dtype):
+                    continue
+                if id(p) not in stand_in:
+                    stand_in[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+                module._parameters[name] = stand_in[id(p)]
+                swapped.append((module, name, p))
+                originals[f"{prefix}.{name}" if prefix else name] = p
+        yield originals
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
+def _read_through_casts(captured: Captured, originals: dict[str, torch.nn.Parameter], leaves: list[Any],
+                        dtype: torch.dtype) -> None:
+    """Point the graph's parameters and inputs back at the originals, cast to `dtype` at every use."""
+    gm = captured.graph_module
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and str(node.target) in originals:
+            original = originals[str(node.target)]
+            _set_attr(gm, str(node.target), original)
+        elif node.op == "placeholder":
+            i = captured.input_leaf_indices[placeholders.index(node)] if captured.input_leaf_indices else \
+                placeholders.index(node)
+            original = leaves[i]
+            if not _castable(original, dtype):
+                continue
+        else:
+            continue
+        val = node.meta["val"]
+        with _fake_mode_of(val):
+            node.meta["val"] = torch.empty_strided(val.shape, val.stride(), dtype=original.dtype, device=val.device)
+        for user in list(node.users):
+            if user.op == "output":
+                raise CaptureError(f"mixed precision: the model returns its input or parameter '{node.target}' "
+                                   "unchanged; train it without mixed_precision.")
+            with graph.inserting_before(user):
+                cast = graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": dtype})
+            cast.meta = {"val": val, **{k: v for k, v in user.meta.items() if k in ("nn_module_stack", "stack_trace")}}
+            user.replace_input_with(node, cast)
+    graph.lint()
+    gm.recompile()
+
+
+def _fake_mode_of(val: torch.Tensor):
+    mode = getattr(val, "fake_mode", None)
+    return mode if mode is not None else contextlib.nullcontext()
+
+
+def _set_attr(root: torch.nn.Module, fqn: str, value: torch.Tensor) -> None:
+    prefix, _, name = fqn.rpartition(".")
+    owner = root.get_submodule(prefix) if prefix else root
+    if name in owner._parameters:
+        owner._parameters[name] = value
+    else:
+        setattr(owner, name, value)
