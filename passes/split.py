@@ -304,8 +304,9 @@ def place_on_device(stage: StageModule, device: torch.device) -> None:
     """Point every device argument baked into the stage's graph at `device`.
 
     torch.export records the device of tensors created inside the model (e.g.
-    GPT-2's `arange(..., device=cpu)` for position ids) as a constant; a stage run
-    on another device than the model was captured on must create them there.
+    GPT-2's `arange(..., device=cpu)` for position ids, Llama's rotary table moved
+    with `.to(device)`) as a constant; a stage run on another device than the model
+    was captured on must create and move them there.
     """
     gm = stage.graph_module
     changed = False
@@ -313,5 +314,9 @@ def place_on_device(stage: StageModule, device: torch.device) -> None:
         if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != device:
             node.update_kwarg("device", device)
             changed = True
+        for i, arg in enumerate(node.args):  # aten.to.device(x, device, dtype): the device is positional
+            if isinstance(arg, torch.device) and arg != device:
+                node.update_arg(i, device)
+                changed = True
     if changed:
         gm.recompile()

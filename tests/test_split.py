@@ -10,7 +10,7 @@ from dist_utils import build
 
 from partitioner.errors import PlanError
 from passes.capture import capture
-from passes.split import USER_INPUT, even_plan, plan_from_cuts, split, valid_cuts
+from passes.split import USER_INPUT, even_plan, place_on_device, plan_from_cuts, split, valid_cuts
 
 
 def run_stages(stages, flat_inputs):
@@ -118,3 +118,16 @@ def test_in_place_write_on_a_received_value_is_marked():
     captured = capture(model, (torch.randn(2, 4),))
     stages = split(captured, plan_from_cuts(captured, [1], num_ranks=2))
     assert stages[1].mutated_inputs == {stages[0].outputs[0]}
+
+
+def test_place_on_device_moves_positional_device_arguments():
+    """Llama's rotary table is moved with `.to(device)`: aten.to.device takes the device positionally."""
+    zm = build("llama-1b")
+    captured = capture(zm.model, tuple(x[:1] for x in zm.example_args))
+    stages = split(captured, even_plan(captured, 2))
+    target = torch.device("meta")
+    for st in stages:
+        place_on_device(st, target)
+        for node in st.graph_module.graph.nodes:
+            devices = [a for a in [*node.args, *node.kwargs.values()] if isinstance(a, torch.device)]
+            assert all(d == target for d in devices), node.format_node()
