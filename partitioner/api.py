@@ -7,7 +7,7 @@ transport and executor.
 
 Under torchrun (torch.distributed initialised, or RANK/WORLD_SIZE set) every
 process calls compile_parallel with the same arguments and rank r runs the
-stages of rank r on devices[r]; where no process group exists yet it creates one
+stages of rank r on devices[r] (a world of one process runs every stage); where no process group exists yet it creates one
 (NCCL on GPUs, gloo on CPU). A gloo group it created is destroyed at exit; destroy
 an NCCL one with dist.destroy_process_group() at the end of the script. Without
 torchrun one process drives every stage on the devices listed (they may repeat,
@@ -294,6 +294,8 @@ def _init_distributed(devices: list[torch.device], timeout_s: float) -> int | No
         if backend == "gloo":
             atexit.register(_destroy_gloo_groups)
     world, rank = dist.get_world_size(), dist.get_rank()
+    if world == 1:  # a world of one process (e.g. torchrun --nproc_per_node 1) drives every stage itself
+        return None
     if world != len(devices):
         raise RuntimeConfigError(f"compile_parallel on rank {rank}: the world has {world} processes but "
                                  f"{len(devices)} devices were given; start one process per device "

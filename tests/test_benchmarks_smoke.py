@@ -46,3 +46,18 @@ def test_gpu_runtime_runs_on_cpu(tmp_path):
     # more stages keep at least as many activations in flight under 1F1B
     assert rows[2]["pred_peak_mib"] >= rows[1]["pred_peak_mib"] > 0
     assert all(r["meas_peak_mib"] is None for r in rows)  # measured only on CUDA
+
+
+def test_train_throughput_runs_on_cpu(tmp_path):
+    """Eager configurations only (compiling on 2 CPU cores takes minutes): ours with both plans and
+    schedules, torch.distributed.pipelining in one process, and the plain model."""
+    configs = "plain-eager,ours-eager-1f1b-ilp,ours-eager-1f1b-uniform,ours-eager-interleaved-ilp,torch-eager-1f1b"
+    args = ["--small", "--device", "cpu", "--models", "gpt2", "--precision", "bf16-mixed", "--seq", "16",
+            "--rounds", "2", "--warmup", "1", "--time-limit", "1", "--chunks", "2", "--configs", configs]
+    result = run_benchmark("benchmarks.train_throughput", args, tmp_path, timeout_s=240)
+    rows = result["rows"]
+    assert {(r["precision"], r["config"]) for r in rows} == {(p, c) for p in ("bf16-mixed",)
+                                                             for c in configs.split(",")}
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["step_s"] >= r["train_s"] > 0
+        assert (r["pred_train_s"] is not None) == r["config"].startswith("ours")

@@ -1,0 +1,417 @@
+"""Training throughput of the user's real job: ours vs torch.distributed.pipelining vs the plain model.
+
+Every configuration trains the same model on the same batches (AdamW, one
+optimizer step per batch of `--microbatches` microbatches of `--mb-size` x
+`--seq` tokens); configurations alternate in rounds inside the same processes
+(one step each per round, the order reversed every other round), so the
+drift of these hosts hits all of them alike. Reported: tokens/s (median
+step), MFU (the model's FLOPs from the cost model over the step and the
+device's peak), peak memory per GPU, the plan's predicted step and memory.
+
+Configurations (`--configs` picks):
+- plain-eager / plain-compiled: the unpartitioned model with gradient
+  accumulation over the microbatches (one process, one GPU): the ceiling.
+- ours-{eager,compiled}-{1f1b,interleaved}-{ilp,uniform}: compile_parallel with
+  the ILP's plan or the uniform-layers plan on the same runtime; eager and
+  compiled share one ParallelModel (the executor's stage callables are
+  swapped), so they see the same weights and plan.
+- torch-{eager,compiled}-{1f1b,interleaved}: torch.distributed.pipelining with a
+  hand-written uniform split (benchmarks/torch_pipeline.py), eager or with each
+  layer compiled (torchtitan's way). GPT-2 and Llama only.
+
+Modes:
+- one process (plain `python -m`): `--stages` pipeline stages on one device;
+  nothing overlaps, so ours is compared with the plain model (the runtime's
+  cost), and the prediction is the plan's serial work (m x every stage's
+  forward + backward).
+- torchrun (one process per GPU, NCCL): stage k on rank k mod world; the
+  prediction is the plan's simulated step.
+
+    python -m benchmarks.train_throughput --models gpt2-xl --precision bf16          # one GPU
+    torchrun --nproc_per_node 2 -m benchmarks.train_throughput --models gpt2-xl      # 2 GPUs
+    python -m benchmarks.train_throughput --small --device cpu --configs all         # smoke test, CPU
+
+Writes benchmarks/results/<name>.json (default train_throughput_<mode>) and a PNG of tokens/s.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from benchmarks import common
+from benchmarks.common import print_table, pyplot, save_figure, write_result
+from partitioner import zoo
+
+ALL_CONFIGS = ("plain-eager", "plain-compiled", "ours-eager-1f1b-ilp", "ours-compiled-1f1b-ilp",
+               "ours-compiled-interleaved-ilp", "ours-eager-interleaved-ilp", "ours-compiled-1f1b-uniform",
+               "ours-eager-1f1b-uniform", "torch-eager-1f1b", "torch-compiled-1f1b", "torch-eager-interleaved",
+               "torch-compiled-interleaved")
+DEFAULT_CONFIGS = ("plain-eager", "plain-compiled", "ours-eager-1f1b-ilp", "ours-compiled-1f1b-ilp",
+                   "ours-compiled-interleaved-ilp", "ours-compiled-1f1b-uniform", "torch-eager-1f1b",
+                   "torch-compiled-1f1b")
+PRECISIONS = ("bf16", "bf16-mixed", "fp32")
+GiB = 2 ** 30
+
+
+@dataclass
+class Runner:
+    """One configuration: step() trains one batch (zero_grad, train, optimizer step)."""
+
+    name: str
+    train: Callable[[], Any]
+    zero: Callable[[], None]
+    params: list[torch.nn.Parameter]
+    predicted_step_s: float | None = None
+    predicted_peak_bytes: int | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    times_s: list[float] = field(default_factory=list)
+    train_s: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    note: str = ""
+
+    def __post_init__(self):
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-5) if self.params else None
+
+
+# ---------------------------------------------------------------------------- set-up
+
+def _world() -> tuple[int | None, int]:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None, 1
+
+
+def _device(args, rank: int | None) -> torch.device:
+    if args.device == "cpu":
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", rank or 0))
+    return torch.device("cuda", local)
+
+
+def build_model(args, name: str, precision: str, device: torch.device) -> zoo.ZooModel:
+    batch = args.mb_size * args.microbatches
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    zm = zoo.build(name, batch=batch, seq=args.seq, device=device, dtype=torch.float32, small=args.small, seed=0)
+    zm.model.to(dtype).train()
+    return zm
+
+
+def _mixed(precision: str) -> str | None:
+    return "bf16" if precision == "bf16-mixed" else None
+
+
+def make_plans(zm, args, precision: str, device: torch.device, p: int, rank: int | None) -> dict:
+    """(schedule, plan kind) -> Plan: the ILP's and the uniform-layers baseline's, planned on rank 0."""
+    from partitioner.baselines import baseline_plan
+    from partitioner.plan import Plan
+    from partitioner.planner import PlanConfig, plan_model
+
+    plans: dict = {}
+    if rank in (None, 0):
+        spec: Any = "cpu"
+        if device.type == "cuda":
+            from cost_models.device import spec_for_torch_device
+            spec = spec_for_torch_device(device)
+        for key, schedule, chunks in (("1f1b", "1f1b", 1), ("interleaved", "interleaved-1f1b", args.chunks)):
+            config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=args.microbatches,
+                                device_type=spec, dtype=None, mixed_precision=_mixed(precision),
+                                time_limit_s=args.time_limit)
+            result = plan_model(zm.model, zm.example_args, zm.example_kwargs, config, loss_fn=zm.loss_fn,
+                                example_target=zm.target)
+            plans[(key, "ilp")] = result.plan
+            plans[(key, "uniform")] = baseline_plan(result.block_graph, "uniform", p, chunks, args.microbatches,
+                                                    schedule, result.plan.memory_cap_bytes,
+                                                    result.plan.link_bw_bytes_per_s)
+            plans["flops_per_microbatch"] = result.costs.total("fwd_flops") + result.costs.total("bwd_flops")
+    if rank is None:
+        return plans
+    box = [{k: (v.to_json() if hasattr(v, "to_json") else v) for k, v in plans.items()}]
+    dist.broadcast_object_list(box, src=0)
+    return {k: (Plan.from_json(v) if isinstance(v, str) else v) for k, v in box[0].items()}
+
+
+def _serial_s(plan) -> float:
+    """One device runs every stage of every microbatch in turn."""
+    return plan.microbatches * (sum(plan.stage_fwd_time_s) + sum(plan.stage_bwd_time_s))
+
+
+def ours_runners(zm, args, precision: str, device: torch.device, p: int, rank: int | None, plans: dict,
+                 wanted: list[str]) -> list[Runner]:
+    from partitioner.api import compile_parallel
+    from runtime.compiled import compile_stages
+
+    devices = [device] * p if rank is None else [torch.device(device.type, i) if device.type == "cuda" else device
+                                                  for i in range(p)]
+    runners = []
+    for key in ("1f1b", "interleaved"):
+        for kind in ("ilp", "uniform"):
+            names = {f"ours-{c}-{key}-{kind}" for c in ("eager", "compiled")} & set(wanted)
+            if not names:
+                continue
+            plan = plans[(key, kind)]
+            pm = compile_parallel(zm.model, devices, zm.example_args, zm.loss_fn, plan=plan,
+                                  microbatches=args.microbatches, compile=False, mixed_precision=_mixed(precision))
+            graphs = {k: pm.stages[k].graph_module for k in pm.executor.local}
+            eager = (pm.executor.runners, pm.executor.loss_fn)
+            compiled = compile_stages(graphs, zm.loss_fn, {"dynamic": False})
+            predicted = _serial_s(plan) if rank is None else plan.step_time_s
+            peak = sum(plan.rank_mem_bytes) if rank is None else plan.rank_mem_bytes[rank]
+            params = list(pm.parameters())
+            opt = None
+            for mode, (stage_runners, loss) in (("eager", eager), ("compiled", compiled)):
+                name = f"ours-{mode}-{key}-{kind}"
+                if name not in names:
+                    continue
+
+                def train(pm=pm, stage_runners=stage_runners, loss=loss):
+                    pm.executor.runners, pm.executor.loss_fn = stage_runners, loss
+                    pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
+
+                r = Runner(name, train, pm.zero_grad, params, predicted, peak)
+                if opt is None:
+                    opt = r.optimizer
+                r.optimizer = opt  # eager and compiled train one set of weights
+                runners.append(r)
+    return runners
+
+
+def plain_runners(zm, precision: str, microbatches: int, wanted: list[str]) -> list[Runner]:
+    model = zm.model
+    compiled = torch.compile(model, dynamic=False) if "plain-compiled" in wanted else None
+    mbs = list(zip(*(a.chunk(microbatches) for a in zm.example_args)))
+    targets = zm.target.chunk(microbatches)
+    device_type = zm.target.device.type
+
+    def step(fn):
+        for x, y in zip(mbs, targets):
+            with torch.autocast(device_type, torch.bfloat16, enabled=precision == "bf16-mixed"):
+                loss = zm.loss_fn(fn(*x), y) / microbatches
+            loss.backward()
+
+    runners, opt = [], None
+    for name, fn in (("plain-eager", model), ("plain-compiled", compiled)):
+        if name in wanted:
+            r = Runner(name, lambda fn=fn: step(fn), lambda: model.zero_grad(set_to_none=True), list(model.parameters()))
+            opt = opt or r.optimizer
+            r.optimizer = opt
+            runners.append(r)
+    return runners
+
+
+def torch_runners(zm, args, device: torch.device, p: int, rank: int | None, wanted: list[str]) -> list[Runner]:
+    from benchmarks.torch_pipeline import TorchPipeline
+
+    runners = []
+    for key, chunks in (("1f1b", 1), ("interleaved", args.chunks)):
+        for mode in ("eager", "compiled"):
+            name = f"torch-{mode}-{key}"
+            if name not in wanted:
+                continue
+            stages = p * chunks
+            ids = list(range(stages)) if rank is None else list(range(rank, stages, p))
+            try:
+                pipe = TorchPipeline(zm.model, stages, ids, device, args.microbatches, zm.loss_fn, mode == "compiled")
+            except ValueError as err:  # no hand-written split for this family
+                print(f"skipping {name}: {err}", file=sys.stderr)
+                continue
+            runners.append(Runner(name, lambda pipe=pipe: pipe.train_step(*zm.example_args, zm.target),
+                                  pipe.zero_grad, pipe.parameters()))
+    return runners
+
+
+# ---------------------------------------------------------------------------- measuring
+
+def _sync(device: torch.device, distributed: bool) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if distributed:
+        dist.barrier()
+
+
+def _resident_bytes(r: Runner) -> int:
+    state = [t for s in (r.optimizer.state.values() if r.optimizer else []) for t in s.values()
+             if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in [*r.params, *state])
+
+
+def run_step(r: Runner, device: torch.device, distributed: bool, measure_memory: bool = False) -> tuple[float, float]:
+    """Seconds of one whole step and of its train part (max over ranks under torchrun)."""
+    r.zero()
+    if measure_memory and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device, distributed)
+    t0 = time.perf_counter()
+    r.train()
+    _sync(device, distributed)
+    t1 = time.perf_counter()
+    if r.optimizer is not None:
+        r.optimizer.step()
+    _sync(device, distributed)
+    t2 = time.perf_counter()
+    if measure_memory and device.type == "cuda":
+        r.peak_bytes = _resident_bytes(r) + torch.cuda.max_memory_allocated(device) - before
+    times = torch.tensor([t2 - t0, t1 - t0], dtype=torch.float64)
+    if distributed:
+        times = times.to(device) if dist.get_backend() == "nccl" else times
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    return float(times[0]), float(times[1])
+
+
+def measure(runners: list[Runner], device: torch.device, distributed: bool, warmup: int, rounds: int,
+            log: Callable[[str], None]) -> None:
+    for i, r in enumerate(runners):  # warm-up: compile, allocate optimizer state
+        t = time.perf_counter()
+        for _ in range(warmup):
+            run_step(r, device, distributed)
+        log(f"  warm-up {r.name}: {time.perf_counter() - t:.1f} s")
+    for r in runners:
+        run_step(r, device, distributed, measure_memory=True)
+    for k in range(rounds):
+        for r in (runners if k % 2 == 0 else runners[::-1]):
+            total, train = run_step(r, device, distributed)
+            r.times_s.append(total)
+            r.train_s.append(train)
+
+
+def rows_for(runners: list[Runner], model: str, precision: str, args, world: int, flops_per_step: float,
+             peak_flops: float) -> list[dict]:
+    tokens = args.microbatches * args.mb_size * args.seq
+    rows = []
+    for r in runners:
+        step = statistics.median(r.times_s)
+        train = statistics.median(r.train_s)
+        rows.append({
+            "model": model, "precision": precision, "gpus": world, "config": r.name,
+            "tokens_per_s": tokens / step, "step_s": step, "train_s": train,
+            "step_spread": (max(r.times_s) - min(r.times_s)) / step,
+            "mfu": flops_per_step / step / (peak_flops * world) if peak_flops else None,
+            "peak_gib": r.peak_bytes / GiB if r.peak_bytes is not None else None,
+            "pred_train_s": r.predicted_step_s,
+            "pred_err": (r.predicted_step_s / train - 1) if r.predicted_step_s else None,
+            "pred_peak_gib": r.predicted_peak_bytes / GiB if r.predicted_peak_bytes else None,
+        })
+    base = {row["config"]: row["tokens_per_s"] for row in rows}
+    for row in rows:
+        for ref in ("plain-compiled", "torch-eager-1f1b", "torch-compiled-1f1b"):
+            if ref in base and row["config"] != ref:
+                row[f"x_{ref}"] = row["tokens_per_s"] / base[ref]
+    return rows
+
+
+def plot(rows: list[dict], path) -> None:
+    plt = pyplot()
+    groups = sorted({(r["model"], r["precision"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    for ax, (model, precision) in zip(axes[0], groups):
+        sub = [r for r in rows if r["model"] == model and r["precision"] == precision]
+        ax.barh([r["config"] for r in sub], [r["tokens_per_s"] / 1e3 for r in sub],
+                color=["tab:blue" if r["config"].startswith("ours") else "tab:gray" for r in sub])
+        ax.set_xlabel("thousand tokens/s")
+        ax.set_title(f"{model} {precision}")
+        ax.invert_yaxis()
+    save_figure(fig, path, f"training throughput, {rows[0]['gpus']} GPU(s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="gpt2-xl", help="comma-separated zoo names (gpt2-xl,llama-1b,t5-base)")
+    parser.add_argument("--precision", default="bf16", help=f"comma-separated, of {', '.join(PRECISIONS)}")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help=f"comma-separated configurations, or 'all': {', '.join(ALL_CONFIGS)}")
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--mb-size", type=int, default=2, help="sequences per microbatch")
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--stages", type=int, default=2, help="pipeline ranks in one process (ignored under torchrun)")
+    parser.add_argument("--chunks", type=int, default=2, help="virtual stages per rank of the interleaved configs")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--time-limit", type=float, default=10.0, help="solver time per plan (s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="the zoo's tiny configs (smoke test)")
+    parser.add_argument("--name", default=None, help="result name (default train_throughput_<mode>)")
+    parser.add_argument("--results-dir", default=None, help="write the JSON and PNG here instead of "
+                        "benchmarks/results")
+    args = parser.parse_args(argv)
+    if args.results_dir:
+        common.RESULTS_DIR = Path(args.results_dir)
+
+    rank, world = _world()
+    device = _device(args, rank)
+    if rank is not None:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    p = world if rank is not None else args.stages
+    wanted = list(ALL_CONFIGS) if args.configs == "all" else args.configs.split(",")
+    unknown = set(wanted) - set(ALL_CONFIGS)
+    if unknown:
+        parser.error(f"unknown configurations {sorted(unknown)}; known: {', '.join(ALL_CONFIGS)}")
+    if rank is not None:
+        wanted = [w for w in wanted if not w.startswith("plain")]  # the ceiling is the one-GPU run's
+    lead = rank in (None, 0)
+
+    def log(msg: str) -> None:
+        if lead:
+            print(msg, file=sys.stderr, flush=True)
+
+    peak_flops = 0.0
+    if device.type == "cuda":
+        from cost_models.device import spec_for_torch_device
+        peak_flops = spec_for_torch_device(device, calibrate_host=False).flops_per_s(torch.bfloat16)
+    rows: list[dict] = []
+    for model in args.models.split(","):
+        for precision in args.precision.split(","):
+            t = time.perf_counter()
+            zm = build_model(args, model, precision, device)
+            log(f"{model} {precision}: planning for {p} ranks")
+            plans = make_plans(zm, args, precision, device, p, rank)
+            runners = plain_runners(zm, precision, args.microbatches, wanted) if rank is None else []
+            runners += ours_runners(zm, args, precision, device, p, rank, plans, wanted)
+            if rank is not None or any(w.startswith("torch") for w in wanted):
+                if rank is None and not dist.is_initialized():
+                    _init_single_rank_group(device)
+                runners += torch_runners(zm, args, device, p, rank, wanted)
+            log(f"{model} {precision}: {len(runners)} configurations set up in {time.perf_counter() - t:.0f} s")
+            measure(runners, device, rank is not None, args.warmup, args.rounds, log)
+            flops = plans["flops_per_microbatch"] * args.microbatches
+            rows += rows_for(runners, model, precision, args, p if rank is not None else 1, flops, peak_flops)
+            del runners, zm
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if lead:
+        mode = f"{world}gpu" if rank is not None else f"1proc_{args.device}"
+        name = args.name or f"train_throughput_{mode}"
+        print_table(f"training throughput ({mode}, m = {args.microbatches}, {args.mb_size} x {args.seq} tokens)", rows)
+        path = write_result(name, rows, {"world_size": world, "stages_per_process": p if rank is None else 1})
+        plot(rows, path.with_suffix(".png"))
+        print(f"wrote {path}")
+    if rank is not None:
+        dist.destroy_process_group()
+    return 0
+
+
+def _init_single_rank_group(device: torch.device) -> None:
+    """torch's pipelining needs a process group even when one process holds every stage."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
