@@ -291,7 +291,7 @@ def test_a_gloo_group_compile_parallel_created_is_destroyed_at_exit(monkeypatch)
     for key, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(key, value)
     try:
-        assert api._init_distributed([torch.device("cpu")], timeout_s=30) == 0
+        assert api._init_distributed([torch.device("cpu")], timeout_s=30) is None  # one process: every stage here
         assert dist.is_initialized() and hooks
         for hook in hooks:
             hook()
