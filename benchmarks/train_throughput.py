@@ -12,9 +12,8 @@ Configurations (`--configs` picks):
 - plain-eager / plain-compiled: the unpartitioned model with gradient
   accumulation over the microbatches (one process, one GPU): the ceiling.
 - ours-{eager,compiled}-{1f1b,interleaved}-{ilp,uniform}: compile_parallel with
-  the ILP's plan or the uniform-layers plan on the same runtime; eager and
-  compiled share one ParallelModel (the executor's stage callables are
-  swapped), so they see the same weights and plan.
+  the ILP's plan or the uniform-layers plan on the same runtime, planned as
+  compile_parallel plans them (compiled stages with compiled costs).
 - torch-{eager,compiled}-{1f1b,interleaved}: torch.distributed.pipelining with a
   hand-written uniform split (benchmarks/torch_pipeline.py), eager or with each
   layer compiled (torchtitan's way). GPT-2 and Llama only.
@@ -110,8 +109,11 @@ def _mixed(precision: str) -> str | None:
     return "bf16" if precision == "bf16-mixed" else None
 
 
-def make_plans(zm, args, precision: str, device: torch.device, p: int, rank: int | None) -> dict:
-    """(schedule, plan kind) -> Plan: the ILP's and the uniform-layers baseline's, planned on rank 0."""
+def make_plans(zm, args, precision: str, device: torch.device, p: int, rank: int | None,
+               wanted: list[str]) -> dict:
+    """(schedule key, plan kind, compiled) -> Plan for the wanted configurations, planned on rank 0 as
+    compile_parallel plans them (compiled stages with compiled costs), plus the model's FLOPs per
+    microbatch. The uniform plan is the uniform-layers baseline scored on the same block graph."""
     from partitioner.baselines import baseline_plan
     from partitioner.plan import Plan
     from partitioner.planner import PlanConfig, plan_model
@@ -123,16 +125,21 @@ def make_plans(zm, args, precision: str, device: torch.device, p: int, rank: int
             from cost_models.device import spec_for_torch_device
             spec = spec_for_torch_device(device)
         for key, schedule, chunks in (("1f1b", "1f1b", 1), ("interleaved", "interleaved-1f1b", args.chunks)):
-            config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=args.microbatches,
-                                device_type=spec, dtype=None, mixed_precision=_mixed(precision),
-                                time_limit_s=args.time_limit)
-            result = plan_model(zm.model, zm.example_args, zm.example_kwargs, config, loss_fn=zm.loss_fn,
-                                example_target=zm.target)
-            plans[(key, "ilp")] = result.plan
-            plans[(key, "uniform")] = baseline_plan(result.block_graph, "uniform", p, chunks, args.microbatches,
-                                                    schedule, result.plan.memory_cap_bytes,
-                                                    result.plan.link_bw_bytes_per_s)
-            plans["flops_per_microbatch"] = result.costs.total("fwd_flops") + result.costs.total("bwd_flops")
+            for compiled in (False, True):
+                mode = "compiled" if compiled else "eager"
+                kinds = [k for k in ("ilp", "uniform") if f"ours-{mode}-{key}-{k}" in wanted]
+                if not kinds and "flops_per_microbatch" in plans:
+                    continue
+                config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=args.microbatches,
+                                    device_type=spec, dtype=None, mixed_precision=_mixed(precision),
+                                    time_limit_s=args.time_limit, compiled=compiled)
+                result = plan_model(zm.model, zm.example_args, zm.example_kwargs, config, loss_fn=zm.loss_fn,
+                                    example_target=zm.target)
+                plans[(key, "ilp", compiled)] = result.plan
+                plans[(key, "uniform", compiled)] = baseline_plan(
+                    result.block_graph, "uniform", p, chunks, args.microbatches, schedule,
+                    result.plan.memory_cap_bytes, result.plan.link_bw_bytes_per_s)
+                plans["flops_per_microbatch"] = result.costs.total("fwd_flops") + result.costs.total("bwd_flops")
     if rank is None:
         return plans
     box = [{k: (v.to_json() if hasattr(v, "to_json") else v) for k, v in plans.items()}]
@@ -147,55 +154,42 @@ def _serial_s(plan) -> float:
 
 def ours_runners(zm, args, precision: str, device: torch.device, p: int, rank: int | None, plans: dict,
                  wanted: list[str]) -> list[Runner]:
+    """One ParallelModel per wanted configuration, compiled or not as compile_parallel would on GPUs."""
     from partitioner.api import compile_parallel
-    from runtime.compiled import compile_stages
 
     devices = [device] * p if rank is None else [torch.device(device.type, i) if device.type == "cuda" else device
                                                   for i in range(p)]
     runners = []
-    for key in ("1f1b", "interleaved"):
-        for kind in ("ilp", "uniform"):
-            names = {f"ours-{c}-{key}-{kind}" for c in ("eager", "compiled")} & set(wanted)
-            if not names:
-                continue
-            plan = plans[(key, kind)]
-            pm = compile_parallel(zm.model, devices, zm.example_args, zm.loss_fn, plan=plan,
-                                  microbatches=args.microbatches, compile=False, mixed_precision=_mixed(precision))
-            graphs = {k: pm.stages[k].graph_module for k in pm.executor.local}
-            eager = (pm.executor.runners, pm.executor.loss_fn)
-            compiled = compile_stages(graphs, zm.loss_fn, {"dynamic": False})
-            predicted = _serial_s(plan) if rank is None else plan.step_time_s
-            peak = sum(plan.rank_mem_bytes) if rank is None else plan.rank_mem_bytes[rank]
-            params = list(pm.parameters())
-            opt = None
-            for mode, (stage_runners, loss) in (("eager", eager), ("compiled", compiled)):
-                name = f"ours-{mode}-{key}-{kind}"
-                if name not in names:
-                    continue
-
-                def train(pm=pm, stage_runners=stage_runners, loss=loss):
-                    pm.executor.runners, pm.executor.loss_fn = stage_runners, loss
-                    pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
-
-                r = Runner(name, train, pm.zero_grad, params, predicted, peak)
-                if opt is None:
-                    opt = r.optimizer
-                r.optimizer = opt  # eager and compiled train one set of weights
-                runners.append(r)
+    for name in wanted:
+        parts = name.split("-")
+        if parts[0] != "ours":
+            continue
+        mode, key, kind = parts[1], parts[2], parts[3]
+        plan = plans[(key, kind, mode == "compiled")]
+        pm = compile_parallel(zm.model, devices, zm.example_args, zm.loss_fn, plan=plan,
+                              example_kwargs=zm.example_kwargs, microbatches=args.microbatches, compile=mode == "compiled",
+                              mixed_precision=_mixed(precision))
+        predicted = _serial_s(plan) if rank is None else plan.step_time_s
+        peak = sum(plan.rank_mem_bytes) if rank is None else plan.rank_mem_bytes[rank]
+        runners.append(Runner(name, lambda pm=pm: pm.train_step(*zm.example_args, target=zm.target,
+                                                                **zm.example_kwargs),
+                              pm.zero_grad, list(pm.parameters()), predicted, peak))
     return runners
 
 
 def plain_runners(zm, precision: str, microbatches: int, wanted: list[str]) -> list[Runner]:
     model = zm.model
     compiled = torch.compile(model, dynamic=False) if "plain-compiled" in wanted else None
-    mbs = list(zip(*(a.chunk(microbatches) for a in zm.example_args)))
+    from partitioner.microbatch import batch_size, split_batch
+    inputs = (tuple(zm.example_args), dict(zm.example_kwargs))
+    mbs = split_batch(inputs, microbatches, "input", batch_size(inputs))
     targets = zm.target.chunk(microbatches)
     device_type = zm.target.device.type
 
     def step(fn):
-        for x, y in zip(mbs, targets):
+        for (x, kw), y in zip(mbs, targets):
             with torch.autocast(device_type, torch.bfloat16, enabled=precision == "bf16-mixed"):
-                loss = zm.loss_fn(fn(*x), y) / microbatches
+                loss = zm.loss_fn(fn(*x, **kw), y) / microbatches
             loss.backward()
 
     runners, opt = [], None
@@ -377,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             zm = build_model(args, model, precision, device)
             log(f"{model} {precision}: planning for {p} ranks")
-            plans = make_plans(zm, args, precision, device, p, rank)
+            plans = make_plans(zm, args, precision, device, p, rank, wanted)
             runners = plain_runners(zm, precision, args.microbatches, wanted) if rank is None else []
             runners += ours_runners(zm, args, precision, device, p, rank, plans, wanted)
             if rank is not None or any(w.startswith("torch") for w in wanted):

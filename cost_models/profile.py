@@ -24,6 +24,7 @@ import torch.fx
 
 from cost_models.device import DeviceSpec, get_device_spec
 from cost_models.flops import COMPUTE_OPS, NodeTrace, OpKernel, trace_nodes
+from cost_models.fusion import compiled_times
 from cost_models.memory import (OPTIMIZER_STATES, DtypeScale, backward_walk, output_savers, params_state_bytes,
                                  saved_bytes_per_node, value_bytes)
 from cost_models.node_costs import NodeCost, NodeCosts
@@ -109,7 +110,7 @@ def _spread(total: float, weights: list[float]) -> list[float]:
 def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = "h100",
             dtype: torch.dtype = torch.float32, optimizer: str = "adamw", measure: bool = False,
             example_inputs: Sequence[Any] | None = None, measure_groups: list[list[str]] | None = None,
-            inputs_require_grad: bool = False, progress: bool = True) -> NodeCosts:
+            inputs_require_grad: bool = False, progress: bool = True, compiled: bool = False) -> NodeCosts:
     """Cost every node of `captured` (a passes.capture.Captured, or a bare GraphModule) for one microbatch.
 
     annotated: the AnnotatedGraph (module paths for measured blocks); optional.
@@ -118,6 +119,8 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
     optimizer: whose state counts in param_state_bytes (adamw, adam, sgd-momentum, sgd, none).
     measure: time blocks of nodes on the device the graph was captured on instead of the
         roofline; example_inputs (flat, as the placeholders take them) give real values.
+    compiled: the stages run under torch.compile: analytic times with inductor's fusion
+        (cost_models/fusion.py); measured blocks are timed eagerly, so not with measure.
     """
     if optimizer not in OPTIMIZER_STATES:
         raise CostModelError(f"unknown optimizer '{optimizer}': choose one of {sorted(OPTIMIZER_STATES)}")
@@ -148,6 +151,11 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
                                         if a.op == "get_attr")
 
     times = {name: _analytic(t, spec, scale) for name, t in traces.items()}
+    if compiled:
+        if measure:
+            raise CostModelError("measured block times are eager: plan compiled stages with analytic times "
+                                 "(measure=False)")
+        times = compiled_times(gm, traces, times, spec, scale, lambda op: op_kernel(op, spec, scale).bytes_moved)
     if measure:
         times = _measured_times(gm, traces, times, annotated, example_inputs, measure_groups, progress)
 

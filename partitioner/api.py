@@ -104,7 +104,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
         if plan is None:
             plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
                                    memory, device_type, time_limit_s, rank, devices, loss_fn, example_target,
-                                   mixed_precision)
+                                   mixed_precision, options is not None)
         else:
             captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     except CaptureError as err:
@@ -366,7 +366,7 @@ def _first_microbatch(args: tuple, kwargs: dict, microbatches: int) -> tuple[tup
 def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_kwargs: dict, p: int, chunks: int,
           schedule: str, microbatches: int, memory: int | str | None, device_type: str | DeviceSpec | None,
           time_limit_s: float, rank: int | None, devices: list[torch.device], loss_fn: Callable[[Any, Any], Any],
-          example_target: Any, mixed_precision: str | None) -> tuple[Plan, Captured]:
+          example_target: Any, mixed_precision: str | None, compiled: bool) -> tuple[Plan, Captured]:
     """Plan on rank 0 (the solver is not deterministic across processes) and share the plan."""
     if rank is None or rank == 0:
         from partitioner.planner import PlanConfig, plan_model
@@ -380,7 +380,7 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
                 device_type = spec_for_torch_device(devices[0])  # this GPU, this host's dispatch speed
         config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=microbatches,
                             memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s,
-                            dtype=None, mixed_precision=mixed_precision)
+                            dtype=None, mixed_precision=mixed_precision, compiled=compiled)
         result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target)
         plan, captured = result.plan, result.captured
     if rank is None:

@@ -38,6 +38,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", type=_dtype_name, choices=["float32", "bfloat16", "float16"],
                    help="parameter/activation dtype used for costs: float32 (fp32), bfloat16 (bf16) or "
                         "float16 (fp16); default float32")
+    p.add_argument("--mixed-precision", default=None, choices=["bf16"],
+                   help="fp32 parameters, gradients and optimizer state with bf16 compute (as compile_parallel's "
+                        "mixed_precision='bf16'); default: compute in --dtype")
+    p.add_argument("--compile", action="store_true",
+                   help="cost the stages as torch.compile runs them (fused elementwise kernels, no per-op "
+                        "dispatch), as compile_parallel does on GPUs")
     p.add_argument("--device-type", default="h100", help="DeviceSpec name used for analytic times and memory "
                    "(h100, h200, a100-40gb, a100-80gb, l4, cpu) or a JSON file with your own spec")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "sgd-momentum", "none"],

@@ -43,6 +43,7 @@ class PlanConfig:
     device_type: str | DeviceSpec = "h100"  # a table name, a JSON path or a DeviceSpec
     dtype: str | None = "float32"  # the dtype costs are expressed in; None: the model's own
     mixed_precision: str | None = None  # e.g. "bf16": fp32 parameters, bf16 compute (passes/mixed_precision.py)
+    compiled: bool = False  # the stages run under torch.compile: costs with inductor's fusion
     optimizer: str = "adamw"
     depth: int | None = None
     time_limit_s: float = 10.0
@@ -113,7 +114,7 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     dtype = DTYPES[config.dtype] if config.dtype is not None else graph_float_dtype(captured.graph_module)
     step(f"profiling {len(annotated.nodes)} nodes for {spec.name}")
     costs = profile(captured, annotated, device=spec, dtype=dtype, optimizer=config.optimizer,
-                    progress=False)
+                    progress=False, compiled=config.compiled)
     K = config.num_ranks * config.chunks
     bg = coarsen(annotated, costs, depth=config.depth, min_blocks=K, target_blocks=BLOCKS_PER_STAGE * K)
     if loss_fn is not None and example_target is not None:

@@ -90,3 +90,10 @@ def test_compile_defaults_follow_the_device_and_need_a_compiler(monkeypatch):
     monkeypatch.setattr("runtime.compiled._cxx_compiler", lambda: None)
     with pytest.raises(RuntimeConfigError, match="C\\+\\+ compiler"):
         compile_options(True, [torch.device("cpu")])
+
+
+def test_compiled_stages_are_planned_with_compiled_costs():
+    zm = build("gpt2")
+    eager = compile_zoo(zm, compile=False, time_limit_s=2)
+    compiled = compile_zoo(zm, compile=True, time_limit_s=2)
+    assert sum(compiled.plan.stage_fwd_time_s) < sum(eager.plan.stage_fwd_time_s)
