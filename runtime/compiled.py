@@ -115,16 +115,22 @@ def _is_compile_error(err: BaseException) -> bool:
     return isinstance(err, kinds)
 
 
+def _cause(err: BaseException) -> BaseException:
+    """The backend's own exception where dynamo wrapped it (BackendCompilerFailed)."""
+    return getattr(err, "inner_exception", None) or err.__cause__ or err
+
+
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+    inner = _cause(err)
+    text = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _failing_node(err: BaseException, graph: torch.fx.Graph | None) -> str:
     """' at node NAME (TARGET)' for the first node of `graph` whose aten target the error names."""
     if graph is None:
         return ""
-    text = str(err)
+    text = f"{err}\n{_cause(err)}"
     names = set(re.findall(r"(?:aten|prims)\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", text))
     for node in graph.nodes:
         if node.op == "call_function" and any(str(node.target).startswith(n) or n.startswith(str(node.target))
