@@ -45,6 +45,10 @@ def load_model_spec(spec: str, batch: int | None = None, seq: int | None = None,
     device: None = the zoo's default (meta for large models); "meta" builds
         without allocating weights.
     """
+    for flag, value, what in (("batch", batch, "batch size"), ("seq", seq, "sequence length")):
+        if value is not None and value < 1:
+            raise PartitionerError(f"--{flag} is {value}: give a positive {what}, or leave --{flag} out for "
+                                   "the model's default")
     if ":" not in spec:
         from partitioner import zoo
         kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -70,7 +74,12 @@ def load_model_spec(spec: str, batch: int | None = None, seq: int | None = None,
         kwargs = {k: v for k, v in offered.items() if v is not None and (takes_all or k in params)}
     except (TypeError, ValueError):
         kwargs = {}
-    result = fn(**kwargs)
+    try:
+        result = fn(**kwargs)
+    except Exception as e:  # the user's code: one line naming it, not the traceback of its internals
+        raise PartitionerError(f"model function '{spec}' raised {type(e).__name__}: {e} (called with "
+                               f"{', '.join(f'{k}={v}' for k, v in kwargs.items()) or 'no arguments'}); "
+                               "run it on its own to see the traceback") from e
     if not isinstance(result, tuple) or len(result) not in (2, 3) or not isinstance(result[0], torch.nn.Module):
         raise PartitionerError(f"model function '{spec}' must return (model, example_args[, example_kwargs]); "
                                f"it returned {type(result).__name__}")

@@ -30,6 +30,9 @@ class Plan:
     (plan.model_step_time + all-reduce; see partitioner/solve.py).
     step_lower_bound_s: proven lower bound on the simulated step of every valid plan within the
     memory cap (the exact split search's or critical-path row generation's; 0 when not known).
+    model, device, device_mem_bytes, version: what was planned, the DeviceSpec the costs assume
+    and the partitioner version that planned it (for a plan read back from JSON later).
+    str(plan) is a summary of a few lines; partitioner.report.print_plan(plan) prints the full table.
     """
 
     num_ranks: int
@@ -63,6 +66,10 @@ class Plan:
     memory_cap_bytes: int | None = None
     link_bw_bytes_per_s: float = 0.0
     step_lower_bound_s: float = 0.0  # no valid plan within the cap simulates faster (0: not known)
+    model: str = ""
+    device: str = ""  # DeviceSpec name
+    device_mem_bytes: int = 0
+    version: str = ""
 
     @property
     def num_stages(self) -> int:
@@ -74,6 +81,13 @@ class Plan:
         if self.step_lower_bound_s <= 0 or self.step_time_s <= 0:
             return None
         return max(0.0, (self.step_time_s - self.step_lower_bound_s) / self.step_time_s)
+
+    def __repr__(self) -> str:
+        """A few lines: shape, step time, memory per rank (the full table: report.print_plan)."""
+        from partitioner.report import plan_summary
+        return plan_summary(self)
+
+    __str__ = __repr__
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

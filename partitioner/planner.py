@@ -67,6 +67,15 @@ class PlanResult:
     microbatch_kwargs: dict = field(default_factory=dict)
 
 
+def package_version() -> str:
+    """The installed partitioner's version ("unknown" when run from a source tree not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("partitioner")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbatches: int) -> tuple[tuple, dict]:
     """Cut every tensor whose dim 0 is the global batch to one microbatch (the first one)."""
     inputs = (tuple(example_args), dict(example_kwargs or {}))
@@ -125,6 +134,8 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     step(f"solving the ILP: {len(bg.blocks)} blocks -> {K} stages (up to {config.time_limit_s:g} s)")
     plan = solve(bg, config.num_ranks, config.chunks, m, schedule, memory_cap_bytes=cap, link_bw_bytes_per_s=bw,
                  time_limit_s=config.time_limit_s)
+    plan.model, plan.device, plan.device_mem_bytes = type(model).__name__, spec.name, spec.mem_bytes
+    plan.version = package_version()
     baselines = {}
     if config.compare:
         step("scoring the baselines")

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -15,15 +17,19 @@ from partitioner.microbatch import batch_size
 from partitioner.plan import Plan
 from partitioner.planner import DTYPES, PlanConfig, PlanResult, plan_model
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_bytes(text: str) -> int:
-    """'24GiB', '80 GB', '1.5e10' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    """'24GiB', '80 GB', '1.5e10B' -> bytes. The unit is required: a bare '24' is more likely
+    meant as GiB than as 24 bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text, re.IGNORECASE)
+    if match and not match.group(2):
+        raise PlanError(f"memory size {text!r} has no unit: write e.g. {match.group(1)}GiB, {match.group(1)}GB "
+                        f"or {match.group(1)}MiB ({match.group(1)}B for bytes)")
     if not match or match.group(2).lower() not in _UNITS:
-        raise PlanError(f"cannot read memory size {text!r}: write e.g. 24GiB, 80GB or 1.5e10")
+        raise PlanError(f"cannot read memory size {text!r}: write e.g. 24GiB, 80GB or 1.5e10B")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
@@ -31,9 +37,9 @@ def human_time(s: float) -> str:
     return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 10 else f"{s:.2f} s"
 
 
-def _stage_blocks(result: PlanResult) -> list[list[int]]:
-    blocks: list[list[int]] = [[] for _ in range(result.plan.num_stages)]
-    for b, k in enumerate(result.plan.block_stage):
+def _stage_blocks(plan: Plan) -> list[list[int]]:
+    blocks: list[list[int]] = [[] for _ in range(plan.num_stages)]
+    for b, k in enumerate(plan.block_stage):
         blocks[k].append(b)
     return blocks
 
@@ -49,46 +55,126 @@ def _span(names: list[str]) -> str:
     return f"{first}..{last}"
 
 
-def plan_table(result: PlanResult, title: str = "", width: int = 160) -> Table:
+def _short_bytes(n: float) -> str:
+    """Three significant digits: '117 MiB', '9.85 GiB' (the narrow table's width)."""
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def plan_table(plan: Plan | PlanResult, title: str = "", width: int = 160,
+               block_names: list[str] | None = None) -> Table:
     """One row per virtual stage: rank, blocks it holds, parameters, times, memory of its rank.
-    The blocks column gives way (ellipsis) so that the table fits `width` characters."""
-    plan, bg = result.plan, result.block_graph
-    table = Table(title=title or None, title_justify="left")
-    for col, just in (("stage", "right"), ("rank", "right"), ("blocks", "left"), ("#", "right"),
-                      ("params", "right"), ("saved/mb", "right"), ("fwd", "right"), ("bwd", "right"),
-                      ("recv", "right"), ("rank memory", "right")):
-        if col == "blocks":  # the one column that gives way on a narrow terminal (the others need ~100)
-            table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis", max_width=max(16, width - 100))
+
+    A PlanResult names the blocks by module; a bare Plan by index unless block_names are given.
+    Below 120 columns the table narrows (no borders, fwd+bwd in one column, no block count or
+    receive time, three-digit sizes) so that every number stays whole in an 80-column terminal;
+    the blocks column folds."""
+    if isinstance(plan, PlanResult):
+        block_names = [b.name for b in plan.block_graph.blocks]
+        plan = plan.plan
+    narrow = width < 120
+    size = _short_bytes if narrow else human_bytes
+    table = Table(title=title or None, title_justify="left", box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD,
+                  pad_edge=not narrow)
+    if narrow:
+        cols = (["stage"] if plan.chunks > 1 else []) + ["rank", "blocks", "params", "saved/mb", "fwd+bwd", "memory"]
+    else:
+        cols = ["stage", "rank", "blocks", "#", "params", "saved/mb", "fwd", "bwd", "recv", "rank memory"]
+    for col in cols:
+        if col == "blocks":  # the one column that gives way on a narrow terminal
+            table.add_column(col, overflow="fold", min_width=10, max_width=None if narrow else max(16, width - 100))
         else:
-            table.add_column(col, justify=just, no_wrap=True, min_width=len(col))
-    for k, blocks in enumerate(_stage_blocks(result)):
+            table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+    for k, blocks in enumerate(_stage_blocks(plan)):
         r = plan.stage_rank[k]
         first_of_rank = plan.stage_rank.index(r) == k
-        table.add_row(str(k), str(r), _span([bg.blocks[b].name for b in blocks]), str(len(blocks)),
-                      human_bytes(plan.stage_param_bytes[k]), human_bytes(plan.stage_saved_bytes[k]),
-                      human_time(plan.stage_fwd_time_s[k]), human_time(plan.stage_bwd_time_s[k]),
-                      human_time(plan.stage_comm_time_s[k]),
-                      human_bytes(plan.rank_mem_bytes[r]) if first_of_rank else "")
+        names = _span([block_names[b] for b in blocks]) if block_names else \
+            (f"{blocks[0]}..{blocks[-1]}" if len(blocks) > 1 else str(blocks[0]))
+        memory = size(plan.rank_mem_bytes[r]) if first_of_rank else ""
+        cells = {"stage": str(k), "rank": str(r), "blocks": names, "#": str(len(blocks)),
+                 "params": size(plan.stage_param_bytes[k]), "saved/mb": size(plan.stage_saved_bytes[k]),
+                 "fwd": human_time(plan.stage_fwd_time_s[k]), "bwd": human_time(plan.stage_bwd_time_s[k]),
+                 "fwd+bwd": human_time(plan.stage_fwd_time_s[k] + plan.stage_bwd_time_s[k]),
+                 "recv": human_time(plan.stage_comm_time_s[k]), "rank memory": memory, "memory": memory}
+        table.add_row(*(cells[c] for c in cols))
     return table
 
 
+def print_plan(plan: Plan | PlanResult, block_names: list[str] | None = None, console: Console | None = None) -> None:
+    """The full report of a plan: its table (one row per stage) and its summary lines."""
+    console = console or Console()
+    console.print(plan_table(plan, width=console.width, block_names=block_names))
+    for line in summary_lines(plan.plan if isinstance(plan, PlanResult) else plan):
+        console.print(line, highlight=False)
+
+
+def device_line(plan: Plan) -> str:
+    """Which device the costs assume, its memory, and the memory cap."""
+    cap = human_bytes(plan.memory_cap_bytes) if plan.memory_cap_bytes else ""
+    if not plan.device:
+        return f"memory cap {cap} per rank" if cap else ""
+    if plan.memory_cap_bytes == plan.device_mem_bytes:
+        return f"device {plan.device} with {cap}: the memory cap (set --memory, --device-type)"
+    return f"device {plan.device} with {human_bytes(plan.device_mem_bytes)}; memory cap {cap} per rank"
+
+
+def search_line(plan: Plan) -> str:
+    """How good the plan is known to be, in words (the solver's own numbers are in the JSON)."""
+    if not plan.solver_status:  # a plan made by hand or by a baseline
+        return ""
+    took = f"search {plan.solve_time_s:.1f} s"
+    if plan.solver_status.startswith("DP_FALLBACK"):
+        return f"{took}: the solver found no plan in time; this is the chain DP's split (raise --time-limit)"
+    if plan.step_gap is None:
+        return f"{took}; how close to the best plan is not known (no lower bound)"
+    if plan.step_gap < 5e-4:
+        return f"{took}: proven best, no valid plan is predicted faster"
+    return f"{took}: the best valid plan is at most {plan.step_gap:.1%} faster (raise --time-limit)"
+
+
 def summary_lines(plan: Plan) -> list[str]:
-    cap = f" (cap {human_bytes(plan.memory_cap_bytes)})" if plan.memory_cap_bytes else ""
+    """The plan in a few lines of under 80 characters: schedule, the one predicted step time,
+    memory and device, how good the search proved it."""
+    per_rank = f"{plan.chunks} stages each" if plan.chunks > 1 else "1 stage each"
+    peak = f", peak memory {human_bytes(max(plan.rank_mem_bytes))}" if plan.rank_mem_bytes else ""
     lines = [
-        f"schedule {plan.schedule}: {plan.num_ranks} ranks x {plan.chunks} chunk(s), {plan.microbatches} microbatches",
-        f"predicted step time {human_time(plan.step_time_s)} ({'simulated' if plan.simulated else 'closed form'}), "
-        f"bubble {plan.bubble:.1%}, peak memory {human_bytes(max(plan.rank_mem_bytes))}{cap}",
-        f"solver {plan.solver_status}: objective {human_time(plan.objective)}, bound {human_time(plan.bound)}, "
-        f"gap {plan.gap:.1%}, {plan.solve_time_s:.2f} s",
-        f"activations crossing ranks {human_bytes(plan.bytes_crossing)} per microbatch",
+        f"{plan.schedule} schedule: {plan.num_ranks} ranks x {per_rank}, {plan.microbatches} microbatches",
+        f"predicted step time {human_time(plan.step_time_s)}, idle (bubble) {plan.bubble:.1%}{peak}",
+        device_line(plan),
+        search_line(plan),
+        f"activations sent between ranks: {human_bytes(plan.bytes_crossing)} per microbatch",
     ]
-    if plan.step_gap is not None:
-        lines.insert(3, f"lower bound on any valid plan's step {human_time(plan.step_lower_bound_s)}: "
-                        f"this plan is within {plan.step_gap:.1%} of it")
     if plan.replicated_params:
-        lines.append(f"tied parameters replicated: {', '.join(plan.replicated_params)} "
+        lines.append(f"tied parameters copied on several ranks: {', '.join(plan.replicated_params)} "
                      f"(gradient all-reduce {human_time(plan.allreduce_time_s)} per step)")
-    return lines
+    return [line for line in lines if line]
+
+
+def plan_summary(plan: Plan, max_ranks: int = 8) -> str:
+    """str(plan): what it is, its step time and memory, one line per rank (up to max_ranks)."""
+    per_rank = f"{plan.chunks} stages each" if plan.chunks > 1 else "1 stage each"
+    lines = [f"Plan{' of ' + plan.model if plan.model else ''}: {plan.num_ranks} ranks x {per_rank}, "
+             f"{plan.schedule}, {plan.microbatches} microbatches"]
+    if plan.step_time_s:
+        lines.append(f"predicted step time {human_time(plan.step_time_s)}, bubble {plan.bubble:.1%}"
+                     + (f", on {plan.device} ({human_bytes(plan.device_mem_bytes)})" if plan.device else ""))
+    for r in range(min(plan.num_ranks, max_ranks)):
+        stages = [k for k, rank in enumerate(plan.stage_rank) if rank == r]
+        blocks = [[b for b, k in enumerate(plan.block_stage) if k == stage] for stage in stages]
+        spans = ", ".join(f"{bs[0]}..{bs[-1]}" if len(bs) > 1 else str(bs[0]) for bs in blocks if bs)
+        line = f"  rank {r}: stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))}, blocks {spans}"
+        if plan.stage_fwd_time_s:
+            busy = sum(plan.stage_fwd_time_s[k] + plan.stage_bwd_time_s[k] for k in stages)
+            line += f", {human_time(busy)} per microbatch"
+        if plan.rank_mem_bytes:
+            line += f", memory {human_bytes(plan.rank_mem_bytes[r])}"
+        lines.append(line)
+    if plan.num_ranks > max_ranks:
+        lines.append(f"  ... {plan.num_ranks - max_ranks} more ranks")
+    lines.append("full table: partitioner.report.print_plan(plan)")
+    return "\n".join(lines)
 
 
 def compare_table(result: PlanResult) -> Table:
@@ -113,17 +199,48 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
                       mixed_precision=getattr(args, "mixed_precision", None), compiled=getattr(args, "compile", False))
 
 
+TIMELINE_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def check_output_paths(json_path: str | None, timeline: str | None) -> None:
+    """Fail before the solve, not after it, when --json or --timeline cannot be written."""
+    def check(path: Path, flag: str, example: str) -> None:
+        if path.is_dir():
+            raise PlanError(f"{flag} {path} is a directory: give a file name, e.g. {path / example}")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise PlanError(f"{flag} {path}: the folder {parent} does not exist; create it or write elsewhere")
+        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise PlanError(f"{flag} {path} is not writable; choose a path you can write to")
+
+    if json_path:
+        check(Path(json_path), "--json", "plan.json")
+    if timeline and timeline != "-":
+        path = Path(timeline)
+        check(path, "--timeline", "timeline.png")
+        if path.suffix.lower() not in TIMELINE_SUFFIXES:
+            raise PlanError(f"--timeline {timeline}: draws a .png, .pdf or .svg file (e.g. {path.with_suffix('.png')})"
+                            ", or give --timeline alone to print the schedule in the terminal")
+
+
 def run_plan(args: argparse.Namespace) -> None:
     """The `partitioner plan` command."""
+    from cost_models.device import get_device_spec
     from cost_models.report import load_model_spec
     from partitioner.plan import check_config
+    from partitioner.zoo import context_note
 
     config = config_from_args(args)
     _, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
+    check_output_paths(args.json, args.timeline)
+    get_device_spec(config.device_type)  # an unknown --device-type fails here, before the model loads
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, 160))  # logs and pipes: room for the whole table
     err = Console(stderr=True)
+    note = context_note(args.model, config.seq)
+    if note:
+        err.print(f"note: {note}", highlight=False)
     with err.status(f"loading {args.model}") as status:
         spec = load_model_spec(args.model, batch=config.batch, seq=config.seq, device="meta",
                                dtype=DTYPES[config.dtype])
@@ -136,10 +253,11 @@ def run_plan(args: argparse.Namespace) -> None:
         result = plan_model(spec.model, spec.example_args, spec.example_kwargs, config,
                             on_step=lambda msg: status.update(msg), loss_fn=spec.loss_fn, example_target=spec.target)
     plan = result.plan
+    plan.model = args.model
     console.print(plan_table(result, width=console.width, title=f"{args.model}: {len(result.block_graph.blocks)} blocks "
                                      f"(module depth {result.block_graph.depth}) on {plan.num_stages} stages"))
     for line in summary_lines(plan):
-        console.print(line)
+        console.print(line, highlight=False)
     if config.compare:
         console.print(compare_table(result))
     if args.json:

@@ -199,6 +199,20 @@ _POSITIONS = {"gpt2": ("n_positions", 1024), "llama": ("max_position_embeddings"
               "bert": ("max_position_embeddings", 512)}
 
 
+def context_note(name: str, seq: int | None) -> str | None:
+    """A note when `seq` exceeds the context of full-size zoo model `name`: build() then enlarges its
+    position table (learned positions: more parameters; rotary: positions it was not configured for)."""
+    spec = _SPECS.get(name)
+    if seq is None or spec is None or spec.family not in _POSITIONS:
+        return None
+    key, default = _POSITIONS[spec.family]
+    context = spec.full.get(key, default)
+    if seq <= context:
+        return None
+    return (f"{name} has a context of {context} positions; --seq {seq} enlarges its position table "
+            f"({key}) to {seq}, so this is not the stock {spec.description or name}")
+
+
 def build(name: str, *, batch: int = 8, seq: int | None = None, device: str | torch.device | None = None,
           dtype: torch.dtype = torch.float32, small: bool = False, seed: int = 0) -> ZooModel:
     """Build zoo model `name`; device None = meta for large models, cpu for small ones.
@@ -209,10 +223,13 @@ def build(name: str, *, batch: int = 8, seq: int | None = None, device: str | to
     if name not in _SPECS:
         raise PartitionerError(f"unknown zoo model '{name}'; known: {', '.join(model_names())} "
                                "(see `partitioner models`)")
+    if batch < 1 or (seq is not None and seq < 1):
+        raise PartitionerError(f"zoo model '{name}': batch {batch} and seq {seq} must be positive "
+                               "(seq None: the model's default)")
     spec = _SPECS[name]
     cfg = dict(spec.small if small else spec.full)
     device = torch.device(device if device is not None else ("cpu" if small else "meta"))
-    seq = seq or (16 if small else spec.seq)
+    seq = seq if seq is not None else (16 if small else spec.seq)
     if spec.family in _POSITIONS:  # learned/rotary position tables must cover seq
         key, default = _POSITIONS[spec.family]
         cfg[key] = max(cfg.get(key, default), seq)

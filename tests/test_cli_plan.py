@@ -1,11 +1,17 @@
 """`partitioner plan` end to end on a tiny model, and its one-line errors (exit code 2)."""
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
+from rich.console import Console
 
+import partitioner.report
 from partitioner.cli import main
+from partitioner.errors import PartitionerError
 from partitioner.plan import Plan
+from partitioner.report import parse_bytes, plan_table, print_plan
 
 MODEL = "tests.test_cli_plan:tiny_model"
 
@@ -29,6 +35,10 @@ def tiny_model(batch: int = 8, seq: int = 16):
     return Tiny(), (torch.randint(0, 64, (batch, seq)),)
 
 
+def raising_model(batch: int = 8):
+    raise ValueError("no weights at /data/ckpt")
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(["plan", *argv])
     out, err = capsys.readouterr()
@@ -41,7 +51,11 @@ def test_plan_prints_table_compare_and_writes_json(capsys, tmp_path):
                          "--time-limit", "5")
     assert code == 0, err
     assert "ILP vs baselines" in out and "predicted step time" in out and "torchtitan" in out
+    assert "device h100 with 80.00 GiB: the memory cap" in out  # the default device is named
+    times = [line for line in out.splitlines() if " ms" in line and not set(line) & set("\u2502\u2503")]
+    assert len(times) == 1 and "objective" not in out and "OPTIMAL" not in out  # one step time, no solver jargon
     plan = Plan.from_json(path.read_text())
+    assert plan.model == MODEL and plan.device == "h100" and plan.device_mem_bytes == 80 * 2**30 and plan.version
     assert plan.num_ranks == 2 and plan.microbatches == 4 and sorted(set(plan.block_stage)) == [0, 1]
     assert plan.replicated_params == ["emb.weight"]  # embedding on the first rank, head on the last
 
@@ -62,12 +76,91 @@ def test_plan_draws_timeline(capsys, tmp_path):
     ([MODEL, "--devices", "4", "--chunks", "2", "--microbatches", "6"], "multiple of the 4 devices"),
     ([MODEL, "--devices", "2", "--batch", "8", "--microbatches", "3"], "not divisible into 3 microbatches"),
     ([MODEL, "--devices", "2", "--memory", "lots"], "cannot read memory size"),
+    ([MODEL, "--devices", "2", "--memory", "24"], "'24' has no unit: write e.g. 24GiB"),
+    ([MODEL, "--devices", "2", "--batch", "0"], "--batch is 0: give a positive batch size"),
+    ([MODEL, "--devices", "2", "--batch", "-1"], "--batch is -1"),
+    ([MODEL, "--devices", "2", "--seq", "-4"], "--seq is -4: give a positive sequence length"),
+    (["gpt2", "--devices", "2", "--seq", "0"], "--seq is 0"),  # was silently the default 1024
+    (["tests.test_cli_plan:raising_model", "--devices", "2"],
+     "'tests.test_cli_plan:raising_model' raised ValueError: no weights at /data/ckpt"),
+    ([MODEL, "--devices", "2", "--timeline", "t.txt"], "draws a .png, .pdf or .svg file (e.g. t.png)"),
+    ([MODEL, "--devices", "2", "--device-type", "h900"], "unknown device type 'h900'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, match):
     code, out, err = run(capsys, *argv, "--time-limit", "5")
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and match in lines[0], err
+
+
+@pytest.fixture
+def no_solve(monkeypatch):
+    """The checks must come before the model is loaded and planned."""
+    def fail(*args, **kwargs):
+        raise AssertionError("planned before the arguments were checked")
+    monkeypatch.setattr(partitioner.report, "plan_model", fail)
+
+
+@pytest.mark.parametrize("flag,path,match", [
+    ("--json", "{tmp}", "is a directory: give a file name, e.g. {tmp}/plan.json"),
+    ("--json", "{tmp}/no/such/plan.json", "the folder {tmp}/no/such does not exist"),
+    ("--timeline", "{tmp}", "is a directory: give a file name, e.g. {tmp}/timeline.png"),
+    ("--timeline", "{tmp}/no/t.png", "the folder {tmp}/no does not exist"),
+])
+def test_unwritable_outputs_fail_before_the_solve(capsys, tmp_path, no_solve, flag, path, match):
+    code, out, err = run(capsys, MODEL, "--devices", "2", flag, path.format(tmp=tmp_path))
+    assert code == 2 and err.count("\n") == 1 and match.format(tmp=tmp_path) in err, err
+
+
+def test_seq_beyond_the_context_prints_a_note(capsys, monkeypatch):
+    def stop(*args, **kwargs):
+        raise PartitionerError("stopped before loading")
+    monkeypatch.setattr("cost_models.report.load_model_spec", stop)
+    code, out, err = run(capsys, "gpt2", "--devices", "2", "--seq", "4096")
+    assert code == 2 and "gpt2 has a context of 1024 positions; --seq 4096 enlarges its position table" in \
+        " ".join(err.split())
+    code, out, err = run(capsys, "gpt2", "--devices", "2", "--seq", "1024")
+    assert "note:" not in err
+
+
+def test_memory_sizes_need_a_unit():
+    assert parse_bytes("24GiB") == 24 * 2**30 and parse_bytes("1.5e10B") == 15 * 10**9 and parse_bytes("80 gb") == 80e9
+    with pytest.raises(PartitionerError, match="no unit"):
+        parse_bytes("1.5e10")
+
+
+def _plan(ranks: int = 2, chunks: int = 1) -> Plan:
+    K, per = ranks * chunks, 7
+    return Plan(num_ranks=ranks, chunks=chunks, schedule="1f1b" if chunks == 1 else "interleaved-1f1b",
+                microbatches=2 * ranks, block_stage=[k for k in range(K) for _ in range(per)],
+                stage_rank=[k % ranks for k in range(K)], node_stage={}, stage_fwd_time_s=[0.01234] * K,
+                stage_bwd_time_s=[0.02468] * K, stage_comm_time_s=[1.4e-4] * K, stage_param_bytes=[123 * 2**20] * K,
+                stage_saved_bytes=[987 * 2**20] * K, rank_mem_bytes=[int(9.87 * 2**30)] * ranks, step_time_s=0.39,
+                bubble=0.17, solver_status="OPTIMAL", solve_time_s=1.0, memory_cap_bytes=80 * 2**30,
+                model="gpt2", device="h100", device_mem_bytes=80 * 2**30, version="0.1.0")
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_plan_table_fits_80_columns(chunks):
+    plan = _plan(4, chunks)
+    names = [f"transformer.h.{b // 2}.{'attn' if b % 2 else 'mlp'}.c_proj" for b in range(len(plan.block_stage))]
+    console = Console(file=io.StringIO(), width=80)
+    print_plan(plan, block_names=names, console=console)
+    text = console.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "\u2026" not in text  # no number cut short
+    for cell in ("123 MiB", "987 MiB", "37.02 ms", "9.87 GiB", "transformer.h.3"):
+        assert cell in text
+    wide = Console(file=io.StringIO(), width=160)
+    wide.print(plan_table(plan, width=160, block_names=names))
+    assert "140.0 us" in wide.file.getvalue() and "12.34 ms" in wide.file.getvalue()
+
+
+def test_str_of_a_plan_is_a_short_summary():
+    text = str(_plan(16, 2))
+    assert len(text) < 1000 and text.count("\n") < 14, text
+    assert text.startswith("Plan of gpt2: 16 ranks x 2 stages each") and "rank 7: stages 7, 23" in text
+    assert "8 more ranks" in text and "print_plan" in text and repr(_plan()) == str(_plan())
 
 
 def test_default_batch_is_rounded_up_to_the_microbatches(capsys):

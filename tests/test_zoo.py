@@ -56,8 +56,23 @@ def test_full_size_defaults_to_meta_with_real_shapes():
 
 
 def test_seq_longer_than_small_context_grows_positions():
-    zm = zoo.build("gpt2", small=True, seq=128, batch=1)
-    zm.model(*zm.example_args)  # 128 positions needed, small config has 64
+    zm = zoo.build("gpt2", small=True, seq=128, batch=1)  # the small config has 64 positions
+    assert zm.model.config.n_positions == 128 and zm.model.transformer.wpe.weight.shape[0] == 128
+    logits = zm.model(*zm.example_args).logits
+    assert logits.shape == (1, 128, 100) and torch.isfinite(logits).all()
+
+
+def test_context_note_says_when_positions_grow():
+    assert zoo.context_note("gpt2", 1024) is None and zoo.context_note("gpt2", None) is None
+    assert "context of 1024 positions; --seq 4096" in zoo.context_note("gpt2", 4096)
+    assert zoo.context_note("t5-base", 4096) is None and zoo.context_note("mlp", 4096) is None  # no position table
+    assert zoo.context_note("no-such-model", 4096) is None
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch=0), dict(batch=-1), dict(seq=0), dict(seq=-4)])
+def test_non_positive_shapes_are_refused(kwargs):
+    with pytest.raises(PartitionerError, match="must be positive"):
+        zoo.build("gpt2", small=True, **kwargs)
 
 
 def test_dtype():
