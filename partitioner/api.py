@@ -76,6 +76,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
     options = compile_options(compile, devices)
     if p < 1:
         raise RuntimeConfigError("compile_parallel: devices is empty; list one device per pipeline rank.")
+    _check_devices(devices)
+    _check_not_partly_meta(model)
     if plan is not None:
         chunks = plan.chunks
     schedule = schedule or (plan.schedule if plan is not None else None) or \
@@ -138,9 +140,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
         channels = list(build_comm_plan(stages, sched).channels)
         transport = DistTransport(rank, devices[rank], channels, timeout_s=timeout_s)
         order, inference_order = list(sched.actions[rank]), list(forward_only(sched).actions[rank])
-    runners, loss_fn = compile_stages({k: stages[k].graph_module for k in local}, loss_fn, options)
-    executor = Executor(stages, local, sched, transport, loss_fn, captured.unflatten_outputs, stage_device,
-                        order, inference_order, runners)
+    runners, run_loss = compile_stages({k: stages[k].graph_module for k in local}, loss_fn, options)
+    executor = Executor(stages, local, sched, transport, _checked_loss(run_loss, loss_fn), captured.unflatten_outputs,
+                        stage_device, order, inference_order, runners)
     return ParallelModel(captured, plan, stages, executor, store, devices, rank, args, kwargs, microbatches)
 
 
@@ -178,6 +180,7 @@ class ParallelModel:
         Gradients accumulate into .grad (call zero_grad between steps). Returns the loss, the mean
         of loss_fn over the microbatches, as a 0-dim float32 tensor on every rank.
         """
+        self._check_process_group("train_step")
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         targets = split_batch(target, self.microbatches, "target")
         self.store.before_step()
@@ -192,6 +195,7 @@ class ParallelModel:
         """Inference on a batch shaped like the example inputs: the model's output structure, tensor
         leaves concatenated over microbatches along dim 0 (0-dim leaves stacked). Under torchrun only
         the rank of the last stage gets the output; the other ranks return None."""
+        self._check_process_group("forward")
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         self.store.refresh_replicas()
         flat = self.executor.forward(mb_inputs)
@@ -211,8 +215,8 @@ class ParallelModel:
     def _microbatch_inputs(self, inputs: tuple, kwargs: dict) -> list[list[Any]]:
         leaves, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
         if spec != self._example_spec:
-            raise RuntimeConfigError(f"inputs have structure {spec} but compile_parallel was given example inputs "
-                                     f"with structure {self._example_spec}; call with the same arguments.")
+            example_args, example_kwargs = pytree.tree_unflatten(self._example_leaves, self._example_spec)
+            raise RuntimeConfigError(_mismatch(tuple(inputs), dict(kwargs), example_args, example_kwargs))
         for i, (x, ex) in enumerate(zip(leaves, self._example_leaves)):
             if isinstance(ex, torch.Tensor) != isinstance(x, torch.Tensor) or (
                     isinstance(x, torch.Tensor) and (x.shape != ex.shape or x.dtype != ex.dtype)):
@@ -222,6 +226,12 @@ class ParallelModel:
                                          "captured for that shape. Pass batches shaped like the example inputs.")
         return [self.captured.flatten_inputs(a, kw) for a, kw in
                 split_batch((tuple(inputs), dict(kwargs)), self.microbatches, "input", batch_size(leaves))]
+
+    def _check_process_group(self, what: str) -> None:
+        if self.rank is not None and not dist.is_initialized():
+            raise RuntimeConfigError(f"{what} on rank {self.rank}: the process group is gone "
+                                     "(dist.destroy_process_group() was called); destroy it after the last step, "
+                                     "or call compile_parallel again in a new process group.")
 
     def _share_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
         if self.rank is None:
@@ -303,6 +313,73 @@ def _init_distributed(devices: list[torch.device], timeout_s: float) -> int | No
     if devices[rank].type == "cuda":
         torch.cuda.set_device(devices[rank])
     return rank
+
+
+def _check_devices(devices: list[torch.device]) -> None:
+    """CUDA devices need a CUDA build of torch and that many GPUs."""
+    cuda = [d for d in devices if d.type == "cuda"]
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeConfigError(f"compile_parallel: devices name {cuda[0]} but torch.cuda.is_available() is False "
+                                 f"(torch {torch.__version__}: a CPU-only build, or no GPU visible); pass "
+                                 f"devices=['cpu'] * {len(devices)} or install a CUDA build of torch.")
+    count = torch.cuda.device_count() if cuda else 0
+    missing = [d for d in cuda if d.index is not None and d.index >= count]
+    if missing:
+        raise RuntimeConfigError(f"compile_parallel: devices name {missing[0]} but this machine has {count} GPU(s) "
+                                 f"(cuda:0..cuda:{count - 1}); list only GPUs that exist.")
+
+
+def _check_not_partly_meta(model: torch.nn.Module) -> None:
+    """Either every weight is real, or none is: a model half on meta trains garbage or fails deep inside."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    meta = next((n for n, t in tensors if t.is_meta), None)
+    real = next(((n, t.device) for n, t in tensors if not t.is_meta), None)
+    if meta is not None and real is not None:
+        raise RuntimeConfigError(f"compile_parallel: the model is partly on the meta device: '{meta}' is on meta but "
+                                 f"'{real[0]}' is on {real[1]}; load every weight (e.g. model.to_empty(device=...) "
+                                 "then load_state_dict) before compiling.")
+
+
+def _checked_loss(loss_fn: Callable[[Any, Any], Any], user_fn: Callable | None = None
+                  ) -> Callable[[Any, Any], torch.Tensor]:
+    """loss_fn (the user's user_fn, perhaps compiled) with its two common mistakes turned into one
+    clear line each: a target it needs but train_step was not given (loss_fn may ignore the target,
+    so only a failure with None says so), and a loss that is not a scalar tensor."""
+    user_fn = user_fn or loss_fn
+    name = getattr(user_fn, "__name__", type(user_fn).__name__)
+
+    def loss(output: Any, target: Any) -> torch.Tensor:
+        try:
+            value = loss_fn(output, target)
+        except Exception as e:
+            if target is None:
+                raise RuntimeConfigError(f"loss_fn(output, target) failed with target=None ({type(e).__name__}: "
+                                         f"{e}); {name} needs the target: pass target= to train_step.") from e
+            raise
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise RuntimeConfigError(f"loss_fn {name} returned {got}; it must return a 0-dim tensor, the mean loss "
+                                     "of the batch (e.g. end it with .mean()).")
+        return value
+    return loss
+
+
+def _mismatch(args: tuple, kwargs: dict, example_args: tuple, example_kwargs: dict) -> str:
+    """Name the argument by which a call differs from the example inputs."""
+    missing = [k for k in example_kwargs if k not in kwargs]
+    extra = [k for k in kwargs if k not in example_kwargs]
+    fix = "call with the same arguments as the example inputs given to compile_parallel."
+    if missing:
+        return f"inputs lack keyword argument {missing[0]!r} that the example inputs had; {fix}"
+    if extra:
+        return f"inputs have keyword argument {extra[0]!r} that the example inputs did not; {fix}"
+    if len(args) != len(example_args):
+        return f"inputs have {len(args)} positional arguments but the example inputs had {len(example_args)}; {fix}"
+    for i, (a, b) in enumerate(list(zip(args, example_args)) + [(kwargs[k], example_kwargs[k]) for k in kwargs]):
+        if pytree.tree_structure(a) != pytree.tree_structure(b):
+            where = f"positional argument {i}" if i < len(args) else f"keyword argument {list(kwargs)[i - len(args)]!r}"
+            return f"{where} is nested differently from the example inputs' ({type(a).__name__} vs {type(b).__name__}); {fix}"
+    return f"inputs are structured differently from the example inputs; {fix}"
 
 
 def _destroy_gloo_groups() -> None:

@@ -105,11 +105,81 @@ def test_bad_inputs_raise():
         pm.train_step(torch.cat([x, x]), target=zm.target)
     with pytest.raises(RuntimeConfigError, match="target has batch size 5"):
         pm.train_step(x, target=zm.target[:5].repeat(2)[:5])
-    with pytest.raises(RuntimeConfigError, match="structure"):
+    with pytest.raises(RuntimeConfigError, match="2 positional arguments but the example inputs had 1"):
         pm.train_step(x, x, target=zm.target)
     plan = random_plan(zm, 4, 3, 1, "1f1b", seed=0)
     with pytest.raises(RuntimeConfigError, match="plan is for 3 ranks but 2 devices"):
         compile_zoo(zm, plan=plan)
+
+
+def test_a_missing_or_extra_keyword_input_is_named():
+    zm = build("t5-base")
+    pm = compile_zoo(zm, microbatches=2)
+    with pytest.raises(RuntimeConfigError, match="inputs lack keyword argument 'decoder_input_ids'"):
+        pm.train_step(*zm.example_args, target=zm.target)
+    with pytest.raises(RuntimeConfigError, match="inputs have keyword argument 'mask' that the example inputs did not"):
+        pm(*zm.example_args, mask=None, **zm.example_kwargs)
+    with pytest.raises(RuntimeConfigError, match="2 positional arguments but the example inputs had 1"):
+        pm(*zm.example_args, zm.example_args[0], **zm.example_kwargs)
+
+
+def test_a_loss_that_needs_the_missing_target_says_pass_target():
+    zm = build("mlp")
+    pm = compile_zoo(zm)
+    with pytest.raises(RuntimeConfigError, match=r"loss_fn\(output, target\) failed with target=None \(TypeError"
+                                                 r".*classification_loss needs the target: pass target="):
+        pm.train_step(*zm.example_args)
+    pm.zero_grad()  # the failed step leaves the model usable
+    ref_loss, _ = reference(zm)
+    assert max_rel_err(pm.train_step(*zm.example_args, target=zm.target), ref_loss) < 1e-5
+
+
+def test_a_loss_that_ignores_the_target_needs_none():
+    zm = build("mlp")
+    pm = compile_parallel(copy.deepcopy(zm.model), ["cpu"] * 2, zm.example_args, lambda out, _: out.square().mean(),
+                          microbatches=4)
+    want = copy.deepcopy(zm.model)(*zm.example_args).square().mean()
+    assert max_rel_err(pm.train_step(*zm.example_args), want) < 1e-5
+
+
+@pytest.mark.parametrize("loss_fn,got", [(lambda out, t: out.sum(-1), r"a tensor of shape \(1,\)"),
+                                          (lambda out, t: 1.0, "float")])
+def test_a_loss_that_is_not_a_scalar_is_refused(loss_fn, got):
+    zm = build("mlp")
+    pm = compile_parallel(copy.deepcopy(zm.model), ["cpu"] * 2, zm.example_args, loss_fn, microbatches=4)
+    with pytest.raises(RuntimeConfigError, match=f"returned {got}; it must return a 0-dim tensor"):
+        pm.train_step(*zm.example_args, target=zm.target)
+
+
+def test_a_model_partly_on_meta_names_one_weight_of_each():
+    zm = build("mlp")
+    model = copy.deepcopy(zm.model)
+    with torch.device("meta"):
+        model.layers[1] = nn.Linear(32, 32)
+    with pytest.raises(RuntimeConfigError, match="'layers.1.weight' is on meta but 'layers.0.weight' is on cpu"):
+        compile_parallel(model, ["cpu"] * 2, zm.example_args, zm.loss_fn)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch without CUDA")
+def test_cuda_devices_without_cuda_are_refused():
+    zm = build("mlp")
+    with pytest.raises(RuntimeConfigError, match=r"devices name cuda:0 but torch.cuda.is_available\(\) is False"):
+        compile_zoo(zm, devices=["cuda:0", "cuda:1"])
+
+
+def test_train_step_after_the_process_group_is_destroyed(monkeypatch):
+    import torch.distributed as dist
+    zm = build("mlp")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        pm = compile_zoo(zm, ranks=1)
+        pm.train_step(*zm.example_args, target=zm.target)
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(RuntimeConfigError, match="train_step on rank 0: the process group is gone"):
+        pm.train_step(*zm.example_args, target=zm.target)
+    with pytest.raises(RuntimeConfigError, match="forward on rank 0: the process group is gone"):
+        pm(*zm.example_args)
 
 
 # ---------------------------------------------------------------------- several processes (gloo)

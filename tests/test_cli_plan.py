@@ -112,6 +112,12 @@ def test_unwritable_outputs_fail_before_the_solve(capsys, tmp_path, no_solve, fl
     assert code == 2 and err.count("\n") == 1 and match.format(tmp=tmp_path) in err, err
 
 
+def test_read_only_folder_fails_before_the_solve(capsys, tmp_path, no_solve, monkeypatch):
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # as if read-only (root may write anywhere)
+    code, out, err = run(capsys, MODEL, "--devices", "2", "--json", str(tmp_path / "plan.json"))
+    assert code == 2 and f"--json {tmp_path / 'plan.json'} is not writable" in err
+
+
 def test_seq_beyond_the_context_prints_a_note(capsys, monkeypatch):
     def stop(*args, **kwargs):
         raise PartitionerError("stopped before loading")
