@@ -7,6 +7,7 @@ import random
 import pytest
 from test_solve import BW, branchy_dag, random_dag
 
+import partitioner.refine
 from partitioner.plan import evaluate_assignment
 from partitioner.refine import _Search, refine
 from passes.coarsen import synthetic_block_graph
@@ -62,20 +63,28 @@ def test_a_ripple_leaves_the_optimum_that_single_moves_miss():
     assert search.single_moves(list(stuck), search.score(stuck)) == pytest.approx(49.0)
     best = min(search.score([sum(b >= c for c in cuts) for b in range(8)])
                for cuts in itertools.combinations(range(1, 8), 3))
-    assign, step = refine(bg, stuck, 2, 2, 4, "interleaved-1f1b", BW, None, budget_s=30)
+    assign, step = refine(bg, stuck, 2, 2, 4, "interleaved-1f1b", BW, None, budget_s=float("inf"))
     assert step == pytest.approx(best) == pytest.approx(43.0)
     assert step == pytest.approx(evaluate_assignment(bg, assign, 2, 2, 4, "interleaved-1f1b", BW).step_time_s)
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_kicks_never_end_above_the_descent(seed):
+def test_kicks_never_end_above_the_descent(seed, monkeypatch):
+    # no wall clock: an unlimited budget, and the kicks end after KICKS_WITHOUT_GAIN fruitless ones
+    monkeypatch.setattr(partitioner.refine, "KICKS_WITHOUT_GAIN", 40)
+    kicks = []
+    real_kick = _Search.kick
+    monkeypatch.setattr(_Search, "kick", lambda self, a, rng: kicks.append(1) or real_kick(self, a, rng))
     rng = random.Random(seed)
     bg = random_dag(rng, 16)
     p, v, m = 2, 2, 4
     search = _Search(bg, p, v, m, "interleaved-1f1b", BW, None, float("inf"))
     start = random_plan(rng, search, 16, p * v)
-    plain = refine(bg, start, p, v, m, "interleaved-1f1b", BW, None, budget_s=30)
-    kicked = refine(bg, start, p, v, m, "interleaved-1f1b", BW, None, budget_s=0.5, kicks=True)
+    kicks.clear()
+    plain = refine(bg, start, p, v, m, "interleaved-1f1b", BW, None, budget_s=float("inf"))
+    assert not kicks
+    kicked = refine(bg, start, p, v, m, "interleaved-1f1b", BW, None, budget_s=float("inf"), kicks=True)
+    assert len(kicks) >= 40  # the kicks ran to their count, not to a deadline
     assert kicked[1] <= plain[1] * (1 + 1e-12)
     assert valid(bg, kicked[0], p * v)
     assert kicked[1] == pytest.approx(evaluate_assignment(bg, kicked[0], p, v, m, "interleaved-1f1b", BW).step_time_s)
