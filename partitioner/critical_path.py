@@ -26,10 +26,10 @@ integers rounded down, so the bound stays valid. Plans no faster than the best f
 (prefix_caps: an LP over per-stage work with its own path separation bounds how much work the
 first j stages hold), which keeps the model small. Once no answer brings a new path the bound is
 the optimum up to the communication left out (exact on chains). Where CP-SAT neither closes a
-relaxation nor raises its dual bound, that bound stays near the LP's (10.5 ms against a 12.2 ms
-plan for the CNN at p = 8, v = 2); probes then ask whether every row can stay under a target a
-third of the way from the bound to the best plan: a refutation raises the bound to it (11.4 ms
-there in 120 s), an answer brings its paths or a better plan.
+relaxation nor raises its dual bound, that bound stays near the LP's; probes then ask whether
+every row can stay under a target a third of the way from the bound to the best plan: a
+refutation raises the bound to it, an answer brings its paths or a better plan (benchmarks/
+RESULTS.md has the CNN case where probes matter).
 
 The memory cap is the ILP's closed form (StageStats.rank_mem_bytes), which the simulated peak
 never exceeds; the bound holds for every plan within it.

@@ -12,10 +12,9 @@ stage order along every edge and every stage non-empty:
   of blocks (up to a quarter of an average stage) in the same direction, so
   the stages between keep their size and only their ends change. Interleaved
   plans balance a rank's chunks against each other and the pipeline's fill
-  against its drain, which takes many boundaries moving together: on gpt2-xl
-  at p = 8, v = 2 (benchmarks/plan_quality.py's blocks, 2-core CPU) no single
-  move and no single boundary's shift shortened a 673.6 ms plan, and ripples
-  took it to 666.5 ms;
+  against its drain, which takes many boundaries moving together: plans exist
+  that no single move and no single boundary's shift improves but a ripple does
+  (tests/test_refine.py has one; benchmarks/RESULTS.md, one on gpt2-xl);
 - kicks (optional): a random ripple (and half the time a few random single
   moves) off the current plan, then single moves again. A kick that ends below
   the best plan descends with ripples too and becomes the best and the current
@@ -24,10 +23,9 @@ stage order along every edge and every stage non-empty:
   from one local optimum only.
 
 Scores come from partitioner/stage_scorer.py and the simulator's step_time_s,
-0.25 ms per plan on t5-base's 371 blocks at p = 8, v = 2 (2-core CPU). From the
-ILP's plans of benchmarks/plan_quality.py at p = 8, v = 2, 5 s on that CPU took
-gpt2-xl from 695.8 to 660.3 ms (the descent alone: 666.5 ms in 0.5 s) and
-t5-base from 182.7 to 171.1 ms (descent: 174.6 ms in 1.0 s).
+so a search of a few seconds scores thousands of plans. What the search gains
+over the ILP's plans is measured by benchmarks/plan_quality.py (figures in
+benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 

@@ -4,9 +4,9 @@
 an assignment's stage times, link bytes, saved/static/working bytes and the tied
 parameters' all-reduce. partitioner.plan.stage_stats is built on it, and the
 local search and the row generation, which price thousands of assignments of
-one graph, call `costs` (the simulator's StageCosts) on one scorer (0.1 ms on
-t5-base's 371 blocks and 439 values, 2-core CPU, where a Python walk over the
-blocks and values took 0.6 ms). The rules:
+one graph, call `costs` (the simulator's StageCosts) on one scorer: array sums
+instead of a Python walk over the blocks and values, which the search cannot
+afford per move (benchmarks/RESULTS.md). The rules:
 
 - a pass over a stage takes the larger of its device and host time (the host
   queues kernels ahead, cost_models.time.pass_time_s);
