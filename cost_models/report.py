@@ -138,10 +138,17 @@ def run_profile(args: argparse.Namespace) -> None:
     from passes.annotate import annotate
     from passes.capture import capture
 
+    from partitioner.report import check_output_paths
+    from partitioner.zoo import context_note
+
+    check_output_paths(args.json, None)  # before the capture, not after it
     dtype = DTYPES[args.dtype]
     console = Console()
     if not console.is_terminal:  # piped: do not squeeze the table to 80 columns
         console = Console(width=150)
+    note = context_note(args.model, args.seq)
+    if note:
+        Console(stderr=True).print(f"note: {note}", highlight=False)
     device = _measure_device() if args.measure else torch.device("meta")
     spec = load_model_spec(args.model, args.batch, args.seq, device=device, dtype=dtype)
     if args.measure and any(p.device.type == "meta" for p in spec.model.parameters()):

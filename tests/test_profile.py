@@ -120,6 +120,15 @@ def test_cli_profile_prints_modules_and_writes_json(tmp_path, capsys, monkeypatc
     assert NodeCosts.from_json(out_json.read_text()).dtype == "bfloat16"
 
 
+def test_cli_profile_edges_are_one_line(tmp_path, capsys):
+    from partitioner.cli import main
+    for argv, match in ((["--json", str(tmp_path)], "is a directory"), (["--batch", "0"], "--batch is 0"),
+                        (["--seq", "-1"], "--seq is -1")):
+        assert main(["profile", "test_profile:tiny_model", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and match in err, err
+
+
 def test_misaligned_16bit_matmul_is_slower_than_aligned():
     """A bf16 linear whose output width is not a multiple of 8 runs on slow unaligned kernels."""
     from cost_models.device import get_device_spec
