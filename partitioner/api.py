@@ -378,7 +378,8 @@ def _mismatch(args: tuple, kwargs: dict, example_args: tuple, example_kwargs: di
     for i, (a, b) in enumerate(list(zip(args, example_args)) + [(kwargs[k], example_kwargs[k]) for k in kwargs]):
         if pytree.tree_structure(a) != pytree.tree_structure(b):
             where = f"positional argument {i}" if i < len(args) else f"keyword argument {list(kwargs)[i - len(args)]!r}"
-            return f"{where} is nested differently from the example inputs' ({type(a).__name__} vs {type(b).__name__}); {fix}"
+            return (f"{where} is nested differently from the example inputs' ({type(a).__name__} vs "
+                    f"{type(b).__name__}); {fix}")
     return f"inputs are structured differently from the example inputs; {fix}"
 
 

@@ -27,7 +27,7 @@ Blocks b, virtual stages k = 0..K-1 (K = p * v), stage k on rank k % p.
   m t + (p - 1) t / v for equal chunks (t = v S per rank). The (p - 1) S term
   matters: the schedule's fixed order stalls on an uneven chunk, and the
   looser m M + (sum_k t_k - M) / v let the solver pile a rank's work into one
-  chunk, which the simulator scored up to 25% slower than even splits.
+  chunk, which the simulator scored well below even splits (benchmarks/RESULTS.md).
 - Memory of rank r: its blocks' param+grad+optimizer bytes, one copy of every
   shared parameter a block on r reads, and saved activations x the microbatch-
   chunks in flight (warm-up + 1 of the schedule): exactly the stage's for v = 1,
@@ -45,9 +45,8 @@ complete hint and its objective U an upper bound. Any better solution has
 every stage's compute <= C (v = 1: (U - total) / (m - 1); v > 1: (U - m *
 M_lb) / (p - 1)), so block b, whose ancestors fill stages 0..s(b), needs
 s(b) >= ceil(work(b and ancestors) / C) - 1, and likewise towards the end.
-On 1,000 blocks x 16 stages this leaves each block two or three stages: 155
-variables instead of 32,000, solved to optimality in under a second. The
-result is exact: the pruned model still holds the incumbent, and what it cuts
+On large graphs this leaves each block two or three stages (benchmarks/
+RESULTS.md has the figures). The result is exact: the pruned model still holds the incumbent, and what it cuts
 off is worse than it. Lower bounds on M and S come from the average and, for
 paths, the chain DP's bottleneck.
 
@@ -58,9 +57,8 @@ stage boundaries together, while the move keeps stages ordered, non-empty and
 within the memory cap and the simulator says the step gets faster; a third of
 the time goes to the seeds alike, the rest to the best (with random kicks once
 it stops). The polish gets 70% of time_limit_s where no exact search follows
-(interleaving, branchy graphs): there the closed form misjudges most (gpt2-xl at
-p = 8, v = 2 in benchmarks/plan_quality.py, 10 s on 2 cores: 673.6 ms with half
-the time and one-block moves, 660.3 ms now). For one stage per rank
+(interleaving, branchy graphs): there the closed form misjudges most
+(benchmarks/RESULTS.md). For one stage per rank
 (1f1b) on a path-shaped graph every valid plan is a contiguous split, and a
 branch and bound over them (partitioner/exact.py) then starts from the polished
 plan and replaces it only by a faster split within the cap; solver_status gains
@@ -76,6 +74,7 @@ and the row generation (the rest, at most PATHS_TIME_CAP_S).
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -280,7 +279,7 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
     total_w = sum(w)
     total_mem = sum(b.param_state_bytes + b.saved_bytes * m * v + b.bwd_working_bytes for b in bg.blocks) + \
         sum(s.state_bytes * p for s in bg.shared_params) + 2 * m * v * sum(val.bytes for val in bg.values)
-    ms = min(1.0, _MEM_LIMIT / max(total_mem, 1))
+    mem_scale = min(1.0, _MEM_LIMIT / max(total_mem, 1))
     md = cp_model.CpModel()
     rules: list = []
     path = bg.is_path()
@@ -379,11 +378,11 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
 
     # memory per rank
     inflight = inflight_microbatches(schedule, p, m, v)
-    static_w = [int(b.param_state_bytes * ms + 0.999) for b in bg.blocks]
-    saved_w = [int(b.saved_bytes * ms + 0.999) for b in bg.blocks]
-    held = _held_bytes(md, bg, K, p, dom, x, ms, rules) if need_memory else [0] * K
-    held_max = 2 * sum(int(val.bytes * ms + 0.999) for val in bg.values) if need_memory else 0
-    work_w = [int(b.bwd_working_bytes * ms + 0.999) for b in bg.blocks]
+    static_w = [int(b.param_state_bytes * mem_scale + 0.999) for b in bg.blocks]
+    saved_w = [int(b.saved_bytes * mem_scale + 0.999) for b in bg.blocks]
+    held = _held_bytes(md, bg, K, p, dom, x, mem_scale, rules) if need_memory else [0] * K
+    held_max = 2 * sum(int(val.bytes * mem_scale + 0.999) for val in bg.values) if need_memory else 0
+    work_w = [int(b.bwd_working_bytes * mem_scale + 0.999) for b in bg.blocks]
     on_rank: list[list[tuple[int, int]]] = [[] for _ in range(p)]  # (block, stage) pairs that can land on a rank
     for b, wb in enumerate(work_w):
         for k in dom[b] if wb > 0 else ():
@@ -391,7 +390,7 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
     rank_mem = []
     for r in range(p):
         static = sum(stage_sum(k, static_w) for k in range(r, K, p))
-        static += sum(int(sb * ms + 0.999) * h for sb, h in holds[r])
+        static += sum(int(sb * mem_scale + 0.999) * h for sb, h in holds[r])
         saved = [stage_sum(k, saved_w) + held[k] for k in range(r, K, p)]
         if len(saved) == 1:
             act = inflight[r] * saved[0]
@@ -409,7 +408,7 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
                 rules.append((work, work_w[b] * x(b, k), 1))
         rank_mem.append(static + act + work)
         if cap is not None:
-            md.Add(static + act + work <= int(cap * ms))
+            md.Add(static + act + work <= int(cap * mem_scale))
 
     objective = 0
     if with_time:
@@ -435,7 +434,7 @@ def _build(bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None
                 md.Add(biggest >= t[k])
                 rules.append((biggest, t[k], 1))
             objective = m * top + (p - 1) * biggest + sum(allreduce)
-    return _Ilp(md, y, rank_mem, objective, ts, ms, rules, stage_sum, reps)
+    return _Ilp(md, y, rank_mem, objective, ts, mem_scale, rules, stage_sum, reps)
 
 
 def _readers(val, dom: list[range], x, K: int) -> dict[int, list]:
@@ -449,13 +448,13 @@ def _readers(val, dom: list[range], x, K: int) -> dict[int, list]:
     return needs
 
 
-def _held_bytes(md: cp_model.CpModel, bg, K: int, p: int, dom: list[range], x, ms: float,
+def _held_bytes(md: cp_model.CpModel, bg, K: int, p: int, dom: list[range], x, mem_scale: float,
                 rules: list) -> list:
     """Per stage: bytes of the values it holds past its saved activations (the rules of
     partitioner/stage_scorer.py), as lower-bounded booleans (memory only ever wants them 0)."""
     held: list = [0] * K
     for ci, val in enumerate(bg.values):
-        size = int(val.bytes * ms + 0.999)
+        size = int(val.bytes * mem_scale + 0.999)
         if size == 0:
             continue
         u, s = val.producer, val.saver
@@ -699,7 +698,7 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
             lower = max(lower, min(found.lower_bound_s, plan.step_time_s))
     scale = ilp.time_scale
     plan.solver_status = status_name + ("+refined" if refined else "") + exact
-    plan.objective = obj / scale if obj == obj else plan.model_step_time_s
+    plan.objective = plan.model_step_time_s if math.isnan(obj) else obj / scale
     plan.bound = bound / scale
     plan.gap = max(0.0, (plan.objective - plan.bound) / plan.objective) if plan.objective > 0 else 0.0
     plan.step_lower_bound_s = lower

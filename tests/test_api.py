@@ -121,6 +121,8 @@ def test_a_missing_or_extra_keyword_input_is_named():
         pm(*zm.example_args, mask=None, **zm.example_kwargs)
     with pytest.raises(RuntimeConfigError, match="2 positional arguments but the example inputs had 1"):
         pm(*zm.example_args, zm.example_args[0], **zm.example_kwargs)
+    with pytest.raises(RuntimeConfigError, match="keyword argument 'decoder_input_ids' is nested differently"):
+        pm(*zm.example_args, decoder_input_ids=(zm.example_kwargs["decoder_input_ids"],))
 
 
 def test_a_loss_that_needs_the_missing_target_says_pass_target():
