@@ -56,10 +56,11 @@ def _span(names: list[str]) -> str:
 
 
 def _short_bytes(n: float) -> str:
-    """Three significant digits: '117 MiB', '9.85 GiB' (the narrow table's width)."""
+    """Three significant digits: '117 MiB', '9.85 GiB', '1000 MiB' (the narrow table's width)."""
     for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
         if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
+            x = n / size
+            return f"{x:.0f} {unit}" if abs(x) >= 100 else f"{x:.3g} {unit}"
     return f"{int(n)} B"
 
 
@@ -115,6 +116,8 @@ def device_line(plan: Plan) -> str:
     cap = human_bytes(plan.memory_cap_bytes) if plan.memory_cap_bytes else ""
     if not plan.device:
         return f"memory cap {cap} per rank" if cap else ""
+    if not cap:
+        return f"device {plan.device} with {human_bytes(plan.device_mem_bytes)}; no memory cap"
     if plan.memory_cap_bytes == plan.device_mem_bytes:
         return f"device {plan.device} with {cap}: the memory cap (set --memory, --device-type)"
     return f"device {plan.device} with {human_bytes(plan.device_mem_bytes)}; memory cap {cap} per rank"
@@ -126,7 +129,7 @@ def search_line(plan: Plan) -> str:
         return ""
     took = f"search {plan.solve_time_s:.1f} s"
     if plan.solver_status.startswith("DP_FALLBACK"):
-        return f"{took}: the solver found no plan in time; this is the chain DP's split (raise --time-limit)"
+        return f"{took}: no solver plan in time, so the chain DP split (raise --time-limit)"
     if plan.step_gap is None:
         return f"{took}; how close to the best plan is not known (no lower bound)"
     if plan.step_gap < 5e-4:

@@ -11,7 +11,7 @@ import partitioner.report
 from partitioner.cli import main
 from partitioner.errors import PartitionerError
 from partitioner.plan import Plan
-from partitioner.report import parse_bytes, plan_table, print_plan
+from partitioner.report import parse_bytes, plan_table, print_plan, summary_lines
 
 MODEL = "tests.test_cli_plan:tiny_model"
 
@@ -160,6 +160,23 @@ def test_plan_table_fits_80_columns(chunks):
     wide = Console(file=io.StringIO(), width=160)
     wide.print(plan_table(plan, width=160, block_names=names))
     assert "140.0 us" in wide.file.getvalue() and "12.34 ms" in wide.file.getvalue()
+
+
+@pytest.mark.parametrize("changes,line", [
+    ({}, "device h100 with 80.00 GiB: the memory cap"),
+    ({"memory_cap_bytes": 24 * 2**30}, "device h100 with 80.00 GiB; memory cap 24.00 GiB per rank"),
+    ({"step_lower_bound_s": 0.39}, "proven best, no valid plan is predicted faster"),
+    ({"step_lower_bound_s": 0.35}, "the best valid plan is at most 10.3% faster"),
+    ({}, "how close to the best plan is not known"),
+    ({"solver_status": "DP_FALLBACK"}, "no solver plan in time, so the chain DP split"),
+])
+def test_summary_says_device_cap_and_search_quality_in_words(changes, line):
+    plan = _plan()
+    for key, value in changes.items():
+        setattr(plan, key, value)
+    lines = summary_lines(plan)
+    assert any(line in x for x in lines), lines
+    assert sum(" ms" in x for x in lines) == 1 and all(len(x) <= 80 for x in lines)
 
 
 def test_str_of_a_plan_is_a_short_summary():
