@@ -77,7 +77,8 @@ def load_model_spec(spec: str, batch: int | None = None, seq: int | None = None,
     try:
         result = fn(**kwargs)
     except Exception as e:  # the user's code: one line naming it, not the traceback of its internals
-        raise PartitionerError(f"model function '{spec}' raised {type(e).__name__}: {e} (called with "
+        first_line = next(iter(str(e).splitlines()), "")
+        raise PartitionerError(f"model function '{spec}' raised {type(e).__name__}: {first_line} (called with "
                                f"{', '.join(f'{k}={v}' for k, v in kwargs.items()) or 'no arguments'}); "
                                "run it on its own to see the traceback") from e
     if not isinstance(result, tuple) or len(result) not in (2, 3) or not isinstance(result[0], torch.nn.Module):

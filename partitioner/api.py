@@ -353,8 +353,10 @@ def _checked_loss(loss_fn: Callable[[Any, Any], Any], user_fn: Callable | None =
             value = loss_fn(output, target)
         except Exception as e:
             if target is None:
+                first_line = next(iter(str(e).splitlines()), "")
                 raise RuntimeConfigError(f"loss_fn(output, target) failed with target=None ({type(e).__name__}: "
-                                         f"{e}); {name} needs the target: pass target= to train_step.") from e
+                                         f"{first_line}); {name} needs the target: pass target= to train_step."
+                                         ) from e
             raise
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
             got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__

@@ -36,7 +36,7 @@ def tiny_model(batch: int = 8, seq: int = 16):
 
 
 def raising_model(batch: int = 8):
-    raise ValueError("no weights at /data/ckpt")
+    raise ValueError("no weights at /data/ckpt\n(a second line the CLI leaves out)")
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
