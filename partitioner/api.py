@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError, RuntimeConfigError
 from partitioner.microbatch import batch_size, split_batch
+from partitioner.modes import ModeSource
 from partitioner.plan import Plan
 from partitioner.planner import capture_for_training
 from passes.capture import Captured
@@ -143,7 +144,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
     runners, run_loss = compile_stages({k: stages[k].graph_module for k in local}, loss_fn, options)
     executor = Executor(stages, local, sched, transport, _checked_loss(run_loss, loss_fn), captured.unflatten_outputs,
                         stage_device, order, inference_order, runners)
-    return ParallelModel(captured, plan, stages, executor, store, devices, rank, args, kwargs, microbatches)
+    source = ModeSource(model, mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
+                        compile_options=options, timeout_s=timeout_s, check_loss=_checked_loss)
+    return ParallelModel(captured, plan, stages, executor, store, devices, rank, args, kwargs, microbatches,
+                         source=source)
 
 
 class ParallelModel:
@@ -151,11 +155,16 @@ class ParallelModel:
 
     Under torchrun the parameters, state_dict and gradients are this rank's;
     without it (one process) they are every stage's.
+
+    A training loop: `loss = pm.train_step(x, target=y)`, `pm.clip_grad_norm_(1.0)`,
+    `opt.step()`, `sched.step()`, `pm.zero_grad()`, with `opt = AdamW(pm.parameters())` this
+    rank's optimizer. LR schedulers work on it as usual: every rank's optimizer steps with the
+    same schedule, so they stay in step. `pm.save` / `pm.load` checkpoint model and optimizer.
     """
 
     def __init__(self, captured: Captured, plan: Plan, stages: list[StageModule], executor: Executor,
                  store: ParameterStore, devices: list[torch.device], rank: int | None, example_args: tuple,
-                 example_kwargs: dict, microbatches: int):
+                 example_kwargs: dict, microbatches: int, *, source: ModeSource | None = None):
         self.captured = captured
         self.plan = plan
         self.stages = stages
@@ -167,6 +176,10 @@ class ParallelModel:
         self._example_leaves, self._example_spec = pytree.tree_flatten((example_args, example_kwargs))
         self._last_rank = stages[-1].rank
         self._steps_run = 0
+        self.source = source  # what captures the other mode (train/eval); the model's tensors stay untouched
+        self.model = source.model if source is not None else None
+        self.training = source.model.training if source is not None else True
+        self._modes: dict[bool, Any] = {}
 
     @property
     def schedule(self):
@@ -240,6 +253,37 @@ class ParallelModel:
         t = loss.detach().float().to(device) if loss is not None else torch.zeros((), device=device)
         dist.broadcast(t, src=self._last_rank)
         return t
+
+    # ------------------------------------------------------------------ modes and clipping
+
+    def train(self, mode: bool = True) -> "ParallelModel":
+        """Run every stage in training mode (dropout on) or, with mode=False, in eval mode.
+
+        The captured graph has the mode baked in, so the first switch to the mode the model was not
+        compiled in captures the model again in that mode (once; see partitioner/modes.py); both
+        modes' stages share the same parameter tensors. Under torchrun every rank must switch
+        together (the first switch creates process groups)."""
+        mode = bool(mode)
+        if mode != self.training:
+            from partitioner.modes import ModeGraphs, build_mode
+            self._modes.setdefault(self.training, ModeGraphs(self.captured, self.stages, self.executor))
+            if mode not in self._modes:
+                self._modes[mode] = build_mode(self, mode)
+            graphs = self._modes[mode]
+            self.captured, self.stages, self.executor = graphs.captured, graphs.stages, graphs.executor
+            self.training = mode
+        return self
+
+    def eval(self) -> "ParallelModel":
+        """pm.train(False): deterministic inference (dropout off)."""
+        return self.train(False)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None) -> torch.Tensor:
+        """Clip the gradients of the whole model (every rank) as torch.nn.utils.clip_grad_norm_ on the
+        unsplit model; returns the total norm on every rank. Under torchrun every rank must call it."""
+        from partitioner.grad_clip import clip_grad_norm_
+        return clip_grad_norm_(self, max_norm, norm_type, error_if_nonfinite, foreach)
 
     # ------------------------------------------------------------------ parameters and state
 

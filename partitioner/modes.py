@@ -1,0 +1,141 @@
+"""Train and eval mode of a ParallelModel: one captured graph per mode.
+
+A captured graph cannot switch modes: torch.export bakes `module.training` into
+it (dropout becomes `aten.dropout(x, p, train)`, SDPA gets `dropout_p`, batch
+norm picks its training or inference op, Python `if self.training:` branches
+are resolved at capture). So the other mode is captured once, lazily, on the
+first switch: the original model is traced again in that mode (on FakeTensors:
+no weights are copied), split with the same plan (node names matched by op and
+module along the topological order, since the graphs differ by a few nodes),
+and its stages read the very same parameter and buffer tensors as the first
+mode's, so optimizer steps and loaded checkpoints apply to both.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from partitioner.errors import RuntimeConfigError
+from partitioner.plan import Plan
+from partitioner.planner import capture_for_training
+from passes.capture import Captured
+from passes.split import StageModule, place_on_device, split
+from runtime.comm_plan import build_comm_plan, forward_only
+from runtime.compiled import compile_stages
+from runtime.executor import Executor, in_process_order
+from runtime.transport import DistTransport, InProcessTransport
+
+if TYPE_CHECKING:
+    from partitioner.api import ParallelModel
+
+
+@dataclass
+class ModeSource:
+    """How compile_parallel captured and compiled the model: what capturing it again needs."""
+
+    model: torch.nn.Module
+    args: tuple
+    kwargs: dict
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    mixed_precision: str | None = None
+    compile_options: dict | None = None
+    timeout_s: float = 300.0
+    check_loss: Callable[[Callable, Callable], Callable] | None = None  # wraps the loss as compile_parallel
+
+
+@dataclass
+class ModeGraphs:
+    """What one mode runs: its captured graph, stages and executor."""
+
+    captured: Captured
+    stages: list[StageModule]
+    executor: Executor
+
+
+def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
+    """Capture pm's model in `training` mode, split it like pm.plan, share pm's tensors, compile
+    the stages as compile_parallel did."""
+    source = pm.source
+    if source is None:
+        raise RuntimeConfigError("ParallelModel.train/eval: this ParallelModel keeps no reference to its model, "
+                                 "so it cannot capture the other mode; build it with compile_parallel.")
+    model = source.model
+    was = model.training
+    model.train(training)
+    try:
+        captured = capture_for_training(model, source.args, source.kwargs, source.mixed_precision)
+    finally:
+        model.train(was)
+    stages = split(captured, plan_like(captured, pm.captured, pm.plan))
+    local_ranks = list(range(pm.plan.num_ranks)) if pm.rank is None else [pm.rank]
+    tensor_of = {(fqn, st.rank): _get(st.graph_module, fqn) for st in pm.stages if st.rank in local_ranks
+                 for fqn in [*st.params, *st.buffers]}
+    stage_device = {st.stage: pm.devices[st.rank] for st in stages}
+    for st in stages:
+        if st.rank in local_ranks:
+            for fqn in [*st.params, *st.buffers]:
+                if (fqn, st.rank) not in tensor_of:  # read in this mode only: a constant of the new capture
+                    src = _get(captured.graph_module, fqn)
+                    if src.device.type == "meta":
+                        raise RuntimeConfigError(f"ParallelModel.{'train' if training else 'eval'}: '{fqn}' is read "
+                                                 "only in this mode and is on the meta device; materialise it.")
+                    tensor_of[(fqn, st.rank)] = src.detach().to(stage_device[st.stage])
+                _set(st.graph_module, fqn, tensor_of[(fqn, st.rank)])
+        place_on_device(st, stage_device[st.stage])
+    sched = pm.executor.schedule
+    local = [st.stage for st in stages if st.rank in local_ranks]
+    if pm.rank is None:
+        transport: Any = InProcessTransport(stage_device)
+        order, inference_order = in_process_order(sched), in_process_order(forward_only(sched))
+    else:
+        channels = list(build_comm_plan(stages, sched).channels)
+        transport = DistTransport(pm.rank, pm.devices[pm.rank], channels, timeout_s=source.timeout_s)
+        order, inference_order = list(sched.actions[pm.rank]), list(forward_only(sched).actions[pm.rank])
+    runners, loss_fn = compile_stages({k: stages[k].graph_module for k in local}, source.loss_fn,
+                                      source.compile_options)
+    if source.check_loss is not None:
+        loss_fn = source.check_loss(loss_fn, source.loss_fn)
+    executor = Executor(stages, local, sched, transport, loss_fn, captured.unflatten_outputs, stage_device,
+                        order, inference_order, runners)
+    return ModeGraphs(captured, stages, executor)
+
+
+def plan_like(captured: Captured, planned: Captured, plan: Plan) -> Plan:
+    """`plan` carried over to another capture of the same model: compute nodes are matched along
+    the topological order by (op, owning module); a node of `captured` with no match joins the
+    stage of the node before it, and no node comes before the stages of its inputs."""
+    def compute(c: Captured) -> list[torch.fx.Node]:
+        return [n for n in c.graph_module.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+
+    def key(n: torch.fx.Node) -> str:
+        stack = n.meta.get("nn_module_stack") or {}
+        return f"{n.target}@{list(stack.values())[-1][0] if stack else ''}"
+
+    old, new = compute(planned), compute(captured)
+    matcher = difflib.SequenceMatcher(None, [key(n) for n in old], [key(n) for n in new], autojunk=False)
+    match = {}
+    for block in matcher.get_matching_blocks():
+        for i in range(block.size):
+            match[block.b + i] = old[block.a + i]
+    stage_of: dict[torch.fx.Node, int] = {}
+    prev = 0
+    for j, n in enumerate(new):
+        k = plan.node_stage[match[j].name] if j in match and match[j].name in plan.node_stage else prev
+        k = max([k, *(stage_of[i] for i in n.all_input_nodes if i in stage_of)])
+        stage_of[n] = prev = k
+    return replace(plan, node_stage={n.name: k for n, k in stage_of.items()})
+
+
+def _get(root: torch.nn.Module, fqn: str) -> Any:
+    obj: Any = root
+    for part in fqn.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(root: torch.nn.Module, fqn: str, value: torch.Tensor) -> None:
+    prefix, _, name = fqn.rpartition(".")
+    setattr(root.get_submodule(prefix) if prefix else root, name, value)
