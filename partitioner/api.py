@@ -49,7 +49,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
                      plan: Plan | None = None, memory: int | str | None = None, device_type: str | None = None,
                      time_limit_s: float = 10.0, timeout_s: float = 300.0,
                      example_target: Any = None, compile: bool | dict | None = None,
-                     mixed_precision: str | None = None) -> "ParallelModel":
+                     mixed_precision: str | None = None, init_fn: Callable[[torch.nn.Module], None] | None = None,
+                     checkpoint: str | os.PathLike | None = None) -> "ParallelModel":
     """Partition `model` over `devices` and return a ParallelModel that trains it.
 
     example_inputs / example_kwargs: the GLOBAL batch, as model(*example_inputs, **example_kwargs);
@@ -71,6 +72,11 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
     mixed_precision: None (default) runs and plans the model in its own dtype (a bf16 model is planned
         and trained in bf16); "bf16" keeps fp32 parameters, gradients and optimizer state and computes in
         bf16 (each parameter and float input cast where it is read, as FSDP2's MixedPrecisionPolicy).
+    init_fn / checkpoint: for a model built on the meta device (capture and planning need no weights):
+        each rank allocates only its stages' tensors on its device and fills them from `checkpoint` (a
+        Hugging Face safetensors or DCP directory, read lazily) and/or `init_fn(module)` per module
+        (default: each module's reset_parameters()); see partitioner/materialise.py. A checkpoint also
+        overwrites a real model's weights.
     """
     devices = [torch.device(d) for d in devices]
     p = len(devices)
@@ -130,6 +136,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
     local_ranks = list(range(p)) if rank is None else [rank]
     store = ParameterStore(model, captured, stages, devices, local_ranks, distributed=rank is not None,
                            timeout_s=timeout_s)
+    if checkpoint is not None or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        from partitioner.materialise import materialise
+        materialise(model, store, rank, init_fn, checkpoint)
     stage_device = {st.stage: devices[st.rank] for st in stages}
     for st in stages:
         place_on_device(st, stage_device[st.stage])

@@ -193,6 +193,8 @@ class ParameterStore:
     process the first copy is the one exposed (parameters(), state_dict), the others are
     refreshed from it before each step and their gradients summed into it after.
     State the graph never reads (e.g. an unused head) is kept on rank 0 for the state dict.
+    A tensor of a model built on the meta device is allocated uninitialised on its device and
+    named in `from_meta` (unused meta state: on the CPU); partitioner/materialise.py fills them.
     """
 
     def __init__(self, model: torch.nn.Module, captured, stages: list[StageModule], devices: list[torch.device],
@@ -213,6 +215,7 @@ class ParameterStore:
                     self.holders[fqn].append(st.rank)
         self.aliases: dict[str, list[str]] = {}
         self.replicas: dict[str, list[torch.Tensor]] = {}
+        self.from_meta: set[str] = set()
         made: dict[tuple[str, Any], torch.Tensor] = {}
         for st in stages:
             if st.rank not in local_ranks:
@@ -223,12 +226,14 @@ class ParameterStore:
                 if key not in made:
                     src = _source(model, captured, fqn)
                     self.aliases[fqn] = [n for n in names_of.get(id(src), [fqn]) if n in self.model_keys]
-                    made[key] = _materialise(src, device, self.is_param[fqn], fqn)
+                    made[key] = _materialise(src, device, self.is_param[fqn])
+                    if src.device.type == "meta":
+                        self.from_meta.add(fqn)
                     self.replicas.setdefault(fqn, []).append(made[key])
                 _set_attr(st.graph_module, fqn, made[key])
         covered = {n for fqn in self.holders for n in _all_names(model, captured, fqn, names_of)}
-        self.unused = {k: v.detach().clone() for k, v in model_state.items() if k not in covered} \
-            if 0 in local_ranks else {}
+        self.unused = {k: _materialise(v, torch.device("cpu") if v.is_meta else v.device, False)
+                       for k, v in model_state.items() if k not in covered} if 0 in local_ranks else {}
         self.groups: dict[tuple[int, ...], Any] = {}
         if distributed:
             import torch.distributed as dist
@@ -348,11 +353,12 @@ def _all_names(model, captured, fqn: str, names_of: dict[int, list[str]]) -> lis
     return names_of.get(id(_source(model, captured, fqn)), [fqn])
 
 
-def _materialise(src: torch.Tensor, device: torch.device, is_param: bool, fqn: str) -> torch.Tensor:
+def _materialise(src: torch.Tensor, device: torch.device, is_param: bool) -> torch.Tensor:
+    """A copy of `src` on `device`; uninitialised memory for a meta tensor (filled later)."""
     if src.device.type == "meta":
-        raise RuntimeConfigError(f"'{fqn}' is on the meta device; the model's weights must be real to train it. "
-                                 "Materialise the model (e.g. model.to_empty(device=...) and load weights) first.")
-    t = src.detach().to(device, copy=True)
+        t = torch.empty_like(src, device=device)
+    else:
+        t = src.detach().to(device, copy=True)
     return torch.nn.Parameter(t, requires_grad=src.requires_grad) if is_param else t
 
 
