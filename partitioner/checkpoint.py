@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +73,7 @@ def save(pm: "ParallelModel", path: str | os.PathLike, optimizer: torch.optim.Op
         if optimizer is not None:
             state.update(_optimizer_state(optimizer, {id(p): canon.get(f, f) for f, p in pm.named_parameters()}))
     except RuntimeConfigError as err:
-        error = str(err)
+        error = err
     _raise_if_any(pm, error)
     if pm.rank in (None, 0):
         state[EXTRA] = dict(extra or {})
@@ -178,8 +179,8 @@ def load(pm: "ParallelModel", path: str | os.PathLike, optimizer: torch.optim.Op
         extra = objects.pop(EXTRA, None) or {}
         if optimizer is not None:
             optim_sd = _optimizer_state_dict(optimizer, fqn_of, optim_keys, {**staged, **objects})
-    except RuntimeConfigError as err:
-        error = str(err)
+    except Exception as err:  # noqa: BLE001 -- every rank must hear of it before anyone applies
+        error = err
     _raise_if_any(pm, error)
     with torch.no_grad():  # everything read and checked on every rank: apply
         for fqn, copies in local.items():
@@ -255,16 +256,17 @@ def _optimizer_state_dict(optimizer: torch.optim.Optimizer, fqn_of: dict[int, st
     return {"state": state, "param_groups": groups}
 
 
-def _raise_if_any(pm: "ParallelModel", error: str | None) -> None:
-    """Raise `error` (or another rank's) on every rank: all ranks apply a checkpoint or none does."""
+def _raise_if_any(pm: "ParallelModel", error: Exception | None) -> None:
+    """Raise `error`, or another rank's as a RuntimeConfigError, on every rank: all ranks apply a
+    checkpoint or none does (a rank that raised alone would leave the others waiting)."""
     if pm.rank is not None:
         errors: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
         first = next(((r, e) for r, e in enumerate(errors) if e), None)
-        if first and not error:
-            error = f"rank {first[0]}: {first[1]}"
-    if error:
-        raise RuntimeConfigError(error)
+        if first and error is None:
+            raise RuntimeConfigError(f"rank {first[0]}: {first[1]}")
+    if error is not None:
+        raise error
 
 
 # ---------------------------------------------------------------------- conversion
@@ -275,7 +277,6 @@ def to_torch_save(dcp_dir: str | os.PathLike, out_file: str | os.PathLike) -> No
     {"model": state dict (tied weights under every name), "optim": FQN-keyed optimizer state dict
     (torch.distributed.checkpoint.state_dict's format: set_state_dict loads it), "extra": ...}."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    import tempfile
     dcp_dir = os.fspath(dcp_dir)
     with tempfile.TemporaryDirectory() as tmp:
         flat_file = os.path.join(tmp, "flat.pt")

@@ -76,14 +76,16 @@ def materialise(model: torch.nn.Module, store: "ParameterStore", rank: int | Non
             todo = _load(model, store, todo, canon, checkpoint, model_state)
         if todo:
             _initialise(model, todo, init_fn, seed)
-    except RuntimeConfigError as err:
-        error = str(err)
+    except Exception as err:  # noqa: BLE001 -- every rank must hear of it
+        error = err
     if rank is not None:  # every rank raises, or none: a rank left behind would wait for its peers
         errors: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = error or next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
-    if error:
-        raise RuntimeConfigError(error)
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+        other = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
+        if error is None and other:
+            raise RuntimeConfigError(other)
+    if error is not None:
+        raise error
     if rank is not None:
         _broadcast_tied(store, set(todo), rank)
     for copies in store.replicas.values():  # in one process: every replica equal to the first

@@ -33,6 +33,7 @@ class TensorSource(ABC):
     path: str
     shapes: dict[str, tuple[tuple[int, ...], torch.dtype | None]]
     model_class: str | None = None  # the saved model's class name, when the files say it
+    model_prefix = ""  # DCP checkpoints of partitioner.checkpoint keep model tensors under "model."
 
     def model_key(self, names: list[str]) -> str | None:
         """The key holding a model tensor known by any of `names` (tied aliases), or None."""
@@ -41,8 +42,6 @@ class TensorSource(ABC):
                 if key in self.shapes:
                     return key
         return None
-
-    model_prefix = ""
 
     @abstractmethod
     def read(self, targets: dict[str, torch.Tensor]) -> None:

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from dist_utils import build, max_rel_err, run_workers
+from dist_utils import build, run_workers
 
 from partitioner.api import compile_parallel
 from partitioner.checkpoint import save_model, to_torch_save

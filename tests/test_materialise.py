@@ -56,8 +56,9 @@ def test_a_meta_model_with_an_init_fn_trains_like_the_eager_model_with_its_weigh
     _check_equals_eager(pm, zm, model)
     # the init is the model's own (same distribution as the eager model's, its own seed): norms at one
     for key, want in zm.model.state_dict().items():
-        got = full[key]
-        assert abs(got.std() - want.std()) <= 0.25 * want.std() + 1e-6 and abs(got.mean() - want.mean()) < 0.05, key
+        got, sd = full[key], want.std().item()
+        if want.numel() >= 64:  # ~4 standard errors of the sample's std and mean
+            assert abs(got.std() - sd) <= 0.3 * sd + 1e-6 and abs(got.mean() - want.mean()) <= 0.5 * sd + 1e-6, key
 
 
 @pytest.mark.parametrize("name", MODELS)
