@@ -64,7 +64,9 @@ def test_a_meta_model_with_an_init_fn_trains_like_the_eager_model_with_its_weigh
 @pytest.mark.parametrize("name", MODELS)
 def test_a_meta_model_loads_a_hugging_face_safetensors_directory(name, tmp_path):
     meta, zm = _meta(name), build(name)
-    zm.model.save_pretrained(tmp_path)  # model.safetensors (tied weights once) + config.json
+    # model.safetensors (tied weights once) + config.json; Llama's in shards + model.safetensors.index.json
+    zm.model.save_pretrained(tmp_path, **({"max_shard_size": "20KB"} if name == "llama-1b" else {}))
+    assert (tmp_path / "model.safetensors.index.json").exists() == (name == "llama-1b")
     # Llama's inv_freq is not in the checkpoint (non-persistent): the init_fn rebuilds it
     pm = _compile(meta, ["cpu"] * 2, checkpoint=tmp_path, init_fn=meta.model._init_weights)
     _check_equals_eager(pm, zm, zm.model)
