@@ -336,14 +336,15 @@ class ParallelModel:
         """Load this rank's entries of a (full or this rank's) state dict; strict: all of them must be there."""
         self.store.load_state_dict(state_dict, strict)
 
-    def save(self, path: str, optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> None:
+    def save(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
+             extra: dict | None = None) -> None:
         """Write a DCP checkpoint of the weights, the optimizer's state and `extra`, keyed by the model's
         FQNs: it loads under any plan and into the unpartitioned model (partitioner/checkpoint.py).
         Under torchrun every rank calls it."""
         from partitioner.checkpoint import save
         save(self, path, optimizer, extra)
 
-    def load(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    def load(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """Load a checkpoint written by save (under any plan), by checkpoint.save_model, or a Hugging Face
         safetensors directory; returns the saved `extra`. On error nothing changes (partitioner/checkpoint.py)."""
         from partitioner.checkpoint import load

@@ -14,7 +14,7 @@ from partitioner.api import compile_parallel
 
 def _dropout_gpt2(seed: int = 0) -> zoo.ZooModel:
     cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, use_cache=False,
-                                  resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2)
+                                  resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(cfg).train()
     gen = torch.Generator().manual_seed(seed)
