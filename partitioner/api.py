@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError, RuntimeConfigError
 from partitioner.microbatch import batch_size, split_batch
-from partitioner.modes import ModeSource
+from partitioner.modes import ModeGraphs, ModeSource, build_mode, meta_skeleton
 from partitioner.plan import Plan
 from partitioner.planner import capture_for_training
 from passes.capture import Captured
@@ -84,7 +84,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
     if p < 1:
         raise RuntimeConfigError("compile_parallel: devices is empty; list one device per pipeline rank.")
     _check_devices(devices)
-    _check_not_partly_meta(model)
+    if init_fn is None and checkpoint is None:
+        _check_not_partly_meta(model)
     if plan is not None:
         chunks = plan.chunks
     schedule = schedule or (plan.schedule if plan is not None else None) or \
@@ -153,7 +154,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
     runners, run_loss = compile_stages({k: stages[k].graph_module for k in local}, loss_fn, options)
     executor = Executor(stages, local, sched, transport, _checked_loss(run_loss, loss_fn), captured.unflatten_outputs,
                         stage_device, order, inference_order, runners)
-    source = ModeSource(model, mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
+    source = ModeSource(meta_skeleton(model), mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
                         compile_options=options, timeout_s=timeout_s, check_loss=_checked_loss)
     return ParallelModel(captured, plan, stages, executor, store, devices, rank, args, kwargs, microbatches,
                          source=source)
@@ -185,8 +186,8 @@ class ParallelModel:
         self._example_leaves, self._example_spec = pytree.tree_flatten((example_args, example_kwargs))
         self._last_rank = stages[-1].rank
         self._steps_run = 0
-        self.source = source  # what captures the other mode (train/eval); the model's tensors stay untouched
-        self.model = source.model if source is not None else None
+        self.source = source  # what captures the other mode (train/eval)
+        self.model = source.model if source is not None else None  # on meta: the structure, FQNs and shapes
         self.training = source.model.training if source is not None else True
         self._modes: dict[bool, Any] = {}
 
@@ -274,7 +275,6 @@ class ParallelModel:
         together (the first switch creates process groups)."""
         mode = bool(mode)
         if mode != self.training:
-            from partitioner.modes import ModeGraphs, build_mode
             self._modes.setdefault(self.training, ModeGraphs(self.captured, self.stages, self.executor))
             if mode not in self._modes:
                 self._modes[mode] = build_mode(self, mode)
@@ -397,14 +397,18 @@ def _check_devices(devices: list[torch.device]) -> None:
 
 
 def _check_not_partly_meta(model: torch.nn.Module) -> None:
-    """Either every weight is real, or none is: a model half on meta trains garbage or fails deep inside."""
+    """Either every weight is real, or none is: a model half on meta trains garbage or fails deep inside.
+    Every parameter on meta with buffers real (partitioner.materialise.meta_parameters()) is a meta model."""
+    if all(p.is_meta for p in model.parameters()):
+        return
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     meta = next((n for n, t in tensors if t.is_meta), None)
     real = next(((n, t.device) for n, t in tensors if not t.is_meta), None)
     if meta is not None and real is not None:
         raise RuntimeConfigError(f"compile_parallel: the model is partly on the meta device: '{meta}' is on meta but "
                                  f"'{real[0]}' is on {real[1]}; load every weight (e.g. model.to_empty(device=...) "
-                                 "then load_state_dict) before compiling.")
+                                 "then load_state_dict) before compiling, or pass init_fn= or checkpoint= to fill "
+                                 "the meta ones on each rank.")
 
 
 def _checked_loss(loss_fn: Callable[[Any, Any], Any], user_fn: Callable | None = None

@@ -12,7 +12,9 @@ mode's, so optimizer steps and loaded checkpoints apply to both.
 """
 from __future__ import annotations
 
+import copy
 import difflib
+import warnings
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -32,9 +34,27 @@ if TYPE_CHECKING:
     from partitioner.api import ParallelModel
 
 
+def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose parameters and buffers are on the meta device (tied ones still
+    tied): enough to capture it again, without keeping the user's weights alive. The model itself
+    if it cannot be deep-copied (said once)."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        meta = t.detach().to("meta")
+        memo[id(t)] = torch.nn.Parameter(meta, t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as err:  # noqa: BLE001
+        warnings.warn(f"ParallelModel keeps a reference to the {type(model).__name__} it was compiled from (to "
+                      f"capture it in the other train/eval mode), as it cannot be deep-copied onto the meta "
+                      f"device ({type(err).__name__}: {err}); its weights stay in memory.", stacklevel=3)
+        return model
+
+
 @dataclass
 class ModeSource:
-    """How compile_parallel captured and compiled the model: what capturing it again needs."""
+    """How compile_parallel captured and compiled the model: what capturing it again needs
+    (`model`: its meta_skeleton)."""
 
     model: torch.nn.Module
     args: tuple

@@ -31,6 +31,9 @@ def test_eval_is_deterministic_and_equals_the_model_in_eval_mode():
     zm = _dropout_gpt2()
     pm = _compile(zm, 2)
     assert pm.training
+    # what recaptures the other mode keeps no weights alive: a copy of the model on meta, still tied
+    assert all(t.is_meta for t in [*pm.model.parameters(), *pm.model.buffers()])
+    assert pm.model.lm_head.weight is pm.model.transformer.wte.weight
     x, = zm.example_args
     with torch.no_grad():
         a, b = pm(x).logits, pm(x).logits
