@@ -84,8 +84,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
     if p < 1:
         raise RuntimeConfigError("compile_parallel: devices is empty; list one device per pipeline rank.")
     _check_devices(devices)
-    if init_fn is None and checkpoint is None:
-        _check_not_partly_meta(model)
+    _check_not_partly_meta(model)
     if plan is not None:
         chunks = plan.chunks
     schedule = schedule or (plan.schedule if plan is not None else None) or \
@@ -407,8 +406,8 @@ def _check_not_partly_meta(model: torch.nn.Module) -> None:
     if meta is not None and real is not None:
         raise RuntimeConfigError(f"compile_parallel: the model is partly on the meta device: '{meta}' is on meta but "
                                  f"'{real[0]}' is on {real[1]}; load every weight (e.g. model.to_empty(device=...) "
-                                 "then load_state_dict) before compiling, or pass init_fn= or checkpoint= to fill "
-                                 "the meta ones on each rank.")
+                                 "then load_state_dict) before compiling, or build every parameter on meta and pass "
+                                 "init_fn= or checkpoint=.")
 
 
 def _checked_loss(loss_fn: Callable[[Any, Any], Any], user_fn: Callable | None = None
