@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds for the whole search (default 10): the ILP, the local search on the simulator "
                            "(70%% of it when interleaving or on branchy graphs), then the exact split search or "
                            "the lower-bound row generation with what is left")
+    plan.add_argument("--gap", type=float, default=1.0, metavar="PERCENT",
+                      help="stop the search once the plan is proven within this many percent of the best "
+                           "possible step (a lower bound); --time-limit stays the upper limit (default 1)")
     plan.add_argument("--json", metavar="FILE", help="write the plan as JSON")
     plan.add_argument("--compare", action="store_true", help="also score the baselines (uniform, torchtitan, "
                       "parameters, FLOPs, size, chain DP) with the same simulator")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from cost_models.time import pass_time_s
 
 EXACT_BUDGET_S = 60.0  # default time budget of best_split_s
@@ -68,15 +70,16 @@ def rest_bounds_s(times: PassTimes, p: int, m: int) -> list[list[float]]:
     n, inf = times.num_blocks, float("inf")
     rest = [[inf] * (n + 1) for _ in range(p + 1)]
     rest[p][n] = 0.0
+    pre = [np.asarray(x) for x in times._pre]  # device fwd, host fwd, device bwd, host bwd prefix sums
+    work = times.work_s(0, n)
     for k in range(p - 1, -1, -1):
+        after = np.asarray(rest[k + 1])
         for a in range(k, n - (p - k) + 1):
-            best = inf
-            for i in range(a + 1, n - (p - k - 1) + 1):  # stage k holds [a, i)
-                here = stage_bound_s(k, a, i, times, p, m)
-                if here >= best:
-                    break  # stage_bound_s only grows with i
-                best = min(best, max(here, rest[k + 1][i]))
-            rest[k][a] = best
+            i = np.arange(a + 1, n - (p - k - 1) + 1)  # stage k holds [a, i): stage_bound_s, vectorised
+            f = np.maximum(pre[0][i] - pre[0][a], pre[1][i] - pre[1][a])
+            b = np.maximum(pre[2][i] - pre[2][a], pre[3][i] - pre[3][a])
+            here = np.maximum(times.work_s(0, a) + m * (f + b), work + (m - 1) * b + (m - p + k) * f)
+            rest[k][a] = float(np.maximum(here, after[i]).min())
     return rest
 
 
@@ -221,7 +224,7 @@ def split_assignment(cuts: tuple[int, ...], num_blocks: int) -> list[int]:
 
 def best_split_s(bg, p: int, m: int, link_bw_bytes_per_s: float, incumbent_s: float = float("inf"),
                  time_budget_s: float = EXACT_BUDGET_S, incumbent_cuts: tuple[int, ...] | None = None,
-                 memory_cap_bytes: int | None = None) -> ExactResult:
+                 memory_cap_bytes: int | None = None, gap: float = 0.0) -> ExactResult:
     """The contiguous split into p 1F1B stages with the fastest simulated step (v = 1), by branch and bound.
 
     On a path-shaped graph every valid v = 1 plan is a contiguous split, so this is the best plan.
@@ -232,7 +235,8 @@ def best_split_s(bg, p: int, m: int, link_bw_bytes_per_s: float, incumbent_s: fl
     forced. Complete splits are scored by partitioner.plan.evaluate_assignment, as the ILP and the
     baselines are. With memory_cap_bytes, a split whose simulated peak on some rank exceeds it is
     no candidate (the bounds still hold for the splits that fit). Past time_budget_s it stops with
-    complete=False.
+    complete=False. gap > 0 also drops a partial split whose bound is within that fraction of the
+    best step: complete then proves the best within the gap (lower_bound_s: the least bound of what was dropped).
     """
     from partitioner.plan import evaluate_assignment
 
@@ -243,8 +247,9 @@ def best_split_s(bg, p: int, m: int, link_bw_bytes_per_s: float, incumbent_s: fl
     times = PassTimes(bg)
     rest = rest_bounds_s(times, p, m)
     relaxed = RelaxedPipeline(p, m)
-    margin = 1 - 1e-12  # float noise: the relaxation sums in another order than the simulator
-    best = {"step": incumbent_s, "cuts": incumbent_cuts, "splits": 0}
+    margin = (1 - 1e-12) * (1 + gap)  # float noise: the relaxation sums in another order than the simulator
+    best = {"step": incumbent_s, "cuts": incumbent_cuts, "splits": 0, "pruned": float("inf")}  # pruned: least
+    # bound of a dropped partial split
     exploring: list[float] = []  # bound of the child being explored at every depth (ascending per depth)
 
     def child_bound(starts: list[int], fwd: list[float], bwd: list[float]) -> float:
@@ -257,17 +262,22 @@ def best_split_s(bg, p: int, m: int, link_bw_bytes_per_s: float, incumbent_s: fl
         children = []
         for i in range(a + 1, n - (p - k - 1) + 1) if k < p - 1 else (n,):
             if stage_bound_s(k, a, i, times, p, m) * margin >= best["step"]:
+                pruned(stage_bound_s(k, a, i, times, p, m))  # it grows with i: bounds the later ones too
                 break
             if rest[k + 1][i] * margin >= best["step"]:
+                pruned(rest[k + 1][i])
                 continue
             f, b = fwd + [times.fwd_s(a, i)], bwd + [times.bwd_s(a, i)]
             bound = child_bound(starts + [i], f, b)
             if bound * margin < best["step"]:
                 children.append((bound, i, f, b))
+            else:
+                pruned(bound)
         children.sort(key=lambda c: c[0])
         exploring.append(0.0)
         for bound, i, f, b in children:
             if bound * margin >= best["step"]:
+                pruned(bound)  # children come in ascending bound
                 break
             exploring[-1] = bound
             if time.perf_counter() > deadline:
@@ -285,10 +295,13 @@ def best_split_s(bg, p: int, m: int, link_bw_bytes_per_s: float, incumbent_s: fl
                 best["step"], best["cuts"] = plan.step_time_s, cuts
         exploring.pop()
 
+    def pruned(bound: float) -> None:
+        best["pruned"] = min(best["pruned"], bound)
+
     try:
         search([0], [], [])
-        complete, lower = True, best["step"]
+        complete, lower = True, min(best["step"], best["pruned"])
     except _OutOfTime:
         # unexplored splits extend a child on the stack or a later sibling, whose bound is no lower
-        complete, lower = False, min([best["step"]] + exploring)
+        complete, lower = False, min([best["step"], best["pruned"]] + exploring)
     return ExactResult(best["step"], best["cuts"], best["splits"], complete, lower)

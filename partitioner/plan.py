@@ -66,6 +66,8 @@ class Plan:
     memory_cap_bytes: int | None = None
     link_bw_bytes_per_s: float = 0.0
     step_lower_bound_s: float = 0.0  # no valid plan within the cap simulates faster (0: not known)
+    gap_limit: float = 0.0  # the search stopped once step_gap was within this (solve's gap)
+    time_limit_s: float = 0.0  # the search's upper limit on time
     model: str = ""
     device: str = ""  # DeviceSpec name
     device_mem_bytes: int = 0
@@ -98,6 +100,16 @@ class Plan:
 
 
 DEFAULT_LINK_BW_BYTES_PER_S = 50e9  # a conservative GPU-to-GPU point-to-point link (PCIe 5 / slow NVLink)
+
+
+def check_gap(gap: float) -> float:
+    """`gap` (a fraction) if within [0, 1), else PlanError."""
+    from partitioner.errors import PlanError
+
+    if not 0.0 <= gap < 1.0:
+        raise PlanError(f"gap {gap * 100:g}% is outside 0-100%: give --gap as a percentage, e.g. --gap 1 "
+                        "(stop once the plan is proven within 1% of the best possible)")
+    return gap
 
 
 def check_config(num_blocks: int, num_ranks: int, chunks: int = 1, microbatches: int | None = None,

@@ -31,7 +31,8 @@ class PlanConfig:
     memory_cap_bytes None: the device's memory. microbatches None: 2 x num_ranks.
     schedule None: 1f1b, or interleaved-1f1b when chunks > 1. depth None: the
     shallowest module depth giving ~2 blocks per stage. link_bw_bytes_per_s
-    None: the device's intra-node point-to-point bandwidth.
+    None: the device's intra-node point-to-point bandwidth. gap: a fraction (0.01 = 1%);
+    time_limit_s stays the upper limit where no bound comes within it.
     batch / seq: shape of the example inputs (used by the model loader).
     """
 
@@ -47,9 +48,11 @@ class PlanConfig:
     optimizer: str = "adamw"
     depth: int | None = None
     time_limit_s: float = 10.0
+    gap: float = 0.01  # stop the search once the plan is proven within this fraction of a lower bound
     batch: int | None = None
     seq: int | None = None
     compare: bool = False
+    use_cache: bool = True
     link_bw_bytes_per_s: float | None = None
 
 
@@ -92,24 +95,25 @@ def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbat
 
 def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | None, config: PlanConfig,
                on_step: Callable[[str], None] | None = None, loss_fn: Callable[[Any, Any], Any] | None = None,
-               example_target: Any = None) -> PlanResult:
+               example_target: Any = None, need_graph: bool = True) -> PlanResult:
     """Plan `model` (called as model(*example_args, **example_kwargs) on a global batch).
 
     on_step(msg) is called before each step (progress display).
     loss_fn / example_target (a global batch's target): when both are given, the loss's time and
         memory count on the block producing the output (it runs on the last stage).
+    need_graph: capture even when the profile cache holds the model (the runtime splits the
+        graph); False (the CLI) leaves PlanResult.captured None on a cache hit.
+    config.use_cache: read and write the profile cache (partitioner/profile_cache.py).
     """
     from cost_models.device import get_device_spec
-    from cost_models.loss import profile_loss
-    from cost_models.profile import graph_float_dtype, profile
     from partitioner.baselines import all_baselines
-    from partitioner.plan import check_config
+    from partitioner.plan import check_config, check_gap
     from partitioner.solve import solve
-    from passes.annotate import annotate
     from passes.coarsen import attach_loss, coarsen
 
     step = on_step or (lambda msg: None)
     schedule, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
+    check_gap(config.gap)
     if config.dtype is not None and config.dtype not in DTYPES:
         raise PlanError(f"unknown dtype {config.dtype!r}: use one of {', '.join(DTYPES)}")
     args, kwargs = microbatch_inputs(example_args, example_kwargs, m)
@@ -117,23 +121,16 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     cap = config.memory_cap_bytes if config.memory_cap_bytes is not None else spec.mem_bytes
     bw = config.link_bw_bytes_per_s or spec.intra_node_bw_bytes_per_s
 
-    step(f"capturing {type(model).__name__} (one microbatch)")
-    captured = capture_for_training(model, args, kwargs, config.mixed_precision)
-    annotated = annotate(captured)
-    dtype = DTYPES[config.dtype] if config.dtype is not None else graph_float_dtype(captured.graph_module)
-    step(f"profiling {len(annotated.nodes)} nodes for {spec.name}")
-    costs = profile(captured, annotated, device=spec, dtype=dtype, optimizer=config.optimizer,
-                    progress=False, compiled=config.compiled)
+    profiled = _capture_and_profile(model, args, kwargs, config, spec, step, need_graph, loss_fn,
+                                    example_target, m, batch_size((example_args, example_kwargs)))
+    captured, annotated, costs = profiled.captured, profiled.annotated, profiled.costs
     K = config.num_ranks * config.chunks
     bg = coarsen(annotated, costs, depth=config.depth, min_blocks=K, target_blocks=BLOCKS_PER_STAGE * K)
-    if loss_fn is not None and example_target is not None:
-        step("profiling the loss")
-        target = split_batch(example_target, m, "example target", batch_size((example_args, example_kwargs)))[0]
-        bg = attach_loss(bg, profile_loss(loss_fn, captured, target, device=spec, dtype=dtype,
-                                          optimizer=config.optimizer))
+    if profiled.loss_costs is not None:
+        bg = attach_loss(bg, profiled.loss_costs)
     step(f"solving the ILP: {len(bg.blocks)} blocks -> {K} stages (up to {config.time_limit_s:g} s)")
     plan = solve(bg, config.num_ranks, config.chunks, m, schedule, memory_cap_bytes=cap, link_bw_bytes_per_s=bw,
-                 time_limit_s=config.time_limit_s)
+                 time_limit_s=config.time_limit_s, gap=config.gap)
     plan.model, plan.device, plan.device_mem_bytes = type(model).__name__, spec.name, spec.mem_bytes
     plan.version = package_version()
     baselines = {}
@@ -150,3 +147,48 @@ def capture_for_training(model: torch.nn.Module, args: tuple, kwargs: dict, mixe
 
     dtype = compute_dtype(mixed_precision)
     return capture_mixed(model, args, kwargs, dtype) if dtype is not None else capture(model, args, kwargs)
+
+
+@dataclass
+class _Profiled:
+    captured: Any  # None when read from the cache without need_graph
+    annotated: Any
+    costs: Any
+    loss_costs: Any
+
+
+def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, config: PlanConfig, spec: Any,
+                         step: Callable[[str], None], need_graph: bool, loss_fn: Any, example_target: Any,
+                         m: int, global_batch: int | None) -> _Profiled:
+    """Capture, annotate and profile one microbatch (and the loss), or read them from the profile cache."""
+    from cost_models.loss import profile_loss
+    from cost_models.profile import graph_float_dtype, profile
+    from partitioner import profile_cache
+    from passes.annotate import annotate
+
+    with_loss = loss_fn is not None and example_target is not None
+    target = split_batch(example_target, m, "example target", global_batch)[0] if with_loss else None
+    key, hit = None, None
+    if config.use_cache:
+        key = profile_cache.model_key(model, args, kwargs, device_spec=spec, optimizer=config.optimizer,
+                                      options=(config.dtype, config.mixed_precision, config.compiled),
+                                      loss_fn=loss_fn if with_loss else None, target=target)
+        hit = profile_cache.load(key)
+    captured = None
+    if hit is None or need_graph:
+        step(f"capturing {type(model).__name__} (one microbatch)")
+        captured = capture_for_training(model, args, kwargs, config.mixed_precision)
+    if hit is not None:
+        return _Profiled(captured, hit.annotated, hit.costs, hit.loss_costs)
+    annotated = annotate(captured)
+    dtype = DTYPES[config.dtype] if config.dtype is not None else graph_float_dtype(captured.graph_module)
+    step(f"profiling {len(annotated.nodes)} nodes for {spec.name}")
+    costs = profile(captured, annotated, device=spec, dtype=dtype, optimizer=config.optimizer,
+                    progress=False, compiled=config.compiled)
+    loss_costs = None
+    if with_loss:
+        step("profiling the loss")
+        loss_costs = profile_loss(loss_fn, captured, target, device=spec, dtype=dtype, optimizer=config.optimizer)
+    if key is not None:
+        profile_cache.store(key, profile_cache.CachedProfile(annotated, costs, loss_costs))
+    return _Profiled(captured, annotated, costs, loss_costs)

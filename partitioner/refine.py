@@ -43,10 +43,12 @@ WALK_TOLERANCE = 0.002  # a kick ending this close above the current plan become
 class _Search:
     """The moves and the score of one refine() call; `a` is the current assignment."""
 
-    def __init__(self, bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None, deadline: float):
+    def __init__(self, bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None, deadline: float,
+                 target_s: float = 0.0):
         from runtime.schedules import make_schedule
 
         self.cap, self.deadline = cap, deadline
+        self.target_s, self.best_seen = target_s, float("inf")
         self.sched = make_schedule(schedule, p, m, v)
         self.inflight = inflight_microbatches(schedule, p, m, v)
         n = len(bg.blocks)
@@ -57,7 +59,8 @@ class _Search:
         self.max_shift = max(1, -(-n // (4 * self.K)))  # ripples shift up to a quarter of an average stage
 
     def out_of_time(self) -> bool:
-        return time.perf_counter() > self.deadline
+        """Past the deadline, or some plan scored reached the target (good enough: stop)."""
+        return self.best_seen <= self.target_s or time.perf_counter() > self.deadline
 
     def score(self, a: list[int]) -> float:
         from runtime.simulator import step_time_s
@@ -65,7 +68,9 @@ class _Search:
         costs, allreduce_s = self.scorer.costs(a)
         if self.cap is not None and max(closed_form_rank_mem_bytes(costs, self.inflight)) > self.cap:
             return float("inf")
-        return step_time_s(self.sched, costs) + allreduce_s
+        step = step_time_s(self.sched, costs) + allreduce_s
+        self.best_seen = min(self.best_seen, step)
+        return step
 
     def stage_range(self, a: list[int], b: int) -> range:
         """The stages block b may move to: from its latest predecessor's to its earliest successor's."""
@@ -184,16 +189,17 @@ class _Search:
 
 
 def refine(bg, assign: list[int], p: int, v: int, m: int, schedule: str, bw: float, cap: int | None,
-           budget_s: float, kicks: bool = False, seed: int = 0) -> tuple[list[int], float]:
+           budget_s: float, kicks: bool = False, seed: int = 0, target_s: float = 0.0) -> tuple[list[int], float]:
     """Local search on the simulated step time from `assign`; returns (assignment, step time).
 
     Single-block moves (first improvement, nearer stages first) and ripples (module docstring)
     until neither shortens the step or `budget_s` is spent. With `kicks`, the rest of the budget
     goes to kicks (module docstring) until KICKS_WITHOUT_GAIN of them in a row found no better
     plan; `seed` seeds them. Plans over the memory cap `cap` score infinite. A ripple sweep stops
-    shifting one way after two steps that each lengthen the step.
+    shifting one way after two steps that each lengthen the step. It stops as soon as it scores a
+    plan at most target_s (a proven bound's tolerance: nothing worth finding below it).
     """
-    search = _Search(bg, p, v, m, schedule, bw, cap, time.perf_counter() + budget_s)
+    search = _Search(bg, p, v, m, schedule, bw, cap, time.perf_counter() + budget_s, target_s)
     best_a, best = search.descend(assign, search.score(assign))
     rng = random.Random(seed)
     failed, current_a, current = 0, best_a, best

@@ -134,6 +134,10 @@ def search_line(plan: Plan) -> str:
         return f"{took}; how close to the best plan is not known (no lower bound)"
     if plan.step_gap < 5e-4:
         return f"{took}: proven best, no valid plan is predicted faster"
+    if plan.step_gap <= plan.gap_limit + 1e-12:  # the search stopped there (--gap)
+        return f"proven within {plan.step_gap:.1%} of the best possible in {plan.solve_time_s:.1f} s"
+    if plan.time_limit_s and plan.solve_time_s >= 0.9 * plan.time_limit_s:
+        return f"stopped at the time limit ({plan.time_limit_s:g} s) with a gap of {plan.step_gap:.1%}"
     return f"{took}: the best valid plan is at most {plan.step_gap:.1%} faster (raise --time-limit)"
 
 
@@ -198,7 +202,7 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
     return PlanConfig(num_ranks=args.devices, chunks=args.chunks, microbatches=args.microbatches,
                       schedule=args.schedule, memory_cap_bytes=parse_bytes(args.memory) if args.memory else None,
                       device_type=args.device_type, dtype=args.dtype, optimizer=args.optimizer, depth=args.depth,
-                      time_limit_s=args.time_limit, batch=args.batch, seq=args.seq, compare=args.compare,
+                      time_limit_s=args.time_limit, gap=args.gap / 100, batch=args.batch, seq=args.seq, compare=args.compare,
                       mixed_precision=getattr(args, "mixed_precision", None), compiled=getattr(args, "compile", False))
 
 
@@ -230,13 +234,21 @@ def run_plan(args: argparse.Namespace) -> None:
     """The `partitioner plan` command."""
     from cost_models.device import get_device_spec
     from cost_models.report import load_model_spec
-    from partitioner.plan import check_config
+    from partitioner.plan import check_config, check_gap
     from partitioner.zoo import context_note
 
     config = config_from_args(args)
     _, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
     check_output_paths(args.json, args.timeline)
     get_device_spec(config.device_type)  # an unknown --device-type fails here, before the model loads
+    check_gap(config.gap)
+    if config.batch is None and ":" not in args.model:  # a zoo model: its default batch, rounded up to m
+        from partitioner.zoo import DEFAULT_BATCH
+
+        if DEFAULT_BATCH % m:  # known before building it, so the model is built once
+            config.batch = m * -(-DEFAULT_BATCH // m)
+            Console(stderr=True).print(f"using --batch {config.batch}: the default batch {DEFAULT_BATCH} "
+                                       f"does not split into {m} microbatches")
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, 160))  # logs and pipes: room for the whole table
@@ -254,7 +266,8 @@ def run_plan(args: argparse.Namespace) -> None:
             spec = load_model_spec(args.model, batch=config.batch, seq=config.seq, device="meta",
                                    dtype=DTYPES[config.dtype])
         result = plan_model(spec.model, spec.example_args, spec.example_kwargs, config,
-                            on_step=lambda msg: status.update(msg), loss_fn=spec.loss_fn, example_target=spec.target)
+                            on_step=lambda msg: status.update(msg), loss_fn=spec.loss_fn, example_target=spec.target,
+                            need_graph=False)
     plan = result.plan
     plan.model = args.model
     console.print(plan_table(result, width=console.width, title=f"{args.model}: {len(result.block_graph.blocks)} blocks "

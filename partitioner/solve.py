@@ -87,7 +87,7 @@ from partitioner.critical_path import DEFAULT_TOL as PATHS_TOL
 from partitioner.critical_path import path_bound_solve
 from partitioner.errors import PlanError
 from partitioner.exact import best_split_s, pipeline_bound_s, split_assignment, split_cuts
-from partitioner.plan import (DEFAULT_LINK_BW_BYTES_PER_S, Plan, check_config, evaluate_assignment,
+from partitioner.plan import (DEFAULT_LINK_BW_BYTES_PER_S, Plan, check_config, check_gap, evaluate_assignment,
                               inflight_microbatches)
 from partitioner.refine import refine
 
@@ -96,6 +96,7 @@ _MEM_LIMIT = 1 << 52  # bytes are exact below this total, scaled above
 EXACT_TIME_CAP_S = 10.0  # most time the exact split search after refine takes
 PATHS_TIME_CAP_S = 30.0  # most time the critical-path row generation after them takes
 PATHS_MIN_TIME_S = 0.5  # less time left than this: no row generation
+DEFAULT_GAP = 0.01  # stop once the plan is proven within this fraction of a lower bound
 
 
 @dataclass
@@ -560,10 +561,14 @@ def _flat(expr) -> tuple[int, list[tuple[int, int]]]:
     return f.offset, [(v.index, c) for v, c in zip(f.vars, f.coeffs)]
 
 
-def _solver(time_limit_s: float, workers: int | None) -> cp_model.CpSolver:
+def _solver(time_limit_s: float, workers: int | None, gap: float = 0.0) -> cp_model.CpSolver:
+    """CP-SAT with a time limit, `gap` as its relative gap limit, and workers (default: at least 8,
+    CP-SAT's portfolio wants that many subsolvers even on fewer cores)."""
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = float(time_limit_s)
     solver.parameters.num_workers = workers or max(8, os.cpu_count() or 1)
+    if gap > 0:
+        solver.parameters.relative_gap_limit = float(gap)
     return solver
 
 
@@ -591,18 +596,24 @@ def min_memory_bytes(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
 def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, schedule: str | None = None,
           memory_cap_bytes: int | None = None, link_bw_bytes_per_s: float = DEFAULT_LINK_BW_BYTES_PER_S,
           time_limit_s: float = 10.0, workers: int | None = None, hint: bool = True,
-          simulate: bool = True, refine_time_s: float | None = None) -> Plan:
+          simulate: bool = True, refine_time_s: float | None = None, gap: float = DEFAULT_GAP) -> Plan:
     """Best assignment of bg's blocks to num_ranks * chunks virtual stages (see module docstring).
+
+    gap: stop searching once the plan is proven within this fraction of a lower bound on the
+    simulated step of every valid plan (0: search until optimal or time_limit_s).
 
     Raises PlanError for a bad pipeline shape, more stages than blocks, or a
     memory cap nothing fits (the message states the smallest memory that fits).
     """
     schedule, m = check_config(len(bg.blocks), num_ranks, chunks, microbatches, schedule)
+    check_gap(gap)
     p, v = num_ranks, chunks
     K, n = p * v, len(bg.blocks)
     exact_follows = v == 1 and schedule == "1f1b" and m >= p and p > 1 and bg.is_path()
     if refine_time_s is None:  # the simulator's polish pays most where no exact search follows it
-        refine_time_s = min(2.0, time_limit_s / 4) if exact_follows else 0.7 * time_limit_s
+        # (with a gap the exact search needs only a good incumbent: 0.5 s of polish found the same
+        # gpt2-xl plan at p = 8 as 2 s)
+        refine_time_s = min(2.0 if gap == 0 else 0.5, time_limit_s / 4) if exact_follows else 0.7 * time_limit_s
     t0 = time.perf_counter()
     from partitioner.baselines import BASELINES, baseline_assignment
     bw, cap = link_bw_bytes_per_s, memory_cap_bytes
@@ -632,7 +643,7 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     ilp.model.Minimize(ilp.objective)
     # time_limit_s bounds the whole call: model building, the solver and the refinement after it
     reserve = refine_time_s + 0.05 * time_limit_s if simulate else 0.02 * time_limit_s
-    solver = _solver(max(0.1, time_limit_s - reserve - (time.perf_counter() - t0)), workers)
+    solver = _solver(max(0.1, time_limit_s - reserve - (time.perf_counter() - t0)), workers, gap)
     status = solver.Solve(ilp.model)
     if status == cp_model.INFEASIBLE or (status == cp_model.UNKNOWN and memory_cap_bytes is not None
                                          and not _fits(bg, start, p, v, m, schedule, memory_cap_bytes)):
@@ -653,6 +664,9 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
         status_name = "DP_FALLBACK"
         obj, bound = float("nan"), solver.BestObjectiveBound()
     refined = False
+    # a bound on every plan's simulated step, known before the polish: it may stop early
+    early_bound = pipeline_bound_s(bg, p, v, m) if simulate and exact_follows and gap > 0 else None
+    target_s = early_bound * (1 + gap) if early_bound else 0.0
     if simulate and refine_time_s > 0:
         # the ILP's answer, its warm start and the compute-only chain DP: the closed form
         # misjudges interleaved schedules on slow links, where balance beats fewer cuts.
@@ -663,34 +677,39 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
         polish_end = time.perf_counter() + refine_time_s
 
         def polish(a: list[int], budget_s: float, kicks: bool = False) -> tuple[list[int], float]:
-            return refine(bg, a, p, v, m, schedule, bw, cap, budget_s, kicks)
-        best = min((polish(a, refine_time_s / (3 * len(seeds))) for a in seeds), key=lambda r: r[1])
-        best = polish(best[0], max(0.0, polish_end - time.perf_counter()), kicks=True)
+            return refine(bg, a, p, v, m, schedule, bw, cap, budget_s, kicks, target_s=target_s)
+        best = _first_within(target_s, (polish(a, refine_time_s / (3 * len(seeds))) for a in seeds))
+        if best[1] > target_s:
+            best = polish(best[0], max(0.0, polish_end - time.perf_counter()), kicks=True)
         refined = best[0] != assign
         assign = best[0]
     plan = evaluate_assignment(bg, assign, p, v, m, schedule, link_bw_bytes_per_s, memory_cap_bytes,
                                method="ilp", simulate=simulate)
     exact, lower = "", 0.0  # lower: no valid plan within the cap simulates faster (0: not known)
-    if simulate and refine_time_s > 0 and exact_follows:
+    if early_bound is not None and plan.step_time_s <= target_s:
+        lower = early_bound  # proven within the gap: no exact search
+    elif simulate and refine_time_s > 0 and exact_follows:
         # every valid plan is a contiguous split: search them all, the refined plan as incumbent
         budget_s = min(EXACT_TIME_CAP_S, max(0.0, time_limit_s - (time.perf_counter() - t0)))
         found = best_split_s(bg, p, m, link_bw_bytes_per_s, plan.step_time_s, budget_s,
-                             split_cuts(plan.block_stage), memory_cap_bytes)
+                             split_cuts(plan.block_stage), memory_cap_bytes, gap=gap)
         if found.cuts is not None and found.step_time_s < plan.step_time_s:
             plan = evaluate_assignment(bg, split_assignment(found.cuts, n), p, v, m, schedule, link_bw_bytes_per_s,
                                        memory_cap_bytes, method="ilp", simulate=simulate)
-            exact = "+exact(optimal)" if found.complete else "+exact(incomplete)"
+            exact = ("+exact(incomplete)" if not found.complete else "+exact(optimal)" if gap == 0
+                     else "+exact(within gap)")
         elif found.complete:
-            exact = "+optimal"  # the search proved no split beats the refined plan
-        lower = plan.step_time_s if found.complete else max(found.lower_bound_s, pipeline_bound_s(bg, p, v, m))
-    if simulate and refine_time_s > 0 and plan.step_time_s > lower * (1 + PATHS_TOL):
+            exact = "+optimal" if gap == 0 else "+exact(within gap)"  # no split beats the refined plan by more
+        lower = min(plan.step_time_s, max(found.lower_bound_s, early_bound or pipeline_bound_s(bg, p, v, m)))
+    paths_tol = gap if gap > 0 else PATHS_TOL
+    if simulate and refine_time_s > 0 and plan.step_time_s > lower * (1 + paths_tol):
         # critical-path row generation: a lower bound for interleaving and branchy graphs, and
         # sometimes a faster plan than the closed form's (partitioner/critical_path.py)
         budget_s = min(PATHS_TIME_CAP_S, time_limit_s - (time.perf_counter() - t0))
         if budget_s >= PATHS_MIN_TIME_S:
             seeds = [start, dp_split] if start is not None else [dp_split]
             found = path_bound_solve(bg, p, v, m, schedule, memory_cap_bytes, link_bw_bytes_per_s, budget_s,
-                                     plan.block_stage, tuple(seeds), PATHS_TOL, workers)
+                                     plan.block_stage, tuple(seeds), paths_tol, workers)
             if found.assignment is not None and found.step_time_s < plan.step_time_s * (1 - 1e-12):
                 plan = evaluate_assignment(bg, found.assignment, p, v, m, schedule, link_bw_bytes_per_s,
                                            memory_cap_bytes, method="ilp", simulate=simulate)
@@ -702,8 +721,20 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     plan.bound = bound / scale
     plan.gap = max(0.0, (plan.objective - plan.bound) / plan.objective) if plan.objective > 0 else 0.0
     plan.step_lower_bound_s = lower
+    plan.gap_limit, plan.time_limit_s = gap, time_limit_s
     plan.solve_time_s = time.perf_counter() - t0
     return plan
+
+
+def _first_within(target_s: float, polished) -> tuple[list[int], float]:
+    """The best of the (assignment, step) pairs `polished` yields, stopping at the first at most target_s."""
+    best = None
+    for got in polished:
+        if best is None or got[1] < best[1]:
+            best = got
+        if best[1] <= target_s:
+            break
+    return best
 
 
 def _fits(bg, assign, p, v, m, schedule, cap) -> bool:

@@ -195,6 +195,8 @@ def _build_module(spec: _Spec, cfg: dict) -> nn.Module:
     return _hf_model(spec.family, cfg)
 
 
+DEFAULT_BATCH = 8  # global batch of the example inputs unless asked otherwise
+
 _POSITIONS = {"gpt2": ("n_positions", 1024), "llama": ("max_position_embeddings", 8192),
               "bert": ("max_position_embeddings", 512)}
 
@@ -213,7 +215,7 @@ def context_note(name: str, seq: int | None) -> str | None:
             f"({key}) to {seq}, so this is not the stock {spec.description or name}")
 
 
-def build(name: str, *, batch: int = 8, seq: int | None = None, device: str | torch.device | None = None,
+def build(name: str, *, batch: int = DEFAULT_BATCH, seq: int | None = None, device: str | torch.device | None = None,
           dtype: torch.dtype = torch.float32, small: bool = False, seed: int = 0) -> ZooModel:
     """Build zoo model `name`; device None = meta for large models, cpu for small ones.
 

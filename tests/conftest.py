@@ -17,3 +17,17 @@ def small_zoo():
         return cache[name]
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Caches (measured times, profiles) in a directory of this session, not the user's."""
+    import os
+
+    old = os.environ.get("PARTITIONER_CACHE")
+    os.environ["PARTITIONER_CACHE"] = str(tmp_path_factory.mktemp("partitioner_cache"))
+    yield
+    if old is None:
+        os.environ.pop("PARTITIONER_CACHE", None)
+    else:
+        os.environ["PARTITIONER_CACHE"] = old

@@ -85,6 +85,8 @@ def test_plan_draws_timeline(capsys, tmp_path):
      "'tests.test_cli_plan:raising_model' raised ValueError: no weights at /data/ckpt"),
     ([MODEL, "--devices", "2", "--timeline", "t.txt"], "draws a .png, .pdf or .svg file (e.g. t.png)"),
     ([MODEL, "--devices", "2", "--device-type", "h900"], "unknown device type 'h900'"),
+    ([MODEL, "--devices", "2", "--gap", "150"], "outside 0-100%"),
+    ([MODEL, "--devices", "2", "--gap", "-1"], "outside 0-100%"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, match):
     code, out, err = run(capsys, *argv, "--time-limit", "5")
@@ -189,3 +191,10 @@ def test_str_of_a_plan_is_a_short_summary():
 def test_default_batch_is_rounded_up_to_the_microbatches(capsys):
     code, out, err = run(capsys, MODEL, "--devices", "2", "--microbatches", "3", "--time-limit", "5")
     assert code == 0 and "using --batch 9" in err
+
+
+def test_plan_says_what_the_search_proved(capsys):
+    code, out, err = run(capsys, MODEL, "--devices", "2", "--microbatches", "4", "--time-limit", "30")
+    assert code == 0, err
+    assert any(line.startswith("proven within ") and "of the best possible in" in line
+               for line in out.splitlines()), out

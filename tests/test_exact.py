@@ -52,7 +52,7 @@ def test_solve_is_the_brute_force_best_split(seed):
     m = rng.choice([p, 2 * p])
     bg = random_chain(rng, n)
     steps = {c: pl.step_time_s for c, pl in all_splits(bg, p, m).items()}
-    plan = solve(bg, p, microbatches=m, link_bw_bytes_per_s=BW, time_limit_s=20)
+    plan = solve(bg, p, microbatches=m, link_bw_bytes_per_s=BW, time_limit_s=20, gap=0.0)
     assert plan.step_time_s == pytest.approx(min(steps.values()), rel=1e-12)
     assert steps[split_cuts(plan.block_stage)] == plan.step_time_s  # its split scores what it says
     assert plan.solver_status.endswith("+exact(optimal)") or plan.solver_status.endswith("+optimal")
@@ -60,7 +60,7 @@ def test_solve_is_the_brute_force_best_split(seed):
 
 def test_search_replaces_an_unpolished_plan_by_the_best_split(monkeypatch):
     """With the local search stubbed out the exact search has the ILP's plan to beat: it finds the best."""
-    monkeypatch.setattr("partitioner.solve.refine", lambda bg, a, *args: (list(a), float("inf")))
+    monkeypatch.setattr("partitioner.solve.refine", lambda bg, a, *args, **kwargs: (list(a), float("inf")))
     improved = 0
     for seed in range(12):
         rng = random.Random(seed)
@@ -68,7 +68,7 @@ def test_search_replaces_an_unpolished_plan_by_the_best_split(monkeypatch):
         m = rng.choice([p, 2 * p])
         bg = random_chain(rng, n)
         best = min(pl.step_time_s for pl in all_splits(bg, p, m).values())
-        plan = solve(bg, p, microbatches=m, link_bw_bytes_per_s=BW, time_limit_s=20)
+        plan = solve(bg, p, microbatches=m, link_bw_bytes_per_s=BW, time_limit_s=20, gap=0.0)
         assert plan.step_time_s == pytest.approx(best, rel=1e-12)
         improved += plan.solver_status.endswith("+exact(optimal)")
     assert improved > 0
@@ -94,9 +94,9 @@ def test_never_worse_than_without_the_search(seed, monkeypatch):
     refine_time_s=0 (no simulator polish) and gpipe skip the search."""
     rng = random.Random(100 + seed)
     bg, p = random_chain(rng, rng.randint(10, 16)), rng.choice([2, 4])
-    with_search = solve(bg, p, link_bw_bytes_per_s=BW, time_limit_s=20)
+    with_search = solve(bg, p, link_bw_bytes_per_s=BW, time_limit_s=20, gap=0.0)
     monkeypatch.setattr("partitioner.solve.EXACT_TIME_CAP_S", 0.0)
-    before = solve(bg, p, link_bw_bytes_per_s=BW, time_limit_s=20)
+    before = solve(bg, p, link_bw_bytes_per_s=BW, time_limit_s=20, gap=0.0)
     assert "+exact" not in before.solver_status and "+optimal" not in before.solver_status
     assert with_search.step_time_s <= before.step_time_s * (1 + 1e-12)
     monkeypatch.undo()

@@ -105,7 +105,7 @@ def test_pruning_by_the_incumbent_keeps_the_optimum(seed):
         need, _ = min_memory_bytes(bg, p, v, 4 * p)
         cap = need + (need >> 3)
     kw = dict(chunks=v, microbatches=4 * p, link_bw_bytes_per_s=BW, memory_cap_bytes=cap, time_limit_s=30,
-              simulate=False)
+              simulate=False, gap=0.0)
     pruned, full = solve(bg, p, **kw), solve(bg, p, hint=False, **kw)
     assert pruned.solver_status == full.solver_status == "OPTIMAL"
     assert pruned.objective == pytest.approx(full.objective, rel=1e-6)
@@ -127,7 +127,7 @@ def synthetic_chain(n: int, seed: int = 0):
 def test_thousand_blocks_sixteen_stages_optimal_within_the_time_limit():
     bg = synthetic_chain(1000)
     t0 = time.perf_counter()
-    plan = solve(bg, 16, microbatches=32, link_bw_bytes_per_s=50e9, time_limit_s=10, refine_time_s=0)
+    plan = solve(bg, 16, microbatches=32, link_bw_bytes_per_s=50e9, time_limit_s=10, refine_time_s=0, gap=0.0)
     wall = time.perf_counter() - t0
     assert plan.solver_status == "OPTIMAL" and plan.gap == 0
     assert wall < 10
@@ -309,3 +309,21 @@ def test_polish_moves_a_side_block_to_any_stage_its_edges_allow():
     best = evaluate_assignment(bg, [0, 3, 1, 2, 3], 4, 1, 8, "1f1b", BW)
     assert step == pytest.approx(best.step_time_s)
     assert step < evaluate_assignment(bg, start, 4, 1, 8, "1f1b", BW).step_time_s
+
+
+def test_stops_once_proven_within_the_gap():
+    """A path whose plan is proven within the gap early returns long before the time limit, saying so."""
+    rng = random.Random(2)
+    bg = synthetic_block_graph([rng.uniform(0.5e-3, 2e-3) for _ in range(64)])
+    assert bg.is_path()
+    plan = solve(bg, 4, microbatches=8, link_bw_bytes_per_s=50e9, time_limit_s=60)
+    assert plan.step_gap is not None and plan.step_gap <= 0.01
+    assert plan.solve_time_s < 15
+    exact = solve(bg, 4, microbatches=8, link_bw_bytes_per_s=50e9, time_limit_s=60, gap=0.0)
+    assert exact.step_gap == 0 and plan.step_time_s <= exact.step_time_s * 1.01
+
+
+@pytest.mark.parametrize("gap", [-0.01, 1.0, 5.0])
+def test_gap_outside_0_to_100_percent_is_refused(gap):
+    with pytest.raises(PlanError, match="outside 0-100%"):
+        solve(synthetic_chain(8), 2, gap=gap)

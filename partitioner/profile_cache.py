@@ -1,0 +1,150 @@
+"""On-disk cache of what capture and profiling produce for a model (AnnotatedGraph, NodeCosts).
+
+A second plan of the same model with other --devices / --memory / --microbatches (same
+microbatch shape) reads them back instead of capturing and profiling again. The key is
+computed without capturing (capture is half of what it saves): the model's module tree
+(classes, their source, their plain attributes, extra_repr), its parameters' and buffers'
+names, shapes and dtypes, the example inputs' shapes and dtypes, the loss, the cost options
+(device spec, dtype, optimizer), and the versions of torch, transformers and of this
+package's capture and cost-model sources. An entry is one file in cost_models.time.cache_dir():
+a SHA-256 of its payload, a newline, then the payload (torch.save of the dataclasses); an
+entry whose hash does not match (truncated, flipped bytes, half written) is never used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+log = logging.getLogger(__name__)
+
+_FORMAT = "profile-cache-v1"
+# sources whose change changes what capture/annotate/profile produce
+_SOURCES = ("passes/capture.py", "passes/annotate.py", "cost_models/profile.py", "cost_models/flops.py",
+            "cost_models/memory.py", "cost_models/time.py", "cost_models/loss.py", "cost_models/device.py",
+            "cost_models/node_costs.py")
+_PLAIN = (bool, int, float, str, type(None))
+
+
+@dataclasses.dataclass
+class CachedProfile:
+    """What planning needs from capture and profiling: per-node facts and costs (and the loss's)."""
+
+    annotated: Any  # passes.annotate.AnnotatedGraph
+    costs: Any  # cost_models.node_costs.NodeCosts
+    loss_costs: Any = None  # NodeCosts of the loss, or None
+
+
+def _code_version() -> str:
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in _SOURCES:
+        try:
+            h.update((root / rel).read_bytes())
+        except OSError:
+            h.update(rel.encode())
+    return h.hexdigest()
+
+
+def _class_source(cls: type, seen: dict[type, str]) -> str:
+    if cls not in seen:
+        try:
+            seen[cls] = hashlib.sha256(inspect.getsource(cls).encode()).hexdigest()
+        except (OSError, TypeError):
+            seen[cls] = f"{cls.__module__}.{cls.__qualname__}"
+    return seen[cls]
+
+
+def _tensor_facts(value: Any) -> list:
+    return [(tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else repr(x)
+            for x in pytree.tree_leaves(value)]
+
+
+def model_key(model: torch.nn.Module, args: tuple, kwargs: dict, *, device_spec: Any, optimizer: str,
+              options: tuple = (), loss_fn: Any = None, target: Any = None) -> str:
+    """Hex key of everything capture and profile(model, one microbatch of inputs) depend on;
+    options: the other planning options they read (cost dtype, mixed precision, compiled)."""
+    h = hashlib.sha256()
+    sources: dict[type, str] = {}
+
+    def add(*parts: Any) -> None:
+        h.update(repr(parts).encode())
+
+    add(_FORMAT, torch.__version__, _code_version())
+    try:
+        import transformers
+        add(transformers.__version__)
+    except ImportError:
+        pass
+    for name, module in model.named_modules(remove_duplicate=False):
+        attrs = sorted((k, v) for k, v in vars(module).items() if isinstance(v, _PLAIN) and not k.startswith("_"))
+        add(name, type(module).__qualname__, _class_source(type(module), sources), module.extra_repr(), attrs)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        add(config.to_json_string())
+    first: dict[int, str] = {}  # tied parameters: the first name of their tensor
+    for name, t in model.named_parameters(remove_duplicate=False):
+        add(name, tuple(t.shape), str(t.dtype), t.requires_grad, first.setdefault(id(t), name))
+    for name, t in model.named_buffers(remove_duplicate=False):
+        add(name, tuple(t.shape), str(t.dtype))
+    add(_tensor_facts((args, kwargs)), pytree.tree_structure((args, kwargs)))
+    spec = dataclasses.asdict(device_spec) if dataclasses.is_dataclass(device_spec) else repr(device_spec)
+    add(spec, optimizer, options)
+    if loss_fn is not None:
+        fn = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
+        try:
+            src = inspect.getsource(loss_fn)
+        except (OSError, TypeError):
+            src = ""
+        add(fn, src, _tensor_facts(target))
+    return h.hexdigest()[:40]
+
+
+def cache_path(key: str) -> Path:
+    from cost_models.time import cache_dir
+
+    return cache_dir() / "profiles" / f"{key}.pt"
+
+
+def load(key: str) -> CachedProfile | None:
+    """The entry of `key`, or None when there is none or it is corrupt (then it is removed)."""
+    path = cache_path(key)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    digest, _, payload = data.partition(b"\n")
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        log.warning("profile cache entry %s is corrupt (hash mismatch): recomputing it", path.name)
+        path.unlink(missing_ok=True)
+        return None
+    try:
+        entry = torch.load(io.BytesIO(payload), weights_only=False)
+    except Exception as e:  # an entry from an incompatible version of the classes
+        log.warning("profile cache entry %s cannot be read (%s): recomputing it", path.name, e)
+        path.unlink(missing_ok=True)
+        return None
+    return entry if isinstance(entry, CachedProfile) else None
+
+
+def store(key: str, entry: CachedProfile) -> None:
+    """Write the entry atomically (a temporary file renamed over it); a failure only logs."""
+    buf = io.BytesIO()
+    torch.save(entry, buf)
+    payload = buf.getvalue()
+    path = cache_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("cannot write the profile cache %s: %s", path, e)
