@@ -21,6 +21,7 @@ SUITE: list[tuple[str, str, list[str], list[str], bool]] = [
     ("capture", "benchmarks.capture", [], [], False),
     ("solve_time", "benchmarks.solve_time", ["--blocks", "100", "1000", "--stages", "4", "16"],
      ["--blocks", "50", "200", "500", "1000", "--stages", "4", "8", "16", "--chunks", "1", "2"], False),
+    ("plan_time", "benchmarks.plan_time", ["--only", "gpt2-xl"], ["--repeats", "3"], False),
     ("plan_quality", "benchmarks.plan_quality", ["--models", "gpt2-xl", "cnn", "--ranks", "4"], [], False),
     ("executor_vs_torch", "benchmarks.executor_vs_torch", ["--quick"], ["--quick"], False),
     ("executor_vs_torch_1proc", "benchmarks.executor_vs_torch", ["--quick", "--mode", "one-process"],

@@ -615,6 +615,7 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
         # gpt2-xl plan at p = 8 as 2 s)
         refine_time_s = min(2.0 if gap == 0 else 0.5, time_limit_s / 4) if exact_follows else 0.7 * time_limit_s
     t0 = time.perf_counter()
+    _check_parameter_share(bg, p, v, m, schedule, memory_cap_bytes, time_limit_s, workers)
     from partitioner.baselines import BASELINES, baseline_assignment
     bw, cap = link_bw_bytes_per_s, memory_cap_bytes
     dp_split = chain_dp_split(bg, p, v, m, schedule, bw, cap)
@@ -724,6 +725,28 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     plan.gap_limit, plan.time_limit_s = gap, time_limit_s
     plan.solve_time_s = time.perf_counter() - t0
     return plan
+
+
+def _check_parameter_share(bg, p: int, v: int, m: int, schedule: str, cap: int | None, time_limit_s: float,
+                           workers: int | None) -> None:
+    """PlanError at once when the parameters' training state alone, spread evenly, exceeds the cap:
+    no split fits, and on a large model the ILP would spend the whole time limit finding that out.
+    The message gives the smallest memory that fits where the memory ILP finds it within a fifth of
+    the time limit, else the even share as a lower bound."""
+    if cap is None:
+        return
+    share = (sum(b.param_state_bytes for b in bg.blocks) + sum(s.state_bytes for s in bg.shared_params)) / p
+    if share <= cap:
+        return
+    try:
+        need, exact = min_memory_bytes(bg, p, v, m, schedule, time_limit_s / 5, workers)
+        least = f"{'' if exact else 'at most '}{_gib(need)}"
+    except PlanError:
+        least = f"at least {_gib(share)} (parameters, gradients and optimizer states alone, over {p} devices)"
+    raise PlanError(f"memory cap {_gib(cap)} per device is too small: no split into {p * v} stages fits; the "
+                    f"smallest per-device memory that fits is {least} ({schedule}, {m} microbatches). "
+                    "Raise the cap (--memory / memory=), add devices, or use fewer microbatches in flight "
+                    "(1f1b instead of gpipe), bf16 (--dtype bf16) or a lighter optimizer (--optimizer sgd)")
 
 
 def _first_within(target_s: float, polished) -> tuple[list[int], float]:

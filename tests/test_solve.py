@@ -327,3 +327,12 @@ def test_stops_once_proven_within_the_gap():
 def test_gap_outside_0_to_100_percent_is_refused(gap):
     with pytest.raises(PlanError, match="outside 0-100%"):
         solve(synthetic_chain(8), 2, gap=gap)
+
+
+def test_parameters_over_the_cap_are_refused_at_once():
+    """Parameters alone over the cap on every split: the error comes before any search, with the least memory."""
+    bg = synthetic_block_graph([1.0] * 64, None, [1 << 30] * 64, [1 << 20] * 64)
+    t0 = time.perf_counter()
+    with pytest.raises(PlanError, match=r"smallest per-device memory that fits is .*GiB"):
+        solve(bg, 8, 2, microbatches=16, memory_cap_bytes=4 << 30, time_limit_s=30)
+    assert time.perf_counter() - t0 < 5

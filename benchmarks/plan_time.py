@@ -1,0 +1,79 @@
+"""Wall time of `partitioner plan` end to end, as a user runs it (a subprocess: imports included).
+
+    python -m benchmarks.plan_time                 # gpt2-xl cold and warm, llama-70b --chunks 2
+    python -m benchmarks.plan_time --repeats 3     # best of 3 per row
+
+Rows: `partitioner plan gpt2-xl --devices 8` with an empty cache directory (PARTITIONER_CACHE:
+capture and profiling run), then again with the cache that run left (warm: both are read back),
+then with --devices 4 (warm: another pipeline of the same microbatch shape), and `partitioner
+plan llama-70b --devices 8 --chunks 2` cold. Each row keeps the best of --repeats runs (a shared
+machine adds noise, never removes it) and the search's line ("search: proven within ...").
+Writes benchmarks/results/plan_time.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks.common import print_table, write_result
+
+ROWS = [  # (name, argv after `partitioner plan`, cache: "cold" empties it before every run, "warm" keeps it)
+    ("gpt2-xl p=8 cold", ["gpt2-xl", "--devices", "8"], "cold"),
+    ("gpt2-xl p=8 warm", ["gpt2-xl", "--devices", "8"], "warm"),
+    ("gpt2-xl p=4 warm", ["gpt2-xl", "--devices", "4"], "warm"),
+    ("llama-70b p=8 v=2 cold", ["llama-70b", "--devices", "8", "--chunks", "2"], "cold"),
+]
+
+
+def plan_once(argv: list[str], cache: str) -> tuple[float, int, str]:
+    """(seconds, exit code, the search's line or the error) of one `partitioner plan` subprocess."""
+    env = dict(os.environ, PARTITIONER_CACHE=cache)
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "partitioner.cli", "plan", *argv], env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    lines = [line for line in done.stdout.splitlines() if line.startswith("search: ")]
+    return wall, done.returncode, (lines[-1] if lines else done.stderr.strip().splitlines()[-1:] or [""])[0]
+
+
+def run(repeats: int, only: list[str] | None = None) -> list[dict]:
+    rows = []
+    cache = tempfile.mkdtemp(prefix="plan_time_")
+    try:
+        for name, argv, mode in ROWS:
+            if only and not any(o in name for o in only):
+                continue
+            walls = []
+            for _ in range(repeats):
+                if mode == "cold":
+                    shutil.rmtree(cache, ignore_errors=True)
+                    os.makedirs(cache)
+                wall, code, search = plan_once(argv, cache)
+                walls.append(wall)
+                print(f"{name}: {wall:.1f} s (exit {code}) {search}", flush=True)
+            rows.append({"run": name, "command": "partitioner plan " + " ".join(argv), "cache": mode,
+                         "best_s": min(walls), "runs_s": [round(w, 2) for w in walls], "exit": code,
+                         "search": search})
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=1, help="runs per row; the best is kept (default 1)")
+    parser.add_argument("--only", nargs="*", help="rows whose name contains one of these (e.g. gpt2-xl)")
+    args = parser.parse_args()
+    rows = run(args.repeats, args.only)
+    print_table("partitioner plan, end to end (subprocess, imports included)", rows)
+    path = write_result("plan_time", rows, {"cpu_threads": os.cpu_count()})
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
