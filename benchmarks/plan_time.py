@@ -38,7 +38,8 @@ def plan_once(argv: list[str], cache: str) -> tuple[float, int, str]:
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     lines = [line for line in done.stdout.splitlines() if line.startswith("search: ")]
-    return wall, done.returncode, (lines[-1] if lines else done.stderr.strip().splitlines()[-1:] or [""])[0]
+    lines = lines or [line for line in done.stderr.splitlines() if line.strip()] or [""]
+    return wall, done.returncode, lines[-1]
 
 
 def run(repeats: int, only: list[str] | None = None) -> list[dict]:

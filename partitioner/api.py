@@ -50,7 +50,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
                      time_limit_s: float = 10.0, timeout_s: float = 300.0,
                      example_target: Any = None, compile: bool | dict | None = None,
                      mixed_precision: str | None = None, init_fn: Callable[[torch.nn.Module], None] | None = None,
-                     checkpoint: str | os.PathLike | None = None) -> "ParallelModel":
+                     checkpoint: str | os.PathLike | None = None, gap: float = 0.01) -> "ParallelModel":
     """Partition `model` over `devices` and return a ParallelModel that trains it.
 
     example_inputs / example_kwargs: the GLOBAL batch, as model(*example_inputs, **example_kwargs);
@@ -63,7 +63,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
         with this host's dispatch speed measured; the calibrated CPU on CPU); time_limit_s: solver time;
         example_target: a target of the global batch, as train_step will get it: the plan then
         counts the loss's time and memory on the last stage, e.g. a cross-entropy's fp32
-        log-probabilities over the vocabulary).
+        log-probabilities over the vocabulary); gap: the search stops once the plan is proven
+        within this fraction of a lower bound (time_limit_s stays the upper limit).
     timeout_s: how long a rank waits for a peer before raising RuntimeConfigError.
     compile: run every stage graph (and loss_fn) through torch.compile (inductor). None (default): on
         for CUDA devices, off on CPU; True / False; or a dict of torch.compile options (e.g.
@@ -113,7 +114,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
         if plan is None:
             plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
                                    memory, device_type, time_limit_s, rank, devices, loss_fn, example_target,
-                                   mixed_precision, options is not None)
+                                   mixed_precision, options is not None, gap)
         else:
             captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     except CaptureError as err:
@@ -516,7 +517,8 @@ def _first_microbatch(args: tuple, kwargs: dict, microbatches: int) -> tuple[tup
 def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_kwargs: dict, p: int, chunks: int,
           schedule: str, microbatches: int, memory: int | str | None, device_type: str | DeviceSpec | None,
           time_limit_s: float, rank: int | None, devices: list[torch.device], loss_fn: Callable[[Any, Any], Any],
-          example_target: Any, mixed_precision: str | None, compiled: bool) -> tuple[Plan, Captured]:
+          example_target: Any, mixed_precision: str | None, compiled: bool,
+          gap: float = 0.01) -> tuple[Plan, Captured]:
     """Plan on rank 0 (the solver is not deterministic across processes) and share the plan."""
     if rank is None or rank == 0:
         from partitioner.planner import PlanConfig, plan_model
@@ -530,7 +532,7 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
                 device_type = spec_for_torch_device(devices[0])  # this GPU, this host's dispatch speed
         config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=microbatches,
                             memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s,
-                            dtype=None, mixed_precision=mixed_precision, compiled=compiled)
+                            dtype=None, mixed_precision=mixed_precision, compiled=compiled, gap=gap)
         result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target)
         plan, captured = result.plan, result.captured
     if rank is None:
