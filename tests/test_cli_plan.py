@@ -193,8 +193,9 @@ def test_default_batch_is_rounded_up_to_the_microbatches(capsys):
     assert code == 0 and "using --batch 9" in err
 
 
-def test_plan_says_what_the_search_proved(capsys):
-    code, out, err = run(capsys, MODEL, "--devices", "2", "--microbatches", "4", "--time-limit", "30")
-    assert code == 0, err
-    assert any(line.startswith("proven within ") and "of the best possible in" in line
-               for line in out.splitlines()), out
+def test_summary_says_proven_within_the_gap_or_stopped_at_the_time_limit():
+    plan = _plan()
+    plan.step_lower_bound_s, plan.gap_limit, plan.solve_time_s = plan.step_time_s * 0.992, 0.01, 1.2
+    assert "proven within 0.8% of the best possible in 1.2 s" in summary_lines(plan)
+    plan.step_lower_bound_s, plan.time_limit_s, plan.solve_time_s = plan.step_time_s * 0.97, 10.0, 10.1
+    assert "stopped at the time limit (10 s) with a gap of 3.0%" in summary_lines(plan)
