@@ -7,7 +7,7 @@ Rows: `partitioner plan gpt2-xl --devices 8` with an empty cache directory (PART
 capture and profiling run), then again with the cache that run left (warm: both are read back),
 then with --devices 4 (warm: another pipeline of the same microbatch shape), and `partitioner
 plan llama-70b --devices 8 --chunks 2` cold. Each row keeps the best of --repeats runs (a shared
-machine adds noise, never removes it) and the search's line ("search: proven within ...").
+machine adds noise, never removes it) and the search's line ("proven within ...").
 Writes benchmarks/results/plan_time.json.
 """
 from __future__ import annotations
@@ -30,6 +30,9 @@ ROWS = [  # (name, argv after `partitioner plan`, cache: "cold" empties it befor
 ]
 
 
+SEARCH_LINES = ("search ", "proven within", "stopped at the time limit")  # report.search_line's openings
+
+
 def plan_once(argv: list[str], cache: str) -> tuple[float, int, str]:
     """(seconds, exit code, the search's line or the error) of one `partitioner plan` subprocess."""
     env = dict(os.environ, PARTITIONER_CACHE=cache)
@@ -37,7 +40,7 @@ def plan_once(argv: list[str], cache: str) -> tuple[float, int, str]:
     done = subprocess.run([sys.executable, "-m", "partitioner.cli", "plan", *argv], env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    lines = [line for line in done.stdout.splitlines() if line.startswith("search: ")]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(SEARCH_LINES)]
     lines = lines or [line for line in done.stderr.splitlines() if line.strip()] or [""]
     return wall, done.returncode, lines[-1]
 

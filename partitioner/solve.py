@@ -71,6 +71,12 @@ every valid plan within the cap, and a faster plan where it finds one
 exact search's where it finished). time_limit_s bounds the whole of solve():
 building, solving, the polish, the exact search (at most EXACT_TIME_CAP_S of it)
 and the row generation (the rest, at most PATHS_TIME_CAP_S).
+
+gap (default 1%) ends the search early once the plan is proven within it: it is
+CP-SAT's relative gap limit; for 1f1b on paths the polish stops at a plan within
+it of pipeline_bound_s (known before the polish) and the exact search is skipped
+then, else it drops partial splits whose bound is within it of the best; the row
+generation stops within it. Where no bound comes that close, time_limit_s ends it.
 """
 from __future__ import annotations
 
