@@ -202,7 +202,8 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
     return PlanConfig(num_ranks=args.devices, chunks=args.chunks, microbatches=args.microbatches,
                       schedule=args.schedule, memory_cap_bytes=parse_bytes(args.memory) if args.memory else None,
                       device_type=args.device_type, dtype=args.dtype, optimizer=args.optimizer, depth=args.depth,
-                      time_limit_s=args.time_limit, gap=args.gap / 100, batch=args.batch, seq=args.seq, compare=args.compare,
+                      time_limit_s=args.time_limit, gap=args.gap / 100, batch=args.batch, seq=args.seq,
+                      compare=args.compare,
                       mixed_precision=getattr(args, "mixed_precision", None), compiled=getattr(args, "compile", False))
 
 
