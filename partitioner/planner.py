@@ -114,6 +114,9 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     step = on_step or (lambda msg: None)
     schedule, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
     check_gap(config.gap)
+    if config.mixed_precision and config.dtype not in (None, "float32"):
+        raise PlanError(f"--mixed-precision {config.mixed_precision} keeps the parameters in float32: leave "
+                        f"--dtype at float32 (it was {config.dtype})")
     if config.dtype is not None and config.dtype not in DTYPES:
         raise PlanError(f"unknown dtype {config.dtype!r}: use one of {', '.join(DTYPES)}")
     args, kwargs = microbatch_inputs(example_args, example_kwargs, m)

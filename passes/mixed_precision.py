@@ -41,6 +41,11 @@ def compute_dtype(mixed_precision: str | torch.dtype | None) -> torch.dtype | No
 
 def capture_mixed(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -> Captured:
     """capture() of `model` computing in `dtype` with its parameters and inputs kept as they are."""
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    if floats and all(d == dtype for d in floats):
+        raise CaptureError(f"mixed_precision keeps the parameters in fp32 and computes in {dtype}, but "
+                           f"{type(model).__name__}'s parameters are {dtype} already: build the model in fp32, "
+                           "or drop mixed_precision to train it in its own dtype.")
     leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     cast_leaves = [x.to(dtype) if _castable(x, dtype) else x for x in leaves]
     cast_args, cast_kwargs = pytree.tree_unflatten(cast_leaves, spec)

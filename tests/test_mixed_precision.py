@@ -93,3 +93,15 @@ def test_the_plan_follows_the_model_dtype_and_mixed_precision():
     assert sum(bf16.plan.rank_param_bytes) * 2 == sum(fp32.plan.rank_param_bytes)
     assert sum(mixed.plan.rank_param_bytes) == sum(fp32.plan.rank_param_bytes)  # fp32 masters
     assert sum(bf16.plan.stage_saved_bytes) < sum(fp32.plan.stage_saved_bytes)  # bf16 activations
+
+
+def test_a_model_already_in_bf16_or_a_bf16_dtype_is_refused():
+    zm = build("mlp")
+    zm.model.to(torch.bfloat16)
+    with pytest.raises(CaptureError, match="parameters are torch.bfloat16 already"):
+        capture_for_training(zm.model, (zm.example_args[0][:1].to(torch.bfloat16),), {}, "bf16")
+    from partitioner.errors import PlanError
+    from partitioner.planner import PlanConfig, plan_model
+    with pytest.raises(PlanError, match="leave --dtype at float32"):
+        plan_model(build("mlp").model, build("mlp").example_args, None,
+                   PlanConfig(num_ranks=2, dtype="bfloat16", mixed_precision="bf16"))
