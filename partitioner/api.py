@@ -523,7 +523,7 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
     if rank is None or rank == 0:
         from partitioner.planner import PlanConfig, plan_model
         if isinstance(memory, str):
-            from partitioner.report import parse_bytes
+            from partitioner.plan_command import parse_bytes
             memory = parse_bytes(memory)
         if device_type is None:
             device_type = "cpu" if devices[0].type == "cpu" else "h100"

@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             from partitioner.zoo import print_models
             print_models()
         elif args.command == "profile":
-            from cost_models.report import run_profile
+            from cost_models.profile_command import run_profile
             run_profile(args)
         elif args.command == "plan":
-            from partitioner.report import run_plan
+            from partitioner.plan_command import run_plan
             run_plan(args)
     except PartitionerError as e:
         print(f"partitioner {args.command}: error: {e}", file=sys.stderr)

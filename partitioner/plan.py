@@ -32,7 +32,7 @@ class Plan:
     memory cap (the exact split search's or critical-path row generation's; 0 when not known).
     model, device, device_mem_bytes, version: what was planned, the DeviceSpec the costs assume
     and the partitioner version that planned it (for a plan read back from JSON later).
-    str(plan) is a summary of a few lines; partitioner.report.print_plan(plan) prints the full table.
+    str(plan) is a summary of a few lines; partitioner.plan_command.print_plan(plan) prints the full table.
     """
 
     num_ranks: int
@@ -86,7 +86,7 @@ class Plan:
 
     def __repr__(self) -> str:
         """A few lines: shape, step time, memory per rank (the full table: report.print_plan)."""
-        from partitioner.report import plan_summary
+        from partitioner.plan_command import plan_summary
         return plan_summary(self)
 
     __str__ = __repr__

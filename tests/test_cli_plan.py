@@ -7,11 +7,11 @@ import pytest
 import torch
 from rich.console import Console
 
-import partitioner.report
+import partitioner.plan_command
 from partitioner.cli import main
 from partitioner.errors import PartitionerError
 from partitioner.plan import Plan
-from partitioner.report import parse_bytes, plan_table, print_plan, summary_lines
+from partitioner.plan_command import parse_bytes, plan_table, print_plan, summary_lines
 
 MODEL = "tests.test_cli_plan:tiny_model"
 
@@ -100,7 +100,7 @@ def no_solve(monkeypatch):
     """The checks must come before the model is loaded and planned."""
     def fail(*args, **kwargs):
         raise AssertionError("planned before the arguments were checked")
-    monkeypatch.setattr(partitioner.report, "plan_model", fail)
+    monkeypatch.setattr(partitioner.plan_command, "plan_model", fail)
 
 
 @pytest.mark.parametrize("flag,path,match", [
@@ -123,7 +123,7 @@ def test_read_only_folder_fails_before_the_solve(capsys, tmp_path, no_solve, mon
 def test_seq_beyond_the_context_prints_a_note(capsys, monkeypatch):
     def stop(*args, **kwargs):
         raise PartitionerError("stopped before loading")
-    monkeypatch.setattr("cost_models.report.load_model_spec", stop)
+    monkeypatch.setattr("cost_models.profile_command.load_model_spec", stop)
     code, out, err = run(capsys, "gpt2", "--devices", "2", "--seq", "4096")
     assert code == 2 and "gpt2 has a context of 1024 positions; --seq 4096 enlarges its position table" in \
         " ".join(err.split())

@@ -136,7 +136,7 @@ def run_profile(args: argparse.Namespace) -> None:
 
     from cost_models.device import get_device_spec, spec_for_torch_device
     from cost_models.profile import module_costs, profile
-    from partitioner.report import check_output_paths
+    from partitioner.plan_command import check_output_paths
     from partitioner.zoo import context_note
     from passes.annotate import annotate
     from passes.capture import capture

@@ -11,7 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from cost_models.report import human_bytes
+from cost_models.profile_command import human_bytes
 from partitioner.errors import PlanError
 from partitioner.microbatch import batch_size
 from partitioner.plan import Plan
@@ -180,7 +180,7 @@ def plan_summary(plan: Plan, max_ranks: int = 8) -> str:
         lines.append(line)
     if plan.num_ranks > max_ranks:
         lines.append(f"  ... {plan.num_ranks - max_ranks} more ranks")
-    lines.append("full table: partitioner.report.print_plan(plan)")
+    lines.append("full table: partitioner.plan_command.print_plan(plan)")
     return "\n".join(lines)
 
 
@@ -234,7 +234,7 @@ def check_output_paths(json_path: str | None, timeline: str | None) -> None:
 def run_plan(args: argparse.Namespace) -> None:
     """The `partitioner plan` command."""
     from cost_models.device import get_device_spec
-    from cost_models.report import load_model_spec
+    from cost_models.profile_command import load_model_spec
     from partitioner.plan import check_config, check_gap
     from partitioner.zoo import context_note
 
