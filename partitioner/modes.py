@@ -23,7 +23,7 @@ import torch
 from partitioner.errors import RuntimeConfigError
 from partitioner.plan import Plan
 from partitioner.planner import capture_for_training
-from passes.capture import Captured
+from passes.capture import Captured, get_attr, set_attr
 from passes.split import StageModule, place_on_device, split
 from runtime.comm_plan import build_comm_plan, forward_only
 from runtime.compiled import compile_stages
@@ -91,19 +91,19 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
         model.train(was)
     stages = split(captured, plan_like(captured, pm.captured, pm.plan))
     local_ranks = list(range(pm.plan.num_ranks)) if pm.rank is None else [pm.rank]
-    tensor_of = {(fqn, st.rank): _get(st.graph_module, fqn) for st in pm.stages if st.rank in local_ranks
+    tensor_of = {(fqn, st.rank): get_attr(st.graph_module, fqn) for st in pm.stages if st.rank in local_ranks
                  for fqn in [*st.params, *st.buffers]}
     stage_device = {st.stage: pm.devices[st.rank] for st in stages}
     for st in stages:
         if st.rank in local_ranks:
             for fqn in [*st.params, *st.buffers]:
                 if (fqn, st.rank) not in tensor_of:  # read in this mode only: a constant of the new capture
-                    src = _get(captured.graph_module, fqn)
+                    src = get_attr(captured.graph_module, fqn)
                     if src.device.type == "meta":
                         raise RuntimeConfigError(f"ParallelModel.{'train' if training else 'eval'}: '{fqn}' is read "
                                                  "only in this mode and is on the meta device; materialise it.")
                     tensor_of[(fqn, st.rank)] = src.detach().to(stage_device[st.stage])
-                _set(st.graph_module, fqn, tensor_of[(fqn, st.rank)])
+                set_attr(st.graph_module, fqn, tensor_of[(fqn, st.rank)])
         place_on_device(st, stage_device[st.stage])
     sched = pm.executor.schedule
     local = [st.stage for st in stages if st.rank in local_ranks]
@@ -149,13 +149,3 @@ def plan_like(captured: Captured, planned: Captured, plan: Plan) -> Plan:
     return replace(plan, node_stage={n.name: k for n, k in stage_of.items()})
 
 
-def _get(root: torch.nn.Module, fqn: str) -> Any:
-    obj: Any = root
-    for part in fqn.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set(root: torch.nn.Module, fqn: str, value: torch.Tensor) -> None:
-    prefix, _, name = fqn.rpartition(".")
-    setattr(root.get_submodule(prefix) if prefix else root, name, value)

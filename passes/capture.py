@@ -248,9 +248,9 @@ def _inline_region_ops(gm: torch.fx.GraphModule) -> None:
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in hops:
                 continue
-            i, sub = next((i, _get_attr(gm, a.target)) for i, a in enumerate(node.args)
+            i, sub = next((i, get_attr(gm, a.target)) for i, a in enumerate(node.args)
                           if isinstance(a, torch.fx.Node) and a.op == "get_attr"
-                          and isinstance(_get_attr(gm, a.target), torch.fx.GraphModule))
+                          and isinstance(get_attr(gm, a.target), torch.fx.GraphModule))
             grad_off = node.target.__name__ == "wrap_with_set_grad_enabled" and not node.args[0]
             sub_ph = [n for n in sub.graph.nodes if n.op == "placeholder"]
             val_map = dict(zip(sub_ph, node.args[i + 1:]))
@@ -348,7 +348,7 @@ def _fake_propagate(gm: torch.fx.GraphModule, leaves: list[Any], const: dict[int
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
     for node in gm.graph.nodes:
         if node.op == "get_attr" and "val" not in node.meta:
-            node.meta["val"] = mode.from_tensor(_get_attr(gm, node.target))
+            node.meta["val"] = mode.from_tensor(get_attr(gm, node.target))
 
 
 def _child_spec(spec: pytree.TreeSpec, i: int) -> pytree.TreeSpec:
@@ -356,11 +356,18 @@ def _child_spec(spec: pytree.TreeSpec, i: int) -> pytree.TreeSpec:
     return spec.child(i) if hasattr(spec, "child") else spec.children_specs[i]
 
 
-def _get_attr(root: torch.nn.Module, target: str) -> Any:
+def get_attr(root: torch.nn.Module, fqn: str) -> Any:
+    """The attribute at dotted path `fqn` of `root` (how get_attr nodes name parameters and buffers)."""
     obj: Any = root
-    for part in target.split("."):
+    for part in fqn.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def set_attr(root: torch.nn.Module, fqn: str, value: torch.Tensor) -> None:
+    """Put `value` at dotted path `fqn` of `root` (a Parameter registers as one, a tensor as a buffer)."""
+    prefix, _, name = fqn.rpartition(".")
+    setattr(root.get_submodule(prefix) if prefix else root, name, value)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -24,7 +24,7 @@ import torch.fx
 
 from partitioner.errors import PlanError
 from partitioner.plan import Plan
-from passes.capture import Captured
+from passes.capture import Captured, get_attr
 
 USER_INPUT = -1  # StageModule.input_sources value of a user input
 
@@ -143,7 +143,7 @@ def split(captured: Captured, plan: Plan) -> list[StageModule]:
             for n in sent:
                 meta[n.name] = _meta(n, grad[n])
         stage_gm = torch.fx.GraphModule(gm, new, class_name=f"Stage{k}")
-        params = [n.target for n in attrs if isinstance(_get_attr(gm, n.target), torch.nn.Parameter)]
+        params = [n.target for n in attrs if isinstance(get_attr(gm, n.target), torch.nn.Parameter)]
         stages.append(StageModule(
             stage=k, rank=plan.stage_rank[k], graph_module=stage_gm,
             inputs=[n.name for n in ins], input_sources=sources,
@@ -202,7 +202,7 @@ def _requires_grad(nodes: list[torch.fx.Node], gm: torch.fx.GraphModule,
     grad: dict[torch.fx.Node, bool] = {}
     for n in nodes:
         if n.op == "get_attr":
-            attr = _get_attr(gm, n.target)
+            attr = get_attr(gm, n.target)
             dep = isinstance(attr, torch.nn.Parameter) and attr.requires_grad
         else:
             dep = any(grad.get(i, False) for i in n.all_input_nodes)
@@ -234,11 +234,6 @@ def _mutated(own: list[torch.fx.Node], inputs: set[torch.fx.Node]) -> set[str]:
     return out
 
 
-def _get_attr(root: torch.nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # ---------------------------------------------------------------------- plans by cutting the node order

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
+from passes.capture import get_attr, set_attr
 from passes.split import USER_INPUT, StageModule
 from partitioner.errors import RuntimeConfigError
 from runtime.comm_plan import CommPlan, build_comm_plan, forward_only
@@ -230,7 +231,7 @@ class ParameterStore:
                     if src.device.type == "meta":
                         self.from_meta.add(fqn)
                     self.replicas.setdefault(fqn, []).append(made[key])
-                _set_attr(st.graph_module, fqn, made[key])
+                set_attr(st.graph_module, fqn, made[key])
         covered = {n for fqn in self.holders for n in _all_names(model, captured, fqn, names_of)}
         self.unused = {k: _materialise(v, torch.device("cpu") if v.is_meta else v.device, False)
                        for k, v in model_state.items() if k not in covered} if 0 in local_ranks else {}
@@ -343,10 +344,7 @@ def _source(model: torch.nn.Module, captured, fqn: str) -> torch.Tensor:
             return getter(fqn)
         except (AttributeError, KeyError):
             continue
-    obj: Any = captured.graph_module
-    for part in fqn.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return get_attr(captured.graph_module, fqn)
 
 
 def _all_names(model, captured, fqn: str, names_of: dict[int, list[str]]) -> list[str]:
@@ -362,6 +360,3 @@ def _materialise(src: torch.Tensor, device: torch.device, is_param: bool) -> tor
     return torch.nn.Parameter(t, requires_grad=src.requires_grad) if is_param else t
 
 
-def _set_attr(root: torch.nn.Module, fqn: str, value: torch.Tensor) -> None:
-    prefix, _, name = fqn.rpartition(".")
-    setattr(root.get_submodule(prefix) if prefix else root, name, value)
