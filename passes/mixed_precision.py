@@ -24,7 +24,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
-from passes.capture import Captured, capture
+from passes.capture import Captured, capture, set_attr
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -71,8 +71,9 @@ def _parameters_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[dict[
             for name, p in list(module._parameters.items()):
                 if p is None or not _castable(p, dtype):
                     continue
-                if id(p) not in stand_in:
-                    stand_in[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+                if id(p) not in stand_in:  # tracing reads shapes and dtypes, never values: no cast copy
+                    stand_in[id(p)] = torch.nn.Parameter(torch.empty_like(p, dtype=dtype),
+                                                         requires_grad=p.requires_grad)
                 module._parameters[name] = stand_in[id(p)]
                 swapped.append((module, name, p))
                 originals[f"{prefix}.{name}" if prefix else name] = p
@@ -91,11 +92,10 @@ def _read_through_casts(captured: Captured, originals: dict[str, torch.nn.Parame
     for node in list(graph.nodes):
         if node.op == "get_attr" and str(node.target) in originals:
             original = originals[str(node.target)]
-            _set_attr(gm, str(node.target), original)
+            set_attr(gm, str(node.target), original)
         elif node.op == "placeholder":
-            i = captured.input_leaf_indices[placeholders.index(node)] if captured.input_leaf_indices else \
-                placeholders.index(node)
-            original = leaves[i]
+            i = placeholders.index(node)
+            original = leaves[captured.input_leaf_indices[i] if captured.input_leaf_indices else i]
             if not _castable(original, dtype):
                 continue
         else:
@@ -118,12 +118,3 @@ def _read_through_casts(captured: Captured, originals: dict[str, torch.nn.Parame
 def _fake_mode_of(val: torch.Tensor):
     mode = getattr(val, "fake_mode", None)
     return mode if mode is not None else contextlib.nullcontext()
-
-
-def _set_attr(root: torch.nn.Module, fqn: str, value: torch.Tensor) -> None:
-    prefix, _, name = fqn.rpartition(".")
-    owner = root.get_submodule(prefix) if prefix else root
-    if name in owner._parameters:
-        owner._parameters[name] = value
-    else:
-        setattr(owner, name, value)
