@@ -13,6 +13,7 @@ raised as is.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -47,7 +48,6 @@ def compile_options(compile: bool | dict | None, devices: list[torch.device]) ->
 
 
 def _cxx_compiler() -> str | None:
-    import os
     return next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
 
 
