@@ -124,22 +124,21 @@ def make_plans(zm, args, precision: str, device: torch.device, p: int, rank: int
         if device.type == "cuda":
             from cost_models.device import spec_for_torch_device
             spec = spec_for_torch_device(device)
-        for key, schedule, chunks in (("1f1b", "1f1b", 1), ("interleaved", "interleaved-1f1b", args.chunks)):
-            for compiled in (False, True):
-                mode = "compiled" if compiled else "eager"
-                kinds = [k for k in ("ilp", "uniform") if f"ours-{mode}-{key}-{k}" in wanted]
-                if not kinds and "flops_per_microbatch" in plans:
-                    continue
-                config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=args.microbatches,
-                                    device_type=spec, dtype=None, mixed_precision=_mixed(precision),
-                                    time_limit_s=args.time_limit, compiled=compiled)
-                result = plan_model(zm.model, zm.example_args, zm.example_kwargs, config, loss_fn=zm.loss_fn,
-                                    example_target=zm.target)
-                plans[(key, "ilp", compiled)] = result.plan
-                plans[(key, "uniform", compiled)] = baseline_plan(
-                    result.block_graph, "uniform", p, chunks, args.microbatches, schedule,
-                    result.plan.memory_cap_bytes, result.plan.link_bw_bytes_per_s)
-                plans["flops_per_microbatch"] = result.costs.total("fwd_flops") + result.costs.total("bwd_flops")
+        needed = [(key, schedule, chunks, compiled)
+                  for key, schedule, chunks in (("1f1b", "1f1b", 1), ("interleaved", "interleaved-1f1b", args.chunks))
+                  for compiled in (False, True)
+                  if any(f"ours-{'compiled' if compiled else 'eager'}-{key}-{k}" in wanted for k in ("ilp", "uniform"))]
+        for key, schedule, chunks, compiled in needed or [("1f1b", "1f1b", 1, False)]:  # one plan gives the FLOPs
+            config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=args.microbatches,
+                                device_type=spec, dtype=None, mixed_precision=_mixed(precision),
+                                time_limit_s=args.time_limit, compiled=compiled)
+            result = plan_model(zm.model, zm.example_args, zm.example_kwargs, config, loss_fn=zm.loss_fn,
+                                example_target=zm.target)
+            plans[(key, "ilp", compiled)] = result.plan
+            plans[(key, "uniform", compiled)] = baseline_plan(
+                result.block_graph, "uniform", p, chunks, args.microbatches, schedule,
+                result.plan.memory_cap_bytes, result.plan.link_bw_bytes_per_s)
+            plans["flops_per_microbatch"] = result.costs.total("fwd_flops") + result.costs.total("bwd_flops")
     if rank is None:
         return plans
     box = [{k: (v.to_json() if hasattr(v, "to_json") else v) for k, v in plans.items()}]
