@@ -26,8 +26,8 @@ def measure(name: str, batch: int, seq: int | None) -> dict:
     """Build `name` on meta, capture and annotate it; times and this process's peak RSS."""
     t0 = time.perf_counter()
     from partitioner import zoo  # import time counted under build
-    from passes.annotate import annotate
-    from passes.capture import capture
+    from partitioner.passes.annotate import annotate
+    from partitioner.passes.capture import capture
 
     zm = zoo.build(name, batch=batch, seq=seq, device="meta")
     t1 = time.perf_counter()

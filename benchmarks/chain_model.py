@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 
 from partitioner.errors import PartitionerError
-from passes.annotate import annotate
-from passes.capture import capture
-from passes.split import plan_from_cuts, valid_cuts
+from partitioner.passes.annotate import annotate
+from partitioner.passes.capture import capture
+from partitioner.passes.split import plan_from_cuts, valid_cuts
 
 
 

@@ -30,14 +30,14 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from cost_models.device import spec_for_gpu_name, spec_for_torch_device
-from cost_models.flops import COMPUTE_OPS, trace_nodes
-from cost_models.memory import DtypeScale, saved_bytes_per_node, training_peak_bytes, value_bytes
-from cost_models.profile import default_measure_groups, layer_key, profile
-from cost_models.time import NodeTime, host_overheads_s, measure_block_times, step_walls_s
+from partitioner.cost_models.device import spec_for_gpu_name, spec_for_torch_device
+from partitioner.cost_models.flops import COMPUTE_OPS, trace_nodes
+from partitioner.cost_models.memory import DtypeScale, saved_bytes_per_node, training_peak_bytes, value_bytes
+from partitioner.cost_models.profile import default_measure_groups, layer_key, profile
+from partitioner.cost_models.time import NodeTime, host_overheads_s, measure_block_times, step_walls_s
 from partitioner import zoo
-from passes.annotate import annotate
-from passes.capture import capture
+from partitioner.passes.annotate import annotate
+from partitioner.passes.capture import capture
 
 from benchmarks.common import RESULTS_DIR, command_line, print_table, pyplot, save_figure, write_result
 

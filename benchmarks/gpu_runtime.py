@@ -36,12 +36,12 @@ import torch
 
 from benchmarks import common
 from benchmarks.common import print_table, pyplot, quantile, save_figure, timed, write_result
-from cost_models.profile import profile
-from cost_models.time import synchronize
+from partitioner.cost_models.profile import profile
+from partitioner.cost_models.time import synchronize
 from partitioner import zoo
 from partitioner.api import ParallelModel, compile_parallel
-from passes.capture import capture
-from passes.split import even_plan
+from partitioner.passes.capture import capture
+from partitioner.passes.split import even_plan
 
 MiB = 2 ** 20
 

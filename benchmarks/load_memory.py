@@ -77,8 +77,8 @@ def _rank(rank: int, method: str, path: str, port: int, out: str, batch: int, se
     import transformers
     from partitioner import compile_parallel, zoo
     from partitioner.materialise import meta_parameters
-    from passes.capture import capture
-    from passes.split import even_plan
+    from partitioner.passes.capture import capture
+    from partitioner.passes.split import even_plan
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -50,10 +50,10 @@ PATHS_EXTRA_S = 240.0  # default seconds more for a row whose plan is then still
 
 
 def profile_model(name: str, device: str):
-    from cost_models.profile import profile
+    from partitioner.cost_models.profile import profile
     from partitioner import zoo
-    from passes.annotate import annotate
-    from passes.capture import capture
+    from partitioner.passes.annotate import annotate
+    from partitioner.passes.capture import capture
 
     zm = zoo.build(name, batch=1, device="meta")
     cap = capture(zm.model, zm.example_args, zm.example_kwargs)
@@ -123,10 +123,10 @@ def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: fl
         memory_bound: bool = True, exact_budget_s: float = EXACT_BUDGET_S,
         microbatches_per_rank: tuple[int, ...] = (2,),
         paths_budget_s: float = PATHS_BUDGET_S, paths_extra_s: float = PATHS_EXTRA_S) -> tuple[list[dict], list[dict]]:
-    from cost_models.device import get_device_spec
+    from partitioner.cost_models.device import get_device_spec
     from partitioner.baselines import all_baselines
     from partitioner.solve import solve
-    from passes.coarsen import coarsen
+    from partitioner.passes.coarsen import coarsen
 
     bw = get_device_spec(device).intra_node_bw_bytes_per_s
     rows, capped = [], []

@@ -22,7 +22,7 @@ from benchmarks.common import RESULTS_DIR, print_table, pyplot, save_figure, wri
 
 
 def synthetic(n: int, seed: int = 0):
-    from passes.coarsen import synthetic_block_graph
+    from partitioner.passes.coarsen import synthetic_block_graph
 
     rng = random.Random(seed)
     times = [rng.uniform(0.5e-3, 2e-3) for _ in range(n)]

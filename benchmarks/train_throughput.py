@@ -122,7 +122,7 @@ def make_plans(zm, args, precision: str, device: torch.device, p: int, rank: int
     if rank in (None, 0):
         spec: Any = "cpu"
         if device.type == "cuda":
-            from cost_models.device import spec_for_torch_device
+            from partitioner.cost_models.device import spec_for_torch_device
             spec = spec_for_torch_device(device)
         needed = [(key, schedule, chunks, compiled)
                   for key, schedule, chunks in (("1f1b", "1f1b", 1), ("interleaved", "interleaved-1f1b", args.chunks))
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
     peak_flops = 0.0
     if device.type == "cuda":
-        from cost_models.device import spec_for_torch_device
+        from partitioner.cost_models.device import spec_for_torch_device
         peak_flops = spec_for_torch_device(device, calibrate_host=False).flops_per_s(torch.bfloat16)
     rows: list[dict] = []
     for model in args.models.split(","):

@@ -31,16 +31,16 @@ from partitioner.microbatch import batch_size, split_batch
 from partitioner.modes import ModeGraphs, ModeSource, build_mode, meta_skeleton
 from partitioner.plan import Plan
 from partitioner.planner import capture_for_training
-from passes.capture import Captured
-from passes.split import StageModule, place_on_device, split
-from runtime.comm_plan import build_comm_plan, forward_only
-from runtime.compiled import compile_options, compile_report, compile_stages, print_once
-from runtime.executor import Executor, ParameterStore, in_process_order
-from runtime.schedules import make_schedule, validate
-from runtime.transport import DistTransport, InProcessTransport
+from partitioner.passes.capture import Captured
+from partitioner.passes.split import StageModule, place_on_device, split
+from partitioner.runtime.comm_plan import build_comm_plan, forward_only
+from partitioner.runtime.compiled import compile_options, compile_report, compile_stages, print_once
+from partitioner.runtime.executor import Executor, ParameterStore, in_process_order
+from partitioner.runtime.schedules import make_schedule, validate
+from partitioner.runtime.transport import DistTransport, InProcessTransport
 
 if TYPE_CHECKING:
-    from cost_models.device import DeviceSpec
+    from partitioner.cost_models.device import DeviceSpec
 
 
 def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], example_inputs: tuple | Any,
@@ -497,7 +497,7 @@ def _fingerprint(model: torch.nn.Module, devices: list[torch.device], args: tupl
 def _split_hint(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | None) -> str:
     """Name the inputs besides the first that were cut into microbatches only because their dim 0
     happens to equal the batch size (e.g. a shared (T, T) mask with T == batch): capture saw them cut."""
-    from passes.capture import input_leaf_names
+    from partitioner.passes.capture import input_leaf_names
     leaves = pytree.tree_leaves((args, kwargs))
     names = input_leaf_names(model, args, kwargs)
     tensors = [(n, x) for n, x in zip(names, leaves) if isinstance(x, torch.Tensor) and x.dim() > 0]
@@ -528,7 +528,7 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
         if device_type is None:
             device_type = "cpu" if devices[0].type == "cpu" else "h100"
             if devices[0].type == "cuda" and torch.cuda.is_available():
-                from cost_models.device import spec_for_torch_device
+                from partitioner.cost_models.device import spec_for_torch_device
                 device_type = spec_for_torch_device(devices[0])  # this GPU, this host's dispatch speed
         config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=microbatches,
                             memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s,

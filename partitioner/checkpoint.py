@@ -125,7 +125,7 @@ def _write(state: dict[str, Any], path: str, distributed: bool) -> None:
 
 
 def _write_info(path: str, model: torch.nn.Module, plan_json: str | None) -> None:
-    from passes.capture import find_tied
+    from partitioner.passes.capture import find_tied
     with open(os.path.join(path, "checkpoint.json"), "w") as f:
         json.dump({"format": FORMAT, "model_class": type(model).__name__, "tied": find_tied(model)}, f, indent=1)
     if plan_json is not None:

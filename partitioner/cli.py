@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             from partitioner.zoo import print_models
             print_models()
         elif args.command == "profile":
-            from cost_models.profile_command import run_profile
+            from partitioner.cost_models.profile_command import run_profile
             run_profile(args)
         elif args.command == "plan":
             from partitioner.plan_command import run_plan

@@ -84,7 +84,7 @@ def critical_path(timeline, costs) -> PathRow:
     previous action or a data dependency plus its delay, exactly as the simulator computes starts.
     compute_s(costs) + comm_s equals timeline.step_time_s.
     """
-    from runtime.simulator import input_delays
+    from partitioner.runtime.simulator import input_delays
 
     s = timeline.schedule
     start, end = timeline.start_s, timeline.end_s
@@ -165,7 +165,7 @@ class _Scorer:
     """Simulated step (+ all-reduce) and closed-form fit of assignments, and their critical paths."""
 
     def __init__(self, bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None):
-        from runtime.schedules import make_schedule
+        from partitioner.runtime.schedules import make_schedule
 
         self.bg, self.p, self.v, self.bw, self.cap = bg, p, v, bw, cap
         self.sched = make_schedule(schedule, p, m, v)
@@ -174,7 +174,7 @@ class _Scorer:
 
     def score(self, assign: list[int]) -> tuple[float, bool, list[PathRow]]:
         """(step, within the cap, critical paths with and without communication)."""
-        from runtime.simulator import StageCosts, simulate
+        from partitioner.runtime.simulator import StageCosts, simulate
 
         costs, allreduce_s = self.scorer.costs(assign)
         fits = self.cap is None or max(closed_form_rank_mem_bytes(costs, self.inflight)) <= self.cap
@@ -187,7 +187,7 @@ class _Scorer:
 def synthetic_rows(schedule, num_stages: int) -> list[PathRow]:
     """Critical paths of the schedule under made-up stage times: equal stages, then each rank and each
     stage much heavier than the rest (a path through its whole action list with fill and drain)."""
-    from runtime.simulator import StageCosts, simulate
+    from partitioner.runtime.simulator import StageCosts, simulate
 
     p, K = schedule.num_ranks, num_stages
     weights = [[1.0] * K]
@@ -235,8 +235,8 @@ class ActionDag:
     """
 
     def __init__(self, schedule):
-        from runtime.executor import in_process_order
-        from runtime.schedules import dependencies
+        from partitioner.runtime.executor import in_process_order
+        from partitioner.runtime.schedules import dependencies
 
         s = schedule
         self.actions = in_process_order(s)  # every rank's actions, each after what it waits for

@@ -9,11 +9,11 @@ class PartitionerError(Exception):
 
 
 class CaptureError(PartitionerError):
-    """The model could not be turned into a graph (passes/capture.py)."""
+    """The model could not be turned into a graph (partitioner/passes/capture.py)."""
 
 
 class CostModelError(PartitionerError):
-    """A cost could not be computed (cost_models/)."""
+    """A cost could not be computed (partitioner/cost_models/)."""
 
 
 class PlanError(PartitionerError):
@@ -21,8 +21,8 @@ class PlanError(PartitionerError):
 
 
 class ScheduleError(PartitionerError):
-    """A schedule cannot be generated or is invalid (runtime/schedules.py)."""
+    """A schedule cannot be generated or is invalid (partitioner/runtime/schedules.py)."""
 
 
 class RuntimeConfigError(PartitionerError):
-    """The distributed set-up or the inputs do not match the plan (runtime/, api)."""
+    """The distributed set-up or the inputs do not match the plan (partitioner/runtime/, api)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cost_models.time import pass_time_s
+from partitioner.cost_models.time import pass_time_s
 
 EXACT_BUDGET_S = 60.0  # default time budget of best_split_s
 
@@ -138,7 +138,7 @@ class RelaxedPipeline:
     """
 
     def __init__(self, p: int, m: int):
-        from runtime.schedules import Action, make_schedule
+        from partitioner.runtime.schedules import Action, make_schedule
 
         sched = make_schedule("1f1b", p, m, 1)
         index = {a: (r, j) for r, row in enumerate(sched.actions) for j, a in enumerate(row)}
@@ -189,7 +189,7 @@ class RelaxedPipeline:
 
 def _chain_dep(a, p: int):
     """The action of another stage that `a` waits for in a chain of p stages (None for the ends)."""
-    from runtime.schedules import Action
+    from partitioner.runtime.schedules import Action
 
     if a.kind == "F":
         return Action(a.stage - 1, "F", a.microbatch) if a.stage > 0 else None

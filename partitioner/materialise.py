@@ -38,7 +38,7 @@ from partitioner.errors import RuntimeConfigError
 from partitioner.tensor_sources import match_model, model_tensors, open_source
 
 if TYPE_CHECKING:
-    from runtime.executor import ParameterStore
+    from partitioner.runtime.executor import ParameterStore
 
 
 @contextlib.contextmanager

@@ -23,12 +23,12 @@ import torch
 from partitioner.errors import RuntimeConfigError
 from partitioner.plan import Plan
 from partitioner.planner import capture_for_training
-from passes.capture import Captured, get_attr, set_attr
-from passes.split import StageModule, place_on_device, split
-from runtime.comm_plan import build_comm_plan, forward_only
-from runtime.compiled import compile_stages
-from runtime.executor import Executor, in_process_order
-from runtime.transport import DistTransport, InProcessTransport
+from partitioner.passes.capture import Captured, get_attr, set_attr
+from partitioner.passes.split import StageModule, place_on_device, split
+from partitioner.runtime.comm_plan import build_comm_plan, forward_only
+from partitioner.runtime.compiled import compile_stages
+from partitioner.runtime.executor import Executor, in_process_order
+from partitioner.runtime.transport import DistTransport, InProcessTransport
 
 if TYPE_CHECKING:
     from partitioner.api import ParallelModel

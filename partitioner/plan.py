@@ -18,7 +18,7 @@ class Plan:
     Virtual stage k lives on rank stage_rank[k] (k mod num_ranks for Megatron
     interleaving). block_stage[b] is the stage of block b; node_stage maps every
     fx node name (get_attr of a replicated tied weight excluded) to its stage so
-    passes/split.py needs nothing else. Stages are ordered: along every edge
+    partitioner/passes/split.py needs nothing else. Stages are ordered: along every edge
     stage(u) <= stage(v).
     Times are per microbatch; step_time_s is the simulator's (or solver's)
     prediction for a whole step of `microbatches` microbatches, plus the
@@ -119,7 +119,7 @@ def check_config(num_blocks: int, num_ranks: int, chunks: int = 1, microbatches:
     Defaults: 1f1b (interleaved-1f1b when chunks > 1), 2 x num_ranks microbatches.
     """
     from partitioner.errors import PlanError
-    from runtime.schedules import SCHEDULES
+    from partitioner.runtime.schedules import SCHEDULES
 
     if num_ranks < 1:
         raise PlanError(f"--devices is {num_ranks}: a pipeline needs at least 1 device")
@@ -151,7 +151,7 @@ def check_config(num_blocks: int, num_ranks: int, chunks: int = 1, microbatches:
 
 def inflight_microbatches(schedule: str, num_ranks: int, microbatches: int, chunks: int = 1) -> list[int]:
     """Per rank: microbatch-chunks whose activations are alive at the peak (warm-up + 1, capped)."""
-    from runtime.schedules import warmup_microbatches
+    from partitioner.runtime.schedules import warmup_microbatches
 
     total = microbatches * chunks
     return [min(warmup_microbatches(schedule, num_ranks, microbatches, chunks, r) + 1, total)
@@ -181,7 +181,7 @@ class StageStats:
 
     def stage_costs(self, link_bw_bytes_per_s: float):
         """The simulator's StageCosts of these stages."""
-        from runtime.simulator import StageCosts
+        from partitioner.runtime.simulator import StageCosts
         return StageCosts(tuple(self.fwd_time_s), tuple(self.bwd_time_s),
                           tuple(tuple(b / link_bw_bytes_per_s for b in row) for row in self.comm_bytes),
                           tuple(self.saved_bytes), tuple(self.static_bytes), tuple(self.working_bytes))
@@ -239,7 +239,7 @@ def evaluate_assignment(bg, block_stage: list[int], num_ranks: int, chunks: int 
                         simulate: bool = True) -> Plan:
     """Score an assignment of blocks to stages: a Plan with every field but the solver's.
 
-    The simulator (runtime/simulator.py) plays the schedule with these stage
+    The simulator (partitioner/runtime/simulator.py) plays the schedule with these stage
     costs: step_time_s, bubble and per-rank peak memory come from it.
     """
     schedule, microbatches = check_config(len(bg.blocks), num_ranks, chunks, microbatches, schedule)
@@ -281,8 +281,8 @@ def plan_timeline(plan: Plan, bg):
 
 
 def _simulate(plan: Plan, st: StageStats):
-    from runtime.schedules import make_schedule
-    from runtime.simulator import simulate
+    from partitioner.runtime.schedules import make_schedule
+    from partitioner.runtime.simulator import simulate
 
     return simulate(make_schedule(plan.schedule, plan.num_ranks, plan.microbatches, plan.chunks),
                     st.stage_costs(plan.link_bw_bytes_per_s))

@@ -11,7 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from cost_models.profile_command import human_bytes
+from partitioner.cost_models.profile_command import human_bytes
 from partitioner.errors import PlanError
 from partitioner.microbatch import batch_size
 from partitioner.plan import Plan
@@ -233,8 +233,8 @@ def check_output_paths(json_path: str | None, timeline: str | None) -> None:
 
 def run_plan(args: argparse.Namespace) -> None:
     """The `partitioner plan` command."""
-    from cost_models.device import get_device_spec
-    from cost_models.profile_command import load_model_spec
+    from partitioner.cost_models.device import get_device_spec
+    from partitioner.cost_models.profile_command import load_model_spec
     from partitioner.plan import check_config, check_gap
     from partitioner.zoo import context_note
 
@@ -282,7 +282,7 @@ def run_plan(args: argparse.Namespace) -> None:
         console.print(f"plan written to {args.json}")
     if args.timeline:
         from partitioner.plan import plan_timeline
-        from runtime.timeline import plot_timeline, render_text
+        from partitioner.runtime.timeline import plot_timeline, render_text
 
         tl = plan_timeline(plan, result.block_graph)
         if args.timeline == "-":

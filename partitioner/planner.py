@@ -14,7 +14,7 @@ from partitioner.errors import PlanError
 from partitioner.microbatch import batch_size, split_batch
 
 if TYPE_CHECKING:
-    from cost_models.device import DeviceSpec
+    from partitioner.cost_models.device import DeviceSpec
 
 # Blocks per virtual stage the automatic depth aims at: finer blocks let stages balance within a few
 # percent (8 vs 2 per stage: 1-15% faster simulated steps on gpt2-xl, llama-8b and t5-base at p = 8),
@@ -43,7 +43,7 @@ class PlanConfig:
     memory_cap_bytes: int | None = None
     device_type: str | DeviceSpec = "h100"  # a table name, a JSON path or a DeviceSpec
     dtype: str | None = "float32"  # the dtype costs are expressed in; None: the model's own
-    mixed_precision: str | None = None  # e.g. "bf16": fp32 parameters, bf16 compute (passes/mixed_precision.py)
+    mixed_precision: str | None = None  # e.g. "bf16": fp32 parameters, bf16 compute (partitioner/passes/mixed_precision.py)
     compiled: bool = False  # the stages run under torch.compile: costs with inductor's fusion
     optimizer: str = "adamw"
     depth: int | None = None
@@ -105,11 +105,11 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
         graph); False (the CLI) leaves PlanResult.captured None on a cache hit.
     config.use_cache: read and write the profile cache (partitioner/profile_cache.py).
     """
-    from cost_models.device import get_device_spec
+    from partitioner.cost_models.device import get_device_spec
     from partitioner.baselines import all_baselines
     from partitioner.plan import check_config, check_gap
     from partitioner.solve import solve
-    from passes.coarsen import attach_loss, coarsen
+    from partitioner.passes.coarsen import attach_loss, coarsen
 
     step = on_step or (lambda msg: None)
     schedule, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
@@ -145,8 +145,8 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
 
 def capture_for_training(model: torch.nn.Module, args: tuple, kwargs: dict, mixed_precision: str | None = None):
     """capture(), then the mixed-precision cast when asked for: the graph the stages will run."""
-    from passes.capture import capture
-    from passes.mixed_precision import capture_mixed, compute_dtype
+    from partitioner.passes.capture import capture
+    from partitioner.passes.mixed_precision import capture_mixed, compute_dtype
 
     dtype = compute_dtype(mixed_precision)
     return capture_mixed(model, args, kwargs, dtype) if dtype is not None else capture(model, args, kwargs)
@@ -164,10 +164,10 @@ def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, conf
                          step: Callable[[str], None], need_graph: bool, loss_fn: Any, example_target: Any,
                          m: int, global_batch: int | None) -> _Profiled:
     """Capture, annotate and profile one microbatch (and the loss), or read them from the profile cache."""
-    from cost_models.loss import profile_loss
-    from cost_models.profile import graph_float_dtype, profile
+    from partitioner.cost_models.loss import profile_loss
+    from partitioner.cost_models.profile import graph_float_dtype, profile
     from partitioner import profile_cache
-    from passes.annotate import annotate
+    from partitioner.passes.annotate import annotate
 
     with_loss = loss_fn is not None and example_target is not None
     target = split_batch(example_target, m, "example target", global_batch)[0] if with_loss else None

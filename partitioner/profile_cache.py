@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 _FORMAT = "profile-cache-v1"
 # sources whose change changes what capture/annotate/profile produce
-_SOURCES = ("passes/capture.py", "passes/annotate.py", "cost_models/profile.py", "cost_models/flops.py",
-            "cost_models/memory.py", "cost_models/time.py", "cost_models/loss.py", "cost_models/device.py",
-            "cost_models/node_costs.py")
+_SOURCES = ("partitioner/passes/capture.py", "partitioner/passes/annotate.py", "partitioner/cost_models/profile.py", "partitioner/cost_models/flops.py",
+            "partitioner/cost_models/memory.py", "partitioner/cost_models/time.py", "partitioner/cost_models/loss.py", "partitioner/cost_models/device.py",
+            "partitioner/cost_models/node_costs.py")
 _PLAIN = (bool, int, float, str, type(None))
 
 
@@ -109,7 +109,7 @@ def model_key(model: torch.nn.Module, args: tuple, kwargs: dict, *, device_spec:
 
 
 def cache_path(key: str) -> Path:
-    from cost_models.time import cache_dir
+    from partitioner.cost_models.time import cache_dir
 
     return cache_dir() / "profiles" / f"{key}.pt"
 

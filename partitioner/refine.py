@@ -45,7 +45,7 @@ class _Search:
 
     def __init__(self, bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None, deadline: float,
                  target_s: float = 0.0):
-        from runtime.schedules import make_schedule
+        from partitioner.runtime.schedules import make_schedule
 
         self.cap, self.deadline = cap, deadline
         self.target_s, self.best_seen = target_s, float("inf")
@@ -63,7 +63,7 @@ class _Search:
         return self.best_seen <= self.target_s or time.perf_counter() > self.deadline
 
     def score(self, a: list[int]) -> float:
-        from runtime.simulator import step_time_s
+        from partitioner.runtime.simulator import step_time_s
 
         costs, allreduce_s = self.scorer.costs(a)
         if self.cap is not None and max(closed_form_rank_mem_bytes(costs, self.inflight)) > self.cap:

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from partitioner.plan import StageStats
-from runtime.simulator import StageCosts
+from partitioner.runtime.simulator import StageCosts
 
 
 class StageScorer:

@@ -2,8 +2,8 @@ import torch
 from torch import nn
 
 from partitioner import zoo
-from passes.annotate import annotate, normalise_module_path
-from passes.capture import capture
+from partitioner.passes.annotate import annotate, normalise_module_path
+from partitioner.passes.capture import capture
 
 
 def _annotated(zm):

@@ -15,8 +15,8 @@ from test_executor import random_plan
 
 from partitioner.api import compile_parallel
 from partitioner.errors import RuntimeConfigError
-from passes.capture import capture
-from passes.split import even_plan
+from partitioner.passes.capture import capture
+from partitioner.passes.split import even_plan
 
 
 def compile_zoo(zm, ranks=2, devices=None, **kw):
@@ -297,7 +297,7 @@ class _ArgmaxSide(nn.Module):
 def test_a_value_no_gradient_flows_into_leaves_its_producers_gradient_none():
     """Cut between route and argmax: route's output crosses a stage but gets no gradient in the model,
     so route's parameters must keep .grad None (a zero would make weight decay touch them)."""
-    from passes.split import plan_from_cuts, valid_cuts
+    from partitioner.passes.split import plan_from_cuts, valid_cuts
 
     torch.manual_seed(0)
     model, tokens = _ArgmaxSide(), torch.randint(0, 11, (8, 5))

@@ -8,7 +8,7 @@ import pytest
 from partitioner.baselines import BASELINES, all_baselines, baseline_assignment, layer_key
 from partitioner.plan import evaluate_assignment
 from partitioner.solve import solve
-from passes.coarsen import Block, BlockGraph, synthetic_block_graph
+from partitioner.passes.coarsen import Block, BlockGraph, synthetic_block_graph
 from tests.test_solve import random_dag
 
 

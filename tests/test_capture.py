@@ -4,8 +4,8 @@ from torch import nn
 
 from partitioner.errors import CaptureError
 from partitioner import zoo
-from passes import capture as capture_mod
-from passes.capture import capture
+from partitioner.passes import capture as capture_mod
+from partitioner.passes.capture import capture
 
 FAMILIES = ["mlp", "cnn", "gpt2", "llama-8b", "bert-base", "t5-base"]
 
@@ -228,7 +228,7 @@ class _RegionModel(torch.nn.Module):
 
 
 def test_autocast_and_no_grad_regions_are_inlined_with_same_grads():
-    from passes.capture import capture
+    from partitioner.passes.capture import capture
     torch.manual_seed(0)
     m, x = _RegionModel(), torch.randn(2, 8)
     c = capture(m, (x,))

@@ -14,8 +14,8 @@ from dist_utils import build, run_workers
 from partitioner.api import compile_parallel
 from partitioner.checkpoint import save_model, to_torch_save
 from partitioner.errors import RuntimeConfigError
-from passes.capture import capture
-from passes.split import even_plan
+from partitioner.passes.capture import capture
+from partitioner.passes.split import even_plan
 
 LR = 1e-2
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from cost_models.node_costs import NodeCost, NodeCosts
-from passes.annotate import AnnotatedGraph, NodeInfo
-from passes.coarsen import choose_depth, coarsen
+from partitioner.cost_models.node_costs import NodeCost, NodeCosts
+from partitioner.passes.annotate import AnnotatedGraph, NodeInfo
+from partitioner.passes.coarsen import choose_depth, coarsen
 
 F32 = ("torch.float32",)
 
@@ -114,11 +114,11 @@ def test_captured_model_if_available():
     """End to end on a small real model once capture/annotate/profile are implemented."""
     torch = pytest.importorskip("torch")
     try:
-        from passes.annotate import annotate
-        from passes.capture import capture
-        from cost_models.profile import profile  # noqa: F401
+        from partitioner.passes.annotate import annotate
+        from partitioner.passes.capture import capture
+        from partitioner.cost_models.profile import profile  # noqa: F401
     except ImportError:
-        pytest.skip("cost_models.profile not available yet")
+        pytest.skip("partitioner.cost_models.profile not available yet")
 
     class Layer(torch.nn.Module):
         def __init__(self):
@@ -160,10 +160,10 @@ def test_crossing_values_know_which_block_saves_them():
     holds it until the backward (the rules in partitioner/stage_scorer.py)."""
     import torch
 
-    from cost_models.profile import profile
+    from partitioner.cost_models.profile import profile
     from partitioner.plan import evaluate_assignment
-    from passes.annotate import annotate
-    from passes.capture import capture
+    from partitioner.passes.annotate import annotate
+    from partitioner.passes.capture import capture
 
     class Layer(torch.nn.Module):
         def __init__(self):

@@ -1,4 +1,4 @@
-"""runtime/compiled.py: stages under torch.compile equal the unpartitioned model, see parameter
+"""partitioner/runtime/compiled.py: stages under torch.compile equal the unpartitioned model, see parameter
 changes, do not recompile in steady state, and fall back to eager with a warning naming the stage."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dist_utils import build, grad_errors, max_rel_err, reference
 from test_api import compile_zoo, param_errors, train_reference
 
 from partitioner.errors import RuntimeConfigError
-from runtime.compiled import CompiledStage, compile_options
+from partitioner.runtime.compiled import CompiledStage, compile_options
 
 pytestmark = pytest.mark.skipif(compile_options(None, [torch.device("cpu")]) is not None or
                                 not __import__("shutil").which("g++"), reason="needs g++ for inductor on CPU")
@@ -88,7 +88,7 @@ def test_compile_defaults_follow_the_device_and_need_a_compiler(monkeypatch):
     assert compile_options(None, [torch.device("cpu")] * 2) is None
     assert compile_options(None, [torch.device("cuda:0")]) == {"dynamic": False}
     assert compile_options({"mode": "max-autotune"}, [torch.device("cuda:0")])["mode"] == "max-autotune"
-    monkeypatch.setattr("runtime.compiled._cxx_compiler", lambda: None)
+    monkeypatch.setattr("partitioner.runtime.compiled._cxx_compiler", lambda: None)
     with pytest.raises(RuntimeConfigError, match="C\\+\\+ compiler"):
         compile_options(True, [torch.device("cpu")])
 

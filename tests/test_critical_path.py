@@ -6,9 +6,9 @@ import pytest
 from partitioner.critical_path import ActionDag, critical_path, path_bound_solve
 from partitioner.plan import evaluate_assignment
 from partitioner.solve import solve
-from passes.coarsen import synthetic_block_graph
-from runtime.schedules import Action, dependencies, make_schedule
-from runtime.simulator import StageCosts, simulate
+from partitioner.passes.coarsen import synthetic_block_graph
+from partitioner.runtime.schedules import Action, dependencies, make_schedule
+from partitioner.runtime.simulator import StageCosts, simulate
 
 SHAPES = [("gpipe", 1, 1), ("gpipe", 2, 2), ("gpipe", 3, 2), ("1f1b", 2, 1), ("1f1b", 4, 1),
           ("interleaved-1f1b", 2, 2), ("interleaved-1f1b", 3, 2), ("interleaved-1f1b", 2, 3)]

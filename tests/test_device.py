@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import cost_models.device
-from cost_models.device import DEVICE_SPECS, DeviceSpec, calibrate_cpu, get_device_spec
+import partitioner.cost_models.device
+from partitioner.cost_models.device import DEVICE_SPECS, DeviceSpec, calibrate_cpu, get_device_spec
 from partitioner.errors import CostModelError
 
 
@@ -55,7 +55,7 @@ def test_bad_json_says_which_fields(tmp_path):
 def test_cpu_is_calibrated_once_per_process(monkeypatch):
     # count the measurements instead of timing them: a busy machine makes any time limit flaky
     calls = []
-    monkeypatch.setattr(cost_models.device, "_time_it", lambda fn, min_time_s=0.05: calls.append(fn) or 1e-3)
+    monkeypatch.setattr(partitioner.cost_models.device, "_time_it", lambda fn, min_time_s=0.05: calls.append(fn) or 1e-3)
     calibrate_cpu.cache_clear()
     try:
         spec = get_device_spec("cpu")

@@ -12,7 +12,7 @@ from partitioner.exact import (PassTimes, RelaxedPipeline, best_split_s, pipelin
                                split_cuts)
 from partitioner.plan import evaluate_assignment
 from partitioner.solve import solve
-from passes.coarsen import synthetic_block_graph
+from partitioner.passes.coarsen import synthetic_block_graph
 
 BW = 1e10  # 10 MB take 1 ms: as long as a block
 

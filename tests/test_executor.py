@@ -1,4 +1,4 @@
-"""runtime/executor.py: in one process, loss and every gradient equal the unpartitioned model's
+"""partitioner/runtime/executor.py: in one process, loss and every gradient equal the unpartitioned model's
 for every model, schedule and (random) plan."""
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch.nn as nn
 from dist_utils import build, grad_errors, max_rel_err, reference
 
 from partitioner.api import compile_parallel
-from passes.capture import capture
-from passes.split import plan_from_cuts, valid_cuts
-from runtime.executor import in_process_order
-from runtime.schedules import dependencies, make_schedule
+from partitioner.passes.capture import capture
+from partitioner.passes.split import plan_from_cuts, valid_cuts
+from partitioner.runtime.executor import in_process_order
+from partitioner.runtime.schedules import dependencies, make_schedule
 
 SCHEDULES = [("gpipe", 2, 1), ("1f1b", 2, 1), ("interleaved-1f1b", 2, 2)]
 

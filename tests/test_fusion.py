@@ -1,4 +1,4 @@
-"""cost_models/fusion.py: compiled stages keep their matmuls' times, fuse the light nodes between them
+"""partitioner/cost_models/fusion.py: compiled stages keep their matmuls' times, fuse the light nodes between them
 (each external input read once, only values read later written) and pay no per-op dispatch."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 from dist_utils import build
 
-from cost_models.fusion import is_heavy
-from cost_models.profile import profile
-from passes.capture import capture
+from partitioner.cost_models.fusion import is_heavy
+from partitioner.cost_models.profile import profile
+from partitioner.passes.capture import capture
 
 
 class Chain(nn.Module):
@@ -55,7 +55,7 @@ def test_compiled_gpt2_costs_less_and_keeps_its_matmuls():
 
 
 def test_heavy_means_matmul_or_attention():
-    from cost_models.flops import trace_nodes
+    from partitioner.cost_models.flops import trace_nodes
     captured = capture(Chain(), (torch.randn(4, 256),))
     traces = trace_nodes(captured.graph_module)
     heavy = {n for n, t in traces.items() if is_heavy(t)}

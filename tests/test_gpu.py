@@ -93,7 +93,7 @@ def test_nccl_one_process_per_gpu(world):
 
 def test_measured_times_keep_gpu_and_host_apart():
     """A big matmul is GPU-bound, a chain of tiny ops host-bound; the split times say which."""
-    from cost_models.time import time_fwd_bwd
+    from partitioner.cost_models.time import time_fwd_bwd
 
     dev = torch.device("cuda")
     x = torch.randn(4096, 4096, device=dev, requires_grad=True)
@@ -116,11 +116,11 @@ def test_measured_times_keep_gpu_and_host_apart():
 @pytest.mark.parametrize("name, batch, seq", [
     ("gpt2", 4, 256), ("gpt2", 8, 1024), ("t5-base", 8, 512), ("t5-base", 4, 256)])
 def test_training_peak_matches_cuda_max_memory_allocated(name, batch, seq):
-    """cost_models.memory.training_peak_bytes (the backward walk) against the allocator's peak."""
-    from cost_models.flops import trace_nodes
-    from cost_models.memory import saved_bytes_per_node, training_peak_bytes
+    """partitioner.cost_models.memory.training_peak_bytes (the backward walk) against the allocator's peak."""
+    from partitioner.cost_models.flops import trace_nodes
+    from partitioner.cost_models.memory import saved_bytes_per_node, training_peak_bytes
     from partitioner import zoo
-    from passes.capture import capture
+    from partitioner.passes.capture import capture
 
     dev = torch.device("cuda")
     zm = zoo.build(name, batch=batch, seq=seq, device=dev)

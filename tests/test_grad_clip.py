@@ -10,8 +10,8 @@ import torch
 from dist_utils import build, max_rel_err, run_workers
 
 from partitioner.api import compile_parallel
-from passes.capture import capture
-from passes.split import even_plan
+from partitioner.passes.capture import capture
+from partitioner.passes.split import even_plan
 
 
 def _reference(zm, max_norm: float, norm_type: float):

@@ -1,13 +1,13 @@
-"""cost_models/loss.py and passes.coarsen.attach_loss: the loss is costed on the last stage."""
+"""partitioner/cost_models/loss.py and passes.coarsen.attach_loss: the loss is costed on the last stage."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from cost_models.loss import profile_loss
+from partitioner.cost_models.loss import profile_loss
 from partitioner import zoo
 from partitioner.planner import PlanConfig, plan_model
-from passes.capture import capture
+from partitioner.passes.capture import capture
 
 
 def _lm_loss(out, target):

@@ -14,8 +14,8 @@ from partitioner.api import compile_parallel
 from partitioner.checkpoint import save_model
 from partitioner.errors import RuntimeConfigError
 from partitioner.materialise import meta_parameters
-from passes.capture import capture
-from passes.split import even_plan
+from partitioner.passes.capture import capture
+from partitioner.passes.split import even_plan
 
 MODELS = ["gpt2", "llama-1b", "t5-base"]  # tied embeddings; Llama's rotary inv_freq is a computed buffer
 

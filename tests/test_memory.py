@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cost_models.flops import trace_nodes
-from cost_models.memory import (DtypeScale, param_state_bytes, saved_bytes_per_node, training_peak_bytes,
+from partitioner.cost_models.flops import trace_nodes
+from partitioner.cost_models.memory import (DtypeScale, param_state_bytes, saved_bytes_per_node, training_peak_bytes,
                                  value_bytes)
-from cost_models.profile import profile
+from partitioner.cost_models.profile import profile
 from partitioner.errors import CostModelError
 
 B, IN, HID, OUT = 3, 8, 16, 4
@@ -46,7 +46,7 @@ def test_training_peak_linear_gelu_chain_hand_count():
 def test_tied_weight_second_gradient_is_a_transient():
     """A weight read twice (tied embedding and head) has one gradient; the second user's backward
     materialises a whole new one and the sum: two weight-sized transients."""
-    from cost_models.memory import backward_walk
+    from partitioner.cost_models.memory import backward_walk
 
     V, D = 50, 8
 

@@ -1,4 +1,4 @@
-"""passes/mixed_precision.py: fp32 parameters, bf16 compute.
+"""partitioner/passes/mixed_precision.py: fp32 parameters, bf16 compute.
 
 The reference is the unpartitioned model computing in bf16 (a bf16 copy, float inputs cast),
 as FSDP2's MixedPrecisionPolicy(param_dtype=bf16) runs it. Our gradients accumulate over
@@ -16,7 +16,7 @@ from test_api import compile_zoo
 
 from partitioner.errors import CaptureError
 from partitioner.planner import capture_for_training
-from passes.mixed_precision import compute_dtype
+from partitioner.passes.mixed_precision import compute_dtype
 
 LOSS_RTOL = 1e-3
 GRAD_RTOL = 2e-2

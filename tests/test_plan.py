@@ -6,7 +6,7 @@ import pytest
 from partitioner.errors import PlanError
 from partitioner.plan import (Plan, check_config, evaluate_assignment, inflight_microbatches, model_step_time,
                               plan_timeline)
-from passes.coarsen import synthetic_block_graph
+from partitioner.passes.coarsen import synthetic_block_graph
 
 
 def test_json_round_trip_keeps_every_field():

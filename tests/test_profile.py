@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cost_models.node_costs import NodeCosts
-from cost_models.profile import module_costs, profile
+from partitioner.cost_models.node_costs import NodeCosts
+from partitioner.cost_models.profile import module_costs, profile
 from partitioner import zoo
-from passes.annotate import annotate
-from passes.capture import capture
+from partitioner.passes.annotate import annotate
+from partitioner.passes.capture import capture
 
 
 def _rss_bytes() -> int:
@@ -131,10 +131,10 @@ def test_cli_profile_edges_are_one_line(tmp_path, capsys):
 
 def test_misaligned_16bit_matmul_is_slower_than_aligned():
     """A bf16 linear whose output width is not a multiple of 8 runs on slow unaligned kernels."""
-    from cost_models.device import get_device_spec
-    from cost_models.flops import trace_nodes
-    from cost_models.memory import DtypeScale
-    from cost_models.profile import op_kernel
+    from partitioner.cost_models.device import get_device_spec
+    from partitioner.cost_models.flops import trace_nodes
+    from partitioner.cost_models.memory import DtypeScale
+    from partitioner.cost_models.profile import op_kernel
 
     spec = get_device_spec("h100")
     for width, expected in ((64, spec.matmul_efficiency), (63, spec.misaligned_matmul_efficiency)):
@@ -152,8 +152,8 @@ def test_misaligned_16bit_matmul_is_slower_than_aligned():
 def test_a_node_is_costed_kernel_by_kernel():
     """Cross-entropy runs log_softmax then nll_loss forward, and two kernels backward: each is
     costed; its host time, kept apart, is one dispatch forward and one per kernel backward."""
-    from cost_models.device import get_device_spec
-    from cost_models.flops import trace_nodes
+    from partitioner.cost_models.device import get_device_spec
+    from partitioner.cost_models.flops import trace_nodes
 
     class Loss(nn.Module):
         def forward(self, logits, target):
@@ -176,9 +176,9 @@ def test_a_node_is_costed_kernel_by_kernel():
 
 def test_math_attention_node_costs_its_kernels():
     """A T5-like trainable bias makes SDPA run unfused: its time is the math path's kernels."""
-    from cost_models.device import get_device_spec
-    from cost_models.flops import trace_nodes
-    from cost_models.time import kernels_time_s, math_attention_kernels
+    from partitioner.cost_models.device import get_device_spec
+    from partitioner.cost_models.flops import trace_nodes
+    from partitioner.cost_models.time import kernels_time_s, math_attention_kernels
 
     B, H, L, E = 4, 4, 128, 64
 

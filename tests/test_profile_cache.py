@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import passes.capture
+import partitioner.passes.capture
 from partitioner import profile_cache
 from partitioner.planner import PlanConfig, plan_model
 from tests.test_cli_plan import Tiny
@@ -21,13 +21,13 @@ def cache_dir(tmp_path, monkeypatch):
 def captures(monkeypatch):
     """How many times the planner captured a model."""
     calls = []
-    real = passes.capture.capture
+    real = partitioner.passes.capture.capture
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(passes.capture, "capture", counting)
+    monkeypatch.setattr(partitioner.passes.capture, "capture", counting)
     return calls
 
 
@@ -75,7 +75,7 @@ def test_changed_model_misses(cache_dir, captures):
 
 
 def test_key_follows_inputs_and_cost_options():
-    from cost_models.device import get_device_spec
+    from partitioner.cost_models.device import get_device_spec
 
     model, spec = Tiny(), get_device_spec("h100")
     x = torch.zeros(2, 16, dtype=torch.int64)

@@ -10,7 +10,7 @@ from test_solve import BW, branchy_dag, random_dag
 import partitioner.refine
 from partitioner.plan import evaluate_assignment
 from partitioner.refine import _Search, refine
-from passes.coarsen import synthetic_block_graph
+from partitioner.passes.coarsen import synthetic_block_graph
 
 
 def valid(bg, a: list[int], K: int) -> bool:

@@ -1,4 +1,4 @@
-"""Schedule generation and the validator (runtime/schedules.py)."""
+"""Schedule generation and the validator (partitioner/runtime/schedules.py)."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from partitioner.errors import ScheduleError
-from runtime.schedules import (
+from partitioner.runtime.schedules import (
     SCHEDULES, Action, Schedule, make_schedule, validate, warmup_microbatches,
 )
 

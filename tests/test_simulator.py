@@ -1,4 +1,4 @@
-"""Event simulator (runtime/simulator.py)."""
+"""Event simulator (partitioner/runtime/simulator.py)."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from partitioner.errors import ScheduleError
-from runtime.schedules import Action, dependencies, make_schedule
-from runtime.simulator import StageCosts, input_delays, simulate, step_time_s
+from partitioner.runtime.schedules import Action, dependencies, make_schedule
+from partitioner.runtime.simulator import StageCosts, input_delays, simulate, step_time_s
 
 
 def _assert_order_respects_dependencies(timeline):

@@ -13,7 +13,7 @@ from partitioner.chain_dp import split_chain
 from partitioner.errors import PlanError
 from partitioner.plan import evaluate_assignment
 from partitioner.solve import min_memory_bytes, solve
-from passes.coarsen import synthetic_block_graph
+from partitioner.passes.coarsen import synthetic_block_graph
 
 BW = 1e9
 

@@ -1,4 +1,4 @@
-"""passes/split.py: stage modules compose back to the model, values go straight to every reader."""
+"""partitioner/passes/split.py: stage modules compose back to the model, values go straight to every reader."""
 from __future__ import annotations
 
 import random
@@ -9,8 +9,8 @@ import torch.nn as nn
 from dist_utils import build
 
 from partitioner.errors import PlanError
-from passes.capture import capture
-from passes.split import USER_INPUT, even_plan, place_on_device, plan_from_cuts, split, valid_cuts
+from partitioner.passes.capture import capture
+from partitioner.passes.split import USER_INPUT, even_plan, place_on_device, plan_from_cuts, split, valid_cuts
 
 
 def run_stages(stages, flat_inputs):

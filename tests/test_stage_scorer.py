@@ -9,7 +9,7 @@ import pytest
 
 from partitioner.plan import StageStats, closed_form_rank_mem_bytes, inflight_microbatches, stage_stats
 from partitioner.stage_scorer import StageScorer
-from passes.coarsen import Block, BlockGraph, CrossValue, SharedParam
+from partitioner.passes.coarsen import Block, BlockGraph, CrossValue, SharedParam
 
 BW = 3e9
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import cost_models.time as time_model
-from cost_models.device import get_device_spec
-from cost_models.time import analytic_node_time, is_compute_bound, measure_block_times, roofline_time_s
+import partitioner.cost_models.time as time_model
+from partitioner.cost_models.device import get_device_spec
+from partitioner.cost_models.time import analytic_node_time, is_compute_bound, measure_block_times, roofline_time_s
 
 
 def test_roofline_picks_compute_or_memory_bound():
@@ -50,7 +50,7 @@ def test_views_launch_nothing_but_pay_their_dispatch():
 
 def test_a_run_of_nodes_takes_the_larger_of_its_summed_host_and_device_times():
     """Host and device times add up apart and meet per pass: max(sum device, sum host)."""
-    from cost_models.node_costs import NodeCost, NodeCosts
+    from partitioner.cost_models.node_costs import NodeCost, NodeCosts
 
     gpu_bound = NodeCost("mm", fwd_time_s=10.0, bwd_time_s=20.0, host_fwd_time_s=1.0, host_bwd_time_s=2.0)
     host_bound = NodeCost("view", host_fwd_time_s=3.0, host_bwd_time_s=4.0)
@@ -119,7 +119,7 @@ def test_measuring_a_meta_graph_is_a_clear_error():
 
 
 def _t5_like_call(dtype: torch.dtype):
-    from cost_models.flops import AttentionCall
+    from partitioner.cost_models.flops import AttentionCall
     return AttentionCall("math", batch_heads=8 * 12, q_len=512, kv_len=512, qk_dim=64, v_dim=64, dtype=dtype,
                          mask_numel=8 * 12 * 512 * 512, mask_dtype=dtype, mask_requires_grad=True)
 
@@ -175,7 +175,7 @@ def test_host_overheads_are_measured_once_per_device():
 
 @pytest.mark.gpu
 def test_the_gpu_spec_carries_this_hosts_dispatch_speed():
-    from cost_models.device import spec_for_gpu_name, spec_for_torch_device
+    from partitioner.cost_models.device import spec_for_gpu_name, spec_for_torch_device
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     spec = spec_for_torch_device("cuda:0")

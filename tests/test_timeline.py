@@ -1,4 +1,4 @@
-"""Drawing a Timeline (runtime/timeline.py)."""
+"""Drawing a Timeline (partitioner/runtime/timeline.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,9 +7,9 @@ from matplotlib import colors
 from matplotlib.image import imread
 from rich.text import Text
 
-from runtime.schedules import make_schedule
-from runtime.simulator import StageCosts, simulate
-from runtime.timeline import _FIG_COLOUR, plot_timeline, render_text
+from partitioner.runtime.schedules import make_schedule
+from partitioner.runtime.simulator import StageCosts, simulate
+from partitioner.runtime.timeline import _FIG_COLOUR, plot_timeline, render_text
 
 
 def _timeline(name="1f1b", p=4, m=8, v=1, fwd=1e-3, bwd=2e-3):

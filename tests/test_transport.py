@@ -1,4 +1,4 @@
-"""runtime/transport.py: in-process mailbox; gloo P2P in the channel's order, dead peers named."""
+"""partitioner/runtime/transport.py: in-process mailbox; gloo P2P in the channel's order, dead peers named."""
 from __future__ import annotations
 
 import os
@@ -8,8 +8,8 @@ import torch
 from dist_utils import run_workers
 
 from partitioner.errors import RuntimeConfigError
-from runtime.comm_plan import CommPlan, Message
-from runtime.transport import DistTransport, InProcessTransport
+from partitioner.runtime.comm_plan import CommPlan, Message
+from partitioner.runtime.transport import DistTransport, InProcessTransport
 
 
 def msg(i: int, src: int, dst: int, shape=(2, 3), dtype=torch.float32, kind="act") -> Message:

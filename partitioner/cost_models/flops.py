@@ -10,7 +10,7 @@ FlopCounterMode stays active for the whole run; the count of a node is the
 difference of the running total before and after it.
 
 While the forward of a node runs, saved_tensors_hooks record the tensors
-autograd keeps for backward (see cost_models/memory.py for the byte counts).
+autograd keeps for backward (see partitioner/cost_models/memory.py for the byte counts).
 scaled_dot_product_attention is accounted as the kernel eager PyTorch picks on a
 GPU (`sdpa_backend`), not as whatever fake tensors run on meta/CPU. Fused (flash,
 memory-efficient, cuDNN): FLOPs by torch's flash formulas (the backward recomputes

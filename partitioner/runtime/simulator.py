@@ -17,7 +17,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from partitioner.errors import ScheduleError
-from runtime.schedules import Action, Schedule, dependencies, validate
+from partitioner.runtime.schedules import Action, Schedule, dependencies, validate
 
 
 @dataclass(frozen=True)

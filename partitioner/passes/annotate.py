@@ -9,7 +9,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from passes.capture import Captured
+from partitioner.passes.capture import Captured
 
 
 @dataclass(frozen=True)

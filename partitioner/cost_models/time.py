@@ -42,8 +42,8 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from cost_models.device import DeviceSpec
-from cost_models.flops import AttentionCall
+from partitioner.cost_models.device import DeviceSpec
+from partitioner.cost_models.flops import AttentionCall
 from partitioner.errors import CostModelError
 
 
@@ -665,12 +665,12 @@ def host_overheads_s(device: torch.device | str, layers: int = 4, repeats: int =
     back to back: their kernels are tiny, so the step is host-bound. Per pass, the forward and
     the backward are timed after a synchronize, and both are scaled to the back-to-back wall
     time (a host that waited for the GPU dispatches slower); then divided by the graph's nodes
-    and backward kernels as cost_models/flops.py counts them; the median of `rounds` rounds
+    and backward kernels as partitioner/cost_models/flops.py counts them; the median of `rounds` rounds
     (two calls a minute apart on one H100 host read 15 and 23 us per node with one round).
     Once per process and device.
     """
-    from cost_models.flops import COMPUTE_OPS, trace_nodes
-    from passes.capture import capture
+    from partitioner.cost_models.flops import COMPUTE_OPS, trace_nodes
+    from partitioner.passes.capture import capture
 
     device = torch.device(device)
     key = str(device)

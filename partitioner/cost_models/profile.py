@@ -1,6 +1,6 @@
 """profile(): the NodeCosts of a captured graph, for one microbatch.
 
-One pass over the graph on fake tensors (cost_models/flops.py) gives every
+One pass over the graph on fake tensors (partitioner/cost_models/flops.py) gives every
 node's FLOPs, kernels and saved tensors; memory.py turns those into bytes and
 time.py into seconds (roofline from a DeviceSpec, or measured per block on this
 machine's device and spread over the block's nodes in proportion to their
@@ -22,13 +22,13 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
-from cost_models.device import DeviceSpec, get_device_spec
-from cost_models.flops import COMPUTE_OPS, NodeTrace, OpKernel, trace_nodes
-from cost_models.fusion import compiled_times
-from cost_models.memory import (OPTIMIZER_STATES, DtypeScale, backward_walk, output_savers, params_state_bytes,
+from partitioner.cost_models.device import DeviceSpec, get_device_spec
+from partitioner.cost_models.flops import COMPUTE_OPS, NodeTrace, OpKernel, trace_nodes
+from partitioner.cost_models.fusion import compiled_times
+from partitioner.cost_models.memory import (OPTIMIZER_STATES, DtypeScale, backward_walk, output_savers, params_state_bytes,
                                  saved_bytes_per_node, value_bytes)
-from cost_models.node_costs import NodeCost, NodeCosts
-from cost_models.time import Kernel, NodeTime, analytic_node_time, math_attention_kernels, measure_block_times
+from partitioner.cost_models.node_costs import NodeCost, NodeCosts
+from partitioner.cost_models.time import Kernel, NodeTime, analytic_node_time, math_attention_kernels, measure_block_times
 from partitioner.errors import CostModelError
 
 
@@ -120,7 +120,7 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
     measure: time blocks of nodes on the device the graph was captured on instead of the
         roofline; example_inputs (flat, as the placeholders take them) give real values.
     compiled: the stages run under torch.compile: analytic times with inductor's fusion
-        (cost_models/fusion.py); measured blocks are timed eagerly, so not with measure.
+        (partitioner/cost_models/fusion.py); measured blocks are timed eagerly, so not with measure.
     """
     if optimizer not in OPTIMIZER_STATES:
         raise CostModelError(f"unknown optimizer '{optimizer}': choose one of {sorted(OPTIMIZER_STATES)}")

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from cost_models.node_costs import NodeCosts
+from partitioner.cost_models.node_costs import NodeCosts
 
 
 class _Loss(torch.nn.Module):
@@ -37,8 +37,8 @@ def profile_loss(loss_fn: Callable[[Any, Any], torch.Tensor], captured: Any, tar
     target: one microbatch of the target (any device; only shapes and dtypes are used).
     profile_kwargs: as cost_models.profile.profile (device, dtype, optimizer).
     """
-    from cost_models.profile import profile
-    from passes.capture import capture
+    from partitioner.cost_models.profile import profile
+    from partitioner.passes.capture import capture
 
     out_node = next(n for n in captured.graph_module.graph.nodes if n.op == "output")
     leaves = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in out_node.args[0]]

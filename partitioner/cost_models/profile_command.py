@@ -134,12 +134,12 @@ def run_profile(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from cost_models.device import get_device_spec, spec_for_torch_device
-    from cost_models.profile import module_costs, profile
+    from partitioner.cost_models.device import get_device_spec, spec_for_torch_device
+    from partitioner.cost_models.profile import module_costs, profile
     from partitioner.plan_command import check_output_paths
     from partitioner.zoo import context_note
-    from passes.annotate import annotate
-    from passes.capture import capture
+    from partitioner.passes.annotate import annotate
+    from partitioner.passes.capture import capture
 
     check_output_paths(args.json, None)  # before the capture, not after it
     dtype = DTYPES[args.dtype]

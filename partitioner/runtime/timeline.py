@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.schedules import Action, Schedule
-from runtime.simulator import Timeline
+from partitioner.runtime.schedules import Action, Schedule
+from partitioner.runtime.simulator import Timeline
 
 # Terminal: fill characters per chunk (virtual stage of a rank) and rich colours.
 _TEXT_FILL = {"F": "-~:+", "B": "=#%@"}

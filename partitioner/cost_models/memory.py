@@ -1,7 +1,7 @@
 """Memory costs: parameter, output and saved-for-backward bytes, optimizer state.
 
 Saved bytes come from the tensors saved_tensors_hooks recorded while each node's
-forward ran on fake tensors (cost_models/flops.py): deduplicated by storage, so
+forward ran on fake tensors (partitioner/cost_models/flops.py): deduplicated by storage, so
 views and aliases count once, a storage saved by an earlier node is not counted
 again, and parameters/buffers (get_attr storages) are not activations.
 
@@ -22,7 +22,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
-from cost_models.flops import NodeTrace
+from partitioner.cost_models.flops import NodeTrace
 from partitioner.errors import CostModelError
 
 # optimizer -> fp32 state tensors per parameter element (moments / momentum buffers)

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from cost_models.flops import COMPUTE_OPS
-from cost_models.time import pass_time_s
+from partitioner.cost_models.flops import COMPUTE_OPS
+from partitioner.cost_models.time import pass_time_s
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch.fx
 
 from partitioner.errors import PlanError
 from partitioner.plan import Plan
-from passes.capture import Captured, get_attr
+from partitioner.passes.capture import Captured, get_attr
 
 USER_INPUT = -1  # StageModule.input_sources value of a user input
 

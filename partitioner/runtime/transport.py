@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from partitioner.errors import RuntimeConfigError
-from runtime.comm_plan import CommPlan, Message
+from partitioner.runtime.comm_plan import CommPlan, Message
 
 
 class Transport(ABC):

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch.fx
 
-from cost_models.device import DeviceSpec
-from cost_models.flops import COMPUTE_OPS, NodeTrace
-from cost_models.memory import DtypeScale, value_bytes
-from cost_models.time import NodeTime, roofline_time_s
+from partitioner.cost_models.device import DeviceSpec
+from partitioner.cost_models.flops import COMPUTE_OPS, NodeTrace
+from partitioner.cost_models.memory import DtypeScale, value_bytes
+from partitioner.cost_models.time import NodeTime, roofline_time_s
 
 
 def is_heavy(trace: NodeTrace) -> bool:

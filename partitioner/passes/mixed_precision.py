@@ -24,7 +24,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
-from passes.capture import Captured, capture, set_attr
+from partitioner.passes.capture import Captured, capture, set_attr
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 

@@ -1,11 +1,11 @@
-"""NodeCosts: the cost of every node of a captured graph (INTERFACE; filled by cost_models/profile.py)."""
+"""NodeCosts: the cost of every node of a captured graph (INTERFACE; filled by partitioner/cost_models/profile.py)."""
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
-from cost_models.time import pass_time_s
+from partitioner.cost_models.time import pass_time_s
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class NodeCost:
     host_fwd_time_s / host_bwd_time_s: host dispatch times where measured apart (CUDA);
         0 where the device times include them. A run of nodes takes, per pass,
         max(sum of device times, sum of host times) (see `time_s`).
-    Bytes and times are in NodeCosts.dtype (see cost_models/profile.py).
+    Bytes and times are in NodeCosts.dtype (see partitioner/cost_models/profile.py).
     """
 
     name: str

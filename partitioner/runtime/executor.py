@@ -20,12 +20,12 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from passes.capture import get_attr, set_attr
-from passes.split import USER_INPUT, StageModule
+from partitioner.passes.capture import get_attr, set_attr
+from partitioner.passes.split import USER_INPUT, StageModule
 from partitioner.errors import RuntimeConfigError
-from runtime.comm_plan import CommPlan, build_comm_plan, forward_only
-from runtime.schedules import Action, Schedule, dependencies
-from runtime.transport import Transport
+from partitioner.runtime.comm_plan import CommPlan, build_comm_plan, forward_only
+from partitioner.runtime.schedules import Action, Schedule, dependencies
+from partitioner.runtime.transport import Transport
 
 
 def in_process_order(schedule: Schedule) -> list[Action]:
@@ -63,7 +63,7 @@ class Executor:
                  stage_device: dict[int, torch.device], order: list[Action], inference_order: list[Action],
                  runners: dict[int, Callable] | None = None):
         self.stages = stages
-        # what runs a stage: its graph module, or that compiled (runtime/compiled.py)
+        # what runs a stage: its graph module, or that compiled (partitioner/runtime/compiled.py)
         self.runners = runners or {st.stage: st.graph_module for st in stages}
         self.local = set(local)
         self.schedule = schedule

@@ -27,7 +27,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
-from passes.capture_errors import (ModuleTracker, capture_error, check_inputs_eagerly, first_line,
+from partitioner.passes.capture_errors import (ModuleTracker, capture_error, check_inputs_eagerly, first_line,
                                    is_data_dependent, model_name)
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from passes.split import StageModule
-from runtime.schedules import Action, Schedule
+from partitioner.passes.split import StageModule
+from partitioner.runtime.schedules import Action, Schedule
 
 
 @dataclass(frozen=True)
