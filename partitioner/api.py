@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError, RuntimeConfigError
@@ -35,6 +36,8 @@ from partitioner.passes.capture import Captured
 from partitioner.passes.split import StageModule, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
 from partitioner.runtime.compiled import compile_options, compile_report, compile_stages, print_once
+from partitioner.runtime.data_parallel import (DATA_PARALLEL_MODES, DataParallelStages, MeshLayout, full_tensor,
+                                               mesh_layout)
 from partitioner.runtime.executor import Executor, ParameterStore, in_process_order
 from partitioner.runtime.schedules import make_schedule, validate
 from partitioner.runtime.transport import DistTransport, InProcessTransport
@@ -43,19 +46,30 @@ if TYPE_CHECKING:
     from partitioner.cost_models.device import DeviceSpec
 
 
-def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], example_inputs: tuple | Any,
-                     loss_fn: Callable[[Any, Any], torch.Tensor], *, example_kwargs: dict | None = None,
+def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] | DeviceMesh | None = None,
+                     example_inputs: tuple | Any = None, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+                     *, mesh: DeviceMesh | None = None, data_parallel: str = "fsdp",
+                     example_kwargs: dict | None = None,
                      microbatches: int | None = None, schedule: str | None = None, chunks: int = 1,
                      plan: Plan | None = None, memory: int | str | None = None, device_type: str | None = None,
                      time_limit_s: float = 10.0, timeout_s: float = 300.0,
                      example_target: Any = None, compile: bool | dict | None = None,
                      mixed_precision: str | None = None, init_fn: Callable[[torch.nn.Module], None] | None = None,
                      checkpoint: str | os.PathLike | None = None, gap: float = 0.01) -> "ParallelModel":
-    """Partition `model` over `devices` and return a ParallelModel that trains it.
+    """Partition `model` over `devices` (or a DeviceMesh) and return a ParallelModel that trains it.
 
+    devices: one device per pipeline rank, e.g. ["cuda:0", "cuda:1"] under torchrun, or ["cpu"] * 4
+        in one process.
+    mesh: instead of devices, a DeviceMesh with dims ("dp", "pp") (or ("pp",)) over every process,
+        e.g. init_device_mesh("cuda", (dp, pp), mesh_dim_names=("dp", "pp")): dp replicas of a
+        pp-rank pipeline, each training on 1/dp of the global batch (runtime/data_parallel.py); each
+        process uses its LOCAL_RANK's GPU. data_parallel: how gradients are reduced across replicas:
+        "fsdp" (default: FSDP2 fully_shard, parameters, gradients and optimizer state sharded over dp)
+        or "replicate" (FSDP2's replicate: whole on every replica, gradients all-reduced).
     example_inputs / example_kwargs: the GLOBAL batch, as model(*example_inputs, **example_kwargs);
         tensors whose dim 0 is the batch size (dim 0 of the first tensor input) are split along dim 0
-        into `microbatches` (default 2 x devices); other inputs go whole to every microbatch.
+        into dp shares, then each into `microbatches` (default 2 x pipeline ranks); other inputs go
+        whole to every microbatch.
     loss_fn(output, target) -> scalar mean loss of a batch; train_step returns the mean over microbatches.
     schedule: "gpipe", "1f1b" (default) or "interleaved-1f1b" (default when chunks > 1).
     plan: a Plan to use as is; else partitioner.planner plans it (memory: per-device cap, e.g. "24GiB";
@@ -79,12 +93,30 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
         (default: each module's reset_parameters()); see partitioner/materialise.py. A checkpoint also
         overwrites a real model's weights.
     """
+    if isinstance(devices, DeviceMesh):
+        devices, mesh = None, devices
+    if example_inputs is None or loss_fn is None:
+        raise RuntimeConfigError("compile_parallel: pass example_inputs (the global batch) and loss_fn(output, "
+                                 "target); e.g. compile_parallel(model, devices, (x,), loss_fn).")
+    layout = None
+    if mesh is not None:
+        if devices is not None:
+            raise RuntimeConfigError("compile_parallel: pass devices= or mesh=, not both; the mesh names every "
+                                     "process and each uses its LOCAL_RANK's device.")
+        layout, devices = _mesh_layout(mesh)
+    elif devices is None:
+        raise RuntimeConfigError("compile_parallel: pass devices (one per pipeline rank, e.g. ['cuda:0', "
+                                 "'cuda:1']) or mesh= (a DeviceMesh with dims ('dp', 'pp')).")
     devices = [torch.device(d) for d in devices]
     p = len(devices)
+    dp = layout.dp if layout is not None else 1
     options = compile_options(compile, devices)
     if p < 1:
         raise RuntimeConfigError("compile_parallel: devices is empty; list one device per pipeline rank.")
     _check_devices(devices)
+    if data_parallel not in DATA_PARALLEL_MODES:
+        raise RuntimeConfigError(f"compile_parallel: data_parallel={data_parallel!r}; use one of "
+                                 f"{list(DATA_PARALLEL_MODES)}.")
     _check_not_partly_meta(model)
     if plan is not None:
         chunks = plan.chunks
@@ -94,27 +126,34 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
     microbatches = microbatches or (plan.microbatches if plan is not None else 0) or 2 * p
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    rank = _init_distributed(devices, timeout_s)
+    rank = _init_distributed(devices, timeout_s) if layout is None else (
+        layout.pp_rank if dist.get_world_size() > 1 else None)
+    if rank is not None and layout is None:
+        layout = MeshLayout.single(dist.get_world_size(), rank)
 
     if rank is not None:  # every rank must have been called the same way
-        _agree(_fingerprint(model, devices, args, kwargs, microbatches, schedule, chunks, plan),
+        where = [f"mesh {layout.replicas} of {devices[0].type}"] if mesh is not None else devices
+        _agree(_fingerprint(model, where, args, kwargs, microbatches, schedule, chunks, plan),
                "the arguments of compile_parallel (model, devices, example inputs, microbatches, schedule, "
                "chunks, plan)", rank, devices)
 
     batch = batch_size((args, kwargs))
-    if batch is not None and batch % microbatches:
-        fits = [d for d in range(1, batch + 1) if batch % d == 0]
+    if batch is not None and batch % (dp * microbatches):
+        fits = [d for d in range(1, batch // dp + 1) if batch % (dp * d) == 0]
         origin = (f"the default of 2 x {p} devices" if defaulted and plan is None else
                   "the plan's" if defaulted else "requested")
+        share = f" x {dp} data-parallel replicas" if dp > 1 else ""
         raise RuntimeConfigError(f"compile_parallel: the example batch of {batch} does not split into {microbatches} "
-                                 f"microbatches ({origin}); pass microbatches= one of {fits} or a batch that "
-                                 f"{microbatches} divides.")
-    mb_args, mb_kwargs = _first_microbatch(args, kwargs, microbatches)
+                                 f"microbatches ({origin}){share}; pass microbatches= one of {fits} or a batch that "
+                                 f"{dp * microbatches} divides.")
+    mb_args, mb_kwargs = _first_microbatch(args, kwargs, dp * microbatches)
     try:
         if plan is None:
-            plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
-                                   memory, device_type, time_limit_s, rank, devices, loss_fn, example_target,
-                                   mixed_precision, options is not None, gap)
+            # the plan is per pipeline: one replica's share of the global batch
+            (share_args, share_kwargs), share_target = _replica_share((args, kwargs), example_target, dp, batch)
+            plan, captured = _plan(model, share_args, share_kwargs, mb_args, mb_kwargs, p, chunks, schedule,
+                                   microbatches, memory, device_type, time_limit_s, rank, devices, loss_fn,
+                                   share_target, mixed_precision, options is not None, gap)
         else:
             captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     except CaptureError as err:
@@ -135,8 +174,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
         raise RuntimeConfigError(f"compile_parallel: the plan puts stages on ranks {plan.stage_rank}, but schedule "
                                  f"{schedule!r} expects {list(sched.stage_rank)}; plan with the same schedule/chunks.")
     local_ranks = list(range(p)) if rank is None else [rank]
+    replicas, replica = (layout.replicas, layout.dp_rank) if layout is not None else (None, 0)
     store = ParameterStore(model, captured, stages, devices, local_ranks, distributed=rank is not None,
-                           timeout_s=timeout_s)
+                           timeout_s=timeout_s, replicas=replicas, replica=replica)
     if checkpoint is not None or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         from partitioner.materialise import materialise
         materialise(model, store, rank, init_fn, checkpoint)
@@ -149,15 +189,22 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device], 
         order, inference_order = in_process_order(sched), in_process_order(forward_only(sched))
     else:
         channels = list(build_comm_plan(stages, sched).channels)
-        transport = DistTransport(rank, devices[rank], channels, timeout_s=timeout_s)
+        transport = DistTransport(rank, devices[rank], channels, timeout_s=timeout_s, replicas=replicas,
+                                  replica=replica)
         order, inference_order = list(sched.actions[rank]), list(forward_only(sched).actions[rank])
     runners, run_loss = compile_stages({k: stages[k].graph_module for k in local}, loss_fn, options)
+    dp_stages = None
+    if dp > 1:  # this rank's stages under FSDP2 over the mesh's dp dim
+        dp_stages = DataParallelStages({k: stages[k].graph_module for k in local}, runners, mesh["dp"],
+                                       data_parallel)
+        runners = dp_stages.runners
+        store.adopt([stages[k] for k in local])
     executor = Executor(stages, local, sched, transport, _checked_loss(run_loss, loss_fn), captured.unflatten_outputs,
                         stage_device, order, inference_order, runners)
     source = ModeSource(meta_skeleton(model), mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
                         compile_options=options, timeout_s=timeout_s, check_loss=_checked_loss)
     return ParallelModel(captured, plan, stages, executor, store, devices, rank, args, kwargs, microbatches,
-                         source=source)
+                         source=source, layout=layout, data_parallel=dp_stages)
 
 
 class ParallelModel:
@@ -174,7 +221,8 @@ class ParallelModel:
 
     def __init__(self, captured: Captured, plan: Plan, stages: list[StageModule], executor: Executor,
                  store: ParameterStore, devices: list[torch.device], rank: int | None, example_args: tuple,
-                 example_kwargs: dict, microbatches: int, *, source: ModeSource | None = None):
+                 example_kwargs: dict, microbatches: int, *, source: ModeSource | None = None,
+                 layout: MeshLayout | None = None, data_parallel: DataParallelStages | None = None):
         self.captured = captured
         self.plan = plan
         self.stages = stages
@@ -190,6 +238,13 @@ class ParallelModel:
         self.model = source.model if source is not None else None  # on meta: the structure, FQNs and shapes
         self.training = source.model.training if source is not None else True
         self._modes: dict[bool, Any] = {}
+        self.layout = layout  # where this process sits among the data-parallel replicas (None: one process)
+        self.data_parallel = data_parallel  # this rank's stages under FSDP2 when dp > 1
+
+    @property
+    def dp(self) -> int:
+        """How many data-parallel replicas of the pipeline train together (1: none)."""
+        return self.layout.dp if self.layout is not None else 1
 
     @property
     def schedule(self):
@@ -201,13 +256,19 @@ class ParallelModel:
         """Forward and backward of every microbatch of the batch (inputs as in the example inputs).
 
         Gradients accumulate into .grad (call zero_grad between steps). Returns the loss, the mean
-        of loss_fn over the microbatches, as a 0-dim float32 tensor on every rank.
+        of loss_fn over the microbatches, as a 0-dim float32 tensor on every rank. With data
+        parallelism every rank passes the global batch; each replica trains on its 1/dp share, the
+        gradients are averaged over the replicas and the loss is the mean over the global batch.
         """
         self._check_process_group("train_step")
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
-        targets = split_batch(target, self.microbatches, "target")
+        targets = self._own_share(split_batch(target, self.dp * self.microbatches, "target"))
         self.store.before_step()
+        if self.data_parallel is not None:
+            self.data_parallel.before_step()
         loss = self.executor.train_step(mb_inputs, targets)
+        if self.data_parallel is not None:
+            self.data_parallel.after_step()
         self.store.after_step()
         if not self._steps_run:
             print_once(compile_report(self.executor.runners), self.rank)
@@ -217,11 +278,14 @@ class ParallelModel:
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Inference on a batch shaped like the example inputs: the model's output structure, tensor
         leaves concatenated over microbatches along dim 0 (0-dim leaves stacked). Under torchrun only
-        the rank of the last stage gets the output; the other ranks return None."""
+        the rank of the last stage gets the output; the other ranks return None. With data
+        parallelism each replica's last rank gets the output of its 1/dp share of the batch."""
         self._check_process_group("forward")
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         self.store.refresh_replicas()
         flat = self.executor.forward(mb_inputs)
+        if self.data_parallel is not None:
+            self.data_parallel.reshard()
         if flat is None:
             return None
         leaves = []
@@ -247,8 +311,15 @@ class ParallelModel:
                 want = f"{tuple(ex.shape)} {ex.dtype}" if isinstance(ex, torch.Tensor) else repr(ex)
                 raise RuntimeConfigError(f"input {i} is {got} but the example inputs had {want}; the stages were "
                                          "captured for that shape. Pass batches shaped like the example inputs.")
-        return [self.captured.flatten_inputs(a, kw) for a, kw in
-                split_batch((tuple(inputs), dict(kwargs)), self.microbatches, "input", batch_size(leaves))]
+        shares = split_batch((tuple(inputs), dict(kwargs)), self.dp * self.microbatches, "input", batch_size(leaves))
+        return [self.captured.flatten_inputs(a, kw) for a, kw in self._own_share(shares)]
+
+    def _own_share(self, microbatches: list[Any]) -> list[Any]:
+        """This replica's microbatches of the global batch's dp x m (replica d takes the d-th run of m)."""
+        if self.dp == 1:
+            return microbatches
+        d, m = self.layout.dp_rank, self.microbatches
+        return microbatches[d * m:(d + 1) * m]
 
     def _check_process_group(self, what: str) -> None:
         if self.rank is not None and not dist.is_initialized():
@@ -257,12 +328,14 @@ class ParallelModel:
                                      "or call compile_parallel again in a new process group.")
 
     def _share_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """The mean loss over the global batch on every rank: each replica's last rank holds its
+        share's mean, the others add zero."""
         if self.rank is None:
             return loss.detach().float()
         device = self.devices[self.rank] if dist.get_backend() == "nccl" else torch.device("cpu")
         t = loss.detach().float().to(device) if loss is not None else torch.zeros((), device=device)
-        dist.broadcast(t, src=self._last_rank)
-        return t
+        dist.all_reduce(t)
+        return t / self.dp if self.dp > 1 else t
 
     # ------------------------------------------------------------------ modes and clipping
 
@@ -318,14 +391,17 @@ class ParallelModel:
         return self.store.state_dict()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every rank's state gathered on rank 0 (CPU tensors); loads into the original model.
+        """Every rank's state gathered on global rank 0 (CPU tensors); loads into the original model.
         Other ranks get {}. In one process it is the whole state_dict on CPU."""
-        own = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        own = {k: full_tensor(v.detach()).cpu() for k, v in self.state_dict().items()}  # DTensors gathered over dp
         if self.rank is None:
             return own
-        gathered = [None] * dist.get_world_size() if self.rank == 0 else None
+        if self.dp > 1 and self.layout.dp_rank != 0:
+            own = {}  # replica 0 sends it
+        first = dist.get_rank() == 0
+        gathered = [None] * dist.get_world_size() if first else None
         dist.gather_object(own, gathered, dst=0)
-        if self.rank != 0:
+        if not first:
             return {}
         full: dict[str, torch.Tensor] = {}
         for part in gathered:
@@ -380,6 +456,21 @@ def _init_distributed(devices: list[torch.device], timeout_s: float) -> int | No
     if devices[rank].type == "cuda":
         torch.cuda.set_device(devices[rank])
     return rank
+
+
+def _mesh_layout(mesh: DeviceMesh) -> tuple[MeshLayout, list[torch.device]]:
+    """This process's place in the mesh, and the pipeline's devices as this process sees them (its
+    own device for every pipeline rank: only its own is used)."""
+    if not dist.is_initialized():
+        raise RuntimeConfigError("compile_parallel: mesh= needs torch.distributed initialised; build the mesh with "
+                                 "torch.distributed.device_mesh.init_device_mesh under torchrun.")
+    layout = mesh_layout(mesh, dist.get_rank(), dist.get_world_size())
+    if mesh.device_type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(mesh.device_type)
+    return layout, [device] * layout.pp
 
 
 def _check_devices(devices: list[torch.device]) -> None:
@@ -510,6 +601,14 @@ def _split_hint(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | 
             "batch size different from its dim 0.")
 
 
+def _replica_share(inputs: tuple[tuple, dict], target: Any, dp: int, batch: int | None) -> tuple[Any, Any]:
+    """The first of dp equal shares of the global batch's inputs and target."""
+    if dp == 1:
+        return inputs, target
+    share = split_batch(inputs, dp, "example input", batch)[0]
+    return share, split_batch(target, dp, "example_target")[0] if target is not None else None
+
+
 def _first_microbatch(args: tuple, kwargs: dict, microbatches: int) -> tuple[tuple, dict]:
     return split_batch((args, kwargs), microbatches, "example input", batch_size((args, kwargs)))[0]
 
@@ -519,8 +618,9 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
           time_limit_s: float, rank: int | None, devices: list[torch.device], loss_fn: Callable[[Any, Any], Any],
           example_target: Any, mixed_precision: str | None, compiled: bool,
           gap: float = 0.01) -> tuple[Plan, Captured]:
-    """Plan on rank 0 (the solver is not deterministic across processes) and share the plan."""
-    if rank is None or rank == 0:
+    """Plan on global rank 0 (the solver is not deterministic across processes) and share the plan."""
+    planner = rank is None or dist.get_rank() == 0
+    if planner:
         from partitioner.planner import PlanConfig, plan_model
         if isinstance(memory, str):
             from partitioner.plan_command import parse_bytes
@@ -537,9 +637,9 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
         plan, captured = result.plan, result.captured
     if rank is None:
         return plan, captured
-    box = [plan.to_json() if rank == 0 else None]
+    box = [plan.to_json() if planner else None]
     dist.broadcast_object_list(box, src=0)
-    if rank != 0:
+    if not planner:
         plan = Plan.from_json(box[0])
         captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     return plan, captured

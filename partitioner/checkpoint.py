@@ -75,10 +75,10 @@ def save(pm: "ParallelModel", path: str | os.PathLike, optimizer: torch.optim.Op
     except RuntimeConfigError as err:
         error = err
     _raise_if_any(pm, error)
-    if pm.rank in (None, 0):
+    if pm.rank is None or dist.get_rank() == 0:
         state[EXTRA] = dict(extra or {})
     _write(state, path, distributed=pm.rank is not None)
-    if pm.rank in (None, 0):
+    if pm.rank is None or dist.get_rank() == 0:
         _write_info(path, pm.model, pm.plan.to_json())
     if pm.rank is not None:
         dist.barrier()  # the JSON files are there when save returns on any rank

@@ -79,6 +79,11 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
     """Capture pm's model in `training` mode, split it like pm.plan, share pm's tensors, compile
     the stages as compile_parallel did."""
     source = pm.source
+    if pm.dp > 1:
+        raise RuntimeConfigError(f"ParallelModel.{'train' if training else 'eval'}: switching modes is not supported "
+                                 "with data parallelism yet (FSDP2 manages the parameters of the mode compiled); "
+                                 "put the model in the mode you train in before compile_parallel, and evaluate "
+                                 "with a ParallelModel compiled in eval mode or without mesh=.")
     if source is None:
         raise RuntimeConfigError("ParallelModel.train/eval: this ParallelModel keeps no reference to its model, "
                                  "so it cannot capture the other mode; build it with compile_parallel.")
@@ -112,7 +117,8 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
         order, inference_order = in_process_order(sched), in_process_order(forward_only(sched))
     else:
         channels = list(build_comm_plan(stages, sched).channels)
-        transport = DistTransport(pm.rank, pm.devices[pm.rank], channels, timeout_s=source.timeout_s)
+        transport = DistTransport(pm.rank, pm.devices[pm.rank], channels, timeout_s=source.timeout_s,
+                                  replicas=pm.layout.replicas, replica=pm.layout.dp_rank)
         order, inference_order = list(sched.actions[pm.rank]), list(forward_only(sched).actions[pm.rank])
     runners, loss_fn = compile_stages({k: stages[k].graph_module for k in local}, source.loss_fn,
                                       source.compile_options)

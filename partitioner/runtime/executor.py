@@ -24,6 +24,7 @@ from partitioner.passes.capture import get_attr, set_attr
 from partitioner.passes.split import USER_INPUT, StageModule
 from partitioner.errors import RuntimeConfigError
 from partitioner.runtime.comm_plan import CommPlan, build_comm_plan, forward_only
+from partitioner.runtime.data_parallel import copy_full_, local_tensor
 from partitioner.runtime.schedules import Action, Schedule, dependencies
 from partitioner.runtime.transport import Transport
 
@@ -199,7 +200,8 @@ class ParameterStore:
     """
 
     def __init__(self, model: torch.nn.Module, captured, stages: list[StageModule], devices: list[torch.device],
-                 local_ranks: list[int], distributed: bool, timeout_s: float = 300.0):
+                 local_ranks: list[int], distributed: bool, timeout_s: float = 300.0,
+                 replicas: tuple[tuple[int, ...], ...] | None = None, replica: int = 0):
         self.distributed = distributed
         names_of: dict[int, list[str]] = {}
         for name, t in [*model.named_parameters(remove_duplicate=False),
@@ -240,10 +242,12 @@ class ParameterStore:
             import torch.distributed as dist
             from datetime import timedelta
             sets = sorted({tuple(sorted(r)) for f, r in self.holders.items() if len(r) > 1 and self.is_param[f]})
-            for ranks in sets:  # created in the same order on every rank
-                group = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s))
-                if local_ranks[0] in ranks:
-                    self.groups[ranks] = group
+            rows = replicas or (tuple(range(len(devices))),)  # pipeline rank -> global rank, per dp replica
+            for d, row in enumerate(rows):
+                for ranks in sets:  # created in the same order on every rank
+                    group = dist.new_group([row[r] for r in ranks], timeout=timedelta(seconds=timeout_s))
+                    if d == replica and local_ranks[0] in ranks:
+                        self.groups[ranks] = group
         self._stash: dict[str, torch.Tensor | None] = {}
 
     # ------------------------------------------------------------------ replicas
@@ -288,9 +292,18 @@ class ParameterStore:
         for fqn in self._shared():
             p = self.replicas[fqn][0]
             g = p.grad if p.grad is not None else torch.zeros_like(p)
-            dist.all_reduce(g, group=self.groups[tuple(sorted(self.holders[fqn]))])
+            # under FSDP the gradient is this rank's shard: the holders' shards line up
+            dist.all_reduce(local_tensor(g), group=self.groups[tuple(sorted(self.holders[fqn]))])
             stash = self._stash.pop(fqn, None)
             p.grad = g if stash is None else stash + g
+
+    def adopt(self, stages: list[StageModule]) -> None:
+        """Take the tensors the local stage modules now hold (FSDP2 replaced their parameters by
+        sharded ones, runtime/data_parallel.py) as this rank's parameters."""
+        for st in stages:
+            for fqn in [*st.params, *st.buffers]:
+                if fqn in self.replicas:
+                    self.replicas[fqn] = [get_attr(st.graph_module, fqn)]
 
     # ------------------------------------------------------------------ views
 
@@ -324,7 +337,7 @@ class ParameterStore:
                     missing.append(fqn)
                 continue
             for t in copies:
-                t.copy_(state[key])
+                copy_full_(t, state[key])
         for k, t in self.unused.items():
             if k in state:
                 t.copy_(state[k])

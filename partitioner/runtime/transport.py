@@ -92,21 +92,31 @@ class DistTransport(Transport):
 
     channels: every (src_rank, dst_rank) pair that will ever carry a message, the
     same list on every rank (groups are created in its sorted order).
+    replicas: with data parallelism, replicas[d][r] is the global rank of pipeline rank r in
+    replica d (runtime/data_parallel.py), the same table on every rank; `rank` and the messages'
+    ranks are pipeline ranks, and this process is in replica `replica`. None: one pipeline whose
+    ranks are the global ranks.
     post_early: whether `prefetch` posts receives before they are needed; default
     True on CPU (gloo), False on CUDA (NCCL), see the module docstring.
     """
 
     def __init__(self, rank: int, device: torch.device, channels: list[tuple[int, int]],
-                 timeout_s: float = 300.0, backend: str | None = None, post_early: bool | None = None):
+                 timeout_s: float = 300.0, backend: str | None = None, post_early: bool | None = None,
+                 replicas: tuple[tuple[int, ...], ...] | None = None, replica: int = 0):
         self.rank = rank
         self.device = torch.device(device)
         self.post_early = self.device.type != "cuda" if post_early is None else post_early
         self.timeout = timedelta(seconds=timeout_s)
         self.groups: dict[tuple[int, int], dist.ProcessGroup] = {}
-        for src, dst in sorted(set(channels)):
-            group = dist.new_group([src, dst], timeout=self.timeout, backend=backend)
-            if self.rank in (src, dst):
-                self.groups[(src, dst)] = group
+        pairs = sorted(set(channels))
+        if replicas is None:
+            replicas = (tuple(range(1 + max([rank, *(r for pair in pairs for r in pair)]))),)
+        self.global_rank = replicas[replica]  # pipeline rank -> global rank, in this process's replica
+        for d, row in enumerate(replicas):  # every rank creates every replica's groups, in the same order
+            for src, dst in pairs:
+                group = dist.new_group([row[src], row[dst]], timeout=self.timeout, backend=backend)
+                if d == replica and self.rank in (src, dst):
+                    self.groups[(src, dst)] = group
         self._connect()
         self.local: dict[Message, torch.Tensor] = {}
         self.pending_sends: deque[tuple[dist.Work, torch.Tensor, Message]] = deque()
@@ -130,9 +140,9 @@ class DistTransport(Transport):
             probe = torch.zeros(1, device=self.device)
             try:
                 if self.rank == src:
-                    dist.send(probe, dst=dst, group=group)
+                    dist.send(probe, dst=self.global_rank[dst], group=group)
                 else:
-                    dist.recv(probe, src=src, group=group)
+                    dist.recv(probe, src=self.global_rank[src], group=group)
             except Exception as err:
                 peer = dst if self.rank == src else src
                 raise RuntimeConfigError(f"rank {self.rank}: could not connect to rank {peer} within "
@@ -163,7 +173,7 @@ class DistTransport(Transport):
         while self.next_send[dst] < len(queue) and queue[self.next_send[dst]] in self.held:
             m = queue[self.next_send[dst]]
             t = self.held.pop(m)
-            self.pending_sends.append((dist.isend(t, dst=dst, group=group), t, m))
+            self.pending_sends.append((dist.isend(t, dst=self.global_rank[dst], group=group), t, m))
             self.next_send[dst] += 1
         while self.pending_sends and self.pending_sends[0][0].is_completed():
             self._wait(*self.pending_sends.popleft())
@@ -183,7 +193,7 @@ class DistTransport(Transport):
             while self.next_post[src] <= self.position[msg]:
                 m = queue[self.next_post[src]]
                 buf = torch.empty(m.shape, dtype=m.dtype, device=self.device)
-                self.posted[m] = (dist.irecv(buf, src=src, group=group), buf)
+                self.posted[m] = (dist.irecv(buf, src=self.global_rank[src], group=group), buf)
                 self.next_post[src] += 1
 
     def recv(self, msg: Message) -> torch.Tensor:

@@ -1,0 +1,174 @@
+"""Data parallel x pipeline: dp replicas of one pipeline, laid out on a DeviceMesh.
+
+A mesh with dims ("dp", "pp") (either order; a 1-D ("pp",) mesh is dp = 1) holds
+dp pipeline replicas: replica d is the ranks mesh[d, :], and its pp rank r runs
+the plan's stages of rank r on its share of the global batch. Point-to-point
+traffic stays inside a replica; gradients are reduced across replicas by FSDP2.
+
+Each rank's stage graph modules become one module (`RankStages`) so that FSDP2
+manages this rank's parameters as one group: a tied weight read by two local
+stages (chunks) is one parameter, sharded once. It is wrapped with
+`fully_shard` (parameters, gradients and optimizer state sharded over dp) or the
+FSDP2-based `replicate` (whole on every replica, gradients all-reduced), and
+driven the way torch.distributed.pipelining drives FSDP: during a step's
+backwards gradient sync and resharding are off, so gradients accumulate whole
+over the microbatches; after the rank's last backward one reduce-scatter (or
+all-reduce) averages them over the replicas, and the parameters are resharded.
+Each replica's loss is the mean over its share of the batch, so the averaged
+gradient is that of the mean loss over the global batch.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from partitioner.errors import RuntimeConfigError
+
+DATA_PARALLEL_MODES = ("fsdp", "replicate")
+
+
+@dataclass(frozen=True)
+class MeshLayout:
+    """Where this process sits among dp replicas of a pp-rank pipeline.
+
+    replicas[d][r]: the global rank of pipeline rank r in replica d (the same table on every rank).
+    """
+
+    dp: int
+    pp: int
+    dp_rank: int
+    pp_rank: int
+    replicas: tuple[tuple[int, ...], ...]
+
+    @property
+    def pipeline(self) -> tuple[int, ...]:
+        """Global ranks of this process's replica, by pipeline rank."""
+        return self.replicas[self.dp_rank]
+
+    @staticmethod
+    def single(world: int, rank: int) -> "MeshLayout":
+        """One pipeline over the whole world (no data parallelism): pipeline rank = global rank."""
+        return MeshLayout(1, world, 0, rank, (tuple(range(world)),))
+
+
+def mesh_layout(mesh: Any, rank: int, world: int) -> MeshLayout:
+    """The layout of a DeviceMesh with a "pp" dim and optionally a "dp" dim; RuntimeConfigError
+    naming what is wrong otherwise."""
+    names = tuple(mesh.mesh_dim_names or ())
+    if "pp" not in names:
+        raise RuntimeConfigError(f"compile_parallel: the mesh has dims {names or '(unnamed)'} but no 'pp' dim; "
+                                 "build it with mesh_dim_names=('dp', 'pp') (or ('pp',) for a pipeline only).")
+    other = [n for n in names if n not in ("dp", "pp")]
+    if other:
+        raise RuntimeConfigError(f"compile_parallel: mesh dim(s) {other} are not supported; the mesh may have "
+                                 "only 'dp' and 'pp' dims.")
+    if mesh.size() != world:
+        raise RuntimeConfigError(f"compile_parallel: the mesh has {mesh.size()} ranks but the world has {world} "
+                                 f"processes; start one process per mesh rank (torchrun --nproc_per_node ...).")
+    table = mesh.mesh
+    table = table.unsqueeze(0) if names == ("pp",) else table.permute(names.index("dp"), names.index("pp"))
+    replicas = tuple(tuple(int(r) for r in row) for row in table.tolist())
+    where = [(d, r) for d, row in enumerate(replicas) for r, g in enumerate(row) if g == rank]
+    if not where:
+        raise RuntimeConfigError(f"compile_parallel: rank {rank} is not in the mesh {replicas}.")
+    d, r = where[0]
+    return MeshLayout(len(replicas), len(replicas[0]), d, r, replicas)
+
+
+class RankStages(nn.Module):
+    """This rank's stage graph modules as one module: `self(stage, *args)` runs stage `stage`
+    through its runner (the graph module, or that compiled), so FSDP2's hooks see every call."""
+
+    def __init__(self, graph_modules: dict[int, nn.Module], runners: dict[int, Callable]):
+        super().__init__()
+        self.stages = nn.ModuleDict({str(k): gm for k, gm in graph_modules.items()})
+        self._runners = dict(runners)
+
+    def forward(self, stage: int, *args: Any) -> Any:
+        return self._runners[stage](*args)
+
+
+class DataParallelStages:
+    """This rank's stages under FSDP2 over the mesh's dp dim (see module docstring).
+
+    runners: what the executor calls per stage (through the FSDP-managed module).
+    """
+
+    def __init__(self, graph_modules: dict[int, nn.Module], runners: dict[int, Callable], dp_mesh: Any,
+                 mode: str = "fsdp"):
+        if mode not in DATA_PARALLEL_MODES:
+            raise RuntimeConfigError(f"compile_parallel: data_parallel={mode!r}; use one of {DATA_PARALLEL_MODES}.")
+        self.mode = mode
+        self.module = RankStages(graph_modules, runners)
+        if mode == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+            # parameters stay gathered through the step: every microbatch's forward and backward reads them
+            fully_shard(self.module, mesh=dp_mesh, reshard_after_forward=False)
+        else:
+            from torch.distributed._composable.replicate_with_fsdp import replicate
+            replicate(self.module, mesh=dp_mesh)
+        if dp_mesh.device_type == "cpu":  # gloo has no AVG reduction: sum, then divide by dp
+            self.module.set_force_sum_reduction_for_comms(True)
+        self.runners = {k: functools.partial(self.module, k) for k in runners}
+
+    def before_step(self) -> None:
+        """Accumulate whole gradients over the step's backwards: no reduction, no resharding."""
+        self.module.set_is_last_backward(False)
+        self.module.set_reshard_after_backward(False)
+        self.module.set_requires_gradient_sync(False)
+
+    def after_step(self) -> None:
+        """Reduce the accumulated gradients over the replicas and reshard the parameters.
+
+        The executor runs many partial backwards (torch.autograd.backward per microbatch), so
+        FSDP's end-of-backward step is run here, as torch.distributed.pipelining's stage does
+        (`perform_reduce_grad`)."""
+        from torch.distributed.fsdp import fully_shard
+        module = self.module
+        module.set_is_last_backward(True)
+        module.set_reshard_after_backward(True)
+        module.set_requires_gradient_sync(True)
+        if self.mode == "fsdp":
+            state = fully_shard.state(module)
+        else:
+            from torch.distributed._composable.replicate_with_fsdp import replicate
+            state = replicate.state(module)
+        for each in state._state_ctx.all_states:
+            for group in each._fsdp_param_groups:
+                group.post_backward()
+        state._root_post_backward_final_callback()
+
+    def reshard(self) -> None:
+        """Free the gathered parameters (after inference)."""
+        self.module.reshard()
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP-sharded or replicated); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor split over ranks (not replicated)."""
+    placements = getattr(t, "placements", ())
+    return any(p.is_shard() for p in placements)
+
+
+def copy_full_(t: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the whole tensor `full` into `t`: for a DTensor, this rank's part of it (no communication:
+    every rank has `full`)."""
+    if hasattr(t, "to_local"):
+        from torch.distributed.tensor import distribute_tensor
+        part = distribute_tensor(full.to(t.device, t.dtype), t.device_mesh, t.placements, src_data_rank=None)
+        t.to_local().copy_(part.to_local())
+    else:
+        t.copy_(full)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind `t` (a DTensor is gathered: every rank of its mesh must call this)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

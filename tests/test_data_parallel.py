@@ -1,0 +1,193 @@
+"""Data parallel x pipeline (partitioner/runtime/data_parallel.py) on 4 gloo ranks: loss, every
+gradient after the dp reduction, clipping and an AdamW step equal the unpartitioned model on the
+global batch; a checkpoint written at dp 2 x pp 2 loads at dp 1 x pp 4; bad meshes are one line."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_utils import build, max_rel_err, run_workers
+from torch.distributed.device_mesh import init_device_mesh
+
+from partitioner.api import compile_parallel
+from partitioner.errors import RuntimeConfigError
+from partitioner.runtime.data_parallel import MeshLayout, full_tensor, mesh_layout
+
+BATCH = 8
+LR = 1e-2
+# AdamW's first step is lr * g / (|g| + eps): with the default eps (1e-8) it is lr * sign(g), which flips
+# for gradients at rounding level (exactly 0 in one summation order, 1e-12 in another); a larger eps
+# keeps the comparison of the stepped parameters well conditioned
+EPS = 1e-4
+
+
+def _reference(zm):
+    """Loss, gradients, clipped norm and the parameters after one AdamW step of the unsplit model."""
+    model = copy.deepcopy(zm.model)
+    loss = zm.loss_fn(model(*zm.example_args, **zm.example_kwargs), zm.target)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS).step()
+    return loss.detach(), grads, norm, dict(model.named_parameters())
+
+
+def _compile(zm, dp: int, pp: int, schedule: str, chunks: int, mode: str):
+    mesh = init_device_mesh("cpu", (dp, pp), mesh_dim_names=("dp", "pp"))
+    return compile_parallel(copy.deepcopy(zm.model), mesh=mesh, example_inputs=zm.example_args,
+                            loss_fn=zm.loss_fn, example_kwargs=zm.example_kwargs, schedule=schedule, chunks=chunks,
+                            microbatches=BATCH // dp // 2 if chunks == 1 else pp * chunks, data_parallel=mode,
+                            time_limit_s=2, timeout_s=60)
+
+
+def _train_case(rank: int, case: tuple) -> dict:
+    name, dp, pp, schedule, chunks, mode = case
+    zm = build(name, batch=BATCH)
+    ref_loss, ref_grads, ref_norm, ref_params = _reference(zm)
+    pm = _compile(zm, dp, pp, schedule, chunks, mode)
+    opt = torch.optim.AdamW(pm.parameters(), lr=LR, eps=EPS)
+    loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
+    # every rank of a dp group gathers the same FQNs in the same order; a copy: clipping scales .grad in place
+    grads = {n: full_tensor(p.grad).clone() for n, p in pm.named_parameters()}
+    norm = pm.clip_grad_norm_(0.05)
+    opt.step()
+    full = pm.full_state_dict()
+    out = {"loss": max_rel_err(loss, ref_loss), "norm": max_rel_err(norm, ref_norm),
+           "grads": max((max_rel_err(g, ref_grads[n]) for n, g in grads.items()), default=0.0),
+           "names": sorted(grads), "dp_rank": pm.layout.dp_rank}
+    if rank == 0:
+        out["params"] = max(max_rel_err(full[n], p) for n, p in ref_params.items())
+    return out
+
+
+def _worker(rank: int, world: int, cases: list) -> dict:
+    dist.init_process_group("gloo")
+    out = {}
+    for case in cases:
+        try:
+            out[case] = _train_case(rank, case)
+        except RuntimeConfigError as err:
+            out[case] = str(err)
+    return out
+
+
+def _check(results: list[dict], case: tuple) -> None:
+    name, dp = case[0], case[1]
+    seen: dict[int, set] = {}
+    for rank, res in enumerate(results):
+        r = res[case]
+        assert isinstance(r, dict), (rank, r)
+        assert r["loss"] < 1e-5 and r["grads"] < 1e-5 and r["norm"] < 1e-5, (rank, r)
+        seen.setdefault(r["dp_rank"], set()).update(r["names"])
+    assert results[0][case]["params"] < 1e-5, results[0][case]
+    every = set(dict(build(name).model.named_parameters()))
+    assert len(seen) == dp and all(names == every for names in seen.values())  # each replica holds the model
+
+
+def test_gpt2_tied_embeddings_dp2_pp2_and_dp1_pp4_and_dp4_pp1():
+    cases = [("gpt2", 2, 2, "1f1b", 1, "fsdp"), ("gpt2", 2, 2, "interleaved-1f1b", 2, "replicate"),
+             ("gpt2", 1, 4, "1f1b", 1, "fsdp"), ("gpt2", 4, 1, "interleaved-1f1b", 2, "fsdp")]
+    results = run_workers(_worker, 4, cases, timeout_s=280)
+    for case in cases:
+        _check(results, case)
+
+
+def test_t5_dp2_pp2_interleaved_and_1f1b():
+    cases = [("t5-base", 2, 2, "interleaved-1f1b", 2, "fsdp"), ("t5-base", 2, 2, "1f1b", 1, "replicate")]
+    results = run_workers(_worker, 4, cases, timeout_s=280)
+    for case in cases:
+        _check(results, case)
+
+
+def _checkpoint_worker(rank: int, world: int, path: str) -> dict:
+    dist.init_process_group("gloo")
+    zm = build("gpt2", batch=BATCH)
+    pm = _compile(zm, 2, 2, "1f1b", 1, "fsdp")
+    opt = torch.optim.AdamW(pm.parameters(), lr=LR)
+    pm.train_step(*zm.example_args, target=zm.target)
+    opt.step()
+    pm.save(path, optimizer=opt, extra={"step": 1})
+    want = pm.full_state_dict()
+    mine = {n: {k: full_tensor(v) for k, v in opt.state[p].items()} for n, p in pm.named_parameters()}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    want_state = {n: s for part in everyone for n, s in part.items()}
+    other = _compile(build("gpt2", batch=BATCH, seed=1), 1, 4, "1f1b", 1, "fsdp")
+    opt2 = torch.optim.AdamW(other.parameters(), lr=LR)
+    other.train_step(*zm.example_args, target=zm.target)  # creates optimizer state to overwrite
+    opt2.step()
+    extra = other.load(path, optimizer=opt2)
+    got = other.full_state_dict()
+    out = {"extra": extra}
+    if rank == 0:
+        out["model"] = max(max_rel_err(got[k], v) for k, v in want.items() if v.is_floating_point())
+    out["optim"] = max(max_rel_err(opt2.state[p][k], want_state[n][k]) for n, p in other.named_parameters()
+                       if n in want_state for k in ("exp_avg", "exp_avg_sq"))
+    return out
+
+
+def test_checkpoint_written_at_dp2_pp2_loads_at_dp1_pp4(tmp_path):
+    results = run_workers(_checkpoint_worker, 4, str(tmp_path / "ckpt"), timeout_s=280)
+    assert results[0]["model"] < 1e-6, results[0]
+    for r in results:
+        assert r["extra"] == {"step": 1} and r["optim"] < 1e-6, r
+
+
+class _FakeMesh:
+    """What mesh_layout reads of a DeviceMesh: dim names, size and the rank table."""
+
+    def __init__(self, table: torch.Tensor, names: tuple[str, ...]):
+        self.mesh, self.mesh_dim_names = table, names
+
+    def size(self) -> int:
+        return self.mesh.numel()
+
+
+def test_mesh_layout_rank_arithmetic_of_two_hosts():
+    # 2 hosts x 2 GPUs, dp 2 x pp 2 with pp inside a host: replica d = host d
+    table = torch.arange(4).reshape(2, 2)
+    layouts = [mesh_layout(_FakeMesh(table, ("dp", "pp")), r, 4) for r in range(4)]
+    assert [(lay.dp_rank, lay.pp_rank) for lay in layouts] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert layouts[3].pipeline == (2, 3) and layouts[0].replicas == ((0, 1), (2, 3))
+    # the same ranks with the dims named the other way round: pp across hosts, dp inside one
+    swapped = [mesh_layout(_FakeMesh(table, ("pp", "dp")), r, 4) for r in range(4)]
+    assert swapped[1].pipeline == (1, 3) and (swapped[1].dp_rank, swapped[1].pp_rank) == (1, 0)
+    assert MeshLayout.single(3, 2) == MeshLayout(1, 3, 0, 2, ((0, 1, 2),))
+
+
+@pytest.mark.parametrize("names, world, message", [
+    (("dp", "tp"), 4, "no 'pp' dim"),
+    (("tp", "pp"), 4, "not supported"),
+    (("dp", "pp"), 8, "the world has 8 processes"),
+])
+def test_bad_meshes_are_one_line(names, world, message):
+    with pytest.raises(RuntimeConfigError, match=message) as err:
+        mesh_layout(_FakeMesh(torch.arange(4).reshape(2, 2), names), 0, world)
+    assert "\n" not in str(err.value)
+
+
+def test_batch_that_dp_times_microbatches_does_not_divide_is_one_line():
+    results = run_workers(_bad_batch_worker, 4, None, timeout_s=120)
+    for r in results:
+        assert "does not split into 4 microbatches (requested) x 2 data-parallel replicas" in r, r
+
+
+def _bad_batch_worker(rank: int, world: int, _arg) -> str:
+    dist.init_process_group("gloo")
+    zm = build("mlp", batch=12)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+    try:
+        compile_parallel(zm.model, mesh=mesh, example_inputs=zm.example_args, loss_fn=zm.loss_fn, microbatches=4)
+    except RuntimeConfigError as err:
+        return str(err)
+    return "no error"
+
+
+def test_devices_and_mesh_together_is_one_line():
+    with pytest.raises(RuntimeConfigError, match="not both"):
+        compile_parallel(torch.nn.Linear(2, 2), ["cpu"], (torch.ones(2, 2),), lambda y, t: y.sum(),
+                         mesh=object())
+    assert os.environ.get("RANK") is None  # nothing was initialised
