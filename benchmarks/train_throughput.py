@@ -50,6 +50,7 @@ import torch.distributed as dist
 from benchmarks import common
 from benchmarks.common import print_table, pyplot, save_figure, write_result
 from partitioner import zoo
+from partitioner.runtime.data_parallel import local_tensor
 
 ALL_CONFIGS = ("plain-eager", "plain-compiled", "ours-eager-1f1b-ilp", "ours-compiled-1f1b-ilp",
                "ours-compiled-interleaved-ilp", "ours-eager-interleaved-ilp", "ours-compiled-1f1b-uniform",
@@ -234,7 +235,8 @@ def _sync(device: torch.device, distributed: bool) -> None:
 def _resident_bytes(r: Runner) -> int:
     state = [t for s in (r.optimizer.state.values() if r.optimizer else []) for t in s.values()
              if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in [*r.params, *state])
+    # this rank's part of FSDP-sharded parameters and optimizer state
+    return sum(local_tensor(t).numel() * t.element_size() for t in [*r.params, *state])
 
 
 def run_step(r: Runner, device: torch.device, distributed: bool, measure_memory: bool = False) -> tuple[float, float]:

@@ -61,3 +61,16 @@ def test_train_throughput_runs_on_cpu(tmp_path):
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["step_s"] >= r["train_s"] > 0
         assert (r["pred_train_s"] is not None) == r["config"].startswith("ours")
+
+
+def test_data_parallel_runs_under_torchrun_on_cpu(tmp_path):
+    """2 gloo ranks: the pipeline alone (1x2) and FSDP / replicate alone (2x1) on the same global batch."""
+    cmd = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+           "benchmarks.data_parallel", "--device", "cpu", "--small", "--model", "gpt2", "--seq", "16",
+           "--global-batch", "8", "--rounds", "2", "--warmup", "1", "--time-limit", "1",
+           "--modes", "fsdp,replicate", "--results-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "data_parallel_2cpu.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["dp1xpp2", "dp2xpp1-fsdp", "dp2xpp1-replicate"]
+    assert all(r["tokens_per_s"] > 0 for r in rows) and rows[0]["x_first"] == 1.0
