@@ -239,7 +239,8 @@ class ParallelModel:
         self.training = source.model.training if source is not None else True
         self._modes: dict[bool, Any] = {}
         self.layout = layout  # where this process sits among the data-parallel replicas (None: one process)
-        self.data_parallel = data_parallel  # this rank's stages under FSDP2 when dp > 1
+        self.data_parallel = data_parallel  # this rank's stages under FSDP2 when dp > 1 ...
+        self._sharded_mode = self.training  # ... in the mode compiled (the other mode reads its gathered tensors)
 
     @property
     def dp(self) -> int:
@@ -261,6 +262,11 @@ class ParallelModel:
         gradients are averaged over the replicas and the loss is the mean over the global batch.
         """
         self._check_process_group("train_step")
+        if self.data_parallel is not None and self.training != self._sharded_mode:
+            raise RuntimeConfigError(f"train_step in {'train' if self.training else 'eval'} mode: with data "
+                                     "parallelism only the mode compile_parallel compiled in reduces gradients "
+                                     f"across replicas; call pm.{'eval' if self._sharded_mode is False else 'train'}"
+                                     "() first, or compile in the mode you train in.")
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         targets = self._own_share(split_batch(target, self.dp * self.microbatches, "target"))
         self.store.before_step()
@@ -283,6 +289,8 @@ class ParallelModel:
         self._check_process_group("forward")
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         self.store.refresh_replicas()
+        if self.data_parallel is not None and self.training != self._sharded_mode:
+            self.data_parallel.module.unshard()  # this mode's stages read the gathered parameters
         flat = self.executor.forward(mb_inputs)
         if self.data_parallel is not None:
             self.data_parallel.reshard()

@@ -79,11 +79,6 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
     """Capture pm's model in `training` mode, split it like pm.plan, share pm's tensors, compile
     the stages as compile_parallel did."""
     source = pm.source
-    if pm.dp > 1:
-        raise RuntimeConfigError(f"ParallelModel.{'train' if training else 'eval'}: switching modes is not supported "
-                                 "with data parallelism yet (FSDP2 manages the parameters of the mode compiled); "
-                                 "put the model in the mode you train in before compile_parallel, and evaluate "
-                                 "with a ParallelModel compiled in eval mode or without mesh=.")
     if source is None:
         raise RuntimeConfigError("ParallelModel.train/eval: this ParallelModel keeps no reference to its model, "
                                  "so it cannot capture the other mode; build it with compile_parallel.")
@@ -96,8 +91,15 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
         model.train(was)
     stages = split(captured, plan_like(captured, pm.captured, pm.plan))
     local_ranks = list(range(pm.plan.num_ranks)) if pm.rank is None else [pm.rank]
+    if pm.data_parallel is not None:
+        # FSDP2 swaps the compiled mode's parameters between sharded and gathered ones; the gathered
+        # tensors are kept (their storage freed when resharded), so this mode reads those and runs
+        # between unshard() and reshard() (ParallelModel.forward)
+        pm.data_parallel.module.unshard()
     tensor_of = {(fqn, st.rank): get_attr(st.graph_module, fqn) for st in pm.stages if st.rank in local_ranks
                  for fqn in [*st.params, *st.buffers]}
+    if pm.data_parallel is not None:
+        pm.data_parallel.reshard()
     stage_device = {st.stage: pm.devices[st.rank] for st in stages}
     for st in stages:
         if st.rank in local_ranks:

@@ -32,7 +32,7 @@ def _reference(zm):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
     torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS).step()
-    return loss.detach(), grads, norm, dict(model.named_parameters())
+    return loss.detach(), grads, norm, model
 
 
 def _compile(zm, dp: int, pp: int, schedule: str, chunks: int, mode: str):
@@ -46,7 +46,8 @@ def _compile(zm, dp: int, pp: int, schedule: str, chunks: int, mode: str):
 def _train_case(rank: int, case: tuple) -> dict:
     name, dp, pp, schedule, chunks, mode = case
     zm = build(name, batch=BATCH)
-    ref_loss, ref_grads, ref_norm, ref_params = _reference(zm)
+    ref_loss, ref_grads, ref_norm, ref_model = _reference(zm)
+    ref_params = dict(ref_model.named_parameters())
     pm = _compile(zm, dp, pp, schedule, chunks, mode)
     opt = torch.optim.AdamW(pm.parameters(), lr=LR, eps=EPS)
     loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
@@ -60,6 +61,16 @@ def _train_case(rank: int, case: tuple) -> dict:
            "names": sorted(grads), "dp_rank": pm.layout.dp_rank}
     if rank == 0:
         out["params"] = max(max_rel_err(full[n], p) for n, p in ref_params.items())
+    if case[-1] == "fsdp":  # evaluation between steps: the other mode reads the gathered parameters
+        pm.eval()
+        y = pm(*zm.example_args, **zm.example_kwargs)
+        if y is not None:  # each replica's last rank: the output of its share of the batch
+            share = BATCH // dp
+            with torch.no_grad():
+                want = ref_model.eval()(*(x[pm.layout.dp_rank * share:][:share] for x in zm.example_args))
+            out["eval"] = max_rel_err(getattr(y, "logits", y), getattr(want, "logits", want))
+        pm.train()
+        pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)  # trains on after eval
     return out
 
 
@@ -83,6 +94,9 @@ def _check(results: list[dict], case: tuple) -> None:
         assert r["loss"] < 1e-5 and r["grads"] < 1e-5 and r["norm"] < 1e-5, (rank, r)
         seen.setdefault(r["dp_rank"], set()).update(r["names"])
     assert results[0][case]["params"] < 1e-5, results[0][case]
+    if case[-1] == "fsdp":
+        evals = [res[case]["eval"] for res in results if "eval" in res[case]]
+        assert len(evals) == dp and max(evals) < 1e-5, evals  # the last rank of every replica
     every = set(dict(build(name).model.named_parameters()))
     assert len(seen) == dp and all(names == every for names in seen.values())  # each replica holds the model
 
