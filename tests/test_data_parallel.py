@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from partitioner.api import compile_parallel
 from partitioner.errors import RuntimeConfigError
+from partitioner.microbatch import split_batch
 from partitioner.runtime.data_parallel import MeshLayout, full_tensor, mesh_layout
 
 BATCH = 8
@@ -65,9 +66,9 @@ def _train_case(rank: int, case: tuple) -> dict:
         pm.eval()
         y = pm(*zm.example_args, **zm.example_kwargs)
         if y is not None:  # each replica's last rank: the output of its share of the batch
-            share = BATCH // dp
+            args, kwargs = split_batch((zm.example_args, zm.example_kwargs), dp, "input", BATCH)[pm.layout.dp_rank]
             with torch.no_grad():
-                want = ref_model.eval()(*(x[pm.layout.dp_rank * share:][:share] for x in zm.example_args))
+                want = ref_model.eval()(*args, **kwargs)
             out["eval"] = max_rel_err(getattr(y, "logits", y), getattr(want, "logits", want))
         pm.train()
         pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)  # trains on after eval
