@@ -91,6 +91,44 @@ def test_nccl_one_process_per_gpu(world):
         assert set().union(*(set(res[case]["local"]) for res in results)) == set(ref)
 
 
+def _data_parallel_worker(rank: int, world: int, cases: list[tuple]) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from partitioner.runtime.data_parallel import full_tensor
+    _exact_fp32()
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl")
+    out = {}
+    for case in cases:
+        name, dp, mode, compiled = case
+        zm = _to(build(name, batch=8), f"cuda:{rank}")
+        mesh = init_device_mesh("cuda", (dp, world // dp), mesh_dim_names=("dp", "pp"))
+        pm = compile_parallel(copy.deepcopy(zm.model), mesh=mesh, example_inputs=zm.example_args, loss_fn=zm.loss_fn,
+                              example_kwargs=zm.example_kwargs, microbatches=2, data_parallel=mode,
+                              compile=compiled, timeout_s=120)
+        ref_loss, ref_grads = _reference(zm)
+        loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
+        grads = {n: full_tensor(p.grad) for n, p in pm.named_parameters()}
+        out[case] = {"loss": max_rel_err(loss, ref_loss.cpu()),
+                     "grads": max(max_rel_err(g, ref_grads[n].cpu()) for n, g in grads.items())}
+    return out
+
+
+def test_data_parallel_x_pipeline_on_four_gpus():
+    """dp 2 x pp 2 over NCCL: FSDP2 and replicate, eager (fp32, < 1e-5) and compiled (< 1e-4)."""
+    if torch.cuda.device_count() < 4:
+        pytest.skip("needs 4 GPUs")
+    pytest.importorskip("ortools")  # the plan is made on rank 0
+    cases = [("gpt2", 2, "fsdp", False), ("t5-base", 2, "replicate", False), ("gpt2", 2, "fsdp", True),
+             ("gpt2", 4, "fsdp", False)]
+    results = run_workers(_data_parallel_worker, 4, cases, timeout_s=600)
+    for case in cases:
+        tol = 1e-4 if case[-1] else 1e-5
+        for rank, res in enumerate(results):
+            assert res[case]["loss"] < tol and res[case]["grads"] < tol, (case, rank, res[case])
+
+
 def test_measured_times_keep_gpu_and_host_apart():
     """A big matmul is GPU-bound, a chain of tiny ops host-bound; the split times say which."""
     from partitioner.cost_models.time import time_fwd_bwd
