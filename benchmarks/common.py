@@ -66,6 +66,17 @@ def _without_output_paths(args: list[str]) -> list[str]:
     return out
 
 
+def add_training_run_arguments(parser, default_name: str, time_limit_s: float = 10.0) -> None:
+    """The options every training benchmark takes: warm-up, solver time, device, tiny models, output."""
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocation)")
+    parser.add_argument("--time-limit", type=float, default=time_limit_s, help="solver time per plan (s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="the zoo's tiny configs (smoke test)")
+    parser.add_argument("--name", default=None, help=f"result name (default {default_name})")
+    parser.add_argument("--results-dir", default=None, help="write the JSON and figures here instead of "
+                        "benchmarks/results")
+
+
 def write_result(name: str, rows: list[dict], extra: dict | None = None) -> Path:
     """Write benchmarks/results/<name>.json with the rows, the machine and the command; return its path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

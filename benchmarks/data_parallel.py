@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks import common
-from benchmarks.common import print_table, pyplot, save_figure, write_result
+from benchmarks.common import add_training_run_arguments, print_table, pyplot, save_figure, write_result
 from benchmarks.train_throughput import GiB, PRECISIONS, Runner, build_model, measure
 from partitioner.runtime.data_parallel import DATA_PARALLEL_MODES
 
@@ -97,13 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile the stages (auto: on CUDA)")
-    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--time-limit", type=float, default=10.0, help="solver time per plan (s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="the zoo's tiny configs (smoke test)")
-    parser.add_argument("--name", default=None, help="result name (default data_parallel_<world>gpu)")
-    parser.add_argument("--results-dir", default=None, help="write the JSON and PNG here")
+    add_training_run_arguments(parser, "data_parallel_<world><gpu|cpu>")
     args = parser.parse_args(argv)
     if "RANK" not in os.environ:
         parser.error("run under torchrun, one process per device, e.g. "

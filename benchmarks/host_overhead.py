@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import common
-from benchmarks.common import print_table, write_result
+from benchmarks.common import add_training_run_arguments, print_table, write_result
 from benchmarks.train_throughput import PRECISIONS, build_model
 
 
@@ -77,12 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile the plain model and the stages (auto: on CUDA)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--time-limit", type=float, default=5.0, help="solver time per plan (s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="the zoo's tiny configs (smoke test)")
-    parser.add_argument("--name", default=None, help="result name (default host_overhead_<device>)")
-    parser.add_argument("--results-dir", default=None, help="write the JSON and traces here")
+    add_training_run_arguments(parser, "host_overhead_<device>", time_limit_s=5.0)
     args = parser.parse_args(argv)
     if args.results_dir:
         common.RESULTS_DIR = Path(args.results_dir)

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks import common
-from benchmarks.common import print_table, pyplot, save_figure, write_result
+from benchmarks.common import add_training_run_arguments, print_table, pyplot, save_figure, write_result
 from partitioner import zoo
 from partitioner.runtime.data_parallel import local_tensor
 
@@ -331,14 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--stages", type=int, default=2, help="pipeline ranks in one process (ignored under torchrun)")
     parser.add_argument("--chunks", type=int, default=2, help="virtual stages per rank of the interleaved configs")
-    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--time-limit", type=float, default=10.0, help="solver time per plan (s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="the zoo's tiny configs (smoke test)")
-    parser.add_argument("--name", default=None, help="result name (default train_throughput_<mode>)")
-    parser.add_argument("--results-dir", default=None, help="write the JSON and PNG here instead of "
-                        "benchmarks/results")
+    add_training_run_arguments(parser, "train_throughput_<mode>")
     args = parser.parse_args(argv)
     if args.results_dir:
         common.RESULTS_DIR = Path(args.results_dir)
