@@ -141,14 +141,25 @@ def _checkpoint_worker(rank: int, world: int, path: str) -> dict:
         out["model"] = max(max_rel_err(got[k], v) for k, v in want.items() if v.is_floating_point())
     out["optim"] = max(max_rel_err(opt2.state[p][k], want_state[n][k]) for n, p in other.named_parameters()
                        if n in want_state for k in ("exp_avg", "exp_avg_sq"))
+    # and back into sharded parameters and optimizer state: dp 2 x pp 2 again, other plan and seed
+    back = _compile(build("gpt2", batch=BATCH, seed=2), 2, 2, "interleaved-1f1b", 2, "fsdp")
+    opt3 = torch.optim.AdamW(back.parameters(), lr=LR)
+    back.train_step(*zm.example_args, target=zm.target)
+    opt3.step()
+    back.load(path, optimizer=opt3)
+    got = back.full_state_dict()
+    if rank == 0:
+        out["model_back"] = max(max_rel_err(got[k], v) for k, v in want.items() if v.is_floating_point())
+    out["optim_back"] = max(max_rel_err(full_tensor(opt3.state[p][k]), want_state[n][k])
+                            for n, p in back.named_parameters() for k in ("exp_avg", "exp_avg_sq"))
     return out
 
 
-def test_checkpoint_written_at_dp2_pp2_loads_at_dp1_pp4(tmp_path):
+def test_checkpoint_written_at_dp2_pp2_loads_at_dp1_pp4_and_back_into_fsdp(tmp_path):
     results = run_workers(_checkpoint_worker, 4, str(tmp_path / "ckpt"), timeout_s=280)
-    assert results[0]["model"] < 1e-6, results[0]
+    assert results[0]["model"] < 1e-6 and results[0]["model_back"] < 1e-6, results[0]
     for r in results:
-        assert r["extra"] == {"step": 1} and r["optim"] < 1e-6, r
+        assert r["extra"] == {"step": 1} and r["optim"] < 1e-6 and r["optim_back"] < 1e-6, r
 
 
 class _FakeMesh:
