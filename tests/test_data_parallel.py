@@ -72,6 +72,11 @@ def _train_case(rank: int, case: tuple) -> dict:
             out["eval"] = max_rel_err(getattr(y, "logits", y), getattr(want, "logits", want))
         pm.train()
         pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)  # trains on after eval
+        fresh = build(name, batch=BATCH, seed=3).model.state_dict()  # whole tensors into sharded parameters
+        pm.load_state_dict(fresh)
+        loaded = pm.full_state_dict()
+        if rank == 0:
+            out["loaded"] = max(max_rel_err(loaded[k], v) for k, v in fresh.items() if v.is_floating_point())
     return out
 
 
@@ -98,6 +103,7 @@ def _check(results: list[dict], case: tuple) -> None:
     if case[-1] == "fsdp":
         evals = [res[case]["eval"] for res in results if "eval" in res[case]]
         assert len(evals) == dp and max(evals) < 1e-5, evals  # the last rank of every replica
+        assert results[0][case]["loaded"] == 0.0
     every = set(dict(build(name).model.named_parameters()))
     assert len(seen) == dp and all(names == every for names in seen.values())  # each replica holds the model
 
