@@ -109,9 +109,16 @@ class DataParallelStages:
             # parameters stay gathered through the step: every microbatch's forward and backward reads them
             fully_shard(self.module, mesh=dp_mesh, reshard_after_forward=False)
         else:
-            from torch.distributed._composable.replicate_with_fsdp import replicate
+            try:
+                from torch.distributed._composable.replicate_with_fsdp import replicate
+            except ImportError as err:
+                raise RuntimeConfigError(f"compile_parallel: data_parallel='replicate' needs FSDP2's replicate, which "
+                                         f"torch {torch.__version__} lacks; use data_parallel='fsdp'.") from err
             replicate(self.module, mesh=dp_mesh)
         if dp_mesh.device_type == "cpu":  # gloo has no AVG reduction: sum, then divide by dp
+            if not hasattr(self.module, "set_force_sum_reduction_for_comms"):
+                raise RuntimeConfigError(f"compile_parallel: data parallelism on CPU (gloo) needs a torch whose FSDP2 "
+                                         f"can reduce by sum (torch {torch.__version__} cannot); run it on GPUs.")
             self.module.set_force_sum_reduction_for_comms(True)
         self.runners = {k: functools.partial(self.module, k) for k in runners}
 
