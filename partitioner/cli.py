@@ -17,6 +17,8 @@ examples:
   partitioner plan gpt2-xl --devices 8                 ILP plan over 8 GPUs
   partitioner plan gpt2-xl --devices 8 --memory 24GiB --microbatches 16 --compare
   partitioner plan llama-8b --devices 4 --chunks 2 --schedule interleaved-1f1b --timeline plan.png
+  partitioner plan gpt2-xl --devices 8 --data-parallel 4 --batch 64
+                                                       8-rank pipeline x 4 FSDP replicas (32 GPUs)
   partitioner plan mypkg.models:build --devices 4      your own model: a function
                                                        returning (model, example_args[, example_kwargs])
 """
@@ -79,13 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
                                       "under the memory cap. Prints per-rank time and memory.",
                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_flags(plan)
-    plan.add_argument("--devices", type=int, required=True, help="number of pipeline ranks (GPUs)")
+    plan.add_argument("--devices", type=int, required=True,
+                      help="pipeline ranks (GPUs) of one pipeline; with --data-parallel N the job uses N x this many")
     plan.add_argument("--chunks", type=int, default=1, help="virtual stages per rank (interleaving); default 1")
     plan.add_argument("--microbatches", type=int, default=None, help="microbatches per step (default: 2 x devices)")
     plan.add_argument("--schedule", default=None, choices=["gpipe", "1f1b", "interleaved-1f1b"],
                       help="pipeline schedule (default: 1f1b, or interleaved-1f1b when --chunks > 1)")
     plan.add_argument("--memory", default=None, help="per-device memory cap, e.g. 24GiB (default: the device's memory)")
     plan.add_argument("--depth", type=int, default=None, help="module depth of the blocks (default: automatic)")
+    dp = plan.add_argument_group("data parallel x pipeline", "Replicate the pipeline N times (a DeviceMesh (dp, pp)), "
+                                 "each replica on 1/N of the global --batch: microbatches of batch / (N x "
+                                 "microbatches) samples. The plan's memory is then per GPU and its step time "
+                                 "includes the gradient reduce over the replicas.")
+    dp.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                    help="pipeline replicas (default 1: pipeline only)")
+    dp.add_argument("--dp-mode", default="fsdp", choices=["fsdp", "replicate"],
+                    help="fsdp (default): parameters, gradients and optimizer state sharded over the replicas "
+                         "between steps (FSDP2), so each GPU keeps 1/N of the optimizer state; replicate: "
+                         "everything whole on every GPU, gradients all-reduced")
+    dp.add_argument("--dp-bandwidth", default=None, metavar="BW",
+                    help="bandwidth of the replicas' collectives per GPU, e.g. 50GB/s (default: the device's "
+                         "intra-node bandwidth when N x devices GPUs fit in one host, else its inter-node one)")
+    dp.add_argument("--gpus-per-host", type=int, default=8, metavar="G",
+                    help="GPUs per host, for the default --dp-bandwidth (default 8)")
     plan.add_argument("--time-limit", type=float, default=10.0,
                       help="seconds for the whole search (default 10): the ILP, the local search on the simulator "
                            "(70%% of it when interleaving or on branchy graphs), then the exact split search or "

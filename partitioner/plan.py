@@ -32,6 +32,10 @@ class Plan:
     memory cap (the exact split search's or critical-path row generation's; 0 when not known).
     model, device, device_mem_bytes, version: what was planned, the DeviceSpec the costs assume
     and the partitioner version that planned it (for a plan read back from JSON later).
+    data_parallel / data_parallel_mode / dp_bw_bytes_per_s: replicas of this pipeline, "fsdp" or
+    "replicate", and their collectives' bandwidth; rank_mem_bytes is then per GPU with that
+    sharding, rank_dp_reduce_time_s each rank's gradient reduce (+ parameter all-gather) per step and
+    dp_reduce_time_s what they add to step_time_s (partitioner/data_parallel.py).
     str(plan) is a summary of a few lines; partitioner.plan_command.print_plan(plan) prints the full table.
     """
 
@@ -72,6 +76,11 @@ class Plan:
     device: str = ""  # DeviceSpec name
     device_mem_bytes: int = 0
     version: str = ""
+    data_parallel: int = 1
+    data_parallel_mode: str = "fsdp"
+    dp_bw_bytes_per_s: float = 0.0
+    rank_dp_reduce_time_s: list[float] = field(default_factory=list)
+    dp_reduce_time_s: float = 0.0  # included in step_time_s
 
     @property
     def num_stages(self) -> int:
@@ -79,10 +88,12 @@ class Plan:
 
     @property
     def step_gap(self) -> float | None:
-        """(step - step_lower_bound_s) / step: at most this much faster could any plan be (None: no bound)."""
-        if self.step_lower_bound_s <= 0 or self.step_time_s <= 0:
+        """(step - step_lower_bound_s) / step: at most this much faster could any plan be (None: no bound);
+        of the pipeline's step, without the data-parallel collectives the search does not price."""
+        step = self.step_time_s - self.dp_reduce_time_s
+        if self.step_lower_bound_s <= 0 or step <= 0:
             return None
-        return max(0.0, (self.step_time_s - self.step_lower_bound_s) / self.step_time_s)
+        return max(0.0, (step - self.step_lower_bound_s) / step)
 
     def __repr__(self) -> str:
         """A few lines: shape, step time, memory per rank (the full table: report.print_plan)."""

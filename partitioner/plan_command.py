@@ -33,6 +33,15 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def parse_bandwidth(text: str) -> float:
+    """'50GB/s', '25 GiB/s', '4e10B/s' -> bytes per second (the '/s' may be left out)."""
+    body = re.sub(r"\s*/\s*s\s*$", "", text, flags=re.IGNORECASE)
+    try:
+        return float(parse_bytes(body))
+    except PlanError:
+        raise PlanError(f"cannot read bandwidth {text!r}: write e.g. 50GB/s, 25GiB/s or 4e10B/s") from None
+
+
 def human_time(s: float) -> str:
     return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 10 else f"{s:.2f} s"
 
@@ -156,7 +165,20 @@ def summary_lines(plan: Plan) -> list[str]:
     if plan.replicated_params:
         lines.append(f"tied parameters copied on several ranks: {', '.join(plan.replicated_params)} "
                      f"(gradient all-reduce {human_time(plan.allreduce_time_s)} per step)")
-    return [line for line in lines if line]
+    return [line for line in lines if line] + data_parallel_lines(plan)
+
+
+def data_parallel_lines(plan: Plan) -> list[str]:
+    """dp x pp in two lines: replicas and GPUs, and the collectives over the replicas that the step
+    time includes (each rank's are in plan.rank_dp_reduce_time_s)."""
+    dp = plan.data_parallel
+    if dp <= 1:
+        return []
+    comm = ("gradient reduce-scatter + parameter all-gather" if plan.data_parallel_mode == "fsdp"
+            else "gradient all-reduce over the replicas")
+    return [f"data parallel: {dp} replicas x {plan.num_ranks} ranks = {dp * plan.num_ranks} GPUs "
+            f"({plan.data_parallel_mode}); memory is per GPU",
+            f"{comm}: {human_time(plan.dp_reduce_time_s)} per step at {plan.dp_bw_bytes_per_s / 1e9:.3g} GB/s"]
 
 
 def plan_summary(plan: Plan, max_ranks: int = 8) -> str:
@@ -204,7 +226,10 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
                       device_type=args.device_type, dtype=args.dtype, optimizer=args.optimizer, depth=args.depth,
                       time_limit_s=args.time_limit, gap=args.gap / 100, batch=args.batch, seq=args.seq,
                       compare=args.compare,
-                      mixed_precision=getattr(args, "mixed_precision", None), compiled=getattr(args, "compile", False))
+                      mixed_precision=getattr(args, "mixed_precision", None), compiled=getattr(args, "compile", False),
+                      data_parallel=getattr(args, "data_parallel", 1), data_parallel_mode=getattr(args, "dp_mode", "fsdp"),
+                      dp_bw_bytes_per_s=parse_bandwidth(args.dp_bandwidth) if getattr(args, "dp_bandwidth", None)
+                      else None, gpus_per_host=getattr(args, "gpus_per_host", 8))
 
 
 TIMELINE_SUFFIXES = (".png", ".pdf", ".svg")
@@ -235,21 +260,30 @@ def run_plan(args: argparse.Namespace) -> None:
     """The `partitioner plan` command."""
     from partitioner.cost_models.device import get_device_spec
     from partitioner.cost_models.profile_command import load_model_spec
+    from partitioner.data_parallel import check_data_parallel, dp_bandwidth, microbatch_size
     from partitioner.plan import check_config, check_gap
     from partitioner.zoo import context_note
 
     config = config_from_args(args)
     _, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
+    check_data_parallel(config.data_parallel, config.data_parallel_mode)
+    dp = config.data_parallel
+    parts = dp * m  # the global batch splits into dp replicas x m microbatches
     check_output_paths(args.json, args.timeline)
-    get_device_spec(config.device_type)  # an unknown --device-type fails here, before the model loads
+    # an unknown --device-type or a bad --dp-bandwidth fails here, before the model loads
+    dp_bandwidth(get_device_spec(config.device_type), dp, config.num_ranks, config.gpus_per_host,
+                 config.dp_bw_bytes_per_s)
     check_gap(config.gap)
-    if config.batch is None and ":" not in args.model:  # a zoo model: its default batch, rounded up to m
+    if config.batch and dp > 1:
+        microbatch_size(config.batch, dp, m)
+    split_into = f"{dp} replicas x {m} microbatches" if dp > 1 else f"{m} microbatches"
+    if config.batch is None and ":" not in args.model:  # a zoo model: its default batch, rounded up to dp x m
         from partitioner.zoo import DEFAULT_BATCH
 
-        if DEFAULT_BATCH % m:  # known before building it, so the model is built once
-            config.batch = m * -(-DEFAULT_BATCH // m)
+        if DEFAULT_BATCH % parts:  # known before building it, so the model is built once
+            config.batch = parts * -(-DEFAULT_BATCH // parts)
             Console(stderr=True).print(f"using --batch {config.batch}: the default batch {DEFAULT_BATCH} "
-                                       f"does not split into {m} microbatches")
+                                       f"does not split into {split_into}")
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, 160))  # logs and pipes: room for the whole table
@@ -261,9 +295,9 @@ def run_plan(args: argparse.Namespace) -> None:
         spec = load_model_spec(args.model, batch=config.batch, seq=config.seq, device="meta",
                                dtype=DTYPES[config.dtype])
         batch = batch_size((spec.example_args, spec.example_kwargs))
-        if config.batch is None and batch and batch % m:  # the model's default batch: round it up
-            config.batch = m * -(-batch // m)
-            err.print(f"using --batch {config.batch}: the default batch {batch} does not split into {m} microbatches")
+        if config.batch is None and batch and batch % parts:  # the model's default batch: round it up
+            config.batch = parts * -(-batch // parts)
+            err.print(f"using --batch {config.batch}: the default batch {batch} does not split into {split_into}")
             spec = load_model_spec(args.model, batch=config.batch, seq=config.seq, device="meta",
                                    dtype=DTYPES[config.dtype])
         result = plan_model(spec.model, spec.example_args, spec.example_kwargs, config,
@@ -275,6 +309,10 @@ def run_plan(args: argparse.Namespace) -> None:
                                      f"(module depth {result.block_graph.depth}) on {plan.num_stages} stages"))
     for line in summary_lines(plan):
         console.print(line, highlight=False)
+    if dp > 1 and batch:
+        global_batch = config.batch or batch
+        console.print(f"global batch {global_batch} = {dp} replicas x {m} microbatches x "
+                      f"{microbatch_size(global_batch, dp, m)} samples", highlight=False)
     if config.compare:
         console.print(compare_table(result))
     if args.json:

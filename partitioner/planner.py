@@ -34,6 +34,12 @@ class PlanConfig:
     None: the device's intra-node point-to-point bandwidth. gap: a fraction (0.01 = 1%);
     time_limit_s stays the upper limit where no bound comes within it.
     batch / seq: shape of the example inputs (used by the model loader).
+    data_parallel: replicas of the pipeline (a DeviceMesh (dp, pp)); the example inputs are then the
+    global batch of all of them, each microbatch batch / (data_parallel x microbatches).
+    data_parallel_mode: "fsdp" (parameters, gradients and optimizer state sharded over the replicas
+    between steps) or "replicate"; see partitioner/data_parallel.py for what each rank holds.
+    dp_bw_bytes_per_s None: the device's intra-node bandwidth when data_parallel x num_ranks GPUs fit
+    in one host of gpus_per_host, else its inter-node bandwidth.
     """
 
     num_ranks: int
@@ -54,6 +60,10 @@ class PlanConfig:
     compare: bool = False
     use_cache: bool = True
     link_bw_bytes_per_s: float | None = None
+    data_parallel: int = 1
+    data_parallel_mode: str = "fsdp"
+    dp_bw_bytes_per_s: float | None = None
+    gpus_per_host: int = 8
 
 
 @dataclass
@@ -79,13 +89,20 @@ def package_version() -> str:
         return "unknown"
 
 
-def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbatches: int) -> tuple[tuple, dict]:
-    """Cut every tensor whose dim 0 is the global batch to one microbatch (the first one)."""
+def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbatches: int,
+                      data_parallel: int = 1) -> tuple[tuple, dict]:
+    """Cut every tensor whose dim 0 is the global batch to one microbatch of one replica (the first):
+    batch / (data_parallel x microbatches) samples."""
+    from partitioner.data_parallel import microbatch_size
+
     inputs = (tuple(example_args), dict(example_kwargs or {}))
     batch = batch_size(inputs)
     if batch is None:
         return inputs
-    if batch % microbatches:
+    if data_parallel > 1:
+        microbatch_size(batch, data_parallel, microbatches)  # PlanError naming both when it does not divide
+        microbatches *= data_parallel
+    elif batch % microbatches:
         raise PlanError(f"the global batch of the example inputs is {batch}, not divisible into {microbatches} "
                         f"microbatches: use --batch {microbatches * max(1, -(-batch // microbatches))} "
                         f"or --microbatches dividing {batch}")
@@ -110,36 +127,46 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     from partitioner.plan import check_config, check_gap
     from partitioner.solve import solve
     from partitioner.passes.coarsen import attach_loss, coarsen
+    from partitioner import data_parallel as dpm
 
     step = on_step or (lambda msg: None)
     schedule, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
     check_gap(config.gap)
+    dpm.check_data_parallel(config.data_parallel, config.data_parallel_mode)
     if config.mixed_precision and config.dtype not in (None, "float32"):
         raise PlanError(f"--mixed-precision {config.mixed_precision} keeps the parameters in float32: leave "
                         f"--dtype at float32 (it was {config.dtype})")
     if config.dtype is not None and config.dtype not in DTYPES:
         raise PlanError(f"unknown dtype {config.dtype!r}: use one of {', '.join(DTYPES)}")
-    args, kwargs = microbatch_inputs(example_args, example_kwargs, m)
+    args, kwargs = microbatch_inputs(example_args, example_kwargs, m, config.data_parallel)
     spec = get_device_spec(config.device_type)
     cap = config.memory_cap_bytes if config.memory_cap_bytes is not None else spec.mem_bytes
     bw = config.link_bw_bytes_per_s or spec.intra_node_bw_bytes_per_s
+    dp = dpm.DataParallel(config.data_parallel, config.data_parallel_mode,
+                          dpm.dp_bandwidth(spec, config.data_parallel, config.num_ranks, config.gpus_per_host,
+                                           config.dp_bw_bytes_per_s))
 
     profiled = _capture_and_profile(model, args, kwargs, config, spec, step, need_graph, loss_fn,
-                                    example_target, m, batch_size((example_args, example_kwargs)))
+                                    example_target, m * dp.size, batch_size((example_args, example_kwargs)))
     captured, annotated, costs = profiled.captured, profiled.annotated, profiled.costs
     K = config.num_ranks * config.chunks
     bg = coarsen(annotated, costs, depth=config.depth, min_blocks=K, target_blocks=BLOCKS_PER_STAGE * K)
     if profiled.loss_costs is not None:
         bg = attach_loss(bg, profiled.loss_costs)
+    block_params, shared_params = dpm.param_bytes(bg, annotated.param_bytes, costs.param_state_bytes)
+    bg = dpm.shard_block_graph(bg, block_params, shared_params, dp)  # the solver's memory cap sees the sharding
     step(f"solving the ILP: {len(bg.blocks)} blocks -> {K} stages (up to {config.time_limit_s:g} s)")
     plan = solve(bg, config.num_ranks, config.chunks, m, schedule, memory_cap_bytes=cap, link_bw_bytes_per_s=bw,
                  time_limit_s=config.time_limit_s, gap=config.gap)
     plan.model, plan.device, plan.device_mem_bytes = type(model).__name__, spec.name, spec.mem_bytes
     plan.version = package_version()
+    dpm.apply_data_parallel(plan, bg, block_params, shared_params, dp)
     baselines = {}
     if config.compare:
         step("scoring the baselines")
         baselines = all_baselines(bg, config.num_ranks, config.chunks, m, schedule, cap, bw)
+        for baseline in baselines.values():
+            dpm.apply_data_parallel(baseline, bg, block_params, shared_params, dp)
     return PlanResult(captured, annotated, costs, bg, plan, baselines, args, kwargs)
 
 
@@ -162,15 +189,17 @@ class _Profiled:
 
 def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, config: PlanConfig, spec: Any,
                          step: Callable[[str], None], need_graph: bool, loss_fn: Any, example_target: Any,
-                         m: int, global_batch: int | None) -> _Profiled:
-    """Capture, annotate and profile one microbatch (and the loss), or read them from the profile cache."""
+                         parts: int, global_batch: int | None) -> _Profiled:
+    """Capture, annotate and profile one microbatch (and the loss), or read them from the profile cache.
+
+    parts: microbatches of the global batch (x data-parallel replicas); the target is cut to one."""
     from partitioner.cost_models.loss import profile_loss
     from partitioner.cost_models.profile import graph_float_dtype, profile
     from partitioner import profile_cache
     from partitioner.passes.annotate import annotate
 
     with_loss = loss_fn is not None and example_target is not None
-    target = split_batch(example_target, m, "example target", global_batch)[0] if with_loss else None
+    target = split_batch(example_target, parts, "example target", global_batch)[0] if with_loss else None
     key, hit = None, None
     if config.use_cache:
         key = profile_cache.model_key(model, args, kwargs, device_spec=spec, optimizer=config.optimizer,
