@@ -311,8 +311,9 @@ def run_plan(args: argparse.Namespace) -> None:
         console.print(line, highlight=False)
     if dp > 1 and batch:
         global_batch = config.batch or batch
-        console.print(f"global batch {global_batch} = {dp} replicas x {m} microbatches x "
-                      f"{microbatch_size(global_batch, dp, m)} samples", highlight=False)
+        samples = microbatch_size(global_batch, dp, m)
+        console.print(f"global batch {global_batch} = {dp} replicas x {m} microbatches x {samples} "
+                      f"sample{'s' if samples != 1 else ''}", highlight=False)
     if config.compare:
         console.print(compare_table(result))
     if args.json:
