@@ -185,7 +185,8 @@ def plan_summary(plan: Plan, max_ranks: int = 8) -> str:
     """str(plan): what it is, its step time and memory, one line per rank (up to max_ranks)."""
     per_rank = f"{plan.chunks} stages each" if plan.chunks > 1 else "1 stage each"
     lines = [f"Plan{' of ' + plan.model if plan.model else ''}: {plan.num_ranks} ranks x {per_rank}, "
-             f"{plan.schedule}, {plan.microbatches} microbatches"]
+             f"{plan.schedule}, {plan.microbatches} microbatches"
+             + (f", {plan.data_parallel} replicas ({plan.data_parallel_mode})" if plan.data_parallel > 1 else "")]
     if plan.step_time_s:
         lines.append(f"predicted step time {human_time(plan.step_time_s)}, bubble {plan.bubble:.1%}"
                      + (f", on {plan.device} ({human_bytes(plan.device_mem_bytes)})" if plan.device else ""))
