@@ -28,6 +28,7 @@ SUITE: list[tuple[str, str, list[str], list[str], bool]] = [
      ["--quick", "--mode", "one-process"], False),
     ("load_memory", "benchmarks.load_memory",
      ["--layers", "2", "--hidden", "512", "--intermediate", "1024", "--vocab", "8000"], [], False),
+    ("dp_memory", "benchmarks.dp_memory", [], [], False),
     ("cost_model_accuracy", "benchmarks.cost_model_accuracy", [], [], True),
     ("gpu_runtime", "benchmarks.gpu_runtime", [], [], True),
     ("executor_vs_torch_gpu", "benchmarks.executor_vs_torch", ["--device", "cuda"], ["--device", "cuda"], True),

@@ -15,8 +15,8 @@ states, cost_models.memory.param_state_bytes) and s the shard count (dp for fsdp
 - after the last backward FSDP2 reshards first (frees the whole W), then copies the gradients
   into one flat buffer and reduces it (torch's post_backward / foreach_reduce): G + G + T/s + O/s
   at most, below the step's W + G + T/s + O/s, with no activations left. So the step's is the peak.
-Measured (torch 2.13, gloo, 2 ranks, a stack of Linear layers, the profiler's allocation totals):
-held during the step 3.5 W (fsdp), 5 W (replicate), 4 W without dp, as this model says for AdamW.
+Measured by benchmarks/dp_memory.py (torch 2.13, 2 gloo ranks, fp32 AdamW): held during the step
+3.5 W (fsdp), 5 W (replicate), 4 W without dp, as this model says.
 
 Time per step, ring collectives over the dp group at `bw`: fsdp, reduce-scatter of G then
 all-gather of T at the next step's first forward, (dp-1)/dp x bytes / bw each; replicate,
