@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 from partitioner.errors import PlanError
@@ -67,7 +68,7 @@ class ParamBytes:
 
 def check_data_parallel(size: object, mode: object) -> None:
     """PlanError unless `size` is an int >= 1 and `mode` one of DP_MODES."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise PlanError(f"--data-parallel is {size!r}: give the number of pipeline replicas, an integer >= 1 "
                         "(data_parallel= in Python)")
     if mode not in DP_MODES:

@@ -113,7 +113,8 @@ def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbat
 def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | None, config: PlanConfig,
                on_step: Callable[[str], None] | None = None, loss_fn: Callable[[Any, Any], Any] | None = None,
                example_target: Any = None, need_graph: bool = True) -> PlanResult:
-    """Plan `model` (called as model(*example_args, **example_kwargs) on a global batch).
+    """Plan `model` (called as model(*example_args, **example_kwargs) on a global batch: with
+    config.data_parallel replicas, the batch of all of them, costed per microbatch of one replica).
 
     on_step(msg) is called before each step (progress display).
     loss_fn / example_target (a global batch's target): when both are given, the loss's time and

@@ -135,9 +135,11 @@ def test_checks_and_bandwidth_rule():
 
 
 def test_json_round_trip_and_plans_from_before_dp():
-    _, result = _plan(batch=16, dp=2)
+    _, result = _plan(batch=16, dp=2, compare=True)
     plan = result.plan
     assert plan.dp_reduce_time_s > 0 and len(plan.rank_dp_reduce_time_s) == 2
+    # the baselines are scored alike: same replicas, their own reduce
+    assert all(b.data_parallel == 2 and b.dp_reduce_time_s > 0 for b in result.baselines.values())
     assert Plan.from_json(plan.to_json()) == plan
     old = json.loads(plan.to_json())
     for key in ("data_parallel", "data_parallel_mode", "dp_bw_bytes_per_s", "rank_dp_reduce_time_s",
