@@ -126,7 +126,7 @@ def shard_block_graph(bg, blocks: list[ParamBytes], shared: list[ParamBytes], dp
     return dataclasses.replace(bg, blocks=new_blocks, shared_params=new_shared)
 
 
-def rank_param_bytes(plan, blocks: list[ParamBytes], shared: list[ParamBytes], bg) -> list[ParamBytes]:
+def rank_param_bytes(plan, bg, blocks: list[ParamBytes], shared: list[ParamBytes]) -> list[ParamBytes]:
     """Per rank of `plan`: the ParamBytes of the blocks it holds, a tied parameter once per rank using it."""
     p = plan.num_ranks
     sums = [[0, 0, 0] for _ in range(p)]
@@ -162,7 +162,7 @@ def apply_data_parallel(plan, bg, blocks: list[ParamBytes], shared: list[ParamBy
     if dp.size == 1:
         return
     plan.data_parallel, plan.data_parallel_mode, plan.dp_bw_bytes_per_s = dp.size, dp.mode, dp.bw_bytes_per_s
-    ranks = rank_param_bytes(plan, blocks, shared, bg)
+    ranks = rank_param_bytes(plan, bg, blocks, shared)
     reduce = [reduce_time_s(pb, dp) for pb in ranks]
     if plan.simulated:
         from partitioner.plan import plan_timeline
