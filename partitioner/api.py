@@ -149,11 +149,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     mb_args, mb_kwargs = _first_microbatch(args, kwargs, dp * microbatches)
     try:
         if plan is None:
-            # the plan is per pipeline: one replica's share of the global batch
-            (share_args, share_kwargs), share_target = _replica_share((args, kwargs), example_target, dp, batch)
-            plan, captured = _plan(model, share_args, share_kwargs, mb_args, mb_kwargs, p, chunks, schedule,
-                                   microbatches, memory, device_type, time_limit_s, rank, devices, loss_fn,
-                                   share_target, mixed_precision, options is not None, gap)
+            plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
+                                   memory, device_type, time_limit_s, rank, devices, loss_fn, example_target,
+                                   mixed_precision, options is not None, gap, dp, data_parallel)
         else:
             captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     except CaptureError as err:
@@ -609,14 +607,6 @@ def _split_hint(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | 
             "batch size different from its dim 0.")
 
 
-def _replica_share(inputs: tuple[tuple, dict], target: Any, dp: int, batch: int | None) -> tuple[Any, Any]:
-    """The first of dp equal shares of the global batch's inputs and target."""
-    if dp == 1:
-        return inputs, target
-    share = split_batch(inputs, dp, "example input", batch)[0]
-    return share, split_batch(target, dp, "example_target")[0] if target is not None else None
-
-
 def _first_microbatch(args: tuple, kwargs: dict, microbatches: int) -> tuple[tuple, dict]:
     return split_batch((args, kwargs), microbatches, "example input", batch_size((args, kwargs)))[0]
 
@@ -625,7 +615,7 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
           schedule: str, microbatches: int, memory: int | str | None, device_type: str | DeviceSpec | None,
           time_limit_s: float, rank: int | None, devices: list[torch.device], loss_fn: Callable[[Any, Any], Any],
           example_target: Any, mixed_precision: str | None, compiled: bool,
-          gap: float = 0.01) -> tuple[Plan, Captured]:
+          gap: float = 0.01, dp: int = 1, dp_mode: str = "fsdp") -> tuple[Plan, Captured]:
     """Plan on global rank 0 (the solver is not deterministic across processes) and share the plan."""
     planner = rank is None or dist.get_rank() == 0
     if planner:
@@ -640,7 +630,8 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
                 device_type = spec_for_torch_device(devices[0])  # this GPU, this host's dispatch speed
         config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=microbatches,
                             memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s,
-                            dtype=None, mixed_precision=mixed_precision, compiled=compiled, gap=gap)
+                            dtype=None, mixed_precision=mixed_precision, compiled=compiled, gap=gap,
+                            data_parallel=dp, data_parallel_mode=dp_mode)
         result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target)
         plan, captured = result.plan, result.captured
     if rank is None:

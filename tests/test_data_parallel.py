@@ -59,7 +59,8 @@ def _train_case(rank: int, case: tuple) -> dict:
     full = pm.full_state_dict()
     out = {"loss": max_rel_err(loss, ref_loss), "norm": max_rel_err(norm, ref_norm),
            "grads": max((max_rel_err(g, ref_grads[n]) for n, g in grads.items()), default=0.0),
-           "names": sorted(grads), "dp_rank": pm.layout.dp_rank}
+           "names": sorted(grads), "dp_rank": pm.layout.dp_rank,
+           "plan_dp": (pm.plan.data_parallel, pm.plan.data_parallel_mode)}
     if rank == 0:
         out["params"] = max(max_rel_err(full[n], p) for n, p in ref_params.items())
     if case[-1] == "fsdp":  # evaluation between steps: the other mode reads the gathered parameters
@@ -99,6 +100,7 @@ def _check(results: list[dict], case: tuple) -> None:
         assert isinstance(r, dict), (rank, r)
         assert r["loss"] < 1e-5 and r["grads"] < 1e-5 and r["norm"] < 1e-5, (rank, r)
         seen.setdefault(r["dp_rank"], set()).update(r["names"])
+        assert r["plan_dp"] == (dp, case[-1]), r["plan_dp"]  # planned for the replicas (memory, reduce time)
     assert results[0][case]["params"] < 1e-5, results[0][case]
     if case[-1] == "fsdp":
         evals = [res[case]["eval"] for res in results if "eval" in res[case]]
