@@ -1,4 +1,4 @@
-"""What one rank holds in a training step under FSDP2 data parallelism, against partitioner/data_parallel.py.
+"""What one rank holds in a training step under FSDP2 data parallelism, against partitioner/data_parallel_costs.py.
 
     python -m benchmarks.dp_memory                 # 2 gloo ranks on the CPU, 4 x Linear(512, 512)
 
@@ -100,7 +100,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    from partitioner.data_parallel import DataParallel, ParamBytes
+    from partitioner.data_parallel_costs import DataParallel, ParamBytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)

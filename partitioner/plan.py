@@ -35,7 +35,7 @@ class Plan:
     data_parallel / data_parallel_mode / dp_bw_bytes_per_s: replicas of this pipeline, "fsdp" or
     "replicate", and their collectives' bandwidth; rank_mem_bytes is then per GPU with that
     sharding, rank_dp_reduce_time_s each rank's gradient reduce (+ parameter all-gather) per step and
-    dp_reduce_time_s what they add to step_time_s (partitioner/data_parallel.py).
+    dp_reduce_time_s what they add to step_time_s (partitioner/data_parallel_costs.py).
     str(plan) is a summary of a few lines; partitioner.plan_command.print_plan(plan) prints the full table.
     """
 

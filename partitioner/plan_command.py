@@ -261,7 +261,7 @@ def run_plan(args: argparse.Namespace) -> None:
     """The `partitioner plan` command."""
     from partitioner.cost_models.device import get_device_spec
     from partitioner.cost_models.profile_command import load_model_spec
-    from partitioner.data_parallel import check_data_parallel, dp_bandwidth, microbatch_size
+    from partitioner.data_parallel_costs import check_data_parallel, dp_bandwidth, microbatch_size
     from partitioner.plan import check_config, check_gap
     from partitioner.zoo import context_note
 

@@ -37,7 +37,7 @@ class PlanConfig:
     data_parallel: replicas of the pipeline (a DeviceMesh (dp, pp)); the example inputs are then the
     global batch of all of them, each microbatch batch / (data_parallel x microbatches).
     data_parallel_mode: "fsdp" (parameters, gradients and optimizer state sharded over the replicas
-    between steps) or "replicate"; see partitioner/data_parallel.py for what each rank holds.
+    between steps) or "replicate"; see partitioner/data_parallel_costs.py for what each rank holds.
     dp_bw_bytes_per_s None: the device's intra-node bandwidth when data_parallel x num_ranks GPUs fit
     in one host of gpus_per_host, else its inter-node bandwidth.
     """
@@ -93,7 +93,7 @@ def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbat
                       data_parallel: int = 1) -> tuple[tuple, dict]:
     """Cut every tensor whose dim 0 is the global batch to one microbatch of one replica (the first):
     batch / (data_parallel x microbatches) samples."""
-    from partitioner.data_parallel import microbatch_size
+    from partitioner.data_parallel_costs import microbatch_size
 
     inputs = (tuple(example_args), dict(example_kwargs or {}))
     batch = batch_size(inputs)
@@ -128,7 +128,7 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     from partitioner.plan import check_config, check_gap
     from partitioner.solve import solve
     from partitioner.passes.coarsen import attach_loss, coarsen
-    from partitioner import data_parallel as dpm
+    from partitioner import data_parallel_costs as dpm
 
     step = on_step or (lambda msg: None)
     schedule, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)

@@ -10,7 +10,7 @@ import torch
 
 from partitioner.cli import main
 from partitioner.cost_models.device import get_device_spec
-from partitioner.data_parallel import (DataParallel, ParamBytes, apply_data_parallel, check_data_parallel,
+from partitioner.data_parallel_costs import (DataParallel, ParamBytes, apply_data_parallel, check_data_parallel,
                                        dp_bandwidth, microbatch_size, param_bytes, reduce_time_s,
                                        shard_block_graph)
 from partitioner.errors import PlanError

@@ -26,9 +26,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from partitioner.data_parallel_costs import DP_MODES as DATA_PARALLEL_MODES
 from partitioner.errors import RuntimeConfigError
-
-DATA_PARALLEL_MODES = ("fsdp", "replicate")
 
 
 @dataclass(frozen=True)
