@@ -198,7 +198,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         runners = dp_stages.runners
         store.adopt([stages[k] for k in local])
     executor = Executor(stages, local, sched, transport, _checked_loss(run_loss, loss_fn), captured.unflatten_outputs,
-                        stage_device, order, inference_order, runners)
+                        stage_device, order, inference_order, runners,
+                        stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None)
     source = ModeSource(meta_skeleton(model), mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
                         compile_options=options, timeout_s=timeout_s, check_loss=_checked_loss)
     return ParallelModel(captured, plan, stages, executor, store, devices, rank, args, kwargs, microbatches,
@@ -288,7 +289,7 @@ class ParallelModel:
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         self.store.refresh_replicas()
         if self.data_parallel is not None and self.training != self._sharded_mode:
-            self.data_parallel.module.unshard()  # this mode's stages read the gathered parameters
+            self.data_parallel.unshard()  # this mode's stages read the gathered parameters
         flat = self.executor.forward(mb_inputs)
         if self.data_parallel is not None:
             self.data_parallel.reshard()

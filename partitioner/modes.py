@@ -95,7 +95,7 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
         # FSDP2 swaps the compiled mode's parameters between sharded and gathered ones; the gathered
         # tensors are kept (their storage freed when resharded), so this mode reads those and runs
         # between unshard() and reshard() (ParallelModel.forward)
-        pm.data_parallel.module.unshard()
+        pm.data_parallel.unshard()
     tensor_of = {(fqn, st.rank): get_attr(st.graph_module, fqn) for st in pm.stages if st.rank in local_ranks
                  for fqn in [*st.params, *st.buffers]}
     if pm.data_parallel is not None:

@@ -60,7 +60,8 @@ def _train_case(rank: int, case: tuple) -> dict:
     out = {"loss": max_rel_err(loss, ref_loss), "norm": max_rel_err(norm, ref_norm),
            "grads": max((max_rel_err(g, ref_grads[n]) for n, g in grads.items()), default=0.0),
            "names": sorted(grads), "dp_rank": pm.layout.dp_rank,
-           "plan_dp": (pm.plan.data_parallel, pm.plan.data_parallel_mode)}
+           "plan_dp": (pm.plan.data_parallel, pm.plan.data_parallel_mode),
+           "own_groups": len(pm.data_parallel.groups) if pm.data_parallel is not None else 0}
     if rank == 0:
         out["params"] = max(max_rel_err(full[n], p) for n, p in ref_params.items())
     if case[-1] == "fsdp":  # evaluation between steps: the other mode reads the gathered parameters
@@ -116,6 +117,10 @@ def test_gpt2_tied_embeddings_dp2_pp2_and_dp1_pp4_and_dp4_pp1():
     results = run_workers(_worker, 4, cases, timeout_s=280)
     for case in cases:
         _check(results, case)
+    # interleaved, the tied embedding on ranks 0 and 1: each rank's two stages are two FSDP2 groups,
+    # the first-closed one reduced while the other still runs backwards; at pp 1 they share it: one group
+    assert [r[cases[1]]["own_groups"] for r in results] == [2, 2, 2, 2]
+    assert [r[cases[3]]["own_groups"] for r in results] == [0, 0, 0, 0]
 
 
 def test_t5_dp2_pp2_interleaved_and_1f1b():

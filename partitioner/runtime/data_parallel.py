@@ -5,15 +5,18 @@ dp pipeline replicas: replica d is the ranks mesh[d, :], and its pp rank r runs
 the plan's stages of rank r on its share of the global batch. Point-to-point
 traffic stays inside a replica; gradients are reduced across replicas by FSDP2.
 
-Each rank's stage graph modules become one module (`RankStages`) so that FSDP2
-manages this rank's parameters as one group: a tied weight read by two local
-stages (chunks) is one parameter, sharded once. It is wrapped with
+Each rank's stage graph modules become one module (`RankStages`), wrapped with
 `fully_shard` (parameters, gradients and optimizer state sharded over dp) or the
-FSDP2-based `replicate` (whole on every replica, gradients all-reduced), and
-driven the way torch.distributed.pipelining drives FSDP: during a step's
-backwards gradient sync and resharding are off, so gradients accumulate whole
-over the microbatches; after the rank's last backward one reduce-scatter (or
-all-reduce) averages them over the replicas, and the parameters are resharded.
+FSDP2-based `replicate` (whole on every replica, gradients all-reduced). Where a
+rank holds several stages (interleaving) that share no parameter, each stage is
+its own FSDP2 group, so a stage's gradients are reduced as soon as its last
+backward is done, overlapping the rank's other stages' backwards; a tied weight
+read by two local stages makes them one group (it is one parameter, sharded
+once). They are driven the way torch.distributed.pipelining drives FSDP: during
+a step's backwards gradient sync and resharding are off, so gradients
+accumulate whole over the microbatches; after a stage's (group's) last backward
+one reduce-scatter (or all-reduce) averages them over the replicas, and the
+parameters are resharded.
 Each replica's loss is the mean over its share of the batch, so the averaged
 gradient is that of the mean loss over the global batch.
 """
@@ -103,17 +106,13 @@ class DataParallelStages:
             raise RuntimeConfigError(f"compile_parallel: data_parallel={mode!r}; use one of {DATA_PARALLEL_MODES}.")
         self.mode = mode
         self.module = RankStages(graph_modules, runners)
-        if mode == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-            # parameters stay gathered through the step: every microbatch's forward and backward reads them
-            fully_shard(self.module, mesh=dp_mesh, reshard_after_forward=False)
-        else:
-            try:
-                from torch.distributed._composable.replicate_with_fsdp import replicate
-            except ImportError as err:
-                raise RuntimeConfigError(f"compile_parallel: data_parallel='replicate' needs FSDP2's replicate, which "
-                                         f"torch {torch.__version__} lacks; use data_parallel='fsdp'.") from err
-            replicate(self.module, mesh=dp_mesh)
+        wrap = _wrapper(mode, dp_mesh)
+        self.groups: dict[int, nn.Module] = {}  # stage -> its own FSDP2 module, where it has one
+        if len(graph_modules) > 1 and not _shares_parameters(list(graph_modules.values())):
+            for k, gm in graph_modules.items():
+                wrap(gm)
+                self.groups[k] = gm
+        wrap(self.module)
         if dp_mesh.device_type == "cpu":  # gloo has no AVG reduction: sum, then divide by dp
             if not hasattr(self.module, "set_force_sum_reduction_for_comms"):
                 raise RuntimeConfigError(f"compile_parallel: data parallelism on CPU (gloo) needs a torch whose FSDP2 "
@@ -127,30 +126,80 @@ class DataParallelStages:
         self.module.set_reshard_after_backward(False)
         self.module.set_requires_gradient_sync(False)
 
+    def stage_backward_done(self, stage: int) -> None:
+        """The step's last backward of `stage` is done: reduce its gradients now (asynchronously on
+        GPUs), while the rank's other stages still run their backwards."""
+        group = self.groups.get(stage)
+        if group is not None:
+            group.set_requires_gradient_sync(True, recurse=False)
+            group.set_reshard_after_backward(True, recurse=False)
+            _post_backward(self.mode, group, finalize=False)
+
     def after_step(self) -> None:
         """Reduce the accumulated gradients over the replicas and reshard the parameters.
 
         The executor runs many partial backwards (torch.autograd.backward per microbatch), so
         FSDP's end-of-backward step is run here, as torch.distributed.pipelining's stage does
         (`perform_reduce_grad`)."""
-        from torch.distributed.fsdp import fully_shard
         module = self.module
         module.set_is_last_backward(True)
         module.set_reshard_after_backward(True)
         module.set_requires_gradient_sync(True)
-        if self.mode == "fsdp":
-            state = fully_shard.state(module)
-        else:
-            from torch.distributed._composable.replicate_with_fsdp import replicate
-            state = replicate.state(module)
-        for each in state._state_ctx.all_states:
-            for group in each._fsdp_param_groups:
-                group.post_backward()
-        state._root_post_backward_final_callback()
+        _post_backward(self.mode, module, finalize=True)
+
+    def unshard(self) -> None:
+        """Gather every parameter of this rank's stages (FSDP2 registers the whole tensors on the modules)."""
+        for m in [self.module, *self.groups.values()]:
+            m.unshard()
 
     def reshard(self) -> None:
         """Free the gathered parameters (after inference)."""
-        self.module.reshard()
+        for m in [self.module, *self.groups.values()]:
+            m.reshard()
+
+
+def _wrapper(mode: str, dp_mesh: Any) -> Callable[[nn.Module], Any]:
+    """fully_shard or replicate over the dp mesh, as a one-argument function."""
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        # parameters stay gathered through the step: every microbatch's forward and backward reads them
+        return functools.partial(fully_shard, mesh=dp_mesh, reshard_after_forward=False)
+    try:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+    except ImportError as err:
+        raise RuntimeConfigError(f"compile_parallel: data_parallel='replicate' needs FSDP2's replicate, which "
+                                 f"torch {torch.__version__} lacks; use data_parallel='fsdp'.") from err
+    return functools.partial(replicate, mesh=dp_mesh)
+
+
+def _shares_parameters(modules: list[nn.Module]) -> bool:
+    seen: set[int] = set()
+    for m in modules:
+        mine = {id(p) for p in m.parameters()}
+        if mine & seen:
+            return True
+        seen |= mine
+    return False
+
+
+def _post_backward(mode: str, module: nn.Module, finalize: bool) -> None:
+    """Run FSDP2's end of backward for `module`'s groups (the root's final callback too when
+    `finalize`): the executor's partial backwards (torch.autograd.backward per microbatch) do not
+    tell FSDP which one is the last. As torch.distributed.pipelining's perform_reduce_grad."""
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        state = fully_shard.state(module)
+    else:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+        state = replicate.state(module)
+    if not finalize:
+        for group in state._fsdp_param_groups:
+            group.post_backward()
+        return
+    for each in state._state_ctx.all_states:
+        for group in each._fsdp_param_groups:
+            group.post_backward()
+    state._root_post_backward_final_callback()
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

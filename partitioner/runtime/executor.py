@@ -58,12 +58,15 @@ class Executor:
     stage_device: device of every local stage.
     order: this process's actions (a rank's list, or in_process_order for all ranks).
     runners: stage -> the callable that runs it (default: its graph module); loss_fn may be compiled too.
+    stage_backward_done(stage): called after a training step's last backward of each local stage (its
+    gradients are final: data parallelism reduces them there, overlapping the rank's other stages).
     """
 
     def __init__(self, stages: list[StageModule], local: list[int], schedule: Schedule, transport: Transport,
                  loss_fn: Callable[[Any, Any], torch.Tensor], unflatten: Callable[[list[Any]], Any],
                  stage_device: dict[int, torch.device], order: list[Action], inference_order: list[Action],
-                 runners: dict[int, Callable] | None = None):
+                 runners: dict[int, Callable] | None = None,
+                 stage_backward_done: Callable[[int], None] | None = None):
         self.stages = stages
         # what runs a stage: its graph module, or that compiled (partitioner/runtime/compiled.py)
         self.runners = runners or {st.stage: st.graph_module for st in stages}
@@ -78,6 +81,9 @@ class Executor:
         self.train_comm = build_comm_plan(stages, schedule)
         self.inference_comm = build_comm_plan(stages, forward_only(schedule))
         self.last = len(stages) - 1
+        self.stage_backward_done = stage_backward_done
+        last_b = {a.stage: i for i, a in enumerate(order) if a.kind == "B"}
+        self._closes_stage = {order[i] for i in last_b.values()}  # the B after which a stage's gradients are final
 
     # ------------------------------------------------------------------ public
 
@@ -108,6 +114,8 @@ class Executor:
                         self._forward(action, comm, state)
                     else:
                         self._backward(action, comm, state)
+                        if self.stage_backward_done is not None and action in self._closes_stage:
+                            self.stage_backward_done(action.stage)
         finally:
             state.saved.clear()
         self.transport.finish()
