@@ -20,8 +20,10 @@ Measured by benchmarks/dp_memory.py (torch 2.13, 2 gloo ranks, fp32 AdamW): held
 
 Time per step, ring collectives over the dp group at `bw`: fsdp, reduce-scatter of G then
 all-gather of T at the next step's first forward, (dp-1)/dp x bytes / bw each; replicate,
-all-reduce of G, 2 (dp-1)/dp x G / bw. Neither overlaps the rank's compute, so the step is the
-largest over ranks of (its last action's end in the simulated schedule + its collectives). The
+all-reduce of G, 2 (dp-1)/dp x G / bw. Counted as not overlapping the rank's compute, so the step
+is the largest over ranks of (its last action's end in the simulated schedule + its collectives);
+with interleaving the runtime starts a stage's reduction at that stage's last backward, so for
+those plans this is an upper bound. The
 solver balances the pipeline without them; they are added to the plan it returns.
 """
 from __future__ import annotations
