@@ -48,12 +48,14 @@ def grad_errors(pm, ref_grads: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def run_workers(fn: Callable[[int, int, Any], Any], world_size: int, arg: Any = None,
-                timeout_s: float = 150.0) -> list[Any]:
+                timeout_s: float = 150.0, hosts: int = 1) -> list[Any]:
     """Run fn(rank, world_size, arg) in world_size spawned processes (torchrun's environment variables
-    set, gloo rendezvous on a free port); return each rank's result. Raises on error or timeout."""
+    set, gloo rendezvous on a free port); return each rank's result. Raises on error or timeout.
+    hosts: the processes pretend to be spread over that many hosts (LOCAL_RANK, GROUP_RANK and
+    LOCAL_WORLD_SIZE as torchrun --nnodes sets them)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(fn, world_size, arg, port, tmp), nprocs=world_size,
+        ctx = mp.start_processes(_worker, args=(fn, world_size, arg, port, tmp, hosts), nprocs=world_size,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s
         try:
@@ -72,8 +74,10 @@ def run_workers(fn: Callable[[int, int, Any], Any], world_size: int, arg: Any = 
         return results
 
 
-def _worker(rank: int, fn, world_size: int, arg, port: int, tmp: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+def _worker(rank: int, fn, world_size: int, arg, port: int, tmp: str, hosts: int = 1) -> None:
+    per_host = world_size // hosts
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank % per_host),
+                      LOCAL_WORLD_SIZE=str(per_host), GROUP_RANK=str(rank // per_host),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     result = fn(rank, world_size, arg)

@@ -58,6 +58,7 @@ def _train_case(rank: int, case: tuple) -> dict:
     opt.step()
     full = pm.full_state_dict()
     out = {"loss": max_rel_err(loss, ref_loss), "norm": max_rel_err(norm, ref_norm),
+           "layout": (pm.layout.dp_rank, pm.layout.pp_rank, os.environ["LOCAL_RANK"]),
            "grads": max((max_rel_err(g, ref_grads[n]) for n, g in grads.items()), default=0.0),
            "names": sorted(grads), "dp_rank": pm.layout.dp_rank,
            "plan_dp": (pm.plan.data_parallel, pm.plan.data_parallel_mode),
@@ -112,15 +113,19 @@ def _check(results: list[dict], case: tuple) -> None:
 
 
 def test_gpt2_tied_embeddings_dp2_pp2_and_dp1_pp4_and_dp4_pp1():
+    """On 4 processes that pretend to be 2 hosts of 2 (LOCAL_RANK 0, 1, 0, 1): ranks come from the mesh."""
     cases = [("gpt2", 2, 2, "1f1b", 1, "fsdp"), ("gpt2", 2, 2, "interleaved-1f1b", 2, "replicate"),
              ("gpt2", 1, 4, "1f1b", 1, "fsdp"), ("gpt2", 4, 1, "interleaved-1f1b", 2, "fsdp")]
-    results = run_workers(_worker, 4, cases, timeout_s=280)
+    results = run_workers(_worker, 4, cases, timeout_s=280, hosts=2)
     for case in cases:
         _check(results, case)
     # interleaved, the tied embedding on ranks 0 and 1: each rank's two stages are two FSDP2 groups,
     # the first-closed one reduced while the other still runs backwards; at pp 1 they share it: one group
     assert [r[cases[1]]["own_groups"] for r in results] == [2, 2, 2, 2]
     assert [r[cases[3]]["own_groups"] for r in results] == [0, 0, 0, 0]
+    # dp 2 x pp 2: a replica per host (pipeline inside it); dp 1 x pp 4: the pipeline spans both hosts
+    assert [r[cases[0]]["layout"] for r in results] == [(0, 0, "0"), (0, 1, "1"), (1, 0, "0"), (1, 1, "1")]
+    assert [r[cases[2]]["layout"][:2] for r in results] == [(0, 0), (0, 1), (0, 2), (0, 3)]
 
 
 def test_t5_dp2_pp2_interleaved_and_1f1b():
