@@ -90,18 +90,20 @@ def paths_columns(bg, p: int, v: int, m: int, bw: float, ilp, budget_s: float, c
     is still over 3% above the bound after budget_s gets a second run of extra_s seconds from the best
     plan found so far, polished (refine with kicks) for extra_s / 8 more: a faster incumbent prunes
     more of the relaxation. The larger bound of the two holds."""
+    from partitioner.problem import PlanProblem
     from partitioner.refine import refine
 
     cols = dict.fromkeys(("paths_lb_ms", "ilp_vs_paths_lb", "proven_3pct", "paths_ms", "paths_status", "paths_s"))
     if budget_s <= 0:
         return cols
     t0 = time.perf_counter()
-    found = path_bound_solve(bg, p, v, m, ilp.schedule, cap, bw, budget_s, incumbent=ilp.block_stage)
+    problem = PlanProblem(bg, p, v, m, ilp.schedule, bw, cap)
+    found = path_bound_solve(problem, budget_s, incumbent=ilp.block_stage)
     lower, best = found.lower_bound_s, found
     if ilp.step_time_s > 1.03 * lower and found.status == "time_limit" and extra_s > 0:
         incumbent = found.assignment if found.step_time_s < ilp.step_time_s else ilp.block_stage
-        incumbent = refine(bg, incumbent, p, v, m, ilp.schedule, bw, cap, extra_s / 8, kicks=True)[0]
-        again = path_bound_solve(bg, p, v, m, ilp.schedule, cap, bw, extra_s, incumbent=incumbent)
+        incumbent = refine(problem, incumbent, extra_s / 8, kicks=True)[0]
+        again = path_bound_solve(problem, extra_s, incumbent=incumbent)
         lower = max(lower, again.lower_bound_s)
         best = min(found, again, key=lambda f: f.step_time_s)
     cols.update(paths_lb_ms=lower * 1e3, ilp_vs_paths_lb=ilp.step_time_s / lower,
@@ -178,15 +180,17 @@ def memory_bound_row(name: str, bg, p: int, v: int, m: int, bw: float, time_limi
     that fits) and the baselines (which ignore memory: do they fit?)."""
     from partitioner.baselines import all_baselines
     from partitioner.plan import evaluate_assignment
-    from partitioner.solve import chain_dp_split, min_memory_bytes, solve
+    from partitioner.problem import PlanProblem
+    from partitioner.seeds import chain_dp_split
+    from partitioner.solve import min_memory_bytes, solve
 
     free = solve(bg, p, v, m, link_bw_bytes_per_s=bw, time_limit_s=time_limit_s)
     need, _ = min_memory_bytes(bg, p, v, m, time_limit_s=time_limit_s)
     peak = max(free.rank_mem_bytes)
     cap = int(need + 0.25 * (peak - need))
     ilp = solve(bg, p, v, m, memory_cap_bytes=cap, link_bw_bytes_per_s=bw, time_limit_s=time_limit_s)
-    dp = evaluate_assignment(bg, chain_dp_split(bg, p, v, m, "1f1b" if v == 1 else "interleaved-1f1b", bw, cap),
-                             p, v, m, link_bw_bytes_per_s=bw, memory_cap_bytes=cap)
+    dp_split = chain_dp_split(PlanProblem.checked(bg, p, v, m, memory_cap_bytes=cap, link_bw_bytes_per_s=bw))
+    dp = evaluate_assignment(bg, dp_split, p, v, m, link_bw_bytes_per_s=bw, memory_cap_bytes=cap)
     base = all_baselines(bg, p, v, m, memory_cap_bytes=cap, link_bw_bytes_per_s=bw)
     fitting = [k for k, b in base.items() if max(b.rank_mem_bytes) <= cap]
     row = {"model": name, "p": p, "v": v, "m": m, "blocks": len(bg.blocks), "cap_gib": cap / 2 ** 30,

@@ -22,7 +22,8 @@ from __future__ import annotations
 import re
 
 from partitioner.chain_dp import split_chain
-from partitioner.plan import DEFAULT_LINK_BW_BYTES_PER_S, Plan, check_config, evaluate_assignment
+from partitioner.plan import Plan, evaluate_assignment
+from partitioner.problem import DEFAULT_LINK_BW_BYTES_PER_S, check_config
 
 BASELINES = ("uniform", "torchtitan", "parameters", "flops", "size", "dp")
 

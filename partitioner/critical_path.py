@@ -18,7 +18,7 @@ a tenth of tol of the step); elsewhere, and for hops between stages further apar
 is left out, which only weakens the bound.
 
 path_bound_solve minimises T subject to T >= every row over the ILP's feasible set
-(partitioner.solve._build without its closed-form time model: stage order, non-empty stages,
+(partitioner.ilp.build_ilp without its closed-form time model: stage order, non-empty stages,
 the memory cap), simulates the answers CP-SAT finds, adds their critical paths (with and without
 communication) as new rows and repeats. The relaxation's proven bound is a lower bound on every
 plan's step; the best simulated answer within the cap is an upper bound. Durations are scaled to
@@ -44,8 +44,10 @@ from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
 
-from partitioner.plan import (DEFAULT_LINK_BW_BYTES_PER_S, check_config, closed_form_rank_mem_bytes,
-                              inflight_microbatches)
+from partitioner.ilp import NoSplit, build_ilp, cp_solver, on_stage
+from partitioner.plan import closed_form_rank_mem_bytes
+from partitioner.problem import PlanProblem
+from partitioner.seeds import chain_dp_split
 from partitioner.stage_scorer import StageScorer
 
 _UNITS = 10_000_000  # one microbatch's whole work is about this many integer units
@@ -164,13 +166,14 @@ class _Collect(cp_model.CpSolverSolutionCallback):
 class _Scorer:
     """Simulated step (+ all-reduce) and closed-form fit of assignments, and their critical paths."""
 
-    def __init__(self, bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None):
+    def __init__(self, problem: PlanProblem):
         from partitioner.runtime.schedules import make_schedule
 
-        self.bg, self.p, self.v, self.bw, self.cap = bg, p, v, bw, cap
-        self.sched = make_schedule(schedule, p, m, v)
-        self.inflight = inflight_microbatches(schedule, p, m, v)
-        self.scorer = StageScorer(bg, p, v, bw)
+        p, v = problem.num_ranks, problem.chunks
+        self.cap = problem.memory_cap_bytes
+        self.sched = make_schedule(problem.schedule, p, problem.microbatches, v)
+        self.inflight = problem.inflight()
+        self.scorer = StageScorer(problem.block_graph, p, v, problem.link_bw_bytes_per_s)
 
     def score(self, assign: list[int]) -> tuple[float, bool, list[PathRow]]:
         """(step, within the cap, critical paths with and without communication)."""
@@ -377,16 +380,15 @@ def prefix_caps(rows: dict, units: _Units, dag: ActionDag, upper_s: float, max_r
 
 
 class _Relaxation:
-    """min T subject to T >= every row, over the partition ILP's feasible set (partitioner.solve._build)."""
+    """min T subject to T >= every row, over the partition ILP's feasible set (partitioner.ilp.build_ilp)."""
 
-    def __init__(self, bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None, units: _Units,
-                 prefix: tuple[list[int], list[int]] | None, comm: bool = False):
-        from partitioner.solve import _build
-
-        self.cap, self.units = cap, units
-        K, scale = p * v, units.scale
+    def __init__(self, problem: PlanProblem, units: _Units, prefix: tuple[list[int], list[int]] | None,
+                 comm: bool = False):
+        p, m, v = problem.num_ranks, problem.microbatches, problem.chunks
+        self.cap, self.units = problem.memory_cap_bytes, units
+        K, scale = problem.num_stages, units.scale
         dc = (units.work, *prefix) if prefix is not None else None
-        self.ilp = ilp = _build(bg, p, v, m, schedule, bw, cap, with_time=False, domain_cap=dc)
+        self.ilp = ilp = build_ilp(problem, with_time=False, domain_cap=dc)
         md = self.model = ilp.model
         hi = _UNITS * 4 * (m * v + K) + sum(math.floor(sec * scale) for sec, _ in ilp.allreduce)
         self.fwd, self.bwd = [], []
@@ -400,7 +402,7 @@ class _Relaxation:
                     ilp.rules.append((var, e, 1))
                 out.append(var)
         self.allreduce = sum(math.floor(sec * scale) * rep for sec, rep in ilp.allreduce)
-        self.hop = self._hops(bg, p, bw) if comm and p > 1 else [0] * K
+        self.hop = self._hops(problem.block_graph, p, problem.link_bw_bytes_per_s) if comm and p > 1 else [0] * K
         self.top = md.NewIntVar(0, hi, "T")
         md.Minimize(self.top)
 
@@ -411,8 +413,6 @@ class _Relaxation:
         crosses: z >= x[producer, k-1] + x[reader, k] - 1; on a path-shaped graph a value b -> b+1
         crosses iff y[b+1, k] - y[b, k] = 1 (stages are contiguous), no variable needed.
         """
-        from partitioner.solve import on_stage
-
         y, md, K = self.ilp.y, self.model, len(self.ilp.y[0]) - 1
 
         def x(b: int, k: int):
@@ -472,15 +472,11 @@ class _Relaxation:
 
     def hint(self, assign: list[int]) -> bool:
         """Hint the solver with a plan; False when it lies outside the (pruned) model."""
-        from partitioner.solve import _hint
-
-        return _hint(self.ilp, assign, self.cap) is not None
+        return self.ilp.hint(assign, self.cap) is not None
 
     def solve(self, time_s: float, tol: float, workers: int | None):
         """(status, proven bound in seconds, [(assignment, its T in seconds)] of the last solutions found)."""
-        from partitioner.solve import _solver
-
-        solver = _solver(time_s, workers or min(8, os.cpu_count() or 1))  # more workers than cores only thrash
+        solver = cp_solver(time_s, workers or min(8, os.cpu_count() or 1))  # more workers than cores only thrash
         solver.parameters.relative_gap_limit = tol / 2
         found = _Collect(self.ilp)
         got = solver.Solve(self.model, found)
@@ -494,23 +490,19 @@ class _Relaxation:
         """Can every row stay within upper_s? (status, assignments found). INFEASIBLE proves every
         plan in the model slower than upper_s: CP-SAT refutes a tight cap on T much faster than
         it raises the dual bound of the min-max, which stays near the LP's on branchy graphs."""
-        from partitioner.solve import _solver
-
         md = self.model.clone()
         md.ClearObjective()
         md.Add(md.GetIntVarFromProtoIndex(self.top.Index()) <= math.floor(upper_s * self.units.scale))
-        solver = _solver(time_s, workers or min(8, os.cpu_count() or 1))
+        solver = cp_solver(time_s, workers or min(8, os.cpu_count() or 1))
         found = _Collect(self.ilp)
         got = solver.Solve(md, found)
         _log.debug("probe at %.6g s: %s in %.2f s", upper_s, solver.StatusName(got), solver.WallTime())
         return got, found.assignments
 
 
-def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None,
-                     schedule: str | None = None, memory_cap_bytes: int | None = None,
-                     link_bw_bytes_per_s: float = DEFAULT_LINK_BW_BYTES_PER_S, time_limit_s: float = 10.0,
-                     incumbent: list[int] | None = None, seeds: tuple = (), tol: float = DEFAULT_TOL,
-                     workers: int | None = None, paths: tuple = ()) -> PathBound:
+def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent: list[int] | None = None,
+                     seeds: tuple = (), tol: float = DEFAULT_TOL, workers: int | None = None,
+                     paths: tuple = ()) -> PathBound:
     """Row generation over critical paths (module docstring): the best plan found and a proven lower bound.
 
     incumbent / seeds: assignments to start from (default: the chain DP's split); the best of them
@@ -519,14 +511,11 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
     prefix caps the rows and the best plan's step allow (prefix_caps); the model is rebuilt when
     they shrink it.
     """
-    from partitioner.solve import _NoSplit, chain_dp_split
-
     t0 = time.perf_counter()
     deadline = t0 + time_limit_s
-    schedule, m = check_config(len(bg.blocks), num_ranks, chunks, microbatches, schedule)
-    p, v, K = num_ranks, chunks, num_ranks * chunks
-    bw, cap = link_bw_bytes_per_s, memory_cap_bytes
-    scorer = _Scorer(bg, p, v, m, schedule, bw, cap)
+    bg, p, m, K = problem.block_graph, problem.num_ranks, problem.microbatches, problem.num_stages
+    bw = problem.link_bw_bytes_per_s
+    scorer = _Scorer(problem)
     rows: dict[tuple, PathRow] = {}  # the relaxation's, by key (the row's coefficients in the model)
     lp_rows: dict[tuple, PathRow] = {}  # prefix_caps': these and the fluid LP's own
     best, best_step, comm = None, math.inf, False
@@ -549,7 +538,7 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
         return step
 
     starts = [a for a in ([incumbent] if incumbent is not None else []) + list(seeds) if a is not None]
-    for a in starts or [chain_dp_split(bg, p, v, m, schedule, bw, cap)]:
+    for a in starts or [chain_dp_split(problem)]:
         consider(a)
     # model the links when the hops of a path (2 per stage boundary and microbatch, at most the
     # largest value each) could add more than a tenth of tol to the least step (m W / p)
@@ -570,8 +559,8 @@ def path_bound_solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
         if time.perf_counter() > deadline - 0.1:
             return None
         try:
-            rel = _Relaxation(bg, p, v, m, schedule, bw, cap, units, prefix, comm)
-        except _NoSplit:
+            rel = _Relaxation(problem, units, prefix, comm)
+        except NoSplit:
             return None
         if best is not None and not rel.hint(best):
             return None  # the caps cut off the best plan (rounding): not safe

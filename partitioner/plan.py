@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from partitioner.problem import DEFAULT_LINK_BW_BYTES_PER_S, check_config, inflight_microbatches
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Plan:
     loads its own copy; copies on different ranks get their gradients all-reduced).
     rank_mem_bytes: peak per rank (simulator's when available, else the solver's
     conservative model); model_step_time_s: the ILP's closed-form objective
-    (plan.model_step_time + all-reduce; see partitioner/solve.py).
+    (plan.model_step_time + all-reduce; see partitioner/ilp.py).
     step_lower_bound_s: proven lower bound on the simulated step of every valid plan within the
     memory cap (the exact split search's or critical-path row generation's; 0 when not known).
     model, device, device_mem_bytes, version: what was planned, the DeviceSpec the costs assume
@@ -110,65 +111,6 @@ class Plan:
         return cls(**json.loads(text))
 
 
-DEFAULT_LINK_BW_BYTES_PER_S = 50e9  # a conservative GPU-to-GPU point-to-point link (PCIe 5 / slow NVLink)
-
-
-def check_gap(gap: float) -> float:
-    """`gap` (a fraction) if within [0, 1), else PlanError."""
-    from partitioner.errors import PlanError
-
-    if not 0.0 <= gap < 1.0:
-        raise PlanError(f"gap {gap * 100:g}% is outside 0-100%: give --gap as a percentage, e.g. --gap 1 "
-                        "(stop once the plan is proven within 1% of the best possible)")
-    return gap
-
-
-def check_config(num_blocks: int, num_ranks: int, chunks: int = 1, microbatches: int | None = None,
-                 schedule: str | None = None) -> tuple[str, int]:
-    """Validate the pipeline shape; return (schedule, microbatches) with defaults filled in.
-
-    Defaults: 1f1b (interleaved-1f1b when chunks > 1), 2 x num_ranks microbatches.
-    """
-    from partitioner.errors import PlanError
-    from partitioner.runtime.schedules import SCHEDULES
-
-    if num_ranks < 1:
-        raise PlanError(f"--devices is {num_ranks}: a pipeline needs at least 1 device")
-    if chunks < 1:
-        raise PlanError(f"--chunks is {chunks}: every device needs at least 1 stage")
-    if schedule is None:
-        schedule = "interleaved-1f1b" if chunks > 1 else "1f1b"
-    if schedule not in SCHEDULES:
-        raise PlanError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
-    if schedule == "1f1b" and chunks > 1:
-        raise PlanError(f"schedule '1f1b' runs one stage per device but --chunks is {chunks}: "
-                        "use --schedule interleaved-1f1b (or gpipe)")
-    if microbatches is None:
-        microbatches = 2 * num_ranks
-    if microbatches < 1:
-        raise PlanError(f"--microbatches is {microbatches}: use at least 1")
-    if schedule == "interleaved-1f1b" and chunks > 1 and microbatches % num_ranks:
-        fit = num_ranks * max(1, -(-microbatches // num_ranks))
-        raise PlanError(f"interleaved-1f1b needs microbatches to be a multiple of the {num_ranks} devices, "
-                        f"got {microbatches}: use {fit} (--microbatches {fit}; microbatches={fit} in Python)")
-    num_stages = num_ranks * chunks
-    if num_stages > num_blocks:
-        raise PlanError(f"{num_stages} stages ({num_ranks} devices x {chunks} chunks) but the model has only "
-                        f"{num_blocks} blocks at this module depth: use at most {num_blocks} stages (fewer devices "
-                        "or chunks), a deeper module depth (--depth), or cut it yourself between any two ops "
-                        "(passes.split.valid_cuts / plan_from_cuts, then compile_parallel(..., plan=...))")
-    return schedule, microbatches
-
-
-def inflight_microbatches(schedule: str, num_ranks: int, microbatches: int, chunks: int = 1) -> list[int]:
-    """Per rank: microbatch-chunks whose activations are alive at the peak (warm-up + 1, capped)."""
-    from partitioner.runtime.schedules import warmup_microbatches
-
-    total = microbatches * chunks
-    return [min(warmup_microbatches(schedule, num_ranks, microbatches, chunks, r) + 1, total)
-            for r in range(num_ranks)]
-
-
 @dataclass
 class StageStats:
     """Per-stage and per-rank costs of one assignment (times per microbatch)."""
@@ -227,7 +169,7 @@ def stage_stats(bg, block_stage: list[int], num_ranks: int, chunks: int,
 
 def model_step_time(compute_s: list[float], latency_s: list[float], num_ranks: int, chunks: int,
                     microbatches: int) -> float:
-    """The ILP's closed form of a step (no all-reduce); see partitioner/solve.py.
+    """The ILP's closed form of a step (no all-reduce); see partitioner/ilp.py.
 
     compute_s[k]: fwd+bwd of stage k; latency_s[k]: receiving its inputs. With
     M = max(busiest rank's compute, slowest link) and t_k = compute + latency:

@@ -262,7 +262,7 @@ def run_plan(args: argparse.Namespace) -> None:
     from partitioner.cost_models.device import get_device_spec
     from partitioner.cost_models.profile_command import load_model_spec
     from partitioner.data_parallel_costs import check_data_parallel, dp_bandwidth, microbatch_size
-    from partitioner.plan import check_config, check_gap
+    from partitioner.problem import check_config, check_gap
     from partitioner.zoo import context_note
 
     config = config_from_args(args)

@@ -125,7 +125,7 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     """
     from partitioner.cost_models.device import get_device_spec
     from partitioner.baselines import all_baselines
-    from partitioner.plan import check_config, check_gap
+    from partitioner.problem import check_config, check_gap
     from partitioner.solve import solve
     from partitioner.passes.coarsen import attach_loss, coarsen
     from partitioner import data_parallel_costs as dpm

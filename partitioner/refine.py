@@ -32,7 +32,10 @@ from __future__ import annotations
 import random
 import time
 
-from partitioner.plan import closed_form_rank_mem_bytes, inflight_microbatches
+from partitioner.plan import closed_form_rank_mem_bytes
+from partitioner.problem import PlanProblem
+from partitioner.runtime.schedules import make_schedule
+from partitioner.runtime.simulator import step_time_s
 from partitioner.stage_scorer import StageScorer
 
 KICK_MOVES = 3  # random single moves in half the kicks
@@ -43,19 +46,17 @@ WALK_TOLERANCE = 0.002  # a kick ending this close above the current plan become
 class _Search:
     """The moves and the score of one refine() call; `a` is the current assignment."""
 
-    def __init__(self, bg, p: int, v: int, m: int, schedule: str, bw: float, cap: int | None, deadline: float,
-                 target_s: float = 0.0):
-        from partitioner.runtime.schedules import make_schedule
-
-        self.cap, self.deadline = cap, deadline
+    def __init__(self, problem: PlanProblem, deadline: float, target_s: float = 0.0):
+        bg, p, v = problem.block_graph, problem.num_ranks, problem.chunks
+        self.cap, self.deadline = problem.memory_cap_bytes, deadline
         self.target_s, self.best_seen = target_s, float("inf")
-        self.sched = make_schedule(schedule, p, m, v)
-        self.inflight = inflight_microbatches(schedule, p, m, v)
+        self.sched = make_schedule(problem.schedule, p, problem.microbatches, v)
+        self.inflight = problem.inflight()
         n = len(bg.blocks)
         self.preds = [list(bg.graph.predecessors(b)) for b in range(n)]
         self.succs = [list(bg.graph.successors(b)) for b in range(n)]
         self.K = p * v
-        self.scorer = StageScorer(bg, p, v, bw)
+        self.scorer = StageScorer(bg, p, v, problem.link_bw_bytes_per_s)
         self.max_shift = max(1, -(-n // (4 * self.K)))  # ripples shift up to a quarter of an average stage
 
     def out_of_time(self) -> bool:
@@ -63,8 +64,6 @@ class _Search:
         return self.best_seen <= self.target_s or time.perf_counter() > self.deadline
 
     def score(self, a: list[int]) -> float:
-        from partitioner.runtime.simulator import step_time_s
-
         costs, allreduce_s = self.scorer.costs(a)
         if self.cap is not None and max(closed_form_rank_mem_bytes(costs, self.inflight)) > self.cap:
             return float("inf")
@@ -188,18 +187,18 @@ class _Search:
         return x
 
 
-def refine(bg, assign: list[int], p: int, v: int, m: int, schedule: str, bw: float, cap: int | None,
-           budget_s: float, kicks: bool = False, seed: int = 0, target_s: float = 0.0) -> tuple[list[int], float]:
+def refine(problem: PlanProblem, assign: list[int], budget_s: float, kicks: bool = False, seed: int = 0,
+           target_s: float = 0.0) -> tuple[list[int], float]:
     """Local search on the simulated step time from `assign`; returns (assignment, step time).
 
     Single-block moves (first improvement, nearer stages first) and ripples (module docstring)
     until neither shortens the step or `budget_s` is spent. With `kicks`, the rest of the budget
     goes to kicks (module docstring) until KICKS_WITHOUT_GAIN of them in a row found no better
-    plan; `seed` seeds them. Plans over the memory cap `cap` score infinite. A ripple sweep stops
+    plan; `seed` seeds them. Plans over problem.memory_cap_bytes score infinite. A ripple sweep stops
     shifting one way after two steps that each lengthen the step. It stops as soon as it scores a
     plan at most target_s (a proven bound's tolerance: nothing worth finding below it).
     """
-    search = _Search(bg, p, v, m, schedule, bw, cap, time.perf_counter() + budget_s, target_s)
+    search = _Search(problem, time.perf_counter() + budget_s, target_s)
     best_a, best = search.descend(assign, search.score(assign))
     rng = random.Random(seed)
     failed, current_a, current = 0, best_a, best

@@ -5,6 +5,7 @@ import pytest
 
 from partitioner.critical_path import ActionDag, critical_path, path_bound_solve
 from partitioner.plan import evaluate_assignment
+from partitioner.problem import PlanProblem
 from partitioner.solve import solve
 from partitioner.passes.coarsen import synthetic_block_graph
 from partitioner.runtime.schedules import Action, dependencies, make_schedule
@@ -114,8 +115,7 @@ def test_bound_is_below_the_brute_force_best_and_meets_it_without_communication(
              for a in valid_assignments(bg, p * v)}
     best = min(steps.values())
     worst = list(max(steps, key=steps.get)) if seed % 2 else None  # a poor start: the rows have work to do
-    got = path_bound_solve(bg, p, v, m, schedule, link_bw_bytes_per_s=1e9, time_limit_s=20, tol=0.0,
-                           incumbent=worst)
+    got = path_bound_solve(PlanProblem(bg, p, v, m, schedule, 1e9), time_limit_s=20, tol=0.0, incumbent=worst)
     assert got.lower_bound_s <= best * (1 + 1e-9) <= got.step_time_s * (1 + 1e-9)
     assert got.status in ("converged", "stalled")  # no communication: it converges to the optimum
     assert got.step_time_s == pytest.approx(best, rel=1e-12)
@@ -141,7 +141,7 @@ def test_bound_holds_with_communication_and_a_memory_cap(seed):
                       for a in valid_assignments(bg, p * v))
         cap = mems[len(mems) // 3]
     best = brute_force(bg, p, v, m, schedule, bw, cap)
-    got = path_bound_solve(bg, p, v, m, schedule, cap, bw, time_limit_s=20, tol=0.0)
+    got = path_bound_solve(PlanProblem(bg, p, v, m, schedule, bw, cap), time_limit_s=20, tol=0.0)
     assert got.assignment is not None
     assert got.lower_bound_s <= best * (1 + 1e-9) <= got.step_time_s * (1 + 1e-9)
     if chain:
@@ -176,8 +176,9 @@ def test_a_probe_refutes_a_target_below_the_relaxations_optimum_and_meets_one_ab
     rng = random.Random(seed_)
     bg = tiny_graph(rng, p * v + rng.randint(3, 5), skips=seed_ % 2 == 1, comm=False)
     m = 2 * p
-    done = path_bound_solve(bg, p, v, m, schedule, link_bw_bytes_per_s=1e9, time_limit_s=20, tol=0.0)
-    rel = _Relaxation(bg, p, v, m, schedule, 1e9, None, _Units.of(bg), None)
+    problem = PlanProblem(bg, p, v, m, schedule, 1e9)
+    done = path_bound_solve(problem, time_limit_s=20, tol=0.0)
+    rel = _Relaxation(problem, _Units.of(bg), None)
     for r in done.paths:
         rel.add_row(r)
     status, optimum, _ = rel.solve(10, 0.0, 1)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from partitioner.errors import PlanError
-from partitioner.plan import (Plan, check_config, evaluate_assignment, inflight_microbatches, model_step_time,
-                              plan_timeline)
+from partitioner.plan import Plan, evaluate_assignment, model_step_time, plan_timeline
+from partitioner.problem import check_config, inflight_microbatches
 from partitioner.passes.coarsen import synthetic_block_graph
 
 

@@ -9,6 +9,7 @@ from test_solve import BW, branchy_dag, random_dag
 
 import partitioner.refine
 from partitioner.plan import evaluate_assignment
+from partitioner.problem import PlanProblem
 from partitioner.refine import _Search, refine
 from partitioner.passes.coarsen import synthetic_block_graph
 
@@ -30,7 +31,7 @@ def test_ripples_and_kicks_keep_edges_ordered_and_stages_non_empty(seed):
     n, p, v = 14, 2, 3
     bg = (random_dag if seed % 2 else branchy_dag)(rng, n)
     K = p * v
-    search = _Search(bg, p, v, 2 * p, "interleaved-1f1b", BW, None, float("inf"))
+    search = _Search(PlanProblem(bg, p, v, 2 * p, "interleaved-1f1b", BW), float("inf"))
     shifted = 0
     for _ in range(10):
         a = random_plan(rng, search, n, K)
@@ -58,12 +59,12 @@ def test_a_ripple_leaves_the_optimum_that_single_moves_miss():
     # shortens the step (49); shifting the boundaries of stages 1..3 left by one block reaches 43,
     # the best of all 35 contiguous splits
     bg = synthetic_block_graph([4.0, 0.9, 0.6, 4.3, 2.4, 3.9, 0.5, 2.5])
-    search = _Search(bg, 2, 2, 4, "interleaved-1f1b", BW, None, float("inf"))
+    search = _Search(PlanProblem(bg, 2, 2, 4, "interleaved-1f1b", BW), float("inf"))
     stuck = [0, 1, 1, 2, 2, 3, 3, 3]
     assert search.single_moves(list(stuck), search.score(stuck)) == pytest.approx(49.0)
     best = min(search.score([sum(b >= c for c in cuts) for b in range(8)])
                for cuts in itertools.combinations(range(1, 8), 3))
-    assign, step = refine(bg, stuck, 2, 2, 4, "interleaved-1f1b", BW, None, budget_s=float("inf"))
+    assign, step = refine(PlanProblem(bg, 2, 2, 4, "interleaved-1f1b", BW), stuck, budget_s=float("inf"))
     assert step == pytest.approx(best) == pytest.approx(43.0)
     assert step == pytest.approx(evaluate_assignment(bg, assign, 2, 2, 4, "interleaved-1f1b", BW).step_time_s)
 
@@ -78,12 +79,12 @@ def test_kicks_never_end_above_the_descent(seed, monkeypatch):
     rng = random.Random(seed)
     bg = random_dag(rng, 16)
     p, v, m = 2, 2, 4
-    search = _Search(bg, p, v, m, "interleaved-1f1b", BW, None, float("inf"))
+    search = _Search(PlanProblem(bg, p, v, m, "interleaved-1f1b", BW), float("inf"))
     start = random_plan(rng, search, 16, p * v)
     kicks.clear()
-    plain = refine(bg, start, p, v, m, "interleaved-1f1b", BW, None, budget_s=float("inf"))
+    plain = refine(PlanProblem(bg, p, v, m, "interleaved-1f1b", BW), start, budget_s=float("inf"))
     assert not kicks
-    kicked = refine(bg, start, p, v, m, "interleaved-1f1b", BW, None, budget_s=float("inf"), kicks=True)
+    kicked = refine(PlanProblem(bg, p, v, m, "interleaved-1f1b", BW), start, budget_s=float("inf"), kicks=True)
     assert len(kicks) >= 40  # the kicks ran to their count, not to a deadline
     assert kicked[1] <= plain[1] * (1 + 1e-12)
     assert valid(bg, kicked[0], p * v)
@@ -94,7 +95,7 @@ def test_a_ripple_of_two_blocks_leaves_a_plan_that_one_block_shifts_cannot():
     # p = 2, v = 2; from `stuck` no single move and no one-block ripple shortens the step (80.7);
     # shifting the boundaries of stages 0..2 left by two blocks does (80.1)
     bg = synthetic_block_graph([2.7, 1.5, 2.0, 3.6, 1.2, 4.6, 1.7, 4.6, 1.9, 4.8, 3.7, 2.8])
-    search = _Search(bg, 2, 2, 4, "interleaved-1f1b", BW, None, float("inf"))
+    search = _Search(PlanProblem(bg, 2, 2, 4, "interleaved-1f1b", BW), float("inf"))
     stuck = [0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
     search.max_shift = 1
     assert search.descend(stuck, search.score(stuck)) == (stuck, pytest.approx(80.7))

@@ -245,15 +245,17 @@ def test_chain_dp_is_exact_with_memory_cap(times, stages, cap):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_warm_start_hint_is_a_solution(seed):
-    """_hint fills every variable from the assignment: fixing them all to it leaves a feasible model."""
+    """Ilp.hint fills every variable from the assignment: fixing them all to it leaves a feasible model."""
     from ortools.sat.python import cp_model
 
-    from partitioner.solve import _build, _hint, chain_dp_split
+    from partitioner.ilp import build_ilp
+    from partitioner.problem import PlanProblem
+    from partitioner.seeds import chain_dp_split
     bg = random_dag(random.Random(seed), 12, shared=True)
-    p, v, m = 3, 2, 6
-    ilp = _build(bg, p, v, m, "interleaved-1f1b", BW, None)
-    start = chain_dp_split(bg, p, v, m, "interleaved-1f1b", BW, None)
-    assert _hint(ilp, start, None) is not None
+    problem = PlanProblem(bg, 3, 2, 6, "interleaved-1f1b", BW)
+    ilp = build_ilp(problem)
+    start = chain_dp_split(problem)
+    assert ilp.hint(start, None) is not None
     proto = ilp.model.Proto()
     for i, value in zip(proto.solution_hint.vars, proto.solution_hint.values):
         ilp.model.Add(ilp.model.GetIntVarFromProtoIndex(i) == value)
@@ -268,8 +270,9 @@ def test_ilp_memory_equals_the_plans_including_held_values(seed):
     activations plus the values a stage sends or receives that it does not save itself."""
     import dataclasses
 
-    from partitioner.plan import inflight_microbatches, stage_stats
-    from partitioner.solve import _build, _flat, _hint
+    from partitioner.plan import stage_stats
+    from partitioner.ilp import build_ilp, flat_expr
+    from partitioner.problem import PlanProblem, inflight_microbatches
     rng = random.Random(seed)
     bg = branchy_dag(rng, 9) if seed % 2 else random_dag(rng, 9)
     n = len(bg.blocks)
@@ -278,19 +281,19 @@ def test_ilp_memory_equals_the_plans_including_held_values(seed):
     bg = dataclasses.replace(bg, values=values)
     p, v = (2, 2) if seed < 3 else (3, 1)
     schedule, m = ("interleaved-1f1b", 4) if v > 1 else ("1f1b", 3)
-    ilp = _build(bg, p, v, m, schedule, BW, None, with_time=False, need_memory=True)
+    ilp = build_ilp(PlanProblem(bg, p, v, m, schedule, BW), with_time=False, need_memory=True)
     assert ilp.mem_scale == 1.0
     checked = 0
     for _ in range(40):
         assign = sorted(rng.sample(range(n), 1) + [rng.randrange(p * v) for _ in range(n - 1)])
         if len(set(assign)) < p * v or any(assign[a] > assign[b] for a, b in bg.graph.edges):
             continue
-        if _hint(ilp, assign, None) is None:
+        if ilp.hint(assign, None) is None:
             continue
         hints = dict(zip(ilp.model.Proto().solution_hint.vars, ilp.model.Proto().solution_hint.values))
         got = []
         for e in ilp.rank_mem:
-            offset, terms = _flat(e)
+            offset, terms = flat_expr(e)
             got.append(offset + sum(c * hints[i] for i, c in terms))
         st = stage_stats(bg, assign, p, v, BW)
         assert got == st.rank_mem_bytes(inflight_microbatches(schedule, p, m, v))
@@ -301,10 +304,11 @@ def test_ilp_memory_equals_the_plans_including_held_values(seed):
 def test_polish_moves_a_side_block_to_any_stage_its_edges_allow():
     # chain 0 -> 2 -> 3 -> 4, one block per stage; side block 1 (0 -> 1 -> 4) starts on stage 0.
     # Its only good place is stage 3, two stages past any neighbour's index
+    from partitioner.problem import PlanProblem
     from partitioner.refine import refine
     bg = synthetic_block_graph([2.0, 1.0, 2.0, 2.0, 1.0], {(0, 1): 0, (0, 2): 0, (2, 3): 0, (3, 4): 0, (1, 4): 0})
     start = [0, 0, 1, 2, 3]
-    assign, step = refine(bg, start, 4, 1, 8, "1f1b", BW, None, budget_s=30)
+    assign, step = refine(PlanProblem(bg, 4, 1, 8, "1f1b", BW), start, budget_s=30)
     assert assign == [0, 3, 1, 2, 3]
     best = evaluate_assignment(bg, [0, 3, 1, 2, 3], 4, 1, 8, "1f1b", BW)
     assert step == pytest.approx(best.step_time_s)

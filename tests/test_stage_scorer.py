@@ -7,7 +7,8 @@ import random
 import networkx as nx
 import pytest
 
-from partitioner.plan import StageStats, closed_form_rank_mem_bytes, inflight_microbatches, stage_stats
+from partitioner.plan import StageStats, closed_form_rank_mem_bytes, stage_stats
+from partitioner.problem import inflight_microbatches
 from partitioner.stage_scorer import StageScorer
 from partitioner.passes.coarsen import Block, BlockGraph, CrossValue, SharedParam
 
