@@ -4,7 +4,7 @@ Blocks b, virtual stages k = 0..K-1 (K = p * v), stage k on rank k % p.
 - Order encoding: y[b,k] boolean = (stage(b) >= k), y[b,k+1] <= y[b,k];
   x[b,k] = y[b,k] - y[b,k+1] is a linear expression, not a variable. Along
   every edge u -> v (transitive reduction only) y[u,k] <= y[v,k]; every stage
-  holds a block. y is fixed outside each block's stage domain (_domains).
+  holds a block. y is fixed outside each block's stage domain (ilp_domains.stage_domains).
 - Paths (block b feeds b + 1 for all b, the usual case) have contiguous stages,
   s(b+1) - s(b) is 0 or 1 (clauses y[b+1,k+1] -> y[b,k] keep stages
   non-empty), and a value b -> b+1 crosses into k iff y[b+1,k] - y[b,k] = 1:
@@ -56,10 +56,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
 from ortools.sat.python import cp_model
 
-from partitioner.chain_dp import split_chain
+from partitioner.ilp_domains import caps_below, closure, stage_domains, time_lower_bounds
 from partitioner.problem import PlanProblem
 
 TIME_UNITS = 1_000_000  # total work is scaled to about this many integer units
@@ -199,8 +198,8 @@ def build_ilp(problem: PlanProblem, with_time: bool = True, upper: int | None = 
     need_memory (default: a cap is given): model the values stages hold at their boundaries
     (extra booleans); without it rank_mem leaves them out.
     domain_cap (weights, most, most_after): prune the stage domains as if stages 0..j held at most
-    most[j] of the weights and stages j..K-1 at most most_after[j] (_domains), in place of the
-    pruning `upper` gives; the caller vouches for it.
+    most[j] of the weights and stages j..K-1 at most most_after[j] (ilp_domains.stage_domains), in
+    place of the pruning `upper` gives; the caller vouches for it.
     Raises NoSplit when `upper` prunes some block's domain empty.
     """
     if need_memory is None:
@@ -257,12 +256,12 @@ def _order_variables(problem: PlanProblem, w: list[int], upper: int | None,
     n = len(bg.blocks)
     md = cp_model.CpModel()
     path = bg.is_path()
-    anc, desc = _closure(bg)
-    stage_cap, top_cap = _stage_cap(upper, w, p, v, m, path)
+    anc, desc = closure(bg)
+    stage_cap, top_cap = caps_below(upper, w, p, v, m, path)
     if domain_cap is not None:
-        dom = _domains(bg, K, domain_cap[0], None, anc, desc, path, domain_cap[1:])
+        dom = stage_domains(bg, K, domain_cap[0], None, anc, desc, path, domain_cap[1:])
     else:
-        dom = _domains(bg, K, w, stage_cap, anc, desc, path)
+        dom = stage_domains(bg, K, w, stage_cap, anc, desc, path)
     if upper is not None and any(len(d) == 0 for d in dom):
         raise NoSplit()
     if any(len(d) == 0 for d in dom):
@@ -402,7 +401,7 @@ def _objective(order: _Order, problem: PlanProblem, w: list[int], c: list, lat: 
     busy = t if v > 1 else c  # see the module docstring
     # lower bounds: average work; for paths the best contiguous split's bottleneck
     # (v = 1: the busiest rank holds one stage; v > 1: the largest chunk)
-    lb_rank, lb_stage = _time_lower_bounds(w, p, v, order.path)
+    lb_rank, lb_stage = time_lower_bounds(w, p, v, order.path)
     top_cap, stage_cap = order.top_cap, order.stage_cap
     top = md.NewIntVar(lb_rank, max(lb_rank, min(hi, top_cap if top_cap is not None else hi)), "M")
     for r in range(p):
@@ -483,89 +482,3 @@ def _imply(md: cp_model.CpModel, a, b) -> None:
         md.Add(a <= b)
     elif a > b:
         md.AddBoolOr([])  # infeasible; the caller reports it
-
-
-def _closure(bg) -> tuple[list[int], list[int]]:
-    """Bitsets of the ancestors and of the descendants of every block (ids are topological)."""
-    n = len(bg.blocks)
-    anc, desc = [0] * n, [0] * n
-    for b in range(n):
-        for u in bg.graph.predecessors(b):
-            anc[b] |= anc[u] | (1 << u)
-    for b in reversed(range(n)):
-        for s in bg.graph.successors(b):
-            desc[b] |= desc[s] | (1 << s)
-    return anc, desc
-
-
-def _bit_sums(bits: list[int], wv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per bitset: how many bits it has and the sum of wv over them (one row at a time: O(n) memory)."""
-    n, nbytes = len(wv), max(1, (len(wv) + 7) // 8)
-    counts, sums = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    for i, x in enumerate(bits):
-        row = np.unpackbits(np.frombuffer(x.to_bytes(nbytes, "little"), dtype=np.uint8), bitorder="little")[:n]
-        counts[i], sums[i] = row.sum(), row @ wv
-    return counts, sums
-
-
-def _domains(bg, K: int, w: list[int], stage_cap: int | None, anc: list[int], desc: list[int],
-             path: bool, prefix: tuple[list[int], list[int]] | None = None) -> list[range]:
-    """Stages block b can take.
-
-    Every stage before b's holds a block that is not b's descendant, every stage
-    after it one that is not b's ancestor. With stage_cap (the most compute a
-    stage holds in any solution better than the incumbent) b and its ancestors
-    also fill stages 0..s(b): s(b) >= ceil(work / cap) - 1, and b and its
-    descendants stages s(b)..K-1. prefix (most[j], most_after[j]) generalises it:
-    the most work stages 0..j, and stages j..K-1, hold.
-    """
-    n, wv = len(bg.blocks), np.asarray(w, dtype=np.int64)
-    if path:  # ancestors are exactly the lower ids, descendants the higher ones
-        n_anc, n_desc = np.arange(n), n - 1 - np.arange(n)
-        w_anc = np.concatenate([[0], np.cumsum(wv)])[:n]
-        w_desc = wv.sum() - w_anc - wv
-    else:
-        (n_anc, w_anc), (n_desc, w_desc) = _bit_sums(anc, wv), _bit_sums(desc, wv)
-    out = []
-    for b in range(n):
-        lo, hi = max(0, K - n + int(n_anc[b])), min(K - 1, n - 1 - int(n_desc[b]))
-        if stage_cap is not None and stage_cap > 0:
-            lo = max(lo, -(-(int(w_anc[b]) + w[b]) // stage_cap) - 1)
-            hi = min(hi, K - -(-(int(w_desc[b]) + w[b]) // stage_cap))
-        if prefix is not None:
-            before, after = int(w_anc[b]) + w[b], int(w_desc[b]) + w[b]
-            lo = max(lo, next((j for j in range(K) if prefix[0][j] >= before), K))
-            hi = min(hi, next((j for j in reversed(range(K)) if prefix[1][j] >= after), -1))
-        out.append(range(lo, hi + 1))
-    return out
-
-
-def _time_lower_bounds(w: list[int], p: int, v: int, path: bool) -> tuple[int, int]:
-    """Lower bounds on the busiest rank's and the largest stage's time (units).
-
-    Average work; for paths also the best contiguous split's bottleneck, which is
-    exact for the largest stage and, for v = 1, for the busiest rank.
-    """
-    K, total = p * v, sum(w)
-    lb_rank, lb_stage = -(-total // p), -(-total // K)
-    if path:
-        lb_stage = max(lb_stage, int(split_chain(w, K).bottleneck))
-        if v == 1:
-            lb_rank = max(lb_rank, lb_stage)
-    return lb_rank, lb_stage
-
-
-def _stage_cap(upper: int | None, w: list[int], p: int, v: int, m: int, path: bool) -> tuple[int | None, int | None]:
-    """(most compute of one stage, largest M) in any solution with objective <= upper."""
-    if upper is None:
-        return None, None
-    lb_rank, lb_stage = _time_lower_bounds(w, p, v, path)
-    if v == 1:  # objective >= (m - 1) M + total, and every stage's compute <= M
-        if m == 1:
-            return None, None
-        top = (upper - sum(w)) // (m - 1)
-        return top, top
-    if p == 1:
-        return None, None
-    # objective >= m M + (p - 1) S, and every stage's compute <= S
-    return (upper - m * lb_rank) // (p - 1), (upper - (p - 1) * lb_stage) // m
