@@ -11,7 +11,7 @@ on the plan, only the durations do. So every path P bounds every plan's step fro
 with alpha/beta the numbers of P's forwards/backwards of stage k and gamma_P[k] its hops between
 stages k - 1 and k (F(k-1) -> F(k), B(k) -> B(k-1)), each waiting comm_time_s[k-1][k] >= l_k.
 All of it is linear in the partition ILP's assignment: f_k >= the sum of the stage's device times,
-f_k >= the sum of its host times (partitioner.plan.stage_stats takes their max; the minimiser
+f_k >= the sum of its host times (partitioner.stage_costs.stage_totals takes their max; the minimiser
 makes one tight); l_k sums the values produced on k - 1 and read on k (a crossing indicator per
 value, linear on path-shaped graphs). l_k is modelled only where links could matter (more than
 a tenth of tol of the step); elsewhere, and for hops between stages further apart, communication
@@ -31,7 +31,7 @@ every row can stay under a target a third of the way from the bound to the best 
 refutation raises the bound to it, an answer brings its paths or a better plan (benchmarks/
 RESULTS.md has the CNN case where probes matter).
 
-The memory cap is the ILP's closed form (StageStats.rank_mem_bytes), which the simulated peak
+The memory cap is the ILP's closed form (StageTotals.rank_mem_bytes), which the simulated peak
 never exceeds; the bound holds for every plan within it.
 """
 from __future__ import annotations
@@ -45,10 +45,9 @@ from dataclasses import dataclass, field
 from ortools.sat.python import cp_model
 
 from partitioner.ilp import NoSplit, build_ilp, cp_solver, on_stage
-from partitioner.plan import closed_form_rank_mem_bytes
 from partitioner.problem import PlanProblem
 from partitioner.seeds import chain_dp_split
-from partitioner.stage_scorer import StageScorer
+from partitioner.stage_costs import StageCostModel, closed_form_rank_mem_bytes
 
 _UNITS = 10_000_000  # one microbatch's whole work is about this many integer units
 DEFAULT_TOL = 0.005  # stop once the best plan is within this fraction of the bound
@@ -163,7 +162,7 @@ class _Collect(cp_model.CpSolverSolutionCallback):
             self.objectives = (self.objectives + [self.ObjectiveValue()])[-self.keep:]
 
 
-class _Scorer:
+class _PathScorer:
     """Simulated step (+ all-reduce) and closed-form fit of assignments, and their critical paths."""
 
     def __init__(self, problem: PlanProblem):
@@ -173,13 +172,13 @@ class _Scorer:
         self.cap = problem.memory_cap_bytes
         self.sched = make_schedule(problem.schedule, p, problem.microbatches, v)
         self.inflight = problem.inflight()
-        self.scorer = StageScorer(problem.block_graph, p, v, problem.link_bw_bytes_per_s)
+        self.cost_model = StageCostModel(problem.block_graph, p, v, problem.link_bw_bytes_per_s)
 
     def score(self, assign: list[int]) -> tuple[float, bool, list[PathRow]]:
         """(step, within the cap, critical paths with and without communication)."""
         from partitioner.runtime.simulator import StageCosts, simulate
 
-        costs, allreduce_s = self.scorer.costs(assign)
+        costs, allreduce_s = self.cost_model.costs(assign)
         fits = self.cap is None or max(closed_form_rank_mem_bytes(costs, self.inflight)) <= self.cap
         tl = simulate(self.sched, costs)
         free = StageCosts(costs.fwd_time_s, costs.bwd_time_s, (), costs.saved_bytes)
@@ -515,7 +514,7 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
     deadline = t0 + time_limit_s
     bg, p, m, K = problem.block_graph, problem.num_ranks, problem.microbatches, problem.num_stages
     bw = problem.link_bw_bytes_per_s
-    scorer = _Scorer(problem)
+    scorer = _PathScorer(problem)
     rows: dict[tuple, PathRow] = {}  # the relaxation's, by key (the row's coefficients in the model)
     lp_rows: dict[tuple, PathRow] = {}  # prefix_caps': these and the fluid LP's own
     best, best_step, comm = None, math.inf, False

@@ -24,7 +24,7 @@ EXACT_BUDGET_S = 60.0  # default time budget of best_split_s
 class PassTimes:
     """Forward and backward seconds of a run of blocks [a, i) executed as one stage.
 
-    As partitioner.plan.stage_stats: cost_models.time.pass_time_s of the run's device and host
+    As partitioner.stage_costs.stage_totals: cost_models.time.pass_time_s of the run's device and host
     sums (the host queues kernels ahead of the device). Exact for one stage; a lower bound on the
     total of several stages covering the run (each pays at least its own share of both sums).
     """
@@ -200,7 +200,7 @@ def _allreduce_known_s(bg, starts: list[int], bw: float) -> float:
     """All-reduce time of tied parameters whose users already sit on different stages.
 
     starts: first blocks of the assigned stages and, last, of the unassigned rest (all of it
-    on stages after them): a lower bound on the split's all-reduce (partitioner/plan.stage_stats).
+    on stages after them): a lower bound on the split's all-reduce (partitioner.stage_costs.stage_totals).
     """
     from bisect import bisect_right
 

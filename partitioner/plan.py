@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from partitioner.problem import DEFAULT_LINK_BW_BYTES_PER_S, check_config, inflight_microbatches
+from partitioner.stage_costs import StageTotals, stage_totals
 
 
 @dataclass
@@ -111,62 +112,6 @@ class Plan:
         return cls(**json.loads(text))
 
 
-@dataclass
-class StageStats:
-    """Per-stage and per-rank costs of one assignment (times per microbatch)."""
-
-    fwd_time_s: list[float]
-    bwd_time_s: list[float]
-    recv_time_s: list[float]  # values crossing into the stage from another rank, once per value
-    comm_bytes: list[list[int]]  # [j][k]: bytes stage j sends to stage k (another rank)
-    saved_bytes: list[int]  # per in-flight microbatch: saved activations + held inputs/outputs
-    param_bytes: list[int]  # per stage, own (unshared) parameters
-    static_bytes: list[int]  # per rank: param + grad + optimizer state, shared replicas included
-    rank_param_bytes: list[int]
-    allreduce_time_s: float
-    replicated_params: list[str]  # shared FQNs used by more than one stage
-    node_stage: dict[str, int]
-    working_bytes: list[int]  # per stage: transient of its backward
-
-    def rank_mem_bytes(self, inflight: list[int]) -> list[int]:
-        """Closed-form peak per rank (`closed_form_rank_mem_bytes`)."""
-        return closed_form_rank_mem_bytes(self, inflight)
-
-    def stage_costs(self, link_bw_bytes_per_s: float):
-        """The simulator's StageCosts of these stages."""
-        from partitioner.runtime.simulator import StageCosts
-        return StageCosts(tuple(self.fwd_time_s), tuple(self.bwd_time_s),
-                          tuple(tuple(b / link_bw_bytes_per_s for b in row) for row in self.comm_bytes),
-                          tuple(self.saved_bytes), tuple(self.static_bytes), tuple(self.working_bytes))
-
-
-def closed_form_rank_mem_bytes(costs, inflight: list[int]) -> list[int]:
-    """Peak per rank of a StageStats or the simulator's StageCosts: static + in-flight microbatches x
-    the rank's largest saved activations + the largest backward transient among its stages."""
-    p = len(costs.static_bytes)
-    return [costs.static_bytes[r] + inflight[r] * max(costs.saved_bytes[r::p]) + max(costs.working_bytes[r::p])
-            for r in range(p)]
-
-
-def stage_stats(bg, block_stage: list[int], num_ranks: int, chunks: int,
-                link_bw_bytes_per_s: float) -> StageStats:
-    """Costs of putting block b on stage block_stage[b] (stage k on rank k % num_ranks): the sums of
-    partitioner/stage_scorer.py, and where every fx node goes."""
-    from partitioner.stage_scorer import StageScorer
-
-    st = StageScorer(bg, num_ranks, chunks, link_bw_bytes_per_s).totals(block_stage)
-    node_stage = {n: k for blk, k in zip(bg.blocks, block_stage) for n in blk.nodes}
-    replicated = []
-    for sp in bg.shared_params:
-        stages = {block_stage[b] for b in sp.blocks}
-        if len(stages) > 1:
-            replicated.append(sp.fqn)
-        else:
-            node_stage.update(dict.fromkeys(sp.nodes, stages.pop()))
-    st.replicated_params, st.node_stage = replicated, node_stage
-    return st
-
-
 def model_step_time(compute_s: list[float], latency_s: list[float], num_ranks: int, chunks: int,
                     microbatches: int) -> float:
     """The ILP's closed form of a step (no all-reduce); see partitioner/ilp.py.
@@ -197,7 +142,7 @@ def evaluate_assignment(bg, block_stage: list[int], num_ranks: int, chunks: int 
     """
     schedule, microbatches = check_config(len(bg.blocks), num_ranks, chunks, microbatches, schedule)
     K = num_ranks * chunks
-    st = stage_stats(bg, block_stage, num_ranks, chunks, link_bw_bytes_per_s)
+    st = stage_totals(bg, block_stage, num_ranks, chunks, link_bw_bytes_per_s)
     compute = [f + b for f, b in zip(st.fwd_time_s, st.bwd_time_s)]
     rank_time = [sum(compute[r::num_ranks]) for r in range(num_ranks)]
     closed = model_step_time(compute, st.recv_time_s, num_ranks, chunks, microbatches) + st.allreduce_time_s
@@ -218,7 +163,7 @@ def evaluate_assignment(bg, block_stage: list[int], num_ranks: int, chunks: int 
     return plan
 
 
-def simulate_plan(plan: Plan, st: StageStats) -> None:
+def simulate_plan(plan: Plan, st: StageTotals) -> None:
     """Re-score `plan` in place with the event simulator (step time, bubble, peak memory)."""
     tl = _simulate(plan, st)
     plan.step_time_s = tl.step_time_s + st.allreduce_time_s
@@ -229,11 +174,11 @@ def simulate_plan(plan: Plan, st: StageStats) -> None:
 
 def plan_timeline(plan: Plan, bg):
     """The simulator's Timeline of `plan` on block graph `bg` (for drawing)."""
-    return _simulate(plan, stage_stats(bg, plan.block_stage, plan.num_ranks, plan.chunks,
+    return _simulate(plan, stage_totals(bg, plan.block_stage, plan.num_ranks, plan.chunks,
                                        plan.link_bw_bytes_per_s))
 
 
-def _simulate(plan: Plan, st: StageStats):
+def _simulate(plan: Plan, st: StageTotals):
     from partitioner.runtime.schedules import make_schedule
     from partitioner.runtime.simulator import simulate
 

@@ -22,7 +22,7 @@ stage order along every edge and every stage non-empty:
   current plan, so the search walks across near-equal plans instead of kicking
   from one local optimum only.
 
-Scores come from partitioner/stage_scorer.py and the simulator's step_time_s,
+Scores come from partitioner/stage_costs.py and the simulator's step_time_s,
 so a search of a few seconds scores thousands of plans. What the search gains
 over the ILP's plans is measured by benchmarks/plan_quality.py (figures in
 benchmarks/RESULTS.md).
@@ -32,11 +32,10 @@ from __future__ import annotations
 import random
 import time
 
-from partitioner.plan import closed_form_rank_mem_bytes
 from partitioner.problem import PlanProblem
 from partitioner.runtime.schedules import make_schedule
 from partitioner.runtime.simulator import step_time_s
-from partitioner.stage_scorer import StageScorer
+from partitioner.stage_costs import StageCostModel, closed_form_rank_mem_bytes
 
 KICK_MOVES = 3  # random single moves in half the kicks
 KICKS_WITHOUT_GAIN = 300  # kicks stop after this many in a row found nothing
@@ -56,7 +55,7 @@ class _Search:
         self.preds = [list(bg.graph.predecessors(b)) for b in range(n)]
         self.succs = [list(bg.graph.successors(b)) for b in range(n)]
         self.K = p * v
-        self.scorer = StageScorer(bg, p, v, problem.link_bw_bytes_per_s)
+        self.cost_model = StageCostModel(bg, p, v, problem.link_bw_bytes_per_s)
         self.max_shift = max(1, -(-n // (4 * self.K)))  # ripples shift up to a quarter of an average stage
 
     def out_of_time(self) -> bool:
@@ -64,7 +63,7 @@ class _Search:
         return self.best_seen <= self.target_s or time.perf_counter() > self.deadline
 
     def score(self, a: list[int]) -> float:
-        costs, allreduce_s = self.scorer.costs(a)
+        costs, allreduce_s = self.cost_model.costs(a)
         if self.cap is not None and max(closed_form_rank_mem_bytes(costs, self.inflight)) > self.cap:
             return float("inf")
         step = step_time_s(self.sched, costs) + allreduce_s

@@ -157,7 +157,7 @@ def test_captured_model_if_available():
 def test_crossing_values_know_which_block_saves_them():
     """On a captured pre-norm MLP stack: the residual stream leaving a layer is first saved by the
     next layer's layer norm (a stage receiving it holds nothing extra), and the stage sending it
-    holds it until the backward (the rules in partitioner/stage_scorer.py)."""
+    holds it until the backward (the rules in partitioner/stage_costs.py)."""
     import torch
 
     from partitioner.cost_models.profile import profile

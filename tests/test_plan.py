@@ -87,7 +87,7 @@ def test_a_stage_overlaps_its_blocks_host_and_device_time():
     sum of per-block maxima: a host-bound block hides behind a GPU-bound one on the same stage."""
     import dataclasses
 
-    from partitioner.plan import stage_stats
+    from partitioner.stage_costs import stage_totals
 
     bg = synthetic_block_graph([3.0, 3.0, 3.0, 3.0])
     gpu_bound = [dataclasses.replace(b, host_fwd_time_s=0.1, host_bwd_time_s=0.2) for b in bg.blocks[:2]]
@@ -95,9 +95,9 @@ def test_a_stage_overlaps_its_blocks_host_and_device_time():
                   for b in bg.blocks[2:]]
     bg = dataclasses.replace(bg, blocks=gpu_bound + host_bound)
     assert [b.time_s for b in bg.blocks] == [3.0, 3.0, 4.5, 4.5]
-    st = stage_stats(bg, [0, 1, 0, 1], 2, 1, 1e12)  # each stage: one GPU-bound and one host-bound block
+    st = stage_totals(bg, [0, 1, 0, 1], 2, 1, 1e12)  # each stage: one GPU-bound and one host-bound block
     for k in range(2):
         assert st.fwd_time_s[k] == pytest.approx(max(1.0 + 0.1, 0.1 + 2.0))
         assert st.bwd_time_s[k] == pytest.approx(max(2.0 + 0.2, 0.2 + 2.5))
-    st = stage_stats(bg, [0, 0, 1, 1], 2, 1, 1e12)
+    st = stage_totals(bg, [0, 0, 1, 1], 2, 1, 1e12)
     assert st.fwd_time_s == pytest.approx([2.0, 4.0]) and st.bwd_time_s == pytest.approx([4.0, 5.0])

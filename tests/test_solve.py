@@ -266,11 +266,11 @@ def test_warm_start_hint_is_a_solution(seed):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_ilp_memory_equals_the_plans_including_held_values(seed):
-    """The ILP's per-rank memory, read at a hinted assignment, is StageStats' closed form: saved
+    """The ILP's per-rank memory, read at a hinted assignment, is StageTotals' closed form: saved
     activations plus the values a stage sends or receives that it does not save itself."""
     import dataclasses
 
-    from partitioner.plan import stage_stats
+    from partitioner.stage_costs import stage_totals
     from partitioner.ilp import build_ilp, flat_expr
     from partitioner.problem import PlanProblem, inflight_microbatches
     rng = random.Random(seed)
@@ -295,7 +295,7 @@ def test_ilp_memory_equals_the_plans_including_held_values(seed):
         for e in ilp.rank_mem:
             offset, terms = flat_expr(e)
             got.append(offset + sum(c * hints[i] for i, c in terms))
-        st = stage_stats(bg, assign, p, v, BW)
+        st = stage_totals(bg, assign, p, v, BW)
         assert got == st.rank_mem_bytes(inflight_microbatches(schedule, p, m, v))
         checked += 1
     assert checked >= 5

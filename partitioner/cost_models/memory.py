@@ -89,7 +89,7 @@ def output_savers(traces: dict[str, NodeTrace]) -> dict[str, str]:
 
     Only nodes whose every output tensor is saved, all by that one node, are listed. A
     pipeline stage that sends or receives a value holds it until the microbatch's backward
-    unless one of its own nodes saves it (partitioner/stage_scorer.py, the rule on held values).
+    unless one of its own nodes saves it (partitioner/stage_costs.py, the rule on held values).
     """
     first: dict = {}
     for name, trace in traces.items():

@@ -71,7 +71,7 @@ class CrossValue:
     to_output: the graph's output node reads it, so it must also reach the last stage.
     saver: the block whose saved_bytes count this value's storage (-1: none). A stage that
         sends the value, or receives it, holds it until the microbatch's backward unless
-        the saver is on that stage (partitioner/stage_scorer.py, the rule on held values).
+        the saver is on that stage (partitioner/stage_costs.py, the rule on held values).
     requires_grad: a stage receiving it keeps the received tensor for its backward.
     """
 

@@ -1,12 +1,16 @@
-"""Per-stage sums of assigning a block graph's blocks to stages, as numpy bincounts.
+"""What an assignment of a block graph's blocks to stages costs, per stage and per rank.
 
-`StageScorer` lays the graph out once as arrays; `totals(block_stage)` then sums
-an assignment's stage times, link bytes, saved/static/working bytes and the tied
-parameters' all-reduce. partitioner.plan.stage_stats is built on it, and the
-local search and the row generation, which price thousands of assignments of
-one graph, call `costs` (the simulator's StageCosts) on one scorer: array sums
-instead of a Python walk over the blocks and values, which the search cannot
-afford per move (benchmarks/RESULTS.md). The rules:
+Three names, three uses:
+- `StageCostModel` lays the graph out once as numpy arrays and prices assignments with
+  bincounts: `costs(block_stage)` gives the simulator's input, `totals(block_stage)` a
+  `StageTotals`. The local search and the row generation, which price thousands of
+  assignments of one graph, call `costs` on one model: array sums instead of a Python walk
+  over the blocks and values, which the search cannot afford per move (benchmarks/RESULTS.md).
+- `StageTotals`: one assignment's sums as Python numbers, with where every fx node goes
+  (`stage_totals`): what partitioner.plan.evaluate_assignment turns into a Plan.
+- `StageCosts` (partitioner/runtime/simulator.py): the simulator's input, the link bytes as
+  seconds; it knows nothing of blocks.
+The rules:
 
 - a pass over a stage takes the larger of its device and host time (the host
   queues kernels ahead, cost_models.time.pass_time_s);
@@ -20,20 +24,73 @@ afford per move (benchmarks/RESULTS.md). The rules:
 - a tied parameter costs its state on every rank holding it, and an all-reduce
   when it sits on more than one rank and trains.
 
-tests/test_stage_scorer.py checks it against a plain Python walk of these rules
+tests/test_stage_costs.py checks it against a plain Python walk of these rules
 on random graphs.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from partitioner.plan import StageStats
 from partitioner.runtime.simulator import StageCosts
 
 
-class StageScorer:
+@dataclass(frozen=True)
+class StageTotals:
+    """Per-stage and per-rank costs of one assignment (times per microbatch)."""
+
+    fwd_time_s: list[float]
+    bwd_time_s: list[float]
+    recv_time_s: list[float]  # values crossing into the stage from another rank, once per value
+    comm_bytes: list[list[int]]  # [j][k]: bytes stage j sends to stage k (another rank)
+    saved_bytes: list[int]  # per in-flight microbatch: saved activations + held inputs/outputs
+    param_bytes: list[int]  # per stage, own (unshared) parameters
+    static_bytes: list[int]  # per rank: param + grad + optimizer state, shared replicas included
+    rank_param_bytes: list[int]
+    allreduce_time_s: float
+    replicated_params: list[str]  # shared FQNs used by more than one stage
+    node_stage: dict[str, int]
+    working_bytes: list[int]  # per stage: transient of its backward
+
+    def rank_mem_bytes(self, inflight: list[int]) -> list[int]:
+        """Closed-form peak per rank (`closed_form_rank_mem_bytes`)."""
+        return closed_form_rank_mem_bytes(self, inflight)
+
+    def stage_costs(self, link_bw_bytes_per_s: float) -> StageCosts:
+        """The simulator's StageCosts of these stages."""
+        return StageCosts(tuple(self.fwd_time_s), tuple(self.bwd_time_s),
+                          tuple(tuple(b / link_bw_bytes_per_s for b in row) for row in self.comm_bytes),
+                          tuple(self.saved_bytes), tuple(self.static_bytes), tuple(self.working_bytes))
+
+
+def closed_form_rank_mem_bytes(costs, inflight: list[int]) -> list[int]:
+    """Peak per rank of a StageTotals or the simulator's StageCosts: static + in-flight microbatches x
+    the rank's largest saved activations + the largest backward transient among its stages."""
+    p = len(costs.static_bytes)
+    return [costs.static_bytes[r] + inflight[r] * max(costs.saved_bytes[r::p]) + max(costs.working_bytes[r::p])
+            for r in range(p)]
+
+
+def stage_totals(bg, block_stage: list[int], num_ranks: int, chunks: int,
+                 link_bw_bytes_per_s: float) -> StageTotals:
+    """Costs of putting block b on stage block_stage[b] (stage k on rank k % num_ranks): the sums of
+    StageCostModel, and where every fx node goes."""
+    st = StageCostModel(bg, num_ranks, chunks, link_bw_bytes_per_s).totals(block_stage)
+    node_stage = {n: k for blk, k in zip(bg.blocks, block_stage) for n in blk.nodes}
+    replicated = []
+    for sp in bg.shared_params:
+        stages = {block_stage[b] for b in sp.blocks}
+        if len(stages) > 1:
+            replicated.append(sp.fqn)
+        else:
+            node_stage.update(dict.fromkeys(sp.nodes, stages.pop()))
+    return dataclasses.replace(st, replicated_params=replicated, node_stage=node_stage)
+
+
+class StageCostModel:
     """The simulator's StageCosts (and the tied parameters' all-reduce) of assignments of `bg`
     to num_ranks x chunks stages (stage k on rank k % num_ranks)."""
 
@@ -62,11 +119,11 @@ class StageScorer:
         self.shared = [(np.array(sp.blocks, dtype=np.int64), sp.state_bytes, sp.bytes,
                         2 * sp.bytes / link_bw_bytes_per_s if sp.trainable else 0.0) for sp in bg.shared_params]
 
-    def totals(self, block_stage: list[int]) -> StageStats:
-        """Per-stage and per-rank sums of putting block b on stage block_stage[b], as a StageStats
-        without the placement of fx nodes (replicated_params and node_stage empty; stage_stats adds them)."""
+    def totals(self, block_stage: list[int]) -> StageTotals:
+        """Per-stage and per-rank sums of putting block b on stage block_stage[b], as a StageTotals
+        without the placement of fx nodes (replicated_params and node_stage empty; stage_totals adds them)."""
         t = self._sums(block_stage)
-        return StageStats(t.fwd.tolist(), t.bwd.tolist(), t.recv.tolist(), _ints(t.comm).tolist(),
+        return StageTotals(t.fwd.tolist(), t.bwd.tolist(), t.recv.tolist(), _ints(t.comm).tolist(),
                           _ints(t.saved).tolist(), _ints(t.param).tolist(), _ints(t.static).tolist(),
                           _ints(t.rank_params).tolist(), t.allreduce, [], {}, _ints(t.working).tolist())
 
@@ -125,7 +182,7 @@ class StageScorer:
 
 
 class _Sums(NamedTuple):
-    """StageStats' sums as float64 arrays."""
+    """StageTotals' sums as float64 arrays."""
 
     fwd: np.ndarray
     bwd: np.ndarray

@@ -1,5 +1,5 @@
-"""partitioner/stage_scorer.py sums assignments exactly as a plain Python walk of its rules does, and
-partitioner.plan.stage_stats passes those sums on."""
+"""partitioner/stage_costs.py sums assignments exactly as a plain Python walk of its rules does, and
+partitioner.stage_costs.stage_totals passes those sums on."""
 from __future__ import annotations
 
 import random
@@ -7,9 +7,8 @@ import random
 import networkx as nx
 import pytest
 
-from partitioner.plan import StageStats, closed_form_rank_mem_bytes, stage_stats
 from partitioner.problem import inflight_microbatches
-from partitioner.stage_scorer import StageScorer
+from partitioner.stage_costs import StageCostModel, StageTotals, closed_form_rank_mem_bytes, stage_totals
 from partitioner.passes.coarsen import Block, BlockGraph, CrossValue, SharedParam
 
 BW = 3e9
@@ -42,7 +41,7 @@ def random_graph(rng: random.Random, n: int) -> BlockGraph:
     return BlockGraph(blocks, values, shared, graph)
 
 
-def reference_stats(bg, block_stage: list[int], p: int, v: int, bw: float) -> StageStats:
+def reference_stats(bg, block_stage: list[int], p: int, v: int, bw: float) -> StageTotals:
     """The module docstring's rules, one block, value and tied parameter at a time."""
     K = p * v
     rank = [k % p for k in range(K)]
@@ -82,7 +81,7 @@ def reference_stats(bg, block_stage: list[int], p: int, v: int, bw: float) -> St
             replicated.append(sp.fqn)
         if len(ranks) > 1 and sp.trainable:
             allreduce += 2 * sp.bytes / bw
-    return StageStats([max(d, h) for d, h in zip(fwd, host_fwd)], [max(d, h) for d, h in zip(bwd, host_bwd)],
+    return StageTotals([max(d, h) for d, h in zip(fwd, host_fwd)], [max(d, h) for d, h in zip(bwd, host_bwd)],
                       recv, comm, saved, pbytes, static, rank_params, allreduce, replicated, {}, working)
 
 
@@ -92,7 +91,7 @@ def test_costs_and_stage_stats_match_the_rules(seed):
     n = rng.randint(3, 30)
     p, v = rng.choice([(1, 1), (2, 1), (3, 1), (2, 2), (4, 2), (2, 3)])
     bg = random_graph(rng, n)
-    scorer = StageScorer(bg, p, v, BW)
+    scorer = StageCostModel(bg, p, v, BW)
     inflight = inflight_microbatches("interleaved-1f1b" if v > 1 else "1f1b", p, 2 * p, v)
     for _ in range(20):
         assign = [rng.randrange(p * v) for _ in range(n)]  # any assignment: neither prices validity
@@ -107,7 +106,7 @@ def test_costs_and_stage_stats_match_the_rules(seed):
             (want.saved_bytes, want.static_bytes, want.working_bytes)
         assert allreduce_s == pytest.approx(st.allreduce_time_s, rel=1e-12)
         assert closed_form_rank_mem_bytes(got, inflight) == st.rank_mem_bytes(inflight)
-        full = stage_stats(bg, assign, p, v, BW)
+        full = stage_totals(bg, assign, p, v, BW)
         for name in ("fwd_time_s", "bwd_time_s", "recv_time_s"):
             assert getattr(full, name) == pytest.approx(getattr(st, name), rel=1e-12)
         for name in ("comm_bytes", "saved_bytes", "param_bytes", "static_bytes", "rank_param_bytes",
