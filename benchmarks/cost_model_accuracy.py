@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def rel_err(pred: float, meas: float) -> float:
 
 
 def percentile(values: list[float], q: float) -> float:
-    values = sorted(v for v in values if v == v)
+    values = sorted(v for v in values if not math.isnan(v))
     if not values:
         return float("nan")
     k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from partitioner.errors import RuntimeConfigError
+from partitioner.passes.capture import find_tied
 from partitioner.tensor_sources import MODEL_PREFIX, DCPSource, match_model, model_tensors, open_source
 
 if TYPE_CHECKING:
@@ -115,6 +116,7 @@ def _optimizer_state(optimizer: torch.optim.Optimizer, fqn_of: dict[int, str]) -
 
 
 def _write(state: dict[str, Any], path: str, distributed: bool) -> None:
+    # lazy: torch.distributed.checkpoint is slow to import and only checkpointing needs it
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     # flat keys as given: a hyper-parameter dict or `extra` is one pickled value, not split into keys
@@ -125,7 +127,6 @@ def _write(state: dict[str, Any], path: str, distributed: bool) -> None:
 
 
 def _write_info(path: str, model: torch.nn.Module, plan_json: str | None) -> None:
-    from partitioner.passes.capture import find_tied
     with open(os.path.join(path, "checkpoint.json"), "w") as f:
         json.dump({"format": FORMAT, "model_class": type(model).__name__, "tied": find_tied(model)}, f, indent=1)
     if plan_json is not None:
@@ -276,7 +277,7 @@ def to_torch_save(dcp_dir: str | os.PathLike, out_file: str | os.PathLike) -> No
     """Convert a checkpoint to one torch.save file for the unpartitioned model, in one process:
     {"model": state dict (tied weights under every name), "optim": FQN-keyed optimizer state dict
     (torch.distributed.checkpoint.state_dict's format: set_state_dict loads it), "extra": ...}."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # lazy: slow import, one use
     dcp_dir = os.fspath(dcp_dir)
     with tempfile.TemporaryDirectory() as tmp:
         flat_file = os.path.join(tmp, "flat.pt")

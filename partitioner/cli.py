@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    try:
+    try:  # each sub-command's imports (torch, ortools, transformers) load only when it runs: a quick --help
         if args.command == "models":
             from partitioner.zoo import print_models
             print_models()

@@ -42,10 +42,14 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from ortools.linear_solver import pywraplp
 from ortools.sat.python import cp_model
 
 from partitioner.ilp import NoSplit, build_ilp, cp_solver, on_stage
 from partitioner.problem import PlanProblem
+from partitioner.runtime.executor import in_process_order
+from partitioner.runtime.schedules import dependencies, make_schedule
+from partitioner.runtime.simulator import StageCosts, input_delays, simulate
 from partitioner.seeds import chain_dp_split
 from partitioner.stage_costs import StageCostModel, closed_form_rank_mem_bytes
 
@@ -85,8 +89,6 @@ def critical_path(timeline, costs) -> PathRow:
     previous action or a data dependency plus its delay, exactly as the simulator computes starts.
     compute_s(costs) + comm_s equals timeline.step_time_s.
     """
-    from partitioner.runtime.simulator import input_delays
-
     s = timeline.schedule
     start, end = timeline.start_s, timeline.end_s
     n = s.num_stages
@@ -166,8 +168,6 @@ class _PathScorer:
     """Simulated step (+ all-reduce) and closed-form fit of assignments, and their critical paths."""
 
     def __init__(self, problem: PlanProblem):
-        from partitioner.runtime.schedules import make_schedule
-
         p, v = problem.num_ranks, problem.chunks
         self.cap = problem.memory_cap_bytes
         self.sched = make_schedule(problem.schedule, p, problem.microbatches, v)
@@ -176,8 +176,6 @@ class _PathScorer:
 
     def score(self, assign: list[int]) -> tuple[float, bool, list[PathRow]]:
         """(step, within the cap, critical paths with and without communication)."""
-        from partitioner.runtime.simulator import StageCosts, simulate
-
         costs, allreduce_s = self.cost_model.costs(assign)
         fits = self.cap is None or max(closed_form_rank_mem_bytes(costs, self.inflight)) <= self.cap
         tl = simulate(self.sched, costs)
@@ -189,8 +187,6 @@ class _PathScorer:
 def synthetic_rows(schedule, num_stages: int) -> list[PathRow]:
     """Critical paths of the schedule under made-up stage times: equal stages, then each rank and each
     stage much heavier than the rest (a path through its whole action list with fill and drain)."""
-    from partitioner.runtime.simulator import StageCosts, simulate
-
     p, K = schedule.num_ranks, num_stages
     weights = [[1.0] * K]
     weights += [[30.0 if schedule.stage_rank[k] == r else 1.0 for k in range(K)] for r in range(p)]
@@ -237,9 +233,6 @@ class ActionDag:
     """
 
     def __init__(self, schedule):
-        from partitioner.runtime.executor import in_process_order
-        from partitioner.runtime.schedules import dependencies
-
         s = schedule
         self.actions = in_process_order(s)  # every rank's actions, each after what it waits for
         index = {a: i for i, a in enumerate(self.actions)}
@@ -283,8 +276,6 @@ class FluidLp:
     """
 
     def __init__(self, units: _Units, num_stages: int, top: float | None = None):
-        from ortools.linear_solver import pywraplp
-
         K = num_stages
         self.lp = lp = pywraplp.Solver.CreateSolver("GLOP")
         self.f = [lp.NumVar(0, lp.infinity(), f"f{k}") for k in range(K)]
@@ -308,8 +299,6 @@ class FluidLp:
     def solve(self, dag: ActionDag, rows: dict, key, max_rounds: int) -> bool:
         """Solve, adding the longest path at the answer while it breaks the bound (to `rows` too);
         False when the LP has no answer (infeasible: no plan meets top)."""
-        from ortools.linear_solver import pywraplp
-
         for i in range(max_rounds + 1):
             if self.lp.Solve() != pywraplp.Solver.OPTIMAL:
                 return False

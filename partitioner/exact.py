@@ -12,11 +12,14 @@ its local search; benchmarks/plan_quality.py reports it against the ILP.
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import numpy as np
 
 from partitioner.cost_models.time import pass_time_s
+from partitioner.plan import evaluate_assignment
+from partitioner.runtime.schedules import Action, make_schedule
 
 EXACT_BUDGET_S = 60.0  # default time budget of best_split_s
 
@@ -138,8 +141,6 @@ class RelaxedPipeline:
     """
 
     def __init__(self, p: int, m: int):
-        from partitioner.runtime.schedules import Action, make_schedule
-
         sched = make_schedule("1f1b", p, m, 1)
         index = {a: (r, j) for r, row in enumerate(sched.actions) for j, a in enumerate(row)}
         pos, order = [0] * p, []
@@ -189,8 +190,6 @@ class RelaxedPipeline:
 
 def _chain_dep(a, p: int):
     """The action of another stage that `a` waits for in a chain of p stages (None for the ends)."""
-    from partitioner.runtime.schedules import Action
-
     if a.kind == "F":
         return Action(a.stage - 1, "F", a.microbatch) if a.stage > 0 else None
     return Action(a.stage + 1, "B", a.microbatch) if a.stage + 1 < p else None
@@ -202,8 +201,6 @@ def _allreduce_known_s(bg, starts: list[int], bw: float) -> float:
     starts: first blocks of the assigned stages and, last, of the unassigned rest (all of it
     on stages after them): a lower bound on the split's all-reduce (partitioner.stage_costs.stage_totals).
     """
-    from bisect import bisect_right
-
     total = 0.0
     for sp in bg.shared_params:
         if sp.trainable and len({bisect_right(starts, b) for b in sp.blocks}) > 1:
@@ -238,8 +235,6 @@ def best_split_s(bg, p: int, m: int, link_bw_bytes_per_s: float, incumbent_s: fl
     complete=False. gap > 0 also drops a partial split whose bound is within that fraction of the
     best step: complete then proves the best within the gap (lower_bound_s: the least bound of what was dropped).
     """
-    from partitioner.plan import evaluate_assignment
-
     if not bg.is_path() or m < p:
         raise ValueError(f"best_split_s needs a path-shaped block graph and m >= p (got m={m}, p={p})")
     deadline = time.perf_counter() + time_budget_s

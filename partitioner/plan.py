@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from partitioner.problem import DEFAULT_LINK_BW_BYTES_PER_S, check_config, inflight_microbatches
+from partitioner.runtime.schedules import make_schedule
+from partitioner.runtime.simulator import simulate
 from partitioner.stage_costs import StageTotals, stage_totals
 
 
@@ -99,7 +101,7 @@ class Plan:
 
     def __repr__(self) -> str:
         """A few lines: shape, step time, memory per rank (the full table: report.print_plan)."""
-        from partitioner.plan_command import plan_summary
+        from partitioner.plan_command import plan_summary  # lazy: plan_command imports this module
         return plan_summary(self)
 
     __str__ = __repr__
@@ -179,8 +181,5 @@ def plan_timeline(plan: Plan, bg):
 
 
 def _simulate(plan: Plan, st: StageTotals):
-    from partitioner.runtime.schedules import make_schedule
-    from partitioner.runtime.simulator import simulate
-
     return simulate(make_schedule(plan.schedule, plan.num_ranks, plan.microbatches, plan.chunks),
                     st.stage_costs(plan.link_bw_bytes_per_s))

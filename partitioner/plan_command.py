@@ -11,11 +11,16 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from partitioner.cost_models.profile_command import human_bytes
+from partitioner.cost_models.device import get_device_spec
+from partitioner.cost_models.profile_command import human_bytes, load_model_spec
+from partitioner.data_parallel_costs import check_data_parallel, dp_bandwidth, microbatch_size
 from partitioner.errors import PlanError
 from partitioner.microbatch import batch_size
-from partitioner.plan import Plan
+from partitioner.plan import Plan, plan_timeline
 from partitioner.planner import DTYPES, PlanConfig, PlanResult, plan_model
+from partitioner.problem import check_config, check_gap
+from partitioner.runtime.timeline import plot_timeline, render_text
+from partitioner.zoo import DEFAULT_BATCH, context_note
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -259,12 +264,6 @@ def check_output_paths(json_path: str | None, timeline: str | None) -> None:
 
 def run_plan(args: argparse.Namespace) -> None:
     """The `partitioner plan` command."""
-    from partitioner.cost_models.device import get_device_spec
-    from partitioner.cost_models.profile_command import load_model_spec
-    from partitioner.data_parallel_costs import check_data_parallel, dp_bandwidth, microbatch_size
-    from partitioner.problem import check_config, check_gap
-    from partitioner.zoo import context_note
-
     config = config_from_args(args)
     _, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
     check_data_parallel(config.data_parallel, config.data_parallel_mode)
@@ -279,8 +278,6 @@ def run_plan(args: argparse.Namespace) -> None:
         microbatch_size(config.batch, dp, m)
     split_into = f"{dp} replicas x {m} microbatches" if dp > 1 else f"{m} microbatches"
     if config.batch is None and ":" not in args.model:  # a zoo model: its default batch, rounded up to dp x m
-        from partitioner.zoo import DEFAULT_BATCH
-
         if DEFAULT_BATCH % parts:  # known before building it, so the model is built once
             config.batch = parts * -(-DEFAULT_BATCH // parts)
             Console(stderr=True).print(f"using --batch {config.batch}: the default batch {DEFAULT_BATCH} "
@@ -321,9 +318,6 @@ def run_plan(args: argparse.Namespace) -> None:
         Path(args.json).write_text(plan.to_json())
         console.print(f"plan written to {args.json}")
     if args.timeline:
-        from partitioner.plan import plan_timeline
-        from partitioner.runtime.timeline import plot_timeline, render_text
-
         tl = plan_timeline(plan, result.block_graph)
         if args.timeline == "-":
             console.print(render_text(tl, width=min(console.width - 10, 120), markup=True))

@@ -6,15 +6,27 @@ one microbatch along dim 0 before capture, as the runtime does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Callable
 
 import torch
 
+from partitioner import data_parallel_costs as dpm
+from partitioner import profile_cache
+from partitioner.baselines import all_baselines
+from partitioner.cost_models.device import DeviceSpec, get_device_spec
+from partitioner.cost_models.loss import profile_loss
+from partitioner.cost_models.node_costs import NodeCosts
+from partitioner.cost_models.profile import graph_float_dtype, profile
 from partitioner.errors import PlanError
 from partitioner.microbatch import batch_size, split_batch
-
-if TYPE_CHECKING:
-    from partitioner.cost_models.device import DeviceSpec
+from partitioner.passes.annotate import AnnotatedGraph, annotate
+from partitioner.passes.capture import Captured, capture
+from partitioner.passes.coarsen import BlockGraph, attach_loss, coarsen
+from partitioner.passes.mixed_precision import capture_mixed, compute_dtype
+from partitioner.plan import Plan
+from partitioner.problem import check_config, check_gap
+from partitioner.solve import solve
 
 # Blocks per virtual stage the automatic depth aims at: finer blocks let stages balance within a few
 # percent (8 vs 2 per stage: 1-15% faster simulated steps on gpt2-xl, llama-8b and t5-base at p = 8),
@@ -70,19 +82,18 @@ class PlanConfig:
 class PlanResult:
     """Every intermediate of planning, for printing and for the runtime."""
 
-    captured: Any
-    annotated: Any
-    costs: Any
-    block_graph: Any
-    plan: Any
-    baselines: dict = field(default_factory=dict)
+    captured: Captured | None  # None when the profile cache held the model and the graph was not needed
+    annotated: AnnotatedGraph
+    costs: NodeCosts
+    block_graph: BlockGraph
+    plan: Plan
+    baselines: dict[str, Plan] = field(default_factory=dict)
     microbatch_args: tuple = ()
     microbatch_kwargs: dict = field(default_factory=dict)
 
 
 def package_version() -> str:
     """The installed partitioner's version ("unknown" when run from a source tree not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
     try:
         return version("partitioner")
     except PackageNotFoundError:
@@ -93,14 +104,12 @@ def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbat
                       data_parallel: int = 1) -> tuple[tuple, dict]:
     """Cut every tensor whose dim 0 is the global batch to one microbatch of one replica (the first):
     batch / (data_parallel x microbatches) samples."""
-    from partitioner.data_parallel_costs import microbatch_size
-
     inputs = (tuple(example_args), dict(example_kwargs or {}))
     batch = batch_size(inputs)
     if batch is None:
         return inputs
     if data_parallel > 1:
-        microbatch_size(batch, data_parallel, microbatches)  # PlanError naming both when it does not divide
+        dpm.microbatch_size(batch, data_parallel, microbatches)  # PlanError naming both when it does not divide
         microbatches *= data_parallel
     elif batch % microbatches:
         raise PlanError(f"the global batch of the example inputs is {batch}, not divisible into {microbatches} "
@@ -123,13 +132,6 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
         graph); False (the CLI) leaves PlanResult.captured None on a cache hit.
     config.use_cache: read and write the profile cache (partitioner/profile_cache.py).
     """
-    from partitioner.cost_models.device import get_device_spec
-    from partitioner.baselines import all_baselines
-    from partitioner.problem import check_config, check_gap
-    from partitioner.solve import solve
-    from partitioner.passes.coarsen import attach_loss, coarsen
-    from partitioner import data_parallel_costs as dpm
-
     step = on_step or (lambda msg: None)
     schedule, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
     check_gap(config.gap)
@@ -173,32 +175,24 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
 
 def capture_for_training(model: torch.nn.Module, args: tuple, kwargs: dict, mixed_precision: str | None = None):
     """capture(), then the mixed-precision cast when asked for: the graph the stages will run."""
-    from partitioner.passes.capture import capture
-    from partitioner.passes.mixed_precision import capture_mixed, compute_dtype
-
     dtype = compute_dtype(mixed_precision)
     return capture_mixed(model, args, kwargs, dtype) if dtype is not None else capture(model, args, kwargs)
 
 
 @dataclass
 class _Profiled:
-    captured: Any  # None when read from the cache without need_graph
-    annotated: Any
-    costs: Any
-    loss_costs: Any
+    captured: Captured | None  # None when read from the cache without need_graph
+    annotated: AnnotatedGraph
+    costs: NodeCosts
+    loss_costs: NodeCosts | None
 
 
-def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, config: PlanConfig, spec: Any,
+def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, config: PlanConfig, spec: DeviceSpec,
                          step: Callable[[str], None], need_graph: bool, loss_fn: Any, example_target: Any,
                          parts: int, global_batch: int | None) -> _Profiled:
     """Capture, annotate and profile one microbatch (and the loss), or read them from the profile cache.
 
     parts: microbatches of the global batch (x data-parallel replicas); the target is cut to one."""
-    from partitioner.cost_models.loss import profile_loss
-    from partitioner.cost_models.profile import graph_float_dtype, profile
-    from partitioner import profile_cache
-    from partitioner.passes.annotate import annotate
-
     with_loss = loss_fn is not None and example_target is not None
     target = split_batch(example_target, parts, "example target", global_batch)[0] if with_loss else None
     key, hit = None, None

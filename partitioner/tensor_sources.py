@@ -56,7 +56,7 @@ class DCPSource(TensorSource):
     model_prefix = MODEL_PREFIX
 
     def __init__(self, path: str):
-        import torch.distributed.checkpoint as dcp
+        import torch.distributed.checkpoint as dcp  # lazy: slow to import, only DCP sources need it
         self.path = path
         self.metadata = dcp.FileSystemReader(path).read_metadata()
         self.shapes = {}
@@ -86,6 +86,7 @@ class DCPSource(TensorSource):
 
 
 def _dcp_load(state: dict[str, Any], path: str) -> None:
+    # lazy: torch.distributed.checkpoint is slow to import, only DCP sources need it
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     # each rank reads its own keys; no collective, so ranks never wait on each other here. Keys as
@@ -98,7 +99,7 @@ def _dcp_load(state: dict[str, Any], path: str) -> None:
 
 class SafetensorsSource(TensorSource):
     def __init__(self, path: str):
-        from safetensors import safe_open
+        from safetensors import safe_open  # lazy: safetensors is optional (comes with transformers)
         self.path = path
         if os.path.isfile(path):
             files = {path: None}
@@ -122,7 +123,7 @@ class SafetensorsSource(TensorSource):
                 self.model_class = (json.load(f).get("architectures") or [None])[0]
 
     def read(self, targets: dict[str, torch.Tensor]) -> None:
-        from safetensors import safe_open
+        from safetensors import safe_open  # lazy: optional dependency
         by_file: dict[str, list[str]] = {}
         for key in targets:
             by_file.setdefault(self.file_of[key], []).append(key)

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 
 from partitioner.errors import PartitionerError
@@ -156,7 +158,7 @@ def model_names() -> list[str]:
 
 
 def _transformers():
-    try:
+    try:  # lazy: transformers is optional (the hf extra) and slow to import
         import transformers
     except ImportError as e:  # the `hf` extra is optional
         raise PartitionerError("the Hugging Face models of the zoo need transformers: "
@@ -283,9 +285,6 @@ def describe(zm: ZooModel) -> dict[str, Any]:
 
 def print_models(batch: int = 8) -> None:
     """Print the zoo as a table (built on meta: no weights allocated)."""
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="partitioner model zoo (random init, nothing downloaded)")
     for col, just in (("name", "left"), ("class", "left"), ("parameters", "right"),
                       ("example inputs", "left"), ("about", "left")):

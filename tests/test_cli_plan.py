@@ -123,7 +123,7 @@ def test_read_only_folder_fails_before_the_solve(capsys, tmp_path, no_solve, mon
 def test_seq_beyond_the_context_prints_a_note(capsys, monkeypatch):
     def stop(*args, **kwargs):
         raise PartitionerError("stopped before loading")
-    monkeypatch.setattr("partitioner.cost_models.profile_command.load_model_spec", stop)
+    monkeypatch.setattr("partitioner.plan_command.load_model_spec", stop)
     code, out, err = run(capsys, "gpt2", "--devices", "2", "--seq", "4096")
     assert code == 2 and "gpt2 has a context of 1024 positions; --seq 4096 enlarges its position table" in \
         " ".join(err.split())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import partitioner.passes.capture
+import partitioner.planner
 from partitioner import profile_cache
 from partitioner.planner import PlanConfig, plan_model
 from tests.test_cli_plan import Tiny
@@ -21,13 +21,13 @@ def cache_dir(tmp_path, monkeypatch):
 def captures(monkeypatch):
     """How many times the planner captured a model."""
     calls = []
-    real = partitioner.passes.capture.capture
+    real = partitioner.planner.capture
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(partitioner.passes.capture, "capture", counting)
+    monkeypatch.setattr(partitioner.planner, "capture", counting)
     return calls
 
 

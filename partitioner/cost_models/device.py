@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from partitioner.cost_models.time import host_overheads_s
 from partitioner.errors import CostModelError
 
 GiB = 1024 ** 3
@@ -208,7 +209,6 @@ def spec_for_torch_device(device: torch.device | str, calibrate_host: bool = Tru
     if device.type == "cuda" and torch.cuda.is_available():
         spec = spec_for_gpu_name(torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory)
         if calibrate_host:
-            from partitioner.cost_models.time import host_overheads_s
             fwd, bwd = host_overheads_s(device)
             spec = dataclasses.replace(spec, cpu_fwd_overhead_s=fwd, cpu_bwd_overhead_s=bwd,
                                        notes=f"{spec.notes}; host dispatch calibrated on this machine".lstrip("; "))

@@ -15,6 +15,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from partitioner.cost_models.node_costs import NodeCosts
+from partitioner.cost_models.profile import profile
+from partitioner.passes.capture import capture
 
 
 class _Loss(torch.nn.Module):
@@ -37,9 +39,6 @@ def profile_loss(loss_fn: Callable[[Any, Any], torch.Tensor], captured: Any, tar
     target: one microbatch of the target (any device; only shapes and dtypes are used).
     profile_kwargs: as cost_models.profile.profile (device, dtype, optimizer).
     """
-    from partitioner.cost_models.profile import profile
-    from partitioner.passes.capture import capture
-
     out_node = next(n for n in captured.graph_module.graph.nodes if n.op == "output")
     leaves = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in out_node.args[0]]
     output = pytree.tree_unflatten([_meta_like(v) for v in leaves], captured.out_spec)

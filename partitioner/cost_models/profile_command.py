@@ -16,8 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
+from partitioner import zoo
+from partitioner.cost_models.device import get_device_spec, spec_for_torch_device
+from partitioner.cost_models.profile import module_costs, profile
 from partitioner.errors import CostModelError, PartitionerError
+from partitioner.passes.annotate import annotate
+from partitioner.passes.capture import capture
+from partitioner.zoo import context_note
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,7 +58,6 @@ def load_model_spec(spec: str, batch: int | None = None, seq: int | None = None,
             raise PartitionerError(f"--{flag} is {value}: give a positive {what}, or leave --{flag} out for "
                                    "the model's default")
     if ":" not in spec:
-        from partitioner import zoo
         kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         if batch is not None:
             kwargs["batch"] = batch
@@ -131,15 +138,7 @@ def human_time(s: float) -> str:
 
 def run_profile(args: argparse.Namespace) -> None:
     """The `partitioner profile` command: capture, annotate, profile, print a per-module table."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from partitioner.cost_models.device import get_device_spec, spec_for_torch_device
-    from partitioner.cost_models.profile import module_costs, profile
-    from partitioner.plan_command import check_output_paths
-    from partitioner.zoo import context_note
-    from partitioner.passes.annotate import annotate
-    from partitioner.passes.capture import capture
+    from partitioner.plan_command import check_output_paths  # lazy: plan_command imports this module
 
     check_output_paths(args.json, None)  # before the capture, not after it
     dtype = DTYPES[args.dtype]

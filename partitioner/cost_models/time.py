@@ -36,15 +36,18 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from partitioner.cost_models.device import DeviceSpec
-from partitioner.cost_models.flops import AttentionCall
+from partitioner.cost_models.flops import COMPUTE_OPS, AttentionCall, trace_nodes
 from partitioner.errors import CostModelError
+from partitioner.passes.capture import capture
+
+if TYPE_CHECKING:  # device.py calibrates specs with host_overheads_s: a type here, no import cycle
+    from partitioner.cost_models.device import DeviceSpec
 
 
 @dataclass(frozen=True)
@@ -669,9 +672,6 @@ def host_overheads_s(device: torch.device | str, layers: int = 4, repeats: int =
     (two calls a minute apart on one H100 host read 15 and 23 us per node with one round).
     Once per process and device.
     """
-    from partitioner.cost_models.flops import COMPUTE_OPS, trace_nodes
-    from partitioner.passes.capture import capture
-
     device = torch.device(device)
     key = str(device)
     if key not in _HOST_CALIBRATION:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
@@ -333,9 +335,6 @@ def _symbolic_trace(model: torch.nn.Module, in_spec: pytree.TreeSpec,
 
 def _fake_propagate(gm: torch.fx.GraphModule, leaves: list[Any], const: dict[int, Any]) -> None:
     """Fill meta["val"] with FakeTensors (symbolic_trace gives none)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fake_inputs = []

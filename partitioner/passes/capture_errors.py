@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 import torch
+from torch.nn.modules import module as nn_module
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
@@ -59,7 +60,6 @@ class ModuleTracker:
             if self.names.get(id(mod)) is not None and self.stack:
                 self.stack.pop()
 
-        from torch.nn.modules import module as nn_module
         self._handles = [nn_module.register_module_forward_pre_hook(pre),
                          nn_module.register_module_forward_hook(post)]
         return self
