@@ -5,7 +5,7 @@ import pytest
 
 from partitioner.cost_models.node_costs import NodeCost, NodeCosts
 from partitioner.passes.annotate import AnnotatedGraph, NodeInfo
-from partitioner.passes.coarsen import choose_depth, coarsen
+from partitioner.passes.coarsen import BlockGraph, choose_depth, coarsen
 
 F32 = ("torch.float32",)
 
@@ -74,6 +74,18 @@ def test_tied_weight_is_shared_param_and_output_reaches_last_stage():
     assert any(v.node == "logits" and v.to_output for v in bg.values)
     # shared params are not counted in block param bytes (solver counts them per rank)
     assert sum(b.param_state_bytes for b in bg.blocks) == 4 * (400 + 2000)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_json_round_trip_keeps_blocks_values_shared_params_and_edges(depth):
+    ag, costs = tiny_gpt()
+    bg = coarsen(ag, costs, depth=depth)
+    again = BlockGraph.from_json(bg.to_json())
+    assert again.blocks == bg.blocks and again.values == bg.values and again.shared_params == bg.shared_params
+    assert again.depth == bg.depth == depth
+    assert list(again.graph.nodes) == list(bg.graph.nodes)
+    assert list(again.graph.edges(data=True)) == list(bg.graph.edges(data=True))  # same order, same bytes
+    assert again.to_json() == bg.to_json()
 
 
 def test_edges_go_forward_and_costs_add_up():

@@ -20,6 +20,7 @@ CrossValues with to_output=True: they must reach the last stage.
 from __future__ import annotations
 
 import dataclasses
+import json
 import operator
 from dataclasses import dataclass, field
 
@@ -127,6 +128,31 @@ class BlockGraph:
         n = len(self.blocks)
         return all(c == v.producer + 1 for v in self.values for c in v.consumers) and \
             all(v.producer == n - 1 for v in self.values if v.to_output)
+
+    def to_json(self) -> str:
+        """Blocks, values, shared parameters, the graph's edges (with their attributes, in the graph's
+        order, so a reloaded graph is iterated alike) and the depth, as JSON."""
+        return json.dumps({"blocks": [dataclasses.asdict(b) for b in self.blocks],
+                           "values": [dataclasses.asdict(v) for v in self.values],
+                           "shared_params": [dataclasses.asdict(s) for s in self.shared_params],
+                           "edges": [[u, v, data] for u, v, data in self.graph.edges(data=True)],
+                           "depth": self.depth})
+
+    @classmethod
+    def from_json(cls, text: str) -> BlockGraph:
+        """The BlockGraph to_json wrote."""
+        data = json.loads(text)
+
+        def load(kind, row: dict):  # JSON has lists where the dataclasses hold tuples
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in row.items()})
+
+        blocks = [load(Block, b) for b in data["blocks"]]
+        g = nx.DiGraph()
+        g.add_nodes_from(range(len(blocks)))
+        for u, v, attrs in data["edges"]:
+            g.add_edge(u, v, **attrs)
+        return cls(blocks, [load(CrossValue, v) for v in data["values"]],
+                   [load(SharedParam, s) for s in data["shared_params"]], g, data["depth"])
 
 
 def _single_tensor(info) -> bool:
