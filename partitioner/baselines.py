@@ -128,8 +128,7 @@ def baseline_plan(bg, method: str, num_ranks: int, chunks: int = 1, microbatches
     assign = baseline_assignment(bg, method, num_ranks * chunks)
     plan = evaluate_assignment(bg, assign, num_ranks, chunks, microbatches, schedule, link_bw_bytes_per_s,
                                memory_cap_bytes, method=method, simulate=simulate)
-    plan.solver_status = method
-    return plan
+    return plan.replace(solver_status=method)
 
 
 def all_baselines(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None,

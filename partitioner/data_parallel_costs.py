@@ -157,13 +157,12 @@ def reduce_time_s(pb: ParamBytes, dp: DataParallel) -> float:
     return 2 * (dp.size - 1) / dp.size * pb.trainable / dp.bw_bytes_per_s
 
 
-def apply_data_parallel(plan, bg, blocks: list[ParamBytes], shared: list[ParamBytes], dp: DataParallel) -> None:
-    """Add dp to `plan` (scored on shard_block_graph's graph `bg`, so its memory is already per GPU)
-    in place: the replicas, each rank's collectives (rank_dp_reduce_time_s) and what they add to
-    the step (dp_reduce_time_s, included in step_time_s and model_step_time_s)."""
+def apply_data_parallel(plan, bg, blocks: list[ParamBytes], shared: list[ParamBytes], dp: DataParallel):
+    """`plan` (scored on shard_block_graph's graph `bg`, so its memory is already per GPU) with dp
+    added: the replicas, each rank's collectives (rank_dp_reduce_time_s) and what they add to the
+    step (dp_reduce_time_s, included in step_time_s and model_step_time_s). A new Plan."""
     if dp.size == 1:
-        return
-    plan.data_parallel, plan.data_parallel_mode, plan.dp_bw_bytes_per_s = dp.size, dp.mode, dp.bw_bytes_per_s
+        return plan
     ranks = rank_param_bytes(plan, bg, blocks, shared)
     reduce = [reduce_time_s(pb, dp) for pb in ranks]
     if plan.simulated:
@@ -174,10 +173,9 @@ def apply_data_parallel(plan, bg, blocks: list[ParamBytes], shared: list[ParamBy
         extra = max(0.0, max(e + t for e, t in zip(end, reduce)) - tl.step_time_s)
     else:
         extra = max(reduce)
-    plan.rank_dp_reduce_time_s = reduce
-    plan.dp_reduce_time_s = extra
-    plan.step_time_s += extra
-    plan.model_step_time_s += extra
+    return plan.replace(data_parallel=dp.size, data_parallel_mode=dp.mode, dp_bw_bytes_per_s=dp.bw_bytes_per_s,
+                        rank_dp_reduce_time_s=reduce, dp_reduce_time_s=extra, step_time_s=plan.step_time_s + extra,
+                        model_step_time_s=plan.model_step_time_s + extra)
 
 
 def microbatch_size(batch: int, dp: int, microbatches: int) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import difflib
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -154,6 +154,6 @@ def plan_like(captured: Captured, planned: Captured, plan: Plan) -> Plan:
         k = plan.node_stage[match[j].name] if j in match and match[j].name in plan.node_stage else prev
         k = max([k, *(stage_of[i] for i in n.all_input_nodes if i in stage_of)])
         stage_of[n] = prev = k
-    return replace(plan, node_stage={n.name: k for n, k in stage_of.items()})
+    return plan.replace(node_stage={n.name: k for n, k in stage_of.items()})
 
 

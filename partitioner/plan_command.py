@@ -301,8 +301,7 @@ def run_plan(args: argparse.Namespace) -> None:
         result = plan_model(spec.model, spec.example_args, spec.example_kwargs, config,
                             on_step=lambda msg: status.update(msg), loss_fn=spec.loss_fn, example_target=spec.target,
                             need_graph=False)
-    plan = result.plan
-    plan.model = args.model
+    plan = result.plan = result.plan.replace(model=args.model)
     console.print(plan_table(result, width=console.width, title=f"{args.model}: {len(result.block_graph.blocks)} blocks "
                                      f"(module depth {result.block_graph.depth}) on {plan.num_stages} stages"))
     for line in summary_lines(plan):

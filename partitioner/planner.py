@@ -5,6 +5,7 @@ one microbatch along dim 0 before capture, as the runtime does.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable
@@ -24,7 +25,7 @@ from partitioner.passes.annotate import AnnotatedGraph, annotate
 from partitioner.passes.capture import Captured, capture
 from partitioner.passes.coarsen import BlockGraph, attach_loss, coarsen
 from partitioner.passes.mixed_precision import capture_mixed, compute_dtype
-from partitioner.plan import Plan
+from partitioner.plan import Plan, PlanOrigin
 from partitioner.problem import check_config, check_gap
 from partitioner.solve import solve
 
@@ -161,15 +162,15 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     step(f"solving the ILP: {len(bg.blocks)} blocks -> {K} stages (up to {config.time_limit_s:g} s)")
     plan = solve(bg, config.num_ranks, config.chunks, m, schedule, memory_cap_bytes=cap, link_bw_bytes_per_s=bw,
                  time_limit_s=config.time_limit_s, gap=config.gap)
-    plan.model, plan.device, plan.device_mem_bytes = type(model).__name__, spec.name, spec.mem_bytes
-    plan.version = package_version()
-    dpm.apply_data_parallel(plan, bg, block_params, shared_params, dp)
+    plan = dataclasses.replace(plan, origin=PlanOrigin(type(model).__name__, spec.name, spec.mem_bytes,
+                                                       package_version()))
+    plan = dpm.apply_data_parallel(plan, bg, block_params, shared_params, dp)
     baselines = {}
     if config.compare:
         step("scoring the baselines")
         baselines = all_baselines(bg, config.num_ranks, config.chunks, m, schedule, cap, bw)
-        for baseline in baselines.values():
-            dpm.apply_data_parallel(baseline, bg, block_params, shared_params, dp)
+        baselines = {name: dpm.apply_data_parallel(baseline, bg, block_params, shared_params, dp)
+                     for name, baseline in baselines.items()}
     return PlanResult(captured, annotated, costs, bg, plan, baselines, args, kwargs)
 
 

@@ -42,6 +42,7 @@ generation stops within it. Where no bound comes that close, time_limit_s ends i
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ from partitioner.critical_path import path_bound_solve
 from partitioner.errors import PlanError
 from partitioner.exact import best_split_s, pipeline_bound_s, split_assignment, split_cuts
 from partitioner.ilp import NoSplit, build_ilp, cp_solver
-from partitioner.plan import Plan, evaluate_assignment
+from partitioner.plan import Plan, SolverReport, evaluate_assignment
 from partitioner.problem import DEFAULT_LINK_BW_BYTES_PER_S, PlanProblem, check_gap
 from partitioner.refine import refine
 from partitioner.seeds import Seeds, fits_memory, make_seeds
@@ -112,14 +113,13 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
         if budget_s >= PATHS_MIN_TIME_S:
             plan, paths, lower = _path_bound(problem, plan, seeds, budget_s, paths_tol, workers, lower)
             exact += paths
-    plan.solver_status = found.status + ("+refined" if refined else "") + exact
-    plan.objective = plan.model_step_time_s if math.isnan(found.objective_s) else found.objective_s
-    plan.bound = found.bound_s
-    plan.gap = max(0.0, (plan.objective - plan.bound) / plan.objective) if plan.objective > 0 else 0.0
-    plan.step_lower_bound_s = lower
-    plan.gap_limit, plan.time_limit_s = gap, time_limit_s
-    plan.solve_time_s = time.perf_counter() - t0
-    return plan
+    objective = plan.model_step_time_s if math.isnan(found.objective_s) else found.objective_s
+    report = SolverReport(solver_status=found.status + ("+refined" if refined else "") + exact,
+                          objective=objective, bound=found.bound_s,
+                          gap=max(0.0, (objective - found.bound_s) / objective) if objective > 0 else 0.0,
+                          solve_time_s=time.perf_counter() - t0, step_lower_bound_s=lower, gap_limit=gap,
+                          time_limit_s=time_limit_s)
+    return dataclasses.replace(plan, report=report)
 
 
 @dataclass(frozen=True)

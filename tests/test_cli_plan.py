@@ -139,7 +139,7 @@ def test_memory_sizes_need_a_unit():
 
 def _plan(ranks: int = 2, chunks: int = 1) -> Plan:
     K, per = ranks * chunks, 7
-    return Plan(num_ranks=ranks, chunks=chunks, schedule="1f1b" if chunks == 1 else "interleaved-1f1b",
+    return Plan.of(num_ranks=ranks, chunks=chunks, schedule="1f1b" if chunks == 1 else "interleaved-1f1b",
                 microbatches=2 * ranks, block_stage=[k for k in range(K) for _ in range(per)],
                 stage_rank=[k % ranks for k in range(K)], node_stage={}, stage_fwd_time_s=[0.01234] * K,
                 stage_bwd_time_s=[0.02468] * K, stage_comm_time_s=[1.4e-4] * K, stage_param_bytes=[123 * 2**20] * K,
@@ -173,9 +173,7 @@ def test_plan_table_fits_80_columns(chunks):
     ({"solver_status": "DP_FALLBACK"}, "no solver plan in time, so the chain DP split"),
 ])
 def test_summary_says_device_cap_and_search_quality_in_words(changes, line):
-    plan = _plan()
-    for key, value in changes.items():
-        setattr(plan, key, value)
+    plan = _plan().replace(**changes)
     lines = summary_lines(plan)
     assert any(line in x for x in lines), lines
     assert sum(" ms" in x for x in lines) == 1 and all(len(x) <= 80 for x in lines)
@@ -195,7 +193,7 @@ def test_default_batch_is_rounded_up_to_the_microbatches(capsys):
 
 def test_summary_says_proven_within_the_gap_or_stopped_at_the_time_limit():
     plan = _plan()
-    plan.step_lower_bound_s, plan.gap_limit, plan.solve_time_s = plan.step_time_s * 0.992, 0.01, 1.2
+    plan = plan.replace(step_lower_bound_s=plan.step_time_s * 0.992, gap_limit=0.01, solve_time_s=1.2)
     assert "proven within 0.8% of the best possible in 1.2 s" in summary_lines(plan)
-    plan.step_lower_bound_s, plan.time_limit_s, plan.solve_time_s = plan.step_time_s * 0.97, 10.0, 10.1
+    plan = plan.replace(step_lower_bound_s=plan.step_time_s * 0.97, time_limit_s=10.0, solve_time_s=10.1)
     assert "stopped at the time limit (10 s) with a gap of 3.0%" in summary_lines(plan)

@@ -1,6 +1,9 @@
 """Plan: JSON round trip, scoring of an assignment, pipeline-shape checks."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from partitioner.errors import PlanError
@@ -13,9 +16,46 @@ def test_json_round_trip_keeps_every_field():
     bg = synthetic_block_graph([1.0, 2.0, 3.0, 4.0], {(0, 1): 10, (1, 2): 20, (2, 3): 30, (0, 3): 5},
                                [100] * 4, [7] * 4, [("tied", 400, (0, 3))])
     plan = evaluate_assignment(bg, [0, 0, 1, 1], 2, microbatches=4, memory_cap_bytes=10**6)
-    plan.solver_status, plan.gap = "OPTIMAL", 0.0
+    plan = plan.replace(solver_status="OPTIMAL", gap=0.01, model="m", version="1")
     again = Plan.from_json(plan.to_json())
     assert again == plan and again.num_stages == 2
+
+
+# A plan as partitioner wrote it before Plan was split into placement, scores, report and origin:
+# every field at the top level. Saved plans in this form must still load.
+FLAT_PLAN_JSON = """{
+ "num_ranks": 2, "chunks": 1, "schedule": "1f1b", "microbatches": 4,
+ "block_stage": [0, 0, 1, 1], "stage_rank": [0, 1], "node_stage": {"n0": 0, "n1": 0, "n2": 1, "n3": 1},
+ "method": "ilp", "replicated_params": ["tied"],
+ "stage_fwd_time_s": [1.0, 2.0], "stage_bwd_time_s": [2.0, 4.0], "stage_comm_time_s": [0.0, 0.5],
+ "rank_param_bytes": [100, 200], "rank_mem_bytes": [1000, 2000], "bytes_crossing": 10,
+ "step_time_s": 30.0, "bubble": 0.2, "solver_status": "OPTIMAL+refined", "objective": 29.0, "bound": 28.0,
+ "gap": 0.03, "solve_time_s": 1.5, "rank_time_s": [3.0, 6.0], "stage_saved_bytes": [7, 7],
+ "stage_param_bytes": [100, 200], "allreduce_time_s": 0.1, "model_step_time_s": 29.0, "simulated": true,
+ "memory_cap_bytes": 4096, "link_bw_bytes_per_s": 50000000000.0, "step_lower_bound_s": 29.5,
+ "gap_limit": 0.01, "time_limit_s": 10.0, "model": "gpt2", "device": "h100", "device_mem_bytes": 85899345920,
+ "version": "0.1.0"
+}"""
+
+
+def test_a_plan_saved_in_the_flat_json_of_earlier_versions_loads():
+    plan = Plan.from_json(FLAT_PLAN_JSON)
+    assert plan.placement.block_stage == [0, 0, 1, 1] and plan.scores.step_time_s == 30.0
+    assert plan.report.solver_status == "OPTIMAL+refined" and plan.origin.model == "gpt2"
+    assert plan.replicated_params == ["tied"] and plan.memory_cap_bytes == 4096 and plan.step_gap is not None
+    assert Plan.from_json(plan.to_json()) == plan  # and it writes the current form, which loads back
+    assert "placement" in json.loads(plan.to_json())
+
+
+def test_plan_parts_are_frozen_and_replace_changes_a_copy():
+    plan = Plan.from_json(FLAT_PLAN_JSON)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.step_time_s = 1.0
+    faster = plan.replace(step_time_s=20.0, solver_status="x")
+    assert faster.step_time_s == 20.0 and faster.solver_status == "x" and plan.step_time_s == 30.0
+    assert faster.placement is plan.placement
+    with pytest.raises(TypeError, match="no field"):
+        plan.replace(steptime=1.0)
 
 
 def test_evaluate_assignment_costs():

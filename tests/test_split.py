@@ -105,7 +105,7 @@ def test_plan_against_the_data_flow_is_an_error():
     captured = capture(Skip(), (torch.randn(2, 4),))
     plan = plan_from_cuts(captured, [1], num_ranks=2)
     first = next(n for n, k in plan.node_stage.items() if k == 0)
-    plan.node_stage = {n: 1 - k for n, k in plan.node_stage.items()}
+    plan = plan.replace(node_stage={n: 1 - k for n, k in plan.node_stage.items()})
     with pytest.raises(PlanError, match="later stage"):
         split(captured, plan)
     del plan.node_stage[first]

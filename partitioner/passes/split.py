@@ -23,7 +23,7 @@ import torch
 import torch.fx
 
 from partitioner.errors import PlanError
-from partitioner.plan import Plan
+from partitioner.plan import Placement, Plan
 from partitioner.passes.capture import Captured, get_attr
 
 USER_INPUT = -1  # StageModule.input_sources value of a user input
@@ -272,9 +272,9 @@ def plan_from_cuts(captured: Captured, cuts: list[int], num_ranks: int, chunks: 
                         f"got {list(cuts)}.")
     bounds = [0, *cuts, len(compute)]
     node_stage = {n.name: k for k in range(num_stages) for n in compute[bounds[k]:bounds[k + 1]]}
-    return Plan(num_ranks=num_ranks, chunks=chunks, schedule=schedule, microbatches=microbatches,
-                block_stage=[], stage_rank=[k % num_ranks for k in range(num_stages)], node_stage=node_stage,
-                method=method)
+    return Plan(Placement(num_ranks=num_ranks, chunks=chunks, schedule=schedule, microbatches=microbatches,
+                          block_stage=[], stage_rank=[k % num_ranks for k in range(num_stages)],
+                          node_stage=node_stage, method=method))
 
 
 def even_plan(captured: Captured, num_ranks: int, chunks: int = 1, schedule: str = "1f1b",
