@@ -17,6 +17,7 @@ value, linear on path-shaped graphs). l_k is modelled only where links could mat
 a tenth of tol of the step); elsewhere, and for hops between stages further apart, communication
 is left out, which only weakens the bound.
 
+The rows and the fluid LP over them live in partitioner/path_rows.py.
 path_bound_solve minimises T subject to T >= every row over the ILP's feasible set
 (partitioner.ilp.build_ilp without its closed-form time model: stage order, non-empty stages,
 the memory cap), simulates the answers CP-SAT finds, adds their critical paths (with and without
@@ -42,81 +43,20 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ortools.linear_solver import pywraplp
 from ortools.sat.python import cp_model
 
 from partitioner.ilp import NoSplit, build_ilp, cp_solver, on_stage
+from partitioner.path_rows import (UNITS, ActionDag, PathRow, StageUnits, critical_path, fluid_bound, prefix_caps,
+                                   synthetic_rows)
 from partitioner.problem import PlanProblem
-from partitioner.runtime.executor import in_process_order
-from partitioner.runtime.schedules import dependencies, make_schedule
-from partitioner.runtime.simulator import StageCosts, input_delays, simulate
+from partitioner.runtime.schedules import make_schedule
+from partitioner.runtime.simulator import StageCosts, simulate
 from partitioner.seeds import chain_dp_split
 from partitioner.stage_costs import StageCostModel, closed_form_rank_mem_bytes
 
-_UNITS = 10_000_000  # one microbatch's whole work is about this many integer units
 DEFAULT_TOL = 0.005  # stop once the best plan is within this fraction of the bound
 _MIN_SLICE_S = 1.0  # least time one relaxation gets
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PathRow:
-    """A path through the schedule's action DAG: how many forwards and backwards of each stage it runs.
-
-    comm_s: the communication delays on it in the timeline it came from.
-    actions: the path, first action first.
-    """
-
-    fwd_count: tuple[int, ...]
-    bwd_count: tuple[int, ...]
-    comm_s: float = 0.0
-    actions: tuple = ()
-    hops: tuple[int, ...] = ()  # [k]: data edges between stages k - 1 and k on the path (F(k-1) -> F(k), B(k) -> B(k-1))
-
-    @property
-    def key(self) -> tuple:
-        return self.fwd_count, self.bwd_count, self.hops
-
-    def compute_s(self, fwd_s, bwd_s) -> float:
-        """The path's compute with these stage times: a lower bound on the step."""
-        return sum(a * f for a, f in zip(self.fwd_count, fwd_s)) + sum(b * t for b, t in zip(self.bwd_count, bwd_s))
-
-
-def critical_path(timeline, costs) -> PathRow:
-    """The path that sets the step of a simulated timeline (runtime.simulator.simulate(schedule, costs)).
-
-    Back from the last action to end, through whichever predecessor its start waited for: the rank's
-    previous action or a data dependency plus its delay, exactly as the simulator computes starts.
-    compute_s(costs) + comm_s equals timeline.step_time_s.
-    """
-    s = timeline.schedule
-    start, end = timeline.start_s, timeline.end_s
-    n = s.num_stages
-    prev = {}
-    for row in s.actions:
-        for i, a in enumerate(row):
-            prev[a] = row[i - 1] if i > 0 else None
-
-    fwd, bwd, hops = [0] * n, [0] * n, [0] * n
-    path, delay = [], 0.0
-    a = max(end, key=lambda x: end[x]) if end else None
-    while a is not None:
-        path.append(a)
-        (fwd if a.kind == "F" else bwd)[a.stage] += 1
-        deps = input_delays(s, costs, a)
-        if prev[a] is not None:
-            deps.append((prev[a], 0.0))
-        if start[a] <= 0.0 or not deps:
-            break  # a path may start anywhere: every start is at least 0
-        d, lag = max(deps, key=lambda x: end[x[0]] + x[1])
-        if end[d] + lag != start[a]:
-            raise ValueError(f"timeline does not match the costs: {a} starts at {start[a]}, not when its "
-                             "inputs arrive")
-        if d.kind == a.kind and d.microbatch == a.microbatch and abs(d.stage - a.stage) == 1:
-            hops[max(d.stage, a.stage)] += 1
-        a = d
-        delay += lag
-    return PathRow(tuple(fwd), tuple(bwd), delay, tuple(reversed(path)), tuple(hops))
 
 
 @dataclass
@@ -184,193 +124,10 @@ class _PathScorer:
                 [critical_path(tl, costs), critical_path(simulate(self.sched, free), free)])
 
 
-def synthetic_rows(schedule, num_stages: int) -> list[PathRow]:
-    """Critical paths of the schedule under made-up stage times: equal stages, then each rank and each
-    stage much heavier than the rest (a path through its whole action list with fill and drain)."""
-    p, K = schedule.num_ranks, num_stages
-    weights = [[1.0] * K]
-    weights += [[30.0 if schedule.stage_rank[k] == r else 1.0 for k in range(K)] for r in range(p)]
-    if K > p:
-        weights += [[30.0 if k == j else 1.0 for k in range(K)] for j in range(K)]
-    out = []
-    for wt in weights:
-        costs = StageCosts(tuple(wt), tuple(2 * x for x in wt), (), (0,) * K)
-        out.append(critical_path(simulate(schedule, costs), costs))
-    return out
-
-
-@dataclass(frozen=True)
-class _Units:
-    """Integer block times (rounded down, so every row stays a lower bound) and the scale (units per second)."""
-
-    scale: float
-    fdev: list[int]
-    bdev: list[int]
-    fhost: list[int]
-    bhost: list[int]
-
-    @classmethod
-    def of(cls, bg) -> "_Units":
-        scale = _UNITS / (sum(b.time_s for b in bg.blocks) or 1.0)
-
-        def down(attr: str) -> list[int]:
-            return [math.floor(getattr(b, attr) * scale) for b in bg.blocks]
-
-        return cls(scale, down("fwd_time_s"), down("bwd_time_s"), down("host_fwd_time_s"), down("host_bwd_time_s"))
-
-    @property
-    def work(self) -> list[int]:
-        """Device forward + backward: a stage takes at least the sum over its blocks."""
-        return [f + b for f, b in zip(self.fdev, self.bdev)]
-
-
-class ActionDag:
-    """A schedule's actions in a topological order with their predecessors (the rank's previous action,
-    F(k-1) before F(k), F(k) and B(k+1) before B(k)): the longest path without communication, fast.
-
-    Without communication the chain's dependencies imply the simulator's others (F(j), j < k, ends
-    before F(k-1) does), so `longest` is the simulated step of those stage times.
-    """
-
-    def __init__(self, schedule):
-        s = schedule
-        self.actions = in_process_order(s)  # every rank's actions, each after what it waits for
-        index = {a: i for i, a in enumerate(self.actions)}
-        prev = {row[i]: row[i - 1] for row in s.actions for i in range(1, len(row))}
-        self.preds = [[index[d] for d in dependencies(s, a)] + ([index[prev[a]]] if a in prev else [])
-                      for a in self.actions]
-        self.num_stages = s.num_stages
-        self.fwd = [a.kind == "F" for a in self.actions]
-        self.stage = [a.stage for a in self.actions]
-
-    def longest(self, fwd_s, bwd_s) -> tuple[float, PathRow]:
-        """(length, path) of the longest path with these stage times."""
-        n = len(self.actions)
-        end, arg = [0.0] * n, [-1] * n
-        for i in range(n):
-            t, a = 0.0, -1
-            for j in self.preds[i]:
-                if end[j] > t:
-                    t, a = end[j], j
-            end[i] = t + (fwd_s if self.fwd[i] else bwd_s)[self.stage[i]]
-            arg[i] = a
-        i = max(range(n), key=end.__getitem__) if n else -1
-        fc, bc, hops, path = [0] * self.num_stages, [0] * self.num_stages, [0] * self.num_stages, []
-        while i >= 0:
-            (fc if self.fwd[i] else bc)[self.stage[i]] += 1
-            path.append(self.actions[i])
-            j = arg[i]
-            if j >= 0 and self.fwd[j] == self.fwd[i] and abs(self.stage[j] - self.stage[i]) == 1 and \
-                    self.actions[j].microbatch == self.actions[i].microbatch:
-                hops[max(self.stage[i], self.stage[j])] += 1
-            i = j
-        return (max(end) if n else 0.0), PathRow(tuple(fc), tuple(bc), 0.0, tuple(reversed(path)), tuple(hops))
-
-
-class FluidLp:
-    """Per-stage device forward and backward sums (units) as continuous variables: blocks may split.
-
-    They sum to the plan's totals and keep its range of backward/forward ratios, so every plan's
-    stage sums are a point of it. Rows bound the step from below: each one is at most `top`
-    (a constant), or, with top None, at most the variable T.
-    """
-
-    def __init__(self, units: _Units, num_stages: int, top: float | None = None):
-        K = num_stages
-        self.lp = lp = pywraplp.Solver.CreateSolver("GLOP")
-        self.f = [lp.NumVar(0, lp.infinity(), f"f{k}") for k in range(K)]
-        self.b = [lp.NumVar(0, lp.infinity(), f"b{k}") for k in range(K)]
-        lp.Add(sum(self.f) == sum(units.fdev))
-        lp.Add(sum(self.b) == sum(units.bdev))
-        ratios = [bd / fd for fd, bd in zip(units.fdev, units.bdev) if fd > 0]
-        if ratios:
-            for k in range(K):
-                lp.Add(self.b[k] >= min(ratios) * self.f[k])
-                if all(fd > 0 or bd == 0 for fd, bd in zip(units.fdev, units.bdev)):
-                    lp.Add(self.b[k] <= max(ratios) * self.f[k])
-        self.top = top
-        self.T = lp.NumVar(0, lp.infinity(), "T") if top is None else None
-        self.rows: dict[tuple, tuple[PathRow, object]] = {}
-
-    def add(self, k: tuple, r: PathRow) -> None:
-        e = sum(c * x for c, x in zip(r.fwd_count, self.f) if c) + sum(c * x for c, x in zip(r.bwd_count, self.b) if c)
-        self.rows[k] = r, self.lp.Add(e <= self.top) if self.T is None else self.lp.Add(e - self.T <= 0)
-
-    def solve(self, dag: ActionDag, rows: dict, key, max_rounds: int) -> bool:
-        """Solve, adding the longest path at the answer while it breaks the bound (to `rows` too);
-        False when the LP has no answer (infeasible: no plan meets top)."""
-        for i in range(max_rounds + 1):
-            if self.lp.Solve() != pywraplp.Solver.OPTIMAL:
-                return False
-            if i == max_rounds:
-                return True
-            bound = self.top if self.T is None else self.T.solution_value()
-            length, r = dag.longest([x.solution_value() for x in self.f], [x.solution_value() for x in self.b])
-            if length <= bound * (1 + 1e-7) or key(r) in self.rows:
-                return True
-            rows.setdefault(key(r), r)
-            self.add(key(r), r)
-        return True
-
-
-def fluid_bound(rows: dict, units: _Units, dag: ActionDag, key=lambda r: r.key,
-                max_rounds: int = 200) -> tuple[float, list[PathRow]]:
-    """(lower bound in seconds, the rows that set it): min T over FluidLp with every path's row.
-
-    Every plan's stage sums are a point of the LP, so its optimum bounds every plan's step (without
-    communication and all-reduce) from below; paths violated at the answer are added (to `rows` too)
-    until none is or max_rounds. The rows with a positive dual are the ones the bound needs.
-    """
-    lp = FluidLp(units, dag.num_stages)
-    for k, r in rows.items():
-        lp.add(k, r)
-    lp.lp.Minimize(lp.T)
-    if not lp.solve(dag, rows, key, max_rounds):
-        return 0.0, []
-    tight = [r for r, con in lp.rows.values() if con.dual_value() < -1e-9 or con.dual_value() > 1e-9]
-    return max(0.0, lp.T.solution_value() * (1 - 1e-6)) / units.scale, tight  # (1 - 1e-6): the LP's tolerance
-
-
-def prefix_caps(rows: dict, units: _Units, dag: ActionDag, upper_s: float, max_rounds: int = 20,
-                key=lambda r: r.key, deadline: float = math.inf) -> tuple[list[int], list[int]] | None:
-    """(most[j], most_after[j]): the most device work (units) stages 0..j, and stages j..K-1, hold in any
-    plan whose step is at most upper_s; None when no plan is.
-
-    FluidLp with every row at most upper_s, maximising and minimising the work of stages 0..j, its
-    answer checked against every path (ActionDag.longest; a violated one becomes a row, added to
-    `rows`, by key(row), too) for up to max_rounds: the caps are those of the fluid problem
-    (communication left out). Past `deadline` the caps left stay trivial. A relaxation of every
-    plan no slower than upper_s, so the caps are valid.
-    """
-    K = dag.num_stages
-    lp = FluidLp(units, K, upper_s * units.scale * (1 + 1e-9))
-    for k, r in rows.items():
-        lp.add(k, r)
-    total = sum(units.work)
-    most, least = [total] * K, [0] * K  # least[j]: the least work stages 0..j hold
-    for j in range(K - 1):
-        if time.perf_counter() > deadline:
-            break  # the caps not computed stay trivial (valid)
-        for sense, out in ((1, most), (-1, least)):
-            obj = lp.lp.Objective()
-            obj.Clear()
-            for k in range(j + 1):
-                obj.SetCoefficient(lp.f[k], 1)
-                obj.SetCoefficient(lp.b[k], 1)
-            obj.SetMaximization() if sense > 0 else obj.SetMinimization()
-            if not lp.solve(dag, rows, key, max_rounds):
-                return None
-            val = obj.Value()  # valid whether or not the separation finished: the LP only grew
-            slack = 1e-6 * total + 2  # the LP's tolerances
-            out[j] = min(total, math.ceil(val + slack)) if sense > 0 else max(0, math.floor(val - slack))
-    after = [total - (least[j - 1] if j > 0 else 0) for j in range(K)]
-    return most, after
-
-
 class _Relaxation:
     """min T subject to T >= every row, over the partition ILP's feasible set (partitioner.ilp.build_ilp)."""
 
-    def __init__(self, problem: PlanProblem, units: _Units, prefix: tuple[list[int], list[int]] | None,
+    def __init__(self, problem: PlanProblem, units: StageUnits, prefix: tuple[list[int], list[int]] | None,
                  comm: bool = False):
         p, m, v = problem.num_ranks, problem.microbatches, problem.chunks
         self.cap, self.units = problem.memory_cap_bytes, units
@@ -378,7 +135,7 @@ class _Relaxation:
         dc = (units.work, *prefix) if prefix is not None else None
         self.ilp = ilp = build_ilp(problem, with_time=False, domain_cap=dc)
         md = self.model = ilp.model
-        hi = _UNITS * 4 * (m * v + K) + sum(math.floor(sec * scale) for sec, _ in ilp.allreduce)
+        hi = UNITS * 4 * (m * v + K) + sum(math.floor(sec * scale) for sec, _ in ilp.allreduce)
         self.fwd, self.bwd = [], []
         for k in range(K):
             for out, dev, host, name in ((self.fwd, units.fdev, units.fhost, "F"),
@@ -535,7 +292,7 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
     found_rows, rows, lp_rows = list(rows.values()), {}, {}
     for r in list(paths) + synthetic_rows(scorer.sched, K) + found_rows:
         add(r)
-    units = _Units.of(bg)
+    units = StageUnits.of(bg)
     dag = ActionDag(scorer.sched)
 
     def caps_now():

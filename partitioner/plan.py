@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 
-from partitioner.problem import DEFAULT_LINK_BW_BYTES_PER_S, check_config, inflight_microbatches
+from partitioner.problem import DEFAULT_LINK_BW_BYTES_PER_S, PlanProblem
 from partitioner.runtime import simulator
 from partitioner.runtime.schedules import make_schedule
 from partitioner.stage_costs import StageTotals, stage_totals
@@ -262,14 +262,21 @@ def evaluate_assignment(bg, block_stage: list[int], num_ranks: int, chunks: int 
     The simulator (partitioner/runtime/simulator.py) plays the schedule with these stage
     costs: step_time_s, bubble and per-rank peak memory come from it.
     """
-    schedule, microbatches = check_config(len(bg.blocks), num_ranks, chunks, microbatches, schedule)
+    problem = PlanProblem.checked(bg, num_ranks, chunks, microbatches, schedule, memory_cap_bytes,
+                                  link_bw_bytes_per_s)
+    return evaluate(problem, block_stage, method, simulate)
+
+
+def evaluate(problem: PlanProblem, block_stage: list[int], method: str = "ilp", simulate: bool = True) -> Plan:
+    """evaluate_assignment of a PlanProblem (its memory cap is recorded, not enforced)."""
+    bg, num_ranks, chunks = problem.block_graph, problem.num_ranks, problem.chunks
+    schedule, microbatches, link_bw_bytes_per_s = problem.schedule, problem.microbatches, problem.link_bw_bytes_per_s
     K = num_ranks * chunks
     st = stage_totals(bg, block_stage, num_ranks, chunks, link_bw_bytes_per_s)
     compute = [f + b for f, b in zip(st.fwd_time_s, st.bwd_time_s)]
     rank_time = [sum(compute[r::num_ranks]) for r in range(num_ranks)]
     closed = model_step_time(compute, st.recv_time_s, num_ranks, chunks, microbatches) + st.allreduce_time_s
-    inflight = inflight_microbatches(schedule, num_ranks, microbatches, chunks)
-    mem = st.rank_mem_bytes(inflight)
+    mem = st.rank_mem_bytes(problem.inflight())
     placement = Placement(num_ranks, chunks, schedule, microbatches, list(block_stage),
                           [k % num_ranks for k in range(K)], st.node_stage, method, st.replicated_params)
     bubble = 1 - sum(st.fwd_time_s + st.bwd_time_s) * microbatches / (num_ranks * closed) if closed else 0.0
@@ -278,7 +285,7 @@ def evaluate_assignment(bg, block_stage: list[int], num_ranks: int, chunks: int 
                         stage_param_bytes=st.param_bytes, rank_param_bytes=st.rank_param_bytes, rank_mem_bytes=mem,
                         rank_time_s=rank_time, bytes_crossing=sum(map(sum, st.comm_bytes)), step_time_s=closed,
                         bubble=bubble, allreduce_time_s=st.allreduce_time_s, model_step_time_s=closed,
-                        memory_cap_bytes=memory_cap_bytes, link_bw_bytes_per_s=link_bw_bytes_per_s)
+                        memory_cap_bytes=problem.memory_cap_bytes, link_bw_bytes_per_s=link_bw_bytes_per_s)
     plan = Plan(placement, scores)
     if simulate:
         plan = simulated_plan(plan, st)

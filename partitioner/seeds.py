@@ -13,7 +13,7 @@ from partitioner.baselines import BASELINES, baseline_assignment
 from partitioner.chain_dp import split_chain
 from partitioner.errors import PlanError
 from partitioner.ilp import model_objective, time_units
-from partitioner.plan import evaluate_assignment
+from partitioner.plan import evaluate
 from partitioner.problem import PlanProblem
 
 
@@ -84,6 +84,5 @@ def fits_memory(problem: PlanProblem, assign: list[int] | None) -> bool:
         return False
     if problem.memory_cap_bytes is None:
         return True
-    plan = evaluate_assignment(problem.block_graph, assign, problem.num_ranks, problem.chunks, problem.microbatches,
-                               problem.schedule, memory_cap_bytes=problem.memory_cap_bytes, simulate=False)
+    plan = evaluate(problem, assign, simulate=False)
     return max(plan.rank_mem_bytes) <= problem.memory_cap_bytes

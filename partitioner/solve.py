@@ -54,7 +54,7 @@ from partitioner.critical_path import path_bound_solve
 from partitioner.errors import PlanError
 from partitioner.exact import best_split_s, pipeline_bound_s, split_assignment, split_cuts
 from partitioner.ilp import NoSplit, build_ilp, cp_solver
-from partitioner.plan import Plan, SolverReport, evaluate_assignment
+from partitioner.plan import Plan, SolverReport, evaluate
 from partitioner.problem import DEFAULT_LINK_BW_BYTES_PER_S, PlanProblem, check_gap
 from partitioner.refine import refine
 from partitioner.seeds import Seeds, fits_memory, make_seeds
@@ -100,7 +100,7 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     if searching:
         assign = _polish(problem, found.assignment, seeds, refine_time_s, target_s)
         refined = assign != found.assignment
-    plan = _evaluate(problem, assign, simulate)
+    plan = evaluate(problem, assign, simulate=simulate)
     exact, lower = "", 0.0  # lower: no valid plan within the cap simulates faster (0: not known)
     if early_bound is not None and plan.step_time_s <= target_s:
         lower = early_bound  # proven within the gap: no exact search
@@ -198,7 +198,7 @@ def _exact_split(problem: PlanProblem, plan: Plan, budget_s: float, gap: float,
                          split_cuts(plan.block_stage), problem.memory_cap_bytes, gap=gap)
     exact = ""
     if found.cuts is not None and found.step_time_s < plan.step_time_s:
-        plan = _evaluate(problem, split_assignment(found.cuts, len(bg.blocks)), True)
+        plan = evaluate(problem, split_assignment(found.cuts, len(bg.blocks)))
         exact = ("+exact(incomplete)" if not found.complete else "+exact(optimal)" if gap == 0
                  else "+exact(within gap)")
     elif found.complete:
@@ -215,15 +215,9 @@ def _path_bound(problem: PlanProblem, plan: Plan, seeds: Seeds, budget_s: float,
     found = path_bound_solve(problem, budget_s, plan.block_stage, tuple(starts), tol, workers)
     paths = ""
     if found.assignment is not None and found.step_time_s < plan.step_time_s * (1 - 1e-12):
-        plan = _evaluate(problem, found.assignment, True)
+        plan = evaluate(problem, found.assignment)
         paths = "+paths"
     return plan, paths, max(lower, min(found.lower_bound_s, plan.step_time_s))
-
-
-def _evaluate(problem: PlanProblem, assign: list[int], simulate: bool) -> Plan:
-    return evaluate_assignment(problem.block_graph, assign, problem.num_ranks, problem.chunks, problem.microbatches,
-                               problem.schedule, problem.link_bw_bytes_per_s, problem.memory_cap_bytes,
-                               method="ilp", simulate=simulate)
 
 
 def min_memory_bytes(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None,
@@ -235,8 +229,8 @@ def min_memory_bytes(bg, num_ranks: int, chunks: int = 1, microbatches: int | No
 
 def _min_memory(problem: PlanProblem, time_limit_s: float, workers: int | None) -> tuple[int, bool]:
     """min_memory_bytes of problem's shape (its cap and link left out)."""
-    ilp = build_ilp(PlanProblem(problem.block_graph, problem.num_ranks, problem.chunks, problem.microbatches,
-                                problem.schedule), with_time=False, need_memory=True)
+    shape = PlanProblem(problem.block_graph, problem.num_ranks, problem.chunks, problem.microbatches, problem.schedule)
+    ilp = build_ilp(shape, with_time=False, need_memory=True)
     peak = ilp.model.NewIntVar(0, 1 << 60, "peak")
     for e in ilp.rank_mem:
         ilp.model.Add(peak >= e)
@@ -246,8 +240,7 @@ def _min_memory(problem: PlanProblem, time_limit_s: float, workers: int | None) 
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise PlanError(f"could not compute the smallest memory for {problem.num_stages} stages within "
                         f"{time_limit_s:g} s: raise --time-limit")
-    plan = evaluate_assignment(problem.block_graph, ilp.assignment(solver.Value), problem.num_ranks, problem.chunks,
-                               problem.microbatches, problem.schedule, simulate=False)
+    plan = evaluate(shape, ilp.assignment(solver.Value), simulate=False)
     return max(plan.rank_mem_bytes), status == cp_model.OPTIMAL
 
 

@@ -3,7 +3,8 @@ import random
 
 import pytest
 
-from partitioner.critical_path import ActionDag, critical_path, path_bound_solve
+from partitioner.critical_path import path_bound_solve
+from partitioner.path_rows import ActionDag, critical_path
 from partitioner.plan import evaluate_assignment
 from partitioner.problem import PlanProblem
 from partitioner.solve import solve
@@ -171,14 +172,15 @@ def test_a_probe_refutes_a_target_below_the_relaxations_optimum_and_meets_one_ab
     101% of it; T* is a lower bound on the brute-force best."""
     from ortools.sat.python import cp_model
 
-    from partitioner.critical_path import _Relaxation, _Units
+    from partitioner.critical_path import _Relaxation
+    from partitioner.path_rows import StageUnits
     seed_, p, v, schedule = CASES[seed]
     rng = random.Random(seed_)
     bg = tiny_graph(rng, p * v + rng.randint(3, 5), skips=seed_ % 2 == 1, comm=False)
     m = 2 * p
     problem = PlanProblem(bg, p, v, m, schedule, 1e9)
     done = path_bound_solve(problem, time_limit_s=20, tol=0.0)
-    rel = _Relaxation(problem, _Units.of(bg), None)
+    rel = _Relaxation(problem, StageUnits.of(bg), None)
     for r in done.paths:
         rel.add_row(r)
     status, optimum, _ = rel.solve(10, 0.0, 1)
