@@ -269,64 +269,6 @@ def test_chain_dp_is_exact_with_memory_cap(times, stages, cap):
     assert len(set(got.block_stage())) == stages
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_warm_start_hint_is_a_solution(seed):
-    """Ilp.hint fills every variable from the assignment: fixing them all to it leaves a feasible model."""
-    from ortools.sat.python import cp_model
-
-    from partitioner.ilp import build_ilp
-    from partitioner.problem import PlanProblem
-    from partitioner.seeds import chain_dp_split
-    bg = random_dag(random.Random(seed), 12, shared=True)
-    problem = PlanProblem(bg, 3, 2, 6, "interleaved-1f1b", BW)
-    ilp = build_ilp(problem)
-    start = chain_dp_split(problem)
-    assert ilp.hint(start, None) is not None
-    proto = ilp.model.Proto()
-    for i, value in zip(proto.solution_hint.vars, proto.solution_hint.values):
-        ilp.model.Add(ilp.model.GetIntVarFromProtoIndex(i) == value)
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = 10
-    assert solver.Solve(ilp.model) in (cp_model.OPTIMAL, cp_model.FEASIBLE)
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_ilp_memory_equals_the_plans_including_held_values(seed):
-    """The ILP's per-rank memory, read at a hinted assignment, is StageTotals' closed form: saved
-    activations plus the values a stage sends or receives that it does not save itself."""
-    import dataclasses
-
-    from partitioner.stage_costs import stage_totals
-    from partitioner.ilp import build_ilp, flat_expr
-    from partitioner.problem import PlanProblem, inflight_microbatches
-    rng = random.Random(seed)
-    bg = branchy_dag(rng, 9) if seed % 2 else random_dag(rng, 9)
-    n = len(bg.blocks)
-    values = [dataclasses.replace(v, bytes=rng.randint(0, 50), requires_grad=rng.random() < 0.7,
-                                  saver=rng.choice([-1, v.producer, *v.consumers])) for v in bg.values]
-    bg = dataclasses.replace(bg, values=values)
-    p, v = (2, 2) if seed < 3 else (3, 1)
-    schedule, m = ("interleaved-1f1b", 4) if v > 1 else ("1f1b", 3)
-    ilp = build_ilp(PlanProblem(bg, p, v, m, schedule, BW), with_time=False, need_memory=True)
-    assert ilp.mem_scale == 1.0
-    checked = 0
-    for _ in range(40):
-        assign = sorted(rng.sample(range(n), 1) + [rng.randrange(p * v) for _ in range(n - 1)])
-        if len(set(assign)) < p * v or any(assign[a] > assign[b] for a, b in bg.graph.edges):
-            continue
-        if ilp.hint(assign, None) is None:
-            continue
-        hints = dict(zip(ilp.model.Proto().solution_hint.vars, ilp.model.Proto().solution_hint.values))
-        got = []
-        for e in ilp.rank_mem:
-            offset, terms = flat_expr(e)
-            got.append(offset + sum(c * hints[i] for i, c in terms))
-        st = stage_totals(bg, assign, p, v, BW)
-        assert got == st.rank_mem_bytes(inflight_microbatches(schedule, p, m, v))
-        checked += 1
-    assert checked >= 5
-
-
 def test_polish_moves_a_side_block_to_any_stage_its_edges_allow():
     # chain 0 -> 2 -> 3 -> 4, one block per stage; side block 1 (0 -> 1 -> 4) starts on stage 0.
     # Its only good place is stage 3, two stages past any neighbour's index
