@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 _FORMAT = "profile-cache-v1"
 # sources whose change changes what capture/annotate/profile produce
-_SOURCES = ("partitioner/passes/capture.py", "partitioner/passes/annotate.py", "partitioner/cost_models/profile.py", "partitioner/cost_models/flops.py",
-            "partitioner/cost_models/memory.py", "partitioner/cost_models/time.py", "partitioner/cost_models/loss.py", "partitioner/cost_models/device.py",
-            "partitioner/cost_models/node_costs.py")
+_SOURCES = ("partitioner/passes/capture.py", "partitioner/passes/annotate.py", "partitioner/cost_models/profile.py",
+            "partitioner/cost_models/flops.py", "partitioner/cost_models/trace_reuse.py",
+            "partitioner/cost_models/memory.py", "partitioner/cost_models/time.py", "partitioner/cost_models/loss.py",
+            "partitioner/cost_models/device.py", "partitioner/cost_models/node_costs.py")
 _PLAIN = (bool, int, float, str, type(None))
 
 

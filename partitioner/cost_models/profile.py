@@ -110,7 +110,8 @@ def _spread(total: float, weights: list[float]) -> list[float]:
 def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = "h100",
             dtype: torch.dtype = torch.float32, optimizer: str = "adamw", measure: bool = False,
             example_inputs: Sequence[Any] | None = None, measure_groups: list[list[str]] | None = None,
-            inputs_require_grad: bool = False, progress: bool = True, compiled: bool = False) -> NodeCosts:
+            inputs_require_grad: bool = False, progress: bool = True, compiled: bool = False,
+            reuse: bool = True) -> NodeCosts:
     """Cost every node of `captured` (a passes.capture.Captured, or a bare GraphModule) for one microbatch.
 
     annotated: the AnnotatedGraph (module paths for measured blocks); optional.
@@ -129,7 +130,7 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
     spec = get_device_spec(device)
     scale = DtypeScale(graph_float_dtype(gm), dtype)
 
-    traces = trace_nodes(gm, inputs_require_grad=inputs_require_grad)
+    traces = trace_nodes(gm, inputs_require_grad=inputs_require_grad, reuse=reuse)
     saved = saved_bytes_per_node(traces, scale)
     savers = output_savers(traces)
     # per node, for plans: a tied weight's users usually sit on different ranks (replicas), so
