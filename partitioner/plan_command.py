@@ -6,6 +6,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -15,7 +16,7 @@ from partitioner.cost_models.profile_command import human_bytes
 from partitioner.errors import PlanError
 from partitioner.microbatch import batch_size
 from partitioner.plan import Plan
-from partitioner.planner import DTYPES, PlanConfig, PlanResult, plan_model
+from partitioner.planner import DTYPES, PlanConfig, PlanResult, plan_model, plan_profiled
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -231,6 +232,24 @@ def check_output_paths(json_path: str | None, timeline: str | None) -> None:
                             ", or give --timeline alone to print the schedule in the terminal")
 
 
+def zoo_recipe(name: str, config: PlanConfig, microbatches: int) -> tuple[str | None, Any]:
+    """For a zoo model planned with the profile cache on: the key of its recipe (how the CLI builds
+    it) and the CachedProfile the cache holds for it (None on a miss); (None, None) otherwise."""
+    from partitioner import profile_cache, zoo
+    from partitioner.cost_models.device import get_device_spec
+
+    batch = config.batch or zoo.DEFAULT_BATCH
+    if not config.use_cache or name not in zoo.model_names() or batch % microbatches:
+        return None, None
+    # the profile is one microbatch's: --batch 16 --microbatches 16 and --batch 8 --microbatches 8 share it
+    recipe = ("zoo", name, batch // microbatches, config.seq, config.dtype, "meta")
+    key = profile_cache.recipe_key(recipe, device_spec=get_device_spec(config.device_type),
+                                   optimizer=config.optimizer,
+                                   options=(config.dtype, config.mixed_precision, config.compiled))
+    hit = profile_cache.load_recipe(key)
+    return key, hit[1] if hit is not None else None
+
+
 def run_plan(args: argparse.Namespace) -> None:
     """The `partitioner plan` command."""
     from partitioner.cost_models.device import get_device_spec
@@ -258,17 +277,27 @@ def run_plan(args: argparse.Namespace) -> None:
     if note:
         err.print(f"note: {note}", highlight=False)
     with err.status(f"loading {args.model}") as status:
-        spec = load_model_spec(args.model, batch=config.batch, seq=config.seq, device="meta",
-                               dtype=DTYPES[config.dtype])
-        batch = batch_size((spec.example_args, spec.example_kwargs))
-        if config.batch is None and batch and batch % m:  # the model's default batch: round it up
-            config.batch = m * -(-batch // m)
-            err.print(f"using --batch {config.batch}: the default batch {batch} does not split into {m} microbatches")
+        recipe, cached = zoo_recipe(args.model, config, m)
+        if cached is not None:  # a zoo model profiled before: neither built nor captured
+            result = plan_profiled(cached.annotated, cached.costs, cached.loss_costs, config,
+                                   on_step=lambda msg: status.update(msg))
+        else:
             spec = load_model_spec(args.model, batch=config.batch, seq=config.seq, device="meta",
                                    dtype=DTYPES[config.dtype])
-        result = plan_model(spec.model, spec.example_args, spec.example_kwargs, config,
-                            on_step=lambda msg: status.update(msg), loss_fn=spec.loss_fn, example_target=spec.target,
-                            need_graph=False)
+            batch = batch_size((spec.example_args, spec.example_kwargs))
+            if config.batch is None and batch and batch % m:  # the model's default batch: round it up
+                config.batch = m * -(-batch // m)
+                err.print(f"using --batch {config.batch}: the default batch {batch} does not split into {m} "
+                          "microbatches")
+                spec = load_model_spec(args.model, batch=config.batch, seq=config.seq, device="meta",
+                                       dtype=DTYPES[config.dtype])
+            result = plan_model(spec.model, spec.example_args, spec.example_kwargs, config,
+                                on_step=lambda msg: status.update(msg), loss_fn=spec.loss_fn,
+                                example_target=spec.target, need_graph=False)
+            if recipe is not None and result.profile_key is not None:
+                from partitioner import profile_cache
+
+                profile_cache.store_recipe(recipe, result.profile_key)
     plan = result.plan
     plan.model = args.model
     console.print(plan_table(result, width=console.width, title=f"{args.model}: {len(result.block_graph.blocks)} blocks "

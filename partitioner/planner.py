@@ -68,6 +68,7 @@ class PlanResult:
     baselines: dict = field(default_factory=dict)
     microbatch_args: tuple = ()
     microbatch_kwargs: dict = field(default_factory=dict)
+    profile_key: str | None = None  # of the model's entry in the profile cache (None: not cached)
 
 
 def package_version() -> str:
@@ -93,6 +94,20 @@ def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbat
     return tuple(args), dict(kwargs)
 
 
+def check_plan_config(config: PlanConfig) -> tuple[str, int]:
+    """The schedule and number of microbatches `config` asks for, or a PlanError saying what is wrong."""
+    from partitioner.plan import check_config, check_gap
+
+    schedule, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
+    check_gap(config.gap)
+    if config.mixed_precision and config.dtype not in (None, "float32"):
+        raise PlanError(f"--mixed-precision {config.mixed_precision} keeps the parameters in float32: leave "
+                        f"--dtype at float32 (it was {config.dtype})")
+    if config.dtype is not None and config.dtype not in DTYPES:
+        raise PlanError(f"unknown dtype {config.dtype!r}: use one of {', '.join(DTYPES)}")
+    return schedule, m
+
+
 def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | None, config: PlanConfig,
                on_step: Callable[[str], None] | None = None, loss_fn: Callable[[Any, Any], Any] | None = None,
                example_target: Any = None, need_graph: bool = True) -> PlanResult:
@@ -106,41 +121,48 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     config.use_cache: read and write the profile cache (partitioner/profile_cache.py).
     """
     from partitioner.cost_models.device import get_device_spec
-    from partitioner.baselines import all_baselines
-    from partitioner.plan import check_config, check_gap
-    from partitioner.solve import solve
-    from partitioner.passes.coarsen import attach_loss, coarsen
 
     step = on_step or (lambda msg: None)
-    schedule, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
-    check_gap(config.gap)
-    if config.mixed_precision and config.dtype not in (None, "float32"):
-        raise PlanError(f"--mixed-precision {config.mixed_precision} keeps the parameters in float32: leave "
-                        f"--dtype at float32 (it was {config.dtype})")
-    if config.dtype is not None and config.dtype not in DTYPES:
-        raise PlanError(f"unknown dtype {config.dtype!r}: use one of {', '.join(DTYPES)}")
+    _, m = check_plan_config(config)
     args, kwargs = microbatch_inputs(example_args, example_kwargs, m)
+    spec = get_device_spec(config.device_type)
+    profiled = _capture_and_profile(model, args, kwargs, config, spec, step, need_graph, loss_fn,
+                                    example_target, m, batch_size((example_args, example_kwargs)))
+    result = plan_profiled(profiled.annotated, profiled.costs, profiled.loss_costs, config, on_step)
+    result.plan.model = type(model).__name__
+    result.captured, result.profile_key = profiled.captured, profiled.key
+    result.microbatch_args, result.microbatch_kwargs = args, kwargs
+    return result
+
+
+def plan_profiled(annotated: Any, costs: Any, loss_costs: Any, config: PlanConfig,
+                  on_step: Callable[[str], None] | None = None) -> PlanResult:
+    """The half of plan_model after capture and profiling: coarsen, solve (and score the baselines
+    when config.compare). The CLI calls it alone on a profile the cache holds for a zoo model."""
+    from partitioner.baselines import all_baselines
+    from partitioner.cost_models.device import get_device_spec
+    from partitioner.passes.coarsen import attach_loss, coarsen
+    from partitioner.solve import solve
+
+    step = on_step or (lambda msg: None)
+    schedule, m = check_plan_config(config)
     spec = get_device_spec(config.device_type)
     cap = config.memory_cap_bytes if config.memory_cap_bytes is not None else spec.mem_bytes
     bw = config.link_bw_bytes_per_s or spec.intra_node_bw_bytes_per_s
-
-    profiled = _capture_and_profile(model, args, kwargs, config, spec, step, need_graph, loss_fn,
-                                    example_target, m, batch_size((example_args, example_kwargs)))
-    captured, annotated, costs = profiled.captured, profiled.annotated, profiled.costs
     K = config.num_ranks * config.chunks
     bg = coarsen(annotated, costs, depth=config.depth, min_blocks=K, target_blocks=BLOCKS_PER_STAGE * K)
-    if profiled.loss_costs is not None:
-        bg = attach_loss(bg, profiled.loss_costs)
+    if loss_costs is not None:
+        bg = attach_loss(bg, loss_costs)
     step(f"solving the ILP: {len(bg.blocks)} blocks -> {K} stages (up to {config.time_limit_s:g} s)")
     plan = solve(bg, config.num_ranks, config.chunks, m, schedule, memory_cap_bytes=cap, link_bw_bytes_per_s=bw,
                  time_limit_s=config.time_limit_s, gap=config.gap)
-    plan.model, plan.device, plan.device_mem_bytes = type(model).__name__, spec.name, spec.mem_bytes
+    plan.device, plan.device_mem_bytes = spec.name, spec.mem_bytes
     plan.version = package_version()
     baselines = {}
     if config.compare:
         step("scoring the baselines")
         baselines = all_baselines(bg, config.num_ranks, config.chunks, m, schedule, cap, bw)
-    return PlanResult(captured, annotated, costs, bg, plan, baselines, args, kwargs)
+    return PlanResult(None, annotated, costs, bg, plan, baselines)
 
 
 def capture_for_training(model: torch.nn.Module, args: tuple, kwargs: dict, mixed_precision: str | None = None):
@@ -158,6 +180,7 @@ class _Profiled:
     annotated: Any
     costs: Any
     loss_costs: Any
+    key: str | None  # the profile cache's key of the model (None: the cache is off)
 
 
 def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, config: PlanConfig, spec: Any,
@@ -182,7 +205,7 @@ def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, conf
         step(f"capturing {type(model).__name__} (one microbatch)")
         captured = capture_for_training(model, args, kwargs, config.mixed_precision)
     if hit is not None:
-        return _Profiled(captured, hit.annotated, hit.costs, hit.loss_costs)
+        return _Profiled(captured, hit.annotated, hit.costs, hit.loss_costs, key)
     annotated = annotate(captured)
     dtype = DTYPES[config.dtype] if config.dtype is not None else graph_float_dtype(captured.graph_module)
     step(f"profiling {len(annotated.nodes)} nodes for {spec.name}")
@@ -194,4 +217,4 @@ def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, conf
         loss_costs = profile_loss(loss_fn, captured, target, device=spec, dtype=dtype, optimizer=config.optimizer)
     if key is not None:
         profile_cache.store(key, profile_cache.CachedProfile(annotated, costs, loss_costs))
-    return _Profiled(captured, annotated, costs, loss_costs)
+    return _Profiled(captured, annotated, costs, loss_costs, key)
