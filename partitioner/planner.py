@@ -174,6 +174,28 @@ def capture_for_training(model: torch.nn.Module, args: tuple, kwargs: dict, mixe
     return capture_mixed(model, args, kwargs, dtype) if dtype is not None else capture(model, args, kwargs)
 
 
+def check_parameter_share(captured: Any, config: PlanConfig, spec: Any, dtype: torch.dtype) -> None:
+    """PlanError when the parameters' training state alone (weights, gradients, optimizer states),
+    spread evenly over the ranks, exceeds the memory cap: no plan fits, whatever its activations.
+    Known from the captured graph, so a model that cannot fit (llama-70b in fp32 with AdamW on
+    8 x 80 GiB: 131 GiB a rank) is refused before profiling and solving. The solver checks the
+    same sum (the profile's param_state_bytes) and, on a cached profile, says the same."""
+    from partitioner.cost_models.profile import parameter_state_bytes
+    from partitioner.cost_models.profile_command import human_bytes
+
+    cap = config.memory_cap_bytes if config.memory_cap_bytes is not None else spec.mem_bytes
+    if cap is None:
+        return
+    share = sum(parameter_state_bytes(captured, dtype=dtype, optimizer=config.optimizer).values()) / config.num_ranks
+    if share <= cap:
+        return
+    raise PlanError(f"memory cap {human_bytes(cap)} per device is too small: no split into "
+                    f"{config.num_ranks * config.chunks} stages fits; the smallest per-device memory that fits is "
+                    f"at least {human_bytes(share)} (parameters, gradients and {config.optimizer} states alone, over "
+                    f"{config.num_ranks} devices). Raise the cap (--memory / memory=), add devices, or use a "
+                    "lighter optimizer (--optimizer sgd)")
+
+
 @dataclass
 class _Profiled:
     captured: Any  # None when read from the cache without need_graph
@@ -206,8 +228,9 @@ def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, conf
         captured = capture_for_training(model, args, kwargs, config.mixed_precision)
     if hit is not None:
         return _Profiled(captured, hit.annotated, hit.costs, hit.loss_costs, key)
-    annotated = annotate(captured)
     dtype = DTYPES[config.dtype] if config.dtype is not None else graph_float_dtype(captured.graph_module)
+    check_parameter_share(captured, config, spec, dtype)
+    annotated = annotate(captured)
     step(f"profiling {len(annotated.nodes)} nodes for {spec.name}")
     costs = profile(captured, annotated, device=spec, dtype=dtype, optimizer=config.optimizer,
                     progress=False, compiled=config.compiled)

@@ -199,3 +199,26 @@ def test_summary_says_proven_within_the_gap_or_stopped_at_the_time_limit():
     assert "proven within 0.8% of the best possible in 1.2 s" in summary_lines(plan)
     plan.step_lower_bound_s, plan.time_limit_s, plan.solve_time_s = plan.step_time_s * 0.97, 10.0, 10.1
     assert "stopped at the time limit (10 s) with a gap of 3.0%" in summary_lines(plan)
+
+
+def test_parameters_over_the_cap_are_refused_before_profiling(capsys, monkeypatch, tmp_path):
+    """The parameters' training state alone over the cap: refused after capture, nothing profiled or solved;
+    the bound is the one the solver checks (the profile's param_state_bytes)."""
+    import partitioner.cost_models.profile as profile_module
+    from partitioner.cost_models.profile import parameter_state_bytes, profile
+    from partitioner.passes.capture import capture
+
+    model, (tokens,) = tiny_model()
+    captured = capture(model, (tokens[:2],))
+    states = parameter_state_bytes(captured, optimizer="adamw")
+    assert states == profile(captured, optimizer="adamw", progress=False).param_state_bytes
+    share = sum(states.values()) / 2
+
+    def fail(*args, **kwargs):
+        raise AssertionError("profiled a model whose parameters cannot fit")
+
+    monkeypatch.setattr(profile_module, "profile", fail)
+    monkeypatch.setenv("PARTITIONER_CACHE", str(tmp_path))  # not profiled by an earlier test
+    code, out, err = run(capsys, MODEL, "--devices", "2", "--memory", f"{int(share) - 1}B")
+    assert code == 2 and "parameters, gradients and adamw states alone, over 2 devices" in err, err
+    assert f"at least {partitioner.plan_command.human_bytes(share)}" in err
