@@ -222,3 +222,22 @@ def test_parameters_over_the_cap_are_refused_before_profiling(capsys, monkeypatc
     code, out, err = run(capsys, MODEL, "--devices", "2", "--memory", f"{int(share) - 1}B")
     assert code == 2 and "parameters, gradients and adamw states alone, over 2 devices" in err, err
     assert f"at least {partitioner.plan_command.human_bytes(share)}" in err
+
+
+def test_console_script_flushes_and_keeps_the_exit_code(tmp_path):
+    """`python -m partitioner.cli` exits through os._exit (no interpreter teardown): everything printed
+    reaches a pipe, written files are whole, and the exit code is main()'s."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PARTITIONER_CACHE=str(tmp_path))
+    path = tmp_path / "plan.json"
+    ok = subprocess.run([sys.executable, "-m", "partitioner.cli", "plan", MODEL, "--devices", "2", "--json", str(path),
+                         "--time-limit", "5"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "predicted step time" in ok.stdout and ok.stdout.rstrip().endswith(f"plan written to {path}")
+    assert Plan.from_json(path.read_text()).num_ranks == 2
+    bad = subprocess.run([sys.executable, "-m", "partitioner.cli", "plan", MODEL, "--devices", "2", "--gap", "150"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "outside 0-100%" in bad.stderr
