@@ -224,25 +224,32 @@ def _quiet_on_failure():
 
 
 @contextlib.contextmanager
-def _no_stack_traces():
+def _fast_export():
     """Trace without recording each node's Python stack (node.meta["stack_trace"], read by no pass of
-    ours): extracting and symbolising it is a fifth of export's time on gpt2-xl and llama."""
+    ours: extracting and symbolising it was a fifth of export's time on llama-8b), with lazy graph
+    modules (export's passes recompile the whole graph's Python code about ten times; lazily, only
+    the module we keep is compiled: another sixth). Either switch is skipped by a torch without it."""
     config = getattr(torch.fx, "config", None)
     old = getattr(config, "do_not_emit_stack_traces", None)
-    if old is None:  # a torch without the switch
-        yield
-        return
-    config.do_not_emit_stack_traces = True
     try:
-        yield
+        from torch.fx._lazy_graph_module import _use_lazy_graph_module
+        lazy = _use_lazy_graph_module(True)
+    except ImportError:
+        lazy = contextlib.nullcontext()
+    if old is not None:
+        config.do_not_emit_stack_traces = True
+    try:
+        with lazy:
+            yield
     finally:
-        config.do_not_emit_stack_traces = old
+        if old is not None:
+            config.do_not_emit_stack_traces = old
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, pytree.TreeSpec]:
-    with _quiet_on_failure(), _no_stack_traces():
+    with _quiet_on_failure(), _fast_export():
         ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
-    gm = ep.module()
+        gm = ep.module()
     _inline_region_ops(gm)
     out_spec = ep.call_spec.out_spec
     return gm, out_spec
