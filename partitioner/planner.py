@@ -179,7 +179,7 @@ def check_parameter_share(captured: Any, config: PlanConfig, spec: Any, dtype: t
     spread evenly over the ranks, exceeds the memory cap: no plan fits, whatever its activations.
     Known from the captured graph, so a model that cannot fit (llama-70b in fp32 with AdamW on
     8 x 80 GiB: 131 GiB a rank) is refused before profiling and solving. The solver checks the
-    same sum (the profile's param_state_bytes) and, on a cached profile, says the same."""
+    same sum (the profile's param_state_bytes), so a profile read from the cache is refused there."""
     from partitioner.cost_models.profile import parameter_state_bytes
     from partitioner.cost_models.profile_command import human_bytes
 
