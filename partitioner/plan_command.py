@@ -6,18 +6,20 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from partitioner import profile_cache, zoo
 from partitioner.cost_models.device import get_device_spec
 from partitioner.cost_models.profile_command import human_bytes, load_model_spec
 from partitioner.data_parallel_costs import check_data_parallel, dp_bandwidth, microbatch_size
 from partitioner.errors import PlanError
 from partitioner.microbatch import batch_size
 from partitioner.plan import Plan, plan_timeline
-from partitioner.planner import DTYPES, PlanConfig, PlanResult, plan_model
+from partitioner.planner import DTYPES, PlanConfig, PlanResult, plan_model, plan_profiled
 from partitioner.problem import check_config, check_gap
 from partitioner.runtime.timeline import plot_timeline, render_text
 from partitioner.zoo import DEFAULT_BATCH, context_note
@@ -262,6 +264,22 @@ def check_output_paths(json_path: str | None, timeline: str | None) -> None:
                             ", or give --timeline alone to print the schedule in the terminal")
 
 
+def zoo_recipe(name: str, config: PlanConfig, parts: int) -> tuple[str | None, Any]:
+    """For a zoo model planned with the profile cache on: the key of its recipe (how the CLI builds
+    it) and the CachedProfile the cache holds for it (None on a miss); (None, None) otherwise.
+    parts: the global batch's microbatches over every data-parallel replica."""
+    batch = config.batch or DEFAULT_BATCH
+    if not config.use_cache or name not in zoo.model_names() or batch % parts:
+        return None, None
+    # the profile is one microbatch's: --batch 16 --microbatches 16 and --batch 8 --microbatches 8 share it
+    recipe = ("zoo", name, batch // parts, config.seq, config.dtype, "meta")
+    key = profile_cache.recipe_key(recipe, device_spec=get_device_spec(config.device_type),
+                                   optimizer=config.optimizer,
+                                   options=(config.dtype, config.mixed_precision, config.compiled))
+    hit = profile_cache.load_recipe(key)
+    return key, hit[1] if hit is not None else None
+
+
 def run_plan(args: argparse.Namespace) -> None:
     """The `partitioner plan` command."""
     config = config_from_args(args)
@@ -290,17 +308,24 @@ def run_plan(args: argparse.Namespace) -> None:
     if note:
         err.print(f"note: {note}", highlight=False)
     with err.status(f"loading {args.model}") as status:
-        spec = load_model_spec(args.model, batch=config.batch, seq=config.seq, device="meta",
-                               dtype=DTYPES[config.dtype])
-        batch = batch_size((spec.example_args, spec.example_kwargs))
-        if config.batch is None and batch and batch % parts:  # the model's default batch: round it up
-            config.batch = parts * -(-batch // parts)
-            err.print(f"using --batch {config.batch}: the default batch {batch} does not split into {split_into}")
+        recipe, cached = zoo_recipe(args.model, config, parts)
+        if cached is not None:  # a zoo model profiled before: neither built nor captured
+            result = plan_profiled(cached.annotated, cached.costs, cached.loss_costs, config,
+                                   on_step=lambda msg: status.update(msg))
+        else:
             spec = load_model_spec(args.model, batch=config.batch, seq=config.seq, device="meta",
                                    dtype=DTYPES[config.dtype])
-        result = plan_model(spec.model, spec.example_args, spec.example_kwargs, config,
-                            on_step=lambda msg: status.update(msg), loss_fn=spec.loss_fn, example_target=spec.target,
-                            need_graph=False)
+            batch = batch_size((spec.example_args, spec.example_kwargs))
+            if config.batch is None and batch and batch % parts:  # the model's default batch: round it up
+                config.batch = parts * -(-batch // parts)
+                err.print(f"using --batch {config.batch}: the default batch {batch} does not split into {split_into}")
+                spec = load_model_spec(args.model, batch=config.batch, seq=config.seq, device="meta",
+                                       dtype=DTYPES[config.dtype])
+            result = plan_model(spec.model, spec.example_args, spec.example_kwargs, config,
+                                on_step=lambda msg: status.update(msg), loss_fn=spec.loss_fn,
+                                example_target=spec.target, need_graph=False)
+            if recipe is not None and result.profile_key is not None:
+                profile_cache.store_recipe(recipe, result.profile_key)
     plan = result.plan = result.plan.replace(model=args.model)
     console.print(plan_table(result, width=console.width, title=f"{args.model}: {len(result.block_graph.blocks)} blocks "
                                      f"(module depth {result.block_graph.depth}) on {plan.num_stages} stages"))

@@ -91,6 +91,7 @@ class PlanResult:
     baselines: dict[str, Plan] = field(default_factory=dict)
     microbatch_args: tuple = ()
     microbatch_kwargs: dict = field(default_factory=dict)
+    profile_key: str | None = None  # of the model's entry in the profile cache (None: not cached)
 
 
 def package_version() -> str:
@@ -120,6 +121,19 @@ def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbat
     return tuple(args), dict(kwargs)
 
 
+def check_plan_config(config: PlanConfig) -> tuple[str, int]:
+    """The schedule and number of microbatches `config` asks for, or a PlanError saying what is wrong."""
+    schedule, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
+    check_gap(config.gap)
+    dpm.check_data_parallel(config.data_parallel, config.data_parallel_mode)
+    if config.mixed_precision and config.dtype not in (None, "float32"):
+        raise PlanError(f"--mixed-precision {config.mixed_precision} keeps the parameters in float32: leave "
+                        f"--dtype at float32 (it was {config.dtype})")
+    if config.dtype is not None and config.dtype not in DTYPES:
+        raise PlanError(f"unknown dtype {config.dtype!r}: use one of {', '.join(DTYPES)}")
+    return schedule, m
+
+
 def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | None, config: PlanConfig,
                on_step: Callable[[str], None] | None = None, loss_fn: Callable[[Any, Any], Any] | None = None,
                example_target: Any = None, need_graph: bool = True) -> PlanResult:
@@ -134,36 +148,41 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     config.use_cache: read and write the profile cache (partitioner/profile_cache.py).
     """
     step = on_step or (lambda msg: None)
-    schedule, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
-    check_gap(config.gap)
-    dpm.check_data_parallel(config.data_parallel, config.data_parallel_mode)
-    if config.mixed_precision and config.dtype not in (None, "float32"):
-        raise PlanError(f"--mixed-precision {config.mixed_precision} keeps the parameters in float32: leave "
-                        f"--dtype at float32 (it was {config.dtype})")
-    if config.dtype is not None and config.dtype not in DTYPES:
-        raise PlanError(f"unknown dtype {config.dtype!r}: use one of {', '.join(DTYPES)}")
+    _, m = check_plan_config(config)
     args, kwargs = microbatch_inputs(example_args, example_kwargs, m, config.data_parallel)
+    spec = get_device_spec(config.device_type)
+    profiled = _capture_and_profile(model, args, kwargs, config, spec, step, need_graph, loss_fn,
+                                    example_target, m * config.data_parallel,
+                                    batch_size((example_args, example_kwargs)))
+    result = plan_profiled(profiled.annotated, profiled.costs, profiled.loss_costs, config, on_step,
+                           model_name=type(model).__name__)
+    result.captured, result.profile_key = profiled.captured, profiled.key
+    result.microbatch_args, result.microbatch_kwargs = args, kwargs
+    return result
+
+
+def plan_profiled(annotated: AnnotatedGraph, costs: NodeCosts, loss_costs: NodeCosts | None, config: PlanConfig,
+                  on_step: Callable[[str], None] | None = None, model_name: str | None = None) -> PlanResult:
+    """The half of plan_model after capture and profiling: coarsen, solve (and score the baselines
+    when config.compare). The CLI calls it alone on a profile the cache holds for a zoo model."""
+    step = on_step or (lambda msg: None)
+    schedule, m = check_plan_config(config)
     spec = get_device_spec(config.device_type)
     cap = config.memory_cap_bytes if config.memory_cap_bytes is not None else spec.mem_bytes
     bw = config.link_bw_bytes_per_s or spec.intra_node_bw_bytes_per_s
     dp = dpm.DataParallel(config.data_parallel, config.data_parallel_mode,
                           dpm.dp_bandwidth(spec, config.data_parallel, config.num_ranks, config.gpus_per_host,
                                            config.dp_bw_bytes_per_s))
-
-    profiled = _capture_and_profile(model, args, kwargs, config, spec, step, need_graph, loss_fn,
-                                    example_target, m * dp.size, batch_size((example_args, example_kwargs)))
-    captured, annotated, costs = profiled.captured, profiled.annotated, profiled.costs
     K = config.num_ranks * config.chunks
     bg = coarsen(annotated, costs, depth=config.depth, min_blocks=K, target_blocks=BLOCKS_PER_STAGE * K)
-    if profiled.loss_costs is not None:
-        bg = attach_loss(bg, profiled.loss_costs)
+    if loss_costs is not None:
+        bg = attach_loss(bg, loss_costs)
     block_params, shared_params = dpm.param_bytes(bg, annotated.param_bytes, costs.param_state_bytes)
     bg = dpm.shard_block_graph(bg, block_params, shared_params, dp)  # the solver's memory cap sees the sharding
     step(f"solving the ILP: {len(bg.blocks)} blocks -> {K} stages (up to {config.time_limit_s:g} s)")
     plan = solve(bg, config.num_ranks, config.chunks, m, schedule, memory_cap_bytes=cap, link_bw_bytes_per_s=bw,
                  time_limit_s=config.time_limit_s, gap=config.gap)
-    plan = dataclasses.replace(plan, origin=PlanOrigin(type(model).__name__, spec.name, spec.mem_bytes,
-                                                       package_version()))
+    plan = dataclasses.replace(plan, origin=PlanOrigin(model_name, spec.name, spec.mem_bytes, package_version()))
     plan = dpm.apply_data_parallel(plan, bg, block_params, shared_params, dp)
     baselines = {}
     if config.compare:
@@ -171,7 +190,7 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
         baselines = all_baselines(bg, config.num_ranks, config.chunks, m, schedule, cap, bw)
         baselines = {name: dpm.apply_data_parallel(baseline, bg, block_params, shared_params, dp)
                      for name, baseline in baselines.items()}
-    return PlanResult(captured, annotated, costs, bg, plan, baselines, args, kwargs)
+    return PlanResult(None, annotated, costs, bg, plan, baselines)
 
 
 def capture_for_training(model: torch.nn.Module, args: tuple, kwargs: dict, mixed_precision: str | None = None):
@@ -180,12 +199,35 @@ def capture_for_training(model: torch.nn.Module, args: tuple, kwargs: dict, mixe
     return capture_mixed(model, args, kwargs, dtype) if dtype is not None else capture(model, args, kwargs)
 
 
+def check_parameter_share(captured: Any, config: PlanConfig, spec: Any, dtype: torch.dtype) -> None:
+    """PlanError when the parameters' training state alone (weights, gradients, optimizer states),
+    spread evenly over the ranks, exceeds the memory cap: no plan fits, whatever its activations.
+    Known from the captured graph, so a model that cannot fit (llama-70b in fp32 with AdamW on
+    8 x 80 GiB: 131 GiB a rank) is refused before profiling and solving. The solver checks the
+    same sum (the profile's param_state_bytes), so a profile read from the cache is refused there."""
+    from partitioner.cost_models.profile import parameter_state_bytes
+    from partitioner.cost_models.profile_command import human_bytes
+
+    cap = config.memory_cap_bytes if config.memory_cap_bytes is not None else spec.mem_bytes
+    if cap is None:
+        return
+    share = sum(parameter_state_bytes(captured, dtype=dtype, optimizer=config.optimizer).values()) / config.num_ranks
+    if share <= cap:
+        return
+    raise PlanError(f"memory cap {human_bytes(cap)} per device is too small: no split into "
+                    f"{config.num_ranks * config.chunks} stages fits; the smallest per-device memory that fits is "
+                    f"at least {human_bytes(share)} (parameters, gradients and {config.optimizer} states alone, over "
+                    f"{config.num_ranks} devices). Raise the cap (--memory / memory=), add devices, or use a "
+                    "lighter optimizer (--optimizer sgd)")
+
+
 @dataclass
 class _Profiled:
     captured: Captured | None  # None when read from the cache without need_graph
     annotated: AnnotatedGraph
     costs: NodeCosts
     loss_costs: NodeCosts | None
+    key: str | None  # the profile cache's key of the model (None: the cache is off)
 
 
 def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, config: PlanConfig, spec: DeviceSpec,
@@ -207,9 +249,10 @@ def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, conf
         step(f"capturing {type(model).__name__} (one microbatch)")
         captured = capture_for_training(model, args, kwargs, config.mixed_precision)
     if hit is not None:
-        return _Profiled(captured, hit.annotated, hit.costs, hit.loss_costs)
-    annotated = annotate(captured)
+        return _Profiled(captured, hit.annotated, hit.costs, hit.loss_costs, key)
     dtype = DTYPES[config.dtype] if config.dtype is not None else graph_float_dtype(captured.graph_module)
+    check_parameter_share(captured, config, spec, dtype)
+    annotated = annotate(captured)
     step(f"profiling {len(annotated.nodes)} nodes for {spec.name}")
     costs = profile(captured, annotated, device=spec, dtype=dtype, optimizer=config.optimizer,
                     progress=False, compiled=config.compiled)
@@ -219,4 +262,4 @@ def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, conf
         loss_costs = profile_loss(loss_fn, captured, target, device=spec, dtype=dtype, optimizer=config.optimizer)
     if key is not None:
         profile_cache.store(key, profile_cache.CachedProfile(annotated, costs, loss_costs))
-    return _Profiled(captured, annotated, costs, loss_costs)
+    return _Profiled(captured, annotated, costs, loss_costs, key)

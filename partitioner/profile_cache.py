@@ -9,6 +9,12 @@ names, shapes and dtypes, the example inputs' shapes and dtypes, the loss, the c
 package's capture and cost-model sources. An entry is one file in cost_models.time.cache_dir():
 a SHA-256 of its payload, a newline, then the payload (torch.save of the dataclasses); an
 entry whose hash does not match (truncated, flipped bytes, half written) is never used.
+
+A model named by how it is built (a zoo name with its microbatch size, sequence length and
+dtype: `recipe_key`) also gets a recipe entry, the key of its profile: a second
+`partitioner plan gpt2-xl` then finds the profile without building the model or importing
+transformers. Its key covers the same versions and options, the sources that build the model
+and cut its inputs, and the transformers release installed (read from its metadata, not imported).
 """
 from __future__ import annotations
 
@@ -28,9 +34,14 @@ log = logging.getLogger(__name__)
 
 _FORMAT = "profile-cache-v1"
 # sources whose change changes what capture/annotate/profile produce
-_SOURCES = ("partitioner/passes/capture.py", "partitioner/passes/annotate.py", "partitioner/cost_models/profile.py", "partitioner/cost_models/flops.py",
-            "partitioner/cost_models/memory.py", "partitioner/cost_models/time.py", "partitioner/cost_models/loss.py", "partitioner/cost_models/device.py",
-            "partitioner/cost_models/node_costs.py")
+_SOURCES = ("partitioner/passes/capture.py", "partitioner/passes/annotate.py", "partitioner/passes/mixed_precision.py",
+            "partitioner/cost_models/profile.py",
+            "partitioner/cost_models/flops.py", "partitioner/cost_models/trace_reuse.py",
+            "partitioner/cost_models/memory.py", "partitioner/cost_models/time.py", "partitioner/cost_models/loss.py",
+            "partitioner/cost_models/device.py", "partitioner/cost_models/node_costs.py")
+# and those that build a model from its recipe and cut its inputs to one microbatch
+_RECIPE_SOURCES = ("partitioner/zoo.py", "partitioner/cost_models/profile_command.py", "partitioner/planner.py",
+                   "partitioner/microbatch.py")
 _PLAIN = (bool, int, float, str, type(None))
 
 
@@ -43,10 +54,10 @@ class CachedProfile:
     loss_costs: Any = None  # NodeCosts of the loss, or None
 
 
-def _code_version() -> str:
+def _code_version(sources: tuple[str, ...] = _SOURCES) -> str:
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for rel in _SOURCES:
+    for rel in sources:
         try:
             h.update((root / rel).read_bytes())
         except OSError:
@@ -108,15 +119,29 @@ def model_key(model: torch.nn.Module, args: tuple, kwargs: dict, *, device_spec:
     return h.hexdigest()[:40]
 
 
-def cache_path(key: str) -> Path:
+def recipe_key(recipe: tuple, *, device_spec: Any, optimizer: str, options: tuple = ()) -> str:
+    """Hex key of a model given by how it is built, e.g. ("zoo", "gpt2-xl", microbatch size, seq, dtype,
+    device), with the planning options its profile depends on (as in model_key)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        transformers_version = version("transformers")
+    except PackageNotFoundError:
+        transformers_version = None
+    spec = dataclasses.asdict(device_spec) if dataclasses.is_dataclass(device_spec) else repr(device_spec)
+    parts = (_FORMAT, "recipe", torch.__version__, transformers_version, _code_version(_SOURCES + _RECIPE_SOURCES),
+             recipe, spec, optimizer, options)
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:40]
+
+
+def cache_path(key: str, suffix: str = ".pt") -> Path:
     from partitioner.cost_models.time import cache_dir
 
-    return cache_dir() / "profiles" / f"{key}.pt"
+    return cache_dir() / "profiles" / f"{key}{suffix}"
 
 
-def load(key: str) -> CachedProfile | None:
-    """The entry of `key`, or None when there is none or it is corrupt (then it is removed)."""
-    path = cache_path(key)
+def _read(path: Path) -> bytes | None:
+    """The payload of the entry at `path`, or None when there is none or it is corrupt (then it is removed)."""
     try:
         data = path.read_bytes()
     except OSError:
@@ -125,6 +150,26 @@ def load(key: str) -> CachedProfile | None:
     if hashlib.sha256(payload).hexdigest().encode() != digest:
         log.warning("profile cache entry %s is corrupt (hash mismatch): recomputing it", path.name)
         path.unlink(missing_ok=True)
+        return None
+    return payload
+
+
+def _write(path: Path, payload: bytes) -> None:
+    """Write the entry atomically (a temporary file renamed over it); a failure only logs."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("cannot write the profile cache %s: %s", path, e)
+
+
+def load(key: str) -> CachedProfile | None:
+    """The entry of `key`, or None when there is none or it is corrupt (then it is removed)."""
+    path = cache_path(key)
+    payload = _read(path)
+    if payload is None:
         return None
     try:
         entry = torch.load(io.BytesIO(payload), weights_only=False)
@@ -136,15 +181,24 @@ def load(key: str) -> CachedProfile | None:
 
 
 def store(key: str, entry: CachedProfile) -> None:
-    """Write the entry atomically (a temporary file renamed over it); a failure only logs."""
+    """Write the entry of `key`."""
     buf = io.BytesIO()
     torch.save(entry, buf)
-    payload = buf.getvalue()
-    path = cache_path(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
-        tmp.replace(path)
-    except OSError as e:
-        log.warning("cannot write the profile cache %s: %s", path, e)
+    _write(cache_path(key), buf.getvalue())
+
+
+def load_recipe(key: str) -> tuple[str, CachedProfile] | None:
+    """(model key, its entry) of the recipe `key`, or None (no recipe entry, or no valid entry behind it)."""
+    payload = _read(cache_path(key, ".recipe"))
+    if payload is None:
+        return None
+    model = payload.decode(errors="replace")
+    if len(model) != 40 or any(c not in "0123456789abcdef" for c in model):
+        return None
+    entry = load(model)
+    return (model, entry) if entry is not None else None
+
+
+def store_recipe(key: str, model: str) -> None:
+    """Record that the recipe `key` builds the model whose entry is `model` (a model_key)."""
+    _write(cache_path(key, ".recipe"), model.encode())

@@ -197,3 +197,45 @@ def test_summary_says_proven_within_the_gap_or_stopped_at_the_time_limit():
     assert "proven within 0.8% of the best possible in 1.2 s" in summary_lines(plan)
     plan = plan.replace(step_lower_bound_s=plan.step_time_s * 0.97, time_limit_s=10.0, solve_time_s=10.1)
     assert "stopped at the time limit (10 s) with a gap of 3.0%" in summary_lines(plan)
+
+
+def test_parameters_over_the_cap_are_refused_before_profiling(capsys, monkeypatch, tmp_path):
+    """The parameters' training state alone over the cap: refused after capture, nothing profiled or solved;
+    the bound is the one the solver checks (the profile's param_state_bytes)."""
+    import partitioner.cost_models.profile as profile_module
+    from partitioner.cost_models.profile import parameter_state_bytes, profile
+    from partitioner.passes.capture import capture
+
+    model, (tokens,) = tiny_model()
+    captured = capture(model, (tokens[:2],))
+    states = parameter_state_bytes(captured, optimizer="adamw")
+    assert states == profile(captured, optimizer="adamw", progress=False).param_state_bytes
+    share = sum(states.values()) / 2
+
+    def fail(*args, **kwargs):
+        raise AssertionError("profiled a model whose parameters cannot fit")
+
+    monkeypatch.setattr(profile_module, "profile", fail)
+    monkeypatch.setenv("PARTITIONER_CACHE", str(tmp_path))  # not profiled by an earlier test
+    code, out, err = run(capsys, MODEL, "--devices", "2", "--memory", f"{int(share) - 1}B")
+    assert code == 2 and "parameters, gradients and adamw states alone, over 2 devices" in err, err
+    assert f"at least {partitioner.plan_command.human_bytes(share)}" in err
+
+
+def test_console_script_flushes_and_keeps_the_exit_code(tmp_path):
+    """`python -m partitioner.cli` exits through os._exit (no interpreter teardown): everything printed
+    reaches a pipe, written files are whole, and the exit code is main()'s."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PARTITIONER_CACHE=str(tmp_path))
+    path = tmp_path / "plan.json"
+    ok = subprocess.run([sys.executable, "-m", "partitioner.cli", "plan", MODEL, "--devices", "2", "--json", str(path),
+                         "--time-limit", "5"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "predicted step time" in ok.stdout and ok.stdout.rstrip().endswith(f"plan written to {path}")
+    assert Plan.from_json(path.read_text()).num_ranks == 2
+    bad = subprocess.run([sys.executable, "-m", "partitioner.cli", "plan", MODEL, "--devices", "2", "--gap", "150"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "outside 0-100%" in bad.stderr

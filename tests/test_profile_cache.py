@@ -87,3 +87,54 @@ def test_key_follows_inputs_and_cost_options():
     assert key() == key()
     assert len({key(), key(torch.zeros(4, 16, dtype=torch.int64)), key(device=get_device_spec("a100-80gb")),
                 key(dtype="bfloat16")}) == 4
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """How many times the CLI built its model."""
+    import partitioner.cost_models.profile_command as profile_command
+
+    calls = []
+    real = profile_command.load_model_spec
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(profile_command, "load_model_spec", counting)
+    return calls
+
+
+def cli_plan(tmp_path, *argv: str):
+    from partitioner.cli import main
+    from partitioner.plan import Plan
+
+    path = tmp_path / "plan.json"
+    assert main(["plan", "gpt2", "--seq", "32", "--time-limit", "5", "--json", str(path), *argv]) == 0
+    return Plan.from_json(path.read_text())
+
+
+def test_zoo_model_planned_again_is_not_built(cache_dir, captures, builds, tmp_path):
+    """A second `partitioner plan gpt2` reads the profile through the zoo recipe: no model, no transformers."""
+    first = cli_plan(tmp_path, "--devices", "2")
+    profiled = len(captures)  # the model's capture and the loss's
+    assert len(builds) == 1 and profiled >= 1
+    assert len(list((cache_dir / "profiles").glob("*.recipe"))) == 1
+    again = cli_plan(tmp_path, "--devices", "2")
+    assert len(builds) == 1 and len(captures) == profiled
+    assert again.block_stage == first.block_stage and again.step_time_s == first.step_time_s
+    cli_plan(tmp_path, "--devices", "4", "--batch", "16")  # 8 microbatches of 2 again: the same recipe
+    assert len(builds) == 1 and len(captures) == profiled
+    cli_plan(tmp_path, "--devices", "2", "--seq", "16")  # another shape: built and profiled
+    assert len(builds) == 2 and len(captures) == 2 * profiled
+
+
+def test_corrupt_recipe_is_recomputed(cache_dir, captures, builds, tmp_path):
+    first = cli_plan(tmp_path, "--devices", "2")
+    profiled = len(captures)
+    (recipe,) = (cache_dir / "profiles").glob("*.recipe")
+    recipe.write_bytes(recipe.read_bytes()[:-3] + b"zzz")
+    again = cli_plan(tmp_path, "--devices", "2")
+    assert len(builds) == 2 and len(captures) == profiled  # built again to find its profile, not profiled again
+    assert again.block_stage == first.block_stage
+    assert profile_cache.load_recipe(recipe.stem) is not None  # written back whole

@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from partitioner.cost_models.trace_reuse import NodeTemplate, node_key, storage_id
 from partitioner.errors import CostModelError
 
 
@@ -300,13 +301,17 @@ class _KernelRecorder(TorchDispatchMode):
 class _NodeTracer(torch.fx.Interpreter):
     """Interpreter that runs every node on fake leaves and records a NodeTrace."""
 
-    def __init__(self, gm: torch.fx.GraphModule, inputs_require_grad: bool):
+    def __init__(self, gm: torch.fx.GraphModule, inputs_require_grad: bool, reuse: bool = True):
         super().__init__(gm, garbage_collect_values=False)
         self.inputs_require_grad = inputs_require_grad
         self.traces: dict[str, NodeTrace] = {}
         self.counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
         self.kernels = _KernelRecorder(self.counter)
         self._keep_alive: list[torch.Tensor] = []  # saved tensors must outlive the run: storage ids stay unique
+        self.reuse = reuse
+        self._templates: dict[tuple, NodeTemplate | None] = {}  # node_key -> the first such node's trace
+        self._storages: set[int] = set()  # of every output and saved tensor so far
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
 
     def _total_flops(self) -> int:
         return self.counter.get_total_flops()
@@ -331,14 +336,31 @@ class _NodeTracer(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         self._current = n
-        trace = NodeTrace(n.name, op=n.op)
-        self.traces[n.name] = trace
         if n.op in ("placeholder", "get_attr", "output"):
+            trace = NodeTrace(n.name, op=n.op)
             out = super().run_node(n)
             trace.output = out
             trace.requires_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves(out))
-            return out
-        args, kwargs, leaves = self._leaf_args(n)
+        else:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            flat, spec = pytree.tree_flatten((args, kwargs))
+            key = node_key(n, flat, spec) if self.reuse else None
+            template = self._templates.get(key) if key is not None else None
+            if template is not None:
+                trace = template.replay(n.name, flat, self._keep_alive, self.fake_mode)
+            else:
+                trace = self._trace(n, args, kwargs)
+                if key is not None and key not in self._templates:
+                    self._templates[key] = NodeTemplate.record(trace, flat, self._storages)
+        self.traces[n.name] = trace
+        self._storages.update(storage_id(t) for t in pytree.tree_leaves(trace.output) if isinstance(t, torch.Tensor))
+        self._storages.update(s.storage.cdata for s in trace.saved)
+        return trace.output
+
+    def _trace(self, n: torch.fx.Node, args: tuple, kwargs: dict) -> NodeTrace:
+        """Run node n's forward on leaves of its inputs, then its backward, recording what it does."""
+        trace = NodeTrace(n.name, op=n.op)
+        args, kwargs, leaves = self._leaf_args(args, kwargs, n)
         trace.input_sizes = _distinct_sizes((args, kwargs))
         before, first_op = self._total_flops(), len(self.kernels.ops)
         if leaves:
@@ -372,11 +394,10 @@ class _NodeTracer(torch.fx.Interpreter):
             trace.bwd_flops = trace.attention.bwd_flops() if trace.bwd_flops else 0
         # the next nodes read this value detached: this node's autograd graph is dropped here
         trace.output = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(t.requires_grad), out)
-        return trace.output
+        return trace
 
-    def _leaf_args(self, n: torch.fx.Node) -> tuple[tuple, dict, list[torch.Tensor]]:
+    def _leaf_args(self, args: tuple, kwargs: dict, n: torch.fx.Node) -> tuple[tuple, dict, list[torch.Tensor]]:
         """Args of `n` with every grad-requiring tensor replaced by a fresh leaf."""
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
         leaves: list[torch.Tensor] = []
         mutates = isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
 
@@ -454,7 +475,8 @@ def _distinct_sizes(tree: Any) -> list[tuple[int, torch.dtype]]:
     return [(t.numel(), t.dtype) for t in _distinct_tensors(tree)]
 
 
-def trace_nodes(gm: torch.fx.GraphModule, *, inputs_require_grad: bool = False) -> dict[str, NodeTrace]:
+def trace_nodes(gm: torch.fx.GraphModule, *, inputs_require_grad: bool = False,
+                reuse: bool = True) -> dict[str, NodeTrace]:
     """Run `gm` node by node on fake tensors; return a NodeTrace per node name.
 
     Placeholders and get_attr values are rebuilt from node.meta["val"], so the
@@ -462,14 +484,16 @@ def trace_nodes(gm: torch.fx.GraphModule, *, inputs_require_grad: bool = False) 
     when it depends on a trainable parameter (or on a float input, if
     `inputs_require_grad`), exactly as in training, so nodes that only
     compute masks or positions record no backward and save nothing.
+    reuse: a node running the same op on alike inputs as an earlier one replays that one's
+    trace instead of running (partitioner/cost_models/trace_reuse.py; the same traces, faster).
     """
     missing = [n.name for n in gm.graph.nodes if n.op == "placeholder" and "val" not in n.meta]
     if missing:
         raise CostModelError(
             f"cannot profile: placeholder(s) {missing[:5]} have no meta['val'] (shape unknown). "
             "Capture the model with passes.capture.capture so every node carries a FakeTensor.")
-    tracer = _NodeTracer(gm, inputs_require_grad)
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    tracer = _NodeTracer(gm, inputs_require_grad, reuse)
+    fake_mode = tracer.fake_mode
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     with fake_mode, tracer.counter, tracer.kernels, torch.enable_grad():
         try:

@@ -110,7 +110,8 @@ def _spread(total: float, weights: list[float]) -> list[float]:
 def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = "h100",
             dtype: torch.dtype = torch.float32, optimizer: str = "adamw", measure: bool = False,
             example_inputs: Sequence[Any] | None = None, measure_groups: list[list[str]] | None = None,
-            inputs_require_grad: bool = False, progress: bool = True, compiled: bool = False) -> NodeCosts:
+            inputs_require_grad: bool = False, progress: bool = True, compiled: bool = False,
+            reuse: bool = True) -> NodeCosts:
     """Cost every node of `captured` (a passes.capture.Captured, or a bare GraphModule) for one microbatch.
 
     annotated: the AnnotatedGraph (module paths for measured blocks); optional.
@@ -129,24 +130,18 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
     spec = get_device_spec(device)
     scale = DtypeScale(graph_float_dtype(gm), dtype)
 
-    traces = trace_nodes(gm, inputs_require_grad=inputs_require_grad)
+    traces = trace_nodes(gm, inputs_require_grad=inputs_require_grad, reuse=reuse)
     saved = saved_bytes_per_node(traces, scale)
     savers = output_savers(traces)
     # per node, for plans: a tied weight's users usually sit on different ranks (replicas), so
     # the sums of its gradients on one device are left out
     working = {s.node: s.grads_in_flight_bytes + s.workspace_bytes
                for s in backward_walk(gm, traces, saved, scale, tied_sums=False)}
-    canonical = _canonical_fqns(gm, tied)
     graph_nodes = {n.name: n for n in gm.graph.nodes}
 
-    param_rows: dict[str, tuple[str, int, torch.dtype, bool]] = {}
     param_bytes_by_node: dict[str, int] = {}
     for name, trace in traces.items():
         node = graph_nodes[name]
-        if trace.op == "get_attr" and isinstance(trace.output, torch.Tensor):
-            fqn = canonical.get(str(node.target), str(node.target))
-            out = trace.output
-            param_rows[fqn] = (fqn, out.numel(), out.dtype, bool(out.requires_grad))
         param_bytes_by_node[name] = sum(value_bytes(traces[a.name].output, scale) for a in node.all_input_nodes
                                         if a.op == "get_attr")
 
@@ -168,9 +163,41 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
                                fwd_time_s=times[name].fwd_s, bwd_time_s=times[name].bwd_s,
                                host_fwd_time_s=times[name].host_fwd_s, host_bwd_time_s=times[name].host_bwd_s,
                                output_saved_by=savers.get(name, ""), output_requires_grad=trace.requires_grad)
-    return NodeCosts(nodes=nodes, param_state_bytes=params_state_bytes(param_rows.values(), optimizer, scale),
+    return NodeCosts(nodes=nodes, param_state_bytes=parameter_state_bytes(gm, tied, dtype, optimizer),
                      device=spec.name, dtype=str(dtype).removeprefix("torch."), optimizer=optimizer,
                      time_source="measured" if measure else "analytic")
+
+
+def parameter_state_bytes(captured: Any, tied: Sequence[Sequence[str]] = (), dtype: torch.dtype = torch.float32,
+                          optimizer: str = "adamw") -> dict[str, int]:
+    """FQN -> bytes of weight, gradient and optimizer state (cost_models.memory.param_state_bytes)
+    of every parameter and buffer the graph reads, a tied one once under its first FQN, in `dtype`
+    (see the module docstring): profile()'s NodeCosts.param_state_bytes, known from the graph alone."""
+    gm = captured if isinstance(captured, torch.fx.GraphModule) else captured.graph_module
+    tied = tied or getattr(captured, "tied", None) or []
+    scale = DtypeScale(graph_float_dtype(gm), dtype)
+    canonical = _canonical_fqns(gm, tied)
+    rows: dict[str, tuple[str, int, torch.dtype, bool]] = {}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr":
+            continue
+        target = str(n.target)
+        val = n.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            val = operator.attrgetter(target)(gm)
+            if not isinstance(val, torch.Tensor):
+                continue
+        trainable = (val.is_floating_point() or val.is_complex()) and _is_trainable(gm, target)
+        fqn = canonical.get(target, target)
+        rows[fqn] = (fqn, val.numel(), val.dtype, trainable)
+    return params_state_bytes(rows.values(), optimizer, scale)
+
+
+def _is_trainable(gm: torch.fx.GraphModule, target: str) -> bool:
+    try:
+        return bool(gm.get_parameter(target).requires_grad)
+    except AttributeError:
+        return False
 
 
 _ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")

@@ -225,10 +225,33 @@ def _quiet_on_failure():
     sys.stderr.write(buf.getvalue())
 
 
+@contextlib.contextmanager
+def _fast_export():
+    """Trace without recording each node's Python stack (node.meta["stack_trace"], read by no pass of
+    ours: extracting and symbolising it was a fifth of export's time on llama-8b), with lazy graph
+    modules (export's passes recompile the whole graph's Python code about ten times; lazily, only
+    the module we keep is compiled: another sixth). Either switch is skipped by a torch without it."""
+    config = getattr(torch.fx, "config", None)
+    old = getattr(config, "do_not_emit_stack_traces", None)
+    try:
+        from torch.fx._lazy_graph_module import _use_lazy_graph_module
+        lazy = _use_lazy_graph_module(True)
+    except ImportError:
+        lazy = contextlib.nullcontext()
+    if old is not None:
+        config.do_not_emit_stack_traces = True
+    try:
+        with lazy:
+            yield
+    finally:
+        if old is not None:
+            config.do_not_emit_stack_traces = old
+
+
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, pytree.TreeSpec]:
-    with _quiet_on_failure():
+    with _quiet_on_failure(), _fast_export():
         ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
-    gm = ep.module()
+        gm = ep.module()
     _inline_region_ops(gm)
     out_spec = ep.call_spec.out_spec
     return gm, out_spec
@@ -244,7 +267,7 @@ def _inline_region_ops(gm: torch.fx.GraphModule) -> None:
     """
     hops = {getattr(torch.ops.higher_order, n) for n in ("wrap_with_autocast", "wrap_with_set_grad_enabled")
             if hasattr(torch.ops.higher_order, n)}
-    changed = True
+    changed, inlined = True, False
     while changed:
         changed = False
         for node in list(gm.graph.nodes):
@@ -286,9 +309,10 @@ def _inline_region_ops(gm: torch.fx.GraphModule) -> None:
             gm.graph.erase_node(node)
             if not attr.users:
                 gm.graph.erase_node(attr)
-            changed = True
-    gm.graph.lint()
-    gm.recompile()
+            changed = inlined = True
+    if inlined:
+        gm.graph.lint()
+        gm.recompile()
 
 
 class _DeepTracer(torch.fx.Tracer):
