@@ -209,7 +209,7 @@ def check_parameter_share(captured: Any, config: PlanConfig, spec: Any, dtype: t
     from partitioner.cost_models.profile_command import human_bytes
 
     cap = config.memory_cap_bytes if config.memory_cap_bytes is not None else spec.mem_bytes
-    if cap is None:
+    if cap is None or config.data_parallel > 1:  # sharded over replicas: the solver checks the sharded sum
         return
     share = sum(parameter_state_bytes(captured, dtype=dtype, optimizer=config.optimizer).values()) / config.num_ranks
     if share <= cap:

@@ -102,6 +102,8 @@ def builds(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(profile_command, "load_model_spec", counting)
+    import partitioner.plan_command as plan_command
+    monkeypatch.setattr(plan_command, "load_model_spec", counting)  # where `partitioner plan` calls it
     return calls
 
 
