@@ -276,8 +276,8 @@ def _check_parameter_share(problem: PlanProblem, time_limit_s: float, workers: i
     raise PlanError(f"memory cap {_gib(cap)} per device is too small: no split into {problem.num_stages} stages "
                     f"fits; the smallest per-device memory that fits is {least} ({problem.schedule}, "
                     f"{problem.microbatches} microbatches). Raise the cap (--memory / memory=), add devices, or use "
-                    "fewer microbatches in flight (1f1b instead of gpipe), bf16 (--dtype bf16) or a lighter "
-                    "optimizer (--optimizer sgd)")
+                    "fewer microbatches in flight (1f1b instead of gpipe), data-parallel replicas that shard the "
+                    "optimizer state (--data-parallel N), or a lighter optimizer (--optimizer sgd)")
 
 
 def _first_within(target_s: float, polished) -> tuple[list[int], float]:
