@@ -231,7 +231,6 @@ class ParallelModel:
         self.rank = rank
         self.microbatches = microbatches
         self._example_leaves, self._example_spec = pytree.tree_flatten((example_args, example_kwargs))
-        self._last_rank = stages[-1].rank
         self._steps_run = 0
         self.source = source  # what captures the other mode (train/eval)
         self.model = source.model if source is not None else None  # on meta: the structure, FQNs and shapes

@@ -102,11 +102,12 @@ class DataParallelStages:
 
     def __init__(self, graph_modules: dict[int, nn.Module], runners: dict[int, Callable], dp_mesh: Any,
                  mode: str = "fsdp"):
-        if mode not in DATA_PARALLEL_MODES:
-            raise RuntimeConfigError(f"compile_parallel: data_parallel={mode!r}; use one of {DATA_PARALLEL_MODES}.")
         self.mode = mode
+        self._api = _fsdp_api(mode)  # fully_shard or replicate: wraps modules, and holds their state
         self.module = RankStages(graph_modules, runners)
-        wrap = _wrapper(mode, dp_mesh)
+        # parameters stay gathered through the step: every microbatch's forward and backward reads them
+        wrap = functools.partial(self._api, mesh=dp_mesh, **({"reshard_after_forward": False}
+                                                             if mode == "fsdp" else {}))
         self.groups: dict[int, nn.Module] = {}  # stage -> its own FSDP2 module, where it has one
         if len(graph_modules) > 1 and not _shares_parameters(list(graph_modules.values())):
             for k, gm in graph_modules.items():
@@ -133,7 +134,7 @@ class DataParallelStages:
         if group is not None:
             group.set_requires_gradient_sync(True, recurse=False)
             group.set_reshard_after_backward(True, recurse=False)
-            _post_backward(self.mode, group, finalize=False)
+            _post_backward(self._api, group, finalize=False)
 
     def after_step(self) -> None:
         """Reduce the accumulated gradients over the replicas and reshard the parameters.
@@ -145,7 +146,7 @@ class DataParallelStages:
         module.set_is_last_backward(True)
         module.set_reshard_after_backward(True)
         module.set_requires_gradient_sync(True)
-        _post_backward(self.mode, module, finalize=True)
+        _post_backward(self._api, module, finalize=True)
 
     def unshard(self) -> None:
         """Gather every parameter of this rank's stages (FSDP2 registers the whole tensors on the modules)."""
@@ -158,18 +159,19 @@ class DataParallelStages:
             m.reshard()
 
 
-def _wrapper(mode: str, dp_mesh: Any) -> Callable[[nn.Module], Any]:
-    """fully_shard or replicate over the dp mesh, as a one-argument function."""
+def _fsdp_api(mode: str) -> Callable:
+    """FSDP2's fully_shard ("fsdp") or replicate ("replicate")."""
+    if mode not in DATA_PARALLEL_MODES:
+        raise RuntimeConfigError(f"compile_parallel: data_parallel={mode!r}; use one of {DATA_PARALLEL_MODES}.")
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
-        # parameters stay gathered through the step: every microbatch's forward and backward reads them
-        return functools.partial(fully_shard, mesh=dp_mesh, reshard_after_forward=False)
+        return fully_shard
     try:
         from torch.distributed._composable.replicate_with_fsdp import replicate
     except ImportError as err:
         raise RuntimeConfigError(f"compile_parallel: data_parallel='replicate' needs FSDP2's replicate, which "
                                  f"torch {torch.__version__} lacks; use data_parallel='fsdp'.") from err
-    return functools.partial(replicate, mesh=dp_mesh)
+    return replicate
 
 
 def _shares_parameters(modules: list[nn.Module]) -> bool:
@@ -182,16 +184,12 @@ def _shares_parameters(modules: list[nn.Module]) -> bool:
     return False
 
 
-def _post_backward(mode: str, module: nn.Module, finalize: bool) -> None:
+def _post_backward(api: Callable, module: nn.Module, finalize: bool) -> None:
     """Run FSDP2's end of backward for `module`'s groups (the root's final callback too when
     `finalize`): the executor's partial backwards (torch.autograd.backward per microbatch) do not
-    tell FSDP which one is the last. As torch.distributed.pipelining's perform_reduce_grad."""
-    if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-        state = fully_shard.state(module)
-    else:
-        from torch.distributed._composable.replicate_with_fsdp import replicate
-        state = replicate.state(module)
+    tell FSDP which one is the last. As torch.distributed.pipelining's perform_reduce_grad.
+    api: the fully_shard or replicate that wrapped `module` (it holds the module's state)."""
+    state = api.state(module)
     if not finalize:
         for group in state._fsdp_param_groups:
             group.post_backward()
