@@ -27,12 +27,17 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils import _pytree as pytree
 
+from partitioner.checkpoint import load as load_checkpoint
+from partitioner.checkpoint import save as save_checkpoint
+from partitioner.cost_models.device import spec_for_torch_device
 from partitioner.errors import CaptureError, RuntimeConfigError
+from partitioner.grad_clip import clip_grad_norm_
+from partitioner.materialise import materialise
 from partitioner.microbatch import batch_size, split_batch
 from partitioner.modes import ModeGraphs, ModeSource, build_mode, meta_skeleton
 from partitioner.plan import Plan
-from partitioner.planner import capture_for_training
-from partitioner.passes.capture import Captured
+from partitioner.planner import PlanConfig, capture_for_training, plan_model
+from partitioner.passes.capture import Captured, input_leaf_names
 from partitioner.passes.split import StageModule, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
 from partitioner.runtime.compiled import compile_options, compile_report, compile_stages, print_once
@@ -41,6 +46,7 @@ from partitioner.runtime.data_parallel import (DATA_PARALLEL_MODES, DataParallel
 from partitioner.runtime.executor import Executor, ParameterStore, in_process_order
 from partitioner.runtime.schedules import make_schedule, validate
 from partitioner.runtime.transport import DistTransport, InProcessTransport
+from partitioner.units import parse_bytes
 
 if TYPE_CHECKING:
     from partitioner.cost_models.device import DeviceSpec
@@ -176,7 +182,6 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     store = ParameterStore(model, captured, stages, devices, local_ranks, distributed=rank is not None,
                            timeout_s=timeout_s, replicas=replicas, replica=replica)
     if checkpoint is not None or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        from partitioner.materialise import materialise
         materialise(model, store, rank, init_fn, checkpoint)
     stage_device = {st.stage: devices[st.rank] for st in stages}
     for st in stages:
@@ -370,7 +375,6 @@ class ParallelModel:
                         foreach: bool | None = None) -> torch.Tensor:
         """Clip the gradients of the whole model (every rank) as torch.nn.utils.clip_grad_norm_ on the
         unsplit model; returns the total norm on every rank. Under torchrun every rank must call it."""
-        from partitioner.grad_clip import clip_grad_norm_
         return clip_grad_norm_(self, max_norm, norm_type, error_if_nonfinite, foreach)
 
     # ------------------------------------------------------------------ parameters and state
@@ -423,14 +427,12 @@ class ParallelModel:
         """Write a DCP checkpoint of the weights, the optimizer's state and `extra`, keyed by the model's
         FQNs: it loads under any plan and into the unpartitioned model (partitioner/checkpoint.py).
         Under torchrun every rank calls it."""
-        from partitioner.checkpoint import save
-        save(self, path, optimizer, extra)
+        save_checkpoint(self, path, optimizer, extra)
 
     def load(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """Load a checkpoint written by save (under any plan), by checkpoint.save_model, or a Hugging Face
         safetensors directory; returns the saved `extra`. On error nothing changes (partitioner/checkpoint.py)."""
-        from partitioner.checkpoint import load
-        return load(self, path, optimizer)
+        return load_checkpoint(self, path, optimizer)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -594,7 +596,6 @@ def _fingerprint(model: torch.nn.Module, devices: list[torch.device], args: tupl
 def _split_hint(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | None) -> str:
     """Name the inputs besides the first that were cut into microbatches only because their dim 0
     happens to equal the batch size (e.g. a shared (T, T) mask with T == batch): capture saw them cut."""
-    from partitioner.passes.capture import input_leaf_names
     leaves = pytree.tree_leaves((args, kwargs))
     names = input_leaf_names(model, args, kwargs)
     tensors = [(n, x) for n, x in zip(names, leaves) if isinstance(x, torch.Tensor) and x.dim() > 0]
@@ -619,14 +620,11 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
     """Plan on global rank 0 (the solver is not deterministic across processes) and share the plan."""
     planner = rank is None or dist.get_rank() == 0
     if planner:
-        from partitioner.planner import PlanConfig, plan_model
         if isinstance(memory, str):
-            from partitioner.plan_command import parse_bytes
             memory = parse_bytes(memory)
         if device_type is None:
             device_type = "cpu" if devices[0].type == "cpu" else "h100"
             if devices[0].type == "cuda" and torch.cuda.is_available():
-                from partitioner.cost_models.device import spec_for_torch_device
                 device_type = spec_for_torch_device(devices[0])  # this GPU, this host's dispatch speed
         config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=microbatches,
                             memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s,

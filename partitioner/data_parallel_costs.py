@@ -34,6 +34,7 @@ import numbers
 from dataclasses import dataclass
 
 from partitioner.errors import PlanError
+from partitioner.plan import plan_timeline
 
 DP_MODES = ("fsdp", "replicate")
 GPUS_PER_HOST = 8  # an HGX/DGX host
@@ -166,8 +167,6 @@ def apply_data_parallel(plan, bg, blocks: list[ParamBytes], shared: list[ParamBy
     ranks = rank_param_bytes(plan, bg, blocks, shared)
     reduce = [reduce_time_s(pb, dp) for pb in ranks]
     if plan.simulated:
-        from partitioner.plan import plan_timeline
-
         tl = plan_timeline(plan, bg)
         end = [max((tl.end_s[a] for a in row), default=0.0) for row in tl.schedule.actions]
         extra = max(0.0, max(e + t for e, t in zip(end, reduce)) - tl.step_time_s)

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from partitioner import profile_cache, zoo
 from partitioner.cost_models.device import get_device_spec
-from partitioner.cost_models.profile_command import human_bytes, load_model_spec
+from partitioner.cost_models.profile_command import load_model_spec
 from partitioner.data_parallel_costs import check_data_parallel, dp_bandwidth, microbatch_size
 from partitioner.errors import PlanError
 from partitioner.microbatch import batch_size
@@ -22,36 +22,8 @@ from partitioner.plan import Plan, plan_timeline
 from partitioner.planner import DTYPES, PlanConfig, PlanResult, plan_model, plan_profiled
 from partitioner.problem import check_config, check_gap
 from partitioner.runtime.timeline import plot_timeline, render_text
+from partitioner.units import human_bytes, human_time, parse_bandwidth, parse_bytes
 from partitioner.zoo import DEFAULT_BATCH, context_note
-
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'24GiB', '80 GB', '1.5e10B' -> bytes. The unit is required: a bare '24' is more likely
-    meant as GiB than as 24 bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text, re.IGNORECASE)
-    if match and not match.group(2):
-        raise PlanError(f"memory size {text!r} has no unit: write e.g. {match.group(1)}GiB, {match.group(1)}GB "
-                        f"or {match.group(1)}MiB ({match.group(1)}B for bytes)")
-    if not match or match.group(2).lower() not in _UNITS:
-        raise PlanError(f"cannot read memory size {text!r}: write e.g. 24GiB, 80GB or 1.5e10B")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def parse_bandwidth(text: str) -> float:
-    """'50GB/s', '25 GiB/s', '4e10B/s' -> bytes per second (the '/s' may be left out)."""
-    body = re.sub(r"\s*/\s*s\s*$", "", text, flags=re.IGNORECASE)
-    try:
-        return float(parse_bytes(body))
-    except PlanError:
-        raise PlanError(f"cannot read bandwidth {text!r}: write e.g. 50GB/s, 25GiB/s or 4e10B/s") from None
-
-
-def human_time(s: float) -> str:
-    return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 10 else f"{s:.2f} s"
-
 
 def _stage_blocks(plan: Plan) -> list[list[int]]:
     blocks: list[list[int]] = [[] for _ in range(plan.num_stages)]
@@ -351,6 +323,6 @@ def run_plan(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    from partitioner.cli import main
+    from partitioner.cli import main  # the CLI imports this module
 
     sys.exit(main(["plan"] + sys.argv[1:]))

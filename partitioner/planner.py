@@ -18,7 +18,7 @@ from partitioner.baselines import all_baselines
 from partitioner.cost_models.device import DeviceSpec, get_device_spec
 from partitioner.cost_models.loss import profile_loss
 from partitioner.cost_models.node_costs import NodeCosts
-from partitioner.cost_models.profile import graph_float_dtype, profile
+from partitioner.cost_models.profile import graph_float_dtype, parameter_state_bytes, profile
 from partitioner.errors import PlanError
 from partitioner.microbatch import batch_size, split_batch
 from partitioner.passes.annotate import AnnotatedGraph, annotate
@@ -28,6 +28,7 @@ from partitioner.passes.mixed_precision import capture_mixed, compute_dtype
 from partitioner.plan import Plan, PlanOrigin
 from partitioner.problem import check_config, check_gap
 from partitioner.solve import solve
+from partitioner.units import human_bytes
 
 # Blocks per virtual stage the automatic depth aims at: finer blocks let stages balance within a few
 # percent (8 vs 2 per stage: 1-15% faster simulated steps on gpt2-xl, llama-8b and t5-base at p = 8),
@@ -205,9 +206,6 @@ def check_parameter_share(captured: Any, config: PlanConfig, spec: Any, dtype: t
     Known from the captured graph, so a model that cannot fit (llama-70b in fp32 with AdamW on
     8 x 80 GiB: 131 GiB a rank) is refused before profiling and solving. The solver checks the
     same sum (the profile's param_state_bytes), so a profile read from the cache is refused there."""
-    from partitioner.cost_models.profile import parameter_state_bytes
-    from partitioner.cost_models.profile_command import human_bytes
-
     cap = config.memory_cap_bytes if config.memory_cap_bytes is not None else spec.mem_bytes
     if cap is None or config.data_parallel > 1:  # sharded over replicas: the solver checks the sharded sum
         return

@@ -24,11 +24,14 @@ import inspect
 import io
 import logging
 import os
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
+
+from partitioner.cost_models.time import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,7 @@ def model_key(model: torch.nn.Module, args: tuple, kwargs: dict, *, device_spec:
 
     add(_FORMAT, torch.__version__, _code_version())
     try:
-        import transformers
+        import transformers  # lazy: optional, and slow to import
         add(transformers.__version__)
     except ImportError:
         pass
@@ -122,8 +125,6 @@ def model_key(model: torch.nn.Module, args: tuple, kwargs: dict, *, device_spec:
 def recipe_key(recipe: tuple, *, device_spec: Any, optimizer: str, options: tuple = ()) -> str:
     """Hex key of a model given by how it is built, e.g. ("zoo", "gpt2-xl", microbatch size, seq, dtype,
     device), with the planning options its profile depends on (as in model_key)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         transformers_version = version("transformers")
     except PackageNotFoundError:
@@ -135,8 +136,6 @@ def recipe_key(recipe: tuple, *, device_spec: Any, optimizer: str, options: tupl
 
 
 def cache_path(key: str, suffix: str = ".pt") -> Path:
-    from partitioner.cost_models.time import cache_dir
-
     return cache_dir() / "profiles" / f"{key}{suffix}"
 
 

@@ -11,7 +11,8 @@ import partitioner.plan_command
 from partitioner.cli import main
 from partitioner.errors import PartitionerError
 from partitioner.plan import Plan
-from partitioner.plan_command import parse_bytes, plan_table, print_plan, summary_lines
+from partitioner.plan_command import plan_table, print_plan, summary_lines
+from partitioner.units import parse_bytes
 
 MODEL = "tests.test_cli_plan:tiny_model"
 

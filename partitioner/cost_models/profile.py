@@ -258,7 +258,7 @@ def _measured_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], anal
         groups = default_measure_groups(gm, paths)
     requires_grad = {name: t.requires_grad for name, t in traces.items()}
     if progress:
-        from rich.progress import Progress
+        from rich.progress import Progress  # lazy: only measured mode shows a progress bar
         with Progress(transient=True) as bar:
             task = bar.add_task(f"measuring {len(groups)} blocks", total=len(groups))
             measured = measure_block_times(gm, groups, example_inputs, requires_grad=requires_grad,

@@ -25,6 +25,7 @@ from partitioner.cost_models.profile import module_costs, profile
 from partitioner.errors import CostModelError, PartitionerError
 from partitioner.passes.annotate import annotate
 from partitioner.passes.capture import capture
+from partitioner.units import human_bytes, human_flops, human_time
 from partitioner.zoo import context_note
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,23 +118,6 @@ def auto_depth(module_paths: list[str], max_rows: int = 40) -> int:
         best = depth
     return best
 
-
-def human_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def human_flops(n: float) -> str:
-    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} FLOP"
-
-
-def human_time(s: float) -> str:
-    return f"{s * 1e3:.3f} ms" if s < 10 else f"{s:.2f} s"
 
 
 def run_profile(args: argparse.Namespace) -> None:

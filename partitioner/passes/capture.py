@@ -234,7 +234,7 @@ def _fast_export():
     config = getattr(torch.fx, "config", None)
     old = getattr(config, "do_not_emit_stack_traces", None)
     try:
-        from torch.fx._lazy_graph_module import _use_lazy_graph_module
+        from torch.fx._lazy_graph_module import _use_lazy_graph_module  # private: absent from some torch versions
         lazy = _use_lazy_graph_module(True)
     except ImportError:
         lazy = contextlib.nullcontext()

@@ -105,10 +105,10 @@ def compile_report(runners: dict[int, Callable]) -> str | None:
 
 
 def _is_compile_error(err: BaseException) -> bool:
-    from torch._dynamo import exc as dynamo_exc
+    from torch._dynamo import exc as dynamo_exc  # lazy: dynamo is slow to import; only a failure needs it
     kinds: tuple[type, ...] = (dynamo_exc.BackendCompilerFailed, dynamo_exc.Unsupported, dynamo_exc.InternalTorchDynamoError)
     try:
-        from torch._inductor.exc import InductorError
+        from torch._inductor.exc import InductorError  # lazy, and absent from older torch
         kinds += (InductorError,)
     except ImportError:
         pass

@@ -164,10 +164,10 @@ def _fsdp_api(mode: str) -> Callable:
     if mode not in DATA_PARALLEL_MODES:
         raise RuntimeConfigError(f"compile_parallel: data_parallel={mode!r}; use one of {DATA_PARALLEL_MODES}.")
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # lazy: FSDP2 loads only for dp > 1
         return fully_shard
     try:
-        from torch.distributed._composable.replicate_with_fsdp import replicate
+        from torch.distributed._composable.replicate_with_fsdp import replicate  # lazy: absent from older torch
     except ImportError as err:
         raise RuntimeConfigError(f"compile_parallel: data_parallel='replicate' needs FSDP2's replicate, which "
                                  f"torch {torch.__version__} lacks; use data_parallel='fsdp'.") from err
@@ -215,7 +215,7 @@ def copy_full_(t: torch.Tensor, full: torch.Tensor) -> None:
     """Copy the whole tensor `full` into `t`: for a DTensor, this rank's part of it (no communication:
     every rank has `full`)."""
     if hasattr(t, "to_local"):
-        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor import distribute_tensor  # lazy: only sharded (DTensor) state needs it
         part = distribute_tensor(full.to(t.device, t.dtype), t.device_mesh, t.placements, src_data_rank=None)
         t.to_local().copy_(part.to_local())
     else:

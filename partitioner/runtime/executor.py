@@ -15,9 +15,11 @@ replicas of tied weights in step (gradient all-reduce across ranks).
 """
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch.profiler import record_function
 from torch.utils import _pytree as pytree
 
@@ -249,8 +251,6 @@ class ParameterStore:
                        for k, v in model_state.items() if k not in covered} if 0 in local_ranks else {}
         self.groups: dict[tuple[int, ...], Any] = {}
         if distributed:
-            import torch.distributed as dist
-            from datetime import timedelta
             sets = sorted({tuple(sorted(r)) for f, r in self.holders.items() if len(r) > 1 and self.is_param[f]})
             rows = replicas or (tuple(range(len(devices))),)  # pipeline rank -> global rank, per dp replica
             for d, row in enumerate(rows):
@@ -298,7 +298,6 @@ class ParameterStore:
                         copies[0].grad = g if copies[0].grad is None else copies[0].grad + g
                         t.grad = None
             return
-        import torch.distributed as dist
         for fqn in self._shared():
             p = self.replicas[fqn][0]
             g = p.grad if p.grad is not None else torch.zeros_like(p)

@@ -87,7 +87,7 @@ def _colour_runs(chars: list[str], owner: list[Action | None], s: Schedule) -> s
 
 def plot_timeline(timeline: Timeline, path: str | Path, title: str | None = None) -> Path:
     """Save a Gantt chart of the timeline (format from the suffix: .png, .svg, .pdf)."""
-    import matplotlib
+    import matplotlib  # lazy: slow to import, and only plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
