@@ -41,7 +41,7 @@ import time
 from benchmarks.common import RESULTS_DIR, print_table, pyplot, save_figure, write_result
 from partitioner.critical_path import path_bound_solve
 from partitioner.exact import EXACT_BUDGET_S, PassTimes, best_split_s, pipeline_bound_s, split_cuts
-from partitioner.planner import BLOCKS_PER_STAGE
+from partitioner.plan_model import BLOCKS_PER_STAGE
 
 MODELS = ("gpt2-xl", "t5-base", "cnn", "llama-8b")
 LAYER_COUNT_BASELINES = ("uniform", "torchtitan", "parameters")

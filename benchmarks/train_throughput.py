@@ -117,7 +117,7 @@ def make_plans(zm, args, precision: str, device: torch.device, p: int, rank: int
     microbatch. The uniform plan is the uniform-layers baseline scored on the same block graph."""
     from partitioner.baselines import baseline_plan
     from partitioner.plan import Plan
-    from partitioner.planner import PlanConfig, plan_model
+    from partitioner.plan_model import PlanConfig, plan_model
 
     plans: dict = {}
     if rank in (None, 0):

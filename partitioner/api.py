@@ -36,7 +36,7 @@ from partitioner.materialise import materialise
 from partitioner.microbatch import batch_size, split_batch
 from partitioner.modes import ModeGraphs, ModeSource, build_mode, meta_skeleton
 from partitioner.plan import Plan
-from partitioner.planner import PlanConfig, capture_for_training, plan_model
+from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
 from partitioner.passes.capture import Captured, input_leaf_names
 from partitioner.passes.split import StageModule, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
@@ -78,7 +78,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         whole to every microbatch.
     loss_fn(output, target) -> scalar mean loss of a batch; train_step returns the mean over microbatches.
     schedule: "gpipe", "1f1b" (default) or "interleaved-1f1b" (default when chunks > 1).
-    plan: a Plan to use as is; else partitioner.planner plans it (memory: per-device cap, e.g. "24GiB";
+    plan: a Plan to use as is; else partitioner.plan_model plans it (memory: per-device cap, e.g. "24GiB";
         device_type: DeviceSpec name for the cost model (default: the table entry of the GPU in use,
         with this host's dispatch speed measured; the calibrated CPU on CPU); time_limit_s: solver time;
         example_target: a target of the global batch, as train_step will get it: the plan then

@@ -22,7 +22,7 @@ import torch
 
 from partitioner.errors import RuntimeConfigError
 from partitioner.plan import Plan
-from partitioner.planner import capture_for_training
+from partitioner.plan_model import capture_for_training
 from partitioner.passes.capture import Captured, get_attr, set_attr
 from partitioner.passes.split import StageModule, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only

@@ -19,7 +19,7 @@ from partitioner.data_parallel_costs import check_data_parallel, dp_bandwidth, m
 from partitioner.errors import PlanError
 from partitioner.microbatch import batch_size
 from partitioner.plan import Plan, plan_timeline
-from partitioner.planner import DTYPES, PlanConfig, PlanResult, plan_model, plan_profiled
+from partitioner.plan_model import DTYPES, PlanConfig, PlanResult, plan_model, plan_profiled
 from partitioner.problem import check_config, check_gap
 from partitioner.runtime.timeline import plot_timeline, render_text
 from partitioner.units import human_bytes, human_time, parse_bandwidth, parse_bytes

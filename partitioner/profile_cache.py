@@ -43,7 +43,7 @@ _SOURCES = ("partitioner/passes/capture.py", "partitioner/passes/annotate.py", "
             "partitioner/cost_models/memory.py", "partitioner/cost_models/time.py", "partitioner/cost_models/loss.py",
             "partitioner/cost_models/device.py", "partitioner/cost_models/node_costs.py")
 # and those that build a model from its recipe and cut its inputs to one microbatch
-_RECIPE_SOURCES = ("partitioner/zoo.py", "partitioner/cost_models/profile_command.py", "partitioner/planner.py",
+_RECIPE_SOURCES = ("partitioner/zoo.py", "partitioner/cost_models/profile_command.py", "partitioner/plan_model.py",
                    "partitioner/microbatch.py")
 _PLAIN = (bool, int, float, str, type(None))
 

@@ -16,7 +16,7 @@ from partitioner.data_parallel_costs import (DataParallel, ParamBytes, apply_dat
 from partitioner.errors import PlanError
 from partitioner.passes.coarsen import synthetic_block_graph
 from partitioner.plan import Plan, evaluate_assignment, plan_timeline
-from partitioner.planner import PlanConfig, plan_model
+from partitioner.plan_model import PlanConfig, plan_model
 from tests.test_cli_plan import MODEL, Tiny
 
 

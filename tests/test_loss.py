@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from partitioner.cost_models.loss import profile_loss
 from partitioner import zoo
-from partitioner.planner import PlanConfig, plan_model
+from partitioner.plan_model import PlanConfig, plan_model
 from partitioner.passes.capture import capture
 
 

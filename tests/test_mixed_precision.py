@@ -15,7 +15,7 @@ from dist_utils import build, run_workers
 from test_api import compile_zoo
 
 from partitioner.errors import CaptureError
-from partitioner.planner import capture_for_training
+from partitioner.plan_model import capture_for_training
 from partitioner.passes.mixed_precision import compute_dtype
 
 LOSS_RTOL = 1e-3
@@ -101,7 +101,7 @@ def test_a_model_already_in_bf16_or_a_bf16_dtype_is_refused():
     with pytest.raises(CaptureError, match="parameters are torch.bfloat16 already"):
         capture_for_training(zm.model, (zm.example_args[0][:1].to(torch.bfloat16),), {}, "bf16")
     from partitioner.errors import PlanError
-    from partitioner.planner import PlanConfig, plan_model
+    from partitioner.plan_model import PlanConfig, plan_model
     with pytest.raises(PlanError, match="leave --dtype at float32"):
         plan_model(build("mlp").model, build("mlp").example_args, None,
                    PlanConfig(num_ranks=2, dtype="bfloat16", mixed_precision="bf16"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import partitioner.planner
+import partitioner.plan_model
 from partitioner import profile_cache
-from partitioner.planner import PlanConfig, plan_model
+from partitioner.plan_model import PlanConfig, plan_model
 from tests.test_cli_plan import Tiny
 
 
@@ -21,13 +21,13 @@ def cache_dir(tmp_path, monkeypatch):
 def captures(monkeypatch):
     """How many times the planner captured a model."""
     calls = []
-    real = partitioner.planner.capture
+    real = partitioner.plan_model.capture
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(partitioner.planner, "capture", counting)
+    monkeypatch.setattr(partitioner.plan_model, "capture", counting)
     return calls
 
 

@@ -255,7 +255,7 @@ def coarsen(annotated, costs, depth: int | None = None, min_blocks: int = 1,
     depth None picks the shallowest module depth giving at least
     max(target_blocks, min_blocks) blocks (target_blocks default 16), none
     longer than 2 / target_blocks of the total time: the planner passes 8x the
-    number of stages (planner.BLOCKS_PER_STAGE), so every block is at most a
+    number of stages (plan_model.BLOCKS_PER_STAGE), so every block is at most a
     quarter of an ideal stage and stages can balance within a few percent.
     """
     compute = [i for i in annotated.nodes if i.op in COMPUTE_OPS]
