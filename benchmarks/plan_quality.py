@@ -106,6 +106,8 @@ def paths_columns(bg, p: int, v: int, m: int, bw: float, ilp, budget_s: float, c
         again = path_bound_solve(problem, extra_s, incumbent=incumbent)
         lower = max(lower, again.lower_bound_s)
         best = min(found, again, key=lambda f: f.step_time_s)
+    if lower <= 0:  # no bound within the budget
+        return cols
     cols.update(paths_lb_ms=lower * 1e3, ilp_vs_paths_lb=ilp.step_time_s / lower,
                 proven_3pct=ilp.step_time_s <= 1.03 * lower, paths_ms=best.step_time_s * 1e3,
                 paths_status=best.status, paths_s=time.perf_counter() - t0)

@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GPUs per host, for the default --dp-bandwidth (default 8)")
     plan.add_argument("--time-limit", type=float, default=10.0,
                       help="seconds for the whole search (default 10): the ILP, the local search on the simulator "
-                           "(70%% of it when interleaving or on branchy graphs), then the exact split search or "
-                           "the lower-bound row generation with what is left")
+                           "(55%% of it when interleaving or on branchy graphs), then the exact split search or "
+                           "the lower-bound row generation (20%% when interleaving or on branchy graphs)")
     plan.add_argument("--gap", type=float, default=1.0, metavar="PERCENT",
                       help="stop the search once the plan is proven within this many percent of the best "
                            "possible step (a lower bound); --time-limit stays the upper limit (default 1)")

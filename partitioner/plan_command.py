@@ -116,8 +116,10 @@ def search_line(plan: Plan) -> str:
     if not plan.solver_status:  # a plan made by hand or by a baseline
         return ""
     took = f"search {plan.solve_time_s:.1f} s"
-    if plan.solver_status.startswith("DP_FALLBACK"):
-        return f"{took}: no solver plan in time, so the chain DP split (raise --time-limit)"
+    if plan.solver_status.startswith("DP_FALLBACK") and plan.step_gap is None:
+        # with a bound, the words below say how good the plan is, whatever it started from
+        polished = ", polished" if "+refined" in plan.solver_status else ""
+        return f"{took}: no ILP plan in time: chain DP split{polished} (raise --time-limit)"
     if plan.step_gap is None:
         return f"{took}; how close to the best plan is not known (no lower bound)"
     if plan.step_gap < 5e-4:

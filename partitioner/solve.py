@@ -18,9 +18,9 @@ simulated step time (partitioner/refine.py): move a block, or shift a range of
 stage boundaries together, while the move keeps stages ordered, non-empty and
 within the memory cap and the simulator says the step gets faster; a third of
 the time goes to the seeds alike, the rest to the best (with random kicks once
-it stops). The polish gets 70% of time_limit_s where no exact search follows
-(interleaving, branchy graphs): there the closed form misjudges most
-(benchmarks/RESULTS.md). For one stage per rank
+it stops). Where no exact search follows (interleaving, branchy graphs) the
+polish gets POLISH_SHARE of time_limit_s, since there the closed form misjudges
+most, and the row generation keeps PATHS_SHARE for its bound. For one stage per rank
 (1f1b) on a path-shaped graph every valid plan is a contiguous split, and a
 branch and bound over them (partitioner/exact.py) then starts from the polished
 plan and replaces it only by a faster split within the cap; solver_status gains
@@ -32,7 +32,8 @@ every valid plan within the cap, and a faster plan where it finds one
 (solver_status gains "+paths"). Plan.step_lower_bound_s reports the bound (the
 exact search's where it finished). time_limit_s bounds the whole of solve():
 building, solving, the polish, the exact search (at most EXACT_TIME_CAP_S of it)
-and the row generation (the rest, at most PATHS_TIME_CAP_S).
+and the row generation (the rest, at least PATHS_SHARE where no exact search came first,
+at most PATHS_TIME_CAP_S).
 
 gap (default 1%) ends the search early once the plan is proven within it: it is
 CP-SAT's relative gap limit; for 1f1b on paths the polish stops at a plan within
@@ -62,6 +63,8 @@ from partitioner.seeds import Seeds, fits_memory, make_seeds
 EXACT_TIME_CAP_S = 10.0  # most time the exact split search after refine takes
 PATHS_TIME_CAP_S = 30.0  # most time the critical-path row generation after them takes
 PATHS_MIN_TIME_S = 0.5  # less time left than this: no row generation
+POLISH_SHARE = 0.55  # of time_limit_s for the polish where no exact search follows
+PATHS_SHARE = 0.2  # of time_limit_s kept there for the row generation's lower bound
 DEFAULT_GAP = 0.01  # stop once the plan is proven within this fraction of a lower bound
 
 
@@ -85,12 +88,14 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     if refine_time_s is None:  # the simulator's polish pays most where no exact search follows it
         # (with a gap the exact search needs only a good incumbent: 0.5 s of polish found the same
         # gpt2-xl plan at p = 8 as 2 s)
-        refine_time_s = min(2.0 if gap == 0 else 0.5, time_limit_s / 4) if exact_follows else 0.7 * time_limit_s
+        refine_time_s = min(2.0 if gap == 0 else 0.5, time_limit_s / 4) if exact_follows else POLISH_SHARE * time_limit_s
+    # where no exact search follows, the row generation needs time of its own for a bound
+    paths_reserve_s = PATHS_SHARE * time_limit_s if simulate and not exact_follows else 0.0
     t0 = time.perf_counter()
     _check_parameter_share(problem, time_limit_s, workers)
     seeds = make_seeds(problem, incumbent=hint)
     # time_limit_s bounds the whole call: model building, the solver and the refinement after it
-    reserve = refine_time_s + 0.05 * time_limit_s if simulate else 0.02 * time_limit_s
+    reserve = refine_time_s + paths_reserve_s + 0.05 * time_limit_s if simulate else 0.02 * time_limit_s
     found = _solve_ilp(problem, seeds, t0 + time_limit_s - reserve, time_limit_s, workers, gap)
     assign, refined = found.assignment, False
     # a bound on every plan's simulated step, known before the polish: it may stop early

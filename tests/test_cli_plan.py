@@ -171,7 +171,9 @@ def test_plan_table_fits_80_columns(chunks):
     ({"step_lower_bound_s": 0.39}, "proven best, no valid plan is predicted faster"),
     ({"step_lower_bound_s": 0.35}, "the best valid plan is at most 10.3% faster"),
     ({}, "how close to the best plan is not known"),
-    ({"solver_status": "DP_FALLBACK"}, "no solver plan in time, so the chain DP split"),
+    ({"solver_status": "DP_FALLBACK"}, "no ILP plan in time: chain DP split (raise"),
+    ({"solver_status": "DP_FALLBACK+refined"}, "chain DP split, polished (raise"),
+    ({"solver_status": "DP_FALLBACK+refined", "step_lower_bound_s": 0.35}, "at most 10.3% faster"),
 ])
 def test_summary_says_device_cap_and_search_quality_in_words(changes, line):
     plan = _plan().replace(**changes)
