@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import transformers
 from dist_utils import max_rel_err, reference, run_workers
@@ -80,3 +81,17 @@ def test_eval_over_two_gloo_ranks():
     last = results[1]
     assert last["equal"] and last["err"] < 1e-5, last
     assert results[0]["loss"] == results[1]["loss"]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_eval_of_a_model_with_float_inputs_equals_the_model_in_eval_mode(name):
+    """The other mode is captured from a copy on meta: float inputs must meet meta weights there
+    (the cnn's BatchNorm uses its running statistics in eval, its batch's in training)."""
+    zm = zoo.build(name, small=True, batch=4)
+    pm = _compile(zm, 2)
+    x, = zm.example_args
+    with torch.no_grad():
+        got = pm.eval()(x)
+        want = copy.deepcopy(zm.model).eval()(x)
+        assert max_rel_err(got, want) < 1e-5
+        assert max_rel_err(pm.train()(x), copy.deepcopy(zm.model).train()(x)) < 1e-5
