@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from torch.utils import _pytree as pytree
 
 from partitioner.errors import RuntimeConfigError
 from partitioner.plan import Plan
@@ -84,15 +83,10 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
         raise RuntimeConfigError("ParallelModel.train/eval: this ParallelModel keeps no reference to its model, "
                                  "so it cannot capture the other mode; build it with compile_parallel.")
     model = source.model
-    args, kwargs = source.args, source.kwargs
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        # the skeleton's weights are on meta: so must the inputs be, or the first op mixing an input
-        # with a weight fails (cpu vs meta); the device constants this bakes in place_on_device moves
-        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
     was = model.training
     model.train(training)
     try:
-        captured = capture_for_training(model, args, kwargs, source.mixed_precision)
+        captured = capture_for_training(model, source.args, source.kwargs, source.mixed_precision)
     finally:
         model.train(was)
     stages = split(captured, plan_like(captured, pm.captured, pm.plan))

@@ -127,3 +127,38 @@ def test_meta_models_over_two_gloo_ranks(tmp_path):
         assert r["gpt2"] == "ok" and r["llama-1b"] == "ok", r
     assert set(results[0]["gpt2 local"]) != set(results[1]["gpt2 local"])  # each rank its own stages
     assert "transformer.wte.weight" in set(results[0]["gpt2 local"]) & set(results[1]["gpt2 local"])
+
+
+class _Normalised(torch.nn.Module):
+    """Float inputs, a real buffer mixed with them (as vision models normalise pixels), BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.linspace(-1, 1, 8))
+        self.layers = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                          torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.layers(x - self.mean)
+
+
+def test_a_meta_model_with_float_inputs_and_real_buffers_trains_and_evaluates(tmp_path):
+    """Weights on meta, buffers and inputs real: the model is traced with all of them on meta."""
+    torch.manual_seed(0)
+    eager = _Normalised()
+    save_model(eager, tmp_path)
+    with meta_parameters():
+        model = _Normalised()
+    assert model.mean.device.type == "cpu" and model.layers[0].weight.is_meta
+    x, y = torch.randn(8, 8), torch.randn(8, 4)
+    loss_fn = torch.nn.functional.mse_loss
+    pm = compile_parallel(model, ["cpu"] * 2, (x,), loss_fn, microbatches=2, checkpoint=tmp_path)
+    want = copy.deepcopy(eager)
+    want_loss = sum(loss_fn(want(xm), ym) for xm, ym in zip(x.chunk(2), y.chunk(2))) / 2  # BatchNorm per microbatch
+    want_loss.backward()
+    loss = pm.train_step(x, target=y)
+    assert max_rel_err(loss, want_loss.detach()) < 1e-5
+    for name, p in pm.named_parameters():
+        assert max_rel_err(p.grad, want.get_parameter(name).grad) < 1e-5, name
+    with torch.no_grad():
+        assert max_rel_err(pm.eval()(x), want.eval()(x)) < 1e-5  # running statistics, updated alike

@@ -20,7 +20,7 @@ import logging
 import operator
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx
@@ -407,33 +407,62 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
     names = input_leaf_names(model, example_args, kwargs)
     tensor_leaf = [isinstance(v, torch.Tensor) for v in leaves]
     tied = find_tied(model)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta:  # weights on meta (a model built without memory): trace inputs and buffers there too
+        example_args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (example_args, kwargs))
+        leaves = pytree.tree_leaves((example_args, kwargs))
 
-    tracker = ModuleTracker(model)
-    try:
-        with tracker:
-            gm, out_spec = _export(model, example_args, kwargs)
-        method = "export"
-    except Exception as export_err:
-        export_where = tracker.where()
-        if not is_data_dependent(export_err):
-            check_inputs_eagerly(model, example_args, kwargs, names, leaves)
+    with _buffers_on_meta(model) if on_meta else contextlib.nullcontext():
         tracker = ModuleTracker(model)
         try:
             with tracker:
-                gm, out_spec = _symbolic_trace(model, in_spec, leaves)
-            method = "symbolic_trace"
-            log.warning("torch.export failed on %s in %s (%s); captured with torch.fx.symbolic_trace instead",
-                        model_name(model), export_where, first_line(export_err))
-        except Exception as trace_err:
-            raise capture_error(model, export_err, export_where, trace_err, tracker.where()) from export_err
+                gm, out_spec = _export(model, example_args, kwargs)
+            method = "export"
+        except Exception as export_err:
+            export_where = tracker.where()
+            if not is_data_dependent(export_err):
+                check_inputs_eagerly(model, example_args, kwargs, names, leaves)
+            tracker = ModuleTracker(model)
+            try:
+                with tracker:
+                    gm, out_spec = _symbolic_trace(model, in_spec, leaves)
+                method = "symbolic_trace"
+                log.warning("torch.export failed on %s in %s (%s); captured with torch.fx.symbolic_trace instead",
+                            model_name(model), export_where, first_line(export_err))
+            except Exception as trace_err:
+                raise capture_error(model, export_err, export_where, trace_err, tracker.where()) from export_err
 
-    keep, const = _normalise(gm, tied, tensor_leaf)
+        keep, const = _normalise(gm, tied, tensor_leaf)
     input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     _check_vals(gm)
     return Captured(graph_module=gm, in_spec=in_spec, out_spec=out_spec, input_names=input_names,
                     tied=tied, method=method, input_leaf_indices=keep, const_inputs=const,
                     module_types={name: f"{type(m).__module__}.{type(m).__qualname__}"
                                   for name, m in model.named_modules()})
+
+
+@contextlib.contextmanager
+def _buffers_on_meta(model: torch.nn.Module) -> Iterator[None]:
+    """The model's real buffers swapped for meta copies while it is traced, then put back.
+
+    A model built with its parameters on meta keeps real buffers (their values are needed when it
+    is materialised); traced as they are, the first op mixing one with a meta activation fails
+    (cpu vs meta). Tracing needs only their shapes. A buffer shared by modules stays shared.
+    """
+    meta_of: dict[int, torch.Tensor] = {}
+    swapped: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and not buf.is_meta:
+                meta_of.setdefault(id(buf), buf.to("meta"))
+                swapped.append((module, name, buf))
+    try:
+        for module, name, buf in swapped:
+            module._buffers[name] = meta_of[id(buf)]
+        yield
+    finally:
+        for module, name, buf in swapped:
+            module._buffers[name] = buf
 
 
 def _check_vals(gm: torch.fx.GraphModule) -> None:
