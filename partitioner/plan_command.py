@@ -275,7 +275,7 @@ def run_plan(args: argparse.Namespace) -> None:
             Console(stderr=True).print(f"using --batch {config.batch}: the default batch {DEFAULT_BATCH} "
                                        f"does not split into {split_into}")
     console = Console()
-    if not console.is_terminal:
+    if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=max(console.width, 160))  # logs and pipes: room for the whole table
     err = Console(stderr=True)
     note = context_note(args.model, config.seq)

@@ -165,6 +165,15 @@ def test_plan_table_fits_80_columns(chunks):
     assert "140.0 us" in wide.file.getvalue() and "12.34 ms" in wide.file.getvalue()
 
 
+def test_columns_80_is_honoured_in_a_pipe_and_loses_no_column(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = run(capsys, MODEL, "--devices", "2", "--microbatches", "4", "--time-limit", "5")
+    assert code == 0, err
+    assert max(len(line) for line in out.splitlines()) <= 80 and "\u2026" not in out
+    for col in ("rank", "blocks", "params", "saved/mb", "fwd+bwd", "memory"):
+        assert col in out
+
+
 @pytest.mark.parametrize("changes,line", [
     ({}, "device h100 with 80.00 GiB: the memory cap"),
     ({"memory_cap_bytes": 24 * 2**30}, "device h100 with 80.00 GiB; memory cap 24.00 GiB per rank"),
