@@ -42,6 +42,7 @@ from benchmarks.common import RESULTS_DIR, print_table, pyplot, save_figure, wri
 from partitioner.critical_path import path_bound_solve
 from partitioner.exact import EXACT_BUDGET_S, PassTimes, best_split_s, pipeline_bound_s, split_cuts
 from partitioner.plan_model import BLOCKS_PER_STAGE
+from partitioner.problem import PlanProblem
 
 MODELS = ("gpt2-xl", "t5-base", "cnn", "llama-8b")
 LAYER_COUNT_BASELINES = ("uniform", "torchtitan", "parameters")
@@ -77,7 +78,8 @@ def exact_columns(bg, p: int, v: int, m: int, bw: float, ilp, pb: float | None, 
     if pb is None or budget_s <= 0:
         return cols
     t0 = time.perf_counter()
-    ex = best_split_s(bg, p, m, bw, ilp.step_time_s, budget_s, split_cuts(ilp.block_stage))
+    problem = PlanProblem.checked(bg, p, v, m, link_bw_bytes_per_s=bw)
+    ex = best_split_s(problem, ilp.step_time_s, budget_s, split_cuts(ilp.block_stage))
     cols.update(exact_ms=ex.step_time_s * 1e3, exact_complete=ex.complete, exact_splits=ex.splits_simulated,
                 exact_lb_ms=ex.lower_bound_s * 1e3, exact_s=time.perf_counter() - t0,
                 ilp_vs_exact=ilp.step_time_s / ex.step_time_s)
@@ -90,7 +92,6 @@ def paths_columns(bg, p: int, v: int, m: int, bw: float, ilp, budget_s: float, c
     is still over 3% above the bound after budget_s gets a second run of extra_s seconds from the best
     plan found so far, polished (refine with kicks) for extra_s / 8 more: a faster incumbent prunes
     more of the relaxation. The larger bound of the two holds."""
-    from partitioner.problem import PlanProblem
     from partitioner.refine import refine
 
     cols = dict.fromkeys(("paths_lb_ms", "ilp_vs_paths_lb", "proven_3pct", "paths_ms", "paths_status", "paths_s"))
@@ -152,7 +153,7 @@ def run(models: list[str], ranks: list[int], chunks: list[int], time_limit_s: fl
                 row = {"model": name, "p": p, "v": v, "m": m, "blocks": len(bg.blocks),
                        "ilp_ms": ilp.step_time_s * 1e3}
                 row.update({f"{k}_ms": b.step_time_s * 1e3 for k, b in base.items()})
-                pb = pipeline_bound_s(bg, p, v, m)
+                pb = pipeline_bound_s(PlanProblem.checked(bg, p, v, m, link_bw_bytes_per_s=bw))
                 row.update({"lower_bound_ms": lb * 1e3, "equal_stages_ms": equal_stages_s(bg, p, v, m) * 1e3,
                             "ilp_vs_lb": ilp.step_time_s / lb,
                             "pipeline_bound_ms": pb * 1e3 if pb is not None else None,
@@ -182,7 +183,6 @@ def memory_bound_row(name: str, bg, p: int, v: int, m: int, bw: float, time_limi
     that fits) and the baselines (which ignore memory: do they fit?)."""
     from partitioner.baselines import all_baselines
     from partitioner.plan import evaluate_assignment
-    from partitioner.problem import PlanProblem
     from partitioner.seeds import chain_dp_split
     from partitioner.solve import min_memory_bytes, solve
 

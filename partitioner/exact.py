@@ -19,6 +19,7 @@ import numpy as np
 
 from partitioner.cost_models.time import pass_time_s
 from partitioner.plan import evaluate_assignment
+from partitioner.problem import PlanProblem
 from partitioner.runtime.schedules import Action, make_schedule
 
 EXACT_BUDGET_S = 60.0  # default time budget of best_split_s
@@ -86,8 +87,8 @@ def rest_bounds_s(times: PassTimes, p: int, m: int) -> list[list[float]]:
     return rest
 
 
-def pipeline_bound_s(bg, p: int, v: int, m: int) -> float | None:
-    """A true lower bound on the simulated 1F1B step of any plan with one stage per rank.
+def pipeline_bound_s(problem: PlanProblem) -> float | None:
+    """A true lower bound on the simulated 1F1B step of any plan of `problem` with one stage per rank.
 
     Two facts about rank k (stage k, forward f_k, backward b_k, W the whole work of a microbatch):
     - it cannot start before the forwards of stages 0..k-1 of a microbatch ran, then runs
@@ -102,6 +103,7 @@ def pipeline_bound_s(bg, p: int, v: int, m: int) -> float | None:
     where the argument differs. Communication and all-reduce only add to the step. Sums over
     several stages are taken as one pass (PassTimes), which is never more than they take.
     """
+    bg, p, v, m = problem.block_graph, problem.num_ranks, problem.chunks, problem.microbatches
     if v != 1 or m < p or not bg.is_path():
         return None
     return rest_bounds_s(PassTimes(bg), p, m)[0][0]
@@ -219,9 +221,8 @@ def split_assignment(cuts: tuple[int, ...], num_blocks: int) -> list[int]:
     return [s for s in range(len(starts) - 1) for _ in range(starts[s], starts[s + 1])]
 
 
-def best_split_s(bg, p: int, m: int, link_bw_bytes_per_s: float, incumbent_s: float = float("inf"),
-                 time_budget_s: float = EXACT_BUDGET_S, incumbent_cuts: tuple[int, ...] | None = None,
-                 memory_cap_bytes: int | None = None, gap: float = 0.0) -> ExactResult:
+def best_split_s(problem: PlanProblem, incumbent_s: float = float("inf"), time_budget_s: float = EXACT_BUDGET_S,
+                 incumbent_cuts: tuple[int, ...] | None = None, gap: float = 0.0) -> ExactResult:
     """The contiguous split into p 1F1B stages with the fastest simulated step (v = 1), by branch and bound.
 
     On a path-shaped graph every valid v = 1 plan is a contiguous split, so this is the best plan.
@@ -230,13 +231,16 @@ def best_split_s(bg, p: int, m: int, link_bw_bytes_per_s: float, incumbent_s: fl
     the stage_bound_s of each assigned stage, rest_bounds_s for the unassigned ones, and the
     relaxed 1F1B of the assigned ranks (RelaxedPipeline) plus the tied-weight all-reduce already
     forced. Complete splits are scored by partitioner.plan.evaluate_assignment, as the ILP and the
-    baselines are. With memory_cap_bytes, a split whose simulated peak on some rank exceeds it is
+    baselines are. With problem.memory_cap_bytes, a split whose simulated peak on some rank exceeds it is
     no candidate (the bounds still hold for the splits that fit). Past time_budget_s it stops with
     complete=False. gap > 0 also drops a partial split whose bound is within that fraction of the
     best step: complete then proves the best within the gap (lower_bound_s: the least bound of what was dropped).
     """
-    if not bg.is_path() or m < p:
-        raise ValueError(f"best_split_s needs a path-shaped block graph and m >= p (got m={m}, p={p})")
+    bg, p, m = problem.block_graph, problem.num_ranks, problem.microbatches
+    memory_cap_bytes, link_bw_bytes_per_s = problem.memory_cap_bytes, problem.link_bw_bytes_per_s
+    if not bg.is_path() or m < p or problem.chunks != 1:
+        raise ValueError(f"best_split_s needs a path-shaped block graph, one stage per rank and m >= p "
+                         f"(got m={m}, p={p}, chunks={problem.chunks})")
     deadline = time.perf_counter() + time_budget_s
     n, bw = len(bg.blocks), link_bw_bytes_per_s
     times = PassTimes(bg)

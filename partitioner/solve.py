@@ -99,7 +99,7 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     found = _solve_ilp(problem, seeds, t0 + time_limit_s - reserve, time_limit_s, workers, gap)
     assign, refined = found.assignment, False
     # a bound on every plan's simulated step, known before the polish: it may stop early
-    early_bound = pipeline_bound_s(bg, p, v, m) if simulate and exact_follows and gap > 0 else None
+    early_bound = pipeline_bound_s(problem) if simulate and exact_follows and gap > 0 else None
     target_s = early_bound * (1 + gap) if early_bound else 0.0
     searching = simulate and refine_time_s > 0
     if searching:
@@ -198,17 +198,15 @@ def _exact_split(problem: PlanProblem, plan: Plan, budget_s: float, gap: float,
 
     Returns (the better plan, the status suffix, a lower bound on every plan's simulated step).
     """
-    bg, p, v, m = problem.block_graph, problem.num_ranks, problem.chunks, problem.microbatches
-    found = best_split_s(bg, p, m, problem.link_bw_bytes_per_s, plan.step_time_s, budget_s,
-                         split_cuts(plan.block_stage), problem.memory_cap_bytes, gap=gap)
+    found = best_split_s(problem, plan.step_time_s, budget_s, split_cuts(plan.block_stage), gap=gap)
     exact = ""
     if found.cuts is not None and found.step_time_s < plan.step_time_s:
-        plan = evaluate(problem, split_assignment(found.cuts, len(bg.blocks)))
+        plan = evaluate(problem, split_assignment(found.cuts, problem.num_blocks))
         exact = ("+exact(incomplete)" if not found.complete else "+exact(optimal)" if gap == 0
                  else "+exact(within gap)")
     elif found.complete:
         exact = "+optimal" if gap == 0 else "+exact(within gap)"  # no split beats the refined plan by more
-    lower = min(plan.step_time_s, max(found.lower_bound_s, early_bound or pipeline_bound_s(bg, p, v, m)))
+    lower = min(plan.step_time_s, max(found.lower_bound_s, early_bound or pipeline_bound_s(problem)))
     return plan, exact, lower
 
 

@@ -11,11 +11,16 @@ import pytest
 from partitioner.exact import (PassTimes, RelaxedPipeline, best_split_s, pipeline_bound_s, split_assignment,
                                split_cuts)
 from partitioner.plan import evaluate_assignment
+from partitioner.problem import PlanProblem
 from partitioner.solve import solve
 from partitioner.passes.coarsen import synthetic_block_graph
 
 BW = 1e10  # 10 MB take 1 ms: as long as a block
 
+
+
+def problem(bg, p: int, m: int, bw: float = 1e10, v: int = 1) -> PlanProblem:
+    return PlanProblem.checked(bg, p, v, m, link_bw_bytes_per_s=bw)
 
 def random_chain(rng: random.Random, n: int):
     """A path-shaped block graph: uneven blocks, activations that take time to send, a skip connection,
@@ -143,19 +148,19 @@ def test_pipeline_bound_is_below_every_split_and_reached_by_equal_stages(seed):
     n, p = rng.randint(4, 8), rng.choice([2, 3])
     m = 2 * p
     bg = synthetic_block_graph([rng.uniform(0.5e-3, 3e-3) for _ in range(n)])
-    bound = pipeline_bound_s(bg, p, 1, m)
+    bound = pipeline_bound_s(problem(bg, p, m, v=1))
     steps = [split_step_s(bg, cuts, p, m, 1e12) for cuts in itertools.combinations(range(1, n), p - 1)]
     assert bound <= min(steps) * (1 + 1e-9)
     equal = synthetic_block_graph([1e-3] * (2 * p))  # equal stages: the textbook (m + p - 1) t is exact
-    assert pipeline_bound_s(equal, p, 1, m) == pytest.approx((m + p - 1) * 2e-3)
+    assert pipeline_bound_s(problem(equal, p, m, v=1)) == pytest.approx((m + p - 1) * 2e-3)
 
 
 def test_no_bound_off_paths_or_with_interleaving():
     branchy = synthetic_block_graph([1e-3] * 4, edges={(0, 1): 0, (0, 2): 0, (1, 3): 0, (2, 3): 0})
-    assert pipeline_bound_s(branchy, 2, 1, 4) is None
-    assert pipeline_bound_s(synthetic_block_graph([1e-3] * 4), 2, 2, 4) is None
+    assert pipeline_bound_s(problem(branchy, 2, 4, v=1)) is None
+    assert pipeline_bound_s(problem(synthetic_block_graph([1e-3] * 4), 2, 4, v=2)) is None
     with pytest.raises(ValueError, match="path-shaped"):
-        best_split_s(branchy, 2, 4, 1e10)
+        best_split_s(problem(branchy, 2, 4))
 
 
 @pytest.mark.parametrize("seed", range(15))
@@ -166,15 +171,15 @@ def test_best_split_is_the_brute_force_best_and_never_worse_than_its_incumbent(s
     bg = timed_chain(rng, n)
     steps = {cuts: split_step_s(bg, cuts, p, m, bw) for cuts in itertools.combinations(range(1, n), p - 1)}
     best_cuts = min(steps, key=steps.get)
-    found = best_split_s(bg, p, m, bw, time_budget_s=30)
+    found = best_split_s(problem(bg, p, m, bw), time_budget_s=30)
     assert found.complete and found.step_time_s == pytest.approx(steps[best_cuts], rel=1e-12)
     assert found.lower_bound_s == found.step_time_s
     assert steps[found.cuts] == found.step_time_s  # its cuts score what it says
     worst = max(steps, key=steps.get)
-    from_worst = best_split_s(bg, p, m, bw, steps[worst], 30, worst)
+    from_worst = best_split_s(problem(bg, p, m, bw), steps[worst], 30, worst)
     assert from_worst.step_time_s == pytest.approx(steps[best_cuts], rel=1e-12)
     unreachable = steps[best_cuts] * 0.99  # an incumbent no split beats: it stays
-    assert best_split_s(bg, p, m, bw, unreachable, 30).step_time_s == unreachable
+    assert best_split_s(problem(bg, p, m, bw), unreachable, 30).step_time_s == unreachable
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -200,11 +205,11 @@ def test_relaxed_pipeline_bounds_every_split_and_is_the_simulator_without_commun
 def test_best_split_stops_at_its_budget_with_a_valid_bound():
     rng = random.Random(7)
     bg, p, m, bw = timed_chain(rng, 40), 4, 8, 1e10
-    cut_short = best_split_s(bg, p, m, bw, time_budget_s=0.0)
+    cut_short = best_split_s(problem(bg, p, m, bw), time_budget_s=0.0)
     assert not cut_short.complete and cut_short.splits_simulated == 0
-    full = best_split_s(bg, p, m, bw, time_budget_s=30)
+    full = best_split_s(problem(bg, p, m, bw), time_budget_s=30)
     assert full.complete
-    assert pipeline_bound_s(bg, p, 1, m) <= cut_short.lower_bound_s <= full.step_time_s
+    assert pipeline_bound_s(problem(bg, p, m, v=1)) <= cut_short.lower_bound_s <= full.step_time_s
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -217,6 +222,6 @@ def test_bounds_and_search_hold_where_the_host_paces_some_blocks(seed):
     bg.blocks = [dataclasses.replace(b, host_fwd_time_s=rng.uniform(0, 2 * b.fwd_time_s),
                                      host_bwd_time_s=rng.uniform(0, 2 * b.bwd_time_s)) for b in bg.blocks]
     steps = [split_step_s(bg, cuts, p, m, bw) for cuts in itertools.combinations(range(1, n), p - 1)]
-    assert max(all_busy_s(bg, p, m), pipeline_bound_s(bg, p, 1, m)) <= min(steps) * (1 + 1e-12)
-    found = best_split_s(bg, p, m, bw, time_budget_s=30)
+    assert max(all_busy_s(bg, p, m), pipeline_bound_s(problem(bg, p, m, v=1))) <= min(steps) * (1 + 1e-12)
+    found = best_split_s(problem(bg, p, m, bw), time_budget_s=30)
     assert found.complete and found.step_time_s == pytest.approx(min(steps), rel=1e-12)

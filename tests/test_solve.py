@@ -158,7 +158,7 @@ def test_time_limit_covers_the_whole_call(chunks, monkeypatch):
 
     takes_its_budget("cp_solver", solve_module.cp_solver, 0)
     takes_its_budget("refine", solve_module.refine, 2)
-    takes_its_budget("best_split_s", solve_module.best_split_s, 5)
+    takes_its_budget("best_split_s", solve_module.best_split_s, 2)
     takes_its_budget("path_bound_solve", solve_module.path_bound_solve, 1)
     limit = 1.5
     bg = synthetic_chain(200, seed=1)
