@@ -320,8 +320,9 @@ class ParallelModel:
                     isinstance(x, torch.Tensor) and (x.shape != ex.shape or x.dtype != ex.dtype)):
                 got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
                 want = f"{tuple(ex.shape)} {ex.dtype}" if isinstance(ex, torch.Tensor) else repr(ex)
-                tail = (" (a DataLoader's last, smaller batch: drop_last=True)" if isinstance(x, torch.Tensor)
-                        and x.dim() == ex.dim() > 0 and x.shape[1:] == ex.shape[1:] and x.shape[0] < ex.shape[0] else "")
+                smaller = (isinstance(x, torch.Tensor) and x.dim() == ex.dim() > 0 and x.shape[1:] == ex.shape[1:]
+                           and x.shape[0] < ex.shape[0])
+                tail = " (a DataLoader's last, smaller batch: drop_last=True)" if smaller else ""
                 raise RuntimeConfigError(f"input {i} is {got} but the example inputs had {want}; the stages were "
                                          f"captured for that shape. Pass batches shaped like the example inputs{tail}.")
         shares = split_batch((tuple(inputs), dict(kwargs)), self.dp * self.microbatches, "input", batch_size(leaves))

@@ -88,9 +88,11 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     if refine_time_s is None:  # the simulator's polish pays most where no exact search follows it
         # (with a gap the exact search needs only a good incumbent: 0.5 s of polish found the same
         # gpt2-xl plan at p = 8 as 2 s)
-        refine_time_s = min(2.0 if gap == 0 else 0.5, time_limit_s / 4) if exact_follows else POLISH_SHARE * time_limit_s
+        refine_time_s = (min(2.0 if gap == 0 else 0.5, time_limit_s / 4) if exact_follows
+                         else POLISH_SHARE * time_limit_s)
+    searching = simulate and refine_time_s > 0  # the polish, then the exact search or the row generation
     # where no exact search follows, the row generation needs time of its own for a bound
-    paths_reserve_s = PATHS_SHARE * time_limit_s if simulate and not exact_follows else 0.0
+    paths_reserve_s = PATHS_SHARE * time_limit_s if searching and not exact_follows else 0.0
     t0 = time.perf_counter()
     _check_parameter_share(problem, time_limit_s, workers)
     seeds = make_seeds(problem, incumbent=hint)
@@ -101,7 +103,6 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     # a bound on every plan's simulated step, known before the polish: it may stop early
     early_bound = pipeline_bound_s(problem) if simulate and exact_follows and gap > 0 else None
     target_s = early_bound * (1 + gap) if early_bound else 0.0
-    searching = simulate and refine_time_s > 0
     if searching:
         assign = _polish(problem, found.assignment, seeds, refine_time_s, target_s)
         refined = assign != found.assignment

@@ -12,7 +12,7 @@ from partitioner.cli import main
 from partitioner.errors import PartitionerError
 from partitioner.plan import Plan
 from partitioner.plan_command import plan_table, print_plan, summary_lines
-from partitioner.units import parse_bytes
+from partitioner.units import human_bytes, parse_bytes
 
 MODEL = "tests.test_cli_plan:tiny_model"
 
@@ -231,7 +231,7 @@ def test_parameters_over_the_cap_are_refused_before_profiling(capsys, monkeypatc
     monkeypatch.setenv("PARTITIONER_CACHE", str(tmp_path))  # not profiled by an earlier test
     code, out, err = run(capsys, MODEL, "--devices", "2", "--memory", f"{int(share) - 1}B")
     assert code == 2 and "parameters, gradients and adamw states alone, over 2 devices" in err, err
-    assert f"at least {partitioner.plan_command.human_bytes(share)}" in err
+    assert f"at least {human_bytes(share)}" in err
 
 
 def test_console_script_flushes_and_keeps_the_exit_code(tmp_path):

@@ -85,8 +85,8 @@ def test_eval_over_two_gloo_ranks():
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_eval_of_a_model_with_float_inputs_equals_the_model_in_eval_mode(name):
-    """The other mode is captured from a copy on meta: float inputs must meet meta weights there
-    (the cnn's BatchNorm uses its running statistics in eval, its batch's in training)."""
+    """The other mode is captured from a copy on meta: float inputs (an MLP's features, the cnn's
+    images) must meet meta weights there."""
     zm = zoo.build(name, small=True, batch=4)
     pm = _compile(zm, 2)
     x, = zm.example_args
