@@ -41,6 +41,41 @@ def busy_s(events: list, device_type) -> float:
     return total / 1e6
 
 
+def idle_spans(events: list, device_type) -> list[tuple[float, float]]:
+    """The gaps (us) between the device's kernels, from its first kernel's start to its last one's end."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == device_type)
+    gaps, end = [], None
+    for a, b in spans:
+        if end is not None and a > end:
+            gaps.append((end, a))
+        end = b if end is None else max(end, b)
+    return gaps
+
+
+def idle_attribution(events: list, gaps: list[tuple[float, float]], top: int = 12) -> str:
+    """The host ops running while the device sat idle: ms of overlap with the gaps, per op name.
+
+    Nested ops each count (a `partitioner.0F3` and the compiled region inside it both show), so
+    the list reads from the outermost host work to the innermost.
+    """
+    import bisect
+    starts = [a for a, _ in gaps]
+    overlap: dict[str, float] = {}
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        a, b = e.time_range.start, e.time_range.end
+        i = max(0, bisect.bisect_right(starts, a) - 1)
+        total = 0.0
+        while i < len(gaps) and gaps[i][0] < b:
+            total += max(0.0, min(b, gaps[i][1]) - max(a, gaps[i][0]))
+            i += 1
+        if total:
+            overlap[e.name] = overlap.get(e.name, 0.0) + total
+    best = sorted(overlap.items(), key=lambda kv: kv[1], reverse=True)[:top]
+    return ", ".join(f"{k} {v / 1e3:.1f}ms" for k, v in best)
+
+
 def profile_step(step, device: torch.device, trace: Path) -> dict:
     """Wall time of one profiled step, device-busy time, action host times and the top host ops."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -57,13 +92,37 @@ def profile_step(step, device: torch.device, trace: Path) -> dict:
     fwd = [e.cpu_time_total / 1e6 for e in actions if "F" in e.name.split(".")[-1]]
     bwd = [e.cpu_time_total / 1e6 for e in actions if "B" in e.name.split(".")[-1]]
     top = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)[:5]
+    cuda = device.type == "cuda"
+    gaps = idle_spans(events, torch.autograd.DeviceType.CUDA) if cuda else []
     return {"wall_ms": wall * 1e3,
-            "busy_ms": busy_s(events, torch.autograd.DeviceType.CUDA) * 1e3 if device.type == "cuda" else None,
+            "busy_ms": busy_s(events, torch.autograd.DeviceType.CUDA) * 1e3 if cuda else None,
+            "idle_gaps": len(gaps),
+            "idle_ms": sum(b - a for a, b in gaps) / 1e3 if cuda else None,
             "actions": len(actions),
             "host_fwd_ms": statistics.mean(fwd) * 1e3 if fwd else None,
             "host_bwd_ms": statistics.mean(bwd) * 1e3 if bwd else None,
             "host_actions_ms": (sum(fwd) + sum(bwd)) * 1e3 if actions else None,
-            "top_host_ops": ", ".join(f"{a.key} {a.self_cpu_time_total / 1e3:.1f}ms" for a in top)}
+            "top_host_ops": ", ".join(f"{a.key} {a.self_cpu_time_total / 1e3:.1f}ms" for a in top),
+            "host_ops_while_idle": idle_attribution(events, gaps) if cuda else ""}
+
+
+def host_and_wall(configs: list, device: torch.device, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median host ms (until the step returns, before synchronising) and wall ms per config, the
+    configs alternating in `rounds` rounds (order reversed every other round): a host-bound step
+    has host close to wall."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    host: dict[str, list[float]] = {c[0]: [] for c in configs}
+    wall: dict[str, list[float]] = {c[0]: [] for c in configs}
+    for r in range(rounds):
+        for label, step, _ in (configs if r % 2 == 0 else configs[::-1]):
+            sync()
+            t = time.perf_counter()
+            step()
+            h = time.perf_counter()
+            sync()
+            host[label].append((h - t) * 1e3)
+            wall[label].append((time.perf_counter() - t) * 1e3)
+    return {k: (statistics.median(host[k]), statistics.median(wall[k])) for k in host}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile the plain model and the stages (auto: on CUDA)")
+    parser.add_argument("--modes", default="default",
+                        help="comma-separated torch.compile modes to run each configuration in "
+                             "(e.g. default,reduce-overhead: CUDA graphs)")
+    parser.add_argument("--rounds", type=int, default=5, help="unprofiled alternating rounds (host vs wall)")
     add_training_run_arguments(parser, "host_overhead_<device>", time_limit_s=5.0)
     args = parser.parse_args(argv)
     if args.results_dir:
@@ -87,39 +150,57 @@ def main(argv: list[str] | None = None) -> int:
     zm = build_model(args, args.model, args.precision, device)
     m = args.microbatches
     x, y = zm.example_args[0], zm.target
-    plain = torch.compile(zm.model, dynamic=False) if compiled else zm.model
+    modes = args.modes.split(",") if compiled else ["default"]
+    configs = []
+    for mode in modes:
+        tag = "" if mode == "default" else f"-{mode}"
+        options = {"dynamic": False, **({} if mode == "default" else {"mode": mode})}
+        plain = torch.compile(zm.model, **options) if compiled else zm.model
 
-    def plain_step():
-        for xb, yb in zip(x.chunk(m), y.chunk(m)):
-            (zm.loss_fn(plain(xb), yb) / m).backward()
-        zm.model.zero_grad(set_to_none=True)
+        def plain_step(plain=plain):
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            for xb, yb in zip(x.chunk(m), y.chunk(m)):
+                (zm.loss_fn(plain(xb), yb) / m).backward()
+            zm.model.zero_grad(set_to_none=True)
+        configs.append((f"plain{tag}", plain_step, None))
+        from partitioner.api import compile_parallel
+        for stages in (int(s) for s in args.stages.split(",")):
+            pm = compile_parallel(zm.model, [device] * stages, (x,), zm.loss_fn, microbatches=m, example_target=y,
+                                  time_limit_s=args.time_limit, compile=options if compiled else False,
+                                  mixed_precision="bf16" if args.precision == "bf16-mixed" else None)
 
-    configs = [("plain", plain_step, None)]
-    from partitioner.api import compile_parallel
-    for stages in (int(s) for s in args.stages.split(",")):
-        pm = compile_parallel(zm.model, [device] * stages, (x,), zm.loss_fn, microbatches=m, example_target=y,
-                              time_limit_s=args.time_limit, compile=compiled,
-                              mixed_precision="bf16" if args.precision == "bf16-mixed" else None)
-
-        def ours(pm=pm):
-            pm.train_step(x, target=y)
-            pm.zero_grad()
-        configs.append((f"ours-{stages}-stages", ours, pm.plan))
+            def ours(pm=pm):
+                if device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+                pm.train_step(x, target=y)
+                pm.zero_grad()
+            configs.append((f"ours-{stages}-stages{tag}", ours, pm.plan))
     name = args.name or f"host_overhead_{device.type}"
     rows = []
+    for label, step, plan in list(configs):
+        try:
+            for _ in range(args.warmup):
+                step()
+        except Exception as err:  # noqa: BLE001 - a mode that fails is reported and left out, the rest still run
+            print(f"{label}: failed, left out: {type(err).__name__}: {str(err)[:500]}", file=sys.stderr, flush=True)
+            configs.remove((label, step, plan))
+            continue
+        print(f"{label}: warm", file=sys.stderr, flush=True)
+    timing = host_and_wall(configs, device, args.rounds)
     for label, step, plan in configs:
-        for _ in range(args.warmup):
-            step()
-        row = {"config": label, "compiled": compiled,
+        row = {"config": label, "compiled": compiled, "host_ms": timing[label][0], "unprofiled_wall_ms": timing[label][1],
                **profile_step(step, device, common.RESULTS_DIR / f"{name}_{label}.trace.json")}
         if plan is not None:  # the plan's serial work: every stage of every microbatch in turn
             row["pred_serial_ms"] = m * (sum(plan.stage_fwd_time_s) + sum(plan.stage_bwd_time_s)) * 1e3
         rows.append(row)
         print(f"{label}: wall {row['wall_ms']:.1f} ms", file=sys.stderr, flush=True)
     print_table(f"host time of one step, {args.model} {args.precision}, {m} microbatches on {device}",
-                [{k: v for k, v in r.items() if k != "top_host_ops"} for r in rows])
+                [{k: v for k, v in r.items() if k not in ("top_host_ops", "host_ops_while_idle")} for r in rows])
     for r in rows:
-        print(f"{r['config']}: {r['top_host_ops']}")
+        print(f"{r['config']}: top host ops: {r['top_host_ops']}")
+        if r["host_ops_while_idle"]:
+            print(f"{r['config']}: host ops while the device idled: {r['host_ops_while_idle']}")
     print(f"wrote {write_result(name, rows, {'microbatches': m})}")
     return 0
 

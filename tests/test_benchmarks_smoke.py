@@ -86,3 +86,22 @@ def test_host_overhead_labels_every_action_on_cpu(tmp_path):
     assert plain["actions"] == 0 and ours["actions"] == 2 * 2 * 4  # F and B of 2 stages x 4 microbatches
     assert 0 < ours["host_actions_ms"] <= ours["wall_ms"] * 1.01 and ours["pred_serial_ms"] > 0
     assert (tmp_path / "host_overhead_cpu_ours-2-stages.trace.json").stat().st_size > 1000
+
+
+def test_idle_attribution_charges_host_ops_with_the_device_gaps_they_overlap():
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from benchmarks.host_overhead import idle_attribution, idle_spans
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, a, b, dev):
+        return NS(name=name, time_range=NS(start=a, end=b), device_type=dev)
+    kernels = [ev("k", 0, 10, cuda), ev("k", 5, 20, cuda), ev("k", 30, 40, cuda), ev("k", 45, 50, cuda)]
+    gaps = idle_spans(kernels, cuda)
+    assert gaps == [(20, 30), (40, 45)]
+    host = [ev("slow_op", 15, 32, cpu), ev("outer", 0, 50, cpu), ev("busy_only", 0, 10, cpu)]
+    text = idle_attribution(kernels + host, gaps)
+    assert text.startswith("outer 0.0ms") and "slow_op" in text and "busy_only" not in text
+    assert idle_attribution(kernels + [ev("x", 21, 44, cpu)], gaps) == "x 0.0ms"  # 9 + 4 us
