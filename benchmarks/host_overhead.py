@@ -140,8 +140,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated torch.compile modes to run each configuration in "
                              "(e.g. default,reduce-overhead: CUDA graphs)")
     parser.add_argument("--rounds", type=int, default=5, help="unprofiled alternating rounds (host vs wall)")
+    parser.add_argument("--stacks-after", type=float, default=0,
+                        help="print every thread's stack after this many seconds (find where a run hangs)")
     add_training_run_arguments(parser, "host_overhead_<device>", time_limit_s=5.0)
     args = parser.parse_args(argv)
+    if args.stacks_after:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.stacks_after, exit=False)
     if args.results_dir:
         common.RESULTS_DIR = Path(args.results_dir)
     common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -188,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{label}: warm", file=sys.stderr, flush=True)
     timing = host_and_wall(configs, device, args.rounds)
-    for label, step, plan in configs:
+    for label, step, plan in configs:  # each row is printed and written as it comes: a killed run keeps them
         row = {"config": label, "compiled": compiled, "host_ms": timing[label][0], "unprofiled_wall_ms": timing[label][1],
                **profile_step(step, device, common.RESULTS_DIR / f"{name}_{label}.trace.json")}
         if plan is not None:  # the plan's serial work: every stage of every microbatch in turn
             row["pred_serial_ms"] = m * (sum(plan.stage_fwd_time_s) + sum(plan.stage_bwd_time_s)) * 1e3
         rows.append(row)
-        print(f"{label}: wall {row['wall_ms']:.1f} ms", file=sys.stderr, flush=True)
+        print(f"{label}: {row}", file=sys.stderr, flush=True)
+        write_result(name, rows, {"microbatches": m})
     print_table(f"host time of one step, {args.model} {args.precision}, {m} microbatches on {device}",
                 [{k: v for k, v in r.items() if k not in ("top_host_ops", "host_ops_while_idle")} for r in rows])
     for r in rows:
