@@ -3,6 +3,7 @@ changes, do not recompile in steady state, and fall back to eager with a warning
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -87,10 +88,21 @@ def test_a_stage_that_fails_to_compile_runs_eagerly_with_a_warning():
 def test_compile_defaults_follow_the_device_and_need_a_compiler(monkeypatch):
     assert compile_options(None, [torch.device("cpu")] * 2) is None
     assert compile_options(None, [torch.device("cuda:0")]) == {"dynamic": False}
-    assert compile_options({"mode": "max-autotune"}, [torch.device("cuda:0")])["mode"] == "max-autotune"
+    with pytest.warns(RuntimeWarning, match="CUDA graphs"):
+        assert compile_options({"mode": "max-autotune"}, [torch.device("cuda:0")])["mode"] == "max-autotune"
     monkeypatch.setattr("partitioner.runtime.compiled._cxx_compiler", lambda: None)
     with pytest.raises(RuntimeConfigError, match="C\\+\\+ compiler"):
         compile_options(True, [torch.device("cpu")])
+
+
+def test_cuda_graph_modes_warn_that_pipelined_steps_re_record():
+    for options in ({"mode": "reduce-overhead"}, {"options": {"triton.cudagraphs": True}}):
+        with pytest.warns(RuntimeWarning, match="re-record the pipelined call sequence"):
+            compile_options(options, [torch.device("cuda:0")] * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where no CUDA graphs run
+        compile_options({"mode": "max-autotune-no-cudagraphs"}, [torch.device("cuda:0")])
+        compile_options({"mode": "reduce-overhead"}, [torch.device("cpu")])
 
 
 def test_compiled_stages_are_planned_with_compiled_costs():
