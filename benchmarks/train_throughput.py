@@ -35,7 +35,6 @@ Writes benchmarks/results/<name>.json (default train_throughput_<mode>) and a PN
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
