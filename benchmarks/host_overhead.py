@@ -14,6 +14,7 @@ up to the wall. Chrome traces of every profiled step go next to the JSON, to ope
 from __future__ import annotations
 
 import argparse
+import bisect
 import statistics
 import sys
 import time
@@ -25,31 +26,28 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks import common
 from benchmarks.common import add_training_run_arguments, print_table, write_result
 from benchmarks.train_throughput import PRECISIONS, build_model
+from partitioner.runtime.compiled import uses_cudagraphs
 
 
-def busy_s(events: list, device_type) -> float:
+def kernel_spans(events: list, device_type) -> list[tuple[float, float]]:
+    """The device's kernel intervals (us) merged where they overlap, in time order."""
+    merged: list[tuple[float, float]] = []
+    for a, b in sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == device_type):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def busy_s(spans: list[tuple[float, float]]) -> float:
     """Seconds during which at least one kernel ran (overlapping kernels counted once)."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == device_type)
-    total, end = 0, None
-    for a, b in spans:
-        if end is None or a > end:
-            total += b - a
-            end = b
-        elif b > end:
-            total += b - end
-            end = b
-    return total / 1e6
+    return sum(b - a for a, b in spans) / 1e6
 
 
-def idle_spans(events: list, device_type) -> list[tuple[float, float]]:
-    """The gaps (us) between the device's kernels, from its first kernel's start to its last one's end."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == device_type)
-    gaps, end = [], None
-    for a, b in spans:
-        if end is not None and a > end:
-            gaps.append((end, a))
-        end = b if end is None else max(end, b)
-    return gaps
+def idle_spans(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The gaps (us) between merged kernel spans, from the first kernel's start to the last one's end."""
+    return [(prev[1], nxt[0]) for prev, nxt in zip(spans, spans[1:])]
 
 
 def idle_attribution(events: list, gaps: list[tuple[float, float]], top: int = 12) -> str:
@@ -58,7 +56,6 @@ def idle_attribution(events: list, gaps: list[tuple[float, float]], top: int = 1
     Nested ops each count (a `partitioner.0F3` and the compiled region inside it both show), so
     the list reads from the outermost host work to the innermost.
     """
-    import bisect
     starts = [a for a, _ in gaps]
     overlap: dict[str, float] = {}
     for e in events:
@@ -93,9 +90,10 @@ def profile_step(step, device: torch.device, trace: Path) -> dict:
     bwd = [e.cpu_time_total / 1e6 for e in actions if "B" in e.name.split(".")[-1]]
     top = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)[:5]
     cuda = device.type == "cuda"
-    gaps = idle_spans(events, torch.autograd.DeviceType.CUDA) if cuda else []
+    spans = kernel_spans(events, torch.autograd.DeviceType.CUDA) if cuda else []
+    gaps = idle_spans(spans)
     return {"wall_ms": wall * 1e3,
-            "busy_ms": busy_s(events, torch.autograd.DeviceType.CUDA) * 1e3 if cuda else None,
+            "busy_ms": busy_s(spans) * 1e3 if cuda else None,
             "idle_gaps": len(gaps),
             "idle_ms": sum(b - a for a, b in gaps) / 1e3 if cuda else None,
             "actions": len(actions),
@@ -160,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         tag = "" if mode == "default" else f"-{mode}"
         options = {"dynamic": False, **({} if mode == "default" else {"mode": mode})}
+        new_graph_step = device.type == "cuda" and uses_cudagraphs(options)  # tell cudagraph trees a step begins
         plain = torch.compile(zm.model, **options) if compiled else zm.model
 
-        def plain_step(plain=plain):
-            if device.type == "cuda":
+        def plain_step(plain=plain, new_graph_step=new_graph_step):
+            if new_graph_step:
                 torch.compiler.cudagraph_mark_step_begin()
             for xb, yb in zip(x.chunk(m), y.chunk(m)):
                 (zm.loss_fn(plain(xb), yb) / m).backward()
@@ -175,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                                   time_limit_s=args.time_limit, compile=options if compiled else False,
                                   mixed_precision="bf16" if args.precision == "bf16-mixed" else None)
 
-            def ours(pm=pm):
-                if device.type == "cuda":
+            def ours(pm=pm, new_graph_step=new_graph_step):
+                if new_graph_step:
                     torch.compiler.cudagraph_mark_step_begin()
                 pm.train_step(x, target=y)
                 pm.zero_grad()

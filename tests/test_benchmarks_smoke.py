@@ -93,13 +93,15 @@ def test_idle_attribution_charges_host_ops_with_the_device_gaps_they_overlap():
 
     import torch
 
-    from benchmarks.host_overhead import idle_attribution, idle_spans
+    from benchmarks.host_overhead import busy_s, idle_attribution, idle_spans, kernel_spans
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
     def ev(name, a, b, dev):
         return NS(name=name, time_range=NS(start=a, end=b), device_type=dev)
     kernels = [ev("k", 0, 10, cuda), ev("k", 5, 20, cuda), ev("k", 30, 40, cuda), ev("k", 45, 50, cuda)]
-    gaps = idle_spans(kernels, cuda)
+    spans = kernel_spans(kernels, cuda)
+    assert spans == [(0, 20), (30, 40), (45, 50)] and busy_s(spans) == pytest.approx(35e-6)
+    gaps = idle_spans(spans)
     assert gaps == [(20, 30), (40, 45)]
     host = [ev("slow_op", 15, 32, cpu), ev("outer", 0, 50, cpu), ev("busy_only", 0, 10, cpu)]
     text = idle_attribution(kernels + host, gaps)

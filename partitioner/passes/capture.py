@@ -29,7 +29,6 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
-from partitioner.passes.causal_mask import fold_causal_masks
 from partitioner.passes.capture_errors import (ModuleTracker, capture_error, check_inputs_eagerly, first_line,
                                    is_data_dependent, model_name)
 
@@ -434,6 +433,7 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
                 raise capture_error(model, export_err, export_where, trace_err, tracker.where()) from export_err
 
         keep, const = _normalise(gm, tied, tensor_leaf)
+        from partitioner.passes.causal_mask import fold_causal_masks  # lazy: it reads constants with get_attr (here)
         fold_causal_masks(gm)  # before any cost model or stage sees the graph: flash attention needs no mask
     input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     _check_vals(gm)

@@ -17,6 +17,8 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from partitioner.passes.capture import get_attr
+
 log = logging.getLogger(__name__)
 
 _SDPA = (torch.ops.aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention)
@@ -126,7 +128,7 @@ def _evaluate(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> torch.Tensor | N
     try:
         for n in nodes:
             if n.op == "get_attr":
-                value = _attr(gm, n.target)
+                value = get_attr(gm, n.target)
                 if isinstance(value, torch.nn.Parameter) or (isinstance(value, torch.Tensor) and value.is_meta):
                     return None  # trainable, loaded later, or without data
                 env[n] = value.to(_CPU) if isinstance(value, torch.Tensor) else value
@@ -160,13 +162,6 @@ def _free_bytes() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not Linux: no limit
         return 1 << 62
-
-
-def _attr(gm: torch.fx.GraphModule, fqn: str) -> Any:
-    obj: Any = gm
-    for part in fqn.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _classify(mask: torch.Tensor | None, scores: tuple[int, ...]) -> str | None:

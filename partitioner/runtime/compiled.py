@@ -40,8 +40,8 @@ def compile_options(compile: bool | dict | None, devices: list[torch.device]) ->
     if compile is False:
         return None
     options = {**DEFAULT_OPTIONS, **(compile if isinstance(compile, dict) else {})}
-    if _uses_cudagraphs(options) and any(d.type == "cuda" for d in devices):
-        warnings.warn(f"compile_parallel(compile={{'mode': {options.get('mode')!r}, ...}}) runs the stages under CUDA "
+    if uses_cudagraphs(options) and any(d.type == "cuda" for d in devices):
+        warnings.warn(f"compile_parallel(compile={compile!r}) runs the stages under CUDA "
                       "graphs, which re-record the pipelined call sequence (several microbatches in flight) every "
                       "step instead of replaying it: steps get much slower. Use the default mode (compile=True), "
                       "or 'max-autotune-no-cudagraphs' for autotuned kernels.", RuntimeWarning, stacklevel=3)
@@ -52,7 +52,7 @@ def compile_options(compile: bool | dict | None, devices: list[torch.device]) ->
     return options
 
 
-def _uses_cudagraphs(options: dict[str, Any]) -> bool:
+def uses_cudagraphs(options: dict[str, Any]) -> bool:
     """torch.compile's modes that turn on CUDA graphs (cudagraph trees), or the inductor option itself."""
     inductor = options.get("options") or {}
     return options.get("mode") in ("reduce-overhead", "max-autotune") or bool(inductor.get("triton.cudagraphs"))
