@@ -359,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         from partitioner.cost_models.device import spec_for_torch_device
         peak_flops = spec_for_torch_device(device, calibrate_host=False).flops_per_s(torch.bfloat16)
+    mode = f"{world}gpu" if rank is not None else f"1proc_{args.device}"
+    name = args.name or f"train_throughput_{mode}"
     rows: list[dict] = []
     for model in args.models.split(","):
         for precision in args.precision.split(","):
@@ -379,11 +381,10 @@ def main(argv: list[str] | None = None) -> int:
             del runners, zm
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            if lead:  # after every group, so a run cut short keeps what it measured
+                path = write_result(name, rows, {"world_size": world, "stages_per_process": p if rank is None else 1})
     if lead:
-        mode = f"{world}gpu" if rank is not None else f"1proc_{args.device}"
-        name = args.name or f"train_throughput_{mode}"
         print_table(f"training throughput ({mode}, m = {args.microbatches}, {args.mb_size} x {args.seq} tokens)", rows)
-        path = write_result(name, rows, {"world_size": world, "stages_per_process": p if rank is None else 1})
         plot(rows, path.with_suffix(".png"))
         print(f"wrote {path}")
     if rank is not None:
