@@ -152,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     zm = build_model(args, args.model, args.precision, device)
     m = args.microbatches
-    x, y = zm.example_args[0], zm.target
+    from partitioner.microbatch import batch_size, split_batch
+    inputs = (tuple(zm.example_args), dict(zm.example_kwargs))  # t5: decoder inputs ride in the kwargs
+    microbatches = list(zip(split_batch(inputs, m, "input", batch_size(inputs)), zm.target.chunk(m)))
+    mixed = args.precision == "bf16-mixed"
     modes = args.modes.split(",") if compiled else ["default"]
     configs = []
     for mode in modes:
@@ -164,20 +167,23 @@ def main(argv: list[str] | None = None) -> int:
         def plain_step(plain=plain, new_graph_step=new_graph_step):
             if new_graph_step:
                 torch.compiler.cudagraph_mark_step_begin()
-            for xb, yb in zip(x.chunk(m), y.chunk(m)):
-                (zm.loss_fn(plain(xb), yb) / m).backward()
+            for (xb, kw), yb in microbatches:
+                with torch.autocast(device.type, torch.bfloat16, enabled=mixed):
+                    loss = zm.loss_fn(plain(*xb, **kw), yb) / m
+                loss.backward()
             zm.model.zero_grad(set_to_none=True)
         configs.append((f"plain{tag}", plain_step, None))
         from partitioner.api import compile_parallel
         for stages in (int(s) for s in args.stages.split(",")):
-            pm = compile_parallel(zm.model, [device] * stages, (x,), zm.loss_fn, microbatches=m, example_target=y,
+            pm = compile_parallel(zm.model, [device] * stages, zm.example_args, zm.loss_fn, microbatches=m,
+                                  example_kwargs=zm.example_kwargs, example_target=zm.target,
                                   time_limit_s=args.time_limit, compile=options if compiled else False,
-                                  mixed_precision="bf16" if args.precision == "bf16-mixed" else None)
+                                  mixed_precision="bf16" if mixed else None)
 
             def ours(pm=pm, new_graph_step=new_graph_step):
                 if new_graph_step:
                     torch.compiler.cudagraph_mark_step_begin()
-                pm.train_step(x, target=y)
+                pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
                 pm.zero_grad()
             configs.append((f"ours-{stages}-stages{tag}", ours, pm.plan))
     name = args.name or f"host_overhead_{device.type}"

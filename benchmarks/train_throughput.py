@@ -131,7 +131,7 @@ def make_plans(zm, args, precision: str, device: torch.device, p: int, rank: int
         for key, schedule, chunks, compiled in needed or [("1f1b", "1f1b", 1, False)]:  # one plan gives the FLOPs
             config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=args.microbatches,
                                 device_type=spec, dtype=None, mixed_precision=_mixed(precision),
-                                time_limit_s=args.time_limit, compiled=compiled)
+                                time_limit_s=args.time_limit, compiled=compiled, measure=args.measure)
             result = plan_model(zm.model, zm.example_args, zm.example_kwargs, config, loss_fn=zm.loss_fn,
                                 example_target=zm.target)
             plans[(key, "ilp", compiled)] = result.plan
@@ -331,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=int, default=2, help="pipeline ranks in one process (ignored under torchrun)")
     parser.add_argument("--chunks", type=int, default=2, help="virtual stages per rank of the interleaved configs")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--measure", action="store_true",
+                        help="plan with every distinct layer timed on the device (compiled for the compiled "
+                             "configurations) instead of the analytic cost model")
     add_training_run_arguments(parser, "train_throughput_<mode>")
     args = parser.parse_args(argv)
     if args.results_dir:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import itertools
 import os
 import re
 from datetime import timedelta
@@ -61,7 +62,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                      time_limit_s: float = 10.0, timeout_s: float = 300.0,
                      example_target: Any = None, compile: bool | dict | None = None,
                      mixed_precision: str | None = None, init_fn: Callable[[torch.nn.Module], None] | None = None,
-                     checkpoint: str | os.PathLike | None = None, gap: float = 0.01) -> "ParallelModel":
+                     checkpoint: str | os.PathLike | None = None, gap: float = 0.01,
+                     measure: bool = False) -> "ParallelModel":
     """Partition `model` over `devices` (or a DeviceMesh) and return a ParallelModel that trains it.
 
     devices: one device per pipeline rank, e.g. ["cuda:0", "cuda:1"] under torchrun, or ["cpu"] * 4
@@ -85,6 +87,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         counts the loss's time and memory on the last stage, e.g. a cross-entropy's fp32
         log-probabilities over the vocabulary); gap: the search stops once the plan is proven
         within this fraction of a lower bound (time_limit_s stays the upper limit).
+    measure: plan with each distinct layer timed on the first device (through torch.compile when the
+        stages are compiled) instead of the analytic cost model: slower to plan (a compilation per
+        distinct layer, cached on disk under PARTITIONER_CACHE), closer to the step that runs. The
+        model's weights must be on that device.
     timeout_s: how long a rank waits for a peer before raising RuntimeConfigError.
     compile: run every stage graph (and loss_fn) through torch.compile (inductor). None (default): on
         for CUDA devices, off on CPU; True / False; or a dict of torch.compile options (e.g.
@@ -124,6 +130,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         raise RuntimeConfigError(f"compile_parallel: data_parallel={data_parallel!r}; use one of "
                                  f"{list(DATA_PARALLEL_MODES)}.")
     _check_not_partly_meta(model)
+    if measure and plan is None:
+        _check_measurable(model, devices[0])
     if plan is not None:
         chunks = plan.chunks
     schedule = schedule or (plan.schedule if plan is not None else None) or \
@@ -157,7 +165,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         if plan is None:
             plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
                                    memory, device_type, time_limit_s, rank, devices, loss_fn, example_target,
-                                   mixed_precision, options is not None, gap, dp, data_parallel)
+                                   mixed_precision, options is not None, gap, dp, data_parallel, measure)
         else:
             captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     except CaptureError as err:
@@ -619,7 +627,7 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
           schedule: str, microbatches: int, memory: int | str | None, device_type: str | DeviceSpec | None,
           time_limit_s: float, rank: int | None, devices: list[torch.device], loss_fn: Callable[[Any, Any], Any],
           example_target: Any, mixed_precision: str | None, compiled: bool,
-          gap: float = 0.01, dp: int = 1, dp_mode: str = "fsdp") -> tuple[Plan, Captured]:
+          gap: float = 0.01, dp: int = 1, dp_mode: str = "fsdp", measure: bool = False) -> tuple[Plan, Captured]:
     """Plan on global rank 0 (the solver is not deterministic across processes) and share the plan."""
     planner = rank is None or dist.get_rank() == 0
     if planner:
@@ -632,7 +640,7 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
         config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=microbatches,
                             memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s,
                             dtype=None, mixed_precision=mixed_precision, compiled=compiled, gap=gap,
-                            data_parallel=dp, data_parallel_mode=dp_mode)
+                            data_parallel=dp, data_parallel_mode=dp_mode, measure=measure)
         result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target)
         plan, captured = result.plan, result.captured
     if rank is None:
@@ -643,6 +651,15 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
         plan = Plan.from_json(box[0])
         captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     return plan, captured
+
+
+def _check_measurable(model: torch.nn.Module, device: torch.device) -> None:
+    """measure=True times the model's own layers: its weights must be real and on the devices' type."""
+    where = {t.device.type for t in itertools.chain(model.parameters(), model.buffers())}
+    if where and where != {device.type}:
+        raise RuntimeConfigError(f"compile_parallel(measure=True) times the model's layers where its weights are, "
+                                 f"but they are on {sorted(where)} and the stages run on '{device.type}': move the "
+                                 f"model there first (model.to('{device}')), or plan with measure=False.")
 
 
 def _check_plan(plan: Plan, p: int, chunks: int) -> None:

@@ -50,6 +50,9 @@ class PlanConfig:
     batch / seq: shape of the example inputs (used by the model loader).
     data_parallel: replicas of the pipeline (a DeviceMesh (dp, pp)); the example inputs are then the
     global batch of all of them, each microbatch batch / (data_parallel x microbatches).
+    measure: instead of the analytic cost model, time every layer (one per distinct layer) on the device
+    the model's weights are on, through torch.compile when compiled; costs are then in the model's own
+    dtype (dtype must be None or the model's).
     data_parallel_mode: "fsdp" (parameters, gradients and optimizer state sharded over the replicas
     between steps) or "replicate"; see partitioner/data_parallel_costs.py for what each rank holds.
     dp_bw_bytes_per_s None: the device's intra-node bandwidth when data_parallel x num_ranks GPUs fit
@@ -65,6 +68,7 @@ class PlanConfig:
     dtype: str | None = "float32"  # the dtype costs are expressed in; None: the model's own
     mixed_precision: str | None = None  # e.g. "bf16": fp32 parameters, bf16 compute (partitioner/passes/mixed_precision.py)
     compiled: bool = False  # the stages run under torch.compile: costs with inductor's fusion
+    measure: bool = False  # time each distinct layer on the model's device (compiled when `compiled`)
     optimizer: str = "adamw"
     depth: int | None = None
     time_limit_s: float = 10.0
@@ -238,8 +242,9 @@ def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, conf
     target = split_batch(example_target, parts, "example target", global_batch)[0] if with_loss else None
     key, hit = None, None
     if config.use_cache:
+        options = (config.dtype, config.mixed_precision, config.compiled) + (("measured",) if config.measure else ())
         key = profile_cache.model_key(model, args, kwargs, device_spec=spec, optimizer=config.optimizer,
-                                      options=(config.dtype, config.mixed_precision, config.compiled),
+                                      options=options,
                                       loss_fn=loss_fn if with_loss else None, target=target)
         hit = profile_cache.load(key)
     captured = None
@@ -248,12 +253,18 @@ def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, conf
         captured = capture_for_training(model, args, kwargs, config.mixed_precision)
     if hit is not None:
         return _Profiled(captured, hit.annotated, hit.costs, hit.loss_costs, key)
-    dtype = DTYPES[config.dtype] if config.dtype is not None else graph_float_dtype(captured.graph_module)
+    own_dtype = graph_float_dtype(captured.graph_module)
+    dtype = DTYPES[config.dtype] if config.dtype is not None else own_dtype
+    if config.measure and dtype != own_dtype:
+        raise PlanError(f"measured costs are in the model's own dtype ({own_dtype}), not {dtype}: plan with "
+                        f"dtype=None, or cast the model (model.to({dtype})) before measuring")
     check_parameter_share(captured, config, spec, dtype)
     annotated = annotate(captured)
-    step(f"profiling {len(annotated.nodes)} nodes for {spec.name}")
+    example_inputs = captured.flatten_inputs(args, kwargs) if config.measure else None
+    step(f"{'measuring' if config.measure else 'profiling'} {len(annotated.nodes)} nodes for {spec.name}"
+         + (" (one torch.compile per distinct layer)" if config.measure and config.compiled else ""))
     costs = profile(captured, annotated, device=spec, dtype=dtype, optimizer=config.optimizer,
-                    progress=False, compiled=config.compiled)
+                    progress=False, compiled=config.compiled, measure=config.measure, example_inputs=example_inputs)
     loss_costs = None
     if with_loss:
         step("profiling the loss")

@@ -10,6 +10,7 @@ import torch
 from dist_utils import build, grad_errors, max_rel_err, reference
 from test_api import compile_zoo, param_errors, train_reference
 
+from partitioner.api import compile_parallel
 from partitioner.errors import RuntimeConfigError
 from partitioner.runtime.compiled import CompiledStage, compile_options
 
@@ -110,3 +111,32 @@ def test_compiled_stages_are_planned_with_compiled_costs():
     eager = compile_zoo(zm, compile=False, time_limit_s=2)
     compiled = compile_zoo(zm, compile=True, time_limit_s=2)
     assert sum(compiled.plan.stage_fwd_time_s) < sum(eager.plan.stage_fwd_time_s)
+
+
+def test_measured_compiled_costs_time_each_distinct_layer_once(tmp_path, monkeypatch):
+    """measure=True: the plan's costs come from the model's layers timed through torch.compile, gpt2's
+    identical layers share one compilation, and the compiled stages still equal the model."""
+    monkeypatch.setenv("PARTITIONER_CACHE", str(tmp_path))
+    torch._dynamo.reset()
+    zm = build("gpt2")
+    ref_loss, ref_grads = reference(zm)
+    from partitioner.cost_models import time as times
+    blocks, compiled = [], []
+    real_extract, real_compile = times.extract_block, torch.compile
+    monkeypatch.setattr(times, "extract_block", lambda gm, names: blocks.append(names) or real_extract(gm, names))
+    monkeypatch.setattr(torch, "compile", lambda module, **options: compiled.append(module) or
+                        real_compile(module, **options))
+    pm = compile_zoo(zm, compile=True, measure=True, time_limit_s=2)
+    measured = [m for m in compiled if isinstance(m, torch.fx.GraphModule) and "in0" in m.code]
+    assert measured and len(measured) < len(blocks), "identical layers were compiled more than once"
+    assert all(t > 0 for t in pm.plan.stage_fwd_time_s)
+    loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
+    assert max_rel_err(loss, ref_loss) < 1e-4
+    assert max(grad_errors(pm, ref_grads).values()) < 1e-4
+
+
+def test_measure_needs_the_weights_on_the_stage_device():
+    zm = build("mlp")
+    meta = copy.deepcopy(zm.model).to("meta")
+    with pytest.raises(RuntimeConfigError, match=r"measure=True.*\['meta'\].*model.to"):
+        compile_parallel(meta, ["cpu"] * 2, zm.example_args, zm.loss_fn, microbatches=4, measure=True)

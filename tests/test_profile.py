@@ -207,3 +207,31 @@ def test_math_attention_node_costs_its_kernels():
             assert costs.nodes[name].host_bwd_time_s == pytest.approx(len(bwd) * spec.cpu_bwd_overhead_s)
     assert times[True].saved_bytes > times[False].saved_bytes + B * H * L * L * 4  # fp32 probabilities
     assert times[True].fwd_time_s > times[False].fwd_time_s
+
+
+def test_measured_mode_compiled_times_each_distinct_block_through_torch_compile(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARTITIONER_CACHE", str(tmp_path))
+    x = torch.randn(8, 16)
+    captured = capture(_Net(), (x,))
+    annotated = annotate(captured)
+    calls = []
+    real_compile = torch.compile
+
+    def counting_compile(module, **options):
+        calls.append(options)
+        return real_compile(module, **options)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    eager = profile(captured, annotated, device="cpu", measure=True, example_inputs=[x], progress=False)
+    assert calls == []
+    compiled = profile(captured, annotated, device="cpu", measure=True, compiled=True, example_inputs=[x],
+                       progress=False)
+    assert calls and all(c == {"dynamic": False} for c in calls)
+    assert compiled.time_source == "measured"
+    assert compiled.total("fwd_time_s") > 0 and compiled.total("bwd_time_s") > 0
+    for name, c in eager.nodes.items():  # FLOPs and bytes do not depend on how time is obtained
+        assert (c.fwd_flops, c.saved_bytes) == (compiled.nodes[name].fwd_flops, compiled.nodes[name].saved_bytes)
+    # the compiled times are cached apart from the eager ones: a second profile compiles nothing
+    calls.clear()
+    profile(captured, annotated, device="cpu", measure=True, compiled=True, example_inputs=[x], progress=False)
+    assert calls == []

@@ -30,6 +30,7 @@ from partitioner.cost_models.memory import (OPTIMIZER_STATES, DtypeScale, backwa
 from partitioner.cost_models.node_costs import NodeCost, NodeCosts
 from partitioner.cost_models.time import Kernel, NodeTime, analytic_node_time, math_attention_kernels, measure_block_times
 from partitioner.errors import CostModelError
+from partitioner.runtime.compiled import DEFAULT_OPTIONS as DEFAULT_COMPILE_OPTIONS
 
 
 def graph_float_dtype(gm: torch.fx.GraphModule) -> torch.dtype:
@@ -121,7 +122,8 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
     measure: time blocks of nodes on the device the graph was captured on instead of the
         roofline; example_inputs (flat, as the placeholders take them) give real values.
     compiled: the stages run under torch.compile: analytic times with inductor's fusion
-        (partitioner/cost_models/fusion.py); measured blocks are timed eagerly, so not with measure.
+        (partitioner/cost_models/fusion.py), or with measure each block timed through torch.compile
+        (one compilation per distinct block: the identical layers of a transformer share one).
     """
     if optimizer not in OPTIMIZER_STATES:
         raise CostModelError(f"unknown optimizer '{optimizer}': choose one of {sorted(OPTIMIZER_STATES)}")
@@ -147,12 +149,10 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
 
     times = {name: _analytic(t, spec, scale) for name, t in traces.items()}
     if compiled:
-        if measure:
-            raise CostModelError("measured block times are eager: plan compiled stages with analytic times "
-                                 "(measure=False)")
         times = compiled_times(gm, traces, times, spec, scale, lambda op: op_kernel(op, spec, scale).bytes_moved)
     if measure:
-        times = _measured_times(gm, traces, times, annotated, example_inputs, measure_groups, progress)
+        times = _measured_times(gm, traces, times, annotated, example_inputs, measure_groups, progress,
+                                compile_options=dict(DEFAULT_COMPILE_OPTIONS) if compiled else None)
 
     nodes = {}
     for name, trace in traces.items():
@@ -249,9 +249,9 @@ def _analytic(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale) -> NodeTime
 
 def _measured_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], analytic: dict[str, NodeTime],
                     annotated: Any, example_inputs: Sequence[Any] | None, groups: list[list[str]] | None,
-                    progress: bool) -> dict[str, NodeTime]:
-    """Measure blocks, then give each node its share of its block's device time and of its
-    host time, in proportion to its analytic ones."""
+                    progress: bool, compile_options: dict[str, Any] | None = None) -> dict[str, NodeTime]:
+    """Measure blocks (through torch.compile with compile_options), then give each node its share
+    of its block's device time and of its host time, in proportion to its analytic ones."""
     if groups is None:
         paths = ({n.name: n.module_path for n in annotated.nodes} if annotated is not None
                  else module_paths_from_graph(gm))
@@ -262,9 +262,10 @@ def _measured_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], anal
         with Progress(transient=True) as bar:
             task = bar.add_task(f"measuring {len(groups)} blocks", total=len(groups))
             measured = measure_block_times(gm, groups, example_inputs, requires_grad=requires_grad,
-                                           progress=lambda k: bar.advance(task, k))
+                                           progress=lambda k: bar.advance(task, k), compile_options=compile_options)
     else:
-        measured = measure_block_times(gm, groups, example_inputs, requires_grad=requires_grad)
+        measured = measure_block_times(gm, groups, example_inputs, requires_grad=requires_grad,
+                                       compile_options=compile_options)
     times = {name: NodeTime(0.0, 0.0) for name in traces}
     for group, block_time in zip(groups, measured):
         fwd = _spread(block_time.fwd_s, [analytic[n].fwd_s for n in group])

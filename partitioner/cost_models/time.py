@@ -477,7 +477,8 @@ def _real_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], needed
 def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence[str]],
                         example_inputs: Sequence[Any] | None = None, device: torch.device | str | None = None, *,
                         requires_grad: dict[str, bool] | None = None, warmup: int = 2, repeats: int = 5,
-                        use_cache: bool = True, progress: Callable[[int], None] | None = None) -> list[NodeTime]:
+                        use_cache: bool = True, progress: Callable[[int], None] | None = None,
+                        compile_options: dict[str, Any] | None = None) -> list[NodeTime]:
     """Measure forward+backward time of each group of nodes on `device`.
 
     example_inputs: the graph's flat inputs; when given, the graph runs once and
@@ -487,6 +488,10 @@ def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence
         parameter (NodeTrace.requires_grad); float inputs that do get gradients.
         Default: every float input does.
     progress: called with 1 after each group (e.g. a rich progress bar's advance).
+    compile_options: time each group through torch.compile(**compile_options), as compiled stages
+        run it (fused kernels, one call's dispatch); a group of the same code and shapes as one
+        measured before is compiled once. The host times are then the compiled calls' own: the
+        eager graph's host times in context (`_host_in_context`) do not apply.
     """
     vals = [n.meta.get("val") for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
     captured_on = vals[0].device if vals else torch.device("cpu")
@@ -507,9 +512,13 @@ def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence
     results = []
     for block in blocks:
         key = f"{block.key}:{dev}:{torch.__version__}:{example_inputs is not None}:v2"
+        if compile_options is not None:
+            key += f":compiled{sorted(compile_options.items())!r}"
         t = measured.get(key) or (cache.get(key) if cache else None)
         if t is None:
             module = block.module.to(device)
+            if compile_options is not None:  # the first warm-up call compiles forward and backward
+                module = torch.compile(module, **compile_options)
             args = [_make_input(n, device, (requires_grad or {}).get(n.name, True), real.get(n.name))
                     for n in block.inputs]
             grad_inputs = [a for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor) and a.requires_grad]
@@ -521,7 +530,8 @@ def measure_block_times(gm: torch.fx.GraphModule, node_groups: Sequence[Sequence
         results.append(t)
         if progress:
             progress(1)
-    if device.type == "cuda" and example_inputs is not None and any(t.host_fwd_s or t.host_bwd_s for t in results):
+    if (device.type == "cuda" and example_inputs is not None and compile_options is None
+            and any(t.host_fwd_s or t.host_bwd_s for t in results)):
         results = _host_in_context(gm, example_inputs, device, node_groups, results, repeats)
     return results
 
