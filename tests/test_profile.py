@@ -235,3 +235,16 @@ def test_measured_mode_compiled_times_each_distinct_block_through_torch_compile(
     calls.clear()
     profile(captured, annotated, device="cpu", measure=True, compiled=True, example_inputs=[x], progress=False)
     assert calls == []
+
+
+def test_measured_plans_are_in_the_models_own_dtype(tmp_path, monkeypatch):
+    from partitioner.errors import PlanError
+    from partitioner.plan_model import PlanConfig, plan_model
+    monkeypatch.setenv("PARTITIONER_CACHE", str(tmp_path))
+    x = torch.randn(8, 16)
+    with pytest.raises(PlanError, match=r"own dtype \(torch.float32\), not torch.bfloat16"):
+        plan_model(_Net(), (x,), {}, PlanConfig(num_ranks=2, microbatches=2, device_type="cpu", measure=True,
+                                                dtype="bfloat16"))
+    result = plan_model(_Net(), (x,), {}, PlanConfig(num_ranks=2, microbatches=2, device_type="cpu", measure=True,
+                                                     dtype=None, time_limit_s=1))
+    assert result.costs.time_source == "measured"
