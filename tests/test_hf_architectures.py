@@ -1,6 +1,7 @@
 """compile_parallel on Hugging Face architectures the zoo does not build: grouped-query attention
 (Qwen2), a mixture of experts with data-dependent routing (Mixtral), an encoder-decoder driven by
-keyword inputs (BART) and an image model (ViT). Loss and gradients equal the unpartitioned
+keyword inputs (BART) or by `labels` it shifts into decoder inputs in place and computes its own loss
+from (T5, BART), and an image model (ViT). Loss and gradients equal the unpartitioned
 model's (fp32, rel err < 1e-5), under 1f1b and interleaved-1f1b.
 """
 from __future__ import annotations
@@ -21,6 +22,11 @@ SMALL = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, interme
 
 def token_loss(out, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), target.reshape(-1))
+
+
+def model_loss(out, target: torch.Tensor) -> torch.Tensor:
+    """The loss the model computed from its `labels` input (the Trainer's way)."""
+    return out.loss
 
 
 def class_loss(out, target: torch.Tensor) -> torch.Tensor:
@@ -47,6 +53,18 @@ def build(name: str):
         model = transformers.BartForConditionalGeneration(cfg)
         args, kwargs = (tokens,), {"decoder_input_ids": torch.randint(0, VOCAB, (BATCH, SEQ))}
         target, loss_fn = torch.randint(0, VOCAB, (BATCH, SEQ)), token_loss
+    elif name in ("t5-labels", "bart-labels"):  # the model shifts `labels` into decoder inputs in place
+        if name == "t5-labels":
+            model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+                d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB, dropout_rate=0.0,
+                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, use_cache=False))
+        else:
+            model = transformers.BartForConditionalGeneration(transformers.BartConfig(
+                d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64, dropout=0.0,
+                attention_dropout=0.0, activation_dropout=0.0, use_cache=False))
+        target = torch.randint(2, VOCAB, (BATCH, SEQ))
+        args, kwargs, loss_fn = (tokens,), {"labels": target}, model_loss
     elif name == "vit":
         cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
                                      image_size=16, patch_size=4, num_labels=3, hidden_dropout_prob=0.0,
@@ -59,7 +77,8 @@ def build(name: str):
     return model.train(), args, kwargs, target, loss_fn
 
 
-@pytest.mark.parametrize("name,chunks", [("qwen2", 1), ("mixtral", 1), ("mixtral", 2), ("bart", 1), ("vit", 2)])
+@pytest.mark.parametrize("name,chunks", [("qwen2", 1), ("mixtral", 1), ("mixtral", 2), ("bart", 1), ("vit", 2),
+                                        ("t5-labels", 1), ("t5-labels", 2), ("bart-labels", 1)])
 def test_loss_and_gradients_equal_the_model(name, chunks):
     model, args, kwargs, target, loss_fn = build(name)
     reference = copy.deepcopy(model)

@@ -10,6 +10,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from partitioner.passes.capture import Captured
+from partitioner.passes.writes import stage_mates
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class NodeInfo:
     params: FQNs of parameters/buffers this node reads directly through a get_attr input.
     output_bytes: bytes of its tensor value(s): what a cut after this node sends.
     is_param: True for get_attr nodes that load a parameter or buffer.
+    stage_mates: nodes a split keeps on this node's stage (passes/writes.py: the views an in-place
+        write goes through, the writes an after_write follows).
     """
 
     name: str
@@ -40,6 +43,7 @@ class NodeInfo:
     params: tuple[str, ...]
     output_bytes: int
     is_param: bool = False
+    stage_mates: tuple[str, ...] = ()
 
 
 @dataclass
@@ -117,7 +121,8 @@ def annotate(captured: Captured) -> AnnotatedGraph:
         infos.append(NodeInfo(
             name=node.name, op=node.op, target=str(node.target), inputs=inputs, shapes=shapes,
             dtypes=dtypes, module_path=path, module_type=mtype, params=params,
-            output_bytes=0 if node.op == "output" else nbytes, is_param=is_param))
+            output_bytes=0 if node.op == "output" else nbytes, is_param=is_param,
+            stage_mates=stage_mates(node)))
     return AnnotatedGraph(nodes=infos, param_bytes=param_bytes, param_numel=param_numel,
                           tied=[list(g) for g in captured.tied])
 

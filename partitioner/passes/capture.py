@@ -191,7 +191,7 @@ def _normalise(gm: torch.fx.GraphModule, tied: list[list[str]],
         out.args = ((out.args[0],),)
     else:
         out.args = (tuple(out.args[0]),)
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output") or mutates(n))
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -387,6 +387,51 @@ def get_attr(root: torch.nn.Module, fqn: str) -> Any:
     return obj
 
 
+def mutates(node: torch.fx.Node) -> bool:
+    """Writes into one of its inputs (an in-place or out= op, or `x[i] = y`): it must run even where
+    nothing reads its result (HF T5's `_shift_right` builds the decoder inputs by such writes)."""
+    t = node.target
+    if node.op == "call_method":
+        return isinstance(t, str) and t.endswith("_") and not t.endswith("__")
+    if node.op != "call_function":
+        return False
+    return t is operator.setitem or (isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable)
+
+
+def written_values(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The values a mutating node writes into, each followed by the values it is a view of (a write
+    is seen through every alias): `copy_(slice(buf), h)` -> [slice, buf]."""
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        written = [a for a, arg in zip(node.args, t._schema.arguments)
+                   if arg.alias_info is not None and arg.alias_info.is_write]
+    else:  # x.add_(y), operator.setitem(x, index, y)
+        written = list(node.args[:1])
+    out: list[torch.fx.Node] = []
+    for a in written:
+        while isinstance(a, torch.fx.Node):
+            out.append(a)
+            a = a.args[0] if is_view(a) else None
+    return out
+
+
+_VIEW_METHODS = {"view", "view_as", "reshape", "transpose", "permute", "expand", "expand_as", "narrow", "select",
+                 "unsqueeze", "squeeze", "t", "unflatten", "flatten", "diagonal", "unfold", "as_strided"}
+
+
+def is_view(n: torch.fx.Node) -> bool:
+    """An op whose output may alias its first input (slice, select, view, transpose, x[i]...)."""
+    if not n.args or not isinstance(n.args[0], torch.fx.Node):
+        return False
+    t = n.target
+    if isinstance(t, torch._ops.OpOverload):
+        returns = t._schema.returns
+        return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+    if n.op == "call_method":
+        return t in _VIEW_METHODS or t == "__getitem__"
+    return n.op == "call_function" and t is operator.getitem and isinstance(n.args[0].meta.get("val"), torch.Tensor)
+
+
 def set_attr(root: torch.nn.Module, fqn: str, value: torch.Tensor) -> None:
     """Put `value` at dotted path `fqn` of `root` (a Parameter registers as one, a tensor as a buffer)."""
     prefix, _, name = fqn.rpartition(".")
@@ -433,6 +478,8 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
                 raise capture_error(model, export_err, export_where, trace_err, tracker.where()) from export_err
 
         keep, const = _normalise(gm, tied, tensor_leaf)
+        from partitioner.passes.writes import order_writes  # lazy: it reads mutates() from here
+        order_writes(gm)  # a split must see which readers come after an in-place write
         from partitioner.passes.causal_mask import fold_causal_masks  # lazy: it reads constants with get_attr (here)
         fold_causal_masks(gm)  # before any cost model or stage sees the graph: flash attention needs no mask
     input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from partitioner.passes.capture import get_attr
+from partitioner.passes.capture import get_attr, mutates
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _ancestors(mask: torch.fx.Node) -> list[torch.fx.Node] | None:
         if n in seen:
             continue
         seen.add(n)
-        if n.op not in ("call_function", "call_method", "get_attr") or _impure(n) or any(_mutates(u) for u in n.users):
+        if n.op not in ("call_function", "call_method", "get_attr") or _impure(n) or any(mutates(u) for u in n.users):
             return None
         stack.extend(n.all_input_nodes)
     order = {n: i for i, n in enumerate(mask.graph.nodes)}
@@ -102,15 +102,7 @@ def _impure(node: torch.fx.Node) -> bool:
     t = node.target
     if isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags:
         return True
-    return _mutates(node) or (node.op == "call_function" and node.is_impure())
-
-
-def _mutates(node: torch.fx.Node) -> bool:
-    """Writes into one of its inputs (in-place or out= op)."""
-    t = node.target
-    if node.op == "call_method":
-        return isinstance(t, str) and t.endswith("_") and not t.endswith("__")
-    return isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable
+    return mutates(node) or (node.op == "call_function" and node.is_impure())
 
 
 def _evaluate(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> torch.Tensor | None:

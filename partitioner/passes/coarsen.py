@@ -199,7 +199,8 @@ def _runs(compute: list, depth: int) -> list[int]:
             run += 1
             prev = k
         run_of.append(run)
-    # a value that is not one tensor never crosses: merge the runs in between
+    # a value that is not one tensor never crosses, nor a view an in-place write goes through: merge
+    # the runs in between
     num_runs = run + 1 if compute else 0
     pos = {info.name: i for i, info in enumerate(compute)}
     join = [0] * (num_runs + 1)  # difference array: join run i with i+1
@@ -209,7 +210,7 @@ def _runs(compute: list, depth: int) -> list[int]:
             j = pos.get(src)
             if j is None or run_of[j] == run_of[i]:
                 continue
-            if getitem or not _single_tensor(compute[j]):
+            if getitem or not _single_tensor(compute[j]) or src in info.stage_mates:
                 lo, hi = sorted((run_of[j], run_of[i]))
                 join[lo] += 1
                 join[hi] -= 1

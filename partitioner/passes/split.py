@@ -24,7 +24,8 @@ import torch.fx
 
 from partitioner.errors import PlanError
 from partitioner.plan import Placement, Plan
-from partitioner.passes.capture import Captured, get_attr
+from partitioner.passes.capture import Captured, get_attr, mutates, written_values
+from partitioner.passes.writes import stage_mates
 
 USER_INPUT = -1  # StageModule.input_sources value of a user input
 
@@ -173,7 +174,14 @@ def _node_stages(nodes: list[torch.fx.Node], plan: Plan) -> dict[torch.fx.Node, 
 
 
 def _check_order(nodes: list[torch.fx.Node], stage_of: dict[torch.fx.Node, int]) -> None:
+    names = {n.name: n for n in nodes}
     for n in nodes:
+        for mate in stage_mates(n):
+            if stage_of.get(names[mate]) != stage_of.get(n):
+                raise PlanError(f"split: node '{n.name}' ({n.target}) on stage {stage_of.get(n)} and '{mate}' on stage "
+                                f"{stage_of.get(names[mate])} belong together (an in-place write, the view it writes "
+                                "through and the reads after it, passes/writes.py); put them on one stage "
+                                "(passes.split.valid_cuts never separates them).")
         for inp in n.all_input_nodes:
             if n in stage_of and inp in stage_of and stage_of[inp] > stage_of[n]:
                 raise PlanError(f"split: node '{n.name}' on stage {stage_of[n]} reads '{inp.name}' from the later "
@@ -222,18 +230,9 @@ def _meta(n: torch.fx.Node, requires_grad: bool) -> TensorMeta:
 
 
 def _mutated(own: list[torch.fx.Node], inputs: set[torch.fx.Node]) -> set[str]:
-    """Inputs written in place by an op of the stage (e.g. aten.relu_ on a received activation)."""
-    out = set()
-    for n in own:
-        schema = getattr(n.target, "_schema", None)
-        if schema is None or not schema.is_mutable:
-            continue
-        for arg, value in zip(schema.arguments, n.args):
-            if arg.alias_info is not None and arg.alias_info.is_write and value in inputs:
-                out.add(value.name)
-    return out
-
-
+    """Inputs written in place by an op of the stage, directly or through a view (aten.relu_ on a
+    received activation, `buf[:, 1:] = h` on a received buf)."""
+    return {v.name for n in own if mutates(n) for v in written_values(n) if v in inputs}
 
 
 # ---------------------------------------------------------------------- plans by cutting the node order
@@ -243,16 +242,22 @@ _COMPUTE = ("call_function", "call_method", "call_module")
 
 def valid_cuts(captured: Captured) -> list[int]:
     """Positions i (1..n-1) in the topological order of the n compute nodes where cutting before
-    node i sends only tensors across (no tuple or python value is read on both sides)."""
+    node i sends only tensors across (no tuple or python value is read on both sides) and no in-place
+    write is cut from a view it writes through."""
     compute = [n for n in captured.graph_module.graph.nodes if n.op in _COMPUTE]
     index = {n: i for i, n in enumerate(compute)}
-    blocked = [0] * (len(compute) + 2)
+    blocked = [0] * (len(compute) + 2)  # +1 at the first blocked cut, -1 after the last
     for i, n in enumerate(compute):
-        if isinstance(n.meta.get("val"), torch.Tensor):
-            continue
-        last = max((index.get(u, len(compute)) for u in n.users), default=i)
-        blocked[i + 1] += 1
-        blocked[min(last, len(compute) - 1) + 1] -= 1
+        if not isinstance(n.meta.get("val"), torch.Tensor):
+            last = max((index.get(u, len(compute)) for u in n.users), default=i)
+            blocked[i + 1] += 1
+            blocked[min(last, len(compute) - 1) + 1] -= 1
+    names = {n.name: i for i, n in enumerate(compute)}
+    for i, n in enumerate(compute):
+        for mate in stage_mates(n):
+            lo, hi = sorted((names[mate], i))
+            blocked[lo + 1] += 1
+            blocked[hi + 1] -= 1
     cuts, depth = [], 0
     for i in range(1, len(compute)):
         depth += blocked[i]

@@ -1,0 +1,103 @@
+"""In-place writes into values the graph computed (passes/writes.py): a pipeline equals the model
+wherever the plan puts the write, its tensor's producer and its readers."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from partitioner.api import compile_parallel
+from partitioner.passes.capture import capture
+from partitioner.passes.writes import after_write, stage_mates
+
+
+class ShiftWrite(nn.Module):
+    """`buf[:, 1:] = h[:, :-1]` halfway through a chain, read at the end (the shape of HF T5's
+    `_shift_right`); `grad_buf` writes into a tensor that carries a gradient of its own."""
+
+    def __init__(self, grad_buf: bool):
+        super().__init__()
+        self.grad_buf = grad_buf
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(6))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.layers[0](x))
+        buf = h * 2 if self.grad_buf else torch.zeros_like(x)
+        for layer in self.layers[1:]:
+            h = torch.tanh(layer(h))
+            if layer is self.layers[3]:
+                buf[:, 1:] = h[:, :-1]
+                buf[:, 0] = 1.0
+        return self.head(h + buf)
+
+
+def loss_fn(out, target):
+    return nn.functional.cross_entropy(out, target)
+
+
+@pytest.mark.parametrize("grad_buf", [False, True])
+@pytest.mark.parametrize("ranks,chunks", [(2, 1), (3, 1), (4, 1), (2, 2)])
+def test_pipelines_with_an_in_place_write_equal_the_model(grad_buf, ranks, chunks):
+    torch.manual_seed(0)
+    model, x, y = ShiftWrite(grad_buf), torch.randn(8, 16), torch.randint(0, 4, (8,))
+    reference = copy.deepcopy(model)
+    want = loss_fn(reference(x), y)
+    want.backward()
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * ranks, (x,), loss_fn, microbatches=4, chunks=chunks,
+                          time_limit_s=1)
+    loss = pm.train_step(x, target=y)
+    assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item())
+    got = dict(pm.named_parameters())
+    largest = max(p.grad.abs().max().item() for p in reference.parameters())
+    for name, p in reference.named_parameters():
+        assert (got[name].grad - p.grad).abs().max().item() <= 1e-5 * largest, name
+
+
+def test_readers_after_a_write_read_through_it_and_nothing_is_dropped():
+    captured = capture(ShiftWrite(False), (torch.randn(8, 16),))
+    graph = captured.graph_module.graph
+    writes = [n for n in graph.nodes if n.op == "call_function" and n.target in
+              (torch.ops.aten.copy_.default, torch.ops.aten.fill_.Tensor, torch.ops.aten.fill_.Scalar)]
+    assert len(writes) == 2, "an in-place write whose result nobody reads was dropped"
+    ordered = [n for n in graph.nodes if n.target is after_write]
+    assert ordered and all(n.args[1] in writes for n in ordered)
+    head_input = next(n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.add.Tensor
+                      and any(a.target is after_write for a in n.all_input_nodes))
+    assert head_input is not None
+
+
+@pytest.mark.parametrize("grad_buf", [False, True])
+def test_every_valid_cut_gives_the_models_gradients(grad_buf):
+    from partitioner.passes.split import plan_from_cuts, valid_cuts
+    torch.manual_seed(0)
+    model, x, y = ShiftWrite(grad_buf), torch.randn(8, 16), torch.randint(0, 4, (8,))
+    reference = copy.deepcopy(model)
+    loss_fn(reference(x), y).backward()
+    largest = max(p.grad.abs().max().item() for p in reference.parameters())
+    captured = capture(model, (x[:2],))
+    cuts = valid_cuts(captured)
+    compute = [n for n in captured.graph_module.graph.nodes if n.op in ("call_function", "call_method")]
+    position = {n.name: i for i, n in enumerate(compute)}
+    pairs = [sorted((position[m], i)) for i, n in enumerate(compute) for m in stage_mates(n)]
+    assert pairs and not any(lo < c <= hi for c in cuts for lo, hi in pairs), "a cut separates stage mates"
+    for cut in cuts:
+        plan = plan_from_cuts(captured, [cut], 2, microbatches=4)
+        pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, microbatches=4, plan=plan)
+        pm.train_step(x, target=y)
+        got = dict(pm.named_parameters())
+        for name, p in reference.named_parameters():
+            assert (got[name].grad - p.grad).abs().max().item() <= 1e-5 * largest, (cut, name)
+
+
+def test_a_plan_that_cuts_a_write_from_its_view_is_refused():
+    from partitioner.errors import PlanError
+    from partitioner.passes.split import plan_from_cuts, split
+    x = torch.randn(2, 16)
+    captured = capture(ShiftWrite(False), (x,))
+    compute = [n for n in captured.graph_module.graph.nodes if n.op in ("call_function", "call_method")]
+    write = next(i for i, n in enumerate(compute) if n.target is torch.ops.aten.copy_.default)
+    with pytest.raises(PlanError, match=r"belong together"):
+        split(captured, plan_from_cuts(captured, [write], 2, microbatches=1))
