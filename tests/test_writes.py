@@ -101,3 +101,20 @@ def test_a_plan_that_cuts_a_write_from_its_view_is_refused():
     write = next(i for i, n in enumerate(compute) if n.target is torch.ops.aten.copy_.default)
     with pytest.raises(PlanError, match=r"belong together"):
         split(captured, plan_from_cuts(captured, [write], 2, microbatches=1))
+
+
+def test_batch_norm_buffers_update_as_with_gradient_accumulation():
+    """A buffer's in-place update that nothing reads (BatchNorm's num_batches_tracked += 1) is kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.BatchNorm1d(16),
+                          nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
+    reference = copy.deepcopy(model)
+    for xb, yb in zip(x.chunk(4), y.chunk(4)):  # BatchNorm normalises per microbatch
+        (loss_fn(reference(xb), yb) / 4).backward()
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, microbatches=4, time_limit_s=1)
+    pm.train_step(x, target=y)
+    buffers = dict(pm.named_buffers())
+    for name, want in reference.named_buffers():
+        assert torch.allclose(buffers[name].float(), want.float(), atol=1e-6), name
+    assert int(buffers["1.num_batches_tracked"]) == 4
