@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import os
 import re
+import warnings
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -31,6 +32,7 @@ from torch.utils import _pytree as pytree
 from partitioner.checkpoint import load as load_checkpoint
 from partitioner.checkpoint import save as save_checkpoint
 from partitioner.cost_models.device import spec_for_torch_device
+from partitioner.cost_models.profile import graph_float_dtype
 from partitioner.errors import CaptureError, RuntimeConfigError
 from partitioner.grad_clip import clip_grad_norm_
 from partitioner.materialise import materialise
@@ -280,6 +282,8 @@ class ParallelModel:
                                      "() first, or compile in the mode you train in.")
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         targets = self._own_share(split_batch(target, self.dp * self.microbatches, "target"))
+        if not self._steps_run:
+            self._warn_outer_autocast()
         self.store.before_step()
         if self.data_parallel is not None:
             self.data_parallel.before_step()
@@ -291,6 +295,20 @@ class ParallelModel:
             print_once(compile_report(self.executor.runners), self.rank)
         self._steps_run += 1
         return self._share_loss(loss)
+
+    def _warn_outer_autocast(self) -> None:
+        """A torch.autocast around train_step runs the stages in its dtype (autocast applies to the
+        aten ops of the stage graphs), but the plan was costed without it: say how to plan for it."""
+        device_type = self.devices[0].type
+        if not torch.is_autocast_enabled(device_type) or (self.source and self.source.mixed_precision):
+            return
+        dtype = torch.get_autocast_dtype(device_type)
+        own = graph_float_dtype(self.captured.graph_module)
+        if dtype != own:
+            warnings.warn(f"train_step runs under torch.autocast('{device_type}', {dtype}), but the plan was costed "
+                          f"in the model's {own} (stage times and activation memory). To plan for the autocast, "
+                          f"drop it and pass mixed_precision='bf16' to compile_parallel: the same recipe (float32 "
+                          f"parameters, bf16 compute), planned as it runs.", RuntimeWarning, stacklevel=3)
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Inference on a batch shaped like the example inputs: the model's output structure, tensor

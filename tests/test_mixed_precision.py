@@ -105,3 +105,26 @@ def test_a_model_already_in_bf16_or_a_bf16_dtype_is_refused():
     with pytest.raises(PlanError, match="leave --dtype at float32"):
         plan_model(build("mlp").model, build("mlp").example_args, None,
                    PlanConfig(num_ranks=2, dtype="bfloat16", mixed_precision="bf16"))
+
+
+def test_an_autocast_around_train_step_matches_the_model_and_says_how_to_plan_for_it():
+    """The stage graphs run under the user's autocast as the model does; the plan did not know."""
+    import copy
+    import warnings
+
+    from dist_utils import build
+
+    from partitioner.api import compile_parallel
+    zm = build("gpt2")
+    reference = copy.deepcopy(zm.model)
+    with torch.autocast("cpu", torch.bfloat16):
+        want = zm.loss_fn(reference(*zm.example_args), zm.target)
+    pm = compile_parallel(copy.deepcopy(zm.model), ["cpu"] * 2, zm.example_args, zm.loss_fn, microbatches=1,
+                          time_limit_s=1)
+    with torch.autocast("cpu", torch.bfloat16), pytest.warns(RuntimeWarning, match="mixed_precision='bf16'"):
+        loss = pm.train_step(*zm.example_args, target=zm.target)
+    assert torch.equal(loss, want.detach().float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: not on later steps
+        with torch.autocast("cpu", torch.bfloat16):
+            pm.train_step(*zm.example_args, target=zm.target)
