@@ -140,3 +140,22 @@ def test_measure_needs_the_weights_on_the_stage_device():
     meta = copy.deepcopy(zm.model).to("meta")
     with pytest.raises(RuntimeConfigError, match=r"measure=True.*\['meta'\].*model.to"):
         compile_parallel(meta, ["cpu"] * 2, zm.example_args, zm.loss_fn, microbatches=4, measure=True)
+
+
+def test_compiled_stages_keep_in_place_writes():
+    """The writes pass's after_write nodes and a write into a received tensor compile (passes/writes.py)."""
+    from test_writes import ShiftWrite, loss_fn
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x, y = ShiftWrite(True), torch.randn(8, 16), torch.randint(0, 4, (8,))
+    reference = copy.deepcopy(model)
+    want = loss_fn(reference(x), y)
+    want.backward()
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, microbatches=4, time_limit_s=1,
+                          compile=True)
+    loss = pm.train_step(x, target=y)
+    assert not any(r.failed for r in pm.executor.runners.values())
+    assert max_rel_err(loss, want.detach()) < 1e-4
+    got = dict(pm.named_parameters())
+    largest = max(p.grad.abs().max().item() for p in reference.parameters())
+    assert max((got[n].grad - p.grad).abs().max().item() for n, p in reference.named_parameters()) < 1e-4 * largest
