@@ -8,13 +8,15 @@ with every stage on the same device) one step is profiled with torch.profiler af
 the step's wall time, the time the device was busy (the union of its kernels' intervals), and
 for ours the host time of every schedule action (the executor labels them `partitioner.<action>`,
 e.g. `partitioner.1B3`) split into forwards and backwards, plus the host-side ops that took the
-most self time. A step the device waits on shows as busy < wall with action host times that add
+most self time; on CUDA, each stage's kernel time per microbatch against the plan's prediction. A step the device waits on shows as busy < wall with action host times that add
 up to the wall. Chrome traces of every profiled step go next to the JSON, to open in Perfetto.
 """
 from __future__ import annotations
 
 import argparse
 import bisect
+import json
+import re
 import statistics
 import sys
 import time
@@ -71,6 +73,42 @@ def idle_attribution(events: list, gaps: list[tuple[float, float]], top: int = 1
             overlap[e.name] = overlap.get(e.name, 0.0) + total
     best = sorted(overlap.items(), key=lambda kv: kv[1], reverse=True)[:top]
     return ", ".join(f"{k} {v / 1e3:.1f}ms" for k, v in best)
+
+
+_ACTION = re.compile(r"^partitioner\.(\d+)([A-Z])(\d+)$")
+
+
+def stage_device_ms(trace_events: list[dict]) -> dict[str, float]:
+    """Device ms per microbatch of every stage and pass ("0F", "1B", ...): the kernels launched
+    inside the executor's `partitioner.<action>` spans, matched to their launch by the profiler's
+    correlation ids (a chrome trace's events). Kernels run after their launch, often during later
+    actions, so only the launch tells which action they belong to; a backward launched from
+    autograd's device thread still falls inside its action's time span."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"], _ACTION.match(e["name"]).groups()) for e in trace_events
+                   if e.get("ph") == "X" and _ACTION.match(e.get("name", "")))
+    launched = {e["args"]["correlation"]: e["ts"] for e in trace_events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    starts = [s[0] for s in spans]
+    total: dict[str, float] = {}
+    microbatches: dict[str, set[str]] = {}
+    for e in trace_events:
+        if e.get("cat") != "kernel":
+            continue
+        t = launched.get(e.get("args", {}).get("correlation"))
+        i = bisect.bisect_right(starts, t) - 1 if t is not None else -1
+        if i < 0 or t > spans[i][1]:
+            continue
+        stage, kind, mb = spans[i][2]
+        total[stage + kind] = total.get(stage + kind, 0.0) + e["dur"] / 1e3
+        microbatches.setdefault(stage + kind, set()).add(mb)
+    return {k: total[k] / len(microbatches[k]) for k in sorted(total, key=lambda k: (int(k[:-1]), k[-1] != "F"))}
+
+
+def stage_comparison(measured: dict[str, float], plan) -> str:
+    """'0F 12.1/11.4 ms' per stage and pass: measured device ms per microbatch / the plan's."""
+    predicted = {f"{k}F": t for k, t in enumerate(plan.stage_fwd_time_s)}
+    predicted.update({f"{k}B": t for k, t in enumerate(plan.stage_bwd_time_s)})
+    return ", ".join(f"{k} {v:.2f}/{predicted[k] * 1e3:.2f} ms" for k, v in measured.items() if k in predicted)
 
 
 def profile_step(step, device: torch.device, trace: Path) -> dict:
@@ -203,13 +241,19 @@ def main(argv: list[str] | None = None) -> int:
                **profile_step(step, device, common.RESULTS_DIR / f"{name}_{label}.trace.json")}
         if plan is not None:  # the plan's serial work: every stage of every microbatch in turn
             row["pred_serial_ms"] = m * (sum(plan.stage_fwd_time_s) + sum(plan.stage_bwd_time_s)) * 1e3
+            if device.type == "cuda":  # each stage's kernels against its predicted times
+                trace = json.loads((common.RESULTS_DIR / f"{name}_{label}.trace.json").read_text())
+                row["stage_device_vs_plan"] = stage_comparison(stage_device_ms(trace["traceEvents"]), plan)
         rows.append(row)
         print(f"{label}: {row}", file=sys.stderr, flush=True)
         write_result(name, rows, {"microbatches": m})
     print_table(f"host time of one step, {args.model} {args.precision}, {m} microbatches on {device}",
-                [{k: v for k, v in r.items() if k not in ("top_host_ops", "host_ops_while_idle")} for r in rows])
+                [{k: v for k, v in r.items() if k not in ("top_host_ops", "host_ops_while_idle", "stage_device_vs_plan")}
+                 for r in rows])
     for r in rows:
         print(f"{r['config']}: top host ops: {r['top_host_ops']}")
+        if r.get("stage_device_vs_plan"):
+            print(f"{r['config']}: device ms per microbatch, measured/predicted: {r['stage_device_vs_plan']}")
         if r["host_ops_while_idle"]:
             print(f"{r['config']}: host ops while the device idled: {r['host_ops_while_idle']}")
     print(f"wrote {write_result(name, rows, {'microbatches': m})}")

@@ -107,3 +107,25 @@ def test_idle_attribution_charges_host_ops_with_the_device_gaps_they_overlap():
     text = idle_attribution(kernels + host, gaps)
     assert text.startswith("outer 0.0ms") and "slow_op" in text and "busy_only" not in text
     assert idle_attribution(kernels + [ev("x", 21, 44, cpu)], gaps) == "x 0.0ms"  # 9 + 4 us
+
+
+def test_stage_device_ms_charges_kernels_to_the_action_that_launched_them():
+    from benchmarks.host_overhead import stage_comparison, stage_device_ms
+    from types import SimpleNamespace
+    events = [
+        {"ph": "X", "name": "partitioner.0F0", "ts": 0, "dur": 10},
+        {"ph": "X", "name": "partitioner.0F1", "ts": 10, "dur": 10},
+        {"ph": "X", "name": "partitioner.0B0", "ts": 20, "dur": 10},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 2, "dur": 1, "args": {"correlation": 1}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cuLaunchKernel", "ts": 12, "dur": 1, "args": {"correlation": 2}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 25, "dur": 1, "args": {"correlation": 3}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 40, "dur": 1, "args": {"correlation": 4}},
+        # kernels run after their launch, in later actions' time: charged by correlation, not by time
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 15, "dur": 3000, "args": {"correlation": 1}},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 25, "dur": 5000, "args": {"correlation": 2}},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 35, "dur": 8000, "args": {"correlation": 3}},
+        {"ph": "X", "cat": "kernel", "name": "outside", "ts": 45, "dur": 999, "args": {"correlation": 4}},
+    ]
+    assert stage_device_ms(events) == {"0F": 4.0, "0B": 8.0}
+    plan = SimpleNamespace(stage_fwd_time_s=[0.004], stage_bwd_time_s=[0.010])
+    assert stage_comparison(stage_device_ms(events), plan) == "0F 4.00/4.00 ms, 0B 8.00/10.00 ms"
