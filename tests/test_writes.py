@@ -118,3 +118,26 @@ def test_batch_norm_buffers_update_as_with_gradient_accumulation():
     for name, want in reference.named_buffers():
         assert torch.allclose(buffers[name].float(), want.float(), atol=1e-6), name
     assert int(buffers["1.num_batches_tracked"]) == 4
+
+
+def _distributed_worker(rank: int, world_size: int, grad_buf: bool):
+    torch.manual_seed(0)
+    model, x, y = ShiftWrite(grad_buf), torch.randn(8, 16), torch.randint(0, 4, (8,))
+    pm = compile_parallel(model, ["cpu"] * world_size, (x,), loss_fn, microbatches=4, time_limit_s=1)
+    loss = pm.train_step(x, target=y)
+    return loss.item(), {n: p.grad.clone() for n, p in pm.named_parameters()}
+
+
+def test_in_place_writes_across_processes():
+    """gloo ranks: the written tensor and its gradient travel between processes like any value."""
+    from dist_utils import run_workers
+    torch.manual_seed(0)
+    model, x, y = ShiftWrite(True), torch.randn(8, 16), torch.randint(0, 4, (8,))
+    want = loss_fn(model(x), y)
+    want.backward()
+    results = run_workers(_distributed_worker, 2, True, timeout_s=180)
+    grads = {n: g for _, rank_grads in results for n, g in rank_grads.items()}
+    assert all(abs(loss - want.item()) <= 1e-5 * abs(want.item()) for loss, _ in results)
+    largest = max(p.grad.abs().max().item() for p in model.parameters())
+    for name, p in model.named_parameters():
+        assert (grads[name] - p.grad).abs().max().item() <= 1e-5 * largest, name
