@@ -248,3 +248,20 @@ def test_measured_plans_are_in_the_models_own_dtype(tmp_path, monkeypatch):
     result = plan_model(_Net(), (x,), {}, PlanConfig(num_ranks=2, microbatches=2, device_type="cpu", measure=True,
                                                      dtype=None, time_limit_s=1))
     assert result.costs.time_source == "measured"
+
+
+def test_measured_compiled_blocks_leave_out_the_compiled_call_overhead(tmp_path, monkeypatch):
+    """Each block is its own compiled call; a stage makes one: the call's fixed cost comes off each
+    block (never below zero)."""
+    from partitioner.cost_models import time as times
+    monkeypatch.setenv("PARTITIONER_CACHE", str(tmp_path))
+    overhead = times.compiled_call_overhead(torch.device("cpu"), {"dynamic": False})
+    assert overhead.fwd_s > 0 and overhead.bwd_s > 0
+    x = torch.randn(8, 16)
+    captured = capture(_Net(), (x,))
+    annotated = annotate(captured)
+    huge = times.NodeTime(1.0, 1.0, 1.0, 1.0)
+    monkeypatch.setattr(times, "compiled_call_overhead", lambda *args: huge)
+    costs = profile(captured, annotated, device="cpu", measure=True, compiled=True, example_inputs=[x],
+                    progress=False)
+    assert costs.total("fwd_time_s") == 0 and costs.total("bwd_time_s") == 0
