@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated torch.compile modes to run each configuration in "
                              "(e.g. default,reduce-overhead: CUDA graphs)")
     parser.add_argument("--rounds", type=int, default=5, help="unprofiled alternating rounds (host vs wall)")
+    parser.add_argument("--measure", action="store_true",
+                        help="plan with every distinct layer timed on the device (compile_parallel(measure=True))")
     parser.add_argument("--stacks-after", type=float, default=0,
                         help="print every thread's stack after this many seconds (find where a run hangs)")
     add_training_run_arguments(parser, "host_overhead_<device>", time_limit_s=5.0)
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             pm = compile_parallel(zm.model, [device] * stages, zm.example_args, zm.loss_fn, microbatches=m,
                                   example_kwargs=zm.example_kwargs, example_target=zm.target,
                                   time_limit_s=args.time_limit, compile=options if compiled else False,
-                                  mixed_precision="bf16" if mixed else None)
+                                  mixed_precision="bf16" if mixed else None, measure=args.measure)
 
             def ours(pm=pm, new_graph_step=new_graph_step):
                 if new_graph_step:
