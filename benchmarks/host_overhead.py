@@ -8,8 +8,8 @@ with every stage on the same device) one step is profiled with torch.profiler af
 the step's wall time, the time the device was busy (the union of its kernels' intervals), and
 for ours the host time of every schedule action (the executor labels them `partitioner.<action>`,
 e.g. `partitioner.1B3`) split into forwards and backwards, plus the host-side ops that took the
-most self time; on CUDA, each stage's kernel time per microbatch against the plan's prediction. A step the device waits on shows as busy < wall with action host times that add
-up to the wall. Chrome traces of every profiled step go next to the JSON, to open in Perfetto.
+most self time; on CUDA, each stage's kernel time per microbatch against the plan's prediction.
+A step the device waits on shows as busy < wall with action host times that add up to the wall. Chrome traces of every profiled step go next to the JSON, to open in Perfetto.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import common
 from benchmarks.common import add_training_run_arguments, print_table, write_result
-from benchmarks.train_throughput import PRECISIONS, build_model
+from benchmarks.train_throughput import PRECISIONS, accumulation_step, build_model
 from partitioner.runtime.compiled import uses_cudagraphs
 
 
@@ -192,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     zm = build_model(args, args.model, args.precision, device)
     m = args.microbatches
-    from partitioner.microbatch import batch_size, split_batch
-    inputs = (tuple(zm.example_args), dict(zm.example_kwargs))  # t5: decoder inputs ride in the kwargs
-    microbatches = list(zip(split_batch(inputs, m, "input", batch_size(inputs)), zm.target.chunk(m)))
+    accumulate = accumulation_step(zm, args.precision, m)
     mixed = args.precision == "bf16-mixed"
     modes = args.modes.split(",") if compiled else ["default"]
     configs = []
@@ -207,10 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         def plain_step(plain=plain, new_graph_step=new_graph_step):
             if new_graph_step:
                 torch.compiler.cudagraph_mark_step_begin()
-            for (xb, kw), yb in microbatches:
-                with torch.autocast(device.type, torch.bfloat16, enabled=mixed):
-                    loss = zm.loss_fn(plain(*xb, **kw), yb) / m
-                loss.backward()
+            accumulate(plain)
             zm.model.zero_grad(set_to_none=True)
         configs.append((f"plain{tag}", plain_step, None))
         from partitioner.api import compile_parallel

@@ -176,20 +176,27 @@ def ours_runners(zm, args, precision: str, device: torch.device, p: int, rank: i
     return runners
 
 
-def plain_runners(zm, precision: str, microbatches: int, wanted: list[str]) -> list[Runner]:
-    model = zm.model
-    compiled = torch.compile(model, dynamic=False) if "plain-compiled" in wanted else None
+def accumulation_step(zm, precision: str, microbatches: int) -> Callable[[Callable], None]:
+    """step(fn): forward and backward of `fn` (the model, plain or compiled) on every microbatch of
+    zm's example batch, losses / microbatches, under bf16 autocast for bf16-mixed: the plain model's
+    gradient accumulation, the ceiling our pipelines run against."""
     from partitioner.microbatch import batch_size, split_batch
-    inputs = (tuple(zm.example_args), dict(zm.example_kwargs))
-    mbs = split_batch(inputs, microbatches, "input", batch_size(inputs))
-    targets = zm.target.chunk(microbatches)
+    inputs = (tuple(zm.example_args), dict(zm.example_kwargs))  # t5: decoder inputs ride in the kwargs
+    mbs = list(zip(split_batch(inputs, microbatches, "input", batch_size(inputs)), zm.target.chunk(microbatches)))
     device_type = zm.target.device.type
 
-    def step(fn):
-        for (x, kw), y in zip(mbs, targets):
+    def step(fn: Callable) -> None:
+        for (x, kw), y in mbs:
             with torch.autocast(device_type, torch.bfloat16, enabled=precision == "bf16-mixed"):
                 loss = zm.loss_fn(fn(*x, **kw), y) / microbatches
             loss.backward()
+    return step
+
+
+def plain_runners(zm, precision: str, microbatches: int, wanted: list[str]) -> list[Runner]:
+    model = zm.model
+    compiled = torch.compile(model, dynamic=False) if "plain-compiled" in wanted else None
+    step = accumulation_step(zm, precision, microbatches)
 
     runners, opt = [], None
     for name, fn in (("plain-eager", model), ("plain-compiled", compiled)):

@@ -57,4 +57,4 @@ def stage_mates(node: torch.fx.Node) -> tuple[str, ...]:
         return tuple(w.name for w in node.args[1:] if isinstance(w, torch.fx.Node))
     if not mutates(node):
         return ()
-    return tuple(v.name for v in written_values(node) if v is not node and is_view(v))
+    return tuple(v.name for v in written_values(node) if is_view(v))
