@@ -78,30 +78,47 @@ def idle_attribution(events: list, gaps: list[tuple[float, float]], top: int = 1
 _ACTION = re.compile(r"^partitioner\.(\d+)([A-Z])(\d+)$")
 
 
-def stage_device_ms(trace_events: list[dict]) -> dict[str, float]:
-    """Device ms per microbatch of every stage and pass ("0F", "1B", ...): the kernels launched
-    inside the executor's `partitioner.<action>` spans, matched to their launch by the profiler's
-    correlation ids (a chrome trace's events). Kernels run after their launch, often during later
-    actions, so only the launch tells which action they belong to; a backward launched from
-    autograd's device thread still falls inside its action's time span."""
+def kernels_by_action(trace_events: list[dict]) -> dict[str, dict]:
+    """Every kernel of a chrome trace charged to the stage and pass ("0F", "1B", ...) whose
+    executor action (`partitioner.<action>` span) launched it, matched by the profiler's
+    correlation ids; kernels launched outside any action (the plain model) go to "step".
+
+    Kernels run after their launch, often during later actions, so only the launch tells which
+    action they belong to; a backward launched from autograd's device thread still falls inside
+    its action's time span. Returns {group: {"microbatches": n, "kernels": {name: [count, us]}}}.
+    """
     spans = sorted((e["ts"], e["ts"] + e["dur"], _ACTION.match(e["name"]).groups()) for e in trace_events
                    if e.get("ph") == "X" and _ACTION.match(e.get("name", "")))
     launched = {e["args"]["correlation"]: e["ts"] for e in trace_events
                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
     starts = [s[0] for s in spans]
-    total: dict[str, float] = {}
+    groups: dict[str, dict] = {}
     microbatches: dict[str, set[str]] = {}
     for e in trace_events:
         if e.get("cat") != "kernel":
             continue
         t = launched.get(e.get("args", {}).get("correlation"))
         i = bisect.bisect_right(starts, t) - 1 if t is not None else -1
-        if i < 0 or t > spans[i][1]:
+        if i >= 0 and t <= spans[i][1]:
+            stage, kind, mb = spans[i][2]
+            group = stage + kind
+        elif not spans:
+            group, mb = "step", "0"
+        else:
             continue
-        stage, kind, mb = spans[i][2]
-        total[stage + kind] = total.get(stage + kind, 0.0) + e["dur"] / 1e3
-        microbatches.setdefault(stage + kind, set()).add(mb)
-    return {k: total[k] / len(microbatches[k]) for k in sorted(total, key=lambda k: (int(k[:-1]), k[-1] != "F"))}
+        microbatches.setdefault(group, set()).add(mb)
+        entry = groups.setdefault(group, {}).setdefault(e["name"], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e["dur"]
+    order = sorted(groups, key=lambda k: (k == "step", int(k[:-1]) if k != "step" else 0, k[-1] != "F"))
+    return {k: {"microbatches": len(microbatches[k]), "kernels": groups[k]} for k in order}
+
+
+def stage_device_ms(trace_events: list[dict]) -> dict[str, float]:
+    """Device ms per microbatch of every stage and pass ("0F", "1B", ...): `kernels_by_action`'s
+    totals over the microbatches."""
+    return {k: sum(us for _, us in g["kernels"].values()) / 1e3 / g["microbatches"]
+            for k, g in kernels_by_action(trace_events).items() if k != "step"}
 
 
 def stage_comparison(measured: dict[str, float], plan) -> str:
@@ -241,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":  # each stage's kernels against its predicted times
                 trace = json.loads((common.RESULTS_DIR / f"{name}_{label}.trace.json").read_text())
                 row["stage_device_vs_plan"] = stage_comparison(stage_device_ms(trace["traceEvents"]), plan)
+        if device.type == "cuda":  # every kernel by stage and pass, to compare with the cost model offline
+            trace = json.loads((common.RESULTS_DIR / f"{name}_{label}.trace.json").read_text())
+            kernels = {"groups": kernels_by_action(trace["traceEvents"]), "microbatches": m,
+                       "node_stage": plan.node_stage if plan is not None else None,
+                       "stage_fwd_time_s": plan.stage_fwd_time_s if plan is not None else None,
+                       "stage_bwd_time_s": plan.stage_bwd_time_s if plan is not None else None}
+            (common.RESULTS_DIR / f"{name}_{label}.kernels.json").write_text(json.dumps(kernels))
         rows.append(row)
         print(f"{label}: {row}", file=sys.stderr, flush=True)
         write_result(name, rows, {"microbatches": m})
