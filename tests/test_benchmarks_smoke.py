@@ -110,7 +110,7 @@ def test_idle_attribution_charges_host_ops_with_the_device_gaps_they_overlap():
 
 
 def test_stage_device_ms_charges_kernels_to_the_action_that_launched_them():
-    from benchmarks.host_overhead import stage_comparison, stage_device_ms
+    from benchmarks.host_overhead import kernels_by_action, stage_comparison, stage_device_ms
     from types import SimpleNamespace
     events = [
         {"ph": "X", "name": "partitioner.0F0", "ts": 0, "dur": 10},
@@ -127,5 +127,10 @@ def test_stage_device_ms_charges_kernels_to_the_action_that_launched_them():
         {"ph": "X", "cat": "kernel", "name": "outside", "ts": 45, "dur": 999, "args": {"correlation": 4}},
     ]
     assert stage_device_ms(events) == {"0F": 4.0, "0B": 8.0}
+    assert kernels_by_action(events) == {"0F": {"microbatches": 2, "kernels": {"gemm": [2, 8000]}},
+                                         "0B": {"microbatches": 1, "kernels": {"gemm": [1, 8000]}}}
+    plain = [e for e in events if not e["name"].startswith("partitioner.")]  # no actions: the whole step
+    assert kernels_by_action(plain) == {"step": {"microbatches": 1, "kernels": {"gemm": [3, 16000],
+                                                                                "outside": [1, 999]}}}
     plan = SimpleNamespace(stage_fwd_time_s=[0.004], stage_bwd_time_s=[0.010])
     assert stage_comparison(stage_device_ms(events), plan) == "0F 4.00/4.00 ms, 0B 8.00/10.00 ms"
