@@ -116,8 +116,9 @@ def test_stage_device_ms_charges_kernels_to_the_action_that_launched_them():
         {"ph": "X", "name": "partitioner.0F0", "ts": 0, "dur": 10},
         {"ph": "X", "name": "partitioner.0F1", "ts": 10, "dur": 10},
         {"ph": "X", "name": "partitioner.0B0", "ts": 20, "dur": 10},
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "partitioner.0B0", "ts": 24, "dur": 0},  # on the GPU's time
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 2, "dur": 1, "args": {"correlation": 1}},
-        {"ph": "X", "cat": "cuda_runtime", "name": "cuLaunchKernel", "ts": 12, "dur": 1, "args": {"correlation": 2}},
+        {"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernel", "ts": 12, "dur": 1, "args": {"correlation": 2}},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 25, "dur": 1, "args": {"correlation": 3}},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 40, "dur": 1, "args": {"correlation": 4}},
         # kernels run after their launch, in later actions' time: charged by correlation, not by time
