@@ -34,7 +34,8 @@ from partitioner.runtime.compiled import uses_cudagraphs
 def kernel_spans(events: list, device_type) -> list[tuple[float, float]]:
     """The device's kernel intervals (us) merged where they overlap, in time order."""
     merged: list[tuple[float, float]] = []
-    for a, b in sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == device_type):
+    for a, b in sorted((e.time_range.start, e.time_range.end) for e in events  # an action's GPU-time copy is no kernel
+                       if e.device_type == device_type and not _ACTION.match(e.name)):
         if merged and a <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], b))
         else:
