@@ -216,14 +216,17 @@ def spec_for_torch_device(device: torch.device | str, calibrate_host: bool = Tru
 
     calibrate_host: on CUDA, replace the table's host dispatch constants (fitted on one
     machine; hosts differ by 1.5-3x) with this machine's (cost_models.time.host_overheads_s,
-    a few seconds once per process).
+    a few seconds once per process), and scale its compiled launch cost alike.
     """
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         spec = spec_for_gpu_name(torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory)
         if calibrate_host:
             fwd, bwd = host_overheads_s(device)
+            # a compiled graph's launches run on the same host: scaled as its eager dispatch measured
+            launch = spec.compiled_launch_overhead_s * (bwd / spec.cpu_bwd_overhead_s if spec.cpu_bwd_overhead_s else 1.0)
             spec = dataclasses.replace(spec, cpu_fwd_overhead_s=fwd, cpu_bwd_overhead_s=bwd,
+                                       compiled_launch_overhead_s=launch,
                                        notes=f"{spec.notes}; host dispatch calibrated on this machine".lstrip("; "))
         return spec
     return calibrate_cpu()
