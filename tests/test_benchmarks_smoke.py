@@ -135,3 +135,18 @@ def test_stage_device_ms_charges_kernels_to_the_action_that_launched_them():
                                                                                 "outside": [1, 999]}}}
     plan = SimpleNamespace(stage_fwd_time_s=[0.004], stage_bwd_time_s=[0.010])
     assert stage_comparison(stage_device_ms(events), plan) == "0F 4.00/4.00 ms, 0B 8.00/10.00 ms"
+
+
+def test_kernels_vs_plan_prints_measured_kernels_next_to_the_prediction(tmp_path, capsys):
+    from benchmarks.kernels_vs_plan import kernel_kind, main
+    assert [kernel_kind(k) for k in ("triton_poi_fused_add_0", "nvjet_sm90_tst_128x256", "cudnn_sdpa_flash_fprop",
+                                     "void at::native::vectorized_elementwise_kernel")] == \
+        ["triton", "gemm", "attention", "other"]
+    kernels = {"microbatches": 4, "node_stage": None,
+               "groups": {"step": {"microbatches": 1, "kernels": {"nvjet_sm90_tst_128x256": [8, 4000.0],
+                                                                  "triton_poi_fused_add_0": [40, 400.0]}}}}
+    path = tmp_path / "plain.kernels.json"
+    path.write_text(json.dumps(kernels))
+    assert main([str(path), "--model", "gpt2", "--seq", "32", "--device", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "step" in out and "1.1" in out  # 4.4 ms of kernels over 4 microbatches
