@@ -8,8 +8,10 @@ with every stage on the same device) one step is profiled with torch.profiler af
 the step's wall time, the time the device was busy (the union of its kernels' intervals), and
 for ours the host time of every schedule action (the executor labels them `partitioner.<action>`,
 e.g. `partitioner.1B3`) split into forwards and backwards, plus the host-side ops that took the
-most self time; on CUDA, each stage's kernel time per microbatch against the plan's prediction.
-A step the device waits on shows as busy < wall with action host times that add up to the wall. Chrome traces of every profiled step go next to the JSON, to open in Perfetto.
+most self time; on CUDA, each stage's kernel time per microbatch against the plan's prediction,
+and every kernel by stage and pass in a `.kernels.json` (see benchmarks/kernels_vs_plan.py).
+A step the device waits on shows as busy < wall with action host times that add up to the wall.
+Chrome traces of every profiled step go next to the JSON, to open in Perfetto.
 """
 from __future__ import annotations
 
@@ -116,11 +118,12 @@ def kernels_by_action(trace_events: list[dict]) -> dict[str, dict]:
     return {k: {"microbatches": len(microbatches[k]), "kernels": groups[k]} for k in order}
 
 
-def stage_device_ms(trace_events: list[dict]) -> dict[str, float]:
+def stage_device_ms(trace_events: list[dict], groups: dict[str, dict] | None = None) -> dict[str, float]:
     """Device ms per microbatch of every stage and pass ("0F", "1B", ...): `kernels_by_action`'s
-    totals over the microbatches."""
+    totals (`groups`, when already computed) over the microbatches."""
+    groups = kernels_by_action(trace_events) if groups is None else groups
     return {k: sum(us for _, us in g["kernels"].values()) / 1e3 / g["microbatches"]
-            for k, g in kernels_by_action(trace_events).items() if k != "step"}
+            for k, g in groups.items() if k != "step"}
 
 
 def stage_comparison(measured: dict[str, float], plan) -> str:
@@ -257,12 +260,12 @@ def main(argv: list[str] | None = None) -> int:
                **profile_step(step, device, common.RESULTS_DIR / f"{name}_{label}.trace.json")}
         if plan is not None:  # the plan's serial work: every stage of every microbatch in turn
             row["pred_serial_ms"] = m * (sum(plan.stage_fwd_time_s) + sum(plan.stage_bwd_time_s)) * 1e3
-            if device.type == "cuda":  # each stage's kernels against its predicted times
-                trace = json.loads((common.RESULTS_DIR / f"{name}_{label}.trace.json").read_text())
-                row["stage_device_vs_plan"] = stage_comparison(stage_device_ms(trace["traceEvents"]), plan)
         if device.type == "cuda":  # every kernel by stage and pass, to compare with the cost model offline
-            trace = json.loads((common.RESULTS_DIR / f"{name}_{label}.trace.json").read_text())
-            kernels = {"groups": kernels_by_action(trace["traceEvents"]), "microbatches": m,
+            events = json.loads((common.RESULTS_DIR / f"{name}_{label}.trace.json").read_text())["traceEvents"]
+            groups = kernels_by_action(events)
+            if plan is not None:  # each stage's kernels against its predicted times
+                row["stage_device_vs_plan"] = stage_comparison(stage_device_ms(events, groups), plan)
+            kernels = {"groups": groups, "microbatches": m,
                        "node_stage": plan.node_stage if plan is not None else None,
                        "stage_fwd_time_s": plan.stage_fwd_time_s if plan is not None else None,
                        "stage_bwd_time_s": plan.stage_bwd_time_s if plan is not None else None}

@@ -148,9 +148,10 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
         param_bytes_by_node[name] = sum(value_bytes(traces[a.name].output, scale) for a in node.all_input_nodes
                                         if a.op == "get_attr")
 
-    times = {name: _analytic(t, spec, scale) for name, t in traces.items()}
     if compiled:
         times = compiled_times(gm, traces, spec, scale, lambda t: node_kernels(t, spec, scale, padded=True))
+    else:
+        times = {name: _analytic(t, spec, scale) for name, t in traces.items()}
     times.update(_gradient_accumulation(gm, traces, spec, scale, compiled))
     if measure:
         times = _measured_times(gm, traces, times, annotated, example_inputs, measure_groups, progress,
