@@ -164,6 +164,32 @@ def profile_step(step, device: torch.device, trace: Path) -> dict:
             "host_ops_while_idle": idle_attribution(events, gaps) if cuda else ""}
 
 
+def python_profile(step, device: torch.device, out: Path, steps: int) -> float:
+    """cProfile `steps` unprofiled-by-torch steps; writes the functions by cumulative and by own
+    time to `out` (text), to find host time the torch profiler does not name. Returns the
+    profiled wall ms per step (cProfile slows Python code, not kernels)."""
+    import cProfile
+    import io
+    import pstats
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    sync()
+    wall = (time.perf_counter() - t) / steps * 1e3
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text).strip_dirs()
+    text.write(f"{steps} steps, {wall:.1f} ms per step under cProfile\n")
+    stats.sort_stats("cumulative").print_stats(70)
+    stats.sort_stats("tottime").print_stats(40)
+    out.write_text(text.getvalue())
+    return wall
+
+
 def host_and_wall(configs: list, device: torch.device, rounds: int) -> dict[str, tuple[float, float]]:
     """Median host ms (until the step returns, before synchronising) and wall ms per config, the
     configs alternating in `rounds` rounds (order reversed every other round): a host-bound step
@@ -200,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="unprofiled alternating rounds (host vs wall)")
     parser.add_argument("--measure", action="store_true",
                         help="plan with every distinct layer timed on the device (compile_parallel(measure=True))")
+    parser.add_argument("--python-profile", type=int, default=0, metavar="STEPS",
+                        help="also cProfile this many steps of each configuration (Python host time by "
+                             "function, written next to the JSON as <name>_<config>.pyprof.txt)")
     parser.add_argument("--stacks-after", type=float, default=0,
                         help="print every thread's stack after this many seconds (find where a run hangs)")
     add_training_run_arguments(parser, "host_overhead_<device>", time_limit_s=5.0)
@@ -258,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, step, plan in configs:  # each row is printed and written as it comes: a killed run keeps them
         row = {"config": label, "compiled": compiled, "host_ms": timing[label][0], "unprofiled_wall_ms": timing[label][1],
                **profile_step(step, device, common.RESULTS_DIR / f"{name}_{label}.trace.json")}
+        if args.python_profile:
+            row["cprofile_wall_ms"] = python_profile(step, device, common.RESULTS_DIR / f"{name}_{label}.pyprof.txt",
+                                                     args.python_profile)
         if plan is not None:  # the plan's serial work: every stage of every microbatch in turn
             row["pred_serial_ms"] = m * (sum(plan.stage_fwd_time_s) + sum(plan.stage_bwd_time_s)) * 1e3
         if device.type == "cuda":  # every kernel by stage and pass, to compare with the cost model offline

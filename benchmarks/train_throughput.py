@@ -13,7 +13,10 @@ Configurations (`--configs` picks):
   accumulation over the microbatches (one process, one GPU): the ceiling.
 - ours-{eager,compiled}-{1f1b,interleaved}-{ilp,uniform}: compile_parallel with
   the ILP's plan or the uniform-layers plan on the same runtime, planned as
-  compile_parallel plans them (compiled stages with compiled costs).
+  compile_parallel plans them (compiled stages with compiled costs). A `-graph`
+  suffix (e.g. ours-compiled-1f1b-ilp-graph; one process, one GPU) replays each
+  step as one CUDA graph (compile_parallel(cuda_graph=True)), planned without
+  host time.
 - torch-{eager,compiled}-{1f1b,interleaved}: torch.distributed.pipelining with a
   hand-written uniform split (benchmarks/torch_pipeline.py), eager or with each
   layer compiled (torchtitan's way). GPT-2 and Llama only.
@@ -52,6 +55,7 @@ from partitioner import zoo
 from partitioner.runtime.data_parallel import local_tensor
 
 ALL_CONFIGS = ("plain-eager", "plain-compiled", "ours-eager-1f1b-ilp", "ours-compiled-1f1b-ilp",
+               "ours-compiled-1f1b-ilp-graph", "ours-eager-1f1b-ilp-graph",
                "ours-compiled-interleaved-ilp", "ours-eager-interleaved-ilp", "ours-compiled-1f1b-uniform",
                "ours-eager-1f1b-uniform", "torch-eager-1f1b", "torch-compiled-1f1b", "torch-eager-interleaved",
                "torch-compiled-interleaved")
@@ -124,18 +128,20 @@ def make_plans(zm, args, precision: str, device: torch.device, p: int, rank: int
         if device.type == "cuda":
             from partitioner.cost_models.device import spec_for_torch_device
             spec = spec_for_torch_device(device)
-        needed = [(key, schedule, chunks, compiled)
+        needed = [(key, schedule, chunks, compiled, graph)
                   for key, schedule, chunks in (("1f1b", "1f1b", 1), ("interleaved", "interleaved-1f1b", args.chunks))
-                  for compiled in (False, True)
-                  if any(f"ours-{'compiled' if compiled else 'eager'}-{key}-{k}" in wanted for k in ("ilp", "uniform"))]
-        for key, schedule, chunks, compiled in needed or [("1f1b", "1f1b", 1, False)]:  # one plan gives the FLOPs
+                  for compiled in (False, True) for graph in (False, True)
+                  if any(f"ours-{'compiled' if compiled else 'eager'}-{key}-{k}{'-graph' if graph else ''}" in wanted
+                         for k in ("ilp", "uniform"))]
+        for key, schedule, chunks, compiled, graph in needed or [("1f1b", "1f1b", 1, False, False)]:  # for the FLOPs
             config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=args.microbatches,
                                 device_type=spec, dtype=None, mixed_precision=_mixed(precision),
-                                time_limit_s=args.time_limit, compiled=compiled, measure=args.measure)
+                                time_limit_s=args.time_limit, compiled=compiled, measure=args.measure,
+                                cuda_graphs=graph)
             result = plan_model(zm.model, zm.example_args, zm.example_kwargs, config, loss_fn=zm.loss_fn,
                                 example_target=zm.target)
-            plans[(key, "ilp", compiled)] = result.plan
-            plans[(key, "uniform", compiled)] = baseline_plan(
+            plans[(key, "ilp", compiled, graph)] = result.plan
+            plans[(key, "uniform", compiled, graph)] = baseline_plan(
                 result.block_graph, "uniform", p, chunks, args.microbatches, schedule,
                 result.plan.memory_cap_bytes, result.plan.link_bw_bytes_per_s)
             plans["flops_per_microbatch"] = result.costs.total("fwd_flops") + result.costs.total("bwd_flops")
@@ -163,11 +169,11 @@ def ours_runners(zm, args, precision: str, device: torch.device, p: int, rank: i
         parts = name.split("-")
         if parts[0] != "ours":
             continue
-        mode, key, kind = parts[1], parts[2], parts[3]
-        plan = plans[(key, kind, mode == "compiled")]
+        mode, key, kind, graph = parts[1], parts[2], parts[3], parts[-1] == "graph"
+        plan = plans[(key, kind, mode == "compiled", graph)]
         pm = compile_parallel(zm.model, devices, zm.example_args, zm.loss_fn, plan=plan,
                               example_kwargs=zm.example_kwargs, microbatches=args.microbatches, compile=mode == "compiled",
-                              mixed_precision=_mixed(precision))
+                              mixed_precision=_mixed(precision), cuda_graph=graph)
         predicted = _serial_s(plan) if rank is None else plan.step_time_s
         peak = sum(plan.rank_mem_bytes) if rank is None else plan.rank_mem_bytes[rank]
         runners.append(Runner(name, lambda pm=pm: pm.train_step(*zm.example_args, target=zm.target,
@@ -359,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown configurations {sorted(unknown)}; known: {', '.join(ALL_CONFIGS)}")
     if rank is not None:
         wanted = [w for w in wanted if not w.startswith("plain")]  # the ceiling is the one-GPU run's
+    if rank is not None or device.type != "cuda":  # CUDA graphs capture one process's stages on one GPU
+        wanted = [w for w in wanted if not w.endswith("-graph")]
     lead = rank in (None, 0)
 
     def log(msg: str) -> None:

@@ -48,6 +48,7 @@ from partitioner.runtime.data_parallel import (DATA_PARALLEL_MODES, DataParallel
                                                mesh_layout)
 from partitioner.runtime.executor import Executor, ParameterStore, in_process_order
 from partitioner.runtime.schedules import make_schedule, validate
+from partitioner.runtime.step_graph import StepGraph
 from partitioner.runtime.transport import DistTransport, InProcessTransport
 from partitioner.units import parse_bytes
 
@@ -65,7 +66,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                      example_target: Any = None, compile: bool | dict | None = None,
                      mixed_precision: str | None = None, init_fn: Callable[[torch.nn.Module], None] | None = None,
                      checkpoint: str | os.PathLike | None = None, gap: float = 0.01,
-                     measure: bool = False) -> "ParallelModel":
+                     measure: bool = False, cuda_graph: bool = False) -> "ParallelModel":
     """Partition `model` over `devices` (or a DeviceMesh) and return a ParallelModel that trains it.
 
     devices: one device per pipeline rank, e.g. ["cuda:0", "cuda:1"] under torchrun, or ["cpu"] * 4
@@ -94,6 +95,11 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         distinct layer, cached on disk under PARTITIONER_CACHE), closer to the step that runs. The
         model's weights must be on that device.
     timeout_s: how long a rank waits for a peer before raising RuntimeConfigError.
+    cuda_graph: replay each training step as one CUDA graph (partitioner/runtime/step_graph.py): the
+        host launches a step once instead of every kernel, so a host-bound pipeline (many small
+        kernels) runs at its kernels' speed, and the plan is costed without host time. Needs every
+        stage on one CUDA device in one process; the first two steps run uncaptured (compiling),
+        the third is captured. Inputs must keep their shapes; parameters are read in place.
     compile: run every stage graph (and loss_fn) through torch.compile (inductor). None (default): on
         for CUDA devices, off on CPU; True / False; or a dict of torch.compile options (e.g.
         {"mode": "max-autotune"}). Compilation happens in the first train_step / forward; a stage that
@@ -134,6 +140,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     _check_not_partly_meta(model)
     if measure and plan is None:
         _check_measurable(model, devices[0])
+    if cuda_graph:
+        _check_graphable(devices, mesh is not None or "RANK" in os.environ)
     if plan is not None:
         chunks = plan.chunks
     schedule = schedule or (plan.schedule if plan is not None else None) or \
@@ -167,7 +175,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         if plan is None:
             plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
                                    memory, device_type, time_limit_s, rank, devices, loss_fn, example_target,
-                                   mixed_precision, options is not None, gap, dp, data_parallel, measure)
+                                   mixed_precision, options is not None, gap, dp, data_parallel, measure,
+                                   cuda_graph)
         else:
             captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     except CaptureError as err:
@@ -217,8 +226,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                         stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None)
     source = ModeSource(meta_skeleton(model), mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
                         compile_options=options, timeout_s=timeout_s, check_loss=_checked_loss)
+    step_graph = StepGraph(executor.train_step, lambda: [t for _, t in store.named_parameters() if t.requires_grad],
+                           devices[0]) if cuda_graph else None
     return ParallelModel(captured, plan, stages, executor, store, devices, rank, args, kwargs, microbatches,
-                         source=source, layout=layout, data_parallel=dp_stages)
+                         source=source, layout=layout, data_parallel=dp_stages, step_graph=step_graph)
 
 
 class ParallelModel:
@@ -236,7 +247,8 @@ class ParallelModel:
     def __init__(self, captured: Captured, plan: Plan, stages: list[StageModule], executor: Executor,
                  store: ParameterStore, devices: list[torch.device], rank: int | None, example_args: tuple,
                  example_kwargs: dict, microbatches: int, *, source: ModeSource | None = None,
-                 layout: MeshLayout | None = None, data_parallel: DataParallelStages | None = None):
+                 layout: MeshLayout | None = None, data_parallel: DataParallelStages | None = None,
+                 step_graph: StepGraph | None = None):
         self.captured = captured
         self.plan = plan
         self.stages = stages
@@ -254,6 +266,8 @@ class ParallelModel:
         self.layout = layout  # where this process sits among the data-parallel replicas (None: one process)
         self.data_parallel = data_parallel  # this rank's stages under FSDP2 when dp > 1 ...
         self._sharded_mode = self.training  # ... in the mode compiled (the other mode reads its gathered tensors)
+        self.step_graph = step_graph  # replays this mode's training steps (compile_parallel(cuda_graph=True))
+        self._graph_executor = executor
 
     @property
     def dp(self) -> int:
@@ -287,7 +301,8 @@ class ParallelModel:
         self.store.before_step()
         if self.data_parallel is not None:
             self.data_parallel.before_step()
-        loss = self.executor.train_step(mb_inputs, targets)
+        graph = self.step_graph if self.step_graph is not None and self.executor is self._graph_executor else None
+        loss = (graph or self.executor.train_step)(mb_inputs, targets)
         if self.data_parallel is not None:
             self.data_parallel.after_step()
         self.store.after_step()
@@ -645,7 +660,8 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
           schedule: str, microbatches: int, memory: int | str | None, device_type: str | DeviceSpec | None,
           time_limit_s: float, rank: int | None, devices: list[torch.device], loss_fn: Callable[[Any, Any], Any],
           example_target: Any, mixed_precision: str | None, compiled: bool,
-          gap: float = 0.01, dp: int = 1, dp_mode: str = "fsdp", measure: bool = False) -> tuple[Plan, Captured]:
+          gap: float = 0.01, dp: int = 1, dp_mode: str = "fsdp", measure: bool = False,
+          cuda_graph: bool = False) -> tuple[Plan, Captured]:
     """Plan on global rank 0 (the solver is not deterministic across processes) and share the plan."""
     planner = rank is None or dist.get_rank() == 0
     if planner:
@@ -658,7 +674,7 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
         config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=microbatches,
                             memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s,
                             dtype=None, mixed_precision=mixed_precision, compiled=compiled, gap=gap,
-                            data_parallel=dp, data_parallel_mode=dp_mode, measure=measure)
+                            data_parallel=dp, data_parallel_mode=dp_mode, measure=measure, cuda_graphs=cuda_graph)
         result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target)
         plan, captured = result.plan, result.captured
     if rank is None:
@@ -678,6 +694,18 @@ def _check_measurable(model: torch.nn.Module, device: torch.device) -> None:
         raise RuntimeConfigError(f"compile_parallel(measure=True) times the model's layers where its weights are, "
                                  f"but they are on {sorted(where)} and the stages run on '{device.type}': move the "
                                  f"model there first (model.to('{device}')), or plan with measure=False.")
+
+
+def _check_graphable(devices: list[torch.device], distributed: bool) -> None:
+    """cuda_graph=True captures one process's whole step on one GPU."""
+    if distributed:
+        raise RuntimeConfigError("compile_parallel(cuda_graph=True) captures the stages of one process on one GPU; "
+                                 "under torchrun the steps send over NCCL, which it does not capture yet: drop "
+                                 "cuda_graph (or run the stages in one process: devices=['cuda:0'] * k).")
+    if any(d.type != "cuda" for d in devices) or len({torch.device(d.type, d.index or 0) for d in devices}) > 1:
+        raise RuntimeConfigError(f"compile_parallel(cuda_graph=True) needs every stage on one CUDA device, but devices "
+                                 f"are {[str(d) for d in devices]}; pass devices=['cuda:0'] * {len(devices)}, or "
+                                 "drop cuda_graph.")
 
 
 def _check_plan(plan: Plan, p: int, chunks: int) -> None:

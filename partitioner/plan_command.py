@@ -208,6 +208,7 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
                       time_limit_s=args.time_limit, gap=args.gap / 100, batch=args.batch, seq=args.seq,
                       compare=args.compare,
                       mixed_precision=getattr(args, "mixed_precision", None), compiled=getattr(args, "compile", False),
+                      cuda_graphs=getattr(args, "cuda_graph", False),
                       data_parallel=getattr(args, "data_parallel", 1), data_parallel_mode=getattr(args, "dp_mode", "fsdp"),
                       dp_bw_bytes_per_s=parse_bandwidth(args.dp_bandwidth) if getattr(args, "dp_bandwidth", None)
                       else None, gpus_per_host=getattr(args, "gpus_per_host", 8))

@@ -69,6 +69,7 @@ class PlanConfig:
     mixed_precision: str | None = None  # e.g. "bf16": fp32 parameters, bf16 compute (partitioner/passes/mixed_precision.py)
     compiled: bool = False  # the stages run under torch.compile: costs with inductor's fusion
     measure: bool = False  # time each distinct layer on the model's device (compiled when `compiled`)
+    cuda_graphs: bool = False  # each step replays as a CUDA graph: no host dispatch time (runtime/step_graph.py)
     optimizer: str = "adamw"
     depth: int | None = None
     time_limit_s: float = 10.0
@@ -178,6 +179,9 @@ def plan_profiled(annotated: AnnotatedGraph, costs: NodeCosts, loss_costs: NodeC
     dp = dpm.DataParallel(config.data_parallel, config.data_parallel_mode,
                           dpm.dp_bandwidth(spec, config.data_parallel, config.num_ranks, config.gpus_per_host,
                                            config.dp_bw_bytes_per_s))
+    if config.cuda_graphs:
+        costs = costs.without_host()
+        loss_costs = loss_costs.without_host() if loss_costs is not None else None
     K = config.num_ranks * config.chunks
     bg = coarsen(annotated, costs, depth=config.depth, min_blocks=K, target_blocks=BLOCKS_PER_STAGE * K)
     if loss_costs is not None:

@@ -171,6 +171,28 @@ def test_cuda_devices_without_cuda_are_refused():
         compile_zoo(zm, devices=["cuda:0", "cuda:1"])
 
 
+def test_cuda_graph_outside_one_gpu_is_refused_with_the_fix():
+    zm = build("mlp")
+    with pytest.raises(RuntimeConfigError, match=r"cuda_graph=True\) needs every stage on one CUDA device.*"
+                                                  r"devices=\['cuda:0'\] \* 2"):
+        compile_zoo(zm, devices=["cpu", "cpu"], cuda_graph=True)
+
+
+def test_cuda_graph_plans_without_host_time():
+    """A step replayed as a CUDA graph launches once: the plan's stage times are its device times."""
+    from partitioner.plan_model import PlanConfig, plan_model
+    zm = build("gpt2")
+    times = {}
+    for graphs in (False, True):
+        config = PlanConfig(num_ranks=2, microbatches=4, device_type="h100", compiled=True, cuda_graphs=graphs,
+                            time_limit_s=2, use_cache=False)
+        result = plan_model(zm.model, zm.example_args, zm.example_kwargs, config)
+        host = result.costs.total("host_fwd_time_s") + result.costs.total("host_bwd_time_s")
+        assert (host == 0.0) if graphs else (host > 0.0)
+        times[graphs] = sum(result.plan.stage_fwd_time_s) + sum(result.plan.stage_bwd_time_s)
+    assert times[True] < times[False]  # the small model is host-bound on an H100
+
+
 # ---------------------------------------------------------------------- several processes (gloo)
 
 

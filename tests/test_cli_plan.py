@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -59,6 +60,18 @@ def test_plan_prints_table_compare_and_writes_json(capsys, tmp_path):
     assert plan.model == MODEL and plan.device == "h100" and plan.device_mem_bytes == 80 * 2**30 and plan.version
     assert plan.num_ranks == 2 and plan.microbatches == 4 and sorted(set(plan.block_stage)) == [0, 1]
     assert plan.replicated_params == ["emb.weight"]  # embedding on the first rank, head on the last
+
+
+def test_cuda_graph_plans_the_step_without_host_time(capsys):
+    """--cuda-graph: a host-bound compiled step (small model, H100 costs) is planned at its device time."""
+    steps = []
+    for flags in ((), ("--cuda-graph",)):
+        code, out, err = run(capsys, MODEL, "--devices", "2", "--microbatches", "4", "--compile", "--time-limit", "2",
+                             *flags)
+        assert code == 0, err
+        value, unit = re.search(r"predicted step time ([\d.]+) (ms|us)", out).groups()
+        steps.append(float(value) * (1e-3 if unit == "us" else 1.0))
+    assert steps[1] < steps[0]
 
 
 def test_plan_draws_timeline(capsys, tmp_path):

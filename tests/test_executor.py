@@ -154,3 +154,20 @@ def test_bert_and_llama_equal_the_unpartitioned_model(model, schedule, ranks, ch
             assert diff < 1e-10, name
         else:
             assert diff / want.abs().max().item() < 1e-5, name
+
+
+def test_step_graph_keys_a_step_by_everything_but_tensor_values():
+    """A captured step replays only for inputs of the captured structure, shapes, dtypes and
+    non-tensor values (partitioner/runtime/step_graph.py); tensor values may change."""
+    from partitioner.runtime.step_graph import StepGraph
+    a = ([[torch.zeros(2, 3), 4]], [torch.zeros(2)])
+    tensors, key = StepGraph._flatten(*a)
+    assert len(tensors) == 2
+    assert StepGraph._flatten([[torch.ones(2, 3), 4]], [torch.ones(2)])[1] == key
+    for other in (([[torch.zeros(2, 3), 5]], [torch.zeros(2)]), ([[torch.zeros(3, 3), 4]], [torch.zeros(2)]),
+                  ([[torch.zeros(2, 3, dtype=torch.int64), 4]], [torch.zeros(2)])):
+        assert StepGraph._flatten(*other)[1] != key
+    graph = StepGraph(lambda i, t: None, lambda: [], torch.device("cpu"))
+    graph._spec = key
+    inputs, targets = graph._unflatten([torch.ones(2, 3), torch.ones(2)])
+    assert inputs[0][1] == 4 and torch.equal(inputs[0][0], torch.ones(2, 3)) and torch.equal(targets[0], torch.ones(2))

@@ -188,3 +188,53 @@ def test_training_peak_matches_cuda_max_memory_allocated(name, batch, seq):
     measured = torch.cuda.max_memory_allocated() - base
     del grads
     assert predicted == pytest.approx(measured, rel=0.05)
+
+
+def _graph_run(zm, plan, compiled: bool, graph: bool, steps: int = 4):
+    """Losses of `steps` SGD steps (zero_grad between them), then of two steps accumulating into
+    the same gradients; the final gradients and parameters."""
+    pm = compile_parallel(copy.deepcopy(zm.model), ["cuda:0"] * plan.num_ranks, zm.example_args, zm.loss_fn,
+                          example_kwargs=zm.example_kwargs, microbatches=plan.microbatches, plan=plan,
+                          compile=compiled, cuda_graph=graph)
+    opt = torch.optim.SGD(pm.parameters(), lr=0.05)
+    run = lambda: pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)  # noqa: E731
+    losses = []
+    for _ in range(steps):
+        losses.append(run())
+        opt.step()
+        opt.zero_grad()  # .grad set to None: the graph's gradient tensors are re-attached, zeroed
+    losses += [run(), run()]  # no zero_grad: the second step adds to the first's gradients
+    grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+    params = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    return pm, torch.stack(losses), grads, params
+
+
+@pytest.mark.parametrize("model,compiled", [("gpt2", False), ("t5-base", False), ("llama-1b", False),
+                                            ("gpt2", True)])
+def test_cuda_graph_steps_train_as_uncaptured_steps(model, compiled):
+    """Steps replayed as one CUDA graph (two warm-up steps, the third captured, then replays) give
+    the losses, gradients and parameters of uncaptured steps, through optimizer steps, zero_grad
+    and gradient accumulation across steps."""
+    _exact_fp32()
+    zm = _to(build(model), "cuda:0")
+    plan = random_plan(zm, 4, 2, 1, "1f1b", seed=0)
+    _, ref_losses, ref_grads, ref_params = _graph_run(zm, plan, compiled, graph=False)
+    pm, losses, grads, params = _graph_run(zm, plan, compiled, graph=True)
+    assert pm.step_graph.captured and pm.step_graph.failed is None
+    tol = 1e-4 if compiled else 1e-5
+    assert max_rel_err(losses, ref_losses.cpu()) < tol
+    assert max(max_rel_err(grads[n], g.cpu()) for n, g in ref_grads.items()) < tol
+    assert max(max_rel_err(params[n], p.cpu()) for n, p in ref_params.items()) < tol
+
+
+def test_cuda_graph_replays_draw_fresh_dropout():
+    """Dropout inside a replayed step draws new random numbers every replay, as uncaptured steps do."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Dropout(0.5), torch.nn.Linear(64, 1)).cuda()
+    x, y = torch.randn(8, 64, device="cuda"), torch.randn(8, 1, device="cuda")
+    pm = compile_parallel(model, ["cuda:0"] * 2, (x,), torch.nn.functional.mse_loss, microbatches=2,
+                          compile=False, cuda_graph=True, example_target=y)
+    losses = [float(pm.train_step(x, target=y)) for _ in range(6)]  # no optimizer: only dropout changes
+    assert pm.step_graph.captured
+    assert len(set(losses[3:])) == 3  # replays differ from one another
+

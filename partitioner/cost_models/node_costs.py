@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable
 
 from partitioner.cost_models.time import pass_time_s
@@ -80,6 +80,11 @@ class NodeCosts:
         names = None if names is None else list(names)
         return (pass_time_s(self.total("fwd_time_s", names), self.total("host_fwd_time_s", names))
                 + pass_time_s(self.total("bwd_time_s", names), self.total("host_bwd_time_s", names)))
+
+    def without_host(self) -> "NodeCosts":
+        """These costs with no host dispatch time: a step replayed as a CUDA graph launches once."""
+        nodes = {k: replace(c, host_fwd_time_s=0.0, host_bwd_time_s=0.0) for k, c in self.nodes.items()}
+        return replace(self, nodes=nodes)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
