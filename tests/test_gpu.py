@@ -192,7 +192,8 @@ def test_training_peak_matches_cuda_max_memory_allocated(name, batch, seq):
 
 def _graph_run(zm, plan, compiled: bool, graph: bool, steps: int = 4):
     """Losses of `steps` SGD steps (zero_grad between them), then of two steps accumulating into
-    the same gradients; the final gradients and parameters."""
+    the same gradients and one adding to gradients the user replaced; the final gradients and
+    parameters."""
     pm = compile_parallel(copy.deepcopy(zm.model), ["cuda:0"] * plan.num_ranks, zm.example_args, zm.loss_fn,
                           example_kwargs=zm.example_kwargs, microbatches=plan.microbatches, plan=plan,
                           compile=compiled, cuda_graph=graph)
@@ -204,6 +205,10 @@ def _graph_run(zm, plan, compiled: bool, graph: bool, steps: int = 4):
         opt.step()
         opt.zero_grad()  # .grad set to None: the graph's gradient tensors are re-attached, zeroed
     losses += [run(), run()]  # no zero_grad: the second step adds to the first's gradients
+    for p in pm.parameters():  # gradients replaced by new tensors: the next step adds to those
+        if p.grad is not None:
+            p.grad = p.grad * 0.5
+    losses.append(run())
     grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
     params = {n: p.detach().clone() for n, p in pm.named_parameters()}
     return pm, torch.stack(losses), grads, params
