@@ -156,7 +156,7 @@ def test_bert_and_llama_equal_the_unpartitioned_model(model, schedule, ranks, ch
             assert diff / want.abs().max().item() < 1e-5, name
 
 
-def test_step_graph_keys_a_step_by_everything_but_tensor_values():
+def test_step_graph_keys_a_step_by_everything_but_tensor_values(monkeypatch):
     """A captured step replays only for inputs of the captured structure, shapes, dtypes and
     non-tensor values (partitioner/runtime/step_graph.py); tensor values may change."""
     from partitioner.runtime.step_graph import StepGraph
@@ -167,6 +167,11 @@ def test_step_graph_keys_a_step_by_everything_but_tensor_values():
     for other in (([[torch.zeros(2, 3), 5]], [torch.zeros(2)]), ([[torch.zeros(3, 3), 4]], [torch.zeros(2)]),
                   ([[torch.zeros(2, 3, dtype=torch.int64), 4]], [torch.zeros(2)])):
         assert StepGraph._flatten(*other)[1] != key
+    with torch.autocast("cuda", torch.bfloat16, enabled=False):  # off: its dtype does not matter
+        assert StepGraph._flatten(*a)[1] == key
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type: True)  # on: baked into a captured step
+    assert StepGraph._flatten(*a)[1] != key
+    monkeypatch.undo()
     graph = StepGraph(lambda i, t: None, lambda: [], torch.device("cpu"))
     graph._spec = key
     inputs, targets = graph._unflatten([torch.ones(2, 3), torch.ones(2)])

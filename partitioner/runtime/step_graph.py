@@ -72,8 +72,8 @@ class StepGraph:
         if spec != self._spec:  # a Python value the graph baked in changed: this step runs eagerly
             if not self._mismatch_warned:
                 self._mismatch_warned = True
-                warnings.warn("cuda_graph: this train_step's non-tensor inputs differ from the captured step's; "
-                              "steps with other non-tensor inputs run without the CUDA graph.", RuntimeWarning,
+                warnings.warn("cuda_graph: this train_step's non-tensor inputs or autocast differ from the "
+                              "captured step's; such steps run without the CUDA graph.", RuntimeWarning,
                               stacklevel=3)
             return self.step(mb_inputs, mb_targets)
         for static, x in zip(self._static, leaves):
@@ -148,10 +148,11 @@ class StepGraph:
         leaves, tree = pytree.tree_flatten((mb_inputs, mb_targets))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         rest = tuple((True, tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else (False, x) for x in leaves)
-        return tensors, (tree, rest)
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None  # baked in
+        return tensors, (tree, rest, autocast)
 
     def _unflatten(self, tensors: list[torch.Tensor]) -> tuple[list[list[Any]], list[Any]]:
         """(mb_inputs, mb_targets) with `tensors` in the places of the tensor leaves."""
-        tree, rest = self._spec
+        tree, rest, _ = self._spec
         it = iter(tensors)
         return pytree.tree_unflatten([next(it) if key[0] else key[1] for key in rest], tree)
