@@ -164,6 +164,14 @@ def profile_step(step, device: torch.device, trace: Path) -> dict:
             "host_ops_while_idle": idle_attribution(events, gaps) if cuda else ""}
 
 
+def _serial_backward(step):
+    """`step` with every backward on the calling thread (no hand-off to autograd's device thread)."""
+    def serial():
+        with torch.autograd.set_multithreading_enabled(False):
+            step()
+    return serial
+
+
 def python_profile(step, device: torch.device, out: Path, steps: int) -> float:
     """cProfile `steps` unprofiled-by-torch steps; writes the functions by cumulative and by own
     time to `out` (text), to find host time the torch profiler does not name. Returns the
@@ -226,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="unprofiled alternating rounds (host vs wall)")
     parser.add_argument("--measure", action="store_true",
                         help="plan with every distinct layer timed on the device (compile_parallel(measure=True))")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated extra configurations: serial-backward (plain and ours with "
+                             "torch.autograd.set_multithreading_enabled(False): backward on the calling thread, no "
+                             "hand-off to autograd's device thread), cuda-graph (ours with compile_parallel("
+                             "cuda_graph=True))")
     parser.add_argument("--python-profile", type=int, default=0, metavar="STEPS",
                         help="also cProfile this many steps of each configuration (Python host time by "
                              "function, written next to the JSON as <name>_<config>.pyprof.txt)")
@@ -246,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     accumulate = accumulation_step(zm, args.precision, m)
     mixed = args.precision == "bf16-mixed"
     modes = args.modes.split(",") if compiled else ["default"]
+    variants = {v for v in args.variants.split(",") if v}
+    unknown = variants - {"serial-backward", "cuda-graph"}
+    if unknown:
+        parser.error(f"unknown --variants {sorted(unknown)}; known: serial-backward, cuda-graph")
     configs = []
     for mode in modes:
         tag = "" if mode == "default" else f"-{mode}"
@@ -259,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             accumulate(plain)
             zm.model.zero_grad(set_to_none=True)
         configs.append((f"plain{tag}", plain_step, None))
+        if "serial-backward" in variants:
+            configs.append((f"plain{tag}-serial-backward", _serial_backward(plain_step), None))
         from partitioner.api import compile_parallel
         for stages in (int(s) for s in args.stages.split(",")):
             pm = compile_parallel(zm.model, [device] * stages, zm.example_args, zm.loss_fn, microbatches=m,
@@ -272,11 +291,23 @@ def main(argv: list[str] | None = None) -> int:
                 pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
                 pm.zero_grad()
             configs.append((f"ours-{stages}-stages{tag}", ours, pm.plan))
+            if "serial-backward" in variants:
+                configs.append((f"ours-{stages}-stages{tag}-serial-backward", _serial_backward(ours), pm.plan))
+            if "cuda-graph" in variants and device.type == "cuda" and mode == "default":
+                gm = compile_parallel(zm.model, [device] * stages, zm.example_args, zm.loss_fn, microbatches=m,
+                                      example_kwargs=zm.example_kwargs, example_target=zm.target,
+                                      time_limit_s=args.time_limit, compile=options if compiled else False,
+                                      mixed_precision="bf16" if mixed else None, cuda_graph=True)
+
+                def graphed(pm=gm):
+                    pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
+                    pm.zero_grad()
+                configs.append((f"ours-{stages}-stages{tag}-cuda-graph", graphed, gm.plan))
     name = args.name or f"host_overhead_{device.type}"
     rows = []
     for label, step, plan in list(configs):
         try:
-            for _ in range(args.warmup):
+            for _ in range(max(args.warmup, 3) if label.endswith("cuda-graph") else args.warmup):  # 3rd captures
                 step()
         except Exception as err:  # noqa: BLE001 - a mode that fails is reported and left out, the rest still run
             print(f"{label}: failed, left out: {type(err).__name__}: {str(err)[:500]}", file=sys.stderr, flush=True)
