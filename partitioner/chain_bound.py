@@ -159,7 +159,8 @@ def chain_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: floa
         fq.append(fq[-1] + units.fdev[b])
         bq.append(bq[-1] + units.bdev[b])
     wq = [f + b for f, b in zip(fq, bq)]
-    threshold = upper_s * units.scale / (1 + gap)
+    margin = 1 + 2e-6  # the bound is reported 1e-6 low (the LP's tolerance): prove a little more
+    threshold = upper_s * units.scale / (1 + gap) * margin
     lo, hi = _cut_ranges(units, chain, fq, bq, dag, rows, key, threshold / units.scale, deadline)
     if any(lo[j] > hi[j] for j in range(K + 1)):  # no chain split meets the threshold (fluid relaxation)
         return ChainBound(threshold * (1 - 1e-6) / units.scale, True, 0)
@@ -189,7 +190,7 @@ def chain_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: floa
             assign = _assignment(chain, _rounded_cuts(lp, wq, K), n, K)
             if len(set(assign)) == K and tuple(assign) not in scored:  # no stage empty: a valid plan
                 scored.add(tuple(assign))
-                threshold = min(threshold, score(assign) * units.scale / (1 + gap))
+                threshold = min(threshold, score(assign) * units.scale / (1 + gap) * margin)
         if cut is None:  # a split of whole blocks: its step (no communication) is `top`
             closed.append(top)
             continue
