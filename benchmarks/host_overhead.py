@@ -34,7 +34,8 @@ from partitioner.runtime.compiled import uses_cudagraphs
 def kernel_spans(events: list, device_type) -> list[tuple[float, float]]:
     """The device's kernel intervals (us) merged where they overlap, in time order."""
     merged: list[tuple[float, float]] = []
-    for a, b in sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == device_type):
+    for a, b in sorted((e.time_range.start, e.time_range.end) for e in events  # an action's GPU-time copy is no kernel
+                       if e.device_type == device_type and not _ACTION.match(e.name)):
         if merged and a <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], b))
         else:
@@ -88,9 +89,10 @@ def kernels_by_action(trace_events: list[dict]) -> dict[str, dict]:
     its action's time span. Returns {group: {"microbatches": n, "kernels": {name: [count, us]}}}.
     """
     spans = sorted((e["ts"], e["ts"] + e["dur"], _ACTION.match(e["name"]).groups()) for e in trace_events
-                   if e.get("ph") == "X" and _ACTION.match(e.get("name", "")))
-    launched = {e["args"]["correlation"]: e["ts"] for e in trace_events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+                   if e.get("ph") == "X" and e.get("cat") != "gpu_user_annotation"  # its GPU-time copy
+                   and _ACTION.match(e.get("name", "")))
+    launched = {e["args"]["correlation"]: e["ts"] for e in trace_events  # triton launches through the driver API
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     starts = [s[0] for s in spans]
     groups: dict[str, dict] = {}
     microbatches: dict[str, set[str]] = {}

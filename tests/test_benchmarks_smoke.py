@@ -110,14 +110,15 @@ def test_idle_attribution_charges_host_ops_with_the_device_gaps_they_overlap():
 
 
 def test_stage_device_ms_charges_kernels_to_the_action_that_launched_them():
-    from benchmarks.host_overhead import stage_comparison, stage_device_ms
+    from benchmarks.host_overhead import kernels_by_action, stage_comparison, stage_device_ms
     from types import SimpleNamespace
     events = [
         {"ph": "X", "name": "partitioner.0F0", "ts": 0, "dur": 10},
         {"ph": "X", "name": "partitioner.0F1", "ts": 10, "dur": 10},
         {"ph": "X", "name": "partitioner.0B0", "ts": 20, "dur": 10},
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "partitioner.0B0", "ts": 24, "dur": 0},  # on the GPU's time
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 2, "dur": 1, "args": {"correlation": 1}},
-        {"ph": "X", "cat": "cuda_runtime", "name": "cuLaunchKernel", "ts": 12, "dur": 1, "args": {"correlation": 2}},
+        {"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernel", "ts": 12, "dur": 1, "args": {"correlation": 2}},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 25, "dur": 1, "args": {"correlation": 3}},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 40, "dur": 1, "args": {"correlation": 4}},
         # kernels run after their launch, in later actions' time: charged by correlation, not by time
@@ -127,5 +128,25 @@ def test_stage_device_ms_charges_kernels_to_the_action_that_launched_them():
         {"ph": "X", "cat": "kernel", "name": "outside", "ts": 45, "dur": 999, "args": {"correlation": 4}},
     ]
     assert stage_device_ms(events) == {"0F": 4.0, "0B": 8.0}
+    assert kernels_by_action(events) == {"0F": {"microbatches": 2, "kernels": {"gemm": [2, 8000]}},
+                                         "0B": {"microbatches": 1, "kernels": {"gemm": [1, 8000]}}}
+    plain = [e for e in events if not e["name"].startswith("partitioner.")]  # no actions: the whole step
+    assert kernels_by_action(plain) == {"step": {"microbatches": 1, "kernels": {"gemm": [3, 16000],
+                                                                                "outside": [1, 999]}}}
     plan = SimpleNamespace(stage_fwd_time_s=[0.004], stage_bwd_time_s=[0.010])
     assert stage_comparison(stage_device_ms(events), plan) == "0F 4.00/4.00 ms, 0B 8.00/10.00 ms"
+
+
+def test_kernels_vs_plan_prints_measured_kernels_next_to_the_prediction(tmp_path, capsys):
+    from benchmarks.kernels_vs_plan import kernel_kind, main
+    assert [kernel_kind(k) for k in ("triton_poi_fused_add_0", "nvjet_sm90_tst_128x256", "cudnn_sdpa_flash_fprop",
+                                     "void at::native::vectorized_elementwise_kernel")] == \
+        ["triton", "gemm", "attention", "other"]
+    kernels = {"microbatches": 4, "node_stage": None,
+               "groups": {"step": {"microbatches": 1, "kernels": {"nvjet_sm90_tst_128x256": [8, 4000.0],
+                                                                  "triton_poi_fused_add_0": [40, 400.0]}}}}
+    path = tmp_path / "plain.kernels.json"
+    path.write_text(json.dumps(kernels))
+    assert main([str(path), "--model", "gpt2", "--seq", "32", "--device", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "step" in out and "1.1" in out  # 4.4 ms of kernels over 4 microbatches

@@ -242,3 +242,48 @@ def test_autocast_and_no_grad_regions_are_inlined_with_same_grads():
     ref.sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(got, m.a.weight.grad, rtol=1e-6, atol=0)
+
+
+class _StatefulModel(nn.Module):
+    """Every kind of state export lifts: parameters (one tied), buffers written in place (persistent and
+    not), a tensor constant, and an input written in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.BatchNorm1d(4)
+        self.register_buffer("steps", torch.zeros(1))
+        self.register_buffer("scale", torch.ones(4), persistent=False)
+        self.const = torch.arange(4.0)
+        self.head = nn.Linear(4, 4)
+        self.head.weight = self.lin.weight
+
+    def forward(self, x, y):
+        self.steps.add_(1)
+        y.mul_(2)
+        h = self.norm(self.lin(x)) * self.scale + self.const
+        return {"out": self.head(h) + y, "steps": self.steps * 1}
+
+
+def _graph_facts(c):
+    gm = c.graph_module
+    nodes = [(n.name, n.op, str(n.target), str(n.args), str(n.kwargs), sorted(set(n.meta) - {"from_node"}),
+              n.meta.get("nn_module_stack"), str(getattr(n.meta.get("val"), "shape", n.meta.get("val"))))
+             for n in gm.graph.nodes]
+    return (gm.code, nodes, [(k, id(p)) for k, p in gm.named_parameters(remove_duplicate=False)],
+            list(gm.state_dict(keep_vars=True)), [k for k, _ in gm.named_buffers()], [k for k, _ in gm.named_modules()],
+            c.input_names, c.tied, str(c.out_spec))
+
+
+@pytest.mark.parametrize("name", ["stateful", "gpt2", "t5-base"])
+def test_unlifting_matches_torch(monkeypatch, small_zoo, name):
+    """capture unlifts export's graph itself (passes/capture.py _unlift): the same graph, node names,
+    attributes and buffers as through torch's ep.module()."""
+    if name == "stateful":
+        model, args, kwargs = _StatefulModel(), (torch.randn(3, 4), torch.randn(3, 4)), {}
+    else:
+        zm = small_zoo(name)
+        model, args, kwargs = zm.model, zm.example_args, zm.example_kwargs
+    ours = _graph_facts(capture(model, args, kwargs))
+    monkeypatch.setattr(capture_mod, "_unlift", lambda ep: ep.module())
+    assert ours == _graph_facts(capture(model, args, kwargs))

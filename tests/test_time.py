@@ -143,7 +143,7 @@ def test_kernel_sequence_time_is_sum_of_rooflines():
     call = _t5_like_call(torch.bfloat16)
     fwd, _ = time_model.math_attention_kernels(call)
     gpu = sum(roofline_time_s(k.flops, k.bytes_moved, 1, spec, k.dtype,
-                              flops_efficiency=None if k.matmul else 1.0) for k in fwd)
+                              flops_efficiency=None if k.matmul else 1.0, reduction=k.reduction) for k in fwd)
     assert time_model.kernels_time_s(fwd, spec) == pytest.approx(gpu)
     # the matmuls of the upcast math path run at the fp32 rate: far slower than fused bf16
     fused = roofline_time_s(call.fwd_flops(), 0, 1, spec, torch.bfloat16, flops_efficiency=spec.attention_efficiency)
@@ -182,3 +182,30 @@ def test_the_gpu_spec_carries_this_hosts_dispatch_speed():
     table = spec_for_gpu_name(torch.cuda.get_device_name(0))
     assert (spec.cpu_fwd_overhead_s, spec.cpu_bwd_overhead_s) == time_model.host_overheads_s(torch.device("cuda:0"))
     assert spec.peak_flops == table.peak_flops and 1e-6 < spec.cpu_fwd_overhead_s < 1e-3
+    assert spec.compiled_launch_overhead_s == pytest.approx(
+        table.compiled_launch_overhead_s * spec.cpu_bwd_overhead_s / table.cpu_bwd_overhead_s)
+
+
+def test_a_slower_host_launches_compiled_kernels_slower_too(monkeypatch):
+    from types import SimpleNamespace
+
+    from partitioner.cost_models import device as device_module
+    table = device_module.spec_for_gpu_name("NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(device_module, "host_overheads_s", lambda d: (table.cpu_fwd_overhead_s * 2, table.cpu_bwd_overhead_s * 2))
+    spec = device_module.spec_for_torch_device("cuda:0")
+    assert spec.compiled_launch_overhead_s == pytest.approx(2 * table.compiled_launch_overhead_s)
+
+
+def test_a_gemm_overlaps_its_loads_with_its_compute_over_its_main_loop():
+    spec = get_device_spec("h200")
+    flops, nbytes = 1e12, 1e9
+    compute = flops / (spec.flops_per_s(torch.bfloat16) * spec.matmul_efficiency)
+    memory = nbytes / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency)
+    t = lambda k: roofline_time_s(flops, nbytes, 0, spec, torch.bfloat16, reduction=k)  # noqa: E731
+    assert t(0) == pytest.approx(compute + memory)  # not a GEMM: the sum
+    assert t(64) == pytest.approx(compute + memory)  # one stage of the main loop: nothing overlaps
+    assert t(4096) == pytest.approx(max(compute, memory) + min(compute, memory) / 64)
+    assert t(0) > t(256) > t(4096) > max(compute, memory)

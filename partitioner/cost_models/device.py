@@ -48,6 +48,9 @@ class DeviceSpec:
         graph node's forward (views included) / each kernel its backward runs. A GPU runs
         asynchronously, so a run of nodes takes max(GPU time, host time) per pass; 0 on the
         CPU itself, where that time is in kernel_overhead_s.
+    compiled_launch_overhead_s: host time per kernel a torch.compile'd graph launches (its
+        generated code's call of each kernel, the autograd engine's work per gradient
+        accumulated); 0 on the CPU itself.
     """
 
     name: str
@@ -65,6 +68,7 @@ class DeviceSpec:
     mem_bw_efficiency: float = 1.0
     cpu_fwd_overhead_s: float = 0.0
     cpu_bwd_overhead_s: float = 0.0
+    compiled_launch_overhead_s: float = 0.0
 
     def flops_per_s(self, dtype: torch.dtype | str, *, tf32: bool = False) -> float:
         """Peak FLOP/s for matmuls in `dtype`; fp32 uses the TF32 rate when `tf32` is on."""
@@ -93,6 +97,12 @@ class DeviceSpec:
 
 
 # Achieved fractions of the datasheet peaks and eager-mode overheads, measured on one H200
+# (the matmul fraction refitted from the kernels of compiled gpt2-xl and llama-1b steps,
+# `python -m benchmarks.host_overhead`, 8 microbatches of 2 x 1024 tokens: cuBLAS reached 681 and
+# 743 TFLOP/s over all their matmuls, 0.78 under roofline_time_s's overlap of a GEMM's loads with
+# its compute; in the same steps cuDNN's attention ran 477-497 TFLOP/s of the non-causal count
+# causal (our stages, masks folded) and 185-235 with the plain HF models' explicit masks; the rest
+# as first measured)
 # (torch 2.11, CUDA 13, TF32 off as torch defaults) with
 #     python -m benchmarks.cost_model_accuracy --calibrate       (its "calib" rows)
 #     python -m benchmarks.cost_model_accuracy --per-node        (every node alone: host times)
@@ -102,13 +112,16 @@ class DeviceSpec:
 # 28-55 of 67; bf16 SDPA with an additive mask 205-225 TFLOP/s (0.22); copy/add of 256 MiB-1 GiB
 # 4.2 of 4.8 TB/s (0.87). Host, in context (whole-graph dispatch), least squares over the layers
 # of gpt2, llama-1b and t5-base that are not GPU-bound: 21 us per node forward (further aten ops
-# of a node add nothing measurable), 31 us per backward kernel.
+# of a node add nothing measurable), 31 us per backward kernel. Compiled (torch 2.11, inductor's
+# default mode, 8 microbatches of 2 x 1024 tokens, `python -m benchmarks.host_overhead`): the
+# plain gpt2-xl and t5-base models, host-bound, took 28 us of step per kernel launched (65 ms per
+# microbatch for 2,314 kernels; 43 ms for 1,555), gradient accumulations included.
 # They are properties of the host CPU and PyTorch's eager dispatch, not of the GPU: the same
 # values are assumed for every GPU below (H100/A100/L4 use the H200's fractions; re-measure
 # there and write a JSON spec when it matters).
-GPU_EFFICIENCY = dict(matmul_efficiency=0.72, attention_efficiency=0.40, masked_attention_efficiency=0.22,
+GPU_EFFICIENCY = dict(matmul_efficiency=0.78, attention_efficiency=0.40, masked_attention_efficiency=0.22,
                       misaligned_matmul_efficiency=0.10, mem_bw_efficiency=0.87, cpu_fwd_overhead_s=21e-6,
-                      cpu_bwd_overhead_s=31e-6)
+                      cpu_bwd_overhead_s=31e-6, compiled_launch_overhead_s=28e-6)
 
 
 def _gpu(name: str, fp32: float, tf32: float, bf16: float, mem_bw: float, mem: int, intra: float,
@@ -203,14 +216,17 @@ def spec_for_torch_device(device: torch.device | str, calibrate_host: bool = Tru
 
     calibrate_host: on CUDA, replace the table's host dispatch constants (fitted on one
     machine; hosts differ by 1.5-3x) with this machine's (cost_models.time.host_overheads_s,
-    a few seconds once per process).
+    a few seconds once per process), and scale its compiled launch cost alike.
     """
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         spec = spec_for_gpu_name(torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory)
         if calibrate_host:
             fwd, bwd = host_overheads_s(device)
+            # a compiled graph's launches run on the same host: scaled as its eager dispatch measured
+            launch = spec.compiled_launch_overhead_s * (bwd / spec.cpu_bwd_overhead_s if spec.cpu_bwd_overhead_s else 1.0)
             spec = dataclasses.replace(spec, cpu_fwd_overhead_s=fwd, cpu_bwd_overhead_s=bwd,
+                                       compiled_launch_overhead_s=launch,
                                        notes=f"{spec.notes}; host dispatch calibrated on this machine".lstrip("; "))
         return spec
     return calibrate_cpu()

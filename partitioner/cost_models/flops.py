@@ -160,6 +160,7 @@ class OpKernel:
     name: str
     flops: int
     tensors: tuple[tuple[int, torch.dtype, int], ...]
+    reduction: int = 0  # a matmul's (or convolution's) reduction length K: FLOPs / (2 x output elements)
 
 
 COMPUTE_OPS = ("call_function", "call_module", "call_method")  # fx node ops that run (dispatch) work
@@ -294,7 +295,9 @@ class _KernelRecorder(TorchDispatchMode):
             op = func._overloadpacket.__name__
             if op in _GATHERS and read and written:
                 read[0] = (min(read[0][0], written[0][0]), *read[0][1:])
-            self.ops.append(OpKernel(op, self.counter.get_total_flops() - before, tuple(read + written)))
+            flops = self.counter.get_total_flops() - before
+            reduction = flops // (2 * written[0][0]) if flops and written and written[0][0] else 0
+            self.ops.append(OpKernel(op, flops, tuple(read + written), reduction))
         return out
 
 

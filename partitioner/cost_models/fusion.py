@@ -6,26 +6,34 @@ kernels become one or a few generated kernels that read their inputs once and
 write only the values read later. Modelled per node, in graph order:
 
 - a segment is the run of light (FLOP-free) nodes between two heavy nodes;
+- an alias (a view, getitem or other node that launches no kernel) costs nothing:
+  whoever reads it reads the tensor it aliases;
 - a light node reads an input from memory only if it was made outside its
   segment (by a heavy node, a parameter, a user input or an earlier segment),
   once per segment, and writes its output only if a heavy node, a later
-  segment or the graph output reads it; a light node that writes is one launch;
-- its backward kernels are fused in the same proportion (bytes scaled by its
-  forward's fused/eager ratio, one launch), and read its forward's inputs again
+  segment or the graph output reads it (through aliases); a light node that
+  writes is one launch;
+- its backward kernels are fused in the same proportion (bytes and launches scaled by its
+  forward's fused/eager ratio, at least one launch), and read its forward's inputs again
   (inductor recomputes fused pointwise values in the backward rather than save them);
-- heavy nodes keep their kernels; no node pays the eager per-op host dispatch
-  (the compiled graph launches its kernels from one call, ahead of the GPU).
+- heavy nodes keep their kernels, matmuls at aligned shapes (inductor pads
+  misaligned ones);
+- no node pays the eager per-op dispatch: the host's work is launching the
+  graph's kernels, spec.compiled_launch_overhead_s each, ahead of the GPU.
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Callable
 
 import torch.fx
 
 from partitioner.cost_models.device import DeviceSpec
 from partitioner.cost_models.flops import COMPUTE_OPS, NodeTrace
 from partitioner.cost_models.memory import DtypeScale, value_bytes
-from partitioner.cost_models.time import NodeTime, roofline_time_s
+from partitioner.cost_models.time import Kernel, NodeTime, kernels_time_s, roofline_time_s
+
+KernelsOf = Callable[[NodeTrace], "tuple[list[Kernel], list[Kernel]]"]
 
 
 def is_heavy(trace: NodeTrace) -> bool:
@@ -33,12 +41,13 @@ def is_heavy(trace: NodeTrace) -> bool:
     return trace.attention is not None or any(op.flops for op in trace.fwd_ops)
 
 
-def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], eager: dict[str, NodeTime],
-                   spec: DeviceSpec, scale: DtypeScale, op_bytes: Any) -> dict[str, NodeTime]:
-    """`eager` node times re-costed as a compiled graph runs them (see the module docstring).
+def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec: DeviceSpec,
+                   scale: DtypeScale, kernels_of: KernelsOf) -> dict[str, NodeTime]:
+    """Every node's times as a compiled graph runs it (see the module docstring).
 
-    op_bytes(op) -> bytes an eager OpKernel moves (as the roofline counted them).
+    kernels_of(trace) -> (forward kernels, backward kernels) the node runs eagerly, matmuls padded.
     """
+    launch_s = spec.compiled_launch_overhead_s
     segment: dict[str, int] = {}
     heavy: set[str] = set()
     current = 0
@@ -48,42 +57,59 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], eager
             heavy.add(node.name)
             current += 1
         segment[node.name] = current
-
     light = {n.name for n in gm.graph.nodes if n.name in traces and traces[n.name].op in COMPUTE_OPS
              and n.name not in heavy}
+    alias = {name for name in light if not traces[name].fwd_ops}
+
+    def source(node: torch.fx.Node) -> torch.fx.Node:
+        """The node whose tensor `node` aliases (itself when it is no alias)."""
+        while node.name in alias and node.all_input_nodes:
+            node = node.all_input_nodes[0]
+        return node
+
+    def readers(node: torch.fx.Node) -> list[torch.fx.Node]:
+        """The nodes reading `node`'s tensor, through aliases."""
+        out = []
+        for u in node.users:
+            out.extend(readers(u) if u.name in alias else [u])
+        return out
+
     read_in: set[tuple[int, str]] = set()
     out: dict[str, NodeTime] = {}
     for node in gm.graph.nodes:
         name = node.name
         if name not in traces:
             continue
-        t = eager.get(name, NodeTime(0.0, 0.0))
         if name not in light:
-            out[name] = NodeTime(t.fwd_s, t.bwd_s)
+            fwd, bwd = kernels_of(traces[name])
+            out[name] = NodeTime(kernels_time_s(fwd, spec), kernels_time_s(bwd, spec),
+                                 launch_s * sum(k.launches for k in fwd), launch_s * sum(k.launches for k in bwd))
             continue
-        seg = segment[name]
-        is_view = not traces[name].fwd_ops  # aliases its input: its light readers read through it
-        if is_view and not any(u.name in light and segment[u.name] == seg for u in node.users):
+        if name in alias:
             out[name] = NodeTime(0.0, 0.0)
             continue
+        seg = segment[name]
         reads = 0
         for a in node.all_input_nodes:
-            if a.name in light and segment[a.name] == seg:
+            made = source(a)
+            if made.name in light and made.name not in alias and segment[made.name] == seg:
                 continue  # made inside this fused kernel
             if (seg, a.name) not in read_in:
                 read_in.add((seg, a.name))
                 reads += value_bytes(traces[a.name].output, scale) if a.name in traces else 0
-        writes = not is_view and any(u.op == "output" or u.name in heavy or segment.get(u.name) != seg
-                                     for u in node.users)
+        writes = any(u.op == "output" or u.name not in light or segment.get(u.name) != seg for u in readers(node))
         fused = reads + (value_bytes(traces[name].output, scale) if writes else 0)
-        eager_bytes = sum(op_bytes(op) for op in traces[name].fwd_ops)
+        fwd_kernels, bwd_kernels = kernels_of(traces[name])
+        eager_bytes = sum(k.bytes_moved for k in fwd_kernels)
         ratio = min(1.0, fused / eager_bytes) if eager_bytes else 0.0
-        fwd_s = roofline_time_s(0.0, fused, int(writes), spec) if fused else 0.0
+        fwd_s = roofline_time_s(0.0, fused, int(writes), spec)  # the reads of a chain, one launch where it writes
         # inductor's partitioner recomputes fused pointwise values in the backward from what it saved
         # (cheaper than saving them): the backward kernel reads the segment's inputs again
-        bwd_bytes = ratio * sum(op_bytes(op) for op in traces[name].bwd_ops)
+        bwd_bytes = ratio * sum(k.bytes_moved for k in bwd_kernels)
+        bwd_launches = 0
         if bwd_bytes:
             bwd_bytes += reads
-        bwd_s = roofline_time_s(0.0, bwd_bytes, 1, spec) if bwd_bytes else 0.0
-        out[name] = NodeTime(fwd_s, bwd_s)
+            bwd_launches = max(1, math.ceil(ratio * sum(k.launches for k in bwd_kernels)))  # reductions stay apart
+        bwd_s = roofline_time_s(0.0, bwd_bytes, bwd_launches, spec)
+        out[name] = NodeTime(fwd_s, bwd_s, launch_s * int(writes), launch_s * bwd_launches)
     return out

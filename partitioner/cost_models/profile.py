@@ -28,7 +28,8 @@ from partitioner.cost_models.fusion import compiled_times
 from partitioner.cost_models.memory import (OPTIMIZER_STATES, DtypeScale, backward_walk, output_savers, params_state_bytes,
                                  saved_bytes_per_node, value_bytes)
 from partitioner.cost_models.node_costs import NodeCost, NodeCosts
-from partitioner.cost_models.time import Kernel, NodeTime, analytic_node_time, math_attention_kernels, measure_block_times
+from partitioner.cost_models.time import (Kernel, NodeTime, analytic_node_time, math_attention_kernels, measure_block_times,
+                                          roofline_time_s)
 from partitioner.errors import CostModelError
 from partitioner.runtime.compiled import DEFAULT_OPTIONS as DEFAULT_COMPILE_OPTIONS
 
@@ -149,7 +150,8 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
 
     times = {name: _analytic(t, spec, scale) for name, t in traces.items()}
     if compiled:
-        times = compiled_times(gm, traces, times, spec, scale, lambda op: op_kernel(op, spec, scale).bytes_moved)
+        times = compiled_times(gm, traces, spec, scale, lambda t: node_kernels(t, spec, scale, padded=True))
+    times.update(_gradient_accumulation(gm, traces, spec, scale, compiled))
     if measure:
         times = _measured_times(gm, traces, times, annotated, example_inputs, measure_groups, progress,
                                 compile_options=dict(DEFAULT_COMPILE_OPTIONS) if compiled else None)
@@ -209,28 +211,31 @@ _EXTRA_LAUNCHES = {"native_layer_norm_backward": 2, "embedding_dense_backward": 
 _EXTRA_PASSES = {"native_layer_norm_backward": 1.5}
 
 
-def op_kernel(op: OpKernel, spec: DeviceSpec, scale: DtypeScale) -> Kernel:
+def op_kernel(op: OpKernel, spec: DeviceSpec, scale: DtypeScale, padded: bool = False) -> Kernel:
     """The Kernel `op` runs in `scale.to_dtype`: its bytes, and for FLOPs the efficiency of
     fused attention, of a 16-bit matmul over a tensor whose innermost dimension is not a
-    multiple of 16 bytes (tensor cores fall back to slow kernels), or of a plain matmul."""
+    multiple of 16 bytes (tensor cores fall back to slow kernels; not when `padded`: inductor
+    pads such matmuls to aligned shapes), or of a plain matmul."""
     moved = sum(scale.nbytes(numel, dt) for numel, dt, _ in op.tensors) * _EXTRA_PASSES.get(op.name, 1.0)
     floats = [(scale.to_dtype if dt == scale.from_dtype else dt, last) for _, dt, last in op.tensors
               if dt.is_floating_point]
     dtype = floats[-1][0] if floats else scale.to_dtype
-    eff = None
+    eff, reduction = None, 0
     if op.flops:
-        eff = spec.matmul_efficiency
+        eff, reduction = spec.matmul_efficiency, op.reduction
         if any(key in op.name for key in _ATTENTION_OPS):
-            eff = spec.attention_efficiency
-        elif any(dt.itemsize < 4 and (last * dt.itemsize) % 16 for dt, last in floats):
+            eff, reduction = spec.attention_efficiency, 0
+        elif not padded and any(dt.itemsize < 4 and (last * dt.itemsize) % 16 for dt, last in floats):
             eff = spec.misaligned_matmul_efficiency
     return Kernel(float(op.flops), moved, dtype, matmul=bool(op.flops), flops_efficiency=eff,
-                  launches=1 + _EXTRA_LAUNCHES.get(op.name, 0))
+                  launches=1 + _EXTRA_LAUNCHES.get(op.name, 0), reduction=reduction)
 
 
-def _analytic(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale) -> NodeTime:
+def node_kernels(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale,
+                 padded: bool = False) -> tuple[list[Kernel], list[Kernel]]:
+    """The kernels a node's forward and its backward launch on a GPU (op_kernel for `padded`)."""
     if trace.op not in COMPUTE_OPS:
-        return NodeTime(0.0, 0.0)
+        return [], []
     call = trace.attention
     if call is not None:  # the kernel(s) a GPU runs, not what fake tensors ran
         dtype = scale.to_dtype if call.dtype == scale.from_dtype else call.dtype
@@ -240,11 +245,30 @@ def _analytic(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale) -> NodeTime
             eff = spec.masked_attention_efficiency if call.mask_numel and dtype.itemsize < 4 else spec.attention_efficiency
             moved = call.io_numel() * dtype.itemsize
             fwd = [Kernel(call.fwd_flops(), moved, dtype, True, eff)]
-            bwd = [Kernel(call.bwd_flops(), 2 * moved, dtype, True, eff)]
-        return analytic_node_time(fwd, bwd if trace.bwd_flops else [], spec, dispatched=True)
-    return analytic_node_time([op_kernel(k, spec, scale) for k in trace.fwd_ops],
-                              [op_kernel(k, spec, scale) for k in trace.bwd_ops], spec,
-                              dispatched=True)
+            bwd = [Kernel(call.bwd_flops(), 2 * moved, dtype, True, eff, launches=3)]  # dO.O, the main kernel, dQ cast
+        return fwd, bwd if trace.bwd_flops else []
+    return ([op_kernel(k, spec, scale, padded) for k in trace.fwd_ops],
+            [op_kernel(k, spec, scale, padded) for k in trace.bwd_ops])
+
+
+def _gradient_accumulation(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec: DeviceSpec,
+                           scale: DtypeScale, compiled: bool) -> dict[str, NodeTime]:
+    """The backward of every trainable parameter's node: adding its gradient into .grad, as each
+    microbatch does (read both, write one: one elementwise kernel), and under torch.compile
+    one kernel's launch on the host (the eager host overheads were measured with it)."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.name in traces and _is_trainable(gm, node.target):
+            nbytes = 3 * value_bytes(traces[node.name].output, scale)
+            out[node.name] = NodeTime(0.0, roofline_time_s(0.0, nbytes, 1, spec), 0.0,
+                                      spec.compiled_launch_overhead_s if compiled else 0.0)
+    return out
+
+
+def _analytic(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale) -> NodeTime:
+    if trace.op not in COMPUTE_OPS:
+        return NodeTime(0.0, 0.0)
+    return analytic_node_time(*node_kernels(trace, spec, scale), spec, dispatched=True)
 
 
 def _measured_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], analytic: dict[str, NodeTime],

@@ -230,31 +230,141 @@ def _fast_export():
     """Trace without recording each node's Python stack (node.meta["stack_trace"], read by no pass of
     ours: extracting and symbolising it was a fifth of export's time on llama-8b), with lazy graph
     modules (export's passes recompile the whole graph's Python code about ten times; lazily, only
-    the module we keep is compiled: another sixth). Either switch is skipped by a torch without it."""
+    the module we keep is compiled, when first called: another sixth), the ExportedProgram's own
+    graph module included (_unlift builds the one we keep: 0.2 s on llama-70b). Each switch is
+    skipped by a torch without it."""
+    import torch.export.exported_program as exported_program
     config = getattr(torch.fx, "config", None)
     old = getattr(config, "do_not_emit_stack_traces", None)
+    make_ep_module = getattr(exported_program, "_create_graph_module_for_export", None)
     try:
-        from torch.fx._lazy_graph_module import _use_lazy_graph_module  # private: absent from some torch versions
+        from torch.fx._lazy_graph_module import _LazyGraphModule, _use_lazy_graph_module  # private, may be absent
         lazy = _use_lazy_graph_module(True)
     except ImportError:
-        lazy = contextlib.nullcontext()
+        lazy, make_ep_module = contextlib.nullcontext(), None
     if old is not None:
         config.do_not_emit_stack_traces = True
+    if make_ep_module is not None:
+        exported_program._create_graph_module_for_export = _LazyGraphModule
     try:
         with lazy:
             yield
     finally:
         if old is not None:
             config.do_not_emit_stack_traces = old
+        if make_ep_module is not None:
+            exported_program._create_graph_module_for_export = make_ep_module
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, pytree.TreeSpec]:
     with _quiet_on_failure(), _fast_export():
         ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
-        gm = ep.module()
+        out_spec = ep.call_spec.out_spec
+        gm = _unlift(ep)
     _inline_region_ops(gm)
-    out_spec = ep.call_spec.out_spec
     return gm, out_spec
+
+
+def _unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """ep.module() as far as capture needs it, consuming `ep`: lifted parameters, buffers and constants
+    become get_attr nodes again (same names, same attributes, same order), and writes into buffers or
+    inputs become copy_ nodes. Left out: the copy of the graph, the provenance meta, the guards and
+    input checks (flatten_inputs checks inputs) and the Python code (the module is lazy: generated
+    when first called), together most of ep.module()'s 1.5 s on llama-70b. Torch's own unlifting
+    serves a graph with effect tokens (not training IR) and a torch without lazy graph modules."""
+    from torch.export.graph_signature import InputKind, OutputKind
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule  # private: absent from some torch versions
+    except ImportError:
+        return ep.module()
+    sig = ep.graph_signature
+    lifted = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ)
+    if ep.verifiers[0].dialect != "TRAINING" or any(
+            s.kind not in lifted + (InputKind.USER_INPUT,) for s in sig.input_specs):
+        return ep.module()
+    graph, old = ep.graph, ep.graph_module
+    _fresh_names(graph)
+    non_persistent = set(sig.non_persistent_buffers)
+    root = torch.nn.Module()  # holds every attribute the get_attr nodes load, the module copies them
+    for name, sub in old.named_children():  # subgraphs of higher-order ops
+        root.add_module(name, sub)
+    detached: dict[int, torch.Tensor] = {}
+    by_name: dict[str, torch.fx.Node] = {}
+    for ph, spec in zip(graph.find_nodes(op="placeholder"), sig.input_specs):
+        if spec.kind == InputKind.USER_INPUT:
+            by_name[ph.name] = ph
+            continue
+        from_state = spec.kind == InputKind.PARAMETER or (spec.kind == InputKind.BUFFER
+                                                          and spec.target not in non_persistent)
+        value = (ep.state_dict if from_state else ep.constants)[spec.target]
+        _put_attr(root, spec.target, value, detached if spec.kind == InputKind.CONSTANT_TENSOR else None)
+        with graph.inserting_after(ph):  # not graph.get_attr: it warns, the attribute is not on a module yet
+            node = graph.create_node("get_attr", spec.target)
+        ph.replace_all_uses_with(node)
+        node.meta = ph.meta
+        graph.erase_node(ph)
+        by_name[spec.target] = node
+    out = graph.output_node()
+    written = (OutputKind.BUFFER_MUTATION, OutputKind.USER_INPUT_MUTATION, OutputKind.PARAMETER_MUTATION)
+    user_outputs = []
+    for value, spec in zip(pytree.tree_leaves(out.args), sig.output_specs):
+        if spec.kind not in written:
+            user_outputs.append(value)
+            continue
+        with graph.inserting_before(out):
+            graph.call_function(torch.ops.aten.copy_.default, (by_name[spec.target], value))
+    out.args = (tuple(user_outputs),)
+    gm = _LazyGraphModule(root, graph)  # copies what the get_attr nodes load, in graph order, as ep.module()
+    gm.meta.update(old.meta)
+    # the copy turns every tensor into a buffer: constants are plain attributes again, and non-persistent
+    # buffers are not saved in a state_dict
+    for spec in sig.input_specs:
+        if spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ) or spec.target in non_persistent:
+            prefix, _, field = spec.target.rpartition(".")
+            owner = gm.get_submodule(prefix) if prefix else gm
+            value = getattr(owner, field)
+            delattr(owner, field)
+            if spec.target in non_persistent:
+                owner.register_buffer(field, value, persistent=False)
+            else:
+                setattr(owner, field, value)
+    for name, value in ep.constants.items():  # constants no node loads (torch keeps them too)
+        if not _has_attr(gm, name):
+            _put_attr(gm, name, value, detached)
+    return gm
+
+
+def _fresh_names(graph: torch.fx.Graph) -> None:
+    """Forget the names export's passes gave up (as ep.module()'s copy of the graph does), so that
+    new nodes are named as they were there: a lifted constant `c_const` loads as `const`."""
+    namespace = type(graph._graph_namespace)()
+    for node in graph.nodes:
+        if namespace.create_name(node.name, None) != node.name:
+            return  # not a name the copy would keep: leave the namespace as it is
+        namespace.associate_name_with_obj(node.name, node)
+    graph._graph_namespace = namespace
+
+
+def _put_attr(root: torch.nn.Module, fqn: str, value: Any, detached: dict[int, torch.Tensor] | None) -> None:
+    """Set `value` at `fqn` of `root`, creating plain submodules on the way. With `detached` (a
+    constant), a tensor that requires grad is detached, once per tensor so that aliases stay
+    aliases, as torch.export does."""
+    *path, field = fqn.split(".")
+    for part in path:
+        if not hasattr(root, part):
+            setattr(root, part, torch.nn.Module())
+        root = getattr(root, part)
+    if detached is not None and isinstance(value, torch.Tensor) and value.requires_grad:
+        value = detached.setdefault(id(value), value.detach())
+    setattr(root, field, value)
+
+
+def _has_attr(root: torch.nn.Module, fqn: str) -> bool:
+    try:
+        get_attr(root, fqn)
+    except AttributeError:
+        return False
+    return True
 
 
 def _inline_region_ops(gm: torch.fx.GraphModule) -> None:
