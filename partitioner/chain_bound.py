@@ -16,6 +16,10 @@ the kept blocks contiguously (stages may be empty in the relaxation), each stage
 its own; the step grows with every stage's time and with communication, left out here, so the least
 step over the chain's splits bounds every plan's. Leaves below the threshold are handed back as plans
 (a dropped block goes with the next kept one), so the search finds plans too.
+
+Every LP solve ends by the deadline (partitioner/glop.py). A node GLOP gives up on (out of time,
+or cycling on a degenerate LP) proves nothing more: it keeps its parent's bound, and the search
+reports itself incomplete.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Callable
 import networkx as nx
 from ortools.linear_solver import pywraplp
 
+from partitioner.glop import solve_within
 from partitioner.path_rows import ActionDag, PathRow, StageUnits, prefix_caps
 from partitioner.work_hull import ideal_halfplanes
 
@@ -50,7 +55,8 @@ class ChainBound:
     """Outcome of chain_bound.
 
     lower_bound_s: no valid plan simulates faster (complete or not);
-    complete: every node was closed, so lower_bound_s is at least the threshold or the best leaf;
+    complete: every node was closed by its LP, so lower_bound_s is at least the threshold or the best
+    leaf (not past the deadline, nor where GLOP gave up on a node: that node keeps its parent's bound);
     nodes: LPs solved in the search.
     """
 
@@ -101,20 +107,25 @@ class _CutLp:
             for i, x in mu.items():
                 x.SetUb(1.0 if lo[j] <= i <= hi[j] else 0.0)
 
-    def solve(self, dag: ActionDag, rows: dict, key) -> float | None:
-        """The node's least T (units), adding violated paths (to `rows` too); None: no point."""
+    def solve(self, dag: ActionDag, rows: dict, key, deadline: float) -> tuple[int, float]:
+        """(status, the node's least T in units), adding violated paths (to `rows` too). Status
+        OPTIMAL; INFEASIBLE: no point in the ranges; else GLOP gave up (partitioner/glop.py: out of
+        time past `deadline`, or cycling), T then the last answer's (0 if none): the LP only grew,
+        so it still bounds the node, no more."""
+        top = 0.0
         for i in range(MAX_ROUNDS + 1):
-            if self.lp.Solve() != pywraplp.Solver.OPTIMAL:
-                return None
+            status = solve_within(self.lp, deadline)
+            if status != pywraplp.Solver.OPTIMAL:
+                return status, top
             top = self.T.solution_value() * self.unit
             if i == MAX_ROUNDS:
-                return top
+                break
             length, r = dag.longest(*self.stage_units())
             if length <= top * (1 + 1e-7) or r.key[:2] in self.keys:
-                return top
+                break
             rows.setdefault(key(r), r)
             self.add(r)
-        return top
+        return pywraplp.Solver.OPTIMAL, top
 
     def stage_units(self) -> tuple[list[float], list[float]]:
         F, B = ([x if isinstance(x, float) else x.solution_value() for x in xs] for xs in (self.F, self.B))
@@ -149,8 +160,8 @@ def chain_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: floa
     rows: paths (PathRow by key(row)), the new ones the LPs need added to them. score(assignment):
     the simulated step of a valid plan of bg (inf when it breaks the memory cap); the leaves below
     the threshold are scored and the threshold drops to the best score / (1 + gap); so is every node's
-    answer with its cuts at the nearest prefixes. Past `deadline`
-    the bound is the least over the open nodes and the closed ones.
+    answer with its cuts at the nearest prefixes. Past `deadline` (every LP solve ends by it) the
+    bound is the least over the open nodes and the closed ones.
     """
     K, n = dag.num_stages, len(bg.blocks)
     chain = chain_blocks(bg)
@@ -166,18 +177,22 @@ def chain_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: floa
         return ChainBound(threshold * (1 - 1e-6) / units.scale, True, 0)
     lp = _CutLp(fq, bq, lo, hi, rows)
     stack = [(lo, hi, 0.0)]
-    closed, nodes, scored = [], 0, set()
+    closed, nodes, scored, complete = [], 0, set(), True
     while stack:
         if time.perf_counter() > deadline:
             least = min([t for _, _, t in stack] + closed)
             return ChainBound(least * (1 - 1e-6) / units.scale, False, nodes)
         lo, hi, parent = stack.pop()
         lp.restrict(lo, hi)
-        got = lp.solve(dag, rows, key)
+        status, got = lp.solve(dag, rows, key, deadline)
         nodes += 1
-        if got is None:
+        if status == pywraplp.Solver.INFEASIBLE:
             continue  # no split in these ranges
         top = max(got, parent)
+        if status != pywraplp.Solver.OPTIMAL:  # GLOP gave up: the node keeps the bound it has
+            closed.append(top)
+            complete = False
+            continue
         if top >= threshold:
             closed.append(top)
             continue
@@ -210,7 +225,7 @@ def chain_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: floa
                 kids.append((l, h, top))
         stack += kids if not left_first else kids[::-1]  # the side holding more of the answer first
     least = min(closed, default=math.inf)
-    return ChainBound(least * (1 - 1e-6) / units.scale, True, nodes)
+    return ChainBound(least * (1 - 1e-6) / units.scale, complete, nodes)
 
 
 def _cut_ranges(units: StageUnits, chain: list[int], fq: list[int], bq: list[int], dag: ActionDag, rows: dict,

@@ -326,7 +326,7 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
         return rel
 
     # the fluid bound (blocks may split) and the rows that set it: the relaxation's LP needs them
-    lower, tight = fluid_bound(lp_rows, units, dag, key)
+    lower, tight = fluid_bound(lp_rows, units, dag, key, deadline=deadline)
     for r in tight:
         add(r)
     iterations, status = 0, "time_limit"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ortools.linear_solver import pywraplp
 
+from partitioner.glop import solve_within
 from partitioner.runtime.executor import in_process_order
 from partitioner.runtime.schedules import dependencies
 from partitioner.runtime.simulator import StageCosts, input_delays, simulate
@@ -222,11 +223,12 @@ class FluidLp:
         """The answer's T (units)."""
         return self.T.solution_value() * self.unit
 
-    def solve(self, dag: ActionDag, rows: dict, key, max_rounds: int) -> bool:
+    def solve(self, dag: ActionDag, rows: dict, key, max_rounds: int, deadline: float = math.inf) -> bool:
         """Solve, adding the longest path at the answer while it breaks the bound (to `rows` too);
-        False when the LP has no answer (infeasible: no plan meets top; or GLOP gave up)."""
+        False when the LP has no answer (infeasible: no plan meets top; or GLOP gave up, out of time
+        past `deadline` included: partitioner/glop.py)."""
         for i in range(max_rounds + 1):
-            if self.lp.Solve() != pywraplp.Solver.OPTIMAL:
+            if solve_within(self.lp, deadline) != pywraplp.Solver.OPTIMAL:
                 return False
             if self.T is not None:
                 self.proven = max(self.proven, self.value())
@@ -242,18 +244,18 @@ class FluidLp:
 
 
 def fluid_bound(rows: dict, units: StageUnits, dag: ActionDag, key=lambda r: r.key,
-                max_rounds: int = 200) -> tuple[float, list[PathRow]]:
+                max_rounds: int = 200, deadline: float = math.inf) -> tuple[float, list[PathRow]]:
     """(lower bound in seconds, the rows that set it): min T over FluidLp with every path's row.
 
     Every plan's stage sums are a point of the LP, so its optimum bounds every plan's step (without
     communication and all-reduce) from below; paths violated at the answer are added (to `rows` too)
-    until none is or max_rounds. The rows with a positive dual are the ones the bound needs.
+    until none is, max_rounds or `deadline`. The rows with a positive dual are the ones the bound needs.
     """
     lp = FluidLp(units, dag.num_stages)
     for k, r in rows.items():
         lp.add(k, r)
     lp.lp.Minimize(lp.T)
-    if not lp.solve(dag, rows, key, max_rounds):
+    if not lp.solve(dag, rows, key, max_rounds, deadline):
         return max(0.0, lp.proven * (1 - 1e-6)) / units.scale, []
     tight = [r for r, con in lp.rows.values() if con.dual_value() < -1e-9 or con.dual_value() > 1e-9]
     return max(0.0, lp.value() * (1 - 1e-6)) / units.scale, tight  # (1 - 1e-6): the LP's tolerance
@@ -262,7 +264,7 @@ def fluid_bound(rows: dict, units: StageUnits, dag: ActionDag, key=lambda r: r.k
 def prefix_caps(rows: dict, units: StageUnits, dag: ActionDag, upper_s: float, max_rounds: int = 20,
                 key=lambda r: r.key, deadline: float = math.inf) -> tuple[list[int], list[int]] | None:
     """(most[j], most_after[j]): the most device work (units) stages 0..j, and stages j..K-1, hold in any
-    plan whose step is at most upper_s; None when no plan is.
+    plan whose step is at most upper_s; None when no plan is, or GLOP gave up (past `deadline` too).
 
     FluidLp with every row at most upper_s, maximising and minimising the work of stages 0..j, its
     answer checked against every path (ActionDag.longest; a violated one becomes a row, added to
@@ -286,7 +288,7 @@ def prefix_caps(rows: dict, units: StageUnits, dag: ActionDag, upper_s: float, m
                 obj.SetCoefficient(lp.f[k], 1)
                 obj.SetCoefficient(lp.b[k], 1)
             obj.SetMaximization() if sense > 0 else obj.SetMinimization()
-            if not lp.solve(dag, rows, key, max_rounds):
+            if not lp.solve(dag, rows, key, max_rounds, deadline):
                 return None
             val = obj.Value() * lp.unit  # valid whether or not the separation finished: the LP only grew
             slack = 1e-6 * total + 2  # the LP's tolerances

@@ -2,13 +2,20 @@
 bound and the fluid bound stay below the brute-force best plan (branchy graphs and uneven blocks too)."""
 import dataclasses
 import itertools
+import json
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from ortools.linear_solver import pywraplp
 
+from partitioner import chain_bound as chain_bound_module
 from partitioner.chain_bound import chain_blocks, chain_bound
 from partitioner.critical_path import path_bound_solve
+from partitioner.glop import solve_within
 from partitioner.passes.coarsen import synthetic_block_graph
 from partitioner.path_rows import ActionDag, StageUnits, fluid_bound, synthetic_rows
 from partitioner.plan import evaluate_assignment
@@ -98,3 +105,51 @@ def test_path_bound_solve_with_the_chain_bound_stays_valid(seed):
                            tol=0.01)
     assert got.lower_bound_s <= best * (1 + 1e-9) <= got.step_time_s * (1 + 1e-9)
     assert got.step_time_s <= got.lower_bound_s * 1.01 * (1 + 1e-9) or got.status == "time_limit"
+
+
+def test_a_node_glop_gives_up_on_keeps_its_parents_bound(monkeypatch):
+    rng = random.Random(51)
+    p, v, m, schedule = 2, 2, 4, "interleaved-1f1b"
+    bg = uneven_graph(rng, 7, branchy=False, comm=False)
+    best = best_step(bg, p, v, m, schedule)
+    units, dag = StageUnits.of(bg), ActionDag(make_schedule(schedule, p, m, v))
+    rows = {r.key: r for r in synthetic_rows(make_schedule(schedule, p, m, v), p * v)}
+    solves = []
+
+    def flaky(lp, deadline=math.inf):  # every third solve out of time, as a cycling one ends
+        solves.append(1)
+        return pywraplp.Solver.NOT_SOLVED if len(solves) % 3 == 0 else solve_within(lp, deadline)
+
+    monkeypatch.setattr(chain_bound_module, "solve_within", flaky)
+    got = chain_bound(bg, units, dag, dict(rows), best, 0.0, math.inf)
+    assert not got.complete  # no proof where GLOP gave up
+    assert got.lower_bound_s <= best * (1 + 1e-9)
+
+
+def capped_gpipe():
+    """test_solve.py's test_memory_cap_is_respected_and_binding[gpipe-1]: 16 blocks, 4 ranks, gpipe, a cap
+    half way between the least memory a split needs and the unbounded plan's."""
+    rng = random.Random(3)
+    bg = synthetic_block_graph([rng.uniform(1, 2) for _ in range(16)], None,
+                               [rng.randint(100, 1000) for _ in range(16)], [rng.randint(10, 200) for _ in range(16)])
+    return PlanProblem.checked(bg, 4, 1, 8, "gpipe", 6973, 1e9)
+
+
+CAPPED_GPIPE = """
+import json
+from partitioner.critical_path import path_bound_solve
+from tests.test_chain_bound import capped_gpipe
+got = path_bound_solve(capped_gpipe(), time_limit_s=4, tol=0.01)
+print(json.dumps([got.step_time_s, got.lower_bound_s, got.solve_time_s]))
+"""
+
+
+def test_gpipe_under_a_memory_cap_ends_within_its_time_limit():
+    # GLOP cycled on a node LP of the chain bound here for ever (tests/test_glop.py); in a child process,
+    # so that a hang fails
+    proc = subprocess.run([sys.executable, "-c", CAPPED_GPIPE], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step, lower, took = json.loads(proc.stdout.splitlines()[-1])
+    assert took <= 4 + 0.5
+    assert lower <= step <= lower * 1.01 * (1 + 1e-9)
