@@ -17,6 +17,12 @@ its own; the step grows with every stage's time and with communication, left out
 step over the chain's splits bounds every plan's. Leaves below the threshold are handed back as plans
 (a dropped block goes with the next kept one), so the search finds plans too.
 
+Under a memory cap the bound is over the plans within it: every rank's parameter state and saved
+activations of the kept blocks, linear in the cut points like their work, stay within the cap in
+each node's LP (a plan's rank holds at least them), so splits that break it are cut off. A node
+whose every split breaks it is infeasible: where none is left, the bound is the threshold (every
+split outside the ranges reaches it), the best plan then within the gap.
+
 Every LP solve ends by the deadline (partitioner/glop.py). A node GLOP gives up on (out of time,
 or cycling on a degenerate LP) proves nothing more: it keeps its parent's bound, and the search
 reports itself incomplete.
@@ -65,12 +71,26 @@ class ChainBound:
     nodes: int
 
 
+@dataclass(frozen=True)
+class ChainMemory:
+    """The memory cap on the chain's splits: cap_bytes per rank; inflight[r] microbatch-chunks alive on
+    rank r at the peak (PlanProblem.inflight), stage k on rank k % len(inflight); static[i], saved[i]:
+    the parameter state and saved bytes of the chain's first i blocks."""
+
+    cap_bytes: int
+    inflight: list[int]
+    static: list[int]
+    saved: list[int]
+
+
 class _CutLp:
     """min T over cut points P_j = sum_i mu[j][i] (F_i, B_i), mu a distribution over prefixes i in
-    lo_j..hi_j (the hull of their work), stage sums P_{j+1} - P_j >= 0, every row at most T.
+    lo_j..hi_j (the hull of their work), stage sums P_{j+1} - P_j >= 0, every row at most T, and with
+    a cap every rank's memory of the chain's blocks within it (cap_rows).
     Counted in whole microbatches of work (units / unit): GLOP's numbers stay near 1."""
 
-    def __init__(self, fq: list[int], bq: list[int], lo: list[int], hi: list[int], rows: dict):
+    def __init__(self, fq: list[int], bq: list[int], lo: list[int], hi: list[int], rows: dict,
+                 memory: ChainMemory | None = None):
         K = len(lo) - 1
         self.K, self.unit = K, float(fq[-1] + bq[-1] or 1)
         self.lp = lp = pywraplp.Solver.CreateSolver("GLOP")
@@ -90,11 +110,29 @@ class _CutLp:
         for k in range(K):
             lp.Add(self.f[k] >= 0)
             lp.Add(self.b[k] >= 0)
+        if memory is not None and K > 1:
+            self.cap_rows(memory)
         self.T = lp.NumVar(0, lp.infinity(), "T")
         lp.Minimize(self.T)
         self.keys: set = set()
         for r in rows.values():
             self.add(r)
+
+    def cap_rows(self, memory: ChainMemory) -> None:
+        """Rank r's memory (stage_costs.closed_form_rank_mem_bytes) of the chain's blocks at most the cap:
+        their parameter state, plus inflight[r] x each of its stages' saved bytes (their max is at least
+        each), in caps. A plan's rank holds at least that: the values it keeps across stages, its
+        backward transient, tied weights and the blocks off the chain only add to it."""
+        K, p, cap = self.K, len(memory.inflight), float(memory.cap_bytes)
+
+        def at(q: list[int]) -> list:
+            return [0.0] + [sum(q[i] / cap * x for i, x in mu.items()) for mu in self.mu] + [q[-1] / cap]
+
+        static, saved = at(memory.static), at(memory.saved)
+        for r in range(p):
+            held = sum(static[k + 1] - static[k] for k in range(r, K, p))
+            for k in range(r, K, p):
+                self.lp.Add(held + memory.inflight[r] * (saved[k + 1] - saved[k]) <= 1 + 1e-9)  # + rounding
 
     def add(self, r: PathRow) -> None:
         if r.key[:2] not in self.keys:
@@ -153,15 +191,17 @@ class _CutLp:
 
 
 def chain_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: float, gap: float, deadline: float,
-                key=lambda r: r.key, score: Callable[[list[int]], float] | None = None) -> ChainBound:
+                key=lambda r: r.key, score: Callable[[list[int]], float] | None = None,
+                cap_bytes: int | None = None, inflight: list[int] | None = None) -> ChainBound:
     """A lower bound on every valid plan's simulated step (module docstring): proves the best plan,
     upper_s, within `gap` when it completes at or above upper_s / (1 + gap).
 
     rows: paths (PathRow by key(row)), the new ones the LPs need added to them. score(assignment):
     the simulated step of a valid plan of bg (inf when it breaks the memory cap); the leaves below
     the threshold are scored and the threshold drops to the best score / (1 + gap); so is every node's
-    answer with its cuts at the nearest prefixes. Past `deadline` (every LP solve ends by it) the
-    bound is the least over the open nodes and the closed ones.
+    answer with its cuts at the nearest prefixes. cap_bytes, inflight (PlanProblem's): the bound is
+    over the plans within the cap (ChainMemory; without them, over all). Past `deadline` (every LP
+    solve ends by it) the bound is the least over the open nodes and the closed ones.
     """
     K, n = dag.num_stages, len(bg.blocks)
     chain = chain_blocks(bg)
@@ -173,9 +213,17 @@ def chain_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: floa
     margin = 1 + 2e-6  # the bound is reported 1e-6 low (the LP's tolerance): prove a little more
     threshold = upper_s * units.scale / (1 + gap) * margin
     lo, hi = _cut_ranges(units, chain, fq, bq, dag, rows, key, threshold / units.scale, deadline)
+    outside = threshold  # the step of every chain split outside the ranges reaches it
     if any(lo[j] > hi[j] for j in range(K + 1)):  # no chain split meets the threshold (fluid relaxation)
-        return ChainBound(threshold * (1 - 1e-6) / units.scale, True, 0)
-    lp = _CutLp(fq, bq, lo, hi, rows)
+        return ChainBound(outside * (1 - 1e-6) / units.scale, True, 0)
+    memory = None
+    if cap_bytes is not None and cap_bytes > 0 and inflight:
+        static, saved = [0], [0]
+        for b in chain:
+            static.append(static[-1] + bg.blocks[b].param_state_bytes)
+            saved.append(saved[-1] + bg.blocks[b].saved_bytes)
+        memory = ChainMemory(cap_bytes, list(inflight), static, saved)
+    lp = _CutLp(fq, bq, lo, hi, rows, memory)
     stack = [(lo, hi, 0.0)]
     closed, nodes, scored, complete = [], 0, set(), True
     while stack:
@@ -224,7 +272,7 @@ def chain_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: floa
             if all(l[i] <= h[i] for i in range(1, K)):
                 kids.append((l, h, top))
         stack += kids if not left_first else kids[::-1]  # the side holding more of the answer first
-    least = min(closed, default=math.inf)
+    least = min(closed, default=outside)  # none closed: every split in the ranges breaks the cap
     return ChainBound(least * (1 - 1e-6) / units.scale, complete, nodes)
 
 

@@ -333,7 +333,7 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
     if best is not None and best_step > lower * (1 + tol) and _chain_share(bg) >= CHAIN_MIN_SHARE:
         # whole blocks on a chain: a branch and bound over the cuts closes most of what the fluid misses
         chained = chain_bound(bg, units, dag, lp_rows, best_step, tol, t0 + CHAIN_SHARE * time_limit_s, key,
-                              fitting_step)
+                              fitting_step, problem.memory_cap_bytes, scorer.inflight)
         _log.debug("chain bound %.6g s (%s, %d nodes); best %.6g s", chained.lower_bound_s,
                    "complete" if chained.complete else "incomplete", chained.nodes, best_step)
         lower = max(lower, chained.lower_bound_s)

@@ -107,6 +107,34 @@ def test_path_bound_solve_with_the_chain_bound_stays_valid(seed):
     assert got.step_time_s <= got.lower_bound_s * 1.01 * (1 + 1e-9) or got.status == "time_limit"
 
 
+def fits(bg, a, p, v, m, schedule, cap) -> bool:
+    """The planner's memory model (closed form) of assignment a within cap."""
+    return max(evaluate_assignment(bg, a, p, v, m, schedule, 1e6, simulate=False).rank_mem_bytes) <= cap
+
+
+@pytest.mark.parametrize("seed,p,v,schedule", CASES[:6])
+def test_chain_bound_under_a_memory_cap_stays_below_the_brute_force_best_within_it(seed, p, v, schedule):
+    rng = random.Random(90 + seed)
+    K, m = p * v, 2 * p
+    bg = uneven_graph(rng, K + rng.randint(2, 4), branchy=seed % 2 == 1, comm=seed % 3 == 0)
+    plans = valid_assignments(bg, K)
+    mems = sorted(max(evaluate_assignment(bg, a, p, v, m, schedule, 1e6, simulate=False).rank_mem_bytes)
+                  for a in plans)
+    cap = mems[len(mems) // 4]  # a quarter of the plans fit
+    inside = [a for a in plans if fits(bg, a, p, v, m, schedule, cap)]
+    best = min(evaluate_assignment(bg, a, p, v, m, schedule, 1e6).step_time_s for a in inside)
+    units = StageUnits.of(bg)
+    dag = ActionDag(make_schedule(schedule, p, m, v))
+    rows = {r.key: r for r in synthetic_rows(make_schedule(schedule, p, m, v), K)}
+    inflight = PlanProblem(bg, p, v, m, schedule, 1e6, cap).inflight()
+    free = min(evaluate_assignment(bg, a, p, v, m, schedule, 1e6).step_time_s for a in plans)
+    # a threshold only plans beyond the cap meet (every node breaks it), one at the best plan, one above it
+    for upper in ((free + best) / 2, best, 1.3 * best):
+        got = chain_bound(bg, units, dag, dict(rows), upper, 0.0, math.inf, cap_bytes=cap, inflight=inflight)
+        assert got.complete
+        assert got.lower_bound_s <= best * (1 + 1e-9)
+
+
 def test_a_node_glop_gives_up_on_keeps_its_parents_bound(monkeypatch):
     rng = random.Random(51)
     p, v, m, schedule = 2, 2, 4, "interleaved-1f1b"
@@ -133,6 +161,19 @@ def capped_gpipe():
     bg = synthetic_block_graph([rng.uniform(1, 2) for _ in range(16)], None,
                                [rng.randint(100, 1000) for _ in range(16)], [rng.randint(10, 200) for _ in range(16)])
     return PlanProblem.checked(bg, 4, 1, 8, "gpipe", 6973, 1e9)
+
+
+def test_chain_bound_models_the_cap_and_stays_below_the_best_within_it():
+    problem = capped_gpipe()
+    bg, K, sched = problem.block_graph, problem.num_stages, make_schedule("gpipe", 4, 8, 1)
+    inside = [a for a in valid_assignments(bg, K) if fits(bg, a, 4, 1, 8, "gpipe", problem.memory_cap_bytes)]
+    best = min(evaluate_assignment(bg, a, 4, 1, 8, "gpipe", 1e9).step_time_s for a in inside)
+    rows = {r.key: r for r in synthetic_rows(sched, K)}
+    got = chain_bound(bg, StageUnits.of(bg), ActionDag(sched), rows, best, 0.01, math.inf,
+                      cap_bytes=problem.memory_cap_bytes, inflight=problem.inflight())
+    assert got.complete
+    assert best / 1.01 * (1 - 1e-6) <= got.lower_bound_s <= best  # proven within the gap: no split
+    # below it fits (without the cap the bound is the unbounded plan's, 13% lower)
 
 
 CAPPED_GPIPE = """
