@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
 
+from partitioner.chain_bound import chain_blocks, chain_bound
 from partitioner.ilp import NoSplit, build_ilp, cp_solver, on_stage
 from partitioner.path_rows import (UNITS, ActionDag, PathRow, StageUnits, critical_path, fluid_bound, prefix_caps,
                                    synthetic_rows)
@@ -55,6 +56,8 @@ from partitioner.seeds import chain_dp_split
 from partitioner.stage_costs import StageCostModel, closed_form_rank_mem_bytes
 
 DEFAULT_TOL = 0.005  # stop once the best plan is within this fraction of the bound
+CHAIN_SHARE = 0.5  # of the time limit, the most the branch and bound over a chain's cuts takes
+CHAIN_MIN_SHARE = 0.95  # of the work, the least a graph's chain (chain_blocks) holds for that search
 _MIN_SLICE_S = 1.0  # least time one relaxation gets
 _log = logging.getLogger(__name__)
 
@@ -274,13 +277,21 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
 
     def consider(assign: list[int]) -> float:
         """Score a plan (the best within the cap is kept) and add its critical paths; its step."""
+        return _consider(assign)[0]
+
+    def _consider(assign: list[int]) -> tuple[float, bool]:
         nonlocal best, best_step
         step, fits, paths = scorer.score(assign)
         if fits and step < best_step:
             best, best_step = list(assign), step
         for r in paths:
             add(r)
-        return step
+        return step, fits
+
+    def fitting_step(assign: list[int]) -> float:
+        """consider(); inf for a plan beyond the memory cap."""
+        step, fits = _consider(assign)
+        return step if fits else math.inf
 
     starts = [a for a in ([incumbent] if incumbent is not None else []) + list(seeds) if a is not None]
     for a in starts or [chain_dp_split(problem)]:
@@ -315,10 +326,20 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
         return rel
 
     # the fluid bound (blocks may split) and the rows that set it: the relaxation's LP needs them
-    lower, tight = fluid_bound(lp_rows, units, dag, key)
+    lower, tight = fluid_bound(lp_rows, units, dag, key, deadline=deadline)
     for r in tight:
         add(r)
     iterations, status = 0, "time_limit"
+    if best is not None and best_step > lower * (1 + tol) and _chain_share(bg) >= CHAIN_MIN_SHARE:
+        # whole blocks on a chain: a branch and bound over the cuts closes most of what the fluid misses
+        chained = chain_bound(bg, units, dag, lp_rows, best_step, tol, t0 + CHAIN_SHARE * time_limit_s, key,
+                              fitting_step, problem.memory_cap_bytes, scorer.inflight)
+        _log.debug("chain bound %.6g s (%s, %d nodes); best %.6g s", chained.lower_bound_s,
+                   "complete" if chained.complete else "incomplete", chained.nodes, best_step)
+        lower = max(lower, chained.lower_bound_s)
+    if best is not None and best_step <= lower * (1 + tol):
+        return PathBound(best, best_step, min(lower, best_step), iterations, len(rows), "converged",
+                         time.perf_counter() - t0, list(rows.values()))
     caps = caps_now()
     rel = (relaxation(caps) if caps is not None else None) or relaxation(None)
     slice_s = first_slice_s = max(_MIN_SLICE_S, time_limit_s / 16)  # a relaxation's time
@@ -379,3 +400,9 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
         lower = min(lower, best_step)
     return PathBound(best, best_step, lower, iterations, len(rows), status, time.perf_counter() - t0,
                      list(rows.values()))
+
+
+def _chain_share(bg) -> float:
+    """The share of the work on bg's chain (chain_blocks): 1 on a path, less where the graph branches."""
+    total = sum(b.time_s for b in bg.blocks)
+    return sum(bg.blocks[b].time_s for b in chain_blocks(bg)) / total if total > 0 else 1.0

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 from ortools.linear_solver import pywraplp
 
+from partitioner.glop import solve_within
 from partitioner.runtime.executor import in_process_order
 from partitioner.runtime.schedules import dependencies
 from partitioner.runtime.simulator import StageCosts, input_delays, simulate
+from partitioner.work_hull import ideal_halfplanes
 
 UNITS = 10_000_000  # one microbatch's whole work is about this many integer units
 
@@ -101,13 +103,18 @@ def synthetic_rows(schedule, num_stages: int) -> list[PathRow]:
 
 @dataclass(frozen=True)
 class StageUnits:
-    """Integer block times (rounded down, so every row stays a lower bound) and the scale (units per second)."""
+    """Integer block times (rounded down, so every row stays a lower bound) and the scale (units per second).
+
+    cut_halfplanes: (a, c, h) with a F + c B <= h for the device forward and backward units (F, B) of the
+    blocks before any cut of any valid plan (partitioner/work_hull.py).
+    """
 
     scale: float
     fdev: list[int]
     bdev: list[int]
     fhost: list[int]
     bhost: list[int]
+    cut_halfplanes: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
     def of(cls, bg) -> "StageUnits":
@@ -116,7 +123,9 @@ class StageUnits:
         def down(attr: str) -> list[int]:
             return [math.floor(getattr(b, attr) * scale) for b in bg.blocks]
 
-        return cls(scale, down("fwd_time_s"), down("bwd_time_s"), down("host_fwd_time_s"), down("host_bwd_time_s"))
+        fdev, bdev = down("fwd_time_s"), down("bwd_time_s")
+        return cls(scale, fdev, bdev, down("host_fwd_time_s"), down("host_bwd_time_s"),
+                   tuple(ideal_halfplanes(bg.graph, fdev, bdev)))
 
     @property
     def work(self) -> list[int]:
@@ -168,44 +177,65 @@ class ActionDag:
 
 
 class FluidLp:
-    """Per-stage device forward and backward sums (units) as continuous variables: blocks may split.
+    """Per-stage device forward and backward sums as continuous variables: blocks may split.
 
-    They sum to the plan's totals and keep its range of backward/forward ratios, so every plan's
-    stage sums are a point of it. Rows bound the step from below: each one is at most `top`
-    (a constant), or, with top None, at most the variable T.
+    They sum to the plan's totals, keep its range of backward/forward ratios, and every cut point
+    (the sums of stages 0..j-1) lies in the hull of the ideals' sums (units.cut_halfplanes), so every
+    plan's stage sums are a point of it. Rows bound the step from below: each one is at most `top`
+    (a constant, units), or, with top None, at most the variable T. The variables count in whole
+    microbatches of work (units / self.unit), which keeps GLOP's numbers near 1: in units, long
+    separations ended ABNORMAL.
     """
 
     def __init__(self, units: StageUnits, num_stages: int, top: float | None = None):
         K = num_stages
+        self.unit = unit = float(sum(units.work) or 1)
         self.lp = lp = pywraplp.Solver.CreateSolver("GLOP")
         self.f = [lp.NumVar(0, lp.infinity(), f"f{k}") for k in range(K)]
         self.b = [lp.NumVar(0, lp.infinity(), f"b{k}") for k in range(K)]
-        lp.Add(sum(self.f) == sum(units.fdev))
-        lp.Add(sum(self.b) == sum(units.bdev))
+        lp.Add(sum(self.f) == sum(units.fdev) / unit)
+        lp.Add(sum(self.b) == sum(units.bdev) / unit)
         ratios = [bd / fd for fd, bd in zip(units.fdev, units.bdev) if fd > 0]
         if ratios:
             for k in range(K):
                 lp.Add(self.b[k] >= min(ratios) * self.f[k])
                 if all(fd > 0 or bd == 0 for fd, bd in zip(units.fdev, units.bdev)):
                     lp.Add(self.b[k] <= max(ratios) * self.f[k])
+        for a, c, h in units.cut_halfplanes:
+            norm = math.hypot(a, c)
+            for j in range(1, K):
+                lp.Add((a / norm) * sum(self.f[:j]) + (c / norm) * sum(self.b[:j]) <= h / norm / unit)
         self.top = top
         self.T = lp.NumVar(0, lp.infinity(), "T") if top is None else None
         self.rows: dict[tuple, tuple[PathRow, object]] = {}
+        self.proven = 0.0  # the largest T of an answer so far (units): a bound even if a later solve fails
 
     def add(self, k: tuple, r: PathRow) -> None:
         e = sum(c * x for c, x in zip(r.fwd_count, self.f) if c) + sum(c * x for c, x in zip(r.bwd_count, self.b) if c)
-        self.rows[k] = r, self.lp.Add(e <= self.top) if self.T is None else self.lp.Add(e - self.T <= 0)
+        self.rows[k] = r, (self.lp.Add(e <= self.top / self.unit) if self.T is None
+                           else self.lp.Add(e - self.T <= 0))
 
-    def solve(self, dag: ActionDag, rows: dict, key, max_rounds: int) -> bool:
+    def stage_units(self) -> tuple[list[float], list[float]]:
+        """The answer's forward and backward sum of every stage, in units."""
+        return ([x.solution_value() * self.unit for x in self.f], [x.solution_value() * self.unit for x in self.b])
+
+    def value(self) -> float:
+        """The answer's T (units)."""
+        return self.T.solution_value() * self.unit
+
+    def solve(self, dag: ActionDag, rows: dict, key, max_rounds: int, deadline: float = math.inf) -> bool:
         """Solve, adding the longest path at the answer while it breaks the bound (to `rows` too);
-        False when the LP has no answer (infeasible: no plan meets top)."""
+        False when the LP has no answer (infeasible: no plan meets top; or GLOP gave up, out of time
+        past `deadline` included: partitioner/glop.py)."""
         for i in range(max_rounds + 1):
-            if self.lp.Solve() != pywraplp.Solver.OPTIMAL:
+            if solve_within(self.lp, deadline) != pywraplp.Solver.OPTIMAL:
                 return False
+            if self.T is not None:
+                self.proven = max(self.proven, self.value())
             if i == max_rounds:
                 return True
-            bound = self.top if self.T is None else self.T.solution_value()
-            length, r = dag.longest([x.solution_value() for x in self.f], [x.solution_value() for x in self.b])
+            bound = self.top if self.T is None else self.value()
+            length, r = dag.longest(*self.stage_units())
             if length <= bound * (1 + 1e-7) or key(r) in self.rows:
                 return True
             rows.setdefault(key(r), r)
@@ -214,27 +244,27 @@ class FluidLp:
 
 
 def fluid_bound(rows: dict, units: StageUnits, dag: ActionDag, key=lambda r: r.key,
-                max_rounds: int = 200) -> tuple[float, list[PathRow]]:
+                max_rounds: int = 200, deadline: float = math.inf) -> tuple[float, list[PathRow]]:
     """(lower bound in seconds, the rows that set it): min T over FluidLp with every path's row.
 
     Every plan's stage sums are a point of the LP, so its optimum bounds every plan's step (without
     communication and all-reduce) from below; paths violated at the answer are added (to `rows` too)
-    until none is or max_rounds. The rows with a positive dual are the ones the bound needs.
+    until none is, max_rounds or `deadline`. The rows with a positive dual are the ones the bound needs.
     """
     lp = FluidLp(units, dag.num_stages)
     for k, r in rows.items():
         lp.add(k, r)
     lp.lp.Minimize(lp.T)
-    if not lp.solve(dag, rows, key, max_rounds):
-        return 0.0, []
+    if not lp.solve(dag, rows, key, max_rounds, deadline):
+        return max(0.0, lp.proven * (1 - 1e-6)) / units.scale, []
     tight = [r for r, con in lp.rows.values() if con.dual_value() < -1e-9 or con.dual_value() > 1e-9]
-    return max(0.0, lp.T.solution_value() * (1 - 1e-6)) / units.scale, tight  # (1 - 1e-6): the LP's tolerance
+    return max(0.0, lp.value() * (1 - 1e-6)) / units.scale, tight  # (1 - 1e-6): the LP's tolerance
 
 
 def prefix_caps(rows: dict, units: StageUnits, dag: ActionDag, upper_s: float, max_rounds: int = 20,
                 key=lambda r: r.key, deadline: float = math.inf) -> tuple[list[int], list[int]] | None:
     """(most[j], most_after[j]): the most device work (units) stages 0..j, and stages j..K-1, hold in any
-    plan whose step is at most upper_s; None when no plan is.
+    plan whose step is at most upper_s; None when no plan is, or GLOP gave up (past `deadline` too).
 
     FluidLp with every row at most upper_s, maximising and minimising the work of stages 0..j, its
     answer checked against every path (ActionDag.longest; a violated one becomes a row, added to
@@ -258,9 +288,9 @@ def prefix_caps(rows: dict, units: StageUnits, dag: ActionDag, upper_s: float, m
                 obj.SetCoefficient(lp.f[k], 1)
                 obj.SetCoefficient(lp.b[k], 1)
             obj.SetMaximization() if sense > 0 else obj.SetMinimization()
-            if not lp.solve(dag, rows, key, max_rounds):
+            if not lp.solve(dag, rows, key, max_rounds, deadline):
                 return None
-            val = obj.Value()  # valid whether or not the separation finished: the LP only grew
+            val = obj.Value() * lp.unit  # valid whether or not the separation finished: the LP only grew
             slack = 1e-6 * total + 2  # the LP's tolerances
             out[j] = min(total, math.ceil(val + slack)) if sense > 0 else max(0, math.floor(val - slack))
     after = [total - (least[j - 1] if j > 0 else 0) for j in range(K)]
