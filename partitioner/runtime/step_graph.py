@@ -1,8 +1,7 @@
 """A whole training step replayed as one CUDA graph (compile_parallel(cuda_graph=True)).
 
-A pipeline of small kernels is host-bound: t5-base or gpt2-xl at 2 x 1024 tokens launch
-1,500-2,300 kernels per microbatch at ~30 us each, so the GPU waits on Python. Captured
-once, a step (every microbatch's forward and backward of every local stage, the loss, the
+A pipeline of many small kernels is host-bound: the GPU waits for Python to launch them
+(figures in benchmarks/RESULTS.md). Captured once, a step (every microbatch's forward and backward of every local stage, the loss, the
 gradient accumulation) is one graph launch, and the step takes its kernels' time.
 
 Capture needs fixed addresses: the inputs and targets are copied into buffers captured
