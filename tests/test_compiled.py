@@ -129,7 +129,8 @@ def test_measured_compiled_costs_time_each_distinct_layer_once(tmp_path, monkeyp
     pm = compile_zoo(zm, compile=True, measure=True, time_limit_s=2)
     measured = [m for m in compiled if isinstance(m, torch.fx.GraphModule) and "in0" in m.code]
     assert measured and len(measured) < len(blocks), "identical layers were compiled more than once"
-    assert all(t > 0 for t in pm.plan.stage_fwd_time_s)
+    # measured: a tiny stage's time (measured minus the timer's overhead) can floor at 0 on a loaded host
+    assert sum(pm.plan.stage_fwd_time_s) > 0 and all(t >= 0 for t in pm.plan.stage_fwd_time_s)
     loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
     assert max_rel_err(loss, ref_loss) < 1e-4
     assert max(grad_errors(pm, ref_grads).values()) < 1e-4
