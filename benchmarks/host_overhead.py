@@ -22,6 +22,7 @@ import re
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import common
 from benchmarks.common import add_training_run_arguments, print_table, write_result
-from benchmarks.train_throughput import PRECISIONS, accumulation_step, build_model
+from benchmarks.train_throughput import PRECISIONS, _sync, accumulation_step, build_model
 from partitioner.runtime.compiled import uses_cudagraphs
 
 
@@ -136,7 +137,7 @@ def stage_comparison(measured: dict[str, float], plan) -> str:
 def profile_step(step, device: torch.device, trace: Path) -> dict:
     """Wall time of one profiled step, device-busy time, action host times and the top host ops."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = partial(_sync, device, False)  # waits for the device's queued work
     sync()
     with profile(activities=activities) as prof:
         t = time.perf_counter()
@@ -179,7 +180,7 @@ def python_profile(step, device: torch.device, out: Path, steps: int) -> float:
     import cProfile
     import io
     import pstats
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = partial(_sync, device, False)  # waits for the device's queued work
     sync()
     prof = cProfile.Profile()
     t = time.perf_counter()
@@ -202,7 +203,7 @@ def host_and_wall(configs: list, device: torch.device, rounds: int) -> dict[str,
     """Median host ms (until the step returns, before synchronising) and wall ms per config, the
     configs alternating in `rounds` rounds (order reversed every other round): a host-bound step
     has host close to wall."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = partial(_sync, device, False)  # waits for the device's queued work
     host: dict[str, list[float]] = {c[0]: [] for c in configs}
     wall: dict[str, list[float]] = {c[0]: [] for c in configs}
     for r in range(rounds):
@@ -279,30 +280,25 @@ def main(argv: list[str] | None = None) -> int:
         if "serial-backward" in variants:
             configs.append((f"plain{tag}-serial-backward", _serial_backward(plain_step), None))
         from partitioner.api import compile_parallel
+        # compile_parallel(cuda_graph=True) captures the whole step itself: only with torch.compile's default mode
+        graphs = (False, True) if "cuda-graph" in variants and device.type == "cuda" and mode == "default" else (False,)
         for stages in (int(s) for s in args.stages.split(",")):
-            pm = compile_parallel(zm.model, [device] * stages, zm.example_args, zm.loss_fn, microbatches=m,
-                                  example_kwargs=zm.example_kwargs, example_target=zm.target,
-                                  time_limit_s=args.time_limit, compile=options if compiled else False,
-                                  mixed_precision="bf16" if mixed else None, measure=args.measure)
-
-            def ours(pm=pm, new_graph_step=new_graph_step):
-                if new_graph_step:
-                    torch.compiler.cudagraph_mark_step_begin()
-                pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
-                pm.zero_grad()
-            configs.append((f"ours-{stages}-stages{tag}", ours, pm.plan))
-            if "serial-backward" in variants:
-                configs.append((f"ours-{stages}-stages{tag}-serial-backward", _serial_backward(ours), pm.plan))
-            if "cuda-graph" in variants and device.type == "cuda" and mode == "default":
-                gm = compile_parallel(zm.model, [device] * stages, zm.example_args, zm.loss_fn, microbatches=m,
+            for graph in graphs:
+                pm = compile_parallel(zm.model, [device] * stages, zm.example_args, zm.loss_fn, microbatches=m,
                                       example_kwargs=zm.example_kwargs, example_target=zm.target,
                                       time_limit_s=args.time_limit, compile=options if compiled else False,
-                                      mixed_precision="bf16" if mixed else None, cuda_graph=True)
+                                      mixed_precision="bf16" if mixed else None, measure=args.measure,
+                                      cuda_graph=graph)
 
-                def graphed(pm=gm):
+                def ours(pm=pm, new_graph_step=new_graph_step):
+                    if new_graph_step:
+                        torch.compiler.cudagraph_mark_step_begin()
                     pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
                     pm.zero_grad()
-                configs.append((f"ours-{stages}-stages{tag}-cuda-graph", graphed, gm.plan))
+                label = f"ours-{stages}-stages{tag}{'-cuda-graph' if graph else ''}"
+                configs.append((label, ours, pm.plan))
+                if "serial-backward" in variants and not graph:
+                    configs.append((f"{label}-serial-backward", _serial_backward(ours), pm.plan))
     name = args.name or f"host_overhead_{device.type}"
     rows = []
     for label, step, plan in list(configs):

@@ -1,8 +1,9 @@
 """A whole training step replayed as one CUDA graph (compile_parallel(cuda_graph=True)).
 
 A pipeline of many small kernels is host-bound: the GPU waits for Python to launch them
-(figures in benchmarks/RESULTS.md). Captured once, a step (every microbatch's forward and backward of every local stage, the loss, the
-gradient accumulation) is one graph launch, and the step takes its kernels' time.
+(figures in benchmarks/RESULTS.md). Captured once, a step (every microbatch's forward and
+backward of every local stage, the loss, the gradient accumulation) is one graph launch,
+and the step takes its kernels' time.
 
 Capture needs fixed addresses: the inputs and targets are copied into buffers captured
 with the graph, and every trainable parameter's `.grad` is a tensor allocated before the
