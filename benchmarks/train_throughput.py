@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if lead:  # after every group, so a run cut short keeps what it measured
-                path = write_result(name, rows, {"world_size": world, "stages_per_process": p if rank is None else 1})
+                path = write_result(name, rows, {"world_size": world, "stages_per_process": p if rank is None else 1,
+                                                 **_host_calibration(device)})
     if lead:
         print_table(f"training throughput ({mode}, m = {args.microbatches}, {args.mb_size} x {args.seq} tokens)", rows)
         plot(rows, path.with_suffix(".png"))
@@ -408,6 +409,16 @@ def main(argv: list[str] | None = None) -> int:
     if rank is not None:
         dist.destroy_process_group()
     return 0
+
+
+def _host_calibration(device: torch.device) -> dict:
+    """The eager dispatch speed the plans were costed with on this host (us per forward node, per
+    backward kernel): what moves every host-bound prediction."""
+    if device.type != "cuda":
+        return {}
+    from partitioner.cost_models.time import host_overheads_s
+    fwd, bwd = host_overheads_s(device)
+    return {"host_calibration_us": {"fwd_node": round(fwd * 1e6, 2), "bwd_kernel": round(bwd * 1e6, 2)}}
 
 
 def _init_single_rank_group(device: torch.device) -> None:

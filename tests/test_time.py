@@ -182,11 +182,12 @@ def test_the_gpu_spec_carries_this_hosts_dispatch_speed():
     table = spec_for_gpu_name(torch.cuda.get_device_name(0))
     assert (spec.cpu_fwd_overhead_s, spec.cpu_bwd_overhead_s) == time_model.host_overheads_s(torch.device("cuda:0"))
     assert spec.peak_flops == table.peak_flops and 1e-6 < spec.cpu_fwd_overhead_s < 1e-3
-    assert spec.compiled_launch_overhead_s == pytest.approx(
-        table.compiled_launch_overhead_s * spec.cpu_bwd_overhead_s / table.cpu_bwd_overhead_s)
+    assert spec.compiled_launch_overhead_s == table.compiled_launch_overhead_s
 
 
-def test_a_slower_host_launches_compiled_kernels_slower_too(monkeypatch):
+def test_a_slower_eager_host_keeps_the_compiled_launch_cost(monkeypatch):
+    """Eager dispatch calibrated 1.5x slower did not predict compiled launches (an H100 host took
+    25.6 us a launch, the table's 28 us): only the eager constants follow the calibration."""
     from types import SimpleNamespace
 
     from partitioner.cost_models import device as device_module
@@ -196,7 +197,8 @@ def test_a_slower_host_launches_compiled_kernels_slower_too(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(total_memory=80 * 2**30))
     monkeypatch.setattr(device_module, "host_overheads_s", lambda d: (table.cpu_fwd_overhead_s * 2, table.cpu_bwd_overhead_s * 2))
     spec = device_module.spec_for_torch_device("cuda:0")
-    assert spec.compiled_launch_overhead_s == pytest.approx(2 * table.compiled_launch_overhead_s)
+    assert spec.cpu_bwd_overhead_s == pytest.approx(2 * table.cpu_bwd_overhead_s)
+    assert spec.compiled_launch_overhead_s == table.compiled_launch_overhead_s
 
 
 def test_a_gemm_overlaps_its_loads_with_its_compute_over_its_main_loop():

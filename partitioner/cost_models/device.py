@@ -51,6 +51,9 @@ class DeviceSpec:
     compiled_launch_overhead_s: host time per kernel a torch.compile'd graph launches (its
         generated code's call of each kernel, the autograd engine's work per gradient
         accumulated); 0 on the CPU itself.
+    contended_atomic_s: device time per atomic add serialised on one cache line, the chain a
+        compiled embedding backward runs when many indices hit one row
+        (cost_models/contention.py); 0: not modelled.
     """
 
     name: str
@@ -69,6 +72,7 @@ class DeviceSpec:
     cpu_fwd_overhead_s: float = 0.0
     cpu_bwd_overhead_s: float = 0.0
     compiled_launch_overhead_s: float = 0.0
+    contended_atomic_s: float = 0.0
 
     def flops_per_s(self, dtype: torch.dtype | str, *, tf32: bool = False) -> float:
         """Peak FLOP/s for matmuls in `dtype`; fp32 uses the TF32 rate when `tf32` is on."""
@@ -115,13 +119,19 @@ class DeviceSpec:
 # of a node add nothing measurable), 31 us per backward kernel. Compiled (torch 2.11, inductor's
 # default mode, 8 microbatches of 2 x 1024 tokens, `python -m benchmarks.host_overhead`): the
 # plain gpt2-xl and t5-base models, host-bound, took 28 us of step per kernel launched (65 ms per
-# microbatch for 2,314 kernels; 43 ms for 1,555), gradient accumulations included.
+# microbatch for 2,314 kernels; 43 ms for 1,555), gradient accumulations included; on an H100
+# host whose eager dispatch calibrated 1.5x slower than the table, compiled t5-base stages and
+# the plain compiled model took 25.6 us of host time per launch: the compiled launch cost is
+# not scaled by the eager calibration. Contended atomics: compiled t5-base (2 x 1024 tokens, bf16,
+# H100) spent 14.1 ms a microbatch in its encoder's relative-position-bias backward, 435,711 hits
+# on the hottest of 32 rows x 12 columns: 2.7 ns per atomic on one line (its decoder's, 32,896
+# hits, took 0.59 ms against 1.07 ms so costed).
 # They are properties of the host CPU and PyTorch's eager dispatch, not of the GPU: the same
 # values are assumed for every GPU below (H100/A100/L4 use the H200's fractions; re-measure
 # there and write a JSON spec when it matters).
 GPU_EFFICIENCY = dict(matmul_efficiency=0.78, attention_efficiency=0.40, masked_attention_efficiency=0.22,
                       misaligned_matmul_efficiency=0.10, mem_bw_efficiency=0.87, cpu_fwd_overhead_s=21e-6,
-                      cpu_bwd_overhead_s=31e-6, compiled_launch_overhead_s=28e-6)
+                      cpu_bwd_overhead_s=31e-6, compiled_launch_overhead_s=28e-6, contended_atomic_s=2.7e-9)
 
 
 def _gpu(name: str, fp32: float, tf32: float, bf16: float, mem_bw: float, mem: int, intra: float,
@@ -214,19 +224,18 @@ def get_device_spec(name_or_path: str | DeviceSpec) -> DeviceSpec:
 def spec_for_torch_device(device: torch.device | str, calibrate_host: bool = True) -> DeviceSpec:
     """The table entry closest to a real torch device (by CUDA device name), else the calibrated CPU.
 
-    calibrate_host: on CUDA, replace the table's host dispatch constants (fitted on one
+    calibrate_host: on CUDA, replace the table's eager dispatch constants (fitted on one
     machine; hosts differ by 1.5-3x) with this machine's (cost_models.time.host_overheads_s,
-    a few seconds once per process), and scale its compiled launch cost alike.
+    a few seconds once per process).
     """
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         spec = spec_for_gpu_name(torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory)
         if calibrate_host:
             fwd, bwd = host_overheads_s(device)
-            # a compiled graph's launches run on the same host: scaled as its eager dispatch measured
-            launch = spec.compiled_launch_overhead_s * (bwd / spec.cpu_bwd_overhead_s if spec.cpu_bwd_overhead_s else 1.0)
+            # the compiled launch cost stays the table's: eager dispatch speed does not predict it
+            # (see GPU_EFFICIENCY's comment)
             spec = dataclasses.replace(spec, cpu_fwd_overhead_s=fwd, cpu_bwd_overhead_s=bwd,
-                                       compiled_launch_overhead_s=launch,
                                        notes=f"{spec.notes}; host dispatch calibrated on this machine".lstrip("; "))
         return spec
     return calibrate_cpu()

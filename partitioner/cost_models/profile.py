@@ -15,6 +15,7 @@ re-expressed: capture in the target dtype when that matters.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections import Counter
 from typing import Any, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
+from partitioner.cost_models.contention import embedding_chains_s
 from partitioner.cost_models.device import DeviceSpec, get_device_spec
 from partitioner.cost_models.flops import COMPUTE_OPS, NodeTrace, OpKernel, trace_nodes
 from partitioner.cost_models.fusion import compiled_times
@@ -150,6 +152,9 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
 
     if compiled:
         times = compiled_times(gm, traces, spec, scale, lambda t: node_kernels(t, spec, scale, padded=True))
+        for name, chain_s in embedding_chains_s(gm, spec).items():  # a backward's atomics piled on one row
+            if name in times and traces[name].bwd_ops:
+                times[name] = dataclasses.replace(times[name], bwd_s=max(times[name].bwd_s, chain_s))
     else:
         times = {name: _analytic(t, spec, scale) for name, t in traces.items()}
     times.update(_gradient_accumulation(gm, traces, spec, scale, compiled))
