@@ -113,3 +113,20 @@ def test_heavy_means_matmul_or_attention():
     heavy = {n for n, t in traces.items() if is_heavy(t)}
     targets = {str(n.target) for n in captured.graph_module.graph.nodes if n.name in heavy}
     assert targets and all("addmm" in t or "linear" in t or "mm" in t for t in targets)
+
+
+def test_the_math_attention_paths_pointwise_passes_fuse_between_its_matmuls():
+    """T5's attention (a trainable bias as the mask: SDPA's math path) under compile: the casts,
+    scaling, mask add and softmax between the two batched matmuls are one kernel each run."""
+    from partitioner.cost_models.flops import AttentionCall
+    from partitioner.cost_models.fusion import fuse_pointwise_runs
+    from partitioner.cost_models.time import math_attention_kernels
+
+    call = AttentionCall("math", 24, 1024, 1024, 64, 64, torch.bfloat16, mask_numel=12 * 1024 * 1024,
+                         mask_dtype=torch.bfloat16, mask_requires_grad=True)
+    for eager in math_attention_kernels(call):
+        fused = fuse_pointwise_runs(eager)
+        assert sum(k.flops for k in fused) == sum(k.flops for k in eager)
+        assert all(a.flops or b.flops for a, b in zip(fused, fused[1:]))  # no two pointwise kernels in a row
+        assert sum(k.launches for k in fused) < sum(k.launches for k in eager)
+        assert max(k.bytes_moved for k in eager) <= sum(k.bytes_moved for k in fused) < sum(k.bytes_moved for k in eager)

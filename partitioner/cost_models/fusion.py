@@ -41,6 +41,20 @@ def is_heavy(trace: NodeTrace) -> bool:
     return trace.attention is not None or any(op.flops for op in trace.fwd_ops)
 
 
+def fuse_pointwise_runs(kernels: list[Kernel]) -> list[Kernel]:
+    """`kernels` (one op's eager sequence) with every run of consecutive FLOP-free kernels
+    fused into one launch, as inductor generates it: the fused kernel reads the run's first
+    input and writes its last output, which for passes over one tensor's elements (SDPA's math
+    path: casts, scaling, mask add, softmax) is what the run's largest member moves."""
+    out: list[Kernel] = []
+    for k in kernels:
+        if out and not k.flops and not out[-1].flops:
+            last = out.pop()
+            k = Kernel(0.0, max(last.bytes_moved, k.bytes_moved), k.dtype, launches=1)
+        out.append(k)
+    return out
+
+
 def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec: DeviceSpec,
                    scale: DtypeScale, kernels_of: KernelsOf) -> dict[str, NodeTime]:
     """Every node's times as a compiled graph runs it (see the module docstring).

@@ -26,7 +26,7 @@ import torch.fx
 from partitioner.cost_models.contention import embedding_chains_s
 from partitioner.cost_models.device import DeviceSpec, get_device_spec
 from partitioner.cost_models.flops import COMPUTE_OPS, NodeTrace, OpKernel, trace_nodes
-from partitioner.cost_models.fusion import compiled_times
+from partitioner.cost_models.fusion import compiled_times, fuse_pointwise_runs
 from partitioner.cost_models.memory import (OPTIMIZER_STATES, DtypeScale, backward_walk, output_savers, params_state_bytes,
                                  saved_bytes_per_node, value_bytes)
 from partitioner.cost_models.node_costs import NodeCost, NodeCosts
@@ -239,7 +239,8 @@ def op_kernel(op: OpKernel, spec: DeviceSpec, scale: DtypeScale, padded: bool = 
 
 def node_kernels(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale,
                  padded: bool = False) -> tuple[list[Kernel], list[Kernel]]:
-    """The kernels a node's forward and its backward launch on a GPU (op_kernel for `padded`)."""
+    """The kernels a node's forward and its backward launch on a GPU. padded: as a compiled
+    stage runs them (op_kernel's padded matmuls; the math attention path's pointwise passes fused)."""
     if trace.op not in COMPUTE_OPS:
         return [], []
     call = trace.attention
@@ -247,6 +248,8 @@ def node_kernels(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale,
         dtype = scale.to_dtype if call.dtype == scale.from_dtype else call.dtype
         if call.backend == "math":
             fwd, bwd = math_attention_kernels(call, dtype)
+            if padded:
+                fwd, bwd = fuse_pointwise_runs(fwd), fuse_pointwise_runs(bwd)
         else:
             eff = spec.masked_attention_efficiency if call.mask_numel and dtype.itemsize < 4 else spec.attention_efficiency
             moved = call.io_numel() * dtype.itemsize
