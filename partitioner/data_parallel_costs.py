@@ -4,8 +4,8 @@ What runs (compile_parallel(mesh=...), torch FSDP2): every replica runs the same
 1/dp of the global batch; each rank's stages are one module under fully_shard(dp mesh,
 reshard_after_forward=False) ("fsdp") or FSDP2's replicate ("replicate"), with gradient sync off
 for every backward of the step but the last. Per rank, with W its parameter bytes, T those of
-its trainable parameters (= its gradient bytes G), O its optimizer bytes (fp32 master copy and
-states, cost_models.memory.param_state_bytes) and s the shard count (dp for fsdp, 1 for replicate):
+its trainable parameters (= its gradient bytes G), O its optimizer bytes (its states,
+cost_models.memory.param_state_bytes) and s the shard count (dp for fsdp, 1 for replicate):
 
 - during the step: W whole (all-gathered at the first forward, kept to the end) + the rank's own
   shard T/s (FSDP2 keeps the sharded parameter beside the unsharded one; replicate, s = 1, keeps
@@ -60,7 +60,7 @@ class ParamBytes:
 
     weight: int  # every parameter and buffer
     trainable: int  # parameters an optimizer updates; their gradients take as much
-    optimizer: int  # fp32 master copy + optimizer states
+    optimizer: int  # optimizer states
 
     def static_bytes(self, dp: DataParallel) -> int:
         """Held by one rank during a step (module docstring); weight + grad + optimizer at dp = 1."""

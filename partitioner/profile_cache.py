@@ -40,6 +40,7 @@ _FORMAT = "profile-cache-v1"
 _SOURCES = ("partitioner/passes/capture.py", "partitioner/passes/annotate.py", "partitioner/passes/mixed_precision.py",
             "partitioner/passes/causal_mask.py", "partitioner/passes/writes.py",
             "partitioner/cost_models/profile.py", "partitioner/cost_models/fusion.py", "partitioner/cost_models/contention.py",
+            "partitioner/cost_models/compiled_memory.py",
             "partitioner/cost_models/flops.py", "partitioner/cost_models/trace_reuse.py",
             "partitioner/cost_models/memory.py", "partitioner/cost_models/time.py", "partitioner/cost_models/loss.py",
             "partitioner/cost_models/device.py", "partitioner/cost_models/node_costs.py")

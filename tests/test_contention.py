@@ -95,3 +95,22 @@ def test_indices_from_an_input_are_not_evaluated():
     gm = capture(Noisy(), (torch.randn(3),)).graph_module
     (node,) = embedding_nodes(gm)
     assert hottest_row_hits(gm, node.args[1], 4) == 64
+
+
+def test_the_padding_row_gets_no_gradient_and_a_sparse_table_no_atomics():
+    class Padded(nn.Module):
+        def __init__(self, padding_idx=None, sparse=False):
+            super().__init__()
+            self.table = nn.Embedding(4, 8, padding_idx=padding_idx, sparse=sparse)
+
+        def forward(self, x):
+            idx = torch.arange(64, device=x.device) % 3  # rows 0, 1, 2: 22, 21, 21 hits
+            return self.table(idx).sum() + x.sum()
+
+    spec = get_device_spec("h100")
+    for padding_idx, hits in ((None, 22), (0, 21)):
+        gm = capture(Padded(padding_idx), (torch.randn(3),)).graph_module
+        (node,) = embedding_nodes(gm)
+        assert embedding_chains_s(gm, spec)[node.name] == pytest.approx(hits * 8 * spec.contended_atomic_s)
+    gm = capture(Padded(sparse=True), (torch.randn(3),)).graph_module
+    assert embedding_chains_s(gm, spec) == {}

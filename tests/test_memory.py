@@ -105,9 +105,9 @@ def test_param_bytes_and_output_bytes_match_the_model():
     (torch.float32, "sgd-momentum", 4 + 4 + 4),
     (torch.float32, "sgd", 4 + 4),
     (torch.float32, "none", 4 + 4),
-    (torch.bfloat16, "adamw", 2 + 2 + 4 + 8),  # 16-bit weight+grad, fp32 master + 2 moments
-    (torch.float16, "sgd-momentum", 2 + 2 + 4 + 4),
-    (torch.bfloat16, "sgd", 2 + 2 + 4),
+    (torch.bfloat16, "adamw", 2 + 2 + 2 + 2),  # torch.optim's moments take the weight's dtype
+    (torch.float16, "sgd-momentum", 2 + 2 + 2),
+    (torch.bfloat16, "sgd", 2 + 2),
     (torch.bfloat16, "none", 2 + 2),
 ])
 def test_optimizer_state_bytes(dtype, optimizer, per_element):
@@ -121,14 +121,24 @@ def test_frozen_parameters_and_buffers_hold_only_their_weight():
         param_state_bytes(10, torch.float32, "lamb")
 
 
-def test_profile_in_bf16_expresses_fp32_graph_in_mixed_precision():
+def test_a_bf16_models_adamw_state_is_bf16():
+    """torch.optim.AdamW keeps its moments in the parameter's dtype: the measured bytes."""
+    p = nn.Parameter(torch.randn(1000, dtype=torch.bfloat16))
+    p.grad = torch.zeros_like(p)
+    opt = torch.optim.AdamW([p])
+    opt.step()
+    held = p.nbytes + p.grad.nbytes + sum(t.nbytes for t in opt.state[p].values() if t.dim())
+    assert param_state_bytes(p.numel(), p.dtype, "adamw") == held
+
+
+def test_profile_in_bf16_expresses_fp32_graph_in_bf16():
     model = nn.Sequential(nn.Linear(IN, HID), nn.GELU(), nn.Linear(HID, OUT))
     gm = torch.export.export(model, (torch.randn(B, IN),), strict=False).module()
     f32 = profile(gm, dtype=torch.float32)
     bf16 = profile(gm, dtype=torch.bfloat16)
     n = sum(p.numel() for p in model.parameters())
     assert sum(f32.param_state_bytes.values()) == 16 * n
-    assert sum(bf16.param_state_bytes.values()) == 16 * n
+    assert sum(bf16.param_state_bytes.values()) == 8 * n
     assert bf16.total("saved_bytes") * 2 == f32.total("saved_bytes")
     assert bf16.total("param_bytes") * 2 == f32.total("param_bytes")
     assert bf16.total("fwd_flops") == f32.total("fwd_flops")

@@ -229,8 +229,10 @@ def test_measured_mode_compiled_times_each_distinct_block_through_torch_compile(
     assert calls and all(c == {"dynamic": False} for c in calls)
     assert compiled.time_source == "measured"
     assert compiled.total("fwd_time_s") > 0 and compiled.total("bwd_time_s") > 0
+    analytic = profile(captured, annotated, device="cpu", compiled=True, progress=False)
     for name, c in eager.nodes.items():  # FLOPs and bytes do not depend on how time is obtained
-        assert (c.fwd_flops, c.saved_bytes) == (compiled.nodes[name].fwd_flops, compiled.nodes[name].saved_bytes)
+        assert c.fwd_flops == compiled.nodes[name].fwd_flops
+        assert compiled.nodes[name].saved_bytes == analytic.nodes[name].saved_bytes  # what the compiled graph saves
     # the compiled times are cached apart from the eager ones: a second profile compiles nothing
     calls.clear()
     profile(captured, annotated, device="cpu", measure=True, compiled=True, example_inputs=[x], progress=False)

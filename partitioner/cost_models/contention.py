@@ -39,21 +39,27 @@ def embedding_chains_s(gm: torch.fx.GraphModule, spec: DeviceSpec) -> dict[str, 
         if node.op != "call_function" or node.target is not torch.ops.aten.embedding.default:
             continue
         weight, indices = node.args[0], node.args[1]
+        padding_idx = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
+        sparse = node.args[4] if len(node.args) > 4 else node.kwargs.get("sparse", False)
         shape = _shape(weight)
-        if weight.op != "get_attr" or shape is None or len(shape) != 2 or _shape(indices) is None:
+        if weight.op != "get_attr" or shape is None or len(shape) != 2 or _shape(indices) is None or sparse:
             continue
         rows, columns = shape
-        hits = hottest_row_hits(gm, indices, rows)
+        hits = hottest_row_hits(gm, indices, rows, padding_idx)
         out[node.name] = hits * min(columns, LINE_BYTES // ACCUMULATE_BYTES) * spec.contended_atomic_s
     return out
 
 
-def hottest_row_hits(gm: torch.fx.GraphModule, indices: torch.fx.Node, rows: int) -> int:
-    """How many of `indices` select the most selected of `rows` rows: counted from the values
-    when the graph computes them from constants, else the even spread ceil(numel / rows)."""
+def hottest_row_hits(gm: torch.fx.GraphModule, indices: torch.fx.Node, rows: int, padding_idx: int = -1) -> int:
+    """How many of `indices` select the most selected of `rows` rows (the padding row, which
+    gets no gradient, left out): counted from the values when the graph computes them from
+    constants, else the even spread ceil(numel / rows)."""
     values = constant_value(gm, indices)
     if values is not None and values.numel() and not values.is_floating_point():
-        return int(torch.bincount(values.flatten().clamp(0, rows - 1), minlength=rows).max())
+        counts = torch.bincount(values.flatten().clamp(0, rows - 1), minlength=rows)
+        if 0 <= padding_idx < rows:
+            counts[padding_idx] = 0
+        return int(counts.max())
     numel = math.prod(_shape(indices) or ())
     return max(1, math.ceil(numel / max(rows, 1)))
 

@@ -112,10 +112,9 @@ def param_state_bytes(numel: int, dtype: torch.dtype, optimizer: str = "adamw", 
                       trainable: bool = True) -> int:
     """Bytes one parameter occupies in training: weight + gradient + optimizer state.
 
-    fp32 weights: weight (4) + grad (4) + 4 per optimizer state.
-    16-bit weights (mixed precision): weight + grad in 16 bit, plus an fp32 master
-    copy and fp32 optimizer states whenever an optimizer updates it
-    (AdamW: 2 + 2 + 4 + 8 = 16 bytes per element). Frozen parameters and
+    The gradient and every optimizer state take the weight's dtype, as torch.optim keeps
+    them: fp32 AdamW 4 + 4 + 8 = 16 bytes per element, a bf16 model's AdamW 2 + 2 + 4 = 8
+    (mixed precision keeps fp32 weights, mixed_precision='bf16': 16). Frozen parameters and
     buffers (trainable=False) hold only their weight.
     """
     if optimizer not in OPTIMIZER_STATES:
@@ -123,11 +122,7 @@ def param_state_bytes(numel: int, dtype: torch.dtype, optimizer: str = "adamw", 
     weight = numel * dtype.itemsize
     if not trainable or not (dtype.is_floating_point or dtype.is_complex):
         return weight
-    grad = weight
-    states = OPTIMIZER_STATES[optimizer]
-    fp32 = torch.float32.itemsize
-    master = numel * fp32 if dtype.itemsize < fp32 and optimizer != "none" else 0
-    return weight + grad + master + states * numel * fp32
+    return weight * (2 + OPTIMIZER_STATES[optimizer])
 
 
 def params_state_bytes(params: Iterable[tuple[str, int, torch.dtype, bool]], optimizer: str = "adamw",

@@ -58,7 +58,7 @@ class NodeCosts:
     """Costs of every node, plus per-parameter training state.
 
     param_state_bytes: FQN -> bytes of parameter + gradient + optimizer state
-        (dtype aware, e.g. bf16 weights with fp32 master + adam moments).
+        (in the weight's dtype, as torch.optim keeps them).
     time_source: "analytic" or "measured".
     """
 

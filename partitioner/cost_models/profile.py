@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import warnings
 from collections import Counter
 from typing import Any, Sequence
 
 import torch
 import torch.fx
 
+from partitioner.cost_models.compiled_memory import compiled_saved_bytes
 from partitioner.cost_models.contention import embedding_chains_s
 from partitioner.cost_models.device import DeviceSpec, get_device_spec
 from partitioner.cost_models.flops import COMPUTE_OPS, NodeTrace, OpKernel, trace_nodes
@@ -138,6 +140,7 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
     traces = trace_nodes(gm, inputs_require_grad=inputs_require_grad, reuse=reuse)
     saved = saved_bytes_per_node(traces, scale)
     savers = output_savers(traces)
+    compiled_saved = _compiled_saved(gm, traces, scale) if compiled else None
     # per node, for plans: a tied weight's users usually sit on different ranks (replicas), so
     # the sums of its gradients on one device are left out
     working = {s.node: s.grads_in_flight_bytes + s.workspace_bytes
@@ -162,6 +165,10 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
         times = _measured_times(gm, traces, times, annotated, example_inputs, measure_groups, progress,
                                 compile_options=dict(DEFAULT_COMPILE_OPTIONS) if compiled else None)
 
+    if compiled_saved is not None:  # the backward's working memory stays the eager walk's
+        saved = {name: compiled_saved.get(name, 0) for name in traces}
+        savers = {name: name for name, b in compiled_saved.items()
+                  if traces[name].op != "output" and 0 < value_bytes(traces[name].output, scale) <= b}
     nodes = {}
     for name, trace in traces.items():
         out_bytes = 0 if trace.op == "output" else value_bytes(trace.output, scale)
@@ -174,6 +181,18 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
     return NodeCosts(nodes=nodes, param_state_bytes=parameter_state_bytes(gm, tied, dtype, optimizer),
                      device=spec.name, dtype=str(dtype).removeprefix("torch."), optimizer=optimizer,
                      time_source="measured" if measure else "analytic")
+
+
+def _compiled_saved(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], scale: DtypeScale) -> dict[str, int] | None:
+    """compiled_saved_bytes, or None (the eager saved bytes stand) with a warning where
+    AOTAutograd cannot partition the graph on fake tensors."""
+    try:
+        return compiled_saved_bytes(gm, traces, scale)
+    except Exception as err:  # noqa: BLE001 - an upper bound remains: the eager saved bytes
+        warnings.warn(f"compiled stages' activation memory: AOTAutograd could not partition the graph on fake "
+                      f"tensors ({type(err).__name__}: {str(err)[:200]}); costing what the eager graph saves, an "
+                      "upper bound.", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def parameter_state_bytes(captured: Any, tied: Sequence[Sequence[str]] = (), dtype: torch.dtype = torch.float32,
