@@ -266,7 +266,8 @@ def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, conf
     annotated = annotate(captured)
     example_inputs = captured.flatten_inputs(args, kwargs) if config.measure else None
     step(f"{'measuring' if config.measure else 'profiling'} {len(annotated.nodes)} nodes for {spec.name}"
-         + (" (one torch.compile per distinct layer)" if config.measure and config.compiled else ""))
+         + (" (one torch.compile per distinct layer)" if config.measure and config.compiled else "")
+         + (", then what the compiled stages save (AOTAutograd's partitioner)" if config.compiled else ""))
     costs = profile(captured, annotated, device=spec, dtype=dtype, optimizer=config.optimizer,
                     progress=False, compiled=config.compiled, measure=config.measure, example_inputs=example_inputs)
     loss_costs = None
