@@ -19,22 +19,9 @@ import torch
 from benchmarks.common import print_table, write_result
 
 
-def saved_bytes(fn, inputs: list, params: list[torch.Tensor]) -> int:
-    """Bytes of the distinct storages autograd saves while `fn(*inputs)` runs, `params` left out."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in skip:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*inputs)
-    return sum(seen.values())
-
-
 def row(name: str, seq: int, small: bool) -> dict:
     from partitioner import zoo
+    from partitioner.cost_models.memory import measured_saved_bytes
     from partitioner.cost_models.profile import profile
     from partitioner.passes.capture import capture
 
@@ -48,10 +35,10 @@ def row(name: str, seq: int, small: bool) -> dict:
     eager_pred = profile(captured, progress=False).total("saved_bytes")
     compiled_pred = profile(captured, progress=False, compiled=True).total("saved_bytes")
     profile_s = time.perf_counter() - t
-    eager = saved_bytes(gm, inputs, state)
+    eager = measured_saved_bytes(gm, inputs, state)
     compiled_gm = torch.compile(gm, dynamic=False)
-    saved_bytes(compiled_gm, inputs, state)  # compiles, under the hooks as measured
-    compiled = saved_bytes(compiled_gm, inputs, state)
+    measured_saved_bytes(compiled_gm, inputs, state)  # compiles, under the hooks as measured
+    compiled = measured_saved_bytes(compiled_gm, inputs, state)
     mib = 2 ** 20
     return {"model": name + (" (small)" if small else ""), "tokens": 2 * seq,
             "eager_mib": eager / mib, "eager_pred_mib": eager_pred / mib, "eager_err": eager_pred / eager - 1,

@@ -9,7 +9,7 @@ import torch.nn as nn
 from partitioner.cost_models import profile as profile_module
 from partitioner.cost_models.compiled_memory import compiled_saved_bytes
 from partitioner.cost_models.flops import trace_nodes
-from partitioner.cost_models.memory import DtypeScale
+from partitioner.cost_models.memory import DtypeScale, measured_saved_bytes
 from partitioner.cost_models.profile import profile
 from partitioner.passes.capture import capture
 
@@ -25,20 +25,6 @@ class Block(nn.Module):
 
     def forward(self, x):
         return x + self.drop(self.down(torch.nn.functional.gelu(self.up(self.norm(x)))))
-
-
-def measured_saved_bytes(fn, inputs, params) -> int:
-    """Bytes of the distinct storages autograd saves while `fn` runs, parameters left out."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in skip:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*inputs)
-    return sum(seen.values())
 
 
 def test_the_partitioner_on_fake_tensors_saves_what_the_compiled_graph_saves():

@@ -16,7 +16,7 @@ is 16-bit, even when an fp32 graph is re-costed as bf16.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -205,3 +205,19 @@ def training_peak_bytes(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], 
     bwd_peak = max((s.saved_live_bytes + s.grads_in_flight_bytes + s.param_grad_bytes + s.workspace_bytes
                     for s in backward_walk(gm, traces, saved, scale)), default=0)
     return max(fwd_peak, bwd_peak)
+
+
+def measured_saved_bytes(fn: Callable[..., Any], inputs: Sequence[Any], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `fn(*inputs)` runs
+    (saved_tensors_hooks), storages of `exclude` (parameters, buffers) left out: what the saved
+    bytes of this module predict."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return sum(seen.values())
