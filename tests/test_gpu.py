@@ -190,6 +190,28 @@ def test_training_peak_matches_cuda_max_memory_allocated(name, batch, seq):
     assert predicted == pytest.approx(measured, rel=0.05)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "t5-base", "llama-1b"])
+def test_compiled_saved_bytes_match_what_the_gpu_keeps(name):
+    """cost_models/compiled_memory.py (AOTAutograd's partitioner on fake tensors, fused attention kept
+    whole) against what a torch.compile'd graph saves on the GPU, in bf16 (zoo's small llama)."""
+    from partitioner import zoo
+    from partitioner.cost_models.compiled_memory import compiled_saved_bytes
+    from partitioner.cost_models.flops import trace_nodes
+    from partitioner.cost_models.memory import measured_saved_bytes
+    from partitioner.passes.capture import capture
+
+    zm = zoo.build(name, batch=2, seq=256, device="cuda", dtype=torch.bfloat16, small=name == "llama-1b")
+    zm.model.train()
+    cap = capture(zm.model, zm.example_args, zm.example_kwargs)
+    gm, flat = cap.graph_module, cap.flatten_inputs(zm.example_args, zm.example_kwargs)
+    state = list(gm.parameters()) + list(gm.buffers())
+    compiled = torch.compile(gm, dynamic=False)
+    measured_saved_bytes(compiled, flat, state)  # compiles
+    measured = measured_saved_bytes(compiled, flat, state)
+    predicted = sum(compiled_saved_bytes(gm, trace_nodes(gm)).values())
+    assert predicted == pytest.approx(measured, rel=0.1)
+
+
 def _graph_run(zm, plan, compiled: bool, graph: bool, steps: int = 4):
     """Losses of `steps` SGD steps (zero_grad between them), then of two steps accumulating into
     the same gradients and one adding to gradients the user replaced; the final gradients and
