@@ -30,7 +30,10 @@ the optimum up to the communication left out (exact on chains). Where CP-SAT nei
 relaxation nor raises its dual bound, that bound stays near the LP's; probes then ask whether
 every row can stay under a target a third of the way from the bound to the best plan: a
 refutation raises the bound to it, an answer brings its paths or a better plan (benchmarks/
-RESULTS.md has the CNN case where probes matter).
+RESULTS.md has the CNN case where probes matter). Before all of it, on graphs that are mostly a chain,
+CP-SAT over the chain's whole-block cuts (partitioner/chain_sat.py) proves the best plan within tol or
+finds faster ones; where it proves nothing, the fluid LP's branch and bound (partitioner/chain_bound.py)
+tries.
 
 The memory cap is the ILP's closed form (StageTotals.rank_mem_bytes), which the simulated peak
 never exceeds; the bound holds for every plan within it.
@@ -46,6 +49,7 @@ from dataclasses import dataclass, field
 from ortools.sat.python import cp_model
 
 from partitioner.chain_bound import chain_blocks, chain_bound
+from partitioner.chain_sat import chain_sat_bound
 from partitioner.ilp import NoSplit, build_ilp, cp_solver, on_stage
 from partitioner.path_rows import (UNITS, ActionDag, PathRow, StageUnits, critical_path, fluid_bound, prefix_caps,
                                    synthetic_rows)
@@ -56,7 +60,8 @@ from partitioner.seeds import chain_dp_split
 from partitioner.stage_costs import StageCostModel, closed_form_rank_mem_bytes
 
 DEFAULT_TOL = 0.005  # stop once the best plan is within this fraction of the bound
-CHAIN_SHARE = 0.5  # of the time limit, the most the branch and bound over a chain's cuts takes
+CHAIN_SAT_SHARE = 0.9  # of the time limit, the most CP-SAT over a chain's cuts takes (partitioner/chain_sat.py)
+CHAIN_SHARE = 0.5  # of the time limit, when the fluid LP's branch and bound over them ends (where CP-SAT proved none)
 CHAIN_MIN_SHARE = 0.95  # of the work, the least a graph's chain (chain_blocks) holds for that search
 _MIN_SLICE_S = 1.0  # least time one relaxation gets
 _log = logging.getLogger(__name__)
@@ -332,8 +337,12 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
     iterations, status = 0, "time_limit"
     if best is not None and best_step > lower * (1 + tol) and _chain_share(bg) >= CHAIN_MIN_SHARE:
         # whole blocks on a chain: a branch and bound over the cuts closes most of what the fluid misses
-        chained = chain_bound(bg, units, dag, lp_rows, best_step, tol, t0 + CHAIN_SHARE * time_limit_s, key,
-                              fitting_step, problem.memory_cap_bytes, scorer.inflight)
+        chain_end = t0 + CHAIN_SHARE * time_limit_s
+        chained = chain_sat_bound(bg, units, dag, lp_rows, best_step, tol, t0 + CHAIN_SAT_SHARE * time_limit_s, key,
+                                  fitting_step, problem.memory_cap_bytes, scorer.inflight, workers)
+        if not chained.complete and time.perf_counter() < chain_end:  # the fluid LP's branch and bound
+            chained = chain_bound(bg, units, dag, lp_rows, best_step, tol, chain_end, key, fitting_step,
+                                  problem.memory_cap_bytes, scorer.inflight)
         _log.debug("chain bound %.6g s (%s, %d nodes); best %.6g s", chained.lower_bound_s,
                    "complete" if chained.complete else "incomplete", chained.nodes, best_step)
         lower = max(lower, chained.lower_bound_s)
