@@ -21,7 +21,6 @@ stay within it (as chain_bound's ChainMemory), so the bound is over the plans wi
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Callable
 
@@ -85,8 +84,7 @@ class _CutModel:
 
 def chain_sat_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: float, gap: float, deadline: float,
                     key=lambda r: r.key, score: Callable[[list[int]], float] | None = None,
-                    cap_bytes: int | None = None, inflight: list[int] | None = None,
-                    workers: int | None = None) -> ChainBound:
+                    cap_bytes: int | None = None, inflight: list[int] | None = None) -> ChainBound:
     """A lower bound on every valid plan's simulated step (module docstring), complete when it proves the
     best plan (upper_s, or a faster one score() found) within `gap`.
 
@@ -132,7 +130,8 @@ def chain_sat_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: 
         cm.model.Add(cm.top <= top)  # the thresholds only fall: the newest is the one that binds
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = left_s
-        solver.parameters.num_workers = workers or min(8, os.cpu_count() or 1)
+        solver.parameters.num_workers = 1  # one worker refutes fastest here, and deterministically
+        solver.parameters.linearization_level = 2  # the rows' LP over the one-hot prefixes: the fluid's hull
         status = solver.Solve(cm.model)
         solves += 1
         if status == cp_model.INFEASIBLE:

@@ -255,14 +255,14 @@ class _Relaxation:
 
 def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent: list[int] | None = None,
                      seeds: tuple = (), tol: float = DEFAULT_TOL, workers: int | None = None,
-                     paths: tuple = ()) -> PathBound:
+                     paths: tuple = (), chain_only: bool = False) -> PathBound:
     """Row generation over critical paths (module docstring): the best plan found and a proven lower bound.
 
     incumbent / seeds: assignments to start from (default: the chain DP's split); the best of them
     within the cap is the first upper bound. Stops when the best plan is within `tol` of the bound,
     when no new path turns up, or after time_limit_s. Each relaxation's domains are pruned by the
     prefix caps the rows and the best plan's step allow (prefix_caps); the model is rebuilt when
-    they shrink it.
+    they shrink it. chain_only: stop after the bound over the chain's cuts (a quick proof or none).
     """
     t0 = time.perf_counter()
     deadline = t0 + time_limit_s
@@ -335,19 +335,20 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
     for r in tight:
         add(r)
     iterations, status = 0, "time_limit"
-    if best is not None and best_step > lower * (1 + tol) and _chain_share(bg) >= CHAIN_MIN_SHARE:
+    if best is not None and best_step > lower * (1 + tol) and chain_share(bg) >= CHAIN_MIN_SHARE:
         # whole blocks on a chain: a branch and bound over the cuts closes most of what the fluid misses
         chain_end = t0 + CHAIN_SHARE * time_limit_s
         chained = chain_sat_bound(bg, units, dag, lp_rows, best_step, tol, t0 + CHAIN_SAT_SHARE * time_limit_s, key,
-                                  fitting_step, problem.memory_cap_bytes, scorer.inflight, workers)
+                                  fitting_step, problem.memory_cap_bytes, scorer.inflight)
         if not chained.complete and time.perf_counter() < chain_end:  # the fluid LP's branch and bound
             chained = chain_bound(bg, units, dag, lp_rows, best_step, tol, chain_end, key, fitting_step,
                                   problem.memory_cap_bytes, scorer.inflight)
         _log.debug("chain bound %.6g s (%s, %d nodes); best %.6g s", chained.lower_bound_s,
                    "complete" if chained.complete else "incomplete", chained.nodes, best_step)
         lower = max(lower, chained.lower_bound_s)
-    if best is not None and best_step <= lower * (1 + tol):
-        return PathBound(best, best_step, min(lower, best_step), iterations, len(rows), "converged",
+    if (best is not None and best_step <= lower * (1 + tol)) or chain_only:
+        return PathBound(best, best_step, min(lower, best_step), iterations, len(rows),
+                         "converged" if best is not None and best_step <= lower * (1 + tol) else "time_limit",
                          time.perf_counter() - t0, list(rows.values()))
     caps = caps_now()
     rel = (relaxation(caps) if caps is not None else None) or relaxation(None)
@@ -411,7 +412,7 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
                      list(rows.values()))
 
 
-def _chain_share(bg) -> float:
+def chain_share(bg) -> float:
     """The share of the work on bg's chain (chain_blocks): 1 on a path, less where the graph branches."""
     total = sum(b.time_s for b in bg.blocks)
     return sum(bg.blocks[b].time_s for b in chain_blocks(bg)) / total if total > 0 else 1.0
