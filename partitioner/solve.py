@@ -12,12 +12,12 @@
 5. Bound (partitioner/critical_path.py): critical-path row generation where no
    exact search proved the plan.
 
-Before them, where no exact search follows and the graph is mostly a chain (interleaving a
-transformer), a quick proof may end the search: the split nearest the fluid relaxation's optimum
-(path_rows.fluid_split), polished, and the bound over the chain's whole-block cuts (partitioner/
-chain_sat.py) proving it within gap; the plan's status is then "FLUID_SPLIT+refined" (no ILP ran, its
-objective is the plan's closed form, its bound 0). Where it proves nothing, its plan joins the seeds
-of the polish and the steps above share what time is left.
+Before them, when interleaving on a graph that is mostly a chain (a transformer), a quick proof may
+end the search: the split nearest the fluid relaxation's optimum (path_rows.fluid_split), polished,
+and the bound over the chain's whole-block cuts (partitioner/chain_sat.py) proving it within gap;
+the plan's status is then "FLUID_SPLIT+refined" (no ILP ran, its objective is the plan's closed form,
+its bound 0). Where it proves nothing, its plan joins the seeds of the polish and the steps above
+share what time is left.
 
 The objective is a closed form; the event simulator is the judge. So the
 solver's solution and every seed are polished by a local search on the
@@ -76,7 +76,7 @@ POLISH_SHARE = 0.55  # of time_limit_s for the polish where no exact search foll
 PATHS_SHARE = 0.2  # of time_limit_s kept there for the row generation's lower bound
 DEFAULT_GAP = 0.01  # stop once the plan is proven within this fraction of a lower bound
 QUICK_POLISH_SHARE = 0.15  # of time_limit_s, the polish of the fluid split (interleaving on a chain)
-QUICK_PROOF_SHARE = 0.3  # of time_limit_s, the most its proof over the chain's cuts takes after that
+QUICK_PROOF_SHARE = 0.25  # of time_limit_s, the most its proof over the chain's cuts takes after that
 
 
 def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, schedule: str | None = None,
@@ -108,7 +108,7 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     _check_parameter_share(problem, time_limit_s, workers)
     seeds = make_seeds(problem, incumbent=hint)
     quick = None  # interleaving on a chain: the fluid split, polished, proven within the gap before any ILP
-    if searching and not exact_follows and gap > 0 and chain_share(bg) >= CHAIN_MIN_SHARE:
+    if searching and v > 1 and gap > 0 and chain_share(bg) >= CHAIN_MIN_SHARE:
         quick, polished = _quick_proof(problem, seeds, time_limit_s, gap, workers)
         if quick.status == "converged":
             plan = evaluate(problem, quick.assignment)
