@@ -62,9 +62,9 @@ from partitioner.critical_path import DEFAULT_TOL as PATHS_TOL
 from partitioner.errors import PlanError
 from partitioner.exact import best_split_s, pipeline_bound_s, split_assignment, split_cuts
 from partitioner.ilp import NoSplit, build_ilp, cp_solver
+from partitioner.path_rows import ActionDag, StageUnits, fluid_split, synthetic_rows
 from partitioner.plan import Plan, SolverReport, evaluate
 from partitioner.problem import DEFAULT_LINK_BW_BYTES_PER_S, PlanProblem, check_gap
-from partitioner.path_rows import ActionDag, StageUnits, fluid_split, synthetic_rows
 from partitioner.refine import refine
 from partitioner.runtime.schedules import make_schedule
 from partitioner.seeds import Seeds, fits_memory, make_seeds
