@@ -212,7 +212,7 @@ def chain_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: floa
     wq = [f + b for f, b in zip(fq, bq)]
     margin = 1 + 2e-6  # the bound is reported 1e-6 low (the LP's tolerance): prove a little more
     threshold = upper_s * units.scale / (1 + gap) * margin
-    lo, hi = _cut_ranges(units, chain, fq, bq, dag, rows, key, threshold / units.scale, deadline)
+    lo, hi = cut_ranges(units, chain, fq, bq, dag, rows, key, threshold / units.scale, deadline)
     outside = threshold  # the step of every chain split outside the ranges reaches it
     if any(lo[j] > hi[j] for j in range(K + 1)):  # no chain split meets the threshold (fluid relaxation)
         return ChainBound(outside * (1 - 1e-6) / units.scale, True, 0)
@@ -250,7 +250,7 @@ def chain_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: floa
             continue
         cut = _branch_cut(lp, wq, K)
         if score is not None:  # the answer's cuts at the nearest prefixes: often a good plan
-            assign = _assignment(chain, _rounded_cuts(lp, wq, K), n, K)
+            assign = chain_split_assignment(chain, _rounded_cuts(lp, wq, K), n, K)
             if len(set(assign)) == K and tuple(assign) not in scored:  # no stage empty: a valid plan
                 scored.add(tuple(assign))
                 threshold = min(threshold, score(assign) * units.scale / (1 + gap) * margin)
@@ -276,7 +276,7 @@ def chain_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: floa
     return ChainBound(least * (1 - 1e-6) / units.scale, complete, nodes)
 
 
-def _cut_ranges(units: StageUnits, chain: list[int], fq: list[int], bq: list[int], dag: ActionDag, rows: dict,
+def cut_ranges(units: StageUnits, chain: list[int], fq: list[int], bq: list[int], dag: ActionDag, rows: dict,
                 key, threshold_s: float, deadline: float) -> tuple[list[int], list[int]]:
     """(lo, hi): the prefixes cut j can take in a chain split whose step (no communication) is below
     threshold_s: prefix_caps of the kept blocks (every prefix where they give none: prefix_caps also
@@ -333,7 +333,7 @@ def _rounded_cuts(lp: _CutLp, wq: list[int], K: int) -> list[int]:
     return cuts
 
 
-def _assignment(chain: list[int], cuts: list[int], n: int, K: int) -> list[int]:
+def chain_split_assignment(chain: list[int], cuts: list[int], n: int, K: int) -> list[int]:
     """Stage of every block of bg when the kept blocks split at `cuts` (prefix counts of stages
     1..K-1); a dropped block goes with the next kept block (the last stage after the last)."""
     stage_of_kept, k = [], 0

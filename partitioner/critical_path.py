@@ -30,7 +30,10 @@ the optimum up to the communication left out (exact on chains). Where CP-SAT nei
 relaxation nor raises its dual bound, that bound stays near the LP's; probes then ask whether
 every row can stay under a target a third of the way from the bound to the best plan: a
 refutation raises the bound to it, an answer brings its paths or a better plan (benchmarks/
-RESULTS.md has the CNN case where probes matter).
+RESULTS.md has the CNN case where probes matter). Before all of it, on graphs that are mostly a chain,
+the fluid LP's branch and bound over the chain's cuts (partitioner/chain_bound.py) proves the best plan
+within tol or finds faster ones; where it proves nothing, CP-SAT over the chain's whole-block cuts
+(partitioner/chain_sat.py) tries (equal layers give the branch and bound too many equal nodes).
 
 The memory cap is the ILP's closed form (StageTotals.rank_mem_bytes), which the simulated peak
 never exceeds; the bound holds for every plan within it.
@@ -46,6 +49,7 @@ from dataclasses import dataclass, field
 from ortools.sat.python import cp_model
 
 from partitioner.chain_bound import chain_blocks, chain_bound
+from partitioner.chain_sat import chain_sat_bound
 from partitioner.ilp import NoSplit, build_ilp, cp_solver, on_stage
 from partitioner.path_rows import (UNITS, ActionDag, PathRow, StageUnits, critical_path, fluid_bound, prefix_caps,
                                    synthetic_rows)
@@ -56,7 +60,8 @@ from partitioner.seeds import chain_dp_split
 from partitioner.stage_costs import StageCostModel, closed_form_rank_mem_bytes
 
 DEFAULT_TOL = 0.005  # stop once the best plan is within this fraction of the bound
-CHAIN_SHARE = 0.5  # of the time limit, the most the branch and bound over a chain's cuts takes
+CHAIN_SHARE = 0.5  # of the time limit, the most the fluid LP's branch and bound over a chain's cuts takes
+CHAIN_SAT_SHARE = 0.9  # of the time limit, by when CP-SAT over them (partitioner/chain_sat.py) ends after it
 CHAIN_MIN_SHARE = 0.95  # of the work, the least a graph's chain (chain_blocks) holds for that search
 _MIN_SLICE_S = 1.0  # least time one relaxation gets
 _log = logging.getLogger(__name__)
@@ -250,14 +255,14 @@ class _Relaxation:
 
 def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent: list[int] | None = None,
                      seeds: tuple = (), tol: float = DEFAULT_TOL, workers: int | None = None,
-                     paths: tuple = ()) -> PathBound:
+                     paths: tuple = (), chain_only: bool = False) -> PathBound:
     """Row generation over critical paths (module docstring): the best plan found and a proven lower bound.
 
     incumbent / seeds: assignments to start from (default: the chain DP's split); the best of them
     within the cap is the first upper bound. Stops when the best plan is within `tol` of the bound,
     when no new path turns up, or after time_limit_s. Each relaxation's domains are pruned by the
     prefix caps the rows and the best plan's step allow (prefix_caps); the model is rebuilt when
-    they shrink it.
+    they shrink it. chain_only: stop after CP-SAT's bound over the chain's cuts (a quick proof or none).
     """
     t0 = time.perf_counter()
     deadline = t0 + time_limit_s
@@ -330,15 +335,23 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
     for r in tight:
         add(r)
     iterations, status = 0, "time_limit"
-    if best is not None and best_step > lower * (1 + tol) and _chain_share(bg) >= CHAIN_MIN_SHARE:
+    if best is not None and best_step > lower * (1 + tol) and chain_share(bg) >= CHAIN_MIN_SHARE:
         # whole blocks on a chain: a branch and bound over the cuts closes most of what the fluid misses
-        chained = chain_bound(bg, units, dag, lp_rows, best_step, tol, t0 + CHAIN_SHARE * time_limit_s, key,
-                              fitting_step, problem.memory_cap_bytes, scorer.inflight)
-        _log.debug("chain bound %.6g s (%s, %d nodes); best %.6g s", chained.lower_bound_s,
-                   "complete" if chained.complete else "incomplete", chained.nodes, best_step)
-        lower = max(lower, chained.lower_bound_s)
-    if best is not None and best_step <= lower * (1 + tol):
-        return PathBound(best, best_step, min(lower, best_step), iterations, len(rows), "converged",
+        if not chain_only:  # the fluid LP's branch and bound first: on few, unequal blocks it closes fast
+            chained = chain_bound(bg, units, dag, lp_rows, best_step, tol, t0 + CHAIN_SHARE * time_limit_s, key,
+                                  fitting_step, problem.memory_cap_bytes, scorer.inflight)
+            _log.debug("chain bound %.6g s (%s, %d nodes); best %.6g s", chained.lower_bound_s,
+                       "complete" if chained.complete else "incomplete", chained.nodes, best_step)
+            lower = max(lower, chained.lower_bound_s)
+        if best_step > lower * (1 + tol):
+            chained = chain_sat_bound(bg, units, dag, lp_rows, best_step, tol, t0 + CHAIN_SAT_SHARE * time_limit_s,
+                                      key, fitting_step, problem.memory_cap_bytes, scorer.inflight)
+            _log.debug("chain CP-SAT bound %.6g s (%s, %d solves); best %.6g s", chained.lower_bound_s,
+                       "complete" if chained.complete else "incomplete", chained.nodes, best_step)
+            lower = max(lower, chained.lower_bound_s)
+    if (best is not None and best_step <= lower * (1 + tol)) or chain_only:
+        return PathBound(best, best_step, min(lower, best_step), iterations, len(rows),
+                         "converged" if best is not None and best_step <= lower * (1 + tol) else "time_limit",
                          time.perf_counter() - t0, list(rows.values()))
     caps = caps_now()
     rel = (relaxation(caps) if caps is not None else None) or relaxation(None)
@@ -402,7 +415,7 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
                      list(rows.values()))
 
 
-def _chain_share(bg) -> float:
+def chain_share(bg) -> float:
     """The share of the work on bg's chain (chain_blocks): 1 on a path, less where the graph branches."""
     total = sum(b.time_s for b in bg.blocks)
     return sum(bg.blocks[b].time_s for b in chain_blocks(bg)) / total if total > 0 else 1.0

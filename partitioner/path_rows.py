@@ -295,3 +295,36 @@ def prefix_caps(rows: dict, units: StageUnits, dag: ActionDag, upper_s: float, m
             out[j] = min(total, math.ceil(val + slack)) if sense > 0 else max(0, math.floor(val - slack))
     after = [total - (least[j - 1] if j > 0 else 0) for j in range(K)]
     return most, after
+
+
+def fluid_split(rows: dict, units: StageUnits, dag: ActionDag, key=lambda r: r.key, max_rounds: int = 200,
+                deadline: float = math.inf) -> list[int] | None:
+    """Block -> stage of the split in block order whose cut points' work is nearest the fluid optimum's
+    (FluidLp minimising T over every path's row): where blocks are small next to a stage, the best split
+    of whole blocks lies near it, a start for the local search that the layer-count splits are not
+    (their stages are even, the optimum's are not). None when GLOP gives up (past `deadline` too).
+
+    Every stage keeps at least one block, so the split is valid where the blocks' order is topological.
+    """
+    K, n = dag.num_stages, len(units.fdev)
+    lp = FluidLp(units, K)
+    for k, r in rows.items():
+        lp.add(k, r)
+    lp.lp.Minimize(lp.T)
+    if not lp.solve(dag, rows, key, max_rounds, deadline):
+        return None
+    f, b = lp.stage_units()
+    prefix = [0]
+    for w in units.work:
+        prefix.append(prefix[-1] + w)
+    cuts, target = [], 0.0
+    for j in range(1, K):  # cut j: the prefix nearest the first j stages' work, leaving each stage a block
+        target += f[j - 1] + b[j - 1]
+        lo, hi = (cuts[-1] if cuts else 0) + 1, n - (K - j)
+        cuts.append(min(range(lo, hi + 1), key=lambda i: abs(prefix[i] - target)))
+    out, k = [], 0
+    for i in range(n):
+        while k < K - 1 and cuts[k] <= i:
+            k += 1
+        out.append(k)
+    return out

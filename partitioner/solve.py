@@ -12,6 +12,13 @@
 5. Bound (partitioner/critical_path.py): critical-path row generation where no
    exact search proved the plan.
 
+Before them, when interleaving on a graph that is mostly a chain (a transformer), a quick proof may
+end the search: the split nearest the fluid relaxation's optimum (path_rows.fluid_split), polished,
+and the bound over the chain's whole-block cuts (partitioner/chain_sat.py) proving it within gap;
+the plan's status is then "FLUID_SPLIT+refined" (no ILP ran, its objective is the plan's closed form,
+its bound 0). Where it proves nothing, its plan joins the seeds of the polish and the steps above
+share what time is left.
+
 The objective is a closed form; the event simulator is the judge. So the
 solver's solution and every seed are polished by a local search on the
 simulated step time (partitioner/refine.py): move a block, or shift a range of
@@ -50,14 +57,16 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
+from partitioner.critical_path import CHAIN_MIN_SHARE, PathBound, chain_share, path_bound_solve
 from partitioner.critical_path import DEFAULT_TOL as PATHS_TOL
-from partitioner.critical_path import path_bound_solve
 from partitioner.errors import PlanError
 from partitioner.exact import best_split_s, pipeline_bound_s, split_assignment, split_cuts
 from partitioner.ilp import NoSplit, build_ilp, cp_solver
+from partitioner.path_rows import ActionDag, StageUnits, fluid_split, synthetic_rows
 from partitioner.plan import Plan, SolverReport, evaluate
 from partitioner.problem import DEFAULT_LINK_BW_BYTES_PER_S, PlanProblem, check_gap
 from partitioner.refine import refine
+from partitioner.runtime.schedules import make_schedule
 from partitioner.seeds import Seeds, fits_memory, make_seeds
 
 EXACT_TIME_CAP_S = 10.0  # most time the exact split search after refine takes
@@ -66,6 +75,8 @@ PATHS_MIN_TIME_S = 0.5  # less time left than this: no row generation
 POLISH_SHARE = 0.55  # of time_limit_s for the polish where no exact search follows
 PATHS_SHARE = 0.2  # of time_limit_s kept there for the row generation's lower bound
 DEFAULT_GAP = 0.01  # stop once the plan is proven within this fraction of a lower bound
+QUICK_POLISH_SHARE = 0.15  # of time_limit_s, the polish of the fluid split (interleaving on a chain)
+QUICK_PROOF_SHARE = 0.25  # of time_limit_s, the most its proof over the chain's cuts takes after that
 
 
 def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, schedule: str | None = None,
@@ -96,6 +107,17 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     t0 = time.perf_counter()
     _check_parameter_share(problem, time_limit_s, workers)
     seeds = make_seeds(problem, incumbent=hint)
+    quick = None  # interleaving on a chain: the fluid split, polished, proven within the gap before any ILP
+    if searching and v > 1 and gap > 0 and chain_share(bg) >= CHAIN_MIN_SHARE:
+        quick, polished = _quick_proof(problem, seeds, time_limit_s, gap, workers)
+        if quick.status == "converged":
+            plan = evaluate(problem, quick.assignment)
+            status = "FLUID_SPLIT+refined" + ("+paths" if quick.assignment != polished else "")  # no ILP ran
+            report = SolverReport(solver_status=status, objective=plan.model_step_time_s, bound=0.0, gap=1.0,
+                                  solve_time_s=time.perf_counter() - t0, step_lower_bound_s=quick.lower_bound_s,
+                                  gap_limit=gap, time_limit_s=time_limit_s)
+            return dataclasses.replace(plan, report=report)
+        refine_time_s = max(0.0, refine_time_s - (time.perf_counter() - t0))  # the quick proof's time is spent
     # time_limit_s bounds the whole call: model building, the solver and the refinement after it
     reserve = refine_time_s + paths_reserve_s + 0.05 * time_limit_s if simulate else 0.02 * time_limit_s
     found = _solve_ilp(problem, seeds, t0 + time_limit_s - reserve, time_limit_s, workers, gap)
@@ -104,7 +126,8 @@ def solve(bg, num_ranks: int, chunks: int = 1, microbatches: int | None = None, 
     early_bound = pipeline_bound_s(problem) if simulate and exact_follows and gap > 0 else None
     target_s = early_bound * (1 + gap) if early_bound else 0.0
     if searching:
-        assign = _polish(problem, found.assignment, seeds, refine_time_s, target_s)
+        extra = [quick.assignment] if quick is not None and quick.assignment is not None else []
+        assign = _polish(problem, found.assignment, seeds, refine_time_s, target_s, extra)
         refined = assign != found.assignment
     plan = evaluate(problem, assign, simulate=simulate)
     exact, lower = "", 0.0  # lower: no valid plan within the cap simulates faster (0: not known)
@@ -175,15 +198,15 @@ def _solve_ilp(problem: PlanProblem, seeds: Seeds, deadline: float, time_limit_s
 
 
 def _polish(problem: PlanProblem, assign: list[int], seeds: Seeds, refine_time_s: float,
-            target_s: float) -> list[int]:
+            target_s: float, extra: list[list[int]] = ()) -> list[int]:
     """The best plan by the simulator that refine() finds from the ILP's answer and every seed.
 
     The closed form misjudges interleaved schedules on slow links, where balance beats fewer cuts;
     with the baselines' splits as seeds the result is never worse than any of them. A third of
     the time goes to the seeds alike, the rest to the best of them, with kicks; it stops at the
-    first plan within target_s.
+    first plan within target_s. extra: more plans to start from (the quick proof's best).
     """
-    candidates = [assign, seeds.incumbent, seeds.dp, seeds.compute] + seeds.baselines
+    candidates = [assign, *extra, seeds.incumbent, seeds.dp, seeds.compute] + seeds.baselines
     candidates = [a for i, a in enumerate(candidates) if a is not None and a not in candidates[:i]]
     polish_end = time.perf_counter() + refine_time_s
     best = _first_within(target_s, (refine(problem, a, refine_time_s / (3 * len(candidates)), target_s=target_s)
@@ -209,6 +232,26 @@ def _exact_split(problem: PlanProblem, plan: Plan, budget_s: float, gap: float,
         exact = "+optimal" if gap == 0 else "+exact(within gap)"  # no split beats the refined plan by more
     lower = min(plan.step_time_s, max(found.lower_bound_s, early_bound or pipeline_bound_s(problem)))
     return plan, exact, lower
+
+
+def _quick_proof(problem: PlanProblem, seeds: Seeds, time_limit_s: float, gap: float,
+                 workers: int | None) -> tuple[PathBound, list[int] | None]:
+    """The split nearest the fluid optimum (path_rows.fluid_split), polished with kicks for QUICK_POLISH_SHARE
+    of time_limit_s, then the bound over the chain's cuts (critical_path.path_bound_solve, chain_only) for
+    at most QUICK_PROOF_SHARE: on a chain of equal layers it is within the gap of the best plan, proven,
+    long before the ILP and the polish of every seed would end. Returns (the bound's outcome, status
+    "converged" when proven; the polished fluid split, None where GLOP gave up on the fluid LP)."""
+    t0 = time.perf_counter()
+    units, sched = StageUnits.of(problem.block_graph), make_schedule(problem.schedule, problem.num_ranks,
+                                                                      problem.microbatches, problem.chunks)
+    rows = {r.key: r for r in synthetic_rows(sched, problem.num_stages)}
+    start = fluid_split(rows, units, ActionDag(sched), deadline=t0 + QUICK_POLISH_SHARE * time_limit_s)
+    starts = tuple(a for a in (seeds.incumbent, seeds.dp) if a is not None)
+    if start is not None:
+        start, _ = refine(problem, start, max(0.0, t0 + QUICK_POLISH_SHARE * time_limit_s - time.perf_counter()),
+                          kicks=True)
+    budget_s = max(0.0, t0 + (QUICK_POLISH_SHARE + QUICK_PROOF_SHARE) * time_limit_s - time.perf_counter())
+    return path_bound_solve(problem, budget_s, start, starts, gap, workers, chain_only=True), start
 
 
 def _path_bound(problem: PlanProblem, plan: Plan, seeds: Seeds, budget_s: float, tol: float, workers: int | None,

@@ -17,7 +17,7 @@ from partitioner.chain_bound import chain_blocks, chain_bound
 from partitioner.critical_path import path_bound_solve
 from partitioner.glop import solve_within
 from partitioner.passes.coarsen import synthetic_block_graph
-from partitioner.path_rows import ActionDag, StageUnits, fluid_bound, synthetic_rows
+from partitioner.path_rows import ActionDag, StageUnits, fluid_bound, fluid_split, synthetic_rows
 from partitioner.plan import evaluate_assignment
 from partitioner.problem import PlanProblem
 from partitioner.runtime.schedules import make_schedule
@@ -194,3 +194,16 @@ def test_gpipe_under_a_memory_cap_ends_within_its_time_limit():
     step, lower, took = json.loads(proc.stdout.splitlines()[-1])
     assert took <= 4 + 0.5
     assert lower <= step <= lower * 1.01 * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed,p,v,schedule", CASES[:4])
+def test_fluid_split_is_a_valid_contiguous_split_near_the_fluid_optimum(seed, p, v, schedule):
+    rng = random.Random(70 + seed)
+    K, m = p * v, 2 * p
+    bg = uneven_graph(rng, K + rng.randint(2, 6), branchy=False, comm=False)
+    sched = make_schedule(schedule, p, m, v)
+    rows = {r.key: r for r in synthetic_rows(sched, K)}
+    got = fluid_split(dict(rows), StageUnits.of(bg), ActionDag(sched))
+    assert got == sorted(got) and sorted(set(got)) == list(range(K))  # in block order, no stage empty
+    fluid, _ = fluid_bound(rows, StageUnits.of(bg), ActionDag(sched))
+    assert evaluate_assignment(bg, got, p, v, m, schedule, 1e6).step_time_s >= fluid * (1 - 1e-9)

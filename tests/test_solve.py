@@ -139,7 +139,8 @@ def test_time_limit_covers_the_whole_call(chunks, monkeypatch):
     """Every step of solve() gets its share of what time_limit_s leaves. solve() reads a clock on which
     each step (CP-SAT, every polish, the exact search, the row generation) takes exactly the budget it
     is given, so how busy the machine is does not matter: the steps' budgets end within the limit.
-    1f1b on a path runs the exact search; interleaving the row generation (allowed a short budget)."""
+    1f1b on a path runs the exact search; interleaving the quick proof, then the row generation (allowed
+    a short budget)."""
     import types
 
     import partitioner.solve as solve_module
@@ -166,7 +167,8 @@ def test_time_limit_covers_the_whole_call(chunks, monkeypatch):
     plan = solve(bg, 8, chunks=chunks, microbatches=16, link_bw_bytes_per_s=50e9, time_limit_s=limit, hint=False)
     assert sorted(set(plan.block_stage)) == list(range(8 * chunks))
     names = [name for name, _ in steps]
-    assert names[0] == "cp_solver" and "refine" in names
+    first = ["path_bound_solve"] if chunks == 2 else []  # interleaving on a chain: the quick proof first
+    assert names[:len(first) + 1] == first + ["cp_solver"] and "refine" in names
     assert ("best_split_s" if chunks == 1 else "path_bound_solve") in names
     assert all(budget >= 0 for _, budget in steps)
     assert clock[0] <= limit * (1 + 1e-9), steps  # without the shared deadline the steps add up to far more
@@ -321,3 +323,38 @@ def test_parameters_over_the_cap_are_refused_at_once(monkeypatch):
     bg = synthetic_block_graph([1.0] * 64, None, [1 << 30] * 64, [1 << 20] * 64)
     with pytest.raises(PlanError, match=r"smallest per-device memory that fits is .*GiB"):
         solve(bg, 8, 2, microbatches=16, memory_cap_bytes=4 << 30, time_limit_s=30)
+
+
+def layered_chain(layers: int, seed: int = 0):
+    """A decoder-like chain: an embedding, `layers` equal layers of a small, a middle and a large block
+    (norm, attention, MLP), then a head; activations between them."""
+    rng = random.Random(seed)
+    layer = [0.05e-3, 0.3e-3, 0.9e-3]
+    times = [0.2e-3] + layer * layers + [1.5e-3]
+    edges = {(b, b + 1): 1 << 22 for b in range(len(times) - 1)}
+    return synthetic_block_graph(times, edges, [rng.randint(1 << 20, 1 << 22) for _ in times],
+                                 [rng.randint(1 << 20, 1 << 22) for _ in times])
+
+
+def test_interleaved_layered_chain_is_proven_within_the_gap_before_the_ilp(monkeypatch):
+    """Interleaving on a chain of equal layers: the polished fluid split is proven within the gap by the
+    bound over the chain's cuts long before the time limit, and the ILP never runs."""
+    import partitioner.solve as solve_module
+
+    ilp = []
+    real_ilp = solve_module._solve_ilp
+    monkeypatch.setattr(solve_module, "_solve_ilp", lambda *a, **k: ilp.append(1) or real_ilp(*a, **k))
+    plan = solve(layered_chain(40), 4, chunks=2, microbatches=8, link_bw_bytes_per_s=50e9, time_limit_s=60)
+    assert plan.solver_status.startswith("FLUID_SPLIT+refined") and not ilp
+    assert plan.step_gap is not None and plan.step_gap <= 0.01 and plan.solve_time_s < 30
+
+
+def test_quick_proof_bound_stays_below_the_brute_force_best():
+    p, v, m = 2, 2, 4
+    bg = layered_chain(3, seed=1)
+    n, K = len(bg.blocks), p * v
+    best = min(evaluate_assignment(bg, [sum(b >= c for c in cuts) for b in range(n)], p, v, m,
+                                   "interleaved-1f1b", 50e9).step_time_s
+               for cuts in itertools.combinations(range(1, n), K - 1))
+    plan = solve(bg, p, chunks=v, microbatches=m, link_bw_bytes_per_s=50e9, time_limit_s=30)
+    assert plan.step_lower_bound_s <= best * (1 + 1e-9) <= plan.step_time_s * (1 + 1e-9)
