@@ -42,13 +42,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq", type=int, default=None, help="sequence length for language models (default: the model's)")
     p.add_argument("--dtype", default="float32", type=_dtype_name, choices=["float32", "bfloat16", "float16"],
                    help="parameter/activation dtype used for costs: float32 (fp32), bfloat16 (bf16) or "
-                        "float16 (fp16); default float32")
+                        "float16 (fp16), gradients and optimizer state in the same dtype as torch.optim keeps "
+                        "them; default float32")
     p.add_argument("--mixed-precision", default=None, choices=["bf16"],
                    help="fp32 parameters, gradients and optimizer state with bf16 compute (as compile_parallel's "
                         "mixed_precision='bf16'); default: compute in --dtype")
     p.add_argument("--compile", action="store_true",
                    help="cost the stages as torch.compile runs them (fused elementwise kernels, no per-op "
-                        "dispatch), as compile_parallel does on GPUs")
+                        "dispatch, the activations its partitioner saves), as compile_parallel does on GPUs")
     p.add_argument("--cuda-graph", action="store_true",
                    help="cost each step as one CUDA graph replay, with no host dispatch time (as "
                         "compile_parallel(cuda_graph=True) runs stages in one process on one GPU)")
