@@ -36,6 +36,9 @@ def test_the_partitioner_on_fake_tensors_saves_what_the_compiled_graph_saves():
     traces = trace_nodes(gm)
     predicted = compiled_saved_bytes(gm, traces)
     assert set(predicted) <= {n.name for n in gm.graph.nodes}  # charged to captured nodes
+    (placeholder,) = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    assert predicted.get(placeholder, 0) <= x.nbytes  # the input holds only itself: the rest is the layers' values
+    assert len(predicted) >= 4
     compiled = torch.compile(gm, dynamic=False)
     measured_saved_bytes(compiled, (x,), list(gm.parameters()))  # compiles (under the hooks, as measured)
     measured = measured_saved_bytes(compiled, (x,), list(gm.parameters()))

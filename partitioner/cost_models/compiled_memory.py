@@ -176,8 +176,9 @@ def _captured_owner(node: torch.fx.Node, by_input: dict[str, str], names: set[st
 def _source_in(sources: list, names: set[str]) -> str | None:
     """The first node of `names` in a provenance chain (torch.fx.traceback.NodeSource)."""
     for source in sources:
-        if getattr(source, "name", None) in names:
-            return source.name
+        name = source[0] if isinstance(source, tuple) else getattr(source, "name", None)  # older torch: (name, target)
+        if name in names:
+            return name
         found = _source_in(getattr(source, "from_node", None) or [], names)
         if found is not None:
             return found
