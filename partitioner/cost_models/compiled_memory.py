@@ -3,10 +3,10 @@
 torch.compile splits each stage's joint forward-backward graph with the min-cut partitioner
 (`min_cut_rematerialization_partition`): it saves the matmuls' inputs and the attention
 kernels' outputs, and recomputes cheap pointwise chains in the backward rather than keep their
-values (dropout masks, norm statistics, activation outputs). Compiled gpt2 (124M, 2 x 256
-tokens, fp32, on the CPU) saved 292 MiB where the eager model saves 507 MiB. This runs the
-same partitioner on fake tensors, so nothing is allocated, and charges every saved storage to
-the captured node whose value it is.
+values (dropout masks, norm statistics, activation outputs), so a compiled stage holds much
+less per microbatch in flight than the eager graph saves (benchmarks/saved_bytes.py measures
+both). This runs the same partitioner on fake tensors, so nothing is allocated, and charges
+every saved storage to the captured node whose value it is.
 
 Fused attention is kept whole: on meta tensors scaled_dot_product_attention would decompose
 into its math path (and save the score matrix), so the SDPA nodes the cost model runs on a

@@ -4,10 +4,10 @@ embedding backward.
 Inductor lowers an embedding's backward to a scatter-add: one atomic add per (index, column)
 into the weight's gradient. Atomics on one cache line are serialised while other lines proceed
 in parallel, so when many indices hit one row the hottest row's chain, not memory bandwidth,
-sets the kernel's time: T5's relative position bias sends a million query-key pairs into 32
-buckets, and its encoder's backward kernel took 14.1 ms of a 32 ms microbatch (t5-base,
-2 x 1024 tokens, bf16, H100). Eager PyTorch sorts the indices and reduces segments instead;
-that path is not modelled here.
+sets the kernel's time: T5's relative position bias sends every query-key pair into one of 32
+buckets, most of them into the farthest ones, and that backward kernel can take half a
+microbatch's device time (benchmarks/RESULTS.md). Eager PyTorch sorts the indices and reduces
+segments instead; that path is not modelled here.
 
 How many indices hit the hottest row is read from the index values when the graph computes
 them from constants alone (positions: aranges and bucketing arithmetic, evaluated here on the
