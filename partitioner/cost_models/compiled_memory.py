@@ -23,7 +23,7 @@ import torch.fx
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
-from partitioner.cost_models.flops import NodeTrace
+from partitioner.cost_models.flops import NodeTrace, sdpa_arguments
 from partitioner.cost_models.memory import DtypeScale
 
 
@@ -128,9 +128,8 @@ def _with_fused_attention(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace]
         trace = traces.get(node.name)
         call = trace.attention if trace is not None else None
         if call is not None and call.backend != "math":
-            q, k, v = (env[a] for a in node.args[:3])
-            bound = dict(zip(("attn_mask", "dropout_p", "is_causal"), node.args[3:6]))
-            bound.update({key: node.kwargs[key] for key in ("attn_mask", "dropout_p", "is_causal") if key in node.kwargs})
+            bound = sdpa_arguments(node.args, node.kwargs)
+            q, k, v = (env[bound[name]] for name in ("query", "key", "value"))
             mask = bound.get("attn_mask")
             pair = graph.call_function(torch.ops.partitioner.fused_attention.default,
                                        (q, k, v, env[mask] if isinstance(mask, torch.fx.Node) else None,

@@ -130,11 +130,18 @@ class AttentionCall:
         return 2 * self.scores * (3 * self.qk_dim + 2 * self.v_dim)
 
 
-def attention_call(args: tuple, kwargs: dict) -> AttentionCall:
-    """The AttentionCall of aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, ...)."""
+def sdpa_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """aten.scaled_dot_product_attention's arguments by name (query, key, value, attn_mask,
+    dropout_p, is_causal), positional or keyword; absent ones left out."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
     bound = dict(zip(names, args))
     bound.update({k: v for k, v in kwargs.items() if k in names})
+    return bound
+
+
+def attention_call(args: tuple, kwargs: dict) -> AttentionCall:
+    """The AttentionCall of aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, ...)."""
+    bound = sdpa_arguments(args, kwargs)
     q, k, v = bound["query"], bound["key"], bound["value"]
     mask = bound.get("attn_mask")
     mask = mask if isinstance(mask, torch.Tensor) else None

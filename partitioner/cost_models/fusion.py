@@ -19,15 +19,19 @@ write only the values read later. Modelled per node, in graph order:
 - heavy nodes keep their kernels, matmuls at aligned shapes (inductor pads
   misaligned ones);
 - no node pays the eager per-op dispatch: the host's work is launching the
-  graph's kernels, spec.compiled_launch_overhead_s each, ahead of the GPU.
+  graph's kernels, spec.compiled_launch_overhead_s each, ahead of the GPU;
+- an embedding's backward (a scatter-add of atomics) takes at least its hottest
+  row's serial chain (partitioner/cost_models/contention.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
 import torch.fx
 
+from partitioner.cost_models.contention import embedding_chains_s
 from partitioner.cost_models.device import DeviceSpec
 from partitioner.cost_models.flops import COMPUTE_OPS, NodeTrace
 from partitioner.cost_models.memory import DtypeScale, value_bytes
@@ -126,4 +130,7 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
             bwd_launches = max(1, math.ceil(ratio * sum(k.launches for k in bwd_kernels)))  # reductions stay apart
         bwd_s = roofline_time_s(0.0, bwd_bytes, bwd_launches, spec)
         out[name] = NodeTime(fwd_s, bwd_s, launch_s * int(writes), launch_s * bwd_launches)
+    for name, chain_s in embedding_chains_s(gm, spec).items():  # a backward's atomics piled on one row
+        if name in out and traces[name].bwd_ops:
+            out[name] = dataclasses.replace(out[name], bwd_s=max(out[name].bwd_s, chain_s))
     return out

@@ -15,7 +15,6 @@ re-expressed: capture in the target dtype when that matters.
 """
 from __future__ import annotations
 
-import dataclasses
 import operator
 import warnings
 from collections import Counter
@@ -25,7 +24,6 @@ import torch
 import torch.fx
 
 from partitioner.cost_models.compiled_memory import compiled_saved_bytes
-from partitioner.cost_models.contention import embedding_chains_s
 from partitioner.cost_models.device import DeviceSpec, get_device_spec
 from partitioner.cost_models.flops import COMPUTE_OPS, NodeTrace, OpKernel, trace_nodes
 from partitioner.cost_models.fusion import compiled_times, fuse_pointwise_runs
@@ -140,11 +138,15 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
     traces = trace_nodes(gm, inputs_require_grad=inputs_require_grad, reuse=reuse)
     saved = saved_bytes_per_node(traces, scale)
     savers = output_savers(traces)
-    compiled_saved = _compiled_saved(gm, traces, scale) if compiled else None
     # per node, for plans: a tied weight's users usually sit on different ranks (replicas), so
     # the sums of its gradients on one device are left out
     working = {s.node: s.grads_in_flight_bytes + s.workspace_bytes
                for s in backward_walk(gm, traces, saved, scale, tied_sums=False)}
+    compiled_saved = _compiled_saved(gm, traces, scale) if compiled else None
+    if compiled_saved is not None:  # the backward's working memory stays the eager walk's
+        saved = {name: compiled_saved.get(name, 0) for name in traces}
+        savers = {name: name for name, b in compiled_saved.items()
+                  if traces[name].op != "output" and 0 < value_bytes(traces[name].output, scale) <= b}
     graph_nodes = {n.name: n for n in gm.graph.nodes}
 
     param_bytes_by_node: dict[str, int] = {}
@@ -155,9 +157,6 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
 
     if compiled:
         times = compiled_times(gm, traces, spec, scale, lambda t: node_kernels(t, spec, scale, padded=True))
-        for name, chain_s in embedding_chains_s(gm, spec).items():  # a backward's atomics piled on one row
-            if name in times and traces[name].bwd_ops:
-                times[name] = dataclasses.replace(times[name], bwd_s=max(times[name].bwd_s, chain_s))
     else:
         times = {name: _analytic(t, spec, scale) for name, t in traces.items()}
     times.update(_gradient_accumulation(gm, traces, spec, scale, compiled))
@@ -165,10 +164,6 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
         times = _measured_times(gm, traces, times, annotated, example_inputs, measure_groups, progress,
                                 compile_options=dict(DEFAULT_COMPILE_OPTIONS) if compiled else None)
 
-    if compiled_saved is not None:  # the backward's working memory stays the eager walk's
-        saved = {name: compiled_saved.get(name, 0) for name in traces}
-        savers = {name: name for name, b in compiled_saved.items()
-                  if traces[name].op != "output" and 0 < value_bytes(traces[name].output, scale) <= b}
     nodes = {}
     for name, trace in traces.items():
         out_bytes = 0 if trace.op == "output" else value_bytes(trace.output, scale)
