@@ -218,6 +218,39 @@ def host_and_wall(configs: list, device: torch.device, rounds: int) -> dict[str,
     return {k: (statistics.median(host[k]), statistics.median(wall[k])) for k in host}
 
 
+def host_split(step, device: torch.device, steps: int) -> dict:
+    """Unprofiled steps' host time split into autograd backward calls (until each returns: its
+    kernels launched) and the rest (forwards, the executor, the loss), medians over `steps`: where
+    ours' extra host time lies, without the profiler's own cost."""
+    import torch.autograd as autograd
+    original = autograd.graph._engine_run_backward
+    spent: list[float] = []
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - t)
+    host, backward, calls = [], [], 0
+    autograd.graph._engine_run_backward = autograd._engine_run_backward = timed
+    try:
+        for _ in range(steps):
+            _sync(device, False)
+            spent.clear()
+            t = time.perf_counter()
+            step()
+            host.append(time.perf_counter() - t)
+            backward.append(sum(spent))
+            calls = len(spent)
+    finally:
+        autograd.graph._engine_run_backward = autograd._engine_run_backward = original
+    _sync(device, False)
+    other = [h - b for h, b in zip(host, backward)]
+    return {"split_host_ms": statistics.median(host) * 1e3, "split_backward_ms": statistics.median(backward) * 1e3,
+            "backward_calls": calls, "split_other_ms": statistics.median(other) * 1e3}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -313,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     timing = host_and_wall(configs, device, args.rounds)
     for label, step, plan in configs:  # each row is printed and written as it comes: a killed run keeps them
         row = {"config": label, "compiled": compiled, "host_ms": timing[label][0], "unprofiled_wall_ms": timing[label][1],
+               **host_split(step, device, args.rounds),
                **profile_step(step, device, common.RESULTS_DIR / f"{name}_{label}.trace.json")}
         if args.python_profile:
             row["cprofile_wall_ms"] = python_profile(step, device, common.RESULTS_DIR / f"{name}_{label}.pyprof.txt",
