@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown --variants {sorted(unknown)}; known: serial-backward, cuda-graph")
     configs = []
+    graph_warmup: dict[str, int] = {}  # label -> steps before a cuda_graph config replays
     for mode in modes:
         tag = "" if mode == "default" else f"-{mode}"
         options = {"dynamic": False, **({} if mode == "default" else {"mode": mode})}
@@ -330,13 +331,15 @@ def main(argv: list[str] | None = None) -> int:
                     pm.zero_grad()
                 label = f"ours-{stages}-stages{tag}{'-cuda-graph' if graph else ''}"
                 configs.append((label, ours, pm.plan))
+                if graph:  # its eager warm-up steps, then the step that captures
+                    graph_warmup[label] = pm.step_graph.warmup_steps + 1
                 if "serial-backward" in variants and not graph:
                     configs.append((f"{label}-serial-backward", _serial_backward(ours), pm.plan))
     name = args.name or f"host_overhead_{device.type}"
     rows = []
     for label, step, plan in list(configs):
         try:
-            for _ in range(max(args.warmup, 3) if label.endswith("cuda-graph") else args.warmup):  # 3rd captures
+            for _ in range(max(args.warmup, graph_warmup.get(label, 0))):
                 step()
         except Exception as err:  # noqa: BLE001 - a mode that fails is reported and left out, the rest still run
             print(f"{label}: failed, left out: {type(err).__name__}: {str(err)[:500]}", file=sys.stderr, flush=True)
