@@ -199,56 +199,56 @@ def python_profile(step, device: torch.device, out: Path, steps: int) -> float:
     return wall
 
 
-def host_and_wall(configs: list, device: torch.device, rounds: int) -> dict[str, tuple[float, float]]:
-    """Median host ms (until the step returns, before synchronising) and wall ms per config, the
-    configs alternating in `rounds` rounds (order reversed every other round): a host-bound step
-    has host close to wall."""
+class BackwardTimer:
+    """Times every autograd backward call (until it returns: its kernels launched) while installed:
+    splits a step's host time into backward calls and the rest (forwards, the executor, the loss)
+    without the profiler's own cost."""
+
+    def __init__(self):
+        self.spent: list[float] = []
+        self._original = None
+
+    def __enter__(self) -> "BackwardTimer":
+        import torch.autograd as autograd
+        self._original = original = autograd.graph._engine_run_backward
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.spent.append(time.perf_counter() - t)
+        autograd.graph._engine_run_backward = autograd._engine_run_backward = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.autograd as autograd
+        autograd.graph._engine_run_backward = autograd._engine_run_backward = self._original
+
+
+def host_and_wall(configs: list, device: torch.device, rounds: int) -> dict[str, dict[str, float]]:
+    """Per config, medians of: host ms (until the step returns, before synchronising), wall ms, and
+    the host ms spent in autograd backward calls; the configs alternate in `rounds` rounds (order
+    reversed every other round). A host-bound step has host close to wall."""
     sync = partial(_sync, device, False)  # waits for the device's queued work
-    host: dict[str, list[float]] = {c[0]: [] for c in configs}
-    wall: dict[str, list[float]] = {c[0]: [] for c in configs}
-    for r in range(rounds):
-        for label, step, _ in (configs if r % 2 == 0 else configs[::-1]):
-            sync()
-            t = time.perf_counter()
-            step()
-            h = time.perf_counter()
-            sync()
-            host[label].append((h - t) * 1e3)
-            wall[label].append((time.perf_counter() - t) * 1e3)
-    return {k: (statistics.median(host[k]), statistics.median(wall[k])) for k in host}
-
-
-def host_split(step, device: torch.device, steps: int) -> dict:
-    """Unprofiled steps' host time split into autograd backward calls (until each returns: its
-    kernels launched) and the rest (forwards, the executor, the loss), medians over `steps`: where
-    ours' extra host time lies, without the profiler's own cost."""
-    import torch.autograd as autograd
-    original = autograd.graph._engine_run_backward
-    spent: list[float] = []
-
-    def timed(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent.append(time.perf_counter() - t)
-    host, backward, calls = [], [], 0
-    autograd.graph._engine_run_backward = autograd._engine_run_backward = timed
-    try:
-        for _ in range(steps):
-            _sync(device, False)
-            spent.clear()
-            t = time.perf_counter()
-            step()
-            host.append(time.perf_counter() - t)
-            backward.append(sum(spent))
-            calls = len(spent)
-    finally:
-        autograd.graph._engine_run_backward = autograd._engine_run_backward = original
-    _sync(device, False)
-    other = [h - b for h, b in zip(host, backward)]
-    return {"split_host_ms": statistics.median(host) * 1e3, "split_backward_ms": statistics.median(backward) * 1e3,
-            "backward_calls": calls, "split_other_ms": statistics.median(other) * 1e3}
+    times: dict[str, dict[str, list[float]]] = {c[0]: {"host_ms": [], "unprofiled_wall_ms": [], "host_backward_ms": []}
+                                                for c in configs}
+    calls: dict[str, int] = {}
+    with BackwardTimer() as backward:
+        for r in range(rounds):
+            for label, step, _ in (configs if r % 2 == 0 else configs[::-1]):
+                sync()
+                backward.spent.clear()
+                t = time.perf_counter()
+                step()
+                h = time.perf_counter()
+                sync()
+                times[label]["host_ms"].append((h - t) * 1e3)
+                times[label]["unprofiled_wall_ms"].append((time.perf_counter() - t) * 1e3)
+                times[label]["host_backward_ms"].append(sum(backward.spent) * 1e3)
+                calls[label] = len(backward.spent)
+    return {k: {**{name: statistics.median(v) for name, v in t.items()}, "backward_calls": calls[k]}
+            for k, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,8 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: warm", file=sys.stderr, flush=True)
     timing = host_and_wall(configs, device, args.rounds)
     for label, step, plan in configs:  # each row is printed and written as it comes: a killed run keeps them
-        row = {"config": label, "compiled": compiled, "host_ms": timing[label][0], "unprofiled_wall_ms": timing[label][1],
-               **host_split(step, device, args.rounds),
+        row = {"config": label, "compiled": compiled, **timing[label],
                **profile_step(step, device, common.RESULTS_DIR / f"{name}_{label}.trace.json")}
         if args.python_profile:
             row["cprofile_wall_ms"] = python_profile(step, device, common.RESULTS_DIR / f"{name}_{label}.pyprof.txt",
