@@ -226,19 +226,48 @@ class BackwardTimer:
         autograd.graph._engine_run_backward = autograd._engine_run_backward = self._original
 
 
+class GcTimer:
+    """Times Python's garbage collections while installed (gc.callbacks): a step that allocates many
+    Python objects pays collections, whose full (generation 2) passes walk every live object."""
+
+    def __init__(self):
+        self.spent: list[float] = []
+        self.full = 0
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.spent.append(time.perf_counter() - self._start)
+            self.full += info.get("generation") == 2
+
+    def __enter__(self) -> "GcTimer":
+        import gc
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import gc
+        gc.callbacks.remove(self._callback)
+
+
 def host_and_wall(configs: list, device: torch.device, rounds: int) -> dict[str, dict[str, float]]:
     """Per config, medians of: host ms (until the step returns, before synchronising), wall ms, and
-    the host ms spent in autograd backward calls; the configs alternate in `rounds` rounds (order
+    the host ms spent in autograd backward calls and in garbage collections; the configs alternate in `rounds` rounds (order
     reversed every other round). A host-bound step has host close to wall."""
     sync = partial(_sync, device, False)  # waits for the device's queued work
-    times: dict[str, dict[str, list[float]]] = {c[0]: {"host_ms": [], "unprofiled_wall_ms": [], "host_backward_ms": []}
-                                                for c in configs}
+    times: dict[str, dict[str, list[float]]] = {
+        c[0]: {"host_ms": [], "unprofiled_wall_ms": [], "host_backward_ms": [], "gc_ms": [], "gc_collections": [],
+               "gc_full": []} for c in configs}
     calls: dict[str, int] = {}
-    with BackwardTimer() as backward:
+    with BackwardTimer() as backward, GcTimer() as collector:
         for r in range(rounds):
             for label, step, _ in (configs if r % 2 == 0 else configs[::-1]):
                 sync()
                 backward.spent.clear()
+                collector.spent.clear()
+                collector.full = 0
                 t = time.perf_counter()
                 step()
                 h = time.perf_counter()
@@ -246,6 +275,9 @@ def host_and_wall(configs: list, device: torch.device, rounds: int) -> dict[str,
                 times[label]["host_ms"].append((h - t) * 1e3)
                 times[label]["unprofiled_wall_ms"].append((time.perf_counter() - t) * 1e3)
                 times[label]["host_backward_ms"].append(sum(backward.spent) * 1e3)
+                times[label]["gc_ms"].append(sum(collector.spent) * 1e3)
+                times[label]["gc_collections"].append(len(collector.spent))
+                times[label]["gc_full"].append(collector.full)
                 calls[label] = len(backward.spent)
     return {k: {**{name: statistics.median(v) for name, v in t.items()}, "backward_calls": calls[k]}
             for k, t in times.items()}
