@@ -15,6 +15,13 @@ from partitioner.cost_models.profile import profile
 from partitioner.passes.capture import capture
 
 
+@pytest.fixture(autouse=True)
+def keep_lookups(monkeypatch):
+    """These lookups stay embeddings (capture would rewrite them as one-hot matmuls,
+    partitioner/passes/onehot_lookup.py): the cost of those it leaves is under test."""
+    monkeypatch.setattr("partitioner.passes.onehot_lookup.MIN_HOT_HITS", 1 << 62)
+
+
 def buckets(length: int, reach: int) -> torch.Tensor:
     """Relative positions clipped to +-reach: most pairs land in the two outermost buckets."""
     pos = torch.arange(length)

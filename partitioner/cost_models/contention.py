@@ -21,11 +21,10 @@ import torch
 import torch.fx
 
 from partitioner.cost_models.device import DeviceSpec
+from partitioner.passes.constants import constant_value
 
 LINE_BYTES = 128  # a GPU cache line
 ACCUMULATE_BYTES = 4  # inductor accumulates an embedding's gradient in fp32
-_MAX_CONSTANT_NUMEL = 1 << 26  # larger constant subgraphs are not evaluated (uniform hits assumed)
-_RANDOM = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial")
 
 
 def embedding_chains_s(gm: torch.fx.GraphModule, spec: DeviceSpec) -> dict[str, float]:
@@ -54,7 +53,7 @@ def hottest_row_hits(gm: torch.fx.GraphModule, indices: torch.fx.Node, rows: int
     """How many of `indices` select the most selected of `rows` rows (the padding row, which
     gets no gradient, left out): counted from the values when the graph computes them from
     constants, else the even spread ceil(numel / rows)."""
-    values = constant_value(gm, indices)
+    values = constant_value(gm, indices, allow_writes=True)
     if values is not None and values.numel() and not values.is_floating_point():
         counts = torch.bincount(values.flatten().clamp(0, rows - 1), minlength=rows)
         if 0 <= padding_idx < rows:
@@ -62,39 +61,6 @@ def hottest_row_hits(gm: torch.fx.GraphModule, indices: torch.fx.Node, rows: int
         return int(counts.max())
     numel = math.prod(_shape(indices) or ())
     return max(1, math.ceil(numel / max(rows, 1)))
-
-
-def constant_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
-    """`node`'s value on the CPU when it depends on no input, parameter or buffer (only on
-    calls with literal arguments, e.g. aranges), else None. Random ops and subgraphs with
-    tensors over _MAX_CONSTANT_NUMEL elements count as not constant."""
-    needed: dict[torch.fx.Node, None] = {}
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n in needed:
-            continue
-        if n.op != "call_function" or any(r in str(n.target) for r in _RANDOM):
-            return None
-        shape = _shape(n)
-        if shape is not None and math.prod(shape) > _MAX_CONSTANT_NUMEL:
-            return None
-        needed[n] = None
-        stack.extend(n.all_input_nodes)
-    values: dict[torch.fx.Node, object] = {}
-    try:
-        for n in gm.graph.nodes:  # graph order: in-place ops mutate what later nodes read, as at run time
-            if n not in needed:
-                continue
-            args = torch.fx.node.map_arg(n.args, values.__getitem__)
-            kwargs = torch.fx.node.map_arg(n.kwargs, values.__getitem__)
-            if "device" in kwargs:
-                kwargs = {**kwargs, "device": torch.device("cpu")}
-            values[n] = n.target(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - an op that will not run on the CPU: fall back to the even spread
-        return None
-    value = values[node]
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:

@@ -592,6 +592,8 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
         order_writes(gm)  # a split must see which readers come after an in-place write
         from partitioner.passes.causal_mask import fold_causal_masks  # lazy: it reads constants with get_attr (here)
         fold_causal_masks(gm)  # before any cost model or stage sees the graph: flash attention needs no mask
+        from partitioner.passes.onehot_lookup import lookups_as_matmuls  # lazy, as above
+        lookups_as_matmuls(gm)  # contended constant-index lookups: matmuls, not serialised atomics
     input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     _check_vals(gm)
     return Captured(graph_module=gm, in_spec=in_spec, out_spec=out_spec, input_names=input_names,
