@@ -89,9 +89,10 @@ class _CutLp:
     a cap every rank's memory of the chain's blocks within it (cap_rows).
     Counted in whole microbatches of work (units / unit): GLOP's numbers stay near 1."""
 
-    def __init__(self, fq: list[int], bq: list[int], lo: list[int], hi: list[int], rows: dict,
+    def __init__(self, fq: list[int], bq: list[int], lo: list[int], hi: list[int], rows: dict, units: StageUnits,
                  memory: ChainMemory | None = None):
         K = len(lo) - 1
+        self.units = units  # its stage passes (StageUnits.passes)
         self.K, self.unit = K, float(fq[-1] + bq[-1] or 1)
         self.lp = lp = pywraplp.Solver.CreateSolver("GLOP")
         self.mu: list[dict] = []
@@ -138,7 +139,8 @@ class _CutLp:
         if r.key[:2] not in self.keys:
             self.keys.add(r.key[:2])
             self.lp.Add(sum(c * x for c, x in zip(r.fwd_count, self.f) if c)
-                        + sum(c * x for c, x in zip(r.bwd_count, self.b) if c) - self.T <= 0)
+                        + sum(c * x for c, x in zip(r.bwd_count, self.b) if c)
+                        + self.units.passes(r) / self.unit - self.T <= 0)
 
     def restrict(self, lo: list[int], hi: list[int]) -> None:
         for j, mu in enumerate(self.mu, start=1):
@@ -158,7 +160,7 @@ class _CutLp:
             top = self.T.solution_value() * self.unit
             if i == MAX_ROUNDS:
                 break
-            length, r = dag.longest(*self.stage_units())
+            length, r = dag.longest(*self.units.with_passes(*self.stage_units()))
             if length <= top * (1 + 1e-7) or r.key[:2] in self.keys:
                 break
             rows.setdefault(key(r), r)
@@ -223,7 +225,7 @@ def chain_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: floa
             static.append(static[-1] + bg.blocks[b].param_state_bytes)
             saved.append(saved[-1] + bg.blocks[b].saved_bytes)
         memory = ChainMemory(cap_bytes, list(inflight), static, saved)
-    lp = _CutLp(fq, bq, lo, hi, rows, memory)
+    lp = _CutLp(fq, bq, lo, hi, rows, units, memory)
     stack = [(lo, hi, 0.0)]
     closed, nodes, scored, complete = [], 0, set(), True
     while stack:

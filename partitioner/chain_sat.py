@@ -36,9 +36,9 @@ class _CutModel:
     bytes) every rank within the cap."""
 
     def __init__(self, fq: list[int], bq: list[int], lo: list[int], hi: list[int], K: int,
-                 memory: tuple[int, list[int], list[int], list[int]] | None, strict: bool):
+                 memory: tuple[int, list[int], list[int], list[int]] | None, strict: bool, units: StageUnits):
         md = self.model = cp_model.CpModel()
-        self.K = K
+        self.K, self.units = K, units  # units: its stage passes (StageUnits.passes)
         self.cut = [md.NewIntVar(lo[j], hi[j], f"c{j}") for j in range(1, K)]
         self.F, self.B = [0], [0]
         for j, c in enumerate(self.cut, start=1):
@@ -53,7 +53,7 @@ class _CutModel:
             md.Add(self.cut[-1] <= len(fq) - 2)
         self.F.append(fq[-1])
         self.B.append(bq[-1])
-        self.top = md.NewIntVar(0, 16 * (fq[-1] + bq[-1]) * (K + 1), "top")
+        self.top = md.NewIntVar(0, 16 * (fq[-1] + bq[-1] + K * sum(units.pass_dev)) * (K + 1), "top")
         if memory is not None:
             self._cap(memory)
 
@@ -79,7 +79,8 @@ class _CutModel:
     def add(self, r: PathRow) -> None:
         F, B = self.F, self.B
         self.model.Add(sum(a * (F[k + 1] - F[k]) for k, a in enumerate(r.fwd_count) if a)
-                       + sum(a * (B[k + 1] - B[k]) for k, a in enumerate(r.bwd_count) if a) <= self.top)
+                       + sum(a * (B[k + 1] - B[k]) for k, a in enumerate(r.bwd_count) if a)
+                       + self.units.passes(r) <= self.top)
 
 
 def chain_sat_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: float, gap: float, deadline: float,
@@ -116,7 +117,7 @@ def chain_sat_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: 
         if static[-1] + max(inflight) * saved[-1] > cap_bytes:  # else no split of the chain reaches the cap
             memory = (cap_bytes, list(inflight), static, saved)
     path = len(chain) == len(bg.blocks)  # every block on the chain: a split is a plan, no stage empty
-    cm = _CutModel(fq, bq, lo, hi, K, memory, strict=path)
+    cm = _CutModel(fq, bq, lo, hi, K, memory, strict=path, units=units)
     added: set = set()
     for r in rows.values():
         if r.key[:2] not in added:
@@ -141,7 +142,8 @@ def chain_sat_bound(bg, units: StageUnits, dag: ActionDag, rows: dict, upper_s: 
         cuts = [solver.Value(c) for c in cm.cut]
         F = [solver.Value(x) if not isinstance(x, int) else x for x in cm.F]
         B = [solver.Value(x) if not isinstance(x, int) else x for x in cm.B]
-        length, r = dag.longest([F[k + 1] - F[k] for k in range(K)], [B[k + 1] - B[k] for k in range(K)])
+        length, r = dag.longest(*units.with_passes([F[k + 1] - F[k] for k in range(K)],
+                                                   [B[k + 1] - B[k] for k in range(K)]))
         if length > top and r.key[:2] not in added:  # a path the model misses: add it, ask again
             added.add(r.key[:2])
             rows.setdefault(key(r), r)

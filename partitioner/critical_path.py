@@ -143,14 +143,16 @@ class _Relaxation:
         dc = (units.work, *prefix) if prefix is not None else None
         self.ilp = ilp = build_ilp(problem, with_time=False, domain_cap=dc)
         md = self.model = ilp.model
-        hi = UNITS * 4 * (m * v + K) + sum(math.floor(sec * scale) for sec, _ in ilp.allreduce)
+        per_pass = max(*units.pass_dev, *units.pass_host)
+        hi = (UNITS + 2 * per_pass) * 4 * (m * v + K) + sum(math.floor(sec * scale) for sec, _ in ilp.allreduce)
         self.fwd, self.bwd = [], []
-        for k in range(K):
-            for out, dev, host, name in ((self.fwd, units.fdev, units.fhost, "F"),
-                                         (self.bwd, units.bdev, units.bhost, "B")):
+        for k in range(K):  # every stage holds a block (build_ilp): each pass pays the stage pass's cost
+            for out, dev, host, (o_dev, o_host), name in (
+                    (self.fwd, units.fdev, units.fhost, (units.pass_dev[0], units.pass_host[0]), "F"),
+                    (self.bwd, units.bdev, units.bhost, (units.pass_dev[1], units.pass_host[1]), "B")):
                 var = md.NewIntVar(0, hi, f"{name}{k}")
-                for wts in (dev, host) if any(host) else (dev,):
-                    e = ilp.stage_sum(k, wts)
+                for wts, o in ((dev, o_dev), (host, o_host)) if any(host) or o_host else ((dev, o_dev),):
+                    e = ilp.stage_sum(k, wts) + o
                     md.Add(var >= e)
                     ilp.rules.append((var, e, 1))
                 out.append(var)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from partitioner.cost_models.time import pass_time_s
 from partitioner.plan import evaluate_assignment
 from partitioner.problem import PlanProblem
 from partitioner.runtime.schedules import Action, make_schedule
@@ -28,30 +27,33 @@ EXACT_BUDGET_S = 60.0  # default time budget of best_split_s
 class PassTimes:
     """Forward and backward seconds of a run of blocks [a, i) executed as one stage.
 
-    As partitioner.stage_costs.stage_totals: cost_models.time.pass_time_s of the run's device and host
-    sums (the host queues kernels ahead of the device). Exact for one stage; a lower bound on the
-    total of several stages covering the run (each pays at least its own share of both sums).
+    As partitioner.stage_costs.stage_totals: the larger of the run's device and host sums, each with
+    the stage pass's fixed cost (bg.stage_pass, NodeTime.fwd_pass_s). Exact for one stage; with
+    `stages`, a lower bound on the total of that many stages covering the run (each pays at least
+    its own share of both sums and its own fixed cost).
     """
 
     def __init__(self, bg):
         self.num_blocks = len(bg.blocks)
-        self._pre = [[0.0] * (self.num_blocks + 1) for _ in range(4)]  # device fwd, host fwd, device bwd, host bwd
-        for b, blk in enumerate(bg.blocks):
-            times = (blk.fwd_time_s, blk.host_fwd_time_s, blk.bwd_time_s, blk.host_bwd_time_s)
-            for pre, t in zip(self._pre, times):
-                pre[b + 1] = pre[b] + t
+        self.stage_pass = bg.stage_pass
+        # prefix sums of device fwd, host fwd, device bwd, host bwd
+        self._pre = np.zeros((4, self.num_blocks + 1))
+        self._pre[:, 1:] = np.cumsum([[blk.fwd_time_s, blk.host_fwd_time_s, blk.bwd_time_s, blk.host_bwd_time_s]
+                                      for blk in bg.blocks], axis=0).T if bg.blocks else 0.0
 
-    def fwd_s(self, a: int, i: int) -> float:
+    def fwd_s(self, a, i, stages=1) -> float:
+        """Forward of [a, i) (numpy index arrays welcome)."""
         dev, host = self._pre[0], self._pre[1]
-        return pass_time_s(dev[i] - dev[a], host[i] - host[a])
+        return self.stage_pass.fwd_pass_s(dev[i] - dev[a], host[i] - host[a], stages)
 
-    def bwd_s(self, a: int, i: int) -> float:
+    def bwd_s(self, a, i, stages=1) -> float:
         dev, host = self._pre[2], self._pre[3]
-        return pass_time_s(dev[i] - dev[a], host[i] - host[a])
+        return self.stage_pass.bwd_pass_s(dev[i] - dev[a], host[i] - host[a], stages)
 
-    def work_s(self, a: int, i: int) -> float:
-        """Forward + backward of [a, i): of one microbatch through the stages holding it, at least."""
-        return self.fwd_s(a, i) + self.bwd_s(a, i)
+    def work_s(self, a: int, i: int, stages: int = 1) -> float:
+        """Forward + backward of [a, i): of one microbatch through the `stages` stages holding it, at least
+        (0 stages: an empty run, 0)."""
+        return self.fwd_s(a, i, stages) + self.bwd_s(a, i, stages)
 
 
 def stage_bound_s(k: int, a: int, i: int, times: PassTimes, p: int, m: int) -> float:
@@ -61,8 +63,8 @@ def stage_bound_s(k: int, a: int, i: int, times: PassTimes, p: int, m: int) -> f
     It grows with i.
     """
     f, b = times.fwd_s(a, i), times.bwd_s(a, i)
-    work = times.work_s(0, times.num_blocks)
-    return max(times.work_s(0, a) + m * (f + b), work + (m - 1) * b + (m - p + k) * f)
+    work = times.work_s(0, times.num_blocks, p)
+    return max(times.work_s(0, a, k) + m * (f + b), work + (m - 1) * b + (m - p + k) * f)
 
 
 def rest_bounds_s(times: PassTimes, p: int, m: int) -> list[list[float]]:
@@ -74,15 +76,13 @@ def rest_bounds_s(times: PassTimes, p: int, m: int) -> list[list[float]]:
     n, inf = times.num_blocks, float("inf")
     rest = [[inf] * (n + 1) for _ in range(p + 1)]
     rest[p][n] = 0.0
-    pre = [np.asarray(x) for x in times._pre]  # device fwd, host fwd, device bwd, host bwd prefix sums
-    work = times.work_s(0, n)
+    work = times.work_s(0, n, p)
     for k in range(p - 1, -1, -1):
         after = np.asarray(rest[k + 1])
         for a in range(k, n - (p - k) + 1):
             i = np.arange(a + 1, n - (p - k - 1) + 1)  # stage k holds [a, i): stage_bound_s, vectorised
-            f = np.maximum(pre[0][i] - pre[0][a], pre[1][i] - pre[1][a])
-            b = np.maximum(pre[2][i] - pre[2][a], pre[3][i] - pre[3][a])
-            here = np.maximum(times.work_s(0, a) + m * (f + b), work + (m - 1) * b + (m - p + k) * f)
+            f, b = times.fwd_s(a, i), times.bwd_s(a, i)
+            here = np.maximum(times.work_s(0, a, k) + m * (f + b), work + (m - 1) * b + (m - p + k) * f)
             rest[k][a] = float(np.maximum(here, after[i]).min())
     return rest
 
@@ -253,7 +253,7 @@ def best_split_s(problem: PlanProblem, incumbent_s: float = float("inf"), time_b
 
     def child_bound(starts: list[int], fwd: list[float], bwd: list[float]) -> float:
         a = starts[-1]
-        return (max(relaxed.step_s(fwd, bwd, times.work_s(a, n)), rest[len(fwd)][a])
+        return (max(relaxed.step_s(fwd, bwd, times.work_s(a, n, p - len(fwd))), rest[len(fwd)][a])
                 + _allreduce_known_s(bg, starts[1:], bw))
 
     def search(starts: list[int], fwd: list[float], bwd: list[float]) -> None:

@@ -19,6 +19,11 @@ Blocks b, virtual stages k = 0..K-1 (K = p * v), stage k on rank k % p.
 - Rank time T_r = sum_{k on r} c_k <= M (v = 1), or sum_{k on r} t_k <= M
   (v > 1: Megatron's fixed interleaved order waits on every hop in the steady
   state too, which the simulator confirms).
+- The fixed cost o of a stage pass (BlockGraph.stage_pass, forward + backward) is left out of
+  the closed form: every stage holds a block, so it would add (m + K - 1) o (v = 1) or
+  (m v + p - 1) o (v > 1) to every solution whose M is set by compute, not by a link, and
+  rank none of them differently. The simulator and the row generation
+  (partitioner/critical_path.py) count it.
 - Objective (per step, + all-reduce of replicated tied parameters):
   v = 1: (m - 1) M + sum_k t_k, the 1F1B/GPipe critical path (first microbatch
   through every stage, then m - 1 times the bottleneck); equals (m + p - 1) t

@@ -107,6 +107,11 @@ class StageUnits:
 
     cut_halfplanes: (a, c, h) with a F + c B <= h for the device forward and backward units (F, B) of the
     blocks before any cut of any valid plan (partitioner/work_hull.py).
+    pass_dev / pass_host: (forward, backward) units of the fixed cost every stage pass adds to the
+    stage's device / host sum (BlockGraph.stage_pass), rounded down too. Where only device work is
+    modelled (FluidLp, chain_bound.py, chain_sat.py) a row gains pass_dev per action (`passes`):
+    every stage of a valid plan holds a block, so each of its passes takes at least its device sum
+    plus pass_dev; the host part is left out, which only weakens those bounds.
     """
 
     scale: float
@@ -115,6 +120,8 @@ class StageUnits:
     fhost: list[int]
     bhost: list[int]
     cut_halfplanes: tuple[tuple[int, int, int], ...] = ()
+    pass_dev: tuple[int, int] = (0, 0)
+    pass_host: tuple[int, int] = (0, 0)
 
     @classmethod
     def of(cls, bg) -> "StageUnits":
@@ -124,8 +131,19 @@ class StageUnits:
             return [math.floor(getattr(b, attr) * scale) for b in bg.blocks]
 
         fdev, bdev = down("fwd_time_s"), down("bwd_time_s")
+        o = bg.stage_pass
         return cls(scale, fdev, bdev, down("host_fwd_time_s"), down("host_bwd_time_s"),
-                   tuple(ideal_halfplanes(bg.graph, fdev, bdev)))
+                   tuple(ideal_halfplanes(bg.graph, fdev, bdev)),
+                   (math.floor(o.fwd_s * scale), math.floor(o.bwd_s * scale)),
+                   (math.floor(o.host_fwd_s * scale), math.floor(o.host_bwd_s * scale)))
+
+    def passes(self, r: PathRow) -> int:
+        """The device units of the stage passes on path r: pass_dev once per forward and per backward."""
+        return self.pass_dev[0] * sum(r.fwd_count) + self.pass_dev[1] * sum(r.bwd_count)
+
+    def with_passes(self, fwd: list, bwd: list) -> tuple[list, list]:
+        """Stages' device sums (units) -> their passes' device times: each plus pass_dev."""
+        return [f + self.pass_dev[0] for f in fwd], [b + self.pass_dev[1] for b in bwd]
 
     @property
     def work(self) -> list[int]:
@@ -189,6 +207,7 @@ class FluidLp:
 
     def __init__(self, units: StageUnits, num_stages: int, top: float | None = None):
         K = num_stages
+        self.units = units
         self.unit = unit = float(sum(units.work) or 1)
         self.lp = lp = pywraplp.Solver.CreateSolver("GLOP")
         self.f = [lp.NumVar(0, lp.infinity(), f"f{k}") for k in range(K)]
@@ -211,7 +230,8 @@ class FluidLp:
         self.proven = 0.0  # the largest T of an answer so far (units): a bound even if a later solve fails
 
     def add(self, k: tuple, r: PathRow) -> None:
-        e = sum(c * x for c, x in zip(r.fwd_count, self.f) if c) + sum(c * x for c, x in zip(r.bwd_count, self.b) if c)
+        e = (sum(c * x for c, x in zip(r.fwd_count, self.f) if c) + sum(c * x for c, x in zip(r.bwd_count, self.b) if c)
+             + self.units.passes(r) / self.unit)
         self.rows[k] = r, (self.lp.Add(e <= self.top / self.unit) if self.T is None
                            else self.lp.Add(e - self.T <= 0))
 
@@ -235,7 +255,7 @@ class FluidLp:
             if i == max_rounds:
                 return True
             bound = self.top if self.T is None else self.value()
-            length, r = dag.longest(*self.stage_units())
+            length, r = dag.longest(*self.units.with_passes(*self.stage_units()))
             if length <= bound * (1 + 1e-7) or key(r) in self.rows:
                 return True
             rows.setdefault(key(r), r)

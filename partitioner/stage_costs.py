@@ -12,8 +12,12 @@ Three names, three uses:
   seconds; it knows nothing of blocks.
 The rules:
 
-- a pass over a stage takes the larger of its device and host time (the host
-  queues kernels ahead, cost_models.time.pass_time_s);
+- a pass (forward or backward of one microbatch) over a stage takes the larger
+  of its device and host time (the host queues kernels ahead,
+  cost_models.time.pass_time_s), each the sum over its blocks plus, once per
+  pass of a non-empty stage, the fixed cost of a stage pass (BlockGraph.stage_pass:
+  the executor's action, the backward call, a compiled stage's call machinery):
+  max(sum device + o.device, sum host + o.host) (NodeTime.fwd_pass_s);
 - a value crossing to a stage on another rank costs its bytes on that link,
   once per destination stage (the graph's output counts as the last stage);
 - the producing stage holds, per in-flight microbatch, a value it sends to
@@ -97,6 +101,7 @@ class StageCostModel:
     def __init__(self, bg, num_ranks: int, chunks: int, link_bw_bytes_per_s: float):
         self.p, self.K, self.bw = num_ranks, num_ranks * chunks, link_bw_bytes_per_s
         self.rank_of = np.arange(self.K) % num_ranks
+        self.stage_pass = bg.stage_pass
         blocks = bg.blocks
 
         def column(attr: str) -> np.ndarray:
@@ -142,8 +147,9 @@ class StageCostModel:
         def per_stage(weights: np.ndarray) -> np.ndarray:
             return np.bincount(a, weights=weights, minlength=K)
 
-        fwd = np.maximum(per_stage(self.fwd), per_stage(self.host_fwd))  # cost_models.time.pass_time_s
-        bwd = np.maximum(per_stage(self.bwd), per_stage(self.host_bwd))
+        used = np.bincount(a, minlength=K) > 0  # an empty stage makes no pass
+        fwd = self.stage_pass.fwd_pass_s(per_stage(self.fwd), per_stage(self.host_fwd), used)
+        bwd = self.stage_pass.bwd_pass_s(per_stage(self.bwd), per_stage(self.host_bwd), used)
         saved = per_stage(self.saved)
         working = np.zeros(K)
         np.maximum.at(working, a, self.working)

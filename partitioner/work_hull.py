@@ -11,7 +11,8 @@ of the ideals' sums keeps every stage's mix near what contiguous runs of blocks 
 
 The half-planes hold for every DAG: each comes from a support query, the largest weighted sum over
 all ideals, a maximum-weight closure (a min cut) over the block graph (on a chain, the best prefix),
-so no ideal is missed where the graph branches.
+so no ideal is missed where the graph branches. The stage passes' fixed cost (BlockGraph.stage_pass)
+is no block's work and has no part here: the rows add it (path_rows.StageUnits.passes).
 """
 from __future__ import annotations
 

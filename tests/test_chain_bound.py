@@ -16,6 +16,7 @@ from partitioner import chain_bound as chain_bound_module
 from partitioner.chain_bound import chain_blocks, chain_bound
 from partitioner.critical_path import path_bound_solve
 from partitioner.glop import solve_within
+from partitioner.cost_models.time import NodeTime
 from partitioner.passes.coarsen import synthetic_block_graph
 from partitioner.path_rows import ActionDag, StageUnits, fluid_bound, fluid_split, synthetic_rows
 from partitioner.plan import evaluate_assignment
@@ -90,6 +91,32 @@ def test_bounds_stay_below_the_brute_force_best(seed, p, v, schedule):
         assert got.complete
         assert got.lower_bound_s <= best * (1 + 1e-9)
     if len(chain_blocks(bg)) == len(bg.blocks) and seed % 3:  # a chain without communication: exact
+        assert got.lower_bound_s == pytest.approx(best, rel=1e-5)  # integer units, rounded down
+
+
+@pytest.mark.parametrize("seed,p,v,schedule", CASES[:5])
+def test_bounds_count_a_fixed_cost_per_stage_pass_and_stay_below_the_best(seed, p, v, schedule):
+    """Every stage pass pays bg.stage_pass: the fluid LP, the chain's branch and bound and its CP-SAT
+    count its device part once per action of a path (tighter than without), stay below the brute-force
+    best, and meet it where they meet it without."""
+    from partitioner.chain_sat import chain_sat_bound
+    rng = random.Random(90 + seed)
+    K, m = p * v, 2 * p
+    plain = uneven_graph(rng, K + rng.randint(2, 4), branchy=seed % 2 == 1, comm=False)
+    bg = dataclasses.replace(plain, stage_pass=NodeTime(0.3, 0.5, 0.1, 0.0))  # device-bound passes
+    best = best_step(bg, p, v, m, schedule)
+    units = StageUnits.of(bg)
+    sched = make_schedule(schedule, p, m, v)
+    dag = ActionDag(sched)
+    rows = {r.key: r for r in synthetic_rows(sched, K)}
+    fluid, _ = fluid_bound(dict(rows), units, dag)
+    assert fluid_bound(dict(rows), StageUnits.of(plain), dag)[0] < fluid <= best * (1 + 1e-9)
+    got = chain_bound(bg, units, dag, dict(rows), best, 0.0, math.inf)
+    sat = chain_sat_bound(bg, units, dag, dict(rows), best, 0.0, math.inf)
+    assert got.complete and got.lower_bound_s <= best * (1 + 1e-9) and sat.lower_bound_s <= best * (1 + 1e-9)
+    without = chain_bound(plain, StageUnits.of(plain), dag, dict(rows), best, 0.0, math.inf).lower_bound_s
+    assert got.lower_bound_s > without
+    if without == pytest.approx(best_step(plain, p, v, m, schedule), rel=1e-5):
         assert got.lower_bound_s == pytest.approx(best, rel=1e-5)  # integer units, rounded down
 
 

@@ -1,9 +1,13 @@
 """coarsen: nodes -> blocks on hand-built AnnotatedGraph/NodeCosts (and a captured model when available)."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from partitioner.cost_models.node_costs import NodeCost, NodeCosts
+from partitioner.cost_models.time import NodeTime
 from partitioner.passes.annotate import AnnotatedGraph, NodeInfo
 from partitioner.passes.coarsen import BlockGraph, choose_depth, coarsen
 
@@ -86,6 +90,17 @@ def test_json_round_trip_keeps_blocks_values_shared_params_and_edges(depth):
     assert list(again.graph.nodes) == list(bg.graph.nodes)
     assert list(again.graph.edges(data=True)) == list(bg.graph.edges(data=True))  # same order, same bytes
     assert again.to_json() == bg.to_json()
+
+
+def test_the_stage_pass_goes_from_the_costs_to_the_block_graph_and_through_json():
+    ag, costs = tiny_gpt()
+    costs = dataclasses.replace(costs, stage_pass=NodeTime(1e-4, 2e-4, 3e-4, 4e-4))
+    bg = coarsen(ag, costs, depth=2)
+    assert bg.stage_pass == costs.stage_pass
+    assert BlockGraph.from_json(bg.to_json()).stage_pass == bg.stage_pass
+    old = json.loads(bg.to_json())
+    del old["stage_pass"]  # written before the field existed: no stage pass cost
+    assert BlockGraph.from_json(json.dumps(old)).stage_pass == NodeTime(0.0, 0.0)
 
 
 def test_edges_go_forward_and_costs_add_up():

@@ -8,6 +8,7 @@ from partitioner.path_rows import ActionDag, critical_path
 from partitioner.plan import evaluate_assignment
 from partitioner.problem import PlanProblem
 from partitioner.solve import solve
+from partitioner.cost_models.time import NodeTime
 from partitioner.passes.coarsen import synthetic_block_graph
 from partitioner.runtime.schedules import Action, dependencies, make_schedule
 from partitioner.runtime.simulator import StageCosts, simulate
@@ -190,3 +191,23 @@ def test_a_probe_refutes_a_target_below_the_relaxations_optimum_and_meets_one_ab
     assert below == cp_model.INFEASIBLE and none == []
     above, plans = rel.probe(1.01 * optimum, 10, 1)
     assert above in (cp_model.FEASIBLE, cp_model.OPTIMAL) and plans
+
+
+@pytest.mark.parametrize("seed,p,v,schedule", CASES[:4])
+def test_bound_and_plans_count_every_stage_pass(seed, p, v, schedule):
+    """With a fixed cost per stage pass (device and host parts) the rows count it once per stage: the
+    bound stays below the brute-force best and meets it; the plan scores what evaluate_assignment says."""
+    rng = random.Random(seed)
+    n = p * v + rng.randint(3, 5)
+    bg = tiny_graph(rng, n, skips=seed % 2 == 1, comm=False)
+    bg.stage_pass = NodeTime(rng.uniform(0, 0.5), rng.uniform(0, 0.5), rng.uniform(0, 1.0), rng.uniform(0, 1.0))
+    m = 2 * p
+    best = brute_force(bg, p, v, m, schedule, 1e9)
+    got = path_bound_solve(PlanProblem(bg, p, v, m, schedule, 1e9), time_limit_s=20, tol=0.0)
+    assert got.lower_bound_s <= best * (1 + 1e-9) <= got.step_time_s * (1 + 1e-9)
+    assert got.step_time_s == pytest.approx(best, rel=1e-12)
+    assert got.lower_bound_s == pytest.approx(best, rel=1e-5)  # integer units, rounded down
+    assert evaluate_assignment(bg, got.assignment, p, v, m, schedule, 1e9).step_time_s == got.step_time_s
+    plan = solve(bg, p, v, m, schedule=schedule, link_bw_bytes_per_s=1e9, time_limit_s=20)
+    assert plan.step_lower_bound_s <= best * (1 + 1e-9) <= plan.step_time_s * (1 + 1e-9)
+    assert evaluate_assignment(bg, plan.block_stage, p, v, m, schedule, 1e9).step_time_s == plan.step_time_s

@@ -13,6 +13,7 @@ from partitioner.exact import (PassTimes, RelaxedPipeline, best_split_s, pipelin
 from partitioner.plan import evaluate_assignment
 from partitioner.problem import PlanProblem
 from partitioner.solve import solve
+from partitioner.cost_models.time import NodeTime
 from partitioner.passes.coarsen import synthetic_block_graph
 
 BW = 1e10  # 10 MB take 1 ms: as long as a block
@@ -225,3 +226,36 @@ def test_bounds_and_search_hold_where_the_host_paces_some_blocks(seed):
     assert max(all_busy_s(bg, p, m), pipeline_bound_s(problem(bg, p, m, v=1))) <= min(steps) * (1 + 1e-12)
     found = best_split_s(problem(bg, p, m, bw), time_budget_s=30)
     assert found.complete and found.step_time_s == pytest.approx(min(steps), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bounds_search_and_solve_hold_with_a_fixed_cost_per_stage_pass(seed):
+    """Every stage pass pays bg.stage_pass (device and host parts): the bounds count it once per stage
+    and stay below every split, the search and solve() find the brute-force best, and solve's plan
+    scores what evaluate_assignment gives it."""
+    rng = random.Random(seed)
+    n, p, bw = rng.randint(8, 11), rng.choice([2, 3, 4]), 1e10
+    m = 2 * p
+    bg = timed_chain(rng, n)
+    bg.blocks = [dataclasses.replace(b, host_fwd_time_s=rng.uniform(0, 1.5 * b.fwd_time_s),
+                                     host_bwd_time_s=rng.uniform(0, 1.5 * b.bwd_time_s)) for b in bg.blocks]
+    bg.stage_pass = NodeTime(rng.uniform(0, 5e-4), rng.uniform(0, 5e-4), rng.uniform(0, 1e-3), rng.uniform(0, 1e-3))
+    steps = {cuts: split_step_s(bg, cuts, p, m, bw) for cuts in itertools.combinations(range(1, n), p - 1)}
+    best = min(steps.values())
+    assert max(all_busy_s(bg, p, m), pipeline_bound_s(problem(bg, p, m, v=1))) <= best * (1 + 1e-12)
+    found = best_split_s(problem(bg, p, m, bw), time_budget_s=30)
+    assert found.complete and found.step_time_s == pytest.approx(best, rel=1e-12)
+    plan = solve(bg, p, microbatches=m, link_bw_bytes_per_s=bw, time_limit_s=20, gap=0.0)
+    assert plan.step_time_s == pytest.approx(best, rel=1e-12)
+    assert evaluate_assignment(bg, plan.block_stage, p, 1, m, "1f1b", link_bw_bytes_per_s=bw).step_time_s \
+        == plan.step_time_s
+    assert plan.step_lower_bound_s <= plan.step_time_s * (1 + 1e-12)
+
+
+def test_equal_stages_meet_the_bound_with_their_stage_passes():
+    """p equal stages of blocks t plus a pass cost o each: (m + p - 1) (t + o), bound and simulator alike."""
+    p, m, o = 3, 6, NodeTime(1e-4, 2e-4)
+    equal = synthetic_block_graph([1e-3] * (2 * p), stage_pass=o)
+    want = (m + p - 1) * (2e-3 + o.fwd_s + o.bwd_s)
+    assert pipeline_bound_s(problem(equal, p, m, v=1)) == pytest.approx(want)
+    assert split_step_s(equal, (2, 4), p, m, 1e12) == pytest.approx(want)

@@ -1,11 +1,15 @@
 """profile(): NodeCosts of captured graphs; meta models allocate nothing; measured mode on CPU."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 import torch.nn as nn
 
-from partitioner.cost_models.node_costs import NodeCosts
+from partitioner.cost_models.node_costs import NodeCost, NodeCosts
+from partitioner.cost_models.time import NodeTime
 from partitioner.cost_models.profile import module_costs, profile
 from partitioner import zoo
 from partitioner.passes.annotate import annotate
@@ -267,3 +271,41 @@ def test_measured_compiled_blocks_leave_out_the_compiled_call_overhead(tmp_path,
     costs = profile(captured, annotated, device="cpu", measure=True, compiled=True, example_inputs=[x],
                     progress=False)
     assert costs.total("fwd_time_s") == 0 and costs.total("bwd_time_s") == 0
+
+
+def test_the_stage_pass_survives_json_and_cuda_graphs_drop_its_host_part():
+    costs = NodeCosts({"a": NodeCost("a", fwd_time_s=1.0, bwd_time_s=2.0, host_fwd_time_s=0.5)},
+                      stage_pass=NodeTime(0.1, 0.2, 0.3, 0.4))
+    assert NodeCosts.from_json(costs.to_json()) == costs
+    old = json.loads(costs.to_json())
+    del old["stage_pass"]  # written before the field existed
+    assert NodeCosts.from_json(json.dumps(old)).stage_pass == NodeTime(0.0, 0.0)
+    assert costs.step_time_s() == pytest.approx(max(1.1, 0.8) + max(2.2, 0.4))  # the whole graph: one stage
+    graphed = costs.without_host()
+    assert graphed.stage_pass == NodeTime(0.1, 0.2, 0.0, 0.0)
+    assert graphed.step_time_s() == pytest.approx(1.1 + 2.2)
+
+
+def test_compiled_stages_on_the_cpu_pay_the_compiled_call_per_pass(monkeypatch):
+    """On the CPU device (host time 0) the stage pass is device time: the executor's constant, plus for
+    compiled stages the compiled call's machinery (compiled_call_overhead, patched: no compiling here);
+    where torch.compile fails the rest stands, with a warning. GPU specs hold it as host time."""
+    from partitioner.cost_models import profile as profile_module
+    from partitioner.cost_models.device import DEVICE_SPECS, calibrate_cpu
+    x = torch.randn(8, 16)
+    captured = capture(_Net(), (x,))
+    monkeypatch.setattr(profile_module, "compiled_call_overhead", lambda device, options: NodeTime(1e-4, 2e-4))
+    executor = calibrate_cpu().stage_pass_s
+    assert executor > 0
+    compiled = profile(captured, device="cpu", compiled=True, progress=False).stage_pass
+    assert compiled == NodeTime(executor + 1e-4, executor + 2e-4)
+    assert profile(captured, device="cpu", progress=False).stage_pass == NodeTime(executor, executor)
+
+    def fail(device, options):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(profile_module, "compiled_call_overhead", fail)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        assert profile(captured, device="cpu", compiled=True, progress=False).stage_pass == NodeTime(executor, executor)
+    spec = dataclasses.replace(DEVICE_SPECS["h100"], stage_pass_s=2e-5, compiled_stage_pass_s=1e-4)
+    on_gpu = profile(captured, device=spec, compiled=True, progress=False).stage_pass
+    assert on_gpu == NodeTime(0.0, 0.0, 1.2e-4, 1.2e-4)

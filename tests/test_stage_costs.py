@@ -2,14 +2,16 @@
 partitioner.stage_costs.stage_totals passes those sums on."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import networkx as nx
 import pytest
 
+from partitioner.cost_models.time import NodeTime
 from partitioner.problem import inflight_microbatches
 from partitioner.stage_costs import StageCostModel, StageTotals, closed_form_rank_mem_bytes, stage_totals
-from partitioner.passes.coarsen import Block, BlockGraph, CrossValue, SharedParam
+from partitioner.passes.coarsen import Block, BlockGraph, CrossValue, SharedParam, synthetic_block_graph
 
 BW = 3e9
 
@@ -38,7 +40,9 @@ def random_graph(rng: random.Random, n: int) -> BlockGraph:
     shared = [SharedParam(f"tied{i}", rng.randint(0, 10**8), rng.randint(0, 10**9),
                           tuple(sorted(rng.sample(range(n), k=rng.randint(1, 3)))), (f"attr{i}",),
                           trainable=rng.random() < 0.7) for i in range(rng.randint(0, 3))]
-    return BlockGraph(blocks, values, shared, graph)
+    stage_pass = rng.choice([NodeTime(0.0, 0.0), NodeTime(rng.uniform(0, 1), rng.uniform(0, 1)),
+                             NodeTime(rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0, 2), rng.uniform(0, 2))])
+    return BlockGraph(blocks, values, shared, graph, stage_pass=stage_pass)
 
 
 def reference_stats(bg, block_stage: list[int], p: int, v: int, bw: float) -> StageTotals:
@@ -81,8 +85,12 @@ def reference_stats(bg, block_stage: list[int], p: int, v: int, bw: float) -> St
             replicated.append(sp.fqn)
         if len(ranks) > 1 and sp.trainable:
             allreduce += 2 * sp.bytes / bw
-    return StageTotals([max(d, h) for d, h in zip(fwd, host_fwd)], [max(d, h) for d, h in zip(bwd, host_bwd)],
-                      recv, comm, saved, pbytes, static, rank_params, allreduce, replicated, {}, working)
+    o, used = bg.stage_pass, set(block_stage)  # each pass of a stage with blocks pays the stage pass once
+    fwd_pass = [max(d + o.fwd_s, h + o.host_fwd_s) if k in used else 0.0
+                for k, (d, h) in enumerate(zip(fwd, host_fwd))]
+    bwd_pass = [max(d + o.bwd_s, h + o.host_bwd_s) if k in used else 0.0
+                for k, (d, h) in enumerate(zip(bwd, host_bwd))]
+    return StageTotals(fwd_pass, bwd_pass, recv, comm, saved, pbytes, static, rank_params, allreduce, replicated, {}, working)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -113,3 +121,18 @@ def test_costs_and_stage_stats_match_the_rules(seed):
                      "working_bytes", "replicated_params"):
             assert getattr(full, name) == getattr(st, name), name
         assert full.allreduce_time_s == pytest.approx(st.allreduce_time_s, rel=1e-12)
+
+
+def test_every_stage_pays_the_stage_pass_once_per_pass():
+    """The same blocks on 4 stages cost 3 stage passes more per forward and per backward than on 1."""
+    o = NodeTime(0.1, 0.2)
+    bg = synthetic_block_graph([3.0] * 8, stage_pass=o)
+    one, _ = StageCostModel(bg, 1, 1, BW).costs([0] * 8)
+    four, _ = StageCostModel(bg, 4, 1, BW).costs([b // 2 for b in range(8)])
+    assert sum(one.fwd_time_s) == pytest.approx(8.0 + o.fwd_s)
+    assert sum(four.fwd_time_s) == pytest.approx(sum(one.fwd_time_s) + 3 * o.fwd_s)
+    assert sum(four.bwd_time_s) == pytest.approx(sum(one.bwd_time_s) + 3 * o.bwd_s)
+    # host-bound passes: the fixed host cost adds to the host sum, not on top of the device's
+    host = dataclasses.replace(bg, stage_pass=NodeTime(0.0, 0.0, 5.0, 0.0))
+    alone, _ = StageCostModel(host, 1, 1, BW).costs([0] * 8)
+    assert alone.fwd_time_s == (pytest.approx(8.0),)  # max(8 + 0, 0 + 5)

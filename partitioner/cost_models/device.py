@@ -54,6 +54,13 @@ class DeviceSpec:
     contended_atomic_s: device time per atomic add serialised on one cache line, the chain a
         compiled embedding backward runs when many indices hit one row
         (cost_models/contention.py); 0: not modelled.
+    stage_pass_s: fixed time of every stage pass (one forward or one backward of one stage for
+        one microbatch) beyond its nodes, eager or compiled: the executor's action and the
+        autograd.backward call (NodeCosts.stage_pass). Host time on a GPU; device time on the
+        CPU device, whose host time is 0 by convention.
+    compiled_stage_pass_s: what a compiled stage's pass adds to that (host time): torch.compile's
+        per-call machinery (dynamo's guards, AOTAutograd's wrappers, the autograd Function). On
+        the CPU device profile() measures it instead (cost_models.time.compiled_call_overhead).
     """
 
     name: str
@@ -73,6 +80,8 @@ class DeviceSpec:
     cpu_bwd_overhead_s: float = 0.0
     compiled_launch_overhead_s: float = 0.0
     contended_atomic_s: float = 0.0
+    stage_pass_s: float = 0.0
+    compiled_stage_pass_s: float = 0.0
 
     def flops_per_s(self, dtype: torch.dtype | str, *, tf32: bool = False) -> float:
         """Peak FLOP/s for matmuls in `dtype`; fp32 uses the TF32 rate when `tf32` is on."""
@@ -126,6 +135,9 @@ class DeviceSpec:
 # H100) spent 14.1 ms a microbatch in its encoder's relative-position-bias backward, 435,711 hits
 # on the hottest of 32 rows x 12 columns: 2.7 ns per atomic on one line (its decoder's, 32,896
 # hits, took 0.59 ms against 1.07 ms so costed).
+# The stage pass's fixed host costs (stage_pass_s, compiled_stage_pass_s) are left at 0 (not
+# modelled) on GPUs: they await a GPU measurement (benchmarks/host_overhead.py with 1 and 4 stages,
+# as done on the CPU, where calibrate_cpu and profile() set them).
 # They are properties of the host CPU and PyTorch's eager dispatch, not of the GPU: the same
 # values are assumed for every GPU below (H100/A100/L4 use the H200's fractions; re-measure
 # there and write a JSON spec when it matters).
@@ -171,6 +183,11 @@ def _time_it(fn, min_time_s: float = 0.05) -> float:
             return elapsed / runs
 
 
+# the executor's action around a stage pass: about 20 us of Python on the 2-core CPU; a constant,
+# not calibrated per machine
+CPU_STAGE_PASS_S = 20e-6
+
+
 @functools.lru_cache(maxsize=1)
 def calibrate_cpu() -> DeviceSpec:
     """Measure this CPU: fp32/bf16 matmul FLOP/s, copy bandwidth and per-op overhead (~0.5 s, once per process)."""
@@ -200,7 +217,7 @@ def calibrate_cpu() -> DeviceSpec:
         mem = 16 * GiB
     return DeviceSpec("cpu", rates, bw, int(mem), 5e9, 1.25e9, overhead,
                       f"calibrated on this machine ({torch.get_num_threads()} threads); "
-                      "links: shared memory within a host, 10 GbE between hosts")
+                      "links: shared memory within a host, 10 GbE between hosts", stage_pass_s=CPU_STAGE_PASS_S)
 
 
 def get_device_spec(name_or_path: str | DeviceSpec) -> DeviceSpec:

@@ -9,6 +9,7 @@ block that produces the model's output.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -16,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from partitioner.cost_models.node_costs import NodeCosts
 from partitioner.cost_models.profile import profile
+from partitioner.cost_models.time import NO_TIME
 from partitioner.passes.capture import capture
 
 
@@ -43,4 +45,5 @@ def profile_loss(loss_fn: Callable[[Any, Any], torch.Tensor], captured: Any, tar
     leaves = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in out_node.args[0]]
     output = pytree.tree_unflatten([_meta_like(v) for v in leaves], captured.out_spec)
     loss_graph = capture(_Loss(loss_fn), (output, _meta_like(target)))
-    return profile(loss_graph, inputs_require_grad=True, progress=False, **profile_kwargs)
+    costs = profile(loss_graph, inputs_require_grad=True, progress=False, **profile_kwargs)
+    return dataclasses.replace(costs, stage_pass=NO_TIME)  # it runs inside the last stage's passes

@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable
 
-from partitioner.cost_models.time import pass_time_s
+from partitioner.cost_models.time import NO_TIME, NodeTime, pass_time_s
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,12 @@ class NodeCosts:
     param_state_bytes: FQN -> bytes of parameter + gradient + optimizer state
         (in the weight's dtype, as torch.optim keeps them).
     time_source: "analytic" or "measured".
+    stage_pass: what every stage pass (one forward or one backward of one stage for one
+        microbatch) costs beyond its nodes, once per stage: the executor's action, the
+        autograd.backward call and, for compiled stages, torch.compile's per-call machinery
+        (guards, AOTAutograd's wrappers). Device parts on the CPU device, host parts on a GPU
+        (profile() says where it comes from); a stage's pass takes
+        stage_pass.fwd_pass_s(sum device, sum host) (NodeTime.fwd_pass_s). Default: nothing.
     """
 
     nodes: dict[str, NodeCost]
@@ -68,6 +74,7 @@ class NodeCosts:
     dtype: str = "float32"
     optimizer: str = "adamw"
     time_source: str = "analytic"
+    stage_pass: NodeTime = NO_TIME
 
     def total(self, attr: str, names: Iterable[str] | None = None) -> float:
         """`attr` summed over the nodes `names` (default: every node)."""
@@ -75,22 +82,25 @@ class NodeCosts:
         return sum(getattr(c, attr) for c in nodes)
 
     def step_time_s(self, names: Iterable[str] | None = None) -> float:
-        """Forward + backward of the nodes `names` (default: the whole graph) on one device:
-        per pass, max(sum device, sum host)."""
+        """Forward + backward of the nodes `names` (default: the whole graph) as one stage on one
+        device: per pass, max(sum device, sum host), the stage pass's overhead paid once."""
         names = None if names is None else list(names)
-        return (pass_time_s(self.total("fwd_time_s", names), self.total("host_fwd_time_s", names))
-                + pass_time_s(self.total("bwd_time_s", names), self.total("host_bwd_time_s", names)))
+        o = self.stage_pass
+        return (o.fwd_pass_s(self.total("fwd_time_s", names), self.total("host_fwd_time_s", names))
+                + o.bwd_pass_s(self.total("bwd_time_s", names), self.total("host_bwd_time_s", names)))
 
     def without_host(self) -> "NodeCosts":
         """These costs with no host dispatch time: a step replayed as a CUDA graph launches once."""
         nodes = {k: replace(c, host_fwd_time_s=0.0, host_bwd_time_s=0.0) for k, c in self.nodes.items()}
-        return replace(self, nodes=nodes)
+        return replace(self, nodes=nodes, stage_pass=self.stage_pass.device_only())
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> "NodeCosts":
+        """The NodeCosts to_json wrote (one written before stage_pass existed: none)."""
         d = json.loads(text)
         d["nodes"] = {k: NodeCost(**v) for k, v in d["nodes"].items()}
+        d["stage_pass"] = NodeTime(**d["stage_pass"]) if "stage_pass" in d else NO_TIME
         return cls(**d)

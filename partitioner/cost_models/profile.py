@@ -30,8 +30,8 @@ from partitioner.cost_models.fusion import compiled_times, fuse_pointwise_runs
 from partitioner.cost_models.memory import (OPTIMIZER_STATES, DtypeScale, backward_walk, output_savers, params_state_bytes,
                                  saved_bytes_per_node, value_bytes)
 from partitioner.cost_models.node_costs import NodeCost, NodeCosts
-from partitioner.cost_models.time import (Kernel, NodeTime, analytic_node_time, math_attention_kernels, measure_block_times,
-                                          roofline_time_s)
+from partitioner.cost_models.time import (NO_TIME, Kernel, NodeTime, analytic_node_time, compiled_call_overhead,
+                                          math_attention_kernels, measure_block_times, roofline_time_s)
 from partitioner.errors import CostModelError
 from partitioner.runtime.compiled import DEFAULT_OPTIONS as DEFAULT_COMPILE_OPTIONS
 
@@ -175,7 +175,26 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
                                output_saved_by=savers.get(name, ""), output_requires_grad=trace.requires_grad)
     return NodeCosts(nodes=nodes, param_state_bytes=parameter_state_bytes(gm, tied, dtype, optimizer),
                      device=spec.name, dtype=str(dtype).removeprefix("torch."), optimizer=optimizer,
-                     time_source="measured" if measure else "analytic")
+                     time_source="measured" if measure else "analytic", stage_pass=stage_pass_time(spec, compiled))
+
+
+def stage_pass_time(spec: DeviceSpec, compiled: bool) -> NodeTime:
+    """NodeCosts.stage_pass on `spec`: spec.stage_pass_s per pass, plus for compiled stages the
+    compiled call's machinery. On the CPU device (host time 0 by convention) device time, the
+    compiled part measured here (compiled_call_overhead: a compiled `x * 2`, forward and
+    backward; 0, with a warning, where this CPU cannot compile); on a GPU host time, the
+    compiled part spec.compiled_stage_pass_s."""
+    if spec.name != "cpu":
+        host = spec.stage_pass_s + (spec.compiled_stage_pass_s if compiled else 0.0)
+        return NodeTime(0.0, 0.0, host, host)
+    call = NO_TIME
+    if compiled:
+        try:
+            call = compiled_call_overhead(torch.device("cpu"), dict(DEFAULT_COMPILE_OPTIONS))
+        except Exception as err:  # noqa: BLE001 - no C++ compiler, or inductor failed: the pass's rest stands
+            warnings.warn(f"a compiled stage's per-call cost: torch.compile failed on this CPU ({type(err).__name__}: "
+                          f"{str(err)[:200]}); costing the stage pass without it.", RuntimeWarning, stacklevel=3)
+    return NodeTime(spec.stage_pass_s + call.fwd_s, spec.stage_pass_s + call.bwd_s)
 
 
 def _compiled_saved(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], scale: DtypeScale) -> dict[str, int] | None:

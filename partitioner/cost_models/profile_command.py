@@ -178,7 +178,9 @@ def run_profile(args: argparse.Namespace) -> None:
                   human_time(total.time_s))
     console.print(table)
     state = sum(costs.param_state_bytes.values())
-    fwd_s, bwd_s = max(total.fwd_time_s, total.host_fwd_time_s), max(total.bwd_time_s, total.host_bwd_time_s)
+    # the whole model as one stage
+    fwd_s = costs.stage_pass.fwd_pass_s(total.fwd_time_s, total.host_fwd_time_s)
+    bwd_s = costs.stage_pass.bwd_pass_s(total.bwd_time_s, total.host_bwd_time_s)
     console.print(f"one microbatch: forward {human_time(fwd_s)}, backward {human_time(bwd_s)}; "
                   f"parameters + gradients + {args.optimizer} state: {human_bytes(state)}; "
                   f"activations saved for backward: {human_bytes(total.saved_bytes)} (depth {depth})")

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.fx
 from torch.utils import _pytree as pytree
@@ -72,6 +73,22 @@ class NodeTime:
         """Forward + backward seconds, host and device overlapping within each pass."""
         return pass_time_s(self.fwd_s, self.host_fwd_s) + pass_time_s(self.bwd_s, self.host_bwd_s)
 
+    def fwd_pass_s(self, device_s, host_s, stages=1):
+        """A forward pass over runs of blocks whose device and host times sum to device_s / host_s,
+        held by `stages` stages that each pay this fixed cost once (self as a stage pass's overhead,
+        NodeCosts.stage_pass): pass_time_s(device_s + stages * fwd_s, host_s + stages * host_fwd_s).
+        Exact for one stage (0 for none: a stage without blocks costs nothing); for several, a lower
+        bound on their sum (a sum of maxima is at least the maximum of the sums). Takes numpy arrays."""
+        return pass_time_s(device_s + stages * self.fwd_s, host_s + stages * self.host_fwd_s)
+
+    def bwd_pass_s(self, device_s, host_s, stages=1):
+        """The backward's `fwd_pass_s`."""
+        return pass_time_s(device_s + stages * self.bwd_s, host_s + stages * self.host_bwd_s)
+
+    def device_only(self) -> "NodeTime":
+        """These times without their host parts (a step replayed as a CUDA graph launches once)."""
+        return NodeTime(self.fwd_s, self.bwd_s)
+
     @classmethod
     def summed(cls, times: Iterable["NodeTime"]) -> "NodeTime":
         """A run of nodes or blocks: each of the four times summed (its time_s is then the run's)."""
@@ -81,8 +98,14 @@ class NodeTime:
 
 def pass_time_s(device_s: float, host_s: float) -> float:
     """Time of a forward or backward pass over a run of nodes: the device and the host work
-    in parallel (the host queues kernels ahead), so the slower of the two sets the pace."""
+    in parallel (the host queues kernels ahead), so the slower of the two sets the pace.
+    Elementwise on numpy arrays."""
+    if isinstance(device_s, np.ndarray) or isinstance(host_s, np.ndarray):
+        return np.maximum(device_s, host_s)
     return max(device_s, host_s)
+
+
+NO_TIME = NodeTime(0.0, 0.0)
 
 
 MATMUL_K_TILE = 64  # the reduction a tensor-core GEMM's main loop consumes per stage of its pipeline

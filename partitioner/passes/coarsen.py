@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from partitioner.cost_models.flops import COMPUTE_OPS
-from partitioner.cost_models.time import pass_time_s
+from partitioner.cost_models.time import NO_TIME, NodeTime, pass_time_s
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,8 @@ class BlockGraph:
 
     graph: networkx DiGraph on block ids, edge attr "bytes" = sum of CrossValue bytes u->v.
     Every edge goes from a lower to a higher id.
+    stage_pass: the fixed cost of every stage pass beyond its blocks (NodeCosts.stage_pass), paid
+    once per forward and per backward of every non-empty stage (partitioner/stage_costs.py).
     """
 
     blocks: list[Block]
@@ -114,6 +116,7 @@ class BlockGraph:
     shared_params: list[SharedParam] = field(default_factory=list)
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     depth: int = 0
+    stage_pass: NodeTime = NO_TIME
 
     @property
     def num_blocks(self) -> int:
@@ -131,16 +134,16 @@ class BlockGraph:
 
     def to_json(self) -> str:
         """Blocks, values, shared parameters, the graph's edges (with their attributes, in the graph's
-        order, so a reloaded graph is iterated alike) and the depth, as JSON."""
+        order, so a reloaded graph is iterated alike), the depth and the stage pass's cost, as JSON."""
         return json.dumps({"blocks": [dataclasses.asdict(b) for b in self.blocks],
                            "values": [dataclasses.asdict(v) for v in self.values],
                            "shared_params": [dataclasses.asdict(s) for s in self.shared_params],
                            "edges": [[u, v, data] for u, v, data in self.graph.edges(data=True)],
-                           "depth": self.depth})
+                           "depth": self.depth, "stage_pass": dataclasses.asdict(self.stage_pass)})
 
     @classmethod
     def from_json(cls, text: str) -> BlockGraph:
-        """The BlockGraph to_json wrote."""
+        """The BlockGraph to_json wrote (one written before stage_pass existed: none)."""
         data = json.loads(text)
 
         def load(kind, row: dict):  # JSON has lists where the dataclasses hold tuples
@@ -152,7 +155,8 @@ class BlockGraph:
         for u, v, attrs in data["edges"]:
             g.add_edge(u, v, **attrs)
         return cls(blocks, [load(CrossValue, v) for v in data["values"]],
-                   [load(SharedParam, s) for s in data["shared_params"]], g, data["depth"])
+                   [load(SharedParam, s) for s in data["shared_params"]], g, data["depth"],
+                   NodeTime(**data["stage_pass"]) if "stage_pass" in data else NO_TIME)
 
 
 def _single_tensor(info) -> bool:
@@ -345,7 +349,8 @@ def coarsen(annotated, costs, depth: int | None = None, min_blocks: int = 1,
         for c in v.consumers:
             prev = g.edges[v.producer, c]["bytes"] if g.has_edge(v.producer, c) else 0
             g.add_edge(v.producer, c, bytes=prev + v.bytes)
-    return BlockGraph(blocks=blocks, values=values, shared_params=shared, graph=g, depth=depth)
+    return BlockGraph(blocks=blocks, values=values, shared_params=shared, graph=g, depth=depth,
+                      stage_pass=getattr(costs, "stage_pass", NO_TIME))
 
 
 def _block_names(compute: list, run_of: list[int], num_blocks: int, depth: int) -> list[str]:
@@ -389,12 +394,13 @@ def attach_loss(bg: BlockGraph, loss) -> BlockGraph:
 def synthetic_block_graph(times_s: list[float], edges: dict[tuple[int, int], int] | None = None,
                           param_state_bytes: list[int] | None = None, saved_bytes: list[int] | None = None,
                           shared: list[tuple[str, int, tuple[int, ...]]] | None = None,
-                          output_bytes: int = 0) -> BlockGraph:
+                          output_bytes: int = 0, stage_pass: NodeTime = NO_TIME) -> BlockGraph:
     """A BlockGraph from numbers (tests, benchmarks): block b takes times_s[b] (1/3 fwd, 2/3 bwd).
 
     edges: (u, v) -> bytes with u < v (default: a chain of 0-byte edges).
     shared: (fqn, state_bytes, user blocks) for tied parameters (bytes = state_bytes / 4).
     The last block's output (output_bytes) goes to the graph output.
+    stage_pass: every stage pass's fixed cost (BlockGraph.stage_pass).
     """
     n = len(times_s)
     if edges is None:
@@ -415,4 +421,4 @@ def synthetic_block_graph(times_s: list[float], edges: dict[tuple[int, int], int
     g.add_nodes_from(range(n))
     for (u, v), nbytes in edges.items():
         g.add_edge(u, v, bytes=nbytes)
-    return BlockGraph(blocks, values, sps, g, depth=0)
+    return BlockGraph(blocks, values, sps, g, depth=0, stage_pass=stage_pass)
