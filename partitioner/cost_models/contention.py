@@ -6,8 +6,10 @@ into the weight's gradient. Atomics on one cache line are serialised while other
 in parallel, so when many indices hit one row the hottest row's chain, not memory bandwidth,
 sets the kernel's time: T5's relative position bias sends every query-key pair into one of 32
 buckets, most of them into the farthest ones, and that backward kernel can take half a
-microbatch's device time (benchmarks/RESULTS.md). Eager PyTorch sorts the indices and reduces
-segments instead; that path is not modelled here.
+microbatch's device time (benchmarks/RESULTS.md). Capture rewrites such lookups of constant
+indices as one-hot matmuls where the one-hot fits (partitioner/passes/onehot_lookup.py); this
+prices the ones left. Eager PyTorch sorts the indices and reduces segments instead; that path is
+not modelled here.
 
 How many indices hit the hottest row is read from the index values when the graph computes
 them from constants alone (positions: aranges and bucketing arithmetic, evaluated here on the
