@@ -167,9 +167,14 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         origin = (f"the default of 2 x {p} devices" if defaulted and plan is None else
                   "the plan's" if defaulted else "requested")
         share = f" x {dp} data-parallel replicas" if dp > 1 else ""
+        leaves = pytree.tree_leaves((args, kwargs))
+        first = next(n for n, x in zip(input_leaf_names(model, args, kwargs), leaves)
+                     if isinstance(x, torch.Tensor) and x.dim() > 0)
         raise RuntimeConfigError(f"compile_parallel: the example batch of {batch} does not split into {microbatches} "
                                  f"microbatches ({origin}){share}; pass microbatches= one of {fits} or a batch that "
-                                 f"{dp * microbatches} divides.")
+                                 f"{dp * microbatches} divides. (The batch size is dim 0 of the first tensor input, "
+                                 f"'{first}'; if it is shared by every sample rather than batched, pass a batched "
+                                 "input first, e.g. the shared one as a keyword input: kwargs come after args.)")
     mb_args, mb_kwargs = _first_microbatch(args, kwargs, dp * microbatches)
     try:
         if plan is None:

@@ -256,8 +256,29 @@ def _fast_export():
             exported_program._create_graph_module_for_export = make_ep_module
 
 
+@contextlib.contextmanager
+def _reentrant_checkpoint_inlined():
+    """Trace torch.utils.checkpoint(..., use_reentrant=True) as a plain call of its function.
+
+    The reentrant form is an autograd.Function whose forward runs the function under no_grad and
+    whose backward runs it again; export traces only the forward, so the graph would cut the
+    gradient of everything before each checkpointed layer (HF's gradient_checkpointing_enable()
+    with use_reentrant=True). Inlined, the graph computes the same values and gradients; what to
+    keep or recompute is the plan's business, not the model's."""
+    from torch.utils import checkpoint as ckpt
+    own = ckpt.CheckpointFunction.__dict__.get("apply")  # None: inherited from autograd.Function
+    ckpt.CheckpointFunction.apply = staticmethod(lambda function, preserve_rng_state, *args: function(*args))
+    try:
+        yield
+    finally:
+        if own is None:
+            del ckpt.CheckpointFunction.apply
+        else:
+            ckpt.CheckpointFunction.apply = own
+
+
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, pytree.TreeSpec]:
-    with _quiet_on_failure(), _fast_export():
+    with _quiet_on_failure(), _fast_export(), _reentrant_checkpoint_inlined():
         ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
         out_spec = ep.call_spec.out_spec
         gm = _unlift(ep)
