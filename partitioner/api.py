@@ -82,6 +82,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         into dp shares, then each into `microbatches` (default 2 x pipeline ranks); other inputs go
         whole to every microbatch.
     loss_fn(output, target) -> scalar mean loss of a batch; train_step returns the mean over microbatches.
+        Each microbatch runs as the model would under gradient accumulation over the same microbatches:
+        BatchNorm normalises with that microbatch's statistics and updates its running statistics once
+        per microbatch, in order (num_batches_tracked advances by `microbatches` per step), and a loss
+        that couples samples (a contrastive loss) couples those of one microbatch.
     schedule: "gpipe", "1f1b" (default) or "interleaved-1f1b" (default when chunks > 1).
     plan: a Plan to use as is; else partitioner.plan_model plans it (memory: per-device cap, e.g. "24GiB";
         device_type: DeviceSpec name for the cost model (default: the table entry of the GPU in use,
