@@ -82,7 +82,7 @@ def normalise_module_path(path: str) -> str:
 def size_bound(size: int | torch.SymInt) -> int:
     """A size as an int; a data-dependent one (the rows a mixture of experts routes to one expert,
     a boolean mask's selection: an unbacked symbol) as the upper bound torch proved for it, which is
-    what memory must allow for (the graph's own size when the bound is unknown)."""
+    what memory must allow for; 1 when torch proved none (the value is then costed as if empty)."""
     if isinstance(size, int) or not isinstance(size, torch.SymInt):
         return int(size)
     node = size.node
