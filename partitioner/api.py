@@ -82,6 +82,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         into dp shares, then each into `microbatches` (default 2 x pipeline ranks); other inputs go
         whole to every microbatch.
     loss_fn(output, target) -> scalar mean loss of a batch; train_step returns the mean over microbatches.
+        Each microbatch runs as the model would under gradient accumulation over the same microbatches:
+        BatchNorm normalises with that microbatch's statistics and updates its running statistics once
+        per microbatch, in order (num_batches_tracked advances by `microbatches` per step), and a loss
+        that couples samples (a contrastive loss) couples those of one microbatch.
     schedule: "gpipe", "1f1b" (default) or "interleaved-1f1b" (default when chunks > 1).
     plan: a Plan to use as is; else partitioner.plan_model plans it (memory: per-device cap, e.g. "24GiB";
         device_type: DeviceSpec name for the cost model (default: the table entry of the GPU in use,
@@ -167,9 +171,14 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         origin = (f"the default of 2 x {p} devices" if defaulted and plan is None else
                   "the plan's" if defaulted else "requested")
         share = f" x {dp} data-parallel replicas" if dp > 1 else ""
+        leaves = pytree.tree_leaves((args, kwargs))
+        first = next(n for n, x in zip(input_leaf_names(model, args, kwargs), leaves)
+                     if isinstance(x, torch.Tensor) and x.dim() > 0)
         raise RuntimeConfigError(f"compile_parallel: the example batch of {batch} does not split into {microbatches} "
                                  f"microbatches ({origin}){share}; pass microbatches= one of {fits} or a batch that "
-                                 f"{dp * microbatches} divides.")
+                                 f"{dp * microbatches} divides. (The batch size is dim 0 of the first tensor input, "
+                                 f"'{first}'; if it is shared by every sample rather than batched, pass a batched "
+                                 "input first, e.g. the shared one as a keyword input: kwargs come after args.)")
     mb_args, mb_kwargs = _first_microbatch(args, kwargs, dp * microbatches)
     try:
         if plan is None:

@@ -1,8 +1,13 @@
 """compile_parallel on Hugging Face architectures the zoo does not build: grouped-query attention
-(Qwen2), a mixture of experts with data-dependent routing (Mixtral), an encoder-decoder driven by
-keyword inputs (BART) or by `labels` it shifts into decoder inputs in place and computes its own loss
-from (T5, BART), and an image model (ViT). Loss and gradients equal the unpartitioned
-model's (fp32, rel err < 1e-5), under 1f1b and interleaved-1f1b.
+(Qwen2), a mixture of experts with data-dependent routing (Mixtral; JetMoE's per-expert row counts
+are data-dependent shapes), an encoder-decoder driven by keyword inputs (BART, Whisper's
+input_features) or by `labels` it shifts into decoder inputs in place and computes its own loss
+from (T5, BART), image models (ViT, Swin's shifted windows), encoders with padding masks and
+token types as keyword inputs (BERT), one layer shared by every depth (ALBERT), ALiBi (Bloom),
+padded causal attention (Llama), sliding windows (Gemma2), two towers with a contrastive loss
+(CLIP), and reentrant gradient checkpointing. Loss and gradients equal the unpartitioned model's
+run with gradient accumulation over the same microbatches (fp32, rel err < 1e-5), under 1f1b and
+interleaved-1f1b.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import pytest
 import torch
 
 from partitioner.api import compile_parallel
+from partitioner.microbatch import batch_size, split_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,6 +37,16 @@ def model_loss(out, target: torch.Tensor) -> torch.Tensor:
 
 def class_loss(out, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(out.logits, target)
+
+
+def padding_mask(left: bool = False) -> torch.Tensor:
+    """An attention mask with padding (zeros) in two of the samples, on the left or the right."""
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    if left:
+        mask[0, :3], mask[2, :1] = 0, 0
+    else:
+        mask[1, 5:], mask[3, 6:] = 0, 0
+    return mask
 
 
 def build(name: str):
@@ -71,26 +87,93 @@ def build(name: str):
                                      attention_probs_dropout_prob=0.0)
         model = transformers.ViTForImageClassification(cfg)
         args, target, loss_fn = (torch.randn(BATCH, 3, 16, 16),), torch.randint(0, 3, (BATCH,)), class_loss
+    elif name in ("bert-cls", "bert-mlm", "albert"):
+        kwargs = {"attention_mask": padding_mask(), "token_type_ids": torch.randint(0, 2, (BATCH, SEQ))}
+        dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0)
+        if name == "albert":  # one layer's weights at every depth, embeddings narrower than the layers
+            model = transformers.AlbertForSequenceClassification(transformers.AlbertConfig(
+                embedding_size=16, num_labels=3, **dropout, **SMALL))
+        elif name == "bert-cls":
+            model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **dropout,
+                                                                                       **SMALL))
+        else:
+            model = transformers.BertForMaskedLM(transformers.BertConfig(**dropout, **SMALL))
+        args = (tokens,)
+        target, loss_fn = (torch.randint(0, VOCAB, (BATCH, SEQ)), token_loss) if name == "bert-mlm" else (
+            torch.randint(0, 3, (BATCH,)), class_loss)
+    elif name == "bloom":  # ALiBi position biases, built from the padding mask
+        model = transformers.BloomForCausalLM(transformers.BloomConfig(
+            hidden_size=32, n_layer=4, n_head=4, vocab_size=VOCAB, hidden_dropout=0.0, attention_dropout=0.0))
+        args, kwargs = (tokens,), {"attention_mask": padding_mask(left=True)}
+        target, loss_fn = torch.randint(0, VOCAB, (BATCH, SEQ)), token_loss
+    elif name in ("llama-padded", "llama-checkpointed"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **SMALL))
+        args, kwargs = (tokens,), {"attention_mask": padding_mask(left=True)}
+        if name == "llama-checkpointed":
+            model.gradient_checkpointing_enable({"use_reentrant": True})
+        target, loss_fn = torch.randint(0, VOCAB, (BATCH, SEQ)), token_loss
+    elif name == "gemma2":  # sliding-window layers alternate with global ones; logits soft-capped
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            num_key_value_heads=2, head_dim=8, sliding_window=4, **SMALL))
+        args, target, loss_fn = (tokens,), torch.randint(0, VOCAB, (BATCH, SEQ)), token_loss
+    elif name == "jetmoe":
+        model = transformers.JetMoeForCausalLM(transformers.JetMoeConfig(
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, kv_channels=8, **SMALL))
+        args, target, loss_fn = (tokens,), torch.randint(0, VOCAB, (BATCH, SEQ)), token_loss
+    elif name == "whisper":
+        model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+            d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB, num_mel_bins=8, max_source_positions=8,
+            max_target_positions=16, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))
+        args, kwargs = (torch.randn(BATCH, 8, 16),), {"decoder_input_ids": tokens}
+        target, loss_fn = torch.randint(0, VOCAB, (BATCH, SEQ)), token_loss
+    elif name == "clip":  # the contrastive loss of each microbatch's image-text pairs, return_loss=True
+        model = transformers.CLIPModel(transformers.CLIPConfig(
+            text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             vocab_size=VOCAB, max_position_embeddings=16, bos_token_id=1, eos_token_id=2),
+            vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                               image_size=16, patch_size=4), projection_dim=16))
+        args, kwargs = (tokens,), {"pixel_values": torch.randn(BATCH, 3, 16, 16), "return_loss": True}
+        target, loss_fn = torch.zeros(BATCH), model_loss
+    elif name == "swin":
+        model = transformers.SwinForImageClassification(transformers.SwinConfig(
+            image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=3,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0))
+        args, target, loss_fn = (torch.randn(BATCH, 3, 16, 16),), torch.randint(0, 3, (BATCH,)), class_loss
     else:
         raise ValueError(name)
     model.config.use_cache = False
     return model.train(), args, kwargs, target, loss_fn
 
 
-@pytest.mark.parametrize("name,chunks", [("qwen2", 1), ("mixtral", 1), ("mixtral", 2), ("bart", 1), ("vit", 2),
-                                        ("t5-labels", 1), ("t5-labels", 2), ("bart-labels", 1)])
+def accumulated(model, args: tuple, kwargs: dict, target, loss_fn, microbatches: int) -> float:
+    """The model's loss and gradients with gradient accumulation over the microbatches the pipeline
+    runs (the same as one forward of the batch unless the loss couples samples, as CLIP's does)."""
+    inputs = split_batch((args, kwargs), microbatches, "input", batch_size((args, kwargs)))
+    loss = 0.0
+    for (mb_args, mb_kwargs), mb_target in zip(inputs, split_batch(target, microbatches, "target")):
+        mb_loss = loss_fn(model(*mb_args, **mb_kwargs), mb_target) / microbatches
+        mb_loss.backward()
+        loss += mb_loss.item()
+    return loss
+
+
+@pytest.mark.parametrize("name,chunks", [
+    ("qwen2", 1), ("mixtral", 1), ("mixtral", 2), ("bart", 1), ("vit", 2), ("t5-labels", 1), ("t5-labels", 2),
+    ("bart-labels", 1), ("bert-cls", 1), ("bert-mlm", 2), ("albert", 2), ("bloom", 1), ("llama-padded", 2),
+    ("llama-checkpointed", 1), ("gemma2", 1), ("jetmoe", 2), ("whisper", 1), ("clip", 1), ("swin", 1)])
 def test_loss_and_gradients_equal_the_model(name, chunks):
     model, args, kwargs, target, loss_fn = build(name)
     reference = copy.deepcopy(model)
-    want_loss = loss_fn(reference(*args, **kwargs), target)
-    want_loss.backward()
+    want_loss = accumulated(reference, args, kwargs, target, loss_fn, microbatches=2)
     want = {n: p.grad for n, p in reference.named_parameters()}
 
     pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, args, loss_fn, example_kwargs=kwargs,
                           example_target=target, microbatches=2, chunks=chunks)
     loss = pm.train_step(*args, target=target, **kwargs)
 
-    assert abs(loss.item() - want_loss.item()) <= 1e-5 * abs(want_loss.item())
+    assert abs(loss.item() - want_loss) <= 1e-5 * abs(want_loss)
     got = dict(pm.named_parameters())
     assert set(got) == set(want)
     largest = max(g.abs().max().item() for g in want.values() if g is not None)

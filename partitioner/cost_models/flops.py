@@ -22,6 +22,7 @@ the bool mask of CUDA's native_dropout, not the float mask of the CPU decomposit
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from partitioner.cost_models.trace_reuse import NodeTemplate, node_key, storage_id
+from partitioner.passes.annotate import is_data_dependent, size_bound
 from partitioner.errors import CostModelError
 
 
@@ -218,12 +220,26 @@ def _fake_like(val: Any) -> Any:
     """A fresh fake tensor with the shape/stride/dtype/device of `val` (under the active fake mode)."""
     if not isinstance(val, torch.Tensor):
         return val
-    shape = tuple(val.shape)
-    if any(not isinstance(s, int) for s in shape):
-        raise CostModelError(
-            f"cannot profile a value of symbolic shape {shape}: capture the model with static "
-            "example inputs (no dynamic_shapes)")
-    return torch.empty_strided(shape, tuple(val.stride()), dtype=val.dtype, device=val.device)
+    if not is_data_dependent(val):
+        shape = tuple(val.shape)
+        if any(not isinstance(s, int) for s in shape):
+            raise CostModelError(
+                f"cannot profile a value of symbolic shape {shape}: capture the model with static "
+                "example inputs (no dynamic_shapes)")
+        return torch.empty_strided(shape, tuple(val.stride()), dtype=val.dtype, device=val.device)
+    return torch.empty(tuple(size_bound(s) for s in val.shape), dtype=val.dtype, device=val.device)
+
+
+def _bounded(value: Any, requires_grad: bool) -> Any:
+    """A stand-in for a data-dependent value: its sizes at their upper bounds (annotate.size_bound)."""
+    def one(leaf: Any) -> Any:
+        if isinstance(leaf, torch.SymInt):
+            return size_bound(leaf)
+        if isinstance(leaf, torch.Tensor):
+            t = _fake_like(leaf)
+            return t.requires_grad_(requires_grad and _is_float_tensor(t))
+        return leaf
+    return pytree.tree_map(one, value)
 
 
 def _is_trainable_attr(gm: torch.fx.GraphModule, target: str) -> bool:
@@ -373,12 +389,21 @@ class _NodeTracer(torch.fx.Interpreter):
         args, kwargs, leaves = self._leaf_args(args, kwargs, n)
         trace.input_sizes = _distinct_sizes((args, kwargs))
         before, first_op = self._total_flops(), len(self.kernels.ops)
-        if leaves:
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(trace, t), lambda h: h):
-                out = getattr(self, n.op)(n.target, args, kwargs)
-        else:
-            with torch.no_grad():
-                out = getattr(self, n.op)(n.target, args, kwargs)
+        try:
+            if leaves:
+                with torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(trace, t), lambda h: h):
+                    out = getattr(self, n.op)(n.target, args, kwargs)
+            else:
+                with torch.no_grad():
+                    out = getattr(self, n.op)(n.target, args, kwargs)
+        except Exception:
+            # a data-dependent value (nonzero, .item(), a split by routed counts) cannot run on fake
+            # tensors without its sizes: it stands in at their upper bounds, uncosted, and the nodes
+            # after it run on that stand-in (those that cannot, e.g. an index_add of the stand-ins
+            # into a static tensor, are replaced by their own value: sizes known, uncosted)
+            if not is_data_dependent([n.meta.get("val"), *(i.meta.get("val") for i in n.all_input_nodes)]):
+                raise
+            out = _bounded(n.meta["val"], bool(leaves))
         trace.fwd_flops = self._total_flops() - before
         trace.fwd_ops = self.kernels.ops[first_op:]
         if n.target in _SDPA:
@@ -394,7 +419,11 @@ class _NodeTracer(torch.fx.Interpreter):
         if outs and leaves:
             grads = [torch.empty_like(t) for t in outs]
             before, first_op = self._total_flops(), len(self.kernels.ops)
-            torch.autograd.grad(outs, leaves, grads, allow_unused=True)
+            try:
+                torch.autograd.grad(outs, leaves, grads, allow_unused=True)
+            except Exception:  # a backward that needs a data-dependent size (x[mask] = y): uncosted
+                if not is_data_dependent([n.meta.get("val"), *(i.meta.get("val") for i in n.all_input_nodes)]):
+                    raise
             trace.bwd_flops = self._total_flops() - before
             trace.bwd_ops = self.kernels.ops[first_op:]
             if n.target is torch.ops.aten.dropout.default and trace.saved:
@@ -505,6 +534,9 @@ def trace_nodes(gm: torch.fx.GraphModule, *, inputs_require_grad: bool = False,
     tracer = _NodeTracer(gm, inputs_require_grad, reuse)
     fake_mode = tracer.fake_mode
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # a failing op's traceback: we name it
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     with fake_mode, tracer.counter, tracer.kernels, torch.enable_grad():
         try:
             tracer.run(*[None] * len(placeholders))
@@ -515,6 +547,8 @@ def trace_nodes(gm: torch.fx.GraphModule, *, inputs_require_grad: bool = False,
             where = f"node '{node.name}' ({node.target})" if node is not None else "the graph"
             raise CostModelError(f"cannot run {where} on fake tensors to count its costs: "
                                  f"{type(e).__name__}: {e}") from e
+        finally:
+            fake_log.setLevel(level)
     return tracer.traces
 
 

@@ -1,6 +1,7 @@
 """Per-node facts of a captured graph: shapes, dtypes, owning module, parameters, bytes."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ class NodeInfo:
     is_param: True for get_attr nodes that load a parameter or buffer.
     stage_mates: nodes a split keeps on this node's stage (passes/writes.py: the views an in-place
         write goes through, the writes an after_write follows).
+    data_dependent: its value's size is known only at run time (shapes hold the upper bound): it
+        never crosses a stage boundary.
     """
 
     name: str
@@ -44,6 +47,7 @@ class NodeInfo:
     output_bytes: int
     is_param: bool = False
     stage_mates: tuple[str, ...] = ()
+    data_dependent: bool = False
 
 
 @dataclass
@@ -75,14 +79,37 @@ def normalise_module_path(path: str) -> str:
     return path.strip(".")
 
 
+def size_bound(size: int | torch.SymInt) -> int:
+    """A size as an int; a data-dependent one (the rows a mixture of experts routes to one expert,
+    a boolean mask's selection: an unbacked symbol) as the upper bound torch proved for it, which is
+    what memory must allow for; 1 when torch proved none (the value is then costed as if empty)."""
+    if isinstance(size, int) or not isinstance(size, torch.SymInt):
+        return int(size)
+    node = size.node
+    if node.has_hint():
+        return int(node.hint)
+    upper = node.shape_env.bound_sympy(node.expr).upper
+    return int(upper) if upper.is_finite else 1
+
+
+def is_data_dependent(value: Any) -> bool:
+    """Whether `value` (a node's meta["val"]) holds a size or number only known at run time: a
+    SymInt, or a tensor shaped by one (a mixture of experts' per-expert rows, x[mask])."""
+    for leaf in pytree.tree_leaves(value):
+        if isinstance(leaf, torch.SymInt) or (isinstance(leaf, torch.Tensor) and any(
+                isinstance(s, torch.SymInt) for s in (*leaf.shape, *leaf.stride()))):
+            return True
+    return False
+
+
 def _leaf_facts(value: Any) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...], int]:
     shapes, dtypes, nbytes = [], [], 0
     for leaf in pytree.tree_leaves(value):
         if isinstance(leaf, torch.Tensor):
-            shape = tuple(int(s) for s in leaf.shape)
+            shape = tuple(size_bound(s) for s in leaf.shape)
             shapes.append(shape)
             dtypes.append(str(leaf.dtype).removeprefix("torch."))
-            nbytes += int(leaf.numel()) * leaf.element_size()
+            nbytes += math.prod(shape) * leaf.element_size()
         else:
             shapes.append(())
             dtypes.append("")
@@ -122,7 +149,7 @@ def annotate(captured: Captured) -> AnnotatedGraph:
             name=node.name, op=node.op, target=str(node.target), inputs=inputs, shapes=shapes,
             dtypes=dtypes, module_path=path, module_type=mtype, params=params,
             output_bytes=0 if node.op == "output" else nbytes, is_param=is_param,
-            stage_mates=stage_mates(node)))
+            stage_mates=stage_mates(node), data_dependent=is_data_dependent(value)))
     return AnnotatedGraph(nodes=infos, param_bytes=param_bytes, param_numel=param_numel,
                           tied=[list(g) for g in captured.tied])
 

@@ -256,8 +256,29 @@ def _fast_export():
             exported_program._create_graph_module_for_export = make_ep_module
 
 
+@contextlib.contextmanager
+def _reentrant_checkpoint_inlined():
+    """Trace torch.utils.checkpoint(..., use_reentrant=True) as a plain call of its function.
+
+    The reentrant form is an autograd.Function whose forward runs the function under no_grad and
+    whose backward runs it again; export traces only the forward, so the graph would cut the
+    gradient of everything before each checkpointed layer (HF's gradient_checkpointing_enable()
+    with use_reentrant=True). Inlined, the graph computes the same values and gradients; what to
+    keep or recompute is the plan's business, not the model's."""
+    from torch.utils import checkpoint as ckpt
+    own = ckpt.CheckpointFunction.__dict__.get("apply")  # None: inherited from autograd.Function
+    ckpt.CheckpointFunction.apply = staticmethod(lambda function, preserve_rng_state, *args: function(*args))
+    try:
+        yield
+    finally:
+        if own is None:
+            del ckpt.CheckpointFunction.apply
+        else:
+            ckpt.CheckpointFunction.apply = own
+
+
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, pytree.TreeSpec]:
-    with _quiet_on_failure(), _fast_export():
+    with _quiet_on_failure(), _fast_export(), _reentrant_checkpoint_inlined():
         ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
         out_spec = ep.call_spec.out_spec
         gm = _unlift(ep)
@@ -373,7 +394,8 @@ def _inline_region_ops(gm: torch.fx.GraphModule) -> None:
     export wraps `with torch.autocast(...)` / `with torch.no_grad()` regions (HF Llama's rotary
     embedding on CUDA) into higher-order ops whose body is a submodule; later passes want one
     flat graph. We do not run under autocast, so inlining an autocast region is exact; the
-    outputs of a grad-disabled region are detached, which keeps autograd's semantics.
+    inputs it reads and the outputs of a grad-disabled region are detached, which keeps
+    autograd's semantics.
     """
     hops = {getattr(torch.ops.higher_order, n) for n in ("wrap_with_autocast", "wrap_with_set_grad_enabled")
             if hasattr(torch.ops.higher_order, n)}
@@ -391,6 +413,17 @@ def _inline_region_ops(gm: torch.fx.GraphModule) -> None:
             val_map = dict(zip(sub_ph, node.args[i + 1:]))
             stack = node.meta.get("nn_module_stack")
             with gm.graph.inserting_before(node):
+                if grad_off:  # what the region reads is detached too: its ops run with grad on now, and an
+                    # out= op on a parameter's value (spectral_norm's power iteration) refuses inputs that
+                    # require grad. What it writes stays as it is, for the writes to be seen (mutates).
+                    written = {w for sn in sub.graph.nodes if mutates(sn) for w in written_values(sn)}
+                    for ph in sub_ph:
+                        outer = val_map[ph]
+                        if ph not in written and isinstance(outer, torch.fx.Node) and isinstance(
+                                outer.meta.get("val"), torch.Tensor):
+                            d = gm.graph.call_function(torch.ops.aten.detach.default, (outer,))
+                            d.meta = {**outer.meta, "val": outer.meta["val"].detach()}
+                            val_map[ph] = d
                 for sn in sub.graph.nodes:
                     if sn.op in ("placeholder", "output"):
                         continue
@@ -513,7 +546,9 @@ def written_values(node: torch.fx.Node) -> list[torch.fx.Node]:
     is seen through every alias): `copy_(slice(buf), h)` -> [slice, buf]."""
     t = node.target
     if isinstance(t, torch._ops.OpOverload):
-        written = [a for a, arg in zip(node.args, t._schema.arguments)
+        # positionally or by keyword: an out= tensor comes as a keyword (F.normalize(..., out=u))
+        written = [node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                   for i, arg in enumerate(t._schema.arguments)
                    if arg.alias_info is not None and arg.alias_info.is_write]
     else:  # x.add_(y), operator.setitem(x, index, y)
         written = list(node.args[:1])
@@ -574,7 +609,7 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
                 gm, out_spec = _export(model, example_args, kwargs)
             method = "export"
         except Exception as export_err:
-            export_where = tracker.where()
+            export_where, export_failed = tracker.where(), tracker.failed_module
             if not is_data_dependent(export_err):
                 check_inputs_eagerly(model, example_args, kwargs, names, leaves)
             tracker = ModuleTracker(model)
@@ -585,7 +620,8 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
                 log.warning("torch.export failed on %s in %s (%s); captured with torch.fx.symbolic_trace instead",
                             model_name(model), export_where, first_line(export_err))
             except Exception as trace_err:
-                raise capture_error(model, export_err, export_where, trace_err, tracker.where()) from export_err
+                raise capture_error(model, export_err, export_where, trace_err, tracker.where(),
+                                    export_failed) from export_err
 
         keep, const = _normalise(gm, tied, tensor_leaf)
         from partitioner.passes.writes import order_writes  # lazy: it reads mutates() from here

@@ -48,6 +48,8 @@ class ModuleTracker:
         self.names = {id(m): n for n, m in model.named_modules()}
         self.stack: list[tuple[str, str, tuple]] = []
         self.failed: tuple[str, str, tuple] | None = None
+        self.failed_module: torch.nn.Module | None = None
+        self._modules: list[torch.nn.Module] = []
         self._handles: list = []
 
     def __enter__(self) -> "ModuleTracker":
@@ -55,10 +57,12 @@ class ModuleTracker:
             name = self.names.get(id(mod))
             if name is not None:
                 self.stack.append((name, type(mod).__name__, args))
+                self._modules.append(mod)
 
         def post(mod, args, out):
             if self.names.get(id(mod)) is not None and self.stack:
                 self.stack.pop()
+                self._modules.pop()
 
         self._handles = [nn_module.register_module_forward_pre_hook(pre),
                          nn_module.register_module_forward_hook(post)]
@@ -68,7 +72,7 @@ class ModuleTracker:
         for h in self._handles:
             h.remove()
         if exc_type is not None and self.stack:
-            self.failed = self.stack[-1]
+            self.failed, self.failed_module = self.stack[-1], self._modules[-1]
 
     def where(self) -> str:
         if self.failed is None:
@@ -129,8 +133,20 @@ def _is_meta_item_error(err: BaseException) -> bool:
 
 
 
+def known_cause(module: torch.nn.Module | None) -> str:
+    """Why a torch module known to read a tensor as a Python number fails to trace, or ""."""
+    if (isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training
+            and module.track_running_stats and module.momentum is None):
+        return (" Its momentum is None (a cumulative moving average of the batch statistics), so torch's "
+                "BatchNorm divides by float(num_batches_tracked), a value read from a buffer that changes "
+                "every step; set the module's momentum to a number (e.g. 0.1, the default).")
+    return ""
+
+
 def capture_error(model: torch.nn.Module, export_err: BaseException, export_where: str,
-                   trace_err: BaseException, trace_where: str) -> CaptureError:
+                   trace_err: BaseException, trace_where: str,
+                   failed: torch.nn.Module | None = None) -> CaptureError:
+    """failed: the module that was running when export failed, if known."""
     name = model_name(model)
     unknown = re.search(r"Found <class '([\w.]+)'> in output, which is not a known type", str(export_err))
     if unknown:
@@ -143,8 +159,8 @@ def capture_error(model: torch.nn.Module, export_err: BaseException, export_wher
     if is_data_dependent(export_err):
         return CaptureError(
             f"cannot capture {name}: data-dependent control flow in {export_where}: a Python branch or "
-            f"shape depends on tensor values ({first_line(export_err, 200)}). Make the branch "
-            "independent of tensor data (static shapes, torch.where, torch.cond), or move it "
+            f"shape depends on tensor values ({first_line(export_err, 200)}).{known_cause(failed)} Make the "
+            "branch independent of tensor data (static shapes, torch.where, torch.cond), or move it "
             "out of the model.")
     trace_kind = " (data-dependent control flow)" if is_data_dependent(trace_err) else ""
     return CaptureError(

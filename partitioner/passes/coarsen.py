@@ -160,7 +160,8 @@ class BlockGraph:
 
 
 def _single_tensor(info) -> bool:
-    return len(info.dtypes) == 1 and info.dtypes[0] != ""
+    """One tensor of a size known before it runs: a value a stage boundary can carry."""
+    return len(info.dtypes) == 1 and info.dtypes[0] != "" and not getattr(info, "data_dependent", False)
 
 
 def _is_getitem(info) -> bool:

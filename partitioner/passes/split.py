@@ -25,6 +25,7 @@ import torch.fx
 from partitioner.errors import PlanError
 from partitioner.plan import Placement, Plan
 from partitioner.passes.capture import Captured, get_attr, mutates, written_values
+from partitioner.passes.annotate import is_data_dependent
 from partitioner.passes.writes import stage_mates
 
 USER_INPUT = -1  # StageModule.input_sources value of a user input
@@ -226,6 +227,12 @@ def _requires_grad(nodes: list[torch.fx.Node], gm: torch.fx.GraphModule,
 
 def _meta(n: torch.fx.Node, requires_grad: bool) -> TensorMeta:
     val = n.meta["val"]
+    if any(isinstance(s, torch.SymInt) for s in val.shape):
+        owner = list(n.meta.get("nn_module_stack", {}).values())[-1:] or [("the model",)]
+        raise PlanError(f"split: node '{n.name}' ({n.target}, in {owner[0][0]}) crosses a stage boundary with a shape "
+                        f"that depends on data ({tuple(val.shape)}: rows selected by a mask or routed by a mixture "
+                        "of experts), which a receiving stage cannot know in advance. Plan with a cut elsewhere "
+                        "(e.g. between layers), or make that shape static inside the model.")
     return TensorMeta(tuple(int(s) for s in val.shape), val.dtype, requires_grad)
 
 
@@ -242,13 +249,14 @@ _COMPUTE = ("call_function", "call_method", "call_module")
 
 def valid_cuts(captured: Captured) -> list[int]:
     """Positions i (1..n-1) in the topological order of the n compute nodes where cutting before
-    node i sends only tensors across (no tuple or python value is read on both sides) and no in-place
-    write is cut from a view it writes through."""
+    node i sends only tensors of a size known in advance across (no tuple, python value or
+    data-dependent shape is read on both sides) and no in-place write is cut from a view it writes
+    through."""
     compute = [n for n in captured.graph_module.graph.nodes if n.op in _COMPUTE]
     index = {n: i for i, n in enumerate(compute)}
     blocked = [0] * (len(compute) + 2)  # +1 at the first blocked cut, -1 after the last
     for i, n in enumerate(compute):
-        if not isinstance(n.meta.get("val"), torch.Tensor):
+        if not isinstance(n.meta.get("val"), torch.Tensor) or is_data_dependent(n.meta.get("val")):
             last = max((index.get(u, len(compute)) for u in n.users), default=i)
             blocked[i + 1] += 1
             blocked[min(last, len(compute) - 1) + 1] -= 1

@@ -208,7 +208,8 @@ class ParameterStore:
     gradient is all-reduced (summed) over the ranks holding it after every step; in one
     process the first copy is the one exposed (parameters(), state_dict), the others are
     refreshed from it before each step and their gradients summed into it after.
-    State the graph never reads (e.g. an unused head) is kept on rank 0 for the state dict.
+    State the graph never reads (e.g. an unused head) is kept on rank 0 for the state dict (and its
+    parameters among rank 0's parameters).
     A tensor of a model built on the meta device is allocated uninitialised on its device and
     named in `from_meta` (unused meta state: on the CPU); partitioner/materialise.py fills them.
     """
@@ -249,7 +250,8 @@ class ParameterStore:
                     self.replicas.setdefault(fqn, []).append(made[key])
                 set_attr(st.graph_module, fqn, made[key])
         covered = {n for fqn in self.holders for n in _all_names(model, captured, fqn, names_of)}
-        self.unused = {k: _materialise(v, torch.device("cpu") if v.is_meta else v.device, False)
+        params = {id(p): fqn for fqn, p in model.named_parameters()}  # each tied parameter under its first FQN
+        self.unused = {k: _materialise(v, torch.device("cpu") if v.is_meta else v.device, params.get(id(v)) == k)
                        for k, v in model_state.items() if k not in covered} if 0 in local_ranks else {}
         self.groups: dict[tuple[int, ...], Any] = {}
         if distributed:
@@ -319,7 +321,11 @@ class ParameterStore:
     # ------------------------------------------------------------------ views
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(f, c[0]) for f, c in self.replicas.items() if self.is_param[f]]
+        """Every parameter of the local stages, and on rank 0 those the graph never reads (e.g. the token
+        embedding of a model called with inputs_embeds: no gradient, as in the model), so that an
+        optimizer over them holds the model's parameters."""
+        return [(f, c[0]) for f, c in self.replicas.items() if self.is_param[f]] + [
+            (k, t) for k, t in self.unused.items() if isinstance(t, torch.nn.Parameter)]
 
     def named_buffers(self) -> list[tuple[str, torch.Tensor]]:
         return [(f, c[0]) for f, c in self.replicas.items() if not self.is_param[f]]
