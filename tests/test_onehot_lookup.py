@@ -73,9 +73,10 @@ def test_lookups_that_are_not_contended_constants_stay(low_threshold, monkeypatc
     assert _lookups(capture(PositionBias(), (ids,)).graph_module) == ["bias.weight", "tokens.weight"]
 
 
-def test_t5_with_its_bias_lookups_rewritten_trains_as_the_model(low_threshold, small_zoo):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_t5_with_its_bias_lookups_rewritten_trains_as_the_model(low_threshold, small_zoo, compiled):
     """The zoo's T5: both relative-attention-bias lookups become matmuls; pipelined over 2 stages,
-    loss and gradients equal the unpartitioned model's (fp32, rel err < 1e-5)."""
+    loss and gradients equal the unpartitioned model's (fp32, rel err < 1e-5; compiled 1e-4)."""
     zm = small_zoo("t5-base")
     model = copy.deepcopy(zm.model).train()
     c = capture(model, zm.example_args, zm.example_kwargs)
@@ -85,13 +86,14 @@ def test_t5_with_its_bias_lookups_rewritten_trains_as_the_model(low_threshold, s
     want_loss = zm.loss_fn(reference(*zm.example_args, **zm.example_kwargs), zm.target)
     want_loss.backward()
     pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, zm.example_args, zm.loss_fn, microbatches=2,
-                          example_kwargs=zm.example_kwargs, example_target=zm.target, compile=False)
+                          example_kwargs=zm.example_kwargs, example_target=zm.target, compile=compiled)
     loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
-    assert abs(loss.item() - want_loss.item()) <= 1e-5 * abs(want_loss.item())
+    tol = 1e-4 if compiled else 1e-5
+    assert abs(loss.item() - want_loss.item()) <= tol * abs(want_loss.item())
     want = dict(reference.named_parameters())
     largest = max(p.grad.abs().max().item() for p in want.values() if p.grad is not None)
     for name, p in pm.named_parameters():
         if want[name].grad is None:
             continue
         scale = max(want[name].grad.abs().max().item(), 1e-3 * largest)
-        assert (p.grad - want[name].grad).abs().max().item() <= 1e-5 * scale, name
+        assert (p.grad - want[name].grad).abs().max().item() <= tol * scale, name
