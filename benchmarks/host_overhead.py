@@ -4,7 +4,9 @@
     python -m benchmarks.host_overhead --small --device cpu --model gpt2     # smoke test
 
 For each configuration (the plain model with gradient accumulation, then compile_parallel
-with every stage on the same device) one step is profiled with torch.profiler after warm-up:
+with every stage on the same device), unprofiled steps alternate in rounds: medians of the host
+time until the step returns, the wall time, the host time inside autograd backward calls, and
+Python's garbage collections. Then one step is profiled with torch.profiler after warm-up:
 the step's wall time, the time the device was busy (the union of its kernels' intervals), and
 for ours the host time of every schedule action (the executor labels them `partitioner.<action>`,
 e.g. `partitioner.1B3`) split into forwards and backwards, plus the host-side ops that took the
