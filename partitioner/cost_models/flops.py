@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from partitioner.cost_models.trace_reuse import NodeTemplate, node_key, storage_id
-from partitioner.passes.annotate import is_data_dependent, size_bound
+from partitioner.passes.annotate import has_runtime_size, size_bound
 from partitioner.errors import CostModelError
 
 
@@ -220,7 +220,7 @@ def _fake_like(val: Any) -> Any:
     """A fresh fake tensor with the shape/stride/dtype/device of `val` (under the active fake mode)."""
     if not isinstance(val, torch.Tensor):
         return val
-    if not is_data_dependent(val):
+    if not has_runtime_size(val):
         shape = tuple(val.shape)
         if any(not isinstance(s, int) for s in shape):
             raise CostModelError(
@@ -240,6 +240,11 @@ def _bounded(value: Any, requires_grad: bool) -> Any:
             return t.requires_grad_(requires_grad and _is_float_tensor(t))
         return leaf
     return pytree.tree_map(one, value)
+
+
+def _runtime_sized(n: torch.fx.Node) -> bool:
+    """Whether `n` or one of its inputs has a size known only at run time (annotate.has_runtime_size)."""
+    return has_runtime_size([n.meta.get("val"), *(i.meta.get("val") for i in n.all_input_nodes)])
 
 
 def _is_trainable_attr(gm: torch.fx.GraphModule, target: str) -> bool:
@@ -401,7 +406,7 @@ class _NodeTracer(torch.fx.Interpreter):
             # tensors without its sizes: it stands in at their upper bounds, uncosted, and the nodes
             # after it run on that stand-in (those that cannot, e.g. an index_add of the stand-ins
             # into a static tensor, are replaced by their own value: sizes known, uncosted)
-            if not is_data_dependent([n.meta.get("val"), *(i.meta.get("val") for i in n.all_input_nodes)]):
+            if not _runtime_sized(n):
                 raise
             out = _bounded(n.meta["val"], bool(leaves))
         trace.fwd_flops = self._total_flops() - before
@@ -422,7 +427,7 @@ class _NodeTracer(torch.fx.Interpreter):
             try:
                 torch.autograd.grad(outs, leaves, grads, allow_unused=True)
             except Exception:  # a backward that needs a data-dependent size (x[mask] = y): uncosted
-                if not is_data_dependent([n.meta.get("val"), *(i.meta.get("val") for i in n.all_input_nodes)]):
+                if not _runtime_sized(n):
                     raise
             trace.bwd_flops = self._total_flops() - before
             trace.bwd_ops = self.kernels.ops[first_op:]

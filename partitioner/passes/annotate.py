@@ -92,7 +92,7 @@ def size_bound(size: int | torch.SymInt) -> int:
     return int(upper) if upper.is_finite else 1
 
 
-def is_data_dependent(value: Any) -> bool:
+def has_runtime_size(value: Any) -> bool:
     """Whether `value` (a node's meta["val"]) holds a size or number only known at run time: a
     SymInt, or a tensor shaped by one (a mixture of experts' per-expert rows, x[mask])."""
     for leaf in pytree.tree_leaves(value):
@@ -149,7 +149,7 @@ def annotate(captured: Captured) -> AnnotatedGraph:
             name=node.name, op=node.op, target=str(node.target), inputs=inputs, shapes=shapes,
             dtypes=dtypes, module_path=path, module_type=mtype, params=params,
             output_bytes=0 if node.op == "output" else nbytes, is_param=is_param,
-            stage_mates=stage_mates(node), data_dependent=is_data_dependent(value)))
+            stage_mates=stage_mates(node), data_dependent=has_runtime_size(value)))
     return AnnotatedGraph(nodes=infos, param_bytes=param_bytes, param_numel=param_numel,
                           tied=[list(g) for g in captured.tied])
 

@@ -522,6 +522,12 @@ def _child_spec(spec: pytree.TreeSpec, i: int) -> pytree.TreeSpec:
     return spec.child(i) if hasattr(spec, "child") else spec.children_specs[i]
 
 
+def fake_mode_of(val: Any):
+    """The FakeTensorMode `val` was made in (to make new values for nodes a pass adds), else a no-op."""
+    mode = getattr(val, "fake_mode", None)
+    return mode if mode is not None else contextlib.nullcontext()
+
+
 def get_attr(root: torch.nn.Module, fqn: str) -> Any:
     """The attribute at dotted path `fqn` of `root` (how get_attr nodes name parameters and buffers)."""
     obj: Any = root

@@ -24,7 +24,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
-from partitioner.passes.capture import Captured, capture, set_attr
+from partitioner.passes.capture import Captured, capture, fake_mode_of, set_attr
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -101,7 +101,7 @@ def _read_through_casts(captured: Captured, originals: dict[str, torch.nn.Parame
         else:
             continue
         val = node.meta["val"]
-        with _fake_mode_of(val):
+        with fake_mode_of(val):
             node.meta["val"] = torch.empty_strided(val.shape, val.stride(), dtype=original.dtype, device=val.device)
         for user in list(node.users):
             if user.op == "output":
@@ -114,7 +114,3 @@ def _read_through_casts(captured: Captured, originals: dict[str, torch.nn.Parame
     graph.lint()
     gm.recompile()
 
-
-def _fake_mode_of(val: torch.Tensor):
-    mode = getattr(val, "fake_mode", None)
-    return mode if mode is not None else contextlib.nullcontext()

@@ -15,13 +15,13 @@ gradients differ from a matmul's) are left as they are.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 
 import torch
 import torch.fx
 
+from partitioner.passes.capture import fake_mode_of
 from partitioner.passes.constants import constant_value, val
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, weight: torch.fx.Node, 
         method = isinstance(target, str)
         new = graph.call_method(target, args, kwargs) if method else graph.call_function(target, args, kwargs)
         vals = [val(a) if isinstance(a, torch.fx.Node) else a for a in args]
-        with _fake_mode_of(w):
+        with fake_mode_of(w):
             new.meta = {**meta, "val": getattr(vals[0], target)(*vals[1:], **kwargs) if method else target(*vals, **kwargs)}
         return new
 
@@ -94,7 +94,3 @@ def _arg(node: torch.fx.Node, i: int, name: str, default):
 def _static(t) -> bool:
     return isinstance(t, torch.Tensor) and all(isinstance(d, int) for d in t.shape)
 
-
-def _fake_mode_of(t: torch.Tensor):
-    mode = getattr(t, "fake_mode", None)
-    return mode if mode is not None else contextlib.nullcontext()

@@ -25,7 +25,7 @@ import torch.fx
 from partitioner.errors import PlanError
 from partitioner.plan import Placement, Plan
 from partitioner.passes.capture import Captured, get_attr, mutates, written_values
-from partitioner.passes.annotate import is_data_dependent
+from partitioner.passes.annotate import has_runtime_size
 from partitioner.passes.writes import stage_mates
 
 USER_INPUT = -1  # StageModule.input_sources value of a user input
@@ -256,7 +256,7 @@ def valid_cuts(captured: Captured) -> list[int]:
     index = {n: i for i, n in enumerate(compute)}
     blocked = [0] * (len(compute) + 2)  # +1 at the first blocked cut, -1 after the last
     for i, n in enumerate(compute):
-        if not isinstance(n.meta.get("val"), torch.Tensor) or is_data_dependent(n.meta.get("val")):
+        if not isinstance(n.meta.get("val"), torch.Tensor) or has_runtime_size(n.meta.get("val")):
             last = max((index.get(u, len(compute)) for u in n.users), default=i)
             blocked[i + 1] += 1
             blocked[min(last, len(compute) - 1) + 1] -= 1
