@@ -124,10 +124,10 @@ def make_plans(zm, args, precision: str, device: torch.device, p: int, rank: int
 
     plans: dict = {}
     if rank in (None, 0):
-        spec: Any = "cpu"
-        if device.type == "cuda":
-            from partitioner.cost_models.device import spec_for_torch_device
-            spec = spec_for_torch_device(device)
+        from partitioner.cost_models.device import spec_for_torch_device
+
+        def spec(host_compiled: bool) -> Any:  # this GPU and host; compiled launches timed only when planned
+            return spec_for_torch_device(device, compiled=host_compiled) if device.type == "cuda" else "cpu"
         needed = [(key, schedule, chunks, compiled, graph)
                   for key, schedule, chunks in (("1f1b", "1f1b", 1), ("interleaved", "interleaved-1f1b", args.chunks))
                   for compiled in (False, True) for graph in (False, True)
@@ -135,7 +135,7 @@ def make_plans(zm, args, precision: str, device: torch.device, p: int, rank: int
                          for k in ("ilp", "uniform"))]
         for key, schedule, chunks, compiled, graph in needed or [("1f1b", "1f1b", 1, False, False)]:  # for the FLOPs
             config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=args.microbatches,
-                                device_type=spec, dtype=None, mixed_precision=_mixed(precision),
+                                device_type=spec(compiled and not graph), dtype=None, mixed_precision=_mixed(precision),
                                 time_limit_s=args.time_limit, compiled=compiled, measure=args.measure,
                                 cuda_graphs=graph)
             result = plan_model(zm.model, zm.example_args, zm.example_kwargs, config, loss_fn=zm.loss_fn,
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
             if lead:  # after every group, so a run cut short keeps what it measured
                 path = write_result(name, rows, {"world_size": world, "stages_per_process": p if rank is None else 1,
-                                                 **_host_calibration(device)})
+                                                 **_host_calibration(device, wanted)})
     if lead:
         print_table(f"training throughput ({mode}, m = {args.microbatches}, {args.mb_size} x {args.seq} tokens)", rows)
         plot(rows, path.with_suffix(".png"))
@@ -411,14 +411,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _host_calibration(device: torch.device) -> dict:
-    """The eager dispatch speed the plans were costed with on this host (us per forward node, per
-    backward kernel): what moves every host-bound prediction."""
+def _host_calibration(device: torch.device, wanted: list[str]) -> dict:
+    """The host speeds the plans were costed with on this host (us per eager forward node, per eager
+    backward kernel; per compiled launch and per compiled call where compiled stages were planned):
+    what moves every host-bound prediction."""
     if device.type != "cuda":
         return {}
+    from partitioner.cost_models.compiled_host import compiled_host_overheads_s
     from partitioner.cost_models.time import host_overheads_s
     fwd, bwd = host_overheads_s(device)
-    return {"host_calibration_us": {"fwd_node": round(fwd * 1e6, 2), "bwd_kernel": round(bwd * 1e6, 2)}}
+    out = {"fwd_node": round(fwd * 1e6, 2), "bwd_kernel": round(bwd * 1e6, 2)}
+    if any(w.startswith("ours-compiled") and not w.endswith("-graph") for w in wanted):  # timed when planned: cached
+        launch, call = compiled_host_overheads_s(device)
+        out.update(compiled_launch=round(launch * 1e6, 2), compiled_call=round(call * 1e6, 2))
+    return {"host_calibration_us": out}
 
 
 def _init_single_rank_group(device: torch.device) -> None:

@@ -679,7 +679,9 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
         if device_type is None:
             device_type = "cpu" if devices[0].type == "cpu" else "h100"
             if devices[0].type == "cuda" and torch.cuda.is_available():
-                device_type = spec_for_torch_device(devices[0])  # this GPU, this host's dispatch speed
+                # this GPU, this host's dispatch speed (compiled stages: its compiled launches, unless one
+                # CUDA graph replays the step and the host's part drops out)
+                device_type = spec_for_torch_device(devices[0], compiled=compiled and not cuda_graph)
         config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=microbatches,
                             memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s,
                             dtype=None, mixed_precision=mixed_precision, compiled=compiled, gap=gap,

@@ -24,6 +24,7 @@ import torch.fx
 
 from partitioner.cost_models.device import DeviceSpec
 from partitioner.passes.constants import constant_value
+from partitioner.passes.onehot_lookup import embedding_call
 
 LINE_BYTES = 128  # a GPU cache line
 ACCUMULATE_BYTES = 4  # inductor accumulates an embedding's gradient in fp32
@@ -37,16 +38,14 @@ def embedding_chains_s(gm: torch.fx.GraphModule, spec: DeviceSpec) -> dict[str, 
         return {}
     out = {}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.aten.embedding.default:
+        call = embedding_call(node)
+        if call is None:
             continue
-        weight, indices = node.args[0], node.args[1]
-        padding_idx = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
-        sparse = node.args[4] if len(node.args) > 4 else node.kwargs.get("sparse", False)
-        shape = _shape(weight)
-        if weight.op != "get_attr" or shape is None or len(shape) != 2 or _shape(indices) is None or sparse:
+        shape = _shape(call.weight)
+        if call.weight.op != "get_attr" or shape is None or len(shape) != 2 or _shape(call.indices) is None or call.sparse:
             continue
         rows, columns = shape
-        hits = hottest_row_hits(gm, indices, rows, padding_idx)
+        hits = hottest_row_hits(gm, call.indices, rows, call.padding_idx)
         out[node.name] = hits * min(columns, LINE_BYTES // ACCUMULATE_BYTES) * spec.contended_atomic_s
     return out
 

@@ -50,7 +50,7 @@ class DeviceSpec:
         CPU itself, where that time is in kernel_overhead_s.
     compiled_launch_overhead_s: host time per kernel a torch.compile'd graph launches (its
         generated code's call of each kernel, the autograd engine's work per gradient
-        accumulated); 0 on the CPU itself.
+        accumulated); 0 on the CPU itself. spec_for_torch_device(compiled=True) times this host's.
     contended_atomic_s: device time per atomic add serialised on one cache line, the chain a
         compiled embedding backward runs when many indices hit one row
         (cost_models/contention.py); 0: not modelled.
@@ -59,8 +59,10 @@ class DeviceSpec:
         autograd.backward call (NodeCosts.stage_pass). Host time on a GPU; device time on the
         CPU device, whose host time is 0 by convention.
     compiled_stage_pass_s: what a compiled stage's pass adds to that (host time): torch.compile's
-        per-call machinery (dynamo's guards, AOTAutograd's wrappers, the autograd Function). On
-        the CPU device profile() measures it instead (cost_models.time.compiled_call_overhead).
+        per-call machinery (dynamo's guards, AOTAutograd's wrappers, the autograd Function). 0 in
+        the tables; spec_for_torch_device(compiled=True) times it on this host with the launch
+        cost (cost_models/compiled_host.py). On the CPU device profile() measures it instead
+        (cost_models.time.compiled_call_overhead).
     """
 
     name: str
@@ -135,9 +137,12 @@ class DeviceSpec:
 # H100) spent 14.1 ms a microbatch in its encoder's relative-position-bias backward, 435,711 hits
 # on the hottest of 32 rows x 12 columns: 2.7 ns per atomic on one line (its decoder's, 32,896
 # hits, took 0.59 ms against 1.07 ms so costed).
-# The stage pass's fixed host costs (stage_pass_s, compiled_stage_pass_s) are left at 0 (not
-# modelled) on GPUs: they await a GPU measurement (benchmarks/host_overhead.py with 1 and 4 stages,
-# as done on the CPU, where calibrate_cpu and profile() set them).
+# Hosts differ in the compiled launch cost too (21 us on another H100 machine), so plans for compiled
+# stages time this host's (spec_for_torch_device(compiled=True), cost_models/compiled_host.py): the
+# table's 28 us serves plans made away from the GPU. So does compiled_stage_pass_s, the compiled
+# call's own cost, 0 here. The executor's part of a stage pass (stage_pass_s) is left at 0 (not
+# modelled) on GPUs: it awaits a GPU measurement (benchmarks/host_overhead.py with 1 and 4 stages,
+# as done on the CPU, where calibrate_cpu and profile() set it).
 # They are properties of the host CPU and PyTorch's eager dispatch, not of the GPU: the same
 # values are assumed for every GPU below (H100/A100/L4 use the H200's fractions; re-measure
 # there and write a JSON spec when it matters).
@@ -238,22 +243,27 @@ def get_device_spec(name_or_path: str | DeviceSpec) -> DeviceSpec:
                          "or the path of a JSON file with a DeviceSpec (see DeviceSpec.to_json)")
 
 
-def spec_for_torch_device(device: torch.device | str, calibrate_host: bool = True) -> DeviceSpec:
+def spec_for_torch_device(device: torch.device | str, calibrate_host: bool = True, compiled: bool = False) -> DeviceSpec:
     """The table entry closest to a real torch device (by CUDA device name), else the calibrated CPU.
 
     calibrate_host: on CUDA, replace the table's eager dispatch constants (fitted on one
     machine; hosts differ by 1.5-3x) with this machine's (cost_models.time.host_overheads_s,
     a few seconds once per process).
+    compiled: with calibrate_host, also time this host's compiled launches and calls
+    (cost_models.compiled_host: compiles a small model once per process); eager dispatch speed
+    does not predict them (see GPU_EFFICIENCY's comment).
     """
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         spec = spec_for_gpu_name(torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory)
         if calibrate_host:
             fwd, bwd = host_overheads_s(device)
-            # the compiled launch cost stays the table's: eager dispatch speed does not predict it
-            # (see GPU_EFFICIENCY's comment)
             spec = dataclasses.replace(spec, cpu_fwd_overhead_s=fwd, cpu_bwd_overhead_s=bwd,
                                        notes=f"{spec.notes}; host dispatch calibrated on this machine".lstrip("; "))
+            if compiled:
+                from partitioner.cost_models.compiled_host import compiled_host_overheads_s  # it profiles: imports us
+                launch, call = compiled_host_overheads_s(device)
+                spec = dataclasses.replace(spec, compiled_launch_overhead_s=launch, compiled_stage_pass_s=call)
         return spec
     return calibrate_cpu()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -31,19 +32,37 @@ MIN_HOT_HITS = 1024  # indices on the hottest row: below, the atomics' serial ch
 ONEHOT_BUDGET_BYTES = 256 * 2**20  # the one-hot matrix a forward materialises (the backward recomputes it)
 
 
+class EmbeddingCall(NamedTuple):
+    """The arguments of an aten.embedding node, defaults filled in."""
+    weight: torch.fx.Node
+    indices: torch.fx.Node
+    padding_idx: int
+    scale_grad_by_freq: bool
+    sparse: bool
+
+
+def embedding_call(node: torch.fx.Node) -> EmbeddingCall | None:
+    """`node`'s arguments if it is an aten.embedding call, else None."""
+    if node.op != "call_function" or node.target is not aten.embedding.default:
+        return None
+    names = EmbeddingCall._fields
+    defaults = (None, None, -1, False, False)
+    return EmbeddingCall(*(node.args[i] if len(node.args) > i else node.kwargs.get(names[i], defaults[i])
+                           for i in range(len(names))))
+
+
 def lookups_as_matmuls(gm: torch.fx.GraphModule) -> int:
     """Rewrite every contended constant-index aten.embedding of `gm` as a one-hot matmul; returns
     how many were rewritten."""
     rewritten = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.embedding.default:
+        call = embedding_call(node)
+        if call is None:
             continue
-        weight, indices = node.args[0], node.args[1]
-        padding_idx, scale_by_freq, sparse = (_arg(node, 2, "padding_idx", -1), _arg(node, 3, "scale_grad_by_freq", False),
-                                              _arg(node, 4, "sparse", False))
+        weight, indices = call.weight, call.indices
         w, idx = val(weight), val(indices)
-        if padding_idx not in (None, -1) or scale_by_freq or sparse or not _static(w) or not _static(idx) \
-                or w.dim() != 2 or idx.is_floating_point():
+        if call.padding_idx not in (None, -1) or call.scale_grad_by_freq or call.sparse \
+                or not _static(w) or not _static(idx) or w.dim() != 2 or idx.is_floating_point():
             continue
         rows, numel = w.shape[0], math.prod(idx.shape)
         if numel * rows * w.element_size() > ONEHOT_BUDGET_BYTES:
@@ -85,10 +104,6 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, weight: torch.fx.Node, 
         out = call(aten.view.default, call(aten.mm.default, onehot, weight), [*idx.shape, cols])
     node.replace_all_uses_with(out)
     graph.erase_node(node)
-
-
-def _arg(node: torch.fx.Node, i: int, name: str, default):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 def _static(t) -> bool:

@@ -1,0 +1,71 @@
+"""This host's compiled launch and call costs (cost_models/compiled_host.py) and the GPU spec that carries them."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from partitioner.cost_models import compiled_host
+from partitioner.cost_models import device as device_module
+from partitioner.cost_models.device import spec_for_gpu_name
+from partitioner.passes.capture import capture
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def test_the_fit_takes_the_slope_per_launch_and_half_the_rest_per_call():
+    per_launch, per_call = 20e-6, 150e-6
+    points = [(n, n * per_launch + 2 * per_call) for n in (50, 150, 250)]
+    launch, call = compiled_host.fit_launch_and_call(points)
+    assert launch == pytest.approx(per_launch) and call == pytest.approx(per_call)
+    assert compiled_host.fit_launch_and_call([(50, 1e-3), (150, 1e-3)]) == (0.0, pytest.approx(5e-4))  # no slope: all per call
+    assert compiled_host.fit_launch_and_call([(50, 1e-3), (150, 4e-3)])[1] == 0.0  # negative intercept: none
+    with pytest.raises(ValueError, match="two graphs"):
+        compiled_host.fit_launch_and_call([(50, 1e-3), (50, 2e-3)])
+
+
+def test_the_modelled_launches_grow_by_the_same_count_per_layer():
+    """Every encoder layer adds the same kernels (forward, backward, its parameters' accumulations)."""
+    spec = spec_for_gpu_name(H100)
+    counts = []
+    for depth in (1, 2, 3):
+        model, x = compiled_host._encoder(depth)
+        counts.append(compiled_host.modelled_launches(capture(model, (x,)).graph_module, spec))
+    per_layer = counts[1] - counts[0]
+    assert per_layer > 20 and counts[2] - counts[1] == per_layer
+    params = sum(1 for _ in compiled_host._encoder(1)[0].parameters())
+    assert per_layer > params  # at least one accumulation per parameter, plus the layer's kernels
+
+
+def test_the_calibration_times_steps_of_two_depths_once_per_device(monkeypatch):
+    """Run eagerly here (torch.compile patched to the identity: no compiler needed): positive costs,
+    the launch cost well under a millisecond, and a second call reuses the first."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    monkeypatch.setattr(compiled_host, "_CALIBRATION", {})
+    launch, call = compiled_host.compiled_host_overheads_s("cpu", rounds=2, per_round=2, progress=False)
+    assert 0 < launch < 1e-3 and call >= 0
+    assert compiled_host.compiled_host_overheads_s("cpu") == (launch, call)
+
+
+def test_a_gpu_spec_for_compiled_stages_carries_the_hosts_compiled_costs(monkeypatch):
+    table = spec_for_gpu_name(H100)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: H100)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(device_module, "host_overheads_s", lambda d: (table.cpu_fwd_overhead_s, table.cpu_bwd_overhead_s))
+    monkeypatch.setattr(compiled_host, "compiled_host_overheads_s", lambda d: (21e-6, 90e-6))
+    spec = device_module.spec_for_torch_device("cuda:0", compiled=True)
+    assert (spec.compiled_launch_overhead_s, spec.compiled_stage_pass_s) == (21e-6, 90e-6)
+    eager = device_module.spec_for_torch_device("cuda:0")
+    assert (eager.compiled_launch_overhead_s, eager.compiled_stage_pass_s) == (table.compiled_launch_overhead_s, 0.0)
+    uncalibrated = device_module.spec_for_torch_device("cuda:0", calibrate_host=False, compiled=True)
+    assert uncalibrated == table
+
+
+@pytest.mark.gpu
+def test_this_gpu_hosts_compiled_launch_cost():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    launch, call = compiled_host.compiled_host_overheads_s(torch.device("cuda:0"))
+    assert 2e-6 < launch < 1e-4 and 0 <= call < 2e-3
