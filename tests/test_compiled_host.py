@@ -14,6 +14,16 @@ from partitioner.passes.capture import capture
 H100 = "NVIDIA H100 80GB HBM3"
 
 
+@pytest.fixture
+def cuda_h100(monkeypatch):
+    """torch.cuda as on an H100 machine whose eager dispatch matches the table (no GPU needed)."""
+    table = spec_for_gpu_name(H100)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: H100)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(device_module, "host_overheads_s", lambda d: (table.cpu_fwd_overhead_s, table.cpu_bwd_overhead_s))
+
+
 def test_the_fit_takes_the_slope_per_launch_and_half_the_rest_per_call():
     per_launch, per_call = 20e-6, 150e-6
     points = [(n, n * per_launch + 2 * per_call) for n in (50, 150, 250)]
@@ -48,12 +58,8 @@ def test_the_calibration_times_steps_of_two_depths_once_per_device(monkeypatch):
     assert compiled_host.compiled_host_overheads_s("cpu") == (launch, call)
 
 
-def test_a_gpu_spec_for_compiled_stages_carries_the_hosts_compiled_costs(monkeypatch):
+def test_a_gpu_spec_for_compiled_stages_carries_the_hosts_compiled_costs(monkeypatch, cuda_h100):
     table = spec_for_gpu_name(H100)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: H100)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(total_memory=80 * 2**30))
-    monkeypatch.setattr(device_module, "host_overheads_s", lambda d: (table.cpu_fwd_overhead_s, table.cpu_bwd_overhead_s))
     monkeypatch.setattr(compiled_host, "compiled_host_overheads_s", lambda d: (21e-6, 90e-6))
     spec = device_module.spec_for_torch_device("cuda:0", compiled=True)
     assert (spec.compiled_launch_overhead_s, spec.compiled_stage_pass_s) == (21e-6, 90e-6)
@@ -61,6 +67,17 @@ def test_a_gpu_spec_for_compiled_stages_carries_the_hosts_compiled_costs(monkeyp
     assert (eager.compiled_launch_overhead_s, eager.compiled_stage_pass_s) == (table.compiled_launch_overhead_s, 0.0)
     uncalibrated = device_module.spec_for_torch_device("cuda:0", calibrate_host=False, compiled=True)
     assert uncalibrated == table
+
+
+def test_a_host_that_cannot_compile_plans_with_the_tables_launch_cost(monkeypatch, cuda_h100):
+    table = spec_for_gpu_name(H100)
+
+    def fail(device):
+        raise RuntimeError("no triton here")
+    monkeypatch.setattr(compiled_host, "compiled_host_overheads_s", fail)
+    with pytest.warns(RuntimeWarning, match="no triton here.*h100 table's compiled launch cost"):
+        spec = device_module.spec_for_torch_device("cuda:0", compiled=True)
+    assert spec.compiled_launch_overhead_s == table.compiled_launch_overhead_s
 
 
 @pytest.mark.gpu

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -262,8 +263,13 @@ def spec_for_torch_device(device: torch.device | str, calibrate_host: bool = Tru
                                        notes=f"{spec.notes}; host dispatch calibrated on this machine".lstrip("; "))
             if compiled:
                 from partitioner.cost_models.compiled_host import compiled_host_overheads_s  # it profiles: imports us
-                launch, call = compiled_host_overheads_s(device)
-                spec = dataclasses.replace(spec, compiled_launch_overhead_s=launch, compiled_stage_pass_s=call)
+                try:
+                    launch, call = compiled_host_overheads_s(device)
+                except Exception as err:  # noqa: BLE001 - inductor failed on this host: the stages will say so too
+                    warnings.warn(f"timing this host's compiled launches failed ({type(err).__name__}: {str(err)[:200]}); "
+                                  f"planning with the {spec.name} table's compiled launch cost.", RuntimeWarning, stacklevel=2)
+                else:
+                    spec = dataclasses.replace(spec, compiled_launch_overhead_s=launch, compiled_stage_pass_s=call)
         return spec
     return calibrate_cpu()
 
