@@ -126,8 +126,9 @@ def make_plans(zm, args, precision: str, device: torch.device, p: int, rank: int
     if rank in (None, 0):
         from partitioner.cost_models.device import spec_for_torch_device
 
-        def spec(host_compiled: bool) -> Any:  # this GPU and host; compiled launches timed only when planned
-            return spec_for_torch_device(device, compiled=host_compiled) if device.type == "cuda" else "cpu"
+        def spec(host_compiled: bool) -> Any:  # this GPU and host; compiled launches timed when asked
+            timed = host_compiled and args.time_compiled_launches
+            return spec_for_torch_device(device, compiled=timed) if device.type == "cuda" else "cpu"
         needed = [(key, schedule, chunks, compiled, graph)
                   for key, schedule, chunks in (("1f1b", "1f1b", 1), ("interleaved", "interleaved-1f1b", args.chunks))
                   for compiled in (False, True) for graph in (False, True)
@@ -344,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=int, default=2, help="pipeline ranks in one process (ignored under torchrun)")
     parser.add_argument("--chunks", type=int, default=2, help="virtual stages per rank of the interleaved configs")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--time-compiled-launches", action="store_true",
+                        help="plan compiled stages with this host's compiled launch and call costs timed at plan "
+                             "time (cost_models/compiled_host.py) instead of the device table's")
     parser.add_argument("--measure", action="store_true",
                         help="plan with every distinct layer timed on the device (compiled for the compiled "
                              "configurations) instead of the analytic cost model")
@@ -401,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
             if lead:  # after every group, so a run cut short keeps what it measured
                 path = write_result(name, rows, {"world_size": world, "stages_per_process": p if rank is None else 1,
-                                                 **_host_calibration(device, wanted)})
+                                                 **_host_calibration(device, wanted, args.time_compiled_launches)})
     if lead:
         print_table(f"training throughput ({mode}, m = {args.microbatches}, {args.mb_size} x {args.seq} tokens)", rows)
         plot(rows, path.with_suffix(".png"))
@@ -411,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _host_calibration(device: torch.device, wanted: list[str]) -> dict:
+def _host_calibration(device: torch.device, wanted: list[str], time_compiled: bool) -> dict:
     """The host speeds the plans were costed with on this host (us per eager forward node, per eager
     backward kernel; per compiled launch and per compiled call where compiled stages were planned):
     what moves every host-bound prediction."""
@@ -421,7 +425,7 @@ def _host_calibration(device: torch.device, wanted: list[str]) -> dict:
     from partitioner.cost_models.time import host_overheads_s
     fwd, bwd = host_overheads_s(device)
     out = {"fwd_node": round(fwd * 1e6, 2), "bwd_kernel": round(bwd * 1e6, 2)}
-    if any(w.startswith("ours-compiled") and not w.endswith("-graph") for w in wanted):  # timed when planned: cached
+    if time_compiled and any(w.startswith("ours-compiled") and not w.endswith("-graph") for w in wanted):  # cached
         launch, call = compiled_host_overheads_s(device)
         out.update(compiled_launch=round(launch * 1e6, 2), compiled_call=round(call * 1e6, 2))
     return {"host_calibration_us": out}

@@ -679,9 +679,10 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
         if device_type is None:
             device_type = "cpu" if devices[0].type == "cpu" else "h100"
             if devices[0].type == "cuda" and torch.cuda.is_available():
-                # this GPU, this host's dispatch speed (compiled stages: its compiled launches, unless one
-                # CUDA graph replays the step and the host's part drops out)
-                device_type = spec_for_torch_device(devices[0], compiled=compiled and not cuda_graph)
+                # this GPU, this host's eager dispatch speed; compiled launches keep the table's cost: timing
+                # them here (spec_for_torch_device(compiled=True)) read 20-34 us a launch within minutes on
+                # one H100 host and did not yet predict better (benchmarks/RESULTS.md, 2026-12-06)
+                device_type = spec_for_torch_device(devices[0])
         config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=microbatches,
                             memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s,
                             dtype=None, mixed_precision=mixed_precision, compiled=compiled, gap=gap,

@@ -138,10 +138,10 @@ class DeviceSpec:
 # H100) spent 14.1 ms a microbatch in its encoder's relative-position-bias backward, 435,711 hits
 # on the hottest of 32 rows x 12 columns: 2.7 ns per atomic on one line (its decoder's, 32,896
 # hits, took 0.59 ms against 1.07 ms so costed).
-# Hosts differ in the compiled launch cost too (21 us on another H100 machine), so plans for compiled
-# stages time this host's (spec_for_torch_device(compiled=True), cost_models/compiled_host.py): the
-# table's 28 us serves plans made away from the GPU. So does compiled_stage_pass_s, the compiled
-# call's own cost, 0 here. The executor's part of a stage pass (stage_pass_s) is left at 0 (not
+# Hosts differ in the compiled launch cost too (21 us on another H100 machine); spec_for_torch_device
+# (compiled=True) times this host's (cost_models/compiled_host.py), with compiled_stage_pass_s, the
+# compiled call's own cost (0 here). Not the default yet: on one H100 host it read 20-34 us a launch
+# and 350-570 us a call within minutes, and its plans' predictions missed by -27% and +57%. The executor's part of a stage pass (stage_pass_s) is left at 0 (not
 # modelled) on GPUs: it awaits a GPU measurement (benchmarks/host_overhead.py with 1 and 4 stages,
 # as done on the CPU, where calibrate_cpu and profile() set it).
 # They are properties of the host CPU and PyTorch's eager dispatch, not of the GPU: the same
