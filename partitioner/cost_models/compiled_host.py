@@ -13,6 +13,8 @@ compiled as a stage is, and trained in steps back to back (forward, backward int
 kernels are tiny, so a step's wall time is the host's. The fusion model counts each graph's
 launches (forward, backward and gradient accumulation); the two depths' walls then give the cost
 per launch (the slope) and per compiled call (the rest, over a forward and a backward call).
+Opt-in (spec_for_torch_device(compiled=True)): a host's speed drifts by more than this gains
+(benchmarks/RESULTS.md, 2026-12-06).
 """
 from __future__ import annotations
 
