@@ -9,6 +9,7 @@ import torch
 from partitioner.cost_models import compiled_host
 from partitioner.cost_models import device as device_module
 from partitioner.cost_models.device import spec_for_gpu_name
+from partitioner.cost_models.time import host_bound_encoder
 from partitioner.passes.capture import capture
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -40,11 +41,11 @@ def test_the_modelled_launches_grow_by_the_same_count_per_layer():
     spec = spec_for_gpu_name(H100)
     counts = []
     for depth in (1, 2, 3):
-        model, x = compiled_host._encoder(depth)
+        model, x = host_bound_encoder(depth)
         counts.append(compiled_host.modelled_launches(capture(model, (x,)).graph_module, spec))
     per_layer = counts[1] - counts[0]
     assert per_layer > 20 and counts[2] - counts[1] == per_layer
-    params = sum(1 for _ in compiled_host._encoder(1)[0].parameters())
+    params = sum(1 for _ in host_bound_encoder(1)[0].parameters())
     assert per_layer > params  # at least one accumulation per parameter, plus the layer's kernels
 
 

@@ -28,19 +28,11 @@ import torch
 
 from partitioner.cost_models.device import DeviceSpec, spec_for_gpu_name
 from partitioner.cost_models.profile import profile
-from partitioner.cost_models.time import synchronize
+from partitioner.cost_models.time import grad_outputs, host_bound_encoder, synchronize
 from partitioner.passes.capture import capture
 from partitioner.runtime.compiled import DEFAULT_OPTIONS
 
 _CALIBRATION: dict[str, tuple[float, float]] = {}
-
-
-def _encoder(layers: int) -> tuple[torch.nn.Module, torch.Tensor]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(*[torch.nn.TransformerEncoderLayer(64, 4, 256, batch_first=True, norm_first=True)
-                                      for _ in range(layers)])
-        return model, torch.randn(2, 16, 64)
 
 
 def modelled_launches(gm: torch.fx.GraphModule, spec: DeviceSpec) -> float:
@@ -92,7 +84,7 @@ def compiled_host_overheads_s(device: torch.device | str, depths: tuple[int, ...
     spec = spec_for_gpu_name(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     launches, steps = {}, {}
     for depth in depths:
-        model, x = _encoder(depth)
+        model, x = host_bound_encoder(depth)
         captured = capture(model, (x,))
         gm = captured.graph_module
         # on the CPU the launch count only serves tests of this function: any GPU entry counts alike
@@ -102,8 +94,7 @@ def compiled_host_overheads_s(device: torch.device | str, depths: tuple[int, ...
         compiled = torch.compile(gm, **DEFAULT_OPTIONS)
 
         def step(compiled=compiled, inputs=inputs) -> None:
-            outs = [t for t in torch.utils._pytree.tree_leaves(compiled(*inputs))
-                    if isinstance(t, torch.Tensor) and t.requires_grad]
+            outs = grad_outputs(compiled(*inputs))
             torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])  # into .grad, as training does
 
         with torch.enable_grad():

@@ -141,9 +141,10 @@ class DeviceSpec:
 # Hosts differ in the compiled launch cost too (21 us on another H100 machine); spec_for_torch_device
 # (compiled=True) times this host's (cost_models/compiled_host.py), with compiled_stage_pass_s, the
 # compiled call's own cost (0 here). Not the default yet: on one H100 host it read 20-34 us a launch
-# and 350-570 us a call within minutes, and its plans' predictions missed by -27% and +57%. The executor's part of a stage pass (stage_pass_s) is left at 0 (not
-# modelled) on GPUs: it awaits a GPU measurement (benchmarks/host_overhead.py with 1 and 4 stages,
-# as done on the CPU, where calibrate_cpu and profile() set it).
+# and 350-570 us a call within minutes, and its plans' predictions missed by -27% and +57%.
+# The executor's part of a stage pass (stage_pass_s) is left at 0 (not modelled) on GPUs: it awaits
+# a GPU measurement (benchmarks/host_overhead.py with 1 and 4 stages, as done on the CPU, where
+# calibrate_cpu and profile() set it).
 # They are properties of the host CPU and PyTorch's eager dispatch, not of the GPU: the same
 # values are assumed for every GPU below (H100/A100/L4 use the H200's fractions; re-measure
 # there and write a JSON spec when it matters).

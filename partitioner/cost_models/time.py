@@ -328,7 +328,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _grad_outputs(out: Any) -> list[torch.Tensor]:
+def grad_outputs(out: Any) -> list[torch.Tensor]:
     """The tensors of `out` that require grad (what a backward starts from)."""
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
 
@@ -347,7 +347,7 @@ def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
     """
     grads: list[torch.Tensor] | None = None
     for _ in range(max(1, warmup)):
-        outs = _grad_outputs(fn())
+        outs = grad_outputs(fn())
         grads = [torch.ones_like(t) for t in outs]
         if outs and grad_inputs:
             torch.autograd.grad(outs, grad_inputs, grads, allow_unused=True)
@@ -355,7 +355,7 @@ def time_fwd_bwd(fn: Callable[[], Any], device: torch.device, grad_inputs: list[
     backward = bool(grads) and bool(grad_inputs)
 
     def call(with_backward: bool) -> None:
-        outs = _grad_outputs(fn())
+        outs = grad_outputs(fn())
         if with_backward:
             torch.autograd.grad(outs, grad_inputs, grads, allow_unused=True)
 
@@ -616,7 +616,7 @@ def _whole_graph_times(gm: torch.fx.GraphModule, inputs: Sequence[Any], device: 
         for i in range(warmup + repeats):
             synchronize(device)
             t0 = time.perf_counter()
-            outs = _grad_outputs(gm(*inputs))
+            outs = grad_outputs(gm(*inputs))
             t1 = time.perf_counter()
             _backward_to(params, outs)
             t2 = time.perf_counter()
@@ -702,7 +702,7 @@ def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], de
                 _STAMPS = rec = _HostStamps(hook_block)
                 synchronize(device)
                 t_start = time.perf_counter()
-                outs = _grad_outputs(stamped(*example_inputs))
+                outs = grad_outputs(stamped(*example_inputs))
                 _backward_to(params, outs)
                 t_end = time.perf_counter()
                 del outs
@@ -731,6 +731,16 @@ def _host_in_context(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], de
 _HOST_CALIBRATION: dict[str, tuple[float, float]] = {}
 
 
+def host_bound_encoder(layers: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The host calibrations' model and input: `layers` small transformer layers (dim 64, seeded), whose
+    kernels are so small that a training step's wall time is the host's."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.TransformerEncoderLayer(64, 4, 256, batch_first=True, norm_first=True)
+                                      for _ in range(layers)])
+        return model, torch.randn(2, 16, 64)
+
+
 def host_overheads_s(device: torch.device | str, layers: int = 4, repeats: int = 10,
                      rounds: int = 5) -> tuple[float, float]:
     """This host's dispatch time on `device` (CUDA): (seconds per forward node, per backward kernel),
@@ -747,11 +757,7 @@ def host_overheads_s(device: torch.device | str, layers: int = 4, repeats: int =
     device = torch.device(device)
     key = str(device)
     if key not in _HOST_CALIBRATION:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = torch.nn.Sequential(*[torch.nn.TransformerEncoderLayer(64, 4, 256, batch_first=True,
-                                                                           norm_first=True) for _ in range(layers)])
-            x = torch.randn(2, 16, 64)
+        model, x = host_bound_encoder(layers)
         captured = capture(model, (x,))
         traces = trace_nodes(captured.graph_module)
         nodes = sum(1 for t in traces.values() if t.op in COMPUTE_OPS)
