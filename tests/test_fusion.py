@@ -130,3 +130,65 @@ def test_the_math_attention_paths_pointwise_passes_fuse_between_its_matmuls():
         assert all(a.flops or b.flops for a, b in zip(fused, fused[1:]))  # no two pointwise kernels in a row
         assert sum(k.launches for k in fused) < sum(k.launches for k in eager)
         assert max(k.bytes_moved for k in eager) <= sum(k.bytes_moved for k in fused) < sum(k.bytes_moved for k in eager)
+
+
+class SwiGLU(nn.Module):
+    """silu(gate(x)) * up(x), the up projection between the silu and the product in graph order (Llama's MLP)."""
+
+    def __init__(self, d: int = 256):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        g = torch.nn.functional.silu(self.gate(x))
+        return self.down(g * self.up(x))
+
+
+def test_light_nodes_fuse_across_an_unrelated_matmul_between_them():
+    costs = costs_of(SwiGLU(), torch.randn(64, 256), True)
+    light = {n: c for n, c in costs.nodes.items() if not c.fwd_flops and c.fwd_time_s > 0}
+    silu = next(c for n, c in light.items() if n.startswith("silu"))
+    mul = next(c for n, c in light.items() if n.startswith("mul"))
+    # one kernel: the product reads the two projections and writes once; the silu is never written
+    assert silu.host_fwd_time_s == 0 and mul.host_fwd_time_s > 0
+    spec = get_device_spec("h100")
+    one_tensor_s = 64 * 4 * 256 * 4 / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency)
+    assert silu.fwd_time_s == pytest.approx(one_tensor_s)  # reads gate's output only
+
+
+class Lookup(nn.Module):
+    def __init__(self, vocab: int = 50000, d: int = 256):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, d), nn.Linear(d, d)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids) * 2.0)
+
+
+def test_a_compiled_lookup_reads_the_rows_it_gathers_not_its_table():
+    costs = costs_of(Lookup(), torch.randint(0, 50000, (8, 32)), True)
+    emb = next(c for n, c in costs.nodes.items() if n.startswith("embedding"))
+    spec = get_device_spec("h100")
+    table_s = 50000 * 256 * 4 / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency)
+    assert 0 < emb.fwd_time_s < table_s / 50
+
+
+class Attention(nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_causal_fused_attention_costs_less_than_its_noncausal_count_says(compiled):
+    q = torch.randn(2, 4, 1024, 64, dtype=torch.bfloat16)
+    times = {}
+    for causal in (False, True):
+        model = Attention()
+        model.causal = causal
+        costs = profile(capture(model, (q, q.clone(), q.clone())), device="h100", progress=False,
+                        compiled=compiled, dtype=torch.bfloat16)
+        times[causal] = next(c for n, c in costs.nodes.items() if "attention" in n)
+    speedup = get_device_spec("h100").causal_attention_speedup
+    assert speedup > 1
+    assert times[True].fwd_time_s < times[False].fwd_time_s
+    assert times[True].fwd_flops == times[False].fwd_flops  # counted alike, run faster

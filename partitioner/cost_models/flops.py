@@ -95,7 +95,9 @@ class AttentionCall:
     batch_heads: B x H of the query (key/value heads are broadcast to it under GQA);
     q_len / kv_len: L and S; qk_dim / v_dim: E and Ev; dtype: the inputs' dtype;
     mask_numel: elements of the attn_mask as passed, broadcast dims included (0 = none);
-    mask_requires_grad: the mask depends on a trainable parameter; dropout_p: dropout.
+    mask_requires_grad: the mask depends on a trainable parameter; dropout_p: dropout;
+    is_causal: the causal mask is the kernel's own (no attn_mask): fused kernels skip the
+    masked tiles (DeviceSpec.causal_attention_speedup).
     """
 
     backend: str
@@ -109,6 +111,7 @@ class AttentionCall:
     mask_dtype: torch.dtype | None = None
     mask_requires_grad: bool = False
     dropout_p: float = 0.0
+    is_causal: bool = False
 
     def io_numel(self) -> int:
         """Elements a fused kernel reads and writes: q, k, v, the output and the mask."""
@@ -148,13 +151,14 @@ def attention_call(args: tuple, kwargs: dict) -> AttentionCall:
     mask = bound.get("attn_mask")
     mask = mask if isinstance(mask, torch.Tensor) else None
     mask_grad = bool(mask is not None and mask.requires_grad and torch.is_grad_enabled())
+    is_causal = bool(bound.get("is_causal", False))
     backend = sdpa_backend(tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, has_mask=mask is not None,
-                           mask_requires_grad=mask_grad, is_causal=bool(bound.get("is_causal", False)))
+                           mask_requires_grad=mask_grad, is_causal=is_causal)
     batch_heads = q.numel() // (q.shape[-2] * q.shape[-1]) if q.dim() >= 2 else 1
     return AttentionCall(backend, batch_heads, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], q.dtype,
                          mask_numel=mask.numel() if mask is not None else 0,
                          mask_dtype=mask.dtype if mask is not None else None, mask_requires_grad=mask_grad,
-                         dropout_p=float(bound.get("dropout_p", 0.0) or 0.0))
+                         dropout_p=float(bound.get("dropout_p", 0.0) or 0.0), is_causal=is_causal)
 
 
 @dataclass(frozen=True)
@@ -298,7 +302,7 @@ def _tensor_sizes(tree: Any) -> list[tuple[int, torch.dtype, int]]:
 
 
 # gathers read only the rows they write: their table (first argument) counts at the output's size
-_GATHERS = ("embedding", "index_select", "index", "gather")
+GATHERS = ("embedding", "index_select", "index", "gather")
 
 
 class _KernelRecorder(TorchDispatchMode):
@@ -321,7 +325,7 @@ class _KernelRecorder(TorchDispatchMode):
             written = _tensor_sizes(out)
             read = _tensor_sizes((args, kwargs))
             op = func._overloadpacket.__name__
-            if op in _GATHERS and read and written:
+            if op in GATHERS and read and written:
                 read[0] = (min(read[0][0], written[0][0]), *read[0][1:])
             flops = self.counter.get_total_flops() - before
             reduction = flops // (2 * written[0][0]) if flops and written and written[0][0] else 0

@@ -5,7 +5,8 @@ between them: the pointwise ops, norms and reductions between two heavy
 kernels become one or a few generated kernels that read their inputs once and
 write only the values read later. Modelled per node, in graph order:
 
-- a segment is the run of light (FLOP-free) nodes between two heavy nodes;
+- a segment is the set of light (FLOP-free) nodes with as many heavy nodes on their longest
+  path from the inputs: no heavy node lies between two of them, so inductor may fuse them;
 - an alias (a view, getitem or other node that launches no kernel) costs nothing:
   whoever reads it reads the tensor it aliases;
 - a light node reads an input from memory only if it was made outside its
@@ -33,7 +34,7 @@ import torch.fx
 
 from partitioner.cost_models.contention import embedding_chains_s
 from partitioner.cost_models.device import DeviceSpec
-from partitioner.cost_models.flops import COMPUTE_OPS, NodeTrace
+from partitioner.cost_models.flops import COMPUTE_OPS, GATHERS, NodeTrace
 from partitioner.cost_models.memory import DtypeScale, value_bytes
 from partitioner.cost_models.time import Kernel, NodeTime, kernels_time_s, roofline_time_s
 
@@ -66,15 +67,13 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
     kernels_of(trace) -> (forward kernels, backward kernels) the node runs eagerly, matmuls padded.
     """
     launch_s = spec.compiled_launch_overhead_s
+    heavy = {name for name, t in traces.items() if t.op in COMPUTE_OPS and is_heavy(t)}
+    # a node's segment: the most heavy nodes on a path from the inputs to it. Two light nodes of one
+    # segment have no heavy node between them, so inductor can fuse them (SwiGLU's silu(gate) * up
+    # fuses although the up projection comes between them in graph order)
     segment: dict[str, int] = {}
-    heavy: set[str] = set()
-    current = 0
     for node in gm.graph.nodes:
-        trace = traces.get(node.name)
-        if trace is not None and trace.op in COMPUTE_OPS and is_heavy(trace):
-            heavy.add(node.name)
-            current += 1
-        segment[node.name] = current
+        segment[node.name] = max((segment[a.name] + (a.name in heavy) for a in node.all_input_nodes), default=0)
     light = {n.name for n in gm.graph.nodes if n.name in traces and traces[n.name].op in COMPUTE_OPS
              and n.name not in heavy}
     alias = {name for name in light if not traces[name].fwd_ops}
@@ -107,6 +106,7 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
             out[name] = NodeTime(0.0, 0.0)
             continue
         seg = segment[name]
+        gather = getattr(getattr(node.target, "_overloadpacket", None), "__name__", None) in GATHERS
         reads = 0
         for a in node.all_input_nodes:
             made = source(a)
@@ -114,7 +114,10 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
                 continue  # made inside this fused kernel
             if (seg, a.name) not in read_in:
                 read_in.add((seg, a.name))
-                reads += value_bytes(traces[a.name].output, scale) if a.name in traces else 0
+                nbytes = value_bytes(traces[a.name].output, scale) if a.name in traces else 0
+                if gather and a is node.all_input_nodes[0]:  # a lookup reads the rows it writes
+                    nbytes = min(nbytes, value_bytes(traces[name].output, scale))
+                reads += nbytes
         writes = any(u.op == "output" or u.name not in light or segment.get(u.name) != seg for u in readers(node))
         fused = reads + (value_bytes(traces[name].output, scale) if writes else 0)
         fwd_kernels, bwd_kernels = kernels_of(traces[name])

@@ -285,6 +285,8 @@ def node_kernels(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale,
                 fwd, bwd = fuse_pointwise_runs(fwd), fuse_pointwise_runs(bwd)
         else:
             eff = spec.masked_attention_efficiency if call.mask_numel and dtype.itemsize < 4 else spec.attention_efficiency
+            if call.is_causal and not call.mask_numel:
+                eff *= spec.causal_attention_speedup
             moved = call.io_numel() * dtype.itemsize
             fwd = [Kernel(call.fwd_flops(), moved, dtype, True, eff)]
             bwd = [Kernel(call.bwd_flops(), 2 * moved, dtype, True, eff, launches=3)]  # dO.O, the main kernel, dQ cast
