@@ -63,8 +63,9 @@ class DeviceSpec:
         autograd.backward call (NodeCosts.stage_pass). Host time on a GPU; device time on the
         CPU device, whose host time is 0 by convention.
     compiled_stage_pass_s: what a compiled stage's pass adds to that (host time): torch.compile's
-        per-call machinery (dynamo's guards, AOTAutograd's wrappers, the autograd Function). 0 in
-        the tables; spec_for_torch_device(compiled=True) times it on this host with the launch
+        per-call machinery (dynamo's guards, AOTAutograd's wrappers, the autograd Function): 0.3 ms
+        in the GPU tables (measured with the executor's part included, which stage_pass_s leaves
+        at 0 there); spec_for_torch_device(compiled=True) times it on this host with the launch
         cost (cost_models/compiled_host.py). On the CPU device profile() measures it instead
         (cost_models.time.compiled_call_overhead).
     """
@@ -144,11 +145,13 @@ class DeviceSpec:
 # hits, took 0.59 ms against 1.07 ms so costed).
 # Hosts differ in the compiled launch cost too (21 us on another H100 machine); spec_for_torch_device
 # (compiled=True) times this host's (cost_models/compiled_host.py), with compiled_stage_pass_s, the
-# compiled call's own cost (0 here). Not the default yet: on one H100 host it read 20-34 us a launch
-# and 350-570 us a call within minutes, and its plans' predictions missed by -27% and +57%.
-# The executor's part of a stage pass (stage_pass_s) is left at 0 (not modelled) on GPUs: it awaits
-# a GPU measurement (benchmarks/host_overhead.py with 1 and 4 stages, as done on the CPU, where
-# calibrate_cpu and profile() set it).
+# compiled call's own cost. Not the default: on one H100 host it read 20-34 us a launch and 350-570
+# us a call within minutes, and its plans' predictions missed by -27% and +57%.
+# A compiled stage pass's own host time, compiled_stage_pass_s (the executor's action and torch.compile's
+# per-call machinery together; stage_pass_s, the eager executor's part, is not measured on GPUs and
+# left at 0): t5-base's compiled stages, bf16, 8 microbatches of 2 x 1024 tokens, host-bound on one
+# H100, took 408.5 ms a step with 1 stage and 422.9 ms with 4 (48 more passes: 0.30 ms each;
+# `python -m benchmarks.host_overhead --model t5-base --stages 1,4 --rounds 4 --warmup 2 --time-limit 3`).
 # They are properties of the host CPU and PyTorch's eager dispatch, not of the GPU: the same
 # values are assumed for every GPU below (H100/A100/L4 use the H200's fractions; re-measure
 # there and write a JSON spec when it matters).
@@ -157,7 +160,7 @@ class DeviceSpec:
 # both stages, took 1.53-1.62x less than the non-causal count at attention_efficiency
 # (`python -m benchmarks.kernels_vs_plan` on the committed *.kernels.json files): 1.55.
 GPU_EFFICIENCY = dict(matmul_efficiency=0.78, attention_efficiency=0.40, masked_attention_efficiency=0.22,
-                      causal_attention_speedup=1.55,
+                      causal_attention_speedup=1.55, compiled_stage_pass_s=0.3e-3,
                       misaligned_matmul_efficiency=0.10, mem_bw_efficiency=0.87, cpu_fwd_overhead_s=21e-6,
                       cpu_bwd_overhead_s=31e-6, compiled_launch_overhead_s=28e-6, contended_atomic_s=2.7e-9)
 
