@@ -43,7 +43,7 @@ from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
 from partitioner.passes.capture import Captured, input_leaf_names
 from partitioner.passes.split import StageModule, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
-from partitioner.runtime.compiled import compile_options, compile_report, compile_stages, print_once
+from partitioner.runtime.compiled import compile_options, compile_report, compile_stages, print_once, stage_with_loss
 from partitioner.runtime.data_parallel import (DATA_PARALLEL_MODES, DataParallelStages, MeshLayout, full_tensor,
                                                mesh_layout)
 from partitioner.runtime.executor import Executor, ParameterStore, in_process_order
@@ -230,9 +230,15 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                                        data_parallel)
         runners = dp_stages.runners
         store.adopt([stages[k] for k in local])
-    executor = Executor(stages, local, sched, transport, _checked_loss(run_loss, loss_fn), captured.unflatten_outputs,
+    checked_loss = _checked_loss(run_loss, loss_fn)
+    # with data parallelism every stage call goes through the FSDP2-managed module: the loss stays apart
+    fused = None if dp_stages is not None else stage_with_loss(
+        len(stages) - 1, {k: stages[k].graph_module for k in local}, runners, checked_loss, _checked_loss(loss_fn),
+        captured.unflatten_outputs, options)
+    executor = Executor(stages, local, sched, transport, checked_loss, captured.unflatten_outputs,
                         stage_device, order, inference_order, runners,
-                        stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None)
+                        stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None,
+                        stage_loss=fused)
     source = ModeSource(meta_skeleton(model), mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
                         compile_options=options, timeout_s=timeout_s, check_loss=_checked_loss)
     step_graph = StepGraph(executor.train_step, lambda: [t for _, t in store.named_parameters() if t.requires_grad],
@@ -316,7 +322,7 @@ class ParallelModel:
             self.data_parallel.after_step()
         self.store.after_step()
         if not self._steps_run:
-            print_once(compile_report(self.executor.runners), self.rank)
+            print_once(compile_report(self.executor.compiled_calls()), self.rank)
         self._steps_run += 1
         return self._share_loss(loss)
 

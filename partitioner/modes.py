@@ -26,7 +26,7 @@ from partitioner.plan_model import capture_for_training
 from partitioner.passes.capture import Captured, get_attr, set_attr
 from partitioner.passes.split import StageModule, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
-from partitioner.runtime.compiled import compile_stages
+from partitioner.runtime.compiled import compile_stages, stage_with_loss
 from partitioner.runtime.executor import Executor, in_process_order
 from partitioner.runtime.transport import DistTransport, InProcessTransport
 
@@ -122,12 +122,15 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
         transport = DistTransport(pm.rank, pm.devices[pm.rank], channels, timeout_s=source.timeout_s,
                                   replicas=pm.layout.replicas, replica=pm.layout.dp_rank)
         order, inference_order = list(sched.actions[pm.rank]), list(forward_only(sched).actions[pm.rank])
-    runners, loss_fn = compile_stages({k: stages[k].graph_module for k in local}, source.loss_fn,
-                                      source.compile_options)
-    if source.check_loss is not None:
-        loss_fn = source.check_loss(loss_fn, source.loss_fn)
+    graph_modules = {k: stages[k].graph_module for k in local}
+    runners, loss_fn = compile_stages(graph_modules, source.loss_fn, source.compile_options)
+    check = source.check_loss or (lambda fn, user_fn=None: fn)
+    loss_fn = check(loss_fn, source.loss_fn)
+    fused = None if pm.data_parallel is not None else stage_with_loss(
+        len(stages) - 1, graph_modules, runners, loss_fn, check(source.loss_fn), captured.unflatten_outputs,
+        source.compile_options)
     executor = Executor(stages, local, sched, transport, loss_fn, captured.unflatten_outputs, stage_device,
-                        order, inference_order, runners)
+                        order, inference_order, runners, stage_loss=fused)
     return ModeGraphs(captured, stages, executor)
 
 

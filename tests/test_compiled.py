@@ -32,6 +32,10 @@ def test_compiled_stages_equal_the_unpartitioned_model(name, chunks):
     assert all(isinstance(r, CompiledStage) for r in pm.executor.runners.values())
     loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
     assert not any(r.failed for r in pm.executor.runners.values())
+    # the last stage trains as one compiled call with the loss; its own runner waits for inference
+    last = max(pm.executor.runners)
+    assert pm.executor.stage_loss.called and not pm.executor.stage_loss.failed
+    assert not pm.executor.runners[last].called
     assert max_rel_err(loss, ref_loss) < 1e-4
     assert max(grad_errors(pm, ref_grads).values()) < 1e-4
 
@@ -82,6 +86,7 @@ def test_a_stage_that_fails_to_compile_runs_eagerly_with_a_warning():
     with pytest.warns(RuntimeWarning, match=r"torch.compile failed on stage \d at node '\w+' \(aten\.\w+\.\w+\): RuntimeError: no lowering.*runs eagerly"):
         loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
     assert all(r.failed for r in pm.executor.runners.values())
+    assert pm.executor.stage_loss.failed  # the last stage with the loss, then on its own, then eagerly
     assert max_rel_err(loss, ref_loss) < 1e-5
     assert max(grad_errors(pm, ref_grads).values()) < 1e-5
 

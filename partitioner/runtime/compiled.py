@@ -65,14 +65,20 @@ def _cxx_compiler() -> str | None:
 class CompiledStage:
     """Calls a stage's compiled graph; falls back to the eager graph module if compilation fails."""
 
-    def __init__(self, name: str, module: Callable, graph: torch.fx.Graph | None, options: dict[str, Any]):
+    def __init__(self, name: str, module: Callable, graph: torch.fx.Graph | None, options: dict[str, Any],
+                 fallback: Callable | None = None, fallback_how: str = "eagerly"):
         self.name = name
-        self.eager = module
+        self.eager = fallback or module  # what runs where compilation fails
+        self.fallback_how = fallback_how
         self.graph = graph
         self.compiled = torch.compile(module, **options)
         self.failed = False
         self.compile_s = 0.0
         self._first = True
+
+    @property
+    def called(self) -> bool:
+        return not self._first
 
     def __call__(self, *args: Any) -> Any:
         if self.failed:
@@ -85,8 +91,8 @@ class CompiledStage:
                 raise
             self.failed = True
             warnings.warn(f"torch.compile failed on {self.name}{_failing_node(err, self.graph)}: {_first_line(err)}. "
-                          f"{self.name} runs eagerly (the others stay compiled); pass compile=False to run every "
-                          "stage eagerly.", RuntimeWarning, stacklevel=2)
+                          f"{self.name} runs {self.fallback_how} (the others stay compiled); pass compile=False to run "
+                          "every stage eagerly.", RuntimeWarning, stacklevel=2)
             return self.eager(*args)
         if self._first:
             self.compile_s = time.perf_counter() - start
@@ -104,14 +110,39 @@ def compile_stages(graph_modules: dict[int, torch.fx.GraphModule], loss_fn: Call
     return runners, loss
 
 
+def stage_with_loss(last: int, graph_modules: dict[int, torch.fx.GraphModule], runners: dict[int, Callable],
+                    loss: Callable, user_loss: Callable, unflatten: Callable[[list[Any]], Any],
+                    options: dict[str, Any] | None) -> "CompiledStage | None":
+    """The last stage and the loss as one compiled call for training, (*stage inputs, target) -> loss, or
+    None (eager stages, or the last stage not here).
+
+    One call instead of two per microbatch, forward and backward: each compiled call costs the host
+    a fixed time (benchmarks/RESULTS.md), and inductor fuses the loss into the stage's last kernels.
+    user_loss: loss_fn as the user gave it (compiled with the stage); loss: what runs where that
+    compilation fails, after runners[last] (both compiled on their own).
+    """
+    if options is None or last not in graph_modules:
+        return None
+    gm = graph_modules[last]
+
+    def fused(*args: Any) -> torch.Tensor:
+        return user_loss(unflatten(list(gm(*args[:-1]))), args[-1])
+
+    def separate(*args: Any) -> torch.Tensor:
+        return loss(unflatten(list(runners[last](*args[:-1]))), args[-1])
+
+    return CompiledStage(f"stage {last} with the loss function", fused, gm.graph, options, fallback=separate,
+                         fallback_how="as two calls, the stage and the loss each compiled on its own")
+
+
 def compile_report(runners: dict[int, Callable]) -> str | None:
     """One line on what compiling the stages took (after the first step), or None if nothing compiled."""
-    compiled = [r for r in runners.values() if isinstance(r, CompiledStage)]
+    compiled = [r for r in runners.values() if isinstance(r, CompiledStage) and r.called]
     if not compiled:
         return None
     total = sum(r.compile_s for r in compiled)
     failed = [r.name for r in compiled if r.failed]
-    tail = f"; eager after a compile failure: {', '.join(failed)}" if failed else ""
+    tail = f"; not compiled after a failure: {', '.join(failed)}" if failed else ""
     return f"compiled {len(compiled)} stage graph(s) in {total:.1f} s (first step){tail}"
 
 

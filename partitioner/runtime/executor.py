@@ -61,6 +61,8 @@ class Executor:
     stage_device: device of every local stage.
     order: this process's actions (a rank's list, or in_process_order for all ranks).
     runners: stage -> the callable that runs it (default: its graph module); loss_fn may be compiled too.
+    stage_loss(*last stage's inputs, target) -> loss: the last stage and loss_fn as one call, for
+    training (compiled.stage_with_loss); None: runners[last], then loss_fn.
     stage_backward_done(stage): called after a training step's last backward of each local stage (its
     gradients are final: data parallelism reduces them there, overlapping the rank's other stages).
     """
@@ -69,7 +71,8 @@ class Executor:
                  loss_fn: Callable[[Any, Any], torch.Tensor], unflatten: Callable[[list[Any]], Any],
                  stage_device: dict[int, torch.device], order: list[Action], inference_order: list[Action],
                  runners: dict[int, Callable] | None = None,
-                 stage_backward_done: Callable[[int], None] | None = None):
+                 stage_backward_done: Callable[[int], None] | None = None,
+                 stage_loss: Callable[..., torch.Tensor] | None = None):
         self.stages = stages
         # what runs a stage: its graph module, or that compiled (partitioner/runtime/compiled.py)
         self.runners = runners or {st.stage: st.graph_module for st in stages}
@@ -77,6 +80,7 @@ class Executor:
         self.schedule = schedule
         self.transport = transport
         self.loss_fn = loss_fn
+        self.stage_loss = stage_loss
         self.unflatten = unflatten
         self.stage_device = stage_device
         self.order = order
@@ -89,6 +93,10 @@ class Executor:
         self._closes_stage = {order[i] for i in last_b.values()}  # the B after which a stage's gradients are final
 
     # ------------------------------------------------------------------ public
+
+    def compiled_calls(self) -> dict[Any, Callable]:
+        """Every callable the executor runs for its stages: the runners, and the last stage with the loss."""
+        return {**self.runners, **({"loss": self.stage_loss} if self.stage_loss is not None else {})}
 
     def train_step(self, mb_inputs: list[list[Any]], mb_targets: list[Any]) -> torch.Tensor | None:
         """Forward and backward of every microbatch; returns the summed (already 1/m-scaled) loss
@@ -142,17 +150,20 @@ class Executor:
             if name in st.mutated_inputs and isinstance(x, torch.Tensor):
                 x = x.clone()  # the stage writes it in place: keep the received leaf intact
             args.append(x)
+        if st.is_last and state.train:  # training keeps only the loss: logits of every microbatch are large
+            target = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,
+                                     state.targets[a.microbatch])
+            if self.stage_loss is not None:
+                loss = self.stage_loss(*args, target)
+            else:
+                loss = self.loss_fn(self.unflatten(list(self.runners[a.stage](*args))), target)
+            loss = loss / len(state.inputs)
+            state.add_loss(loss.detach())
+            state.saved[a] = (leaves, [loss])
+            return
         outs = self.runners[a.stage](*args)
         if st.is_last:
-            if not state.train:  # training keeps only the loss: logits of every microbatch are large
-                state.outputs[a.microbatch] = list(outs)
-            else:
-                target = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,
-                                         state.targets[a.microbatch])
-                loss = self.loss_fn(self.unflatten(list(outs)), target)
-                loss = loss / len(state.inputs)
-                state.add_loss(loss.detach())
-                state.saved[a] = (leaves, [loss])
+            state.outputs[a.microbatch] = list(outs)
         else:
             by_name = dict(zip(st.outputs, outs))
             for msg in comm.sends[a]:
