@@ -104,10 +104,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         kernels) runs at its kernels' speed, and the plan is costed without host time. Needs every
         stage on one CUDA device in one process; the first two steps run uncaptured (compiling),
         the third is captured. Inputs must keep their shapes; parameters are read in place.
-    compile: run every stage graph (and loss_fn) through torch.compile (inductor). None (default): on
-        for CUDA devices, off on CPU; True / False; or a dict of torch.compile options (e.g.
-        {"mode": "max-autotune"}). Compilation happens in the first train_step / forward; a stage that
-        fails to compile runs eagerly with a warning naming it.
+    compile: run every stage graph (and loss_fn) through torch.compile (inductor); in training the last
+        stage and loss_fn compile as one call. None (default): on for CUDA devices, off on CPU; True /
+        False; or a dict of torch.compile options (e.g. {"mode": "max-autotune"}). Compilation happens in
+        the first train_step / forward; a stage that fails to compile runs eagerly with a warning naming it.
     mixed_precision: None (default) runs and plans the model in its own dtype (a bf16 model is planned
         and trained in bf16); "bf16" keeps fp32 parameters, gradients and optimizer state and computes in
         bf16 (each parameter and float input cast where it is read, as FSDP2's MixedPrecisionPolicy).
