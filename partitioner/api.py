@@ -223,18 +223,17 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         transport = DistTransport(rank, devices[rank], channels, timeout_s=timeout_s, replicas=replicas,
                                   replica=replica)
         order, inference_order = list(sched.actions[rank]), list(forward_only(sched).actions[rank])
-    runners, run_loss = compile_stages({k: stages[k].graph_module for k in local}, loss_fn, options)
+    graph_modules = {k: stages[k].graph_module for k in local}
+    runners, run_loss = compile_stages(graph_modules, loss_fn, options)
+    checked_loss = _checked_loss(run_loss, loss_fn)
+    fused = stage_with_loss(len(stages) - 1, graph_modules, runners, checked_loss, _checked_loss(loss_fn),
+                            captured.unflatten_outputs, options)
     dp_stages = None
     if dp > 1:  # this rank's stages under FSDP2 over the mesh's dp dim
-        dp_stages = DataParallelStages({k: stages[k].graph_module for k in local}, runners, mesh["dp"],
-                                       data_parallel)
+        dp_stages = DataParallelStages(graph_modules, runners, mesh["dp"], data_parallel)
         runners = dp_stages.runners
+        fused = dp_stages.with_hooks("loss", fused) if fused is not None else None
         store.adopt([stages[k] for k in local])
-    checked_loss = _checked_loss(run_loss, loss_fn)
-    # with data parallelism every stage call goes through the FSDP2-managed module: the loss stays apart
-    fused = None if dp_stages is not None else stage_with_loss(
-        len(stages) - 1, {k: stages[k].graph_module for k in local}, runners, checked_loss, _checked_loss(loss_fn),
-        captured.unflatten_outputs, options)
     executor = Executor(stages, local, sched, transport, checked_loss, captured.unflatten_outputs,
                         stage_device, order, inference_order, runners,
                         stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None,

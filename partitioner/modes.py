@@ -126,9 +126,8 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
     runners, loss_fn = compile_stages(graph_modules, source.loss_fn, source.compile_options)
     check = source.check_loss or (lambda fn, user_fn=None: fn)
     loss_fn = check(loss_fn, source.loss_fn)
-    fused = None if pm.data_parallel is not None else stage_with_loss(
-        len(stages) - 1, graph_modules, runners, loss_fn, check(source.loss_fn), captured.unflatten_outputs,
-        source.compile_options)
+    fused = stage_with_loss(len(stages) - 1, graph_modules, runners, loss_fn, check(source.loss_fn),
+                            captured.unflatten_outputs, source.compile_options)
     executor = Executor(stages, local, sched, transport, loss_fn, captured.unflatten_outputs, stage_device,
                         order, inference_order, runners, stage_loss=fused)
     return ModeGraphs(captured, stages, executor)

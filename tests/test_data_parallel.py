@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from partitioner.api import compile_parallel
 from partitioner.errors import RuntimeConfigError
 from partitioner.microbatch import split_batch
+from partitioner.runtime.compiled import compile_options
 from partitioner.runtime.data_parallel import MeshLayout, full_tensor, mesh_layout
 
 BATCH = 8
@@ -36,20 +37,20 @@ def _reference(zm):
     return loss.detach(), grads, norm, model
 
 
-def _compile(zm, dp: int, pp: int, schedule: str, chunks: int, mode: str):
+def _compile(zm, dp: int, pp: int, schedule: str, chunks: int, mode: str, compiled: bool = False):
     mesh = init_device_mesh("cpu", (dp, pp), mesh_dim_names=("dp", "pp"))
     return compile_parallel(copy.deepcopy(zm.model), mesh=mesh, example_inputs=zm.example_args,
                             loss_fn=zm.loss_fn, example_kwargs=zm.example_kwargs, schedule=schedule, chunks=chunks,
                             microbatches=BATCH // dp // 2 if chunks == 1 else pp * chunks, data_parallel=mode,
-                            time_limit_s=2, timeout_s=60)
+                            time_limit_s=2, timeout_s=60, compile=compiled)
 
 
 def _train_case(rank: int, case: tuple) -> dict:
-    name, dp, pp, schedule, chunks, mode = case
+    name, dp, pp, schedule, chunks, mode, *compiled = case
     zm = build(name, batch=BATCH)
     ref_loss, ref_grads, ref_norm, ref_model = _reference(zm)
     ref_params = dict(ref_model.named_parameters())
-    pm = _compile(zm, dp, pp, schedule, chunks, mode)
+    pm = _compile(zm, dp, pp, schedule, chunks, mode, *compiled)
     opt = torch.optim.AdamW(pm.parameters(), lr=LR, eps=EPS)
     loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
     # every rank of a dp group gathers the same FQNs in the same order; a copy: clipping scales .grad in place
@@ -63,9 +64,11 @@ def _train_case(rank: int, case: tuple) -> dict:
            "names": sorted(grads), "dp_rank": pm.layout.dp_rank,
            "plan_dp": (pm.plan.data_parallel, pm.plan.data_parallel_mode),
            "own_groups": len(pm.data_parallel.groups) if pm.data_parallel is not None else 0}
+    fused = pm.data_parallel.module._runners.get("loss") if pm.data_parallel is not None else None
+    out["fused_loss"] = None if fused is None else (fused.called, fused.failed)  # the last stage with the loss
     if rank == 0:
         out["params"] = max(max_rel_err(full[n], p) for n, p in ref_params.items())
-    if case[-1] == "fsdp":  # evaluation between steps: the other mode reads the gathered parameters
+    if mode == "fsdp":  # evaluation between steps: the other mode reads the gathered parameters
         pm.eval()
         y = pm(*zm.example_args, **zm.example_kwargs)
         if y is not None:  # each replica's last rank: the output of its share of the batch
@@ -95,21 +98,24 @@ def _worker(rank: int, world: int, cases: list) -> dict:
 
 
 def _check(results: list[dict], case: tuple) -> None:
-    name, dp = case[0], case[1]
+    name, dp, pp, mode = case[0], case[1], case[2], case[5]
     seen: dict[int, set] = {}
     for rank, res in enumerate(results):
         r = res[case]
         assert isinstance(r, dict), (rank, r)
         assert r["loss"] < 1e-5 and r["grads"] < 1e-5 and r["norm"] < 1e-5, (rank, r)
         seen.setdefault(r["dp_rank"], set()).update(r["names"])
-        assert r["plan_dp"] == (dp, case[-1]), r["plan_dp"]  # planned for the replicas (memory, reduce time)
+        assert r["plan_dp"] == (dp, mode), r["plan_dp"]  # planned for the replicas (memory, reduce time)
     assert results[0][case]["params"] < 1e-5, results[0][case]
-    if case[-1] == "fsdp":
+    if mode == "fsdp":
         evals = [res[case]["eval"] for res in results if "eval" in res[case]]
         assert len(evals) == dp and max(evals) < 1e-5, evals  # the last rank of every replica
         assert results[0][case]["loaded"] == 0.0
     every = set(dict(build(name).model.named_parameters()))
     assert len(seen) == dp and all(names == every for names in seen.values())  # each replica holds the model
+    if case[6:] == (True,):  # compiled: each replica's last rank trained its last stage and loss as one call
+        fused = [res[case]["fused_loss"] for res in results]
+        assert fused == [(True, False) if r % pp == pp - 1 else None for r in range(len(results))], fused
 
 
 def test_gpt2_tied_embeddings_dp2_pp2_and_dp1_pp4_and_dp4_pp1():
@@ -171,6 +177,17 @@ def _checkpoint_worker(rank: int, world: int, path: str) -> dict:
     out["optim_back"] = max(max_rel_err(full_tensor(opt3.state[p][k]), want_state[n][k])
                             for n, p in back.named_parameters() for k in ("exp_avg", "exp_avg_sq"))
     return out
+
+
+@pytest.mark.skipif(compile_options(None, [torch.device("cpu")]) is not None or
+                    not __import__("shutil").which("g++"), reason="needs g++ for inductor on CPU")
+def test_compiled_stages_under_fsdp_and_replicate():
+    """Compiled stages (the default on GPUs) under FSDP2: each stage call, and the last stage with the
+    loss as one compiled call, goes through the FSDP2-managed module."""
+    cases = [("gpt2", 2, 2, "1f1b", 1, "fsdp", True), ("t5-base", 2, 2, "interleaved-1f1b", 2, "replicate", True)]
+    results = run_workers(_worker, 4, cases, timeout_s=400)
+    for case in cases:
+        _check(results, case)
 
 
 def test_checkpoint_written_at_dp2_pp2_loads_at_dp1_pp4_and_back_into_fsdp(tmp_path):

@@ -90,7 +90,7 @@ class RankStages(nn.Module):
         self.stages = nn.ModuleDict({str(k): gm for k, gm in graph_modules.items()})
         self._runners = dict(runners)
 
-    def forward(self, stage: int, *args: Any) -> Any:
+    def forward(self, stage: int | str, *args: Any) -> Any:
         return self._runners[stage](*args)
 
 
@@ -120,6 +120,12 @@ class DataParallelStages:
                                          f"can reduce by sum (torch {torch.__version__} cannot); run it on GPUs.")
             self.module.set_force_sum_reduction_for_comms(True)
         self.runners = {k: functools.partial(self.module, k) for k in runners}
+
+    def with_hooks(self, key: str, fn: Callable) -> Callable:
+        """`fn` (e.g. the last stage with the loss, compiled.stage_with_loss) called through the
+        FSDP2-managed module as the stages are, under `key`."""
+        self.module._runners[key] = fn
+        return functools.partial(self.module, key)
 
     def before_step(self) -> None:
         """Accumulate whole gradients over the step's backwards: no reduction, no resharding."""
