@@ -43,7 +43,7 @@ from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
 from partitioner.passes.capture import Captured, input_leaf_names
 from partitioner.passes.split import StageModule, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
-from partitioner.runtime.compiled import compile_options, compile_report, compile_stages, print_once, stage_with_loss
+from partitioner.runtime.compiled import compile_options, compile_report, compile_stages, print_once
 from partitioner.runtime.data_parallel import (DATA_PARALLEL_MODES, DataParallelStages, MeshLayout, full_tensor,
                                                mesh_layout)
 from partitioner.runtime.executor import Executor, ParameterStore, in_process_order
@@ -224,17 +224,16 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                                   replica=replica)
         order, inference_order = list(sched.actions[rank]), list(forward_only(sched).actions[rank])
     graph_modules = {k: stages[k].graph_module for k in local}
-    runners, run_loss = compile_stages(graph_modules, loss_fn, options)
-    checked_loss = _checked_loss(run_loss, loss_fn)
-    fused = stage_with_loss(len(stages) - 1, graph_modules, runners, checked_loss, _checked_loss(loss_fn),
-                            captured.unflatten_outputs, options)
+    calls = compile_stages(graph_modules, loss_fn, options, last=len(stages) - 1,
+                           unflatten=captured.unflatten_outputs, check=_checked_loss)
+    runners, fused = calls.runners, calls.stage_loss
     dp_stages = None
     if dp > 1:  # this rank's stages under FSDP2 over the mesh's dp dim
         dp_stages = DataParallelStages(graph_modules, runners, mesh["dp"], data_parallel)
         runners = dp_stages.runners
         fused = dp_stages.with_hooks("loss", fused) if fused is not None else None
         store.adopt([stages[k] for k in local])
-    executor = Executor(stages, local, sched, transport, checked_loss, captured.unflatten_outputs,
+    executor = Executor(stages, local, sched, transport, calls.loss, captured.unflatten_outputs,
                         stage_device, order, inference_order, runners,
                         stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None,
                         stage_loss=fused)

@@ -26,7 +26,7 @@ from partitioner.plan_model import capture_for_training
 from partitioner.passes.capture import Captured, get_attr, set_attr
 from partitioner.passes.split import StageModule, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
-from partitioner.runtime.compiled import compile_stages, stage_with_loss
+from partitioner.runtime.compiled import compile_stages
 from partitioner.runtime.executor import Executor, in_process_order
 from partitioner.runtime.transport import DistTransport, InProcessTransport
 
@@ -122,14 +122,10 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
         transport = DistTransport(pm.rank, pm.devices[pm.rank], channels, timeout_s=source.timeout_s,
                                   replicas=pm.layout.replicas, replica=pm.layout.dp_rank)
         order, inference_order = list(sched.actions[pm.rank]), list(forward_only(sched).actions[pm.rank])
-    graph_modules = {k: stages[k].graph_module for k in local}
-    runners, loss_fn = compile_stages(graph_modules, source.loss_fn, source.compile_options)
-    check = source.check_loss or (lambda fn, user_fn=None: fn)
-    loss_fn = check(loss_fn, source.loss_fn)
-    fused = stage_with_loss(len(stages) - 1, graph_modules, runners, loss_fn, check(source.loss_fn),
-                            captured.unflatten_outputs, source.compile_options)
-    executor = Executor(stages, local, sched, transport, loss_fn, captured.unflatten_outputs, stage_device,
-                        order, inference_order, runners, stage_loss=fused)
+    calls = compile_stages({k: stages[k].graph_module for k in local}, source.loss_fn, source.compile_options,
+                           last=len(stages) - 1, unflatten=captured.unflatten_outputs, check=source.check_loss)
+    executor = Executor(stages, local, sched, transport, calls.loss, captured.unflatten_outputs, stage_device,
+                        order, inference_order, calls.runners, stage_loss=calls.stage_loss)
     return ModeGraphs(captured, stages, executor)
 
 

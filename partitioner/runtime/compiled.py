@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -100,28 +101,44 @@ class CompiledStage:
         return out
 
 
-def compile_stages(graph_modules: dict[int, torch.fx.GraphModule], loss_fn: Callable,
-                   options: dict[str, Any] | None) -> tuple[dict[int, Callable], Callable]:
-    """The callable the executor runs for every stage, and the loss function's."""
+@dataclass
+class StageCallables:
+    """What the executor calls: each stage's runner, the loss, and the last stage with the loss in
+    one compiled call for training (None: eager stages, or the last stage not in this process)."""
+
+    runners: dict[int, Callable]
+    loss: Callable
+    stage_loss: "CompiledStage | None" = None
+
+
+def compile_stages(graph_modules: dict[int, torch.fx.GraphModule], loss_fn: Callable, options: dict[str, Any] | None,
+                   *, last: int, unflatten: Callable[[list[Any]], Any],
+                   check: Callable[..., Callable] | None = None) -> StageCallables:
+    """The callables the executor runs for the stages `graph_modules` (of a model whose last stage is
+    `last`), compiled with `options` (None: eagerly). check(loss, user_loss) wraps a loss function
+    with the user-facing checks of its result (api._checked_loss)."""
+    check = check or (lambda fn, user_fn=None: fn)
     if options is None:
-        return dict(graph_modules), loss_fn
-    runners = {k: CompiledStage(f"stage {k}", gm, gm.graph, options) for k, gm in graph_modules.items()}
-    loss = CompiledStage("the loss function", loss_fn, None, options)
-    return runners, loss
+        return StageCallables(dict(graph_modules), check(loss_fn, loss_fn))
+    runners: dict[int, Callable] = {k: CompiledStage(f"stage {k}", gm, gm.graph, options)
+                                    for k, gm in graph_modules.items()}
+    loss = check(CompiledStage("the loss function", loss_fn, None, options), loss_fn)
+    return StageCallables(runners, loss, stage_with_loss(last, graph_modules, runners, loss, check(loss_fn),
+                                                         unflatten, options))
 
 
 def stage_with_loss(last: int, graph_modules: dict[int, torch.fx.GraphModule], runners: dict[int, Callable],
                     loss: Callable, user_loss: Callable, unflatten: Callable[[list[Any]], Any],
-                    options: dict[str, Any] | None) -> "CompiledStage | None":
+                    options: dict[str, Any]) -> "CompiledStage | None":
     """The last stage and the loss as one compiled call for training, (*stage inputs, target) -> loss, or
-    None (eager stages, or the last stage not here).
+    None (the last stage not here).
 
     One call instead of two per microbatch, forward and backward: each compiled call costs the host
     a fixed time (benchmarks/RESULTS.md), and inductor fuses the loss into the stage's last kernels.
     user_loss: loss_fn as the user gave it (compiled with the stage); loss: what runs where that
     compilation fails, after runners[last] (both compiled on their own).
     """
-    if options is None or last not in graph_modules:
+    if last not in graph_modules:
         return None
     gm = graph_modules[last]
 
