@@ -65,7 +65,8 @@ def test_a_gpu_spec_for_compiled_stages_carries_the_hosts_compiled_costs(monkeyp
     spec = device_module.spec_for_torch_device("cuda:0", compiled=True)
     assert (spec.compiled_launch_overhead_s, spec.compiled_stage_pass_s) == (21e-6, 90e-6)
     eager = device_module.spec_for_torch_device("cuda:0")
-    assert (eager.compiled_launch_overhead_s, eager.compiled_stage_pass_s) == (table.compiled_launch_overhead_s, table.compiled_stage_pass_s)
+    assert (eager.compiled_launch_overhead_s, eager.compiled_stage_pass_s) == (
+        table.compiled_launch_overhead_s, table.compiled_stage_pass_s)
     uncalibrated = device_module.spec_for_torch_device("cuda:0", calibrate_host=False, compiled=True)
     assert uncalibrated == table
 

@@ -64,7 +64,7 @@ def _train_case(rank: int, case: tuple) -> dict:
            "names": sorted(grads), "dp_rank": pm.layout.dp_rank,
            "plan_dp": (pm.plan.data_parallel, pm.plan.data_parallel_mode),
            "own_groups": len(pm.data_parallel.groups) if pm.data_parallel is not None else 0}
-    fused = pm.data_parallel.module._runners.get("loss") if pm.data_parallel is not None else None
+    fused = pm.data_parallel.module.runner("loss") if pm.data_parallel is not None else None
     out["fused_loss"] = None if fused is None else (fused.called, fused.failed)  # the last stage with the loss
     if rank == 0:
         out["params"] = max(max_rel_err(full[n], p) for n, p in ref_params.items())

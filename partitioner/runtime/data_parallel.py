@@ -93,6 +93,14 @@ class RankStages(nn.Module):
     def forward(self, stage: int | str, *args: Any) -> Any:
         return self._runners[stage](*args)
 
+    def add(self, key: str, fn: Callable) -> None:
+        """Run `fn` as `self(key, *args)`, through the same hooks as the stages."""
+        self._runners[key] = fn
+
+    def runner(self, key: int | str) -> Callable | None:
+        """What `self(key, ...)` runs (None if nothing is registered under `key`)."""
+        return self._runners.get(key)
+
 
 class DataParallelStages:
     """This rank's stages under FSDP2 over the mesh's dp dim (see module docstring).
@@ -124,7 +132,7 @@ class DataParallelStages:
     def with_hooks(self, key: str, fn: Callable) -> Callable:
         """`fn` (e.g. the last stage with the loss, compiled.stage_with_loss) called through the
         FSDP2-managed module as the stages are, under `key`."""
-        self.module._runners[key] = fn
+        self.module.add(key, fn)
         return functools.partial(self.module, key)
 
     def before_step(self) -> None:
