@@ -16,7 +16,11 @@ Configurations (`--configs` picks):
   compile_parallel plans them (compiled stages with compiled costs). A `-graph`
   suffix (e.g. ours-compiled-1f1b-ilp-graph; one process, one GPU) replays each
   step as one CUDA graph (compile_parallel(cuda_graph=True)), planned without
-  host time.
+  host time. A `-cudagraphs` suffix (compiled only; any number of processes)
+  compiles the stages with compile={"mode": "reduce-overhead"}: every stage's
+  forward and backward replays as its own CUDA graph (runtime/cudagraph_trees.py),
+  also planned without host time.
+- plain-compiled-cudagraphs: the plain model under mode="reduce-overhead".
 - torch-{eager,compiled}-{1f1b,interleaved}: torch.distributed.pipelining with a
   hand-written uniform split (benchmarks/torch_pipeline.py), eager or with each
   layer compiled (torchtitan's way). GPT-2 and Llama only.
@@ -54,8 +58,9 @@ from benchmarks.common import add_training_run_arguments, print_table, pyplot, s
 from partitioner import zoo
 from partitioner.runtime.data_parallel import local_tensor
 
-ALL_CONFIGS = ("plain-eager", "plain-compiled", "ours-eager-1f1b-ilp", "ours-compiled-1f1b-ilp",
-               "ours-compiled-1f1b-ilp-graph", "ours-eager-1f1b-ilp-graph",
+ALL_CONFIGS = ("plain-eager", "plain-compiled", "plain-compiled-cudagraphs", "ours-eager-1f1b-ilp",
+               "ours-compiled-1f1b-ilp", "ours-compiled-1f1b-ilp-graph", "ours-eager-1f1b-ilp-graph",
+               "ours-compiled-1f1b-ilp-cudagraphs", "ours-compiled-interleaved-ilp-cudagraphs",
                "ours-compiled-interleaved-ilp", "ours-eager-interleaved-ilp", "ours-compiled-1f1b-uniform",
                "ours-eager-1f1b-uniform", "torch-eager-1f1b", "torch-compiled-1f1b", "torch-eager-interleaved",
                "torch-compiled-interleaved")
@@ -132,8 +137,8 @@ def make_plans(zm, args, precision: str, device: torch.device, p: int, rank: int
         needed = [(key, schedule, chunks, compiled, graph)
                   for key, schedule, chunks in (("1f1b", "1f1b", 1), ("interleaved", "interleaved-1f1b", args.chunks))
                   for compiled in (False, True) for graph in (False, True)
-                  if any(f"ours-{'compiled' if compiled else 'eager'}-{key}-{k}{'-graph' if graph else ''}" in wanted
-                         for k in ("ilp", "uniform"))]
+                  if any(f"ours-{'compiled' if compiled else 'eager'}-{key}-{k}{tail}" in wanted
+                         for k in ("ilp", "uniform") for tail in (("-graph", "-cudagraphs") if graph else ("",)))]
         for key, schedule, chunks, compiled, graph in needed or [("1f1b", "1f1b", 1, False, False)]:  # for the FLOPs
             config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=args.microbatches,
                                 device_type=spec(compiled and not graph), dtype=None, mixed_precision=_mixed(precision),
@@ -170,10 +175,11 @@ def ours_runners(zm, args, precision: str, device: torch.device, p: int, rank: i
         parts = name.split("-")
         if parts[0] != "ours":
             continue
-        mode, key, kind, graph = parts[1], parts[2], parts[3], parts[-1] == "graph"
-        plan = plans[(key, kind, mode == "compiled", graph)]
+        mode, key, kind, graph, trees = parts[1], parts[2], parts[3], parts[-1] == "graph", parts[-1] == "cudagraphs"
+        plan = plans[(key, kind, mode == "compiled", graph or trees)]  # both planned without host dispatch
+        compile: bool | dict = {"mode": "reduce-overhead"} if trees else mode == "compiled"
         pm = compile_parallel(zm.model, devices, zm.example_args, zm.loss_fn, plan=plan,
-                              example_kwargs=zm.example_kwargs, microbatches=args.microbatches, compile=mode == "compiled",
+                              example_kwargs=zm.example_kwargs, microbatches=args.microbatches, compile=compile,
                               mixed_precision=_mixed(precision), cuda_graph=graph)
         predicted = _serial_s(plan) if rank is None else plan.step_time_s
         peak = sum(plan.rank_mem_bytes) if rank is None else plan.rank_mem_bytes[rank]
@@ -203,12 +209,20 @@ def accumulation_step(zm, precision: str, microbatches: int) -> Callable[[Callab
 def plain_runners(zm, precision: str, microbatches: int, wanted: list[str]) -> list[Runner]:
     model = zm.model
     compiled = torch.compile(model, dynamic=False) if "plain-compiled" in wanted else None
+    trees = (torch.compile(model, dynamic=False, mode="reduce-overhead") if "plain-compiled-cudagraphs" in wanted
+             else None)
     step = accumulation_step(zm, precision, microbatches)
 
+    def graphed_step(fn: Callable) -> None:
+        torch.compiler.cudagraph_mark_step_begin()  # a step is one generation of the cudagraph trees
+        step(fn)
+
     runners, opt = [], None
-    for name, fn in (("plain-eager", model), ("plain-compiled", compiled)):
+    for name, fn, run in (("plain-eager", model, step), ("plain-compiled", compiled, step),
+                          ("plain-compiled-cudagraphs", trees, graphed_step)):
         if name in wanted:
-            r = Runner(name, lambda fn=fn: step(fn), lambda: model.zero_grad(set_to_none=True), list(model.parameters()))
+            r = Runner(name, lambda fn=fn, run=run: run(fn), lambda: model.zero_grad(set_to_none=True),
+                       list(model.parameters()))
             opt = opt or r.optimizer
             r.optimizer = opt
             runners.append(r)
@@ -369,8 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown configurations {sorted(unknown)}; known: {', '.join(ALL_CONFIGS)}")
     if rank is not None:
         wanted = [w for w in wanted if not w.startswith("plain")]  # the ceiling is the one-GPU run's
-    if rank is not None or device.type != "cuda":  # CUDA graphs capture one process's stages on one GPU
+    if rank is not None or device.type != "cuda":  # a whole-step CUDA graph captures one process's stages on one GPU
         wanted = [w for w in wanted if not w.endswith("-graph")]
+    if device.type != "cuda":
+        wanted = [w for w in wanted if not w.endswith("-cudagraphs")]
     lead = rank in (None, 0)
 
     def log(msg: str) -> None:

@@ -43,7 +43,7 @@ from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
 from partitioner.passes.capture import Captured, input_leaf_names
 from partitioner.passes.split import StageModule, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
-from partitioner.runtime.compiled import compile_options, compile_report, compile_stages, print_once
+from partitioner.runtime.compiled import compile_options, compile_report, compile_stages, print_once, uses_cudagraphs
 from partitioner.runtime.data_parallel import (DATA_PARALLEL_MODES, DataParallelStages, MeshLayout, full_tensor,
                                                mesh_layout)
 from partitioner.runtime.executor import Executor, ParameterStore, in_process_order
@@ -108,6 +108,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         stage and loss_fn compile as one call. None (default): on for CUDA devices, off on CPU; True /
         False; or a dict of torch.compile options (e.g. {"mode": "max-autotune"}). Compilation happens in
         the first train_step / forward; a stage that fails to compile runs eagerly with a warning naming it.
+        {"mode": "reduce-overhead"} replays every stage's forward and backward as its own CUDA graph
+        (torch's cudagraph trees; partitioner/runtime/cudagraph_trees.py): for host-bound pipelines, in
+        one process or under torchrun, planned without host time. The first step runs uncaptured, the
+        second records, later ones replay. Not with data_parallel="fsdp" (its parameters move every step).
     mixed_precision: None (default) runs and plans the model in its own dtype (a bf16 model is planned
         and trained in bf16); "bf16" keeps fp32 parameters, gradients and optimizer state and computes in
         bf16 (each parameter and float input cast where it is read, as FSDP2's MixedPrecisionPolicy).
@@ -135,6 +139,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     p = len(devices)
     dp = layout.dp if layout is not None else 1
     options = compile_options(compile, devices)
+    if cuda_graph and options is not None and uses_cudagraphs(options):
+        raise RuntimeConfigError(f"compile_parallel(cuda_graph=True, compile={compile!r}): both capture CUDA graphs, "
+                                 "the whole step or each stage call; pick one (drop cuda_graph, or compile=True).")
     if p < 1:
         raise RuntimeConfigError("compile_parallel: devices is empty; list one device per pipeline rank.")
     _check_devices(devices)
@@ -146,6 +153,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         _check_measurable(model, devices[0])
     if cuda_graph:
         _check_graphable(devices, mesh is not None or "RANK" in os.environ)
+    if options is not None and uses_cudagraphs(options) and dp > 1 and data_parallel == "fsdp":
+        raise RuntimeConfigError(f"compile_parallel(compile={compile!r}, data_parallel='fsdp'): FSDP gathers the "
+                                 "parameters into new memory every step, so the CUDA graphs would record anew each "
+                                 "step; use data_parallel='replicate' or compile=True.")
     if plan is not None:
         chunks = plan.chunks
     schedule = schedule or (plan.schedule if plan is not None else None) or \
@@ -185,7 +196,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
             plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
                                    memory, device_type, time_limit_s, rank, devices, loss_fn, example_target,
                                    mixed_precision, options is not None, gap, dp, data_parallel, measure,
-                                   cuda_graph)
+                                   cuda_graph or (options is not None and uses_cudagraphs(options)))
         else:
             captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     except CaptureError as err:
@@ -236,7 +247,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     executor = Executor(stages, local, sched, transport, calls.loss, captured.unflatten_outputs,
                         stage_device, order, inference_order, runners,
                         stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None,
-                        stage_loss=fused)
+                        stage_loss=fused, cudagraph_steps=calls.cudagraph_steps)
     source = ModeSource(meta_skeleton(model), mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
                         compile_options=options, timeout_s=timeout_s, check_loss=_checked_loss)
     step_graph = StepGraph(executor.train_step, lambda: [t for _, t in store.named_parameters() if t.requires_grad],

@@ -125,7 +125,8 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
     calls = compile_stages({k: stages[k].graph_module for k in local}, source.loss_fn, source.compile_options,
                            last=len(stages) - 1, unflatten=captured.unflatten_outputs, check=source.check_loss)
     executor = Executor(stages, local, sched, transport, calls.loss, captured.unflatten_outputs, stage_device,
-                        order, inference_order, calls.runners, stage_loss=calls.stage_loss)
+                        order, inference_order, calls.runners, stage_loss=calls.stage_loss,
+                        cudagraph_steps=calls.cudagraph_steps)
     return ModeGraphs(captured, stages, executor)
 
 

@@ -12,7 +12,7 @@ from test_api import compile_zoo, param_errors, train_reference
 
 from partitioner.api import compile_parallel
 from partitioner.errors import RuntimeConfigError
-from partitioner.runtime.compiled import CompiledStage, compile_options
+from partitioner.runtime.compiled import CompiledStage, compile_options, uses_cudagraphs
 
 pytestmark = pytest.mark.skipif(compile_options(None, [torch.device("cpu")]) is not None or
                                 not __import__("shutil").which("g++"), reason="needs g++ for inductor on CPU")
@@ -94,21 +94,21 @@ def test_a_stage_that_fails_to_compile_runs_eagerly_with_a_warning():
 def test_compile_defaults_follow_the_device_and_need_a_compiler(monkeypatch):
     assert compile_options(None, [torch.device("cpu")] * 2) is None
     assert compile_options(None, [torch.device("cuda:0")]) == {"dynamic": False}
-    with pytest.warns(RuntimeWarning, match="CUDA graphs"):
-        assert compile_options({"mode": "max-autotune"}, [torch.device("cuda:0")])["mode"] == "max-autotune"
+    assert compile_options({"mode": "max-autotune"}, [torch.device("cuda:0")])["mode"] == "max-autotune"
     monkeypatch.setattr("partitioner.runtime.compiled._cxx_compiler", lambda: None)
     with pytest.raises(RuntimeConfigError, match="C\\+\\+ compiler"):
         compile_options(True, [torch.device("cpu")])
 
 
-def test_cuda_graph_modes_warn_that_pipelined_steps_re_record():
-    for options in ({"mode": "reduce-overhead"}, {"options": {"triton.cudagraphs": True}}):
-        with pytest.warns(RuntimeWarning, match="re-record the pipelined call sequence"):
-            compile_options(options, [torch.device("cuda:0")] * 2)
+def test_cuda_graph_modes_compile_without_warning_and_exclude_the_whole_step_graph():
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning where no CUDA graphs run
-        compile_options({"mode": "max-autotune-no-cudagraphs"}, [torch.device("cuda:0")])
-        compile_options({"mode": "reduce-overhead"}, [torch.device("cpu")])
+        warnings.simplefilter("error")
+        for options in ({"mode": "reduce-overhead"}, {"options": {"triton.cudagraphs": True}}):
+            assert uses_cudagraphs(compile_options(options, [torch.device("cuda:0")] * 2))
+        assert not uses_cudagraphs(compile_options({"mode": "max-autotune-no-cudagraphs"}, [torch.device("cuda:0")]))
+    zm = build("mlp")
+    with pytest.raises(RuntimeConfigError, match="pick one"):
+        compile_zoo(zm, compile={"mode": "reduce-overhead"}, cuda_graph=True, devices=["cuda:0"] * 2)
 
 
 def test_compiled_stages_are_planned_with_compiled_costs():

@@ -212,15 +212,19 @@ def test_compiled_saved_bytes_match_what_the_gpu_keeps(name):
     assert predicted == pytest.approx(measured, rel=0.1)
 
 
-def _graph_run(zm, plan, compiled: bool, graph: bool, steps: int = 4):
+def _graph_run(zm, plan, compiled: bool | dict, graph: bool, steps: int = 4, after_step=lambda: None):
     """Losses of `steps` SGD steps (zero_grad between them), then of two steps accumulating into
     the same gradients and one adding to gradients the user replaced; the final gradients and
-    parameters."""
+    parameters. after_step() runs after each step."""
     pm = compile_parallel(copy.deepcopy(zm.model), ["cuda:0"] * plan.num_ranks, zm.example_args, zm.loss_fn,
                           example_kwargs=zm.example_kwargs, microbatches=plan.microbatches, plan=plan,
                           compile=compiled, cuda_graph=graph)
     opt = torch.optim.SGD(pm.parameters(), lr=0.05)
-    run = lambda: pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)  # noqa: E731
+
+    def run():
+        loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
+        after_step()
+        return loss
     losses = []
     for _ in range(steps):
         losses.append(run())
@@ -265,3 +269,35 @@ def test_cuda_graph_replays_draw_fresh_dropout():
     assert pm.step_graph.captured
     assert len(set(losses[3:])) == 3  # replays differ from one another
 
+
+
+def _cudagraph_trees_nodes() -> int:
+    """How many graphs torch.compile's cudagraph trees have recorded on this GPU."""
+    from torch._inductor.cudagraph_trees import get_container
+    manager = get_container(torch.cuda.current_device()).tree_manager
+    nodes = [n for roots in manager.roots.values() for n in roots] if manager is not None else []
+    count = 0
+    while nodes:
+        node = nodes.pop()
+        count += 1
+        nodes.extend(c for children in node.children.values() for c in children)
+    return count
+
+
+@pytest.mark.parametrize("model,schedule,ranks,chunks", [("gpt2", "1f1b", 2, 1), ("t5-base", "interleaved-1f1b", 2, 2),
+                                                         ("llama-1b", "1f1b", 4, 1)])
+def test_reduce_overhead_stages_replay_and_train_as_compiled_steps(model, schedule, ranks, chunks):
+    """compile={"mode": "reduce-overhead"}: after the warm-up and recording steps every step replays
+    the recorded CUDA graphs (none recorded anew), and losses, gradients (accumulated across
+    microbatches and steps) and parameters equal compiled steps without CUDA graphs."""
+    _exact_fp32()
+    zm = _to(build(model), "cuda:0")
+    plan = random_plan(zm, 4, ranks, chunks, schedule, seed=0)
+    _, ref_losses, ref_grads, ref_params = _graph_run(zm, plan, True, graph=False)
+    recorded: list[int] = []
+    _, losses, grads, params = _graph_run(zm, plan, {"mode": "reduce-overhead"}, graph=False,
+                                          after_step=lambda: recorded.append(_cudagraph_trees_nodes()))
+    assert recorded[1] > recorded[0] and recorded[2:] == [recorded[1]] * (len(recorded) - 2), recorded
+    assert max_rel_err(losses, ref_losses.cpu()) < 1e-4
+    assert max(max_rel_err(grads[n], g.cpu()) for n, g in ref_grads.items()) < 1e-4
+    assert max(max_rel_err(params[n], p.cpu()) for n, p in ref_params.items()) < 1e-4

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from partitioner.errors import RuntimeConfigError
+from partitioner.runtime.cudagraph_trees import CudagraphSteps
 
 # what compile=True passes to torch.compile: stage shapes are fixed by the plan
 DEFAULT_OPTIONS: dict[str, Any] = {"dynamic": False}
@@ -41,11 +42,6 @@ def compile_options(compile: bool | dict | None, devices: list[torch.device]) ->
     if compile is False:
         return None
     options = {**DEFAULT_OPTIONS, **(compile if isinstance(compile, dict) else {})}
-    if uses_cudagraphs(options) and any(d.type == "cuda" for d in devices):
-        warnings.warn(f"compile_parallel(compile={compile!r}) runs the stages under CUDA "
-                      "graphs, which re-record the pipelined call sequence (several microbatches in flight) every "
-                      "step instead of replaying it: steps get much slower. Use the default mode (compile=True), "
-                      "or 'max-autotune-no-cudagraphs' for autotuned kernels.", RuntimeWarning, stacklevel=3)
     backend = options.get("backend", "inductor")
     if backend == "inductor" and any(d.type == "cpu" for d in devices) and not _cxx_compiler():
         raise RuntimeConfigError("compile_parallel(compile=True): inductor needs a C++ compiler for CPU stages and "
@@ -109,6 +105,7 @@ class StageCallables:
     runners: dict[int, Callable]
     loss: Callable
     stage_loss: "CompiledStage | None" = None
+    cudagraph_steps: CudagraphSteps | None = None  # brackets each step where the stages run under CUDA graphs
 
 
 def compile_stages(graph_modules: dict[int, torch.fx.GraphModule], loss_fn: Callable, options: dict[str, Any] | None,
@@ -123,8 +120,19 @@ def compile_stages(graph_modules: dict[int, torch.fx.GraphModule], loss_fn: Call
     runners: dict[int, Callable] = {k: CompiledStage(f"stage {k}", gm, gm.graph, options)
                                     for k, gm in graph_modules.items()}
     loss = check(CompiledStage("the loss function", loss_fn, None, options), loss_fn)
+    steps = CudagraphSteps(lambda: _trainable(graph_modules)) if uses_cudagraphs(options) else None
     return StageCallables(runners, loss, stage_with_loss(last, graph_modules, runners, loss, check(loss_fn),
-                                                         unflatten, options))
+                                                         unflatten, options), steps)
+
+
+def _trainable(graph_modules: dict[int, torch.fx.GraphModule]) -> list[torch.Tensor]:
+    """The trainable parameters of the stages, each once (a rank's chunks share tensors)."""
+    seen: dict[int, torch.Tensor] = {}
+    for gm in graph_modules.values():
+        for p in gm.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 def stage_with_loss(last: int, graph_modules: dict[int, torch.fx.GraphModule], runners: dict[int, Callable],

@@ -29,6 +29,7 @@ from partitioner.passes.split import USER_INPUT, StageModule
 from partitioner.errors import RuntimeConfigError
 from partitioner.runtime.comm_plan import CommPlan, build_comm_plan, forward_only
 from partitioner.runtime.data_parallel import copy_full_, local_tensor
+from partitioner.runtime.cudagraph_trees import CudagraphSteps
 from partitioner.runtime.schedules import Action, Schedule, dependencies
 from partitioner.runtime.transport import Transport
 
@@ -63,6 +64,8 @@ class Executor:
     runners: stage -> the callable that runs it (default: its graph module); loss_fn may be compiled too.
     stage_loss(*last stage's inputs, target) -> loss: the last stage and loss_fn as one call, for
     training (compiled.stage_with_loss); None: runners[last], then loss_fn.
+    cudagraph_steps: brackets every step where the runners run under CUDA graphs
+    (runtime/cudagraph_trees.py); None otherwise.
     stage_backward_done(stage): called after a training step's last backward of each local stage (its
     gradients are final: data parallelism reduces them there, overlapping the rank's other stages).
     """
@@ -72,7 +75,8 @@ class Executor:
                  stage_device: dict[int, torch.device], order: list[Action], inference_order: list[Action],
                  runners: dict[int, Callable] | None = None,
                  stage_backward_done: Callable[[int], None] | None = None,
-                 stage_loss: Callable[..., torch.Tensor] | None = None):
+                 stage_loss: Callable[..., torch.Tensor] | None = None,
+                 cudagraph_steps: CudagraphSteps | None = None):
         self.stages = stages
         # what runs a stage: its graph module, or that compiled (partitioner/runtime/compiled.py)
         self.runners = runners or {st.stage: st.graph_module for st in stages}
@@ -81,6 +85,7 @@ class Executor:
         self.transport = transport
         self.loss_fn = loss_fn
         self.stage_loss = stage_loss
+        self.cudagraph_steps = cudagraph_steps
         self.unflatten = unflatten
         self.stage_device = stage_device
         self.order = order
@@ -102,15 +107,26 @@ class Executor:
         """Forward and backward of every microbatch; returns the summed (already 1/m-scaled) loss
         if the last stage is local, else None. Parameter gradients accumulate in .grad."""
         state = _StepState(mb_inputs, mb_targets, train=True)
+        if self.cudagraph_steps is not None:
+            self.cudagraph_steps.before_step()
         self._run(self.order, self.train_comm, state)
+        if self.cudagraph_steps is not None:
+            self.cudagraph_steps.after_step()
         return state.loss
 
     @torch.no_grad()
     def forward(self, mb_inputs: list[list[Any]]) -> list[list[Any]] | None:
         """Forward only; the flat output leaves of every microbatch if the last stage is local, else None."""
         state = _StepState(mb_inputs, [None] * len(mb_inputs), train=False)
+        graphed = self.cudagraph_steps is not None
+        if graphed:
+            torch.compiler.cudagraph_mark_step_begin()
         self._run(self.inference_order, self.inference_comm, state)
-        return [state.outputs[mb] for mb in range(len(mb_inputs))] if self.last in self.local else None
+        if self.last not in self.local:
+            return None
+        outputs = [state.outputs[mb] for mb in range(len(mb_inputs))]
+        # under CUDA graphs the outputs live in the graphs' memory, which the next step overwrites
+        return pytree.tree_map_only(torch.Tensor, torch.clone, outputs) if graphed else outputs
 
     # ------------------------------------------------------------------ actions
 
@@ -154,14 +170,18 @@ class Executor:
             target = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,
                                      state.targets[a.microbatch])
             if self.stage_loss is not None:
-                loss = self.stage_loss(*args, target)
+                raw = self.stage_loss(*args, target)
             else:
-                loss = self.loss_fn(self.unflatten(list(self.runners[a.stage](*args))), target)
-            loss = loss / len(state.inputs)
+                raw = self.loss_fn(self.unflatten(list(self.runners[a.stage](*args))), target)
+            loss = raw / len(state.inputs)
             state.add_loss(loss.detach())
             state.saved[a] = (leaves, [loss])
+            if self.cudagraph_steps is not None:
+                self.cudagraph_steps.keep(a, [raw])
             return
         outs = self.runners[a.stage](*args)
+        if self.cudagraph_steps is not None and state.train:
+            self.cudagraph_steps.keep(a, outs)
         if st.is_last:
             state.outputs[a.microbatch] = list(outs)
         else:
@@ -190,6 +210,8 @@ class Executor:
                     grads.append(grad_of[name])
         if tensors:
             torch.autograd.backward(tensors, grads)
+        if self.cudagraph_steps is not None:
+            self.cudagraph_steps.release(Action(a.stage, "F", a.microbatch))
         for msg in comm.sends[a]:
             x = leaves[msg.value]
             self.transport.send(msg, x.grad if x.grad is not None else torch.zeros_like(x))
