@@ -51,8 +51,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="cost the stages as torch.compile runs them (fused elementwise kernels, no per-op "
                         "dispatch, the activations its partitioner saves), as compile_parallel does on GPUs")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="cost each step as one CUDA graph replay, with no host dispatch time (as "
-                        "compile_parallel(cuda_graph=True) runs stages in one process on one GPU)")
+                   help="cost the stages replayed as CUDA graphs, with no host dispatch time (as "
+                        "compile_parallel(cuda_graph=True) runs a whole step in one process on one GPU, "
+                        "or compile={'mode': 'reduce-overhead'} each stage call, in any number of processes)")
     p.add_argument("--device-type", default="h100", help="DeviceSpec name used for analytic times and memory "
                    "(h100, h200, a100-40gb, a100-80gb, l4, cpu) or a JSON file with your own spec")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "sgd-momentum", "none"],
