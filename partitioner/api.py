@@ -232,7 +232,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     else:
         channels = list(build_comm_plan(stages, sched).channels)
         transport = DistTransport(rank, devices[rank], channels, timeout_s=timeout_s, replicas=replicas,
-                                  replica=replica)
+                                  replica=replica, hold_sends=options is not None and uses_cudagraphs(options))
         order, inference_order = list(sched.actions[rank]), list(forward_only(sched).actions[rank])
     graph_modules = {k: stages[k].graph_module for k in local}
     calls = compile_stages(graph_modules, loss_fn, options, last=len(stages) - 1,

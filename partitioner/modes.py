@@ -26,7 +26,7 @@ from partitioner.plan_model import capture_for_training
 from partitioner.passes.capture import Captured, get_attr, set_attr
 from partitioner.passes.split import StageModule, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
-from partitioner.runtime.compiled import compile_stages
+from partitioner.runtime.compiled import compile_stages, uses_cudagraphs
 from partitioner.runtime.executor import Executor, in_process_order
 from partitioner.runtime.transport import DistTransport, InProcessTransport
 
@@ -119,8 +119,9 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
         order, inference_order = in_process_order(sched), in_process_order(forward_only(sched))
     else:
         channels = list(build_comm_plan(stages, sched).channels)
+        graphed = source.compile_options is not None and uses_cudagraphs(source.compile_options)
         transport = DistTransport(pm.rank, pm.devices[pm.rank], channels, timeout_s=source.timeout_s,
-                                  replicas=pm.layout.replicas, replica=pm.layout.dp_rank)
+                                  replicas=pm.layout.replicas, replica=pm.layout.dp_rank, hold_sends=graphed)
         order, inference_order = list(sched.actions[pm.rank]), list(forward_only(sched).actions[pm.rank])
     calls = compile_stages({k: stages[k].graph_module for k in local}, source.loss_fn, source.compile_options,
                            last=len(stages) - 1, unflatten=captured.unflatten_outputs, check=source.check_loss)

@@ -115,3 +115,32 @@ def test_dist_transport_holds_a_send_until_the_earlier_messages_of_its_channel_a
     results = run_workers(_send_out_of_order, 2, timeout_s=90)
     assert results[0] == ([True], [1, 2, 3, 4, 0])  # True: a message outside the plan is refused
     assert results[1] == ([True] * 5, [])
+
+
+
+class _DoneWork:
+    """A transfer that has completed (what NCCL's work reports once the GPU is past it)."""
+
+    def is_completed(self) -> bool:
+        return True
+
+    def wait(self, *args) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_dist_transport_holds_sent_tensors_until_finish_for_cuda_graphs(monkeypatch, hold):
+    """hold_sends (stages under CUDA graphs): completed sends are kept until finish, so the tensors
+    alive at each point of a step do not depend on how fast the transfers went."""
+    monkeypatch.setattr(DistTransport, "_connect", lambda self: None)
+    monkeypatch.setattr("torch.distributed.new_group", lambda *args, **kwargs: None)
+    monkeypatch.setattr("torch.distributed.isend", lambda *args, **kwargs: _DoneWork())
+    comm, forward, _ = _channels()
+    t = DistTransport(0, torch.device("cpu"), list(comm.channels), timeout_s=10, post_early=False, hold_sends=hold)
+    t.begin(CommPlan(channels={(0, 1): forward}))
+    kept = []
+    for m in forward:
+        t.send(m, _value(m))
+        kept.append(len(t.pending_sends))
+    t.finish()
+    assert kept == ([1, 2, 3, 4, 5] if hold else [0, 0, 0, 0, 0]) and not t.pending_sends

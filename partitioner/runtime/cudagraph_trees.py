@@ -3,7 +3,8 @@
 Cudagraph trees record each compiled call (a stage's forward, its backward) once and then
 replay it: one launch instead of every kernel, and none of the compiled call's per-kernel host
 work. Each process records its own calls, so this works under torchrun too (the P2P transfers
-run between the graphs). Two things make a pipelined step replay instead of re-record:
+run between the graphs). The trees replay a graph only where the same tensors are alive at the
+same points of every step as when it was recorded; what keeps a pipelined step so:
 
 - One step is one tree generation: torch.compiler.cudagraph_mark_step_begin() starts it.
   Otherwise the trees start a new generation whenever a forward runs with no backward pending,
@@ -18,6 +19,8 @@ run between the graphs). Two things make a pipelined step replay instead of re-r
   keeps it as .grad), which a later replay overwrites. Before a step, every parameter that had
   a gradient in an earlier step and has none now gets a zeroed .grad; after a step, a gradient
   that came out of a graph (a parameter's first) is copied out once.
+- Under torchrun the transport keeps every sent tensor until the step ends
+  (DistTransport(hold_sends=True)): when a transfer completes depends on timing.
 
 A step's outputs (inference results) live in the graphs' memory until the next step: forward
 returns copies.

@@ -98,12 +98,17 @@ class DistTransport(Transport):
     ranks are the global ranks.
     post_early: whether `prefetch` posts receives before they are needed; default
     True on CPU (gloo), False on CUDA (NCCL), see the module docstring.
+    hold_sends: keep every sent tensor until `finish` instead of letting go of it once its
+    transfer completes. Stages under CUDA graphs need it: whether a transfer has completed
+    depends on timing, and the graphs replay only where the same tensors are alive at the same
+    points of every step (runtime/cudagraph_trees.py).
     """
 
     def __init__(self, rank: int, device: torch.device, channels: list[tuple[int, int]],
                  timeout_s: float = 300.0, backend: str | None = None, post_early: bool | None = None,
-                 replicas: tuple[tuple[int, ...], ...] | None = None, replica: int = 0):
+                 replicas: tuple[tuple[int, ...], ...] | None = None, replica: int = 0, hold_sends: bool = False):
         self.rank = rank
+        self.hold_sends = hold_sends
         self.device = torch.device(device)
         self.post_early = self.device.type != "cuda" if post_early is None else post_early
         self.timeout = timedelta(seconds=timeout_s)
@@ -175,7 +180,7 @@ class DistTransport(Transport):
             t = self.held.pop(m)
             self.pending_sends.append((dist.isend(t, dst=self.global_rank[dst], group=group), t, m))
             self.next_send[dst] += 1
-        while self.pending_sends and self.pending_sends[0][0].is_completed():
+        while not self.hold_sends and self.pending_sends and self.pending_sends[0][0].is_completed():
             self._wait(*self.pending_sends.popleft())
 
     def prefetch(self, msgs: list[Message]) -> None:
