@@ -50,7 +50,7 @@ from partitioner.runtime.executor import Executor, ParameterStore, in_process_or
 from partitioner.runtime.schedules import make_schedule, validate
 from partitioner.runtime.step_graph import StepGraph
 from partitioner.runtime.transport import DistTransport, InProcessTransport
-from partitioner.units import parse_bytes
+from partitioner.units import human_time, parse_bytes
 
 if TYPE_CHECKING:
     from partitioner.cost_models.device import DeviceSpec
@@ -704,6 +704,11 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
                             data_parallel=dp, data_parallel_mode=dp_mode, measure=measure, cuda_graphs=cuda_graph)
         result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target)
         plan, captured = result.plan, result.captured
+        launch, run = result.costs.launch_and_run_s()
+        if compiled and not cuda_graph and launch > run:
+            print_once(f"the stages are host-bound: a microbatch's kernels take {human_time(launch)} to launch, "
+                       f"{human_time(run)} to run; compile={{'mode': 'reduce-overhead'}} replays each stage call "
+                       "as a CUDA graph (cuda_graph=True the whole step, one process on one GPU)", rank)
     if rank is None:
         return plan, captured
     box = [plan.to_json() if planner else None]

@@ -153,8 +153,7 @@ def host_bound_lines(costs: NodeCosts, config: PlanConfig) -> list[str]:
     """A hint where the host takes longer to launch a microbatch's kernels (forward and backward
     of the whole model) than the GPU takes to run them; none where it does not, or where the plan
     already replays CUDA graphs."""
-    host = costs.total("host_fwd_time_s") + costs.total("host_bwd_time_s")
-    device = costs.total("fwd_time_s") + costs.total("bwd_time_s")
+    host, device = costs.launch_and_run_s()
     if config.cuda_graphs or host <= device:
         return []
     return [f"host-bound: a microbatch's kernels take {human_time(host)} to launch, {human_time(device)} to run;",

@@ -165,3 +165,14 @@ def test_compiled_stages_keep_in_place_writes():
     got = dict(pm.named_parameters())
     largest = max(p.grad.abs().max().item() for p in reference.parameters())
     assert max((got[n].grad - p.grad).abs().max().item() for n, p in reference.named_parameters()) < 1e-4 * largest
+
+
+def test_host_bound_compiled_stages_name_the_cuda_graph_options(capsys):
+    """Planned with GPU costs, a small model's compiled stages launch kernels slower than the GPU runs
+    them: compile_parallel says so once and names the options that replay CUDA graphs."""
+    zm = build("gpt2")
+    compile_zoo(zm, compile=True, device_type="h100", time_limit_s=2)
+    err = capsys.readouterr().err
+    assert "the stages are host-bound" in err and "compile={'mode': 'reduce-overhead'}" in err
+    compile_zoo(zm, compile=False, device_type="h100", time_limit_s=2)  # eager stages: no such hint
+    assert "host-bound" not in capsys.readouterr().err

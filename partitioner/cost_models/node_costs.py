@@ -89,6 +89,12 @@ class NodeCosts:
         return (o.fwd_pass_s(self.total("fwd_time_s", names), self.total("host_fwd_time_s", names))
                 + o.bwd_pass_s(self.total("bwd_time_s", names), self.total("host_bwd_time_s", names)))
 
+    def launch_and_run_s(self) -> tuple[float, float]:
+        """(host time launching, device time running) a microbatch's forward and backward of every
+        node: the first the larger means the GPU waits for the host (host-bound)."""
+        return (self.total("host_fwd_time_s") + self.total("host_bwd_time_s"),
+                self.total("fwd_time_s") + self.total("bwd_time_s"))
+
     def without_host(self) -> "NodeCosts":
         """These costs with no host dispatch time: a step replayed as a CUDA graph launches once."""
         nodes = {k: replace(c, host_fwd_time_s=0.0, host_bwd_time_s=0.0) for k, c in self.nodes.items()}
