@@ -111,7 +111,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         {"mode": "reduce-overhead"} replays every stage's forward and backward as its own CUDA graph
         (torch's cudagraph trees; partitioner/runtime/cudagraph_trees.py): for host-bound pipelines, in
         one process or under torchrun, planned without host time. The first step runs uncaptured, the
-        second records, later ones replay. Not with data_parallel="fsdp" (its parameters move every step).
+        second records, later ones replay. Not yet with data parallelism (a mesh with dp > 1).
     mixed_precision: None (default) runs and plans the model in its own dtype (a bf16 model is planned
         and trained in bf16); "bf16" keeps fp32 parameters, gradients and optimizer state and computes in
         bf16 (each parameter and float input cast where it is read, as FSDP2's MixedPrecisionPolicy).
@@ -153,10 +153,11 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         _check_measurable(model, devices[0])
     if cuda_graph:
         _check_graphable(devices, mesh is not None or "RANK" in os.environ)
-    if options is not None and uses_cudagraphs(options) and dp > 1 and data_parallel == "fsdp":
-        raise RuntimeConfigError(f"compile_parallel(compile={compile!r}, data_parallel='fsdp'): FSDP gathers the "
-                                 "parameters into new memory every step, so the CUDA graphs would record anew each "
-                                 "step; use data_parallel='replicate' or compile=True.")
+    if options is not None and uses_cudagraphs(options) and dp > 1:
+        raise RuntimeConfigError(f"compile_parallel(compile={compile!r}) with {dp} data-parallel replicas: stages "
+                                 "under CUDA graphs are not supported with data parallelism yet (FSDP gathers the "
+                                 "parameters into new memory every step, so the graphs would record anew); use "
+                                 "compile=True.")
     if plan is not None:
         chunks = plan.chunks
     schedule = schedule or (plan.schedule if plan is not None else None) or \

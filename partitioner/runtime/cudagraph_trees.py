@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
+from torch.utils import _pytree as pytree
 
 
 class CudagraphSteps:
@@ -51,6 +52,14 @@ class CudagraphSteps:
             for p in self.params():
                 if p.grad is None and id(p) in self._had_grad:
                     p.grad = torch.zeros_like(p)
+
+    def before_inference(self) -> None:
+        torch.compiler.cudagraph_mark_step_begin()
+
+    @staticmethod
+    def hand_out(outputs: Any) -> Any:
+        """Copies of an inference step's outputs: the graphs' memory is overwritten by the next step."""
+        return pytree.tree_map_only(torch.Tensor, torch.clone, outputs)
 
     def keep(self, action: Any, outputs: Iterable[Any]) -> None:
         """The outputs of a training forward `action`, to release after its backward."""

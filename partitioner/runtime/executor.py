@@ -118,15 +118,13 @@ class Executor:
     def forward(self, mb_inputs: list[list[Any]]) -> list[list[Any]] | None:
         """Forward only; the flat output leaves of every microbatch if the last stage is local, else None."""
         state = _StepState(mb_inputs, [None] * len(mb_inputs), train=False)
-        graphed = self.cudagraph_steps is not None
-        if graphed:
-            torch.compiler.cudagraph_mark_step_begin()
+        if self.cudagraph_steps is not None:
+            self.cudagraph_steps.before_inference()
         self._run(self.inference_order, self.inference_comm, state)
         if self.last not in self.local:
             return None
         outputs = [state.outputs[mb] for mb in range(len(mb_inputs))]
-        # under CUDA graphs the outputs live in the graphs' memory, which the next step overwrites
-        return pytree.tree_map_only(torch.Tensor, torch.clone, outputs) if graphed else outputs
+        return self.cudagraph_steps.hand_out(outputs) if self.cudagraph_steps is not None else outputs
 
     # ------------------------------------------------------------------ actions
 
