@@ -139,7 +139,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     p = len(devices)
     dp = layout.dp if layout is not None else 1
     options = compile_options(compile, devices)
-    if cuda_graph and options is not None and uses_cudagraphs(options):
+    stage_graphs = uses_cudagraphs(options)  # each stage call replays as a CUDA graph
+    if cuda_graph and stage_graphs:
         raise RuntimeConfigError(f"compile_parallel(cuda_graph=True, compile={compile!r}): both capture CUDA graphs, "
                                  "the whole step or each stage call; pick one (drop cuda_graph, or compile=True).")
     if p < 1:
@@ -153,7 +154,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         _check_measurable(model, devices[0])
     if cuda_graph:
         _check_graphable(devices, mesh is not None or "RANK" in os.environ)
-    if options is not None and uses_cudagraphs(options) and dp > 1:
+    if stage_graphs and dp > 1:
         raise RuntimeConfigError(f"compile_parallel(compile={compile!r}) with {dp} data-parallel replicas: stages "
                                  "under CUDA graphs are not supported with data parallelism yet (FSDP gathers the "
                                  "parameters into new memory every step, so the graphs would record anew); use "
@@ -197,7 +198,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
             plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
                                    memory, device_type, time_limit_s, rank, devices, loss_fn, example_target,
                                    mixed_precision, options is not None, gap, dp, data_parallel, measure,
-                                   cuda_graph or (options is not None and uses_cudagraphs(options)))
+                                   cuda_graph or stage_graphs)
         else:
             captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     except CaptureError as err:
@@ -233,7 +234,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     else:
         channels = list(build_comm_plan(stages, sched).channels)
         transport = DistTransport(rank, devices[rank], channels, timeout_s=timeout_s, replicas=replicas,
-                                  replica=replica, hold_sends=options is not None and uses_cudagraphs(options))
+                                  replica=replica, hold_sends=stage_graphs)
         order, inference_order = list(sched.actions[rank]), list(forward_only(sched).actions[rank])
     graph_modules = {k: stages[k].graph_module for k in local}
     calls = compile_stages(graph_modules, loss_fn, options, last=len(stages) - 1,

@@ -119,9 +119,9 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
         order, inference_order = in_process_order(sched), in_process_order(forward_only(sched))
     else:
         channels = list(build_comm_plan(stages, sched).channels)
-        graphed = source.compile_options is not None and uses_cudagraphs(source.compile_options)
         transport = DistTransport(pm.rank, pm.devices[pm.rank], channels, timeout_s=source.timeout_s,
-                                  replicas=pm.layout.replicas, replica=pm.layout.dp_rank, hold_sends=graphed)
+                                  replicas=pm.layout.replicas, replica=pm.layout.dp_rank,
+                                  hold_sends=uses_cudagraphs(source.compile_options))
         order, inference_order = list(sched.actions[pm.rank]), list(forward_only(sched).actions[pm.rank])
     calls = compile_stages({k: stages[k].graph_module for k in local}, source.loss_fn, source.compile_options,
                            last=len(stages) - 1, unflatten=captured.unflatten_outputs, check=source.check_loss)

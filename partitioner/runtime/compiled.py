@@ -49,8 +49,11 @@ def compile_options(compile: bool | dict | None, devices: list[torch.device]) ->
     return options
 
 
-def uses_cudagraphs(options: dict[str, Any]) -> bool:
-    """torch.compile's modes that turn on CUDA graphs (cudagraph trees), or the inductor option itself."""
+def uses_cudagraphs(options: dict[str, Any] | None) -> bool:
+    """torch.compile's modes that turn on CUDA graphs (cudagraph trees), or the inductor option itself
+    (None, eager stages: no)."""
+    if options is None:
+        return False
     inductor = options.get("options") or {}
     return options.get("mode") in ("reduce-overhead", "max-autotune") or bool(inductor.get("triton.cudagraphs"))
 
