@@ -21,6 +21,9 @@ Configurations (`--configs` picks):
   forward and backward replays as its own CUDA graph (runtime/cudagraph_trees.py),
   also planned without host time.
 - plain-compiled-cudagraphs: the plain model under mode="reduce-overhead".
+- ours-default: compile_parallel called as a user calls it, with no plan, schedule
+  or compile argument: it plans itself (1f1b, compiled on CUDA) and, in one process,
+  compiles host-bound stages with CUDA graphs.
 - torch-{eager,compiled}-{1f1b,interleaved}: torch.distributed.pipelining with a
   hand-written uniform split (benchmarks/torch_pipeline.py), eager or with each
   layer compiled (torchtitan's way). GPT-2 and Llama only.
@@ -58,7 +61,7 @@ from benchmarks.common import add_training_run_arguments, print_table, pyplot, s
 from partitioner import zoo
 from partitioner.runtime.data_parallel import local_tensor
 
-ALL_CONFIGS = ("plain-eager", "plain-compiled", "plain-compiled-cudagraphs", "ours-eager-1f1b-ilp",
+ALL_CONFIGS = ("plain-eager", "plain-compiled", "plain-compiled-cudagraphs", "ours-default", "ours-eager-1f1b-ilp",
                "ours-compiled-1f1b-ilp", "ours-compiled-1f1b-ilp-graph", "ours-eager-1f1b-ilp-graph",
                "ours-compiled-1f1b-ilp-cudagraphs", "ours-compiled-interleaved-ilp-cudagraphs",
                "ours-compiled-interleaved-ilp", "ours-eager-interleaved-ilp", "ours-compiled-1f1b-uniform",
@@ -175,18 +178,30 @@ def ours_runners(zm, args, precision: str, device: torch.device, p: int, rank: i
         parts = name.split("-")
         if parts[0] != "ours":
             continue
+        if name == "ours-default":
+            pm = compile_parallel(zm.model, devices, zm.example_args, zm.loss_fn, example_kwargs=zm.example_kwargs,
+                                  microbatches=args.microbatches, mixed_precision=_mixed(precision),
+                                  time_limit_s=args.time_limit, example_target=zm.target)
+            runners.append(_ours_runner(name, pm, zm, rank))
+            continue
         mode, key, kind, graph, trees = parts[1], parts[2], parts[3], parts[-1] == "graph", parts[-1] == "cudagraphs"
         plan = plans[(key, kind, mode == "compiled", graph or trees)]  # both planned without host dispatch
         compile: bool | dict = {"mode": "reduce-overhead"} if trees else mode == "compiled"
         pm = compile_parallel(zm.model, devices, zm.example_args, zm.loss_fn, plan=plan,
                               example_kwargs=zm.example_kwargs, microbatches=args.microbatches, compile=compile,
                               mixed_precision=_mixed(precision), cuda_graph=graph)
-        predicted = _serial_s(plan) if rank is None else plan.step_time_s
-        peak = sum(plan.rank_mem_bytes) if rank is None else plan.rank_mem_bytes[rank]
-        runners.append(Runner(name, lambda pm=pm: pm.train_step(*zm.example_args, target=zm.target,
-                                                                **zm.example_kwargs),
-                              pm.zero_grad, list(pm.parameters()), predicted, peak))
+        runners.append(_ours_runner(name, pm, zm, rank))
     return runners
+
+
+def _ours_runner(name: str, pm, zm, rank: int | None) -> Runner:
+    """The Runner of a ParallelModel, with its plan's predicted step and peak."""
+    plan = pm.plan
+    predicted = _serial_s(plan) if rank is None else plan.step_time_s
+    peak = sum(plan.rank_mem_bytes) if rank is None else plan.rank_mem_bytes[rank]
+    note = "stages under CUDA graphs" if pm.executor.cudagraph_steps is not None else ""
+    return Runner(name, lambda: pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs),
+                  pm.zero_grad, list(pm.parameters()), predicted, peak, note=note)
 
 
 def accumulation_step(zm, precision: str, microbatches: int) -> Callable[[Callable], None]:
@@ -323,6 +338,7 @@ def rows_for(runners: list[Runner], model: str, precision: str, args, world: int
             "pred_train_s": r.predicted_step_s,
             "pred_err": (r.predicted_step_s / train - 1) if r.predicted_step_s else None,
             "pred_peak_gib": r.predicted_peak_bytes / GiB if r.predicted_peak_bytes else None,
+            "note": r.note,
         })
     base = {row["config"]: row["tokens_per_s"] for row in rows}
     for row in rows:
@@ -420,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if lead:  # after every group, so a run cut short keeps what it measured
+                # the process's peak reservation (CUDA graph pools included): one configuration's footprint
+                # where --configs names one (peak_gib misses the memory graph replays reuse)
+                reserved = torch.cuda.max_memory_reserved(device) / GiB if device.type == "cuda" else None
                 path = write_result(name, rows, {"world_size": world, "stages_per_process": p if rank is None else 1,
+                                                 "process_max_reserved_gib": reserved,
                                                  **_host_calibration(device, wanted, args.time_compiled_launches)})
     if lead:
         print_table(f"training throughput ({mode}, m = {args.microbatches}, {args.mb_size} x {args.seq} tokens)", rows)

@@ -111,7 +111,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         {"mode": "reduce-overhead"} replays every stage's forward and backward as its own CUDA graph
         (torch's cudagraph trees; partitioner/runtime/cudagraph_trees.py): for host-bound pipelines, in
         one process or under torchrun, planned without host time. The first step runs uncaptured, the
-        second records, later ones replay. Not yet with data parallelism (a mesh with dp > 1).
+        second records, later ones replay. Not yet with data parallelism (a mesh with dp > 1). With
+        compile=None in one process (no torchrun, no plan= given), stages whose costs say the host
+        launches a microbatch's kernels slower than the GPU runs them get this mode, with a line saying
+        so; compile=True keeps them without graphs.
     mixed_precision: None (default) runs and plans the model in its own dtype (a bf16 model is planned
         and trained in bf16); "bf16" keeps fp32 parameters, gradients and optimizer state and computes in
         bf16 (each parameter and float input cast where it is read, as FSDP2's MixedPrecisionPolicy).
@@ -193,12 +196,17 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                                  f"'{first}'; if it is shared by every sample rather than batched, pass a batched "
                                  "input first, e.g. the shared one as a keyword input: kwargs come after args.)")
     mb_args, mb_kwargs = _first_microbatch(args, kwargs, dp * microbatches)
+    # compile's default on CUDA, one process: host-bound stages (as their costs say) replay as CUDA graphs
+    graphs_when_host_bound = (compile is None and options is not None and not cuda_graph and dp == 1
+                              and rank is None)
     try:
         if plan is None:
-            plan, captured = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
-                                   memory, device_type, time_limit_s, rank, devices, loss_fn, example_target,
-                                   mixed_precision, options is not None, gap, dp, data_parallel, measure,
-                                   cuda_graph or stage_graphs)
+            plan, captured, graphs = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
+                                           memory, device_type, time_limit_s, rank, devices, loss_fn, example_target,
+                                           mixed_precision, options is not None, gap, dp, data_parallel, measure,
+                                           cuda_graph or stage_graphs, graphs_when_host_bound)
+            if graphs and not (cuda_graph or stage_graphs):
+                options, stage_graphs = {**options, "mode": "reduce-overhead"}, True
         else:
             captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     except CaptureError as err:
@@ -687,8 +695,9 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
           time_limit_s: float, rank: int | None, devices: list[torch.device], loss_fn: Callable[[Any, Any], Any],
           example_target: Any, mixed_precision: str | None, compiled: bool,
           gap: float = 0.01, dp: int = 1, dp_mode: str = "fsdp", measure: bool = False,
-          cuda_graph: bool = False) -> tuple[Plan, Captured]:
-    """Plan on global rank 0 (the solver is not deterministic across processes) and share the plan."""
+          cuda_graph: bool = False, graphs_when_host_bound: bool = False) -> tuple[Plan, Captured, bool]:
+    """Plan on global rank 0 (the solver is not deterministic across processes) and share the plan,
+    and whether it was planned for CUDA graphs (cuda_graph, or graphs_when_host_bound and host-bound)."""
     planner = rank is None or dist.get_rank() == 0
     if planner:
         if isinstance(memory, str):
@@ -703,22 +712,32 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
         config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=microbatches,
                             memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s,
                             dtype=None, mixed_precision=mixed_precision, compiled=compiled, gap=gap,
-                            data_parallel=dp, data_parallel_mode=dp_mode, measure=measure, cuda_graphs=cuda_graph)
+                            data_parallel=dp, data_parallel_mode=dp_mode, measure=measure, cuda_graphs=cuda_graph,
+                            graphs_when_host_bound=graphs_when_host_bound)
         result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target)
-        plan, captured = result.plan, result.captured
-        launch, run = result.costs.launch_and_run_s()
-        if compiled and not cuda_graph and launch > run:
-            print_once(f"the stages are host-bound: a microbatch's kernels take {human_time(launch)} to launch, "
-                       f"{human_time(run)} to run; compile={{'mode': 'reduce-overhead'}} replays each stage call "
-                       "as a CUDA graph (cuda_graph=True the whole step, one process on one GPU)", rank)
+        plan, captured, graphs = result.plan, result.captured, result.cuda_graphs
+        if compiled and result.host_bound and not cuda_graph:
+            print_once(_host_bound_line(*result.launch_and_run_s, graphs), rank)
     if rank is None:
-        return plan, captured
-    box = [plan.to_json() if planner else None]
+        return plan, captured, graphs
+    box = [(plan.to_json(), graphs) if planner else None]
     dist.broadcast_object_list(box, src=0)
     if not planner:
-        plan = Plan.from_json(box[0])
+        plan, graphs = Plan.from_json(box[0][0]), box[0][1]
         captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
-    return plan, captured
+    return plan, captured, graphs
+
+
+def _host_bound_line(launch_s: float, run_s: float, graphs: bool) -> str:
+    """What compile_parallel says of compiled stages whose microbatch takes the host launch_s to
+    launch and the device run_s to run: that they replay as CUDA graphs (graphs), or how to."""
+    figures = f"a microbatch's kernels take {human_time(launch_s)} to launch, {human_time(run_s)} to run"
+    if graphs:
+        return (f"the stages are host-bound ({figures}): each stage call replays as a CUDA graph "
+                "(compile={'mode': 'reduce-overhead'}; the first step compiles, the second records); "
+                "compile=True compiles them without graphs")
+    return (f"the stages are host-bound: {figures}; compile={{'mode': 'reduce-overhead'}} replays each stage call "
+            "as a CUDA graph (cuda_graph=True the whole step, one process on one GPU)")
 
 
 def _check_measurable(model: torch.nn.Module, device: torch.device) -> None:

@@ -70,6 +70,7 @@ class PlanConfig:
     compiled: bool = False  # the stages run under torch.compile: costs with inductor's fusion
     measure: bool = False  # time each distinct layer on the model's device (compiled when `compiled`)
     cuda_graphs: bool = False  # each step replays as a CUDA graph: no host dispatch time (runtime/step_graph.py)
+    graphs_when_host_bound: bool = False  # plan as cuda_graphs where the costs are host-bound (NodeCosts.host_bound)
     optimizer: str = "adamw"
     depth: int | None = None
     time_limit_s: float = 10.0
@@ -98,6 +99,13 @@ class PlanResult:
     microbatch_args: tuple = ()
     microbatch_kwargs: dict = field(default_factory=dict)
     profile_key: str | None = None  # of the model's entry in the profile cache (None: not cached)
+    cuda_graphs: bool = False  # planned without host time: config.cuda_graphs, or chosen as host-bound
+    launch_and_run_s: tuple[float, float] = (0.0, 0.0)  # a microbatch's host and device time, before graphs
+
+    @property
+    def host_bound(self) -> bool:
+        """The host launches a microbatch's kernels slower than the device runs them (NodeCosts.host_bound)."""
+        return self.launch_and_run_s[0] > self.launch_and_run_s[1]
 
 
 def package_version() -> str:
@@ -179,7 +187,9 @@ def plan_profiled(annotated: AnnotatedGraph, costs: NodeCosts, loss_costs: NodeC
     dp = dpm.DataParallel(config.data_parallel, config.data_parallel_mode,
                           dpm.dp_bandwidth(spec, config.data_parallel, config.num_ranks, config.gpus_per_host,
                                            config.dp_bw_bytes_per_s))
-    if config.cuda_graphs:
+    launch_and_run = costs.launch_and_run_s()
+    graphs = config.cuda_graphs or (config.graphs_when_host_bound and costs.host_bound())
+    if graphs:
         costs = costs.without_host()
         loss_costs = loss_costs.without_host() if loss_costs is not None else None
     K = config.num_ranks * config.chunks
@@ -199,7 +209,8 @@ def plan_profiled(annotated: AnnotatedGraph, costs: NodeCosts, loss_costs: NodeC
         baselines = all_baselines(bg, config.num_ranks, config.chunks, m, schedule, cap, bw)
         baselines = {name: dpm.apply_data_parallel(baseline, bg, block_params, shared_params, dp)
                      for name, baseline in baselines.items()}
-    return PlanResult(None, annotated, costs, bg, plan, baselines)
+    return PlanResult(None, annotated, costs, bg, plan, baselines, cuda_graphs=graphs,
+                      launch_and_run_s=launch_and_run)
 
 
 def capture_for_training(model: torch.nn.Module, args: tuple, kwargs: dict, mixed_precision: str | None = None):

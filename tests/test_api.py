@@ -179,17 +179,19 @@ def test_cuda_graph_outside_one_gpu_is_refused_with_the_fix():
 
 
 def test_cuda_graph_plans_without_host_time():
-    """A step replayed as a CUDA graph launches once: the plan's stage times are its device times."""
+    """A step replayed as a CUDA graph launches once: the plan's stage times are its device times.
+    graphs_when_host_bound plans so where the costs are host-bound (the small model on an H100)."""
     from partitioner.plan_model import PlanConfig, plan_model
     zm = build("gpt2")
     times = {}
-    for graphs in (False, True):
+    for graphs, when_host_bound in ((False, False), (True, False), (False, True)):
         config = PlanConfig(num_ranks=2, microbatches=4, device_type="h100", compiled=True, cuda_graphs=graphs,
-                            time_limit_s=2, use_cache=False)
+                            graphs_when_host_bound=when_host_bound, time_limit_s=2, use_cache=False)
         result = plan_model(zm.model, zm.example_args, zm.example_kwargs, config)
+        assert result.host_bound and result.cuda_graphs == (graphs or when_host_bound)
         host = result.costs.total("host_fwd_time_s") + result.costs.total("host_bwd_time_s")
-        assert (host == 0.0) if graphs else (host > 0.0)
-        times[graphs] = sum(result.plan.stage_fwd_time_s) + sum(result.plan.stage_bwd_time_s)
+        assert (host == 0.0) if result.cuda_graphs else (host > 0.0)
+        times[result.cuda_graphs] = sum(result.plan.stage_fwd_time_s) + sum(result.plan.stage_bwd_time_s)
     assert times[True] < times[False]  # the small model is host-bound on an H100
 
 

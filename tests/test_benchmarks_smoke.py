@@ -50,8 +50,10 @@ def test_gpu_runtime_runs_on_cpu(tmp_path):
 
 def test_train_throughput_runs_on_cpu(tmp_path):
     """Eager configurations only (compiling on 2 CPU cores takes minutes): ours with both plans and
-    schedules, torch.distributed.pipelining in one process, and the plain model."""
-    configs = "plain-eager,ours-eager-1f1b-ilp,ours-eager-1f1b-uniform,ours-eager-interleaved-ilp,torch-eager-1f1b"
+    schedules and as compile_parallel defaults (eager on the CPU), torch.distributed.pipelining in one
+    process, and the plain model."""
+    configs = ("plain-eager,ours-default,ours-eager-1f1b-ilp,ours-eager-1f1b-uniform,ours-eager-interleaved-ilp,"
+               "torch-eager-1f1b")
     args = ["--small", "--device", "cpu", "--models", "gpt2", "--precision", "bf16-mixed", "--seq", "16",
             "--rounds", "2", "--warmup", "1", "--time-limit", "1", "--chunks", "2", "--configs", configs]
     result = run_benchmark("benchmarks.train_throughput", args, tmp_path, timeout_s=240)

@@ -219,6 +219,11 @@ def _graph_run(zm, plan, compiled: bool | dict, graph: bool, steps: int = 4, aft
     pm = compile_parallel(copy.deepcopy(zm.model), ["cuda:0"] * plan.num_ranks, zm.example_args, zm.loss_fn,
                           example_kwargs=zm.example_kwargs, microbatches=plan.microbatches, plan=plan,
                           compile=compiled, cuda_graph=graph)
+    return _train_steps(pm, zm, steps, after_step)
+
+
+def _train_steps(pm, zm, steps: int = 4, after_step=lambda: None):
+    """_graph_run's steps on a ParallelModel already built."""
     opt = torch.optim.SGD(pm.parameters(), lr=0.05)
 
     def run():
@@ -301,3 +306,27 @@ def test_reduce_overhead_stages_replay_and_train_as_compiled_steps(model, schedu
     assert max_rel_err(losses, ref_losses.cpu()) < 1e-4
     assert max(max_rel_err(grads[n], g.cpu()) for n, g in ref_grads.items()) < 1e-4
     assert max(max_rel_err(params[n], p.cpu()) for n, p in ref_params.items()) < 1e-4
+
+
+def test_default_compile_replays_host_bound_stages_as_cuda_graphs(capsys):
+    """compile=None on CUDA in one process: a small model's stages, host-bound on the GPU's costs,
+    compile under CUDA graphs (said in one line) and train as compile=True stages without graphs
+    on the same plan; compile=True keeps them without graphs."""
+    pytest.importorskip("ortools")  # compile_parallel plans
+    _exact_fp32()
+    zm = _to(build("gpt2"), "cuda:0")
+    auto = compile_parallel(copy.deepcopy(zm.model), ["cuda:0"] * 2, zm.example_args, zm.loss_fn,
+                            example_kwargs=zm.example_kwargs, microbatches=4, time_limit_s=2)
+    assert "each stage call replays as a CUDA graph" in capsys.readouterr().err
+    assert auto.executor.cudagraph_steps is not None
+    recorded: list[int] = []
+    _, losses, grads, params = _train_steps(auto, zm, after_step=lambda: recorded.append(_cudagraph_trees_nodes()))
+    assert recorded[2:] == [recorded[1]] * (len(recorded) - 2), recorded  # replays, no recording after step 2
+    _, ref_losses, ref_grads, ref_params = _graph_run(zm, auto.plan, True, graph=False)
+    assert max_rel_err(losses, ref_losses.cpu()) < 1e-4
+    assert max(max_rel_err(grads[n], g.cpu()) for n, g in ref_grads.items()) < 1e-4
+    assert max(max_rel_err(params[n], p.cpu()) for n, p in ref_params.items()) < 1e-4
+    plain = compile_parallel(copy.deepcopy(zm.model), ["cuda:0"] * 2, zm.example_args, zm.loss_fn,
+                             example_kwargs=zm.example_kwargs, microbatches=4, time_limit_s=2, compile=True)
+    assert plain.executor.cudagraph_steps is None
+    assert "compile={'mode': 'reduce-overhead'} replays each stage call" in capsys.readouterr().err  # the hint

@@ -57,8 +57,10 @@ def test_a_run_of_nodes_takes_the_larger_of_its_summed_host_and_device_times():
     assert gpu_bound.time_s == 30.0 and host_bound.time_s == 7.0
     costs = NodeCosts({"mm": gpu_bound, "view": host_bound})
     assert costs.step_time_s() == 30.0  # the views' dispatch hides behind the matmul
+    assert not costs.host_bound() and costs.launch_and_run_s() == (10.0, 30.0)
     costs = NodeCosts({"mm": gpu_bound, "views": NodeCost("views", host_fwd_time_s=12.0, host_bwd_time_s=4.0)})
     assert costs.step_time_s() == 13.0 + 20.0
+    assert NodeCosts({"view": host_bound}).host_bound()  # 7 s to launch, nothing to run
 
 
 class _Stack(nn.Module):
@@ -167,9 +169,10 @@ def test_host_times_in_context_are_read_per_block_and_never_raised():
 
 def test_host_overheads_are_measured_once_per_device():
     """The host calibration times a small captured graph: per forward node and per backward kernel,
-    positive and well under a millisecond on any host; a second call reuses the first."""
+    positive and in microseconds, not seconds (a bound loose enough for a loaded 2-core host: it read
+    over a millisecond there once); a second call reuses the first."""
     fwd, bwd = time_model.host_overheads_s("cpu", repeats=3)
-    assert 0 < fwd < 1e-3 and 0 < bwd < 1e-3
+    assert 0 < fwd < 1e-2 and 0 < bwd < 1e-2
     assert time_model.host_overheads_s("cpu") == (fwd, bwd)
 
 

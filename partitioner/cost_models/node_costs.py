@@ -95,6 +95,12 @@ class NodeCosts:
         return (self.total("host_fwd_time_s") + self.total("host_bwd_time_s"),
                 self.total("fwd_time_s") + self.total("bwd_time_s"))
 
+    def host_bound(self) -> bool:
+        """Whether the host launches a microbatch's kernels slower than the device runs them, so
+        the device waits for it: what CUDA graphs remove."""
+        launch, run = self.launch_and_run_s()
+        return launch > run
+
     def without_host(self) -> "NodeCosts":
         """These costs with no host dispatch time: a step replayed as a CUDA graph launches once."""
         nodes = {k: replace(c, host_fwd_time_s=0.0, host_bwd_time_s=0.0) for k, c in self.nodes.items()}
