@@ -310,8 +310,9 @@ def test_reduce_overhead_stages_replay_and_train_as_compiled_steps(model, schedu
 
 def test_default_compile_replays_host_bound_stages_as_cuda_graphs(capsys):
     """compile=None on CUDA in one process: a small model's stages, host-bound on the GPU's costs,
-    compile under CUDA graphs (said in one line) and train as compile=True stages without graphs
-    on the same plan; compile=True keeps them without graphs."""
+    compile under CUDA graphs (said in one line), train as compile=True stages without graphs on
+    the same plan, and infer as the model does (outputs of earlier calls kept as returned);
+    compile=True keeps them without graphs."""
     pytest.importorskip("ortools")  # compile_parallel plans
     _exact_fp32()
     zm = _to(build("gpt2"), "cuda:0")
@@ -326,6 +327,19 @@ def test_default_compile_replays_host_bound_stages_as_cuda_graphs(capsys):
     assert max_rel_err(losses, ref_losses.cpu()) < 1e-4
     assert max(max_rel_err(grads[n], g.cpu()) for n, g in ref_grads.items()) < 1e-4
     assert max(max_rel_err(params[n], p.cpu()) for n, p in ref_params.items()) < 1e-4
+    # inference under the graphs too: every call's output stays as returned, equal to the model's
+    reference = copy.deepcopy(zm.model)
+    reference.load_state_dict(auto.state_dict())
+    reference.eval()
+    auto.eval()
+    batches = [zm.example_args, tuple(torch.roll(a, 1, -1) if isinstance(a, torch.Tensor) else a
+                                      for a in zm.example_args)] * 2  # compiles, records, replays
+    outputs = [getattr(y, "logits", y) for y in (auto(*b, **zm.example_kwargs) for b in batches)]
+    with torch.no_grad():
+        wanted = [getattr(y, "logits", y) for y in (reference(*b, **zm.example_kwargs) for b in batches)]
+    assert max(max_rel_err(y, w.cpu()) for y, w in zip(outputs, wanted)) < 1e-4
+    auto.train()
+    assert torch.isfinite(auto.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs))
     plain = compile_parallel(copy.deepcopy(zm.model), ["cuda:0"] * 2, zm.example_args, zm.loss_fn,
                              example_kwargs=zm.example_kwargs, microbatches=4, time_limit_s=2, compile=True)
     assert plain.executor.cudagraph_steps is None
