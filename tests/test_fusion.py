@@ -192,3 +192,42 @@ def test_causal_fused_attention_costs_less_than_its_noncausal_count_says(compile
     assert speedup > 1
     assert times[True].fwd_time_s < times[False].fwd_time_s
     assert times[True].fwd_flops == times[False].fwd_flops  # counted alike, run faster
+
+
+class BroadcastBias(nn.Module):
+    """A bias computed once, (1, H, L, L), broadcast over the batch into each layer's scores (T5's)."""
+
+    def __init__(self, d: int = 64, heads: int = 4, layers: int = 3):
+        super().__init__()
+        self.bias = nn.Linear(d, heads)
+        self.layers = layers
+
+    def forward(self, x, rel):  # x: (B, L, d); rel: (L, L, d)
+        b = self.bias(rel).permute(2, 0, 1).unsqueeze(0)  # (1, H, L, L)
+        out = x.new_zeros(())
+        for _ in range(self.layers):
+            scores = torch.where(x[:, None, :, :1] > 0, b, 0.0)  # (B, H, L, L)
+            out = out + scores.softmax(-1).sum()
+        return out
+
+
+def test_a_broadcast_activation_s_gradient_is_a_reduction_of_its_own(monkeypatch):
+    """The backward of a light node that broadcast an activation over outer dims sums the gradient back
+    to its shape: a kernel of its own (inductor's bias-gradient kernel in t5-base's backward)."""
+    import partitioner.cost_models.fusion as fusion
+    model, x, rel = BroadcastBias(), torch.randn(2, 32, 64), torch.randn(32, 32, 64)
+    captured = capture(model, (x, rel))
+    wheres = [n.name for n in captured.graph_module.graph.nodes if "where" in str(n.target)]
+    assert len(wheres) == 3
+    spec = get_device_spec("h100")
+    with_it = profile(captured, device=spec, progress=False, compiled=True)
+    monkeypatch.setattr(fusion, "broadcast_grad", lambda *a: False)
+    without = profile(captured, device=spec, progress=False, compiled=True)
+    b, h, l = 2, 4, 32
+    grad_bytes = 4 * (b * h * l * l + h * l * l)  # fp32: read the (B, H, L, L) gradient, write (1, H, L, L)
+    for name in wheres:  # one more launch, and the reduction's bytes
+        extra = with_it.nodes[name].bwd_time_s - without.nodes[name].bwd_time_s
+        assert extra == pytest.approx(grad_bytes / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency)
+                                      + spec.kernel_overhead_s, rel=1e-6)
+        assert (with_it.nodes[name].host_bwd_time_s - without.nodes[name].host_bwd_time_s
+                == pytest.approx(spec.compiled_launch_overhead_s))

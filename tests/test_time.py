@@ -145,7 +145,8 @@ def test_kernel_sequence_time_is_sum_of_rooflines():
     call = _t5_like_call(torch.bfloat16)
     fwd, _ = time_model.math_attention_kernels(call)
     gpu = sum(roofline_time_s(k.flops, k.bytes_moved, 1, spec, k.dtype,
-                              flops_efficiency=None if k.matmul else 1.0, reduction=k.reduction) for k in fwd)
+                              flops_efficiency=None if k.matmul else 1.0, reduction=k.reduction,
+                                  width=k.width) for k in fwd)
     assert time_model.kernels_time_s(fwd, spec) == pytest.approx(gpu)
     # the matmuls of the upcast math path run at the fp32 rate: far slower than fused bf16
     fused = roofline_time_s(call.fwd_flops(), 0, 1, spec, torch.bfloat16, flops_efficiency=spec.attention_efficiency)
@@ -214,3 +215,24 @@ def test_a_gemm_overlaps_its_loads_with_its_compute_over_its_main_loop():
     assert t(64) == pytest.approx(compute + memory)  # one stage of the main loop: nothing overlaps
     assert t(4096) == pytest.approx(max(compute, memory) + min(compute, memory) / 64)
     assert t(0) > t(256) > t(4096) > max(compute, memory)
+
+
+def test_a_narrow_fp32_gemm_runs_the_cuda_cores_simt_rate_and_k_tile():
+    """fp32 GEMMs (TF32 off) with K or N one head wide ran 0.40-0.58 of the fp32 peak on an H100 and an
+    H200 alike (T5's math attention): the table's narrow efficiency, over SIMT's 8-deep k-steps."""
+    spec = get_device_spec("h100")
+    assert spec.narrow_fp32_matmul_efficiency < spec.matmul_efficiency and spec.fp32_gemm_k_tile == 8
+    flops, nbytes = 3.22e9, 113e6  # t5-base's encoder scores: 24 x 1024 x 1024 x 64
+    memory = nbytes / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency)
+    narrow = flops / (spec.flops_per_s(torch.float32) * spec.narrow_fp32_matmul_efficiency)
+    wide = flops / (spec.flops_per_s(torch.float32) * spec.matmul_efficiency)
+    t = lambda k, n, dtype=torch.float32: roofline_time_s(flops, nbytes, 0, spec, dtype, reduction=k, width=n)  # noqa: E731
+    assert t(64, 1024) == pytest.approx(narrow + memory / 8)  # scores: K = 64, 8 k-steps of 8
+    assert t(1024, 64) == pytest.approx(narrow + memory / 128)  # probabilities x values: N = 64
+    assert t(1024, 1024) == pytest.approx(wide + memory / 128)  # wide: the linear layers' rate
+    assert 90e-6 < t(64, 1024) < 110e-6  # measured 104 us (H100), 98 us (H200)
+    bf16 = spec.flops_per_s(torch.bfloat16) * spec.matmul_efficiency
+    assert t(64, 1024, torch.bfloat16) == pytest.approx(flops / bf16 + memory)  # tensor cores: unchanged
+    cpu_like = time_model.gemm_efficiency(get_device_spec("h100").__class__(
+        "x", {"float32": 1e12}, 1e11, 1, 1, 1, matmul_efficiency=0.9), torch.float32, 64, 64)
+    assert cpu_like == 0.9  # no narrow entry in the spec (the CPU's): matmul_efficiency

@@ -48,6 +48,13 @@ class DeviceSpec:
         tensors has an innermost dimension that is not a multiple of 16 bytes (e.g. GPT-2's
         vocabulary of 50257): cuBLAS falls back to unaligned (align1) tensor-core kernels.
     mem_bw_efficiency: achieved fraction of mem_bw_bytes_per_s by large elementwise kernels.
+    narrow_fp32_matmul_efficiency: achieved fraction of the float32 peak by an fp32 GEMM (TF32 off:
+        the CUDA cores' FFMA, not the tensor cores) whose reduction K or output width N is at most
+        NARROW_GEMM_DIM (64, one attention head: SDPA's math path upcasts 16-bit inputs): cuBLAS's
+        SIMT kernels then run 64-wide tiles, or 8 k-steps per tile. 0: matmul_efficiency.
+    fp32_gemm_k_tile: the reduction an fp32 GEMM's main loop consumes per pipeline stage (roofline_time_s
+        overlaps loads with compute over K / this many stages): 8 for the CUDA cores' SIMT kernels
+        (`..._tilesize64x64x8_...`, `simt_sgemm_256x128_8x4`). 0: MATMUL_K_TILE, as a tensor-core GEMM.
     cpu_fwd_overhead_s / cpu_bwd_overhead_s: host time eager PyTorch spends dispatching one
         graph node's forward (views included) / each kernel its backward runs. A GPU runs
         asynchronously, so a run of nodes takes max(GPU time, host time) per pass; 0 on the
@@ -84,6 +91,8 @@ class DeviceSpec:
     causal_attention_speedup: float = 1.0
     misaligned_matmul_efficiency: float = 1.0
     mem_bw_efficiency: float = 1.0
+    narrow_fp32_matmul_efficiency: float = 0.0
+    fp32_gemm_k_tile: int = 0
     cpu_fwd_overhead_s: float = 0.0
     cpu_bwd_overhead_s: float = 0.0
     compiled_launch_overhead_s: float = 0.0
@@ -159,8 +168,17 @@ class DeviceSpec:
 # compiled llama-1b (H200) and gpt2-xl (H100) stages, bf16, 2 x 1024 tokens, forward and backward of
 # both stages, took 1.53-1.62x less than the non-causal count at attention_efficiency
 # (`python -m benchmarks.kernels_vs_plan` on the committed *.kernels.json files): 1.55.
+# fp32 GEMMs with a head-wide dimension (TF32 off, CUDA cores): the 6 matmuls of SDPA's math path in
+# t5-base's 12 encoder layers (bf16 inputs upcast; 24 x 1024 x 1024 x 64, 3.2 GFLOP each) took 104, 83
+# (forward), 84, 84, 121, 89 us (backward) on an H100 and 98, 83, 84, 84, 117, 89 us on an H200, whose
+# memory is 1.43x faster: compute-bound, 0.40-0.58 of the 67 TFLOP/s FP32 peak, 0.54 over the six under
+# roofline_time_s with SIMT's 8-deep k-tile (python -m benchmarks.kernels_vs_plan on
+# host_overhead_t5base_{passes_ours-1-stages,h200_ours-2-stages,h100_plain,h200_plain}.kernels.json);
+# the fp32 bmm of 8x12x1024x1024x64 on an H200 (roofline_time_s's docstring: 0.395 ms) reads 0.374 ms so
+# costed. Large fp32 linear layers keep matmul_efficiency (46-52 of 67 TFLOP/s, above).
 GPU_EFFICIENCY = dict(matmul_efficiency=0.78, attention_efficiency=0.40, masked_attention_efficiency=0.22,
                       causal_attention_speedup=1.55, compiled_stage_pass_s=0.3e-3,
+                      narrow_fp32_matmul_efficiency=0.54, fp32_gemm_k_tile=8,
                       misaligned_matmul_efficiency=0.10, mem_bw_efficiency=0.87, cpu_fwd_overhead_s=21e-6,
                       cpu_bwd_overhead_s=31e-6, compiled_launch_overhead_s=28e-6, contended_atomic_s=2.7e-9)
 

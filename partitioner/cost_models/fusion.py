@@ -21,6 +21,10 @@ write only the values read later. Modelled per node, in graph order:
   misaligned ones);
 - no node pays the eager per-op dispatch: the host's work is launching the
   graph's kernels, spec.compiled_launch_overhead_s each, ahead of the GPU;
+- a light node that broadcasts an activation requiring grad (T5's position bias into every
+  layer's mask) adds to its backward the reduction of its output's gradient to that input's
+  shape, a kernel of its own (inductor does not fuse a reduction over other dims into the
+  pointwise kernels): one launch reading the gradient and writing the smaller one;
 - an embedding's backward (a scatter-add of atomics) takes at least its hottest
   row's serial chain (partitioner/cost_models/contention.py).
 """
@@ -44,6 +48,24 @@ KernelsOf = Callable[[NodeTrace], "tuple[list[Kernel], list[Kernel]]"]
 def is_heavy(trace: NodeTrace) -> bool:
     """A node that runs a library kernel inductor does not fuse into: a matmul or attention."""
     return trace.attention is not None or any(op.flops for op in trace.fwd_ops)
+
+
+def broadcast_grad(a: torch.fx.Node, node: torch.fx.Node, traces: dict[str, NodeTrace],
+                   source: Callable[[torch.fx.Node], torch.fx.Node]) -> bool:
+    """True when light `node` broadcasts input `a`, an activation that requires grad (made by a
+    compute node, not a parameter): its backward sums the output's gradient over the broadcast
+    dims, a reduction whose iteration space is not the pointwise kernels' (T5's relative-position
+    bias, (1, H, L, S), into every layer's (B, H, L, S) mask), so inductor runs it as a kernel of
+    its own that reads the whole gradient again. Outer dims only (the innermost one kept)."""
+    ta, tn = traces.get(a.name), traces.get(node.name)
+    if ta is None or tn is None or not ta.requires_grad or source(a).op not in COMPUTE_OPS:
+        return False
+    small, big = ta.output, tn.output
+    if not (isinstance(small, torch.Tensor) and isinstance(big, torch.Tensor)) or small.dim() == 0:
+        return False
+    # over outer dims only: a norm's per-row statistics, broadcast along the row (x * rsqrt(var)),
+    # reduce in the row kernel that inductor fuses them into
+    return 0 < small.numel() < big.numel() and small.shape[-1] == big.shape[-1]
 
 
 def fuse_pointwise_runs(kernels: list[Kernel]) -> list[Kernel]:
@@ -131,6 +153,10 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
         if bwd_bytes:
             bwd_bytes += reads
             bwd_launches = max(1, math.ceil(ratio * sum(k.launches for k in bwd_kernels)))  # reductions stay apart
+        for a in node.all_input_nodes:  # an activation it broadcast: its gradient, a reduction of its own
+            if broadcast_grad(a, node, traces, source):
+                bwd_bytes += value_bytes(traces[name].output, scale) + value_bytes(traces[a.name].output, scale)
+                bwd_launches += 1
         bwd_s = roofline_time_s(0.0, bwd_bytes, bwd_launches, spec)
         out[name] = NodeTime(fwd_s, bwd_s, launch_s * int(writes), launch_s * bwd_launches)
     for name, chain_s in embedding_chains_s(gm, spec).items():  # a backward's atomics piled on one row

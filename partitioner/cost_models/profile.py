@@ -30,7 +30,7 @@ from partitioner.cost_models.fusion import compiled_times, fuse_pointwise_runs
 from partitioner.cost_models.memory import (OPTIMIZER_STATES, DtypeScale, backward_walk, output_savers, params_state_bytes,
                                  saved_bytes_per_node, value_bytes)
 from partitioner.cost_models.node_costs import NodeCost, NodeCosts
-from partitioner.cost_models.time import (NO_TIME, Kernel, NodeTime, analytic_node_time, compiled_call_overhead,
+from partitioner.cost_models.time import (NO_TIME, Kernel, NodeTime, analytic_node_time, compiled_call_overhead, gemm_efficiency,
                                           math_attention_kernels, measure_block_times, roofline_time_s)
 from partitioner.errors import CostModelError
 from partitioner.runtime.compiled import DEFAULT_OPTIONS as DEFAULT_COMPILE_OPTIONS
@@ -248,26 +248,29 @@ _ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention"
 # gradient; the embedding backward sorts the indices and reduces segments)
 _EXTRA_LAUNCHES = {"native_layer_norm_backward": 2, "embedding_dense_backward": 20}
 _EXTRA_PASSES = {"native_layer_norm_backward": 1.5}
+_GEMM_OPS = ("mm", "bmm", "addmm", "baddbmm", "addbmm")
 
 
 def op_kernel(op: OpKernel, spec: DeviceSpec, scale: DtypeScale, padded: bool = False) -> Kernel:
     """The Kernel `op` runs in `scale.to_dtype`: its bytes, and for FLOPs the efficiency of
     fused attention, of a 16-bit matmul over a tensor whose innermost dimension is not a
     multiple of 16 bytes (tensor cores fall back to slow kernels; not when `padded`: inductor
-    pads such matmuls to aligned shapes), or of a plain matmul."""
+    pads such matmuls to aligned shapes), or of a plain matmul (gemm_efficiency: an fp32 one
+    with K or N at most one head wide runs the CUDA cores' narrow SIMT kernels)."""
     moved = sum(scale.nbytes(numel, dt) for numel, dt, _ in op.tensors) * _EXTRA_PASSES.get(op.name, 1.0)
     floats = [(scale.to_dtype if dt == scale.from_dtype else dt, last) for _, dt, last in op.tensors
               if dt.is_floating_point]
     dtype = floats[-1][0] if floats else scale.to_dtype
-    eff, reduction = None, 0
+    eff, reduction, width = None, 0, 0
     if op.flops:
-        eff, reduction = spec.matmul_efficiency, op.reduction
+        width = op.tensors[-1][2] if op.name in _GEMM_OPS and op.tensors else 0  # the output's N
+        eff, reduction = gemm_efficiency(spec, dtype, op.reduction, width), op.reduction
         if any(key in op.name for key in _ATTENTION_OPS):
             eff, reduction = spec.attention_efficiency, 0
         elif not padded and any(dt.itemsize < 4 and (last * dt.itemsize) % 16 for dt, last in floats):
             eff = spec.misaligned_matmul_efficiency
     return Kernel(float(op.flops), moved, dtype, matmul=bool(op.flops), flops_efficiency=eff,
-                  launches=1 + _EXTRA_LAUNCHES.get(op.name, 0), reduction=reduction)
+                  launches=1 + _EXTRA_LAUNCHES.get(op.name, 0), reduction=reduction, width=width)
 
 
 def node_kernels(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale,

@@ -111,9 +111,27 @@ NO_TIME = NodeTime(0.0, 0.0)
 MATMUL_K_TILE = 64  # the reduction a tensor-core GEMM's main loop consumes per stage of its pipeline
 
 
+NARROW_GEMM_DIM = 64  # a GEMM dimension this narrow (one attention head) caps a CUDA-core kernel's tile
+
+
+def _is_fp32(dtype: torch.dtype | str) -> bool:
+    return (dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")) == "float32"
+
+
+def gemm_efficiency(spec: DeviceSpec, dtype: torch.dtype | str, reduction: int, width: int = 0) -> float:
+    """The achieved fraction of the peak of a GEMM with reduction K = `reduction` and output rows
+    `width` (N) wide (0: not known): spec.narrow_fp32_matmul_efficiency for an fp32 one (the CUDA
+    cores' SIMT kernels) with K or N at most NARROW_GEMM_DIM, where the table gives one; else
+    spec.matmul_efficiency."""
+    narrow = 0 < min(d for d in (reduction, width) if d > 0) <= NARROW_GEMM_DIM if reduction or width else False
+    if narrow and spec.narrow_fp32_matmul_efficiency and _is_fp32(dtype):
+        return spec.narrow_fp32_matmul_efficiency
+    return spec.matmul_efficiency
+
+
 def roofline_time_s(flops: float, bytes_moved: float, kernels: int, spec: DeviceSpec,
                     dtype: torch.dtype | str = torch.float32, *, flops_efficiency: float | None = None,
-                    reduction: int = 0) -> float:
+                    reduction: int = 0, width: int = 0) -> float:
     """GPU time: compute time and memory time, combined, + launch overhead; 0 when nothing is done.
 
     A GEMM (reduction > 0: its K) overlaps loading its operands with computing for as many
@@ -122,16 +140,20 @@ def roofline_time_s(flops: float, bytes_moved: float, kernels: int, spec: Device
     measured fp32 0.395 ms, sum 0.376, max 0.267; bf16 0.070, sum 0.072, max 0.054), and a
     linear layer with K in the thousands the max (llama-1b's 2048-wide layers under
     torch.compile on an H200 reached 743 TFLOP/s, 0.75 of the bf16 peak). Other kernels pay the
-    sum (one term dominates elementwise kernels anyway).
-    flops_efficiency: achieved fraction of the peak (default spec.matmul_efficiency).
+    sum (one term dominates elementwise kernels anyway). An fp32 GEMM's stages are K /
+    spec.fp32_gemm_k_tile where the table gives one (the CUDA cores' SIMT kernels step 8 deep).
+    flops_efficiency: achieved fraction of the peak (default gemm_efficiency(spec, dtype, reduction,
+    width): spec.matmul_efficiency, or for an fp32 GEMM with K or N (`width`) at most
+    NARROW_GEMM_DIM spec.narrow_fp32_matmul_efficiency).
     """
     if kernels <= 0 and flops <= 0 and bytes_moved <= 0:
         return 0.0
-    eff = spec.matmul_efficiency if flops_efficiency is None else flops_efficiency
+    eff = gemm_efficiency(spec, dtype, reduction, width) if flops_efficiency is None else flops_efficiency
     compute = flops / (spec.flops_per_s(dtype) * eff) if flops > 0 else 0.0
     memory = bytes_moved / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency)
     if reduction > 0:
-        combined = max(compute, memory) + min(compute, memory) / math.ceil(reduction / MATMUL_K_TILE)
+        k_tile = spec.fp32_gemm_k_tile if spec.fp32_gemm_k_tile and _is_fp32(dtype) else MATMUL_K_TILE
+        combined = max(compute, memory) + min(compute, memory) / math.ceil(reduction / k_tile)
     else:
         combined = compute + memory
     return combined + kernels * spec.kernel_overhead_s
@@ -158,13 +180,15 @@ class Kernel:
     flops_efficiency: float | None = None
     launches: int = 1
     reduction: int = 0  # a GEMM's K (roofline_time_s); 0: not a GEMM
+    width: int = 0  # a GEMM's output row width N (gemm_efficiency); 0: not known
 
 
 def kernels_time_s(kernels: Sequence[Kernel], spec: DeviceSpec) -> float:
     """GPU time of kernels run one after another: the sum of their rooflines."""
     return sum(roofline_time_s(k.flops, k.bytes_moved, k.launches, spec, k.dtype,
                                flops_efficiency=k.flops_efficiency if k.flops_efficiency is not None
-                               else None if k.matmul else 1.0, reduction=k.reduction) for k in kernels)
+                               else None if k.matmul else 1.0, reduction=k.reduction, width=k.width)
+               for k in kernels)
 
 
 def analytic_node_time(fwd: Sequence[Kernel], bwd: Sequence[Kernel], spec: DeviceSpec, *,
@@ -208,7 +232,7 @@ def math_attention_kernels(call: AttentionCall, dtype: torch.dtype | None = None
         return Kernel(0.0, numel * (read + write), acc)
 
     def bmm(m: int, kk: int, nn: int, read: float, write: float) -> Kernel:
-        return Kernel(2.0 * call.batch_heads * m * kk * nn, read + write, acc, matmul=True, reduction=kk)
+        return Kernel(2.0 * call.batch_heads * m * kk * nn, read + write, acc, matmul=True, reduction=kk, width=nn)
 
     L, S, E, Ev = call.q_len, call.kv_len, call.qk_dim, call.v_dim
     fwd = [pointwise(x, io, a) for x in (q, k, v)] if half else []
