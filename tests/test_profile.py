@@ -148,9 +148,11 @@ def test_misaligned_16bit_matmul_is_slower_than_aligned():
         bf16 = DtypeScale(torch.bfloat16, torch.bfloat16)
         (mm,) = [op_kernel(k, spec, bf16) for k in trace.fwd_ops if k.flops]
         assert mm.flops_efficiency == expected
-        # the same graph costed in fp32: no tensor cores, no alignment rule
+        # the same graph costed in fp32: no tensor cores, no alignment rule; K = 32 is one head narrow,
+        # the CUDA cores' narrow SIMT rate
         (mm32,) = [op_kernel(k, spec, DtypeScale(torch.bfloat16, torch.float32)) for k in trace.fwd_ops if k.flops]
-        assert mm32.flops_efficiency == spec.matmul_efficiency and mm32.dtype == torch.float32
+        assert mm32.flops_efficiency == spec.narrow_fp32_matmul_efficiency and mm32.dtype == torch.float32
+        assert mm32.width == width and mm32.reduction == 32
 
 
 def test_a_node_is_costed_kernel_by_kernel():
