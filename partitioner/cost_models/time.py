@@ -123,7 +123,8 @@ def gemm_efficiency(spec: DeviceSpec, dtype: torch.dtype | str, reduction: int, 
     `width` (N) wide (0: not known): spec.narrow_fp32_matmul_efficiency for an fp32 one (the CUDA
     cores' SIMT kernels) with K or N at most NARROW_GEMM_DIM, where the table gives one; else
     spec.matmul_efficiency."""
-    narrow = 0 < min(d for d in (reduction, width) if d > 0) <= NARROW_GEMM_DIM if reduction or width else False
+    known = [d for d in (reduction, width) if d > 0]
+    narrow = bool(known) and min(known) <= NARROW_GEMM_DIM
     if narrow and spec.narrow_fp32_matmul_efficiency and _is_fp32(dtype):
         return spec.narrow_fp32_matmul_efficiency
     return spec.matmul_efficiency
