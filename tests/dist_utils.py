@@ -1,10 +1,12 @@
 """Helpers for the runtime tests: reference gradients and multi-process gloo runs with timeouts."""
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -47,16 +49,26 @@ def grad_errors(pm, ref_grads: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
+# run_workers forks its processes from a forkserver that imported these once per test session instead
+# of spawning fresh interpreters that each import them (about 7 s of CPU a process: torch, the partitioner,
+# transformers' model classes, inductor); each process still starts with the caller's environment and
+# builds its own model. Modules that fail to import are skipped by the forkserver.
+PRELOAD = ["dist_utils", "partitioner.api", "partitioner.zoo", "torch._inductor.compile_fx",
+           "torch.distributed.checkpoint", "transformers.models.gpt2.modeling_gpt2",
+           "transformers.models.t5.modeling_t5", "transformers.models.llama.modeling_llama"]
+
+
 def run_workers(fn: Callable[[int, int, Any], Any], world_size: int, arg: Any = None,
                 timeout_s: float = 150.0, hosts: int = 1) -> list[Any]:
-    """Run fn(rank, world_size, arg) in world_size spawned processes (torchrun's environment variables
+    """Run fn(rank, world_size, arg) in world_size new processes (torchrun's environment variables
     set, gloo rendezvous on a free port); return each rank's result. Raises on error or timeout.
     hosts: the processes pretend to be spread over that many hosts (LOCAL_RANK, GROUP_RANK and
     LOCAL_WORLD_SIZE as torchrun --nnodes sets them)."""
     port = free_port()
+    mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(fn, world_size, arg, port, tmp, hosts), nprocs=world_size,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(_worker, args=(fn, world_size, arg, port, tmp, hosts, dict(os.environ)),
+                                 nprocs=world_size, join=False, start_method="forkserver")
         deadline = time.monotonic() + timeout_s
         try:
             while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
@@ -74,8 +86,10 @@ def run_workers(fn: Callable[[int, int, Any], Any], world_size: int, arg: Any = 
         return results
 
 
-def _worker(rank: int, fn, world_size: int, arg, port: int, tmp: str, hosts: int = 1) -> None:
+def _worker(rank: int, fn, world_size: int, arg, port: int, tmp: str, hosts: int, environ: dict) -> None:
     per_host = world_size // hosts
+    os.environ.clear()  # the caller's environment now, not the forkserver's at its start
+    os.environ.update(environ)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank % per_host),
                       LOCAL_WORLD_SIZE=str(per_host), GROUP_RANK=str(rank // per_host),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -86,3 +100,9 @@ def _worker(rank: int, fn, world_size: int, arg, port: int, tmp: str, hosts: int
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
+    # exit handlers run as at a normal exit, but the interpreter's teardown of torch's modules is
+    # skipped: it took about 3 s of every multi-process test for nothing the tests check
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
