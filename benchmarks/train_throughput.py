@@ -199,7 +199,7 @@ def _ours_runner(name: str, pm, zm, rank: int | None) -> Runner:
     plan = pm.plan
     predicted = _serial_s(plan) if rank is None else plan.step_time_s
     peak = sum(plan.rank_mem_bytes) if rank is None else plan.rank_mem_bytes[rank]
-    note = "stages under CUDA graphs" if pm.executor.cudagraph_steps is not None else ""
+    note = "stages under CUDA graphs" if (pm.compile_options or {}).get("mode") == "reduce-overhead" else ""
     return Runner(name, lambda: pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs),
                   pm.zero_grad, list(pm.parameters()), predicted, peak, note=note)
 

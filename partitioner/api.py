@@ -312,6 +312,12 @@ class ParallelModel:
     def schedule(self):
         return self.executor.schedule
 
+    @property
+    def compile_options(self) -> dict[str, Any] | None:
+        """The torch.compile options the stages run under (None: eager), e.g. {"dynamic": False,
+        "mode": "reduce-overhead"} where compile_parallel chose CUDA graphs for host-bound stages."""
+        return dict(self.source.compile_options) if self.source and self.source.compile_options else None
+
     # ------------------------------------------------------------------ running
 
     def train_step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> torch.Tensor:

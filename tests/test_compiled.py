@@ -171,8 +171,9 @@ def test_host_bound_compiled_stages_name_the_cuda_graph_options(capsys):
     """Planned with GPU costs, a small model's compiled stages launch kernels slower than the GPU runs
     them: compile_parallel says so once and names the options that replay CUDA graphs."""
     zm = build("gpt2")
-    compile_zoo(zm, compile=True, device_type="h100", time_limit_s=2)
+    pm = compile_zoo(zm, compile=True, device_type="h100", time_limit_s=2)
     err = capsys.readouterr().err
     assert "the stages are host-bound" in err and "compile={'mode': 'reduce-overhead'}" in err
-    compile_zoo(zm, compile=False, device_type="h100", time_limit_s=2)  # eager stages: no such hint
-    assert "host-bound" not in capsys.readouterr().err
+    assert pm.compile_options == {"dynamic": False}  # asked for plainly compiled stages: no graphs chosen
+    pm = compile_zoo(zm, compile=False, device_type="h100", time_limit_s=2)  # eager stages: no such hint
+    assert "host-bound" not in capsys.readouterr().err and pm.compile_options is None

@@ -319,7 +319,7 @@ def test_default_compile_replays_host_bound_stages_as_cuda_graphs(capsys):
     auto = compile_parallel(copy.deepcopy(zm.model), ["cuda:0"] * 2, zm.example_args, zm.loss_fn,
                             example_kwargs=zm.example_kwargs, microbatches=4, time_limit_s=2)
     assert "each stage call replays as a CUDA graph" in capsys.readouterr().err
-    assert auto.executor.cudagraph_steps is not None
+    assert auto.executor.cudagraph_steps is not None and auto.compile_options["mode"] == "reduce-overhead"
     recorded: list[int] = []
     _, losses, grads, params = _train_steps(auto, zm, after_step=lambda: recorded.append(_cudagraph_trees_nodes()))
     assert recorded[2:] == [recorded[1]] * (len(recorded) - 2), recorded  # replays, no recording after step 2
