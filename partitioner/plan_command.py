@@ -158,8 +158,8 @@ def host_bound_lines(costs: NodeCosts, config: PlanConfig) -> list[str]:
         return []
     return [f"host-bound: a microbatch's kernels take {human_time(host)} to launch, {human_time(device)} to run;",
             "  CUDA graphs skip the launches: compile_parallel(compile={'mode': 'reduce-overhead'})",
-            "  (each stage call) or cuda_graph=True (the whole step, one process, one GPU);",
-            "  plan for them with --cuda-graph"]
+            "  (each stage call; compile_parallel picks it itself in one process) or cuda_graph=True",
+            "  (the whole step, one process, one GPU); plan for them with --cuda-graph"]
 
 
 def data_parallel_lines(plan: Plan) -> list[str]:
