@@ -67,7 +67,7 @@ ALL_CONFIGS = ("plain-eager", "plain-compiled", "plain-compiled-cudagraphs", "ou
                "ours-compiled-interleaved-ilp", "ours-eager-interleaved-ilp", "ours-compiled-1f1b-uniform",
                "ours-eager-1f1b-uniform", "torch-eager-1f1b", "torch-compiled-1f1b", "torch-eager-interleaved",
                "torch-compiled-interleaved")
-DEFAULT_CONFIGS = ("plain-eager", "plain-compiled", "ours-eager-1f1b-ilp", "ours-compiled-1f1b-ilp",
+DEFAULT_CONFIGS = ("plain-eager", "plain-compiled", "ours-default", "ours-eager-1f1b-ilp", "ours-compiled-1f1b-ilp",
                    "ours-compiled-1f1b-ilp-cudagraphs", "ours-compiled-interleaved-ilp", "ours-compiled-1f1b-uniform",
                    "torch-eager-1f1b", "torch-compiled-1f1b")
 PRECISIONS = ("bf16", "bf16-mixed", "fp32")
