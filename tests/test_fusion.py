@@ -231,3 +231,29 @@ def test_a_broadcast_activation_s_gradient_is_a_reduction_of_its_own(monkeypatch
                                       + spec.kernel_overhead_s, rel=1e-6)
         assert (with_it.nodes[name].host_bwd_time_s - without.nodes[name].host_bwd_time_s
                 == pytest.approx(spec.compiled_launch_overhead_s))
+
+
+class CatOuter(nn.Module):
+    """An activation concatenated along the batch: a larger output, not a broadcast."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return torch.cat([h, h * 2]).softmax(-1).sum()
+
+
+def test_a_larger_output_that_is_not_a_broadcast_adds_no_reduction(monkeypatch):
+    """A cat along an outer dim makes a larger output from an activation, but its backward slices
+    the gradient: no reduction kernel is added."""
+    import partitioner.cost_models.fusion as fusion
+    captured = capture(CatOuter(), (torch.randn(2, 32, 64),))
+    cats = [n.name for n in captured.graph_module.graph.nodes if "cat" in str(n.target)]
+    assert cats
+    spec = get_device_spec("h100")
+    with_it = profile(captured, device=spec, progress=False, compiled=True)
+    monkeypatch.setattr(fusion, "broadcast_grad", lambda *a: False)
+    without = profile(captured, device=spec, progress=False, compiled=True)
+    assert all(with_it.nodes[n] == without.nodes[n] for n in cats)

@@ -65,7 +65,12 @@ def broadcast_grad(a: torch.fx.Node, node: torch.fx.Node, traces: dict[str, Node
         return False
     # over outer dims only: a norm's per-row statistics, broadcast along the row (x * rsqrt(var)),
     # reduce in the row kernel that inductor fuses them into
-    return 0 < small.numel() < big.numel() and small.shape[-1] == big.shape[-1]
+    if not (0 < small.numel() < big.numel() and small.shape[-1] == big.shape[-1]):
+        return False
+    try:  # a broadcast, not a larger output made otherwise (a cat along an outer dim: its backward slices)
+        return torch.broadcast_shapes(small.shape, big.shape) == big.shape
+    except RuntimeError:
+        return False
 
 
 def fuse_pointwise_runs(kernels: list[Kernel]) -> list[Kernel]:
