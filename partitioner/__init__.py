@@ -11,7 +11,10 @@ __all__ = ["compile_parallel", "ParallelModel", "PartitionerError", "CaptureErro
 
 
 def __getattr__(name):  # lazy: keep `import partitioner` light for the CLI
-    if name in ("compile_parallel", "ParallelModel"):
-        from partitioner import api
-        return getattr(api, name)
+    if name == "compile_parallel":
+        from partitioner.api import compile_parallel
+        return compile_parallel
+    if name == "ParallelModel":
+        from partitioner.parallel_model import ParallelModel
+        return ParallelModel
     raise AttributeError(name)

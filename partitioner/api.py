@@ -1,4 +1,5 @@
-"""compile_parallel: an nn.Module in, a pipeline-parallel training program out.
+"""compile_parallel: an nn.Module in, a pipeline-parallel training program (a ParallelModel,
+partitioner/parallel_model.py) out.
 
 Reads top to bottom as the compiler's pipeline: slice one microbatch of the
 example inputs, capture + plan (or take the given plan), split into stage
@@ -20,32 +21,27 @@ import hashlib
 import itertools
 import os
 import re
-import warnings
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils import _pytree as pytree
 
-from partitioner.checkpoint import load as load_checkpoint
-from partitioner.checkpoint import save as save_checkpoint
 from partitioner.cost_models.device import spec_for_torch_device
-from partitioner.cost_models.profile import graph_float_dtype
 from partitioner.errors import CaptureError, RuntimeConfigError
-from partitioner.grad_clip import clip_grad_norm_
 from partitioner.materialise import materialise
 from partitioner.microbatch import batch_size, split_batch
-from partitioner.modes import ModeGraphs, ModeSource, build_mode, meta_skeleton
+from partitioner.modes import ModeSource, meta_skeleton
+from partitioner.parallel_model import ParallelModel
 from partitioner.plan import Plan
 from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
 from partitioner.passes.capture import Captured, input_leaf_names
-from partitioner.passes.split import StageModule, place_on_device, split
+from partitioner.passes.split import place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
-from partitioner.runtime.compiled import compile_options, compile_report, compile_stages, print_once, uses_cudagraphs
-from partitioner.runtime.data_parallel import (DATA_PARALLEL_MODES, DataParallelStages, MeshLayout, full_tensor,
-                                               mesh_layout)
+from partitioner.runtime.compiled import compile_options, compile_stages, print_once, uses_cudagraphs
+from partitioner.runtime.data_parallel import DATA_PARALLEL_MODES, DataParallelStages, MeshLayout, mesh_layout
 from partitioner.runtime.executor import Executor, ParameterStore, in_process_order
 from partitioner.runtime.schedules import make_schedule, validate
 from partitioner.runtime.step_graph import StepGraph
@@ -266,259 +262,6 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                          source=source, layout=layout, data_parallel=dp_stages, step_graph=step_graph)
 
 
-class ParallelModel:
-    """A model split into pipeline stages; trains with train_step, infers with forward.
-
-    Under torchrun the parameters, state_dict and gradients are this rank's;
-    without it (one process) they are every stage's.
-
-    A training loop: `loss = pm.train_step(x, target=y)`, `pm.clip_grad_norm_(1.0)`,
-    `opt.step()`, `sched.step()`, `pm.zero_grad()`, with `opt = AdamW(pm.parameters())` this
-    rank's optimizer. LR schedulers work on it as usual: every rank's optimizer steps with the
-    same schedule, so they stay in step. `pm.save` / `pm.load` checkpoint model and optimizer.
-    """
-
-    def __init__(self, captured: Captured, plan: Plan, stages: list[StageModule], executor: Executor,
-                 store: ParameterStore, devices: list[torch.device], rank: int | None, example_args: tuple,
-                 example_kwargs: dict, microbatches: int, *, source: ModeSource | None = None,
-                 layout: MeshLayout | None = None, data_parallel: DataParallelStages | None = None,
-                 step_graph: StepGraph | None = None):
-        self.captured = captured
-        self.plan = plan
-        self.stages = stages
-        self.executor = executor
-        self.store = store
-        self.devices = devices
-        self.rank = rank
-        self.microbatches = microbatches
-        self._example_leaves, self._example_spec = pytree.tree_flatten((example_args, example_kwargs))
-        self._steps_run = 0
-        self.source = source  # what captures the other mode (train/eval)
-        self.model = source.model if source is not None else None  # on meta: the structure, FQNs and shapes
-        self.training = source.model.training if source is not None else True
-        self._modes: dict[bool, Any] = {}
-        self.layout = layout  # where this process sits among the data-parallel replicas (None: one process)
-        self.data_parallel = data_parallel  # this rank's stages under FSDP2 when dp > 1 ...
-        self._sharded_mode = self.training  # ... in the mode compiled (the other mode reads its gathered tensors)
-        self.step_graph = step_graph  # replays this mode's training steps (compile_parallel(cuda_graph=True))
-        self._graph_executor = executor
-
-    @property
-    def dp(self) -> int:
-        """How many data-parallel replicas of the pipeline train together (1: none)."""
-        return self.layout.dp if self.layout is not None else 1
-
-    @property
-    def schedule(self):
-        return self.executor.schedule
-
-    @property
-    def compile_options(self) -> dict[str, Any] | None:
-        """The torch.compile options the stages run under (None: eager), e.g. {"dynamic": False,
-        "mode": "reduce-overhead"} where compile_parallel chose CUDA graphs for host-bound stages."""
-        return dict(self.source.compile_options) if self.source and self.source.compile_options else None
-
-    # ------------------------------------------------------------------ running
-
-    def train_step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> torch.Tensor:
-        """Forward and backward of every microbatch of the batch (inputs as in the example inputs).
-
-        Gradients accumulate into .grad (call zero_grad between steps). Returns the loss, the mean
-        of loss_fn over the microbatches, as a 0-dim float32 tensor on every rank. With data
-        parallelism every rank passes the global batch; each replica trains on its 1/dp share, the
-        gradients are averaged over the replicas and the loss is the mean over the global batch.
-        """
-        self._check_process_group("train_step")
-        if self.data_parallel is not None and self.training != self._sharded_mode:
-            raise RuntimeConfigError(f"train_step in {'train' if self.training else 'eval'} mode: with data "
-                                     "parallelism only the mode compile_parallel compiled in reduces gradients "
-                                     f"across replicas; call pm.{'eval' if self._sharded_mode is False else 'train'}"
-                                     "() first, or compile in the mode you train in.")
-        mb_inputs = self._microbatch_inputs(inputs, kwargs)
-        targets = self._own_share(split_batch(target, self.dp * self.microbatches, "target"))
-        if not self._steps_run:
-            self._warn_outer_autocast()
-        self.store.before_step()
-        if self.data_parallel is not None:
-            self.data_parallel.before_step()
-        graph = self.step_graph if self.step_graph is not None and self.executor is self._graph_executor else None
-        loss = (graph or self.executor.train_step)(mb_inputs, targets)
-        if self.data_parallel is not None:
-            self.data_parallel.after_step()
-        self.store.after_step()
-        if not self._steps_run:
-            print_once(compile_report(self.executor.compiled_calls()), self.rank)
-        self._steps_run += 1
-        return self._share_loss(loss)
-
-    def _warn_outer_autocast(self) -> None:
-        """A torch.autocast around train_step runs the stages in its dtype (autocast applies to the
-        aten ops of the stage graphs), but the plan was costed without it: say how to plan for it."""
-        device_type = self.devices[0].type
-        if not torch.is_autocast_enabled(device_type) or (self.source and self.source.mixed_precision):
-            return
-        dtype = torch.get_autocast_dtype(device_type)
-        own = graph_float_dtype(self.captured.graph_module)
-        if dtype != own:
-            warnings.warn(f"train_step runs under torch.autocast('{device_type}', {dtype}), but the plan was costed "
-                          f"in the model's {own} (stage times and activation memory). To plan for the autocast, "
-                          f"drop it and pass mixed_precision='bf16' to compile_parallel: the same recipe (float32 "
-                          f"parameters, bf16 compute), planned as it runs.", RuntimeWarning, stacklevel=3)
-
-    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        """Inference on a batch shaped like the example inputs: the model's output structure, tensor
-        leaves concatenated over microbatches along dim 0 (0-dim leaves stacked). Under torchrun only
-        the rank of the last stage gets the output; the other ranks return None. With data
-        parallelism each replica's last rank gets the output of its 1/dp share of the batch."""
-        self._check_process_group("forward")
-        mb_inputs = self._microbatch_inputs(inputs, kwargs)
-        self.store.refresh_replicas()
-        if self.data_parallel is not None and self.training != self._sharded_mode:
-            self.data_parallel.unshard()  # this mode's stages read the gathered parameters
-        flat = self.executor.forward(mb_inputs)
-        if self.data_parallel is not None:
-            self.data_parallel.reshard()
-        if flat is None:
-            return None
-        leaves = []
-        for i, first in enumerate(flat[0]):
-            if isinstance(first, torch.Tensor):
-                parts = [mb[i] for mb in flat]
-                leaves.append(torch.cat(parts) if first.dim() > 0 else torch.stack(parts))
-            else:
-                leaves.append(first)
-        return self.captured.unflatten_outputs(leaves)
-
-    __call__ = forward
-
-    def _microbatch_inputs(self, inputs: tuple, kwargs: dict) -> list[list[Any]]:
-        leaves, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
-        if spec != self._example_spec:
-            example_args, example_kwargs = pytree.tree_unflatten(self._example_leaves, self._example_spec)
-            raise RuntimeConfigError(_mismatch(tuple(inputs), dict(kwargs), example_args, example_kwargs))
-        for i, (x, ex) in enumerate(zip(leaves, self._example_leaves)):
-            if isinstance(ex, torch.Tensor) != isinstance(x, torch.Tensor) or (
-                    isinstance(x, torch.Tensor) and (x.shape != ex.shape or x.dtype != ex.dtype)):
-                got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
-                want = f"{tuple(ex.shape)} {ex.dtype}" if isinstance(ex, torch.Tensor) else repr(ex)
-                smaller = (isinstance(x, torch.Tensor) and x.dim() == ex.dim() > 0 and x.shape[1:] == ex.shape[1:]
-                           and x.shape[0] < ex.shape[0])
-                tail = " (a DataLoader's last, smaller batch: drop_last=True)" if smaller else ""
-                raise RuntimeConfigError(f"input {i} is {got} but the example inputs had {want}; the stages were "
-                                         f"captured for that shape. Pass batches shaped like the example inputs{tail}.")
-        shares = split_batch((tuple(inputs), dict(kwargs)), self.dp * self.microbatches, "input", batch_size(leaves))
-        return [self.captured.flatten_inputs(a, kw) for a, kw in self._own_share(shares)]
-
-    def _own_share(self, microbatches: list[Any]) -> list[Any]:
-        """This replica's microbatches of the global batch's dp x m (replica d takes the d-th run of m)."""
-        if self.dp == 1:
-            return microbatches
-        d, m = self.layout.dp_rank, self.microbatches
-        return microbatches[d * m:(d + 1) * m]
-
-    def _check_process_group(self, what: str) -> None:
-        if self.rank is not None and not dist.is_initialized():
-            raise RuntimeConfigError(f"{what} on rank {self.rank}: the process group is gone "
-                                     "(dist.destroy_process_group() was called); destroy it after the last step, "
-                                     "or call compile_parallel again in a new process group.")
-
-    def _share_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
-        """The mean loss over the global batch on every rank: each replica's last rank holds its
-        share's mean, the others add zero."""
-        if self.rank is None:
-            return loss.detach().float()
-        device = self.devices[self.rank] if dist.get_backend() == "nccl" else torch.device("cpu")
-        t = loss.detach().float().to(device) if loss is not None else torch.zeros((), device=device)
-        dist.all_reduce(t)
-        return t / self.dp if self.dp > 1 else t
-
-    # ------------------------------------------------------------------ modes and clipping
-
-    def train(self, mode: bool = True) -> "ParallelModel":
-        """Run every stage in training mode (dropout on) or, with mode=False, in eval mode.
-
-        The captured graph has the mode baked in, so the first switch to the mode the model was not
-        compiled in captures the model again in that mode (once; see partitioner/modes.py); both
-        modes' stages share the same parameter tensors. Under torchrun every rank must switch
-        together (the first switch creates process groups)."""
-        mode = bool(mode)
-        if mode != self.training:
-            self._modes.setdefault(self.training, ModeGraphs(self.captured, self.stages, self.executor))
-            if mode not in self._modes:
-                self._modes[mode] = build_mode(self, mode)
-            graphs = self._modes[mode]
-            self.captured, self.stages, self.executor = graphs.captured, graphs.stages, graphs.executor
-            self.training = mode
-        return self
-
-    def eval(self) -> "ParallelModel":
-        """pm.train(False): deterministic inference (dropout off)."""
-        return self.train(False)
-
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                        foreach: bool | None = None) -> torch.Tensor:
-        """Clip the gradients of the whole model (every rank) as torch.nn.utils.clip_grad_norm_ on the
-        unsplit model; returns the total norm on every rank. Under torchrun every rank must call it."""
-        return clip_grad_norm_(self, max_norm, norm_type, error_if_nonfinite, foreach)
-
-    # ------------------------------------------------------------------ parameters and state
-
-    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        """This rank's parameters (every stage's in one process) under the original FQNs, each once."""
-        return iter(self.store.named_parameters())
-
-    def parameters(self) -> Iterator[torch.nn.Parameter]:
-        """This rank's trainable parameters (each tied weight once). Empty on a rank whose stages hold
-        no parameters (e.g. only pooling): build its optimizer only if there is something to step."""
-        return (p for _, p in self.store.named_parameters())
-
-    def named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """This rank's buffers under the original FQNs."""
-        return iter(self.store.named_buffers())
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients of this rank's parameters (tied replicas included), as Module.zero_grad."""
-        self.store.zero_grad(set_to_none)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's parameters and buffers under every FQN the original model's state_dict uses."""
-        return self.store.state_dict()
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every rank's state gathered on global rank 0 (CPU tensors); loads into the original model.
-        Other ranks get {}. In one process it is the whole state_dict on CPU."""
-        own = {k: full_tensor(v.detach()).cpu() for k, v in self.state_dict().items()}  # DTensors gathered over dp
-        if self.rank is None:
-            return own
-        if self.dp > 1 and self.layout.dp_rank != 0:
-            own = {}  # replica 0 sends it
-        first = dist.get_rank() == 0
-        gathered = [None] * dist.get_world_size() if first else None
-        dist.gather_object(own, gathered, dst=0)
-        if not first:
-            return {}
-        full: dict[str, torch.Tensor] = {}
-        for part in gathered:
-            full.update(part)
-        return full
-
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Load this rank's entries of a (full or this rank's) state dict; strict: all of them must be there."""
-        self.store.load_state_dict(state_dict, strict)
-
-    def save(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
-             extra: dict | None = None) -> None:
-        """Write a DCP checkpoint of the weights, the optimizer's state and `extra`, keyed by the model's
-        FQNs: it loads under any plan and into the unpartitioned model (partitioner/checkpoint.py).
-        Under torchrun every rank calls it."""
-        save_checkpoint(self, path, optimizer, extra)
-
-    def load(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> dict:
-        """Load a checkpoint written by save (under any plan), by checkpoint.save_model, or a Hugging Face
-        safetensors directory; returns the saved `extra`. On error nothing changes (partitioner/checkpoint.py)."""
-        return load_checkpoint(self, path, optimizer)
-
-
 # ---------------------------------------------------------------------- helpers
 
 
@@ -618,25 +361,6 @@ def _checked_loss(loss_fn: Callable[[Any, Any], Any], user_fn: Callable | None =
                                      "of the batch (e.g. end it with .mean()).")
         return value
     return loss
-
-
-def _mismatch(args: tuple, kwargs: dict, example_args: tuple, example_kwargs: dict) -> str:
-    """Name the argument by which a call differs from the example inputs."""
-    missing = [k for k in example_kwargs if k not in kwargs]
-    extra = [k for k in kwargs if k not in example_kwargs]
-    fix = "call with the same arguments as the example inputs given to compile_parallel."
-    if missing:
-        return f"inputs lack keyword argument {missing[0]!r} that the example inputs had; {fix}"
-    if extra:
-        return f"inputs have keyword argument {extra[0]!r} that the example inputs did not; {fix}"
-    if len(args) != len(example_args):
-        return f"inputs have {len(args)} positional arguments but the example inputs had {len(example_args)}; {fix}"
-    for i, (a, b) in enumerate(list(zip(args, example_args)) + [(kwargs[k], example_kwargs[k]) for k in kwargs]):
-        if pytree.tree_structure(a) != pytree.tree_structure(b):
-            where = f"positional argument {i}" if i < len(args) else f"keyword argument {list(kwargs)[i - len(args)]!r}"
-            return (f"{where} is nested differently from the example inputs' ({type(a).__name__} vs "
-                    f"{type(b).__name__}); {fix}")
-    return f"inputs are structured differently from the example inputs; {fix}"
 
 
 def _destroy_gloo_groups() -> None:

@@ -46,7 +46,7 @@ from partitioner.passes.capture import find_tied
 from partitioner.tensor_sources import MODEL_PREFIX, DCPSource, match_model, model_tensors, open_source
 
 if TYPE_CHECKING:
-    from partitioner.api import ParallelModel
+    from partitioner.parallel_model import ParallelModel
 
 OPTIM_STATE = "optim.state."
 OPTIM_GROUP = "optim.param_groups."

@@ -24,7 +24,7 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 from partitioner.runtime.data_parallel import is_sharded, local_tensor
 
 if TYPE_CHECKING:
-    from partitioner.api import ParallelModel
+    from partitioner.parallel_model import ParallelModel
 
 
 def clip_grad_norm_(pm: "ParallelModel", max_norm: float, norm_type: float = 2.0,

@@ -31,7 +31,7 @@ from partitioner.runtime.executor import Executor, in_process_order
 from partitioner.runtime.transport import DistTransport, InProcessTransport
 
 if TYPE_CHECKING:
-    from partitioner.api import ParallelModel
+    from partitioner.parallel_model import ParallelModel
 
 
 def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
