@@ -59,6 +59,7 @@ import torch.distributed as dist
 from benchmarks import common
 from benchmarks.common import add_training_run_arguments, print_table, pyplot, save_figure, write_result
 from partitioner import zoo
+from partitioner.runtime.compiled import uses_cudagraphs
 from partitioner.runtime.data_parallel import local_tensor
 
 ALL_CONFIGS = ("plain-eager", "plain-compiled", "plain-compiled-cudagraphs", "ours-default", "ours-eager-1f1b-ilp",
@@ -199,7 +200,7 @@ def _ours_runner(name: str, pm, zm, rank: int | None) -> Runner:
     plan = pm.plan
     predicted = _serial_s(plan) if rank is None else plan.step_time_s
     peak = sum(plan.rank_mem_bytes) if rank is None else plan.rank_mem_bytes[rank]
-    note = "stages under CUDA graphs" if (pm.compile_options or {}).get("mode") == "reduce-overhead" else ""
+    note = "stages under CUDA graphs" if uses_cudagraphs(pm.compile_options) else ""
     return Runner(name, lambda: pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs),
                   pm.zero_grad, list(pm.parameters()), predicted, peak, note=note)
 

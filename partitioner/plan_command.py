@@ -13,7 +13,6 @@ from rich.table import Table
 
 from partitioner import profile_cache, zoo
 from partitioner.cost_models.device import get_device_spec
-from partitioner.cost_models.node_costs import NodeCosts
 from partitioner.cost_models.profile_command import load_model_spec
 from partitioner.data_parallel_costs import check_data_parallel, dp_bandwidth, microbatch_size
 from partitioner.errors import PlanError
@@ -149,13 +148,13 @@ def summary_lines(plan: Plan) -> list[str]:
     return [line for line in lines if line] + data_parallel_lines(plan)
 
 
-def host_bound_lines(costs: NodeCosts, config: PlanConfig) -> list[str]:
+def host_bound_lines(result: PlanResult) -> list[str]:
     """A hint where the host takes longer to launch a microbatch's kernels (forward and backward
     of the whole model) than the GPU takes to run them; none where it does not, or where the plan
     already replays CUDA graphs."""
-    host, device = costs.launch_and_run_s()
-    if config.cuda_graphs or host <= device:
+    if result.cuda_graphs or not result.host_bound:
         return []
+    host, device = result.launch_and_run_s
     return [f"host-bound: a microbatch's kernels take {human_time(host)} to launch, {human_time(device)} to run;",
             "  CUDA graphs skip the launches: compile_parallel(compile={'mode': 'reduce-overhead'})",
             "  (each stage call; compile_parallel picks it itself in one process) or cuda_graph=True",
@@ -317,7 +316,7 @@ def run_plan(args: argparse.Namespace) -> None:
     plan = result.plan = result.plan.replace(model=args.model)
     console.print(plan_table(result, width=console.width, title=f"{args.model}: {len(result.block_graph.blocks)} blocks "
                                      f"(module depth {result.block_graph.depth}) on {plan.num_stages} stages"))
-    for line in [*summary_lines(plan), *host_bound_lines(result.costs, config)]:
+    for line in [*summary_lines(plan), *host_bound_lines(result)]:
         console.print(line, highlight=False)
     if dp > 1 and batch:
         global_batch = config.batch or batch

@@ -31,6 +31,11 @@ def parse_bandwidth(text: str) -> float:
         raise PlanError(f"cannot read bandwidth {text!r}: write e.g. 50GB/s, 25GiB/s or 4e10B/s") from None
 
 
+def dtype_name(dtype) -> str:
+    """A torch dtype as the costs and plans name it ("float32", "bfloat16"); a name stays as it is."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
 def human_time(s: float) -> str:
     return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 10 else f"{s:.2f} s"
 

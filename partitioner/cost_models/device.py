@@ -21,6 +21,7 @@ import torch
 
 from partitioner.cost_models.time import host_overheads_s
 from partitioner.errors import CostModelError
+from partitioner.units import dtype_name
 
 GiB = 1024 ** 3
 DTYPE_KEYS = ("float32", "tf32", "bfloat16", "float16")
@@ -102,7 +103,7 @@ class DeviceSpec:
 
     def flops_per_s(self, dtype: torch.dtype | str, *, tf32: bool = False) -> float:
         """Peak FLOP/s for matmuls in `dtype`; fp32 uses the TF32 rate when `tf32` is on."""
-        key = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+        key = dtype_name(dtype)
         if key == "float32" and tf32 and "tf32" in self.peak_flops:
             key = "tf32"
         if key not in self.peak_flops:

@@ -47,6 +47,7 @@ from torch.utils import _pytree as pytree
 from partitioner.cost_models.flops import COMPUTE_OPS, AttentionCall, trace_nodes
 from partitioner.errors import CostModelError
 from partitioner.passes.capture import capture
+from partitioner.units import dtype_name
 
 if TYPE_CHECKING:  # device.py calibrates specs with host_overheads_s: a type here, no import cycle
     from partitioner.cost_models.device import DeviceSpec
@@ -114,10 +115,6 @@ MATMUL_K_TILE = 64  # the reduction a tensor-core GEMM's main loop consumes per 
 NARROW_GEMM_DIM = 64  # a GEMM dimension this narrow (one attention head) caps a CUDA-core kernel's tile
 
 
-def _is_fp32(dtype: torch.dtype | str) -> bool:
-    return (dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")) == "float32"
-
-
 def gemm_efficiency(spec: DeviceSpec, dtype: torch.dtype | str, reduction: int, width: int = 0) -> float:
     """The achieved fraction of the peak of a GEMM with reduction K = `reduction` and output rows
     `width` (N) wide (0: not known): spec.narrow_fp32_matmul_efficiency for an fp32 one (the CUDA
@@ -125,7 +122,7 @@ def gemm_efficiency(spec: DeviceSpec, dtype: torch.dtype | str, reduction: int, 
     spec.matmul_efficiency."""
     known = [d for d in (reduction, width) if d > 0]
     narrow = bool(known) and min(known) <= NARROW_GEMM_DIM
-    if narrow and spec.narrow_fp32_matmul_efficiency and _is_fp32(dtype):
+    if narrow and spec.narrow_fp32_matmul_efficiency and dtype_name(dtype) == "float32":
         return spec.narrow_fp32_matmul_efficiency
     return spec.matmul_efficiency
 
@@ -153,7 +150,7 @@ def roofline_time_s(flops: float, bytes_moved: float, kernels: int, spec: Device
     compute = flops / (spec.flops_per_s(dtype) * eff) if flops > 0 else 0.0
     memory = bytes_moved / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency)
     if reduction > 0:
-        k_tile = spec.fp32_gemm_k_tile if spec.fp32_gemm_k_tile and _is_fp32(dtype) else MATMUL_K_TILE
+        k_tile = spec.fp32_gemm_k_tile if spec.fp32_gemm_k_tile and dtype_name(dtype) == "float32" else MATMUL_K_TILE
         combined = max(compute, memory) + min(compute, memory) / math.ceil(reduction / k_tile)
     else:
         combined = compute + memory

@@ -54,6 +54,7 @@ class CudagraphSteps:
                     p.grad = torch.zeros_like(p)
 
     def before_inference(self) -> None:
+        """An inference step is a tree generation of its own, as a training step is."""
         torch.compiler.cudagraph_mark_step_begin()
 
     @staticmethod
