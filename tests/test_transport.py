@@ -117,7 +117,6 @@ def test_dist_transport_holds_a_send_until_the_earlier_messages_of_its_channel_a
     assert results[1] == ([True] * 5, [])
 
 
-
 class _DoneWork:
     """A transfer that has completed (what NCCL's work reports once the GPU is past it)."""
 
