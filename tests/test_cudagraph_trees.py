@@ -12,7 +12,7 @@ import torch
 from dist_utils import build, max_rel_err, run_workers
 
 from partitioner.api import compile_parallel
-from partitioner.runtime.cudagraph_trees import CudagraphSteps
+from partitioner.runtime.cudagraph_trees import CudagraphSteps, zero_gradients
 
 
 def test_gradients_accumulate_into_buffers_made_outside_the_graphs():
@@ -32,6 +32,19 @@ def test_gradients_accumulate_into_buffers_made_outside_the_graphs():
     (used * 3).sum().backward()
     steps.after_step()
     assert used.grad is buffer and torch.equal(buffer, torch.full((3,), 3.0))  # accumulated in place
+
+
+def test_zeroed_gradients_are_views_of_one_buffer_per_dtype():
+    params = [torch.nn.Parameter(torch.ones(shape, dtype=dtype))
+              for shape, dtype in [((3, 5), torch.float32), ((7,), torch.float32), ((2, 2), torch.bfloat16)]]
+    zero_gradients(params)
+    for p in params:
+        assert p.grad.shape == p.shape and p.grad.dtype == p.dtype and not p.grad.any()
+    assert params[0].grad.untyped_storage().data_ptr() == params[1].grad.untyped_storage().data_ptr()
+    assert params[1].grad.data_ptr() - params[0].grad.data_ptr() >= 15 * 4  # no overlap
+    assert (params[1].grad.data_ptr() - params[0].grad.data_ptr()) % 256 == 0  # each view aligned
+    (params[0].sum() * 2 + params[1].sum()).backward()
+    assert torch.equal(params[0].grad, torch.full((3, 5), 2.0)) and torch.equal(params[1].grad, torch.ones(7))
 
 
 def test_outputs_let_go_of_their_autograd_graph_after_the_backward():

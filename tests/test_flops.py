@@ -89,40 +89,49 @@ def test_meta_model_and_module_rollup():
 
 # ----------------------------------------------------------------------------- SDPA backend
 
-@pytest.mark.parametrize("dtype, q, k, v, mask, mask_grad, causal, expected", [
+@pytest.mark.parametrize("dtype, q, k, v, mask, mask_strided, causal, expected", [
     (torch.bfloat16, (2, 4, 16, 64), (2, 4, 16, 64), (2, 4, 16, 64), False, False, True, "flash"),  # GPT-2-like
     (torch.bfloat16, (2, 4, 8, 64), (2, 4, 16, 64), (2, 4, 16, 64), False, False, True, "efficient"),  # causal L != S
     (torch.bfloat16, (2, 4, 16, 64), (2, 4, 16, 64), (2, 4, 16, 64), True, False, False, "efficient"),  # additive mask
     (torch.bfloat16, (2, 4, 16, 12), (2, 4, 16, 12), (2, 4, 16, 12), True, False, False, "math"),  # 12 % 8
     (torch.float32, (2, 4, 16, 64), (2, 4, 16, 64), (2, 4, 16, 64), False, False, False, "efficient"),  # no fp32 flash
     (torch.float32, (2, 4, 16, 6), (2, 4, 16, 6), (2, 4, 16, 6), False, False, False, "math"),  # 6 % 4
-    (torch.bfloat16, (2, 4, 16, 64), (2, 4, 16, 64), (2, 4, 16, 64), True, True, False, "math"),  # T5 bias
+    (torch.bfloat16, (2, 4, 16, 64), (2, 4, 16, 64), (2, 4, 16, 64), True, True, False, "math"),  # (L, S, H) bias
     (torch.float32, (2, 4, 16, 64), (2, 4, 16, 64), (2, 4, 16, 64), True, True, False, "math"),
 ])
-def test_sdpa_backend_rule(dtype, q, k, v, mask, mask_grad, causal, expected):
-    assert sdpa_backend(q, k, v, dtype, has_mask=mask, mask_requires_grad=mask_grad, is_causal=causal) == expected
+def test_sdpa_backend_rule(dtype, q, k, v, mask, mask_strided, causal, expected):
+    assert sdpa_backend(q, k, v, dtype, has_mask=mask, mask_strided=mask_strided, is_causal=causal) == expected
 
 
 class _BiasedAttention(nn.Module):
-    """T5-style: a trainable (1, H, L, S) position bias passed as the additive attn_mask."""
+    """T5-style: a trainable (1, H, L, S) position bias passed as the additive attn_mask; heads_last
+    keeps it as (L, S, H) permuted, as T5's lookup returns it (the mask's last dim strided)."""
 
-    def __init__(self, H: int, L: int, S: int):
+    def __init__(self, H: int, L: int, S: int, heads_last: bool = False):
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(1, H, L, S))
+        self.heads_last = heads_last
+        self.bias = nn.Parameter(torch.zeros(L, S, H) if heads_last else torch.zeros(1, H, L, S))
 
     def forward(self, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias, scale=1.0)
+        bias = self.bias.permute(2, 0, 1)[None] if self.heads_last else self.bias
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
 
 
-def test_trainable_bias_runs_math_attention_flops():
+@pytest.mark.parametrize("heads_last", [False, True])
+def test_trainable_bias_runs_fused_attention_unless_its_last_dim_is_strided(heads_last):
     B, H, L, S, E = 2, 3, 8, 16, 8
     q, k, v = torch.randn(B, H, L, E), torch.randn(B, H, S, E), torch.randn(B, H, S, E)
-    gm = _export(_BiasedAttention(H, L, S), q, k, v)
+    gm = _export(_BiasedAttention(H, L, S, heads_last), q, k, v)
     traces = trace_nodes(gm, inputs_require_grad=True)
     t = _only(traces, "scaled_dot_product_attention")
-    assert t.attention.backend == "math" and t.attention.mask_requires_grad
+    assert t.attention.mask_requires_grad
     assert t.fwd_flops == 4 * B * H * L * S * E  # Q K^T and P V
-    assert t.bwd_flops == 8 * B * H * L * S * E  # dP, dV, dQ, dK: no recompute
+    if heads_last:
+        assert t.attention.backend == "math"
+        assert t.bwd_flops == 8 * B * H * L * S * E  # dP, dV, dQ, dK: no recompute
+    else:
+        assert t.attention.backend == "efficient"  # memory-efficient attention writes the mask's gradient
+        assert t.bwd_flops == 10 * B * H * L * S * E  # and recomputes Q K^T
     # the same attention with a frozen bias is fused (memory-efficient): flash's counts
     model = _BiasedAttention(H, L, S).requires_grad_(False)
     t = _only(trace_nodes(_export(model, q, k, v), inputs_require_grad=True), "scaled_dot_product_attention")

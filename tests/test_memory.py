@@ -155,23 +155,27 @@ def test_dropout_keeps_a_bool_mask_as_on_gpu():
 # ----------------------------------------------------------------------------- attention
 
 class _BiasedAttention(nn.Module):
-    """T5-style attention: a trainable position bias as the additive mask (SDPA math path)."""
+    """T5-style attention: a position bias as the additive mask; heads_last keeps it (L, S, H) and
+    permutes it, as T5's lookup does (the mask's last dim strided: SDPA's math path)."""
 
-    def __init__(self, H: int, L: int, S: int, trainable: bool = True):
+    def __init__(self, H: int, L: int, S: int, trainable: bool = True, heads_last: bool = True):
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(1, H, L, S), requires_grad=trainable)
+        self.heads_last = heads_last
+        self.bias = nn.Parameter(torch.zeros(L, S, H) if heads_last else torch.zeros(1, H, L, S),
+                                 requires_grad=trainable)
 
     def forward(self, q, k, v):
-        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        bias = self.bias.permute(2, 0, 1)[None] if self.heads_last else self.bias
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 AB, AH, AL, AS, AE = 2, 3, 8, 16, 8
 
 
-def _attention_gm(dtype: torch.dtype, trainable: bool = True) -> torch.fx.GraphModule:
+def _attention_gm(dtype: torch.dtype, trainable: bool = True, heads_last: bool = True) -> torch.fx.GraphModule:
     q = torch.randn(AB, AH, AL, AE, dtype=dtype)
     k, v = (torch.randn(AB, AH, AS, AE, dtype=dtype) for _ in range(2))
-    model = _BiasedAttention(AH, AL, AS, trainable).to(dtype)
+    model = _BiasedAttention(AH, AL, AS, trainable, heads_last).to(dtype)
     return torch.export.export(model, (q, k, v), strict=False).module()
 
 
@@ -194,7 +198,7 @@ def test_math_attention_saves_probabilities_and_scaled_qk():
 def test_fused_attention_saves_qkv_out_lse_and_mask():
     q, kv, lse = AB * AH * AL * AE, AB * AH * AS * AE, AB * AH * AL
     # the frozen (1, H, L, S) bias is saved as it is: a parameter, so no activation bytes
-    assert _sdpa_saved(_attention_gm(torch.float32, trainable=False)) == 4 * (q + 2 * kv + q + lse)
+    assert _sdpa_saved(_attention_gm(torch.float32, trainable=False, heads_last=False)) == 4 * (q + 2 * kv + q + lse)
 
 
 def test_bool_mask_is_saved_as_a_float_mask_of_q_dtype():

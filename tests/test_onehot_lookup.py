@@ -23,16 +23,21 @@ def low_threshold(monkeypatch):
 class PositionBias(nn.Module):
     """Scores from token embeddings plus a bias looked up by clipped relative positions (T5's idea)."""
 
-    def __init__(self, length: int = 24, reach: int = 3, heads: int = 4, padding_idx: int | None = None):
+    def __init__(self, length: int = 24, reach: int = 3, heads: int = 4, padding_idx: int | None = None,
+                 heads_first: bool = False):
         super().__init__()
-        self.length, self.reach = length, reach
+        self.length, self.reach, self.heads_first = length, reach, heads_first
         self.bias = nn.Embedding(2 * reach + 1, heads, padding_idx=padding_idx)
         self.tokens = nn.Embedding(50, heads)
 
     def forward(self, ids):
         pos = torch.arange(self.length, device=ids.device)
         rel = (pos[None, :] - pos[:, None]).clamp(-self.reach, self.reach) + self.reach
-        scores = self.tokens(ids)[:, :, None, :] * self.bias(rel)[None]
+        if self.heads_first:  # T5's layout: the bias as (heads, L, L), read along L
+            bias = self.bias(rel).permute(2, 0, 1)
+            scores = self.tokens(ids).transpose(1, 2)[:, :, :, None] * bias[None]
+        else:
+            scores = self.tokens(ids)[:, :, None, :] * self.bias(rel)[None]
         return scores.square().sum(dim=(1, 2))
 
 
@@ -45,12 +50,20 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max().detach() / b.abs().max().detach().clamp_min(1e-12))
 
 
-def test_a_contended_constant_lookup_is_a_matmul_with_the_same_values_and_gradients(low_threshold):
+def _matmul_shapes(gm: torch.fx.GraphModule) -> list[tuple[int, ...]]:
+    return [tuple(n.meta["val"].shape) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is torch.ops.aten.mm.default]
+
+
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_a_contended_constant_lookup_is_a_matmul_with_the_same_values_and_gradients(low_threshold, heads_first):
     torch.manual_seed(0)
-    model = PositionBias()
+    model = PositionBias(heads_first=heads_first)
     ids = torch.randint(0, 50, (2, model.length))
     c = capture(model, (ids,))
     assert _lookups(c.graph_module) == ["tokens.weight"]  # the token ids are data: that lookup stays
+    # permuted heads-first, the matmul writes (heads, L * L): the permuted bias is then contiguous
+    assert _matmul_shapes(c.graph_module) == [(4, 24 * 24) if heads_first else (24 * 24, 4)]
 
     got = c.graph_module(*c.flatten_inputs((ids,)))[0]
     want = model(ids)

@@ -181,7 +181,8 @@ def test_a_node_is_costed_kernel_by_kernel():
 
 
 def test_math_attention_node_costs_its_kernels():
-    """A T5-like trainable bias makes SDPA run unfused: its time is the math path's kernels."""
+    """A T5-like trainable bias looked up as (L, S, H) and permuted (its last dim strided) makes SDPA
+    run unfused: its time is the math path's kernels. Contiguous, the same bias runs fused."""
     from partitioner.cost_models.device import get_device_spec
     from partitioner.cost_models.flops import trace_nodes
     from partitioner.cost_models.time import kernels_time_s, math_attention_kernels
@@ -189,23 +190,25 @@ def test_math_attention_node_costs_its_kernels():
     B, H, L, E = 4, 4, 128, 64
 
     class Biased(nn.Module):
-        def __init__(self, trainable: bool):
+        def __init__(self, heads_last: bool):
             super().__init__()
-            self.bias = nn.Parameter(torch.zeros(1, H, L, L), requires_grad=trainable)
+            self.heads_last = heads_last
+            self.bias = nn.Parameter(torch.zeros(L, L, H) if heads_last else torch.zeros(1, H, L, L))
 
         def forward(self, q, k, v):
-            return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+            bias = self.bias.permute(2, 0, 1)[None] if self.heads_last else self.bias
+            return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
     q = torch.randn(B, H, L, E, dtype=torch.bfloat16)
     spec = get_device_spec("h200")
     times = {}
-    for trainable in (True, False):
-        gm = torch.export.export(Biased(trainable).to(torch.bfloat16), (q, q.clone(), q.clone()),
+    for heads_last in (True, False):
+        gm = torch.export.export(Biased(heads_last).to(torch.bfloat16), (q, q.clone(), q.clone()),
                                  strict=False).module()
         costs = profile(gm, device=spec, dtype=torch.bfloat16, inputs_require_grad=True, progress=False)
         name = next(n for n in costs.nodes if n.startswith("scaled_dot_product_attention"))
-        times[trainable] = costs.nodes[name]
-        if trainable:
+        times[heads_last] = costs.nodes[name]
+        if heads_last:
             call = trace_nodes(gm, inputs_require_grad=True)[name].attention
             fwd, bwd = math_attention_kernels(call)
             assert costs.nodes[name].fwd_time_s == pytest.approx(kernels_time_s(fwd, spec))

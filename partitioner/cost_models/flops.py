@@ -59,25 +59,25 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def sdpa_backend(query_shape: tuple[int, ...], key_shape: tuple[int, ...], value_shape: tuple[int, ...],
-                 dtype: torch.dtype, *, has_mask: bool = False, mask_requires_grad: bool = False,
+                 dtype: torch.dtype, *, has_mask: bool = False, mask_strided: bool = False,
                  is_causal: bool = False) -> str:
     """The kernel eager scaled_dot_product_attention runs on a CUDA GPU (sm80-sm90, every
     backend enabled): "flash", "efficient" (memory-efficient or cuDNN: same costs) or "math".
 
     Follows torch's select_sdp_backend (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp),
     priority cuDNN > flash > memory-efficient > math:
-    - a mask that requires grad (e.g. T5's trainable relative position bias): math. cuDNN's
-      check_attn_mask_shape rejects it and flash takes no mask; memory-efficient is taken
-      to reject it too: on an H200 (torch 2.11) T5's activation memory matches the math
-      path within 2% in fp32 and bf16, and is 2x the memory-efficient prediction in bf16;
+    - a mask whose last dim is strided (stride != 1, e.g. T5's bias looked up as (L, S, H) and
+      permuted to (H, L, S)): math; every fused kernel needs stride 1 there
+      (check_last_dim_stride_equals_1_dense). A mask that requires grad (T5's trainable bias)
+      is taken by memory-efficient attention, which writes its gradient;
     - flash: fp16/bf16, no mask, equal head dims <= 256, is_causal only with L == S;
     - memory-efficient / cuDNN: fp32 too, additive or bool masks; q and k head dims equal,
       q and v head dims a multiple of 8 (16-bit) or 4 (fp32) (minimum_gemm_alignment);
     - anything else: math.
-    The CPU's fused kernel rejects a mask that requires grad as well, so the rule holds there.
+    The CPU's fused kernel also rejects a mask that requires grad; the costs follow the GPU.
     """
     e_q, e_k, e_v = query_shape[-1], key_shape[-1], value_shape[-1]
-    if mask_requires_grad:
+    if has_mask and mask_strided:
         return "math"
     if dtype in _HALF and not has_mask and e_q == e_k == e_v <= 256 and not (
             is_causal and query_shape[-2] != key_shape[-2]):
@@ -151,9 +151,10 @@ def attention_call(args: tuple, kwargs: dict) -> AttentionCall:
     mask = bound.get("attn_mask")
     mask = mask if isinstance(mask, torch.Tensor) else None
     mask_grad = bool(mask is not None and mask.requires_grad and torch.is_grad_enabled())
+    mask_strided = bool(mask is not None and mask.dim() and mask.shape[-1] != 1 and mask.stride(-1) != 1)
     is_causal = bool(bound.get("is_causal", False))
     backend = sdpa_backend(tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, has_mask=mask is not None,
-                           mask_requires_grad=mask_grad, is_causal=is_causal)
+                           mask_strided=mask_strided, is_causal=is_causal)
     batch_heads = q.numel() // (q.shape[-2] * q.shape[-1]) if q.dim() >= 2 else 1
     return AttentionCall(backend, batch_heads, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], q.dtype,
                          mask_numel=mask.numel() if mask is not None else 0,

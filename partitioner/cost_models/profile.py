@@ -292,8 +292,9 @@ def node_kernels(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale,
             if call.is_causal and not call.mask_numel:
                 eff *= spec.causal_attention_speedup
             moved = call.io_numel() * dtype.itemsize
+            mask_grad = call.mask_numel * dtype.itemsize if call.mask_requires_grad else 0  # written by the backward
             fwd = [Kernel(call.fwd_flops(), moved, dtype, True, eff)]
-            bwd = [Kernel(call.bwd_flops(), 2 * moved, dtype, True, eff, launches=3)]  # dO.O, the main kernel, dQ cast
+            bwd = [Kernel(call.bwd_flops(), 2 * moved + mask_grad, dtype, True, eff, launches=3)]  # dO.O, main, dQ cast
         return fwd, bwd if trace.bwd_flops else []
     return ([op_kernel(k, spec, scale, padded) for k in trace.fwd_ops],
             [op_kernel(k, spec, scale, padded) for k in trace.bwd_ops])

@@ -84,7 +84,11 @@ def lookups_as_matmuls(gm: torch.fx.GraphModule) -> int:
 def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, weight: torch.fx.Node, indices: torch.fx.Node,
              w: torch.Tensor, idx: torch.Tensor) -> None:
     """embedding(weight, indices) -> view(mm(onehot, weight)), onehot = (indices[..., None] == arange(rows))
-    as a [numel, rows] matrix in the table's dtype."""
+    as a [numel, rows] matrix in the table's dtype.
+
+    Where every use permutes the table's column dim to the front (T5: (L, S, H) -> (H, L, S)), the
+    matmul is written transposed instead, table^T @ onehot^T, so the permuted view the uses read is
+    contiguous: a consumer fused with it (T5's softmax over the bias) reads it in order."""
     rows, cols, numel = w.shape[0], w.shape[1], math.prod(idx.shape)
     meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
 
@@ -98,12 +102,30 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, weight: torch.fx.Node, 
 
     with graph.inserting_before(node):
         classes = call(aten.arange.default, rows, dtype=idx.dtype, device=idx.device)
-        hits = call(aten.eq.Tensor, call(aten.unsqueeze.default, indices, -1), classes)
         # the table's dtype when the step runs: a mixed-precision pass may cast the table later
-        onehot = call(aten.view.default, call("type_as", hits, weight), [numel, rows])
-        out = call(aten.view.default, call(aten.mm.default, onehot, weight), [*idx.shape, cols])
+        if _columns_first(node, idx.dim()):
+            hits = call(aten.eq.Tensor, call(aten.unsqueeze.default, classes, 1),
+                        call(aten.view.default, indices, [1, numel]))
+            out_t = call(aten.mm.default, call(aten.t.default, weight), call("type_as", hits, weight))
+            out = call(aten.permute.default, call(aten.view.default, out_t, [cols, *idx.shape]),
+                       [*range(1, idx.dim() + 1), 0])
+        else:
+            hits = call(aten.eq.Tensor, call(aten.unsqueeze.default, indices, -1), classes)
+            onehot = call(aten.view.default, call("type_as", hits, weight), [numel, rows])
+            out = call(aten.view.default, call(aten.mm.default, onehot, weight), [*idx.shape, cols])
     node.replace_all_uses_with(out)
     graph.erase_node(node)
+
+
+def _columns_first(node: torch.fx.Node, index_dims: int) -> bool:
+    """Whether every use of the lookup `node` is a permute that puts its column dim (the last) first."""
+    def columns_first(user: torch.fx.Node) -> bool:
+        if user.op != "call_function" or user.target not in (aten.permute.default, torch.permute) \
+                or user.args[0] is not node:
+            return False
+        dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dims")
+        return dims is not None and len(dims) == index_dims + 1 and dims[0] % (index_dims + 1) == index_dims
+    return bool(node.users) and all(columns_first(u) for u in node.users)
 
 
 def _static(t) -> bool:

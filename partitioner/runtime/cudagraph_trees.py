@@ -17,7 +17,8 @@ same points of every step as when it was recorded; what keeps a pipelined step s
 - Gradients accumulate into buffers allocated outside the graphs. A parameter's first
   gradient of a step would otherwise be the backward graph's output itself (AccumulateGrad
   keeps it as .grad), which a later replay overwrites. Before a step, every parameter that had
-  a gradient in an earlier step and has none now gets a zeroed .grad; after a step, a gradient
+  a gradient in an earlier step and has none now gets a zeroed .grad (views into one buffer:
+  one fill, not a launch per parameter); after a step, a gradient
   that came out of a graph (a parameter's first) is copied out once.
 - Under torchrun the transport keeps every sent tensor until the step ends
   (DistTransport(hold_sends=True)): when a transfer completes depends on timing.
@@ -31,6 +32,29 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch.utils import _pytree as pytree
+
+
+_GRAD_ALIGN_BYTES = 256  # each gradient view starts where a vectorised kernel would want it
+
+
+def zero_gradients(params: list[torch.Tensor]) -> None:
+    """Give each of `params` a zeroed .grad: views into one zeroed buffer per device and dtype.
+
+    One allocation and one fill kernel, where a zeros_like per parameter costs the host an
+    allocation and a launch each (hundreds per stage) while the GPU, at the start of a step,
+    has nothing queued."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    for (device, dtype), group in groups.items():
+        align = max(1, _GRAD_ALIGN_BYTES // dtype.itemsize)
+        offsets, total = [], 0
+        for p in group:
+            offsets.append(total)
+            total += -(-p.numel() // align) * align
+        flat = torch.zeros(total, device=device, dtype=dtype)
+        for p, start in zip(group, offsets):
+            p.grad = flat[start:start + p.numel()].view(p.shape)
 
 
 class CudagraphSteps:
@@ -48,10 +72,7 @@ class CudagraphSteps:
     def before_step(self) -> None:
         self._outputs.clear()  # left by a step that raised
         torch.compiler.cudagraph_mark_step_begin()
-        with torch.no_grad():
-            for p in self.params():
-                if p.grad is None and id(p) in self._had_grad:
-                    p.grad = torch.zeros_like(p)
+        zero_gradients([p for p in self.params() if p.grad is None and id(p) in self._had_grad])
 
     def before_inference(self) -> None:
         """An inference step is a tree generation of its own, as a training step is."""
