@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from partitioner.cost_models.trace_reuse import NodeTemplate, node_key, storage_id
 from partitioner.passes.annotate import has_runtime_size, size_bound
+from partitioner.passes.attention_mask_layout import strided_last_dim
 from partitioner.errors import CostModelError
 
 
@@ -151,7 +152,7 @@ def attention_call(args: tuple, kwargs: dict) -> AttentionCall:
     mask = bound.get("attn_mask")
     mask = mask if isinstance(mask, torch.Tensor) else None
     mask_grad = bool(mask is not None and mask.requires_grad and torch.is_grad_enabled())
-    mask_strided = bool(mask is not None and mask.dim() and mask.shape[-1] != 1 and mask.stride(-1) != 1)
+    mask_strided = strided_last_dim(mask)
     is_causal = bool(bound.get("is_causal", False))
     backend = sdpa_backend(tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, has_mask=mask is not None,
                            mask_strided=mask_strided, is_causal=is_causal)

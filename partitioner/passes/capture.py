@@ -636,6 +636,8 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
         fold_causal_masks(gm)  # before any cost model or stage sees the graph: flash attention needs no mask
         from partitioner.passes.onehot_lookup import lookups_as_matmuls  # lazy, as above
         lookups_as_matmuls(gm)  # contended constant-index lookups: matmuls, not serialised atomics
+        from partitioner.passes.attention_mask_layout import contiguous_attention_masks  # lazy, as above
+        contiguous_attention_masks(gm)  # a strided mask would keep SDPA off its fused kernels
     input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     _check_vals(gm)
     return Captured(graph_module=gm, in_spec=in_spec, out_spec=out_spec, input_names=input_names,
