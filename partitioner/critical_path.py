@@ -17,7 +17,11 @@ value, linear on path-shaped graphs). l_k is modelled only where links could mat
 a tenth of tol of the step); elsewhere, and for hops between stages further apart, communication
 is left out, which only weakens the bound.
 
-The rows and the fluid LP over them live in partitioner/path_rows.py.
+The rows and the fluid LP over them live in partitioner/path_rows.py. A stage pass takes at least its
+device sum and at least its host sum, so the fluid LP runs over either (StageUnits.of(bg, host=True));
+the larger bound holds, and its side's work prunes the relaxation (prefix_caps) and is what the chain's
+searches below split: where the host dispatches longer than the device runs, the device's alone bound
+the step far below any plan and prune nothing.
 path_bound_solve minimises T subject to T >= every row over the ILP's feasible set
 (partitioner.ilp.build_ilp without its closed-form time model: stage order, non-empty stages,
 the memory cap), simulates the answers CP-SAT finds, adds their critical paths (with and without
@@ -136,11 +140,11 @@ class _Relaxation:
     """min T subject to T >= every row, over the partition ILP's feasible set (partitioner.ilp.build_ilp)."""
 
     def __init__(self, problem: PlanProblem, units: StageUnits, prefix: tuple[list[int], list[int]] | None,
-                 comm: bool = False):
+                 comm: bool = False, prefix_work: list[int] | None = None):
         p, m, v = problem.num_ranks, problem.microbatches, problem.chunks
         self.cap, self.units = problem.memory_cap_bytes, units
         K, scale = problem.num_stages, units.scale
-        dc = (units.work, *prefix) if prefix is not None else None
+        dc = (prefix_work or units.work, *prefix) if prefix is not None else None
         self.ilp = ilp = build_ilp(problem, with_time=False, domain_cap=dc)
         md = self.model = ilp.model
         per_pass = max(*units.pass_dev, *units.pass_host)
@@ -316,13 +320,13 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
     def caps_now():
         if best is None or time.perf_counter() > deadline - 0.1:
             return None
-        return prefix_caps(lp_rows, units, dag, best_step, key=key, deadline=deadline)
+        return prefix_caps(lp_rows, lp_units, dag, best_step, key=key, deadline=deadline)
 
     def relaxation(prefix):
         if time.perf_counter() > deadline - 0.1:
             return None
         try:
-            rel = _Relaxation(problem, units, prefix, comm)
+            rel = _Relaxation(problem, units, prefix, comm, lp_units.work)
         except NoSplit:
             return None
         if best is not None and not rel.hint(best):
@@ -333,20 +337,20 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
         return rel
 
     # the fluid bound (blocks may split) and the rows that set it: the relaxation's LP needs them
-    lower, tight = fluid_bound(lp_rows, units, dag, key, deadline=deadline)
+    lower, tight, lp_units = _fluid(bg, units, lp_rows, dag, key, deadline)
     for r in tight:
         add(r)
     iterations, status = 0, "time_limit"
     if best is not None and best_step > lower * (1 + tol) and chain_share(bg) >= CHAIN_MIN_SHARE:
         # whole blocks on a chain: a branch and bound over the cuts closes most of what the fluid misses
         if not chain_only:  # the fluid LP's branch and bound first: on few, unequal blocks it closes fast
-            chained = chain_bound(bg, units, dag, lp_rows, best_step, tol, t0 + CHAIN_SHARE * time_limit_s, key,
+            chained = chain_bound(bg, lp_units, dag, lp_rows, best_step, tol, t0 + CHAIN_SHARE * time_limit_s, key,
                                   fitting_step, problem.memory_cap_bytes, scorer.inflight)
             _log.debug("chain bound %.6g s (%s, %d nodes); best %.6g s", chained.lower_bound_s,
                        "complete" if chained.complete else "incomplete", chained.nodes, best_step)
             lower = max(lower, chained.lower_bound_s)
         if best_step > lower * (1 + tol):
-            chained = chain_sat_bound(bg, units, dag, lp_rows, best_step, tol, t0 + CHAIN_SAT_SHARE * time_limit_s,
+            chained = chain_sat_bound(bg, lp_units, dag, lp_rows, best_step, tol, t0 + CHAIN_SAT_SHARE * time_limit_s,
                                       key, fitting_step, problem.memory_cap_bytes, scorer.inflight)
             _log.debug("chain CP-SAT bound %.6g s (%s, %d solves); best %.6g s", chained.lower_bound_s,
                        "complete" if chained.complete else "incomplete", chained.nodes, best_step)
@@ -415,6 +419,18 @@ def path_bound_solve(problem: PlanProblem, time_limit_s: float = 10.0, incumbent
         lower = min(lower, best_step)
     return PathBound(best, best_step, lower, iterations, len(rows), status, time.perf_counter() - t0,
                      list(rows.values()))
+
+
+def _fluid(bg, units: StageUnits, rows: dict, dag: ActionDag, key, deadline: float
+           ) -> tuple[float, list[PathRow], StageUnits]:
+    """fluid_bound over the device's times and, where the graph has host times, over the host's
+    (a stage pass takes at least either sum): (the larger bound, its rows, the units that gave it)."""
+    lower, tight = fluid_bound(rows, units, dag, key, deadline=deadline)
+    if not any(units.fhost) and not any(units.bhost) and not any(units.pass_host):
+        return lower, tight, units
+    host = StageUnits.of(bg, host=True)
+    got = fluid_bound(rows, host, dag, key, deadline=deadline)
+    return (*got, host) if got[0] > lower else (lower, tight, units)
 
 
 def chain_share(bg) -> float:

@@ -111,7 +111,9 @@ class StageUnits:
     stage's device / host sum (BlockGraph.stage_pass), rounded down too. Where only device work is
     modelled (FluidLp, chain_bound.py, chain_sat.py) a row gains pass_dev per action (`passes`):
     every stage of a valid plan holds a block, so each of its passes takes at least its device sum
-    plus pass_dev; the host part is left out, which only weakens those bounds.
+    plus pass_dev. A pass takes at least its host sum plus pass_host too: StageUnits.of(bg, host=True)
+    puts the host's times in the device's place, and those bounds hold over them alike (where the host
+    dispatches longer than the device runs, a small batch, only they come near the step).
     """
 
     scale: float
@@ -124,18 +126,21 @@ class StageUnits:
     pass_host: tuple[int, int] = (0, 0)
 
     @classmethod
-    def of(cls, bg) -> "StageUnits":
+    def of(cls, bg, host: bool = False) -> "StageUnits":
+        """bg's units; host: the host's times in the device's place (and the device's in the host's)."""
         scale = UNITS / (sum(b.time_s for b in bg.blocks) or 1.0)
 
         def down(attr: str) -> list[int]:
             return [math.floor(getattr(b, attr) * scale) for b in bg.blocks]
 
         fdev, bdev = down("fwd_time_s"), down("bwd_time_s")
+        fhost, bhost = down("host_fwd_time_s"), down("host_bwd_time_s")
         o = bg.stage_pass
-        return cls(scale, fdev, bdev, down("host_fwd_time_s"), down("host_bwd_time_s"),
-                   tuple(ideal_halfplanes(bg.graph, fdev, bdev)),
-                   (math.floor(o.fwd_s * scale), math.floor(o.bwd_s * scale)),
-                   (math.floor(o.host_fwd_s * scale), math.floor(o.host_bwd_s * scale)))
+        pass_dev = (math.floor(o.fwd_s * scale), math.floor(o.bwd_s * scale))
+        pass_host = (math.floor(o.host_fwd_s * scale), math.floor(o.host_bwd_s * scale))
+        if host:
+            fdev, bdev, fhost, bhost, pass_dev, pass_host = fhost, bhost, fdev, bdev, pass_host, pass_dev
+        return cls(scale, fdev, bdev, fhost, bhost, tuple(ideal_halfplanes(bg.graph, fdev, bdev)), pass_dev, pass_host)
 
     def passes(self, r: PathRow) -> int:
         """The device units of the stage passes on path r: pass_dev once per forward and per backward."""

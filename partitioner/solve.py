@@ -236,14 +236,18 @@ def _exact_split(problem: PlanProblem, plan: Plan, budget_s: float, gap: float,
 
 def _quick_proof(problem: PlanProblem, seeds: Seeds, time_limit_s: float, gap: float,
                  workers: int | None) -> tuple[PathBound, list[int] | None]:
-    """The split nearest the fluid optimum (path_rows.fluid_split), polished with kicks for QUICK_POLISH_SHARE
-    of time_limit_s, then the bound over the chain's cuts (critical_path.path_bound_solve, chain_only) for
-    at most QUICK_PROOF_SHARE: on a chain of equal layers it is within the gap of the best plan, proven,
-    long before the ILP and the polish of every seed would end. Returns (the bound's outcome, status
-    "converged" when proven; the polished fluid split, None where GLOP gave up on the fluid LP)."""
+    """The split nearest the fluid optimum (path_rows.fluid_split, over the host's times where they outweigh
+    the device's), polished with kicks for QUICK_POLISH_SHARE of time_limit_s, then the bound over the
+    chain's cuts (critical_path.path_bound_solve, chain_only) for at most QUICK_PROOF_SHARE: on a chain of
+    equal layers it is within the gap of the best plan, proven, long before the ILP and the polish of every
+    seed would end. Returns (the bound's outcome, status "converged" when proven; the polished fluid split,
+    None where GLOP gave up on the fluid LP)."""
     t0 = time.perf_counter()
-    units, sched = StageUnits.of(problem.block_graph), make_schedule(problem.schedule, problem.num_ranks,
-                                                                      problem.microbatches, problem.chunks)
+    bg = problem.block_graph
+    host = sum(b.host_fwd_time_s + b.host_bwd_time_s for b in bg.blocks) > \
+        sum(b.fwd_time_s + b.bwd_time_s for b in bg.blocks)  # the split balances the larger side
+    units = StageUnits.of(bg, host=host)
+    sched = make_schedule(problem.schedule, problem.num_ranks, problem.microbatches, problem.chunks)
     rows = {r.key: r for r in synthetic_rows(sched, problem.num_stages)}
     start = fluid_split(rows, units, ActionDag(sched), deadline=t0 + QUICK_POLISH_SHARE * time_limit_s)
     starts = tuple(a for a in (seeds.incumbent, seeds.dp) if a is not None)

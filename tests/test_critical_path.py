@@ -211,3 +211,43 @@ def test_bound_and_plans_count_every_stage_pass(seed, p, v, schedule):
     plan = solve(bg, p, v, m, schedule=schedule, link_bw_bytes_per_s=1e9, time_limit_s=20)
     assert plan.step_lower_bound_s <= best * (1 + 1e-9) <= plan.step_time_s * (1 + 1e-9)
     assert evaluate_assignment(bg, plan.block_stage, p, v, m, schedule, 1e9).step_time_s == plan.step_time_s
+
+
+
+def host_bound_graph(rng: random.Random, n: int, skips: bool):
+    """tiny_graph with host dispatch about four times each block's device time (a small batch)."""
+    import dataclasses
+
+    bg = tiny_graph(rng, n, skips=skips, comm=False)
+    bg.blocks = [dataclasses.replace(b, host_fwd_time_s=4 * b.fwd_time_s * rng.uniform(0.8, 1.2),
+                                     host_bwd_time_s=4 * b.bwd_time_s * rng.uniform(0.8, 1.2)) for b in bg.blocks]
+    return bg
+
+
+@pytest.mark.parametrize("seed,p,v,schedule", CASES[:6])
+def test_fluid_bound_over_the_host_holds_where_the_host_outweighs_the_device(seed, p, v, schedule):
+    """A stage pass takes at least its host sum: the fluid bound over the host's times stays below the
+    brute-force best, and above twice the device's alone (which gives about a quarter of it)."""
+    from partitioner.path_rows import StageUnits, fluid_bound, synthetic_rows
+
+    rng = random.Random(seed)
+    bg = host_bound_graph(rng, p * v + rng.randint(3, 5), skips=seed % 2 == 1)
+    m = 2 * p
+    best = brute_force(bg, p, v, m, schedule, 1e9)
+    sched = make_schedule(schedule, p, m, v)
+    bounds = {}
+    for host in (False, True):
+        rows = {r.key: r for r in synthetic_rows(sched, p * v)}
+        bounds[host] = fluid_bound(rows, StageUnits.of(bg, host=host), ActionDag(sched))[0]
+    assert 2 * bounds[False] < bounds[True] <= best * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed,p,v,schedule", [(0, 2, 2, "interleaved-1f1b"), (1, 2, 1, "1f1b")])
+def test_quick_proof_over_the_host_meets_the_best_plan(seed, p, v, schedule):
+    """On a host-bound chain the bound over the chain's cuts alone (chain_only) meets the best plan."""
+    rng = random.Random(seed)
+    bg = host_bound_graph(rng, p * v + 4, skips=False)
+    m = 2 * p
+    best = brute_force(bg, p, v, m, schedule, 1e9)
+    got = path_bound_solve(PlanProblem(bg, p, v, m, schedule, 1e9), time_limit_s=20, tol=0.0, chain_only=True)
+    assert got.lower_bound_s == pytest.approx(best, rel=1e-5) and got.step_time_s == pytest.approx(best, rel=1e-12)

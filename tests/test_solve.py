@@ -349,6 +349,21 @@ def test_interleaved_layered_chain_is_proven_within_the_gap_before_the_ilp(monke
     assert plan.step_gap is not None and plan.step_gap <= 0.01 and plan.solve_time_s < 30
 
 
+def test_interleaved_host_bound_chain_is_proven_within_the_gap_by_the_quick_proof():
+    """Host dispatch four times each block's device time (a small batch): the quick proof bounds the
+    step by the host's times, so it proves the polished fluid split within the gap as on a device-bound
+    chain; over the device's alone its bound would stay near a quarter of the step."""
+    import dataclasses
+
+    rng = random.Random(3)
+    bg = layered_chain(16)
+    bg.blocks = [dataclasses.replace(b, host_fwd_time_s=4 * b.fwd_time_s * rng.uniform(0.8, 1.2),
+                                     host_bwd_time_s=4 * b.bwd_time_s * rng.uniform(0.8, 1.2)) for b in bg.blocks]
+    plan = solve(bg, 4, chunks=2, microbatches=8, link_bw_bytes_per_s=50e9, time_limit_s=60)
+    assert plan.solver_status.startswith("FLUID_SPLIT+refined")
+    assert plan.step_gap is not None and plan.step_gap <= 0.01
+
+
 def test_quick_proof_bound_stays_below_the_brute_force_best():
     p, v, m = 2, 2, 4
     bg = layered_chain(3, seed=1)
