@@ -213,7 +213,6 @@ def test_bound_and_plans_count_every_stage_pass(seed, p, v, schedule):
     assert evaluate_assignment(bg, plan.block_stage, p, v, m, schedule, 1e9).step_time_s == plan.step_time_s
 
 
-
 def host_bound_graph(rng: random.Random, n: int, skips: bool):
     """tiny_graph with host dispatch about four times each block's device time (a small batch)."""
     import dataclasses
