@@ -88,7 +88,8 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, weight: torch.fx.Node, 
 
     Where every use permutes the table's column dim to the front (T5: (L, S, H) -> (H, L, S)), the
     matmul is written transposed instead, table^T @ onehot^T, so the permuted view the uses read is
-    contiguous: a consumer fused with it (T5's softmax over the bias) reads it in order."""
+    contiguous: as an attention mask it then takes SDPA's fused kernels (which need stride 1 in the
+    mask's last dim) without the copy passes/attention_mask_layout.py would otherwise make."""
     rows, cols, numel = w.shape[0], w.shape[1], math.prod(idx.shape)
     meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
 
