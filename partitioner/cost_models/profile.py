@@ -35,6 +35,7 @@ from partitioner.cost_models.time import (NO_TIME, Kernel, NodeTime, analytic_no
                                           roofline_time_s)
 from partitioner.errors import CostModelError
 from partitioner.runtime.compiled import DEFAULT_OPTIONS as DEFAULT_COMPILE_OPTIONS
+from partitioner.units import dtype_name
 
 
 def graph_float_dtype(gm: torch.fx.GraphModule) -> torch.dtype:
@@ -175,7 +176,7 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
                                host_fwd_time_s=times[name].host_fwd_s, host_bwd_time_s=times[name].host_bwd_s,
                                output_saved_by=savers.get(name, ""), output_requires_grad=trace.requires_grad)
     return NodeCosts(nodes=nodes, param_state_bytes=parameter_state_bytes(gm, tied, dtype, optimizer),
-                     device=spec.name, dtype=str(dtype).removeprefix("torch."), optimizer=optimizer,
+                     device=spec.name, dtype=dtype_name(dtype), optimizer=optimizer,
                      time_source="measured" if measure else "analytic", stage_pass=stage_pass_time(spec, compiled))
 
 

@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 
 from partitioner.passes.capture import Captured
 from partitioner.passes.writes import stage_mates
+from partitioner.units import dtype_name
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def _leaf_facts(value: Any) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...
         if isinstance(leaf, torch.Tensor):
             shape = tuple(size_bound(s) for s in leaf.shape)
             shapes.append(shape)
-            dtypes.append(str(leaf.dtype).removeprefix("torch."))
+            dtypes.append(dtype_name(leaf.dtype))
             nbytes += math.prod(shape) * leaf.element_size()
         else:
             shapes.append(())

@@ -14,12 +14,11 @@ import logging
 import torch
 import torch.fx
 
-from partitioner.passes.capture import fake_mode_of
+from partitioner.passes.capture import fake_mode_of, provenance
+from partitioner.passes.causal_mask import SDPA_TARGETS
 from partitioner.passes.constants import val
 
 log = logging.getLogger(__name__)
-
-_SDPA = (torch.ops.aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention)
 
 
 def _mask_arg(node: torch.fx.Node) -> tuple[int | str, torch.fx.Node] | None:
@@ -40,7 +39,7 @@ def contiguous_attention_masks(gm: torch.fx.GraphModule) -> int:
     one copy per mask however many calls share it; returns how many masks were copied."""
     copies: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _SDPA:
+        if node.op != "call_function" or node.target not in SDPA_TARGETS:
             continue
         found = _mask_arg(node)
         if found is None:
@@ -54,9 +53,7 @@ def contiguous_attention_masks(gm: torch.fx.GraphModule) -> int:
                 copy = gm.graph.call_function(torch.ops.aten.clone.default, (mask,),
                                               {"memory_format": torch.contiguous_format})
             with fake_mode_of(m):
-                copy.meta = {**{k: v for k, v in mask.meta.items()
-                                if k in ("nn_module_stack", "stack_trace", "source_fn_stack")},
-                             "val": m.clone(memory_format=torch.contiguous_format)}
+                copy.meta = {**provenance(mask), "val": m.clone(memory_format=torch.contiguous_format)}
             copies[mask] = copy
         if isinstance(where, int):
             node.update_arg(where, copies[mask])

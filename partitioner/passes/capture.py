@@ -528,6 +528,12 @@ def fake_mode_of(val: Any):
     return mode if mode is not None else contextlib.nullcontext()
 
 
+def provenance(node: torch.fx.Node) -> dict[str, Any]:
+    """The meta a node a pass adds takes over from the node it stands for: its module path, stack
+    trace and source function (what annotate and coarsen read to place it)."""
+    return {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+
+
 def get_attr(root: torch.nn.Module, fqn: str) -> Any:
     """The attribute at dotted path `fqn` of `root` (how get_attr nodes name parameters and buffers)."""
     obj: Any = root

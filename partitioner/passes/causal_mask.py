@@ -18,7 +18,8 @@ from partitioner.passes.constants import constant_ancestors, constant_value, val
 
 log = logging.getLogger(__name__)
 
-_SDPA = (torch.ops.aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention)
+# how a captured graph calls scaled_dot_product_attention (torch.export: aten; symbolic_trace: functional)
+SDPA_TARGETS = (torch.ops.aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention)
 
 
 def fold_causal_masks(gm: torch.fx.GraphModule) -> int:
@@ -26,7 +27,7 @@ def fold_causal_masks(gm: torch.fx.GraphModule) -> int:
     verdicts: dict[tuple, str | None] = {}
     dropped: list[torch.fx.Node] = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _SDPA:
+        if node.op != "call_function" or node.target not in SDPA_TARGETS:
             continue
         args, kwargs = list(node.args), dict(node.kwargs)
         mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.fx
 
-from partitioner.passes.capture import fake_mode_of
+from partitioner.passes.capture import fake_mode_of, provenance
 from partitioner.passes.constants import constant_value, val
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, weight: torch.fx.Node, 
     contiguous: as an attention mask it then takes SDPA's fused kernels (which need stride 1 in the
     mask's last dim) without the copy passes/attention_mask_layout.py would otherwise make."""
     rows, cols, numel = w.shape[0], w.shape[1], math.prod(idx.shape)
-    meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+    meta = provenance(node)
 
     def call(target, *args, **kwargs) -> torch.fx.Node:
         method = isinstance(target, str)

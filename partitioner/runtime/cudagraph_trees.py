@@ -18,8 +18,8 @@ same points of every step as when it was recorded; what keeps a pipelined step s
   gradient of a step would otherwise be the backward graph's output itself (AccumulateGrad
   keeps it as .grad), which a later replay overwrites. Before a step, every parameter that had
   a gradient in an earlier step and has none now gets a zeroed .grad (views into one buffer:
-  one fill, not a launch per parameter); after a step, a gradient
-  that came out of a graph (a parameter's first) is copied out once.
+  one fill, not a launch per parameter); after a step, a gradient that came out of a graph (a
+  parameter's first) is copied out once.
 - Under torchrun the transport keeps every sent tensor until the step ends
   (DistTransport(hold_sends=True)): when a transfer completes depends on timing.
 
