@@ -100,7 +100,7 @@ def test_idle_attribution_charges_host_ops_with_the_device_gaps_they_overlap():
 
     import torch
 
-    from benchmarks.host_overhead import busy_s, idle_attribution, idle_spans, kernel_spans
+    from benchmarks.host_overhead import busy_s, gap_split, idle_attribution, idle_spans, kernel_spans
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
     def ev(name, a, b, dev):
@@ -114,6 +114,8 @@ def test_idle_attribution_charges_host_ops_with_the_device_gaps_they_overlap():
     text = idle_attribution(kernels + host, gaps)
     assert text.startswith("outer 0.0ms") and "slow_op" in text and "busy_only" not in text
     assert idle_attribution(kernels + [ev("x", 21, 44, cpu)], gaps) == "x 0.0ms"  # 9 + 4 us
+    # the 10 us gap waits for the host; the 5 us one is the device's own kernel-to-kernel latency
+    assert gap_split(gaps) == {"short_gaps": 1, "short_idle_ms": 0.005, "long_gaps": 1, "long_idle_ms": 0.01}
 
 
 def test_stage_device_ms_charges_kernels_to_the_action_that_launched_them():

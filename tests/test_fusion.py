@@ -257,3 +257,42 @@ def test_a_larger_output_that_is_not_a_broadcast_adds_no_reduction(monkeypatch):
     monkeypatch.setattr(fusion, "broadcast_grad", lambda *a: False)
     without = profile(captured, device=spec, progress=False, compiled=True)
     assert all(with_it.nodes[n] == without.nodes[n] for n in cats)
+
+
+class Norms(nn.Module):
+    """A residual add, a layer norm and an RMSNorm-style scale by a parameter, between linears."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.scale = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        h = self.a(x) + x
+        return self.b(self.norm(h) * self.scale + h).sum()
+
+
+def test_a_broadcast_parameter_s_gradient_is_a_split_reduction_of_its_own(monkeypatch):
+    """The weight gradient of a light node that broadcasts a trainable parameter over the rows (a
+    norm's weight and bias, `x * weight`) is a reduction inductor runs apart, in two launches
+    (partial sums, then their sum), reading the output's gradient and the full-size inputs."""
+    import partitioner.cost_models.fusion as fusion
+    b, l, d = 2, 32, 64
+    captured = capture(Norms(d), (torch.randn(b, l, d),))
+    nodes = {str(n.target): n.name for n in captured.graph_module.graph.nodes}
+    norm, mul = nodes["aten.layer_norm.default"], nodes["aten.mul.Tensor"]
+    adds = [n.name for n in captured.graph_module.graph.nodes if str(n.target) == "aten.add.Tensor"]
+    spec = get_device_spec("h100")
+    with_it = profile(captured, device=spec, progress=False, compiled=True)
+    monkeypatch.setattr(fusion, "parameter_grad_bytes", lambda *a: 0)
+    without = profile(captured, device=spec, progress=False, compiled=True)
+    bw = spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency
+    full = 4 * b * l * d  # one fp32 activation
+    for name in (norm, mul):  # the gradient and the one full-size input (h; norm(h))
+        extra = with_it.nodes[name].bwd_time_s - without.nodes[name].bwd_time_s
+        assert extra == pytest.approx(2 * full / bw + 2 * spec.kernel_overhead_s, rel=1e-6)
+        assert (with_it.nodes[name].host_bwd_time_s - without.nodes[name].host_bwd_time_s
+                == pytest.approx(2 * spec.compiled_launch_overhead_s))
+    for name in adds:  # adds of activations only
+        assert with_it.nodes[name] == without.nodes[name]

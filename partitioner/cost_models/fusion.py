@@ -25,6 +25,11 @@ write only the values read later. Modelled per node, in graph order:
   layer's mask) adds to its backward the reduction of its output's gradient to that input's
   shape, a kernel of its own (inductor does not fuse a reduction over other dims into the
   pointwise kernels): one launch reading the gradient and writing the smaller one;
+- a light node that broadcasts a trainable parameter over outer dims (a norm's weight and
+  bias, RMSNorm's `weight * x`) reduces its gradient over the rows in a split reduction of
+  its own, two launches reading the output's gradient and the node's other full-size inputs
+  (the normalised values it multiplies, recomputed): gpt2-xl's layer norms ran their
+  backward as one fused input-gradient kernel and two weight-gradient ones;
 - an embedding's backward (a scatter-add of atomics) takes at least its hottest
   row's serial chain (partitioner/cost_models/contention.py).
 """
@@ -71,6 +76,31 @@ def broadcast_grad(a: torch.fx.Node, node: torch.fx.Node, traces: dict[str, Node
         return torch.broadcast_shapes(small.shape, big.shape) == big.shape
     except RuntimeError:
         return False
+
+
+def parameter_grad_bytes(node: torch.fx.Node, traces: dict[str, NodeTrace], scale: DtypeScale,
+                         source: Callable[[torch.fx.Node], torch.fx.Node]) -> int:
+    """Bytes the weight-gradient reduction of light `node` reads: its output's gradient and its
+    full-size activation inputs, when it broadcasts a trainable parameter (made by no compute
+    node) along outer dims (same innermost dim, fewer elements); 0 when it broadcasts none. A
+    parameter only added (a bias) needs the gradient alone."""
+    out = traces[node.name].output
+    if not isinstance(out, torch.Tensor) or not out.dim():
+        return 0
+    params = [a for a in node.all_input_nodes if a.name in traces and source(a).op in ("placeholder", "get_attr")
+              and traces[a.name].requires_grad and isinstance(traces[a.name].output, torch.Tensor)
+              and 0 < traces[a.name].output.numel() < out.numel()
+              and traces[a.name].output.shape[-1:] == out.shape[-1:]]
+    if not params:
+        return 0
+    nbytes = value_bytes(out, scale)
+    if getattr(getattr(node.target, "_overloadpacket", None), "__name__", None) in ("add", "sub"):
+        return nbytes
+    for a in node.all_input_nodes:
+        t = traces.get(a.name)
+        if a not in params and t is not None and isinstance(t.output, torch.Tensor) and t.output.numel() == out.numel():
+            nbytes += value_bytes(t.output, scale)
+    return nbytes
 
 
 def fuse_pointwise_runs(kernels: list[Kernel]) -> list[Kernel]:
@@ -162,6 +192,10 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
             if broadcast_grad(a, node, traces, source):
                 bwd_bytes += value_bytes(traces[name].output, scale) + value_bytes(traces[a.name].output, scale)
                 bwd_launches += 1
+        param_bytes = parameter_grad_bytes(node, traces, scale, source) if bwd_bytes else 0
+        if param_bytes:  # a split reduction: partial sums per block of rows, then their sum
+            bwd_bytes += param_bytes
+            bwd_launches += 2
         bwd_s = roofline_time_s(0.0, bwd_bytes, bwd_launches, spec)
         out[name] = NodeTime(fwd_s, bwd_s, launch_s * int(writes), launch_s * bwd_launches)
     for name, chain_s in embedding_chains_s(gm, spec).items():  # a backward's atomics piled on one row
