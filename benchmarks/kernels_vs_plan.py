@@ -1,5 +1,5 @@
 """The cost model against a GPU's kernels, offline: per stage and pass, measured kernel time by kind
-next to the predicted device and host time by node kind.
+next to the predicted device time (without the gaps between kernels) and host time by node kind.
 
     python -m benchmarks.kernels_vs_plan benchmarks/results/host_overhead_llama1b_h200_ours-2-stages.kernels.json \
         --model llama-1b --device h200
@@ -13,6 +13,7 @@ model's prediction is printed against the whole step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections import defaultdict
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from partitioner import zoo
+    from partitioner.cost_models.device import get_device_spec
     from partitioner.cost_models.flops import COMPUTE_OPS, trace_nodes
     from partitioner.cost_models.fusion import is_heavy
     from partitioner.cost_models.profile import profile
@@ -54,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(open(args.kernels).read())
     zm = zoo.build(args.model, batch=args.mb_size, seq=args.seq, device="meta", dtype=torch.bfloat16)
     captured = capture(zm.model, zm.example_args, zm.example_kwargs)
-    costs = profile(captured, device=args.device, dtype=torch.bfloat16, compiled=not args.eager, progress=False)
+    # kernel durations against kernel durations: without the gaps between kernels, which no kernel's duration holds
+    spec = dataclasses.replace(get_device_spec(args.device), kernel_gap_s=0.0)
+    costs = profile(captured, device=spec, dtype=torch.bfloat16, compiled=not args.eager, progress=False)
     traces = trace_nodes(captured.graph_module)
     whole = list(data["groups"]) == ["step"]
     node_stage = data.get("node_stage") or {}

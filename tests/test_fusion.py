@@ -65,7 +65,7 @@ def test_a_chain_between_views_reads_its_input_once_and_writes_its_output_once()
     spec = get_device_spec("h100")
     light = [c for c in fused.nodes.values() if not c.fwd_flops and c.output_bytes and c.fwd_time_s > 0]
     hidden = 512 * 1024 * 4
-    one_kernel = 2 * hidden / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency) + spec.kernel_overhead_s
+    one_kernel = 2 * hidden / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency) + spec.per_kernel_s
     assert light, "the chain's reads and its write are costed through the views"
     assert sum(c.fwd_time_s for c in light) == pytest.approx(one_kernel)
 
@@ -76,7 +76,7 @@ def test_each_trainable_parameter_accumulates_its_gradient():
     costs = costs_of(model, torch.randn(8, 256), False)
     spec = get_device_spec("h100")
     by_target = {name: c for name, c in costs.nodes.items() if name.startswith(("a_", "b_"))}
-    weight = 3 * 256 * 256 * 4 / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency) + spec.kernel_overhead_s
+    weight = 3 * 256 * 256 * 4 / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency) + spec.per_kernel_s
     assert by_target["b_weight"].bwd_time_s == pytest.approx(weight)
     assert by_target["a_weight"].bwd_time_s == 0.0  # frozen: no gradient
 
@@ -228,7 +228,7 @@ def test_a_broadcast_activation_s_gradient_is_a_reduction_of_its_own(monkeypatch
     for name in wheres:  # one more launch, and the reduction's bytes
         extra = with_it.nodes[name].bwd_time_s - without.nodes[name].bwd_time_s
         assert extra == pytest.approx(grad_bytes / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency)
-                                      + spec.kernel_overhead_s, rel=1e-6)
+                                      + spec.per_kernel_s, rel=1e-6)
         assert (with_it.nodes[name].host_bwd_time_s - without.nodes[name].host_bwd_time_s
                 == pytest.approx(spec.compiled_launch_overhead_s))
 
@@ -291,7 +291,7 @@ def test_a_broadcast_parameter_s_gradient_is_a_split_reduction_of_its_own(monkey
     full = 4 * b * l * d  # one fp32 activation
     for name in (norm, mul):  # the gradient and the one full-size input (h; norm(h))
         extra = with_it.nodes[name].bwd_time_s - without.nodes[name].bwd_time_s
-        assert extra == pytest.approx(2 * full / bw + 2 * spec.kernel_overhead_s, rel=1e-6)
+        assert extra == pytest.approx(2 * full / bw + 2 * spec.per_kernel_s, rel=1e-6)
         assert (with_it.nodes[name].host_bwd_time_s - without.nodes[name].host_bwd_time_s
                 == pytest.approx(2 * spec.compiled_launch_overhead_s))
     for name in adds:  # adds of activations only

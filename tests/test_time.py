@@ -20,13 +20,13 @@ def test_roofline_picks_compute_or_memory_bound():
     t = roofline_time_s(mm_flops, mm_bytes, 1, h100, torch.bfloat16)
     achieved = h100.flops_per_s(torch.bfloat16) * h100.matmul_efficiency
     bw = h100.mem_bw_bytes_per_s * h100.mem_bw_efficiency
-    assert t == pytest.approx(mm_flops / achieved + mm_bytes / bw + h100.kernel_overhead_s)
+    assert t == pytest.approx(mm_flops / achieved + mm_bytes / bw + h100.per_kernel_s)
     assert t < 1.1 * mm_flops / achieved  # compute bound: streaming the operands adds little
     assert roofline_time_s(mm_flops, mm_bytes, 1, h100, torch.bfloat16, flops_efficiency=0.5) > t
     # elementwise add of two 1 GiB tensors: no FLOPs counted, pure (achievable) bandwidth
     add_bytes = 3 * 2 ** 30
     assert not is_compute_bound(0, add_bytes, h100)
-    assert roofline_time_s(0, add_bytes, 1, h100) == pytest.approx(add_bytes / bw + h100.kernel_overhead_s)
+    assert roofline_time_s(0, add_bytes, 1, h100) == pytest.approx(add_bytes / bw + h100.per_kernel_s)
     # fp32 runs at the fp32 peak, so the same matmul takes longer than in bf16
     assert roofline_time_s(mm_flops, 2 * mm_bytes, 1, h100, torch.float32) > t
 

@@ -36,7 +36,11 @@ class DeviceSpec:
     mem_bytes: device memory capacity.
     intra_node_bw_bytes_per_s: point-to-point bandwidth to a GPU of the same host (NVLink/PCIe).
     inter_node_bw_bytes_per_s: bandwidth to another host (InfiniBand/Ethernet), per GPU.
-    kernel_overhead_s: fixed GPU-side cost of one kernel (launch gap, tail of a small kernel).
+    kernel_overhead_s: fixed GPU-side cost of one kernel (the tail of a small kernel): part of
+        its duration in a profile.
+    kernel_gap_s: the device's idle time from one kernel's end to the next one's start when the
+        next is already queued (a CUDA graph, a stream the host keeps ahead of): in no kernel's
+        duration, but in every step's wall time. `per_kernel_s` is the two together.
     matmul_efficiency: achieved fraction of peak_flops by large dense matmuls (cuBLAS).
     attention_efficiency: achieved fraction of peak_flops by fused attention (flash /
         memory-efficient SDPA), relative to FlopCounterMode's (non-causal) count.
@@ -86,6 +90,7 @@ class DeviceSpec:
     inter_node_bw_bytes_per_s: float
     kernel_overhead_s: float = 5e-6
     notes: str = field(default="", compare=False)
+    kernel_gap_s: float = 0.0
     matmul_efficiency: float = 1.0
     attention_efficiency: float = 1.0
     masked_attention_efficiency: float = 1.0
@@ -100,6 +105,11 @@ class DeviceSpec:
     contended_atomic_s: float = 0.0
     stage_pass_s: float = 0.0
     compiled_stage_pass_s: float = 0.0
+
+    @property
+    def per_kernel_s(self) -> float:
+        """Device time every kernel costs beyond its bytes and FLOPs: its fixed part and the gap before the next."""
+        return self.kernel_overhead_s + self.kernel_gap_s
 
     def flops_per_s(self, dtype: torch.dtype | str, *, tf32: bool = False) -> float:
         """Peak FLOP/s for matmuls in `dtype`; fp32 uses the TF32 rate when `tf32` is on."""
@@ -177,7 +187,11 @@ class DeviceSpec:
 # host_overhead_t5base_{passes_ours-1-stages,h200_ours-2-stages,h100_plain,h200_plain}.kernels.json);
 # the fp32 bmm of 8x12x1024x1024x64 on an H200 (roofline_time_s's docstring: 0.395 ms) reads 0.374 ms so
 # costed. Large fp32 linear layers keep matmul_efficiency (46-52 of 67 TFLOP/s, above).
-GPU_EFFICIENCY = dict(matmul_efficiency=0.78, attention_efficiency=0.40, masked_attention_efficiency=0.22,
+# Kernel-to-kernel gaps: with nothing waiting on the host (t5-base's whole step as one CUDA graph, the
+# plain models under mode="reduce-overhead", H100), the device idled 0.65-1.22 us between consecutive
+# kernels (benchmarks/results/host_overhead_{t5base_h100_graph,t5base_ro,gpt2_cg}.json: idle_ms / idle_gaps):
+# 8.5 ms of t5-base's 274 ms step as one graph, 13,065 kernels.
+GPU_EFFICIENCY = dict(kernel_gap_s=0.9e-6, matmul_efficiency=0.78, attention_efficiency=0.40, masked_attention_efficiency=0.22,
                       causal_attention_speedup=1.55, compiled_stage_pass_s=0.3e-3,
                       narrow_fp32_matmul_efficiency=0.54, fp32_gemm_k_tile=8,
                       misaligned_matmul_efficiency=0.10, mem_bw_efficiency=0.87, cpu_fwd_overhead_s=21e-6,

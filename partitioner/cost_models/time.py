@@ -154,7 +154,7 @@ def roofline_time_s(flops: float, bytes_moved: float, kernels: int, spec: Device
         combined = max(compute, memory) + min(compute, memory) / math.ceil(reduction / k_tile)
     else:
         combined = compute + memory
-    return combined + kernels * spec.kernel_overhead_s
+    return combined + kernels * spec.per_kernel_s
 
 
 def is_compute_bound(flops: float, bytes_moved: float, spec: DeviceSpec, dtype: torch.dtype | str = torch.float32) -> bool:
