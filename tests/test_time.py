@@ -31,6 +31,18 @@ def test_roofline_picks_compute_or_memory_bound():
     assert roofline_time_s(mm_flops, 2 * mm_bytes, 1, h100, torch.float32) > t
 
 
+def test_every_kernel_pays_its_fixed_time_and_the_gap_before_the_next():
+    """On a GPU a kernel costs its fixed part and the idle gap to the next queued kernel (in no kernel's
+    duration, in every step's wall time); the CPU's kernels have no such gap."""
+    import dataclasses
+    h100 = get_device_spec("h100")
+    assert h100.kernel_gap_s > 0 and h100.per_kernel_s == h100.kernel_overhead_s + h100.kernel_gap_s
+    assert roofline_time_s(0, 0, 10, h100) == pytest.approx(10 * h100.per_kernel_s)
+    no_gap = dataclasses.replace(h100, kernel_gap_s=0.0)
+    assert roofline_time_s(0, 0, 10, h100) - roofline_time_s(0, 0, 10, no_gap) == pytest.approx(10 * h100.kernel_gap_s)
+    assert get_device_spec("cpu").kernel_gap_s == 0.0
+
+
 def test_views_launch_nothing_but_pay_their_dispatch():
     """A node's device time is its kernels'; its host time (kept apart) its eager dispatch:
     per node forward, per kernel backward."""
