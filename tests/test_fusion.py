@@ -262,24 +262,28 @@ def test_a_larger_output_that_is_not_a_broadcast_adds_no_reduction(monkeypatch):
 class Norms(nn.Module):
     """A residual add, a layer norm and an RMSNorm-style scale by a parameter, between linears."""
 
-    def __init__(self, d: int = 64):
+    def __init__(self, d: int = 64, cast: bool = False):
         super().__init__()
         self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
         self.norm = nn.LayerNorm(d)
         self.scale = nn.Parameter(torch.ones(d))
+        self.cast = cast
 
     def forward(self, x):
         h = self.a(x) + x
-        return self.b(self.norm(h) * self.scale + h).sum()
+        scale = self.scale.double().float() if self.cast else self.scale  # casts, as mixed precision's
+        return self.b(self.norm(h) * scale + h).sum()
 
 
-def test_a_broadcast_parameter_s_gradient_is_a_split_reduction_of_its_own(monkeypatch):
+@pytest.mark.parametrize("cast", [False, True])
+def test_a_broadcast_parameter_s_gradient_is_a_split_reduction_of_its_own(monkeypatch, cast):
     """The weight gradient of a light node that broadcasts a trainable parameter over the rows (a
     norm's weight and bias, `x * weight`) is a reduction inductor runs apart, in two launches
-    (partial sums, then their sum), reading the output's gradient and the full-size inputs."""
+    (partial sums, then their sum), reading the output's gradient and the full-size inputs; also
+    where the parameter reaches the node through casts."""
     import partitioner.cost_models.fusion as fusion
     b, l, d = 2, 32, 64
-    captured = capture(Norms(d), (torch.randn(b, l, d),))
+    captured = capture(Norms(d, cast), (torch.randn(b, l, d),))
     nodes = {str(n.target): n.name for n in captured.graph_module.graph.nodes}
     norm, mul = nodes["aten.layer_norm.default"], nodes["aten.mul.Tensor"]
     adds = [n.name for n in captured.graph_module.graph.nodes if str(n.target) == "aten.add.Tensor"]

@@ -25,11 +25,11 @@ write only the values read later. Modelled per node, in graph order:
   layer's mask) adds to its backward the reduction of its output's gradient to that input's
   shape, a kernel of its own (inductor does not fuse a reduction over other dims into the
   pointwise kernels): one launch reading the gradient and writing the smaller one;
-- a light node that broadcasts a trainable parameter over outer dims (a norm's weight and
-  bias, RMSNorm's `weight * x`) reduces its gradient over the rows in a split reduction of
-  its own, two launches reading the output's gradient and the node's other full-size inputs
-  (the normalised values it multiplies, recomputed): gpt2-xl's layer norms ran their
-  backward as one fused input-gradient kernel and two weight-gradient ones;
+- a light node that broadcasts a trainable parameter over outer dims, directly or through
+  casts (a norm's weight and bias, RMSNorm's `weight * x`), reduces its gradient over the rows
+  in a split reduction of its own: two launches reading the output's gradient and the node's
+  other full-size inputs (the normalised values it multiplies, recomputed). gpt2-xl's layer
+  norms ran their backward as one fused input-gradient kernel and two weight-gradient ones;
 - an embedding's backward (a scatter-add of atomics) takes at least its hottest
   row's serial chain (partitioner/cost_models/contention.py).
 """
@@ -79,15 +79,16 @@ def broadcast_grad(a: torch.fx.Node, node: torch.fx.Node, traces: dict[str, Node
 
 
 def parameter_grad_bytes(node: torch.fx.Node, traces: dict[str, NodeTrace], scale: DtypeScale,
-                         source: Callable[[torch.fx.Node], torch.fx.Node]) -> int:
+                         origin: Callable[[torch.fx.Node], torch.fx.Node]) -> int:
     """Bytes the weight-gradient reduction of light `node` reads: its output's gradient and its
-    full-size activation inputs, when it broadcasts a trainable parameter (made by no compute
-    node) along outer dims (same innermost dim, fewer elements); 0 when it broadcasts none. A
-    parameter only added (a bias) needs the gradient alone."""
+    full-size activation inputs, when it broadcasts a trainable parameter along outer dims (same
+    innermost dim, fewer elements); 0 when it broadcasts none. `origin(a)`: the node input `a`
+    comes from through views and casts (a parameter: a get_attr or placeholder node; mixed
+    precision casts the weight first). A parameter only added (a bias) needs the gradient alone."""
     out = traces[node.name].output
     if not isinstance(out, torch.Tensor) or not out.dim():
         return 0
-    params = [a for a in node.all_input_nodes if a.name in traces and source(a).op in ("placeholder", "get_attr")
+    params = [a for a in node.all_input_nodes if a.name in traces and origin(a).op in ("placeholder", "get_attr")
               and traces[a.name].requires_grad and isinstance(traces[a.name].output, torch.Tensor)
               and 0 < traces[a.name].output.numel() < out.numel()
               and traces[a.name].output.shape[-1:] == out.shape[-1:]]
@@ -138,6 +139,12 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
     def source(node: torch.fx.Node) -> torch.fx.Node:
         """The node whose tensor `node` aliases (itself when it is no alias)."""
         while node.name in alias and node.all_input_nodes:
+            node = node.all_input_nodes[0]
+        return node
+
+    def origin(node: torch.fx.Node) -> torch.fx.Node:
+        """Where `node`'s value comes from through aliases and other one-input light nodes (casts)."""
+        while node.name in light and len(node.all_input_nodes) == 1:
             node = node.all_input_nodes[0]
         return node
 
@@ -192,7 +199,7 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
             if broadcast_grad(a, node, traces, source):
                 bwd_bytes += value_bytes(traces[name].output, scale) + value_bytes(traces[a.name].output, scale)
                 bwd_launches += 1
-        param_bytes = parameter_grad_bytes(node, traces, scale, source) if bwd_bytes else 0
+        param_bytes = parameter_grad_bytes(node, traces, scale, origin) if bwd_bytes else 0
         if param_bytes:  # a split reduction: partial sums per block of rows, then their sum
             bwd_bytes += param_bytes
             bwd_launches += 2
