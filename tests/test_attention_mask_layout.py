@@ -68,3 +68,22 @@ def test_with_the_copied_mask_a_pipeline_trains_as_the_model():
     for name, p in pm.named_parameters():
         err = (p.grad - want[name].grad).abs().max() / want[name].grad.abs().max()
         assert err < 1e-5, name
+
+
+def test_a_learned_bias_s_attention_is_costed_at_the_memory_efficient_kernel_s_rate():
+    """A 16-bit attention whose mask requires grad runs the memory-efficient kernel (the one that writes
+    the mask's gradient): costed at grad_mask_attention_efficiency, slower than other masked attention."""
+    import dataclasses
+
+    from partitioner.cost_models.device import get_device_spec
+    from partitioner.cost_models.profile import profile
+    captured = capture(BiasedLayers(heads_last=False), (torch.randn(2, L, H * E),))
+    h100 = get_device_spec("h100")
+    assert 0 < h100.grad_mask_attention_efficiency < h100.masked_attention_efficiency
+    costs = {eff: profile(captured, device=dataclasses.replace(h100, grad_mask_attention_efficiency=eff),
+                          dtype=torch.bfloat16, progress=False)
+             for eff in (h100.grad_mask_attention_efficiency, 0.0)}  # 0: the masked rate
+    attention = [n.name for n in captured.graph_module.graph.nodes if n.target is SDPA]
+    for name in attention:
+        learned, masked = costs[h100.grad_mask_attention_efficiency].nodes[name], costs[0.0].nodes[name]
+        assert learned.fwd_time_s > masked.fwd_time_s and learned.bwd_time_s > masked.bwd_time_s

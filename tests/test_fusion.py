@@ -205,8 +205,8 @@ class BroadcastBias(nn.Module):
     def forward(self, x, rel):  # x: (B, L, d); rel: (L, L, d)
         b = self.bias(rel).permute(2, 0, 1).unsqueeze(0)  # (1, H, L, L)
         out = x.new_zeros(())
-        for _ in range(self.layers):
-            scores = torch.where(x[:, None, :, :1] > 0, b, 0.0)  # (B, H, L, L)
+        for i in range(self.layers):
+            scores = torch.where(x[:, None, :, :1] > 0.1 * i, b, 0.0)  # (B, H, L, L), a mask per layer
             out = out + scores.softmax(-1).sum()
         return out
 
@@ -300,3 +300,45 @@ def test_a_broadcast_parameter_s_gradient_is_a_split_reduction_of_its_own(monkey
                 == pytest.approx(2 * spec.compiled_launch_overhead_s))
     for name in adds:  # adds of activations only
         assert with_it.nodes[name] == without.nodes[name]
+
+
+class RepeatedMask(nn.Module):
+    """The same where(mask, bias, min) in every layer, as T5 masks its position bias."""
+
+    def __init__(self, d: int = 64, layers: int = 3):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.layers = layers
+
+    def forward(self, x, bias):
+        h = self.lin(x)
+        for _ in range(self.layers):
+            masked = torch.where(x > 0, bias, -1e4)
+            h = self.lin(h + masked)
+        return h.sum()
+
+
+def test_a_repeated_light_node_is_computed_once():
+    """Inductor's common-subexpression elimination runs a repeated pure op once: the first costs what
+    it costs, its repeats nothing; a random op (dropout) is never a repeat."""
+    from partitioner.cost_models.fusion import repeats
+    captured = capture(RepeatedMask(), (torch.randn(4, 64), torch.randn(4, 64)))
+    gm = captured.graph_module
+    wheres = [n.name for n in gm.graph.nodes if "where" in str(n.target)]
+    assert len(wheres) == 3
+    costs = profile(captured, device="h100", progress=False, compiled=True)
+    first, *rest = wheres
+    assert costs.nodes[first].fwd_time_s > 0
+    assert all(costs.nodes[n].fwd_time_s == costs.nodes[n].bwd_time_s == 0 for n in rest)
+    light = {n.name for n in gm.graph.nodes if n.op == "call_function"}
+    from partitioner.cost_models.flops import trace_nodes
+    repeated = {n: r.name for n, r in repeats(gm, light, trace_nodes(gm)).items() if n in wheres}
+    assert repeated == {n: first for n in rest}
+
+    class Drop(nn.Module):
+        def forward(self, x):
+            return (nn.functional.dropout(x, 0.5) + nn.functional.dropout(x, 0.5)).sum()
+    gm = capture(Drop(), (torch.randn(4, 64),)).graph_module
+    traces = trace_nodes(gm)
+    drops = [n.name for n in gm.graph.nodes if "dropout" in str(n.target)]
+    assert len(drops) == 2 and not set(drops) & set(repeats(gm, set(traces), traces))

@@ -46,6 +46,9 @@ class DeviceSpec:
         memory-efficient SDPA), relative to FlopCounterMode's (non-causal) count.
     masked_attention_efficiency: the same for 16-bit fused attention with an attn_mask
         (memory-efficient / cuDNN kernels, about half the flash rate).
+    grad_mask_attention_efficiency: the same for 16-bit fused attention whose attn_mask requires
+        grad (a learned bias: T5's position bias), which only the memory-efficient kernel takes (it
+        writes the mask's gradient; cuDNN does not). 0: masked_attention_efficiency.
     causal_attention_speedup: how many times faster fused causal attention (is_causal, no
         attn_mask) runs than attention_efficiency says of its non-causal count: the kernel
         skips the masked tiles, and pays for the diagonal ones. 1.0: not modelled.
@@ -94,6 +97,7 @@ class DeviceSpec:
     matmul_efficiency: float = 1.0
     attention_efficiency: float = 1.0
     masked_attention_efficiency: float = 1.0
+    grad_mask_attention_efficiency: float = 0.0
     causal_attention_speedup: float = 1.0
     misaligned_matmul_efficiency: float = 1.0
     mem_bw_efficiency: float = 1.0
@@ -187,12 +191,17 @@ class DeviceSpec:
 # host_overhead_t5base_{passes_ours-1-stages,h200_ours-2-stages,h100_plain,h200_plain}.kernels.json);
 # the fp32 bmm of 8x12x1024x1024x64 on an H200 (roofline_time_s's docstring: 0.395 ms) reads 0.374 ms so
 # costed. Large fp32 linear layers keep matmul_efficiency (46-52 of 67 TFLOP/s, above).
+# Attention with a mask that requires grad (T5's position bias, bf16, (2 x 12) x 1024 x 1024 x 64, H100):
+# the memory-efficient kernels (fmha_cutlassF/B, sm80 code) took 91 us forward and 203 us backward a call,
+# 0.115 of the bf16 peak over both under roofline_time_s (cuDNN's masked kernels, without a mask grad,
+# reach 0.22; benchmarks/results/host_overhead_t5base_ro2_ours-2-stages-reduce-overhead.kernels.json).
 # Kernel-to-kernel gaps: with nothing waiting on the host (t5-base's whole step as one CUDA graph, the
 # plain models under mode="reduce-overhead", H100), the device idled 0.65-1.22 us between consecutive
 # kernels (benchmarks/results/host_overhead_{t5base_h100_graph,t5base_ro,gpt2_cg}.json: idle_ms / idle_gaps):
 # 8.5 ms of t5-base's 274 ms step as one graph, 13,065 kernels.
 GPU_EFFICIENCY = dict(matmul_efficiency=0.78, attention_efficiency=0.40, masked_attention_efficiency=0.22,
-                      kernel_gap_s=0.9e-6, causal_attention_speedup=1.55, compiled_stage_pass_s=0.3e-3,
+                      grad_mask_attention_efficiency=0.115, kernel_gap_s=0.9e-6, causal_attention_speedup=1.55,
+                      compiled_stage_pass_s=0.3e-3,
                       narrow_fp32_matmul_efficiency=0.54, fp32_gemm_k_tile=8,
                       misaligned_matmul_efficiency=0.10, mem_bw_efficiency=0.87, cpu_fwd_overhead_s=21e-6,
                       cpu_bwd_overhead_s=31e-6, compiled_launch_overhead_s=28e-6, contended_atomic_s=2.7e-9)

@@ -9,6 +9,9 @@ write only the values read later. Modelled per node, in graph order:
   path from the inputs: no heavy node lies between two of them, so inductor may fuse them;
 - an alias (a view, getitem or other node that launches no kernel) costs nothing:
   whoever reads it reads the tensor it aliases;
+- a light node that repeats an earlier one (the same op on the same inputs; not a random op)
+  costs nothing, as an alias of the earlier one: inductor's common-subexpression elimination
+  computes it once (t5-base's `where(mask, bias, min)`, one per layer, ran as one kernel);
 - a light node reads an input from memory only if it was made outside its
   segment (by a heavy node, a parameter, a user input or an earlier segment),
   once per segment, and writes its output only if a heavy node, a later
@@ -104,6 +107,27 @@ def parameter_grad_bytes(node: torch.fx.Node, traces: dict[str, NodeTrace], scal
     return nbytes
 
 
+_RANDOM = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial")
+
+
+def repeats(gm: torch.fx.GraphModule, light: set[str], traces: dict[str, NodeTrace]) -> dict[str, torch.fx.Node]:
+    """Light nodes that repeat an earlier one, mapped to it: the same target on the same inputs
+    (inputs that are repeats count as the node they repeat) and the same constants. Random ops
+    (dropout) never repeat: each call draws anew."""
+    same: dict[str, torch.fx.Node] = {}
+    first: dict[str, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.name not in light or any(k in op.name for op in traces[node.name].fwd_ops for k in _RANDOM):
+            continue
+        key = repr((node.target, torch.fx.node.map_arg((node.args, node.kwargs),
+                                                       lambda a: same.get(a.name, a).name)))
+        if key in first:
+            same[node.name] = first[key]
+        else:
+            first[key] = node
+    return same
+
+
 def fuse_pointwise_runs(kernels: list[Kernel]) -> list[Kernel]:
     """`kernels` (one op's eager sequence) with every run of consecutive FLOP-free kernels
     fused into one launch, as inductor generates it: the fused kernel reads the run's first
@@ -135,12 +159,21 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
     light = {n.name for n in gm.graph.nodes if n.name in traces and traces[n.name].op in COMPUTE_OPS
              and n.name not in heavy}
     alias = {name for name in light if not traces[name].fwd_ops}
+    same = repeats(gm, light, traces)  # computed once by inductor: aliases of the node they repeat
+    by_name = {n.name: n for n in gm.graph.nodes}
+    copies: dict[str, list[torch.fx.Node]] = {}  # a node -> the later nodes that repeat it
+    for name, node in same.items():
+        copies.setdefault(node.name, []).append(by_name[name])
 
     def source(node: torch.fx.Node) -> torch.fx.Node:
-        """The node whose tensor `node` aliases (itself when it is no alias)."""
-        while node.name in alias and node.all_input_nodes:
-            node = node.all_input_nodes[0]
-        return node
+        """The node whose tensor `node` aliases or repeats (itself when it does neither)."""
+        while True:
+            if node.name in same:
+                node = same[node.name]
+            elif node.name in alias and node.all_input_nodes:
+                node = node.all_input_nodes[0]
+            else:
+                return node
 
     def origin(node: torch.fx.Node) -> torch.fx.Node:
         """Where `node`'s value comes from through aliases and other one-input light nodes (casts)."""
@@ -149,10 +182,10 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
         return node
 
     def readers(node: torch.fx.Node) -> list[torch.fx.Node]:
-        """The nodes reading `node`'s tensor, through aliases."""
+        """The nodes reading `node`'s tensor, through aliases and the nodes repeating it."""
         out = []
-        for u in node.users:
-            out.extend(readers(u) if u.name in alias else [u])
+        for u in [*node.users, *copies.get(node.name, [])]:
+            out.extend(readers(u) if u.name in alias or u.name in same else [u])
         return out
 
     read_in: set[tuple[int, str]] = set()
@@ -166,7 +199,7 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
             out[name] = NodeTime(kernels_time_s(fwd, spec), kernels_time_s(bwd, spec),
                                  launch_s * sum(k.launches for k in fwd), launch_s * sum(k.launches for k in bwd))
             continue
-        if name in alias:
+        if name in alias or name in same:
             out[name] = NodeTime(0.0, 0.0)
             continue
         seg = segment[name]
@@ -176,8 +209,9 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
             made = source(a)
             if made.name in light and made.name not in alias and segment[made.name] == seg:
                 continue  # made inside this fused kernel
-            if (seg, a.name) not in read_in:
-                read_in.add((seg, a.name))
+            read = same[a.name].name if a.name in same else a.name  # a repeated value is one tensor
+            if (seg, read) not in read_in:
+                read_in.add((seg, read))
                 nbytes = value_bytes(traces[a.name].output, scale) if a.name in traces else 0
                 if gather and a is node.all_input_nodes[0]:  # a lookup reads the rows it writes
                     nbytes = min(nbytes, value_bytes(traces[name].output, scale))

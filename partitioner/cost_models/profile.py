@@ -290,6 +290,9 @@ def node_kernels(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale,
                 fwd, bwd = fuse_pointwise_runs(fwd), fuse_pointwise_runs(bwd)
         else:
             eff = spec.masked_attention_efficiency if call.mask_numel and dtype.itemsize < 4 else spec.attention_efficiency
+            grad_mask = call.mask_numel and call.mask_requires_grad and dtype.itemsize < 4
+            if grad_mask and spec.grad_mask_attention_efficiency:  # the memory-efficient kernel, writing the mask grad
+                eff = spec.grad_mask_attention_efficiency
             if call.is_causal and not call.mask_numel:
                 eff *= spec.causal_attention_speedup
             moved = call.io_numel() * dtype.itemsize
