@@ -342,3 +342,14 @@ def test_a_repeated_light_node_is_computed_once():
     traces = trace_nodes(gm)
     drops = [n.name for n in gm.graph.nodes if "dropout" in str(n.target)]
     assert len(drops) == 2 and not set(drops) & set(repeats(gm, set(traces), traces))
+
+    class InPlace(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            y.add_(1)
+            y.add_(1)  # the same call on the same input, but it writes again
+            return y.sum()
+    gm = capture(InPlace(), (torch.randn(4, 64),)).graph_module
+    traces = trace_nodes(gm)
+    adds = [n.name for n in gm.graph.nodes if "add_" in str(n.target)]
+    assert len(adds) == 2 and not set(adds) & set(repeats(gm, set(traces), traces))

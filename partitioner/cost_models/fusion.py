@@ -113,11 +113,13 @@ _RANDOM = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial")
 def repeats(gm: torch.fx.GraphModule, light: set[str], traces: dict[str, NodeTrace]) -> dict[str, torch.fx.Node]:
     """Light nodes that repeat an earlier one, mapped to it: the same target on the same inputs
     (inputs that are repeats count as the node they repeat) and the same constants. Random ops
-    (dropout) never repeat: each call draws anew."""
+    (dropout) never repeat: each call draws anew; nor do in-place ops: each writes again."""
     same: dict[str, torch.fx.Node] = {}
     first: dict[str, torch.fx.Node] = {}
     for node in gm.graph.nodes:
-        if node.name not in light or any(k in op.name for op in traces[node.name].fwd_ops for k in _RANDOM):
+        schema = getattr(node.target, "_schema", None)
+        if (node.name not in light or (schema is not None and schema.is_mutable)
+                or any(k in op.name for op in traces[node.name].fwd_ops for k in _RANDOM)):
             continue
         key = repr((node.target, torch.fx.node.map_arg((node.args, node.kwargs),
                                                        lambda a: same.get(a.name, a).name)))
