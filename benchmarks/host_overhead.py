@@ -63,11 +63,16 @@ def idle_spans(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
 SHORT_GAP_US = 10.0
 
 
+def host_waits(gaps: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The idle gaps (us) in which the device waited for the host: those of SHORT_GAP_US or more."""
+    return [(a, b) for a, b in gaps if b - a >= SHORT_GAP_US]
+
+
 def gap_split(gaps: list[tuple[float, float]]) -> dict:
     """The idle gaps (us) split into short ones (kernel to kernel, < SHORT_GAP_US) and long ones
     (waiting for the host): count and ms of each."""
+    long_ = [b - a for a, b in host_waits(gaps)]
     short = [b - a for a, b in gaps if b - a < SHORT_GAP_US]
-    long_ = [b - a for a, b in gaps if b - a >= SHORT_GAP_US]
     return {"short_gaps": len(short), "short_idle_ms": sum(short) / 1e3,
             "long_gaps": len(long_), "long_idle_ms": sum(long_) / 1e3}
 
@@ -180,8 +185,7 @@ def profile_step(step, device: torch.device, trace: Path) -> dict:
             "host_actions_ms": (sum(fwd) + sum(bwd)) * 1e3 if actions else None,
             "top_host_ops": ", ".join(f"{a.key} {a.self_cpu_time_total / 1e3:.1f}ms" for a in top),
             # what the host did while the device waited for it (the long gaps)
-            "host_ops_while_idle": idle_attribution(events, [g for g in gaps if g[1] - g[0] >= SHORT_GAP_US])
-            if cuda else ""}
+            "host_ops_while_idle": idle_attribution(events, host_waits(gaps)) if cuda else ""}
 
 
 def _serial_backward(step):
@@ -365,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             zm.model.zero_grad(set_to_none=True)
         if not args.no_plain:
             configs.append((f"plain{tag}", plain_step, None))
-        if "serial-backward" in variants and not args.no_plain:
-            configs.append((f"plain{tag}-serial-backward", _serial_backward(plain_step), None))
+            if "serial-backward" in variants:
+                configs.append((f"plain{tag}-serial-backward", _serial_backward(plain_step), None))
         from partitioner.api import compile_parallel
         # compile_parallel(cuda_graph=True) captures the whole step itself: only with torch.compile's default mode
         graphs = (False, True) if "cuda-graph" in variants and device.type == "cuda" and mode == "default" else (False,)

@@ -81,6 +81,11 @@ def broadcast_grad(a: torch.fx.Node, node: torch.fx.Node, traces: dict[str, Node
         return False
 
 
+def _op_name(node: torch.fx.Node) -> str | None:
+    """The aten op a node calls, without its overload ("add" for aten.add.Tensor); None for others."""
+    return getattr(getattr(node.target, "_overloadpacket", None), "__name__", None)
+
+
 def parameter_grad_bytes(node: torch.fx.Node, traces: dict[str, NodeTrace], scale: DtypeScale,
                          origin: Callable[[torch.fx.Node], torch.fx.Node]) -> int:
     """Bytes the weight-gradient reduction of light `node` reads: its output's gradient and its
@@ -98,7 +103,7 @@ def parameter_grad_bytes(node: torch.fx.Node, traces: dict[str, NodeTrace], scal
     if not params:
         return 0
     nbytes = value_bytes(out, scale)
-    if getattr(getattr(node.target, "_overloadpacket", None), "__name__", None) in ("add", "sub"):
+    if _op_name(node) in ("add", "sub"):
         return nbytes
     for a in node.all_input_nodes:
         t = traces.get(a.name)
@@ -162,10 +167,10 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
              and n.name not in heavy}
     alias = {name for name in light if not traces[name].fwd_ops}
     same = repeats(gm, light, traces)  # computed once by inductor: aliases of the node they repeat
-    by_name = {n.name: n for n in gm.graph.nodes}
     copies: dict[str, list[torch.fx.Node]] = {}  # a node -> the later nodes that repeat it
-    for name, node in same.items():
-        copies.setdefault(node.name, []).append(by_name[name])
+    for node in gm.graph.nodes:
+        if node.name in same:
+            copies.setdefault(same[node.name].name, []).append(node)
 
     def source(node: torch.fx.Node) -> torch.fx.Node:
         """The node whose tensor `node` aliases or repeats (itself when it does neither)."""
@@ -205,7 +210,7 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
             out[name] = NodeTime(0.0, 0.0)
             continue
         seg = segment[name]
-        gather = getattr(getattr(node.target, "_overloadpacket", None), "__name__", None) in GATHERS
+        gather = _op_name(node) in GATHERS
         reads = 0
         for a in node.all_input_nodes:
             made = source(a)
