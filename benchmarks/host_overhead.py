@@ -196,6 +196,18 @@ def _serial_backward(step):
     return serial
 
 
+def _autograd_accumulate(step, pm):
+    """`step` with autograd's AccumulateGrad adding each parameter's gradient (the executor's
+    foreach add switched off for it)."""
+    def per_parameter():
+        pm.executor.foreach_grads = False
+        try:
+            step()
+        finally:
+            pm.executor.foreach_grads = True
+    return per_parameter
+
+
 def python_profile(step, device: torch.device, out: Path, steps: int) -> float:
     """cProfile `steps` unprofiled-by-torch steps; writes the functions by cumulative and by own
     time to `out` (text), to find host time the torch profiler does not name. Returns the
@@ -329,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated extra configurations: serial-backward (plain and ours with "
                              "torch.autograd.set_multithreading_enabled(False): backward on the calling thread, no "
                              "hand-off to autograd's device thread), cuda-graph (ours with compile_parallel("
-                             "cuda_graph=True))")
+                             "cuda_graph=True)), autograd-accumulate (ours with autograd's per-parameter gradient "
+                             "accumulation instead of one foreach add per backward: same compiled stages)")
     parser.add_argument("--python-profile", type=int, default=0, metavar="STEPS",
                         help="also cProfile this many steps of each configuration (Python host time by "
                              "function, written next to the JSON as <name>_<config>.pyprof.txt)")
@@ -351,9 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     mixed = args.precision == "bf16-mixed"
     modes = args.modes.split(",") if compiled else ["default"]
     variants = {v for v in args.variants.split(",") if v}
-    unknown = variants - {"serial-backward", "cuda-graph"}
+    unknown = variants - {"serial-backward", "cuda-graph", "autograd-accumulate"}
     if unknown:
-        parser.error(f"unknown --variants {sorted(unknown)}; known: serial-backward, cuda-graph")
+        parser.error(f"unknown --variants {sorted(unknown)}; known: serial-backward, cuda-graph, autograd-accumulate")
     configs = []
     graph_warmup: dict[str, int] = {}  # label -> steps before a cuda_graph config replays
     for mode in modes:
@@ -393,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                     graph_warmup[label] = pm.step_graph.warmup_steps + 1
                 if "serial-backward" in variants and not graph:
                     configs.append((f"{label}-serial-backward", _serial_backward(ours), pm.plan))
+                if "autograd-accumulate" in variants and not graph:
+                    configs.append((f"{label}-autograd-accumulate", _autograd_accumulate(ours, pm), pm.plan))
     name = args.name or f"host_overhead_{device.type}"
     rows = []
     for label, step, plan in list(configs):

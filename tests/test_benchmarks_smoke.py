@@ -80,16 +80,18 @@ def test_data_parallel_runs_under_torchrun_on_cpu(tmp_path):
 
 def test_host_overhead_labels_every_action_on_cpu(tmp_path):
     args = ["--small", "--device", "cpu", "--model", "gpt2", "--seq", "16", "--stages", "2", "--microbatches", "4",
-            "--warmup", "1", "--time-limit", "1", "--precision", "fp32", "--variants", "serial-backward",
-            "--python-profile", "1"]
+            "--warmup", "1", "--time-limit", "1", "--precision", "fp32", "--variants",
+            "serial-backward,autograd-accumulate", "--python-profile", "1"]
     cmd = [sys.executable, "-W", "ignore", "-m", "benchmarks.host_overhead", *args, "--results-dir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["config"]: r for r in json.loads((tmp_path / "host_overhead_cpu.json").read_text())["rows"]}
-    assert sorted(rows) == ["ours-2-stages", "ours-2-stages-serial-backward", "plain", "plain-serial-backward"]
+    assert sorted(rows) == ["ours-2-stages", "ours-2-stages-autograd-accumulate", "ours-2-stages-serial-backward",
+                            "plain", "plain-serial-backward"]
     plain, ours = rows["plain"], rows["ours-2-stages"]
     assert plain["actions"] == 0 and ours["actions"] == 2 * 2 * 4  # F and B of 2 stages x 4 microbatches
     assert rows["ours-2-stages-serial-backward"]["actions"] == ours["actions"]
+    assert rows["ours-2-stages-autograd-accumulate"]["actions"] == ours["actions"]
     assert "executor.py" in (tmp_path / "host_overhead_cpu_ours-2-stages.pyprof.txt").read_text()
     assert 0 < ours["host_actions_ms"] <= ours["wall_ms"] * 1.01 and ours["pred_serial_ms"] > 0
     assert (tmp_path / "host_overhead_cpu_ours-2-stages.trace.json").stat().st_size > 1000

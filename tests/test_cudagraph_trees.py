@@ -12,7 +12,8 @@ import torch
 from dist_utils import build, max_rel_err, run_workers
 
 from partitioner.api import compile_parallel
-from partitioner.runtime.cudagraph_trees import CudagraphSteps, zero_gradients
+from partitioner.runtime.cudagraph_trees import CudagraphSteps
+from partitioner.runtime.gradients import zero_gradients
 
 
 def test_gradients_accumulate_into_buffers_made_outside_the_graphs():

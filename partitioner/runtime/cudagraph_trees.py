@@ -33,28 +33,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.utils import _pytree as pytree
 
-
-_GRAD_ALIGN_BYTES = 256  # each gradient view starts where a vectorised kernel would want it
-
-
-def zero_gradients(params: list[torch.Tensor]) -> None:
-    """Give each of `params` a zeroed .grad: views into one zeroed buffer per device and dtype.
-
-    One allocation and one fill kernel, where a zeros_like per parameter costs the host an
-    allocation and a launch each (hundreds per stage) while the GPU, at the start of a step,
-    has nothing queued."""
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for p in params:
-        groups.setdefault((p.device, p.dtype), []).append(p)
-    for (device, dtype), group in groups.items():
-        align = max(1, _GRAD_ALIGN_BYTES // dtype.itemsize)
-        offsets, total = [], 0
-        for p in group:
-            offsets.append(total)
-            total += -(-p.numel() // align) * align
-        flat = torch.zeros(total, device=device, dtype=dtype)
-        for p, start in zip(group, offsets):
-            p.grad = flat[start:start + p.numel()].view(p.shape)
+from partitioner.runtime.gradients import zero_gradients
 
 
 class CudagraphSteps:

@@ -4,9 +4,11 @@ F(k, mb): gather inputs (received activations, the local slice of the user
 inputs), run the stage, keep its outputs' autograd graph, send the outputs to
 every consumer stage. The last stage rebuilds the model's output, applies
 loss_fn(output, target) / microbatches and accumulates the loss.
-B(k, mb): torch.autograd.backward(outputs, grads summed over consumers) and
-send the gradient of every received input back to its producer. Parameter
-gradients accumulate across microbatches in `.grad`.
+B(k, mb): the gradients of the stage's outputs (summed over consumers) flow back to its
+parameters and received inputs; the inputs' gradients go back to their producers.
+Parameter gradients accumulate across microbatches in `.grad`: one foreach add per
+backward (runtime/gradients.py), or autograd's per-parameter accumulation where a hook
+or data parallelism needs it.
 
 Under torchrun each process runs its rank's action list; in one process the
 executor interleaves every rank's list in a dependency-respecting order.
@@ -30,6 +32,7 @@ from partitioner.errors import RuntimeConfigError
 from partitioner.runtime.comm_plan import CommPlan, build_comm_plan, forward_only
 from partitioner.runtime.data_parallel import copy_full_, local_tensor
 from partitioner.runtime.cudagraph_trees import CudagraphSteps
+from partitioner.runtime.gradients import accumulate, plain_leaves
 from partitioner.runtime.schedules import Action, Schedule, dependencies
 from partitioner.runtime.transport import Transport
 
@@ -68,6 +71,9 @@ class Executor:
     (runtime/cudagraph_trees.py); None otherwise.
     stage_backward_done(stage): called after a training step's last backward of each local stage (its
     gradients are final: data parallelism reduces them there, overlapping the rank's other stages).
+    foreach_grads: add each backward's parameter gradients with one foreach add, not autograd's
+    per-parameter AccumulateGrad (False where data parallelism's hooks need the latter; a step
+    whose parameters carry hooks uses the latter too).
     """
 
     def __init__(self, stages: list[StageModule], local: list[int], schedule: Schedule, transport: Transport,
@@ -76,7 +82,7 @@ class Executor:
                  runners: dict[int, Callable] | None = None,
                  stage_backward_done: Callable[[int], None] | None = None,
                  stage_loss: Callable[..., torch.Tensor] | None = None,
-                 cudagraph_steps: CudagraphSteps | None = None):
+                 cudagraph_steps: CudagraphSteps | None = None, foreach_grads: bool = True):
         self.stages = stages
         # what runs a stage: its graph module, or that compiled (partitioner/runtime/compiled.py)
         self.runners = runners or {st.stage: st.graph_module for st in stages}
@@ -96,6 +102,8 @@ class Executor:
         self.stage_backward_done = stage_backward_done
         last_b = {a.stage: i for i, a in enumerate(order) if a.kind == "B"}
         self._closes_stage = {order[i] for i in last_b.values()}  # the B after which a stage's gradients are final
+        self.foreach_grads = foreach_grads
+        self._mean_grads: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ public
 
@@ -107,6 +115,8 @@ class Executor:
         """Forward and backward of every microbatch; returns the summed (already 1/m-scaled) loss
         if the last stage is local, else None. Parameter gradients accumulate in .grad."""
         state = _StepState(mb_inputs, mb_targets, train=True)
+        if self.foreach_grads:
+            state.params = self._plain_parameters()
         if self.cudagraph_steps is not None:
             self.cudagraph_steps.before_step()
         self._run(self.order, self.train_comm, state)
@@ -125,6 +135,17 @@ class Executor:
             return None
         outputs = [state.outputs[mb] for mb in range(len(mb_inputs))]
         return self.cudagraph_steps.hand_out(outputs) if self.cudagraph_steps is not None else outputs
+
+    def _plain_parameters(self) -> dict[int, list[torch.Tensor]] | None:
+        """Each local stage's trainable parameters, or None where one carries a hook (read every step:
+        the user may freeze a parameter or add a hook between steps)."""
+        out = {}
+        for k in self.local:
+            params = plain_leaves(self.stages[k].graph_module.parameters())
+            if params is None:
+                return None
+            out[k] = params
+        return out
 
     # ------------------------------------------------------------------ actions
 
@@ -171,9 +192,8 @@ class Executor:
                 raw = self.stage_loss(*args, target)
             else:
                 raw = self.loss_fn(self.unflatten(list(self.runners[a.stage](*args))), target)
-            loss = raw / len(state.inputs)
-            state.add_loss(loss.detach())
-            state.saved[a] = (leaves, [loss])
+            state.add_loss(raw.detach())
+            state.saved[a] = (leaves, [raw])
             if self.cudagraph_steps is not None:
                 self.cudagraph_steps.keep(a, [raw])
             return
@@ -195,8 +215,8 @@ class Executor:
         tensors: list[torch.Tensor] = []
         grads: list[torch.Tensor | None] = []
         if st.is_last:
-            if outs[0].requires_grad:
-                tensors, grads = outs, [None]
+            if outs[0].requires_grad:  # the step's loss is the microbatches' mean: 1/m in the gradient
+                tensors, grads = outs, [self._mean_grad(outs[0], len(state.inputs))]
         else:
             grad_of: dict[str, torch.Tensor] = {}
             for msg in comm.recvs[a]:  # one gradient per (value, consumer): sum them
@@ -206,13 +226,31 @@ class Executor:
                 if name in grad_of and out.requires_grad:
                     tensors.append(out)
                     grads.append(grad_of[name])
-        if tensors:
+        leaf_grad: dict[str, torch.Tensor | None] = {}
+        if tensors and state.params is None:
             torch.autograd.backward(tensors, grads)
+            leaf_grad = {name: x.grad for name, x in leaves.items()}
+        elif tensors:
+            params = state.params[a.stage]
+            names = list(dict.fromkeys(msg.value for msg in comm.sends[a]))
+            wrt = [*params, *(leaves[n] for n in names)]
+            if wrt:
+                got = torch.autograd.grad(tensors, wrt, grads, allow_unused=True)
+                accumulate(params, got[:len(params)])
+                leaf_grad = dict(zip(names, got[len(params):]))
         if self.cudagraph_steps is not None:
             self.cudagraph_steps.release(Action(a.stage, "F", a.microbatch))
         for msg in comm.sends[a]:
-            x = leaves[msg.value]
-            self.transport.send(msg, x.grad if x.grad is not None else torch.zeros_like(x))
+            g = leaf_grad.get(msg.value)
+            self.transport.send(msg, g if g is not None else torch.zeros_like(leaves[msg.value]))
+
+
+    def _mean_grad(self, loss: torch.Tensor, microbatches: int) -> torch.Tensor:
+        """The gradient of the step's mean loss with respect to one microbatch's loss: 1/m (made once)."""
+        key = (loss.device, loss.dtype, loss.shape, microbatches)
+        if key not in self._mean_grads:
+            self._mean_grads[key] = torch.full_like(loss, 1 / microbatches)
+        return self._mean_grads[key]
 
 
 class _StepState:
@@ -224,10 +262,17 @@ class _StepState:
         self.train = train
         self.saved: dict[Action, tuple[dict[str, torch.Tensor], list[torch.Tensor]]] = {}
         self.outputs: dict[int, list[Any]] = {}
-        self.loss: torch.Tensor | None = None
+        self.params: dict[int, list[torch.Tensor]] | None = None  # per stage, where gradients add by foreach
+        self._raw_loss: torch.Tensor | None = None
 
-    def add_loss(self, loss: torch.Tensor) -> None:
-        self.loss = loss if self.loss is None else self.loss + loss
+    def add_loss(self, raw: torch.Tensor) -> None:
+        """One microbatch's loss (the loss function's value)."""
+        self._raw_loss = raw if self._raw_loss is None else self._raw_loss + raw
+
+    @property
+    def loss(self) -> torch.Tensor | None:
+        """The step's loss: the mean over its microbatches."""
+        return None if self._raw_loss is None else self._raw_loss / len(self.inputs)
 
 
 class ParameterStore:

@@ -1,0 +1,67 @@
+"""Parameter gradients of a pipelined step: where they live and how microbatches add into them.
+
+Autograd's AccumulateGrad adds each microbatch's gradient into `.grad` one parameter at a
+time: a dispatch and a kernel launch per parameter per backward, host time that a step whose
+kernels are short (small stages, or stages under CUDA graphs) waits for. `accumulate` adds a
+backward's gradients with one `torch._foreach_add_` (a few launches for all of them), and
+`zero_gradients` places new gradients as views into one zeroed buffer (one allocation and one
+fill, not one per parameter).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+_GRAD_ALIGN_BYTES = 256  # each gradient view starts where a vectorised kernel would want it
+
+
+def zero_gradients(params: list[torch.Tensor]) -> None:
+    """Give each of `params` a zeroed .grad: views into one zeroed buffer per device and dtype."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    for (device, dtype), group in groups.items():
+        align = max(1, _GRAD_ALIGN_BYTES // dtype.itemsize)
+        offsets, total = [], 0
+        for p in group:
+            offsets.append(total)
+            total += -(-p.numel() // align) * align
+        flat = torch.zeros(total, device=device, dtype=dtype)
+        for p, start in zip(group, offsets):
+            p.grad = flat[start:start + p.numel()].view(p.shape)
+
+
+def accumulate(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    """Add `grads` (None: the parameter got none) into the parameters' .grad, as AccumulateGrad would.
+
+    A parameter without .grad gets a zeroed one first (zero_gradients), never the gradient tensor
+    itself: autograd may hand one tensor out as the gradient of several inputs (of `a + b`), and
+    adding into a shared tensor would change the others."""
+    fresh = [p for p, g in zip(params, grads) if g is not None and p.grad is None and g.layout == torch.strided]
+    if fresh:
+        zero_gradients(fresh)
+    into, new = [], []
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        if g.layout != torch.strided or p.grad.layout != torch.strided:  # sparse embedding gradients
+            p.grad = g.clone() if p.grad is None else p.grad + g
+        else:
+            into.append(p.grad)
+            new.append(g)
+    if into:
+        torch._foreach_add_(into, new)
+
+
+def plain_leaves(params: Iterable[torch.Tensor]) -> list[torch.Tensor] | None:
+    """`params` that require grad, or None where any carries a hook that needs AccumulateGrad
+    (a tensor hook or a post-accumulate-grad hook): those parameters keep autograd's own accumulation."""
+    out = []
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+            return None
+        out.append(p)
+    return out
