@@ -236,7 +236,7 @@ class Executor:
             wrt = [*params, *(leaves[n] for n in names)]
             if wrt:
                 got = torch.autograd.grad(tensors, wrt, grads, allow_unused=True)
-                accumulate(params, got[:len(params)])
+                accumulate(params, got[:len(params)], others=[*got[len(params):], *grads])
                 leaf_grad = dict(zip(names, got[len(params):]))
         if self.cudagraph_steps is not None:
             self.cudagraph_steps.release(Action(a.stage, "F", a.microbatch))

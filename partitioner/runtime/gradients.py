@@ -3,9 +3,9 @@
 Autograd's AccumulateGrad adds each microbatch's gradient into `.grad` one parameter at a
 time: a dispatch and a kernel launch per parameter per backward, host time that a step whose
 kernels are short (small stages, or stages under CUDA graphs) waits for. `accumulate` adds a
-backward's gradients with one `torch._foreach_add_` (a few launches for all of them), and
-`zero_gradients` places new gradients as views into one zeroed buffer (one allocation and one
-fill, not one per parameter).
+backward's gradients with one `torch._foreach_add_` (a few launches for all of them).
+`zero_gradients` places gradients as views into one zeroed buffer (one allocation and one
+fill, not one per parameter), where CUDA graphs need them allocated before a step.
 """
 from __future__ import annotations
 
@@ -32,21 +32,28 @@ def zero_gradients(params: list[torch.Tensor]) -> None:
             p.grad = flat[start:start + p.numel()].view(p.shape)
 
 
-def accumulate(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+def accumulate(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
+               others: Sequence[torch.Tensor | None] = ()) -> None:
     """Add `grads` (None: the parameter got none) into the parameters' .grad, as AccumulateGrad would.
 
-    A parameter without .grad gets a zeroed one first (zero_gradients), never the gradient tensor
-    itself: autograd may hand one tensor out as the gradient of several inputs (of `a + b`), and
-    adding into a shared tensor would change the others."""
-    fresh = [p for p, g in zip(params, grads) if g is not None and p.grad is None and g.layout == torch.strided]
-    if fresh:
-        zero_gradients(fresh)
+    A parameter without .grad takes its gradient tensor itself where nothing else holds that
+    memory, as AccumulateGrad does (no copy); autograd may hand one tensor out as the gradient of
+    several inputs (of `a + b`), or of a parameter and an input whose gradient is sent on
+    (`others`): such a gradient is copied, so that adding into one .grad changes nothing else."""
+    storages: dict[int, int] = {}
+    for g in [*grads, *others]:
+        if g is not None and g.layout == torch.strided:
+            key = g.untyped_storage().data_ptr()
+            storages[key] = storages.get(key, 0) + 1
     into, new = [], []
     for p, g in zip(params, grads):
         if g is None:
             continue
-        if g.layout != torch.strided or p.grad.layout != torch.strided:  # sparse embedding gradients
+        if g.layout != torch.strided:  # sparse embedding gradients
             p.grad = g.clone() if p.grad is None else p.grad + g
+        elif p.grad is None:
+            alone = g._base is None and storages[g.untyped_storage().data_ptr()] == 1 and g.stride() == p.stride()
+            p.grad = g.detach() if alone else torch.empty_like(p).copy_(g)
         else:
             into.append(p.grad)
             new.append(g)
