@@ -37,7 +37,8 @@ def test_the_fit_takes_the_slope_per_launch_and_half_the_rest_per_call():
 
 
 def test_the_modelled_launches_grow_by_the_same_count_per_layer():
-    """Every encoder layer adds the same kernels (forward, backward, its parameters' accumulations)."""
+    """Every encoder layer adds the same kernels (forward, backward, its parameters' share of the
+    foreach gradient accumulation: 1/64 of a launch each, for parameters this small)."""
     spec = spec_for_gpu_name(H100)
     counts = []
     for depth in (1, 2, 3):
@@ -46,7 +47,7 @@ def test_the_modelled_launches_grow_by_the_same_count_per_layer():
     per_layer = counts[1] - counts[0]
     assert per_layer > 20 and counts[2] - counts[1] == per_layer
     params = sum(1 for _ in host_bound_encoder(1)[0].parameters())
-    assert per_layer > params  # at least one accumulation per parameter, plus the layer's kernels
+    assert per_layer - params / 64 == int(per_layer - params / 64)
 
 
 def test_the_calibration_times_steps_of_two_depths_once_per_device(monkeypatch):

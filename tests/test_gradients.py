@@ -27,7 +27,7 @@ def test_a_gradient_autograd_hands_to_two_parameters_is_added_into_two_tensors()
 
 def test_parameters_that_got_no_gradient_keep_none_and_sparse_gradients_add():
     a, b, emb = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2)), nn.Parameter(torch.zeros(4, 2))
-    sparse = torch.sparse_coo_tensor([[1]], torch.ones(1, 2), (4, 2))
+    sparse = torch.sparse_coo_tensor([[1]], torch.ones(1, 2), (4, 2), check_invariants=True)
     accumulate([a, b, emb], [torch.ones(2), None, sparse])
     accumulate([emb], [sparse])
     assert b.grad is None and torch.equal(a.grad, torch.ones(2))

@@ -3,7 +3,7 @@
 A compiled stage the host dispatches (no CUDA graph) is host-bound on small and medium models:
 every pass calls the compiled graph (dynamo's guards, AOTAutograd's wrapper, the autograd
 Function) and its generated code launches each kernel from Python; the backward then
-accumulates every parameter's gradient. The cost model (cost_models/fusion.py) counts those
+accumulates the parameters' gradients. The cost model (cost_models/fusion.py) counts those
 launches; this module times them on the host the plan is for, as host_overheads_s does for
 eager dispatch. Hosts differ: the same t5-base stages took 21 us a launch on one H100 machine
 and 28 us on an H200 machine, and eager dispatch speed did not predict which.
@@ -31,13 +31,15 @@ from partitioner.cost_models.profile import profile
 from partitioner.cost_models.time import grad_outputs, host_bound_encoder, synchronize
 from partitioner.passes.capture import capture
 from partitioner.runtime.compiled import DEFAULT_OPTIONS
+from partitioner.runtime.gradients import accumulate
 
 _CALIBRATION: dict[str, tuple[float, float]] = {}
 
 
 def modelled_launches(gm: torch.fx.GraphModule, spec: DeviceSpec) -> float:
     """Kernels a compiled training step of `gm` launches as the fusion model counts them (forward,
-    backward, one gradient accumulation per trainable parameter): its host time at 1 s a launch."""
+    backward, the foreach gradient accumulation's share per trainable parameter): its host time at
+    1 s a launch."""
     unit = dataclasses.replace(spec, compiled_launch_overhead_s=1.0, stage_pass_s=0.0, compiled_stage_pass_s=0.0)
     costs = profile(gm, device=unit, compiled=True, progress=False)
     return sum(c.host_fwd_time_s + c.host_bwd_time_s for c in costs.nodes.values())
@@ -93,9 +95,12 @@ def compiled_host_overheads_s(device: torch.device | str, depths: tuple[int, ...
         inputs = captured.flatten_inputs((x.to(device),), {})
         compiled = torch.compile(gm, **DEFAULT_OPTIONS)
 
-        def step(compiled=compiled, inputs=inputs) -> None:
+        params = [p for p in gm.parameters() if p.requires_grad]
+
+        def step(compiled=compiled, inputs=inputs, params=params) -> None:
             outs = grad_outputs(compiled(*inputs))
-            torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])  # into .grad, as training does
+            grads = torch.autograd.grad(outs, params, [torch.ones_like(t) for t in outs], allow_unused=True)
+            accumulate(params, grads)  # into .grad, as the executor does
 
         with torch.enable_grad():
             for _ in range(3):  # compile, then warm up the generated code and the gradients' buffers

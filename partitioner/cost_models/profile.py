@@ -35,6 +35,7 @@ from partitioner.cost_models.time import (NO_TIME, Kernel, NodeTime, analytic_no
                                           roofline_time_s)
 from partitioner.errors import CostModelError
 from partitioner.runtime.compiled import DEFAULT_OPTIONS as DEFAULT_COMPILE_OPTIONS
+from partitioner.runtime.gradients import foreach_launches
 from partitioner.units import dtype_name
 
 
@@ -307,14 +308,16 @@ def node_kernels(trace: NodeTrace, spec: DeviceSpec, scale: DtypeScale,
 def _gradient_accumulation(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec: DeviceSpec,
                            scale: DtypeScale, compiled: bool) -> dict[str, NodeTime]:
     """The backward of every trainable parameter's node: adding its gradient into .grad, as each
-    microbatch does (read both, write one: one elementwise kernel), and under torch.compile
-    one kernel's launch on the host (the eager host overheads were measured with it)."""
+    microbatch does (read both, write one), its share of the executor's foreach add over the
+    stage's parameters (runtime/gradients.py); under torch.compile that share of a launch on the
+    host too (the eager host overheads were measured with the accumulation)."""
     out = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.name in traces and _is_trainable(gm, node.target):
             nbytes = 3 * value_bytes(traces[node.name].output, scale)
-            out[node.name] = NodeTime(0.0, roofline_time_s(0.0, nbytes, 1, spec), 0.0,
-                                      spec.compiled_launch_overhead_s if compiled else 0.0)
+            launches = foreach_launches(traces[node.name].output.numel())
+            out[node.name] = NodeTime(0.0, roofline_time_s(0.0, nbytes, launches, spec), 0.0,
+                                      launches * spec.compiled_launch_overhead_s if compiled else 0.0)
     return out
 
 

@@ -127,7 +127,7 @@ def gemm_efficiency(spec: DeviceSpec, dtype: torch.dtype | str, reduction: int, 
     return spec.matmul_efficiency
 
 
-def roofline_time_s(flops: float, bytes_moved: float, kernels: int, spec: DeviceSpec,
+def roofline_time_s(flops: float, bytes_moved: float, kernels: float, spec: DeviceSpec,
                     dtype: torch.dtype | str = torch.float32, *, flops_efficiency: float | None = None,
                     reduction: int = 0, width: int = 0) -> float:
     """GPU time: compute time and memory time, combined, + launch overhead; 0 when nothing is done.

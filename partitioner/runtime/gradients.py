@@ -14,6 +14,16 @@ from typing import Iterable, Sequence
 import torch
 
 _GRAD_ALIGN_BYTES = 256  # each gradient view starts where a vectorised kernel would want it
+# a CUDA foreach kernel over two lists takes at most 64 tensors and 320 chunks of 65,536 elements
+# (ATen's multi_tensor_apply with 4 KB of kernel arguments; newer builds take more per launch)
+FOREACH_TENSORS_PER_LAUNCH = 64
+FOREACH_CHUNKS_PER_LAUNCH = 320
+FOREACH_CHUNK_NUMEL = 65536
+
+
+def foreach_launches(numel: int) -> float:
+    """A tensor of `numel` elements' share of the launches of a foreach add over many tensors."""
+    return max(1 / FOREACH_TENSORS_PER_LAUNCH, -(-numel // FOREACH_CHUNK_NUMEL) / FOREACH_CHUNKS_PER_LAUNCH)
 
 
 def zero_gradients(params: list[torch.Tensor]) -> None:
