@@ -109,11 +109,16 @@ def snapshot_state_reads(gm: torch.fx.GraphModule) -> int:
             for root in {storage_root(v) for v in written_values(n)}:
                 if root.op == "get_attr":
                     writes_of.setdefault(root, []).append(n)
+    # the results of in-place ops on a whole state (`add_(buf, 1)` is buf), not on its views
+    in_place_results: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for n in nodes:
+        if _returns_written(n) is not None:
+            chain = _alias_chain(n)
+            if chain[-1] in writes_of and not any(is_view(a) for a in chain):
+                in_place_results.setdefault(chain[-1], []).append(n)
     copies = 0
     for state, writes in writes_of.items():
-        # the state itself and the results of in-place ops on it (`add_(buf, 1)` is buf), not its views
-        aliases = [n for n in nodes if n is state or _returns_written(n) is not None and storage_root(n) is state
-                   and not any(is_view(a) for a in _alias_chain(n))]
+        aliases = [state, *in_place_results.get(state, [])]
         snapshot: dict[torch.fx.Node, torch.fx.Node] = {}
         for alias in aliases:
             for user in list(alias.users):
