@@ -22,7 +22,7 @@ from partitioner.grad_clip import clip_grad_norm_
 from partitioner.microbatch import batch_size, split_batch
 from partitioner.modes import ModeGraphs, ModeSource, build_mode
 from partitioner.plan import Plan
-from partitioner.passes.capture import Captured
+from partitioner.passes.capture import Captured, input_leaf_names
 from partitioner.passes.split import StageModule
 from partitioner.runtime.compiled import compile_report, print_once
 from partitioner.runtime.data_parallel import DataParallelStages, MeshLayout, full_tensor
@@ -98,6 +98,7 @@ class ParallelModel:
                                      "parallelism only the mode compile_parallel compiled in reduces gradients "
                                      f"across replicas; call pm.{'eval' if self._sharded_mode is False else 'train'}"
                                      "() first, or compile in the mode you train in.")
+        self._check_no_input_grad(inputs, kwargs)
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         targets = self._own_share(split_batch(target, self.dp * self.microbatches, "target"))
         if not self._steps_run:
@@ -154,6 +155,21 @@ class ParallelModel:
         return self.captured.unflatten_outputs(leaves)
 
     __call__ = forward
+
+    def _check_no_input_grad(self, inputs: tuple, kwargs: dict) -> None:
+        """An input that requires grad (computed by a module outside the model) would need its gradient
+        back out of the stages; they send gradients only between stages, so say so instead of training
+        the outside module wrongly (or failing in autograd: every microbatch's backward reaches its graph)."""
+        leaves = pytree.tree_leaves((tuple(inputs), dict(kwargs)))
+        grad = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
+        if not grad or not torch.is_grad_enabled():
+            return
+        names = input_leaf_names(self.model, tuple(inputs), dict(kwargs)) if self.model is not None else []
+        name = names[grad[0]] if grad[0] < len(names) else f"input {grad[0]}"
+        raise RuntimeConfigError(f"train_step: input '{name}' requires grad (it was computed by something outside "
+                                 "the model), but gradients do not flow back out of the pipeline's stages. Move what "
+                                 "computes it into the model (one nn.Module around both), or pass it detached "
+                                 f"({name}.detach()) if it needs no gradient.")
 
     def _microbatch_inputs(self, inputs: tuple, kwargs: dict) -> list[list[Any]]:
         leaves, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))

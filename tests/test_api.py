@@ -146,6 +146,17 @@ def test_a_loss_that_ignores_the_target_needs_none():
     assert max_rel_err(pm.train_step(*zm.example_args), want) < 1e-5
 
 
+def test_an_input_that_requires_grad_is_named_with_the_fix():
+    """An input computed by a module outside the model: its gradient cannot come back out of the
+    stages, so train_step says so (it used to fail deep in autograd, or train that module wrongly)."""
+    zm = build("mlp")
+    pm = compile_zoo(zm)
+    outside = nn.Linear(zm.example_args[0].shape[-1], zm.example_args[0].shape[-1])
+    with pytest.raises(RuntimeConfigError, match=r"input 'x' requires grad .* Move what computes it into the model"):
+        pm.train_step(outside(zm.example_args[0]), target=zm.target)
+    assert pm.train_step(outside(zm.example_args[0]).detach(), target=zm.target).dim() == 0
+
+
 @pytest.mark.parametrize("loss_fn,got", [(lambda out, t: out.sum(-1), r"a tensor of shape \(1,\)"),
                                           (lambda out, t: 1.0, "float")])
 def test_a_loss_that_is_not_a_scalar_is_refused(loss_fn, got):

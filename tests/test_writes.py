@@ -120,6 +120,52 @@ def test_batch_norm_buffers_update_as_with_gradient_accumulation():
     assert int(buffers["1.num_batches_tracked"]) == 4
 
 
+class CountedScale(nn.Module):
+    """A step counter (a buffer) bumped at the start of forward and read at the end, as `buf += 1`
+    (the graph reads the in-place op's result), `buf.add_(1)` or through a view (`buf[0] = ...`,
+    the graph reads the buffer itself after the write)."""
+
+    def __init__(self, bump: str):
+        super().__init__()
+        self.bump = bump
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.head = nn.Linear(8, 3)
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, x):
+        if self.bump == "iadd":
+            self.calls += 1
+        elif self.bump == "add_":
+            self.calls.add_(1)
+        else:
+            self.calls[0] = self.calls[0] + 1
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(x) * self.calls
+
+
+@pytest.mark.parametrize("bump", ["iadd", "add_", "view"])
+def test_a_buffer_written_in_forward_is_read_as_of_each_microbatch_at_every_cut(bump):
+    """Each microbatch reads the counter as it left it, on whichever stage it is read, and the
+    counter ends at the number of microbatches."""
+    from partitioner.passes.split import plan_from_cuts, valid_cuts
+    torch.manual_seed(0)
+    model, x, y = CountedScale(bump), torch.randn(8, 8), torch.randint(0, 3, (8,))
+    reference = copy.deepcopy(model)
+    for xb, yb in zip(x.chunk(4), y.chunk(4)):
+        (loss_fn(reference(xb), yb) / 4).backward()
+    largest = max(p.grad.abs().max().item() for p in reference.parameters())
+    captured = capture(copy.deepcopy(model), (x[:2],))
+    for cut in valid_cuts(captured):
+        plan = plan_from_cuts(captured, [cut], 2, microbatches=4)
+        pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, microbatches=4, plan=plan)
+        pm.train_step(x, target=y)
+        got = dict(pm.named_parameters())
+        for name, p in reference.named_parameters():
+            assert (got[name].grad - p.grad).abs().max().item() <= 1e-5 * largest, (cut, name)
+        assert dict(pm.named_buffers())["calls"].item() == 4, cut
+
+
 def _distributed_worker(rank: int, world_size: int, grad_buf: bool):
     torch.manual_seed(0)
     model, x, y = ShiftWrite(grad_buf), torch.randn(8, 16), torch.randint(0, 4, (8,))

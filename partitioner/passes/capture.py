@@ -636,8 +636,9 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
                                     export_failed) from export_err
 
         keep, const = _normalise(gm, tied, tensor_leaf)
-        from partitioner.passes.writes import order_writes  # lazy: it reads mutates() from here
+        from partitioner.passes.writes import order_writes, snapshot_state_reads  # lazy: it reads mutates() from here
         order_writes(gm)  # a split must see which readers come after an in-place write
+        snapshot_state_reads(gm)  # a buffer written in forward is read as of its own microbatch
         from partitioner.passes.causal_mask import fold_causal_masks  # lazy: it reads constants with get_attr (here)
         fold_causal_masks(gm)  # before any cost model or stage sees the graph: flash attention needs no mask
         from partitioner.passes.onehot_lookup import lookups_as_matmuls  # lazy, as above

@@ -204,8 +204,8 @@ def _runs(compute: list, depth: int) -> list[int]:
             run += 1
             prev = k
         run_of.append(run)
-    # a value that is not one tensor never crosses, nor a view an in-place write goes through: merge
-    # the runs in between
+    # a value that is not one tensor never crosses, nor a view an in-place write goes through, nor a
+    # state from its writes (stage mates): merge the runs in between
     num_runs = run + 1 if compute else 0
     pos = {info.name: i for i, info in enumerate(compute)}
     join = [0] * (num_runs + 1)  # difference array: join run i with i+1
@@ -216,6 +216,12 @@ def _runs(compute: list, depth: int) -> list[int]:
             if j is None or run_of[j] == run_of[i]:
                 continue
             if getitem or not _single_tensor(compute[j]) or src in info.stage_mates:
+                lo, hi = sorted((run_of[j], run_of[i]))
+                join[lo] += 1
+                join[hi] -= 1
+        for mate in info.stage_mates:  # mates that are not inputs: a state's reads and writes
+            j = pos.get(mate)
+            if j is not None and mate not in info.inputs and run_of[j] != run_of[i]:
                 lo, hi = sorted((run_of[j], run_of[i]))
                 join[lo] += 1
                 join[hi] -= 1

@@ -7,6 +7,9 @@ later stage is sent straight from its producer to every stage that reads it
 weight used on several stages becomes one replica per stage; the runtime shares
 replicas of one rank and sums their gradients across ranks. User inputs are
 read directly by every stage that needs them (each rank has the microbatch).
+A value whose memory is written after it is computed (by a later in-place op, or
+a buffer the next microbatch writes) is sent as a copy taken where it is computed
+(passes/writes.py: `sent_as_copies`).
 The last stage returns the model's flat output leaves; the runtime rebuilds
 the output structure and applies the loss there.
 
@@ -26,7 +29,7 @@ from partitioner.errors import PlanError
 from partitioner.plan import Placement, Plan
 from partitioner.passes.capture import Captured, get_attr, mutates, written_values
 from partitioner.passes.annotate import has_runtime_size
-from partitioner.passes.writes import stage_mates
+from partitioner.passes.writes import sent_as_copies, stage_mates
 
 USER_INPUT = -1  # StageModule.input_sources value of a user input
 
@@ -110,6 +113,7 @@ def split(captured: Captured, plan: Plan) -> list[StageModule]:
                 consumers[n] = later
 
     user_index = {name: i for i, name in enumerate(captured.input_names)}
+    copied = sent_as_copies(graph)
     stages = []
     for k in range(num_stages):
         own = [n for n in nodes if stage_of.get(n) == k]
@@ -134,14 +138,19 @@ def split(captured: Captured, plan: Plan) -> list[StageModule]:
         for n in attrs:
             env[n] = new.get_attr(n.target)
             env[n].meta = dict(n.meta)
+        sent_value: dict[torch.fx.Node, torch.fx.Node] = {}
         for n in own:
             env[n] = new.node_copy(n, env.__getitem__)
+            sent_value[n] = env[n]
+            if n in consumers and n in copied:  # a copy taken now: a later write would change the tensor
+                sent_value[n] = new.call_function(torch.ops.aten.clone.default, (env[n],))
+                sent_value[n].meta = dict(n.meta)
         if k == last:
             sent: list[torch.fx.Node] = []
             new.output(tuple(env[x] if isinstance(x, torch.fx.Node) else x for x in flat_outputs))
         else:
             sent = [n for n in own if n in consumers]
-            new.output(tuple(env[n] for n in sent))
+            new.output(tuple(sent_value[n] for n in sent))
             for n in sent:
                 meta[n.name] = _meta(n, grad[n])
         stage_gm = torch.fx.GraphModule(gm, new, class_name=f"Stage{k}")

@@ -9,6 +9,11 @@ back through it. `order_writes` gives every later reader an edge through the wri
 writes through and with its `after_write` (`stage_mates`); stages then follow the write like any
 value, the tensor's gradient flows back through the write's stage, and a stage that receives a
 tensor it writes into clones it first (passes/split.py: `StageModule.mutated_inputs`).
+
+A parameter or buffer written in forward (a step counter, an EMA) is state every microbatch writes:
+`snapshot_state_reads` has its readers after a write read a copy taken there, its reads and writes
+share a stage (`stage_mates`), and a value whose memory is written later is sent as a copy taken
+where it is computed (`sent_as_copies`).
 """
 from __future__ import annotations
 
@@ -51,10 +56,147 @@ def order_writes(gm: torch.fx.GraphModule) -> int:
 
 def stage_mates(node: torch.fx.Node) -> tuple[str, ...]:
     """Names of the nodes a split must keep on `node`'s stage: the views an in-place write goes
-    through (`copy_(slice(buf), h)` -> the slice: else the write lands in a copy of the view), and
-    the writes an `after_write` follows (else the written tensor would leave its stage without them)."""
+    through (`copy_(slice(buf), h)` -> the slice: else the write lands in a copy of the view), the
+    writes an `after_write` follows (else the written tensor would leave its stage without them),
+    and for a node that reads a parameter or buffer written in forward, the writes into it (the
+    state lives on one stage: a read on another would see another microbatch's value, or under
+    torchrun a copy that is never written)."""
     if node.op == "call_function" and node.target is after_write:
-        return tuple(w.name for w in node.args[1:] if isinstance(w, torch.fx.Node))
-    if not mutates(node):
-        return ()
-    return tuple(v.name for v in written_values(node) if is_view(v))
+        mates = [w for w in node.args[1:] if isinstance(w, torch.fx.Node)]
+    elif mutates(node):
+        mates = [v for v in written_values(node) if is_view(v)]
+    else:
+        mates = []
+    for state in node.all_input_nodes:
+        if state.op == "get_attr":
+            mates += [w for w in _writes_into(state) if w is not node and w not in mates]
+    return tuple(m.name for m in mates)
+
+
+def _writes_into(state: torch.fx.Node) -> list[torch.fx.Node]:
+    """The in-place ops that write into `state` (a get_attr node), directly or through its views."""
+    writes, frontier = [], [state]
+    while frontier:
+        value = frontier.pop()
+        for user in value.users:
+            if mutates(user) and value in written_values(user) and user not in writes:
+                writes.append(user)
+            elif is_view(user) and user.args[0] is value:
+                frontier.append(user)
+    return writes
+
+
+def snapshot_state_reads(gm: torch.fx.GraphModule) -> int:
+    """Readers of a parameter or buffer after an in-place write into it read a copy taken just after
+    the last write before them; returns how many copies it made.
+
+    The model runs a microbatch's forward and backward before the next one's forward writes the
+    state again (a step counter, an EMA); a pipeline runs several forwards first. Read as the tensor
+    itself, the state would have moved on by the time a later stage reads it or a backward uses it
+    (autograd: "modified by an inplace operation"). The copy follows its write (`after_write`), on
+    the write's stage; ops that write the state again keep writing the state itself."""
+    graph = gm.graph
+    for n in list(graph.nodes):  # copy_(buf, add_(buf, 1)), export's record of the write: already done
+        if n.target is torch.ops.aten.copy_.default and not n.users and isinstance(n.args[1], torch.fx.Node) \
+                and _alias_chain(n.args[1])[-1] is n.args[0] and not any(is_view(a) for a in _alias_chain(n.args[1])):
+            graph.erase_node(n)
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    written_through = {v for n in nodes if mutates(n) for v in written_values(n)}
+    writes_of: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for n in nodes:
+        if mutates(n):
+            for root in {storage_root(v) for v in written_values(n)}:
+                if root.op == "get_attr":
+                    writes_of.setdefault(root, []).append(n)
+    # the results of in-place ops on a whole state (`add_(buf, 1)` is buf), not on its views
+    in_place_results: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for n in nodes:
+        if _returns_written(n) is not None:
+            chain = _alias_chain(n)
+            if chain[-1] in writes_of and not any(is_view(a) for a in chain):
+                in_place_results.setdefault(chain[-1], []).append(n)
+    copies = 0
+    for state, writes in writes_of.items():
+        aliases = [state, *in_place_results.get(state, [])]
+        snapshot: dict[torch.fx.Node, torch.fx.Node] = {}
+        for alias in aliases:
+            for user in list(alias.users):
+                before = [w for w in writes if order[w] < order.get(user, -1)]
+                if not before or user in written_through or user.op == "output" or (
+                        mutates(user) and any(storage_root(v) is state for v in written_values(user))):
+                    continue
+                write = before[-1]
+                if write not in snapshot:
+                    with graph.inserting_after(write):
+                        after = graph.call_function(after_write, (state, write))
+                    with graph.inserting_after(after):
+                        copy = graph.call_function(torch.ops.aten.clone.default, (after,))
+                    val = state.meta.get("val")
+                    after.meta = {**write.meta, "val": val}
+                    copy.meta = {**write.meta, "val": val.clone() if isinstance(val, torch.Tensor) else val}
+                    snapshot[write] = copy
+                    copies += 1
+                user.replace_input_with(alias, snapshot[write])
+    if copies:
+        graph.lint()
+        gm.recompile()
+    return copies
+
+
+def storage_root(node: torch.fx.Node) -> torch.fx.Node:
+    """The node whose tensor `node`'s value lives in: through views, the results of in-place ops
+    (`add_(buf, 1)` is buf) and `after_write`."""
+    return _alias_chain(node)[-1]
+
+
+def _alias_chain(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """`node`, then each value it aliases in turn, down to the one that owns the memory."""
+    chain = [node]
+    while True:
+        if node.op == "call_function" and node.target is after_write or is_view(node):
+            node = node.args[0]
+        elif _returns_written(node) is not None:
+            node = _returns_written(node)
+        else:
+            return chain
+        chain.append(node)
+
+
+def _returns_written(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The input an in-place op writes and returns (`add_(x, 1)`, `x.mul_(2)`: x); None for other ops
+    (batch_norm writes its running statistics but returns a new tensor)."""
+    t = node.target
+    if node.op == "call_method" and mutates(node):
+        return node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not t._schema.returns:
+        return None
+    returned = t._schema.returns[0].alias_info
+    if returned is None or not returned.is_write:
+        return None
+    for i, arg in enumerate(t._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.before_set == returned.before_set:
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            return value if isinstance(value, torch.fx.Node) else None
+    return None
+
+
+def sent_as_copies(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Values a stage must send as a copy taken where they are computed, not as the tensor itself:
+    those whose memory is written after them, by a later op of the graph or, for a parameter or
+    buffer, by the next microbatch's forward (which a pipeline may run before a later stage reads
+    this microbatch's value, or while a send between processes is in flight)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last_write: dict[torch.fx.Node, int] = {}
+    for n in graph.nodes:
+        if mutates(n):
+            for v in written_values(n):
+                root = storage_root(v)
+                last_write[root] = max(last_write.get(root, -1), order[n])
+    copies = set()
+    for n in graph.nodes:
+        if n.op in ("call_function", "call_method", "call_module") and isinstance(n.meta.get("val"), torch.Tensor):
+            root = storage_root(n)
+            if root in last_write and (root.op == "get_attr" or last_write[root] > order[n]):
+                copies.add(n)
+    return copies
