@@ -71,18 +71,26 @@ def test_readers_after_a_write_read_through_it_and_nothing_is_dropped():
 
 @pytest.mark.parametrize("grad_buf", [False, True])
 def test_every_valid_cut_gives_the_models_gradients(grad_buf):
-    from partitioner.passes.split import plan_from_cuts, valid_cuts
+    from partitioner.passes.split import valid_cuts
     torch.manual_seed(0)
     model, x, y = ShiftWrite(grad_buf), torch.randn(8, 16), torch.randint(0, 4, (8,))
     reference = copy.deepcopy(model)
     loss_fn(reference(x), y).backward()
-    largest = max(p.grad.abs().max().item() for p in reference.parameters())
     captured = capture(model, (x[:2],))
     cuts = valid_cuts(captured)
     compute = [n for n in captured.graph_module.graph.nodes if n.op in ("call_function", "call_method")]
     position = {n.name: i for i, n in enumerate(compute)}
     pairs = [sorted((position[m], i)) for i, n in enumerate(compute) for m in stage_mates(n)]
     assert pairs and not any(lo < c <= hi for c in cuts for lo, hi in pairs), "a cut separates stage mates"
+    for _ in pipelines_at(cuts, captured, model, reference, x, y):
+        pass
+
+
+def pipelines_at(cuts, captured, model, reference, x, y):
+    """For each cut: a 2-stage pipeline of `model` cut there, after one step whose gradients equal
+    `reference`'s (1e-5 of the largest)."""
+    from partitioner.passes.split import plan_from_cuts
+    largest = max(p.grad.abs().max().item() for p in reference.parameters())
     for cut in cuts:
         plan = plan_from_cuts(captured, [cut], 2, microbatches=4)
         pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, microbatches=4, plan=plan)
@@ -90,6 +98,7 @@ def test_every_valid_cut_gives_the_models_gradients(grad_buf):
         got = dict(pm.named_parameters())
         for name, p in reference.named_parameters():
             assert (got[name].grad - p.grad).abs().max().item() <= 1e-5 * largest, (cut, name)
+        yield cut, pm
 
 
 def test_a_plan_that_cuts_a_write_from_its_view_is_refused():
@@ -148,21 +157,14 @@ class CountedScale(nn.Module):
 def test_a_buffer_written_in_forward_is_read_as_of_each_microbatch_at_every_cut(bump):
     """Each microbatch reads the counter as it left it, on whichever stage it is read, and the
     counter ends at the number of microbatches."""
-    from partitioner.passes.split import plan_from_cuts, valid_cuts
+    from partitioner.passes.split import valid_cuts
     torch.manual_seed(0)
     model, x, y = CountedScale(bump), torch.randn(8, 8), torch.randint(0, 3, (8,))
     reference = copy.deepcopy(model)
     for xb, yb in zip(x.chunk(4), y.chunk(4)):
         (loss_fn(reference(xb), yb) / 4).backward()
-    largest = max(p.grad.abs().max().item() for p in reference.parameters())
     captured = capture(copy.deepcopy(model), (x[:2],))
-    for cut in valid_cuts(captured):
-        plan = plan_from_cuts(captured, [cut], 2, microbatches=4)
-        pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, microbatches=4, plan=plan)
-        pm.train_step(x, target=y)
-        got = dict(pm.named_parameters())
-        for name, p in reference.named_parameters():
-            assert (got[name].grad - p.grad).abs().max().item() <= 1e-5 * largest, (cut, name)
+    for cut, pm in pipelines_at(valid_cuts(captured), captured, model, reference, x, y):
         assert dict(pm.named_buffers())["calls"].item() == 4, cut
 
 
