@@ -50,25 +50,34 @@ def accumulate(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | No
     memory, as AccumulateGrad does (no copy); autograd may hand one tensor out as the gradient of
     several inputs (of `a + b`), or of a parameter and an input whose gradient is sent on
     (`others`): such a gradient is copied, so that adding into one .grad changes nothing else."""
-    storages: dict[int, int] = {}
-    for g in [*grads, *others]:
-        if g is not None and g.layout == torch.strided:
-            key = g.untyped_storage().data_ptr()
-            storages[key] = storages.get(key, 0) + 1
-    into, new = [], []
+    into, new, fresh = [], [], []
     for p, g in zip(params, grads):
         if g is None:
             continue
-        if g.layout != torch.strided:  # sparse embedding gradients
-            p.grad = g.clone() if p.grad is None else p.grad + g
-        elif p.grad is None:
-            alone = g._base is None and storages[g.untyped_storage().data_ptr()] == 1 and g.stride() == p.stride()
-            p.grad = g.detach() if alone else torch.empty_like(p).copy_(g)
+        if p.grad is None or g.layout != torch.strided or p.grad.layout != torch.strided:
+            fresh.append((p, g))
         else:
             into.append(p.grad)
             new.append(g)
+    if fresh:
+        _take_first(fresh, [*grads, *others])
     if into:
         torch._foreach_add_(into, new)
+
+
+def _take_first(pairs: list[tuple[torch.Tensor, torch.Tensor]], every: Sequence[torch.Tensor | None]) -> None:
+    """(parameter, gradient) pairs where the parameter has no .grad yet, or either is sparse."""
+    storages: dict[int, int] = {}
+    for g in every:
+        if g is not None and g.layout == torch.strided:
+            key = g.untyped_storage().data_ptr()
+            storages[key] = storages.get(key, 0) + 1
+    for p, g in pairs:
+        if g.layout != torch.strided or (p.grad is not None and p.grad.layout != torch.strided):
+            p.grad = g.clone() if p.grad is None else p.grad + g  # sparse embedding gradients
+            continue
+        alone = g._base is None and storages[g.untyped_storage().data_ptr()] == 1 and g.stride() == p.stride()
+        p.grad = g.detach() if alone else torch.empty_like(p).copy_(g)
 
 
 def plain_leaves(params: Iterable[torch.Tensor]) -> list[torch.Tensor] | None:
