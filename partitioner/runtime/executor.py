@@ -2,8 +2,9 @@
 
 F(k, mb): gather inputs (received activations, the local slice of the user
 inputs), run the stage, keep its outputs' autograd graph, send the outputs to
-every consumer stage. The last stage rebuilds the model's output, applies
-loss_fn(output, target) / microbatches and accumulates the loss.
+every consumer stage. The last stage rebuilds the model's output and applies
+loss_fn(output, target); the step's loss is the mean over microbatches (1/m enters
+each backward as the loss's gradient).
 B(k, mb): the gradients of the stage's outputs (summed over consumers) flow back to its
 parameters and received inputs; the inputs' gradients go back to their producers.
 Parameter gradients accumulate across microbatches in `.grad`: one foreach add per
@@ -243,7 +244,6 @@ class Executor:
         for msg in comm.sends[a]:
             g = leaf_grad.get(msg.value)
             self.transport.send(msg, g if g is not None else torch.zeros_like(leaves[msg.value]))
-
 
     def _mean_grad(self, loss: torch.Tensor, microbatches: int) -> torch.Tensor:
         """The gradient of the step's mean loss with respect to one microbatch's loss: 1/m (made once)."""
