@@ -200,11 +200,11 @@ def _autograd_accumulate(step, pm):
     """`step` with autograd's AccumulateGrad adding each parameter's gradient (the executor's
     foreach add switched off for it)."""
     def per_parameter():
-        pm.executor.foreach_grads = False
+        before, pm.executor.foreach_grads = pm.executor.foreach_grads, False
         try:
             step()
         finally:
-            pm.executor.foreach_grads = True
+            pm.executor.foreach_grads = before
     return per_parameter
 
 

@@ -127,7 +127,8 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
                            last=len(stages) - 1, unflatten=captured.unflatten_outputs, check=source.check_loss)
     executor = Executor(stages, local, sched, transport, calls.loss, captured.unflatten_outputs, stage_device,
                         order, inference_order, calls.runners, stage_loss=calls.stage_loss,
-                        cudagraph_steps=calls.cudagraph_steps, foreach_grads=pm.data_parallel is None)
+                        cudagraph_steps=calls.cudagraph_steps,
+                        foreach_grads=pm.data_parallel is None and source.compile_options is not None)
     return ModeGraphs(captured, stages, executor)
 
 

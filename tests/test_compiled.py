@@ -30,6 +30,7 @@ def test_compiled_stages_equal_the_unpartitioned_model(name, chunks):
     ref_loss, ref_grads = reference(zm)
     pm = compile_zoo(zm, chunks=chunks, compile=True)
     assert all(isinstance(r, CompiledStage) for r in pm.executor.runners.values())
+    assert pm.executor.foreach_grads  # a backward's gradients add with one foreach add
     loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
     assert not any(r.failed for r in pm.executor.runners.values())
     # the last stage trains as one compiled call with the loss; its own runner waits for inference

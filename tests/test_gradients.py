@@ -61,8 +61,11 @@ def _pipeline(model, x, chunks: int = 2):
     cuts = [c for c in valid_cuts(captured)]
     step = max(1, len(cuts) // 4)
     plan = plan_from_cuts(captured, cuts[step::step][:3], 2, chunks, "interleaved-1f1b", 4)
-    return compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), nn.functional.mse_loss, microbatches=4,
-                            schedule="interleaved-1f1b", plan=plan)
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), nn.functional.mse_loss, microbatches=4,
+                          schedule="interleaved-1f1b", plan=plan)
+    assert not pm.executor.foreach_grads  # eager stages keep AccumulateGrad: it frees each gradient as it goes
+    pm.executor.foreach_grads = True  # what compiled stages use
+    return pm
 
 
 def test_shared_gradients_at_stage_boundaries_over_two_steps():

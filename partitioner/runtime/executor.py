@@ -7,9 +7,9 @@ loss_fn(output, target); the step's loss is the mean over microbatches (1/m ente
 each backward as the loss's gradient).
 B(k, mb): the gradients of the stage's outputs (summed over consumers) flow back to its
 parameters and received inputs; the inputs' gradients go back to their producers.
-Parameter gradients accumulate across microbatches in `.grad`: one foreach add per
-backward (runtime/gradients.py), or autograd's per-parameter accumulation where a hook
-or data parallelism needs it.
+Parameter gradients accumulate across microbatches in `.grad`: for compiled stages one
+foreach add per backward (runtime/gradients.py), else (eager stages, hooks, data
+parallelism) autograd's per-parameter accumulation.
 
 Under torchrun each process runs its rank's action list; in one process the
 executor interleaves every rank's list in a dependency-respecting order.
@@ -73,8 +73,10 @@ class Executor:
     stage_backward_done(stage): called after a training step's last backward of each local stage (its
     gradients are final: data parallelism reduces them there, overlapping the rank's other stages).
     foreach_grads: add each backward's parameter gradients with one foreach add, not autograd's
-    per-parameter AccumulateGrad (False where data parallelism's hooks need the latter; a step
-    whose parameters carry hooks uses the latter too).
+    per-parameter AccumulateGrad. For compiled stages: their backward hands out every gradient at
+    once anyway, where an eager backward lets AccumulateGrad free each as it goes (a stage's
+    gradients alive at once would raise an eager stage's peak). False where data parallelism's
+    hooks need AccumulateGrad; a step whose parameters carry hooks uses it too.
     """
 
     def __init__(self, stages: list[StageModule], local: list[int], schedule: Schedule, transport: Transport,
@@ -83,7 +85,7 @@ class Executor:
                  runners: dict[int, Callable] | None = None,
                  stage_backward_done: Callable[[int], None] | None = None,
                  stage_loss: Callable[..., torch.Tensor] | None = None,
-                 cudagraph_steps: CudagraphSteps | None = None, foreach_grads: bool = True):
+                 cudagraph_steps: CudagraphSteps | None = None, foreach_grads: bool = False):
         self.stages = stages
         # what runs a stage: its graph module, or that compiled (partitioner/runtime/compiled.py)
         self.runners = runners or {st.stage: st.graph_module for st in stages}
