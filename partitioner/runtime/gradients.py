@@ -3,7 +3,8 @@
 Autograd's AccumulateGrad adds each microbatch's gradient into `.grad` one parameter at a
 time: a dispatch and a kernel launch per parameter per backward, host time that a step whose
 kernels are short (small stages, or stages under CUDA graphs) waits for. `accumulate` adds a
-backward's gradients with one `torch._foreach_add_` (a few launches for all of them).
+backward's gradients with one `torch._foreach_add_` (a few launches for all of them); the
+executor uses it for compiled stages, whose backward hands out all gradients at once anyway.
 `zero_gradients` places gradients as views into one zeroed buffer (one allocation and one
 fill, not one per parameter), where CUDA graphs need them allocated before a step.
 """
