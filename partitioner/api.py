@@ -254,7 +254,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                         stage_device, order, inference_order, runners,
                         stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None,
                         stage_loss=fused, cudagraph_steps=calls.cudagraph_steps,
-                        foreach_grads=dp_stages is None and options is not None)
+                        foreach_grads=calls.gradients_at_once and dp_stages is None)
     source = ModeSource(meta_skeleton(model), mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
                         compile_options=options, timeout_s=timeout_s, check_loss=_checked_loss)
     step_graph = StepGraph(executor.train_step, lambda: [t for _, t in store.named_parameters() if t.requires_grad],

@@ -128,7 +128,7 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
     executor = Executor(stages, local, sched, transport, calls.loss, captured.unflatten_outputs, stage_device,
                         order, inference_order, calls.runners, stage_loss=calls.stage_loss,
                         cudagraph_steps=calls.cudagraph_steps,
-                        foreach_grads=pm.data_parallel is None and source.compile_options is not None)
+                        foreach_grads=calls.gradients_at_once and pm.data_parallel is None)
     return ModeGraphs(captured, stages, executor)
 
 

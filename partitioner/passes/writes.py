@@ -97,9 +97,10 @@ def snapshot_state_reads(gm: torch.fx.GraphModule) -> int:
     the write's stage; ops that write the state again keep writing the state itself."""
     graph = gm.graph
     for n in list(graph.nodes):  # copy_(buf, add_(buf, 1)), export's record of the write: already done
-        if n.target is torch.ops.aten.copy_.default and not n.users and isinstance(n.args[1], torch.fx.Node) \
-                and _alias_chain(n.args[1])[-1] is n.args[0] and not any(is_view(a) for a in _alias_chain(n.args[1])):
-            graph.erase_node(n)
+        if n.target is torch.ops.aten.copy_.default and not n.users and isinstance(n.args[1], torch.fx.Node):
+            chain = _alias_chain(n.args[1])
+            if chain[-1] is n.args[0] and not any(is_view(a) for a in chain):
+                graph.erase_node(n)
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     written_through = {v for n in nodes if mutates(n) for v in written_values(n)}
@@ -156,8 +157,8 @@ def _alias_chain(node: torch.fx.Node) -> list[torch.fx.Node]:
     while True:
         if node.op == "call_function" and node.target is after_write or is_view(node):
             node = node.args[0]
-        elif _returns_written(node) is not None:
-            node = _returns_written(node)
+        elif (written := _returns_written(node)) is not None:
+            node = written
         else:
             return chain
         chain.append(node)

@@ -110,6 +110,13 @@ class StageCallables:
     stage_loss: "CompiledStage | None" = None
     cudagraph_steps: CudagraphSteps | None = None  # brackets each step where the stages run under CUDA graphs
 
+    @property
+    def gradients_at_once(self) -> bool:
+        """Whether a stage's backward hands out all its parameters' gradients at once (compiled: one
+        backward call), so adding them with one foreach add holds no more memory than AccumulateGrad
+        (an eager backward lets it free each gradient as it goes)."""
+        return any(isinstance(r, CompiledStage) for r in self.runners.values())
+
 
 def compile_stages(graph_modules: dict[int, torch.fx.GraphModule], loss_fn: Callable, options: dict[str, Any] | None,
                    *, last: int, unflatten: Callable[[list[Any]], Any],

@@ -73,10 +73,9 @@ class Executor:
     stage_backward_done(stage): called after a training step's last backward of each local stage (its
     gradients are final: data parallelism reduces them there, overlapping the rank's other stages).
     foreach_grads: add each backward's parameter gradients with one foreach add, not autograd's
-    per-parameter AccumulateGrad. For compiled stages: their backward hands out every gradient at
-    once anyway, where an eager backward lets AccumulateGrad free each as it goes (a stage's
-    gradients alive at once would raise an eager stage's peak). False where data parallelism's
-    hooks need AccumulateGrad; a step whose parameters carry hooks uses it too.
+    per-parameter AccumulateGrad: where the stages' backward hands out every gradient at once
+    anyway (StageCallables.gradients_at_once) and no data parallelism's hooks need AccumulateGrad;
+    a step whose parameters carry hooks uses it too.
     """
 
     def __init__(self, stages: list[StageModule], local: list[int], schedule: Schedule, transport: Transport,
