@@ -6,7 +6,9 @@ optimizer step per batch of `--microbatches` microbatches of `--mb-size` x
 (one step each per round, the order reversed every other round), so the
 drift of these hosts hits all of them alike. Reported: tokens/s (median
 step), MFU (the model's FLOPs from the cost model over the step and the
-device's peak), peak memory per GPU, the plan's predicted step and memory.
+device's peak), peak memory per GPU (the step's peak allocation plus the
+CUDA graph pools the configuration recorded into), the plan's predicted step
+and memory.
 
 Configurations (`--configs` picks):
 - plain-eager / plain-compiled: the unpartitioned model with gradient
@@ -89,6 +91,7 @@ class Runner:
     times_s: list[float] = field(default_factory=list)
     train_s: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
+    graph_pools: frozenset = frozenset()  # CUDA graph memory pools its warm-up recorded into
     note: str = ""
 
     def __post_init__(self):
@@ -282,6 +285,21 @@ def _resident_bytes(r: Runner) -> int:
     return sum(local_tensor(t).numel() * t.element_size() for t in [*r.params, *state])
 
 
+def graph_pool_bytes(device: torch.device) -> dict[tuple, int]:
+    """Bytes reserved per CUDA graph memory pool (the caching allocator's default pool left out).
+
+    A graph replay writes its intermediates into its pool, allocated once when recording, so
+    max_memory_allocated never sees them; a configuration's footprint adds its pools' segments."""
+    if device.type != "cuda":
+        return {}
+    pools: dict[tuple, int] = {}
+    for seg in torch.cuda.memory_snapshot():
+        pool = tuple(seg.get("segment_pool_id", (0, 0)))
+        if seg.get("device", device.index) == device.index and pool != (0, 0):
+            pools[pool] = pools.get(pool, 0) + seg["total_size"]
+    return pools
+
+
 def run_step(r: Runner, device: torch.device, distributed: bool, measure_memory: bool = False) -> tuple[float, float]:
     """Seconds of one whole step and of its train part (max over ranks under torchrun)."""
     r.zero()
@@ -299,7 +317,9 @@ def run_step(r: Runner, device: torch.device, distributed: bool, measure_memory:
     _sync(device, distributed)
     t2 = time.perf_counter()
     if measure_memory and device.type == "cuda":
-        r.peak_bytes = _resident_bytes(r) + torch.cuda.max_memory_allocated(device) - before
+        pools = graph_pool_bytes(device)
+        r.peak_bytes = (_resident_bytes(r) + torch.cuda.max_memory_allocated(device) - before
+                        + sum(pools.get(pool, 0) for pool in r.graph_pools))
     times = torch.tensor([t2 - t0, t1 - t0], dtype=torch.float64)
     if distributed:
         times = times.to(device) if dist.get_backend() == "nccl" else times
@@ -309,10 +329,12 @@ def run_step(r: Runner, device: torch.device, distributed: bool, measure_memory:
 
 def measure(runners: list[Runner], device: torch.device, distributed: bool, warmup: int, rounds: int,
             log: Callable[[str], None]) -> None:
-    for i, r in enumerate(runners):  # warm-up: compile, allocate optimizer state
+    for i, r in enumerate(runners):  # warm-up: compile, record graphs, allocate optimizer state
         t = time.perf_counter()
+        pools_before = graph_pool_bytes(device)
         for _ in range(warmup):
             run_step(r, device, distributed)
+        r.graph_pools = frozenset(graph_pool_bytes(device).keys() - pools_before.keys())
         log(f"  warm-up {r.name}: {time.perf_counter() - t:.1f} s")
     for r in runners:
         run_step(r, device, distributed, measure_memory=True)
@@ -437,8 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if lead:  # after every group, so a run cut short keeps what it measured
-                # the process's peak reservation (CUDA graph pools included): one configuration's footprint
-                # where --configs names one (peak_gib misses the memory graph replays reuse)
+                # the process's peak reservation: the allocator's cached blocks as well as what is in use
                 reserved = torch.cuda.max_memory_reserved(device) / GiB if device.type == "cuda" else None
                 path = write_result(name, rows, {"world_size": world, "stages_per_process": p if rank is None else 1,
                                                  "process_max_reserved_gib": reserved,
