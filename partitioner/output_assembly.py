@@ -1,7 +1,8 @@
 """Output assembly: the output of a whole batch from the outputs of its microbatches.
 
 A pipeline runs the batch as m microbatches and gets every output leaf m times. A per-sample leaf
-(its dim 0 grows with the batch) is their concatenation along dim 0; a leaf whose shape does not
+(one dim grows with the batch: dim 0, or dim 1 of a sequence-first output) is their
+concatenation along that dim; a leaf whose shape does not
 depend on the batch is one value (0-dim ones, such as a loss, are stacked: one per microbatch).
 Any other leaf, e.g. (batch, batch) similarities between every pair of samples, mixes samples
 across the batch: no assembly of the microbatches' values gives it, so it is refused rather than
@@ -88,8 +89,10 @@ def assemble(per_microbatch: list[list[Any]], whole_shapes: list[torch.Size | No
         m = len(parts)
         if x.dim() == 0 and whole in (None, x.shape):
             leaves.append(torch.stack(parts))
-        elif whole is None or (x.dim() > 0 and whole == (m * x.shape[0], *x.shape[1:])):
+        elif whole is None:
             leaves.append(torch.cat(parts))
+        elif (dim := _batch_dim(x.shape, whole, m)) is not None:
+            leaves.append(torch.cat(parts, dim))
         elif whole == x.shape:
             differs = next((k for k in range(1, m) if not torch.equal(parts[k], x)), None)
             if differs is not None:
@@ -104,8 +107,17 @@ def assemble(per_microbatch: list[list[Any]], whole_shapes: list[torch.Size | No
                 f"ParallelModel.forward: {_leaf_name(per_microbatch, out_spec, i)} is {tuple(whole)} for the "
                 f"whole batch but {tuple(x.shape)} per microbatch (of {m}): it mixes samples across the batch (e.g. "
                 f"a score for every pair of samples), which a pipeline over microbatches cannot assemble; only "
-                f"outputs whose dim 0 is the batch, or that do not depend on it, can be. {_FIX}")
+                f"outputs with one batch dim, or that do not depend on the batch, can be. {_FIX}")
     return pytree.tree_unflatten(leaves, out_spec)
+
+
+def _batch_dim(part: torch.Size, whole: torch.Size, m: int) -> int | None:
+    """The one dim along which `whole` is m microbatch outputs of shape `part` side by side (the
+    batch: dim 0 mostly, dim 1 for sequence-first outputs such as (seq, batch, hidden)); None if none."""
+    if len(part) != len(whole):
+        return None
+    grown = [d for d, (p, w) in enumerate(zip(part, whole)) if p != w]
+    return grown[0] if len(grown) == 1 and whole[grown[0]] == m * part[grown[0]] else None
 
 
 _FIX = "Compute it outside the model from per-sample outputs, or compile with microbatches=1."

@@ -135,8 +135,9 @@ class ParallelModel:
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Inference on a batch shaped like the example inputs: the model's output structure. Tensor
         leaves are assembled over the microbatches (partitioner/output_assembly.py): per-sample ones
-        concatenated along dim 0, 0-dim ones stacked, other batch-independent ones returned once; a
-        leaf that mixes samples across the batch (e.g. (batch, batch)) raises RuntimeConfigError.
+        concatenated along their batch dim (dim 0, or 1 of a (seq, batch, ...) output), 0-dim ones
+        stacked, other batch-independent ones returned once; a leaf that mixes samples across the
+        batch (e.g. (batch, batch)) raises RuntimeConfigError.
         Under torchrun only the rank of the last stage gets the output; the other ranks return None.
         With data parallelism each replica's last rank gets the output of its 1/dp share of the batch."""
         self._check_process_group("forward")

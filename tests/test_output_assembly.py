@@ -45,6 +45,18 @@ class SharedOutputs(nn.Module):
         return h, self.scale * 1, h.pow(2).mean()
 
 
+class SequenceFirst(nn.Module):
+    """Per-sample features, also returned sequence-first: (seq, batch, hidden)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):  # x: (batch, seq, 6)
+        h = self.b(torch.relu(self.a(x)))
+        return h, h.transpose(0, 1)
+
+
 class BatchMean(nn.Module):
     """An output of fixed shape that averages over the batch's samples."""
 
@@ -107,6 +119,16 @@ def test_per_sample_outputs_match_and_batch_independent_ones_come_back_once():
     assert scale.shape == (3, 2) and torch.equal(scale, want_scale)
     assert sq.shape == (4,)  # 0-dim outputs: one per microbatch, stacked
     torch.testing.assert_close(sq, torch.stack([want_h[i:i + 2].pow(2).mean() for i in range(0, 8, 2)]))
+
+
+def test_a_sequence_first_output_is_concatenated_along_its_batch_dim():
+    torch.manual_seed(0)
+    model, x = SequenceFirst(), torch.randn(8, 3, 6)
+    h, h_seq = compile_small(model, x)(x)
+    with torch.no_grad():
+        want_h, want_seq = model(x)
+    assert h_seq.shape == (3, 8, 6)
+    assert max_rel_err(h, want_h) < 1e-5 and max_rel_err(h_seq, want_seq) < 1e-5
 
 
 def test_a_fixed_shape_output_that_differs_between_microbatches_is_refused():
