@@ -20,6 +20,11 @@ def batch_size(inputs: Any) -> int | None:
                 None)
 
 
+def is_batched(leaf: Any, batch: int | None) -> bool:
+    """Whether split_batch cuts input leaf `leaf` into microbatches (with `batch` None: every tensor)."""
+    return isinstance(leaf, torch.Tensor) and (batch is None or (leaf.dim() > 0 and leaf.shape[0] == batch))
+
+
 def split_batch(inputs: Any, microbatches: int, what: str, batch: int | None = None) -> list[Any]:
     """Split the tensor leaves of `inputs` along dim 0 into `microbatches` equal parts: every leaf,
     or with `batch` given only those whose dim 0 is the batch (the others go whole to each part).
@@ -27,7 +32,7 @@ def split_batch(inputs: Any, microbatches: int, what: str, batch: int | None = N
     leaves, spec = pytree.tree_flatten(inputs)
     parts = []
     for i, leaf in enumerate(leaves):
-        if not isinstance(leaf, torch.Tensor) or (batch is not None and (leaf.dim() == 0 or leaf.shape[0] != batch)):
+        if not is_batched(leaf, batch):
             parts.append([leaf] * microbatches)
             continue
         if leaf.dim() == 0 or leaf.shape[0] % microbatches:

@@ -21,6 +21,7 @@ from partitioner.errors import RuntimeConfigError
 from partitioner.grad_clip import clip_grad_norm_
 from partitioner.microbatch import batch_size, split_batch
 from partitioner.modes import ModeGraphs, ModeSource, build_mode
+from partitioner.output_assembly import assemble, whole_batch_shapes
 from partitioner.plan import Plan
 from partitioner.passes.capture import Captured, input_leaf_names
 from partitioner.passes.split import StageModule
@@ -61,6 +62,7 @@ class ParallelModel:
         self.model = source.model if source is not None else None  # on meta: the structure, FQNs and shapes
         self.training = source.model.training if source is not None else True
         self._modes: dict[bool, Any] = {}
+        self._whole_shapes: dict[bool, Any] = {}  # mode -> output leaves' shapes for this replica's batch
         self.layout = layout  # where this process sits among the data-parallel replicas (None: one process)
         self.data_parallel = data_parallel  # this rank's stages under FSDP2 when dp > 1 ...
         self._sharded_mode = self.training  # ... in the mode compiled (the other mode reads its gathered tensors)
@@ -131,10 +133,13 @@ class ParallelModel:
                           f"parameters, bf16 compute), planned as it runs.", RuntimeWarning, stacklevel=3)
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        """Inference on a batch shaped like the example inputs: the model's output structure, tensor
-        leaves concatenated over microbatches along dim 0 (0-dim leaves stacked). Under torchrun only
-        the rank of the last stage gets the output; the other ranks return None. With data
-        parallelism each replica's last rank gets the output of its 1/dp share of the batch."""
+        """Inference on a batch shaped like the example inputs: the model's output structure. Tensor
+        leaves are assembled over the microbatches (partitioner/output_assembly.py): per-sample ones
+        concatenated along their batch dim (dim 0, or 1 of a (seq, batch, ...) output), 0-dim ones
+        stacked, other batch-independent ones returned once; a leaf that mixes samples across the
+        batch (e.g. (batch, batch)) raises RuntimeConfigError.
+        Under torchrun only the rank of the last stage gets the output; the other ranks return None.
+        With data parallelism each replica's last rank gets the output of its 1/dp share of the batch."""
         self._check_process_group("forward")
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         self.store.refresh_replicas()
@@ -145,14 +150,10 @@ class ParallelModel:
             self.data_parallel.reshard()
         if flat is None:
             return None
-        leaves = []
-        for i, first in enumerate(flat[0]):
-            if isinstance(first, torch.Tensor):
-                parts = [mb[i] for mb in flat]
-                leaves.append(torch.cat(parts) if first.dim() > 0 else torch.stack(parts))
-            else:
-                leaves.append(first)
-        return self.captured.unflatten_outputs(leaves)
+        if len(flat) > 1 and self.training not in self._whole_shapes:  # once per mode: it may change shapes
+            self._whole_shapes[self.training] = whole_batch_shapes(self.model, self.training, inputs, kwargs, flat[0],
+                                                                   self.dp)
+        return assemble(flat, self._whole_shapes.get(self.training), self.captured.out_spec)
 
     __call__ = forward
 
