@@ -46,6 +46,7 @@ from partitioner.runtime.executor import Executor, ParameterStore, in_process_or
 from partitioner.runtime.schedules import make_schedule, validate
 from partitioner.runtime.step_graph import StepGraph
 from partitioner.runtime.transport import DistTransport, InProcessTransport
+from partitioner.sequence_first import check_split_keeps_sequences
 from partitioner.units import human_time, parse_bytes
 
 if TYPE_CHECKING:
@@ -191,6 +192,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                                  f"{dp * microbatches} divides. (The batch size is dim 0 of the first tensor input, "
                                  f"'{first}'; if it is shared by every sample rather than batched, pass a batched "
                                  "input first, e.g. the shared one as a keyword input: kwargs come after args.)")
+    check_split_keeps_sequences(model, args, kwargs, dp * microbatches)
     mb_args, mb_kwargs = _first_microbatch(args, kwargs, dp * microbatches)
     # compile's default on CUDA, one process: host-bound stages (as their costs say) replay as CUDA graphs
     graphs_when_host_bound = (compile is None and options is not None and not cuda_graph and dp == 1

@@ -1,13 +1,13 @@
 """Output assembly: the output of a whole batch from the outputs of its microbatches.
 
 A pipeline runs the batch as m microbatches and gets every output leaf m times. A per-sample leaf
-(one dim grows with the batch: dim 0, or dim 1 of a sequence-first output) is their
-concatenation along that dim; a leaf whose shape does not
-depend on the batch is one value (0-dim ones, such as a loss, are stacked: one per microbatch).
+(one dim grows with the batch: dim 0, or dim 1 of a sequence-first output) is their concatenation
+along that dim; a leaf whose shape does not depend on the batch is one value (0-dim ones, such as a
+loss, are stacked: one per microbatch).
 Any other leaf, e.g. (batch, batch) similarities between every pair of samples, mixes samples
 across the batch: no assembly of the microbatches' values gives it, so it is refused rather than
-returned wrong. Which leaf is which comes from running the original model on fake tensors (as
-capture does, no weights touched) at the whole batch, against a microbatch's real output.
+returned wrong. Which leaf is which comes from running the original model on fake tensors at the
+whole batch (fake_run.py), against a microbatch's real output.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import warnings
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import RuntimeConfigError
-from partitioner.microbatch import batch_size, is_batched
+from partitioner.fake_run import run_fake
+from partitioner.microbatch import batch_size
 
 
 def whole_batch_shapes(model: torch.nn.Module | None, training: bool, args: tuple, kwargs: dict,
@@ -33,30 +33,12 @@ def whole_batch_shapes(model: torch.nn.Module | None, training: bool, args: tupl
     (`microbatch_leaves`): the caller then assembles every leaf as per-sample."""
     if model is None:
         return _cannot_tell("this ParallelModel keeps no reference to its model")
-    full = batch_size((args, kwargs))  # None: no input has a batch dim, none is resized
-    mode = FakeTensorMode(allow_non_fake_inputs=True)  # a tensor attribute that is no buffer stays usable
-
-    def fake(t: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-        shape = t.shape if rows is None else (rows, *t.shape[1:])
-        return mode.from_tensor(torch.empty(shape, dtype=t.dtype, device="meta"))
-
-    state = {name: fake(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-    leaves = [fake(x, full // replicas if full is not None and is_batched(x, full) else None)
-              if isinstance(x, torch.Tensor) else x for x in leaves]
-    fake_args, fake_kwargs = pytree.tree_unflatten(leaves, spec)
-    switch = model.training != training
+    full = batch_size((args, kwargs))
     try:
-        if switch:
-            model.train(training)
-        with torch.no_grad(), mode:
-            out = torch.func.functional_call(model, state, fake_args, fake_kwargs)
+        out = run_fake(model, training, args, kwargs, full // replicas if full is not None else None)
     except Exception as err:  # noqa: BLE001 - any failure only means we cannot tell
         first = (str(err).strip().splitlines() or [""])[0]
         return _cannot_tell(f"{type(model).__name__} does not run on fake tensors ({type(err).__name__}: {first})")
-    finally:
-        if switch:
-            model.train(not training)
     shapes = [x.shape if isinstance(x, torch.Tensor) else None for x in pytree.tree_leaves(out)]
     if [s is None for s in shapes] != [not isinstance(x, torch.Tensor) for x in microbatch_leaves]:
         return _cannot_tell(f"run on fake tensors, {type(model).__name__}'s output does not match the captured "

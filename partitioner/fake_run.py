@@ -1,0 +1,43 @@
+"""The model run on fake tensors at a chosen batch size: shapes only, no weights touched.
+
+ParallelModel needs shapes the captured graph (one microbatch) cannot give: an output's shape for
+the whole batch (output_assembly.py), what a sequence module receives as its sequence when the
+batch is cut into microbatches (sequence_first.py). Parameters and buffers are swapped for fake
+meta tensors (torch.func.functional_call), so the real ones are neither read nor written, and the
+inputs split_batch cuts are resized to `rows` along dim 0.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+
+from partitioner.microbatch import batch_size, is_batched
+
+
+def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, rows: int | None) -> Any:
+    """model(*args, **kwargs) in `training` mode on fake tensors, the inputs cut on the batch resized
+    to `rows` along dim 0 (None: as they are). Raises whatever the model raises there (e.g.
+    data-dependent control flow); the model's mode is restored."""
+    full = batch_size((args, kwargs))  # None: no input has a batch dim, none is resized
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # a tensor attribute that is no buffer stays usable
+
+    def fake(t: torch.Tensor, resize: bool = False) -> torch.Tensor:
+        shape = (rows, *t.shape[1:]) if resize and rows is not None else t.shape
+        return mode.from_tensor(torch.empty(shape, dtype=t.dtype, device="meta"))
+
+    state = {name: fake(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    leaves = [fake(x, full is not None and is_batched(x, full)) if isinstance(x, torch.Tensor) else x for x in leaves]
+    fake_args, fake_kwargs = pytree.tree_unflatten(leaves, spec)
+    switch = model.training != training
+    try:
+        if switch:
+            model.train(training)
+        with torch.no_grad(), mode:
+            return torch.func.functional_call(model, state, fake_args, fake_kwargs)
+    finally:
+        if switch:
+            model.train(not training)
