@@ -56,6 +56,8 @@ class DeviceSpec:
         tensors has an innermost dimension that is not a multiple of 16 bytes (e.g. GPT-2's
         vocabulary of 50257): cuBLAS falls back to unaligned (align1) tensor-core kernels.
     mem_bw_efficiency: achieved fraction of mem_bw_bytes_per_s by large elementwise kernels.
+    foreach_bw_efficiency: the same for a foreach add over many tensors (multi_tensor_apply: the
+        compiled stages' gradient accumulation). 0: mem_bw_efficiency.
     narrow_fp32_matmul_efficiency: achieved fraction of the float32 peak by an fp32 GEMM (TF32 off:
         the CUDA cores' FFMA, not the tensor cores) whose reduction K or output width N is at most
         NARROW_GEMM_DIM (64, one attention head: SDPA's math path upcasts 16-bit inputs): cuBLAS's
@@ -101,6 +103,7 @@ class DeviceSpec:
     causal_attention_speedup: float = 1.0
     misaligned_matmul_efficiency: float = 1.0
     mem_bw_efficiency: float = 1.0
+    foreach_bw_efficiency: float = 0.0
     narrow_fp32_matmul_efficiency: float = 0.0
     fp32_gemm_k_tile: int = 0
     cpu_fwd_overhead_s: float = 0.0
@@ -199,11 +202,15 @@ class DeviceSpec:
 # plain models under mode="reduce-overhead", H100), the device idled 0.65-1.22 us between consecutive
 # kernels (benchmarks/results/host_overhead_{t5base_h100_graph,t5base_ro,gpt2_cg}.json: idle_ms / idle_gaps):
 # 8.5 ms of t5-base's 274 ms step as one graph, 13,065 kernels.
+# The foreach add of a compiled stage's gradients (multi_tensor_apply's BinaryOpListAlphaFunctor, bf16,
+# read two, write one) moved 3.1 TB/s on an H200 (gpt2-xl's stages, 0.64 of the peak) and 2.45 TB/s on an
+# H100 (t5-base's, 0.73) (host_overhead_{gpt2xl_foreach,t5base_foreach}_ours-2-stages-reduce-overhead.kernels.json).
 GPU_EFFICIENCY = dict(matmul_efficiency=0.78, attention_efficiency=0.40, masked_attention_efficiency=0.22,
                       grad_mask_attention_efficiency=0.115, kernel_gap_s=0.9e-6, causal_attention_speedup=1.55,
                       compiled_stage_pass_s=0.3e-3,
                       narrow_fp32_matmul_efficiency=0.54, fp32_gemm_k_tile=8,
-                      misaligned_matmul_efficiency=0.10, mem_bw_efficiency=0.87, cpu_fwd_overhead_s=21e-6,
+                      misaligned_matmul_efficiency=0.10, mem_bw_efficiency=0.87, foreach_bw_efficiency=0.68,
+                      cpu_fwd_overhead_s=21e-6,
                       cpu_bwd_overhead_s=31e-6, compiled_launch_overhead_s=28e-6, contended_atomic_s=2.7e-9)
 
 

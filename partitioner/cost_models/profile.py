@@ -310,12 +310,14 @@ def _gradient_accumulation(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace
     """The backward of every trainable parameter's node: adding its gradient into .grad, as each
     microbatch does (read both, write one). Compiled stages add with one foreach add over the
     stage's parameters (runtime/gradients.py): the node's share of its launches, on the device and
-    the host; eager stages with autograd's AccumulateGrad, a launch each (its host time is left to
-    the eager dispatch constants)."""
+    the host, at the foreach add's bandwidth (spec.foreach_bw_efficiency); eager stages with
+    autograd's AccumulateGrad, a launch each (its host time is left to the eager dispatch constants)."""
     out = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.name in traces and _is_trainable(gm, node.target):
             nbytes = 3 * value_bytes(traces[node.name].output, scale)
+            if compiled and spec.foreach_bw_efficiency:  # roofline_time_s assumes mem_bw_efficiency
+                nbytes *= spec.mem_bw_efficiency / spec.foreach_bw_efficiency
             launches = foreach_launches(traces[node.name].output.numel()) if compiled else 1
             out[node.name] = NodeTime(0.0, roofline_time_s(0.0, nbytes, launches, spec), 0.0,
                                       launches * spec.compiled_launch_overhead_s if compiled else 0.0)
