@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 from partitioner.cost_models.device import spec_for_torch_device
 from partitioner.errors import CaptureError, RuntimeConfigError
 from partitioner.materialise import materialise
-from partitioner.microbatch import batch_size, split_batch
+from partitioner.microbatch import BatchDims, batch_size, resolve_batch_dims, split_batch
 from partitioner.modes import ModeSource, meta_skeleton
 from partitioner.parallel_model import ParallelModel
 from partitioner.plan import Plan
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] | DeviceMesh | None = None,
                      example_inputs: tuple | Any = None, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
                      *, mesh: DeviceMesh | None = None, data_parallel: str = "fsdp",
-                     example_kwargs: dict | None = None,
+                     example_kwargs: dict | None = None, batch_dims: int | dict[str, int] | None = None,
                      microbatches: int | None = None, schedule: str | None = None, chunks: int = 1,
                      plan: Plan | None = None, memory: int | str | None = None, device_type: str | None = None,
                      time_limit_s: float = 10.0, timeout_s: float = 300.0,
@@ -75,9 +75,14 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         "fsdp" (default: FSDP2 fully_shard, parameters, gradients and optimizer state sharded over dp)
         or "replicate" (FSDP2's replicate: whole on every replica, gradients all-reduced).
     example_inputs / example_kwargs: the GLOBAL batch, as model(*example_inputs, **example_kwargs);
-        tensors whose dim 0 is the batch size (dim 0 of the first tensor input) are split along dim 0
-        into dp shares, then each into `microbatches` (default 2 x pipeline ranks); other inputs go
-        whole to every microbatch.
+        tensors whose batch dim holds the batch size (the first tensor input's size along its batch
+        dim) are split along it into dp shares, then each into `microbatches` (default 2 x pipeline
+        ranks); other inputs go whole to every microbatch.
+    batch_dims: each input's batch dim (default 0), as torch.distributed.pipelining's args_chunk_spec:
+        an int for every tensor input and the target (1 for a sequence-first model: nn.MultiheadAttention,
+        nn.LSTM / GRU, nn.Transformer* with batch_first=False read (seq, batch, ...)), or a dict from
+        input names (forward's parameter names; nested leaves as "batch[0]") and "target" to their dim,
+        e.g. {"src": 1, "target": 1}, unnamed inputs on dim 0.
     loss_fn(output, target) -> scalar mean loss of a batch; train_step returns the mean over microbatches.
         Each microbatch runs as the model would under gradient accumulation over the same microbatches:
         BatchNorm normalises with that microbatch's statistics and updates its running statistics once
@@ -172,28 +177,30 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     if rank is not None and layout is None:
         layout = MeshLayout.single(dist.get_world_size(), rank)
 
+    dims = resolve_batch_dims(batch_dims, input_leaf_names(model, args, kwargs),
+                              pytree.tree_leaves((args, kwargs)))
+
     if rank is not None:  # every rank must have been called the same way
         where = [f"mesh {layout.replicas} of {devices[0].type}"] if mesh is not None else devices
-        _agree(_fingerprint(model, where, args, kwargs, microbatches, schedule, chunks, plan),
-               "the arguments of compile_parallel (model, devices, example inputs, microbatches, schedule, "
-               "chunks, plan)", rank, devices)
+        _agree(_fingerprint(model, where, args, kwargs, microbatches, schedule, chunks, plan, dims),
+               "the arguments of compile_parallel (model, devices, example inputs, batch_dims, microbatches, "
+               "schedule, chunks, plan)", rank, devices)
 
-    batch = batch_size((args, kwargs))
+    batch = batch_size((args, kwargs), dims.inputs)
     if batch is not None and batch % (dp * microbatches):
         fits = [d for d in range(1, batch // dp + 1) if batch % (dp * d) == 0]
         origin = (f"the default of 2 x {p} devices" if defaulted and plan is None else
                   "the plan's" if defaulted else "requested")
         share = f" x {dp} data-parallel replicas" if dp > 1 else ""
-        leaves = pytree.tree_leaves((args, kwargs))
-        first = next(n for n, x in zip(input_leaf_names(model, args, kwargs), leaves)
-                     if isinstance(x, torch.Tensor) and x.dim() > 0)
+        first, dim = _first_batched(model, args, kwargs, dims)
         raise RuntimeConfigError(f"compile_parallel: the example batch of {batch} does not split into {microbatches} "
                                  f"microbatches ({origin}){share}; pass microbatches= one of {fits} or a batch that "
-                                 f"{dp * microbatches} divides. (The batch size is dim 0 of the first tensor input, "
-                                 f"'{first}'; if it is shared by every sample rather than batched, pass a batched "
-                                 "input first, e.g. the shared one as a keyword input: kwargs come after args.)")
-    check_split_keeps_sequences(model, args, kwargs, dp * microbatches)
-    mb_args, mb_kwargs = _first_microbatch(args, kwargs, dp * microbatches)
+                                 f"{dp * microbatches} divides. (The batch size is dim {dim} of the first tensor "
+                                 f"input, '{first}'; if it is shared by every sample rather than batched, pass a "
+                                 "batched input first, e.g. the shared one as a keyword input: kwargs come after "
+                                 "args; if its batch lies on another dim, pass batch_dims=.)")
+    check_split_keeps_sequences(model, args, kwargs, dp * microbatches, dims.inputs)
+    mb_args, mb_kwargs = _first_microbatch(args, kwargs, dp * microbatches, dims)
     # compile's default on CUDA, one process: host-bound stages (as their costs say) replay as CUDA graphs
     graphs_when_host_bound = (compile is None and options is not None and not cuda_graph and dp == 1
                               and rank is None)
@@ -202,13 +209,13 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
             plan, captured, graphs = _plan(model, args, kwargs, mb_args, mb_kwargs, p, chunks, schedule, microbatches,
                                            memory, device_type, time_limit_s, rank, devices, loss_fn, example_target,
                                            mixed_precision, options is not None, gap, dp, data_parallel, measure,
-                                           cuda_graph or stage_graphs, graphs_when_host_bound)
+                                           cuda_graph or stage_graphs, graphs_when_host_bound, dims)
             if graphs and not (cuda_graph or stage_graphs):
                 options, stage_graphs = {**options, "mode": "reduce-overhead"}, True
         else:
             captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     except CaptureError as err:
-        hint = _split_hint(model, args, kwargs, batch)
+        hint = _split_hint(model, args, kwargs, batch, dims)
         if not hint:
             raise
         raise CaptureError(f"{err}{hint}") from err
@@ -262,7 +269,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     step_graph = StepGraph(executor.train_step, lambda: [t for _, t in store.named_parameters() if t.requires_grad],
                            devices[0]) if cuda_graph else None
     return ParallelModel(captured, plan, stages, executor, store, devices, rank, args, kwargs, microbatches,
-                         source=source, layout=layout, data_parallel=dp_stages, step_graph=step_graph)
+                         source=source, layout=layout, data_parallel=dp_stages, step_graph=step_graph,
+                         batch_dims=dims)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -394,33 +402,51 @@ def _agree(text: str, what: str, rank: int, devices: list[torch.device]) -> None
 
 
 def _fingerprint(model: torch.nn.Module, devices: list[torch.device], args: tuple, kwargs: dict,
-                 microbatches: int, schedule: str, chunks: int, plan: Plan | None) -> str:
+                 microbatches: int, schedule: str, chunks: int, plan: Plan | None,
+                 dims: BatchDims = BatchDims()) -> str:
     def describe(x: Any) -> str:
         return f"T{tuple(x.shape)}{x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
 
     leaves, spec = pytree.tree_flatten((args, kwargs))
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     return repr((type(model).__qualname__, [str(d) for d in devices], str(spec), [describe(x) for x in leaves],
-                 microbatches, schedule, chunks, params, plan.to_json() if plan is not None else None))
+                 microbatches, schedule, chunks, params, plan.to_json() if plan is not None else None, dims))
 
 
-def _split_hint(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | None) -> str:
-    """Name the inputs besides the first that were cut into microbatches only because their dim 0
-    happens to equal the batch size (e.g. a shared (T, T) mask with T == batch): capture saw them cut."""
+def _first_batched(model: torch.nn.Module, args: tuple, kwargs: dict, dims: BatchDims) -> tuple[str, int]:
+    """The name and batch dim of the input the batch size is read from (the first tensor with its batch dim)."""
     leaves = pytree.tree_leaves((args, kwargs))
     names = input_leaf_names(model, args, kwargs)
-    tensors = [(n, x) for n, x in zip(names, leaves) if isinstance(x, torch.Tensor) and x.dim() > 0]
-    cut = [f"'{n}' {tuple(x.shape)}" for n, x in tensors[1:] if batch is not None and x.shape[0] == batch]
+    for i, (n, x) in enumerate(zip(names, leaves)):
+        d = dims.inputs if isinstance(dims.inputs, int) else dims.inputs[i]
+        if batch_size(x, d) is not None:
+            return n, d
+    raise AssertionError("no input holds the batch")  # the caller found a batch size
+
+
+def _split_hint(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | None, dims: BatchDims) -> str:
+    """Name the inputs besides the first that were cut into microbatches only because their size
+    along their batch dim happens to equal the batch size (e.g. a shared (T, T) mask with T ==
+    batch): capture saw them cut."""
+    leaves = pytree.tree_leaves((args, kwargs))
+    names = input_leaf_names(model, args, kwargs)
+    per_leaf = [dims.inputs if isinstance(dims.inputs, int) else dims.inputs[i] for i in range(len(leaves))]
+    tensors = [(n, x, d) for n, x, d in zip(names, leaves, per_leaf) if batch_size(x, d) is not None]
+    cut = [(f"'{n}' {tuple(x.shape)}", d) for n, x, d in tensors[1:] if batch is not None and batch_size(x, d) == batch]
     if not cut:
         return ""
-    return (f" Note: compile_parallel captured ONE microbatch, and cut input(s) {', '.join(cut)} along dim 0 "
-            f"because dim 0 equals the batch size {batch} (dim 0 of the first tensor input). If such an input "
-            "is not batched (e.g. a mask shared by the batch), give it a leading dim of 1 to broadcast, or use a "
-            "batch size different from its dim 0.")
+    first, first_dim = _first_batched(model, args, kwargs, dims)
+    along = sorted({d for _, d in cut})
+    return (f" Note: compile_parallel captured ONE microbatch, and cut input(s) {', '.join(c for c, _ in cut)} along "
+            f"their batch dim ({', '.join(f'dim {d}' for d in along)}) because its size equals the batch size "
+            f"{batch} (dim {first_dim} of the first tensor input, '{first}'). If such an input is not batched (e.g. "
+            "a mask shared by the batch), give it a size of 1 there (e.g. a leading dim of 1) to broadcast, or use "
+            "a batch size different from that size.")
 
 
-def _first_microbatch(args: tuple, kwargs: dict, microbatches: int) -> tuple[tuple, dict]:
-    return split_batch((args, kwargs), microbatches, "example input", batch_size((args, kwargs)))[0]
+def _first_microbatch(args: tuple, kwargs: dict, microbatches: int, dims: BatchDims) -> tuple[tuple, dict]:
+    return split_batch((args, kwargs), microbatches, "example input", batch_size((args, kwargs), dims.inputs),
+                       dims.inputs)[0]
 
 
 def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_kwargs: dict, p: int, chunks: int,
@@ -428,7 +454,8 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
           time_limit_s: float, rank: int | None, devices: list[torch.device], loss_fn: Callable[[Any, Any], Any],
           example_target: Any, mixed_precision: str | None, compiled: bool,
           gap: float = 0.01, dp: int = 1, dp_mode: str = "fsdp", measure: bool = False,
-          cuda_graph: bool = False, graphs_when_host_bound: bool = False) -> tuple[Plan, Captured, bool]:
+          cuda_graph: bool = False, graphs_when_host_bound: bool = False,
+          dims: BatchDims = BatchDims()) -> tuple[Plan, Captured, bool]:
     """Plan on global rank 0 (the solver is not deterministic across processes) and share the plan,
     and whether it was planned for CUDA graphs (cuda_graph, or graphs_when_host_bound and host-bound)."""
     planner = rank is None or dist.get_rank() == 0
@@ -447,7 +474,8 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
                             dtype=None, mixed_precision=mixed_precision, compiled=compiled, gap=gap,
                             data_parallel=dp, data_parallel_mode=dp_mode, measure=measure, cuda_graphs=cuda_graph,
                             graphs_when_host_bound=graphs_when_host_bound)
-        result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target)
+        result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target,
+                            batch_dims=dims)
         plan, captured, graphs = result.plan, result.captured, result.cuda_graphs
         if compiled and result.host_bound and not cuda_graph:
             print_once(_host_bound_line(*result.launch_and_run_s, graphs), rank)

@@ -4,7 +4,7 @@ ParallelModel needs shapes the captured graph (one microbatch) cannot give: an o
 the whole batch (output_assembly.py), what a sequence module receives as its sequence when the
 batch is cut into microbatches (sequence_first.py). Parameters and buffers are swapped for fake
 meta tensors (torch.func.functional_call), so the real ones are neither read nor written, and the
-inputs split_batch cuts are resized to `rows` along dim 0.
+inputs split_batch cuts are resized to `rows` along their batch dims.
 """
 from __future__ import annotations
 
@@ -14,23 +14,28 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
-from partitioner.microbatch import batch_size, is_batched
+from partitioner.microbatch import Dims, batch_size, is_batched
 
 
-def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, rows: int | None) -> Any:
+def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, rows: int | None,
+             dims: Dims = 0) -> Any:
     """model(*args, **kwargs) in `training` mode on fake tensors, the inputs cut on the batch resized
-    to `rows` along dim 0 (None: as they are). Raises whatever the model raises there (e.g.
-    data-dependent control flow); the model's mode is restored."""
-    full = batch_size((args, kwargs))  # None: no input has a batch dim, none is resized
+    to `rows` along their batch dims (`dims`, as split_batch takes them; rows None: as they are).
+    Raises whatever the model raises there (e.g. data-dependent control flow); the model's mode is
+    restored."""
+    full = batch_size((args, kwargs), dims)  # None: no input has a batch dim, none is resized
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # a tensor attribute that is no buffer stays usable
 
-    def fake(t: torch.Tensor, resize: bool = False) -> torch.Tensor:
-        shape = (rows, *t.shape[1:]) if resize and rows is not None else t.shape
+    def fake(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        shape = list(t.shape)
+        if dim is not None and rows is not None:
+            shape[dim] = rows
         return mode.from_tensor(torch.empty(shape, dtype=t.dtype, device="meta"))
 
     state = {name: fake(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
     leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-    leaves = [fake(x, full is not None and is_batched(x, full)) if isinstance(x, torch.Tensor) else x for x in leaves]
+    leaves = [fake(x, _resized_dim(x, full, dims if isinstance(dims, int) else dims[i]))
+              if isinstance(x, torch.Tensor) else x for i, x in enumerate(leaves)]
     fake_args, fake_kwargs = pytree.tree_unflatten(leaves, spec)
     switch = model.training != training
     try:
@@ -41,3 +46,10 @@ def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, 
     finally:
         if switch:
             model.train(not training)
+
+
+def _resized_dim(x: torch.Tensor, full: int | None, dim: int) -> int | None:
+    """The dim of input `x` that run_fake resizes: its batch dim if split_batch cuts it, else None."""
+    if full is None or not is_batched(x, full, dim):
+        return None
+    return dim % x.dim()

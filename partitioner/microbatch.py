@@ -1,44 +1,122 @@
 """Microbatches: the global batch size of a call and its split into equal microbatches.
 
-One rule for the planner, the runtime and the CLI: the batch size is dim 0 of the first
-tensor input that has a dimension; tensors whose dim 0 equals it are split into
-microbatches along dim 0, every other input goes whole to each microbatch.
+One rule for the planner, the runtime and the CLI: each input leaf has a batch dim (dim 0 unless
+compile_parallel(batch_dims=...) says otherwise, e.g. 1 for sequence-first (seq, batch, ...)
+tensors); the batch size is the size of the first tensor input along its batch dim; tensors whose
+size along their batch dim equals it are split into microbatches along that dim, every other
+input goes whole to each microbatch.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import RuntimeConfigError
 
-
-def batch_size(inputs: Any) -> int | None:
-    """The global batch of `inputs` (any pytree), or None when no tensor has a dimension."""
-    return next((x.shape[0] for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor) and x.dim() > 0),
-                None)
+Dims = int | Sequence[int]  # one batch dim for every leaf, or one per flattened leaf
 
 
-def is_batched(leaf: Any, batch: int | None) -> bool:
-    """Whether split_batch cuts input leaf `leaf` into microbatches (with `batch` None: every tensor)."""
-    return isinstance(leaf, torch.Tensor) and (batch is None or (leaf.dim() > 0 and leaf.shape[0] == batch))
+@dataclass(frozen=True)
+class BatchDims:
+    """Where the batch lies: the batch dim of each flattened input leaf (of (args, kwargs)) and of
+    every leaf of the target. The default is dim 0 everywhere."""
+
+    inputs: tuple[int, ...] | int = 0
+    target: int = 0
 
 
-def split_batch(inputs: Any, microbatches: int, what: str, batch: int | None = None) -> list[Any]:
-    """Split the tensor leaves of `inputs` along dim 0 into `microbatches` equal parts: every leaf,
-    or with `batch` given only those whose dim 0 is the batch (the others go whole to each part).
-    Raises RuntimeConfigError naming `what` when a leaf does not divide."""
+def resolve_batch_dims(batch_dims: int | dict[str, int] | None, names: list[str], leaves: list[Any]) -> BatchDims:
+    """compile_parallel's batch_dims as per-leaf dims of the inputs `leaves` (named `names`, as
+    passes.capture.input_leaf_names names them). An int applies to every tensor input and the
+    target; a dict maps leaf names (or an argument's name, for all its nested leaves) and "target"
+    to their dim, unnamed ones keep dim 0. Raises RuntimeConfigError for an unknown name or a dim
+    an input does not have."""
+    if batch_dims is None:
+        return BatchDims()
+    if isinstance(batch_dims, bool) or not isinstance(batch_dims, (int, dict)):
+        raise RuntimeConfigError(f"compile_parallel: batch_dims={batch_dims!r}; pass an int (the batch dim of every "
+                                 "input and the target) or a dict {input name: dim}, e.g. {'x': 1, 'target': 1}.")
+    if isinstance(batch_dims, int):
+        given = {n: batch_dims for n, x in zip(names, leaves) if isinstance(x, torch.Tensor) and x.dim() > 0}
+        target = batch_dims
+    else:
+        unknown = [k for k in batch_dims if k != "target" and not any(_names_leaf(k, n) for n in names)]
+        if unknown:
+            raise RuntimeConfigError(f"compile_parallel: batch_dims names {unknown[0]!r}, which is no input of the "
+                                     f"model; the inputs are {names} (and 'target' for the target).")
+        bad = next(((k, d) for k, d in batch_dims.items() if isinstance(d, bool) or not isinstance(d, int)), None)
+        if bad is not None:
+            raise RuntimeConfigError(f"compile_parallel: batch_dims[{bad[0]!r}] is {bad[1]!r}; give an int dim.")
+        given = {n: d for k, d in batch_dims.items() if k != "target" for n in names if _names_leaf(k, n)}
+        target = batch_dims.get("target", 0)
+    dims = []
+    for name, x in zip(names, leaves):
+        if name not in given:
+            dims.append(0)
+            continue
+        d = given[name]
+        if not isinstance(x, torch.Tensor) or not -x.dim() <= d < x.dim():
+            what = f"has shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"is not a tensor ({type(x).__name__})"
+            fix = ("pass batch_dims as a dict naming the inputs whose batch is on that dim, e.g. "
+                   f"{{{names[0]!r}: {d}}}" if isinstance(batch_dims, int) else f"give {name!r} a dim it has")
+            raise RuntimeConfigError(f"compile_parallel: batch_dims puts the batch of input {name!r} on dim {d}, "
+                                     f"but it {what}; {fix}.")
+        dims.append(d % x.dim())
+    return BatchDims(tuple(dims), target)
+
+
+def _names_leaf(key: str, name: str) -> bool:
+    """Whether batch_dims key `key` names leaf `name`: the leaf itself or an argument holding it."""
+    return name == key or name.startswith(key + "[")
+
+
+def _dim(dims: Dims, i: int, leaf: torch.Tensor) -> int | None:
+    """Leaf i's batch dim, non-negative; None when the leaf has no such dim."""
+    d = dims if isinstance(dims, int) else dims[i]
+    d = d + leaf.dim() if d < 0 else d
+    return d if 0 <= d < leaf.dim() else None
+
+
+def batch_size(inputs: Any, dims: Dims = 0) -> int | None:
+    """The global batch of `inputs` (any pytree; `dims`: each leaf's batch dim): the size of the first
+    tensor that has its batch dim along it, or None when no tensor has."""
+    for i, x in enumerate(pytree.tree_leaves(inputs)):
+        if isinstance(x, torch.Tensor) and (d := _dim(dims, i, x)) is not None:
+            return x.shape[d]
+    return None
+
+
+def is_batched(leaf: Any, batch: int | None, dim: int = 0) -> bool:
+    """Whether split_batch cuts input leaf `leaf` (batch dim `dim`) into microbatches (with `batch`
+    None: every tensor)."""
+    if not isinstance(leaf, torch.Tensor):
+        return False
+    d = _dim(dim, 0, leaf)
+    return batch is None or (d is not None and leaf.shape[d] == batch)
+
+
+def split_batch(inputs: Any, microbatches: int, what: str, batch: int | None = None, dims: Dims = 0) -> list[Any]:
+    """Split the tensor leaves of `inputs` along their batch dims (`dims`) into `microbatches` equal
+    parts: every leaf, or with `batch` given only those whose size there is the batch (the others go
+    whole to each part). Raises RuntimeConfigError naming `what` when a leaf does not divide."""
     leaves, spec = pytree.tree_flatten(inputs)
     parts = []
     for i, leaf in enumerate(leaves):
-        if not is_batched(leaf, batch):
+        dim = dims if isinstance(dims, int) else dims[i]
+        if not is_batched(leaf, batch, dim):
             parts.append([leaf] * microbatches)
             continue
-        if leaf.dim() == 0 or leaf.shape[0] % microbatches:
-            size = "a 0-dim tensor" if leaf.dim() == 0 else f"batch size {leaf.shape[0]}"
+        d = _dim(dim, 0, leaf)
+        if d is None or leaf.shape[d] % microbatches:
+            size = (f"batch size {leaf.shape[d]}" if d is not None else
+                    "a 0-dim tensor" if leaf.dim() == 0 else f"shape {tuple(leaf.shape)}, without a dim {dim}")
             name = what if len(leaves) == 1 else f"{what} {i}"
+            fix = ("make the batch a multiple of microbatches" if d is not None else
+                   "give it a batch dim there, or pass batch_dims= with its batch dim")
             raise RuntimeConfigError(f"{name} has {size}, which cannot be split into {microbatches} equal "
-                                     "microbatches along dim 0; make the batch a multiple of microbatches.")
-        parts.append(list(leaf.chunk(microbatches)))
+                                     f"microbatches along dim {dim}; {fix}.")
+        parts.append(list(leaf.chunk(microbatches, d)))
     return [pytree.tree_unflatten([p[mb] for p in parts], spec) for mb in range(microbatches)]

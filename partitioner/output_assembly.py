@@ -19,23 +19,25 @@ from torch.utils import _pytree as pytree
 
 from partitioner.errors import RuntimeConfigError
 from partitioner.fake_run import run_fake
-from partitioner.microbatch import batch_size
+from partitioner.microbatch import Dims, batch_size
 
 
 def whole_batch_shapes(model: torch.nn.Module | None, training: bool, args: tuple, kwargs: dict,
-                       microbatch_leaves: list[Any], replicas: int = 1) -> list[torch.Size | None] | None:
+                       microbatch_leaves: list[Any], replicas: int = 1, dims: Dims = 0
+                       ) -> list[torch.Size | None] | None:
     """The shape of each output leaf (None: not a tensor) of `model` called on (args, kwargs) with
-    their batched leaves (as split_batch decides) cut to one data-parallel replica's share, run in
-    `training` mode on fake meta tensors: the model's weights and buffers are neither read nor written.
+    their batched leaves (as split_batch decides, along their batch dims `dims`) cut to one
+    data-parallel replica's share, run in `training` mode on fake meta tensors: the model's weights
+    and buffers are neither read nor written.
 
     None, said in a warning, when there is no model, it does not run on fake tensors (e.g.
     data-dependent control flow) or its output leaves are not those of a microbatch's output
     (`microbatch_leaves`): the caller then assembles every leaf as per-sample."""
     if model is None:
         return _cannot_tell("this ParallelModel keeps no reference to its model")
-    full = batch_size((args, kwargs))
+    full = batch_size((args, kwargs), dims)
     try:
-        out = run_fake(model, training, args, kwargs, full // replicas if full is not None else None)
+        out = run_fake(model, training, args, kwargs, full // replicas if full is not None else None, dims)
     except Exception as err:  # noqa: BLE001 - any failure only means we cannot tell
         first = (str(err).strip().splitlines() or [""])[0]
         return _cannot_tell(f"{type(model).__name__} does not run on fake tensors ({type(err).__name__}: {first})")

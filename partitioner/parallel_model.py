@@ -19,7 +19,7 @@ from partitioner.checkpoint import save as save_checkpoint
 from partitioner.cost_models.profile import graph_float_dtype
 from partitioner.errors import RuntimeConfigError
 from partitioner.grad_clip import clip_grad_norm_
-from partitioner.microbatch import batch_size, split_batch
+from partitioner.microbatch import BatchDims, batch_size, split_batch
 from partitioner.modes import ModeGraphs, ModeSource, build_mode
 from partitioner.output_assembly import assemble, whole_batch_shapes
 from partitioner.plan import Plan
@@ -47,7 +47,7 @@ class ParallelModel:
                  store: ParameterStore, devices: list[torch.device], rank: int | None, example_args: tuple,
                  example_kwargs: dict, microbatches: int, *, source: ModeSource | None = None,
                  layout: MeshLayout | None = None, data_parallel: DataParallelStages | None = None,
-                 step_graph: StepGraph | None = None):
+                 step_graph: StepGraph | None = None, batch_dims: BatchDims = BatchDims()):
         self.captured = captured
         self.plan = plan
         self.stages = stages
@@ -56,6 +56,7 @@ class ParallelModel:
         self.devices = devices
         self.rank = rank
         self.microbatches = microbatches
+        self.batch_dims = batch_dims  # where train_step and forward cut each input leaf and the target
         self._example_leaves, self._example_spec = pytree.tree_flatten((example_args, example_kwargs))
         self._steps_run = 0
         self.source = source  # what captures the other mode (train/eval)
@@ -102,7 +103,8 @@ class ParallelModel:
                                      "() first, or compile in the mode you train in.")
         self._check_no_input_grad(inputs, kwargs)
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
-        targets = self._own_share(split_batch(target, self.dp * self.microbatches, "target"))
+        targets = self._own_share(split_batch(target, self.dp * self.microbatches, "target",
+                                              dims=self.batch_dims.target))
         if not self._steps_run:
             self._warn_outer_autocast()
         self.store.before_step()
@@ -152,7 +154,7 @@ class ParallelModel:
             return None
         if len(flat) > 1 and self.training not in self._whole_shapes:  # once per mode: it may change shapes
             self._whole_shapes[self.training] = whole_batch_shapes(self.model, self.training, inputs, kwargs, flat[0],
-                                                                   self.dp)
+                                                                   self.dp, self.batch_dims.inputs)
         return assemble(flat, self._whole_shapes.get(self.training), self.captured.out_spec)
 
     __call__ = forward
@@ -174,6 +176,7 @@ class ParallelModel:
 
     def _microbatch_inputs(self, inputs: tuple, kwargs: dict) -> list[list[Any]]:
         leaves, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
+        dims = self.batch_dims.inputs
         if spec != self._example_spec:
             example_args, example_kwargs = pytree.tree_unflatten(self._example_leaves, self._example_spec)
             raise RuntimeConfigError(_mismatch(tuple(inputs), dict(kwargs), example_args, example_kwargs))
@@ -182,12 +185,15 @@ class ParallelModel:
                     isinstance(x, torch.Tensor) and (x.shape != ex.shape or x.dtype != ex.dtype)):
                 got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
                 want = f"{tuple(ex.shape)} {ex.dtype}" if isinstance(ex, torch.Tensor) else repr(ex)
-                smaller = (isinstance(x, torch.Tensor) and x.dim() == ex.dim() > 0 and x.shape[1:] == ex.shape[1:]
-                           and x.shape[0] < ex.shape[0])
+                d = dims if isinstance(dims, int) else dims[i]
+                smaller = (isinstance(x, torch.Tensor) and x.dim() == ex.dim() > d
+                           and all(a == b for k, (a, b) in enumerate(zip(x.shape, ex.shape)) if k != d)
+                           and x.shape[d] < ex.shape[d])
                 tail = " (a DataLoader's last, smaller batch: drop_last=True)" if smaller else ""
                 raise RuntimeConfigError(f"input {i} is {got} but the example inputs had {want}; the stages were "
                                          f"captured for that shape. Pass batches shaped like the example inputs{tail}.")
-        shares = split_batch((tuple(inputs), dict(kwargs)), self.dp * self.microbatches, "input", batch_size(leaves))
+        shares = split_batch((tuple(inputs), dict(kwargs)), self.dp * self.microbatches, "input",
+                             batch_size(leaves, dims), dims)
         return [self.captured.flatten_inputs(a, kw) for a, kw in self._own_share(shares)]
 
     def _own_share(self, microbatches: list[Any]) -> list[Any]:

@@ -1,7 +1,7 @@
 """plan_model: capture -> annotate -> profile -> coarsen -> solve (+ baselines), for one microbatch.
 
 Costs are per microbatch, so the example inputs (a global batch) are cut to
-one microbatch along dim 0 before capture, as the runtime does.
+one microbatch along their batch dims (dim 0 unless batch_dims says) before capture, as the runtime does.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from partitioner.cost_models.loss import profile_loss
 from partitioner.cost_models.node_costs import NodeCosts
 from partitioner.cost_models.profile import graph_float_dtype, parameter_state_bytes, profile
 from partitioner.errors import PlanError
-from partitioner.microbatch import batch_size, split_batch
+from partitioner.microbatch import BatchDims, batch_size, split_batch
 from partitioner.passes.annotate import AnnotatedGraph, annotate
 from partitioner.passes.capture import Captured, capture
 from partitioner.passes.coarsen import BlockGraph, attach_loss, coarsen
@@ -117,11 +117,11 @@ def package_version() -> str:
 
 
 def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbatches: int,
-                      data_parallel: int = 1) -> tuple[tuple, dict]:
-    """Cut every tensor whose dim 0 is the global batch to one microbatch of one replica (the first):
-    batch / (data_parallel x microbatches) samples."""
+                      data_parallel: int = 1, batch_dims: BatchDims = BatchDims()) -> tuple[tuple, dict]:
+    """Cut every tensor whose batch dim (batch_dims.inputs: 0 by default) holds the global batch to
+    one microbatch of one replica (the first): batch / (data_parallel x microbatches) samples."""
     inputs = (tuple(example_args), dict(example_kwargs or {}))
-    batch = batch_size(inputs)
+    batch = batch_size(inputs, batch_dims.inputs)
     if batch is None:
         return inputs
     if data_parallel > 1:
@@ -131,7 +131,7 @@ def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbat
         raise PlanError(f"the global batch of the example inputs is {batch}, not divisible into {microbatches} "
                         f"microbatches: use --batch {microbatches * max(1, -(-batch // microbatches))} "
                         f"or --microbatches dividing {batch}")
-    args, kwargs = split_batch(inputs, microbatches, "example input", batch)[0]
+    args, kwargs = split_batch(inputs, microbatches, "example input", batch, batch_dims.inputs)[0]
     return tuple(args), dict(kwargs)
 
 
@@ -150,7 +150,8 @@ def check_plan_config(config: PlanConfig) -> tuple[str, int]:
 
 def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | None, config: PlanConfig,
                on_step: Callable[[str], None] | None = None, loss_fn: Callable[[Any, Any], Any] | None = None,
-               example_target: Any = None, need_graph: bool = True) -> PlanResult:
+               example_target: Any = None, need_graph: bool = True,
+               batch_dims: BatchDims = BatchDims()) -> PlanResult:
     """Plan `model` (called as model(*example_args, **example_kwargs) on a global batch: with
     config.data_parallel replicas, the batch of all of them, costed per microbatch of one replica).
 
@@ -160,14 +161,16 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     need_graph: capture even when the profile cache holds the model (the runtime splits the
         graph); False (the CLI) leaves PlanResult.captured None on a cache hit.
     config.use_cache: read and write the profile cache (partitioner/profile_cache.py).
+    batch_dims: where the batch lies in each input leaf and the target (microbatch.resolve_batch_dims).
     """
     step = on_step or (lambda msg: None)
     _, m = check_plan_config(config)
-    args, kwargs = microbatch_inputs(example_args, example_kwargs, m, config.data_parallel)
+    args, kwargs = microbatch_inputs(example_args, example_kwargs, m, config.data_parallel, batch_dims)
     spec = get_device_spec(config.device_type)
     profiled = _capture_and_profile(model, args, kwargs, config, spec, step, need_graph, loss_fn,
                                     example_target, m * config.data_parallel,
-                                    batch_size((example_args, example_kwargs)))
+                                    batch_size((example_args, example_kwargs or {}), batch_dims.inputs),
+                                    batch_dims.target)
     result = plan_profiled(profiled.annotated, profiled.costs, profiled.loss_costs, config, on_step,
                            model_name=type(model).__name__)
     result.captured, result.profile_key = profiled.captured, profiled.key
@@ -249,12 +252,14 @@ class _Profiled:
 
 def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, config: PlanConfig, spec: DeviceSpec,
                          step: Callable[[str], None], need_graph: bool, loss_fn: Any, example_target: Any,
-                         parts: int, global_batch: int | None) -> _Profiled:
+                         parts: int, global_batch: int | None, target_dim: int = 0) -> _Profiled:
     """Capture, annotate and profile one microbatch (and the loss), or read them from the profile cache.
 
-    parts: microbatches of the global batch (x data-parallel replicas); the target is cut to one."""
+    parts: microbatches of the global batch (x data-parallel replicas); the target is cut to one
+    along target_dim."""
     with_loss = loss_fn is not None and example_target is not None
-    target = split_batch(example_target, parts, "example target", global_batch)[0] if with_loss else None
+    target = (split_batch(example_target, parts, "example target", global_batch, target_dim)[0]
+              if with_loss else None)
     key, hit = None, None
     if config.use_cache:
         options = (config.dtype, config.mixed_precision, config.compiled) + (("measured",) if config.measure else ())

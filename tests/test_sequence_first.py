@@ -1,6 +1,7 @@
 """partitioner/sequence_first.py: a split that would cut the sequences of nn.MultiheadAttention or an
-RNN fed sequence-first inputs is refused by name; batch-first models, and models that transpose to
-sequence-first inside forward, compile and train as the unpartitioned model does."""
+RNN fed sequence-first inputs is refused by name, suggesting batch_dims= for the input; batch-first
+models, and models that transpose to sequence-first inside forward, compile and train as the
+unpartitioned model does (sequence-first ones with batch_dims: tests/test_batch_dims.py)."""
 from __future__ import annotations
 
 import copy
@@ -58,7 +59,8 @@ def compile_two(model, x):
 def test_sequence_first_inputs_are_refused_by_module(model, name):
     x = torch.randn(SEQ, BATCH, DIM)  # (seq, batch, dim): dim 0, which microbatches cut, is the sequence
     with pytest.raises(RuntimeConfigError, match=rf"{re.escape(name)}, batch_first=False\) reads \(6, 4, 16\).*\(3, 4, 16\) per microbatch"
-                                                 r".*cuts its sequences.*batch_first=True"):
+                                                 r": cutting the batch into 2 microbatches \(along dim 0 of 'x'\) cuts its "
+                                                 r"sequences.*Pass batch_dims=\{'x': 1\} to compile_parallel.*batch_first=True"):
         compile_two(model, x)
 
 
