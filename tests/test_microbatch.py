@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from partitioner.errors import RuntimeConfigError
-from partitioner.microbatch import batch_size, split_batch
+from partitioner.microbatch import BatchDims, batch_size, resolve_batch_dims, split_batch
 
 
 def test_batch_size_is_dim0_of_the_first_tensor_with_a_dimension():
@@ -22,3 +22,26 @@ def test_split_keeps_non_batch_inputs_whole_and_rejoins_exactly():
 def test_split_refuses_a_batch_that_does_not_divide():
     with pytest.raises(RuntimeConfigError, match="target has batch size 5, which cannot be split into 2"):
         split_batch(torch.zeros(5), 2, "target")
+
+
+def test_the_batch_and_the_split_follow_each_leafs_batch_dim():
+    x, mask, shared = torch.arange(48).reshape(6, 4, 2), torch.arange(24).reshape(4, 6), torch.zeros(6, 6)
+    inputs, dims = ((x,), {"mask": mask, "shared": shared}), [1, 0, 1]
+    assert batch_size(inputs, dims) == 4
+    parts = split_batch(inputs, 2, "input", batch=4, dims=dims)
+    assert torch.equal(torch.cat([p[0][0] for p in parts], 1), x) and parts[0][0][0].shape == (6, 2, 2)
+    assert torch.equal(torch.cat([p[1]["mask"] for p in parts]), mask)
+    assert all(p[1]["shared"] is shared for p in parts)  # (6, 6): its dim 1 is no batch of 4
+
+
+def test_batch_dims_resolve_by_name_to_every_leaf():
+    leaves = [torch.zeros(6, 4, 2), torch.zeros(4, 6), torch.zeros(4, 6), 3]
+    names = ["x", "batch[0]", "batch[1]", "n"]
+    assert resolve_batch_dims(None, names, leaves) == BatchDims()
+    assert resolve_batch_dims({"x": -2, "target": 1}, names, leaves) == BatchDims((1, 0, 0, 0), 1)
+    assert resolve_batch_dims({"batch": 1}, names, leaves).inputs == (0, 1, 1, 0)
+    assert resolve_batch_dims(1, names, leaves) == BatchDims((1, 1, 1, 0), 1)
+    with pytest.raises(RuntimeConfigError, match=r"'y', which is no input.*\['x', 'batch\[0\]', 'batch\[1\]', 'n'\]"):
+        resolve_batch_dims({"y": 1}, names, leaves)
+    with pytest.raises(RuntimeConfigError, match="input 'n' on dim 0, but it is not a tensor"):
+        resolve_batch_dims({"n": 0}, names, leaves)
