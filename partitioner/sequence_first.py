@@ -34,8 +34,8 @@ def check_split_keeps_sequences(model: nn.Module, args: tuple, kwargs: dict, mic
                                 dims: Dims = 0) -> None:
     """Raise RuntimeConfigError if cutting the example batch into `microbatches` along the inputs'
     batch dims (`dims`, per flattened input leaf) cuts the sequences that one of `model`'s sequence
-    modules reads. Silent where the model does not run on fake tensors (nothing is known then) or
-    has no sequence module."""
+    modules reads. Silent where the model does not run on fake tensors at the example batch (nothing
+    is known then) or has no sequence module."""
     batch = batch_size((args, kwargs), dims)
     named = [(name, m) for name, m in model.named_modules() if isinstance(m, SEQUENCE_MODULES)]
     if not named or microbatches == 1 or batch is None or batch % microbatches:
@@ -47,7 +47,10 @@ def check_split_keeps_sequences(model: nn.Module, args: tuple, kwargs: dict, mic
         try:
             run_fake(model, model.training, args, kwargs, rows, dims)
         except Exception:  # noqa: BLE001 - the shapes are unknown; capture says why if it matters
-            return
+            if rows == batch:
+                return
+            # a microbatch that fails (e.g. a (batch, seq) mask against cut sequences) may already have
+            # shown a sequence module its shrunk input: the shapes recorded before the failure still tell
         finally:
             for h in hooks:
                 h.remove()

@@ -64,6 +64,26 @@ def test_sequence_first_inputs_are_refused_by_module(model, name):
         compile_two(model, x)
 
 
+class Encoder(nn.Module):
+    """nn.TransformerEncoder (sequence-first) with a (batch, seq) padding mask, which dim 0 does not cut."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(DIM, 2, 32, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, src, src_key_padding_mask):
+        return self.enc(src, src_key_padding_mask=src_key_padding_mask)
+
+
+def test_a_transformer_whose_padding_mask_fails_per_microbatch_is_refused_naming_batch_dims():
+    x, mask = torch.randn(SEQ, BATCH, DIM), torch.zeros(BATCH, SEQ, dtype=torch.bool)
+    with pytest.raises(RuntimeConfigError, match=r"'enc.layers.0.self_attn' \(MultiheadAttention.*\(3, 4, 16\) per "
+                                                 r"microbatch.*Pass batch_dims=\{'src': 1\}"):
+        compile_parallel(Encoder(), ["cpu", "cpu"], (x,), nn.functional.mse_loss, microbatches=2,
+                         example_kwargs={"src_key_padding_mask": mask})
+
+
 @pytest.mark.parametrize("model", [Attention(batch_first=True), Attention(batch_first=False, transpose=True),
                                    Recurrent(batch_first=True)], ids=["batch-first", "transposed-inside", "lstm"])
 def test_batch_first_inputs_train_as_the_model(model):
