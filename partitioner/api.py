@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 from partitioner.cost_models.device import spec_for_torch_device
 from partitioner.errors import CaptureError, RuntimeConfigError
 from partitioner.materialise import materialise
-from partitioner.microbatch import BatchDims, batch_size, resolve_batch_dims, split_batch
+from partitioner.microbatch import BatchDims, batch_size, leaf_dim, resolve_batch_dims, split_batch
 from partitioner.modes import ModeSource, meta_skeleton
 from partitioner.parallel_model import ParallelModel
 from partitioner.plan import Plan
@@ -418,7 +418,7 @@ def _first_batched(model: torch.nn.Module, args: tuple, kwargs: dict, dims: Batc
     leaves = pytree.tree_leaves((args, kwargs))
     names = input_leaf_names(model, args, kwargs)
     for i, (n, x) in enumerate(zip(names, leaves)):
-        d = dims.inputs if isinstance(dims.inputs, int) else dims.inputs[i]
+        d = leaf_dim(dims.inputs, i)
         if batch_size(x, d) is not None:
             return n, d
     raise AssertionError("no input holds the batch")  # the caller found a batch size
@@ -430,7 +430,7 @@ def _split_hint(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | 
     batch): capture saw them cut."""
     leaves = pytree.tree_leaves((args, kwargs))
     names = input_leaf_names(model, args, kwargs)
-    per_leaf = [dims.inputs if isinstance(dims.inputs, int) else dims.inputs[i] for i in range(len(leaves))]
+    per_leaf = [leaf_dim(dims.inputs, i) for i in range(len(leaves))]
     tensors = [(n, x, d) for n, x, d in zip(names, leaves, per_leaf) if batch_size(x, d) is not None]
     cut = [(f"'{n}' {tuple(x.shape)}", d) for n, x, d in tensors[1:] if batch is not None and batch_size(x, d) == batch]
     if not cut:

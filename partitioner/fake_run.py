@@ -14,7 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
-from partitioner.microbatch import Dims, batch_size, is_batched
+from partitioner.microbatch import Dims, batch_size, is_batched, leaf_dim
 
 
 def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, rows: int | None,
@@ -34,7 +34,7 @@ def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, 
 
     state = {name: fake(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
     leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-    leaves = [fake(x, _resized_dim(x, full, dims if isinstance(dims, int) else dims[i]))
+    leaves = [fake(x, _resized_dim(x, full, leaf_dim(dims, i)))
               if isinstance(x, torch.Tensor) else x for i, x in enumerate(leaves)]
     fake_args, fake_kwargs = pytree.tree_unflatten(leaves, spec)
     switch = model.training != training

@@ -59,7 +59,8 @@ def resolve_batch_dims(batch_dims: int | dict[str, int] | None, names: list[str]
             continue
         d = given[name]
         if not isinstance(x, torch.Tensor) or not -x.dim() <= d < x.dim():
-            what = f"has shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"is not a tensor ({type(x).__name__})"
+            what = (f"has shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else
+                    f"is not a tensor ({type(x).__name__})")
             fix = ("pass batch_dims as a dict naming the inputs whose batch is on that dim, e.g. "
                    f"{{{names[0]!r}: {d}}}" if isinstance(batch_dims, int) else f"give {name!r} a dim it has")
             raise RuntimeConfigError(f"compile_parallel: batch_dims puts the batch of input {name!r} on dim {d}, "
@@ -73,9 +74,14 @@ def _names_leaf(key: str, name: str) -> bool:
     return name == key or name.startswith(key + "[")
 
 
+def leaf_dim(dims: Dims, i: int) -> int:
+    """Flattened leaf i's batch dim as `dims` gives it (one int for every leaf, or one per leaf)."""
+    return dims if isinstance(dims, int) else dims[i]
+
+
 def _dim(dims: Dims, i: int, leaf: torch.Tensor) -> int | None:
     """Leaf i's batch dim, non-negative; None when the leaf has no such dim."""
-    d = dims if isinstance(dims, int) else dims[i]
+    d = leaf_dim(dims, i)
     d = d + leaf.dim() if d < 0 else d
     return d if 0 <= d < leaf.dim() else None
 
@@ -105,7 +111,7 @@ def split_batch(inputs: Any, microbatches: int, what: str, batch: int | None = N
     leaves, spec = pytree.tree_flatten(inputs)
     parts = []
     for i, leaf in enumerate(leaves):
-        dim = dims if isinstance(dims, int) else dims[i]
+        dim = leaf_dim(dims, i)
         if not is_batched(leaf, batch, dim):
             parts.append([leaf] * microbatches)
             continue

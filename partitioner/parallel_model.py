@@ -19,7 +19,7 @@ from partitioner.checkpoint import save as save_checkpoint
 from partitioner.cost_models.profile import graph_float_dtype
 from partitioner.errors import RuntimeConfigError
 from partitioner.grad_clip import clip_grad_norm_
-from partitioner.microbatch import BatchDims, batch_size, split_batch
+from partitioner.microbatch import BatchDims, batch_size, leaf_dim, split_batch
 from partitioner.modes import ModeGraphs, ModeSource, build_mode
 from partitioner.output_assembly import assemble, whole_batch_shapes
 from partitioner.plan import Plan
@@ -185,7 +185,7 @@ class ParallelModel:
                     isinstance(x, torch.Tensor) and (x.shape != ex.shape or x.dtype != ex.dtype)):
                 got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
                 want = f"{tuple(ex.shape)} {ex.dtype}" if isinstance(ex, torch.Tensor) else repr(ex)
-                d = dims if isinstance(dims, int) else dims[i]
+                d = leaf_dim(dims, i)
                 smaller = (isinstance(x, torch.Tensor) and x.dim() == ex.dim() > d
                            and all(a == b for k, (a, b) in enumerate(zip(x.shape, ex.shape)) if k != d)
                            and x.shape[d] < ex.shape[d])

@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from partitioner.errors import RuntimeConfigError
 from partitioner.fake_run import run_fake
-from partitioner.microbatch import Dims, batch_size, is_batched
+from partitioner.microbatch import Dims, batch_size, is_batched, leaf_dim
 from partitioner.passes.capture import input_leaf_names
 
 
@@ -77,8 +77,8 @@ def _cut_inputs(model: nn.Module, args: tuple, kwargs: dict, batch: int, dims: D
     cut input with the dim after it (the batch dim of a (seq, batch, ...) tensor)."""
     leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
     names = input_leaf_names(model, tuple(args), dict(kwargs))
-    cut = [(n, dims if isinstance(dims, int) else dims[i]) for i, (n, x) in enumerate(zip(names, leaves))
-           if is_batched(x, batch, dims if isinstance(dims, int) else dims[i])]
+    cut = [(n, leaf_dim(dims, i)) for i, (n, x) in enumerate(zip(names, leaves))
+           if is_batched(x, batch, leaf_dim(dims, i))]
     where = ", ".join(f"dim {d} of '{n}'" for n, d in cut[:3]) + (", ..." if len(cut) > 3 else "")
     first, d = cut[0]
     if d != 0:
