@@ -33,7 +33,7 @@ from partitioner.cost_models.device import spec_for_torch_device
 from partitioner.errors import CaptureError, RuntimeConfigError
 from partitioner.materialise import materialise
 from partitioner.microbatch import BatchDims, batch_size, leaf_dim, resolve_batch_dims, split_batch
-from partitioner.modes import ModeSource, meta_skeleton
+from partitioner.modes import ModeSource, fake_skeleton
 from partitioner.parallel_model import ParallelModel
 from partitioner.plan import Plan
 from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
@@ -264,7 +264,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                         stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None,
                         stage_loss=fused, cudagraph_steps=calls.cudagraph_steps,
                         foreach_grads=calls.gradients_at_once and dp_stages is None)
-    source = ModeSource(meta_skeleton(model), mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
+    source = ModeSource(fake_skeleton(model), mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
                         compile_options=options, timeout_s=timeout_s, check_loss=_checked_loss)
     step_graph = StepGraph(executor.train_step, lambda: [t for _, t in store.named_parameters() if t.requires_grad],
                            devices[0]) if cuda_graph else None

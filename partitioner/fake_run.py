@@ -32,7 +32,10 @@ def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, 
             shape[dim] = rows
         return mode.from_tensor(torch.empty(shape, dtype=t.dtype, device="meta"))
 
-    state = {name: fake(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    # parameters require grad as the real ones do, and the run keeps grad on, as capture does: a module
+    # with an inference-only fast path (nn.TransformerEncoder's nested tensors) takes the path captured
+    state = {name: fake(t).requires_grad_(t.requires_grad) for name, t in model.named_parameters()}
+    state.update({name: fake(t) for name, t in model.named_buffers()})
     leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     leaves = [fake(x, _resized_dim(x, full, leaf_dim(dims, i)))
               if isinstance(x, torch.Tensor) else x for i, x in enumerate(leaves)]
@@ -41,7 +44,7 @@ def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, 
     try:
         if switch:
             model.train(training)
-        with torch.no_grad(), mode:
+        with torch.enable_grad(), mode:
             return torch.func.functional_call(model, state, fake_args, fake_kwargs)
     finally:
         if switch:

@@ -4,11 +4,13 @@ A captured graph cannot switch modes: torch.export bakes `module.training` into
 it (dropout becomes `aten.dropout(x, p, train)`, SDPA gets `dropout_p`, batch
 norm picks its training or inference op, Python `if self.training:` branches
 are resolved at capture). So the other mode is captured once, lazily, on the
-first switch: the original model is traced again in that mode (on FakeTensors:
-no weights are copied), split with the same plan (node names matched by op and
-module along the topological order, since the graphs differ by a few nodes),
-and its stages read the very same parameter and buffer tensors as the first
-mode's, so optimizer steps and loaded checkpoints apply to both.
+first switch: the original model is traced again in that mode (on FakeTensors
+that keep its weights' devices, as the first capture: no weights are kept),
+split with the same plan (node names matched by op and module along the
+topological order, since the graphs differ by a few nodes; each parameter read
+on a rank that holds it), and its stages read the very same parameter and
+buffer tensors as the first mode's, so optimizer steps and loaded checkpoints
+apply to both.
 """
 from __future__ import annotations
 
@@ -19,12 +21,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from partitioner.errors import RuntimeConfigError
 from partitioner.plan import Plan
 from partitioner.plan_model import capture_for_training
-from partitioner.passes.capture import Captured, get_attr, set_attr
+from partitioner.passes.capture import Captured, get_attr, mutates, set_attr, written_values
 from partitioner.passes.split import StageModule, place_on_device, split
+from partitioner.passes.writes import stage_mates, storage_root
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
 from partitioner.runtime.compiled import compile_stages, uses_cudagraphs
 from partitioner.runtime.executor import Executor, in_process_order
@@ -34,27 +38,34 @@ if TYPE_CHECKING:
     from partitioner.parallel_model import ParallelModel
 
 
-def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` whose parameters and buffers are on the meta device (tied ones still
-    tied): enough to capture it again, without keeping the user's weights alive. The model itself
-    if it cannot be deep-copied (said once)."""
+def fake_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` to capture it again without keeping its weights alive: its parameters and
+    buffers are FakeTensors (no storage) that keep their real device, dtype and tied-ness, so the
+    capture takes the paths the first one took (code branching on `x.device`: transformers' MoE
+    picks its histogram dtype so). A model built on meta stays on meta, where its first capture
+    ran. The model itself if it cannot be deep-copied (said once)."""
+    on_meta = any(p.is_meta for p in model.parameters())
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
     memo: dict[int, Any] = {}
     for t in [*model.parameters(), *model.buffers()]:
-        meta = t.detach().to("meta")
-        memo[id(t)] = torch.nn.Parameter(meta, t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+        if on_meta:
+            meta = t.detach().to("meta")
+            memo[id(t)] = torch.nn.Parameter(meta, t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+        else:
+            memo[id(t)] = mode.from_tensor(t)  # a Parameter stays one, requires_grad kept
     try:
         return copy.deepcopy(model, memo)
     except Exception as err:  # noqa: BLE001
         warnings.warn(f"ParallelModel keeps a reference to the {type(model).__name__} it was compiled from (to "
-                      f"capture it in the other train/eval mode), as it cannot be deep-copied onto the meta "
-                      f"device ({type(err).__name__}: {err}); its weights stay in memory.", stacklevel=3)
+                      f"capture it in the other train/eval mode), as it cannot be deep-copied with FakeTensors "
+                      f"for its weights ({type(err).__name__}: {err}); its weights stay in memory.", stacklevel=3)
         return model
 
 
 @dataclass
 class ModeSource:
     """How compile_parallel captured and compiled the model: what capturing it again needs
-    (`model`: its meta_skeleton)."""
+    (`model`: its fake_skeleton)."""
 
     model: torch.nn.Module
     args: tuple
@@ -86,10 +97,16 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
     was = model.training
     model.train(training)
     try:
-        captured = capture_for_training(model, source.args, source.kwargs, source.mixed_precision)
+        # with grad on, as compile_parallel captures: the graph serves train_step too, and the model takes
+        # the path it takes when training (nn.TransformerEncoder's inference fast path, taken under no_grad,
+        # cannot be traced anyway)
+        with torch.enable_grad():
+            captured = capture_for_training(model, source.args, source.kwargs, source.mixed_precision)
     finally:
         model.train(was)
+    mode = "train" if training else "eval"
     stages = split(captured, plan_like(captured, pm.captured, pm.plan))
+    _check_reads_held(pm, stages, mode)
     local_ranks = list(range(pm.plan.num_ranks)) if pm.rank is None else [pm.rank]
     if pm.data_parallel is not None:
         # FSDP2 swaps the compiled mode's parameters between sharded and gathered ones; the gathered
@@ -104,12 +121,8 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
     for st in stages:
         if st.rank in local_ranks:
             for fqn in [*st.params, *st.buffers]:
-                if (fqn, st.rank) not in tensor_of:  # read in this mode only: a constant of the new capture
-                    src = get_attr(captured.graph_module, fqn)
-                    if src.device.type == "meta":
-                        raise RuntimeConfigError(f"ParallelModel.{'train' if training else 'eval'}: '{fqn}' is read "
-                                                 "only in this mode and is on the meta device; materialise it.")
-                    tensor_of[(fqn, st.rank)] = src.detach().to(stage_device[st.stage])
+                if (fqn, st.rank) not in tensor_of:
+                    tensor_of[(fqn, st.rank)] = _read_elsewhere(pm, captured, st, fqn, stage_device[st.stage], mode)
                 set_attr(st.graph_module, fqn, tensor_of[(fqn, st.rank)])
         place_on_device(st, stage_device[st.stage])
     sched = pm.executor.schedule
@@ -132,29 +145,134 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
     return ModeGraphs(captured, stages, executor)
 
 
+def _holders(pm: "ParallelModel", fqn: str) -> list[tuple[int, int]]:
+    """(stage, rank) of every stage reading `fqn` in the mode compiled; state none reads: rank 0's."""
+    held = sorted((st.stage, st.rank) for st in pm.stages if fqn in [*st.params, *st.buffers])
+    return held or ([(-1, 0)] if fqn in pm.store.model_keys else [])
+
+
+def _describe(held: list[tuple[int, int]]) -> str:
+    return ", ".join(f"stage {k} on rank {r}" if k >= 0 else f"rank {r} (no stage reads it)" for k, r in held)
+
+
+def _check_reads_held(pm: "ParallelModel", stages: list[StageModule], mode: str) -> None:
+    """Under torchrun a rank holds only its own stages' tensors: a stage of this mode reading another
+    rank's parameter or buffer (plan_like could not move the read there) is refused, on every rank
+    alike (each splits the same graph)."""
+    if pm.rank is None:
+        return
+    for st in stages:
+        for fqn in [*st.params, *st.buffers]:
+            held = _holders(pm, fqn)
+            if held and st.rank not in {r for _, r in held}:
+                raise RuntimeConfigError(
+                    f"ParallelModel.{mode}: in {mode} mode stage {st.stage} (rank {st.rank}) reads '{fqn}', which "
+                    f"{_describe(held)} holds in the mode compiled; the read cannot move to that rank (what it "
+                    "needs is computed, or what it computes is needed, on other ranks' stages), and under torchrun "
+                    f"a rank holds only its own stages' tensors. Compile the model in {mode} mode (model.{mode}() "
+                    "before compile_parallel) so the plan places the read, or run the pipeline in one process.")
+
+
+def _read_elsewhere(pm: "ParallelModel", captured: Captured, stage: StageModule, fqn: str, device: torch.device,
+                    mode: str) -> torch.Tensor:
+    """The tensor `fqn` for a stage of this mode on a rank whose stages in the mode compiled do not
+    read it: in one process the store's tensor there, or a copy kept in step with it (plan_like could
+    not move the read to a rank holding it); a constant the new capture made, copied from it."""
+    held = _holders(pm, fqn)
+    if not held:  # a constant of the new capture (made in forward)
+        src = get_attr(captured.graph_module, fqn)
+        if src.device.type == "meta" or isinstance(src, FakeTensor):
+            raise RuntimeConfigError(f"ParallelModel.{mode}: '{fqn}' is read only in {mode} mode, and its value was "
+                                     "not kept (a non-persistent buffer?); make it a persistent buffer "
+                                     "(register_buffer(..., persistent=True)) and compile again.")
+        return src.detach().to(device)
+    tensor = pm.store.read_on(fqn, device)
+    if tensor is not pm.store.exposed(fqn) and _written_in(stage.graph_module, fqn):
+        raise RuntimeConfigError(
+            f"ParallelModel.{mode}: in {mode} mode stage {stage.stage} writes '{fqn}' in place on {device}, but "
+            f"{_describe(held)} holds it on {pm.store.exposed(fqn).device}; a write into a copy would be lost. "
+            f"Compile the model in {mode} mode (model.{mode}() before compile_parallel) so the plan places it, or "
+            "put these ranks on one device.")
+    return tensor
+
+
+def _written_in(gm: torch.fx.GraphModule, fqn: str) -> bool:
+    """Some op of `gm` writes into its parameter or buffer `fqn` in place (directly or through a view)."""
+    return any(mutates(n) and any(r.op == "get_attr" and r.target == fqn for r in map(storage_root, written_values(n)))
+               for n in gm.graph.nodes)
+
+
 def plan_like(captured: Captured, planned: Captured, plan: Plan) -> Plan:
     """`plan` carried over to another capture of the same model: compute nodes are matched along
     the topological order by (op, owning module); a node of `captured` with no match joins the
-    stage of the node before it, and no node comes before the stages of its inputs."""
-    def compute(c: Captured) -> list[torch.fx.Node]:
-        return [n for n in c.graph_module.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
-
-    def key(n: torch.fx.Node) -> str:
-        stack = n.meta.get("nn_module_stack") or {}
-        return f"{n.target}@{list(stack.values())[-1][0] if stack else ''}"
-
-    old, new = compute(planned), compute(captured)
-    matcher = difflib.SequenceMatcher(None, [key(n) for n in old], [key(n) for n in new], autojunk=False)
+    stage of the node before it. Then a node reading a parameter or buffer moves to the nearest
+    stage of a rank that holds it under `plan` (state no stage reads: rank 0; constants are copied
+    wherever they are read), so that ranks keep reading their own tensors: the matching may put a
+    read elsewhere (the graphs differ), or the other mode reads it elsewhere (RWKV rescales every
+    block's weights at the start of its eval forward). A node moves no earlier than its inputs' stages, and later only as far as its
+    matched readers' stages (unmatched readers follow it), so that no other node is pushed off its
+    stage; nodes a split keeps together (passes/writes.py: stage_mates) share a stage. A read that
+    cannot move stays (build_mode reads the holder's tensor there, or says why it cannot)."""
+    old, new = _compute_nodes(planned), _compute_nodes(captured)
+    matcher = difflib.SequenceMatcher(None, [_key(n) for n in old], [_key(n) for n in new], autojunk=False)
     match = {}
     for block in matcher.get_matching_blocks():
         for i in range(block.size):
             match[block.b + i] = old[block.a + i]
-    stage_of: dict[torch.fx.Node, int] = {}
+    base: dict[torch.fx.Node, int] = {}  # the stages by matching alone
+    anchored: set[torch.fx.Node] = set()
     prev = 0
     for j, n in enumerate(new):
-        k = plan.node_stage[match[j].name] if j in match and match[j].name in plan.node_stage else prev
-        k = max([k, *(stage_of[i] for i in n.all_input_nodes if i in stage_of)])
-        stage_of[n] = prev = k
+        if j in match and match[j].name in plan.node_stage:
+            prev = plan.node_stage[match[j].name]
+            anchored.add(n)
+        base[n] = prev = max([prev, *(base[i] for i in n.all_input_nodes if i in base)])
+    last = plan.num_stages - 1
+    latest: dict[torch.fx.Node, int] = {}  # how late a node may go without pushing a matched one
+    for n in reversed(new):
+        latest[n] = min([last, *(base[u] if u in anchored else latest[u] for u in n.users if u in base)])
+    holders = _state_holders(planned, plan)
+    gm = captured.graph_module
+    state = {name for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers()]}
+    stage_of: dict[torch.fx.Node, int] = {}
+    for n in new:
+        lo = max([0, *(stage_of[i] for i in n.all_input_nodes if i in stage_of)])
+        k = max(base[n], lo)
+        held = [holders.get(i.target, {0}) for i in n.all_input_nodes if i.op == "get_attr" and i.target in state]
+        ranks = set.intersection(*held) if held else set()
+        if held and plan.stage_rank[k] not in ranks:
+            options = [s for s in range(lo, max(k, latest[n]) + 1) if plan.stage_rank[s] in ranks]
+            k = min(options, key=lambda s: (abs(s - k), s), default=k)
+        stage_of[n] = k
+    _keep_together(new, stage_of)
     return plan.replace(node_stage={n.name: k for n, k in stage_of.items()})
 
 
+def _state_holders(captured: Captured, plan: Plan) -> dict[str, set[int]]:
+    """FQN of every parameter and buffer `captured` reads -> the ranks whose stages read it under `plan`."""
+    return {n.target: {plan.stage_rank[plan.node_stage[u.name]] for u in n.users if u.name in plan.node_stage}
+            for n in captured.graph_module.graph.nodes if n.op == "get_attr"}
+
+
+def _compute_nodes(c: Captured) -> list[torch.fx.Node]:
+    return [n for n in c.graph_module.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+
+
+def _key(n: torch.fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack") or {}
+    return f"{n.target}@{list(stack.values())[-1][0] if stack else ''}"
+
+
+def _keep_together(nodes: list[torch.fx.Node], stage_of: dict[torch.fx.Node, int]) -> None:
+    """Raise stages until every node is at or after its inputs' stages and shares the latest stage
+    of its stage mates (stages only grow, so this ends)."""
+    by_name = {n.name: n for n in nodes}
+    changed = True
+    while changed:
+        changed = False
+        for n in nodes:
+            group = [n, *(by_name[m] for m in stage_mates(n) if m in by_name)]
+            k = max([*(stage_of[m] for m in group), *(stage_of[i] for i in n.all_input_nodes if i in stage_of)])
+            for m in group:
+                if stage_of[m] != k:
+                    stage_of[m], changed = k, True

@@ -60,7 +60,7 @@ class ParallelModel:
         self._example_leaves, self._example_spec = pytree.tree_flatten((example_args, example_kwargs))
         self._steps_run = 0
         self.source = source  # what captures the other mode (train/eval)
-        self.model = source.model if source is not None else None  # on meta: the structure, FQNs and shapes
+        self.model = source.model if source is not None else None  # fake weights: the structure, FQNs and shapes
         self.training = source.model.training if source is not None else True
         self._modes: dict[bool, Any] = {}
         self._whole_shapes: dict[bool, Any] = {}  # mode -> output leaves' shapes for this replica's batch

@@ -636,7 +636,10 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
                                     export_failed) from export_err
 
         keep, const = _normalise(gm, tied, tensor_leaf)
-        from partitioner.passes.writes import order_writes, snapshot_state_reads  # lazy: it reads mutates() from here
+        from partitioner.passes.writes import (inference_writes_per_call, order_writes,  # lazy: they read
+                                               snapshot_state_reads)  # mutates() from here
+        if not model.training:
+            inference_writes_per_call(gm)  # a write into a weight in eval forward: once per call, in a copy
         order_writes(gm)  # a split must see which readers come after an in-place write
         snapshot_state_reads(gm)  # a buffer written in forward is read as of its own microbatch
         from partitioner.passes.causal_mask import fold_causal_masks  # lazy: it reads constants with get_attr (here)

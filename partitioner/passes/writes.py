@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from partitioner.passes.capture import is_view, mutates, written_values
+from partitioner.passes.capture import get_attr, is_view, mutates, provenance, written_values
 
 
 def after_write(value: torch.Tensor, *writes: object) -> torch.Tensor:
@@ -84,6 +84,35 @@ def _writes_into(state: torch.fx.Node) -> list[torch.fx.Node]:
             elif is_view(user) and user.args[0] is value:
                 frontier.append(user)
     return writes
+
+
+def inference_writes_per_call(gm: torch.fx.GraphModule) -> int:
+    """For a graph captured in eval mode: a parameter written in forward is written in a copy taken
+    at each call, not in the parameter; returns how many parameters it copied.
+
+    An eval forward that writes its weights does so once, guarded by Python state the graph cannot
+    hold (RWKV divides its output weights by 2^(layer // rescale_every) on the first eval call, sets
+    a flag, and multiplies them back on the first training call). Captured, the write would run on
+    every microbatch of every call, compounding; in a copy, every call computes what the model's
+    computes and the parameters stay as training leaves them. Buffers keep their writes (state)."""
+    graph = gm.graph
+    copied = 0
+    for state in [n for n in graph.nodes if n.op == "get_attr"]:
+        if not isinstance(get_attr(gm, state.target), torch.nn.Parameter):
+            continue
+        writes = _writes_into(state)
+        if not writes:
+            continue
+        with graph.inserting_after(state):
+            copy = graph.call_function(torch.ops.aten.clone.default, (state,))
+        val = state.meta.get("val")
+        copy.meta = {**provenance(writes[0]), "val": val.clone() if isinstance(val, torch.Tensor) else val}
+        state.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+        copied += 1
+    if copied:
+        graph.lint()
+        gm.recompile()
+    return copied
 
 
 def snapshot_state_reads(gm: torch.fx.GraphModule) -> int:

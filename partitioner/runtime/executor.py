@@ -395,6 +395,25 @@ class ParameterStore:
                 if fqn in self.replicas:
                     self.replicas[fqn] = [get_attr(st.graph_module, fqn)]
 
+    def exposed(self, fqn: str) -> torch.Tensor | None:
+        """The tensor of `fqn` that parameters() and state_dict() give (None: not held here)."""
+        return self.replicas[fqn][0] if fqn in self.replicas else self.unused.get(fqn)
+
+    def read_on(self, fqn: str, device: torch.device) -> torch.Tensor:
+        """In one process, `fqn`'s tensor for a stage on `device` whose rank does not hold it (the other
+        train/eval mode reads it there, partitioner/modes.py): one already on `device`, else a copy
+        there kept in step as replicas are (refreshed before every step and forward, its gradient
+        summed into the exposed tensor after)."""
+        if fqn not in self.replicas:  # state no stage read: it gets replicas of its own
+            t = self.unused.pop(fqn)
+            self.replicas[fqn], self.aliases[fqn], self.is_param[fqn] = [t], [fqn], isinstance(t, torch.nn.Parameter)
+        copies = self.replicas[fqn]
+        here = next((t for t in copies if t.device == device), None)
+        if here is None:
+            here = _materialise(copies[0], device, self.is_param[fqn])
+            copies.append(here)
+        return here
+
     # ------------------------------------------------------------------ views
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
