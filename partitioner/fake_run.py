@@ -8,6 +8,7 @@ inputs split_batch cuts are resized to `rows` along their batch dims.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -41,12 +42,16 @@ def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, 
               if isinstance(x, torch.Tensor) else x for i, x in enumerate(leaves)]
     fake_args, fake_kwargs = pytree.tree_unflatten(leaves, spec)
     switch = model.training != training
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs a failing op before raising it:
+    level = fake_log.level                                          # the caller reports the failure
     try:
         if switch:
             model.train(training)
+        fake_log.setLevel(logging.CRITICAL)
         with torch.enable_grad(), mode:
             return torch.func.functional_call(model, state, fake_args, fake_kwargs)
     finally:
+        fake_log.setLevel(level)
         if switch:
             model.train(not training)
 
