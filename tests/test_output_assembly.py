@@ -20,52 +20,50 @@ from partitioner.passes.capture import capture
 from partitioner.passes.split import even_plan
 
 
-class PairScores(nn.Module):
-    """Per-sample features and a (batch, batch) score of every pair of samples."""
+class TwoLayers(nn.Module):
+    """Two linear layers: each model below returns its per-sample features and something else."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
 
+    def features(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class PairScores(TwoLayers):
+    """Per-sample features and a (batch, batch) score of every pair of samples."""
+
     def forward(self, x):
-        h = self.b(torch.relu(self.a(x)))
+        h = self.features(x)
         return {"h": h, "scores": h @ h.T}
 
 
-class SharedOutputs(nn.Module):
+class SharedOutputs(TwoLayers):
     """A per-sample output, a batch-independent one (a parameter) and a 0-dim one (a mean)."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
         self.scale = nn.Parameter(torch.randn(3, 2))
 
     def forward(self, x):
-        h = self.b(torch.relu(self.a(x)))
+        h = self.features(x)
         return h, self.scale * 1, h.pow(2).mean()
 
 
-class SequenceFirst(nn.Module):
+class SequenceFirst(TwoLayers):
     """Per-sample features, also returned sequence-first: (seq, batch, hidden)."""
 
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
-
     def forward(self, x):  # x: (batch, seq, 6)
-        h = self.b(torch.relu(self.a(x)))
+        h = self.features(x)
         return h, h.transpose(0, 1)
 
 
-class BatchMean(nn.Module):
+class BatchMean(TwoLayers):
     """An output of fixed shape that averages over the batch's samples."""
 
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
-
     def forward(self, x):
-        h = self.b(torch.relu(self.a(x)))
+        h = self.features(x)
         return h, h.mean(0)
 
 
