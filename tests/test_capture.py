@@ -90,7 +90,7 @@ def test_non_tensor_kwargs_are_baked_in_and_checked(small_zoo):
     c = capture(zm.model, zm.example_args, {"use_cache": False})
     assert c.input_names == ["input_ids"] and c.const_inputs == {1: False}
     assert len(c.flatten_inputs(zm.example_args, {"use_cache": False})) == 1
-    with pytest.raises(CaptureError, match="baked in"):
+    with pytest.raises(CaptureError, match="input 'use_cache' is True but the graph was captured with False baked in"):
         c.flatten_inputs(zm.example_args, {"use_cache": True})
     with pytest.raises(CaptureError, match="calling convention"):
         c.flatten_inputs(zm.example_args, {})

@@ -86,8 +86,9 @@ class Captured:
         for i, value in self.const_inputs.items():
             if not isinstance(leaves[i], torch.Tensor) and leaves[i] != value:
                 raise CaptureError(
-                    f"input leaf {i} is {leaves[i]!r} but the graph was captured with {value!r} baked in; "
-                    "capture again with this value.")
+                    f"input {_leaf_path(args, kwargs, i)} is {leaves[i]!r} but the graph was captured with {value!r} "
+                    "baked in (a Python value, not a tensor, is a constant of the graph): pass the value of the "
+                    "example inputs, or capture (compile_parallel) again with this one.")
         return [leaves[i] for i in self.input_leaf_indices]
 
     def unflatten_outputs(self, flat: list[Any]) -> Any:
@@ -107,6 +108,14 @@ def find_tied(model: torch.nn.Module) -> list[list[str]]:
     for fqn, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(fqn)
     return [g for g in groups.values() if len(g) > 1]
+
+
+def _leaf_path(args: tuple, kwargs: dict, i: int) -> str:
+    """Leaf i of (args, kwargs) as the caller wrote it: "'scale'" (keyword), "0" (positional), "'x'[1]"."""
+    path = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))[0][i][0]
+    top, key = path[0], path[1]
+    head = repr(key.key) if top.idx == 1 else str(key.idx)
+    return head + "".join(str(k) for k in path[2:])
 
 
 def input_leaf_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[str]:
