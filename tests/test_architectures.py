@@ -211,6 +211,33 @@ def test_batchnorm_with_cumulative_average_names_the_module_and_the_fix():
         compile_parallel(model, ["cpu"] * 2, args, loss_fn, example_target=target, microbatches=MICROBATCHES)
 
 
+class LayerDrop(nn.Module):
+    """Skips each layer with probability `layerdrop` in training (m2m_100's, nllb_moe's default)."""
+
+    def __init__(self, layerdrop: float):
+        super().__init__()
+        self.layerdrop = layerdrop
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            if self.training and torch.rand([]) < self.layerdrop:
+                continue
+            x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+def test_layerdrop_in_training_names_the_probability_and_the_fix():
+    """A layer skipped at random would be skipped for good by a traced graph: refused; at 0 it is said."""
+    args, target = (torch.randn(BATCH, 8),), torch.randint(0, 3, (BATCH,))
+    with pytest.raises(CaptureError, match=r"data-dependent control flow.*layerdrop = 0\.1 skip\(s\) layers at random"
+                                           r".*set it to 0"):
+        compile_parallel(LayerDrop(0.1), ["cpu"] * 2, args, loss_fn, example_target=target, microbatches=MICROBATCHES)
+    with pytest.warns(RuntimeWarning, match="drew random numbers.*replays that one draw every step"):
+        compile_parallel(LayerDrop(0.0), ["cpu"] * 2, args, loss_fn, example_target=target, microbatches=MICROBATCHES)
+
+
 class AddTable(nn.Module):
     """Adds a table shared by every sample, its first input, to the batch."""
 

@@ -19,6 +19,7 @@ import io
 import logging
 import operator
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -108,6 +109,33 @@ def find_tied(model: torch.nn.Module) -> list[list[str]]:
     for fqn, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(fqn)
     return [g for g in groups.values() if len(g) > 1]
+
+
+@contextlib.contextmanager
+def _random_draws_checked(model: torch.nn.Module):
+    """Around symbolic_trace: a draw from torch's default generators while tracing is said (the state is
+    restored), and refused where the model skips layers at random.
+
+    symbolic_trace records tensor ops on its proxies; a random draw that depends on no input (layerdrop's
+    `torch.rand([]) < p`, noise of a fixed shape) runs once while tracing instead, and the graph replays
+    that one draw every step: with layerdrop > 0 a layer skipped for good, a silent difference."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    before = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else [])
+    yield
+    after = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else [])
+    if torch.equal(before[0], after[0]) and all(torch.equal(a, b) for a, b in zip(before[1], after[1])):
+        return
+    torch.set_rng_state(before[0])
+    if cuda:
+        torch.cuda.set_rng_state_all(before[1])
+    from partitioner.passes.capture_errors import random_layer_skips  # lazy: it imports from here
+    if random_layer_skips(None, model):
+        raise RuntimeError("forward skips layers at random (layerdrop): traced, one draw would be replayed every step")
+    warnings.warn(f"{model_name(model)}'s forward drew random numbers that depend on no input while it was traced "
+                  "(torch.fx.symbolic_trace, after torch.export failed): the graph replays that one draw every "
+                  "step. If it decides anything (layerdrop or stochastic depth above 0, noise of a fixed shape), "
+                  "the pipeline differs from the model: make it 0, or draw with torch.rand_like on an input.",
+                  RuntimeWarning, stacklevel=4)
 
 
 def _leaf_path(args: tuple, kwargs: dict, i: int) -> str:
@@ -635,7 +663,7 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
                 check_inputs_eagerly(model, example_args, kwargs, names, leaves)
             tracker = ModuleTracker(model)
             try:
-                with tracker:
+                with tracker, _random_draws_checked(model):
                     gm, out_spec = _symbolic_trace(model, in_spec, leaves)
                 method = "symbolic_trace"
                 log.warning("torch.export failed on %s in %s (%s); captured with torch.fx.symbolic_trace instead",

@@ -133,14 +133,30 @@ def _is_meta_item_error(err: BaseException) -> bool:
 
 
 
-def known_cause(module: torch.nn.Module | None) -> str:
-    """Why a torch module known to read a tensor as a Python number fails to trace, or ""."""
+def known_cause(module: torch.nn.Module | None, model: torch.nn.Module | None = None) -> str:
+    """Why a module known to read a tensor as a Python number fails to trace, or ""."""
+    skips = random_layer_skips(module, model)
+    if skips:
+        return (f" In training, {', '.join(skips)} skip(s) layers at random (layerdrop: each layer draws a random "
+                "number and branches on it), which no graph can hold; set it to 0 for the pipeline (in the config "
+                "the model is built from, or on the module) or use dropout instead.")
     if (isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training
             and module.track_running_stats and module.momentum is None):
         return (" Its momentum is None (a cumulative moving average of the batch statistics), so torch's "
                 "BatchNorm divides by float(num_batches_tracked), a value read from a buffer that changes "
                 "every step; set the module's momentum to a number (e.g. 0.1, the default).")
     return ""
+
+
+def random_layer_skips(module: torch.nn.Module | None, model: torch.nn.Module | None) -> list[str]:
+    """Nonzero layerdrop probabilities of a model in training (its config's and the failing module's)."""
+    found = []
+    for owner, prefix in ((getattr(model, "config", None), "config."), (module, ""), (model, "")):
+        if owner is None or (model is not None and not model.training):
+            continue
+        found += [f"{prefix}{k} = {v}" for k, v in vars(owner).items()
+                  if "layerdrop" in k.lower() and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0]
+    return list(dict.fromkeys(found))
 
 
 def capture_error(model: torch.nn.Module, export_err: BaseException, export_where: str,
@@ -161,7 +177,7 @@ def capture_error(model: torch.nn.Module, export_err: BaseException, export_wher
     if is_data_dependent(export_err):
         return CaptureError(
             f"cannot capture {name}: data-dependent control flow in {export_where}: a Python branch or "
-            f"shape depends on tensor values ({first_line(export_err, 200)}).{known_cause(failed)} Make the "
+            f"shape depends on tensor values ({first_line(export_err, 200)}).{known_cause(failed, model)} Make the "
             "branch independent of tensor data (static shapes, torch.where, torch.cond), or move it "
             "out of the model.")
     trace_kind = " (data-dependent control flow)" if is_data_dependent(trace_err) else ""
