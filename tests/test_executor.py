@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import sys
 import zlib
 
 import pytest
@@ -176,3 +177,26 @@ def test_step_graph_keys_a_step_by_everything_but_tensor_values(monkeypatch):
     graph._spec = key
     inputs, targets = graph._unflatten([torch.ones(2, 3), torch.ones(2)])
     assert inputs[0][1] == 4 and torch.equal(inputs[0][0], torch.ones(2, 3)) and torch.equal(targets[0], torch.ones(2))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_an_error_inside_a_stage_says_which_stage_pass_and_microbatch_raised_it():
+    class Bags(torch.nn.Module):  # tokens + offsets: offsets' length is the batch, but the tokens are cut
+        def __init__(self):
+            super().__init__()
+            self.bag = torch.nn.EmbeddingBag(64, 8, mode="sum")
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, tokens, offsets):
+            h = self.bag(tokens, offsets)
+            for layer in self.layers:
+                h = torch.tanh(layer(h))
+            return h
+
+    tokens, offsets = torch.randint(0, 64, (12,)), torch.tensor([0, 3, 5, 9])
+    pm = compile_parallel(Bags(), ["cpu", "cpu"], (tokens, offsets), lambda out, t: out.pow(2).mean(),
+                          microbatches=2)
+    with pytest.raises(RuntimeError, match="offsets") as err:
+        pm.train_step(tokens, offsets)
+    assert any(note.startswith("partitioner: raised by 0F0 (forward of stage 0, microbatch 0; the stage holds bag.weight")
+               and "batch_dims" in note for note in err.value.__notes__)

@@ -159,15 +159,32 @@ class Executor:
                 if i + 1 < len(order):  # gloo posts the next action's receives now, NCCL when needed
                     self.transport.prefetch(comm.recvs[order[i + 1]])
                 with record_function(f"partitioner.{action}") if profiling else nullcontext():  # names it in traces
-                    if action.kind == "F":
-                        self._forward(action, comm, state)
-                    else:
-                        self._backward(action, comm, state)
-                        if self.stage_backward_done is not None and action in self._closes_stage:
-                            self.stage_backward_done(action.stage)
+                    try:
+                        if action.kind == "F":
+                            self._forward(action, comm, state)
+                        else:
+                            self._backward(action, comm, state)
+                            if self.stage_backward_done is not None and action in self._closes_stage:
+                                self.stage_backward_done(action.stage)
+                    except Exception as err:
+                        self._say_where(err, action)
+                        raise
         finally:
             state.saved.clear()
         self.transport.finish()
+
+    def _say_where(self, err: Exception, a: Action) -> None:
+        """Add to an error raised by an action which stage, pass and microbatch raised it, and what the
+        stage holds (a torch error from inside a stage names neither)."""
+        if not hasattr(err, "add_note") or any(n.startswith("partitioner: raised by")  # Python 3.11+; once
+                                                for n in getattr(err, "__notes__", [])):
+            return
+        st = self.stages[a.stage]
+        holds = f"{st.params[0]} ... {st.params[-1]}" if st.params else "no parameters"
+        err.add_note(f"partitioner: raised by {a} ({'forward' if a.kind == 'F' else 'backward'} of stage {a.stage}, "
+                     f"microbatch {a.microbatch}; the stage holds {holds}). Each microbatch gets the inputs cut "
+                     "along their batch dims (compile_parallel's batch_dims); an input cut that should go whole, "
+                     "or not cut that should be, shows up as a shape error here.")
 
     def _forward(self, a: Action, comm: CommPlan, state: "_StepState") -> None:
         st = self.stages[a.stage]
