@@ -209,10 +209,11 @@ def plan_like(captured: Captured, planned: Captured, plan: Plan) -> Plan:
     stage of a rank that holds it under `plan` (state no stage reads: rank 0; constants are copied
     wherever they are read), so that ranks keep reading their own tensors: the matching may put a
     read elsewhere (the graphs differ), or the other mode reads it elsewhere (RWKV rescales every
-    block's weights at the start of its eval forward). A node moves no earlier than its inputs' stages, and later only as far as its
-    matched readers' stages (unmatched readers follow it), so that no other node is pushed off its
-    stage; nodes a split keeps together (passes/writes.py: stage_mates) share a stage. A read that
-    cannot move stays (build_mode reads the holder's tensor there, or says why it cannot)."""
+    block's weights at the start of its eval forward). A node moves no earlier than its inputs'
+    stages, and later only as far as its matched readers' stages (unmatched readers follow it), so
+    that no other node is pushed off its stage; nodes a split keeps together (passes/writes.py:
+    stage_mates) share a stage. A read that cannot move stays (build_mode reads the holder's tensor
+    there, or says why it cannot)."""
     old, new = _compute_nodes(planned), _compute_nodes(captured)
     matcher = difflib.SequenceMatcher(None, [_key(n) for n in old], [_key(n) for n in new], autojunk=False)
     match = {}

@@ -86,8 +86,9 @@ class Captured:
                 "nesting). Call with the same structure as the example inputs, or capture again.")
         for i, value in self.const_inputs.items():
             if not isinstance(leaves[i], torch.Tensor) and leaves[i] != value:
+                name = input_leaf_names(None, args, kwargs)[i]
                 raise CaptureError(
-                    f"input {_leaf_path(args, kwargs, i)} is {leaves[i]!r} but the graph was captured with {value!r} "
+                    f"input '{name}' is {leaves[i]!r} but the graph was captured with {value!r} "
                     "baked in (a Python value, not a tensor, is a constant of the graph): pass the value of the "
                     "example inputs, or capture (compile_parallel) again with this one.")
         return [leaves[i] for i in self.input_leaf_indices]
@@ -138,18 +139,11 @@ def _random_draws_checked(model: torch.nn.Module):
                   RuntimeWarning, stacklevel=4)
 
 
-def _leaf_path(args: tuple, kwargs: dict, i: int) -> str:
-    """Leaf i of (args, kwargs) as the caller wrote it: "'scale'" (keyword), "0" (positional), "'x'[1]"."""
-    path = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))[0][i][0]
-    top, key = path[0], path[1]
-    head = repr(key.key) if top.idx == 1 else str(key.idx)
-    return head + "".join(str(k) for k in path[2:])
-
-
-def input_leaf_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[str]:
-    """A readable name for each leaf of (args, kwargs): "input_ids", "batch[0]", "x['a']"."""
+def input_leaf_names(model: torch.nn.Module | None, args: tuple, kwargs: dict) -> list[str]:
+    """A readable name for each leaf of (args, kwargs): "input_ids", "batch[0]", "x['a']" (positional
+    inputs "arg0", ... where forward's signature is unknown, e.g. model None)."""
     try:
-        names = list(inspect.signature(model.forward).parameters)
+        names = list(inspect.signature(model.forward).parameters) if model is not None else []
     except (TypeError, ValueError):
         names = []
     path_leaves, _ = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
