@@ -1,11 +1,12 @@
-"""What one rank holds in a training step under FSDP2 data parallelism, against partitioner/data_parallel_costs.py.
+"""What one rank holds in a training step under data parallelism, against partitioner/data_parallel_costs.py.
 
     python -m benchmarks.dp_memory                 # 2 gloo ranks on the CPU, 4 x Linear(512, 512)
 
 Each mode runs in fresh processes (2 ranks): "none" (no data parallelism), "fsdp"
-(fully_shard(reshard_after_forward=False)) and "replicate" (FSDP2's replicate), driven as
-the pipeline drives them: gradient sync and resharding off for every backward of the step but
-the last, then AdamW. torch's profiler records every allocation of the CPU allocator from before
+(fully_shard(reshard_after_forward=False)) and "replicate" (runtime/replicated_gradients.py's
+all-reduce of a flat copy of the gradients), driven as the pipeline drives them: FSDP2's gradient
+sync and resharding off for every backward of the step but the last, the replicas' all-reduce
+after the last, then AdamW. torch's profiler records every allocation of the CPU allocator from before
 the model is built, so its running total is what the rank holds. Per mode: the bytes held after
 a backward of the step (steady), the peak of the last backward with its reduce, and what the
 planner's model (data_parallel.ParamBytes.static_bytes) predicts for the steady state, in units
@@ -31,10 +32,11 @@ from benchmarks.common import print_table, write_result
 
 def _worker(rank: int, mode: str, args: argparse.Namespace, port: int, out: str) -> None:
     import torch.distributed as dist
-    from torch.distributed._composable.replicate_with_fsdp import replicate
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.profiler import ProfilerActivity, profile, record_function
+
+    from partitioner.runtime.replicated_gradients import ReplicatedStages
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
@@ -53,18 +55,23 @@ def _worker(rank: int, mode: str, args: argparse.Namespace, port: int, out: str)
                                       for _ in range(args.layers)])
         if mode == "fsdp":
             fully_shard(model, mesh=init_device_mesh("cpu", (args.ranks,)), reshard_after_forward=False)
-        elif mode == "replicate":
-            replicate(model, mesh=init_device_mesh("cpu", (args.ranks,)))
+        replicas = ReplicatedStages({0: model}, {0: model}, dist.group.WORLD, args.ranks) \
+            if mode == "replicate" else None
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
         x = torch.randn(1, args.hidden)
         for step in range(2):  # the first creates the optimizer state
             sync = [False] * (args.microbatches - 1) + [True]
+            if replicas is not None:
+                replicas.before_step()
             for mb, last in enumerate(sync):
-                if mode != "none":
+                if mode == "fsdp":
                     model.set_requires_gradient_sync(last)
                     model.set_reshard_after_backward(last)
                     model.set_is_last_backward(last)
                 model(x).sum().backward()
+                if replicas is not None and last:
+                    replicas.stage_backward_done(0)
+                    replicas.after_step()
                 mark(f"step{step} backward{mb}")
             opt.step()
             opt.zero_grad()

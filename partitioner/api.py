@@ -42,6 +42,7 @@ from partitioner.passes.split import place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
 from partitioner.runtime.compiled import compile_options, compile_stages, print_once, uses_cudagraphs
 from partitioner.runtime.data_parallel import DATA_PARALLEL_MODES, DataParallelStages, MeshLayout, mesh_layout
+from partitioner.runtime.replicated_gradients import ReplicatedStages
 from partitioner.runtime.executor import Executor, ParameterStore, in_process_order
 from partitioner.runtime.schedules import make_schedule, validate
 from partitioner.runtime.step_graph import StepGraph
@@ -73,7 +74,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         pp-rank pipeline, each training on 1/dp of the global batch (runtime/data_parallel.py); each
         process uses its LOCAL_RANK's GPU. data_parallel: how gradients are reduced across replicas:
         "fsdp" (default: FSDP2 fully_shard, parameters, gradients and optimizer state sharded over dp)
-        or "replicate" (FSDP2's replicate: whole on every replica, gradients all-reduced).
+        or "replicate" (whole on every replica, each stage's gradients all-reduced after its last
+        backward, runtime/replicated_gradients.py; the one that works with CUDA graphs).
     example_inputs / example_kwargs: the GLOBAL batch, as model(*example_inputs, **example_kwargs);
         tensors whose batch dim holds the batch size (the first tensor input's size along its batch
         dim) are split along it into dp shares, then each into `microbatches` (default 2 x pipeline
@@ -113,7 +115,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         {"mode": "reduce-overhead"} replays every stage's forward and backward as its own CUDA graph
         (torch's cudagraph trees; partitioner/runtime/cudagraph_trees.py): for host-bound pipelines, in
         one process or under torchrun, planned without host time. The first step runs uncaptured, the
-        second records, later ones replay. Not yet with data parallelism (a mesh with dp > 1). With
+        second records, later ones replay. With data parallelism (a mesh with dp > 1) it needs
+        data_parallel="replicate" (FSDP2 gathers parameters into new memory every step). With
         compile=None in one process (no torchrun, no plan= given), stages whose costs say the host
         launches a microbatch's kernels slower than the GPU runs them get this mode, with a line saying
         so; compile=True keeps them without graphs.
@@ -159,11 +162,11 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         _check_measurable(model, devices[0])
     if cuda_graph:
         _check_graphable(devices, mesh is not None or "RANK" in os.environ)
-    if stage_graphs and dp > 1:
-        raise RuntimeConfigError(f"compile_parallel(compile={compile!r}) with {dp} data-parallel replicas: stages "
-                                 "under CUDA graphs are not supported with data parallelism yet (FSDP gathers the "
-                                 "parameters into new memory every step, so the graphs would record anew); use "
-                                 "compile=True.")
+    if stage_graphs and dp > 1 and data_parallel == "fsdp":
+        raise RuntimeConfigError(f"compile_parallel(compile={compile!r}) with {dp} data-parallel replicas under "
+                                 "data_parallel='fsdp': FSDP2 gathers the parameters into new memory every step, so "
+                                 "the stages' CUDA graphs would record anew; pass data_parallel='replicate' (whole "
+                                 "parameters, gradients all-reduced) or compile=True (no graphs).")
     if plan is not None:
         chunks = plan.chunks
     schedule = schedule or (plan.schedule if plan is not None else None) or \
@@ -254,16 +257,19 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                            unflatten=captured.unflatten_outputs, check=_checked_loss)
     runners, fused = calls.runners, calls.stage_loss
     dp_stages = None
-    if dp > 1:  # this rank's stages under FSDP2 over the mesh's dp dim
-        dp_stages = DataParallelStages(graph_modules, runners, mesh["dp"], data_parallel)
+    if dp > 1 and data_parallel == "fsdp":  # this rank's stages under FSDP2 over the mesh's dp dim
+        dp_stages = DataParallelStages(graph_modules, runners, mesh["dp"])
+        store.adopt([stages[k] for k in local])
+    elif dp > 1:  # whole parameters, gradients all-reduced over the mesh's dp dim
+        dp_stages = ReplicatedStages(graph_modules, runners, mesh["dp"].get_group(), dp)
+    if dp_stages is not None:
         runners = dp_stages.runners
         fused = dp_stages.with_hooks("loss", fused) if fused is not None else None
-        store.adopt([stages[k] for k in local])
     executor = Executor(stages, local, sched, transport, calls.loss, captured.unflatten_outputs,
                         stage_device, order, inference_order, runners,
                         stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None,
                         stage_loss=fused, cudagraph_steps=calls.cudagraph_steps,
-                        foreach_grads=calls.gradients_at_once and dp_stages is None)
+                        foreach_grads=calls.gradients_at_once and not (dp_stages and dp_stages.needs_accumulate_grad))
     source = ModeSource(fake_skeleton(model), mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
                         compile_options=options, timeout_s=timeout_s, check_loss=_checked_loss)
     step_graph = StepGraph(executor.train_step, lambda: [t for _, t in store.named_parameters() if t.requires_grad],

@@ -1,22 +1,27 @@
 """Data parallel x pipeline: what `dp` replicas of one pipeline plan cost each rank.
 
-What runs (compile_parallel(mesh=...), torch FSDP2): every replica runs the same plan on its
-1/dp of the global batch; each rank's stages are one module under fully_shard(dp mesh,
-reshard_after_forward=False) ("fsdp") or FSDP2's replicate ("replicate"), with gradient sync off
-for every backward of the step but the last. Per rank, with W its parameter bytes, T those of
-its trainable parameters (= its gradient bytes G), O its optimizer bytes (its states,
-cost_models.memory.param_state_bytes) and s the shard count (dp for fsdp, 1 for replicate):
+What runs (compile_parallel(mesh=...)): every replica runs the same plan on its 1/dp of the
+global batch. "fsdp": each rank's stages are one module under torch FSDP2's fully_shard(dp mesh,
+reshard_after_forward=False), with gradient sync off for every backward of the step but the
+last. "replicate" (runtime/replicated_gradients.py): whole parameters on every replica, each
+stage group's gradients packed into one flat buffer and all-reduced after its last backward.
+Per rank, with W its parameter bytes, T those of its trainable parameters (= its gradient bytes
+G), O its optimizer bytes (its states, cost_models.memory.param_state_bytes) and s the shard
+count (dp for fsdp, 1 for replicate):
 
 - during the step: W whole (all-gathered at the first forward, kept to the end) + the rank's own
-  shard T/s (FSDP2 keeps the sharded parameter beside the unsharded one; replicate, s = 1, keeps
-  a second whole copy) + G whole (accumulated over the microbatches) + O/s, and the activations
+  shard T/s (FSDP2 keeps the sharded parameter beside the unsharded one; replicate, s = 1: the
+  flat buffers the all-reduce runs on, a second whole copy, held from a stage's last backward to
+  the end of the step) + G whole (accumulated over the microbatches) + O/s, and the activations
   as without dp. `shard_block_graph` writes this into each block's param_state_bytes, so the
-  solver's memory cap, the baselines and the simulator's peak all see it.
+  solver's memory cap, the baselines and the simulator's peak all see it (for replicate an upper
+  bound: the buffers and the first microbatches' activations are not held at once).
 - after the last backward FSDP2 reshards first (frees the whole W), then copies the gradients
   into one flat buffer and reduces it (torch's post_backward / foreach_reduce): G + G + T/s + O/s
   at most, below the step's W + G + T/s + O/s, with no activations left. So the step's is the peak.
 Measured by benchmarks/dp_memory.py (torch 2.13, 2 gloo ranks, fp32 AdamW): held during the step
-3.5 W (fsdp), 5 W (replicate), 4 W without dp, as this model says.
+3.5 W (fsdp), 4 W without dp, as this model says; replicate 4 W, and 5 W from the last backward
+with its flat buffers (the model's 5 W).
 
 Time per step, ring collectives over the dp group at `bw`: fsdp, reduce-scatter of G then
 all-gather of T at the next step's first forward, (dp-1)/dp x bytes / bw each; replicate,

@@ -107,9 +107,12 @@ def _data_parallel_worker(rank: int, world: int, cases: list[tuple]) -> dict:
         chunks = 2 if name == "t5-base" else 1  # interleaved: a stage's gradients reduced at its last backward
         pm = compile_parallel(copy.deepcopy(zm.model), mesh=mesh, example_inputs=zm.example_args, loss_fn=zm.loss_fn,
                               example_kwargs=zm.example_kwargs, microbatches=8 // dp if chunks > 1 else 2,
-                              chunks=chunks, data_parallel=mode, compile=compiled, timeout_s=120)
+                              chunks=chunks, data_parallel=mode, timeout_s=120,
+                              compile={"mode": compiled} if isinstance(compiled, str) else compiled)
         ref_loss, ref_grads = _reference(zm)
-        loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
+        for _ in range(3 if isinstance(compiled, str) else 1):  # graphs: the third step replays
+            pm.zero_grad()
+            loss = pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs)
         grads = {n: full_tensor(p.grad) for n, p in pm.named_parameters()}
         out[case] = {"loss": max_rel_err(loss, ref_loss.cpu()),
                      "grads": max(max_rel_err(g, ref_grads[n].cpu()) for n, g in grads.items())}
@@ -117,12 +120,13 @@ def _data_parallel_worker(rank: int, world: int, cases: list[tuple]) -> dict:
 
 
 def test_data_parallel_x_pipeline_on_four_gpus():
-    """dp 2 x pp 2 over NCCL: FSDP2 and replicate, eager (fp32, < 1e-5) and compiled (< 1e-4)."""
+    """dp 2 x pp 2 over NCCL: FSDP2 and replicate, eager (fp32, < 1e-5) and compiled (< 1e-4), and
+    replicate with every stage call under CUDA graphs (compile={"mode": "reduce-overhead"})."""
     if torch.cuda.device_count() < 4:
         pytest.skip("needs 4 GPUs")
     pytest.importorskip("ortools")  # the plan is made on rank 0
     cases = [("gpt2", 2, "fsdp", False), ("t5-base", 2, "replicate", False), ("gpt2", 2, "fsdp", True),
-             ("gpt2", 4, "fsdp", False), ("t5-base", 2, "fsdp", True)]
+             ("gpt2", 4, "fsdp", False), ("t5-base", 2, "fsdp", True), ("t5-base", 2, "replicate", "reduce-overhead")]
     results = run_workers(_data_parallel_worker, 4, cases, timeout_s=600)
     for case in cases:
         tol = 1e-4 if case[-1] else 1e-5

@@ -3,11 +3,12 @@
 A mesh with dims ("dp", "pp") (either order; a 1-D ("pp",) mesh is dp = 1) holds
 dp pipeline replicas: replica d is the ranks mesh[d, :], and its pp rank r runs
 the plan's stages of rank r on its share of the global batch. Point-to-point
-traffic stays inside a replica; gradients are reduced across replicas by FSDP2.
+traffic stays inside a replica; gradients are reduced across replicas by FSDP2
+(data_parallel="fsdp", here) or by an all-reduce per stage group
+(data_parallel="replicate", runtime/replicated_gradients.py).
 
-Each rank's stage graph modules become one module (`RankStages`), wrapped with
-`fully_shard` (parameters, gradients and optimizer state sharded over dp) or the
-FSDP2-based `replicate` (whole on every replica, gradients all-reduced). Where a
+Under FSDP2 each rank's stage graph modules become one module (`RankStages`), wrapped
+with `fully_shard` (parameters, gradients and optimizer state sharded over dp). Where a
 rank holds several stages (interleaving) that share no parameter, each stage is
 its own FSDP2 group, so a stage's gradients are reduced as soon as its last
 backward is done, overlapping the rank's other stages' backwards; a tied weight
@@ -15,8 +16,7 @@ read by two local stages makes them one group (it is one parameter, sharded
 once). They are driven the way torch.distributed.pipelining drives FSDP: during
 a step's backwards gradient sync and resharding are off, so gradients
 accumulate whole over the microbatches; after a stage's (group's) last backward
-one reduce-scatter (or all-reduce) averages them over the replicas, and the
-parameters are resharded.
+one reduce-scatter averages them over the replicas, and the parameters are resharded.
 Each replica's loss is the mean over its share of the batch, so the averaged
 gradient is that of the mean loss over the global batch.
 """
@@ -103,19 +103,19 @@ class RankStages(nn.Module):
 
 
 class DataParallelStages:
-    """This rank's stages under FSDP2 over the mesh's dp dim (see module docstring).
+    """This rank's stages under FSDP2's fully_shard over the mesh's dp dim (see module docstring).
 
     runners: what the executor calls per stage (through the FSDP-managed module).
     """
 
-    def __init__(self, graph_modules: dict[int, nn.Module], runners: dict[int, Callable], dp_mesh: Any,
-                 mode: str = "fsdp"):
-        self.mode = mode
-        self._api = _fsdp_api(mode)  # fully_shard or replicate: wraps modules, and holds their state
+    needs_accumulate_grad = True  # FSDP2's post-accumulate hooks: no foreach gradient accumulation
+
+    def __init__(self, graph_modules: dict[int, nn.Module], runners: dict[int, Callable], dp_mesh: Any):
+        from torch.distributed.fsdp import fully_shard  # lazy: FSDP2 loads only for dp > 1
+        self._api = fully_shard  # wraps modules, and holds their state
         self.module = RankStages(graph_modules, runners)
         # parameters stay gathered through the step: every microbatch's forward and backward reads them
-        wrap = functools.partial(self._api, mesh=dp_mesh, **({"reshard_after_forward": False}
-                                                             if mode == "fsdp" else {}))
+        wrap = functools.partial(fully_shard, mesh=dp_mesh, reshard_after_forward=False)
         self.groups: dict[int, nn.Module] = {}  # stage -> its own FSDP2 module, where it has one
         if len(graph_modules) > 1 and not _shares_parameters(list(graph_modules.values())):
             for k, gm in graph_modules.items():
@@ -173,21 +173,6 @@ class DataParallelStages:
             m.reshard()
 
 
-def _fsdp_api(mode: str) -> Callable:
-    """FSDP2's fully_shard ("fsdp") or replicate ("replicate")."""
-    if mode not in DATA_PARALLEL_MODES:
-        raise RuntimeConfigError(f"compile_parallel: data_parallel={mode!r}; use one of {DATA_PARALLEL_MODES}.")
-    if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard  # lazy: FSDP2 loads only for dp > 1
-        return fully_shard
-    try:
-        from torch.distributed._composable.replicate_with_fsdp import replicate  # lazy: absent from older torch
-    except ImportError as err:
-        raise RuntimeConfigError(f"compile_parallel: data_parallel='replicate' needs FSDP2's replicate, which "
-                                 f"torch {torch.__version__} lacks; use data_parallel='fsdp'.") from err
-    return replicate
-
-
 def _shares_parameters(modules: list[nn.Module]) -> bool:
     seen: set[int] = set()
     for m in modules:
@@ -202,7 +187,7 @@ def _post_backward(api: Callable, module: nn.Module, finalize: bool) -> None:
     """Run FSDP2's end of backward for `module`'s groups (the root's final callback too when
     `finalize`): the executor's partial backwards (torch.autograd.backward per microbatch) do not
     tell FSDP which one is the last. As torch.distributed.pipelining's perform_reduce_grad.
-    api: the fully_shard or replicate that wrapped `module` (it holds the module's state)."""
+    api: the fully_shard that wrapped `module` (it holds the module's state)."""
     state = api.state(module)
     if not finalize:
         for group in state._fsdp_param_groups:

@@ -1,0 +1,130 @@
+"""Replicated data parallelism (data_parallel="replicate"): whole parameters on every replica,
+gradients averaged with one all-reduce per stage group.
+
+Each replica accumulates its microbatches' gradients into .grad exactly as a lone pipeline does
+(autograd's AccumulateGrad, or the executor's foreach add for compiled stages). When the step's
+last backward of a stage is done (of every stage of its group: local stages that share a
+parameter are one group, so a tied weight is reduced once), its gradients are packed into one
+flat buffer per device and dtype and all-reduced over the dp group without waiting, so the
+reduction overlaps the rank's remaining backwards; after the step each buffer is waited for,
+divided by dp and copied back into .grad. Each replica's loss is the mean over its share of the
+batch, so the average is the gradient of the mean loss over the global batch.
+
+Nothing hooks the stage modules and no parameter moves: stages under CUDA graphs, which replay
+on the addresses they recorded, and the foreach gradient accumulation work as without data
+parallelism. FSDP2 (runtime/data_parallel.py, data_parallel="fsdp") gathers the parameters into
+new memory every step and needs AccumulateGrad's hooks. The flat buffers are the memory
+data_parallel_costs counts as replicate's second whole copy of the trainable parameters.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+class ReplicatedStages:
+    """This rank's stages, their gradients averaged over the dp group (see module docstring).
+
+    runners: what the executor calls per stage (the stages' own runners: no hooks).
+    groups: stage -> its group index, where a stage shares no parameter with another local stage
+    (those are reduced as soon as that stage's last backward is done).
+    """
+
+    needs_accumulate_grad = False  # the executor may add a backward's gradients with one foreach add
+
+    def __init__(self, graph_modules: dict[int, nn.Module], runners: dict[int, Callable], group: Any, dp: int):
+        self.runners = dict(runners)
+        self.process_group = group
+        self.dp = dp
+        members = _sharing_groups(graph_modules)
+        self._group_of = {k: i for i, ks in enumerate(members) for k in ks}
+        self._stages_in = [len(ks) for ks in members]
+        self._params = [_trainable([graph_modules[k] for k in ks]) for ks in members]
+        self.groups = {k: i for i, ks in enumerate(members) if len(ks) == 1 and len(members) > 1 for k in ks}
+        self._left: list[int] = []
+        self._pending: list[tuple[Any, torch.Tensor, list[nn.Parameter]]] = []
+
+    def with_hooks(self, key: str, fn: Callable) -> Callable:
+        """`fn` as it is: nothing wraps the stages."""
+        return fn
+
+    def before_step(self) -> None:
+        self._left = list(self._stages_in)
+        self._pending.clear()
+
+    def stage_backward_done(self, stage: int) -> None:
+        """The step's last backward of `stage` is done: once its whole group is, start reducing it."""
+        i = self._group_of[stage]
+        self._left[i] -= 1
+        if self._left[i] == 0:
+            self._reduce(i)
+
+    def after_step(self) -> None:
+        """Wait for every reduction (starting those of groups no backward closed), average, write back."""
+        for i, left in enumerate(self._left):
+            if left > 0:
+                self._left[i] = 0
+                self._reduce(i)
+        with torch.no_grad():
+            for work, flat, params in self._pending:
+                work.wait()
+                flat.div_(self.dp)
+                grads = [p.grad for p in params]  # the executor may have replaced a .grad since it was packed
+                torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
+        self._pending.clear()
+
+    def unshard(self) -> None:
+        """Nothing to gather: every replica holds the whole parameters."""
+
+    def reshard(self) -> None:
+        """Nothing to free."""
+
+    def _reduce(self, i: int) -> None:
+        buckets: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+        for p in self._params[i]:
+            if p.grad is None:  # the same graph on every replica: the same parameters have none
+                continue
+            if p.grad.is_sparse:
+                p.grad = p.grad.to_dense()
+            buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p)
+        for params in buckets.values():
+            with torch.no_grad():
+                flat = _flatten_dense_tensors([p.grad for p in params])
+            work = dist.all_reduce(flat, group=self.process_group, async_op=True)
+            self._pending.append((work, flat, params))
+
+
+def _trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _sharing_groups(graph_modules: dict[int, nn.Module]) -> list[list[int]]:
+    """The local stages in groups that share no parameter with each other (a tied weight read by two
+    local stages puts them in one group), in stage order."""
+    owner: dict[int, int] = {}  # parameter id -> group index
+    groups: list[set[int]] = []
+    for k, gm in sorted(graph_modules.items()):
+        hit = sorted({owner[id(p)] for p in gm.parameters() if id(p) in owner})
+        if hit:
+            keep = hit[0]
+            for j in hit[1:]:
+                groups[keep] |= groups[j]
+                groups[j] = set()
+            groups[keep].add(k)
+        else:
+            keep = len(groups)
+            groups.append({k})
+        for p in gm.parameters():
+            owner[id(p)] = keep
+        for j in hit[1:]:
+            owner.update({pid: keep for pid, g in owner.items() if g == j})
+    return [sorted(g) for g in groups if g]
