@@ -85,7 +85,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         nn.LSTM / GRU, nn.Transformer* with batch_first=False read (seq, batch, ...)), or a dict from
         input names (forward's parameter names; nested leaves as "batch[0]") and "target" to their dim,
         e.g. {"src": 1, "target": 1}, unnamed inputs on dim 0.
-    loss_fn(output, target) -> scalar mean loss of a batch; train_step returns the mean over microbatches.
+    loss_fn(output, target) -> scalar mean loss of a batch; train_step returns the mean over microbatches
+        (a loss module with reduction="sum" is refused: the averaged gradient would not be its gradient).
         Each microbatch runs as the model would under gradient accumulation over the same microbatches:
         BatchNorm normalises with that microbatch's statistics and updates its running statistics once
         per microbatch, in order (num_batches_tracked advances by `microbatches` per step), and a loss
@@ -134,6 +135,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     if example_inputs is None or loss_fn is None:
         raise RuntimeConfigError("compile_parallel: pass example_inputs (the global batch) and loss_fn(output, "
                                  "target); e.g. compile_parallel(model, devices, (x,), loss_fn).")
+    _check_mean_loss(loss_fn)
     layout = None
     if mesh is not None:
         if devices is not None:
@@ -352,6 +354,18 @@ def _check_not_partly_meta(model: torch.nn.Module) -> None:
                                  f"'{real[0]}' is on {real[1]}; load every weight (e.g. model.to_empty(device=...) "
                                  "then load_state_dict) before compiling, or build every parameter on meta and pass "
                                  "init_fn= or checkpoint=.")
+
+
+def _check_mean_loss(loss_fn: Callable) -> None:
+    """A loss module that sums over its batch (reduction="sum") would train with 1 / (microbatches x dp)
+    of the unpartitioned model's gradient: train_step averages the microbatches' losses (and the
+    replicas'), as gradient accumulation of a mean loss does. Refused, naming the fix."""
+    if getattr(loss_fn, "reduction", None) == "sum":
+        raise RuntimeConfigError(f"compile_parallel: loss_fn {type(loss_fn).__name__}(reduction='sum') sums over its "
+                                 "batch, but train_step averages the loss over microbatches (and data-parallel "
+                                 "replicas), so the gradients would be a fraction of the model's; pass "
+                                 "reduction='mean' (and scale the learning rate by the batch size if you trained "
+                                 "with the sum).")
 
 
 def _checked_loss(loss_fn: Callable[[Any, Any], Any], user_fn: Callable | None = None

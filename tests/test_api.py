@@ -166,6 +166,13 @@ def test_a_loss_that_is_not_a_scalar_is_refused(loss_fn, got):
         pm.train_step(*zm.example_args, target=zm.target)
 
 
+def test_a_loss_module_that_sums_over_the_batch_is_refused_naming_mean():
+    zm = build("mlp")
+    with pytest.raises(RuntimeConfigError, match=r"loss_fn CrossEntropyLoss\(reduction='sum'\) .* pass "
+                                                 r"reduction='mean'"):
+        compile_parallel(copy.deepcopy(zm.model), ["cpu"] * 2, zm.example_args, nn.CrossEntropyLoss(reduction="sum"))
+
+
 def test_a_model_partly_on_meta_names_one_weight_of_each():
     zm = build("mlp")
     model = copy.deepcopy(zm.model)
