@@ -104,6 +104,12 @@ def is_batched(leaf: Any, batch: int | None, dim: int = 0) -> bool:
     return batch is None or (d is not None and leaf.shape[d] == batch)
 
 
+def cut_dim(leaf: Any, batch: int, dim: int = 0) -> int | None:
+    """The dim (non-negative) along which split_batch cuts input leaf `leaf` (batch dim `dim`) from a
+    batch of `batch`, or None when the leaf goes whole to each microbatch."""
+    return _dim(dim, 0, leaf) if is_batched(leaf, batch, dim) else None
+
+
 def split_batch(inputs: Any, microbatches: int, what: str, batch: int | None = None, dims: Dims = 0) -> list[Any]:
     """Split the tensor leaves of `inputs` along their batch dims (`dims`) into `microbatches` equal
     parts: every leaf, or with `batch` given only those whose size there is the batch (the others go
