@@ -475,7 +475,7 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
                             data_parallel=dp, data_parallel_mode=dp_mode, measure=measure, cuda_graphs=cuda_graph,
                             graphs_when_host_bound=graphs_when_host_bound)
         result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target,
-                            batch_dims=dims)
+                            batch_dims=dims, microbatch=(mb_args, mb_kwargs))
         plan, captured, graphs = result.plan, result.captured, result.cuda_graphs
         if compiled and result.host_bound and not cuda_graph:
             print_once(_host_bound_line(*result.launch_and_run_s, graphs), rank)
