@@ -37,7 +37,7 @@ from partitioner.modes import ModeSource, fake_skeleton
 from partitioner.parallel_model import ParallelModel
 from partitioner.plan import Plan
 from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
-from partitioner.passes.capture import Captured, input_leaf_names
+from partitioner.passes.capture_io import Captured, input_leaf_names
 from partitioner.passes.split import place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
 from partitioner.runtime.compiled import compile_options, compile_stages, print_once, uses_cudagraphs

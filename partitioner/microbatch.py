@@ -30,7 +30,7 @@ class BatchDims:
 
 def resolve_batch_dims(batch_dims: int | dict[str, int] | None, names: list[str], leaves: list[Any]) -> BatchDims:
     """compile_parallel's batch_dims as per-leaf dims of the inputs `leaves` (named `names`, as
-    passes.capture.input_leaf_names names them). An int applies to every tensor input and the
+    passes.capture_io.input_leaf_names names them). An int applies to every tensor input and the
     target; a dict maps leaf names (or an argument's name, for all its nested leaves) and "target"
     to their dim, unnamed ones keep dim 0. Raises RuntimeConfigError for an unknown name or a dim
     an input does not have."""

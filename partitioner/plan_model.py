@@ -23,7 +23,8 @@ from partitioner.cost_models.profile import graph_float_dtype, parameter_state_b
 from partitioner.errors import PlanError
 from partitioner.microbatch import BatchDims, batch_size, split_batch
 from partitioner.passes.annotate import AnnotatedGraph, annotate
-from partitioner.passes.capture import Captured, capture
+from partitioner.passes.capture import capture
+from partitioner.passes.capture_io import Captured
 from partitioner.passes.coarsen import BlockGraph, attach_loss, coarsen
 from partitioner.passes.mixed_precision import capture_mixed, compute_dtype
 from partitioner.plan import Plan, PlanOrigin
