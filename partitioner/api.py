@@ -37,7 +37,7 @@ from partitioner.modes import ModeSource, fake_skeleton
 from partitioner.parallel_model import ParallelModel
 from partitioner.plan import Plan
 from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
-from partitioner.passes.capture import Captured, input_leaf_names
+from partitioner.passes.capture_io import Captured, input_leaf_names
 from partitioner.passes.split import place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
 from partitioner.runtime.compiled import compile_options, compile_stages, print_once, uses_cudagraphs
@@ -495,7 +495,7 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
                             data_parallel=dp, data_parallel_mode=dp_mode, measure=measure, cuda_graphs=cuda_graph,
                             graphs_when_host_bound=graphs_when_host_bound)
         result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target,
-                            batch_dims=dims)
+                            batch_dims=dims, microbatch=(mb_args, mb_kwargs))
         plan, captured, graphs = result.plan, result.captured, result.cuda_graphs
         if compiled and result.host_bound and not cuda_graph:
             print_once(_host_bound_line(*result.launch_and_run_s, graphs), rank)

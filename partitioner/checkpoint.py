@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from partitioner.errors import RuntimeConfigError
-from partitioner.passes.capture import find_tied
+from partitioner.passes.capture_io import find_tied
 from partitioner.tensor_sources import MODEL_PREFIX, DCPSource, match_model, model_tensors, open_source
 
 if TYPE_CHECKING:

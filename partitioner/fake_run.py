@@ -15,7 +15,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
-from partitioner.microbatch import Dims, batch_size, is_batched, leaf_dim
+from partitioner.microbatch import Dims, batch_size, cut_dim, leaf_dim
 
 
 def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, rows: int | None,
@@ -38,7 +38,7 @@ def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, 
     state = {name: fake(t).requires_grad_(t.requires_grad) for name, t in model.named_parameters()}
     state.update({name: fake(t) for name, t in model.named_buffers()})
     leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-    leaves = [fake(x, _resized_dim(x, full, leaf_dim(dims, i)))
+    leaves = [fake(x, None if full is None else cut_dim(x, full, leaf_dim(dims, i)))
               if isinstance(x, torch.Tensor) else x for i, x in enumerate(leaves)]
     fake_args, fake_kwargs = pytree.tree_unflatten(leaves, spec)
     switch = model.training != training
@@ -54,10 +54,3 @@ def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, 
         fake_log.setLevel(level)
         if switch:
             model.train(not training)
-
-
-def _resized_dim(x: torch.Tensor, full: int | None, dim: int) -> int | None:
-    """The dim of input `x` that run_fake resizes: its batch dim if split_batch cuts it, else None."""
-    if full is None or not is_batched(x, full, dim):
-        return None
-    return dim % x.dim()

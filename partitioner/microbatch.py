@@ -30,7 +30,7 @@ class BatchDims:
 
 def resolve_batch_dims(batch_dims: int | dict[str, int] | None, names: list[str], leaves: list[Any]) -> BatchDims:
     """compile_parallel's batch_dims as per-leaf dims of the inputs `leaves` (named `names`, as
-    passes.capture.input_leaf_names names them). An int applies to every tensor input and the
+    passes.capture_io.input_leaf_names names them). An int applies to every tensor input and the
     target; a dict maps leaf names (or an argument's name, for all its nested leaves) and "target"
     to their dim, unnamed ones keep dim 0. Raises RuntimeConfigError for an unknown name or a dim
     an input does not have."""
@@ -102,6 +102,12 @@ def is_batched(leaf: Any, batch: int | None, dim: int = 0) -> bool:
         return False
     d = _dim(dim, 0, leaf)
     return batch is None or (d is not None and leaf.shape[d] == batch)
+
+
+def cut_dim(leaf: Any, batch: int, dim: int = 0) -> int | None:
+    """The dim (non-negative) along which split_batch cuts input leaf `leaf` (batch dim `dim`) from a
+    batch of `batch`, or None when the leaf goes whole to each microbatch."""
+    return _dim(dim, 0, leaf) if is_batched(leaf, batch, dim) else None
 
 
 def split_batch(inputs: Any, microbatches: int, what: str, batch: int | None = None, dims: Dims = 0) -> list[Any]:

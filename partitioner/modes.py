@@ -26,7 +26,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from partitioner.errors import RuntimeConfigError
 from partitioner.plan import Plan
 from partitioner.plan_model import capture_for_training
-from partitioner.passes.capture import Captured, get_attr, mutates, set_attr, written_values
+from partitioner.passes.capture import get_attr, mutates, set_attr, written_values
+from partitioner.passes.capture_io import Captured
 from partitioner.passes.split import StageModule, place_on_device, split
 from partitioner.passes.writes import stage_mates, storage_root
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
@@ -105,8 +106,9 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
     finally:
         model.train(was)
     mode = "train" if training else "eval"
-    stages = split(captured, plan_like(captured, pm.captured, pm.plan))
-    _check_reads_held(pm, stages, mode)
+    holders = _holders(pm)
+    stages = split(captured, plan_like(captured, pm.captured, pm.plan, holders))
+    _check_reads_held(pm, stages, mode, holders)
     local_ranks = list(range(pm.plan.num_ranks)) if pm.rank is None else [pm.rank]
     if pm.data_parallel is not None:
         # FSDP2 swaps the compiled mode's parameters between sharded and gathered ones; the gathered
@@ -122,7 +124,8 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
         if st.rank in local_ranks:
             for fqn in [*st.params, *st.buffers]:
                 if (fqn, st.rank) not in tensor_of:
-                    tensor_of[(fqn, st.rank)] = _read_elsewhere(pm, captured, st, fqn, stage_device[st.stage], mode)
+                    tensor_of[(fqn, st.rank)] = _read_elsewhere(pm, captured, st, fqn, stage_device[st.stage], mode,
+                                                                holders.get(fqn, []))
                 set_attr(st.graph_module, fqn, tensor_of[(fqn, st.rank)])
         place_on_device(st, stage_device[st.stage])
     sched = pm.executor.schedule
@@ -145,17 +148,27 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
     return ModeGraphs(captured, stages, executor)
 
 
-def _holders(pm: "ParallelModel", fqn: str) -> list[tuple[int, int]]:
-    """(stage, rank) of every stage reading `fqn` in the mode compiled; state none reads: rank 0's."""
-    held = sorted((st.stage, st.rank) for st in pm.stages if fqn in [*st.params, *st.buffers])
-    return held or ([(-1, 0)] if fqn in pm.store.model_keys else [])
+Holders = dict[str, list[tuple[int, int]]]  # FQN -> (stage, rank) of every stage holding it, ascending
+
+
+def _holders(pm: "ParallelModel") -> Holders:
+    """Which ranks hold each parameter and buffer in the mode compiled (pm.stages, split from pm.captured
+    by pm.plan): the stages that read it; model state no stage reads is rank 0's (stage -1). The one
+    answer plan_like places reads by and build_mode reads tensors by."""
+    held: Holders = {}
+    for st in sorted(pm.stages, key=lambda st: st.stage):
+        for fqn in dict.fromkeys([*st.params, *st.buffers]):
+            held.setdefault(fqn, []).append((st.stage, st.rank))
+    for fqn in pm.store.model_keys:
+        held.setdefault(fqn, [(-1, 0)])
+    return held
 
 
 def _describe(held: list[tuple[int, int]]) -> str:
     return ", ".join(f"stage {k} on rank {r}" if k >= 0 else f"rank {r} (no stage reads it)" for k, r in held)
 
 
-def _check_reads_held(pm: "ParallelModel", stages: list[StageModule], mode: str) -> None:
+def _check_reads_held(pm: "ParallelModel", stages: list[StageModule], mode: str, holders: Holders) -> None:
     """Under torchrun a rank holds only its own stages' tensors: a stage of this mode reading another
     rank's parameter or buffer (plan_like could not move the read there) is refused, on every rank
     alike (each splits the same graph)."""
@@ -163,7 +176,7 @@ def _check_reads_held(pm: "ParallelModel", stages: list[StageModule], mode: str)
         return
     for st in stages:
         for fqn in [*st.params, *st.buffers]:
-            held = _holders(pm, fqn)
+            held = holders.get(fqn, [])
             if held and st.rank not in {r for _, r in held}:
                 raise RuntimeConfigError(
                     f"ParallelModel.{mode}: in {mode} mode stage {st.stage} (rank {st.rank}) reads '{fqn}', which "
@@ -174,11 +187,11 @@ def _check_reads_held(pm: "ParallelModel", stages: list[StageModule], mode: str)
 
 
 def _read_elsewhere(pm: "ParallelModel", captured: Captured, stage: StageModule, fqn: str, device: torch.device,
-                    mode: str) -> torch.Tensor:
+                    mode: str, held: list[tuple[int, int]]) -> torch.Tensor:
     """The tensor `fqn` for a stage of this mode on a rank whose stages in the mode compiled do not
-    read it: in one process the store's tensor there, or a copy kept in step with it (plan_like could
-    not move the read to a rank holding it); a constant the new capture made, copied from it."""
-    held = _holders(pm, fqn)
+    read it (`held`: its holders there): in one process the store's tensor there, or a copy kept in
+    step with it (plan_like could not move the read to a rank holding it); a constant the new capture
+    made, copied from it."""
     if not held:  # a constant of the new capture (made in forward)
         src = get_attr(captured.graph_module, fqn)
         if src.device.type == "meta" or isinstance(src, FakeTensor):
@@ -202,18 +215,18 @@ def _written_in(gm: torch.fx.GraphModule, fqn: str) -> bool:
                for n in gm.graph.nodes)
 
 
-def plan_like(captured: Captured, planned: Captured, plan: Plan) -> Plan:
+def plan_like(captured: Captured, planned: Captured, plan: Plan, holders: Holders) -> Plan:
     """`plan` carried over to another capture of the same model: compute nodes are matched along
     the topological order by (op, owning module); a node of `captured` with no match joins the
     stage of the node before it. Then a node reading a parameter or buffer moves to the nearest
-    stage of a rank that holds it under `plan` (state no stage reads: rank 0; constants are copied
-    wherever they are read), so that ranks keep reading their own tensors: the matching may put a
-    read elsewhere (the graphs differ), or the other mode reads it elsewhere (RWKV rescales every
-    block's weights at the start of its eval forward). A node moves no earlier than its inputs'
-    stages, and later only as far as its matched readers' stages (unmatched readers follow it), so
-    that no other node is pushed off its stage; nodes a split keeps together (passes/writes.py:
-    stage_mates) share a stage. A read that cannot move stays (build_mode reads the holder's tensor
-    there, or says why it cannot)."""
+    stage of a rank that holds it (`holders`: _holders of `planned` split by `plan`; state not there:
+    rank 0; constants are copied wherever they are read), so that ranks keep reading their own
+    tensors: the matching may put a read elsewhere (the graphs differ), or the other mode reads it
+    elsewhere (RWKV rescales every block's weights at the start of its eval forward). A node moves
+    no earlier than its inputs' stages, and later only as far as its matched readers' stages
+    (unmatched readers follow it), so that no other node is pushed off its stage; nodes a split
+    keeps together (passes/writes.py: stage_mates) share a stage. A read that cannot move stays
+    (build_mode reads the holder's tensor there, or says why it cannot)."""
     old, new = _compute_nodes(planned), _compute_nodes(captured)
     matcher = difflib.SequenceMatcher(None, [_key(n) for n in old], [_key(n) for n in new], autojunk=False)
     match = {}
@@ -232,14 +245,14 @@ def plan_like(captured: Captured, planned: Captured, plan: Plan) -> Plan:
     latest: dict[torch.fx.Node, int] = {}  # how late a node may go without pushing a matched one
     for n in reversed(new):
         latest[n] = min([last, *(base[u] if u in anchored else latest[u] for u in n.users if u in base)])
-    holders = _state_holders(planned, plan)
+    ranks_of = {fqn: {r for _, r in held} for fqn, held in holders.items()}
     gm = captured.graph_module
     state = {name for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers()]}
     stage_of: dict[torch.fx.Node, int] = {}
     for n in new:
         lo = max([0, *(stage_of[i] for i in n.all_input_nodes if i in stage_of)])
         k = max(base[n], lo)
-        held = [holders.get(i.target, {0}) for i in n.all_input_nodes if i.op == "get_attr" and i.target in state]
+        held = [ranks_of.get(i.target, {0}) for i in n.all_input_nodes if i.op == "get_attr" and i.target in state]
         ranks = set.intersection(*held) if held else set()
         if held and plan.stage_rank[k] not in ranks:
             options = [s for s in range(lo, max(k, latest[n]) + 1) if plan.stage_rank[s] in ranks]
@@ -247,12 +260,6 @@ def plan_like(captured: Captured, planned: Captured, plan: Plan) -> Plan:
         stage_of[n] = k
     _keep_together(new, stage_of)
     return plan.replace(node_stage={n.name: k for n, k in stage_of.items()})
-
-
-def _state_holders(captured: Captured, plan: Plan) -> dict[str, set[int]]:
-    """FQN of every parameter and buffer `captured` reads -> the ranks whose stages read it under `plan`."""
-    return {n.target: {plan.stage_rank[plan.node_stage[u.name]] for u in n.users if u.name in plan.node_stage}
-            for n in captured.graph_module.graph.nodes if n.op == "get_attr"}
 
 
 def _compute_nodes(c: Captured) -> list[torch.fx.Node]:

@@ -23,7 +23,7 @@ from partitioner.microbatch import BatchDims, batch_size, leaf_dim, split_batch
 from partitioner.modes import ModeGraphs, ModeSource, build_mode
 from partitioner.output_assembly import assemble, whole_batch_shapes
 from partitioner.plan import Plan
-from partitioner.passes.capture import Captured, input_leaf_names
+from partitioner.passes.capture_io import Captured, input_leaf_names
 from partitioner.passes.split import StageModule
 from partitioner.runtime.compiled import compile_report, print_once
 from partitioner.runtime.data_parallel import DataParallelStages, MeshLayout, full_tensor

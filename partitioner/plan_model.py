@@ -1,7 +1,8 @@
 """plan_model: capture -> annotate -> profile -> coarsen -> solve (+ baselines), for one microbatch.
 
 Costs are per microbatch, so the example inputs (a global batch) are cut to
-one microbatch along their batch dims (dim 0 unless batch_dims says) before capture, as the runtime does.
+one microbatch along their batch dims (dim 0 unless batch_dims says) before capture, as the runtime does;
+compile_parallel, which has cut them already, passes its microbatch instead.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from partitioner.cost_models.profile import graph_float_dtype, parameter_state_b
 from partitioner.errors import PlanError
 from partitioner.microbatch import BatchDims, batch_size, split_batch
 from partitioner.passes.annotate import AnnotatedGraph, annotate
-from partitioner.passes.capture import Captured, capture
+from partitioner.passes.capture import capture
+from partitioner.passes.capture_io import Captured
 from partitioner.passes.coarsen import BlockGraph, attach_loss, coarsen
 from partitioner.passes.mixed_precision import capture_mixed, compute_dtype
 from partitioner.plan import Plan, PlanOrigin
@@ -151,7 +153,7 @@ def check_plan_config(config: PlanConfig) -> tuple[str, int]:
 def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | None, config: PlanConfig,
                on_step: Callable[[str], None] | None = None, loss_fn: Callable[[Any, Any], Any] | None = None,
                example_target: Any = None, need_graph: bool = True,
-               batch_dims: BatchDims = BatchDims()) -> PlanResult:
+               batch_dims: BatchDims = BatchDims(), microbatch: tuple[tuple, dict] | None = None) -> PlanResult:
     """Plan `model` (called as model(*example_args, **example_kwargs) on a global batch: with
     config.data_parallel replicas, the batch of all of them, costed per microbatch of one replica).
 
@@ -162,10 +164,14 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
         graph); False (the CLI) leaves PlanResult.captured None on a cache hit.
     config.use_cache: read and write the profile cache (partitioner/profile_cache.py).
     batch_dims: where the batch lies in each input leaf and the target (microbatch.resolve_batch_dims).
+    microbatch: (args, kwargs) of the example inputs' first microbatch of one replica, where the caller
+        has cut them already (compile_parallel, which checked the batch divides); None: cut here
+        (microbatch_inputs).
     """
     step = on_step or (lambda msg: None)
     _, m = check_plan_config(config)
-    args, kwargs = microbatch_inputs(example_args, example_kwargs, m, config.data_parallel, batch_dims)
+    args, kwargs = microbatch if microbatch is not None else microbatch_inputs(
+        example_args, example_kwargs, m, config.data_parallel, batch_dims)
     spec = get_device_spec(config.device_type)
     profiled = _capture_and_profile(model, args, kwargs, config, spec, step, need_graph, loss_fn,
                                     example_target, m * config.data_parallel,

@@ -37,9 +37,10 @@ log = logging.getLogger(__name__)
 
 _FORMAT = "profile-cache-v1"
 # sources whose change changes what capture/annotate/profile produce
-_SOURCES = ("partitioner/passes/capture.py", "partitioner/passes/annotate.py", "partitioner/passes/mixed_precision.py",
-            "partitioner/passes/causal_mask.py", "partitioner/passes/writes.py", "partitioner/passes/constants.py",
-            "partitioner/passes/onehot_lookup.py", "partitioner/passes/attention_mask_layout.py",
+_SOURCES = ("partitioner/passes/capture.py", "partitioner/passes/capture_io.py", "partitioner/passes/annotate.py",
+            "partitioner/passes/mixed_precision.py", "partitioner/passes/causal_mask.py",
+            "partitioner/passes/writes.py", "partitioner/passes/constants.py", "partitioner/passes/onehot_lookup.py",
+            "partitioner/passes/attention_mask_layout.py",
             "partitioner/cost_models/profile.py", "partitioner/cost_models/fusion.py", "partitioner/cost_models/contention.py",
             "partitioner/cost_models/compiled_memory.py",
             "partitioner/cost_models/flops.py", "partitioner/cost_models/trace_reuse.py",

@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 from partitioner.errors import RuntimeConfigError
 from partitioner.fake_run import run_fake
 from partitioner.microbatch import Dims, batch_size, is_batched, leaf_dim
-from partitioner.passes.capture import input_leaf_names
+from partitioner.passes.capture_io import input_leaf_names
 
 
 SEQUENCE_MODULES = (nn.MultiheadAttention, nn.RNNBase)  # the nn.Transformer layers hold MultiheadAttention

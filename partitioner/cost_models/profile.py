@@ -119,7 +119,7 @@ def profile(captured: Any, annotated: Any = None, *, device: str | DeviceSpec = 
             example_inputs: Sequence[Any] | None = None, measure_groups: list[list[str]] | None = None,
             inputs_require_grad: bool = False, progress: bool = True, compiled: bool = False,
             reuse: bool = True) -> NodeCosts:
-    """Cost every node of `captured` (a passes.capture.Captured, or a bare GraphModule) for one microbatch.
+    """Cost every node of `captured` (a passes.capture_io.Captured, or a bare GraphModule) for one microbatch.
 
     annotated: the AnnotatedGraph (module paths for measured blocks); optional.
     device: DeviceSpec (or table name / JSON path) used by the roofline times.

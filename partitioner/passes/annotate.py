@@ -10,7 +10,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from partitioner.passes.capture import Captured
+from partitioner.passes.capture_io import Captured
 from partitioner.passes.writes import stage_mates
 from partitioner.units import dtype_name
 

@@ -24,7 +24,8 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
-from partitioner.passes.capture import Captured, capture, fake_mode_of, set_attr
+from partitioner.passes.capture import capture, fake_mode_of, set_attr
+from partitioner.passes.capture_io import Captured
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
