@@ -128,3 +128,142 @@ def test_an_autocast_around_train_step_matches_the_model_and_says_how_to_plan_fo
         warnings.simplefilter("error")  # once: not on later steps
         with torch.autocast("cpu", torch.bfloat16):
             pm.train_step(*zm.example_args, target=zm.target)
+
+
+# ---------------------------------------------------------------------------- norm layers
+# The reference here is the unpartitioned fp32 model under torch.autocast("cpu", bf16) with gradient
+# accumulation over the same microbatches. train_step's loss is loss_fn of the bf16 output, in bf16
+# (autocast runs cross_entropy in fp32), summed over the microbatches in bf16: within a few bf16
+# roundings (2**-8 each), so 1e-2.
+
+AUTOCAST_LOSS_RTOL = 1e-2
+BUFFER_RTOL = 1e-3  # running statistics: fp32 means of the same bf16 activations
+
+
+class FunctionalBatchNorm(torch.nn.Module):
+    """A batch norm of its own parameters and fp32 running statistics through F.batch_norm."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight, self.bias = torch.nn.Parameter(torch.ones(n)), torch.nn.Parameter(torch.zeros(n))
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def forward(self, x):
+        return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                              self.training)
+
+
+def _cnn(norm):
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm, nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+
+
+def _mlp(norm):
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(16, 32), norm, nn.ReLU(), nn.Linear(32, 10))
+
+
+NORMS = {
+    "BatchNorm2d": lambda: _cnn(torch.nn.BatchNorm2d(8)),
+    "BatchNorm1d": lambda: _mlp(torch.nn.BatchNorm1d(32)),
+    "InstanceNorm2d": lambda: _cnn(torch.nn.InstanceNorm2d(8, affine=True, track_running_stats=True)),
+    "GroupNorm": lambda: _cnn(torch.nn.GroupNorm(2, 8)),
+    "LayerNorm": lambda: _mlp(torch.nn.LayerNorm(32)),
+    "F.batch_norm": lambda: _mlp(FunctionalBatchNorm(32)),
+}
+
+
+def _norm_model(name: str):
+    torch.manual_seed(0)
+    model = NORMS[name]()
+    x = torch.randn(16, 16) if isinstance(model[0], torch.nn.Linear) else torch.randn(16, 3, 8, 8)
+    return model, x, torch.randint(0, 10, (16,))
+
+
+def _autocast_reference(model, x, y, loss_fn, microbatches: int):
+    """`model` copied and trained one step under autocast, accumulating over the microbatches: (loss, model)."""
+    ref = copy.deepcopy(model)
+    losses = []
+    for xi, yi in zip(x.chunk(microbatches), y.chunk(microbatches)):
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = loss_fn(ref(xi), yi)
+        (loss / microbatches).backward()
+        losses.append(loss.detach().float())
+    return torch.stack(losses).mean(), ref
+
+
+def _plan_with_norm_in(captured, stage: int, microbatches: int):
+    """Two stages cut just before (stage 1) or just after (stage 0) module '1', the norm."""
+    from partitioner.passes.split import plan_from_cuts, valid_cuts
+    compute = [n for n in captured.graph_module.graph.nodes if n.op in ("call_function", "call_method")]
+    in_norm = [i for i, n in enumerate(compute) if "1" in (p for p, _ in n.meta["nn_module_stack"].values())]
+    cut = (max(c for c in valid_cuts(captured) if c <= in_norm[0]) if stage == 1
+           else min(c for c in valid_cuts(captured) if c > in_norm[-1]))
+    return plan_from_cuts(captured, [cut], 2, 1, "1f1b", microbatches)
+
+
+def _rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+def _check_step_as_autocast(pm, model, x, y, loss_fn, microbatches: int):
+    """One train_step of `pm` against `model`'s under autocast: loss, fp32 gradients, running statistics.
+    Returns the reference model."""
+    loss = pm.train_step(x, target=y)
+    want_loss, ref = _autocast_reference(model, x, y, loss_fn, microbatches)
+    assert abs(loss.item() - want_loss.item()) / want_loss.item() < AUTOCAST_LOSS_RTOL
+    assert grad_rel_l2(pm.named_parameters(), {n: p.grad for n, p in ref.named_parameters()}) < GRAD_RTOL
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for _, p in pm.named_parameters())
+    buffers = dict(pm.named_buffers())
+    for fqn, want in ref.named_buffers():
+        if want.is_floating_point():
+            assert buffers[fqn].dtype == torch.float32 and _rel_l2(buffers[fqn], want) < BUFFER_RTOL, fqn
+        elif not isinstance(model[1], torch.nn.InstanceNorm2d):  # whose num_batches_tracked no op reads
+            assert torch.equal(buffers[fqn], want), fqn  # once per microbatch
+    return ref
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_norm_layers_train_as_the_model_under_autocast(norm, stage):
+    """A step, then the eval outputs, equal autocast's with the norm in either stage (CPU's batch norm
+    refused the bf16 weight the cast gave it beside its fp32 running statistics)."""
+    from partitioner.api import compile_parallel
+    model, x, y = _norm_model(norm)
+    loss_fn, m = torch.nn.CrossEntropyLoss(), 4
+    captured = capture_for_training(model, (x[:len(x) // m],), {}, "bf16")
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, microbatches=m, mixed_precision="bf16",
+                          plan=_plan_with_norm_in(captured, stage, m))
+    norms = [st.stage for st in pm.stages for n in st.graph_module.graph.nodes
+             if n.op == "call_function" and "norm" in str(n.target)]
+    assert norms == [stage]
+    ref = _check_step_as_autocast(pm, model, x, y, loss_fn, m)
+    pm.eval()
+    ref.eval()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        want = ref(x)
+    assert _rel_l2(pm(x), want) < GRAD_RTOL
+
+
+def test_a_batch_norm_cnn_trains_under_its_plan():
+    """The reported model under compile_parallel's own plan and schedule (1f1b): one step as autocast's."""
+    from partitioner.api import compile_parallel
+    model, x, y = _norm_model("BatchNorm2d")
+    loss_fn = torch.nn.CrossEntropyLoss()
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, microbatches=4, mixed_precision="bf16",
+                          time_limit_s=2)
+    assert pm.plan.schedule == "1f1b"
+    _check_step_as_autocast(pm, model, x, y, loss_fn, 4)
+
+
+def test_a_batch_norm_keeps_fp32_weights_in_the_graph():
+    """Its weight and bias are read uncast, beside its fp32 running statistics; the conv's are cast."""
+    model, x, _ = _norm_model("BatchNorm2d")
+    graph = capture_for_training(model, (x[:4],), {}, "bf16").graph_module.graph
+    norm = next(n for n in graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target))
+    assert [a.op for a in norm.args[1:5]] == ["get_attr"] * 4
+    assert all(a.meta["val"].dtype == torch.float32 for a in norm.args[1:5])
+    conv = next(n for n in graph.nodes if n.op == "call_function" and "conv" in str(n.target))
+    assert all(a.meta["val"].dtype == torch.bfloat16 for a in conv.args[:3])

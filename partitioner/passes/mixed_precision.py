@@ -13,6 +13,11 @@ reads the real fp32 tensors through a cast at every use. The cast sits in the
 using node's module, so a stage casts only the weights it reads, and the
 planner costs what the stages run: bf16 kernels and activations, fp32
 parameters, gradients and optimizer state.
+
+A batch norm (or instance norm: any op with running statistics) reads its weight and
+bias uncast, as autocast runs it: its kernels take the affine parameters in the dtype of
+the running statistics, fp32 buffers (CPU refuses bf16 weights beside fp32 statistics),
+and normalise a bf16 input in fp32 into a bf16 output either way.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx
+from torch.fx.operator_schemas import normalize_function
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
@@ -108,6 +114,8 @@ def _read_through_casts(captured: Captured, originals: dict[str, torch.nn.Parame
             if user.op == "output":
                 raise CaptureError(f"mixed precision: the model returns its input or parameter '{node.target}' "
                                    "unchanged; train it without mixed_precision.")
+            if node.op == "get_attr" and _batch_norm_affine(user, node):
+                continue
             with graph.inserting_before(user):
                 cast = graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": dtype})
             cast.meta = {"val": val, **{k: v for k, v in user.meta.items() if k in ("nn_module_stack", "stack_trace")}}
@@ -115,3 +123,14 @@ def _read_through_casts(captured: Captured, originals: dict[str, torch.nn.Parame
     graph.lint()
     gm.recompile()
 
+
+def _batch_norm_affine(user: torch.fx.Node, node: torch.fx.Node) -> bool:
+    """`node` is the weight or bias of `user`, a batch norm (or instance norm): an op with running statistics."""
+    if user.op != "call_function":
+        return False
+    try:
+        bound = normalize_function(user.target, tuple(user.args), dict(user.kwargs), normalize_to_only_use_kwargs=True)
+    except Exception:  # a target without a schema or signature to bind against: not a batch norm
+        return False
+    kwargs = bound.kwargs if bound is not None else {}
+    return "running_mean" in kwargs and node in (kwargs.get("weight"), kwargs.get("bias"))
