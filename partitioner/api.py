@@ -37,6 +37,7 @@ from partitioner.modes import ModeSource, fake_skeleton
 from partitioner.parallel_model import ParallelModel
 from partitioner.plan import Plan
 from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
+from partitioner.passes.mixed_precision import compute_dtype, loss_under_autocast
 from partitioner.passes.capture_io import Captured, input_leaf_names
 from partitioner.passes.split import place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
@@ -123,7 +124,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         so; compile=True keeps them without graphs.
     mixed_precision: None (default) runs and plans the model in its own dtype (a bf16 model is planned
         and trained in bf16); "bf16" keeps fp32 parameters, gradients and optimizer state and computes in
-        bf16 (each parameter and float input cast where it is read, as FSDP2's MixedPrecisionPolicy).
+        bf16 (each parameter and float input cast where it is read, as FSDP2's MixedPrecisionPolicy; a batch
+        norm's weights stay fp32 beside its fp32 statistics) and runs loss_fn under torch.autocast, as the
+        usual recipe runs it (a cross-entropy in fp32).
     init_fn / checkpoint: for a model built on the meta device (capture and planning need no weights):
         each rank allocates only its stages' tensors on its device and fills them from `checkpoint` (a
         Hugging Face safetensors or DCP directory, read lazily) and/or `init_fn(module)` per module
@@ -255,6 +258,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                                   replica=replica, hold_sends=stage_graphs)
         order, inference_order = list(sched.actions[rank]), list(forward_only(sched).actions[rank])
     graph_modules = {k: stages[k].graph_module for k in local}
+    if compute_dtype(mixed_precision) is not None:  # the loss as the recipe runs it: under autocast
+        loss_fn = loss_under_autocast(loss_fn, devices[0].type, compute_dtype(mixed_precision))
     calls = compile_stages(graph_modules, loss_fn, options, last=len(stages) - 1,
                            unflatten=captured.unflatten_outputs, check=_checked_loss)
     runners, fused = calls.runners, calls.stage_loss

@@ -199,6 +199,22 @@ def test_symbolic_trace_fallback(monkeypatch, small_zoo):
         assert any(s and list(s.values())[-1][0].startswith(("layers.", "blocks.")) for s in stacks)
 
 
+def test_a_failed_export_leaves_the_models_running_statistics_and_random_state(monkeypatch):
+    """After torch.export fails, the model runs once on the example inputs (to name a bad input): that
+    run must not move a batch norm's running statistics or draw from torch's generator."""
+    def broken_export(*a, **k):
+        raise RuntimeError("export unavailable")
+    monkeypatch.setattr(capture_mod, "_export", broken_export)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    x = torch.randn(8, 4) + 3
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(CaptureError):  # symbolic_trace cannot trace BatchNorm1d's input check either
+        capture(model, (x,))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
 def test_both_tracers_failing_names_both(monkeypatch):
     monkeypatch.setattr(capture_mod, "_export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
 

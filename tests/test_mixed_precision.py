@@ -14,6 +14,7 @@ import torch
 from dist_utils import build, run_workers
 from test_api import compile_zoo
 
+from partitioner.api import compile_parallel
 from partitioner.errors import CaptureError
 from partitioner.plan_model import capture_for_training
 from partitioner.passes.mixed_precision import compute_dtype
@@ -267,3 +268,24 @@ def test_a_batch_norm_keeps_fp32_weights_in_the_graph():
     assert all(a.meta["val"].dtype == torch.float32 for a in norm.args[1:5])
     conv = next(n for n in graph.nodes if n.op == "call_function" and "conv" in str(n.target))
     assert all(a.meta["val"].dtype == torch.bfloat16 for a in conv.args[:3])
+
+
+def test_the_loss_runs_under_autocast_and_the_step_sums_it_in_float32():
+    """mixed_precision='bf16' runs loss_fn under torch.autocast, as the recipe does (a cross-entropy of bf16
+    logits in fp32), and train_step's loss is the float32 mean of the microbatches' losses."""
+    zm = build("mlp", batch=8)
+    seen = []
+
+    def loss_fn(out, target):
+        seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+        return torch.nn.functional.cross_entropy(out, target)
+    pm = compile_parallel(copy.deepcopy(zm.model), ["cpu"] * 2, zm.example_args, loss_fn, microbatches=4,
+                          mixed_precision="bf16")
+    loss = pm.train_step(*zm.example_args, target=zm.target)
+    assert seen and all(s == (True, torch.bfloat16) for s in seen), seen
+    assert loss.dtype == torch.float32
+    ref = copy.deepcopy(zm.model)
+    with torch.autocast("cpu", torch.bfloat16):
+        losses = [torch.nn.functional.cross_entropy(ref(x), t).float()
+                  for x, t in zip(zm.example_args[0].chunk(4), zm.target.chunk(4))]
+    assert abs(loss.item() - torch.stack(losses).mean().item()) <= 1e-6 * abs(loss.item()), (loss, losses)

@@ -99,10 +99,13 @@ def _describe_inputs(names: list[str], leaves: list[Any]) -> str:
 
 def check_inputs_eagerly(model: torch.nn.Module, args: tuple, kwargs: dict,
                           names: list[str], leaves: list[Any]) -> None:
-    """Run the model on its example inputs; if it fails there, name the module and the input."""
+    """Run the model on its example inputs; if it fails there, name the module and the input. The
+    model's buffers (a batch norm's running statistics) and torch's random state are left as they were."""
     tracker = ModuleTracker(model)
+    buffers = [(b, b.clone()) for b in model.buffers() if not b.is_meta]
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     try:
-        with torch.no_grad(), tracker:
+        with torch.no_grad(), tracker, torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
             model(*args, **kwargs)
     except Exception as err:  # the model's own exception on the example inputs
         if is_data_dependent(err) or _is_meta_item_error(err):
@@ -125,6 +128,10 @@ def check_inputs_eagerly(model: torch.nn.Module, args: tuple, kwargs: dict,
             f"{tracker.where()}: {first_line(err)}.{culprit} Example inputs were "
             f"{_describe_inputs(names, leaves)}. Check the shape/dtype of these inputs "
             "(and pass keyword inputs as example_kwargs).") from err
+    finally:
+        with torch.no_grad():
+            for b, before in buffers:
+                b.copy_(before)
 
 
 def _is_meta_item_error(err: BaseException) -> bool:

@@ -22,7 +22,8 @@ and normalise a bf16 input in fp32 into a bf16 output either way.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import functools
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
@@ -44,6 +45,19 @@ def compute_dtype(mixed_precision: str | torch.dtype | None) -> torch.dtype | No
         raise CaptureError(f"mixed_precision={mixed_precision!r} is not known; use 'bf16' (or 'fp16'), or None "
                            "for the model's own dtype.")
     return DTYPES[mixed_precision]
+
+
+def loss_under_autocast(loss_fn: Callable[[Any, Any], Any], device_type: str, dtype: torch.dtype
+                        ) -> Callable[[Any, Any], Any]:
+    """`loss_fn` run under torch.autocast(device_type, dtype), as the recipe runs it around the model and
+    its loss: autocast computes a cross-entropy, a log-softmax or an MSE on bf16 outputs in fp32."""
+    @functools.wraps(loss_fn)
+    def loss(output: Any, target: Any) -> Any:
+        with torch.autocast(device_type, dtype):
+            return loss_fn(output, target)
+    if not hasattr(loss, "__name__"):  # a loss module: name it by its class in messages
+        loss.__name__ = type(loss_fn).__name__
+    return loss
 
 
 def capture_mixed(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype) -> Captured:

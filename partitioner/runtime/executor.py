@@ -284,7 +284,9 @@ class _StepState:
         self._raw_loss: torch.Tensor | None = None
 
     def add_loss(self, raw: torch.Tensor) -> None:
-        """One microbatch's loss (the loss function's value)."""
+        """One microbatch's loss (the loss function's value), summed in float32 (a bf16 loss would round
+        at every microbatch)."""
+        raw = raw.detach().float()
         self._raw_loss = raw if self._raw_loss is None else self._raw_loss + raw
 
     @property
