@@ -38,6 +38,7 @@ from partitioner.parallel_model import ParallelModel
 from partitioner.plan import Plan
 from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
 from partitioner.passes.mixed_precision import compute_dtype, loss_under_autocast
+from partitioner.passes.capture import set_attr
 from partitioner.passes.capture_io import Captured, input_leaf_names
 from partitioner.passes.split import place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
@@ -245,6 +246,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                            timeout_s=timeout_s, replicas=replicas, replica=replica)
     if checkpoint is not None or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         materialise(model, store, rank, init_fn, checkpoint)
+    _let_go_of_model_tensors(captured, model)
     stage_device = {st.stage: devices[st.rank] for st in stages}
     for st in stages:
         place_on_device(st, stage_device[st.stage])
@@ -359,6 +361,22 @@ def _check_not_partly_meta(model: torch.nn.Module) -> None:
                                  f"'{real[0]}' is on {real[1]}; load every weight (e.g. model.to_empty(device=...) "
                                  "then load_state_dict) before compiling, or build every parameter on meta and pass "
                                  "init_fn= or checkpoint=.")
+
+
+def _let_go_of_model_tensors(captured: Captured, model: torch.nn.Module) -> None:
+    """The stages hold their own copies now (ParameterStore): the captured graph's references to the
+    model's parameters and buffers become meta stand-ins (ties kept), so that the ParallelModel keeps
+    none of the model's memory alive; a model built on the GPU the stages use is freed once the caller
+    drops it."""
+    mine = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    gm = captured.graph_module
+    stand_ins: dict[int, torch.Tensor] = {}
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if id(t) in mine and not t.is_meta:
+            if id(t) not in stand_ins:
+                meta = torch.empty_like(t, device="meta")
+                stand_ins[id(t)] = torch.nn.Parameter(meta, t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+            set_attr(gm, name, stand_ins[id(t)])
 
 
 def _check_mean_loss(loss_fn: Callable) -> None:

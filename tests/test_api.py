@@ -173,6 +173,25 @@ def test_a_loss_module_that_sums_over_the_batch_is_refused_naming_mean():
         compile_parallel(copy.deepcopy(zm.model), ["cpu"] * 2, zm.example_args, nn.CrossEntropyLoss(reduction="sum"))
 
 
+def test_the_parallel_model_keeps_none_of_the_models_tensors_alive():
+    """The stages train their own copies: once the caller drops the model, its memory is freed (a model
+    built on the GPU the stages run on would otherwise be held twice)."""
+    import gc
+    import weakref
+    zm = build("gpt2")
+    model = copy.deepcopy(zm.model)
+    refs = [weakref.ref(t) for t in [*model.parameters(), *model.buffers()]]
+    pm = compile_parallel(model, ["cpu"] * 2, zm.example_args, zm.loss_fn, microbatches=2)
+    del model
+    gc.collect()
+    assert not [r for r in refs if r() is not None]
+    ref_loss, _ = reference(zm)
+    assert max_rel_err(pm.train_step(*zm.example_args, target=zm.target), ref_loss) < 1e-5
+    pm.eval()  # the other mode captures the model's structure anew
+    with torch.no_grad():
+        assert max_rel_err(pm(*zm.example_args).logits, zm.model.eval()(*zm.example_args).logits) < 1e-5
+
+
 def test_a_model_partly_on_meta_names_one_weight_of_each():
     zm = build("mlp")
     model = copy.deepcopy(zm.model)
