@@ -43,7 +43,8 @@ from partitioner.passes.capture_io import Captured, input_leaf_names
 from partitioner.passes.split import place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
 from partitioner.runtime.compiled import compile_options, compile_stages, print_once, uses_cudagraphs
-from partitioner.runtime.data_parallel import DATA_PARALLEL_MODES, DataParallelStages, MeshLayout, mesh_layout
+from partitioner.runtime.data_parallel import (DATA_PARALLEL_MODES, DataParallelStages, MeshLayout,
+                                               check_fsdp_gradients, mesh_layout)
 from partitioner.runtime.replicated_gradients import ReplicatedStages
 from partitioner.runtime.executor import Executor, ParameterStore, in_process_order
 from partitioner.runtime.schedules import make_schedule, validate
@@ -77,7 +78,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         process uses its LOCAL_RANK's GPU. data_parallel: how gradients are reduced across replicas:
         "fsdp" (default: FSDP2 fully_shard, parameters, gradients and optimizer state sharded over dp)
         or "replicate" (whole on every replica, each stage's gradients all-reduced after its last
-        backward, runtime/replicated_gradients.py; the one that works with CUDA graphs).
+        backward, runtime/replicated_gradients.py; the one that works with CUDA graphs). Buffers are not
+        synchronised, in either mode (as FSDP2, and DDP with broadcast_buffers=False): each replica updates
+        its BatchNorm running statistics from its own microbatches and evaluates with them; full_state_dict
+        and save take replica 0's.
     example_inputs / example_kwargs: the GLOBAL batch, as model(*example_inputs, **example_kwargs);
         tensors whose batch dim holds the batch size (the first tensor input's size along its batch
         dim) are split along it into dp shares, then each into `microbatches` (default 2 x pipeline
@@ -233,6 +237,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         graph_code = re.sub(r"device\(type='\w+'(, index=\d+)?\)", "device", captured.graph_module.code)
         _agree(plan.to_json() + graph_code, "the plan or the captured graph", rank, devices)
     _check_plan(plan, p, chunks)
+    if dp > 1 and data_parallel == "fsdp":
+        check_fsdp_gradients(captured.graph_module)
 
     stages = split(captured, plan)
     sched = make_schedule(schedule, p, microbatches, chunks)

@@ -10,9 +10,10 @@
     step = pm.load("ckpt/step-1000", optimizer=opt)["step"]
 
 A checkpoint is a torch.distributed.checkpoint (DCP) directory: each rank writes
-the tensors it holds under the ORIGINAL model's FQNs ("model.<fqn>"; a tied weight
-once, under its first name in named_parameters), its optimizer state keyed by
-parameter FQN, not position ("optim.state.<fqn>.<exp_avg|step|...>", and
+the tensors it holds (with data parallelism: FSDP2 shards from every replica, whole
+tensors from replica 0, as full_state_dict) under the ORIGINAL model's FQNs
+("model.<fqn>"; a tied weight once, under its first name in named_parameters), its
+optimizer state keyed by parameter FQN, not position ("optim.state.<fqn>.<exp_avg|step|...>", and
 "optim.param_groups.<fqn>": that parameter's group hyper-parameters, lr included,
 so an LR scheduler's state carries over), and `extra` (any picklable dict: the step,
 the scheduler's state_dict()). Next to it: plan.json (the plan it was trained
@@ -43,6 +44,7 @@ import torch.distributed as dist
 
 from partitioner.errors import RuntimeConfigError
 from partitioner.passes.capture_io import find_tied
+from partitioner.runtime.data_parallel import is_sharded
 from partitioner.tensor_sources import MODEL_PREFIX, DCPSource, match_model, model_tensors, open_source
 
 if TYPE_CHECKING:
@@ -76,6 +78,10 @@ def save(pm: "ParallelModel", path: str | os.PathLike, optimizer: torch.optim.Op
     except RuntimeConfigError as err:
         error = err
     _raise_if_any(pm, error)
+    if pm.dp > 1 and pm.layout.dp_rank != 0:
+        # whole tensors are replica 0's, as in full_state_dict: buffers (BatchNorm's running statistics)
+        # differ between replicas, and DCP would take each duplicated key from whichever rank it picks
+        state = {k: v for k, v in state.items() if is_sharded(v)}
     if pm.rank is None or dist.get_rank() == 0:
         state[EXTRA] = dict(extra or {})
     _write(state, path, distributed=pm.rank is not None)

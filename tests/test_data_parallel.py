@@ -281,3 +281,91 @@ def test_replicated_stages_reduce_a_tied_weight_once_with_both_its_stages():
     bridge = torch.nn.Parameter(torch.ones(1))  # stage 3 ties 1 to the group of 0 and 2
     modules[3] = stage(bridge, modules[1].p0, modules[0].p0)
     assert _sharing_groups(modules) == [[0, 1, 2, 3]]
+
+
+class _Mixed(torch.nn.Module):
+    """What data parallelism treats apart: a (sparse) embedding table, a layer frozen at compile time
+    (unfrozen after), BatchNorm's running statistics."""
+
+    def __init__(self, sparse: bool):
+        super().__init__()
+        self.emb = torch.nn.Embedding(40, 16, sparse=sparse)
+        self.l1, self.frozen, self.head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 5)
+        self.bn = torch.nn.BatchNorm1d(16)
+
+    def forward(self, ids):
+        h = torch.tanh(self.l1(self.emb(ids).mean(1)))
+        return self.head(torch.tanh(self.bn(self.frozen(h))))
+
+
+def _mixed_loss(out, t):
+    return torch.nn.functional.cross_entropy(out, t)
+
+
+def _mixed_worker(rank: int, world: int, path: str) -> dict:
+    """dp 2 x pp 1, two stages on the rank: two train_steps without zero_grad against each replica's
+    model accumulating the same microbatches; a sparse table under FSDP2 is refused."""
+    dist.init_process_group("gloo")
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 40, (16, 3), generator=gen), torch.randint(0, 5, (16,), generator=gen))
+               for _ in range(2)]
+    out: dict = {}
+    for mode, sparse in (("fsdp", True), ("fsdp", False), ("replicate", True)):
+        torch.manual_seed(0)
+        model = _Mixed(sparse)
+        model.frozen.requires_grad_(False)
+        mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "pp"))
+        try:
+            pm = compile_parallel(copy.deepcopy(model), mesh=mesh, example_inputs=(batches[0][0],), loss_fn=_mixed_loss,
+                                  chunks=2, microbatches=2, data_parallel=mode, time_limit_s=2, timeout_s=60)
+        except RuntimeConfigError as err:
+            out[mode, sparse] = str(err)
+            continue
+        for m in (model, pm):  # unfrozen after compile_parallel: trained, so reduced, from now on
+            for name, p in m.named_parameters():
+                p.requires_grad_(True) if name.startswith("frozen.") else None
+        replicas = [copy.deepcopy(model) for _ in range(2)]
+        for ids, target in batches:  # no zero_grad between the steps: gradients accumulate
+            pm.train_step(ids, target=target)
+            for d, ref in enumerate(replicas):  # replica d: microbatches 2d and 2d + 1 of the global 4
+                for mb in (2 * d, 2 * d + 1):
+                    _mixed_loss(ref(ids[4 * mb:4 * mb + 4]), target[4 * mb:4 * mb + 4]).div(4).backward()
+        want = {n: p.grad + dict(replicas[1].named_parameters())[n].grad for n, p in replicas[0].named_parameters()}
+        got = {n: full_tensor(p.grad) for n, p in pm.named_parameters()}
+        emb = got["emb.weight"]
+        r = {"grads": max(max_rel_err(g.to_dense(), want[n].to_dense()) for n, g in got.items()),
+             "sparse": emb.is_sparse == sparse and (not sparse or torch.equal(emb.coalesce().indices(),
+                                                                            want["emb.weight"].coalesce().indices())),
+             # each replica's running statistics follow its own microbatches (FSDP2's semantics: no sync)
+             "own_buffers": max(max_rel_err(b.float(), dict(replicas[pm.layout.dp_rank].named_buffers())[n].float())
+                                for n, b in pm.named_buffers()),
+             "other_buffers": max_rel_err(dict(pm.named_buffers())["bn.running_mean"],
+                                          replicas[1 - pm.layout.dp_rank].bn.running_mean)}
+        if sparse:  # SparseAdam takes only sparse gradients
+            torch.optim.SparseAdam([dict(pm.named_parameters())["emb.weight"]]).step()
+        pm.save(f"{path}-{mode}")  # whole tensors from replica 0, as full_state_dict
+        full = pm.full_state_dict()
+        if rank == 0:
+            from partitioner.checkpoint import to_torch_save
+            to_torch_save(f"{path}-{mode}", f"{path}-{mode}.pt")
+            saved = torch.load(f"{path}-{mode}.pt", weights_only=False)["model"]
+            r["saved"] = max(max_rel_err(saved[k].float(), v.float()) for k, v in full.items())
+        out[mode, sparse] = r
+    return out
+
+
+def test_sparse_tables_unfrozen_parameters_batchnorm_and_accumulation_dp2_pp1(tmp_path):
+    """Regressions: under replicate a parameter frozen at compile time was never reduced once unfrozen
+    (replicas trained apart), and a sparse gradient came back dense (SparseAdam refused it); a sparse
+    table under FSDP2 failed inside the backward; save took whole tensors from any replica (BatchNorm
+    statistics not replica 0's, unlike full_state_dict)."""
+    results = run_workers(_mixed_worker, 2, str(tmp_path / "ckpt"), timeout_s=200)
+    for res in results:
+        refused = res["fsdp", True]
+        assert "'emb.weight' is looked up with sparse=True" in refused and "data_parallel='replicate'" in refused
+        for case in (("fsdp", False), ("replicate", True)):
+            r = res[case]
+            assert r["grads"] < 1e-5 and r["sparse"] and r["own_buffers"] == 0.0, (case, r)
+            assert r["other_buffers"] > 1e-3, (case, r)  # the replicas' statistics differ
+    for case in (("fsdp", False), ("replicate", True)):
+        assert results[0][case]["saved"] == 0.0, results[0][case]

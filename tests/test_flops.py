@@ -152,6 +152,17 @@ def test_causal_attention_without_mask_is_fused():
     assert (t.fwd_flops, t.bwd_flops) == (4 * B * H * L * L * E, 10 * B * H * L * L * E)
 
 
+def test_a_sparse_embedding_traces_and_its_gradient_counts_the_rows_it_holds():
+    """nn.Embedding(sparse=True): the gradient has no storage to measure (planning such a model failed
+    with "Cannot access storage of SparseTensorImpl"); it counts its values, the B x L rows, not V."""
+    V, D, B, L = 1000, 16, 2, 3
+    gm = torch.export.export(nn.Embedding(V, D, sparse=True), (torch.randint(0, V, (B, L)),), strict=False).module()
+    traces = trace_nodes(gm)
+    (emb,) = [traces[n.name] for n in gm.graph.nodes if str(n.target) == "aten.embedding.default"]
+    written = [numel for k in emb.bwd_ops for numel, dtype, _ in k.tensors if dtype == torch.float32]
+    assert written and max(written) == B * L * D
+
+
 def test_op_kernels_record_flops_and_the_bytes_each_op_moves():
     """Every aten op a node dispatches is one OpKernel: a matmul's FLOPs, a broadcast input at its
     storage's size, and an embedding reading only the rows it gathers (not the whole table)."""

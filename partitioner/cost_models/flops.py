@@ -295,10 +295,16 @@ def _distinct_tensors(tree: Any) -> list[torch.Tensor]:
 
 def _tensor_sizes(tree: Any) -> list[tuple[int, torch.dtype, int]]:
     """(elements stored, dtype, innermost dim) of each distinct tensor in `tree`: a broadcast
-    view counts the storage it reads, not its expanded size."""
+    view counts the storage it reads, not its expanded size; a sparse tensor (an embedding's
+    gradient with sparse=True) its values."""
     out = []
     for t in _distinct_tensors(tree):
-        stored = t.untyped_storage().nbytes() // t.element_size() if t.element_size() else t.numel()
+        if t.layout == torch.sparse_coo:
+            stored = t._values().numel()
+        elif t.layout != torch.strided:  # other sparse layouts have no storage to measure: at most dense
+            stored = t.numel()
+        else:
+            stored = t.untyped_storage().nbytes() // t.element_size() if t.element_size() else t.numel()
         out.append((min(t.numel(), stored), t.dtype, t.shape[-1] if t.dim() else 1))
     return out
 

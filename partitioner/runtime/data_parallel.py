@@ -19,6 +19,11 @@ accumulate whole over the microbatches; after a stage's (group's) last backward
 one reduce-scatter averages them over the replicas, and the parameters are resharded.
 Each replica's loss is the mean over its share of the batch, so the averaged
 gradient is that of the mean loss over the global batch.
+
+Buffers are whole on every replica and not synchronised, in both modes (FSDP2 leaves them
+alone; DDP's default broadcast_buffers=True would copy rank 0's before every forward): a
+BatchNorm's running statistics follow the replica's own microbatches, eval runs on each
+replica's, and full_state_dict / save take replica 0's.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from torch import nn
 
 from partitioner.data_parallel_costs import DP_MODES as DATA_PARALLEL_MODES
 from partitioner.errors import RuntimeConfigError
+from partitioner.passes.capture import get_attr
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,40 @@ class DataParallelStages:
         """Free the gathered parameters (after inference)."""
         for m in [self.module, *self.groups.values()]:
             m.reshard()
+
+
+_SPARSE_ARG = {torch.ops.aten.embedding.default: 4, torch.ops.aten.embedding_bag.default: 5,
+               torch.ops.aten.embedding_bag.padding_idx: 5, torch.ops.aten._embedding_bag.default: 5}
+
+
+def check_fsdp_gradients(gm: torch.fx.GraphModule) -> None:
+    """FSDP2 reduce-scatters dense gradients only: a table looked up with sparse=True (nn.Embedding /
+    nn.EmbeddingBag(sparse=True)) would fail inside its backward on one rank and leave the others
+    waiting. Refused before anything runs (on every rank alike: the whole captured graph), naming
+    the table and the fix."""
+    sparse = sparse_gradient_tables(gm)
+    if sparse:
+        raise RuntimeConfigError(f"compile_parallel(data_parallel='fsdp'): '{sparse[0]}' is looked up with sparse=True "
+                                 "(nn.Embedding / nn.EmbeddingBag(sparse=True)), and FSDP2 cannot reduce-scatter its "
+                                 "sparse gradient; pass data_parallel='replicate' (the gradient stays sparse) or "
+                                 "build the table with sparse=False.")
+
+
+def sparse_gradient_tables(gm: torch.fx.GraphModule) -> list[str]:
+    """FQNs of the trainable parameters `gm` looks up with sparse=True (their gradients are sparse)."""
+    out: list[str] = []
+    for n in gm.graph.nodes:
+        i = _SPARSE_ARG.get(n.target) if n.op == "call_function" else None
+        if i is None or not (n.args[i] if len(n.args) > i else n.kwargs.get("sparse", False)):
+            continue
+        table = n.args[0]
+        while isinstance(table, torch.fx.Node) and table.op != "get_attr" and table.all_input_nodes:
+            table = table.all_input_nodes[0]  # through a cast (mixed precision)
+        if not (isinstance(table, torch.fx.Node) and table.op == "get_attr"):
+            out.append(str(n.args[0]))
+        elif get_attr(gm, table.target).requires_grad and table.target not in out:  # frozen: no gradient
+            out.append(table.target)
+    return out
 
 
 def _shares_parameters(modules: list[nn.Module]) -> bool:

@@ -7,8 +7,10 @@ last backward of a stage is done (of every stage of its group: local stages that
 parameter are one group, so a tied weight is reduced once), its gradients are packed into one
 flat buffer per device and dtype and all-reduced over the dp group without waiting, so the
 reduction overlaps the rank's remaining backwards; after the step each buffer is waited for,
-divided by dp and copied back into .grad. Each replica's loss is the mean over its share of the
-batch, so the average is the gradient of the mean loss over the global batch.
+divided by dp and copied back into .grad. Which parameters have a gradient (not frozen, reached
+by a backward) is read every step; a sparse gradient is reduced dense and handed back sparse.
+Each replica's loss is the mean over its share of the batch, so the average is the gradient of
+the mean loss over the global batch.
 
 Nothing hooks the stage modules and no parameter moves: stages under CUDA graphs, which replay
 on the addresses they recorded, and the foreach gradient accumulation work as without data
@@ -23,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch._utils import _flatten_dense_tensors
 
 
 class ReplicatedStages:
@@ -43,10 +45,11 @@ class ReplicatedStages:
         members = _sharing_groups(graph_modules)
         self._group_of = {k: i for i, ks in enumerate(members) for k in ks}
         self._stages_in = [len(ks) for ks in members]
-        self._params = [_trainable([graph_modules[k] for k in ks]) for ks in members]
+        # every parameter, frozen ones too: a parameter unfrozen after compile_parallel is reduced from then on
+        self._params = [_unique_parameters([graph_modules[k] for k in ks]) for ks in members]
         self.groups = {k: i for i, ks in enumerate(members) if len(ks) == 1 and len(members) > 1 for k in ks}
         self._left: list[int] = []
-        self._pending: list[tuple[Any, torch.Tensor, list[nn.Parameter]]] = []
+        self._pending: list[tuple[Any, torch.Tensor, list[nn.Parameter], list[torch.Size], list[bool]]] = []
 
     def with_hooks(self, key: str, fn: Callable) -> Callable:
         """`fn` as it is: nothing wraps the stages."""
@@ -70,11 +73,20 @@ class ReplicatedStages:
                 self._left[i] = 0
                 self._reduce(i)
         with torch.no_grad():
-            for work, flat, params in self._pending:
+            for work, flat, params, shapes, sparse in self._pending:
                 work.wait()
                 flat.div_(self.dp)
-                grads = [p.grad for p in params]  # the executor may have replaced a .grad since it was packed
-                torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
+                parts = iter(c.view(shape) for c, shape in zip(flat.split([s.numel() for s in shapes]), shapes))
+                dense, averaged = [], []
+                for p, is_sparse in zip(params, sparse):
+                    part = next(parts)
+                    if is_sparse:  # over the rows any replica touched (the mask packed after it)
+                        p.grad = _sparse_rows(part, next(parts))
+                    else:  # the executor may have replaced a .grad since it was packed: copy into the current one
+                        dense.append(p.grad)
+                        averaged.append(part)
+                if dense:
+                    torch._foreach_copy_(dense, averaged)
         self._pending.clear()
 
     def unshard(self) -> None:
@@ -84,27 +96,47 @@ class ReplicatedStages:
         """Nothing to free."""
 
     def _reduce(self, i: int) -> None:
-        buckets: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
-        for p in self._params[i]:
-            if p.grad is None:  # the same graph on every replica: the same parameters have none
-                continue
-            if p.grad.is_sparse:
-                p.grad = p.grad.to_dense()
-            buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p)
-        for params in buckets.values():
-            with torch.no_grad():
-                flat = _flatten_dense_tensors([p.grad for p in params])
-            work = dist.all_reduce(flat, group=self.process_group, async_op=True)
-            self._pending.append((work, flat, params))
+        """Start the all-reduce of group i's gradients: the parameters that have one (frozen ones and
+        those no backward reached have none, the same on every replica: the same graph runs there).
+        A sparse gradient (nn.Embedding(sparse=True)) goes in dense, followed by a mask of the rows
+        it touches, and comes back sparse over the rows any replica touched, as DDP keeps it."""
+        buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list, list]] = {}
+        with torch.no_grad():
+            for p in self._params[i]:
+                if p.grad is None:
+                    continue
+                params, packed, sparse = buckets.setdefault((p.grad.device, p.grad.dtype), ([], [], []))
+                params.append(p)
+                sparse.append(p.grad.is_sparse)
+                packed.extend(_sparse_parts(p.grad) if p.grad.is_sparse else [p.grad])
+            for params, packed, sparse in buckets.values():
+                flat = _flatten_dense_tensors(packed)
+                work = dist.all_reduce(flat, group=self.process_group, async_op=True)
+                self._pending.append((work, flat, params, [t.shape for t in packed], sparse))
 
 
-def _trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
+def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
     seen: dict[int, nn.Parameter] = {}
     for m in modules:
         for p in m.parameters():
-            if p.requires_grad:
-                seen.setdefault(id(p), p)
+            seen.setdefault(id(p), p)
     return list(seen.values())
+
+
+def _sparse_parts(grad: torch.Tensor) -> list[torch.Tensor]:
+    """A sparse gradient as what is all-reduced: its dense values and a mask of the rows (entries of its
+    sparse dims) it holds."""
+    grad = grad.coalesce()
+    mask = torch.zeros(grad.shape[:grad.sparse_dim()], device=grad.device, dtype=grad.dtype)
+    mask[tuple(grad.indices())] = 1
+    return [grad.to_dense(), mask]
+
+
+def _sparse_rows(dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The averaged gradient `dense` as a coalesced sparse tensor over the rows `mask` marks (summed
+    over replicas: nonzero where any replica touched the row)."""
+    rows = mask.nonzero().t()
+    return torch.sparse_coo_tensor(rows, dense[tuple(rows)], dense.shape, is_coalesced=True, check_invariants=False)
 
 
 def _sharing_groups(graph_modules: dict[int, nn.Module]) -> list[list[int]]:
