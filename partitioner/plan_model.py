@@ -199,8 +199,8 @@ def plan_profiled(annotated: AnnotatedGraph, costs: NodeCosts, loss_costs: NodeC
     launch_and_run = costs.launch_and_run_s()
     graphs = config.cuda_graphs or (config.graphs_when_host_bound and costs.host_bound())
     if graphs:
-        costs = costs.without_host()
-        loss_costs = loss_costs.without_host() if loss_costs is not None else None
+        costs = costs.under_cuda_graphs()
+        loss_costs = loss_costs.under_cuda_graphs() if loss_costs is not None else None
     K = config.num_ranks * config.chunks
     bg = coarsen(annotated, costs, depth=config.depth, min_blocks=K, target_blocks=BLOCKS_PER_STAGE * K)
     if loss_costs is not None:

@@ -161,3 +161,19 @@ def test_kernels_vs_plan_prints_measured_kernels_next_to_the_prediction(tmp_path
     assert main([str(path), "--model", "gpt2", "--seq", "32", "--device", "h100"]) == 0
     out = capsys.readouterr().out
     assert "step" in out and "1.1" in out  # 4.4 ms of kernels over 4 microbatches
+
+
+def test_graph_pools_peak_counts_live_bytes_per_pool():
+    """benchmarks.graph_pools reads a pool's peak of live tensors from torch's memory trace."""
+    from benchmarks.graph_pools import pool_peaks
+    frames = [{"filename": "torch/x.py", "line": 1, "name": "f"}]
+    snapshot = {"segments": [{"address": 0, "total_size": 100, "segment_pool_id": (0, 1)},
+                             {"address": 1000, "total_size": 100, "segment_pool_id": (0, 0)}],
+                "device_traces": [[{"action": "alloc", "addr": 0, "size": 40, "frames": frames},
+                                   {"action": "alloc", "addr": 40, "size": 30, "frames": frames},
+                                   {"action": "free_requested", "addr": 0, "size": 40},
+                                   {"action": "alloc", "addr": 1000, "size": 10, "frames": []},
+                                   {"action": "alloc", "addr": 70, "size": 20, "frames": frames}]]}
+    peak, at_peak = pool_peaks(snapshot)
+    assert peak == {"(0, 1)": 70, "(0, 0)": 10}
+    assert at_peak["(0, 1)"] == {"x.py:1:f": 70}

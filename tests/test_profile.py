@@ -295,6 +295,22 @@ def test_the_stage_pass_survives_json_and_cuda_graphs_drop_its_host_part():
     assert graphed.step_time_s() == pytest.approx(1.1 + 2.2)
 
 
+def test_under_cuda_graphs_the_pool_keeps_its_slack_and_the_optimizer_step_its_temporaries():
+    """Stages replayed as CUDA graphs: no host time; activations (saved and working bytes) count
+    1 + GRAPH_POOL_SLACK times (the pool keeps every segment it reserved); each parameter's state (weight,
+    gradient and AdamW's two moments: 4 weights) adds the step's temporary (one weight)."""
+    from partitioner.cost_models.node_costs import GRAPH_POOL_SLACK
+    costs = NodeCosts({"a": NodeCost("a", fwd_time_s=1.0, host_fwd_time_s=2.0, saved_bytes=1000, bwd_working_bytes=100)},
+                      param_state_bytes={"w": 16}, optimizer="adamw")
+    graphed = costs.under_cuda_graphs()
+    a = graphed.nodes["a"]
+    assert a.host_fwd_time_s == 0.0 and a.fwd_time_s == 1.0
+    assert a.saved_bytes == round(1000 * (1 + GRAPH_POOL_SLACK)) and a.bwd_working_bytes == round(100 * (1 + GRAPH_POOL_SLACK))
+    assert graphed.param_state_bytes["w"] == 16 + 4
+    sgd = NodeCosts(dict(costs.nodes), param_state_bytes={"w": 8}, optimizer="sgd").under_cuda_graphs()
+    assert sgd.param_state_bytes == {"w": 8}  # SGD's step makes no weight-sized temporaries
+
+
 def test_compiled_stages_on_the_cpu_pay_the_compiled_call_per_pass(monkeypatch):
     """On the CPU device (host time 0) the stage pass is device time: the executor's constant, plus for
     compiled stages the compiled call's machinery (compiled_call_overhead, patched: no compiling here);

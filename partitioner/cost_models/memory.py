@@ -27,6 +27,9 @@ from partitioner.errors import CostModelError
 
 # optimizer -> fp32 state tensors per parameter element (moments / momentum buffers)
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd-momentum": 1, "sgd": 0, "none": 0}
+# optimizer -> temporaries of its step, in weights' sizes: torch's foreach Adam(W) takes the square root
+# of every second moment at once (one weight-sized tensor per parameter), then frees it
+OPTIMIZER_STEP_TEMPORARIES = {"adamw": 1, "adam": 1, "sgd-momentum": 0, "sgd": 0, "none": 0}
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,13 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable
 
+from partitioner.cost_models.memory import OPTIMIZER_STATES, OPTIMIZER_STEP_TEMPORARIES
 from partitioner.cost_models.time import NO_TIME, NodeTime, pass_time_s
+
+# What a CUDA graph pool reserves beyond its peak of live tensors, as a fraction of that peak: t5-base's
+# two stages under per-stage graphs (bf16, 8 microbatches of 2 x 1024 tokens, one H100) peaked at 1.66 GiB
+# live while recording and reserved 2.54 GiB (benchmarks/RESULTS.md, "What the graph pools hold")
+GRAPH_POOL_SLACK = 0.53
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,22 @@ class NodeCosts:
         """These costs with no host dispatch time: a step replayed as a CUDA graph launches once."""
         nodes = {k: replace(c, host_fwd_time_s=0.0, host_bwd_time_s=0.0) for k, c in self.nodes.items()}
         return replace(self, nodes=nodes, stage_pass=self.stage_pass.device_only())
+
+    def under_cuda_graphs(self) -> "NodeCosts":
+        """These costs for stages whose calls replay as CUDA graphs: no host dispatch time
+        (without_host), and the memory the graphs hold. A graph's activations live in its private
+        memory pool, which keeps every segment it ever reserved: the pool held GRAPH_POOL_SLACK more
+        than its peak of live tensors (fragmentation across the recorded calls), so saved and working
+        bytes count 1 + GRAPH_POOL_SLACK times. And the optimizer's step can no longer reuse the
+        activations' freed memory: its temporaries (OPTIMIZER_STEP_TEMPORARIES) add to every
+        parameter's state."""
+        base = self.without_host()
+        grow = 1.0 + GRAPH_POOL_SLACK
+        nodes = {k: replace(c, saved_bytes=round(c.saved_bytes * grow), bwd_working_bytes=round(c.bwd_working_bytes * grow))
+                 for k, c in base.nodes.items()}
+        temps, held = OPTIMIZER_STEP_TEMPORARIES[self.optimizer], 2 + OPTIMIZER_STATES[self.optimizer]
+        states = {fqn: b + b * temps // held for fqn, b in self.param_state_bytes.items()}
+        return replace(base, nodes=nodes, param_state_bytes=states)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
