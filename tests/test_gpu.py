@@ -348,3 +348,37 @@ def test_default_compile_replays_host_bound_stages_as_cuda_graphs(capsys):
                              example_kwargs=zm.example_kwargs, microbatches=4, time_limit_s=2, compile=True)
     assert plain.executor.cudagraph_steps is None
     assert "compile={'mode': 'reduce-overhead'} replays each stage call" in capsys.readouterr().err  # the hint
+
+
+def _replicas_on_one_gpu_worker(rank: int, world: int, _arg) -> dict:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    _exact_fp32()
+    dist.init_process_group("gloo")  # gloo all-reduces CUDA tensors; NCCL refuses two ranks on one GPU
+    os.environ["LOCAL_RANK"] = "0"  # both replicas on the one GPU
+    zm = _to(build("gpt2", batch=8), "cuda:0")
+    ref_loss, ref_grads = _reference(zm)
+    mesh = init_device_mesh("cuda", (2, 1), mesh_dim_names=("dp", "pp"))
+    pm = compile_parallel(copy.deepcopy(zm.model), mesh=mesh, example_inputs=zm.example_args, loss_fn=zm.loss_fn,
+                          microbatches=2, chunks=2, data_parallel="replicate", compile={"mode": "reduce-overhead"},
+                          timeout_s=120)
+    errors = []
+    for _ in range(4):  # compile, record, replay, replay
+        pm.zero_grad()
+        loss = pm.train_step(*zm.example_args, target=zm.target)
+        errors.append(max([max_rel_err(loss.cpu(), ref_loss.cpu())] +
+                          [max_rel_err(p.grad.cpu(), ref_grads[n].cpu()) for n, p in pm.named_parameters()]))
+    return {"errors": errors, "graphs": str(pm.compile_options)}
+
+
+def test_stage_graphs_under_replicated_data_parallelism_on_one_gpu():
+    """Two replicas (processes) on one GPU, each both stages of a 2-chunk pipeline under per-stage CUDA
+    graphs, gradients all-reduced over gloo: every step equals the plain model on the global batch."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    pytest.importorskip("ortools")
+    results = run_workers(_replicas_on_one_gpu_worker, 2, None, timeout_s=400)
+    for r in results:
+        assert "reduce-overhead" in r["graphs"] and max(r["errors"]) < 1e-4, r
