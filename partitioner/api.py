@@ -40,7 +40,7 @@ from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
 from partitioner.passes.mixed_precision import compute_dtype, loss_under_autocast
 from partitioner.passes.capture import set_attr
 from partitioner.passes.capture_io import Captured, input_leaf_names
-from partitioner.passes.split import place_on_device, split
+from partitioner.passes.split import outputs_the_loss_reads, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
 from partitioner.runtime.compiled import compile_options, compile_stages, print_once, uses_cudagraphs
 from partitioner.runtime.data_parallel import (DATA_PARALLEL_MODES, DataParallelStages, MeshLayout,
@@ -240,7 +240,12 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     if dp > 1 and data_parallel == "fsdp":
         check_fsdp_gradients(captured.graph_module)
 
-    stages = split(captured, plan)
+    try:
+        mb_target = None if example_target is None else \
+            split_batch(example_target, dp * microbatches, "target", dims=dims.target)[0]
+    except RuntimeConfigError:  # train_step names it, with the target it is given
+        mb_target = None
+    stages = split(captured, plan, loss_reads=outputs_the_loss_reads(loss_fn, captured, mb_target))
     sched = make_schedule(schedule, p, microbatches, chunks)
     validate(sched)
     if tuple(plan.stage_rank) != sched.stage_rank:

@@ -200,3 +200,49 @@ def test_an_error_inside_a_stage_says_which_stage_pass_and_microbatch_raised_it(
         pm.train_step(tokens, offsets)
     assert any(note.startswith("partitioner: raised by 0F0 (forward of stage 0, microbatch 0; the stage holds bag.weight")
                and "batch_dims" in note for note in err.value.__notes__)
+
+
+class _AuxHead(torch.nn.Module):
+    """A model returning (head(h), aux(h)): the loss reads only the first output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.aux, self.b, self.head = (torch.nn.Linear(8, 8), torch.nn.Linear(8, 3), torch.nn.Linear(8, 8),
+                                              torch.nn.Linear(8, 3))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.head(torch.tanh(self.b(h))), self.aux(h)
+
+
+@pytest.mark.parametrize("with_target", [True, False])
+def test_an_output_the_loss_ignores_leaves_its_parameters_without_gradient(with_target):
+    """aux(h) is made in stage 0 and ignored by the loss: as in the model, aux's parameters get no
+    gradient (not a zero one, which AdamW's weight decay would act on); with no example_target the
+    runtime cannot tell and sends zeros (the gradients still equal, aux's being 0)."""
+    import torch.nn.functional as F
+
+    from partitioner.passes.capture import capture
+    from partitioner.passes.split import plan_from_cuts
+    torch.manual_seed(0)
+    model, x, y = _AuxHead(), torch.randn(8, 8), torch.randint(0, 3, (8,))
+    loss_fn = lambda out, t: F.cross_entropy(out[0], t)  # noqa: E731
+    captured = capture(model, (x[:2],))
+    compute = [n for n in captured.graph_module.graph.nodes if n.op == "call_function"]
+    cut = next(i for i, n in enumerate(compute) if "aux" in str(n.meta.get("nn_module_stack"))) + 1
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, microbatches=4,
+                          plan=plan_from_cuts(captured, [cut], 2, 1, "1f1b", 4),
+                          example_target=y if with_target else None)
+    assert pm.stages[0].graph_module is not None and any("aux" in f for f in pm.stages[0].params)
+    loss = pm.train_step(x, target=y)
+    ref = copy.deepcopy(model)
+    ref_loss = loss_fn(ref(x), y)
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * abs(ref_loss.item())
+    got = dict(pm.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.grad is None:
+            assert name.startswith("aux.")
+            assert (got[name].grad is None) if with_target else not got[name].grad.any(), name
+        else:
+            assert (got[name].grad - p.grad).abs().max() <= 1e-5 * p.grad.abs().max(), name

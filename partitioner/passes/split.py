@@ -19,11 +19,14 @@ Stage graph modules keep the original FQNs as attribute paths: the parameter
 """
 from __future__ import annotations
 
+import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx
+from torch.utils import _pytree as pytree
 
 from partitioner.errors import PlanError
 from partitioner.plan import Placement, Plan
@@ -78,8 +81,10 @@ class StageModule:
         return [n for n in self.inputs if self.input_sources[n] != USER_INPUT]
 
 
-def split(captured: Captured, plan: Plan) -> list[StageModule]:
-    """Cut `captured.graph_module` into plan.num_stages stage modules (see module docstring)."""
+def split(captured: Captured, plan: Plan, loss_reads: Collection[int] | None = None) -> list[StageModule]:
+    """Cut `captured.graph_module` into plan.num_stages stage modules (see module docstring).
+    loss_reads: the flat outputs the loss takes a gradient through (outputs_the_loss_reads; None: all):
+    a value that reaches none of them sends no gradient back across a stage boundary."""
     gm = captured.graph_module
     graph = gm.graph
     num_stages = plan.num_stages
@@ -93,7 +98,8 @@ def split(captured: Captured, plan: Plan) -> list[StageModule]:
 
     stage_of = _node_stages(nodes, plan)
     _check_order(nodes, stage_of)
-    grad = _requires_grad(nodes, gm, flat_outputs)
+    grad = _requires_grad(nodes, gm, flat_outputs if loss_reads is None else
+                          [x for i, x in enumerate(flat_outputs) if i in loss_reads])
 
     # which stages read each node (the last stage reads every output leaf)
     readers: dict[torch.fx.Node, set[int]] = {n: set() for n in nodes}
@@ -233,6 +239,31 @@ def _requires_grad(nodes: list[torch.fx.Node], gm: torch.fx.GraphModule,
             grad[n] = any(grad.get(u, False) and u.target not in _NO_GRAD_THROUGH for u in n.users
                           if u.op != "output")
     return grad
+
+
+def outputs_the_loss_reads(loss_fn: Callable[[Any, Any], Any], captured: Captured, target: Any
+                           ) -> frozenset[int] | None:
+    """Indices of the flat output leaves loss_fn(output, target) takes a gradient through, read by
+    running it on meta tensors shaped like the outputs and the target (None where that fails: every
+    output then counts as read). An output the loss ignores (an auxiliary head's) then sends no
+    gradient back across a stage boundary, so the parameters that feed only it keep .grad None, as
+    in the model, rather than a zero gradient that weight decay and momentum would act on."""
+    out_node = next(n for n in captured.graph_module.graph.nodes if n.op == "output")
+    flat = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else (out_node.args[0],)
+    vals = [x.meta.get("val") if isinstance(x, torch.fx.Node) else x for x in flat]
+    leaves = [torch.empty(v.shape, dtype=v.dtype, device="meta", requires_grad=v.is_floating_point())
+              if isinstance(v, torch.Tensor) else v for v in vals]
+    wrt = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+    meta_target = pytree.tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
+                                       target)
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = loss_fn(pytree.tree_unflatten(leaves, captured.out_spec), meta_target)
+            grads = torch.autograd.grad(loss, [leaves[i] for i in wrt], allow_unused=True)
+    except Exception:  # noqa: BLE001 - a loss that cannot run on meta tensors (data-dependent, needs values)
+        return None
+    return frozenset(i for i, g in zip(wrt, grads) if g is not None)
 
 
 def _meta(n: torch.fx.Node, requires_grad: bool) -> TensorMeta:
