@@ -103,7 +103,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         with this host's dispatch speed measured; the calibrated CPU on CPU); time_limit_s: solver time;
         example_target: a target of the global batch, as train_step will get it: the plan then
         counts the loss's time and memory on the last stage, e.g. a cross-entropy's fp32
-        log-probabilities over the vocabulary); gap: the search stops once the plan is proven
+        log-probabilities over the vocabulary, and an output the loss ignores (an auxiliary head's)
+        sends no gradient back between stages, so its parameters keep .grad None as in the model); gap: the search stops once the plan is proven
         within this fraction of a lower bound (time_limit_s stays the upper limit).
     measure: plan with each distinct layer timed on the first device (through torch.compile when the
         stages are compiled) instead of the analytic cost model: slower to plan (a compilation per
