@@ -277,7 +277,8 @@ def test_the_loss_runs_under_autocast_and_the_step_sums_it_in_float32():
     seen = []
 
     def loss_fn(out, target):
-        seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+        if out.device.type != "meta":  # compile_parallel also runs it on meta tensors (which outputs it reads)
+            seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
         return torch.nn.functional.cross_entropy(out, target)
     pm = compile_parallel(copy.deepcopy(zm.model), ["cpu"] * 2, zm.example_args, loss_fn, microbatches=4,
                           mixed_precision="bf16")
