@@ -272,8 +272,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                                   replica=replica, hold_sends=stage_graphs)
         order, inference_order = list(sched.actions[rank]), list(forward_only(sched).actions[rank])
     graph_modules = {k: stages[k].graph_module for k in local}
-    if compute_dtype(mixed_precision) is not None:  # the loss as the recipe runs it: under autocast
-        loss_fn = loss_under_autocast(loss_fn, devices[0].type, compute_dtype(mixed_precision))
+    mixed_dtype = compute_dtype(mixed_precision)
+    if mixed_dtype is not None:  # the loss as the recipe runs it: under autocast
+        loss_fn = loss_under_autocast(loss_fn, devices[0].type, mixed_dtype)
     calls = compile_stages(graph_modules, loss_fn, options, last=len(stages) - 1,
                            unflatten=captured.unflatten_outputs, check=_checked_loss)
     runners, fused = calls.runners, calls.stage_loss

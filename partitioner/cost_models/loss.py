@@ -13,12 +13,12 @@ import dataclasses
 from typing import Any, Callable
 
 import torch
-from torch.utils import _pytree as pytree
 
 from partitioner.cost_models.node_costs import NodeCosts
 from partitioner.cost_models.profile import profile
 from partitioner.cost_models.time import NO_TIME
 from partitioner.passes.capture import capture
+from partitioner.passes.capture_io import Captured, meta_like
 
 
 class _Loss(torch.nn.Module):
@@ -30,20 +30,14 @@ class _Loss(torch.nn.Module):
         return self.loss_fn(output, target)
 
 
-def _meta_like(value: Any) -> Any:
-    return pytree.tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), value)
-
-
-def profile_loss(loss_fn: Callable[[Any, Any], torch.Tensor], captured: Any, target: Any, **profile_kwargs
+def profile_loss(loss_fn: Callable[[Any, Any], torch.Tensor], captured: Captured, target: Any, **profile_kwargs
                  ) -> NodeCosts:
     """Costs of loss_fn(output, target) for one microbatch; output shaped as `captured`'s outputs.
 
     target: one microbatch of the target (any device; only shapes and dtypes are used).
     profile_kwargs: as cost_models.profile.profile (device, dtype, optimizer).
     """
-    out_node = next(n for n in captured.graph_module.graph.nodes if n.op == "output")
-    leaves = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in out_node.args[0]]
-    output = pytree.tree_unflatten([_meta_like(v) for v in leaves], captured.out_spec)
-    loss_graph = capture(_Loss(loss_fn), (output, _meta_like(target)))
+    output = captured.unflatten_outputs(captured.meta_outputs())
+    loss_graph = capture(_Loss(loss_fn), (output, meta_like(target)))
     costs = profile(loss_graph, inputs_require_grad=True, progress=False, **profile_kwargs)
     return dataclasses.replace(costs, stage_pass=NO_TIME)  # it runs inside the last stage's passes

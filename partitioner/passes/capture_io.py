@@ -83,9 +83,23 @@ class Captured:
         """Rebuild the model's output structure from the flat output list."""
         return pytree.tree_unflatten(list(flat), self.out_spec)
 
+    def output_leaves(self) -> list[Any]:
+        """The output node's flat leaves, in out_spec's order: fx nodes (or constants the graph returns)."""
+        out = next(n for n in self.graph_module.graph.nodes if n.op == "output").args[0]
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def meta_outputs(self) -> list[Any]:
+        """The flat outputs as meta tensors of their shapes and dtypes (constants as they are)."""
+        return [meta_like(x.meta.get("val") if isinstance(x, torch.fx.Node) else x) for x in self.output_leaves()]
+
     def canonical_fqn(self) -> dict[str, str]:
         """Every FQN of a tied parameter -> the first FQN of its group."""
         return {fqn: group[0] for group in self.tied for fqn in group}
+
+
+def meta_like(value: Any) -> Any:
+    """`value` with every tensor leaf replaced by an empty meta tensor of its shape and dtype."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), value)
 
 
 def find_tied(model: torch.nn.Module) -> list[list[str]]:

@@ -26,12 +26,11 @@ from typing import Any, Callable
 
 import torch
 import torch.fx
-from torch.utils import _pytree as pytree
 
 from partitioner.errors import PlanError
 from partitioner.plan import Placement, Plan
 from partitioner.passes.capture import get_attr, mutates, written_values
-from partitioner.passes.capture_io import Captured
+from partitioner.passes.capture_io import Captured, meta_like
 from partitioner.passes.annotate import has_runtime_size
 from partitioner.passes.writes import sent_as_copies, stage_mates
 
@@ -91,10 +90,7 @@ def split(captured: Captured, plan: Plan, loss_reads: Collection[int] | None = N
     last = num_stages - 1
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
-    output_node = next(n for n in nodes if n.op == "output")
-    flat_outputs = output_node.args[0]
-    if not isinstance(flat_outputs, (tuple, list)):
-        flat_outputs = (flat_outputs,)
+    flat_outputs = captured.output_leaves()
 
     stage_of = _node_stages(nodes, plan)
     _check_order(nodes, stage_of)
@@ -248,18 +244,14 @@ def outputs_the_loss_reads(loss_fn: Callable[[Any, Any], Any], captured: Capture
     output then counts as read). An output the loss ignores (an auxiliary head's) then sends no
     gradient back across a stage boundary, so the parameters that feed only it keep .grad None, as
     in the model, rather than a zero gradient that weight decay and momentum would act on."""
-    out_node = next(n for n in captured.graph_module.graph.nodes if n.op == "output")
-    flat = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else (out_node.args[0],)
-    vals = [x.meta.get("val") if isinstance(x, torch.fx.Node) else x for x in flat]
-    leaves = [torch.empty(v.shape, dtype=v.dtype, device="meta", requires_grad=v.is_floating_point())
-              if isinstance(v, torch.Tensor) else v for v in vals]
-    wrt = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
-    meta_target = pytree.tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
-                                       target)
+    leaves = captured.meta_outputs()
+    wrt = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loss = loss_fn(pytree.tree_unflatten(leaves, captured.out_spec), meta_target)
+            for i in wrt:
+                leaves[i].requires_grad_()
+            loss = loss_fn(captured.unflatten_outputs(leaves), meta_like(target))
             grads = torch.autograd.grad(loss, [leaves[i] for i in wrt], allow_unused=True)
     except Exception:  # noqa: BLE001 - a loss that cannot run on meta tensors (data-dependent, needs values)
         return None
