@@ -267,7 +267,7 @@ def test_devices_and_mesh_together_is_one_line():
 def test_replicated_stages_reduce_a_tied_weight_once_with_both_its_stages():
     """Local stages that share a parameter are one reduce group: it closes after both their last
     backwards; a stage sharing nothing is its own group."""
-    from partitioner.runtime.replicated_gradients import _sharing_groups
+    from partitioner.runtime.data_parallel import parameter_sharing_groups
     shared = torch.nn.Parameter(torch.ones(2))
 
     def stage(*params):
@@ -277,10 +277,10 @@ def test_replicated_stages_reduce_a_tied_weight_once_with_both_its_stages():
         return m
     modules = {0: stage(shared, torch.nn.Parameter(torch.ones(1))), 1: stage(torch.nn.Parameter(torch.ones(1))),
                2: stage(torch.nn.Parameter(torch.ones(1)), shared)}
-    assert _sharing_groups(modules) == [[0, 2], [1]]
+    assert parameter_sharing_groups(modules) == [[0, 2], [1]]
     bridge = torch.nn.Parameter(torch.ones(1))  # stage 3 ties 1 to the group of 0 and 2
     modules[3] = stage(bridge, modules[1].p0, modules[0].p0)
-    assert _sharing_groups(modules) == [[0, 1, 2, 3]]
+    assert parameter_sharing_groups(modules) == [[0, 1, 2, 3]]
 
 
 class _Mixed(torch.nn.Module):

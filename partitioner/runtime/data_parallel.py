@@ -118,12 +118,11 @@ class DataParallelStages:
 
     def __init__(self, graph_modules: dict[int, nn.Module], runners: dict[int, Callable], dp_mesh: Any):
         from torch.distributed.fsdp import fully_shard  # lazy: FSDP2 loads only for dp > 1
-        self._api = fully_shard  # wraps modules, and holds their state
         self.module = RankStages(graph_modules, runners)
         # parameters stay gathered through the step: every microbatch's forward and backward reads them
         wrap = functools.partial(fully_shard, mesh=dp_mesh, reshard_after_forward=False)
         self.groups: dict[int, nn.Module] = {}  # stage -> its own FSDP2 module, where it has one
-        if len(graph_modules) > 1 and not _shares_parameters(list(graph_modules.values())):
+        if len(parameter_sharing_groups(graph_modules)) == len(graph_modules) > 1:  # no two share a parameter
             for k, gm in graph_modules.items():
                 wrap(gm)
                 self.groups[k] = gm
@@ -154,7 +153,7 @@ class DataParallelStages:
         if group is not None:
             group.set_requires_gradient_sync(True, recurse=False)
             group.set_reshard_after_backward(True, recurse=False)
-            _post_backward(self._api, group, finalize=False)
+            _post_backward(group, finalize=False)
 
     def after_step(self) -> None:
         """Reduce the accumulated gradients over the replicas and reshard the parameters.
@@ -166,7 +165,7 @@ class DataParallelStages:
         module.set_is_last_backward(True)
         module.set_reshard_after_backward(True)
         module.set_requires_gradient_sync(True)
-        _post_backward(self._api, module, finalize=True)
+        _post_backward(module, finalize=True)
 
     def unshard(self) -> None:
         """Gather every parameter of this rank's stages (FSDP2 registers the whole tensors on the modules)."""
@@ -213,22 +212,23 @@ def sparse_gradient_tables(gm: torch.fx.GraphModule) -> list[str]:
     return out
 
 
-def _shares_parameters(modules: list[nn.Module]) -> bool:
-    seen: set[int] = set()
-    for m in modules:
-        mine = {id(p) for p in m.parameters()}
-        if mine & seen:
-            return True
-        seen |= mine
-    return False
+def parameter_sharing_groups(graph_modules: dict[int, nn.Module]) -> list[list[int]]:
+    """The local stages in groups such that no two groups share a parameter (a tied weight read by
+    two local stages puts them in one group), each group sorted, the groups by their first stage."""
+    params = {k: {id(p) for p in gm.parameters()} for k, gm in graph_modules.items()}
+    groups: list[set[int]] = []
+    for k in sorted(graph_modules):
+        joined = [g for g in groups if any(params[j] & params[k] for j in g)]
+        groups = [g for g in groups if g not in joined] + [{k}.union(*joined)]
+    return sorted(sorted(g) for g in groups)
 
 
-def _post_backward(api: Callable, module: nn.Module, finalize: bool) -> None:
+def _post_backward(module: nn.Module, finalize: bool) -> None:
     """Run FSDP2's end of backward for `module`'s groups (the root's final callback too when
     `finalize`): the executor's partial backwards (torch.autograd.backward per microbatch) do not
-    tell FSDP which one is the last. As torch.distributed.pipelining's perform_reduce_grad.
-    api: the fully_shard that wrapped `module` (it holds the module's state)."""
-    state = api.state(module)
+    tell FSDP which one is the last. As torch.distributed.pipelining's perform_reduce_grad."""
+    from torch.distributed.fsdp import fully_shard  # it holds the state of the modules it wrapped
+    state = fully_shard.state(module)
     if not finalize:
         for group in state._fsdp_param_groups:
             group.post_backward()

@@ -27,6 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors
 
+from partitioner.runtime.data_parallel import parameter_sharing_groups
+
 
 class ReplicatedStages:
     """This rank's stages, their gradients averaged over the dp group (see module docstring).
@@ -42,7 +44,7 @@ class ReplicatedStages:
         self.runners = dict(runners)
         self.process_group = group
         self.dp = dp
-        members = _sharing_groups(graph_modules)
+        members = parameter_sharing_groups(graph_modules)
         self._group_of = {k: i for i, ks in enumerate(members) for k in ks}
         self._stages_in = [len(ks) for ks in members]
         # every parameter, frozen ones too: a parameter unfrozen after compile_parallel is reduced from then on
@@ -137,26 +139,3 @@ def _sparse_rows(dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     over replicas: nonzero where any replica touched the row)."""
     rows = mask.nonzero().t()
     return torch.sparse_coo_tensor(rows, dense[tuple(rows)], dense.shape, is_coalesced=True, check_invariants=False)
-
-
-def _sharing_groups(graph_modules: dict[int, nn.Module]) -> list[list[int]]:
-    """The local stages in groups that share no parameter with each other (a tied weight read by two
-    local stages puts them in one group), in stage order."""
-    owner: dict[int, int] = {}  # parameter id -> group index
-    groups: list[set[int]] = []
-    for k, gm in sorted(graph_modules.items()):
-        hit = sorted({owner[id(p)] for p in gm.parameters() if id(p) in owner})
-        if hit:
-            keep = hit[0]
-            for j in hit[1:]:
-                groups[keep] |= groups[j]
-                groups[j] = set()
-            groups[keep].add(k)
-        else:
-            keep = len(groups)
-            groups.append({k})
-        for p in gm.parameters():
-            owner[id(p)] = keep
-        for j in hit[1:]:
-            owner.update({pid: keep for pid, g in owner.items() if g == j})
-    return [sorted(g) for g in groups if g]
