@@ -295,7 +295,8 @@ def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, conf
     loss_costs = None
     if with_loss:
         step("profiling the loss")
-        loss_costs = profile_loss(loss_fn, captured, target, device=spec, dtype=dtype, optimizer=config.optimizer)
+        loss_costs = profile_loss(loss_fn, captured, target, device=spec, dtype=dtype, optimizer=config.optimizer,
+                                  autocast_fp32=config.mixed_precision is not None)
     if key is not None:
         profile_cache.store(key, profile_cache.CachedProfile(annotated, costs, loss_costs))
     return _Profiled(captured, annotated, costs, loss_costs, key)

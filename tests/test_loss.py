@@ -71,3 +71,19 @@ def test_compile_parallel_with_example_target_and_a_dict_output_trains_exactly()
     grads = dict(ref.named_parameters())
     for name, p in pm.named_parameters():
         assert torch.allclose(p.grad, grads[name].grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_mixed_precision_costs_the_loss_in_fp32_as_autocast_runs_it():
+    """With mixed_precision the model computes in bf16, but its loss runs under autocast, whose
+    cross-entropy keeps fp32 log-probabilities: the loss adds what it adds to an fp32 model."""
+    zm = zoo.build("gpt2", small=True, batch=8, seq=16)
+    loss_fn = _lm_loss  # no .float() of its own (the zoo's casts the logits itself)
+
+    def loss_saved_bytes(mixed_precision):
+        config = PlanConfig(num_ranks=2, microbatches=4, dtype=None, mixed_precision=mixed_precision, use_cache=False)
+        saved = [sum(b.saved_bytes for b in plan_model(zm.model, zm.example_args, zm.example_kwargs, config,
+                                                       **extra).block_graph.blocks)
+                 for extra in ({}, {"loss_fn": lambda out, y: loss_fn(out.logits, y), "example_target": zm.target})]
+        return saved[1] - saved[0]
+
+    assert loss_saved_bytes("bf16") == loss_saved_bytes(None) > 0

@@ -30,14 +30,21 @@ class _Loss(torch.nn.Module):
         return self.loss_fn(output, target)
 
 
-def profile_loss(loss_fn: Callable[[Any, Any], torch.Tensor], captured: Captured, target: Any, **profile_kwargs
-                 ) -> NodeCosts:
+def profile_loss(loss_fn: Callable[[Any, Any], torch.Tensor], captured: Captured, target: Any, *,
+                 autocast_fp32: bool = False, **profile_kwargs) -> NodeCosts:
     """Costs of loss_fn(output, target) for one microbatch; output shaped as `captured`'s outputs.
 
     target: one microbatch of the target (any device; only shapes and dtypes are used).
+    autocast_fp32: the loss runs under autocast (mixed precision), which computes a log-softmax,
+    cross-entropy, MSE and the other losses on its fp32 list in fp32 from bf16 outputs; meta tensors
+    do not autocast, so the outputs are given to loss_fn in fp32 (a matmul inside a loss, which
+    autocast would run in bf16, is then counted in fp32).
     profile_kwargs: as cost_models.profile.profile (device, dtype, optimizer).
     """
-    output = captured.unflatten_outputs(captured.meta_outputs())
+    outputs = captured.meta_outputs()
+    if autocast_fp32:
+        outputs = [o.float() if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in outputs]
+    output = captured.unflatten_outputs(outputs)
     loss_graph = capture(_Loss(loss_fn), (output, meta_like(target)))
     costs = profile(loss_graph, inputs_require_grad=True, progress=False, **profile_kwargs)
     return dataclasses.replace(costs, stage_pass=NO_TIME)  # it runs inside the last stage's passes
