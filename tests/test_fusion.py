@@ -361,3 +361,36 @@ def test_a_repeated_light_node_is_computed_once():
     traces = trace_nodes(gm)
     adds = [n.name for n in gm.graph.nodes if "add_" in str(n.target)]
     assert len(adds) == 2 and not set(adds) & set(repeats(gm, set(traces), traces))
+
+
+class SplitQKV(nn.Module):
+    """GPT-2's fused projection split three ways: read by a matmul each (attention), or by pointwise ops."""
+
+    def __init__(self, d: int = 256, heavy_readers: bool = True):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.heavy_readers = heavy_readers
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)
+        h = (q @ k.transpose(-1, -2)) @ v if self.heavy_readers else q * k + v
+        return self.out(h)
+
+
+@pytest.mark.parametrize("heavy_readers", [True, False])
+def test_a_split_s_backward_copies_gradients_that_library_kernels_made(heavy_readers):
+    """The split writes no kernel forward; backward, its `cat` of the three gradients runs as a kernel of
+    its own where matmuls made them (a 9.5 us kernel a layer in gpt2-xl), and inside the pointwise
+    gradient kernels that write them otherwise."""
+    x = torch.randn(4, 64, 256)
+    costs = costs_of(SplitQKV(heavy_readers=heavy_readers), x, True)
+    split = next(c for n, c in costs.nodes.items() if n.startswith("split"))
+    assert split.fwd_time_s == 0.0 and split.host_fwd_time_s == 0.0
+    if heavy_readers:
+        spec = get_device_spec("h100")
+        moved = 2 * 4 * 64 * 3 * 256 * 4  # reads the three gradients, writes the input's
+        assert split.bwd_time_s == pytest.approx(moved / (spec.mem_bw_bytes_per_s * spec.mem_bw_efficiency)
+                                                 + spec.per_kernel_s)
+        assert split.host_bwd_time_s == spec.compiled_launch_overhead_s
+    else:
+        assert split.bwd_time_s == 0.0

@@ -7,8 +7,10 @@ write only the values read later. Modelled per node, in graph order:
 
 - a segment is the set of light (FLOP-free) nodes with as many heavy nodes on their longest
   path from the inputs: no heavy node lies between two of them, so inductor may fuse them;
-- an alias (a view, getitem or other node that launches no kernel) costs nothing:
-  whoever reads it reads the tensor it aliases;
+- an alias (a view, getitem or other node that launches no kernel) costs nothing forward:
+  whoever reads it reads the tensor it aliases; backward, one whose gradient is a new tensor (a
+  split's cat, an expand's sum) made from gradients a library kernel wrote (a matmul's, attention's)
+  runs as a kernel of its own (gpt2's qkv split), else inside the pointwise gradient kernels;
 - a light node that repeats an earlier one (the same op on the same inputs; not a random op)
   costs nothing, as an alias of the earlier one: inductor's common-subexpression elimination
   computes it once (t5-base's `where(mask, bias, min)`, one per layer, ran as one kernel);
@@ -149,6 +151,20 @@ def fuse_pointwise_runs(kernels: list[Kernel]) -> list[Kernel]:
     return out
 
 
+def _view_backward(trace: NodeTrace, grad_from_heavy: bool, spec: DeviceSpec, kernels_of: KernelsOf,
+                   launch_s: float) -> NodeTime:
+    """Times of a view (no forward kernel) whose backward may copy: a split's backward concatenates its
+    outputs' gradients, an expand's sums them. Where those gradients come from a library kernel (a
+    matmul's or attention's backward: gpt2's fused qkv split, read by attention) the backward runs as
+    one kernel of its own that reads them and writes the input's gradient (gpt2-xl: a 9.5 us `cat` a
+    layer on an H200); made by generated kernels, they are written into place by those (free)."""
+    _, bwd = kernels_of(trace)
+    if not grad_from_heavy or not bwd:
+        return NodeTime(0.0, 0.0)
+    bwd = fuse_pointwise_runs(bwd)
+    return NodeTime(0.0, kernels_time_s(bwd, spec), 0.0, launch_s * sum(k.launches for k in bwd))
+
+
 def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec: DeviceSpec,
                    scale: DtypeScale, kernels_of: KernelsOf) -> dict[str, NodeTime]:
     """Every node's times as a compiled graph runs it (see the module docstring).
@@ -206,8 +222,12 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
             out[name] = NodeTime(kernels_time_s(fwd, spec), kernels_time_s(bwd, spec),
                                  launch_s * sum(k.launches for k in fwd), launch_s * sum(k.launches for k in bwd))
             continue
-        if name in alias or name in same:
+        if name in same:
             out[name] = NodeTime(0.0, 0.0)
+            continue
+        if name in alias:  # a view: its backward too, unless it writes a gradient for a heavy kernel's
+            out[name] = _view_backward(traces[name], any(r.name in heavy for r in readers(node)), spec,
+                                       kernels_of, launch_s)
             continue
         seg = segment[name]
         gather = _op_name(node) in GATHERS
