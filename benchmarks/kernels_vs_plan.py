@@ -35,6 +35,25 @@ def kernel_kind(name: str) -> str:
     return "gemm" if any(s in low for s in _GEMM) else "other"
 
 
+def stages_by_graph_order(gm: torch.fx.GraphModule, node_stage: dict[str, int]) -> dict[str, int]:
+    """`node_stage` for every node of `gm`: a node the file does not name (captured under another torch
+    or transformers version, whose export names some nodes otherwise) takes the stage of the node before
+    it in graph order (stages are contiguous runs of it), said on stderr."""
+    out, stage, missing = {}, None, 0
+    for node in gm.graph.nodes:
+        if node.name in node_stage:
+            stage = node_stage[node.name]
+        elif node.op not in ("placeholder", "output"):
+            missing += 1
+        if stage is not None:
+            out[node.name] = stage
+    if missing:
+        print(f"{missing} of {len(gm.graph.nodes)} nodes are not in the file's node -> stage map (another torch "
+              "or transformers version named them otherwise): each is charged to the stage of the node before it",
+              file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -62,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     traces = trace_nodes(captured.graph_module)
     whole = list(data["groups"]) == ["step"]
     node_stage = data.get("node_stage") or {}
+    if not whole:
+        node_stage = stages_by_graph_order(captured.graph_module, node_stage)
     predicted: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for name, c in costs.nodes.items():
         t = traces[name]
