@@ -32,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import common
 from benchmarks.common import add_training_run_arguments, print_table, write_result
+from benchmarks.pipeline_timeline import kernel_actions
 from benchmarks.train_throughput import PRECISIONS, _sync, accumulation_step, build_model
 from partitioner.runtime.compiled import uses_cudagraphs
 
@@ -105,30 +106,18 @@ _ACTION = re.compile(r"^partitioner\.(\d+)([A-Z])(\d+)$")
 
 def kernels_by_action(trace_events: list[dict]) -> dict[str, dict]:
     """Every kernel of a chrome trace charged to the stage and pass ("0F", "1B", ...) whose
-    executor action (`partitioner.<action>` span) launched it, matched by the profiler's
-    correlation ids; kernels launched outside any action (the plain model) go to "step".
-
-    Kernels run after their launch, often during later actions, so only the launch tells which
-    action they belong to; a backward launched from autograd's device thread still falls inside
-    its action's time span. Returns {group: {"microbatches": n, "kernels": {name: [count, us]}}}.
+    executor action (`partitioner.<action>` span) launched it (pipeline_timeline.kernel_actions);
+    kernels launched outside any action (the plain model) go to "step".
+    Returns {group: {"microbatches": n, "kernels": {name: [count, us]}}}.
     """
-    spans = sorted((e["ts"], e["ts"] + e["dur"], _ACTION.match(e["name"]).groups()) for e in trace_events
-                   if e.get("ph") == "X" and e.get("cat") != "gpu_user_annotation"  # its GPU-time copy
-                   and _ACTION.match(e.get("name", "")))
-    launched = {e["args"]["correlation"]: e["ts"] for e in trace_events  # triton launches through the driver API
-                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    starts = [s[0] for s in spans]
+    plain = not any(_ACTION.match(e.get("name", "")) for e in trace_events if e.get("ph") == "X")
     groups: dict[str, dict] = {}
     microbatches: dict[str, set[str]] = {}
-    for e in trace_events:
-        if e.get("cat") != "kernel":
-            continue
-        t = launched.get(e.get("args", {}).get("correlation"))
-        i = bisect.bisect_right(starts, t) - 1 if t is not None else -1
-        if i >= 0 and t <= spans[i][1]:
-            stage, kind, mb = spans[i][2]
+    for e, label in kernel_actions(trace_events):
+        if label is not None:
+            stage, kind, mb = _ACTION.match(f"partitioner.{label}").groups()
             group = stage + kind
-        elif not spans:
+        elif plain:
             group, mb = "step", "0"
         else:
             continue

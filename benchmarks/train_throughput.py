@@ -43,6 +43,12 @@ Modes:
     python -m benchmarks.train_throughput --small --device cpu --configs all         # smoke test, CPU
 
 Writes benchmarks/results/<name>.json (default train_throughput_<mode>) and a PNG of tokens/s.
+`--timeline` adds, for each of our configurations, one profiled step on every rank set beside the
+plan's simulated timeline (benchmarks/pipeline_timeline.py): where the measured pipeline idles or
+runs its passes slower than planned, e.g. whether interleaving pays on 2 GPUs:
+
+    torchrun --nproc_per_node 2 -m benchmarks.train_throughput --models gpt2-xl --precision bf16 \
+        --configs ours-compiled-1f1b-ilp,ours-compiled-interleaved-ilp --timeline
 """
 from __future__ import annotations
 
@@ -93,6 +99,8 @@ class Runner:
     peak_bytes: int | None = None
     graph_pools: frozenset = frozenset()  # CUDA graph memory pools its warm-up recorded into
     note: str = ""
+    plan: Any = None  # ours: the plan it runs (its simulated timeline for --timeline)
+    timeline: dict | None = None  # --timeline: measured against simulated (benchmarks/pipeline_timeline.py)
 
     def __post_init__(self):
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5) if self.params else None
@@ -205,7 +213,7 @@ def _ours_runner(name: str, pm, zm, rank: int | None) -> Runner:
     peak = sum(plan.rank_mem_bytes) if rank is None else plan.rank_mem_bytes[rank]
     note = "stages under CUDA graphs" if uses_cudagraphs(pm.compile_options) else ""
     return Runner(name, lambda: pm.train_step(*zm.example_args, target=zm.target, **zm.example_kwargs),
-                  pm.zero_grad, list(pm.parameters()), predicted, peak, note=note)
+                  pm.zero_grad, list(pm.parameters()), predicted, peak, note=note, plan=plan)
 
 
 def accumulation_step(zm, precision: str, microbatches: int) -> Callable[[Callable], None]:
@@ -345,6 +353,26 @@ def measure(runners: list[Runner], device: torch.device, distributed: bool, warm
             r.train_s.append(train)
 
 
+def timelines(runners: list[Runner], device: torch.device, rank: int | None, stem: str) -> None:
+    """--timeline: one more step of each of our configurations profiled on every rank, its measured
+    timeline against the plan's simulated one (benchmarks/pipeline_timeline.py): the row's columns,
+    and Gantt figures of both next to the JSON."""
+    from benchmarks.pipeline_timeline import profile_timeline
+    from partitioner.runtime.timeline import plot_timeline
+    common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    for r in runners:
+        if r.plan is None:
+            continue
+        r.zero()
+        out = profile_timeline(r.train, device, r.plan, rank)
+        if out is None:
+            continue
+        summary, measured, simulated = out
+        r.timeline = summary
+        for which, tl in (("measured", measured), ("simulated", simulated)):
+            plot_timeline(tl, common.RESULTS_DIR / f"{stem}_{r.name}_{which}.png", title=f"{r.name}, {which}")
+
+
 def rows_for(runners: list[Runner], model: str, precision: str, args, world: int, flops_per_step: float,
              peak_flops: float) -> list[dict]:
     tokens = args.microbatches * args.mb_size * args.seq
@@ -362,6 +390,7 @@ def rows_for(runners: list[Runner], model: str, precision: str, args, world: int
             "pred_err": (r.predicted_step_s / train - 1) if r.predicted_step_s else None,
             "pred_peak_gib": r.predicted_peak_bytes / GiB if r.predicted_peak_bytes else None,
             "note": r.note,
+            **(r.timeline or {}),
         })
     base = {row["config"]: row["tokens_per_s"] for row in rows}
     for row in rows:
@@ -404,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure", action="store_true",
                         help="plan with every distinct layer timed on the device (compiled for the compiled "
                              "configurations) instead of the analytic cost model")
+    parser.add_argument("--timeline", action="store_true",
+                        help="after the rounds, profile one step of each of our configurations on every rank and "
+                             "set its measured timeline beside the plan's simulated one (columns measured_/"
+                             "simulated_step_ms and _bubble, comm_kernel_ms, fwd/bwd_device_over_plan; a Gantt "
+                             "figure of each)")
     add_training_run_arguments(parser, "train_throughput_<mode>")
     args = parser.parse_args(argv)
     if args.results_dir:
@@ -453,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                 runners += torch_runners(zm, args, device, p, rank, wanted)
             log(f"{model} {precision}: {len(runners)} configurations set up in {time.perf_counter() - t:.0f} s")
             measure(runners, device, rank is not None, args.warmup, args.rounds, log)
+            if args.timeline:
+                timelines(runners, device, rank, f"{name}_{model}_{precision}")
             flops = plans["flops_per_microbatch"] * args.microbatches
             rows += rows_for(runners, model, precision, args, p if rank is not None else 1, flops, peak_flops)
             del runners, zm

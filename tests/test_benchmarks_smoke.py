@@ -177,3 +177,46 @@ def test_graph_pools_peak_counts_live_bytes_per_pool():
     peak, at_peak = pool_peaks(snapshot)
     assert peak == {"(0, 1)": 70, "(0, 0)": 10}
     assert at_peak["(0, 1)"] == {"x.py:1:f": 70}
+
+
+def test_action_spans_take_each_action_s_compute_kernels_and_count_communication_apart():
+    from benchmarks.pipeline_timeline import action_spans, measured_timeline
+    from partitioner.runtime.schedules import make_schedule
+    events = [
+        {"ph": "X", "name": "partitioner.timeline_origin", "ts": 100, "dur": 0},
+        {"ph": "X", "name": "partitioner.0F0", "ts": 110, "dur": 10},
+        {"ph": "X", "name": "partitioner.0B0", "ts": 120, "dur": 10},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 111, "dur": 1, "args": {"correlation": 1}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 112, "dur": 1, "args": {"correlation": 2}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 113, "dur": 1, "args": {"correlation": 3}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 121, "dur": 1, "args": {"correlation": 4}},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 150, "dur": 40, "args": {"correlation": 1}},
+        {"ph": "X", "cat": "kernel", "name": "ncclDevKernel_SendRecv", "ts": 190, "dur": 500, "args": {"correlation": 2}},
+        {"ph": "X", "cat": "kernel", "name": "triton_poi", "ts": 200, "dur": 10, "args": {"correlation": 3}},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 210, "dur": 90, "args": {"correlation": 4}},
+    ]
+    spans = action_spans(events, on_device=True)
+    assert spans == {"actions": {"0F0": [50, 110, 50], "0B0": [110, 200, 90]}, "comm_us": 500}
+    assert action_spans(events, on_device=False)["actions"] == {"0F0": [10, 20, 10], "0B0": [20, 30, 10]}
+    tl = measured_timeline(make_schedule("1f1b", 1, 1), [spans])
+    (f, b), = make_schedule("1f1b", 1, 1).actions
+    assert [tl.start_s[f], tl.end_s[f], tl.start_s[b], tl.end_s[b]] == pytest.approx([0.0, 60e-6, 60e-6, 150e-6])
+    assert tl.step_time_s == pytest.approx(150e-6) and tl.bubble == pytest.approx(1 - 140 / 150)
+
+
+def test_train_throughput_timeline_under_torchrun_on_cpu(tmp_path):
+    """2 gloo ranks: each configuration's profiled step as a measured timeline beside the plan's simulated one."""
+    configs = "ours-eager-1f1b-ilp,ours-eager-interleaved-ilp"
+    cmd = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+           "benchmarks.train_throughput", "--small", "--device", "cpu", "--models", "gpt2", "--precision", "fp32",
+           "--seq", "16", "--rounds", "1", "--warmup", "1", "--time-limit", "1", "--chunks", "2", "--configs", configs,
+           "--timeline", "--name", "tl", "--results-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "tl.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == configs.split(",")
+    for r in rows:
+        assert r["measured_step_ms"] > 0 and r["simulated_step_ms"] > 0 and 0 <= r["measured_bubble"] < 1
+        assert r["fwd_device_over_plan"] > 0 and r["bwd_device_over_plan"] > 0 and len(r["comm_kernel_ms"]) == 2
+        for which in ("measured", "simulated"):
+            assert (tmp_path / f"tl_gpt2_fp32_{r['config']}_{which}.png").stat().st_size > 10_000
