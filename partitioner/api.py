@@ -34,6 +34,7 @@ from partitioner.errors import CaptureError, RuntimeConfigError
 from partitioner.materialise import materialise
 from partitioner.microbatch import BatchDims, batch_size, leaf_dim, resolve_batch_dims, split_batch
 from partitioner.modes import ModeSource, fake_skeleton
+from partitioner.optimizer_check import watch_model_parameters
 from partitioner.parallel_model import ParallelModel
 from partitioner.plan import Plan
 from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
@@ -259,6 +260,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     if checkpoint is not None or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         materialise(model, store, rank, init_fn, checkpoint)
     _let_go_of_model_tensors(captured, model)
+    watch_model_parameters(model)  # an optimizer built on them would step nothing
     stage_device = {st.stage: devices[st.rank] for st in stages}
     for st in stages:
         place_on_device(st, stage_device[st.stage])

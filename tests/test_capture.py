@@ -260,6 +260,83 @@ def test_autocast_and_no_grad_regions_are_inlined_with_same_grads():
     torch.testing.assert_close(got, m.a.weight.grad, rtol=1e-6, atol=0)
 
 
+class _Bf16Region(torch.nn.Module):
+    """An fp32 model that turns autocast on around one block, which turns it off inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.head = (torch.nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        with torch.autocast("cpu", torch.bfloat16):
+            h = torch.relu(self.b(h))
+            with torch.autocast("cpu", enabled=False):
+                h = torch.nn.functional.normalize(h.float(), dim=-1) + self.c(h.float())
+            h = self.b(h) * self.c(h).abs().mean()
+        return self.head(h.float())
+
+
+def test_a_region_under_autocast_computes_in_its_dtype():
+    """The ops of a `with torch.autocast(..., bfloat16):` region run in bf16 in the graph, as in the model,
+    with nested regions kept (they ran in fp32, autocast dropped when the region was inlined)."""
+    from partitioner.passes.capture import capture
+    torch.manual_seed(0)
+    m, x = _Bf16Region(), torch.randn(4, 8)
+    c = capture(m, (x,))
+    assert not any("wrap_with" in str(n.target) for n in c.graph_module.graph.nodes)
+    mms = [n for n in c.graph_module.graph.nodes if n.op == "call_function"
+           and getattr(n.target, "overloadpacket", None) in (torch.ops.aten.linear, torch.ops.aten.addmm)]
+    assert [n.meta["val"].dtype for n in mms] == [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16,
+                                                  torch.bfloat16, torch.float32]
+    assert mms[1].meta["nn_module_stack"] and list(mms[1].meta["nn_module_stack"].values())[-1][0] == "b"
+    out = c.unflatten_outputs(c.graph_module(*c.flatten_inputs((x,))))
+    out.sum().backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    ref = m(x)
+    ref.sum().backward()
+    assert torch.equal(out, ref)
+    for n, p in m.named_parameters():  # b's weight is cast once per use, where eager autocast caches one cast
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-2, atol=1e-2 * p.grad.abs().max().item())
+
+
+class _NestedRegions(torch.nn.Module):
+    """A no_grad region around an autocast region: export nests the second's body in the first's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        with torch.no_grad():
+            s = self.b(h)
+            with torch.autocast("cpu", torch.bfloat16):
+                s = self.b(s).float()
+        return self.a(h * s.mean())
+
+
+@pytest.mark.timeout(60)
+def test_nested_regions_are_inlined():
+    """The inner region's body is an attribute of the outer's: inlining it named gm's attribute of that
+    name instead (its own region again), and capture inlined it forever."""
+    from partitioner.passes.capture import capture
+    torch.manual_seed(0)
+    m, x = _NestedRegions(), torch.randn(4, 8)
+    c = capture(m, (x,))
+    assert c.method == "export" and not any("wrap_with" in str(n.target) for n in c.graph_module.graph.nodes)
+    out = c.unflatten_outputs(c.graph_module(*c.flatten_inputs((x,))))
+    out.sum().backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    ref = m(x)
+    ref.sum().backward()
+    assert torch.equal(out, ref)
+    assert set(got) == {"a.weight", "a.bias"} and all(torch.equal(got[n], p.grad) for n, p in m.a.named_parameters(
+        prefix="a"))
+
+
 class _StatefulModel(nn.Module):
     """Every kind of state export lifts: parameters (one tied), buffers written in place (persistent and
     not), a tensor constant, and an input written in place."""

@@ -185,3 +185,23 @@ def test_loss_and_gradients_equal_the_model(name, chunks):
         # compared against the model's largest gradient instead of its own size
         scale = max(want[n].abs().max().item(), 1e-3 * largest)
         assert (p.grad - want[n]).abs().max().item() <= 1e-5 * scale, n
+
+
+def test_bert_infers_in_eval_mode_after_training():
+    """pm.eval() captures BERT again on FakeTensor buffers (modes.fake_skeleton): its position-id lookup,
+    a lookup of constant indices, has no values to read there and stays a lookup (reading the fake
+    buffer's values raised DataDependentOutputException)."""
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **SMALL))
+    tokens, kwargs = torch.randint(0, VOCAB, (BATCH, SEQ)), {"attention_mask": padding_mask()}
+    target = torch.randint(0, 3, (BATCH,))
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (tokens,), class_loss, example_kwargs=kwargs,
+                          example_target=target, microbatches=2, time_limit_s=1)
+    pm.train_step(tokens, target=target, **kwargs)  # dropout on
+    pm.eval()
+    model.eval()
+    with torch.no_grad():
+        got, want = pm(tokens, **kwargs).logits, model(tokens, **kwargs).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    pm.train()
+    pm.train_step(tokens, target=target, **kwargs)

@@ -290,3 +290,62 @@ def test_the_loss_runs_under_autocast_and_the_step_sums_it_in_float32():
         losses = [torch.nn.functional.cross_entropy(ref(x), t).float()
                   for x, t in zip(zm.example_args[0].chunk(4), zm.target.chunk(4))]
     assert abs(loss.item() - torch.stack(losses).mean().item()) <= 1e-6 * abs(loss.item()), (loss, losses)
+
+
+# ---------------------------------------------------------------------------- fp32 values meeting bf16 weights
+
+class SinusoidalPositions(torch.nn.Module):
+    """The classic Transformer's input: a bf16 token embedding plus an fp32 sinusoidal position table
+    (a buffer, so it keeps fp32), which promotes the residual stream to fp32 before every Linear."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 32, seq: int = 8):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, hidden)
+        angle = torch.arange(seq)[:, None] / 10000 ** (torch.arange(0, hidden, 2) / hidden)
+        self.register_buffer("pe", torch.cat([angle.sin(), angle.cos()], -1))
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(3))
+        self.head = torch.nn.Linear(hidden, vocab)
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.pe
+        for layer in self.layers:
+            h = h + torch.tanh(layer(h))
+        return self.head(h).flatten(0, 1)
+
+
+class UpcastBeforeLinear(torch.nn.Module):
+    """A block run in fp32 on purpose (autocast off, .float()) whose result feeds a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = torch.nn.Linear(16, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 64)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        with torch.autocast("cpu", enabled=False):
+            h = torch.nn.functional.normalize(h.float(), dim=-1)
+        return self.head(torch.relu(self.b(h)))
+
+
+@pytest.mark.parametrize("name,compile", [("positions", False), ("positions", True), ("upcast", False)])
+def test_an_fp32_activation_meets_bf16_weights_as_under_autocast(name, compile):
+    """A matmul of an fp32 activation and a bf16 weight computes in bf16, as autocast runs it (it raised
+    'mat1 and mat2 must have the same dtype' in the first stage: capture's FakeTensors do not check)."""
+    torch.manual_seed(0)
+    if name == "positions":
+        model, x = SinusoidalPositions(), torch.randint(0, 64, (4, 8))
+        y = torch.randint(0, 64, (32,))
+    else:
+        model, x, y = UpcastBeforeLinear(), torch.randn(8, 16), torch.randint(0, 64, (8,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    if compile:
+        torch._dynamo.reset()
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, microbatches=2, mixed_precision="bf16",
+                          time_limit_s=1, compile=compile)
+    linears = [n for n in pm.captured.graph_module.graph.nodes if "linear" in str(n.target)]
+    assert all({a.meta["val"].dtype for a in n.all_input_nodes} == {torch.bfloat16} for n in linears)
+    assert all(n.meta["val"].dtype == torch.bfloat16 for n in linears)
+    want_loss, ref = _autocast_reference(model, x, y, loss_fn, 2)
+    loss = pm.train_step(x, target=y)
+    assert abs(loss.item() - want_loss.item()) / want_loss.item() < AUTOCAST_LOSS_RTOL
+    assert grad_rel_l2(pm.named_parameters(), {n: p.grad for n, p in ref.named_parameters()}) < GRAD_RTOL

@@ -246,17 +246,18 @@ def _has_attr(root: torch.nn.Module, fqn: str) -> bool:
     return True
 
 
-def _inline_region_ops(gm: torch.fx.GraphModule) -> None:
+def _inline_region_ops(gm: torch.fx.GraphModule,
+                       kinds: tuple[str, ...] = ("wrap_with_autocast", "wrap_with_set_grad_enabled")) -> None:
     """Inline the subgraphs of export's region HOPs (wrap_with_autocast, wrap_with_set_grad_enabled).
 
     export wraps `with torch.autocast(...)` / `with torch.no_grad()` regions (HF Llama's rotary
     embedding on CUDA) into higher-order ops whose body is a submodule; later passes want one
-    flat graph. We do not run under autocast, so inlining an autocast region is exact; the
-    inputs it reads and the outputs of a grad-disabled region are detached, which keeps
-    autograd's semantics.
+    flat graph. The stages do not run under autocast, so a region that turns autocast off inlines
+    as it is, and one that turns it on is traced again under it first (_autocast_applied: its
+    casts become ops of the graph); the inputs it reads and the outputs of a grad-disabled region
+    are detached, which keeps autograd's semantics. `kinds`: the HOPs to inline (default both).
     """
-    hops = {getattr(torch.ops.higher_order, n) for n in ("wrap_with_autocast", "wrap_with_set_grad_enabled")
-            if hasattr(torch.ops.higher_order, n)}
+    hops = {getattr(torch.ops.higher_order, n) for n in kinds if hasattr(torch.ops.higher_order, n)}
     changed, inlined = True, False
     while changed:
         changed = False
@@ -267,6 +268,8 @@ def _inline_region_ops(gm: torch.fx.GraphModule) -> None:
                           if isinstance(a, torch.fx.Node) and a.op == "get_attr"
                           and isinstance(get_attr(gm, a.target), torch.fx.GraphModule))
             grad_off = node.target.__name__ == "wrap_with_set_grad_enabled" and not node.args[0]
+            if node.target.__name__ == "wrap_with_autocast" and node.args[2]:  # (device, dtype, enabled, cache, ...)
+                sub = _autocast_applied(sub, node.args[0], node.args[1], node.args[i + 1:])
             sub_ph = [n for n in sub.graph.nodes if n.op == "placeholder"]
             val_map = dict(zip(sub_ph, node.args[i + 1:]))
             stack = node.meta.get("nn_module_stack")
@@ -284,6 +287,12 @@ def _inline_region_ops(gm: torch.fx.GraphModule) -> None:
                             val_map[ph] = d
                 for sn in sub.graph.nodes:
                     if sn.op in ("placeholder", "output"):
+                        continue
+                    if sn.op == "get_attr":  # a nested region's body, an attribute of `sub`: now one of gm's
+                        name = _free_attr_name(gm, str(sn.target))
+                        setattr(gm, name, get_attr(sub, str(sn.target)))
+                        val_map[sn] = gm.graph.get_attr(name)
+                        val_map[sn].meta = dict(sn.meta)
                         continue
                     new = gm.graph.node_copy(sn, lambda n: val_map[n])
                     if stack and not new.meta.get("nn_module_stack"):
@@ -314,6 +323,32 @@ def _inline_region_ops(gm: torch.fx.GraphModule) -> None:
     if inlined:
         gm.graph.lint()
         gm.recompile()
+
+
+def _free_attr_name(gm: torch.fx.GraphModule, base: str) -> str:
+    name, k = base.replace(".", "_"), 0
+    while hasattr(gm, name):
+        k += 1
+        name = f"{base.replace('.', '_')}_{k}"
+    return name
+
+
+def _autocast_applied(sub: torch.fx.GraphModule, device_type: str, dtype: torch.dtype | None,
+                      inputs: tuple) -> torch.fx.GraphModule:
+    """The body of a `with torch.autocast(device_type, dtype):` region traced again under that autocast
+    (make_fx on the FakeTensors it reads), so that the casts autocast makes at each op are ops of the
+    graph; each op keeps its module path. Its grad-disabled regions are inlined first (their detaches
+    traced as ops); a region inside that turns autocast off runs under make_fx as the model ran it."""
+    from torch.fx import traceback as fx_traceback  # lazy, as dynamo's modules are
+    from torch.fx.experimental.proxy_tensor import make_fx
+    _inline_region_ops(sub, ("wrap_with_set_grad_enabled",))
+    vals = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in inputs]
+    fake = next((v for v in vals if getattr(v, "fake_mode", None) is not None), None)
+    dtype = dtype or torch.get_autocast_dtype(device_type)
+    with fake_mode_of(fake), torch.autocast(device_type, dtype), fx_traceback.preserve_node_meta():
+        traced = make_fx(torch.fx.Interpreter(sub).run)(*vals)
+    traced.graph.eliminate_dead_code()  # the detaches make_fx records for autograd's saved values
+    return traced
 
 
 class _DeepTracer(torch.fx.Tracer):

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 from partitioner.passes.capture import get_attr, mutates
@@ -62,7 +63,7 @@ def _impure(node: torch.fx.Node) -> bool:
 
 def constant_value(gm: torch.fx.GraphModule, node: torch.fx.Node, allow_writes: bool = False) -> torch.Tensor | None:
     """The value of `node` computed on the CPU; None if it depends on an input or a parameter, reads a
-    buffer without data (meta), would need more than half the free host memory, or fails.
+    buffer without data (meta, or a FakeTensor), would need more than half the free host memory, or fails.
     allow_writes: as constant_ancestors (the buffers read are copied first: writes stay here)."""
     nodes = constant_ancestors(node, allow_writes)
     if nodes is None:
@@ -77,8 +78,9 @@ def constant_value(gm: torch.fx.GraphModule, node: torch.fx.Node, allow_writes: 
         for n in nodes:
             if n.op == "get_attr":
                 value = get_attr(gm, n.target)
-                if isinstance(value, torch.nn.Parameter) or (isinstance(value, torch.Tensor) and value.is_meta):
-                    return None  # trainable, loaded later, or without data
+                if isinstance(value, torch.nn.Parameter) or (isinstance(value, torch.Tensor) and (
+                        value.is_meta or isinstance(value, FakeTensor))):
+                    return None  # trainable, loaded later, or without data (modes.fake_skeleton's buffers)
                 env[n] = value.to(_CPU, copy=allow_writes) if isinstance(value, torch.Tensor) else value
                 continue
             # on CPU whatever the device traced on (meta, cuda): a constant's values do not depend on it

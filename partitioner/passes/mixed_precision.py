@@ -18,6 +18,11 @@ A batch norm (or instance norm: any op with running statistics) reads its weight
 bias uncast, as autocast runs it: its kernels take the affine parameters in the dtype of
 the running statistics, fp32 buffers (CPU refuses bf16 weights beside fp32 statistics),
 and normalise a bf16 input in fp32 into a bf16 output either way.
+
+Buffers keep their dtype, so an activation can turn fp32 on the way (a bf16 embedding plus an
+fp32 sinusoidal position table promotes to fp32) and meet a bf16 weight in a matmul, which no
+kernel runs (FakeTensors do not check, so capture does not see it). Such an op computes in bf16,
+its fp32 operands cast, as autocast runs it (_matmuls_in_compute_dtype).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from torch.fx.operator_schemas import normalize_function
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
-from partitioner.passes.capture import capture, fake_mode_of, set_attr
+from partitioner.passes.capture import capture, fake_mode_of, provenance, set_attr
 from partitioner.passes.capture_io import Captured
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -73,6 +78,7 @@ def capture_mixed(model: torch.nn.Module, args: tuple, kwargs: dict, dtype: torc
     with _parameters_in(model, dtype) as originals:
         captured = capture(model, cast_args, cast_kwargs)
     _read_through_casts(captured, originals, leaves, dtype)
+    _matmuls_in_compute_dtype(captured.graph_module, dtype)
     return captured
 
 
@@ -148,3 +154,77 @@ def _batch_norm_affine(user: torch.fx.Node, node: torch.fx.Node) -> bool:
         return False
     kwargs = bound.kwargs if bound is not None else {}
     return "running_mean" in kwargs and node in (kwargs.get("weight"), kwargs.get("bias"))
+
+
+# the ops autocast runs in the lower precision (its CPU and CUDA lists): matmuls, convolutions, attention.
+# Their kernels refuse operands of two dtypes, where elementwise ops promote.
+LOWER_PRECISION_OPS = frozenset({
+    "linear", "matmul", "mm", "bmm", "addmm", "addbmm", "baddbmm", "addmv", "mv", "dot", "vdot", "addr",
+    "chain_matmul", "linalg_multi_dot", "linalg_vecdot", "conv1d", "conv2d", "conv3d", "convolution",
+    "_convolution", "conv_tbc", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "prelu",
+    "scaled_dot_product_attention", "_native_multi_head_attention"})
+
+
+def _op_name(target: Any) -> str:
+    return getattr(getattr(target, "overloadpacket", target), "__name__", "")
+
+
+def _matmuls_in_compute_dtype(gm: torch.fx.GraphModule, dtype: torch.dtype) -> None:
+    """A matmul-like op (LOWER_PRECISION_OPS) reading `dtype` and fp32 operands (an activation promoted
+    by an fp32 buffer) reads them all in `dtype`, as autocast casts them; the values downstream
+    are recomputed on FakeTensors with their new dtypes."""
+    graph = gm.graph
+    retyped: set[torch.fx.Node] = set()
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        stale = any(a in retyped for a in node.all_input_nodes)
+        floats = [a for a in node.all_input_nodes if _float_val(a) is not None]
+        if _op_name(node.target) in LOWER_PRECISION_OPS and dtype in {_float_val(a) for a in floats}:
+            for a in floats:
+                if _float_val(a) not in (dtype, torch.float64):
+                    with graph.inserting_before(node):
+                        cast = graph.call_function(torch.ops.aten._to_copy.default, (a,), {"dtype": dtype})
+                    with fake_mode_of(a.meta["val"]):
+                        cast.meta = {"val": a.meta["val"].to(dtype), **provenance(node)}
+                    node.replace_input_with(a, cast)
+                    stale = True
+        if stale:
+            old = node.meta.get("val")
+            node.meta["val"] = _recomputed_val(node)
+            if _dtypes(node.meta["val"]) != _dtypes(old):
+                retyped.add(node)
+    if retyped:
+        graph.lint()
+        gm.recompile()
+
+
+def _float_val(node: torch.fx.Node) -> torch.dtype | None:
+    val = node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else None
+
+
+def _dtypes(val: Any) -> list[Any]:
+    return [x.dtype if isinstance(x, torch.Tensor) else None for x in pytree.tree_leaves(val)]
+
+
+def _recomputed_val(node: torch.fx.Node) -> Any:
+    """node's value on the FakeTensors of its inputs (as capture computed it, now with their new dtypes)."""
+    args, kwargs = pytree.tree_map_only(torch.fx.Node, lambda a: a.meta["val"], (node.args, node.kwargs))
+    fake = next((x for x in pytree.tree_leaves((args, kwargs)) if getattr(x, "fake_mode", None) is not None), None)
+    try:
+        with fake_mode_of(fake):
+            return node.target(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - named below with the fix
+        raise CaptureError(f"mixed precision: node '{node.name}' ({node.target}) in "
+                           f"{_module_of(node)} reads a value that is float32 (an fp32 buffer or an upcast "
+                           f"promoted it) where the model computes in bf16 around it, and its dtype could not be "
+                           f"followed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                           "cast that value back to the weights' dtype in the model (x.to(weight.dtype)), or "
+                           "train without mixed_precision.") from err
+
+
+def _module_of(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()), ("", None))[0] if stack else ""
+    return f"'{path}'" if path else "the model's top level"
