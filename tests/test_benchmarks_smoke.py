@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--steps", "2", "--warmup", "1", "--blocks", "4", "--dim", "64", "--microbatches", "2"]
@@ -220,3 +221,10 @@ def test_train_throughput_timeline_under_torchrun_on_cpu(tmp_path):
         assert r["fwd_device_over_plan"] > 0 and r["bwd_device_over_plan"] > 0 and len(r["comm_kernel_ms"]) == 2
         for which in ("measured", "simulated"):
             assert (tmp_path / f"tl_gpt2_fp32_{r['config']}_{which}.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_gemm_layouts_says_it_needs_a_gpu(capsys):
+    from benchmarks.gemm_layouts import SHAPES, main
+    assert main([]) == 1 and "needs a CUDA GPU" in capsys.readouterr().err
+    assert SHAPES["gpt2-xl qkv"] == (2048, 1600, 4800) and len(SHAPES) == 21
