@@ -15,6 +15,7 @@ optimizer's temporaries). Writes benchmarks/results/graph_pools_<model>.json.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import os
 
@@ -33,28 +34,42 @@ def _site(frames: list[dict]) -> str:
 
 
 def pool_peaks(snapshot: dict) -> tuple[dict, dict]:
-    """(pool -> peak live bytes over the recorded trace, pool -> {call site: bytes live at that peak})."""
-    segments = [(s["address"], s["address"] + s["total_size"], str(tuple(s.get("segment_pool_id", (0, 0)))))
-                for s in snapshot["segments"]]
+    """(pool -> peak live bytes over the recorded trace, pool -> {call site: bytes live at that peak}).
+    One pass finds each pool's peak; a second replays the trace to those events for their call sites
+    (collecting the sites at every new peak would rescan the live tensors at each of the thousands of
+    allocations that grow a pool while graphs record)."""
+    segments = sorted((s["address"], s["address"] + s["total_size"], str(tuple(s.get("segment_pool_id", (0, 0)))))
+                      for s in snapshot["segments"])
+    starts = [a for a, _, _ in segments]
+    trace = snapshot["device_traces"][0] if snapshot["device_traces"] else []
 
     def pool_of(addr: int) -> str:
-        return next((p for a, b, p in segments if a <= addr < b), "freed segment")
-    live: dict[int, tuple[str, int, str]] = {}
-    current, peak, at_peak = collections.Counter(), collections.Counter(), {}
-    for e in snapshot["device_traces"][0] if snapshot["device_traces"] else []:
-        if e["action"] == "alloc":
-            pool = pool_of(e["addr"])
-            live[e["addr"]] = (pool, e["size"], _site(e.get("frames", [])))
-            current[pool] += e["size"]
-            if current[pool] > peak[pool]:
-                peak[pool] = current[pool]
-                at_peak[pool] = collections.Counter()
-                for p, size, site in live.values():
-                    if p == pool:
-                        at_peak[pool][site] += size
-        elif e["action"] == "free_requested" and e["addr"] in live:
-            pool, size, _ = live.pop(e["addr"])
-            current[pool] -= size
+        i = bisect.bisect_right(starts, addr) - 1
+        return segments[i][2] if i >= 0 and addr < segments[i][1] else "freed segment"
+
+    def replay():
+        """(event index, pool, bytes it adds, the live allocations: address -> (pool, size, event)) per event."""
+        live: dict[int, tuple[str, int, dict]] = {}
+        for i, e in enumerate(trace):
+            if e["action"] == "alloc":
+                live[e["addr"]] = (pool_of(e["addr"]), e["size"], e)
+                yield i, live[e["addr"]][0], e["size"], live
+            elif e["action"] == "free_requested" and e["addr"] in live:
+                pool, size, _ = live.pop(e["addr"])
+                yield i, pool, -size, live
+    current, peak, peak_event = collections.Counter(), collections.Counter(), {}
+    for i, pool, added, _ in replay():
+        current[pool] += added
+        if current[pool] > peak[pool]:
+            peak[pool], peak_event[pool] = current[pool], i
+    pool_at = {i: pool for pool, i in peak_event.items()}  # an event changes one pool: one pool peaks at it
+    at_peak = {}
+    for i, pool, _, live in replay():
+        if i in pool_at:
+            at_peak[pool] = collections.Counter()
+            for p, size, e in live.values():
+                if p == pool:
+                    at_peak[pool][_site(e.get("frames", []))] += size
     return dict(peak), at_peak
 
 
