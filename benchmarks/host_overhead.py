@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
-import re
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import common
 from benchmarks.common import add_training_run_arguments, print_table, write_result
-from benchmarks.pipeline_timeline import kernel_actions
+from benchmarks.pipeline_timeline import ACTION, action_parts, kernel_actions
 from benchmarks.train_throughput import PRECISIONS, _sync, accumulation_step, build_model
 from partitioner.runtime.compiled import uses_cudagraphs
 
@@ -41,7 +40,7 @@ def kernel_spans(events: list, device_type) -> list[tuple[float, float]]:
     """The device's kernel intervals (us) merged where they overlap, in time order."""
     merged: list[tuple[float, float]] = []
     for a, b in sorted((e.time_range.start, e.time_range.end) for e in events  # an action's GPU-time copy is no kernel
-                       if e.device_type == device_type and not _ACTION.match(e.name)):
+                       if e.device_type == device_type and not ACTION.match(e.name)):
         if merged and a <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], b))
         else:
@@ -101,24 +100,21 @@ def idle_attribution(events: list, gaps: list[tuple[float, float]], top: int = 1
     return ", ".join(f"{k} {v / 1e3:.1f}ms" for k, v in best)
 
 
-_ACTION = re.compile(r"^partitioner\.(\d+)([A-Z])(\d+)$")
-
-
 def kernels_by_action(trace_events: list[dict]) -> dict[str, dict]:
     """Every kernel of a chrome trace charged to the stage and pass ("0F", "1B", ...) whose
     executor action (`partitioner.<action>` span) launched it (pipeline_timeline.kernel_actions);
     kernels launched outside any action (the plain model) go to "step".
     Returns {group: {"microbatches": n, "kernels": {name: [count, us]}}}.
     """
-    plain = not any(_ACTION.match(e.get("name", "")) for e in trace_events if e.get("ph") == "X")
+    plain = not any(ACTION.match(e.get("name", "")) for e in trace_events if e.get("ph") == "X")
     groups: dict[str, dict] = {}
     microbatches: dict[str, set[str]] = {}
     for e, label in kernel_actions(trace_events):
         if label is not None:
-            stage, kind, mb = _ACTION.match(f"partitioner.{label}").groups()
-            group = stage + kind
+            stage, kind, mb = action_parts(label)
+            group = f"{stage}{kind}"
         elif plain:
-            group, mb = "step", "0"
+            group, mb = "step", 0
         else:
             continue
         microbatches.setdefault(group, set()).add(mb)

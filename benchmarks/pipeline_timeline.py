@@ -27,14 +27,15 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from partitioner.runtime.schedules import Schedule, make_schedule
 from partitioner.runtime.simulator import StageCosts, Timeline, simulate
 
-_ACTION = re.compile(r"^partitioner\.(\d+[A-Z]\d+)$")
+# the executor labels each action `partitioner.<stage><F|B><microbatch>` (runtime/executor.py)
+ACTION = re.compile(r"^partitioner\.((\d+)([A-Z])(\d+))$")
 _ORIGIN = "partitioner.timeline_origin"
 
 
-def _stage_and_kind(label: str) -> tuple[int, str]:
-    """(1, "B") of the action label "1B3"."""
-    stage, kind, _ = re.match(r"(\d+)([A-Z])(\d+)", label).groups()
-    return int(stage), kind
+def action_parts(label: str) -> tuple[int, str, int]:
+    """(1, "B", 3) of the action label "1B3"."""
+    _, stage, kind, mb = ACTION.match(f"partitioner.{label}").groups()
+    return int(stage), kind, int(mb)
 
 
 def _is_comm(name: str) -> bool:
@@ -43,9 +44,9 @@ def _is_comm(name: str) -> bool:
 
 def _action_ranges(trace_events: list[dict]) -> list[tuple[float, float, str]]:
     """The executor's action spans on the host (`partitioner.<action>`), in time order: (start, end, "1B3")."""
-    return sorted((e["ts"], e["ts"] + e["dur"], _ACTION.match(e["name"]).group(1)) for e in trace_events
+    return sorted((e["ts"], e["ts"] + e["dur"], ACTION.match(e["name"]).group(1)) for e in trace_events
                   if e.get("ph") == "X" and e.get("cat") != "gpu_user_annotation"  # not its GPU-time copy
-                  and _ACTION.match(e.get("name", "")))
+                  and ACTION.match(e.get("name", "")))
 
 
 def kernel_actions(trace_events: list[dict]) -> Iterator[tuple[dict, str | None]]:
@@ -93,7 +94,7 @@ def measured_timeline(schedule: Schedule, ranks: list[dict[str, Any]]) -> Timeli
     start, end = {}, {}
     busy = 0.0
     for r, row in enumerate(schedule.actions):
-        spans = ranks[r]["actions"] if r < len(ranks) else {}
+        spans = ranks[r]["actions"]
         last = 0.0
         for a in row:
             a0, a1, b = spans.get(str(a), (last, last, 0.0))
@@ -108,9 +109,9 @@ def measured_timeline(schedule: Schedule, ranks: list[dict[str, Any]]) -> Timeli
     return Timeline(schedule, start, end, step, bubble, peak_inflight=[])
 
 
-def simulated_timeline(plan) -> Timeline:
-    """The simulator's timeline of `plan` from its per-stage times (a chain: stage k sends to k + 1)."""
-    schedule = make_schedule(plan.schedule, plan.num_ranks, plan.microbatches, plan.chunks)
+def simulated_timeline(plan, schedule: Schedule) -> Timeline:
+    """The simulator's timeline of `plan` (run as `schedule`) from its per-stage times (a chain: stage k
+    sends to k + 1)."""
     sends = list(plan.stage_comm_time_s[1:]) if plan.stage_comm_time_s else 0.0
     return simulate(schedule, StageCosts.chain(plan.stage_fwd_time_s, plan.stage_bwd_time_s, sends))
 
@@ -143,12 +144,12 @@ def profile_timeline(step: Callable[[], None], device: torch.device, plan, rank:
         if rank != 0:
             return None
     schedule = make_schedule(plan.schedule, plan.num_ranks, plan.microbatches, plan.chunks)
-    measured, simulated = measured_timeline(schedule, ranks), simulated_timeline(plan)
+    measured, simulated = measured_timeline(schedule, ranks), simulated_timeline(plan, schedule)
     spans = {label: span for r in ranks for label, span in r["actions"].items()}
     over_plan = {}
     for kind, planned in (("F", plan.stage_fwd_time_s), ("B", plan.stage_bwd_time_s)):
         ratios = [span[2] / 1e6 / planned[stage] for label, span in spans.items()
-                  for stage, k in [_stage_and_kind(label)] if k == kind and planned[stage] > 0]
+                  for stage, k, _ in [action_parts(label)] if k == kind and planned[stage] > 0]
         over_plan[kind] = statistics.median(ratios) if ratios else None
     summary = {"measured_step_ms": measured.step_time_s * 1e3, "simulated_step_ms": simulated.step_time_s * 1e3,
                "measured_bubble": measured.bubble, "simulated_bubble": simulated.bubble,

@@ -121,23 +121,31 @@ def test_idle_attribution_charges_host_ops_with_the_device_gaps_they_overlap():
     assert gap_split(gaps) == {"short_gaps": 1, "short_idle_ms": 0.005, "long_gaps": 1, "long_idle_ms": 0.01}
 
 
+def _span(name: str, ts: float, dur: float, **extra) -> dict:
+    """A host span of a chrome trace (an executor action's when `name` is `partitioner.<action>`)."""
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur, **extra}
+
+
+def _launch(ts: float, correlation: int, cat: str = "cuda_runtime") -> dict:
+    """The host's kernel launch with the correlation id its kernel carries."""
+    name = "cudaLaunchKernel" if cat == "cuda_runtime" else "cuLaunchKernel"
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": 1, "args": {"correlation": correlation}}
+
+
+def _kernel(name: str, ts: float, dur: float, correlation: int) -> dict:
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": correlation}}
+
+
 def test_stage_device_ms_charges_kernels_to_the_action_that_launched_them():
     from benchmarks.host_overhead import kernels_by_action, stage_comparison, stage_device_ms
     from types import SimpleNamespace
     events = [
-        {"ph": "X", "name": "partitioner.0F0", "ts": 0, "dur": 10},
-        {"ph": "X", "name": "partitioner.0F1", "ts": 10, "dur": 10},
-        {"ph": "X", "name": "partitioner.0B0", "ts": 20, "dur": 10},
-        {"ph": "X", "cat": "gpu_user_annotation", "name": "partitioner.0B0", "ts": 24, "dur": 0},  # on the GPU's time
-        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 2, "dur": 1, "args": {"correlation": 1}},
-        {"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernel", "ts": 12, "dur": 1, "args": {"correlation": 2}},
-        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 25, "dur": 1, "args": {"correlation": 3}},
-        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 40, "dur": 1, "args": {"correlation": 4}},
+        _span("partitioner.0F0", 0, 10), _span("partitioner.0F1", 10, 10), _span("partitioner.0B0", 20, 10),
+        _span("partitioner.0B0", 24, 0, cat="gpu_user_annotation"),  # on the GPU's time
+        _launch(2, 1), _launch(12, 2, cat="cuda_driver"), _launch(25, 3), _launch(40, 4),
         # kernels run after their launch, in later actions' time: charged by correlation, not by time
-        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 15, "dur": 3000, "args": {"correlation": 1}},
-        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 25, "dur": 5000, "args": {"correlation": 2}},
-        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 35, "dur": 8000, "args": {"correlation": 3}},
-        {"ph": "X", "cat": "kernel", "name": "outside", "ts": 45, "dur": 999, "args": {"correlation": 4}},
+        _kernel("gemm", 15, 3000, 1), _kernel("gemm", 25, 5000, 2), _kernel("gemm", 35, 8000, 3),
+        _kernel("outside", 45, 999, 4),
     ]
     assert stage_device_ms(events) == {"0F": 4.0, "0B": 8.0}
     assert kernels_by_action(events) == {"0F": {"microbatches": 2, "kernels": {"gemm": [2, 8000]}},
@@ -184,17 +192,10 @@ def test_action_spans_take_each_action_s_compute_kernels_and_count_communication
     from benchmarks.pipeline_timeline import action_spans, measured_timeline
     from partitioner.runtime.schedules import make_schedule
     events = [
-        {"ph": "X", "name": "partitioner.timeline_origin", "ts": 100, "dur": 0},
-        {"ph": "X", "name": "partitioner.0F0", "ts": 110, "dur": 10},
-        {"ph": "X", "name": "partitioner.0B0", "ts": 120, "dur": 10},
-        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 111, "dur": 1, "args": {"correlation": 1}},
-        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 112, "dur": 1, "args": {"correlation": 2}},
-        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 113, "dur": 1, "args": {"correlation": 3}},
-        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 121, "dur": 1, "args": {"correlation": 4}},
-        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 150, "dur": 40, "args": {"correlation": 1}},
-        {"ph": "X", "cat": "kernel", "name": "ncclDevKernel_SendRecv", "ts": 190, "dur": 500, "args": {"correlation": 2}},
-        {"ph": "X", "cat": "kernel", "name": "triton_poi", "ts": 200, "dur": 10, "args": {"correlation": 3}},
-        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 210, "dur": 90, "args": {"correlation": 4}},
+        _span("partitioner.timeline_origin", 100, 0), _span("partitioner.0F0", 110, 10), _span("partitioner.0B0", 120, 10),
+        _launch(111, 1), _launch(112, 2), _launch(113, 3), _launch(121, 4),
+        _kernel("gemm", 150, 40, 1), _kernel("ncclDevKernel_SendRecv", 190, 500, 2), _kernel("triton_poi", 200, 10, 3),
+        _kernel("gemm", 210, 90, 4),
     ]
     spans = action_spans(events, on_device=True)
     assert spans == {"actions": {"0F0": [50, 110, 50], "0B0": [110, 200, 90]}, "comm_us": 500}
