@@ -225,9 +225,9 @@ def compiled_times(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace], spec:
         if name in same:
             out[name] = NodeTime(0.0, 0.0)
             continue
-        if name in alias:  # a view: its backward too, unless it writes a gradient for a heavy kernel's
-            out[name] = _view_backward(traces[name], any(r.name in heavy for r in readers(node)), spec,
-                                       kernels_of, launch_s)
+        if name in alias:  # a view: free, unless its backward copies gradients a heavy kernel wrote
+            from_heavy = bool(traces[name].bwd_ops) and any(r.name in heavy for r in readers(node))
+            out[name] = _view_backward(traces[name], from_heavy, spec, kernels_of, launch_s)
             continue
         seg = segment[name]
         gather = _op_name(node) in GATHERS
