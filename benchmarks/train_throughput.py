@@ -57,6 +57,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -415,6 +416,8 @@ def plot(rows: list[dict], path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the plain configurations train the model that compile_parallel was given, on purpose
+    warnings.filterwarnings("ignore", message=".* of the model given to compile_parallel", category=RuntimeWarning)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gpt2-xl", help="comma-separated zoo names (gpt2-xl,llama-1b,t5-base)")
