@@ -64,7 +64,7 @@ from benchmarks import common
 from benchmarks.chain_model import (CPU_FULL, GPU_FULL, GPU_QUICK, QUICK, ChainConfig, build_chain, chain_plan,
                                     make_batch, mse_loss, torch_schedule)
 from benchmarks.common import print_table, pyplot, quantile, save_figure, timed, write_result
-from partitioner.cost_models.time import synchronize, time_fwd_bwd
+from partitioner.cost_models.measure import synchronize, time_fwd_bwd
 from partitioner.api import ParallelModel, compile_parallel
 from partitioner.runtime.schedules import make_schedule
 from partitioner.runtime.simulator import StageCosts, simulate

@@ -37,7 +37,7 @@ import torch
 from benchmarks import common
 from benchmarks.common import print_table, pyplot, quantile, save_figure, timed, write_result
 from partitioner.cost_models.profile import profile
-from partitioner.cost_models.time import synchronize
+from partitioner.cost_models.measure import synchronize
 from partitioner import zoo
 from partitioner.api import ParallelModel, compile_parallel
 from partitioner.passes.capture import capture

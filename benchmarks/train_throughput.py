@@ -519,7 +519,7 @@ def _host_calibration(device: torch.device, wanted: list[str], time_compiled: bo
     if device.type != "cuda":
         return {}
     from partitioner.cost_models.compiled_host import compiled_host_overheads_s
-    from partitioner.cost_models.time import host_overheads_s
+    from partitioner.cost_models.measure import host_overheads_s
     fwd, bwd = host_overheads_s(device)
     out = {"fwd_node": round(fwd * 1e6, 2), "bwd_kernel": round(bwd * 1e6, 2)}
     if time_compiled and any(w.startswith("ours-compiled") and not w.endswith("-graph") for w in wanted):  # cached

@@ -6,7 +6,7 @@ computed without capturing (capture is half of what it saves): the model's modul
 (classes, their source, their plain attributes, extra_repr), its parameters' and buffers'
 names, shapes and dtypes, the example inputs' shapes and dtypes, the loss, the cost options
 (device spec, dtype, optimizer), and the versions of torch, transformers and of this
-package's capture and cost-model sources. An entry is one file in cost_models.time.cache_dir():
+package's capture and cost-model sources. An entry is one file in cost_models.measure.cache_dir():
 a SHA-256 of its payload, a newline, then the payload (torch.save of the dataclasses); an
 entry whose hash does not match (truncated, flipped bytes, half written) is never used.
 
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from partitioner.cost_models.time import cache_dir
+from partitioner.cost_models.measure import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ _SOURCES = ("partitioner/passes/capture.py", "partitioner/passes/capture_io.py",
             "partitioner/cost_models/profile.py", "partitioner/cost_models/fusion.py", "partitioner/cost_models/contention.py",
             "partitioner/cost_models/compiled_memory.py",
             "partitioner/cost_models/flops.py", "partitioner/cost_models/trace_reuse.py",
-            "partitioner/cost_models/memory.py", "partitioner/cost_models/time.py", "partitioner/cost_models/loss.py",
+            "partitioner/cost_models/memory.py", "partitioner/cost_models/time.py", "partitioner/cost_models/measure.py",
+            "partitioner/cost_models/loss.py",
             "partitioner/cost_models/device.py", "partitioner/cost_models/node_costs.py")
 # and those that build a model from its recipe and cut its inputs to one microbatch
 _RECIPE_SOURCES = ("partitioner/zoo.py", "partitioner/cost_models/profile_command.py", "partitioner/plan_model.py",

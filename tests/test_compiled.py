@@ -126,10 +126,10 @@ def test_measured_compiled_costs_time_each_distinct_layer_once(tmp_path, monkeyp
     torch._dynamo.reset()
     zm = build("gpt2")
     ref_loss, ref_grads = reference(zm)
-    from partitioner.cost_models import time as times
+    from partitioner.cost_models import measure
     blocks, compiled = [], []
-    real_extract, real_compile = times.extract_block, torch.compile
-    monkeypatch.setattr(times, "extract_block", lambda gm, names: blocks.append(names) or real_extract(gm, names))
+    real_extract, real_compile = measure.extract_block, torch.compile
+    monkeypatch.setattr(measure, "extract_block", lambda gm, names: blocks.append(names) or real_extract(gm, names))
     monkeypatch.setattr(torch, "compile", lambda module, **options: compiled.append(module) or
                         real_compile(module, **options))
     pm = compile_zoo(zm, compile=True, measure=True, time_limit_s=2)

@@ -136,7 +136,7 @@ def test_data_parallel_x_pipeline_on_four_gpus():
 
 def test_measured_times_keep_gpu_and_host_apart():
     """A big matmul is GPU-bound, a chain of tiny ops host-bound; the split times say which."""
-    from partitioner.cost_models.time import time_fwd_bwd
+    from partitioner.cost_models.measure import time_fwd_bwd
 
     dev = torch.device("cuda")
     x = torch.randn(4096, 4096, device=dev, requires_grad=True)

@@ -233,8 +233,8 @@ def test_measured_mode_compiled_times_each_distinct_block_through_torch_compile(
     monkeypatch.setattr(torch, "compile", counting_compile)
     # what a compiled call costs beyond its kernels is subtracted from each block; timed on a busy
     # host it can exceed these tiny blocks' times: zero here, so every block keeps a measured time
-    from partitioner.cost_models import time as time_model
-    monkeypatch.setattr(time_model, "compiled_call_overhead", lambda *a, **k: time_model.NodeTime(0.0, 0.0))
+    from partitioner.cost_models import measure
+    monkeypatch.setattr(measure, "compiled_call_overhead", lambda *a, **k: NodeTime(0.0, 0.0))
     eager = profile(captured, annotated, device="cpu", measure=True, example_inputs=[x], progress=False)
     assert calls == []
     compiled = profile(captured, annotated, device="cpu", measure=True, compiled=True, example_inputs=[x],
@@ -268,15 +268,15 @@ def test_measured_plans_are_in_the_models_own_dtype(tmp_path, monkeypatch):
 def test_measured_compiled_blocks_leave_out_the_compiled_call_overhead(tmp_path, monkeypatch):
     """Each block is its own compiled call; a stage makes one: the call's fixed cost comes off each
     block (never below zero)."""
-    from partitioner.cost_models import time as times
+    from partitioner.cost_models import measure
     monkeypatch.setenv("PARTITIONER_CACHE", str(tmp_path))
-    overhead = times.compiled_call_overhead(torch.device("cpu"), {"dynamic": False})
+    overhead = measure.compiled_call_overhead(torch.device("cpu"), {"dynamic": False})
     assert overhead.fwd_s > 0 and overhead.bwd_s > 0
     x = torch.randn(8, 16)
     captured = capture(_Net(), (x,))
     annotated = annotate(captured)
-    huge = times.NodeTime(1.0, 1.0, 1.0, 1.0)
-    monkeypatch.setattr(times, "compiled_call_overhead", lambda *args: huge)
+    huge = NodeTime(1.0, 1.0, 1.0, 1.0)
+    monkeypatch.setattr(measure, "compiled_call_overhead", lambda *args: huge)
     costs = profile(captured, annotated, device="cpu", measure=True, compiled=True, example_inputs=[x],
                     progress=False)
     assert costs.total("fwd_time_s") == 0 and costs.total("bwd_time_s") == 0

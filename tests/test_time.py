@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+import partitioner.cost_models.measure as measure
 import partitioner.cost_models.time as time_model
 from partitioner.cost_models.device import get_device_spec
-from partitioner.cost_models.time import analytic_node_time, is_compute_bound, measure_block_times, roofline_time_s
+from partitioner.cost_models.measure import measure_block_times
+from partitioner.cost_models.time import analytic_node_time, is_compute_bound, roofline_time_s
 
 
 def test_roofline_picks_compute_or_memory_bound():
@@ -106,8 +108,8 @@ def test_measured_on_cpu_is_positive_and_cached(tmp_path, monkeypatch):
     groups = _groups(gm)
     assert len(groups) == 3
     calls = []
-    real_timer = time_model.time_fwd_bwd
-    monkeypatch.setattr(time_model, "time_fwd_bwd", lambda *a, **k: calls.append(1) or real_timer(*a, **k))
+    real_timer = measure.time_fwd_bwd
+    monkeypatch.setattr(measure, "time_fwd_bwd", lambda *a, **k: calls.append(1) or real_timer(*a, **k))
 
     first = measure_block_times(gm, groups, [x], "cpu", repeats=3)
     # a backward of tiny layers can time at 0 (fwd+bwd minus fwd, clipped) on a fast host
@@ -173,20 +175,20 @@ def test_host_times_in_context_are_read_per_block_and_never_raised():
     gm = torch.export.export(_Stack(), (x,), strict=False).module()
     groups = _groups(gm)
     slow = [time_model.NodeTime(1.0, 2.0, 10.0, 10.0) for _ in groups]
-    got = time_model._host_in_context(gm, [x], torch.device("cpu"), groups, slow, repeats=5, budget_s=0.5)
+    got = measure._host_in_context(gm, [x], torch.device("cpu"), groups, slow, repeats=5, budget_s=0.5)
     assert [(t.fwd_s, t.bwd_s) for t in got] == [(1.0, 2.0)] * len(groups)
     assert all(0 < t.host_fwd_s < 0.1 and 0 < t.host_bwd_s < 0.1 for t in got)
     fast = [time_model.NodeTime(1.0, 2.0, 1e-9, 1e-9) for _ in groups]
-    assert time_model._host_in_context(gm, [x], torch.device("cpu"), groups, fast, repeats=2, budget_s=0) == fast
+    assert measure._host_in_context(gm, [x], torch.device("cpu"), groups, fast, repeats=2, budget_s=0) == fast
 
 
 def test_host_overheads_are_measured_once_per_device():
     """The host calibration times a small captured graph: per forward node and per backward kernel,
     positive and in microseconds, not seconds (a bound loose enough for a loaded 2-core host: it read
     over a millisecond there once); a second call reuses the first."""
-    fwd, bwd = time_model.host_overheads_s("cpu", repeats=3)
+    fwd, bwd = measure.host_overheads_s("cpu", repeats=3)
     assert 0 < fwd < 1e-2 and 0 < bwd < 1e-2
-    assert time_model.host_overheads_s("cpu") == (fwd, bwd)
+    assert measure.host_overheads_s("cpu") == (fwd, bwd)
 
 
 @pytest.mark.gpu
@@ -196,7 +198,7 @@ def test_the_gpu_spec_carries_this_hosts_dispatch_speed():
         pytest.skip("needs CUDA")
     spec = spec_for_torch_device("cuda:0")
     table = spec_for_gpu_name(torch.cuda.get_device_name(0))
-    assert (spec.cpu_fwd_overhead_s, spec.cpu_bwd_overhead_s) == time_model.host_overheads_s(torch.device("cuda:0"))
+    assert (spec.cpu_fwd_overhead_s, spec.cpu_bwd_overhead_s) == measure.host_overheads_s(torch.device("cuda:0"))
     assert spec.peak_flops == table.peak_flops and 1e-6 < spec.cpu_fwd_overhead_s < 1e-3
     assert spec.compiled_launch_overhead_s == table.compiled_launch_overhead_s
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from partitioner.cost_models.time import host_overheads_s
+from partitioner.cost_models.measure import host_overheads_s
 from partitioner.errors import CostModelError
 from partitioner.units import dtype_name
 
@@ -84,7 +84,7 @@ class DeviceSpec:
         in the GPU tables (measured with the executor's part included, which stage_pass_s leaves
         at 0 there); spec_for_torch_device(compiled=True) times it on this host with the launch
         cost (cost_models/compiled_host.py). On the CPU device profile() measures it instead
-        (cost_models.time.compiled_call_overhead).
+        (cost_models.measure.compiled_call_overhead).
     """
 
     name: str
@@ -310,7 +310,7 @@ def spec_for_torch_device(device: torch.device | str, calibrate_host: bool = Tru
     """The table entry closest to a real torch device (by CUDA device name), else the calibrated CPU.
 
     calibrate_host: on CUDA, replace the table's eager dispatch constants (fitted on one
-    machine; hosts differ by 1.5-3x) with this machine's (cost_models.time.host_overheads_s,
+    machine; hosts differ by 1.5-3x) with this machine's (cost_models.measure.host_overheads_s,
     a few seconds once per process).
     compiled: with calibrate_host, also time this host's compiled launches and calls
     (cost_models.compiled_host: compiles a small model once per process); eager dispatch speed

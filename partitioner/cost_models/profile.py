@@ -2,7 +2,7 @@
 
 One pass over the graph on fake tensors (partitioner/cost_models/flops.py) gives every
 node's FLOPs, kernels and saved tensors; memory.py turns those into bytes and
-time.py into seconds (roofline from a DeviceSpec, or measured per block on this
+time.py into seconds (roofline from a DeviceSpec), or measure.py (per block on this
 machine's device and spread over the block's nodes in proportion to their
 roofline times).
 
@@ -30,9 +30,9 @@ from partitioner.cost_models.fusion import compiled_times, fuse_pointwise_runs
 from partitioner.cost_models.memory import (OPTIMIZER_STATES, DtypeScale, backward_walk, output_savers, params_state_bytes,
                                  saved_bytes_per_node, value_bytes)
 from partitioner.cost_models.node_costs import NodeCost, NodeCosts
-from partitioner.cost_models.time import (NO_TIME, Kernel, NodeTime, analytic_node_time, compiled_call_overhead,
-                                          gemm_efficiency, math_attention_kernels, measure_block_times,
-                                          roofline_time_s)
+from partitioner.cost_models.measure import compiled_call_overhead, measure_block_times
+from partitioner.cost_models.time import (NO_TIME, Kernel, NodeTime, analytic_node_time, gemm_efficiency,
+                                          math_attention_kernels, roofline_time_s)
 from partitioner.errors import CostModelError
 from partitioner.runtime.compiled import DEFAULT_OPTIONS as DEFAULT_COMPILE_OPTIONS
 from partitioner.runtime.gradients import foreach_launches
