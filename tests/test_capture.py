@@ -260,6 +260,34 @@ def test_autocast_and_no_grad_regions_are_inlined_with_same_grads():
     torch.testing.assert_close(got, m.a.weight.grad, rtol=1e-6, atol=0)
 
 
+def test_symbolic_trace_fallback_keeps_no_grad_regions_and_refuses_autocast(monkeypatch):
+    """symbolic_trace runs `with torch.no_grad():` as Python and records its ops as any others: without
+    the regions applied, gradients would flow where the model has none (a.weight through `z`)."""
+    monkeypatch.setattr(capture_mod, "_export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no export")))
+    torch.manual_seed(0)
+    m, x = _RegionModel(), torch.randn(2, 8)
+    c = capture(m, (x,))
+    assert c.method == "symbolic_trace"
+    out = c.unflatten_outputs(c.graph_module(*c.flatten_inputs((x,))))
+    out.sum().backward()
+    got = m.a.weight.grad.clone()
+    m.zero_grad()
+    m(x).sum().backward()
+    torch.testing.assert_close(got, m.a.weight.grad, rtol=1e-6, atol=0)
+
+    class Autocast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            with torch.autocast("cpu", torch.bfloat16):
+                return self.proj(x).float()
+
+    with pytest.raises(CaptureError, match=r"Linear \(proj\) runs under torch.autocast\('cpu', torch.bfloat16\)"):
+        capture(Autocast(), (x,))
+
+
 class _Bf16Region(torch.nn.Module):
     """An fp32 model that turns autocast on around one block, which turns it off inside."""
 

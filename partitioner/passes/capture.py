@@ -352,10 +352,62 @@ def _autocast_applied(sub: torch.fx.GraphModule, device_type: str, dtype: torch.
 
 
 class _DeepTracer(torch.fx.Tracer):
-    """symbolic_trace through every module (no call_module nodes): weights become get_attr."""
+    """symbolic_trace through every module (no call_module nodes): weights become get_attr.
+
+    symbolic_trace runs a model's `with torch.no_grad():` / `torch.autocast(...)` regions as Python
+    but records their ops as any others: the graph would compute gradients where the model has none
+    and skip autocast's casts, silently. So each op records the grad mode and autocast it was traced
+    under (meta "grad_disabled" / "autocast", against the modes tracing started in), for
+    _regions_applied."""
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         return False
+
+    def trace(self, root, concrete_args=None):
+        self._grad_at_start = torch.is_grad_enabled()
+        self._autocast_at_start = {d: torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES}
+        return super().trace(root, concrete_args)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind in ("call_function", "call_method"):
+            if self._grad_at_start and not torch.is_grad_enabled():
+                proxy.node.meta["grad_disabled"] = True
+            on = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d) and not self._autocast_at_start[d]]
+            if on:
+                proxy.node.meta["autocast"] = (on[0], torch.get_autocast_dtype(on[0]))
+        return proxy
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _regions_applied(gm: torch.fx.GraphModule) -> None:
+    """What a symbolic_trace graph's grad-disabled regions mean, applied: each tensor an op computed
+    under no_grad is detached (no gradient flows through it, as in the model). An op traced under
+    autocast is refused: its casts cannot be recovered from symbolic_trace's graph."""
+    for node in list(gm.graph.nodes):
+        if "autocast" in node.meta:
+            device, dtype = node.meta["autocast"]
+            raise RuntimeError(
+                f"{_module_of(node)} runs under torch.autocast({device!r}, {dtype}), which symbolic_trace does "
+                "not record (its ops would run uncast); make torch.export work on the model (the error above), "
+                "or drop the autocast region and pass mixed_precision='bf16' to compile_parallel")
+        if not node.meta.get("grad_disabled") or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        with gm.graph.inserting_after(node):
+            d = gm.graph.call_method("detach", (node,))
+        d.meta = {**provenance(node), "val": node.meta["val"].detach()}
+        node.replace_all_uses_with(d, delete_user_cb=lambda user: user is not d)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _module_of(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path, typ = list(stack.values())[-1] if stack else ("", None)
+    name = getattr(typ, "__name__", str(typ).rsplit(".", 1)[-1].strip("'>")) if typ is not None else "the model"
+    return f"{name} ({path})" if path else f"the model's forward (node '{node.name}')"
 
 
 def _symbolic_trace(model: torch.nn.Module, in_spec: pytree.TreeSpec,
@@ -390,6 +442,7 @@ def _symbolic_trace(model: torch.nn.Module, in_spec: pytree.TreeSpec,
                                             for k, (path, typ) in stack.items() if path != ""}
     gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
     _fake_propagate(gm, leaves, const)
+    _regions_applied(gm)
     return gm, spec_box[-1]
 
 
