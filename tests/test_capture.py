@@ -288,6 +288,33 @@ def test_symbolic_trace_fallback_keeps_no_grad_regions_and_refuses_autocast(monk
         capture(Autocast(), (x,))
 
 
+def test_no_grad_inside_an_autocast_region_is_refused_by_name():
+    """torch.export splits an autocast region around a no_grad region inside it and drops the no_grad
+    (torch 2.5-2.13): the captured ops would get gradients the model's do not. Refused, naming the module."""
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, h):
+            with torch.no_grad():
+                g = self.b(h)
+            return self.a(h) * g
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = Gate()
+
+        def forward(self, x):
+            with torch.autocast("cpu", torch.bfloat16):
+                return self.gate(x).float()
+
+    with pytest.raises(CaptureError, match=r"module 'gate' \(Gate\) turns gradients off .* inside a torch.autocast"):
+        capture(Model(), (torch.randn(2, 8),))
+
+
 class _Bf16Region(torch.nn.Module):
     """An fp32 model that turns autocast on around one block, which turns it off inside."""
 

@@ -351,6 +351,30 @@ def _autocast_applied(sub: torch.fx.GraphModule, device_type: str, dtype: torch.
     return traced
 
 
+@contextlib.contextmanager
+def _grad_off_in_autocast_recorded(tracker: ModuleTracker, found: list[str]):
+    """Around torch.export: names the module where the model turns gradients off inside an autocast region
+    it entered (export splits such a region and drops the no_grad, torch 2.5-2.13), into `found`.
+    torch.no_grad and the set_grad_enabled decorator both go through set_grad_enabled's __init__, which is
+    wrapped; torch._C._set_grad_enabled is not (export recognises the regions by that function)."""
+    grad_mode = torch.autograd.grad_mode.set_grad_enabled
+    original = grad_mode.__init__
+    at_start = {d: torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES}
+
+    def init(self, mode: bool) -> None:
+        if not mode and torch.is_grad_enabled() and any(
+                torch.is_autocast_enabled(d) and not at_start[d] for d in _AUTOCAST_DEVICES):
+            name, typ, _ = tracker.stack[-1] if tracker.stack else ("", "", ())
+            found.append(f"module '{name}' ({typ})" if name else "the model's forward")
+        original(self, mode)
+
+    grad_mode.__init__ = init
+    try:
+        yield
+    finally:
+        grad_mode.__init__ = original
+
+
 class _DeepTracer(torch.fx.Tracer):
     """symbolic_trace through every module (no call_module nodes): weights become get_attr.
 
@@ -557,8 +581,9 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
 
     with _buffers_on_meta(model) if on_meta else contextlib.nullcontext():
         tracker = ModuleTracker(model)
+        grad_off_in_autocast: list[str] = []
         try:
-            with tracker:
+            with tracker, _grad_off_in_autocast_recorded(tracker, grad_off_in_autocast):
                 gm, out_spec = _export(model, example_args, kwargs)
             method = "export"
         except Exception as export_err:
@@ -576,6 +601,13 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
                 raise capture_error(model, export_err, export_where, trace_err, tracker.where(),
                                     export_failed) from export_err
 
+        if method == "export" and grad_off_in_autocast:
+            raise CaptureError(
+                f"cannot capture {model_name(model)}: {grad_off_in_autocast[0]} turns gradients off (torch.no_grad or "
+                "set_grad_enabled(False)) inside a torch.autocast region, which torch.export does not keep: its ops "
+                "would get gradients that the model's do not. Move the no_grad region out of the autocast region, "
+                "write it as .detach() of what it reads and of what it returns, or drop the model's autocast region "
+                "and pass mixed_precision='bf16' to compile_parallel.")
         keep, const = normalise(gm, tied, tensor_leaf)
         from partitioner.passes.writes import (inference_writes_per_call, order_writes,  # lazy: they read
                                                snapshot_state_reads)  # mutates() from here
