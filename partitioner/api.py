@@ -32,7 +32,8 @@ from torch.utils import _pytree as pytree
 from partitioner.cost_models.device import spec_for_torch_device
 from partitioner.errors import CaptureError, RuntimeConfigError
 from partitioner.materialise import materialise
-from partitioner.microbatch import BatchDims, batch_size, leaf_dim, resolve_batch_dims, split_batch
+from partitioner.microbatch import (BatchDims, batch_size, leaf_dim, resolve_batch_dims, split_batch,
+                                   split_target)
 from partitioner.modes import ModeSource, fake_skeleton
 from partitioner.optimizer_check import watch_model_parameters
 from partitioner.parallel_model import ParallelModel
@@ -94,6 +95,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         e.g. {"src": 1, "target": 1}, unnamed inputs on dim 0.
     loss_fn(output, target) -> scalar mean loss of a batch; train_step returns the mean over microbatches
         (a loss module with reduction="sum" is refused: the averaged gradient would not be its gradient).
+        The target's leaves that hold the batch along its batch dim are cut as the inputs; others (class
+        weights) go whole; a target with no such leaf is refused.
         Each microbatch runs as the model would under gradient accumulation over the same microbatches:
         BatchNorm normalises with that microbatch's statistics and updates its running statistics once
         per microbatch, in order (num_batches_tracked advances by `microbatches` per step), and a loss
@@ -244,7 +247,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
 
     try:
         mb_target = None if example_target is None else \
-            split_batch(example_target, dp * microbatches, "target", dims=dims.target)[0]
+            split_target(example_target, dp * microbatches, batch, dims.target)[0]
     except RuntimeConfigError:  # train_step names it, with the target it is given
         mb_target = None
     stages = split(captured, plan, loss_reads=outputs_the_loss_reads(loss_fn, captured, mb_target))

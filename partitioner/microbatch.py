@@ -132,3 +132,27 @@ def split_batch(inputs: Any, microbatches: int, what: str, batch: int | None = N
                                      f"microbatches along dim {dim}; {fix}.")
         parts.append(list(leaf.chunk(microbatches, d)))
     return [pytree.tree_unflatten([p[mb] for p in parts], spec) for mb in range(microbatches)]
+
+
+def split_target(target: Any, parts: int, batch: int | None, dim: int = 0) -> list[Any]:
+    """Split the target of a batch of `batch` samples (the inputs' batch size) into `parts` as the
+    inputs are: the tensor leaves whose size along `dim` is the batch are cut, the others (a loss's
+    class weights, a 0-dim margin) go whole to every part. A target none of whose leaves holds the
+    batch is refused, naming its size and the inputs' batch (a sequence-first target without
+    batch_dims={"target": 1} would otherwise be cut along its sequence)."""
+    if batch is None:
+        return split_batch(target, parts, "target", dims=dim)
+    tensors = [x for x in pytree.tree_leaves(target) if isinstance(x, torch.Tensor)]
+    if tensors and not any(is_batched(x, batch, dim) for x in tensors):
+        first = tensors[0]
+        d = _dim(dim, 0, first)
+        if d is None:  # split_batch names a leaf without the dim
+            return split_batch(target, parts, "target", dims=dim)
+        name = "target" if len(tensors) == 1 else "the target's first tensor"
+        others = [k for k in range(first.dim()) if k != d and first.shape[k] == batch]
+        hint = (f" Its dim {others[0]} has {batch}: pass compile_parallel(batch_dims={{..., 'target': {others[0]}}})."
+                if others else " Pass the target of the same batch as the inputs.")
+        raise RuntimeConfigError(f"{name} {tuple(first.shape)} has {first.shape[d]} samples along its batch dim {d}, "
+                                 f"but the inputs' batch is {batch}, so it cannot be cut into the inputs' "
+                                 f"microbatches.{hint}")
+    return split_batch(target, parts, "target", batch, dim)

@@ -19,7 +19,7 @@ from partitioner.checkpoint import save as save_checkpoint
 from partitioner.cost_models.profile import graph_float_dtype
 from partitioner.errors import RuntimeConfigError
 from partitioner.grad_clip import clip_grad_norm_
-from partitioner.microbatch import BatchDims, batch_size, leaf_dim, split_batch
+from partitioner.microbatch import BatchDims, batch_size, leaf_dim, split_batch, split_target
 from partitioner.modes import ModeGraphs, ModeSource, build_mode
 from partitioner.output_assembly import assemble, whole_batch_shapes
 from partitioner.plan import Plan
@@ -103,8 +103,8 @@ class ParallelModel:
                                      "() first, or compile in the mode you train in.")
         self._check_no_input_grad(inputs, kwargs)
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
-        targets = self._own_share(split_batch(target, self.dp * self.microbatches, "target",
-                                              dims=self.batch_dims.target))
+        batch = batch_size((tuple(inputs), dict(kwargs)), self.batch_dims.inputs)
+        targets = self._own_share(split_target(target, self.dp * self.microbatches, batch, self.batch_dims.target))
         if not self._steps_run:
             self._warn_outer_autocast()
         self.store.before_step()

@@ -21,7 +21,7 @@ from partitioner.cost_models.loss import profile_loss
 from partitioner.cost_models.node_costs import NodeCosts
 from partitioner.cost_models.profile import graph_float_dtype, parameter_state_bytes, profile
 from partitioner.errors import PlanError
-from partitioner.microbatch import BatchDims, batch_size, split_batch
+from partitioner.microbatch import BatchDims, batch_size, split_batch, split_target
 from partitioner.passes.annotate import AnnotatedGraph, annotate
 from partitioner.passes.capture import capture
 from partitioner.passes.capture_io import Captured
@@ -264,7 +264,7 @@ def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, conf
     parts: microbatches of the global batch (x data-parallel replicas); the target is cut to one
     along target_dim."""
     with_loss = loss_fn is not None and example_target is not None
-    target = (split_batch(example_target, parts, "example target", global_batch, target_dim)[0]
+    target = (split_target(example_target, parts, global_batch, target_dim)[0]
               if with_loss else None)
     key, hit = None, None
     if config.use_cache:

@@ -105,7 +105,8 @@ def test_bad_inputs_raise():
         pm.train_step(torch.cat([x, x]), target=zm.target)
     with pytest.raises(RuntimeConfigError, match=r"input 0 is \(2, .*last, smaller batch: drop_last=True"):
         pm.train_step(x[:2], target=zm.target[:2])
-    with pytest.raises(RuntimeConfigError, match="target has batch size 5"):
+    with pytest.raises(RuntimeConfigError, match=r"target \(5,\) has 5 samples along its batch dim 0, but the inputs' "
+                                                 "batch is 4"):
         pm.train_step(x, target=zm.target[:5].repeat(2)[:5])
     with pytest.raises(RuntimeConfigError, match="2 positional arguments but the example inputs had 1"):
         pm.train_step(x, x, target=zm.target)
