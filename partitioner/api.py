@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import inspect
 import itertools
 import os
 import re
@@ -189,6 +190,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     defaulted = not microbatches
     microbatches = microbatches or (plan.microbatches if plan is not None else 0) or 2 * p
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    _check_one_argument(model, example_inputs, example_kwargs)
     kwargs = dict(example_kwargs or {})
     rank = _init_distributed(devices, timeout_s) if layout is None else (
         layout.pp_rank if dist.get_world_size() > 1 else None)
@@ -364,6 +366,31 @@ def _check_devices(devices: list[torch.device]) -> None:
     if missing:
         raise RuntimeConfigError(f"compile_parallel: devices name {missing[0]} but this machine has {count} GPU(s) "
                                  f"(cuda:0..cuda:{count - 1}); list only GPUs that exist.")
+
+
+def _check_one_argument(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict | None) -> None:
+    """example_inputs that is not a tuple is ONE positional argument: a list [x, mask] or a batch dict
+    meant as model(*inputs) / model(**batch) would reach forward whole and fail deep inside the
+    capture; refused up front where forward's signature cannot take it so, naming the fix."""
+    if not isinstance(example_inputs, (list, dict)):
+        return
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no signature to read: the capture says what fails
+        return
+    try:
+        signature.bind(example_inputs, **dict(example_kwargs or {}))
+    except TypeError as err:
+        name = type(model).__name__
+        if isinstance(example_inputs, list):
+            fix = (f"pass a tuple, example_inputs=tuple(inputs), for {name}(*inputs), and call "
+                   "pm.train_step(*inputs, target=...)")
+        else:
+            fix = (f"pass example_inputs=() and example_kwargs=batch for {name}(**batch), and call "
+                   "pm.train_step(**batch, target=...)")
+        raise RuntimeConfigError(f"compile_parallel: example_inputs is a {type(example_inputs).__name__}, which is "
+                                 f"{name}'s ONE positional argument (as {name}(example_inputs)), but its forward "
+                                 f"does not take it so ({err}); {fix}.") from err
 
 
 def _check_not_partly_meta(model: torch.nn.Module) -> None:

@@ -425,3 +425,24 @@ def test_a_gloo_group_compile_parallel_created_is_destroyed_at_exit(monkeypatch)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x, mask):
+        return self.layers(x * mask)
+
+
+@pytest.mark.parametrize("as_list", [True, False], ids=["list", "dict"])
+def test_example_inputs_as_a_list_or_a_batch_dict_names_the_tuple_or_example_kwargs(as_list):
+    """A list or dict is one positional argument (torch.export's args are a tuple): where forward cannot
+    take it so, say how to pass model(*inputs) or model(**batch) instead of failing inside the capture."""
+    x, mask = torch.randn(4, 8), torch.ones(4, 8)
+    inputs = [x, mask] if as_list else {"x": x, "mask": mask}
+    fix = r"pass a tuple, example_inputs=tuple\(inputs\)" if as_list else r"example_inputs=\(\) and example_kwargs=batch"
+    with pytest.raises(RuntimeConfigError, match=rf"example_inputs is a {'list' if as_list else 'dict'}, which is "
+                                                 rf"_TwoInputs's ONE positional argument.*'mask'.*{fix}"):
+        compile_parallel(_TwoInputs(), ["cpu"] * 2, inputs, nn.functional.cross_entropy, microbatches=2)
