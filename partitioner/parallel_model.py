@@ -94,8 +94,14 @@ class ParallelModel:
         of loss_fn over the microbatches, as a 0-dim float32 tensor on every rank. With data
         parallelism every rank passes the global batch; each replica trains on its 1/dp share, the
         gradients are averaged over the replicas and the loss is the mean over the global batch.
+        Refused under torch.no_grad() / inference_mode (it would compute no gradients).
         """
         self._check_process_group("train_step")
+        if not torch.is_grad_enabled():
+            raise RuntimeConfigError("train_step under torch.no_grad() or torch.inference_mode(): it would compute the "
+                                     "loss but no gradients, so the optimizer would step nothing. Call train_step with "
+                                     "gradients enabled; for a loss without gradients (validation) use "
+                                     "loss_fn(pm(...), target) under torch.no_grad().")
         if self.data_parallel is not None and self.training != self._sharded_mode:
             raise RuntimeConfigError(f"train_step in {'train' if self.training else 'eval'} mode: with data "
                                      "parallelism only the mode compile_parallel compiled in reduces gradients "

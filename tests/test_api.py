@@ -158,6 +158,17 @@ def test_an_input_that_requires_grad_is_named_with_the_fix():
     assert pm.train_step(outside(zm.example_args[0]).detach(), target=zm.target).dim() == 0
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_train_step_without_gradients_enabled_is_refused(context):
+    """Under no_grad the stages computed the loss and no gradient: the optimizer stepped nothing."""
+    zm = build("mlp")
+    pm = compile_zoo(zm)
+    with context(), pytest.raises(RuntimeConfigError, match=r"train_step under torch.no_grad\(\).*no gradients.*"
+                                                            r"loss_fn\(pm\(...\), target\) under torch.no_grad"):
+        pm.train_step(*zm.example_args, target=zm.target)
+    assert all(p.grad is None for p in pm.parameters())
+
+
 @pytest.mark.parametrize("loss_fn,got", [(lambda out, t: out.sum(-1), r"a tensor of shape \(1,\)"),
                                           (lambda out, t: 1.0, "float")])
 def test_a_loss_that_is_not_a_scalar_is_refused(loss_fn, got):
