@@ -96,8 +96,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         e.g. {"src": 1, "target": 1}, unnamed inputs on dim 0.
     loss_fn(output, target) -> scalar mean loss of a batch; train_step returns the mean over microbatches
         (a loss module with reduction="sum" is refused: the averaged gradient would not be its gradient).
-        The target's leaves that hold the batch along its batch dim are cut as the inputs; others (class
-        weights) go whole; a target with no such leaf is refused.
+        The target's leaves that hold the batch (or a multiple: labels flattened sample-major) along its
+        batch dim are cut as the inputs; others (class weights) go whole; a target with no such leaf is refused.
         Each microbatch runs as the model would under gradient accumulation over the same microbatches:
         BatchNorm normalises with that microbatch's statistics and updates its running statistics once
         per microbatch, in order (num_batches_tracked advances by `microbatches` per step), and a loss
@@ -249,7 +249,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
 
     try:
         mb_target = None if example_target is None else \
-            split_target(example_target, dp * microbatches, batch, dims.target)[0]
+            split_target(example_target, dp * microbatches, batch, dims)[0]
     except RuntimeConfigError:  # train_step names it, with the target it is given
         mb_target = None
     stages = split(captured, plan, loss_reads=outputs_the_loss_reads(loss_fn, captured, mb_target))

@@ -134,25 +134,43 @@ def split_batch(inputs: Any, microbatches: int, what: str, batch: int | None = N
     return [pytree.tree_unflatten([p[mb] for p in parts], spec) for mb in range(microbatches)]
 
 
-def split_target(target: Any, parts: int, batch: int | None, dim: int = 0) -> list[Any]:
+def split_target(target: Any, parts: int, batch: int | None, dims: BatchDims = BatchDims()) -> list[Any]:
     """Split the target of a batch of `batch` samples (the inputs' batch size) into `parts` as the
-    inputs are: the tensor leaves whose size along `dim` is the batch are cut, the others (a loss's
-    class weights, a 0-dim margin) go whole to every part. A target none of whose leaves holds the
-    batch is refused, naming its size and the inputs' batch (a sequence-first target without
-    batch_dims={"target": 1} would otherwise be cut along its sequence)."""
+    inputs are, along its batch dim (dims.target). A tensor leaf is cut where its size there is the
+    batch, or a multiple of it (labels flattened sample-major: (batch x seq,) beside (batch x seq,
+    vocab) logits); other leaves (a loss's class weights, a 0-dim margin) go whole to every part.
+    Refused, naming the batch_dims to pass: with inputs batched on other dims than the target
+    (batch_dims={"x": 1} alone), a leaf whose batch lies on another dim (a sequence-first (seq, batch)
+    target would be cut along its sequence, pairing the wrong tokens); and a target none of whose
+    leaves holds the batch."""
+    dim = dims.target
     if batch is None:
         return split_batch(target, parts, "target", dims=dim)
-    tensors = [x for x in pytree.tree_leaves(target) if isinstance(x, torch.Tensor)]
-    if tensors and not any(is_batched(x, batch, dim) for x in tensors):
+    same_dim = all(d == dim for d in ([dims.inputs] if isinstance(dims.inputs, int) else dims.inputs))
+    leaves, spec = pytree.tree_flatten(target)
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    cut = []
+    for x in leaves:
+        d = _dim(dim, 0, x) if isinstance(x, torch.Tensor) else None
+        if d is None or not x.shape[d]:
+            cut.append(False)
+            continue
+        elsewhere = [k for k in range(x.dim()) if k != d and x.shape[k] == batch]
+        if x.shape[d] != batch and elsewhere and (x.shape[d] % batch or not same_dim):
+            name = "target" if len(tensors) == 1 else "a leaf of the target"
+            raise RuntimeConfigError(f"{name} {tuple(x.shape)} has {x.shape[d]} along its batch dim {d} but the "
+                                     f"inputs' batch {batch} along dim {elsewhere[0]}; pass "
+                                     f"compile_parallel(batch_dims={{..., 'target': {elsewhere[0]}}}) so that it is "
+                                     "cut there.")
+        cut.append(x.shape[d] % batch == 0)
+    if tensors and not any(cut):
         first = tensors[0]
         d = _dim(dim, 0, first)
         if d is None:  # split_batch names a leaf without the dim
             return split_batch(target, parts, "target", dims=dim)
         name = "target" if len(tensors) == 1 else "the target's first tensor"
-        others = [k for k in range(first.dim()) if k != d and first.shape[k] == batch]
-        hint = (f" Its dim {others[0]} has {batch}: pass compile_parallel(batch_dims={{..., 'target': {others[0]}}})."
-                if others else " Pass the target of the same batch as the inputs.")
         raise RuntimeConfigError(f"{name} {tuple(first.shape)} has {first.shape[d]} samples along its batch dim {d}, "
                                  f"but the inputs' batch is {batch}, so it cannot be cut into the inputs' "
-                                 f"microbatches.{hint}")
-    return split_batch(target, parts, "target", batch, dim)
+                                 "microbatches; pass the target of the same batch as the inputs.")
+    pieces = [list(x.chunk(parts, _dim(dim, 0, x))) if c else [x] * parts for x, c in zip(leaves, cut)]
+    return [pytree.tree_unflatten([p[i] for p in pieces], spec) for i in range(parts)]

@@ -110,7 +110,7 @@ class ParallelModel:
         self._check_no_input_grad(inputs, kwargs)
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         batch = batch_size((tuple(inputs), dict(kwargs)), self.batch_dims.inputs)
-        targets = self._own_share(split_target(target, self.dp * self.microbatches, batch, self.batch_dims.target))
+        targets = self._own_share(split_target(target, self.dp * self.microbatches, batch, self.batch_dims))
         if not self._steps_run:
             self._warn_outer_autocast()
         self.store.before_step()

@@ -133,6 +133,6 @@ def test_a_sequence_first_target_left_on_dim_0_is_refused_naming_its_batch_dim()
     x, target = torch.randn(SEQ, BATCH, DIM), torch.randn(SEQ, BATCH, DIM)
     pm = compile_parallel(Attention(), ["cpu", "cpu"], (x,), lambda out, t: nn.functional.mse_loss(
         out.reshape(-1), t.reshape(-1)), microbatches=2, batch_dims={"x": 1})
-    with pytest.raises(RuntimeConfigError, match=r"target \(6, 4, 16\) has 6 samples along its batch dim 0, but the "
-                                                 r"inputs' batch is 4.*batch_dims=\{..., 'target': 1\}"):
+    with pytest.raises(RuntimeConfigError, match=r"target \(6, 4, 16\) has 6 along its batch dim 0 but the inputs' "
+                                                 r"batch 4 along dim 1; pass compile_parallel\(batch_dims=\{..., 'target': 1\}\)"):
         pm.train_step(x, target=target)

@@ -49,11 +49,17 @@ def test_batch_dims_resolve_by_name_to_every_leaf():
 
 def test_the_target_is_cut_where_it_holds_the_batch_and_other_leaves_go_whole():
     """A loss's class weights or a 0-dim margin beside the labels go whole to every microbatch, as an
-    unbatched input does; a target with no leaf of the inputs' batch is refused, naming both."""
-    labels, weight, margin = torch.arange(6), torch.ones(3), torch.tensor(0.5)
-    parts = split_target({"labels": labels, "weight": weight, "margin": margin}, 3, batch=6)
+    unbatched input does; labels flattened sample-major are cut; a target with no leaf of the inputs'
+    batch is refused, and so is one with the batch on another dim where the inputs have it there."""
+    labels, flat, weight, margin = torch.arange(6), torch.arange(24), torch.ones(5), torch.tensor(0.5)
+    parts = split_target({"labels": labels, "flat": flat, "weight": weight, "margin": margin}, 3, batch=6)
     assert torch.equal(torch.cat([p["labels"] for p in parts]), labels)
+    assert torch.equal(parts[1]["flat"], flat[8:16])
     assert all(p["weight"] is weight and p["margin"] is margin for p in parts)
     with pytest.raises(RuntimeConfigError, match=r"target \(4,\) has 4 samples along its batch dim 0, but the inputs' "
                                                  r"batch is 6.*same batch as the inputs"):
         split_target(torch.zeros(4), 2, batch=6)
+    with pytest.raises(RuntimeConfigError, match=r"target \(12, 6\) has 12 along its batch dim 0 but the inputs' batch 6 "
+                                                 r"along dim 1.*'target': 1"):
+        split_target(torch.zeros(12, 6), 2, batch=6, dims=BatchDims(1, 0))
+    assert split_target(torch.zeros(12, 6), 2, batch=6)[0].shape == (6, 6)  # (batch x 2, 6 classes), flattened
