@@ -161,7 +161,8 @@ class ParallelModel:
         if len(flat) > 1 and self.training not in self._whole_shapes:  # once per mode: it may change shapes
             self._whole_shapes[self.training] = whole_batch_shapes(self.model, self.training, inputs, kwargs, flat[0],
                                                                    self.dp, self.batch_dims.inputs)
-        return assemble(flat, self._whole_shapes.get(self.training), self.captured.out_spec)
+        out = assemble(flat, self._whole_shapes.get(self.training), self.captured.out_spec)
+        return _inference_only(out) if torch.is_grad_enabled() else out
 
     __call__ = forward
 
@@ -310,6 +311,36 @@ class ParallelModel:
         """Load a checkpoint written by save (under any plan), by checkpoint.save_model, or a Hugging Face
         safetensors directory; returns the saved `extra`. On error nothing changes (partitioner/checkpoint.py)."""
         return load_checkpoint(self, path, optimizer)
+
+
+class _NoBackward(torch.autograd.Function):
+    """The outputs of pm(...) as they are, requiring grad as a module's outputs do where gradients are
+    enabled, with a backward that says how to train: the pipeline's forward keeps no autograd graph
+    (train_step runs forward and backward of every microbatch), so loss_fn(pm(x), y).backward() would
+    otherwise fail with autograd's 'element 0 of tensors does not require grad'."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: torch.Tensor, *outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(o.detach() for o in outputs)  # the same memory, no copy
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> None:
+        raise RuntimeConfigError("backward through the output of pm(...): ParallelModel.forward is inference and "
+                                 "keeps no autograd graph. Train with loss = pm.train_step(*inputs, target=target) "
+                                 "(forward and backward of every microbatch, gradients in .grad), then "
+                                 "optimizer.step(); run pm(...) under torch.no_grad().")
+
+
+def _inference_only(out: Any) -> Any:
+    """`out` with its floating-point tensors passed through _NoBackward."""
+    leaves, spec = pytree.tree_flatten(out)
+    floats = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    if not floats:
+        return out
+    anchor = torch.zeros((), requires_grad=True)
+    for i, o in zip(floats, _NoBackward.apply(anchor, *(leaves[i] for i in floats))):
+        leaves[i] = o
+    return pytree.tree_unflatten(leaves, spec)
 
 
 def _mismatch(args: tuple, kwargs: dict, example_args: tuple, example_kwargs: dict) -> str:

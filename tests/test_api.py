@@ -158,6 +158,34 @@ def test_an_input_that_requires_grad_is_named_with_the_fix():
     assert pm.train_step(outside(zm.example_args[0]).detach(), target=zm.target).dim() == 0
 
 
+def test_backward_through_the_output_of_forward_says_to_use_train_step():
+    """loss_fn(pm(x), y).backward(), as with a module: the output requires grad as a module's does, and
+    its backward names train_step instead of autograd's 'element 0 of tensors does not require grad'."""
+    zm = build("mlp")
+    pm = compile_zoo(zm)
+    out = pm(*zm.example_args)
+    assert out.requires_grad
+    with pytest.raises(RuntimeConfigError, match=r"backward through the output of pm\(...\).*pm.train_step"):
+        zm.loss_fn(out, zm.target).backward()
+    with torch.no_grad():
+        assert torch.equal(pm(*zm.example_args), out) and not pm(*zm.example_args).requires_grad
+
+
+def test_load_state_dict_refuses_a_wrong_shape_changing_nothing_and_names_a_wrappers_prefix():
+    """A (1,) bias was broadcast into the (n,) one without a word (and a tensor of another shape loaded
+    the keys before it, then failed in copy_); DDP's 'module.' keys are named with the fix."""
+    zm = build("mlp")
+    pm = compile_zoo(zm)
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    bad = {**{k: v + 1 for k, v in zm.model.state_dict().items()}, "head.bias": torch.ones(1)}
+    with pytest.raises(RuntimeConfigError, match=r"'head.bias' is \(1,\) but the model's shape is \(8,\).*Nothing "
+                                                 "was loaded"):
+        pm.load_state_dict(bad)
+    assert all(torch.equal(v, before[k]) for k, v in pm.state_dict().items())
+    with pytest.raises(RuntimeConfigError, match=r"prefix 'module\.'.*k.removeprefix\('module\.'\)"):
+        pm.load_state_dict({"module." + k: v for k, v in zm.model.state_dict().items()})
+
+
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 def test_train_step_without_gradients_enabled_is_refused(context):
     """Under no_grad the stages computed the loss and no gradient: the optimizer stepped nothing."""
