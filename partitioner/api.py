@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import inspect
 import itertools
 import os
 import re
@@ -32,7 +33,8 @@ from torch.utils import _pytree as pytree
 from partitioner.cost_models.device import spec_for_torch_device
 from partitioner.errors import CaptureError, RuntimeConfigError
 from partitioner.materialise import materialise
-from partitioner.microbatch import BatchDims, batch_size, leaf_dim, resolve_batch_dims, split_batch
+from partitioner.microbatch import (BatchDims, batch_size, leaf_dim, resolve_batch_dims, split_batch,
+                                   split_target)
 from partitioner.modes import ModeSource, fake_skeleton
 from partitioner.optimizer_check import watch_model_parameters
 from partitioner.parallel_model import ParallelModel
@@ -94,6 +96,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         e.g. {"src": 1, "target": 1}, unnamed inputs on dim 0.
     loss_fn(output, target) -> scalar mean loss of a batch; train_step returns the mean over microbatches
         (a loss module with reduction="sum" is refused: the averaged gradient would not be its gradient).
+        The target's leaves that hold the batch (or a multiple: labels flattened sample-major) along its
+        batch dim are cut as the inputs; others (class weights) go whole; a target with no such leaf is refused.
         Each microbatch runs as the model would under gradient accumulation over the same microbatches:
         BatchNorm normalises with that microbatch's statistics and updates its running statistics once
         per microbatch, in order (num_batches_tracked advances by `microbatches` per step), and a loss
@@ -186,6 +190,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     defaulted = not microbatches
     microbatches = microbatches or (plan.microbatches if plan is not None else 0) or 2 * p
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    _check_one_argument(model, example_inputs, example_kwargs)
     kwargs = dict(example_kwargs or {})
     rank = _init_distributed(devices, timeout_s) if layout is None else (
         layout.pp_rank if dist.get_world_size() > 1 else None)
@@ -244,7 +249,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
 
     try:
         mb_target = None if example_target is None else \
-            split_batch(example_target, dp * microbatches, "target", dims=dims.target)[0]
+            split_target(example_target, dp * microbatches, batch, dims)[0]
     except RuntimeConfigError:  # train_step names it, with the target it is given
         mb_target = None
     stages = split(captured, plan, loss_reads=outputs_the_loss_reads(loss_fn, captured, mb_target))
@@ -361,6 +366,31 @@ def _check_devices(devices: list[torch.device]) -> None:
     if missing:
         raise RuntimeConfigError(f"compile_parallel: devices name {missing[0]} but this machine has {count} GPU(s) "
                                  f"(cuda:0..cuda:{count - 1}); list only GPUs that exist.")
+
+
+def _check_one_argument(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict | None) -> None:
+    """example_inputs that is not a tuple is ONE positional argument: a list [x, mask] or a batch dict
+    meant as model(*inputs) / model(**batch) would reach forward whole and fail deep inside the
+    capture; refused up front where forward's signature cannot take it so, naming the fix."""
+    if not isinstance(example_inputs, (list, dict)):
+        return
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no signature to read: the capture says what fails
+        return
+    try:
+        signature.bind(example_inputs, **dict(example_kwargs or {}))
+    except TypeError as err:
+        name = type(model).__name__
+        if isinstance(example_inputs, list):
+            fix = (f"pass a tuple, example_inputs=tuple(inputs), for {name}(*inputs), and call "
+                   "pm.train_step(*inputs, target=...)")
+        else:
+            fix = (f"pass example_inputs=() and example_kwargs=batch for {name}(**batch), and call "
+                   "pm.train_step(**batch, target=...)")
+        raise RuntimeConfigError(f"compile_parallel: example_inputs is a {type(example_inputs).__name__}, which is "
+                                 f"{name}'s ONE positional argument (as {name}(example_inputs)), but its forward "
+                                 f"does not take it so ({err}); {fix}.") from err
 
 
 def _check_not_partly_meta(model: torch.nn.Module) -> None:

@@ -132,3 +132,45 @@ def split_batch(inputs: Any, microbatches: int, what: str, batch: int | None = N
                                      f"microbatches along dim {dim}; {fix}.")
         parts.append(list(leaf.chunk(microbatches, d)))
     return [pytree.tree_unflatten([p[mb] for p in parts], spec) for mb in range(microbatches)]
+
+
+def split_target(target: Any, parts: int, batch: int | None, dims: BatchDims = BatchDims()) -> list[Any]:
+    """Split the target of a batch of `batch` samples (the inputs' batch size) into `parts` as the
+    inputs are, along its batch dim (dims.target). A tensor leaf is cut where its size there is the
+    batch, or a multiple of it (labels flattened sample-major: (batch x seq,) beside (batch x seq,
+    vocab) logits); other leaves (a loss's class weights, a 0-dim margin) go whole to every part.
+    Refused, naming the batch_dims to pass: with inputs batched on other dims than the target
+    (batch_dims={"x": 1} alone), a leaf whose batch lies on another dim (a sequence-first (seq, batch)
+    target would be cut along its sequence, pairing the wrong tokens); and a target none of whose
+    leaves holds the batch."""
+    dim = dims.target
+    if batch is None:
+        return split_batch(target, parts, "target", dims=dim)
+    same_dim = all(d == dim for d in ([dims.inputs] if isinstance(dims.inputs, int) else dims.inputs))
+    leaves, spec = pytree.tree_flatten(target)
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    cut = []
+    for x in leaves:
+        d = _dim(dim, 0, x) if isinstance(x, torch.Tensor) else None
+        if d is None or not x.shape[d]:
+            cut.append(False)
+            continue
+        elsewhere = [k for k in range(x.dim()) if k != d and x.shape[k] == batch]
+        if x.shape[d] != batch and elsewhere and (x.shape[d] % batch or not same_dim):
+            name = "target" if len(tensors) == 1 else "a leaf of the target"
+            raise RuntimeConfigError(f"{name} {tuple(x.shape)} has {x.shape[d]} along its batch dim {d} but the "
+                                     f"inputs' batch {batch} along dim {elsewhere[0]}; pass "
+                                     f"compile_parallel(batch_dims={{..., 'target': {elsewhere[0]}}}) so that it is "
+                                     "cut there.")
+        cut.append(x.shape[d] % batch == 0)
+    if tensors and not any(cut):
+        first = tensors[0]
+        d = _dim(dim, 0, first)
+        if d is None:  # split_batch names a leaf without the dim
+            return split_batch(target, parts, "target", dims=dim)
+        name = "target" if len(tensors) == 1 else "the target's first tensor"
+        raise RuntimeConfigError(f"{name} {tuple(first.shape)} has {first.shape[d]} samples along its batch dim {d}, "
+                                 f"but the inputs' batch is {batch}, so it cannot be cut into the inputs' "
+                                 "microbatches; pass the target of the same batch as the inputs.")
+    pieces = [list(x.chunk(parts, _dim(dim, 0, x))) if c else [x] * parts for x, c in zip(leaves, cut)]
+    return [pytree.tree_unflatten([p[i] for p in pieces], spec) for i in range(parts)]

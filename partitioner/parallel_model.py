@@ -19,7 +19,7 @@ from partitioner.checkpoint import save as save_checkpoint
 from partitioner.cost_models.profile import graph_float_dtype
 from partitioner.errors import RuntimeConfigError
 from partitioner.grad_clip import clip_grad_norm_
-from partitioner.microbatch import BatchDims, batch_size, leaf_dim, split_batch
+from partitioner.microbatch import BatchDims, batch_size, leaf_dim, split_batch, split_target
 from partitioner.modes import ModeGraphs, ModeSource, build_mode
 from partitioner.output_assembly import assemble, whole_batch_shapes
 from partitioner.plan import Plan
@@ -94,8 +94,14 @@ class ParallelModel:
         of loss_fn over the microbatches, as a 0-dim float32 tensor on every rank. With data
         parallelism every rank passes the global batch; each replica trains on its 1/dp share, the
         gradients are averaged over the replicas and the loss is the mean over the global batch.
+        Refused under torch.no_grad() / inference_mode (it would compute no gradients).
         """
         self._check_process_group("train_step")
+        if not torch.is_grad_enabled():
+            raise RuntimeConfigError("train_step under torch.no_grad() or torch.inference_mode(): it would compute the "
+                                     "loss but no gradients, so the optimizer would step nothing. Call train_step with "
+                                     "gradients enabled; for a loss without gradients (validation) use "
+                                     "loss_fn(pm(...), target) under torch.no_grad().")
         if self.data_parallel is not None and self.training != self._sharded_mode:
             raise RuntimeConfigError(f"train_step in {'train' if self.training else 'eval'} mode: with data "
                                      "parallelism only the mode compile_parallel compiled in reduces gradients "
@@ -103,8 +109,8 @@ class ParallelModel:
                                      "() first, or compile in the mode you train in.")
         self._check_no_input_grad(inputs, kwargs)
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
-        targets = self._own_share(split_batch(target, self.dp * self.microbatches, "target",
-                                              dims=self.batch_dims.target))
+        batch = batch_size((tuple(inputs), dict(kwargs)), self.batch_dims.inputs)
+        targets = self._own_share(split_target(target, self.dp * self.microbatches, batch, self.batch_dims))
         if not self._steps_run:
             self._warn_outer_autocast()
         self.store.before_step()
@@ -155,7 +161,8 @@ class ParallelModel:
         if len(flat) > 1 and self.training not in self._whole_shapes:  # once per mode: it may change shapes
             self._whole_shapes[self.training] = whole_batch_shapes(self.model, self.training, inputs, kwargs, flat[0],
                                                                    self.dp, self.batch_dims.inputs)
-        return assemble(flat, self._whole_shapes.get(self.training), self.captured.out_spec)
+        out = assemble(flat, self._whole_shapes.get(self.training), self.captured.out_spec)
+        return _inference_only(out) if torch.is_grad_enabled() else out
 
     __call__ = forward
 
@@ -304,6 +311,36 @@ class ParallelModel:
         """Load a checkpoint written by save (under any plan), by checkpoint.save_model, or a Hugging Face
         safetensors directory; returns the saved `extra`. On error nothing changes (partitioner/checkpoint.py)."""
         return load_checkpoint(self, path, optimizer)
+
+
+class _NoBackward(torch.autograd.Function):
+    """The outputs of pm(...) as they are, requiring grad as a module's outputs do where gradients are
+    enabled, with a backward that says how to train: the pipeline's forward keeps no autograd graph
+    (train_step runs forward and backward of every microbatch), so loss_fn(pm(x), y).backward() would
+    otherwise fail with autograd's 'element 0 of tensors does not require grad'."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: torch.Tensor, *outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(o.detach() for o in outputs)  # the same memory, no copy
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> None:
+        raise RuntimeConfigError("backward through the output of pm(...): ParallelModel.forward is inference and "
+                                 "keeps no autograd graph. Train with loss = pm.train_step(*inputs, target=target) "
+                                 "(forward and backward of every microbatch, gradients in .grad), then "
+                                 "optimizer.step(); run pm(...) under torch.no_grad().")
+
+
+def _inference_only(out: Any) -> Any:
+    """`out` with its floating-point tensors passed through _NoBackward."""
+    leaves, spec = pytree.tree_flatten(out)
+    floats = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    if not floats:
+        return out
+    anchor = torch.zeros((), requires_grad=True)
+    for i, o in zip(floats, _NoBackward.apply(anchor, *(leaves[i] for i in floats))):
+        leaves[i] = o
+    return pytree.tree_unflatten(leaves, spec)
 
 
 def _mismatch(args: tuple, kwargs: dict, example_args: tuple, example_kwargs: dict) -> str:

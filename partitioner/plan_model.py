@@ -21,7 +21,7 @@ from partitioner.cost_models.loss import profile_loss
 from partitioner.cost_models.node_costs import NodeCosts
 from partitioner.cost_models.profile import graph_float_dtype, parameter_state_bytes, profile
 from partitioner.errors import PlanError
-from partitioner.microbatch import BatchDims, batch_size, split_batch
+from partitioner.microbatch import BatchDims, batch_size, split_batch, split_target
 from partitioner.passes.annotate import AnnotatedGraph, annotate
 from partitioner.passes.capture import capture
 from partitioner.passes.capture_io import Captured
@@ -176,7 +176,7 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     profiled = _capture_and_profile(model, args, kwargs, config, spec, step, need_graph, loss_fn,
                                     example_target, m * config.data_parallel,
                                     batch_size((example_args, example_kwargs or {}), batch_dims.inputs),
-                                    batch_dims.target)
+                                    batch_dims)
     result = plan_profiled(profiled.annotated, profiled.costs, profiled.loss_costs, config, on_step,
                            model_name=type(model).__name__)
     result.captured, result.profile_key = profiled.captured, profiled.key
@@ -258,13 +258,13 @@ class _Profiled:
 
 def _capture_and_profile(model: torch.nn.Module, args: tuple, kwargs: dict, config: PlanConfig, spec: DeviceSpec,
                          step: Callable[[str], None], need_graph: bool, loss_fn: Any, example_target: Any,
-                         parts: int, global_batch: int | None, target_dim: int = 0) -> _Profiled:
+                         parts: int, global_batch: int | None, dims: BatchDims = BatchDims()) -> _Profiled:
     """Capture, annotate and profile one microbatch (and the loss), or read them from the profile cache.
 
     parts: microbatches of the global batch (x data-parallel replicas); the target is cut to one
-    along target_dim."""
+    as train_step cuts it (dims: the batch dims)."""
     with_loss = loss_fn is not None and example_target is not None
-    target = (split_batch(example_target, parts, "example target", global_batch, target_dim)[0]
+    target = (split_target(example_target, parts, global_batch, dims)[0]
               if with_loss else None)
     key, hit = None, None
     if config.use_cache:

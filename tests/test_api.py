@@ -105,7 +105,8 @@ def test_bad_inputs_raise():
         pm.train_step(torch.cat([x, x]), target=zm.target)
     with pytest.raises(RuntimeConfigError, match=r"input 0 is \(2, .*last, smaller batch: drop_last=True"):
         pm.train_step(x[:2], target=zm.target[:2])
-    with pytest.raises(RuntimeConfigError, match="target has batch size 5"):
+    with pytest.raises(RuntimeConfigError, match=r"target \(5,\) has 5 samples along its batch dim 0, but the inputs' "
+                                                 "batch is 4"):
         pm.train_step(x, target=zm.target[:5].repeat(2)[:5])
     with pytest.raises(RuntimeConfigError, match="2 positional arguments but the example inputs had 1"):
         pm.train_step(x, x, target=zm.target)
@@ -155,6 +156,45 @@ def test_an_input_that_requires_grad_is_named_with_the_fix():
     with pytest.raises(RuntimeConfigError, match=r"input 'x' requires grad .* Move what computes it into the model"):
         pm.train_step(outside(zm.example_args[0]), target=zm.target)
     assert pm.train_step(outside(zm.example_args[0]).detach(), target=zm.target).dim() == 0
+
+
+def test_backward_through_the_output_of_forward_says_to_use_train_step():
+    """loss_fn(pm(x), y).backward(), as with a module: the output requires grad as a module's does, and
+    its backward names train_step instead of autograd's 'element 0 of tensors does not require grad'."""
+    zm = build("mlp")
+    pm = compile_zoo(zm)
+    out = pm(*zm.example_args)
+    assert out.requires_grad
+    with pytest.raises(RuntimeConfigError, match=r"backward through the output of pm\(...\).*pm.train_step"):
+        zm.loss_fn(out, zm.target).backward()
+    with torch.no_grad():
+        assert torch.equal(pm(*zm.example_args), out) and not pm(*zm.example_args).requires_grad
+
+
+def test_load_state_dict_refuses_a_wrong_shape_changing_nothing_and_names_a_wrappers_prefix():
+    """A (1,) bias was broadcast into the (n,) one without a word (and a tensor of another shape loaded
+    the keys before it, then failed in copy_); DDP's 'module.' keys are named with the fix."""
+    zm = build("mlp")
+    pm = compile_zoo(zm)
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    bad = {**{k: v + 1 for k, v in zm.model.state_dict().items()}, "head.bias": torch.ones(1)}
+    with pytest.raises(RuntimeConfigError, match=r"'head.bias' is \(1,\) but the model's shape is \(8,\).*Nothing "
+                                                 "was loaded"):
+        pm.load_state_dict(bad)
+    assert all(torch.equal(v, before[k]) for k, v in pm.state_dict().items())
+    with pytest.raises(RuntimeConfigError, match=r"prefix 'module\.'.*k.removeprefix\('module\.'\)"):
+        pm.load_state_dict({"module." + k: v for k, v in zm.model.state_dict().items()})
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_train_step_without_gradients_enabled_is_refused(context):
+    """Under no_grad the stages computed the loss and no gradient: the optimizer stepped nothing."""
+    zm = build("mlp")
+    pm = compile_zoo(zm)
+    with context(), pytest.raises(RuntimeConfigError, match=r"train_step under torch.no_grad\(\).*no gradients.*"
+                                                            r"loss_fn\(pm\(...\), target\) under torch.no_grad"):
+        pm.train_step(*zm.example_args, target=zm.target)
+    assert all(p.grad is None for p in pm.parameters())
 
 
 @pytest.mark.parametrize("loss_fn,got", [(lambda out, t: out.sum(-1), r"a tensor of shape \(1,\)"),
@@ -424,3 +464,24 @@ def test_a_gloo_group_compile_parallel_created_is_destroyed_at_exit(monkeypatch)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x, mask):
+        return self.layers(x * mask)
+
+
+@pytest.mark.parametrize("as_list", [True, False], ids=["list", "dict"])
+def test_example_inputs_as_a_list_or_a_batch_dict_names_the_tuple_or_example_kwargs(as_list):
+    """A list or dict is one positional argument (torch.export's args are a tuple): where forward cannot
+    take it so, say how to pass model(*inputs) or model(**batch) instead of failing inside the capture."""
+    x, mask = torch.randn(4, 8), torch.ones(4, 8)
+    inputs = [x, mask] if as_list else {"x": x, "mask": mask}
+    fix = r"pass a tuple, example_inputs=tuple\(inputs\)" if as_list else r"example_inputs=\(\) and example_kwargs=batch"
+    with pytest.raises(RuntimeConfigError, match=rf"example_inputs is a {'list' if as_list else 'dict'}, which is "
+                                                 rf"_TwoInputs's ONE positional argument.*'mask'.*{fix}"):
+        compile_parallel(_TwoInputs(), ["cpu"] * 2, inputs, nn.functional.cross_entropy, microbatches=2)

@@ -6,7 +6,9 @@ order: the pipeline equals the unpartitioned model run with gradient accumulatio
 microbatches (not one forward of the whole batch: num_batches_tracked advances by `microbatches`
 per step). Also: spectral_norm (a no_grad power iteration writing its buffers with out=),
 torch.utils.checkpoint with use_reentrant=True, rows selected by a mask (a data-dependent shape
-inside a stage), parameters the graph never reads, and the errors for what cannot be captured.
+inside a stage), weight_norm and parametrize parametrizations with an Embedding(max_norm) that
+renormalises its rows in forward, parameters the graph never reads, and the errors for what cannot
+be captured.
 """
 from __future__ import annotations
 
@@ -104,6 +106,31 @@ class WithUnused(nn.Module):
         return self.layers(self.embed(x) if x_embeds is None else x_embeds)
 
 
+class Symmetric(nn.Module):
+    """A parametrization: the weight as the symmetric matrix of its upper triangle."""
+
+    def forward(self, w):
+        return w.triu() + w.triu(1).T
+
+
+class Parametrized(nn.Module):
+    """Tokens through an Embedding with max_norm (renormalises the rows it reads, in place, in forward),
+    then Linears under weight_norm and a custom torch.nn.utils.parametrize parametrization."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8, padding_idx=0, max_norm=1.0)
+        self.a = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+        self.b = nn.Linear(8, 8)
+        nn.utils.parametrize.register_parametrization(self.b, "weight", Symmetric())
+        self.c = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8), dim=None)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids).mean(1)
+        return self.head(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(h)))))))
+
+
 def build(name: str):
     """(model, args, target) of a small randomly initialised `name` in training mode."""
     torch.manual_seed(0)
@@ -116,6 +143,8 @@ def build(name: str):
         return cnn(spectral=True), (image,), label
     if name in ("checkpoint-reentrant", "checkpoint"):
         return Checkpointed(name == "checkpoint-reentrant"), (torch.randn(BATCH, 8),), label
+    if name == "parametrized":
+        return Parametrized(), (torch.randint(0, 16, (BATCH, 5)) * (torch.rand(BATCH, 5) > 0.3),), label
     if name == "masked-rows":
         return MaskedRows(), (torch.randn(BATCH, 8), torch.tensor([1, 0, 1, 1])), label
     raise ValueError(name)
@@ -178,7 +207,7 @@ def assert_matches(pm, model: nn.Module, tol: float) -> None:
 @pytest.mark.parametrize("name,chunks,compile", [
     ("resnet", 1, False), ("resnet", 2, False), ("cnn", 1, True), ("spectral-norm", 1, False),
     ("spectral-norm", 2, False), ("checkpoint-reentrant", 1, False), ("checkpoint", 2, False),
-    ("masked-rows", 1, False), ("masked-rows", 2, False)])
+    ("masked-rows", 1, False), ("masked-rows", 2, False), ("parametrized", 1, False)])
 def test_training_and_buffers_equal_gradient_accumulation(name, chunks, compile):
     model, args, target = build(name)
     pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, args, loss_fn, example_target=target,

@@ -125,3 +125,14 @@ def test_a_target_without_the_batch_dim_is_refused_at_train_step():
     pm = compile_with({"x": 1, "target": 1}, x)
     with pytest.raises(RuntimeConfigError, match=r"target has shape \(4,\), without a dim 1"):
         pm.train_step(x, target=torch.zeros(BATCH))
+
+
+def test_a_sequence_first_target_left_on_dim_0_is_refused_naming_its_batch_dim():
+    """batch_dims for the inputs only: the (seq, batch) target would be cut along its sequence, and a
+    loss that flattens output and target (a token cross-entropy) pairs the wrong tokens silently."""
+    x, target = torch.randn(SEQ, BATCH, DIM), torch.randn(SEQ, BATCH, DIM)
+    pm = compile_parallel(Attention(), ["cpu", "cpu"], (x,), lambda out, t: nn.functional.mse_loss(
+        out.reshape(-1), t.reshape(-1)), microbatches=2, batch_dims={"x": 1})
+    with pytest.raises(RuntimeConfigError, match=r"target \(6, 4, 16\) has 6 along its batch dim 0 but the inputs' "
+                                                 r"batch 4 along dim 1; pass compile_parallel\(batch_dims=\{..., 'target': 1\}\)"):
+        pm.train_step(x, target=target)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from partitioner.errors import RuntimeConfigError
-from partitioner.microbatch import BatchDims, batch_size, resolve_batch_dims, split_batch
+from partitioner.microbatch import BatchDims, batch_size, resolve_batch_dims, split_batch, split_target
 
 
 def test_batch_size_is_dim0_of_the_first_tensor_with_a_dimension():
@@ -45,3 +45,21 @@ def test_batch_dims_resolve_by_name_to_every_leaf():
         resolve_batch_dims({"y": 1}, names, leaves)
     with pytest.raises(RuntimeConfigError, match="input 'n' on dim 0, but it is not a tensor"):
         resolve_batch_dims({"n": 0}, names, leaves)
+
+
+def test_the_target_is_cut_where_it_holds_the_batch_and_other_leaves_go_whole():
+    """A loss's class weights or a 0-dim margin beside the labels go whole to every microbatch, as an
+    unbatched input does; labels flattened sample-major are cut; a target with no leaf of the inputs'
+    batch is refused, and so is one with the batch on another dim where the inputs have it there."""
+    labels, flat, weight, margin = torch.arange(6), torch.arange(24), torch.ones(5), torch.tensor(0.5)
+    parts = split_target({"labels": labels, "flat": flat, "weight": weight, "margin": margin}, 3, batch=6)
+    assert torch.equal(torch.cat([p["labels"] for p in parts]), labels)
+    assert torch.equal(parts[1]["flat"], flat[8:16])
+    assert all(p["weight"] is weight and p["margin"] is margin for p in parts)
+    with pytest.raises(RuntimeConfigError, match=r"target \(4,\) has 4 samples along its batch dim 0, but the inputs' "
+                                                 r"batch is 6.*same batch as the inputs"):
+        split_target(torch.zeros(4), 2, batch=6)
+    with pytest.raises(RuntimeConfigError, match=r"target \(12, 6\) has 12 along its batch dim 0 but the inputs' batch 6 "
+                                                 r"along dim 1.*'target': 1"):
+        split_target(torch.zeros(12, 6), 2, batch=6, dims=BatchDims(1, 0))
+    assert split_target(torch.zeros(12, 6), 2, batch=6)[0].shape == (6, 6)  # (batch x 2, 6 classes), flattened

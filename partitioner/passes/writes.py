@@ -127,8 +127,10 @@ def snapshot_state_reads(gm: torch.fx.GraphModule) -> int:
     graph = gm.graph
     for n in list(graph.nodes):  # copy_(buf, add_(buf, 1)), export's record of the write: already done
         if n.target is torch.ops.aten.copy_.default and not n.users and isinstance(n.args[1], torch.fx.Node):
+            # under torch.no_grad export records copy_(buf, detach(add_(buf, 1))): a detach is the tensor
+            # itself, where copying a real view (buf.t()) into buf would change it
             chain = _alias_chain(n.args[1])
-            if chain[-1] is n.args[0] and not any(is_view(a) for a in chain):
+            if chain[-1] is n.args[0] and not any(is_view(a) and a.target not in _SAME_TENSOR for a in chain):
                 graph.erase_node(n)
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
@@ -172,6 +174,9 @@ def snapshot_state_reads(gm: torch.fx.GraphModule) -> int:
         graph.lint()
         gm.recompile()
     return copies
+
+
+_SAME_TENSOR = (torch.ops.aten.detach.default, torch.ops.aten.alias.default)  # views equal to their input
 
 
 def storage_root(node: torch.fx.Node) -> torch.fx.Node:

@@ -461,24 +461,47 @@ class ParameterStore:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
-        missing = []
+        """Copy this rank's entries of `state` in, after checking them all (as Module.load_state_dict, a
+        wrong shape is refused, not broadcast into the tensor; unlike it, nothing is copied then)."""
+        missing, load = [], []
         for fqn, copies in self.replicas.items():
             key = next((k for k in [*self.aliases[fqn], fqn] if k in state), None)
             if key is None:
                 if self.aliases[fqn]:
                     missing.append(fqn)
                 continue
-            for t in copies:
-                copy_full_(t, state[key])
+            load += [(key, t) for t in copies]
         for k, t in self.unused.items():
             if k in state:
-                t.copy_(state[k])
+                load.append((k, t))
             else:
                 missing.append(k)
         unexpected = [k for k in state if k not in self.model_keys]
         if strict and (missing or unexpected):
             raise RuntimeConfigError(f"load_state_dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}; "
-                                     "pass a state dict of the original model (or strict=False).")
+                                     "pass a state dict of the original model (or strict=False)."
+                                     + _prefix_hint(unexpected, self.model_keys))
+        wrong = [(k, tuple(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__,
+                  tuple(t.shape)) for k, t in load
+                 if not isinstance(state[k], torch.Tensor) or state[k].shape != t.shape]
+        if wrong:
+            key, got, want = wrong[0]
+            raise RuntimeConfigError(f"load_state_dict: '{key}' is {got} but the model's shape is {want} "
+                                     f"({len(wrong)} such key(s)); pass a state dict of the model compile_parallel "
+                                     "was given. Nothing was loaded.")
+        for k, t in load:
+            copy_full_(t, state[k])
+
+
+def _prefix_hint(unexpected: list[str], model_keys) -> str:
+    """Where every unexpected key is a model key under one prefix (DistributedDataParallel's 'module.',
+    torch.compile's '_orig_mod.'), say how to strip it."""
+    first = next(iter(unexpected), "")
+    prefix = next((first[:i + 1] for i, c in enumerate(first) if c == "." and first[i + 1:] in model_keys), None)
+    if prefix is None or not all(k.startswith(prefix) and k[len(prefix):] in model_keys for k in unexpected):
+        return ""
+    return (f" Its keys carry the prefix '{prefix}' (a DistributedDataParallel or torch.compile wrapper's): strip it, "
+            f"{{k.removeprefix('{prefix}'): v for k, v in state_dict.items()}}.")
 
 
 def _source(model: torch.nn.Module, captured, fqn: str) -> torch.Tensor:
