@@ -59,16 +59,18 @@ PRELOAD = ["dist_utils", "partitioner.api", "partitioner.zoo", "torch._inductor.
 
 
 def run_workers(fn: Callable[[int, int, Any], Any], world_size: int, arg: Any = None,
-                timeout_s: float = 150.0, hosts: int = 1) -> list[Any]:
+                timeout_s: float = 150.0, hosts: int = 1, start_method: str = "forkserver") -> list[Any]:
     """Run fn(rank, world_size, arg) in world_size new processes (torchrun's environment variables
     set, gloo rendezvous on a free port); return each rank's result. Raises on error or timeout.
     hosts: the processes pretend to be spread over that many hosts (LOCAL_RANK, GROUP_RANK and
-    LOCAL_WORLD_SIZE as torchrun --nnodes sets them)."""
+    LOCAL_WORLD_SIZE as torchrun --nnodes sets them). start_method "spawn" for workers that use CUDA:
+    a forked process cannot once the forkserver's preloaded modules have initialised it."""
     port = free_port()
-    mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    if start_method == "forkserver":
+        mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(_worker, args=(fn, world_size, arg, port, tmp, hosts, dict(os.environ)),
-                                 nprocs=world_size, join=False, start_method="forkserver")
+                                 nprocs=world_size, join=False, start_method=start_method)
         deadline = time.monotonic() + timeout_s
         try:
             while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):

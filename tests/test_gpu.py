@@ -379,6 +379,6 @@ def test_stage_graphs_under_replicated_data_parallelism_on_one_gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     pytest.importorskip("ortools")
-    results = run_workers(_replicas_on_one_gpu_worker, 2, None, timeout_s=400)
+    results = run_workers(_replicas_on_one_gpu_worker, 2, None, timeout_s=400, start_method="spawn")
     for r in results:
         assert "reduce-overhead" in r["graphs"] and max(r["errors"]) < 1e-4, r
