@@ -88,9 +88,11 @@ def action_spans(trace_events: list[dict], on_device: bool) -> dict[str, Any]:
     return {"actions": actions, "comm_us": comm_us}
 
 
-def measured_timeline(schedule: Schedule, ranks: list[dict[str, Any]]) -> Timeline:
+def measured_timeline(schedule: Schedule, ranks: list[dict[str, Any]], devices: int | None = None) -> Timeline:
     """A Timeline of the measured spans (every rank's `action_spans`); an action without a span (no
-    kernel: an empty stage) takes zero time where the previous action of its rank ended."""
+    kernel: an empty stage) takes zero time where the previous action of its rank ended. devices: how
+    many devices the ranks ran on (1: every stage in one process on one GPU; default one per rank),
+    what the bubble is the idle fraction of."""
     start, end = {}, {}
     busy = 0.0
     for r, row in enumerate(schedule.actions):
@@ -105,15 +107,23 @@ def measured_timeline(schedule: Schedule, ranks: list[dict[str, Any]]) -> Timeli
     step = t1 - t0
     start = {a: t - t0 for a, t in start.items()}
     end = {a: t - t0 for a, t in end.items()}
-    bubble = 1.0 - busy / (schedule.num_ranks * step) if step > 0 else 0.0
+    bubble = 1.0 - busy / ((devices or schedule.num_ranks) * step) if step > 0 else 0.0
     return Timeline(schedule, start, end, step, bubble, peak_inflight=[])
 
 
-def simulated_timeline(plan, schedule: Schedule) -> Timeline:
+def simulated_timeline(plan, schedule: Schedule, one_device: bool = False) -> Timeline:
     """The simulator's timeline of `plan` (run as `schedule`) from its per-stage times (a chain: stage k
-    sends to k + 1)."""
-    sends = list(plan.stage_comm_time_s[1:]) if plan.stage_comm_time_s else 0.0
-    return simulate(schedule, StageCosts.chain(plan.stage_fwd_time_s, plan.stage_bwd_time_s, sends))
+    sends to k + 1). one_device: every stage runs on one device in one process, so the actions run one
+    after another in the executor's order (Timeline.order), without sends."""
+    sends = list(plan.stage_comm_time_s[1:]) if plan.stage_comm_time_s and not one_device else 0.0
+    timeline = simulate(schedule, StageCosts.chain(plan.stage_fwd_time_s, plan.stage_bwd_time_s, sends))
+    if not one_device:
+        return timeline
+    start, end, t = {}, {}, 0.0
+    for a in timeline.order():
+        start[a], t = t, t + timeline.end_s[a] - timeline.start_s[a]
+        end[a] = t
+    return Timeline(schedule, start, end, t, 0.0, peak_inflight=timeline.peak_inflight)
 
 
 def profile_timeline(step: Callable[[], None], device: torch.device, plan, rank: int | None
@@ -144,7 +154,9 @@ def profile_timeline(step: Callable[[], None], device: torch.device, plan, rank:
         if rank != 0:
             return None
     schedule = make_schedule(plan.schedule, plan.num_ranks, plan.microbatches, plan.chunks)
-    measured, simulated = measured_timeline(schedule, ranks), simulated_timeline(plan, schedule)
+    one_device = not distributed  # one process runs every stage on its one device (train_throughput)
+    measured = measured_timeline(schedule, ranks, devices=1 if one_device else None)
+    simulated = simulated_timeline(plan, schedule, one_device)
     spans = {label: span for r in ranks for label, span in r["actions"].items()}
     over_plan = {}
     for kind, planned in (("F", plan.stage_fwd_time_s), ("B", plan.stage_bwd_time_s)):

@@ -206,6 +206,24 @@ def test_action_spans_take_each_action_s_compute_kernels_and_count_communication
     assert tl.step_time_s == pytest.approx(150e-6) and tl.bubble == pytest.approx(1 - 140 / 150)
 
 
+def test_one_process_timelines_run_every_stage_on_one_device():
+    """Several stages in one process share its one GPU: the simulated step is their serial work (not the
+    pipeline's overlap across ranks) and the bubble is the idle fraction of that one device."""
+    from types import SimpleNamespace
+
+    from benchmarks.pipeline_timeline import measured_timeline, simulated_timeline
+    from partitioner.runtime.schedules import make_schedule
+    plan = SimpleNamespace(stage_fwd_time_s=[1.0, 2.0], stage_bwd_time_s=[3.0, 4.0], stage_comm_time_s=[0.0, 0.5])
+    schedule = make_schedule("1f1b", 2, 4)
+    assert simulated_timeline(plan, schedule).step_time_s < 4 * 10.0
+    serial = simulated_timeline(plan, schedule, one_device=True)
+    assert serial.step_time_s == pytest.approx(4 * 10.0) and serial.bubble == 0.0
+    spans = {"actions": {str(a): [serial.start_s[a] * 1e6, serial.end_s[a] * 1e6,
+                                  (serial.end_s[a] - serial.start_s[a]) * 1e6] for row in schedule.actions for a in row}}
+    assert measured_timeline(schedule, [spans, spans], devices=1).bubble == pytest.approx(0.0)
+    assert measured_timeline(schedule, [spans, spans]).bubble == pytest.approx(0.5)
+
+
 def test_train_throughput_timeline_under_torchrun_on_cpu(tmp_path):
     """2 gloo ranks: each configuration's profiled step as a measured timeline beside the plan's simulated one."""
     configs = "ours-eager-1f1b-ilp,ours-eager-interleaved-ilp"
