@@ -159,6 +159,7 @@ def test_data_dependent_control_flow_is_named():
         capture(_DataDependent(), (torch.randn(2, 4),))
     msg = str(e.value)
     assert "data-dependent" in msg and "'inner'" in msg and "_Branchy" in msg
+    assert "at test_capture.py:" in msg and "(`if x.sum() > 0:`)" in msg  # the model's own line
 
 
 def test_wrong_input_shape_names_the_input():

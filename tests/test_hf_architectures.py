@@ -248,3 +248,19 @@ def test_reversible_layers_say_their_backward_does_not_run():
     with pytest.warns(RuntimeWarning, match=r"torch.autograd.Function .*_ReversibleFunction \(in module "
                                             r"'reformer.encoder'\).*passes none back"):
         compile_parallel(model, ["cpu"] * 2, args, loss_fn, example_target=target, microbatches=2, time_limit_s=1)
+
+
+def test_a_loss_checked_against_its_labels_names_the_line():
+    """Wav2Vec2ForCTC checks `labels.max() >= vocab_size` before its CTC loss, a branch on tensor values no
+    graph can hold: refused, naming the model's line (compute the CTC loss in loss_fn instead)."""
+    from partitioner.errors import CaptureError
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
+        vocab_size=12, mask_time_prob=0.0, layerdrop=0.0))
+    labels = torch.randint(1, 12, (BATCH, 5))
+    with pytest.raises(CaptureError, match=r"data-dependent control flow in module '<root>' \(Wav2Vec2ForCTC\) at "
+                                           r"modeling_wav2vec2.py:\d+ \(`if labels is not None and labels.max\(\)"):
+        compile_parallel(model, ["cpu"] * 2, (torch.randn(BATCH, 400),), model_loss, example_kwargs={"labels": labels},
+                         example_target=labels, microbatches=2, time_limit_s=1)
