@@ -159,6 +159,7 @@ def test_data_dependent_control_flow_is_named():
         capture(_DataDependent(), (torch.randn(2, 4),))
     msg = str(e.value)
     assert "data-dependent" in msg and "'inner'" in msg and "_Branchy" in msg
+    assert "at test_capture.py:" in msg and "(`if x.sum() > 0:`)" in msg  # the model's own line
 
 
 def test_wrong_input_shape_names_the_input():
@@ -435,3 +436,49 @@ def test_unlifting_matches_torch(monkeypatch, small_zoo, name):
     ours = _graph_facts(capture(model, args, kwargs))
     monkeypatch.setattr(capture_mod, "_unlift", lambda ep: ep.module())
     assert ours == _graph_facts(capture(model, args, kwargs))
+
+
+class _StraightThroughRound(torch.autograd.Function):
+    """Rounds in forward; passes the gradient through unchanged (quantisation-aware training)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _Quantised(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(_StraightThroughRound.apply(self.inner(x)))
+
+
+def test_a_custom_autograd_function_is_named_in_a_warning():
+    """Export traces an autograd.Function's forward and drops its backward: the graph's gradient through
+    round() is zero where the Function passes it through. Said, naming the Function, its module and the
+    rewrite (it was silent: 'inner' trained with no gradient)."""
+    with pytest.warns(RuntimeWarning, match=r"_Quantised applies torch.autograd.Function .*_StraightThroughRound "
+                                            r"\(in module '<root>'\).*its own backward does not run.*\.detach\(\)"):
+        capture(_Quantised(), (torch.randn(2, 4),))
+
+
+def test_reentrant_checkpoint_is_not_named_as_a_custom_function():
+    """Its Function is inlined (the same gradients): nothing to say."""
+    import warnings
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.utils.checkpoint.checkpoint(self.lin, x, use_reentrant=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        capture(Checkpointed(), (torch.randn(2, 4),))

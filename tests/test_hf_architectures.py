@@ -5,7 +5,9 @@ input_features) or by `labels` it shifts into decoder inputs in place and comput
 from (T5, BART), image models (ViT, Swin's shifted windows), encoders with padding masks and
 token types as keyword inputs (BERT), one layer shared by every depth (ALBERT), ALiBi (Bloom),
 padded causal attention (Llama), sliding windows (Gemma2), two towers with a contrastive loss
-(CLIP), and reentrant gradient checkpointing. Loss and gradients equal the unpartitioned model's
+(CLIP), reentrant gradient checkpointing, DeBERTa-v2's relative attention, Funnel's pooling (the sequence
+shortens), multi-query attention (GPTBigCode) and a state-space scan (Mamba2). A custom torch.autograd.Function
+(Reformer's reversible layers) is traced as its forward: said in a warning. Loss and gradients equal the unpartitioned model's
 run with gradient accumulation over the same microbatches (fp32, rel err < 1e-5), under 1f1b and
 interleaved-1f1b.
 """
@@ -141,6 +143,36 @@ def build(name: str):
             image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=3,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0))
         args, target, loss_fn = (torch.randn(BATCH, 3, 16, 16),), torch.randint(0, 3, (BATCH,)), class_loss
+    elif name == "deberta-v2":  # disentangled relative attention with log buckets
+        model = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+            relative_attention=True, position_buckets=4, max_relative_positions=16, pos_att_type=["p2c", "c2p"],
+            num_labels=3, type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **SMALL))
+        args, kwargs = (tokens,), {"attention_mask": padding_mask(), "token_type_ids": torch.randint(0, 2, (BATCH, SEQ))}
+        target, loss_fn = torch.randint(0, 3, (BATCH,)), class_loss
+    elif name == "funnel":  # pooling halves the sequence between blocks
+        model = transformers.FunnelForMaskedLM(transformers.FunnelConfig(
+            block_sizes=[1, 1], num_decoder_layers=1, d_model=32, n_head=4, d_head=8, d_inner=64, vocab_size=VOCAB,
+            hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0))
+        args, kwargs = (tokens,), {"attention_mask": padding_mask()}
+        target, loss_fn = torch.randint(0, VOCAB, (BATCH, SEQ)), token_loss
+    elif name == "gpt_bigcode":  # multi-query attention, padded
+        model = transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(
+            n_embd=32, n_layer=4, n_head=4, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, multi_query=True))
+        args, kwargs = (tokens,), {"attention_mask": padding_mask()}
+        target, loss_fn = torch.randint(0, VOCAB, (BATCH, SEQ)), token_loss
+    elif name == "mamba2":  # selective state-space scan (the slow path on CPU)
+        model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+            hidden_size=32, num_hidden_layers=2, state_size=8, vocab_size=VOCAB, expand=2, conv_kernel=4, num_heads=8,
+            head_dim=8, n_groups=1, chunk_size=4, time_step_rank=4, use_cache=False))
+        args, target, loss_fn = (tokens,), torch.randint(0, VOCAB, (BATCH, SEQ)), token_loss
+    elif name == "reformer":  # reversible layers: an autograd.Function that runs them under no_grad
+        model = transformers.ReformerModelWithLMHead(transformers.ReformerConfig(
+            hidden_size=32, num_attention_heads=2, attention_head_size=16, attn_layers=["local", "local"],
+            feed_forward_size=64, vocab_size=VOCAB, max_position_embeddings=SEQ, axial_pos_shape=[2, 4],
+            axial_pos_embds_dim=[16, 16], local_attn_chunk_length=4, is_decoder=True, hidden_dropout_prob=0.0,
+            local_attention_probs_dropout_prob=0.0, chunk_size_lm_head=0, pad_token_id=0, eos_token_id=1))
+        args, target, loss_fn = (tokens,), torch.randint(0, VOCAB, (BATCH, SEQ)), token_loss
     else:
         raise ValueError(name)
     model.config.use_cache = False
@@ -162,7 +194,8 @@ def accumulated(model, args: tuple, kwargs: dict, target, loss_fn, microbatches:
 @pytest.mark.parametrize("name,chunks", [
     ("qwen2", 1), ("mixtral", 1), ("mixtral", 2), ("bart", 1), ("vit", 2), ("t5-labels", 1), ("t5-labels", 2),
     ("bart-labels", 1), ("bert-cls", 1), ("bert-mlm", 2), ("albert", 2), ("bloom", 1), ("llama-padded", 2),
-    ("llama-checkpointed", 1), ("gemma2", 1), ("jetmoe", 2), ("whisper", 1), ("clip", 1), ("swin", 1)])
+    ("llama-checkpointed", 1), ("gemma2", 1), ("jetmoe", 2), ("whisper", 1), ("clip", 1), ("swin", 1),
+    ("deberta-v2", 2), ("funnel", 1), ("gpt_bigcode", 1), ("mamba2", 2)])
 def test_loss_and_gradients_equal_the_model(name, chunks):
     model, args, kwargs, target, loss_fn = build(name)
     reference = copy.deepcopy(model)
@@ -205,3 +238,29 @@ def test_bert_infers_in_eval_mode_after_training():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     pm.train()
     pm.train_step(tokens, target=target, **kwargs)
+
+
+def test_reversible_layers_say_their_backward_does_not_run():
+    """Reformer's reversible layers are a torch.autograd.Function whose forward runs them under no_grad and
+    whose backward recomputes them; export keeps only the forward, so no parameter before the head got a
+    gradient, silently. The warning names the Function and its module."""
+    model, args, kwargs, target, loss_fn = build("reformer")
+    with pytest.warns(RuntimeWarning, match=r"torch.autograd.Function .*_ReversibleFunction \(in module "
+                                            r"'reformer.encoder'\).*passes none back"):
+        compile_parallel(model, ["cpu"] * 2, args, loss_fn, example_target=target, microbatches=2, time_limit_s=1)
+
+
+def test_a_loss_checked_against_its_labels_names_the_line():
+    """Wav2Vec2ForCTC checks `labels.max() >= vocab_size` before its CTC loss, a branch on tensor values no
+    graph can hold: refused, naming the model's line (compute the CTC loss in loss_fn instead)."""
+    from partitioner.errors import CaptureError
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
+        vocab_size=12, mask_time_prob=0.0, layerdrop=0.0))
+    labels = torch.randint(1, 12, (BATCH, 5))
+    with pytest.raises(CaptureError, match=r"data-dependent control flow in module '<root>' \(Wav2Vec2ForCTC\) at "
+                                           r"modeling_wav2vec2.py:\d+ \(`if labels is not None and labels.max\(\)"):
+        compile_parallel(model, ["cpu"] * 2, (torch.randn(BATCH, 400),), model_loss, example_kwargs={"labels": labels},
+                         example_target=labels, microbatches=2, time_limit_s=1)

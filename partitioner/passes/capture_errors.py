@@ -166,6 +166,26 @@ def random_layer_skips(module: torch.nn.Module | None, model: torch.nn.Module | 
     return list(dict.fromkeys(found))
 
 
+def model_source_line(err: BaseException) -> str:
+    """' at file.py:line (`code`)': the innermost frame of the model's own code (not torch's, not ours) in
+    err's traceback, or "" if none."""
+    import linecache
+    import os
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    found = ""
+    e: BaseException | None = err
+    while e is not None and not found:
+        tb = e.__traceback__
+        while tb is not None:
+            path = tb.tb_frame.f_code.co_filename
+            if not path.startswith(skip) and not path.startswith("<"):
+                code = linecache.getline(path, tb.tb_lineno).strip()
+                found = f" at {os.path.basename(path)}:{tb.tb_lineno}" + (f" (`{code}`)" if code else "")
+            tb = tb.tb_next
+        e = e.__cause__ or e.__context__
+    return found
+
+
 def capture_error(model: torch.nn.Module, export_err: BaseException, export_where: str,
                    trace_err: BaseException, trace_where: str,
                    failed: torch.nn.Module | None = None) -> CaptureError:
@@ -183,7 +203,8 @@ def capture_error(model: torch.nn.Module, export_err: BaseException, export_wher
             "torch.utils._pytree.register_pytree_node.")
     if is_data_dependent(export_err):
         return CaptureError(
-            f"cannot capture {name}: data-dependent control flow in {export_where}: a Python branch or "
+            f"cannot capture {name}: data-dependent control flow in {export_where}"
+            f"{model_source_line(export_err)}: a Python branch or "
             f"shape depends on tensor values ({first_line(export_err, 200)}).{known_cause(failed, model)} Make the "
             "branch independent of tensor data (static shapes, torch.where, torch.cond), or move it "
             "out of the model.")
