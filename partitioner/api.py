@@ -41,7 +41,7 @@ from partitioner.parallel_model import ParallelModel
 from partitioner.plan import Plan
 from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
 from partitioner.passes.mixed_precision import compute_dtype, loss_under_autocast
-from partitioner.passes.capture import set_attr
+from partitioner.passes.graph_nodes import set_attr
 from partitioner.passes.capture_io import Captured, input_leaf_names
 from partitioner.passes.split import outputs_the_loss_reads, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only

@@ -26,7 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from partitioner.errors import RuntimeConfigError
 from partitioner.plan import Plan
 from partitioner.plan_model import capture_for_training
-from partitioner.passes.capture import get_attr, mutates, set_attr, written_values
+from partitioner.passes.graph_nodes import get_attr, mutates, set_attr, written_values
 from partitioner.passes.capture_io import Captured
 from partitioner.passes.split import StageModule, place_on_device, split
 from partitioner.passes.writes import stage_mates, storage_root

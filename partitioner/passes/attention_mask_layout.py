@@ -14,7 +14,7 @@ import logging
 import torch
 import torch.fx
 
-from partitioner.passes.capture import fake_mode_of, provenance
+from partitioner.passes.graph_nodes import fake_mode_of, provenance
 from partitioner.passes.causal_mask import SDPA_TARGETS
 from partitioner.passes.constants import val
 

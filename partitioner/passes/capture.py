@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import operator
 import sys
 import warnings
 from typing import Any, Iterator
@@ -27,6 +26,9 @@ from partitioner.errors import CaptureError
 from partitioner.passes.capture_errors import (ModuleTracker, capture_error, check_inputs_eagerly, first_line,
                                    is_data_dependent, model_name)
 from partitioner.passes.capture_io import Captured, find_tied, input_leaf_names, normalise
+from partitioner.passes.graph_nodes import get_attr, mutates
+from partitioner.passes.regions import (RegionMarkingTracer, grad_off_in_autocast_recorded, inline_region_ops,
+                                       regions_applied)
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +184,7 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx
         ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
         out_spec = ep.call_spec.out_spec
         gm = _unlift(ep)
-    _inline_region_ops(gm)
+    inline_region_ops(gm)
     return gm, out_spec
 
 
@@ -288,192 +290,12 @@ def _has_attr(root: torch.nn.Module, fqn: str) -> bool:
     return True
 
 
-def _inline_region_ops(gm: torch.fx.GraphModule,
-                       kinds: tuple[str, ...] = ("wrap_with_autocast", "wrap_with_set_grad_enabled")) -> None:
-    """Inline the subgraphs of export's region HOPs (wrap_with_autocast, wrap_with_set_grad_enabled).
-
-    export wraps `with torch.autocast(...)` / `with torch.no_grad()` regions (HF Llama's rotary
-    embedding on CUDA) into higher-order ops whose body is a submodule; later passes want one
-    flat graph. The stages do not run under autocast, so a region that turns autocast off inlines
-    as it is, and one that turns it on is traced again under it first (_autocast_applied: its
-    casts become ops of the graph); the inputs it reads and the outputs of a grad-disabled region
-    are detached, which keeps autograd's semantics. `kinds`: the HOPs to inline (default both).
-    """
-    hops = {getattr(torch.ops.higher_order, n) for n in kinds if hasattr(torch.ops.higher_order, n)}
-    changed, inlined = True, False
-    while changed:
-        changed = False
-        for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target not in hops:
-                continue
-            i, sub = next((i, get_attr(gm, a.target)) for i, a in enumerate(node.args)
-                          if isinstance(a, torch.fx.Node) and a.op == "get_attr"
-                          and isinstance(get_attr(gm, a.target), torch.fx.GraphModule))
-            grad_off = node.target.__name__ == "wrap_with_set_grad_enabled" and not node.args[0]
-            if node.target.__name__ == "wrap_with_autocast" and node.args[2]:  # (device, dtype, enabled, cache, ...)
-                sub = _autocast_applied(sub, node.args[0], node.args[1], node.args[i + 1:])
-            sub_ph = [n for n in sub.graph.nodes if n.op == "placeholder"]
-            val_map = dict(zip(sub_ph, node.args[i + 1:]))
-            stack = node.meta.get("nn_module_stack")
-            with gm.graph.inserting_before(node):
-                if grad_off:  # what the region reads is detached too: its ops run with grad on now, and an
-                    # out= op on a parameter's value (spectral_norm's power iteration) refuses inputs that
-                    # require grad. What it writes stays as it is, for the writes to be seen (mutates).
-                    written = {w for sn in sub.graph.nodes if mutates(sn) for w in written_values(sn)}
-                    for ph in sub_ph:
-                        outer = val_map[ph]
-                        if ph not in written and isinstance(outer, torch.fx.Node) and isinstance(
-                                outer.meta.get("val"), torch.Tensor):
-                            d = gm.graph.call_function(torch.ops.aten.detach.default, (outer,))
-                            d.meta = {**outer.meta, "val": outer.meta["val"].detach()}
-                            val_map[ph] = d
-                for sn in sub.graph.nodes:
-                    if sn.op in ("placeholder", "output"):
-                        continue
-                    if sn.op == "get_attr":  # a nested region's body, an attribute of `sub`: now one of gm's
-                        name = _free_attr_name(gm, str(sn.target))
-                        setattr(gm, name, get_attr(sub, str(sn.target)))
-                        val_map[sn] = gm.graph.get_attr(name)
-                        val_map[sn].meta = dict(sn.meta)
-                        continue
-                    new = gm.graph.node_copy(sn, lambda n: val_map[n])
-                    if stack and not new.meta.get("nn_module_stack"):
-                        new.meta["nn_module_stack"] = dict(stack)
-                    val_map[sn] = new
-                out = next(n for n in sub.graph.nodes if n.op == "output").args[0]
-                outs = list(out) if isinstance(out, (tuple, list)) else [out]
-                results = []
-                for o in outs:
-                    r = val_map[o] if isinstance(o, torch.fx.Node) else o
-                    if grad_off and isinstance(r, torch.fx.Node):
-                        d = gm.graph.call_function(torch.ops.aten.detach.default, (r,))
-                        d.meta = {**r.meta, "val": r.meta["val"].detach() if hasattr(r.meta.get("val"), "detach")
-                                  else r.meta.get("val")}
-                        r = d
-                    results.append(r)
-            for user in list(node.users):
-                if user.op == "call_function" and user.target is operator.getitem:
-                    user.replace_all_uses_with(results[user.args[1]])
-                    gm.graph.erase_node(user)
-            if node.users:  # used as a whole: not produced by export, refuse loudly
-                raise CaptureError(f"internal: cannot inline {node.target} at node '{node.name}'; please report this model.")
-            attr = node.args[i]
-            gm.graph.erase_node(node)
-            if not attr.users:
-                gm.graph.erase_node(attr)
-            changed = inlined = True
-    if inlined:
-        gm.graph.lint()
-        gm.recompile()
-
-
-def _free_attr_name(gm: torch.fx.GraphModule, base: str) -> str:
-    name, k = base.replace(".", "_"), 0
-    while hasattr(gm, name):
-        k += 1
-        name = f"{base.replace('.', '_')}_{k}"
-    return name
-
-
-def _autocast_applied(sub: torch.fx.GraphModule, device_type: str, dtype: torch.dtype | None,
-                      inputs: tuple) -> torch.fx.GraphModule:
-    """The body of a `with torch.autocast(device_type, dtype):` region traced again under that autocast
-    (make_fx on the FakeTensors it reads), so that the casts autocast makes at each op are ops of the
-    graph; each op keeps its module path. Its grad-disabled regions are inlined first (their detaches
-    traced as ops); a region inside that turns autocast off runs under make_fx as the model ran it."""
-    from torch.fx import traceback as fx_traceback  # lazy, as dynamo's modules are
-    from torch.fx.experimental.proxy_tensor import make_fx
-    _inline_region_ops(sub, ("wrap_with_set_grad_enabled",))
-    vals = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in inputs]
-    fake = next((v for v in vals if getattr(v, "fake_mode", None) is not None), None)
-    dtype = dtype or torch.get_autocast_dtype(device_type)
-    with fake_mode_of(fake), torch.autocast(device_type, dtype), fx_traceback.preserve_node_meta():
-        traced = make_fx(torch.fx.Interpreter(sub).run)(*vals)
-    traced.graph.eliminate_dead_code()  # the detaches make_fx records for autograd's saved values
-    return traced
-
-
-@contextlib.contextmanager
-def _grad_off_in_autocast_recorded(tracker: ModuleTracker, found: list[str]):
-    """Around torch.export: names the module where the model turns gradients off inside an autocast region
-    it entered (export splits such a region and drops the no_grad, torch 2.5-2.13), into `found`.
-    torch.no_grad and the set_grad_enabled decorator both go through set_grad_enabled's __init__, which is
-    wrapped; torch._C._set_grad_enabled is not (export recognises the regions by that function)."""
-    grad_mode = torch.autograd.grad_mode.set_grad_enabled
-    original = grad_mode.__init__
-    at_start = {d: torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES}
-
-    def init(self, mode: bool) -> None:
-        if not mode and torch.is_grad_enabled() and any(
-                torch.is_autocast_enabled(d) and not at_start[d] for d in _AUTOCAST_DEVICES):
-            name, typ, _ = tracker.stack[-1] if tracker.stack else ("", "", ())
-            found.append(f"module '{name}' ({typ})" if name else "the model's forward")
-        original(self, mode)
-
-    grad_mode.__init__ = init
-    try:
-        yield
-    finally:
-        grad_mode.__init__ = original
-
-
-class _DeepTracer(torch.fx.Tracer):
-    """symbolic_trace through every module (no call_module nodes): weights become get_attr.
-
-    symbolic_trace runs a model's `with torch.no_grad():` / `torch.autocast(...)` regions as Python
-    but records their ops as any others: the graph would compute gradients where the model has none
-    and skip autocast's casts, silently. So each op records the grad mode and autocast it was traced
-    under (meta "grad_disabled" / "autocast", against the modes tracing started in), for
-    _regions_applied."""
+class _DeepTracer(RegionMarkingTracer):
+    """symbolic_trace through every module (no call_module nodes): weights become get_attr; the ops of
+    the model's no_grad and autocast regions are marked (regions.py)."""
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         return False
-
-    def trace(self, root, concrete_args=None):
-        self._grad_at_start = torch.is_grad_enabled()
-        self._autocast_at_start = {d: torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES}
-        return super().trace(root, concrete_args)
-
-    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
-        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
-        if kind in ("call_function", "call_method"):
-            if self._grad_at_start and not torch.is_grad_enabled():
-                proxy.node.meta["grad_disabled"] = True
-            on = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d) and not self._autocast_at_start[d]]
-            if on:
-                proxy.node.meta["autocast"] = (on[0], torch.get_autocast_dtype(on[0]))
-        return proxy
-
-
-_AUTOCAST_DEVICES = ("cpu", "cuda")
-
-
-def _regions_applied(gm: torch.fx.GraphModule) -> None:
-    """What a symbolic_trace graph's grad-disabled regions mean, applied: each tensor an op computed
-    under no_grad is detached (no gradient flows through it, as in the model). An op traced under
-    autocast is refused: its casts cannot be recovered from symbolic_trace's graph."""
-    for node in list(gm.graph.nodes):
-        if "autocast" in node.meta:
-            device, dtype = node.meta["autocast"]
-            raise RuntimeError(
-                f"{_module_of(node)} runs under torch.autocast({device!r}, {dtype}), which symbolic_trace does "
-                "not record (its ops would run uncast); make torch.export work on the model (the error above), "
-                "or drop the autocast region and pass mixed_precision='bf16' to compile_parallel")
-        if not node.meta.get("grad_disabled") or not isinstance(node.meta.get("val"), torch.Tensor):
-            continue
-        with gm.graph.inserting_after(node):
-            d = gm.graph.call_method("detach", (node,))
-        d.meta = {**provenance(node), "val": node.meta["val"].detach()}
-        node.replace_all_uses_with(d, delete_user_cb=lambda user: user is not d)
-    gm.graph.lint()
-    gm.recompile()
-
-
-def _module_of(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path, typ = list(stack.values())[-1] if stack else ("", None)
-    name = getattr(typ, "__name__", str(typ).rsplit(".", 1)[-1].strip("'>")) if typ is not None else "the model"
-    return f"{name} ({path})" if path else f"the model's forward (node '{node.name}')"
 
 
 def _symbolic_trace(model: torch.nn.Module, in_spec: pytree.TreeSpec,
@@ -508,7 +330,7 @@ def _symbolic_trace(model: torch.nn.Module, in_spec: pytree.TreeSpec,
                                             for k, (path, typ) in stack.items() if path != ""}
     gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
     _fake_propagate(gm, leaves, const)
-    _regions_applied(gm)
+    regions_applied(gm)
     return gm, spec_box[-1]
 
 
@@ -527,79 +349,6 @@ def _fake_propagate(gm: torch.fx.GraphModule, leaves: list[Any], const: dict[int
     for node in gm.graph.nodes:
         if node.op == "get_attr" and "val" not in node.meta:
             node.meta["val"] = mode.from_tensor(get_attr(gm, node.target))
-
-
-def fake_mode_of(val: Any):
-    """The FakeTensorMode `val` was made in (to make new values for nodes a pass adds), else a no-op."""
-    mode = getattr(val, "fake_mode", None)
-    return mode if mode is not None else contextlib.nullcontext()
-
-
-def provenance(node: torch.fx.Node) -> dict[str, Any]:
-    """The meta a node a pass adds takes over from the node it stands for: its module path, stack
-    trace and source function (what annotate and coarsen read to place it)."""
-    return {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
-
-
-def get_attr(root: torch.nn.Module, fqn: str) -> Any:
-    """The attribute at dotted path `fqn` of `root` (how get_attr nodes name parameters and buffers)."""
-    obj: Any = root
-    for part in fqn.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def mutates(node: torch.fx.Node) -> bool:
-    """Writes into one of its inputs (an in-place or out= op, or `x[i] = y`): it must run even where
-    nothing reads its result (HF T5's `_shift_right` builds the decoder inputs by such writes)."""
-    t = node.target
-    if node.op == "call_method":
-        return isinstance(t, str) and t.endswith("_") and not t.endswith("__")
-    if node.op != "call_function":
-        return False
-    return t is operator.setitem or (isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable)
-
-
-def written_values(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The values a mutating node writes into, each followed by the values it is a view of (a write
-    is seen through every alias): `copy_(slice(buf), h)` -> [slice, buf]."""
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        # positionally or by keyword: an out= tensor comes as a keyword (F.normalize(..., out=u))
-        written = [node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-                   for i, arg in enumerate(t._schema.arguments)
-                   if arg.alias_info is not None and arg.alias_info.is_write]
-    else:  # x.add_(y), operator.setitem(x, index, y)
-        written = list(node.args[:1])
-    out: list[torch.fx.Node] = []
-    for a in written:
-        while isinstance(a, torch.fx.Node):
-            out.append(a)
-            a = a.args[0] if is_view(a) else None
-    return out
-
-
-_VIEW_METHODS = {"view", "view_as", "reshape", "transpose", "permute", "expand", "expand_as", "narrow", "select",
-                 "unsqueeze", "squeeze", "t", "unflatten", "flatten", "diagonal", "unfold", "as_strided"}
-
-
-def is_view(n: torch.fx.Node) -> bool:
-    """An op whose output may alias its first input (slice, select, view, transpose, x[i]...)."""
-    if not n.args or not isinstance(n.args[0], torch.fx.Node):
-        return False
-    t = n.target
-    if isinstance(t, torch._ops.OpOverload):
-        returns = t._schema.returns
-        return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
-    if n.op == "call_method":
-        return t in _VIEW_METHODS or t == "__getitem__"
-    return n.op == "call_function" and t is operator.getitem and isinstance(n.args[0].meta.get("val"), torch.Tensor)
-
-
-def set_attr(root: torch.nn.Module, fqn: str, value: torch.Tensor) -> None:
-    """Put `value` at dotted path `fqn` of `root` (a Parameter registers as one, a tensor as a buffer)."""
-    prefix, _, name = fqn.rpartition(".")
-    setattr(root.get_submodule(prefix) if prefix else root, name, value)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -625,7 +374,7 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
         tracker = ModuleTracker(model)
         grad_off_in_autocast: list[str] = []
         try:
-            with tracker, _grad_off_in_autocast_recorded(tracker, grad_off_in_autocast), \
+            with tracker, grad_off_in_autocast_recorded(tracker, grad_off_in_autocast), \
                     _custom_functions_recorded(tracker) as custom_functions:
                 gm, out_spec = _export(model, example_args, kwargs)
             method = "export"

@@ -20,6 +20,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
+from partitioner.passes.graph_nodes import mutates
 
 
 @dataclass
@@ -133,7 +134,6 @@ def input_leaf_names(model: torch.nn.Module | None, args: tuple, kwargs: dict) -
 def normalise(gm: torch.fx.GraphModule, tied: list[list[str]],
                tensor_leaf: list[bool]) -> tuple[list[int], dict[int, Any]]:
     """Rewrite gm in place to the Captured conventions; returns (input_leaf_indices, const_inputs)."""
-    from partitioner.passes.capture import mutates  # lazy: capture imports this module
     graph = gm.graph
     canonical = {fqn: group[0] for group in tied for fqn in group}
 

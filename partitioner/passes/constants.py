@@ -16,7 +16,7 @@ import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
-from partitioner.passes.capture import get_attr, mutates
+from partitioner.passes.graph_nodes import get_attr, mutates
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,8 @@ from torch.fx.operator_schemas import normalize_function
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
-from partitioner.passes.capture import capture, fake_mode_of, provenance, set_attr
+from partitioner.passes.capture import capture
+from partitioner.passes.graph_nodes import fake_mode_of, provenance, set_attr
 from partitioner.passes.capture_io import Captured
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

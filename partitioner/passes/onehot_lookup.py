@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.fx
 
-from partitioner.passes.capture import fake_mode_of, provenance
+from partitioner.passes.graph_nodes import fake_mode_of, provenance
 from partitioner.passes.constants import constant_value, val
 
 log = logging.getLogger(__name__)

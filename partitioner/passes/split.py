@@ -29,7 +29,7 @@ import torch.fx
 
 from partitioner.errors import PlanError
 from partitioner.plan import Placement, Plan
-from partitioner.passes.capture import get_attr, mutates, written_values
+from partitioner.passes.graph_nodes import get_attr, mutates, written_values
 from partitioner.passes.capture_io import Captured, meta_like
 from partitioner.passes.annotate import has_runtime_size
 from partitioner.passes.writes import sent_as_copies, stage_mates

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from partitioner.passes.capture import get_attr, is_view, mutates, provenance, written_values
+from partitioner.passes.graph_nodes import get_attr, is_view, mutates, provenance, written_values
 
 
 def after_write(value: torch.Tensor, *writes: object) -> torch.Tensor:

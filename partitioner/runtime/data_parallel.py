@@ -36,7 +36,7 @@ from torch import nn
 
 from partitioner.data_parallel_costs import DP_MODES as DATA_PARALLEL_MODES
 from partitioner.errors import RuntimeConfigError
-from partitioner.passes.capture import get_attr
+from partitioner.passes.graph_nodes import get_attr
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 from torch.utils import _pytree as pytree
 
-from partitioner.passes.capture import get_attr, set_attr
+from partitioner.passes.graph_nodes import get_attr, set_attr
 from partitioner.passes.split import USER_INPUT, StageModule
 from partitioner.errors import RuntimeConfigError
 from partitioner.runtime.comm_plan import CommPlan, build_comm_plan, forward_only
