@@ -39,6 +39,7 @@ _FORMAT = "profile-cache-v1"
 # sources whose change changes what capture/annotate/profile produce
 _SOURCES = ("partitioner/passes/capture.py", "partitioner/passes/capture_io.py", "partitioner/passes/annotate.py",
             "partitioner/passes/regions.py", "partitioner/passes/graph_nodes.py",
+            "partitioner/passes/autograd_functions.py",
             "partitioner/passes/mixed_precision.py", "partitioner/passes/causal_mask.py",
             "partitioner/passes/writes.py", "partitioner/passes/constants.py", "partitioner/passes/onehot_lookup.py",
             "partitioner/passes/attention_mask_layout.py",

@@ -459,13 +459,60 @@ class _Quantised(nn.Module):
         return self.head(_StraightThroughRound.apply(self.inner(x)))
 
 
-def test_a_custom_autograd_function_is_named_in_a_warning():
-    """Export traces an autograd.Function's forward and drops its backward: the graph's gradient through
-    round() is zero where the Function passes it through. Said, naming the Function, its module and the
-    rewrite (it was silent: 'inner' trained with no gradient)."""
-    with pytest.warns(RuntimeWarning, match=r"_Quantised applies torch.autograd.Function .*_StraightThroughRound "
-                                            r"\(in module '<root>'\).*its own backward does not run.*\.detach\(\)"):
-        capture(_Quantised(), (torch.randn(2, 4),))
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_custom_autograd_function_runs_its_own_backward(compile):
+    """Export traces an autograd.Function's forward and drops its backward: 'inner' got no gradient through
+    round(), silently. The Function is kept whole (passes/autograd_functions.py): the pipeline's gradients
+    are the model's, eager and compiled."""
+    import copy
+    import warnings
+
+    from partitioner import compile_parallel
+    torch.manual_seed(0)
+    model, x, target = _Quantised(), torch.randn(8, 4) * 3, torch.randn(8, 2)
+    loss_fn = nn.functional.mse_loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, example_target=target,
+                              microbatches=2, compile=compile)
+    loss = pm.train_step(x, target=target)
+    want_loss = 0.0
+    for xm, tm in zip(x.chunk(2), target.chunk(2)):
+        mb = loss_fn(model(xm), tm) / 2
+        mb.backward()
+        want_loss += mb.item()
+    assert loss.item() == pytest.approx(want_loss, rel=1e-5)
+    got = dict(pm.named_parameters())
+    assert model.inner.weight.grad.abs().sum() > 0
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n].grad, p.grad, rtol=1e-4 if compile else 1e-5, atol=1e-6, msg=n)
+
+
+class _AppendsToAList(torch.autograd.Function):
+    """Given a list it appends to: an effect an op cannot carry, so it is traced, and said."""
+
+    @staticmethod
+    def forward(ctx, x, seen):
+        seen.append(1)
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def test_a_custom_function_given_a_list_is_traced_and_named_in_a_warning():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return _AppendsToAList.apply(self.inner(x), [])
+
+    with pytest.warns(RuntimeWarning, match=r"Model applies torch.autograd.Function .*_AppendsToAList "
+                                            r"\(in module '<root>'\).*its own backward does not run"):
+        capture(Model(), (torch.randn(2, 4),))
 
 
 def test_reentrant_checkpoint_is_not_named_as_a_custom_function():

@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 from partitioner.errors import CaptureError
 from partitioner.passes.capture_errors import (ModuleTracker, capture_error, check_inputs_eagerly, first_line,
                                    is_data_dependent, model_name)
+from partitioner.passes.autograd_functions import kept_whole, warn_traced
 from partitioner.passes.capture_io import Captured, find_tied, input_leaf_names, normalise
 from partitioner.passes.graph_nodes import get_attr, mutates
 from partitioner.passes.regions import (RegionMarkingTracer, grad_off_in_autocast_recorded, inline_region_ops,
@@ -135,48 +136,6 @@ def _reentrant_checkpoint_inlined():
             del ckpt.CheckpointFunction.apply
         else:
             ckpt.CheckpointFunction.apply = own
-
-
-@contextlib.contextmanager
-def _custom_functions_recorded(tracker: ModuleTracker) -> Iterator[dict[str, list[str]]]:
-    """Record each torch.autograd.Function the model applies while it is exported: {class: [modules]}.
-
-    Non-strict export traces a Function's forward as plain ops and drops its backward, so the graph's
-    gradient is autograd's derivative of that forward, not what the Function's backward returns (a
-    straight-through estimator, a clipped gradient, a router's gradient estimator); where its forward
-    turns gradients off (a reversible layer that recomputes in backward) nothing before it gets one.
-    Checkpoint's Function is inlined before (_reentrant_checkpoint_inlined) and is not recorded, nor are
-    the Functions torch.library makes for a custom op's autograd (the graph calls the op itself)."""
-    from torch.autograd.function import Function
-    own = Function.__dict__["apply"]
-    seen: dict[str, list[str]] = {}
-
-    def apply(cls, *args, **kwargs):
-        if not cls.__module__.startswith("torch._library"):  # a custom op's autograd: the op is the node
-            where = tracker.stack[-1][0] if tracker.stack else ""
-            modules = seen.setdefault(f"{cls.__module__}.{cls.__qualname__}", [])
-            if where not in modules:
-                modules.append(where)
-        return own.__func__(cls, *args, **kwargs)
-    Function.apply = classmethod(apply)
-    try:
-        yield seen
-    finally:
-        Function.apply = own
-
-
-def _warn_custom_functions(model: torch.nn.Module, seen: dict[str, list[str]]) -> None:
-    for qualname, modules in seen.items():
-        shown = ", ".join(f"'{m or '<root>'}'" for m in modules[:3]) + (f" and {len(modules) - 3} more"
-                                                                         if len(modules) > 3 else "")
-        warnings.warn(
-            f"{model_name(model)} applies torch.autograd.Function {qualname} (in module {shown}): the captured "
-            "graph holds the ops of its forward, and its own backward does not run; gradients are autograd's "
-            "derivative of that forward. They equal the model's only if its backward is that derivative (a "
-            "fused or recomputing backward); a straight-through, clipped or estimated gradient differs, and a "
-            "forward that turns gradients off inside (a reversible layer) passes none back. Write it as "
-            "differentiable ops for the pipeline (a straight-through estimator: x + (f(x) - x).detach()).",
-            RuntimeWarning, stacklevel=2)
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, pytree.TreeSpec]:
@@ -375,10 +334,10 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
         grad_off_in_autocast: list[str] = []
         try:
             with tracker, grad_off_in_autocast_recorded(tracker, grad_off_in_autocast), \
-                    _custom_functions_recorded(tracker) as custom_functions:
+                    kept_whole(lambda: tracker.stack[-1][0] if tracker.stack else "") as traced_functions:
                 gm, out_spec = _export(model, example_args, kwargs)
             method = "export"
-            _warn_custom_functions(model, custom_functions)
+            warn_traced(model_name(model), traced_functions)
         except Exception as export_err:
             export_where, export_failed = tracker.where(), tracker.failed_module
             if not is_data_dependent(export_err):
