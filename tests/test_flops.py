@@ -193,3 +193,37 @@ def test_op_kernels_record_flops_and_the_bytes_each_op_moves():
     mul = by_target["aten.mul.Tensor"]
     (op,) = mul.fwd_ops
     assert sorted(numel for numel, _, _ in op.tensors) == [D, B * L * D, B * L * D]
+
+
+class _MatmulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return grad @ w.t(), x.t() @ grad
+
+
+def test_a_model_s_autograd_function_is_costed_by_its_forward_and_backward_ops():
+    """The Function is one opaque op in the graph (passes/autograd_functions.py); its FLOPs are those of
+    the ops its forward runs, and backward those of the recomputed forward and its own backward."""
+    from partitioner.cost_models.profile import profile
+    from partitioner.passes.annotate import annotate
+    from partitioner.passes.capture import capture
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(256, 128))
+
+        def forward(self, x):
+            return _MatmulFunction.apply(x, self.w)
+
+    captured = capture(Model(), (torch.randn(64, 256),))
+    costs = profile(captured, annotate(captured), device="h100", progress=False)
+    node = costs.nodes["autograd_function"]
+    assert node.fwd_flops == 2 * 64 * 256 * 128
+    assert node.bwd_flops == 3 * 2 * 64 * 256 * 128

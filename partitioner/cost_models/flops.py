@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from partitioner.cost_models.trace_reuse import NodeTemplate, node_key, storage_id
+from partitioner.passes.autograd_functions import forward_ops
 from partitioner.passes.annotate import has_runtime_size, size_bound
 from partitioner.passes.attention_mask_layout import strided_last_dim
 from partitioner.errors import CostModelError
@@ -326,6 +327,9 @@ class _KernelRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.partitioner.autograd_function.default:  # a model's Function: count its forward's ops
+            with self:
+                return forward_ops(*args, **kwargs)
         before = self.counter.get_total_flops()
         out = func(*args, **kwargs)
         name = func.__name__

@@ -48,6 +48,13 @@ def _run(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return outs
 
 
+def forward_ops(tensors: list[torch.Tensor], key: str) -> list[torch.Tensor]:
+    """The Function's forward run as its own ops, without gradients (what the cost model counts: the op
+    itself is opaque to a dispatch mode)."""
+    with torch.no_grad():
+        return _run(key, tensors)
+
+
 @torch.library.custom_op("partitioner::autograd_function", mutates_args=())
 def autograd_function(tensors: list[torch.Tensor], key: str) -> list[torch.Tensor]:
     """The forward of the Function `key` names, on `tensors`; an output that is an input is copied
