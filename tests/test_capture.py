@@ -442,12 +442,12 @@ class _StraightThroughRound(torch.autograd.Function):
     """Rounds in forward; passes the gradient through unchanged (quantisation-aware training)."""
 
     @staticmethod
-    def forward(ctx, x):
-        return x.round()
+    def forward(ctx, x, offset, scale):  # offset: None here (a None argument is not a tensor's place)
+        return (x * scale).round() / scale if offset is None else (x * scale + offset).round() / scale
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None, None
 
 
 class _Quantised(nn.Module):
@@ -456,7 +456,7 @@ class _Quantised(nn.Module):
         self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.head(_StraightThroughRound.apply(self.inner(x)))
+        return self.head(_StraightThroughRound.apply(self.inner(x), None, 2.0))
 
 
 @pytest.mark.parametrize("compile", [False, True])

@@ -25,11 +25,15 @@ from typing import Any, Iterator
 import torch
 from torch.autograd.function import Function
 
-# key -> (the Function class, its positional arguments with None where a tensor goes)
+class _TensorSlot:
+    def __repr__(self) -> str:
+        return "<tensor>"
+
+
+_TENSOR = _TensorSlot()  # where a tensor argument goes (a None argument stays None)
+# key -> (the Function class, its positional arguments with _TENSOR where a tensor goes)
 _FUNCTIONS: dict[str, tuple[type, list[Any]]] = {}
 _ORIGINAL_APPLY = Function.__dict__["apply"]
-
-
 _SINGLE: dict[str, bool] = {}  # key -> the Function returns one tensor (not a tuple of them)
 
 
@@ -40,7 +44,7 @@ class _NotTensors(Exception):
 def _run(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     cls, template = _FUNCTIONS[key]
     it = iter(tensors)
-    out = _ORIGINAL_APPLY.__func__(cls, *[next(it) if a is None else a for a in template])
+    out = _ORIGINAL_APPLY.__func__(cls, *[next(it) if a is _TENSOR else a for a in template])
     _SINGLE[key] = isinstance(out, torch.Tensor)
     outs = [out] if isinstance(out, torch.Tensor) else list(out) if isinstance(out, tuple) else None
     if not outs or not all(isinstance(o, torch.Tensor) for o in outs):
@@ -115,9 +119,9 @@ def kept_whole(where: Any) -> Iterator[dict[str, list[str]]]:
         if cls.__module__.startswith("torch"):
             return _ORIGINAL_APPLY.__func__(cls, *args, **kwargs)
         name = f"{cls.__module__}.{cls.__qualname__}"
-        template = [None if isinstance(a, torch.Tensor) else a for a in args]
+        template = [_TENSOR if isinstance(a, torch.Tensor) else a for a in args]
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if not kwargs and tensors and all(_plain(a) for a in template):
+        if not kwargs and tensors and all(a is _TENSOR or _plain(a) for a in template):
             key = f"{name}@{id(cls):x}|{template!r}"
             _FUNCTIONS[key] = (cls, template)
             try:
