@@ -257,18 +257,20 @@ class ParallelModel:
 
     # ------------------------------------------------------------------ parameters and state
 
-    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        """This rank's parameters (every stage's in one process) under the original FQNs, each once."""
-        return iter(self.store.named_parameters())
+    def named_parameters(self, prefix: str = "", recurse: bool = True
+                         ) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """This rank's parameters (every stage's in one process) under the original FQNs, each once;
+        prefix and recurse as Module.named_parameters (recurse=False: the top module's own only)."""
+        return _named(self.store.named_parameters(), prefix, recurse)
 
-    def parameters(self) -> Iterator[torch.nn.Parameter]:
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
         """This rank's trainable parameters (each tied weight once). Empty on a rank whose stages hold
         no parameters (e.g. only pooling): build its optimizer only if there is something to step."""
-        return (p for _, p in self.store.named_parameters())
+        return (p for _, p in self.named_parameters(recurse=recurse))
 
-    def named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """This rank's buffers under the original FQNs."""
-        return iter(self.store.named_buffers())
+    def named_buffers(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """This rank's buffers under the original FQNs (prefix and recurse as Module.named_buffers)."""
+        return _named(self.store.named_buffers(), prefix, recurse)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of this rank's parameters (tied replicas included), as Module.zero_grad."""
@@ -311,6 +313,10 @@ class ParallelModel:
         """Load a checkpoint written by save (under any plan), by checkpoint.save_model, or a Hugging Face
         safetensors directory; returns the saved `extra`. On error nothing changes (partitioner/checkpoint.py)."""
         return load_checkpoint(self, path, optimizer)
+
+
+def _named(items: Any, prefix: str, recurse: bool) -> Iterator[tuple[str, Any]]:
+    return ((f"{prefix}.{name}" if prefix else name, t) for name, t in items if recurse or "." not in name)
 
 
 class _NoBackward(torch.autograd.Function):

@@ -71,6 +71,10 @@ def test_optimizer_steps_state_dict_and_forward_match_the_model():
     assert max(param_errors(pm, model).values()) < 1e-5
     # every parameter once, tied weight included, under the original FQNs
     assert sorted(n for n, _ in pm.named_parameters()) == sorted(n for n, _ in model.named_parameters())
+    for kwargs in ({"prefix": "module"}, {"recurse": False}):  # as Module's
+        assert sorted(n for n, _ in pm.named_parameters(**kwargs)) == sorted(
+            n for n, _ in model.named_parameters(**kwargs))
+        assert set(dict(pm.named_buffers(**kwargs))) <= set(dict(model.named_buffers(**kwargs)))
 
     full = pm.full_state_dict()
     assert set(full) == set(zm.model.state_dict())
