@@ -501,6 +501,52 @@ class _AppendsToAList(torch.autograd.Function):
         return grad, None
 
 
+class _GradientReversal(torch.autograd.Function):
+    """Domain adaptation's layer: the identity forward (a view of its input), the negated gradient back."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class _ScaleInPlace(torch.autograd.Function):
+    """Writes into its input (mark_dirty): not something an op may do, so traced, and said."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.mark_dirty(x)
+        return x.mul_(2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+def test_a_gradient_reversal_layer_reverses_and_an_in_place_function_is_named():
+    class Model(nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.inner, self.head, self.fn = nn.Linear(4, 4), nn.Linear(4, 2), fn
+
+        def forward(self, x):
+            return self.head(self.fn.apply(torch.relu(self.inner(x))))
+
+    torch.manual_seed(0)
+    model, x = Model(_GradientReversal), torch.randn(4, 4)
+    c = capture(model, (x,))
+    c.unflatten_outputs(c.graph_module(*c.flatten_inputs((x,)))).sum().backward()
+    got = model.inner.weight.grad.clone()
+    model.zero_grad()
+    model(x).sum().backward()
+    torch.testing.assert_close(got, model.inner.weight.grad)
+    with pytest.warns(RuntimeWarning, match=r"_ScaleInPlace .*writes into an input"):
+        capture(Model(_ScaleInPlace), (x,))
+
+
 def test_a_custom_function_given_a_list_is_traced_and_named_in_a_warning():
     class Model(nn.Module):
         def __init__(self):

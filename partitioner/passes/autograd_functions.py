@@ -12,8 +12,9 @@ checkpoint does: it saves the inputs, not the Function's saved tensors. Inductor
 see an opaque op, as for any custom op.
 
 A Function applied with keyword arguments, with arguments other than tensors and plain constants
-(a module whose parameters it reads, a list it appends to: effects an op cannot carry), or
-returning other than tensors is traced as before, with a warning that names it.
+(a module whose parameters it reads, a list it appends to: effects an op cannot carry),
+returning other than tensors, or writing into an input is traced as before, with a warning that
+names it.
 """
 from __future__ import annotations
 
@@ -37,18 +38,21 @@ _ORIGINAL_APPLY = Function.__dict__["apply"]
 _SINGLE: dict[str, bool] = {}  # key -> the Function returns one tensor (not a tuple of them)
 
 
-class _NotTensors(Exception):
-    """The Function returned something other than a tensor or a tuple of tensors."""
+class _NotWhole(Exception):
+    """The Function returned something other than a tensor or a tuple of tensors, or wrote into an input."""
 
 
 def _run(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     cls, template = _FUNCTIONS[key]
     it = iter(tensors)
+    versions = [t._version for t in tensors]
     out = _ORIGINAL_APPLY.__func__(cls, *[next(it) if a is _TENSOR else a for a in template])
     _SINGLE[key] = isinstance(out, torch.Tensor)
     outs = [out] if isinstance(out, torch.Tensor) else list(out) if isinstance(out, tuple) else None
     if not outs or not all(isinstance(o, torch.Tensor) for o in outs):
-        raise _NotTensors(key)
+        raise _NotWhole(key)
+    if [t._version for t in tensors] != versions:  # it wrote into an input (mark_dirty): not an op's effect
+        raise _NotWhole(key)
     return outs
 
 
@@ -126,7 +130,7 @@ def kept_whole(where: Any) -> Iterator[dict[str, list[str]]]:
             _FUNCTIONS[key] = (cls, template)
             try:
                 outs = torch.ops.partitioner.autograd_function(tensors, key)
-            except _NotTensors:
+            except _NotWhole:
                 pass
             else:
                 return outs[0] if _SINGLE[key] else tuple(outs)
@@ -149,8 +153,8 @@ def warn_traced(model_name: str, traced: dict[str, list[str]]) -> None:
                                                                          if len(modules) > 3 else "")
         warnings.warn(
             f"{model_name} applies torch.autograd.Function {qualname} (in module {shown}) with keyword arguments, "
-            "arguments other than tensors and plain values (a module whose parameters it reads, a list it fills) or "
-            "outputs other than tensors: the captured graph holds the ops of its "
+            "arguments other than tensors and plain values (a module whose parameters it reads, a list it fills), "
+            "outputs other than tensors, or writes into an input: the captured graph holds the ops of its "
             "forward, and its own backward does not run; gradients are autograd's derivative of that forward "
             "(a straight-through or clipped gradient differs; a forward that turns gradients off inside, as a "
             "reversible layer's, passes none back). Apply it with positional tensors returning tensors, or write it as differentiable ops (a "
