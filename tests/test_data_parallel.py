@@ -252,20 +252,27 @@ def test_bad_meshes_are_one_line(names, world, message):
 
 
 def test_batch_that_dp_times_microbatches_does_not_divide_is_one_line():
+    """And weights that differ across ranks (a model built unseeded on each rank) are refused, naming the
+    parameter: the replicas (and tied weights' copies) trained from different values, silently."""
     results = run_workers(_bad_batch_worker, 4, None, timeout_s=120)
-    for r in results:
-        assert "does not split into 4 microbatches (requested) x 2 data-parallel replicas" in r, r
+    for batch, weights in results:
+        assert "does not split into 4 microbatches (requested) x 2 data-parallel replicas" in batch, batch
+        assert "weights differ across ranks ('" in weights and "torch.manual_seed" in weights, weights
 
 
-def _bad_batch_worker(rank: int, world: int, _arg) -> str:
+def _bad_batch_worker(rank: int, world: int, _arg) -> tuple[str, str]:
     dist.init_process_group("gloo")
-    zm = build("mlp", batch=12)
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
-    try:
-        compile_parallel(zm.model, mesh=mesh, example_inputs=zm.example_args, loss_fn=zm.loss_fn, microbatches=4)
-    except RuntimeConfigError as err:
-        return str(err)
-    return "no error"
+    out = []
+    for batch, microbatches, seed in ((12, 4, 0), (8, 2, rank)):
+        zm = build("mlp", batch=batch, seed=seed)
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+        try:
+            compile_parallel(zm.model, mesh=mesh, example_inputs=zm.example_args, loss_fn=zm.loss_fn,
+                             microbatches=microbatches, time_limit_s=2)
+            out.append("no error")
+        except RuntimeConfigError as err:
+            out.append(str(err))
+    return tuple(out)
 
 
 def test_devices_and_mesh_together_is_one_line():
