@@ -500,7 +500,7 @@ def _check_same_weights(model: torch.nn.Module, rank: int, devices: list[torch.d
         if p.is_meta:
             continue
         flat = p.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // 64)][:64].float().cpu()
+        sample = flat[::max(1, flat.numel() // 64)][:64].contiguous().cpu().view(torch.uint8)  # any dtype's bytes
         names.append(name)
         digests.append(int(hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:15], 16))
     device = devices[rank] if dist.get_backend() == "nccl" else torch.device("cpu")
