@@ -205,6 +205,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         _agree(_fingerprint(model, where, args, kwargs, microbatches, schedule, chunks, plan, dims),
                "the arguments of compile_parallel (model, devices, example inputs, batch_dims, microbatches, "
                "schedule, chunks, plan)", rank, devices)
+        _check_same_weights(model, rank, devices)
 
     batch = batch_size((args, kwargs), dims.inputs)
     if batch is not None and batch % (dp * microbatches):
@@ -487,6 +488,36 @@ def _agree(text: str, what: str, rank: int, devices: list[torch.device]) -> None
         raise RuntimeConfigError(f"compile_parallel on rank {rank}: {what} differ across ranks (ranks that agree: "
                                  f"{sorted(groups.values())}). Call compile_parallel with the same arguments and "
                                  "the same model on every rank.")
+
+
+def _check_same_weights(model: torch.nn.Module, rank: int, devices: list[torch.device]) -> None:
+    """Every rank must start from the same weights: each keeps its own copy of its stages' tensors,
+    so a model built unseeded (each rank drawing its own random init) would train tied weights and
+    data-parallel replicas from different values, silently. Compared by a sample of each real
+    parameter (64 values: cheap at any size); the error names the first that differs."""
+    names, digests = [], []
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 64)][:64].contiguous().cpu().view(torch.uint8)  # any dtype's bytes
+        names.append(name)
+        digests.append(int(hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:15], 16))
+    device = devices[rank] if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor([hash(tuple(digests)) & (2 ** 62 - 1)], dtype=torch.int64, device=device)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    if len({int(t.item()) for t in everyone}) == 1:
+        return
+    lists: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(lists, digests)
+    other = next(r for r, d in enumerate(lists) if d != lists[0])
+    first = next((n for n, a, b in zip(names, lists[0], lists[other]) if a != b), names[0] if names else "?")
+    raise RuntimeConfigError(f"compile_parallel on rank {dist.get_rank()}: the model's weights differ across ranks "
+                             f"('{first}' on rank {other} is not rank 0's), so tied weights and data-parallel "
+                             "replicas would train from different values. Build the model the same way on every "
+                             "rank: call torch.manual_seed(seed) before constructing it, load the same weights, "
+                             "or build it on meta and pass init_fn= or checkpoint=.")
 
 
 def _fingerprint(model: torch.nn.Module, devices: list[torch.device], args: tuple, kwargs: dict,

@@ -179,7 +179,8 @@ def load(pm: "ParallelModel", path: str | os.PathLike, optimizer: torch.optim.Op
                 raise RuntimeConfigError("load: the optimizer holds a parameter that is not one of this "
                                          "ParallelModel's; build it over pm.parameters().")
             optim_keys = {k: f for k, f in optim_keys.items() if f in wanted}
-            staged.update({k: torch.empty(source.shapes[k][0], dtype=source.shapes[k][1]) for k in optim_keys
+            param_of = {canon.get(f, f): p for f, p in pm.named_parameters()}
+            staged.update({k: _empty_state(*source.shapes[k], param_of[f]) for k, f in optim_keys.items()
                            if k in source.shapes})
         source.read(staged)
         objects = source.read_objects([EXTRA, *(k for k in optim_keys if k not in source.shapes)])
@@ -207,6 +208,15 @@ def _local_tensors(pm: "ParallelModel", canon: dict[str, str]) -> dict[str, list
     for key, t in pm.store.unused.items():
         out.setdefault(canon[key], []).append(t)
     return out
+
+
+def _empty_state(shape: tuple[int, ...], dtype: torch.dtype, param: torch.Tensor) -> torch.Tensor:
+    """Where to read a saved optimizer tensor of `param`: shaped like an FSDP2-sharded parameter, a
+    DTensor placed as it is (this rank's shard is read), as the optimizer's own state is (exp_avg is
+    zeros_like(param)); a whole tensor would make the next step mix DTensor and Tensor."""
+    if hasattr(param, "device_mesh") and tuple(shape) == tuple(param.shape):
+        return torch.empty_like(param, dtype=dtype)
+    return torch.empty(shape, dtype=dtype)
 
 
 def _check_optimizer_state(source, model: torch.nn.Module, canon: dict[str, str]) -> dict[str, str]:

@@ -216,8 +216,12 @@ def _cuda_devices(tensors) -> list[int]:
 
 
 def _broadcast_tied(store: "ParameterStore", filled: set[str], rank: int) -> None:
-    """Replicas of a tied weight on several ranks get the values of its first holder."""
+    """Replicas of a tied weight on several ranks get the values of its first holder.
+
+    `ranks` are pipeline ranks; the group holds their global ranks in this dp replica (the same
+    order), so the first holder is the group's rank 0 (its global rank is not ranks[0] beyond
+    replica 0)."""
     for fqn in sorted(filled):
         ranks = tuple(sorted(store.holders.get(fqn, [])))
         if len(ranks) > 1 and ranks in store.groups and fqn in store.replicas:
-            dist.broadcast(store.replicas[fqn][0].data, src=ranks[0], group=store.groups[ranks])
+            dist.broadcast(store.replicas[fqn][0].data, group=store.groups[ranks], group_src=0)

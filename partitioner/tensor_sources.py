@@ -148,6 +148,11 @@ def open_source(path: str | os.PathLike) -> TensorSource:
             os.path.join(path, "model.safetensors")) or os.path.exists(
             os.path.join(path, "model.safetensors.index.json")):
         return SafetensorsSource(path)
+    if os.path.isfile(path):  # most likely torch.save(model.state_dict(), path)
+        raise RuntimeConfigError(f"checkpoint '{path}' is a file, not a DCP or safetensors directory. A torch.save'd "
+                                 "state dict loads with pm.load_state_dict(torch.load(path)) (a model built on meta: "
+                                 "compile it with init_fn= first); or write it once as a checkpoint directory with "
+                                 "partitioner.checkpoint.save_model(model, dir) from a model holding it, and pass dir.")
     raise RuntimeConfigError(f"checkpoint '{path}': not a DCP directory (no .metadata) nor a safetensors checkpoint "
                              "(model.safetensors or model.safetensors.index.json); pass the directory "
                              "pm.save or save_pretrained wrote.")

@@ -129,6 +129,7 @@ def test_bad_checkpoints_raise_one_error_and_change_nothing(tmp_path):
     save_model(build("gpt2").model, tmp_path / "gpt2")
     dcp.save({f"model.{k}": v for k, v in build("mlp").model.state_dict().items()},
              checkpoint_id=tmp_path / "mlp", no_dist=True)
+    torch.save(zm.model.state_dict(), tmp_path / "plain.pt")
 
     pm.train_step(*zm.example_args, target=zm.target)
     opt.step()  # state differs from the good checkpoint's
@@ -137,7 +138,8 @@ def test_bad_checkpoints_raise_one_error_and_change_nothing(tmp_path):
              ("wrong", "'model.norm.weight' has shape \\(7,\\) in the checkpoint but \\(32,\\) in the model"),
              ("gpt2", "from another model: it was saved from GPT2LMHeadModel"),
              ("mlp", "from another model: it holds 0 of the"),
-             ("nowhere", "not a DCP directory")]
+             ("nowhere", "not a DCP directory"),
+             ("plain.pt", r"is a file, not a DCP .* pm.load_state_dict\(torch.load\(path\)\)")]
     for name, message in cases:
         with pytest.raises(RuntimeConfigError, match=message):
             pm.load(tmp_path / name, optimizer=opt)

@@ -148,7 +148,7 @@ def _checkpoint_worker(rank: int, world: int, path: str) -> dict:
     dist.init_process_group("gloo")
     zm = build("gpt2", batch=BATCH)
     pm = _compile(zm, 2, 2, "1f1b", 1, "fsdp")
-    opt = torch.optim.AdamW(pm.parameters(), lr=LR)
+    opt = torch.optim.AdamW(pm.parameters(), lr=LR, eps=EPS)
     pm.train_step(*zm.example_args, target=zm.target)
     opt.step()
     pm.save(path, optimizer=opt, extra={"step": 1})
@@ -158,7 +158,7 @@ def _checkpoint_worker(rank: int, world: int, path: str) -> dict:
     dist.all_gather_object(everyone, mine)
     want_state = {n: s for part in everyone for n, s in part.items()}
     other = _compile(build("gpt2", batch=BATCH, seed=1), 1, 4, "1f1b", 1, "fsdp")
-    opt2 = torch.optim.AdamW(other.parameters(), lr=LR)
+    opt2 = torch.optim.AdamW(other.parameters(), lr=LR, eps=EPS)
     other.train_step(*zm.example_args, target=zm.target)  # creates optimizer state to overwrite
     opt2.step()
     extra = other.load(path, optimizer=opt2)
@@ -170,7 +170,7 @@ def _checkpoint_worker(rank: int, world: int, path: str) -> dict:
                        if n in want_state for k in ("exp_avg", "exp_avg_sq"))
     # and back into sharded parameters and optimizer state: dp 2 x pp 2 again, other plan and seed
     back = _compile(build("gpt2", batch=BATCH, seed=2), 2, 2, "interleaved-1f1b", 2, "fsdp")
-    opt3 = torch.optim.AdamW(back.parameters(), lr=LR)
+    opt3 = torch.optim.AdamW(back.parameters(), lr=LR, eps=EPS)
     back.train_step(*zm.example_args, target=zm.target)
     opt3.step()
     back.load(path, optimizer=opt3)
@@ -179,6 +179,14 @@ def _checkpoint_worker(rank: int, world: int, path: str) -> dict:
         out["model_back"] = max(max_rel_err(got[k], v) for k, v in want.items() if v.is_floating_point())
     out["optim_back"] = max(max_rel_err(full_tensor(opt3.state[p][k]), want_state[n][k])
                             for n, p in back.named_parameters() for k in ("exp_avg", "exp_avg_sq"))
+    # resumed training equals the uninterrupted run's next step (the loaded state sharded as the parameters)
+    for model, optimizer in ((pm, opt), (back, opt3)):
+        model.zero_grad()
+        model.train_step(*zm.example_args, target=zm.target)
+        optimizer.step()
+    resumed, uninterrupted = back.full_state_dict(), pm.full_state_dict()
+    if rank == 0:
+        out["resumed"] = max(max_rel_err(resumed[k], v) for k, v in uninterrupted.items() if v.is_floating_point())
     return out
 
 
@@ -201,8 +209,11 @@ def test_compiled_stages_under_fsdp_and_replicate():
 
 
 def test_checkpoint_written_at_dp2_pp2_loads_at_dp1_pp4_and_back_into_fsdp(tmp_path):
+    """Regression: optimizer state loaded into FSDP2-sharded parameters was whole tensors, so the next
+    opt.step() failed mixing DTensor and Tensor."""
     results = run_workers(_checkpoint_worker, 4, str(tmp_path / "ckpt"), timeout_s=280)
     assert results[0]["model"] < 1e-6 and results[0]["model_back"] < 1e-6, results[0]
+    assert results[0]["resumed"] < 1e-5, results[0]  # failed: a whole exp_avg met a sharded parameter
     for r in results:
         assert r["extra"] == {"step": 1} and r["optim"] < 1e-6 and r["optim_back"] < 1e-6, r
 
@@ -241,20 +252,27 @@ def test_bad_meshes_are_one_line(names, world, message):
 
 
 def test_batch_that_dp_times_microbatches_does_not_divide_is_one_line():
+    """And weights that differ across ranks (a model built unseeded on each rank) are refused, naming the
+    parameter: the replicas (and tied weights' copies) trained from different values, silently."""
     results = run_workers(_bad_batch_worker, 4, None, timeout_s=120)
-    for r in results:
-        assert "does not split into 4 microbatches (requested) x 2 data-parallel replicas" in r, r
+    for batch, weights in results:
+        assert "does not split into 4 microbatches (requested) x 2 data-parallel replicas" in batch, batch
+        assert "weights differ across ranks ('" in weights and "torch.manual_seed" in weights, weights
 
 
-def _bad_batch_worker(rank: int, world: int, _arg) -> str:
+def _bad_batch_worker(rank: int, world: int, _arg) -> tuple[str, str]:
     dist.init_process_group("gloo")
-    zm = build("mlp", batch=12)
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
-    try:
-        compile_parallel(zm.model, mesh=mesh, example_inputs=zm.example_args, loss_fn=zm.loss_fn, microbatches=4)
-    except RuntimeConfigError as err:
-        return str(err)
-    return "no error"
+    out = []
+    for batch, microbatches, seed in ((12, 4, 0), (8, 2, rank)):
+        zm = build("mlp", batch=batch, seed=seed)
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+        try:
+            compile_parallel(zm.model, mesh=mesh, example_inputs=zm.example_args, loss_fn=zm.loss_fn,
+                             microbatches=microbatches, time_limit_s=2)
+            out.append("no error")
+        except RuntimeConfigError as err:
+            out.append(str(err))
+    return tuple(out)
 
 
 def test_devices_and_mesh_together_is_one_line():
