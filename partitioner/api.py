@@ -473,14 +473,23 @@ def _destroy_gloo_groups() -> None:
         dist.destroy_process_group()
 
 
-def _agree(text: str, what: str, rank: int, devices: list[torch.device]) -> None:
-    """All ranks compare a hash of `text`; RuntimeConfigError on every rank if they differ."""
-    digest = int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+def _digest(data: bytes) -> int:
+    """A 60-bit digest of `data`, as an int64 tensor holds it."""
+    return int(hashlib.sha256(data).hexdigest()[:15], 16)
+
+
+def _every_rank(digest: int, rank: int, devices: list[torch.device]) -> list[int]:
+    """Every rank's `digest`, by rank (one all_gather of an int64)."""
     device = devices[rank] if dist.get_backend() == "nccl" else torch.device("cpu")
     mine = torch.tensor([digest], dtype=torch.int64, device=device)
     everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
-    values = [int(t.item()) for t in everyone]
+    return [int(t.item()) for t in everyone]
+
+
+def _agree(text: str, what: str, rank: int, devices: list[torch.device]) -> None:
+    """All ranks compare a hash of `text`; RuntimeConfigError on every rank if they differ."""
+    values = _every_rank(_digest(text.encode()), rank, devices)
     if len(set(values)) > 1:
         groups: dict[int, list[int]] = {}
         for r, v in enumerate(values):
@@ -502,12 +511,8 @@ def _check_same_weights(model: torch.nn.Module, rank: int, devices: list[torch.d
         flat = p.detach().reshape(-1)
         sample = flat[::max(1, flat.numel() // 64)][:64].contiguous().cpu().view(torch.uint8)  # any dtype's bytes
         names.append(name)
-        digests.append(int(hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:15], 16))
-    device = devices[rank] if dist.get_backend() == "nccl" else torch.device("cpu")
-    mine = torch.tensor([hash(tuple(digests)) & (2 ** 62 - 1)], dtype=torch.int64, device=device)
-    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, mine)
-    if len({int(t.item()) for t in everyone}) == 1:
+        digests.append(_digest(sample.numpy().tobytes()))
+    if len(set(_every_rank(_digest(repr(digests).encode()), rank, devices))) == 1:
         return
     lists: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(lists, digests)
