@@ -260,17 +260,42 @@ def _optimizer_state_dict(optimizer: torch.optim.Optimizer, fqn_of: dict[int, st
     state, groups, i = {}, [], 0
     for group in optimizer.param_groups:
         ids = []
-        saved_hyper = None
+        saved_hyper, first = None, None
         for p in group["params"]:
             fqn = fqn_of[id(p)]
             if fqn in per_fqn:
                 state[i] = per_fqn[fqn]
-            saved_hyper = saved_hyper or hyper.get(fqn)
+            if fqn in hyper:
+                if saved_hyper is None:
+                    saved_hyper, first = hyper[fqn], fqn
+                else:
+                    _check_same_group(first, saved_hyper, fqn, hyper[fqn])
             ids.append(i)
             i += 1
         base = {k: v for k, v in group.items() if k != "params"}
         groups.append({**base, **(saved_hyper or {}), "params": ids})
     return {"state": state, "param_groups": groups}
+
+
+def _check_same_group(first: str, a: dict, fqn: str, b: dict) -> None:
+    """Two parameters of one optimizer group were saved with different hyper-parameters: the group
+    can take only one set, so loading would change one parameter's lr or weight decay silently."""
+    differ = sorted(k for k in a.keys() | b.keys() if not _same_value(a.get(k), b.get(k)))
+    if differ:
+        shown = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in differ[:3])
+        raise RuntimeConfigError(
+            f"load: '{first}' and '{fqn}' are in one param group of the optimizer, but were saved in groups with "
+            f"different hyper-parameters ({shown}). Build the optimizer with the param groups it was saved with, "
+            "or load without optimizer= and start it fresh. Nothing was loaded.")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(
+            torch.equal(a.cpu(), b.cpu()))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _raise_if_any(pm: "ParallelModel", error: Exception | None) -> None:

@@ -145,10 +145,21 @@ def test_bad_checkpoints_raise_one_error_and_change_nothing(tmp_path):
             pm.load(tmp_path / name, optimizer=opt)
     with pytest.raises(RuntimeConfigError, match="holds no optimizer state"):
         pm.load(tmp_path / "weights", optimizer=opt)
+    # saved with two groups (no weight decay on norms), loaded into one group: one lr and decay would win
+    norms = [p for n, p in pm.named_parameters() if "norm" in n]
+    others = [p for n, p in pm.named_parameters() if "norm" not in n]
+    grouped = torch.optim.AdamW([{"params": others}, {"params": norms, "weight_decay": 0.0}], lr=LR)
+    pm.save(tmp_path / "grouped", optimizer=grouped)
+    with pytest.raises(RuntimeConfigError, match=r"in one param group of the optimizer, but were saved in groups "
+                                                 r"with different hyper-parameters \(weight_decay: 0.01 vs 0.0\)"):
+        pm.load(tmp_path / "grouped", optimizer=opt)
     after = _snapshot(pm, opt)
     for k, v in before[0].items():
         assert torch.equal(v, after[0][k]), k
     assert str(before[1]) == str(after[1])
+    regrouped = torch.optim.AdamW([{"params": others}, {"params": norms, "weight_decay": 0.5}], lr=LR)
+    pm.load(tmp_path / "grouped", optimizer=regrouped)  # the same groups: each takes what it was saved with
+    assert [g["weight_decay"] for g in regrouped.param_groups] == [0.01, 0.0]
     pm.load(tmp_path / "good", optimizer=opt)  # and a good one still loads
     pm.load(tmp_path / "weights")
 
