@@ -2,7 +2,8 @@ import torch
 from torch import nn
 
 from partitioner import zoo
-from partitioner.passes.annotate import annotate, normalise_module_path
+from partitioner.passes.annotate import annotate
+from partitioner.passes.graph_nodes import normalise_module_path
 from partitioner.passes.capture import capture
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from partitioner.passes.capture_io import Captured
+from partitioner.passes.graph_nodes import innermost_module
 from partitioner.passes.writes import stage_mates
 from partitioner.units import dtype_name
 
@@ -62,22 +62,6 @@ class AnnotatedGraph:
 
     def by_name(self) -> dict[str, NodeInfo]:
         return {n.name: n for n in self.nodes}
-
-
-# "L['self'].transformer.h[0]", "getattr(L['self'].h, '0').attn", "L__self___transformer_h_0" ...
-_SELF_PREFIX = re.compile(r"^(L\['self'\]|L__self__|self)\.?")
-_GETATTR = re.compile(r"getattr\((.*?),\s*['\"]([^'\"]+)['\"]\)")
-_INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
-
-
-def normalise_module_path(path: str) -> str:
-    """Turn the path forms torch puts in nn_module_stack into the model's own FQN."""
-    prev = None
-    while prev != path:  # getattr(getattr(x, 'a'), 'b') nests
-        prev, path = path, _GETATTR.sub(r"\1.\2", path)
-    path = _SELF_PREFIX.sub("", path)
-    path = _INDEX.sub(r".\1", path)
-    return path.strip(".")
 
 
 def size_bound(size: int | torch.SymInt) -> int:
@@ -164,10 +148,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _owner(node: torch.fx.Node, owner: dict[str, tuple[str, str]], types: dict[str, str]) -> tuple[str, str]:
     """Innermost module of node's nn_module_stack, else the producer's (getitem & co), else the root."""
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path, mtype = list(stack.values())[-1]
-        path = normalise_module_path(str(path))
+    found = innermost_module(node)
+    if found is not None:
+        path, mtype = found
         if not isinstance(mtype, str):
             mtype = f"{mtype.__module__}.{mtype.__qualname__}"
         return path, types.get(path) or mtype

@@ -3,12 +3,14 @@
 A parameter or buffer by its dotted path (get_attr / set_attr), whether a node writes into its
 inputs and which values (mutates / written_values, through views: is_view), the FakeTensorMode to
 make a new node's value in (fake_mode_of), and the meta a new node takes over from the one it stands
-for (provenance). Shared by capture and every pass after it.
+for (provenance), and the module whose forward ran a node (innermost_module, module_named, for
+placement and for messages). Shared by capture and every pass after it.
 """
 from __future__ import annotations
 
 import contextlib
 import operator
+import re
 from typing import Any
 
 import torch
@@ -25,6 +27,43 @@ def provenance(node: torch.fx.Node) -> dict[str, Any]:
     """The meta a node a pass adds takes over from the node it stands for: its module path, stack
     trace and source function (what annotate and coarsen read to place it)."""
     return {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+
+
+_SELF_PREFIX = re.compile(r"^(L\['self'\]|L__self__|self)\.?")
+_GETATTR = re.compile(r"getattr\((.*?),\s*['\"]([^'\"]+)['\"]\)")
+_INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
+
+
+def normalise_module_path(path: str) -> str:
+    """Turn the path forms torch puts in nn_module_stack into the model's own FQN."""
+    prev = None
+    while prev != path:  # getattr(getattr(x, 'a'), 'b') nests
+        prev, path = path, _GETATTR.sub(r"\1.\2", path)
+    path = _SELF_PREFIX.sub("", path)
+    path = _INDEX.sub(r".\1", path)
+    return path.strip(".")
+
+
+def innermost_module(node: torch.fx.Node) -> tuple[str, Any] | None:
+    """(FQN, type) of the innermost module whose forward ran `node` (its nn_module_stack), None for a
+    node of the root's forward or one a pass added without provenance. The type is a class or, in
+    some torch versions' stacks, its qualified name."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, typ = list(stack.values())[-1]
+    return normalise_module_path(str(path)), typ
+
+
+def module_named(node: torch.fx.Node) -> str:
+    """Where `node` is in the model, for messages: "Linear (blocks.0.proj)", or "the model's forward
+    (node 'add_3')" at the top level."""
+    owner = innermost_module(node)
+    if owner is None or not owner[0]:
+        return f"the model's forward (node '{node.name}')"
+    path, typ = owner
+    name = typ.__name__ if isinstance(typ, type) else str(typ).rsplit(".", 1)[-1].strip("'>")
+    return f"{name} ({path})"
 
 
 def get_attr(root: torch.nn.Module, fqn: str) -> Any:

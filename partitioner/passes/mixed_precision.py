@@ -37,7 +37,7 @@ from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
 from partitioner.passes.capture import capture
-from partitioner.passes.graph_nodes import fake_mode_of, provenance, set_attr
+from partitioner.passes.graph_nodes import fake_mode_of, module_named, provenance, set_attr
 from partitioner.passes.capture_io import Captured
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -218,14 +218,8 @@ def _recomputed_val(node: torch.fx.Node) -> Any:
             return node.target(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - named below with the fix
         raise CaptureError(f"mixed precision: node '{node.name}' ({node.target}) in "
-                           f"{_module_of(node)} reads a value that is float32 (an fp32 buffer or an upcast "
+                           f"{module_named(node)} reads a value that is float32 (an fp32 buffer or an upcast "
                            f"promoted it) where the model computes in bf16 around it, and its dtype could not be "
                            f"followed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                            "cast that value back to the weights' dtype in the model (x.to(weight.dtype)), or "
                            "train without mixed_precision.") from err
-
-
-def _module_of(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path = next(reversed(stack.values()), ("", None))[0] if stack else ""
-    return f"'{path}'" if path else "the model's top level"

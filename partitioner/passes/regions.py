@@ -19,7 +19,7 @@ import torch.fx
 
 from partitioner.errors import CaptureError
 from partitioner.passes.capture_errors import ModuleTracker
-from partitioner.passes.graph_nodes import fake_mode_of, get_attr, mutates, provenance, written_values
+from partitioner.passes.graph_nodes import fake_mode_of, get_attr, module_named, mutates, provenance, written_values
 
 AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -186,7 +186,7 @@ def regions_applied(gm: torch.fx.GraphModule) -> None:
         if "autocast" in node.meta:
             device, dtype = node.meta["autocast"]
             raise RuntimeError(
-                f"{_module_of(node)} runs under torch.autocast({device!r}, {dtype}), which symbolic_trace does "
+                f"{module_named(node)} runs under torch.autocast({device!r}, {dtype}), which symbolic_trace does "
                 "not record (its ops would run uncast); make torch.export work on the model (the error above), "
                 "or drop the autocast region and pass mixed_precision='bf16' to compile_parallel")
         if not node.meta.get("grad_disabled") or not isinstance(node.meta.get("val"), torch.Tensor):
@@ -197,10 +197,3 @@ def regions_applied(gm: torch.fx.GraphModule) -> None:
         node.replace_all_uses_with(d, delete_user_cb=lambda user: user is not d)
     gm.graph.lint()
     gm.recompile()
-
-
-def _module_of(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path, typ = list(stack.values())[-1] if stack else ("", None)
-    name = getattr(typ, "__name__", str(typ).rsplit(".", 1)[-1].strip("'>")) if typ is not None else "the model"
-    return f"{name} ({path})" if path else f"the model's forward (node '{node.name}')"

@@ -29,7 +29,7 @@ import torch.fx
 
 from partitioner.errors import PlanError
 from partitioner.plan import Placement, Plan
-from partitioner.passes.graph_nodes import get_attr, mutates, written_values
+from partitioner.passes.graph_nodes import get_attr, module_named, mutates, written_values
 from partitioner.passes.capture_io import Captured, meta_like
 from partitioner.passes.annotate import has_runtime_size
 from partitioner.passes.writes import sent_as_copies, stage_mates
@@ -261,8 +261,7 @@ def outputs_the_loss_reads(loss_fn: Callable[[Any, Any], Any], captured: Capture
 def _meta(n: torch.fx.Node, requires_grad: bool) -> TensorMeta:
     val = n.meta["val"]
     if any(isinstance(s, torch.SymInt) for s in val.shape):
-        owner = list(n.meta.get("nn_module_stack", {}).values())[-1:] or [("the model",)]
-        raise PlanError(f"split: node '{n.name}' ({n.target}, in {owner[0][0]}) crosses a stage boundary with a shape "
+        raise PlanError(f"split: node '{n.name}' ({n.target}, in {module_named(n)}) crosses a stage boundary with a shape "
                         f"that depends on data ({tuple(val.shape)}: rows selected by a mask or routed by a mixture "
                         "of experts), which a receiving stage cannot know in advance. Plan with a cut elsewhere "
                         "(e.g. between layers), or make that shape static inside the model.")
