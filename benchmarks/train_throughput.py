@@ -519,9 +519,10 @@ def _host_calibration(device: torch.device, wanted: list[str], time_compiled: bo
     if device.type != "cuda":
         return {}
     from partitioner.cost_models.compiled_host import compiled_host_overheads_s
-    from partitioner.cost_models.measure import host_overheads_s
+    from partitioner.cost_models.measure import HOST_CALIBRATION_ROUNDS, host_overheads_s
     fwd, bwd = host_overheads_s(device)
-    out = {"fwd_node": round(fwd * 1e6, 2), "bwd_kernel": round(bwd * 1e6, 2)}
+    out = {"fwd_node": round(fwd * 1e6, 2), "bwd_kernel": round(bwd * 1e6, 2),
+           "rounds": [[round(f * 1e6, 2), round(b * 1e6, 2)] for f, b in HOST_CALIBRATION_ROUNDS.get(str(device), [])]}
     if time_compiled and any(w.startswith("ours-compiled") and not w.endswith("-graph") for w in wanted):  # cached
         launch, call = compiled_host_overheads_s(device)
         out.update(compiled_launch=round(launch * 1e6, 2), compiled_call=round(call * 1e6, 2))
