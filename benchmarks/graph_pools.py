@@ -18,9 +18,11 @@ import argparse
 import bisect
 import collections
 import os
+from pathlib import Path
 
 import torch
 
+from benchmarks import common
 from benchmarks.common import print_table, write_result
 
 GiB = 2 ** 30
@@ -84,7 +86,7 @@ def main() -> None:
     parser.add_argument("--results-dir", default=None, help="write the JSON here instead of benchmarks/results")
     args = parser.parse_args()
     if args.results_dir:
-        os.environ["PARTITIONER_RESULTS_DIR"] = args.results_dir
+        common.RESULTS_DIR = Path(args.results_dir)
     device = torch.device("cuda", 0)
     zm = zoo.build(args.model, batch=2 * args.microbatches, seq=1024, device=device, dtype=torch.float32, seed=0)
     zm.model.to(torch.bfloat16).train()
