@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -47,7 +48,8 @@ class ParallelModel:
                  store: ParameterStore, devices: list[torch.device], rank: int | None, example_args: tuple,
                  example_kwargs: dict, microbatches: int, *, source: ModeSource | None = None,
                  layout: MeshLayout | None = None, data_parallel: DataParallelStages | None = None,
-                 step_graph: StepGraph | None = None, batch_dims: BatchDims = BatchDims()):
+                 step_graph: StepGraph | None = None, batch_dims: BatchDims = BatchDims(),
+                 model_parameters: dict[str, torch.nn.Parameter] | None = None):
         self.captured = captured
         self.plan = plan
         self.stages = stages
@@ -69,6 +71,8 @@ class ParallelModel:
         self._sharded_mode = self.training  # ... in the mode compiled (the other mode reads its gathered tensors)
         self.step_graph = step_graph  # replays this mode's training steps (compile_parallel(cuda_graph=True))
         self._graph_executor = executor
+        # the model given to compile_parallel, weakly: its parameters' requires_grad at compile time
+        self._model_flags = {fqn: (weakref.ref(p), p.requires_grad) for fqn, p in (model_parameters or {}).items()}
 
     @property
     def dp(self) -> int:
@@ -91,7 +95,9 @@ class ParallelModel:
         """Forward and backward of every microbatch of the batch (inputs as in the example inputs).
 
         Gradients accumulate into .grad (call zero_grad between steps). Returns the loss, the mean
-        of loss_fn over the microbatches, as a 0-dim float32 tensor on every rank. With data
+        of loss_fn over the microbatches, as a 0-dim float32 tensor on every rank; it requires grad
+        as a module's loss does, and its backward (a script's loss.backward(), GradScaler's
+        scaler.scale(loss).backward()) says that train_step ran it already. With data
         parallelism every rank passes the global batch; each replica trains on its 1/dp share, the
         gradients are averaged over the replicas and the loss is the mean over the global batch.
         Refused under torch.no_grad() / inference_mode (it would compute no gradients).
@@ -108,6 +114,7 @@ class ParallelModel:
                                      f"across replicas; call pm.{'eval' if self._sharded_mode is False else 'train'}"
                                      "() first, or compile in the mode you train in.")
         self._check_no_input_grad(inputs, kwargs)
+        self._warn_model_frozen()
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         batch = batch_size((tuple(inputs), dict(kwargs)), self.batch_dims.inputs)
         targets = self._own_share(split_target(target, self.dp * self.microbatches, batch, self.batch_dims))
@@ -124,7 +131,29 @@ class ParallelModel:
         if not self._steps_run:
             print_once(compile_report(self.executor.compiled_calls()), self.rank)
         self._steps_run += 1
-        return self._share_loss(loss)
+        return _backward_done(self._share_loss(loss))
+
+    def _warn_model_frozen(self) -> None:
+        """A parameter of the model given to compile_parallel frozen (or unfrozen) after it, as a script
+        freezes a layer mid-training: the ParallelModel trains its own copies, so the change would do
+        nothing, silently. Said once per change, naming the copy to freeze instead."""
+        if not self._model_flags:
+            return
+        mine = dict(self.named_parameters())
+        changed = []
+        for fqn, (ref, flag) in self._model_flags.items():
+            p = ref()
+            if p is not None and p.requires_grad != flag:
+                self._model_flags[fqn] = (ref, p.requires_grad)
+                if fqn in mine and mine[fqn].requires_grad != p.requires_grad:
+                    changed.append((fqn, p.requires_grad))
+        if changed:
+            fqn, flag = changed[0]
+            warnings.warn(f"'{fqn}' of the model given to compile_parallel was set to requires_grad={flag} after "
+                          f"compile_parallel ({len(changed)} parameter(s)), but the ParallelModel trains its own "
+                          f"copies, so it still {'trains' if not flag else 'freezes'} it. Set it on pm's copies: "
+                          f"for name, p in pm.named_parameters(): p.requires_grad_({flag}) for the names to change "
+                          f"(pm.requires_grad_({flag}) for all).", RuntimeWarning, stacklevel=3)
 
     def _warn_outer_autocast(self) -> None:
         """A torch.autocast around train_step runs the stages in its dtype (autocast applies to the
@@ -255,6 +284,61 @@ class ParallelModel:
         unsplit model; returns the total norm on every rank. Under torchrun every rank must call it."""
         return clip_grad_norm_(self, max_norm, norm_type, error_if_nonfinite, foreach)
 
+    # ------------------------------------------------------------------ devices and dtypes
+
+    def to(self, *args: Any, **kwargs: Any) -> "ParallelModel":
+        """As Module.to where it changes nothing (a script's model.to(device) with the stages already
+        there, in that dtype): returns self. The stages were placed by compile_parallel and planned for
+        their dtype, so moving or casting them is refused, naming the fix."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        call = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+        mine = [self.devices[r] for r in (range(len(self.devices)) if self.rank is None else [self.rank])]
+        if device is not None and any(d.type != device.type or (device.index is not None and d.index != device.index)
+                                      for d in mine):
+            raise RuntimeConfigError(f"pm.to({call}): the stages are on {sorted({str(d) for d in mine})}, placed by "
+                                     "compile_parallel(devices=...); a ParallelModel does not move. Pass the devices "
+                                     f"to compile_parallel, e.g. devices=['{device.type}:0', '{device.type}:1'] "
+                                     "(one per pipeline rank), and move only the batch: x.to(device).")
+        floats = {t.dtype for _, t in [*self.named_parameters(), *self.named_buffers()] if t.is_floating_point()}
+        if dtype is not None and floats and floats != {dtype}:
+            raise RuntimeConfigError(f"pm.to({call}): the stages' weights are {sorted(map(str, floats))}, and the plan "
+                                     "was costed in that dtype; a ParallelModel does not cast. Cast the model before "
+                                     "compile_parallel (model.to(dtype)), or keep fp32 weights and compute in bf16 "
+                                     "with compile_parallel(mixed_precision='bf16').")
+        return self
+
+    def cuda(self, device: int | str | torch.device | None = None) -> "ParallelModel":
+        """pm.to('cuda'): self where the stages are on CUDA already, else refused (see to)."""
+        return self.to("cuda" if device is None else f"cuda:{device}" if isinstance(device, int) else device)
+
+    def cpu(self) -> "ParallelModel":
+        """pm.to('cpu'): self where the stages are on the CPU already, else refused (see to)."""
+        return self.to("cpu")
+
+    def float(self) -> "ParallelModel":
+        return self.to(torch.float32)
+
+    def half(self) -> "ParallelModel":
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> "ParallelModel":
+        return self.to(torch.bfloat16)
+
+    def double(self) -> "ParallelModel":
+        return self.to(torch.float64)
+
+    def __getattr__(self, name: str) -> Any:
+        """An nn.Module attribute a ParallelModel lacks is named with what it offers instead of Python's
+        bare 'no attribute'."""
+        if name.startswith("_") or not hasattr(torch.nn.Module, name):
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        raise AttributeError(f"ParallelModel has no nn.Module.{name}: it is not one module but the model's stages "
+                             "on their devices. It offers train_step, __call__ (inference), parameters / "
+                             "named_parameters / buffers / named_buffers / requires_grad_, zero_grad, train / eval, "
+                             "clip_grad_norm_, state_dict / load_state_dict / full_state_dict, save / load and to "
+                             "(where it moves nothing); for the model's modules, use the model you compiled (its "
+                             "weights are not the trained ones: load pm.full_state_dict() into it).")
+
     # ------------------------------------------------------------------ parameters and state
 
     def named_parameters(self, prefix: str = "", recurse: bool = True
@@ -271,6 +355,17 @@ class ParallelModel:
     def named_buffers(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """This rank's buffers under the original FQNs (prefix and recurse as Module.named_buffers)."""
         return _named(self.store.named_buffers(), prefix, recurse)
+
+    def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]:
+        """This rank's buffers."""
+        return (t for _, t in self.named_buffers(recurse=recurse))
+
+    def requires_grad_(self, requires_grad: bool = True) -> "ParallelModel":
+        """Freeze (False) or unfreeze every parameter of this rank, as Module.requires_grad_; one
+        parameter or layer: p.requires_grad_(False) for those of pm.named_parameters() it names."""
+        for p in self.parameters():
+            p.requires_grad_(requires_grad)
+        return self
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of this rank's parameters (tied replicas included), as Module.zero_grad."""
@@ -335,6 +430,31 @@ class _NoBackward(torch.autograd.Function):
                                  "keeps no autograd graph. Train with loss = pm.train_step(*inputs, target=target) "
                                  "(forward and backward of every microbatch, gradients in .grad), then "
                                  "optimizer.step(); run pm(...) under torch.no_grad().")
+
+
+class _BackwardDone(torch.autograd.Function):
+    """train_step's loss as it is, requiring grad as a module's loss does, with a backward that says
+    train_step ran it: a script's habitual loss.backward() (or GradScaler's scaler.scale(loss).backward())
+    would otherwise fail with autograd's 'element 0 of tensors does not require grad'."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> None:
+        raise RuntimeConfigError("backward through the loss train_step returned: train_step already ran the forward "
+                                 "and backward of every microbatch, and the gradients are in .grad; drop "
+                                 "loss.backward() and call optimizer.step(). Loss scaling (torch.amp.GradScaler's "
+                                 "scaler.scale(loss).backward()) is not supported: train fp16 models with "
+                                 "mixed_precision='bf16' instead (fp32 weights, bf16 compute, no loss scale needed).")
+
+
+def _backward_done(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` passed through _BackwardDone where gradients are enabled."""
+    if not torch.is_grad_enabled():
+        return loss
+    return _BackwardDone.apply(torch.zeros((), requires_grad=True), loss)
 
 
 def _inference_only(out: Any) -> Any:

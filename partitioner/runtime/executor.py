@@ -377,12 +377,16 @@ class ParameterStore:
                     t.copy_(copies[0])
 
     def before_step(self) -> None:
-        """Refresh replicas; under torchrun set aside the gradient so far, so that only this
-        step's gradient of a replicated parameter is all-reduced."""
+        """Refresh replicas, each trainable as its exposed tensor is (a parameter frozen or unfrozen
+        through parameters() between steps: a copy left trainable would give the frozen one a .grad);
+        under torchrun set aside the gradient so far, so that only this step's gradient of a
+        replicated parameter is all-reduced."""
         self.refresh_replicas()
         for copies in self.replicas.values():
             for t in copies[1:]:
                 t.grad = None
+                if t.requires_grad != copies[0].requires_grad and t.is_leaf:
+                    t.requires_grad_(copies[0].requires_grad)
         if self.distributed:
             for fqn in self._shared():
                 p = self.replicas[fqn][0]
