@@ -320,6 +320,8 @@ class ParameterStore:
             names_of.setdefault(id(t), []).append(name)
         model_state = model.state_dict(keep_vars=True)
         self.model_keys = set(model_state)
+        # the model's own order: a plain optimizer.load_state_dict maps state to parameters by position
+        self._position = {fqn: i for i, fqn in enumerate(model_state)}
         self.holders: dict[str, list[int]] = {}
         self.is_param: dict[str, bool] = {}
         for st in stages:
@@ -442,12 +444,18 @@ class ParameterStore:
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Every parameter of the local stages, and on rank 0 those the graph never reads (e.g. the token
         embedding of a model called with inputs_embeds: no gradient, as in the model), so that an
-        optimizer over them holds the model's parameters."""
-        return [(f, c[0]) for f, c in self.replicas.items() if self.is_param[f]] + [
-            (k, t) for k, t in self.unused.items() if isinstance(t, torch.nn.Parameter)]
+        optimizer over them holds the model's parameters. In the model's order (in one process, that of
+        model.parameters()): an optimizer state saved from the unpartitioned model's optimizer loads by
+        position onto the same parameters."""
+        return self._in_model_order([(f, c[0]) for f, c in self.replicas.items() if self.is_param[f]] + [
+            (k, t) for k, t in self.unused.items() if isinstance(t, torch.nn.Parameter)])
 
     def named_buffers(self) -> list[tuple[str, torch.Tensor]]:
-        return [(f, c[0]) for f, c in self.replicas.items() if not self.is_param[f]]
+        return self._in_model_order([(f, c[0]) for f, c in self.replicas.items() if not self.is_param[f]])
+
+    def _in_model_order(self, items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        end = len(self._position)
+        return sorted(items, key=lambda item: self._position.get(item[0], end))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for copies in self.replicas.values():
@@ -461,7 +469,7 @@ class ParameterStore:
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {name: copies[0] for fqn, copies in self.replicas.items() for name in self.aliases[fqn]}
         out.update(self.unused)
-        return out
+        return dict(self._in_model_order(list(out.items())))
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
