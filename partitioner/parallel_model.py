@@ -6,6 +6,7 @@ saves, loads and exposes this rank's parameters and state dict under the model's
 """
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 import weakref
@@ -113,6 +114,7 @@ class ParallelModel:
                                      "parallelism only the mode compile_parallel compiled in reduces gradients "
                                      f"across replicas; call pm.{'eval' if self._sharded_mode is False else 'train'}"
                                      "() first, or compile in the mode you train in.")
+        inputs, kwargs = self._as_example_call(inputs, kwargs)
         self._check_no_input_grad(inputs, kwargs)
         self._warn_model_frozen()
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
@@ -178,6 +180,7 @@ class ParallelModel:
         Under torchrun only the rank of the last stage gets the output; the other ranks return None.
         With data parallelism each replica's last rank gets the output of its 1/dp share of the batch."""
         self._check_process_group("forward")
+        inputs, kwargs = self._as_example_call(inputs, kwargs)
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         self.store.refresh_replicas()
         if self.data_parallel is not None and self.training != self._sharded_mode:
@@ -209,6 +212,28 @@ class ParallelModel:
                                  "the model), but gradients do not flow back out of the pipeline's stages. Move what "
                                  "computes it into the model (one nn.Module around both), or pass it detached "
                                  f"({name}.detach()) if it needs no gradient.")
+
+    def _as_example_call(self, inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The call's inputs laid out as the example inputs were (positional or keyword, keywords in
+        their order), where forward's signature binds both to the same parameters: a module takes
+        model(x) and model(input_ids=x) alike, but the stages take their inputs in the captured layout."""
+        inputs = tuple(inputs)
+        if pytree.tree_structure((inputs, dict(kwargs))) == self._example_spec or self.model is None:
+            return inputs, kwargs
+        example_args, example_kwargs = pytree.tree_unflatten(self._example_leaves, self._example_spec)
+        try:
+            signature = inspect.signature(self.model.forward)
+            bound = signature.bind(*inputs, **kwargs).arguments
+        except (TypeError, ValueError):
+            return inputs, kwargs
+        params = list(signature.parameters.values())
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params[:len(example_args)]) or \
+                any(p.kind == p.VAR_KEYWORD and p.name in bound for p in params):
+            return inputs, kwargs
+        positional = [p.name for p in params[:len(example_args)]]
+        if set(bound) != {*positional, *example_kwargs}:
+            return inputs, kwargs  # _microbatch_inputs names the difference
+        return tuple(bound[n] for n in positional), {k: bound[k] for k in example_kwargs}
 
     def _microbatch_inputs(self, inputs: tuple, kwargs: dict) -> list[list[Any]]:
         leaves, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
@@ -371,9 +396,11 @@ class ParallelModel:
         """Clear the gradients of this rank's parameters (tied replicas included), as Module.zero_grad."""
         self.store.zero_grad(set_to_none)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's parameters and buffers under every FQN the original model's state_dict uses."""
-        return self.store.state_dict()
+    def state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+        """This rank's parameters and buffers under every FQN the original model's state_dict uses;
+        detached (sharing memory) as Module.state_dict's, the Parameters themselves with keep_vars."""
+        state = self.store.state_dict()
+        return state if keep_vars else {k: v.detach() for k, v in state.items()}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every rank's state gathered on global rank 0 (CPU tensors); loads into the original model.
@@ -393,9 +420,10 @@ class ParallelModel:
             full.update(part)
         return full
 
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Load this rank's entries of a (full or this rank's) state dict; strict: all of them must be there."""
-        self.store.load_state_dict(state_dict, strict)
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any:
+        """Load this rank's entries of a (full or this rank's) state dict; strict: all of them must be there.
+        Returns (missing_keys, unexpected_keys) as Module.load_state_dict (this rank's missing ones)."""
+        return self.store.load_state_dict(state_dict, strict)
 
     def save(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
              extra: dict | None = None) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.nn.modules.module import _IncompatibleKeys
 from torch.profiler import record_function
 from torch.utils import _pytree as pytree
 
@@ -472,9 +473,11 @@ class ParameterStore:
         return dict(self._in_model_order(list(out.items())))
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> Any:
         """Copy this rank's entries of `state` in, after checking them all (as Module.load_state_dict, a
-        wrong shape is refused, not broadcast into the tensor; unlike it, nothing is copied then)."""
+        wrong shape is refused, not broadcast into the tensor; unlike it, nothing is copied then).
+        Returns Module.load_state_dict's (missing_keys, unexpected_keys): FQNs this rank holds that
+        `state` lacks, keys no FQN of the model has."""
         missing, load = [], []
         for fqn, copies in self.replicas.items():
             key = next((k for k in [*self.aliases[fqn], fqn] if k in state), None)
@@ -503,6 +506,7 @@ class ParameterStore:
                                      "was given. Nothing was loaded.")
         for k, t in load:
             copy_full_(t, state[k])
+        return _IncompatibleKeys(missing, unexpected)
 
 
 def _prefix_hint(unexpected: list[str], model_keys) -> str:
