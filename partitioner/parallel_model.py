@@ -246,13 +246,9 @@ class ParallelModel:
                     isinstance(x, torch.Tensor) and (x.shape != ex.shape or x.dtype != ex.dtype)):
                 got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
                 want = f"{tuple(ex.shape)} {ex.dtype}" if isinstance(ex, torch.Tensor) else repr(ex)
-                d = leaf_dim(dims, i)
-                smaller = (isinstance(x, torch.Tensor) and x.dim() == ex.dim() > d
-                           and all(a == b for k, (a, b) in enumerate(zip(x.shape, ex.shape)) if k != d)
-                           and x.shape[d] < ex.shape[d])
-                tail = " (a DataLoader's last, smaller batch: drop_last=True)" if smaller else ""
                 raise RuntimeConfigError(f"input {i} is {got} but the example inputs had {want}; the stages were "
-                                         f"captured for that shape. Pass batches shaped like the example inputs{tail}.")
+                                         f"captured for that shape. Pass batches shaped like the example inputs"
+                                         f"{_shape_hint(x, ex, leaf_dim(dims, i))}.")
         shares = split_batch((tuple(inputs), dict(kwargs)), self.dp * self.microbatches, "input",
                              batch_size(leaves, dims), dims)
         return [self.captured.flatten_inputs(a, kw) for a, kw in self._own_share(shares)]
@@ -495,6 +491,30 @@ def _inference_only(out: Any) -> Any:
     for i, o in zip(floats, _NoBackward.apply(anchor, *(leaves[i] for i in floats))):
         leaves[i] = o
     return pytree.tree_unflatten(leaves, spec)
+
+
+def _shape_hint(x: Any, example: Any, dim: int) -> str:
+    """How to make an input `x` shaped as `example` (batch dim `dim`): a DataLoader's last, smaller batch
+    (drop_last=True), a bigger batch (compile with it), other lengths along other dims (pad or truncate
+    to it), another dtype (convert)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(example, torch.Tensor) or x.dim() != example.dim():
+        return ""
+    if x.shape == example.shape:
+        return f" (convert it: x.to({example.dtype}))" if x.dtype != example.dtype else ""
+    other = [k for k, (a, b) in enumerate(zip(x.shape, example.shape)) if a != b and k != dim]
+    if other:
+        k, n = other[0], example.shape[other[0]]
+        fix = (f"pad every batch to {n}, e.g. a tokenizer's padding='max_length', max_length={n}, with an attention "
+               "mask where the model takes one") if x.shape[k] < n else (
+               f"truncate it to {n}, or call compile_parallel with example inputs of the longest length and pad "
+               "every batch to it")
+        return f" (dim {k} is {x.shape[k]}, not {n}: {fix})"
+    if x.dim() > dim and x.shape[dim] < example.shape[dim]:
+        return " (a DataLoader's last, smaller batch: drop_last=True)"
+    if x.dim() > dim and x.shape[dim] > example.shape[dim]:
+        return (f" (a batch of {x.shape[dim]}: call compile_parallel with example inputs of that batch, or pass "
+                f"batches of {example.shape[dim]})")
+    return ""
 
 
 def _mismatch(args: tuple, kwargs: dict, example_args: tuple, example_kwargs: dict) -> str:

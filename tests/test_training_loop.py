@@ -204,3 +204,18 @@ def test_state_dict_is_detached_and_load_state_dict_returns_the_keys_as_modules_
     partial = {k: v for k, v in zm.model.state_dict().items() if k != "head.bias"}
     missing, unexpected = pm.load_state_dict({**partial, "extra": torch.ones(1)}, strict=False)
     assert (missing, unexpected) == (["head.bias"], ["extra"])
+
+
+def test_a_batch_of_another_shape_names_how_to_shape_it():
+    """The stages are captured for the example's shapes: a smaller last batch, a bigger batch, another
+    sequence length and another dtype each get their fix."""
+    zm = build("gpt2")
+    pm = compiled(zm)
+    x, = zm.example_args
+    for batch, fix in ((x[:2], r"drop_last=True"), (torch.cat([x, x]), r"a batch of 8: call compile_parallel with "
+                                                                       r"example inputs of that batch"),
+                       (x[:, :4], r"dim 1 is 4, not 8: pad every batch to 8"),
+                       (torch.cat([x, x], 1), r"dim 1 is 16, not 8: truncate it to 8"),
+                       (x.int(), r"convert it: x.to\(torch.int64\)")):
+        with pytest.raises(RuntimeConfigError, match=fix):
+            pm.train_step(batch, target=zm.target)
