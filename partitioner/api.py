@@ -95,9 +95,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         nn.LSTM / GRU, nn.Transformer* with batch_first=False read (seq, batch, ...)), or a dict from
         input names (forward's parameter names; nested leaves as "batch[0]") and "target" to their dim,
         e.g. {"src": 1, "target": 1}, unnamed inputs on dim 0.
-    loss_fn(output, target) -> scalar mean loss of a batch; None: the loss the model computes itself (a Hugging
-        Face model given labels=: output.loss, or a 0-dim output; see model_loss); train_step returns the mean over microbatches
-        (a loss module with reduction="sum" is refused: the averaged gradient would not be its gradient).
+    loss_fn(output, target) -> scalar mean loss of a batch (None: the loss the model computes itself, a Hugging
+        Face model's given labels=: output.loss, or a 0-dim output; see model_loss); train_step returns the mean
+        over microbatches (a loss module or functools.partial with reduction="sum" is refused: the averaged
+        gradient would not be its gradient).
         The target's leaves that hold the batch (or a multiple: labels flattened sample-major) along its
         batch dim are cut as the inputs; others (class weights) go whole; a target with no such leaf is refused.
         Each microbatch runs as the model would under gradient accumulation over the same microbatches:
@@ -458,8 +459,9 @@ def model_loss(output: Any, target: Any = None) -> torch.Tensor:
         keys = f" with keys {list(output.keys())}" if isinstance(output, dict) else ""
         raise RuntimeConfigError(f"compile_parallel(loss_fn=None) trains the loss the model computes itself "
                                  f"(output.loss), but its output, a {type(output).__name__}{keys}, has none: pass "
-                                 "the labels it computes the loss from (a Hugging Face model: example_kwargs={'labels': "
-                                 "labels}, and labels= to train_step), or pass loss_fn(output, target).")
+                                 "the labels it computes the loss from (a Hugging Face model: "
+                                 "example_kwargs={'labels': labels}, and labels= to train_step), or pass "
+                                 "loss_fn(output, target).")
     return loss
 
 
