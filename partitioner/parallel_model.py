@@ -115,6 +115,7 @@ class ParallelModel:
                                      f"across replicas; call pm.{'eval' if self._sharded_mode is False else 'train'}"
                                      "() first, or compile in the mode you train in.")
         inputs, kwargs = self._as_example_call(inputs, kwargs)
+        self._check_target_by_keyword(inputs, kwargs, target)
         self._check_no_input_grad(inputs, kwargs)
         self._warn_model_frozen()
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
@@ -212,6 +213,15 @@ class ParallelModel:
                                  "the model), but gradients do not flow back out of the pipeline's stages. Move what "
                                  "computes it into the model (one nn.Module around both), or pass it detached "
                                  f"({name}.detach()) if it needs no gradient.")
+
+    def _check_target_by_keyword(self, inputs: tuple, kwargs: dict, target: Any) -> None:
+        """pm.train_step(x, y), as a script calls loss_fn(model(x), y): one positional argument more than
+        the example inputs and no target= is the target passed by position."""
+        example_args, _ = pytree.tree_unflatten(self._example_leaves, self._example_spec)
+        if target is None and len(inputs) == len(example_args) + 1:
+            raise RuntimeConfigError(f"train_step got {len(inputs)} positional arguments but the example inputs had "
+                                     f"{len(example_args)}, and no target=: pass the target by keyword, "
+                                     "pm.train_step(*inputs, target=y) (every positional argument is an input).")
 
     def _as_example_call(self, inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The call's inputs laid out as the example inputs were (positional or keyword, keywords in

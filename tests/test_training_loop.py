@@ -219,3 +219,11 @@ def test_a_batch_of_another_shape_names_how_to_shape_it():
                        (x.int(), r"convert it: x.to\(torch.int64\)")):
         with pytest.raises(RuntimeConfigError, match=fix):
             pm.train_step(batch, target=zm.target)
+
+
+def test_the_target_passed_by_position_names_target_keyword():
+    zm = build("mlp")
+    pm = compiled(zm)
+    with pytest.raises(RuntimeConfigError, match=r"2 positional arguments .* and no target=: pass the target by "
+                                                 r"keyword, pm.train_step\(\*inputs, target=y\)"):
+        pm.train_step(*zm.example_args, zm.target)
