@@ -271,7 +271,6 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                            timeout_s=timeout_s, replicas=replicas, replica=replica)
     if checkpoint is not None or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         materialise(model, store, rank, init_fn, checkpoint)
-    model_parameters = dict(model.named_parameters())  # weakly held by the ParallelModel
     _let_go_of_model_tensors(captured, model)
     watch_model_parameters(model)  # an optimizer built on them would step nothing
     stage_device = {st.stage: devices[st.rank] for st in stages}
@@ -313,7 +312,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                            devices[0]) if cuda_graph else None
     return ParallelModel(captured, plan, stages, executor, store, devices, rank, args, kwargs, microbatches,
                          source=source, layout=layout, data_parallel=dp_stages, step_graph=step_graph,
-                         batch_dims=dims, model_parameters=model_parameters)
+                         batch_dims=dims, compiled_from=model)
 
 
 # ---------------------------------------------------------------------- helpers

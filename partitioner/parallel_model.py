@@ -50,7 +50,7 @@ class ParallelModel:
                  example_kwargs: dict, microbatches: int, *, source: ModeSource | None = None,
                  layout: MeshLayout | None = None, data_parallel: DataParallelStages | None = None,
                  step_graph: StepGraph | None = None, batch_dims: BatchDims = BatchDims(),
-                 model_parameters: dict[str, torch.nn.Parameter] | None = None):
+                 compiled_from: torch.nn.Module | None = None):
         self.captured = captured
         self.plan = plan
         self.stages = stages
@@ -72,8 +72,11 @@ class ParallelModel:
         self._sharded_mode = self.training  # ... in the mode compiled (the other mode reads its gathered tensors)
         self.step_graph = step_graph  # replays this mode's training steps (compile_parallel(cuda_graph=True))
         self._graph_executor = executor
-        # the model given to compile_parallel, weakly: its parameters' requires_grad at compile time
-        self._model_flags = {fqn: (weakref.ref(p), p.requires_grad) for fqn, p in (model_parameters or {}).items()}
+        # the model given to compile_parallel, weakly: its mode and its parameters' requires_grad, as last seen
+        self._compiled_from = weakref.ref(compiled_from) if compiled_from is not None else None
+        self._model_mode = compiled_from.training if compiled_from is not None else None
+        self._model_flags = {fqn: (weakref.ref(p), p.requires_grad)
+                             for fqn, p in (compiled_from.named_parameters() if compiled_from is not None else [])}
 
     @property
     def dp(self) -> int:
@@ -117,7 +120,7 @@ class ParallelModel:
         inputs, kwargs = self._as_example_call(inputs, kwargs)
         self._check_target_by_keyword(inputs, kwargs, target)
         self._check_no_input_grad(inputs, kwargs)
-        self._warn_model_frozen()
+        self._warn_model_changed()
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         batch = batch_size((tuple(inputs), dict(kwargs)), self.batch_dims.inputs)
         targets = self._own_share(split_target(target, self.dp * self.microbatches, batch, self.batch_dims))
@@ -136,10 +139,19 @@ class ParallelModel:
         self._steps_run += 1
         return _backward_done(self._share_loss(loss))
 
-    def _warn_model_frozen(self) -> None:
-        """A parameter of the model given to compile_parallel frozen (or unfrozen) after it, as a script
-        freezes a layer mid-training: the ParallelModel trains its own copies, so the change would do
-        nothing, silently. Said once per change, naming the copy to freeze instead."""
+    def _warn_model_changed(self) -> None:
+        """The model given to compile_parallel switched to train / eval mode, or a parameter of it frozen
+        (or unfrozen), after compile_parallel, as a script does mid-training: the ParallelModel runs its
+        own mode and trains its own copies, so the change would do nothing, silently. Said once per
+        change where pm differs, naming what to call on pm instead."""
+        model = self._compiled_from() if self._compiled_from is not None else None
+        if model is not None and model.training != self._model_mode:
+            self._model_mode = model.training
+            if model.training != self.training:
+                now, was = ("train", "eval") if model.training else ("eval", "train")
+                warnings.warn(f"{type(model).__name__}.{now}() was called on the model given to compile_parallel, but "
+                              f"the ParallelModel runs in {was} mode: it switches with pm.{now}().", RuntimeWarning,
+                              stacklevel=3)
         if not self._model_flags:
             return
         mine = dict(self.named_parameters())
@@ -182,6 +194,7 @@ class ParallelModel:
         With data parallelism each replica's last rank gets the output of its 1/dp share of the batch."""
         self._check_process_group("forward")
         inputs, kwargs = self._as_example_call(inputs, kwargs)
+        self._warn_model_changed()
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         self.store.refresh_replicas()
         if self.data_parallel is not None and self.training != self._sharded_mode:

@@ -227,3 +227,19 @@ def test_the_target_passed_by_position_names_target_keyword():
     with pytest.raises(RuntimeConfigError, match=r"2 positional arguments .* and no target=: pass the target by "
                                                  r"keyword, pm.train_step\(\*inputs, target=y\)"):
         pm.train_step(*zm.example_args, zm.target)
+
+
+def test_switching_the_compiled_models_mode_warns_naming_pms():
+    """model.eval() before validating with pm(...): pm kept running in train mode (dropout on), silently."""
+    zm = build("mlp")
+    model = copy.deepcopy(zm.model)
+    pm = compile_parallel(model, ["cpu"] * 2, zm.example_args, zm.loss_fn, microbatches=2)
+    model.eval()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"MLP.eval\(\) was called on the model given to "
+                                                             r"compile_parallel.*train mode: it switches with pm.eval"):
+        pm(*zm.example_args)
+    pm.eval()
+    import warnings
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm(*zm.example_args)  # pm in the model's mode: nothing to say
