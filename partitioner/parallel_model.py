@@ -95,13 +95,16 @@ class ParallelModel:
 
     # ------------------------------------------------------------------ running
 
-    def train_step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> torch.Tensor:
+    def train_step(self, *inputs: Any, target: Any = None, scaler: torch.amp.GradScaler | None = None,
+                   **kwargs: Any) -> torch.Tensor:
         """Forward and backward of every microbatch of the batch (inputs as in the example inputs).
 
         Gradients accumulate into .grad (call zero_grad between steps). Returns the loss, the mean
         of loss_fn over the microbatches, as a 0-dim float32 tensor on every rank; it requires grad
         as a module's loss does, and its backward (a script's loss.backward(), GradScaler's
-        scaler.scale(loss).backward()) says that train_step ran it already. With data
+        scaler.scale(loss).backward()) says that train_step ran it already. scaler: a torch.amp.GradScaler
+        (fp16 training) whose scale multiplies the loss in the backward, as scaler.scale(loss).backward()
+        would; then scaler.step(optimizer) and scaler.update() as usual (one process only). With data
         parallelism every rank passes the global batch; each replica trains on its 1/dp share, the
         gradients are averaged over the replicas and the loss is the mean over the global batch.
         Refused under torch.no_grad() / inference_mode (it would compute no gradients).
@@ -130,7 +133,9 @@ class ParallelModel:
         if self.data_parallel is not None:
             self.data_parallel.before_step()
         graph = self.step_graph if self.step_graph is not None and self.executor is self._graph_executor else None
-        loss = (graph or self.executor.train_step)(mb_inputs, targets)
+        scale = self._loss_scale(scaler, graph is not None)
+        loss = graph(mb_inputs, targets) if graph is not None else \
+            self.executor.train_step(mb_inputs, targets, loss_scale=scale)
         if self.data_parallel is not None:
             self.data_parallel.after_step()
         self.store.after_step()
@@ -226,6 +231,21 @@ class ParallelModel:
                                  "the model), but gradients do not flow back out of the pipeline's stages. Move what "
                                  "computes it into the model (one nn.Module around both), or pass it detached "
                                  f"({name}.detach()) if it needs no gradient.")
+
+    def _loss_scale(self, scaler: torch.amp.GradScaler | None, graph: bool) -> torch.Tensor | None:
+        """The scale of `scaler` (None: none, or disabled), refused where it cannot act as on one model:
+        under torchrun each rank's scaler would find inf gradients in its own stages only, and skip or
+        take the step apart from the others; a captured step replays without it."""
+        if scaler is None or not scaler.is_enabled():
+            return None
+        if self.rank is not None or graph:
+            where = "under torchrun (each rank's scaler would skip steps on its own stages' gradients alone)" \
+                if self.rank is not None else "with cuda_graph=True (the captured step replays unscaled)"
+            raise RuntimeConfigError(f"train_step(scaler=...) {where} is not supported; use "
+                                     "mixed_precision='bf16' in compile_parallel (fp32 weights, bf16 compute, no "
+                                     "loss scale needed).")
+        last = self.executor.stage_device[len(self.stages) - 1]
+        return scaler.scale(torch.ones((), device=last))
 
     def _check_target_by_keyword(self, inputs: tuple, kwargs: dict, target: Any) -> None:
         """pm.train_step(x, y), as a script calls loss_fn(model(x), y): one positional argument more than
@@ -492,9 +512,9 @@ class _BackwardDone(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> None:
         raise RuntimeConfigError("backward through the loss train_step returned: train_step already ran the forward "
                                  "and backward of every microbatch, and the gradients are in .grad; drop "
-                                 "loss.backward() and call optimizer.step(). Loss scaling (torch.amp.GradScaler's "
-                                 "scaler.scale(loss).backward()) is not supported: train fp16 models with "
-                                 "mixed_precision='bf16' instead (fp32 weights, bf16 compute, no loss scale needed).")
+                                 "loss.backward() and call optimizer.step(). With a torch.amp.GradScaler, instead of "
+                                 "scaler.scale(loss).backward() pass it to train_step: loss = pm.train_step(*inputs, "
+                                 "target=y, scaler=scaler), then scaler.step(optimizer) and scaler.update().")
 
 
 def _backward_done(loss: torch.Tensor) -> torch.Tensor:

@@ -98,8 +98,32 @@ def test_loss_backward_after_train_step_says_train_step_ran_it():
                                                  r"loss.backward\(\)"):
         loss.backward()
     scaler = torch.amp.GradScaler("cpu")
-    with pytest.raises(RuntimeConfigError, match=r"GradScaler.*not supported.*mixed_precision='bf16'"):
+    with pytest.raises(RuntimeConfigError, match=r"GradScaler, instead of scaler.scale\(loss\).backward\(\) pass it "
+                                                 r"to train_step: .*scaler=scaler\)"):
         scaler.scale(pm.train_step(*zm.example_args, target=zm.target)).backward()
+
+
+@pytest.mark.parametrize("init_scale", [2.0 ** 10, 2.0 ** 127], ids=["finite", "overflows"])
+def test_a_grad_scaler_passed_to_train_step_scales_as_on_the_model(init_scale):
+    """scaler.scale(loss).backward() on the model; train_step(..., scaler=) on pm: the same scaled
+    gradients, the same step (or the same skipped step where they overflow) and the same next scale."""
+    zm = build("gpt2")
+    pm, model = compiled(zm, chunks=2), copy.deepcopy(zm.model)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=init_scale) for _ in range(2)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, pm)]
+    want = zm.loss_fn(model(*zm.example_args), zm.target)
+    scalers[0].scale(want).backward()
+    loss = pm.train_step(*zm.example_args, target=zm.target, scaler=scalers[1])
+    assert max_rel_err(loss, want.detach()) < 1e-5  # unscaled
+    if init_scale < 2.0 ** 100:
+        grads_match(pm, model)
+    for scaler, opt in zip(scalers, opts):
+        scaler.step(opt)
+        scaler.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    assert (scalers[1].get_scale() < init_scale) == (init_scale > 2.0 ** 100)  # the overflow skipped the step
+    ref = dict(model.named_parameters())
+    assert max(max_rel_err(p, ref[n].detach()) for n, p in pm.named_parameters()) < 1e-5
 
 
 def test_to_on_the_stages_device_is_a_no_op_moving_or_casting_is_refused():

@@ -114,10 +114,13 @@ class Executor:
         """Every callable the executor runs for its stages: the runners, and the last stage with the loss."""
         return {**self.runners, **({"loss": self.stage_loss} if self.stage_loss is not None else {})}
 
-    def train_step(self, mb_inputs: list[list[Any]], mb_targets: list[Any]) -> torch.Tensor | None:
+    def train_step(self, mb_inputs: list[list[Any]], mb_targets: list[Any],
+                   loss_scale: torch.Tensor | None = None) -> torch.Tensor | None:
         """Forward and backward of every microbatch; returns the summed (already 1/m-scaled) loss
-        if the last stage is local, else None. Parameter gradients accumulate in .grad."""
+        if the last stage is local, else None. Parameter gradients accumulate in .grad, of the loss
+        times loss_scale where given (a GradScaler's scale; the loss returned is unscaled)."""
         state = _StepState(mb_inputs, mb_targets, train=True)
+        state.loss_scale = loss_scale
         if self.foreach_grads:
             state.params = self._plain_parameters()
         if self.cudagraph_steps is not None:
@@ -236,7 +239,10 @@ class Executor:
         grads: list[torch.Tensor | None] = []
         if st.is_last:
             if outs[0].requires_grad:  # the step's loss is the microbatches' mean: 1/m in the gradient
-                tensors, grads = outs, [self._mean_grad(outs[0], len(state.inputs))]
+                seed = self._mean_grad(outs[0], len(state.inputs))
+                if state.loss_scale is not None:
+                    seed = seed * state.loss_scale.to(seed.device, seed.dtype)
+                tensors, grads = outs, [seed]
         else:
             grad_of: dict[str, torch.Tensor] = {}
             for msg in comm.recvs[a]:  # one gradient per (value, consumer): sum them
@@ -282,6 +288,7 @@ class _StepState:
         self.saved: dict[Action, tuple[dict[str, torch.Tensor], list[torch.Tensor]]] = {}
         self.outputs: dict[int, list[Any]] = {}
         self.params: dict[int, list[torch.Tensor]] | None = None  # per stage, where gradients add by foreach
+        self.loss_scale: torch.Tensor | None = None  # the backward's seed is the 1/m mean times this
         self._raw_loss: torch.Tensor | None = None
 
     def add_loss(self, raw: torch.Tensor) -> None:
