@@ -157,16 +157,14 @@ class ParallelModel:
                 warnings.warn(f"{type(model).__name__}.{now}() was called on the model given to compile_parallel, but "
                               f"the ParallelModel runs in {was} mode: it switches with pm.{now}().", RuntimeWarning,
                               stacklevel=3)
-        if not self._model_flags:
-            return
-        mine = dict(self.named_parameters())
-        changed = []
+        flipped = []
         for fqn, (ref, flag) in self._model_flags.items():
             p = ref()
             if p is not None and p.requires_grad != flag:
                 self._model_flags[fqn] = (ref, p.requires_grad)
-                if fqn in mine and mine[fqn].requires_grad != p.requires_grad:
-                    changed.append((fqn, p.requires_grad))
+                flipped.append((fqn, p.requires_grad))
+        mine = dict(self.named_parameters()) if flipped else {}
+        changed = [(fqn, flag) for fqn, flag in flipped if fqn in mine and mine[fqn].requires_grad != flag]
         if changed:
             fqn, flag = changed[0]
             warnings.warn(f"'{fqn}' of the model given to compile_parallel was set to requires_grad={flag} after "
