@@ -17,6 +17,7 @@ e.g. ["cpu"] * 4).
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import inspect
 import itertools
@@ -94,8 +95,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         nn.LSTM / GRU, nn.Transformer* with batch_first=False read (seq, batch, ...)), or a dict from
         input names (forward's parameter names; nested leaves as "batch[0]") and "target" to their dim,
         e.g. {"src": 1, "target": 1}, unnamed inputs on dim 0.
-    loss_fn(output, target) -> scalar mean loss of a batch; train_step returns the mean over microbatches
-        (a loss module with reduction="sum" is refused: the averaged gradient would not be its gradient).
+    loss_fn(output, target) -> scalar mean loss of a batch (None: the loss the model computes itself, a Hugging
+        Face model's given labels=: output.loss, or a 0-dim output; see model_loss); train_step returns the mean
+        over microbatches (a loss module or functools.partial with reduction="sum" is refused: the averaged
+        gradient would not be its gradient).
         The target's leaves that hold the batch (or a multiple: labels flattened sample-major) along its
         batch dim are cut as the inputs; others (class weights) go whole; a target with no such leaf is refused.
         Each microbatch runs as the model would under gradient accumulation over the same microbatches:
@@ -146,9 +149,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     """
     if isinstance(devices, DeviceMesh):
         devices, mesh = None, devices
-    if example_inputs is None or loss_fn is None:
+    if example_inputs is None:
         raise RuntimeConfigError("compile_parallel: pass example_inputs (the global batch) and loss_fn(output, "
                                  "target); e.g. compile_parallel(model, devices, (x,), loss_fn).")
+    loss_fn = model_loss if loss_fn is None else loss_fn
     _check_mean_loss(loss_fn)
     layout = None
     if mesh is not None:
@@ -245,6 +249,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         graph_code = re.sub(r"device\(type='\w+'(, index=\d+)?\)", "device", captured.graph_module.code)
         _agree(plan.to_json() + graph_code, "the plan or the captured graph", rank, devices)
     _check_plan(plan, p, chunks)
+    if loss_fn is model_loss:  # say it now, not at the first step
+        model_loss(captured.unflatten_outputs(captured.meta_outputs()), None)
     if dp > 1 and data_parallel == "fsdp":
         check_fsdp_gradients(captured.graph_module)
 
@@ -306,7 +312,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                            devices[0]) if cuda_graph else None
     return ParallelModel(captured, plan, stages, executor, store, devices, rank, args, kwargs, microbatches,
                          source=source, layout=layout, data_parallel=dp_stages, step_graph=step_graph,
-                         batch_dims=dims)
+                         batch_dims=dims, compiled_from=model)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -426,15 +432,36 @@ def _let_go_of_model_tensors(captured: Captured, model: torch.nn.Module) -> None
 
 
 def _check_mean_loss(loss_fn: Callable) -> None:
-    """A loss module that sums over its batch (reduction="sum") would train with 1 / (microbatches x dp)
-    of the unpartitioned model's gradient: train_step averages the microbatches' losses (and the
-    replicas'), as gradient accumulation of a mean loss does. Refused, naming the fix."""
-    if getattr(loss_fn, "reduction", None) == "sum":
-        raise RuntimeConfigError(f"compile_parallel: loss_fn {type(loss_fn).__name__}(reduction='sum') sums over its "
-                                 "batch, but train_step averages the loss over microbatches (and data-parallel "
-                                 "replicas), so the gradients would be a fraction of the model's; pass "
-                                 "reduction='mean' (and scale the learning rate by the batch size if you trained "
-                                 "with the sum).")
+    """A loss that sums over its batch (reduction="sum") would train with 1 / (microbatches x dp) of the
+    unpartitioned model's gradient: train_step averages the microbatches' losses (and the replicas'),
+    as gradient accumulation of a mean loss does. Refused, naming the fix, where it shows: a loss
+    module's reduction, a functools.partial's reduction= (a function summing inside cannot be seen)."""
+    if isinstance(loss_fn, functools.partial) and loss_fn.keywords.get("reduction") == "sum":
+        name = getattr(loss_fn.func, "__name__", type(loss_fn.func).__name__)
+    elif getattr(loss_fn, "reduction", None) == "sum":
+        name = type(loss_fn).__name__
+    else:
+        return
+    raise RuntimeConfigError(f"compile_parallel: loss_fn {name}(reduction='sum') sums over its batch, but train_step "
+                             "averages the loss over microbatches (and data-parallel replicas), so the gradients "
+                             "would be a fraction of the model's; pass reduction='mean' (and scale the learning rate "
+                             "by the batch size if you trained with the sum).")
+
+
+def model_loss(output: Any, target: Any = None) -> torch.Tensor:
+    """compile_parallel's loss_fn=None: the loss the model computed itself (HF models given labels=):
+    output.loss or output["loss"], or the output if it is a 0-dim tensor; the target is not read."""
+    loss = output if isinstance(output, torch.Tensor) and output.dim() == 0 else getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if not isinstance(loss, torch.Tensor):
+        keys = f" with keys {list(output.keys())}" if isinstance(output, dict) else ""
+        raise RuntimeConfigError(f"compile_parallel(loss_fn=None) trains the loss the model computes itself "
+                                 f"(output.loss), but its output, a {type(output).__name__}{keys}, has none: pass "
+                                 "the labels it computes the loss from (a Hugging Face model: "
+                                 "example_kwargs={'labels': labels}, and labels= to train_step), or pass "
+                                 "loss_fn(output, target).")
+    return loss
 
 
 def _checked_loss(loss_fn: Callable[[Any, Any], Any], user_fn: Callable | None = None
@@ -448,6 +475,8 @@ def _checked_loss(loss_fn: Callable[[Any, Any], Any], user_fn: Callable | None =
     def loss(output: Any, target: Any) -> torch.Tensor:
         try:
             value = loss_fn(output, target)
+        except RuntimeConfigError:
+            raise
         except Exception as e:
             if target is None:
                 first_line = next(iter(str(e).splitlines()), "")
@@ -456,11 +485,32 @@ def _checked_loss(loss_fn: Callable[[Any, Any], Any], user_fn: Callable | None =
                                          ) from e
             raise
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
-            got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-            raise RuntimeConfigError(f"loss_fn {name} returned {got}; it must return a 0-dim tensor, the mean loss "
-                                     "of the batch (e.g. end it with .mean()).")
+            raise RuntimeConfigError(f"loss_fn {name} returned {_what_loss(value)}; it must return a 0-dim tensor, "
+                                     f"the mean loss of the batch ({_loss_fix(value)}).")
         return value
     return loss
+
+
+def _what_loss(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, dict):
+        return f"a {type(value).__name__} with keys {list(value)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
+def _loss_fix(value: Any) -> str:
+    """How to make a loss_fn that returned `value` return the scalar train_step backpropagates."""
+    if isinstance(value, dict):
+        key = "loss" if "loss" in value else next(iter(value), "loss")
+        return (f"return its {key!r} entry, loss_fn=lambda out, t: fn(out, t)[{key!r}]; the other entries (logged "
+                "terms) can be computed from pm(...) outputs under torch.no_grad()")
+    if isinstance(value, (tuple, list)):
+        return ("return the one element to backpropagate, e.g. loss_fn=lambda out, t: fn(out, t)[0], or their sum "
+                "if the total loss is their sum")
+    return "e.g. end it with .mean()"
 
 
 def _destroy_gloo_groups() -> None:

@@ -6,8 +6,10 @@ saves, loads and exposes this rank's parameters and state dict under the model's
 """
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -47,7 +49,8 @@ class ParallelModel:
                  store: ParameterStore, devices: list[torch.device], rank: int | None, example_args: tuple,
                  example_kwargs: dict, microbatches: int, *, source: ModeSource | None = None,
                  layout: MeshLayout | None = None, data_parallel: DataParallelStages | None = None,
-                 step_graph: StepGraph | None = None, batch_dims: BatchDims = BatchDims()):
+                 step_graph: StepGraph | None = None, batch_dims: BatchDims = BatchDims(),
+                 compiled_from: torch.nn.Module | None = None):
         self.captured = captured
         self.plan = plan
         self.stages = stages
@@ -69,6 +72,11 @@ class ParallelModel:
         self._sharded_mode = self.training  # ... in the mode compiled (the other mode reads its gathered tensors)
         self.step_graph = step_graph  # replays this mode's training steps (compile_parallel(cuda_graph=True))
         self._graph_executor = executor
+        # the model given to compile_parallel, weakly: its mode and its parameters' requires_grad, as last seen
+        self._compiled_from = weakref.ref(compiled_from) if compiled_from is not None else None
+        self._model_mode = compiled_from.training if compiled_from is not None else None
+        self._model_flags = {fqn: (weakref.ref(p), p.requires_grad)
+                             for fqn, p in (compiled_from.named_parameters() if compiled_from is not None else [])}
 
     @property
     def dp(self) -> int:
@@ -87,11 +95,16 @@ class ParallelModel:
 
     # ------------------------------------------------------------------ running
 
-    def train_step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> torch.Tensor:
+    def train_step(self, *inputs: Any, target: Any = None, scaler: torch.amp.GradScaler | None = None,
+                   **kwargs: Any) -> torch.Tensor:
         """Forward and backward of every microbatch of the batch (inputs as in the example inputs).
 
         Gradients accumulate into .grad (call zero_grad between steps). Returns the loss, the mean
-        of loss_fn over the microbatches, as a 0-dim float32 tensor on every rank. With data
+        of loss_fn over the microbatches, as a 0-dim float32 tensor on every rank; it requires grad
+        as a module's loss does, and its backward (a script's loss.backward(), GradScaler's
+        scaler.scale(loss).backward()) says that train_step ran it already. scaler: a torch.amp.GradScaler
+        (fp16 training) whose scale multiplies the loss in the backward, as scaler.scale(loss).backward()
+        would; then scaler.step(optimizer) and scaler.update() as usual (one process only). With data
         parallelism every rank passes the global batch; each replica trains on its 1/dp share, the
         gradients are averaged over the replicas and the loss is the mean over the global batch.
         Refused under torch.no_grad() / inference_mode (it would compute no gradients).
@@ -107,7 +120,10 @@ class ParallelModel:
                                      "parallelism only the mode compile_parallel compiled in reduces gradients "
                                      f"across replicas; call pm.{'eval' if self._sharded_mode is False else 'train'}"
                                      "() first, or compile in the mode you train in.")
+        inputs, kwargs = self._as_example_call(inputs, kwargs)
+        self._check_target_by_keyword(inputs, kwargs, target)
         self._check_no_input_grad(inputs, kwargs)
+        self._warn_model_changed()
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         batch = batch_size((tuple(inputs), dict(kwargs)), self.batch_dims.inputs)
         targets = self._own_share(split_target(target, self.dp * self.microbatches, batch, self.batch_dims))
@@ -117,14 +133,45 @@ class ParallelModel:
         if self.data_parallel is not None:
             self.data_parallel.before_step()
         graph = self.step_graph if self.step_graph is not None and self.executor is self._graph_executor else None
-        loss = (graph or self.executor.train_step)(mb_inputs, targets)
+        scale = self._loss_scale(scaler, graph is not None)
+        loss = graph(mb_inputs, targets) if graph is not None else \
+            self.executor.train_step(mb_inputs, targets, loss_scale=scale)
         if self.data_parallel is not None:
             self.data_parallel.after_step()
         self.store.after_step()
         if not self._steps_run:
             print_once(compile_report(self.executor.compiled_calls()), self.rank)
         self._steps_run += 1
-        return self._share_loss(loss)
+        return _backward_done(self._share_loss(loss))
+
+    def _warn_model_changed(self) -> None:
+        """The model given to compile_parallel switched to train / eval mode, or a parameter of it frozen
+        (or unfrozen), after compile_parallel, as a script does mid-training: the ParallelModel runs its
+        own mode and trains its own copies, so the change would do nothing, silently. Said once per
+        change where pm differs, naming what to call on pm instead."""
+        model = self._compiled_from() if self._compiled_from is not None else None
+        if model is not None and model.training != self._model_mode:
+            self._model_mode = model.training
+            if model.training != self.training:
+                now, was = ("train", "eval") if model.training else ("eval", "train")
+                warnings.warn(f"{type(model).__name__}.{now}() was called on the model given to compile_parallel, but "
+                              f"the ParallelModel runs in {was} mode: it switches with pm.{now}().", RuntimeWarning,
+                              stacklevel=3)
+        flipped = []
+        for fqn, (ref, flag) in self._model_flags.items():
+            p = ref()
+            if p is not None and p.requires_grad != flag:
+                self._model_flags[fqn] = (ref, p.requires_grad)
+                flipped.append((fqn, p.requires_grad))
+        mine = dict(self.named_parameters()) if flipped else {}
+        changed = [(fqn, flag) for fqn, flag in flipped if fqn in mine and mine[fqn].requires_grad != flag]
+        if changed:
+            fqn, flag = changed[0]
+            warnings.warn(f"'{fqn}' of the model given to compile_parallel was set to requires_grad={flag} after "
+                          f"compile_parallel ({len(changed)} parameter(s)), but the ParallelModel trains its own "
+                          f"copies, so it still {'trains' if not flag else 'freezes'} it. Set it on pm's copies: "
+                          f"for name, p in pm.named_parameters(): p.requires_grad_({flag}) for the names to change "
+                          f"(pm.requires_grad_({flag}) for all).", RuntimeWarning, stacklevel=3)
 
     def _warn_outer_autocast(self) -> None:
         """A torch.autocast around train_step runs the stages in its dtype (autocast applies to the
@@ -149,6 +196,8 @@ class ParallelModel:
         Under torchrun only the rank of the last stage gets the output; the other ranks return None.
         With data parallelism each replica's last rank gets the output of its 1/dp share of the batch."""
         self._check_process_group("forward")
+        inputs, kwargs = self._as_example_call(inputs, kwargs)
+        self._warn_model_changed()
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         self.store.refresh_replicas()
         if self.data_parallel is not None and self.training != self._sharded_mode:
@@ -181,6 +230,52 @@ class ParallelModel:
                                  "computes it into the model (one nn.Module around both), or pass it detached "
                                  f"({name}.detach()) if it needs no gradient.")
 
+    def _loss_scale(self, scaler: torch.amp.GradScaler | None, graph: bool) -> torch.Tensor | None:
+        """The scale of `scaler` (None: none, or disabled), refused where it cannot act as on one model:
+        under torchrun each rank's scaler would find inf gradients in its own stages only, and skip or
+        take the step apart from the others; a captured step replays without it."""
+        if scaler is None or not scaler.is_enabled():
+            return None
+        if self.rank is not None or graph:
+            where = "under torchrun (each rank's scaler would skip steps on its own stages' gradients alone)" \
+                if self.rank is not None else "with cuda_graph=True (the captured step replays unscaled)"
+            raise RuntimeConfigError(f"train_step(scaler=...) {where} is not supported; use "
+                                     "mixed_precision='bf16' in compile_parallel (fp32 weights, bf16 compute, no "
+                                     "loss scale needed).")
+        last = self.executor.stage_device[len(self.stages) - 1]
+        return scaler.scale(torch.ones((), device=last))
+
+    def _check_target_by_keyword(self, inputs: tuple, kwargs: dict, target: Any) -> None:
+        """pm.train_step(x, y), as a script calls loss_fn(model(x), y): one positional argument more than
+        the example inputs and no target= is the target passed by position."""
+        example_args, _ = pytree.tree_unflatten(self._example_leaves, self._example_spec)
+        if target is None and len(inputs) == len(example_args) + 1:
+            raise RuntimeConfigError(f"train_step got {len(inputs)} positional arguments but the example inputs had "
+                                     f"{len(example_args)}, and no target=: pass the target by keyword, "
+                                     "pm.train_step(*inputs, target=y) (every positional argument is an input).")
+
+    def _as_example_call(self, inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The call's inputs laid out as the example inputs were (positional or keyword, keywords in
+        their order), where forward's signature binds both to the same parameters: a module takes
+        model(x) and model(input_ids=x) alike, but the stages take their inputs in the captured layout."""
+        inputs = tuple(inputs)
+        if pytree.tree_structure((inputs, dict(kwargs))) == self._example_spec or self.model is None:
+            return inputs, kwargs
+        example_args, example_kwargs = pytree.tree_unflatten(self._example_leaves, self._example_spec)
+        try:
+            signature = inspect.signature(self.model.forward)
+            bound = signature.bind(*inputs, **kwargs).arguments
+        except (TypeError, ValueError):
+            return inputs, kwargs
+        params = list(signature.parameters.values())
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params[:len(example_args)]) or \
+                any(p.kind == p.VAR_KEYWORD and p.name in bound for p in params):
+            return inputs, kwargs
+        positional = [p.name for p in params[:len(example_args)]]
+        if set(bound) != {*positional, *example_kwargs}:
+            return inputs, kwargs  # _microbatch_inputs names the difference
+        return tuple(bound[n] for n in positional), {k: bound[k] for k in example_kwargs}
+
     def _microbatch_inputs(self, inputs: tuple, kwargs: dict) -> list[list[Any]]:
         leaves, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
         dims = self.batch_dims.inputs
@@ -192,13 +287,9 @@ class ParallelModel:
                     isinstance(x, torch.Tensor) and (x.shape != ex.shape or x.dtype != ex.dtype)):
                 got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
                 want = f"{tuple(ex.shape)} {ex.dtype}" if isinstance(ex, torch.Tensor) else repr(ex)
-                d = leaf_dim(dims, i)
-                smaller = (isinstance(x, torch.Tensor) and x.dim() == ex.dim() > d
-                           and all(a == b for k, (a, b) in enumerate(zip(x.shape, ex.shape)) if k != d)
-                           and x.shape[d] < ex.shape[d])
-                tail = " (a DataLoader's last, smaller batch: drop_last=True)" if smaller else ""
                 raise RuntimeConfigError(f"input {i} is {got} but the example inputs had {want}; the stages were "
-                                         f"captured for that shape. Pass batches shaped like the example inputs{tail}.")
+                                         f"captured for that shape. Pass batches shaped like the example inputs"
+                                         f"{_shape_hint(x, ex, leaf_dim(dims, i))}.")
         shares = split_batch((tuple(inputs), dict(kwargs)), self.dp * self.microbatches, "input",
                              batch_size(leaves, dims), dims)
         return [self.captured.flatten_inputs(a, kw) for a, kw in self._own_share(shares)]
@@ -255,6 +346,61 @@ class ParallelModel:
         unsplit model; returns the total norm on every rank. Under torchrun every rank must call it."""
         return clip_grad_norm_(self, max_norm, norm_type, error_if_nonfinite, foreach)
 
+    # ------------------------------------------------------------------ devices and dtypes
+
+    def to(self, *args: Any, **kwargs: Any) -> "ParallelModel":
+        """As Module.to where it changes nothing (a script's model.to(device) with the stages already
+        there, in that dtype): returns self. The stages were placed by compile_parallel and planned for
+        their dtype, so moving or casting them is refused, naming the fix."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        call = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+        mine = [self.devices[r] for r in (range(len(self.devices)) if self.rank is None else [self.rank])]
+        if device is not None and any(d.type != device.type or (device.index is not None and d.index != device.index)
+                                      for d in mine):
+            raise RuntimeConfigError(f"pm.to({call}): the stages are on {sorted({str(d) for d in mine})}, placed by "
+                                     "compile_parallel(devices=...); a ParallelModel does not move. Pass the devices "
+                                     f"to compile_parallel, e.g. devices=['{device.type}:0', '{device.type}:1'] "
+                                     "(one per pipeline rank), and move only the batch: x.to(device).")
+        floats = {t.dtype for _, t in [*self.named_parameters(), *self.named_buffers()] if t.is_floating_point()}
+        if dtype is not None and floats and floats != {dtype}:
+            raise RuntimeConfigError(f"pm.to({call}): the stages' weights are {sorted(map(str, floats))}, and the plan "
+                                     "was costed in that dtype; a ParallelModel does not cast. Cast the model before "
+                                     "compile_parallel (model.to(dtype)), or keep fp32 weights and compute in bf16 "
+                                     "with compile_parallel(mixed_precision='bf16').")
+        return self
+
+    def cuda(self, device: int | str | torch.device | None = None) -> "ParallelModel":
+        """pm.to('cuda'): self where the stages are on CUDA already, else refused (see to)."""
+        return self.to("cuda" if device is None else f"cuda:{device}" if isinstance(device, int) else device)
+
+    def cpu(self) -> "ParallelModel":
+        """pm.to('cpu'): self where the stages are on the CPU already, else refused (see to)."""
+        return self.to("cpu")
+
+    def float(self) -> "ParallelModel":
+        return self.to(torch.float32)
+
+    def half(self) -> "ParallelModel":
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> "ParallelModel":
+        return self.to(torch.bfloat16)
+
+    def double(self) -> "ParallelModel":
+        return self.to(torch.float64)
+
+    def __getattr__(self, name: str) -> Any:
+        """An nn.Module attribute a ParallelModel lacks is named with what it offers instead of Python's
+        bare 'no attribute'."""
+        if name.startswith("_") or not hasattr(torch.nn.Module, name):
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        raise AttributeError(f"ParallelModel has no nn.Module.{name}: it is not one module but the model's stages "
+                             "on their devices. It offers train_step, __call__ (inference), parameters / "
+                             "named_parameters / buffers / named_buffers / requires_grad_, zero_grad, train / eval, "
+                             "clip_grad_norm_, state_dict / load_state_dict / full_state_dict, save / load and to "
+                             "(where it moves nothing); for the model's modules, use the model you compiled (its "
+                             "weights are not the trained ones: load pm.full_state_dict() into it).")
+
     # ------------------------------------------------------------------ parameters and state
 
     def named_parameters(self, prefix: str = "", recurse: bool = True
@@ -272,13 +418,26 @@ class ParallelModel:
         """This rank's buffers under the original FQNs (prefix and recurse as Module.named_buffers)."""
         return _named(self.store.named_buffers(), prefix, recurse)
 
+    def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]:
+        """This rank's buffers."""
+        return (t for _, t in self.named_buffers(recurse=recurse))
+
+    def requires_grad_(self, requires_grad: bool = True) -> "ParallelModel":
+        """Freeze (False) or unfreeze every parameter of this rank, as Module.requires_grad_; one
+        parameter or layer: p.requires_grad_(False) for those of pm.named_parameters() it names."""
+        for p in self.parameters():
+            p.requires_grad_(requires_grad)
+        return self
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of this rank's parameters (tied replicas included), as Module.zero_grad."""
         self.store.zero_grad(set_to_none)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's parameters and buffers under every FQN the original model's state_dict uses."""
-        return self.store.state_dict()
+    def state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+        """This rank's parameters and buffers under every FQN the original model's state_dict uses;
+        detached (sharing memory) as Module.state_dict's, the Parameters themselves with keep_vars."""
+        state = self.store.state_dict()
+        return state if keep_vars else {k: v.detach() for k, v in state.items()}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every rank's state gathered on global rank 0 (CPU tensors); loads into the original model.
@@ -298,9 +457,10 @@ class ParallelModel:
             full.update(part)
         return full
 
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Load this rank's entries of a (full or this rank's) state dict; strict: all of them must be there."""
-        self.store.load_state_dict(state_dict, strict)
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any:
+        """Load this rank's entries of a (full or this rank's) state dict; strict: all of them must be there.
+        Returns (missing_keys, unexpected_keys) as Module.load_state_dict (this rank's missing ones)."""
+        return self.store.load_state_dict(state_dict, strict)
 
     def save(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
              extra: dict | None = None) -> None:
@@ -337,6 +497,31 @@ class _NoBackward(torch.autograd.Function):
                                  "optimizer.step(); run pm(...) under torch.no_grad().")
 
 
+class _BackwardDone(torch.autograd.Function):
+    """train_step's loss as it is, requiring grad as a module's loss does, with a backward that says
+    train_step ran it: a script's habitual loss.backward() (or GradScaler's scaler.scale(loss).backward())
+    would otherwise fail with autograd's 'element 0 of tensors does not require grad'."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> None:
+        raise RuntimeConfigError("backward through the loss train_step returned: train_step already ran the forward "
+                                 "and backward of every microbatch, and the gradients are in .grad; drop "
+                                 "loss.backward() and call optimizer.step(). With a torch.amp.GradScaler, instead of "
+                                 "scaler.scale(loss).backward() pass it to train_step: loss = pm.train_step(*inputs, "
+                                 "target=y, scaler=scaler), then scaler.step(optimizer) and scaler.update().")
+
+
+def _backward_done(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` passed through _BackwardDone where gradients are enabled."""
+    if not torch.is_grad_enabled():
+        return loss
+    return _BackwardDone.apply(torch.zeros((), requires_grad=True), loss)
+
+
 def _inference_only(out: Any) -> Any:
     """`out` with its floating-point tensors passed through _NoBackward."""
     leaves, spec = pytree.tree_flatten(out)
@@ -347,6 +532,30 @@ def _inference_only(out: Any) -> Any:
     for i, o in zip(floats, _NoBackward.apply(anchor, *(leaves[i] for i in floats))):
         leaves[i] = o
     return pytree.tree_unflatten(leaves, spec)
+
+
+def _shape_hint(x: Any, example: Any, dim: int) -> str:
+    """How to make an input `x` shaped as `example` (batch dim `dim`): a DataLoader's last, smaller batch
+    (drop_last=True), a bigger batch (compile with it), other lengths along other dims (pad or truncate
+    to it), another dtype (convert)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(example, torch.Tensor) or x.dim() != example.dim():
+        return ""
+    if x.shape == example.shape:
+        return f" (convert it: x.to({example.dtype}))" if x.dtype != example.dtype else ""
+    other = [k for k, (a, b) in enumerate(zip(x.shape, example.shape)) if a != b and k != dim]
+    if other:
+        k, n = other[0], example.shape[other[0]]
+        fix = (f"pad every batch to {n}, e.g. a tokenizer's padding='max_length', max_length={n}, with an attention "
+               "mask where the model takes one") if x.shape[k] < n else (
+               f"truncate it to {n}, or call compile_parallel with example inputs of the longest length and pad "
+               "every batch to it")
+        return f" (dim {k} is {x.shape[k]}, not {n}: {fix})"
+    if x.dim() > dim and x.shape[dim] < example.shape[dim]:
+        return " (a DataLoader's last, smaller batch: drop_last=True)"
+    if x.dim() > dim and x.shape[dim] > example.shape[dim]:
+        return (f" (a batch of {x.shape[dim]}: call compile_parallel with example inputs of that batch, or pass "
+                f"batches of {example.shape[dim]})")
+    return ""
 
 
 def _mismatch(args: tuple, kwargs: dict, example_args: tuple, example_kwargs: dict) -> str:

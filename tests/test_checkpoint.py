@@ -31,7 +31,7 @@ def _compile(zm, ranks: int = 2, chunks: int = 1):
 def _steps(pm, opt, zm, n: int) -> list[float]:
     losses = []
     for _ in range(n):
-        losses.append(float(pm.train_step(*zm.example_args, target=zm.target)))
+        losses.append(pm.train_step(*zm.example_args, target=zm.target).item())
         pm.clip_grad_norm_(1.0)
         opt.step()
         pm.zero_grad()

@@ -274,7 +274,7 @@ def test_cuda_graph_replays_draw_fresh_dropout():
     x, y = torch.randn(8, 64, device="cuda"), torch.randn(8, 1, device="cuda")
     pm = compile_parallel(model, ["cuda:0"] * 2, (x,), torch.nn.functional.mse_loss, microbatches=2,
                           compile=False, cuda_graph=True, example_target=y)
-    losses = [float(pm.train_step(x, target=y)) for _ in range(6)]  # no optimizer: only dropout changes
+    losses = [pm.train_step(x, target=y).item() for _ in range(6)]  # no optimizer: only dropout changes
     assert pm.step_graph.captured
     assert len(set(losses[3:])) == 3  # replays differ from one another
 

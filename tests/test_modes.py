@@ -75,7 +75,7 @@ def _worker(rank: int, world: int, _arg) -> dict:
         want = copy.deepcopy(zm.model).eval()(x).logits
     pm.train()
     loss = pm.train_step(x, target=zm.target)  # the training graph still runs after the switch
-    out = {"loss": float(loss)}
+    out = {"loss": loss.item()}
     if y1 is not None:
         out.update(equal=torch.equal(y1.logits, y2.logits), err=max_rel_err(y1.logits, want))
     return out

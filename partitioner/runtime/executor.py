@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.nn.modules.module import _IncompatibleKeys
 from torch.profiler import record_function
 from torch.utils import _pytree as pytree
 
@@ -113,10 +114,13 @@ class Executor:
         """Every callable the executor runs for its stages: the runners, and the last stage with the loss."""
         return {**self.runners, **({"loss": self.stage_loss} if self.stage_loss is not None else {})}
 
-    def train_step(self, mb_inputs: list[list[Any]], mb_targets: list[Any]) -> torch.Tensor | None:
+    def train_step(self, mb_inputs: list[list[Any]], mb_targets: list[Any],
+                   loss_scale: torch.Tensor | None = None) -> torch.Tensor | None:
         """Forward and backward of every microbatch; returns the summed (already 1/m-scaled) loss
-        if the last stage is local, else None. Parameter gradients accumulate in .grad."""
+        if the last stage is local, else None. Parameter gradients accumulate in .grad, of the loss
+        times loss_scale where given (a GradScaler's scale; the loss returned is unscaled)."""
         state = _StepState(mb_inputs, mb_targets, train=True)
+        state.loss_scale = loss_scale
         if self.foreach_grads:
             state.params = self._plain_parameters()
         if self.cudagraph_steps is not None:
@@ -235,7 +239,10 @@ class Executor:
         grads: list[torch.Tensor | None] = []
         if st.is_last:
             if outs[0].requires_grad:  # the step's loss is the microbatches' mean: 1/m in the gradient
-                tensors, grads = outs, [self._mean_grad(outs[0], len(state.inputs))]
+                seed = self._mean_grad(outs[0], len(state.inputs))
+                if state.loss_scale is not None:
+                    seed = seed * state.loss_scale.to(seed.device, seed.dtype)
+                tensors, grads = outs, [seed]
         else:
             grad_of: dict[str, torch.Tensor] = {}
             for msg in comm.recvs[a]:  # one gradient per (value, consumer): sum them
@@ -281,6 +288,7 @@ class _StepState:
         self.saved: dict[Action, tuple[dict[str, torch.Tensor], list[torch.Tensor]]] = {}
         self.outputs: dict[int, list[Any]] = {}
         self.params: dict[int, list[torch.Tensor]] | None = None  # per stage, where gradients add by foreach
+        self.loss_scale: torch.Tensor | None = None  # the backward's seed is the 1/m mean times this
         self._raw_loss: torch.Tensor | None = None
 
     def add_loss(self, raw: torch.Tensor) -> None:
@@ -320,6 +328,8 @@ class ParameterStore:
             names_of.setdefault(id(t), []).append(name)
         model_state = model.state_dict(keep_vars=True)
         self.model_keys = set(model_state)
+        # the model's own order: a plain optimizer.load_state_dict maps state to parameters by position
+        self._position = {fqn: i for i, fqn in enumerate(model_state)}
         self.holders: dict[str, list[int]] = {}
         self.is_param: dict[str, bool] = {}
         for st in stages:
@@ -377,12 +387,16 @@ class ParameterStore:
                     t.copy_(copies[0])
 
     def before_step(self) -> None:
-        """Refresh replicas; under torchrun set aside the gradient so far, so that only this
-        step's gradient of a replicated parameter is all-reduced."""
+        """Refresh replicas, each trainable as its exposed tensor is (a parameter frozen or unfrozen
+        through parameters() between steps: a copy left trainable would give the frozen one a .grad);
+        under torchrun set aside the gradient so far, so that only this step's gradient of a
+        replicated parameter is all-reduced."""
         self.refresh_replicas()
         for copies in self.replicas.values():
             for t in copies[1:]:
                 t.grad = None
+                if t.requires_grad != copies[0].requires_grad and t.is_leaf:
+                    t.requires_grad_(copies[0].requires_grad)
         if self.distributed:
             for fqn in self._shared():
                 p = self.replicas[fqn][0]
@@ -438,12 +452,18 @@ class ParameterStore:
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Every parameter of the local stages, and on rank 0 those the graph never reads (e.g. the token
         embedding of a model called with inputs_embeds: no gradient, as in the model), so that an
-        optimizer over them holds the model's parameters."""
-        return [(f, c[0]) for f, c in self.replicas.items() if self.is_param[f]] + [
-            (k, t) for k, t in self.unused.items() if isinstance(t, torch.nn.Parameter)]
+        optimizer over them holds the model's parameters. In the model's order (in one process, that of
+        model.parameters()): an optimizer state saved from the unpartitioned model's optimizer loads by
+        position onto the same parameters."""
+        return self._in_model_order([(f, c[0]) for f, c in self.replicas.items() if self.is_param[f]] + [
+            (k, t) for k, t in self.unused.items() if isinstance(t, torch.nn.Parameter)])
 
     def named_buffers(self) -> list[tuple[str, torch.Tensor]]:
-        return [(f, c[0]) for f, c in self.replicas.items() if not self.is_param[f]]
+        return self._in_model_order([(f, c[0]) for f, c in self.replicas.items() if not self.is_param[f]])
+
+    def _in_model_order(self, items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        end = len(self._position)
+        return sorted(items, key=lambda item: self._position.get(item[0], end))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for copies in self.replicas.values():
@@ -457,12 +477,14 @@ class ParameterStore:
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {name: copies[0] for fqn, copies in self.replicas.items() for name in self.aliases[fqn]}
         out.update(self.unused)
-        return out
+        return dict(self._in_model_order(list(out.items())))
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> Any:
         """Copy this rank's entries of `state` in, after checking them all (as Module.load_state_dict, a
-        wrong shape is refused, not broadcast into the tensor; unlike it, nothing is copied then)."""
+        wrong shape is refused, not broadcast into the tensor; unlike it, nothing is copied then).
+        Returns Module.load_state_dict's (missing_keys, unexpected_keys): FQNs this rank holds that
+        `state` lacks, keys no FQN of the model has."""
         missing, load = [], []
         for fqn, copies in self.replicas.items():
             key = next((k for k in [*self.aliases[fqn], fqn] if k in state), None)
@@ -491,6 +513,7 @@ class ParameterStore:
                                      "was given. Nothing was loaded.")
         for k, t in load:
             copy_full_(t, state[k])
+        return _IncompatibleKeys(missing, unexpected)
 
 
 def _prefix_hint(unexpected: list[str], model_keys) -> str:
