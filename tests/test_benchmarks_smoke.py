@@ -247,3 +247,10 @@ def test_gemm_layouts_says_it_needs_a_gpu(capsys):
     from benchmarks.gemm_layouts import SHAPES, main
     assert main([]) == 1 and "needs a CUDA GPU" in capsys.readouterr().err
     assert SHAPES["gpt2-xl qkv"] == (2048, 1600, 4800) and len(SHAPES) == 21
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_resident_kernels_says_it_needs_a_gpu(capsys):
+    from benchmarks.resident_kernels import GEMMS, main
+    assert main([]) == 1 and "needs a CUDA GPU" in capsys.readouterr().err
+    assert GEMMS["fc 2048x1600x6400"] == (2048, 1600, 6400)
