@@ -159,7 +159,7 @@ def make_plans(zm, args, precision: str, device: torch.device, p: int, rank: int
             config = PlanConfig(num_ranks=p, chunks=chunks, schedule=schedule, microbatches=args.microbatches,
                                 device_type=spec(compiled and not graph), dtype=None, mixed_precision=_mixed(precision),
                                 time_limit_s=args.time_limit, compiled=compiled, measure=args.measure,
-                                cuda_graphs=graph)
+                                cuda_graphs=graph, sends_hold_sms=rank is not None)
             result = plan_model(zm.model, zm.example_args, zm.example_kwargs, config, loss_fn=zm.loss_fn,
                                 example_target=zm.target)
             plans[(key, "ilp", compiled, graph)] = result.plan

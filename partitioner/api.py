@@ -647,7 +647,7 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
                             memory_cap_bytes=memory, device_type=device_type, time_limit_s=time_limit_s,
                             dtype=None, mixed_precision=mixed_precision, compiled=compiled, gap=gap,
                             data_parallel=dp, data_parallel_mode=dp_mode, measure=measure, cuda_graphs=cuda_graph,
-                            graphs_when_host_bound=graphs_when_host_bound)
+                            graphs_when_host_bound=graphs_when_host_bound, sends_hold_sms=rank is not None)
         result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target,
                             batch_dims=dims, microbatch=(mb_args, mb_kwargs))
         plan, captured, graphs = result.plan, result.captured, result.cuda_graphs

@@ -75,6 +75,7 @@ class PlanScores:
     dp_bw_bytes_per_s: float = 0.0
     rank_dp_reduce_time_s: list[float] = field(default_factory=list)
     dp_reduce_time_s: float = 0.0  # included in step_time_s
+    waiting_send_slowdown: float = 1.0  # the simulator's StageCosts.waiting_send_slowdown (1.0: sends cost nothing)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class Plan:
     dp_bw_bytes_per_s = _View()
     rank_dp_reduce_time_s = _View()
     dp_reduce_time_s = _View()
+    waiting_send_slowdown = _View()
     # SolverReport
     solver_status = _View()
     objective = _View()
@@ -299,6 +301,16 @@ def simulated_plan(plan: Plan, st: StageTotals) -> Plan:
                         rank_mem_bytes=list(tl.peak_mem_bytes), simulated=True)
 
 
+def with_waiting_sends(plan: Plan, bg, slowdown: float) -> Plan:
+    """`plan` re-simulated with its ranks' compute slowed by `slowdown` while their sends wait for busy
+    receivers (StageCosts.waiting_send_slowdown: NCCL between processes); the search scores plans without
+    it (it moves interleaved schedules, barely a balanced 1F1B). Unsimulated plans stay as they are."""
+    if slowdown == plan.waiting_send_slowdown or not plan.simulated:
+        return plan
+    return simulated_plan(plan.replace(waiting_send_slowdown=slowdown),
+                          stage_totals(bg, plan.block_stage, plan.num_ranks, plan.chunks, plan.link_bw_bytes_per_s))
+
+
 def plan_timeline(plan: Plan, bg):
     """The simulator's Timeline of `plan` on block graph `bg` (for drawing)."""
     return _simulate(plan, stage_totals(bg, plan.block_stage, plan.num_ranks, plan.chunks,
@@ -307,4 +319,4 @@ def plan_timeline(plan: Plan, bg):
 
 def _simulate(plan: Plan, st: StageTotals):
     return simulator.simulate(make_schedule(plan.schedule, plan.num_ranks, plan.microbatches, plan.chunks),
-                              st.stage_costs(plan.link_bw_bytes_per_s))
+                              st.stage_costs(plan.link_bw_bytes_per_s, plan.waiting_send_slowdown))

@@ -27,7 +27,7 @@ from partitioner.passes.capture import capture
 from partitioner.passes.capture_io import Captured
 from partitioner.passes.coarsen import BlockGraph, attach_loss, coarsen
 from partitioner.passes.mixed_precision import capture_mixed, compute_dtype
-from partitioner.plan import Plan, PlanOrigin
+from partitioner.plan import Plan, PlanOrigin, with_waiting_sends
 from partitioner.problem import check_config, check_gap
 from partitioner.solve import solve
 from partitioner.units import human_bytes
@@ -59,6 +59,8 @@ class PlanConfig:
     between steps) or "replicate"; see partitioner/data_parallel_costs.py for what each rank holds.
     dp_bw_bytes_per_s None: the device's intra-node bandwidth when data_parallel x num_ranks GPUs fit
     in one host of gpus_per_host, else its inter-node bandwidth.
+    sends_hold_sms: the ranks are processes that send over NCCL (torchrun), so a send waiting for its
+    receiver slows its sender's compute (DeviceSpec.waiting_send_slowdown); False for stages in one process.
     """
 
     num_ranks: int
@@ -86,6 +88,7 @@ class PlanConfig:
     data_parallel_mode: str = "fsdp"
     dp_bw_bytes_per_s: float | None = None
     gpus_per_host: int = 8
+    sends_hold_sms: bool = True
 
 
 @dataclass
@@ -211,12 +214,14 @@ def plan_profiled(annotated: AnnotatedGraph, costs: NodeCosts, loss_costs: NodeC
     plan = solve(bg, config.num_ranks, config.chunks, m, schedule, memory_cap_bytes=cap, link_bw_bytes_per_s=bw,
                  time_limit_s=config.time_limit_s, gap=config.gap)
     plan = dataclasses.replace(plan, origin=PlanOrigin(model_name, spec.name, spec.mem_bytes, package_version()))
-    plan = dpm.apply_data_parallel(plan, bg, block_params, shared_params, dp)
+    slowdown = spec.waiting_send_slowdown if config.sends_hold_sms else 1.0
+    plan = dpm.apply_data_parallel(with_waiting_sends(plan, bg, slowdown), bg, block_params, shared_params, dp)
     baselines = {}
     if config.compare:
         step("scoring the baselines")
         baselines = all_baselines(bg, config.num_ranks, config.chunks, m, schedule, cap, bw)
-        baselines = {name: dpm.apply_data_parallel(baseline, bg, block_params, shared_params, dp)
+        baselines = {name: dpm.apply_data_parallel(with_waiting_sends(baseline, bg, slowdown), bg, block_params,
+                                                   shared_params, dp)
                      for name, baseline in baselines.items()}
     return PlanResult(None, annotated, costs, bg, plan, baselines, cuda_graphs=graphs,
                       launch_and_run_s=launch_and_run)

@@ -63,11 +63,12 @@ class StageTotals:
         """Closed-form peak per rank (`closed_form_rank_mem_bytes`)."""
         return closed_form_rank_mem_bytes(self, inflight)
 
-    def stage_costs(self, link_bw_bytes_per_s: float) -> StageCosts:
+    def stage_costs(self, link_bw_bytes_per_s: float, waiting_send_slowdown: float = 1.0) -> StageCosts:
         """The simulator's StageCosts of these stages."""
         return StageCosts(tuple(self.fwd_time_s), tuple(self.bwd_time_s),
                           tuple(tuple(b / link_bw_bytes_per_s for b in row) for row in self.comm_bytes),
-                          tuple(self.saved_bytes), tuple(self.static_bytes), tuple(self.working_bytes))
+                          tuple(self.saved_bytes), tuple(self.static_bytes), tuple(self.working_bytes),
+                          waiting_send_slowdown)
 
 
 def closed_form_rank_mem_bytes(costs, inflight: list[int]) -> list[int]:

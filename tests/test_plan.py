@@ -141,3 +141,36 @@ def test_a_stage_overlaps_its_blocks_host_and_device_time():
         assert st.bwd_time_s[k] == pytest.approx(max(2.0 + 0.2, 0.2 + 2.5))
     st = stage_totals(bg, [0, 0, 1, 1], 2, 1, 1e12)
     assert st.fwd_time_s == pytest.approx([2.0, 4.0]) and st.bwd_time_s == pytest.approx([4.0, 5.0])
+
+
+def test_waiting_sends_rescore_an_interleaved_plan_and_travel_with_it():
+    """with_waiting_sends re-simulates a plan with its senders slowed while their values wait (the
+    simulator's waiting_send_slowdown), records the slowdown, and the plan's timeline and JSON keep it."""
+    from partitioner.plan import with_waiting_sends
+    bg = synthetic_block_graph([1.0] * 8, {(i, i + 1): 10 for i in range(7)}, [100] * 8, [7] * 8)
+    plan = evaluate_assignment(bg, [0, 0, 1, 1, 2, 2, 3, 3], 2, chunks=2, microbatches=8, link_bw_bytes_per_s=1e6)
+    slowed = with_waiting_sends(plan, bg, 1.14)
+    assert plan.waiting_send_slowdown == 1.0 and slowed.waiting_send_slowdown == 1.14
+    assert plan.step_time_s < slowed.step_time_s < 1.14 * plan.step_time_s
+    assert plan_timeline(slowed, bg).step_time_s == pytest.approx(slowed.step_time_s - slowed.allreduce_time_s)
+    assert Plan.from_json(slowed.to_json()) == slowed
+    assert with_waiting_sends(slowed, bg, 1.14) is slowed
+    one_f_one_b = evaluate_assignment(bg, [0] * 4 + [1] * 4, 2, microbatches=8, link_bw_bytes_per_s=1e6)
+    assert with_waiting_sends(one_f_one_b, bg, 1.14).step_time_s == pytest.approx(one_f_one_b.step_time_s, rel=1e-3)
+
+
+def test_the_planner_slows_senders_only_for_ranks_in_their_own_processes():
+    """PlanConfig.sends_hold_sms (compile_parallel: under torchrun) applies the device's
+    waiting_send_slowdown; stages in one process send nothing that holds SMs."""
+    import torch
+
+    from partitioner.cost_models.device import get_device_spec
+    from partitioner.plan_model import PlanConfig, plan_model
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)])
+    spec = dataclasses.replace(get_device_spec("h100"), waiting_send_slowdown=1.14)
+    plans = {}
+    for held in (True, False):
+        config = PlanConfig(num_ranks=2, chunks=2, microbatches=8, device_type=spec, time_limit_s=2,
+                            use_cache=False, sends_hold_sms=held)
+        plans[held] = plan_model(model, (torch.randn(32, 64),), {}, config).plan
+    assert plans[True].waiting_send_slowdown == 1.14 and plans[False].waiting_send_slowdown == 1.0

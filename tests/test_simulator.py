@@ -137,3 +137,33 @@ def test_a_schedule_simulated_again_with_other_costs_times_like_a_fresh_one():
     assert second.end_s == simulate(make_schedule("interleaved-1f1b", 2, 4, 2), fast).end_s
     assert simulate(sched, slow).end_s == first.end_s
     assert first.step_time_s > second.step_time_s
+
+
+def test_waiting_sends_slow_an_interleaved_sender_not_a_balanced_1f1b():
+    """waiting_send_slowdown: a rank computing while a send of its waits for a busy receiver runs that
+    much slower. A balanced 1F1B meets its receivers on time (no change); interleaving does not."""
+    import dataclasses
+
+    for p in (2, 4):
+        flat = StageCosts.uniform(p, 1.0, 2.0)
+        s = make_schedule("1f1b", p, 8)
+        assert step_time_s(s, dataclasses.replace(flat, waiting_send_slowdown=1.3)) == step_time_s(s, flat)
+    s = make_schedule("interleaved-1f1b", 2, 4, 2)
+    costs = StageCosts.chain([1.0] * 4, [1.0] * 4, 0.0)
+    base, slow = simulate(s, costs), simulate(s, dataclasses.replace(costs, waiting_send_slowdown=2.0))
+    # 2F1 ends at 4 and sends to 3F1, whose rank is busy with 3B0 until 5: 0F2 on [4, 5] runs at half speed
+    assert (base.start_s[Action(0, "F", 2)], base.end_s[Action(0, "F", 2)]) == (4.0, 5.0)
+    assert base.end_s[Action(3, "B", 0)] == 5.0
+    assert slow.start_s[Action(0, "F", 2)] == 4.0 and slow.end_s[Action(0, "F", 2)] > 5.0
+    for c in (costs, StageCosts.chain([1.0] * 8, [2.0] * 8, 0.01)):
+        s = make_schedule("interleaved-1f1b", len(c.fwd_time_s) // 2, 8, 2)
+        t1 = step_time_s(s, c)
+        t2 = step_time_s(s, dataclasses.replace(c, waiting_send_slowdown=1.14))
+        assert t1 < t2 < 1.14 * t1
+        tl = simulate(s, dataclasses.replace(c, waiting_send_slowdown=1.14))
+        for row in s.actions:  # a rank still runs one action at a time, each at least its own time
+            for a, b in zip(row, row[1:]):
+                assert tl.end_s[a] <= tl.start_s[b] + 1e-12
+            for a in row:
+                own = (c.fwd_time_s if a.kind == "F" else c.bwd_time_s)[a.stage]
+                assert tl.end_s[a] - tl.start_s[a] >= own - 1e-12

@@ -85,6 +85,10 @@ class DeviceSpec:
         at 0 there); spec_for_torch_device(compiled=True) times it on this host with the launch
         cost (cost_models/compiled_host.py). On the CPU device profile() measures it instead
         (cost_models.measure.compiled_call_overhead).
+    waiting_send_slowdown: how many times slower a GPU computes while an NCCL send of its waits for
+        the receiving rank (its kernel holds SMs until the peer posts the receive): the simulator
+        stretches the sender's compute in those windows (runtime/simulator.py). 1.0: sends cost the
+        sender nothing (gloo's threads, or stages in one process).
     """
 
     name: str
@@ -112,6 +116,7 @@ class DeviceSpec:
     contended_atomic_s: float = 0.0
     stage_pass_s: float = 0.0
     compiled_stage_pass_s: float = 0.0
+    waiting_send_slowdown: float = 1.0
 
     @property
     def per_kernel_s(self) -> float:
@@ -205,6 +210,14 @@ class DeviceSpec:
 # The foreach add of a compiled stage's gradients (multi_tensor_apply's BinaryOpListAlphaFunctor, bf16,
 # read two, write one) moved 3.1 TB/s on an H200 (gpt2-xl's stages, 0.64 of the peak) and 2.45 TB/s on an
 # H100 (t5-base's, 0.73) (host_overhead_{gpt2xl_foreach,t5base_foreach}_ours-2-stages-reduce-overhead.kernels.json).
+# A kernel resident on a few SMs (an NCCL send waiting for its receiver) slows the GEMMs beside it far more
+# than the SMs it takes: with 1, 2 and 4 of an H100's 132 SMs held by spinning blocks, gpt2-xl's forward
+# GEMMs as one layer (bf16, 2 x 1024 tokens) ran 1.09x, 1.14x and 1.16x their time, the 2048x1600x6400
+# GEMM alone 1.26-1.31x (`python -m benchmarks.resident_kernels`, results/resident_kernels_h100.json).
+# waiting_send_slowdown stays 1.0 (off) until a 2-GPU run settles it: at 1.14 the simulator turns gpt2-xl's
+# bf16 interleaved step from 5% faster than 1F1B to 1.3% slower (measured on 2 H200s: 4-7% slower), but it
+# also puts the fp32 chain of benchmarks/executor_vs_torch 5.6% above its interleaved step on NCCL, which
+# the simulator without it predicted within 1.1% (benchmarks/RESULTS.md, 2026-12-07).
 GPU_EFFICIENCY = dict(matmul_efficiency=0.78, attention_efficiency=0.40, masked_attention_efficiency=0.22,
                       grad_mask_attention_efficiency=0.115, kernel_gap_s=0.9e-6, causal_attention_speedup=1.55,
                       compiled_stage_pass_s=0.3e-3,

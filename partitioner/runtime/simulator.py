@@ -6,7 +6,16 @@ free and its inputs have arrived:
   and k sit on different ranks (stage k depends on every stage before it);
 - B(k, mb) waits for F(k, mb) and B(j, mb) of every j > k, plus
   comm_time_s[k][j] across ranks (the gradient goes back the same way).
-Sends never block compute and links are not contended.
+Sends never block compute and links are not contended. A send does hold
+compute back in one way, where `waiting_send_slowdown` > 1 (NCCL between
+processes): its kernel stays resident on some of the sender's SMs from the
+moment the value is ready until the receiving rank reaches the action that
+needs it (receives are posted when needed) and the transfer ends, and the
+sender's compute in that window runs that many times slower (one GPU, two SMs
+held: a transformer layer's bf16 GEMMs 1.14x, benchmarks/resident_kernels.py).
+A balanced 1F1B meets its receivers nearly on time; interleaving's values wait
+for ranks busy with other chunks, under the compute that follows. Off (1.0) in
+the device tables until measured on 2 GPUs (cost_models/device.py says why).
 
 bubble = 1 - Σ busy / (num_ranks · step_time): the idle fraction of all
 ranks. With equal stages and no communication, 1F1B gives (p-1)/(m+p-1).
@@ -30,6 +39,8 @@ class StageCosts:
     saved_bytes[k]: activations stage k keeps per in-flight microbatch.
     static_bytes[r]: parameters + grads + optimizer state on rank r (empty: 0).
     working_bytes[k]: transient bytes while a backward of stage k runs (empty: 0).
+    waiting_send_slowdown: how many times slower a rank computes while a send of its waits for
+        its receiver (module docstring); 1.0: sends cost the sender nothing.
     """
 
     fwd_time_s: tuple[float, ...]
@@ -38,6 +49,7 @@ class StageCosts:
     saved_bytes: tuple[int, ...]
     static_bytes: tuple[int, ...] = ()
     working_bytes: tuple[int, ...] = ()
+    waiting_send_slowdown: float = 1.0
 
     @classmethod
     def chain(
@@ -220,8 +232,77 @@ def _topological_order(rows: list[list[int]], deps: list[list[int]]) -> list[int
 
 
 def _event_times(plan: _Plan, s: Schedule, c: StageCosts) -> tuple[list[float], list[float]]:
+    """Start and end of every action (indices as plan.actions); with c.waiting_send_slowdown > 1 each
+    action stretched by the sends of its rank waiting meanwhile (`_waiting_sends`), to a fixed point."""
+    starts, ends = _event_pass(plan, s, c, None)
+    if c.waiting_send_slowdown <= 1.0 or s.num_ranks < 2:
+        return starts, ends
+    extra = [0.0] * len(plan.actions)
+    for _ in range(_WAITING_SEND_ROUNDS):
+        new = _waiting_sends(plan, s, c, starts, ends, extra)
+        if max((abs(a - b) for a, b in zip(new, extra)), default=0.0) < 1e-12:
+            break
+        extra = new
+        starts, ends = _event_pass(plan, s, c, extra)
+    return starts, ends
+
+
+# the stretch feeds back into when receivers get free; at a slowdown of 1.14 the step settles within 16 rounds
+_WAITING_SEND_ROUNDS = 32
+
+
+def _waiting_sends(plan: _Plan, s: Schedule, c: StageCosts, starts: list[float], ends: list[float],
+                   extra: list[float]) -> list[float]:
+    """Per action: the time it loses to its rank's waiting sends. A value sent across ranks holds the
+    sender from its producer's end until the receiving rank is free for the consumer (its previous
+    action ends: the receive is posted when needed) and the transfer is over; an action overlapping
+    such windows for w seconds of wall time takes w (1 - 1 / slowdown) longer than its own time."""
+    K, cross = s.num_stages, plan.cross
+    comm = c.comm_time_s or [[0.0] * K for _ in range(K)]
+    prev_end = [0.0] * len(plan.actions)
+    windows: list[list[tuple[float, float]]] = [[] for _ in range(s.num_ranks)]
+    first = 0
+    for row in s.actions:
+        for i in range(1, len(row)):
+            prev_end[first + i] = ends[first + i - 1]
+        first += len(row)
+    F, B = plan.fwd_index, plan.bwd_index
+    for b in range(len(plan.actions)):
+        k, mb = plan.stage[b], plan.microbatch[b]
+        if plan.forward[b]:
+            sources = [(j, F[j][mb], comm[j][k]) for j in range(k) if cross[j][k] and (j == k - 1 or comm[j][k] > 0)]
+        else:
+            sources = [(j, B[j][mb], comm[k][j]) for j in range(k + 1, K)
+                       if cross[k][j] and (j == k + 1 or comm[k][j] > 0)]
+        for _, a, delay in sources:
+            if a < 0:
+                continue
+            ready = ends[a]
+            windows[plan.rank[a]].append((ready, max(ready, prev_end[b]) + delay))
+    merged = [_union(w) for w in windows]
+    keep = 1.0 - 1.0 / c.waiting_send_slowdown
+    out = [0.0] * len(plan.actions)
+    for a in range(len(plan.actions)):
+        start, end = starts[a], ends[a]
+        held = sum(max(0.0, min(end, y) - max(start, x)) for x, y in merged[plan.rank[a]] if y > start and x < end)
+        out[a] = held * keep
+    return out
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for x, y in sorted(i for i in intervals if i[1] > i[0]):
+        if out and x <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], y))
+        else:
+            out.append((x, y))
+    return out
+
+
+def _event_pass(plan: _Plan, s: Schedule, c: StageCosts, extra: list[float] | None
+                ) -> tuple[list[float], list[float]]:
     """Start and end of every action (indices as plan.actions): each starts once its rank is free and
-    its inputs (`input_links`) have arrived, in one pass over plan.order.
+    its inputs (`input_links`) have arrived, in one pass over plan.order; `extra`: time added to each.
 
     Of F(k, mb)'s inputs only F(k-1, mb) and the forwards that reach k over a link that takes
     time can bind: F(j, mb) for j < k-1 ended before F(k-1, mb) began. Likewise B(k, mb) needs
@@ -253,7 +334,7 @@ def _event_times(plan: _Plan, s: Schedule, c: StageCosts) -> tuple[list[float], 
             if e > t:
                 t = e
         starts[a] = t
-        ends[a] = free[r] = t + duration
+        ends[a] = free[r] = t + duration + (extra[a] if extra is not None else 0.0)
     return starts, ends
 
 
