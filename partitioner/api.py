@@ -31,6 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.utils import _pytree as pytree
 
 from partitioner.cost_models.device import spec_for_torch_device
+from partitioner.dataclass_trees import check_flattens, register_dataclasses
 from partitioner.errors import CaptureError, RuntimeConfigError
 from partitioner.materialise import materialise
 from partitioner.microbatch import (BatchDims, batch_size, leaf_dim, resolve_batch_dims, split_batch,
@@ -48,6 +49,7 @@ from partitioner.runtime.comm_plan import build_comm_plan, forward_only
 from partitioner.runtime.compiled import compile_options, compile_stages, print_once, uses_cudagraphs
 from partitioner.runtime.data_parallel import (DATA_PARALLEL_MODES, DataParallelStages, MeshLayout,
                                                check_fsdp_gradients, mesh_layout)
+from partitioner.runtime.parameter_hooks import check_hooks_whole
 from partitioner.runtime.replicated_gradients import ReplicatedStages
 from partitioner.runtime.executor import Executor, ParameterStore, in_process_order
 from partitioner.runtime.schedules import make_schedule, validate
@@ -192,6 +194,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _check_one_argument(model, example_inputs, example_kwargs)
     kwargs = dict(example_kwargs or {})
+    register_dataclasses((args, kwargs, example_target))  # a batch as a dataclass of tensors: its fields are leaves
+    check_flattens((args, kwargs), "input", input_leaf_names(model, args, kwargs))
+    check_flattens(example_target, "example_target")
     rank = _init_distributed(devices, timeout_s) if layout is None else (
         layout.pp_rank if dist.get_world_size() > 1 else None)
     if rank is not None and layout is None:
@@ -247,6 +252,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     _check_plan(plan, p, chunks)
     if dp > 1 and data_parallel == "fsdp":
         check_fsdp_gradients(captured.graph_module)
+        check_hooks_whole(model, {}, sharded=True)
 
     try:
         mb_target = None if example_target is None else \

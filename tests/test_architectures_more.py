@@ -1,0 +1,218 @@
+"""compile_parallel on more plain-torch patterns: inputs, targets and outputs given as dataclasses
+(registered as pytree nodes, so their tensors are cut into microbatches and passed between stages),
+gradient hooks on the model's parameters (carried to the stages' copies), and the gradient hooks a
+captured graph cannot keep (module backward hooks, Tensor.register_hook in forward; objects of other
+classes holding tensors) refused by name. Loss and gradients equal the unpartitioned model's run with
+gradient accumulation over the same microbatches (fp32, rel err < 1e-5).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from partitioner.api import compile_parallel
+from partitioner.errors import CaptureError, RuntimeConfigError
+from partitioner.microbatch import batch_size, split_batch
+
+BATCH, MICROBATCHES, DIM = 4, 2, 16
+
+
+class MLP(nn.Module):
+    """Four tanh layers and a head: enough blocks for 2 ranks x 2 chunks."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(4))
+        self.head = nn.Linear(DIM, 3)
+
+    def body(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    scale: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+@dataclass
+class Target:
+    labels: torch.Tensor
+
+
+class DataclassModel(MLP):
+    """Reads a Batch, returns an Output."""
+
+    def forward(self, batch: Batch) -> Output:
+        h = self.body(batch.x * batch.scale)
+        return Output(self.head(h), h)
+
+
+def output_loss(out: Output, target: Target) -> torch.Tensor:
+    return F.cross_entropy(out.logits, target.labels) + out.hidden.pow(2).mean()
+
+
+def loss_fn(out, target):
+    return F.cross_entropy(out, target)
+
+
+def reference(model: nn.Module, args: tuple, target, loss) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and gradients of `model` under gradient accumulation over the pipeline's microbatches."""
+    total = 0.0
+    inputs = split_batch(args, MICROBATCHES, "input", batch_size(args))
+    for mb_args, mb_target in zip(inputs, split_batch(target, MICROBATCHES, "target")):
+        mb_loss = loss(model(*mb_args), mb_target) / MICROBATCHES
+        mb_loss.backward()
+        total += mb_loss.item()
+    return total, {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_trains_as(pm, model: nn.Module, args: tuple, target, loss, tol: float = 1e-5) -> None:
+    want_loss, want_grads = reference(model, args, target, loss)
+    assert pm.train_step(*args, target=target).item() == pytest.approx(want_loss, rel=tol)
+    got = dict(pm.named_parameters())
+    assert set(got) == set(want_grads)
+    for name, p in got.items():
+        want = want_grads[name]
+        assert (p.grad - want).abs().max() <= tol * want.abs().max().clamp_min(1e-6), name
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_dataclass_input_output_and_target_train_and_infer_as_the_model(chunks):
+    torch.manual_seed(0)
+    model = DataclassModel()
+    args = (Batch(torch.randn(BATCH, DIM), torch.rand(BATCH, 1)),)
+    target = Target(torch.randint(0, 3, (BATCH,)))
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, args, output_loss, example_target=target,
+                          microbatches=MICROBATCHES, chunks=chunks)
+    assert_trains_as(pm, model, args, target, output_loss)
+    with torch.no_grad():
+        out, want = pm.eval()(*args), model.eval()(*args)
+    assert isinstance(out, Output)
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-6)
+
+
+def test_an_object_holding_tensors_is_refused_naming_the_input_and_the_fix():
+    class Plain:
+        def __init__(self, x):
+            self.x = x
+
+    class Reads(MLP):
+        def forward(self, batch):
+            return super().forward(batch.x)
+
+    args, target = (Plain(torch.randn(BATCH, DIM)),), torch.randint(0, 3, (BATCH,))
+    with pytest.raises(RuntimeConfigError, match=r"input 'batch' is a .*Plain, an object holding tensors.*"
+                                                 r"Make it a dataclass.*register_pytree_node"):
+        compile_parallel(Reads(), ["cpu"] * 2, args, loss_fn, example_target=target, microbatches=MICROBATCHES)
+
+
+def triple_grad(p: torch.Tensor) -> None:
+    p.grad.mul_(3)
+
+
+def hooked_mlp() -> MLP:
+    """An MLP whose parameters carry a gradient hook and a post-accumulate-grad hook (which sees the
+    gradient accumulated so far: per microbatch, as under gradient accumulation)."""
+    torch.manual_seed(0)
+    model = MLP()
+    model.layers[0].weight.register_hook(lambda g: g.clamp(-0.01, 0.01))
+    model.layers[2].bias.register_post_accumulate_grad_hook(triple_grad)
+    return model
+
+
+@pytest.mark.parametrize("chunks,compile", [(1, False), (2, False), (1, True)])
+def test_hooks_on_the_models_parameters_run_on_the_stages_copies(chunks, compile):
+    args, target = (torch.randn(BATCH, DIM),), torch.randint(0, 3, (BATCH,))
+    pm = compile_parallel(hooked_mlp(), ["cpu"] * 2, args, loss_fn, example_target=target,
+                          microbatches=MICROBATCHES, chunks=chunks, compile=compile)
+    assert_trains_as(pm, hooked_mlp(), args, target, loss_fn, tol=1e-4 if compile else 1e-5)
+
+
+class Tied(nn.Module):
+    """An embedding tied to the output layer: with 2 stages its copies sit on both ranks."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(8, DIM)
+        self.layers = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(4))
+        self.out = nn.Linear(DIM, 8, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return self.out(h)
+
+
+def test_a_hook_on_a_tied_weight_split_across_ranks_is_refused_by_name():
+    torch.manual_seed(0)
+    model = Tied()
+    model.embed.weight.register_hook(lambda g: g.clamp(-1, 1))
+    ids = torch.randint(0, 8, (BATCH,))
+    with pytest.raises(RuntimeConfigError, match=r"parameter 'embed.weight' has a gradient hook and is read on "
+                                                 r"ranks \[0, 1\]"):
+        compile_parallel(model, ["cpu"] * 2, (ids,), loss_fn, example_target=ids, microbatches=MICROBATCHES)
+
+
+class ActivationHook(MLP):
+    def forward(self, x):
+        h = self.body(x)
+        h.register_hook(lambda g: g * 2)
+        return self.head(h)
+
+
+def test_hooks_a_graph_cannot_keep_are_refused_naming_the_module_and_the_fix():
+    args, target = (torch.randn(BATCH, DIM),), torch.randint(0, 3, (BATCH,))
+    model = MLP()
+    model.layers[1].register_full_backward_hook(lambda module, grad_in, grad_out: (grad_in[0] * 3,))
+    with pytest.raises(CaptureError, match=r"module 'layers.1' \(Linear\) has a backward hook.*"
+                                           r"torch.autograd.Function"):
+        compile_parallel(model, ["cpu"] * 2, args, loss_fn, example_target=target, microbatches=MICROBATCHES)
+    with pytest.raises(CaptureError, match=r"registers a gradient hook on a tensor in forward \(Tensor.register_hook\)"
+                                           r".*torch.autograd.Function"):
+        compile_parallel(ActivationHook(), ["cpu"] * 2, args, loss_fn, example_target=target,
+                         microbatches=MICROBATCHES)
+
+
+class ScaleGrad(torch.autograd.Function):
+    """What the refused hooks do, the way the errors suggest: identity forward, doubled gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class FunctionHook(MLP):
+    def forward(self, x):
+        return self.head(ScaleGrad.apply(self.body(x)))
+
+
+def test_the_suggested_autograd_function_trains_as_the_model():
+    torch.manual_seed(0)
+    model, args, target = FunctionHook(), (torch.randn(BATCH, DIM),), torch.randint(0, 3, (BATCH,))
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, args, loss_fn, example_target=target,
+                          microbatches=MICROBATCHES)
+    assert_trains_as(pm, model, args, target, loss_fn)
