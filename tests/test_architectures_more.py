@@ -216,3 +216,39 @@ def test_the_suggested_autograd_function_trains_as_the_model():
     pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, args, loss_fn, example_target=target,
                           microbatches=MICROBATCHES)
     assert_trains_as(pm, model, args, target, loss_fn)
+
+
+class InitialState(nn.Module):
+    """A batch-first LSTM started from given states h0, c0: (num_layers, batch, hidden) whatever
+    batch_first says, so their batch lies on dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(DIM, DIM)
+        self.lstm = nn.LSTM(DIM, DIM, num_layers=2, batch_first=True)
+        self.out = nn.Linear(DIM, 3)
+
+    def forward(self, x, h0, c0):
+        return self.out(self.lstm(torch.tanh(self.inp(x)), (h0, c0))[0][:, -1])
+
+
+def test_an_rnn_state_left_whole_is_refused_naming_its_inputs_and_trains_with_their_batch_dims():
+    torch.manual_seed(0)
+    model = InitialState()
+    x, h0, c0 = torch.randn(BATCH, 6, DIM), torch.randn(2, BATCH, DIM), torch.randn(2, BATCH, DIM)
+    target = torch.randint(0, 3, (BATCH,))
+    with pytest.raises(RuntimeConfigError, match=r"'lstm' \(LSTM\) gets an initial state hx of \(2, 4, 16\) per "
+                                                 r"microbatch of 2 samples.*batch_dims: \{'h0': 1, 'c0': 1\}"):
+        compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x, h0, c0), loss_fn, example_target=target,
+                         microbatches=MICROBATCHES)
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x, h0, c0), loss_fn, example_target=target,
+                          microbatches=MICROBATCHES, batch_dims={"h0": 1, "c0": 1})
+    want_loss, want_grads = 0.0, None
+    for xs, hs, cs, ts in zip(x.chunk(2), h0.chunk(2, 1), c0.chunk(2, 1), target.chunk(2)):
+        mb_loss = loss_fn(model(xs, hs, cs), ts) / MICROBATCHES
+        mb_loss.backward()
+        want_loss += mb_loss.item()
+    assert pm.train_step(x, h0, c0, target=target).item() == pytest.approx(want_loss, rel=1e-5)
+    for name, p in pm.named_parameters():
+        want = dict(model.named_parameters())[name].grad
+        assert (p.grad - want).abs().max() <= 1e-5 * want.abs().max(), name
