@@ -22,6 +22,7 @@ import inspect
 import itertools
 import os
 import re
+import warnings
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -34,8 +35,8 @@ from partitioner.cost_models.device import spec_for_torch_device
 from partitioner.dataclass_trees import check_flattens, register_dataclasses
 from partitioner.errors import CaptureError, RuntimeConfigError
 from partitioner.materialise import materialise
-from partitioner.microbatch import (BatchDims, batch_size, leaf_dim, resolve_batch_dims, split_batch,
-                                   split_target)
+from partitioner.microbatch import (BatchDims, batch_size, leaf_dim, per_sample_lists, resolve_batch_dims,
+                                   split_batch, split_target)
 from partitioner.modes import ModeSource, fake_skeleton
 from partitioner.optimizer_check import watch_model_parameters
 from partitioner.parallel_model import ParallelModel
@@ -226,6 +227,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                                  "batched input first, e.g. the shared one as a keyword input: kwargs come after "
                                  "args; if its batch lies on another dim, pass batch_dims=.)")
     check_split_keeps_sequences(model, args, kwargs, dp * microbatches, dims.inputs)
+    _warn_per_sample_lists(model, args, kwargs, batch)
     mb_args, mb_kwargs = _first_microbatch(args, kwargs, dp * microbatches, dims)
     # compile's default on CUDA, one process: host-bound stages (as their costs say) replay as CUDA graphs
     graphs_when_host_bound = (compile is None and options is not None and not cuda_graph and dp == 1
@@ -373,6 +375,23 @@ def _check_devices(devices: list[torch.device]) -> None:
     if missing:
         raise RuntimeConfigError(f"compile_parallel: devices name {missing[0]} but this machine has {count} GPU(s) "
                                  f"(cuda:0..cuda:{count - 1}); list only GPUs that exist.")
+
+
+def _warn_per_sample_lists(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | None) -> None:
+    """Say where an input looks per-sample but goes whole to every microbatch (microbatch.per_sample_lists):
+    a model indexing it by sample would read the first microbatch's values for every microbatch."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        names = []
+    names += [f"arg{i}" for i in range(len(names), len(args))]
+    lists = per_sample_lists(args, kwargs, names, batch)
+    if lists:
+        warnings.warn(f"compile_parallel: input {', '.join(lists)} is a list of Python values, as many as the batch "
+                      "has samples; values that are not tensors are constants of the captured graph and go whole to "
+                      "every microbatch, not cut with the batch (a model reading value i for sample i reads the first "
+                      "microbatch's for every microbatch). If they are per-sample, pass a tensor (torch.tensor(...)).",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _check_one_argument(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict | None) -> None:

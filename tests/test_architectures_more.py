@@ -252,3 +252,52 @@ def test_an_rnn_state_left_whole_is_refused_naming_its_inputs_and_trains_with_th
     for name, p in pm.named_parameters():
         want = dict(model.named_parameters())[name].grad
         assert (p.grad - want).abs().max() <= 1e-5 * want.abs().max(), name
+
+
+class Packed(nn.Module):
+    """An LSTM over padded sequences; `packed`: through pack_padded_sequence, else on the padded batch
+    reading each sequence's output at its last valid step (what the refusal suggests)."""
+
+    def __init__(self, packed: bool):
+        super().__init__()
+        self.packed = packed
+        self.inp = nn.Linear(DIM, DIM)
+        self.lstm = nn.LSTM(DIM, DIM, batch_first=True)
+        self.out = nn.Linear(DIM, 3)
+
+    def forward(self, x, lengths):
+        h = torch.tanh(self.inp(x))
+        if self.packed:
+            packed = nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False)
+            return self.out(self.lstm(packed)[1][0][-1])
+        out = self.lstm(h)[0]
+        return self.out(out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, out.shape[-1])).squeeze(1))
+
+
+def test_a_packed_sequence_is_refused_naming_the_rnn_and_the_padded_form_trains_as_the_packed_model():
+    torch.manual_seed(0)
+    x, lengths, target = torch.randn(BATCH, 6, DIM), torch.tensor([6, 3, 5, 2]), torch.randint(0, 3, (BATCH,))
+    with pytest.raises(CaptureError, match=r"module 'lstm' \(LSTM\) reads a PackedSequence.*on the padded batch"):
+        compile_parallel(Packed(packed=True), ["cpu"] * 2, (x, lengths), loss_fn, example_target=target,
+                         microbatches=MICROBATCHES)
+    model = Packed(packed=True)
+    padded = Packed(packed=False)
+    padded.load_state_dict(model.state_dict())
+    pm = compile_parallel(padded, ["cpu"] * 2, (x, lengths), loss_fn, example_target=target,
+                          microbatches=MICROBATCHES)
+    assert_trains_as(pm, model, (x, lengths), target, loss_fn)
+
+
+class PerSampleList(MLP):
+    """Reads sample i's first lengths[i] positions, from a Python list."""
+
+    def forward(self, x, lengths: list[int]):
+        return super().forward(torch.stack([x[i, :lengths[i]].mean(0) for i in range(x.shape[0])]))
+
+
+def test_a_per_sample_python_list_is_said_to_go_whole_to_every_microbatch():
+    x, target = torch.randn(BATCH, 6, DIM), torch.randint(0, 3, (BATCH,))
+    with pytest.warns(RuntimeWarning, match=r"input 'lengths' \(4 values\) is a list of Python values.*go whole to "
+                                            r"every microbatch.*pass a tensor"):
+        compile_parallel(PerSampleList(), ["cpu"] * 2, (x, [6, 3, 5, 2]), loss_fn, example_target=target,
+                         microbatches=MICROBATCHES)

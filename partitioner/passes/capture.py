@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from partitioner.dataclass_trees import outputs_registered, register_dataclasses
 from partitioner.errors import CaptureError
 from partitioner.passes.capture_errors import (ModuleTracker, capture_error, check_inputs_eagerly, first_line,
-                                   is_data_dependent, model_name)
+                                   is_data_dependent, model_name, packed_sequence_error)
 from partitioner.passes.autograd_functions import kept_whole, warn_traced
 from partitioner.passes.gradient_hooks import check_no_module_backward_hooks, tensor_hook_error, tensor_hooks_recorded
 from partitioner.passes.capture_io import Captured, find_tied, input_leaf_names, normalise
@@ -347,6 +347,9 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
             warn_traced(model_name(model), traced_functions)
         except Exception as export_err:
             export_where, export_failed = tracker.where(), tracker.failed_module
+            packed = packed_sequence_error(model, tracker.failed)
+            if packed is not None:
+                raise packed from export_err
             if not is_data_dependent(export_err):
                 check_inputs_eagerly(model, example_args, kwargs, names, leaves)
             tracker = ModuleTracker(model)
