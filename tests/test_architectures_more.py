@@ -8,6 +8,7 @@ gradient accumulation over the same microbatches (fp32, rel err < 1e-5).
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -301,3 +302,29 @@ def test_a_per_sample_python_list_is_said_to_go_whole_to_every_microbatch():
                                             r"every microbatch.*pass a tensor"):
         compile_parallel(PerSampleList(), ["cpu"] * 2, (x, [6, 3, 5, 2]), loss_fn, example_target=target,
                          microbatches=MICROBATCHES)
+
+
+class Recurrent(nn.Module):
+    """LSTMs reading the model's input directly (no gradient flows into it), residual, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnns = nn.ModuleList(nn.LSTM(DIM, DIM, batch_first=True) for _ in range(2))
+        self.head = nn.Linear(DIM, 3)
+
+    def forward(self, x):
+        for rnn in self.rnns:
+            x = x + rnn(x)[0]
+        return self.head(x[:, -1])
+
+
+def test_compiled_lstm_stages_train_as_the_model():
+    """Inductor lowers a CPU LSTM whose input needs no gradient to mkldnn_rnn_layer(train=False), whose
+    generated code fails on its first call (torch 2.13): that stage runs eagerly, the step is the model's."""
+    torch.manual_seed(0)
+    model, args, target = Recurrent(), (torch.randn(BATCH, 6, DIM),), torch.randint(0, 3, (BATCH,))
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, args, loss_fn, example_target=target,
+                          microbatches=MICROBATCHES, compile=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.compile failed on stage", RuntimeWarning)
+        assert_trains_as(pm, model, args, target, loss_fn, tol=1e-4)
