@@ -328,3 +328,29 @@ def test_compiled_lstm_stages_train_as_the_model():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.compile failed on stage", RuntimeWarning)
         assert_trains_as(pm, model, args, target, loss_fn, tol=1e-4)
+
+
+class BareOps(nn.Module):
+    """Every op in the root module's forward, the weights in a ParameterList and a ParameterDict: no
+    module boundary to cut at, so the blocks are single ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(DIM, DIM) * 0.3) for _ in range(4))
+        self.biases = nn.ParameterDict({f"b{i}": nn.Parameter(torch.zeros(DIM)) for i in range(4)})
+        self.out = nn.Parameter(torch.randn(DIM, 3) * 0.3)
+
+    def forward(self, x):
+        for i, w in enumerate(self.weights):
+            x = torch.tanh(x @ w + self.biases[f"b{i}"])
+        return x @ self.out
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_a_model_without_submodules_is_cut_between_ops(chunks):
+    torch.manual_seed(0)
+    model, args, target = BareOps(), (torch.randn(BATCH, DIM),), torch.randint(0, 3, (BATCH,))
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, args, loss_fn, example_target=target,
+                          microbatches=MICROBATCHES, chunks=chunks)
+    assert pm.plan.num_stages == 2 * chunks
+    assert_trains_as(pm, model, args, target, loss_fn)
