@@ -45,6 +45,7 @@ from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
 from partitioner.passes.mixed_precision import compute_dtype, loss_under_autocast
 from partitioner.passes.graph_nodes import set_attr
 from partitioner.passes.capture_io import Captured, input_leaf_names
+from partitioner.passes.hooks import warn_forward_hooks
 from partitioner.passes.split import outputs_the_loss_reads, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
 from partitioner.runtime.compiled import compile_options, compile_stages, print_once, uses_cudagraphs
@@ -177,6 +178,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         raise RuntimeConfigError(f"compile_parallel: data_parallel={data_parallel!r}; use one of "
                                  f"{list(DATA_PARALLEL_MODES)}.")
     _check_not_partly_meta(model)
+    warn_forward_hooks(model)
     if measure and plan is None:
         _check_measurable(model, devices[0])
     if cuda_graph:

@@ -389,3 +389,33 @@ def test_a_dataclass_batch_and_a_hooked_parameter_over_two_gloo_ranks():
         assert r["loss"] == pytest.approx(want_loss, rel=1e-5)
     for name, g in got.items():
         assert (g - want_grads[name]).abs().max() <= 1e-5 * want_grads[name].abs().max(), name
+
+
+def forward_hooked() -> MLP:
+    """Forward hooks and a pre-hook that change what modules return and read."""
+    torch.manual_seed(0)
+    model = MLP()
+    model.layers[1].register_forward_hook(lambda module, args, out: out * 2)
+    model.layers[2].register_forward_pre_hook(lambda module, args: (args[0] + 1,))
+    model.layers[3].register_forward_hook(lambda module, args, kwargs, out: out - 0.5, with_kwargs=True)
+    return model
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_forward_hooks_train_as_the_model_and_their_side_effects_are_said_to_run_once(chunks):
+    args, target = (torch.randn(BATCH, DIM),), torch.randint(0, 3, (BATCH,))
+    with pytest.warns(RuntimeWarning, match=r"forward hooks or pre-hooks on module 'layers.1' \(Linear\), 'layers.2' "
+                                            r"\(Linear\), 'layers.3' \(Linear\) ran once.*side effects"):
+        pm = compile_parallel(forward_hooked(), ["cpu"] * 2, args, loss_fn, example_target=target,
+                              microbatches=MICROBATCHES, chunks=chunks)
+    assert_trains_as(pm, forward_hooked(), args, target, loss_fn)
+
+
+def test_pruning_hooks_are_not_said():
+    torch.manual_seed(0)
+    model = MLP()
+    nn.utils.prune.l1_unstructured(model.layers[1], "weight", amount=0.5)
+    args, target = (torch.randn(BATCH, DIM),), torch.randint(0, 3, (BATCH,))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "forward hooks", RuntimeWarning)
+        compile_parallel(model, ["cpu"] * 2, args, loss_fn, example_target=target, microbatches=MICROBATCHES)

@@ -27,7 +27,7 @@ from partitioner.errors import CaptureError
 from partitioner.passes.capture_errors import (ModuleTracker, capture_error, check_inputs_eagerly, first_line,
                                    is_data_dependent, model_name, packed_sequence_error)
 from partitioner.passes.autograd_functions import kept_whole, warn_traced
-from partitioner.passes.gradient_hooks import check_no_module_backward_hooks, tensor_hook_error, tensor_hooks_recorded
+from partitioner.passes.hooks import check_no_module_backward_hooks, tensor_hook_error, tensor_hooks_recorded
 from partitioner.passes.capture_io import Captured, find_tied, input_leaf_names, normalise
 from partitioner.passes.graph_nodes import get_attr, mutates
 from partitioner.passes.regions import (RegionMarkingTracer, grad_off_in_autocast_recorded, inline_region_ops,
