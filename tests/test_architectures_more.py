@@ -403,7 +403,9 @@ def forward_hooked() -> MLP:
 
 @pytest.mark.parametrize("chunks", [1, 2])
 def test_forward_hooks_train_as_the_model_and_their_side_effects_are_said_to_run_once(chunks):
+    """After the same model without hooks: the profile cache tells the two graphs apart."""
     args, target = (torch.randn(BATCH, DIM),), torch.randint(0, 3, (BATCH,))
+    compile_parallel(MLP(), ["cpu"] * 2, args, loss_fn, example_target=target, microbatches=MICROBATCHES, chunks=chunks)
     with pytest.warns(RuntimeWarning, match=r"forward hooks or pre-hooks on module 'layers.1' \(Linear\), 'layers.2' "
                                             r"\(Linear\), 'layers.3' \(Linear\) ran once.*side effects"):
         pm = compile_parallel(forward_hooked(), ["cpu"] * 2, args, loss_fn, example_target=target,
