@@ -421,3 +421,37 @@ def test_pruning_hooks_are_not_said():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "forward hooks", RuntimeWarning)
         compile_parallel(model, ["cpu"] * 2, args, loss_fn, example_target=target, microbatches=MICROBATCHES)
+
+
+class VAE(nn.Module):
+    """A variational autoencoder: torch.distributions' Normal validates its scale (a branch on tensor values)
+    unless told not to, and rsample draws noise, the model's one random op."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(DIM, 32), nn.ReLU(), nn.Linear(32, 16))
+        self.dec = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, DIM))
+
+    def forward(self, x):
+        mu, logvar = self.enc(x).chunk(2, -1)
+        z = torch.distributions.Normal(mu, (0.5 * logvar).exp()).rsample() if self.training else mu
+        return self.dec(z), mu, logvar
+
+
+def vae_loss(out, target):
+    recon, mu, logvar = out
+    return F.mse_loss(recon, target) - 0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(-1).mean()
+
+
+def test_a_vae_with_torch_distributions_trains_as_the_model():
+    """Its noise is drawn by one stage, microbatch after microbatch: from the same seed, the same draws."""
+    torch.manual_seed(0)
+    model, x = VAE(), torch.randn(BATCH, DIM)
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), vae_loss, example_target=x,
+                          microbatches=MICROBATCHES)
+    torch.manual_seed(1)
+    want_loss, want_grads = reference(model, (x,), x, vae_loss)
+    torch.manual_seed(1)
+    assert pm.train_step(x, target=x).item() == pytest.approx(want_loss, rel=1e-5)
+    for name, p in pm.named_parameters():
+        assert (p.grad - want_grads[name]).abs().max() <= 1e-5 * want_grads[name].abs().max(), name

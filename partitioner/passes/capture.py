@@ -65,6 +65,20 @@ def _random_draws_checked(model: torch.nn.Module):
                   RuntimeWarning, stacklevel=4)
 
 
+@contextlib.contextmanager
+def _distribution_checks_off() -> Iterator[None]:
+    """Trace with torch.distributions' argument validation off (the default of `python -O`): it branches
+    on tensor values (Normal's scale > 0, a probability vector's sum), which no graph can hold, so a VAE's
+    rsample or a policy's Categorical would fail to capture as data-dependent control flow."""
+    from torch.distributions import Distribution
+    old = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(old)
+
+
 # --------------------------------------------------------------------------- export / symbolic_trace
 
 _NOISY_LOGGERS = ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes",
@@ -141,7 +155,7 @@ def _reentrant_checkpoint_inlined():
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, pytree.TreeSpec]:
-    with _quiet_on_failure(), _fast_export(), _reentrant_checkpoint_inlined():
+    with _quiet_on_failure(), _fast_export(), _reentrant_checkpoint_inlined(), _distribution_checks_off():
         ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
         out_spec = ep.call_spec.out_spec
         gm = _unlift(ep)
@@ -280,7 +294,7 @@ def _symbolic_trace(model: torch.nn.Module, in_spec: pytree.TreeSpec,
     wrapper = wrapper_cls()
     wrapper.m = model
     concrete = {f"in{i}": v for i, v in const.items()}
-    with _quiet_on_failure():
+    with _quiet_on_failure(), _distribution_checks_off():
         graph = _DeepTracer().trace(wrapper, concrete_args=concrete or None)
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module") and isinstance(node.target, str):
