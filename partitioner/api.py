@@ -44,6 +44,7 @@ from partitioner.plan import Plan
 from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
 from partitioner.passes.mixed_precision import compute_dtype, loss_under_autocast
 from partitioner.passes.graph_nodes import set_attr
+from partitioner.passes.capture_errors import check_inputs_eagerly
 from partitioner.passes.capture_io import Captured, input_leaf_names
 from partitioner.passes.hooks import warn_forward_hooks
 from partitioner.passes.split import outputs_the_loss_reads, place_on_device, split
@@ -245,7 +246,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         else:
             captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     except CaptureError as err:
-        hint = _split_hint(model, args, kwargs, batch, dims)
+        hint = _split_hint(model, args, kwargs, batch, dims) or _fixed_batch_hint(
+            model, args, kwargs, batch, dp * microbatches, dims, str(err))
         if not hint:
             raise
         raise CaptureError(f"{err}{hint}") from err
@@ -593,6 +595,23 @@ def _split_hint(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | 
             f"{batch} (dim {first_dim} of the first tensor input, '{first}'). If such an input is not batched (e.g. "
             "a mask shared by the batch), give it a size of 1 there (e.g. a leading dim of 1) to broadcast, or use "
             "a batch size different from that size.")
+
+
+def _fixed_batch_hint(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | None, parts: int,
+                      dims: BatchDims, error: str) -> str:
+    """Where the model fails on the one microbatch it is captured on but runs on the whole batch: say so,
+    and that the model likely fixes a size to the batch."""
+    if batch is None or parts == 1 or "fails on the example inputs" not in error:
+        return ""
+    try:  # as capture ran it on the microbatch: no gradients, buffers and random state kept
+        check_inputs_eagerly(model, args, kwargs, input_leaf_names(model, args, kwargs),
+                             pytree.tree_leaves((args, kwargs)))
+    except CaptureError:  # it fails on the whole batch too: the error says what
+        return ""
+    return (f" Note: compile_parallel captures the model on ONE microbatch, {batch // parts} of the {batch} samples "
+            "(the example inputs above), and the model runs on the whole batch but not on it: a size fixed to the "
+            f"batch inside the model (a tensor made with {batch} rows, a view or expand to {batch}) does not fit a "
+            "microbatch; take it from the input (x.shape[0]).")
 
 
 def _first_microbatch(args: tuple, kwargs: dict, microbatches: int, dims: BatchDims) -> tuple[tuple, dict]:

@@ -455,3 +455,17 @@ def test_a_vae_with_torch_distributions_trains_as_the_model():
     assert pm.train_step(x, target=x).item() == pytest.approx(want_loss, rel=1e-5)
     for name, p in pm.named_parameters():
         assert (p.grad - want_grads[name]).abs().max() <= 1e-5 * want_grads[name].abs().max(), name
+
+
+class FixedBatch(MLP):
+    """Adds a state made with the batch size written into the model: it cannot run on a microbatch."""
+
+    def forward(self, x):
+        return super().forward(x + torch.zeros(BATCH, DIM))
+
+
+def test_a_size_fixed_to_the_batch_is_named_as_the_microbatch_capture_fails():
+    args, target = (torch.randn(BATCH, DIM),), torch.randint(0, 3, (BATCH,))
+    with pytest.raises(CaptureError, match=r"captures the model on ONE microbatch, 2 of the 4 samples.*runs on the "
+                                           r"whole batch but not on it.*x.shape\[0\]"):
+        compile_parallel(FixedBatch(), ["cpu"] * 2, args, loss_fn, example_target=target, microbatches=MICROBATCHES)
