@@ -121,10 +121,15 @@ def _record(name: str, shapes: dict[str, torch.Size], states: dict[str, torch.Si
     for an RNN given one, of its initial state hx (h_0 of an LSTM's (h_0, c_0))."""
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         first = args[0] if args else kwargs.get("query", kwargs.get("input"))
-        if isinstance(first, torch.Tensor):
+        if isinstance(first, torch.Tensor) and _concrete(first.shape):
             shapes.setdefault(name, first.shape)
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
         hx = hx[0] if isinstance(hx, (tuple, list)) else hx
-        if isinstance(module, nn.RNNBase) and isinstance(hx, torch.Tensor):
+        if isinstance(module, nn.RNNBase) and isinstance(hx, torch.Tensor) and _concrete(hx.shape):
             states.setdefault(name, hx.shape)
     return hook
+
+
+def _concrete(shape: torch.Size) -> bool:
+    """A size known without the data (not one that a nonzero before it made symbolic)."""
+    return all(isinstance(d, int) for d in shape)

@@ -469,3 +469,203 @@ def test_a_size_fixed_to_the_batch_is_named_as_the_microbatch_capture_fails():
     with pytest.raises(CaptureError, match=r"captures the model on ONE microbatch, 2 of the 4 samples.*runs on the "
                                            r"whole batch but not on it.*x.shape\[0\]"):
         compile_parallel(FixedBatch(), ["cpu"] * 2, args, loss_fn, example_target=target, microbatches=MICROBATCHES)
+
+
+# ---------------------------------------------------------------------------------------- plain-torch zoo
+# Architectures that train as the model without anything of their own: kept so that they stay so.
+
+SEQ = 6
+
+
+class RNNStack(nn.Module):
+    """Residual recurrent layers (nn.LSTM / nn.GRU), batch-first or sequence-first."""
+
+    def __init__(self, cell: type, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.inp = nn.Linear(DIM, DIM)
+        self.rnns = nn.ModuleList(cell(DIM, DIM, batch_first=batch_first, bidirectional=True) for _ in range(2))
+        self.proj = nn.ModuleList(nn.Linear(2 * DIM, DIM) for _ in range(2))
+        self.head = nn.Linear(DIM, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.inp(x))
+        for rnn, proj in zip(self.rnns, self.proj):
+            x = x + proj(rnn(x)[0])
+        return self.head(x[:, -1] if self.batch_first else x[-1])
+
+
+class EncoderDecoder(nn.Module):
+    """nn.TransformerEncoder / Decoder layers with a padding mask and a causal target mask."""
+
+    def __init__(self, norm_first: bool):
+        super().__init__()
+        self.embed = nn.Embedding(32, DIM)
+        layer = dict(d_model=DIM, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), 2, enable_nested_tensor=False)
+        self.dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), 2)
+        self.head = nn.Linear(DIM, 32)
+
+    def forward(self, src, tgt, pad):
+        memory = self.enc(self.embed(src), src_key_padding_mask=pad)
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        return self.head(self.dec(self.embed(tgt), memory, tgt_mask=causal, tgt_is_causal=True,
+                                  memory_key_padding_mask=pad))
+
+
+class ViT(nn.Module):
+    """Patches by a strided Conv2d, a class token and learned positions as parameters, pre-norm layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, DIM, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, DIM))
+        self.pos = nn.Parameter(torch.randn(1, 5, DIM) * 0.02)
+        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(DIM, 2, 32, 0.0, batch_first=True, norm_first=True)
+                                    for _ in range(3))
+        self.norm, self.head = nn.LayerNorm(DIM), nn.Linear(DIM, 3)
+
+    def forward(self, image):
+        x = self.patch(image).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, 0]))
+
+
+class UNet(nn.Module):
+    """Two levels down, ConvTranspose2d up, long skip connections; GroupNorm, InstanceNorm with running
+    statistics, or LayerNorm over whole feature maps."""
+
+    def __init__(self, norm: str):
+        super().__init__()
+        size = {8: 8, 16: 4}
+
+        def block(cin, cout, side):
+            n = {"group": nn.GroupNorm(2, cout), "instance": nn.InstanceNorm2d(cout, affine=True,
+                                                                                track_running_stats=True),
+                 "layer": nn.LayerNorm([cout, side, side])}[norm]
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), n, nn.ReLU())
+
+        self.down1, self.down2, self.mid = block(3, 8, 8), block(8, 16, 4), block(16, 16, 2)
+        self.up2, self.dec2 = nn.ConvTranspose2d(16, 16, 2, 2), block(32, 8, size[16])
+        self.up1, self.dec1 = nn.ConvTranspose2d(8, 8, 2, 2), block(16, 8, size[8])
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        a = self.down1(x)
+        b = self.down2(F.max_pool2d(a, 2))
+        m = self.mid(F.max_pool2d(b, 2))
+        u = self.dec2(torch.cat([self.up2(m), b], 1))
+        return self.out(self.dec1(torch.cat([self.up1(u), a], 1)))
+
+
+class MoE(nn.Module):
+    """Two mixture-of-experts layers: top-2 routing, each expert on the rows routed to it (data-dependent
+    shapes), summed back with index_add or scatter_add, a load-balancing loss as a second output."""
+
+    def __init__(self, scatter: bool):
+        super().__init__()
+        self.scatter = scatter
+        self.inp = nn.Linear(DIM, DIM)
+        self.gates = nn.ModuleList(nn.Linear(DIM, 4) for _ in range(2))
+        self.experts = nn.ModuleList(nn.ModuleList(nn.Sequential(nn.Linear(DIM, 32), nn.GELU(), nn.Linear(32, DIM))
+                                                   for _ in range(4)) for _ in range(2))
+        self.head = nn.Linear(DIM, 3)
+
+    def forward(self, x):
+        x, aux = self.inp(x), 0.0
+        for gate, experts in zip(self.gates, self.experts):
+            flat = x.reshape(-1, DIM)
+            probs = gate(flat).softmax(-1)
+            weight, index = probs.topk(2, -1)
+            out = torch.zeros_like(flat)
+            for e, expert in enumerate(experts):
+                rows, slot = torch.where(index == e)
+                y = expert(flat[rows]) * weight[rows, slot, None]
+                out = (out.scatter_add(0, rows[:, None].expand(-1, DIM), y) if self.scatter
+                       else out.index_add(0, rows, y))
+            x = x + out.reshape(x.shape)
+            aux = aux + (probs.mean(0) ** 2).sum() * 4
+        return self.head(x.mean(1)), aux
+
+
+class Reused(nn.Module):
+    """One Linear called at two depths (weights shared by reuse), an EmbeddingBag over the inputs."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(32, DIM, mode=mode)
+        self.a, self.shared, self.b = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+        self.head = nn.Linear(DIM, 3)
+
+    def forward(self, ids, weights=None):
+        x = torch.tanh(self.shared(torch.tanh(self.a(self.bag(ids, per_sample_weights=weights)))))
+        return self.head(torch.tanh(self.shared(torch.tanh(self.b(x)))))
+
+
+def token_loss(out, target):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+
+
+def aux_loss(out, target):
+    return F.cross_entropy(out[0], target) + 0.01 * out[1]
+
+
+def build(name: str):
+    """(model, args, target, loss, batch_dims) of a small `name`, seeded."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (BATCH,))
+    seq, ids = torch.randn(BATCH, SEQ, DIM), torch.randint(0, 32, (BATCH, SEQ))
+    pad = torch.arange(SEQ).expand(BATCH, SEQ) >= SEQ - torch.arange(BATCH)[:, None]
+    if name in ("lstm", "gru"):
+        return RNNStack(nn.LSTM if name == "lstm" else nn.GRU, True), (seq,), labels, loss_fn, None
+    if name == "gru-seq-first":
+        return RNNStack(nn.GRU, False), (seq.transpose(0, 1).contiguous(),), labels, loss_fn, {"x": 1}
+    if name.startswith("encoder-decoder"):
+        return EncoderDecoder(name.endswith("pre-norm")), (ids, ids.flip(1), pad), ids, token_loss, None
+    if name == "vit":
+        return ViT(), (torch.randn(BATCH, 3, 8, 8),), labels, loss_fn, None
+    if name.startswith("unet"):
+        return UNet(name.split("-")[1]), (torch.randn(BATCH, 3, 8, 8),), torch.randint(0, 2, (BATCH, 8, 8)), \
+            loss_fn, None
+    if name.startswith("moe"):
+        return MoE(name.endswith("scatter")), (seq,), labels, aux_loss, None
+    if name == "reused-bag":
+        return Reused("max"), (ids,), labels, loss_fn, None
+    if name == "reused-bag-weighted":
+        return Reused("sum"), (ids, torch.rand(BATCH, SEQ)), labels, loss_fn, None
+    if name == "float64":
+        return UNet("group").double(), (torch.randn(BATCH, 3, 8, 8, dtype=torch.float64),), \
+            torch.randint(0, 2, (BATCH, 8, 8)), loss_fn, None
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("name,chunks", [
+    ("lstm", 1), ("gru", 2), ("gru-seq-first", 1), ("encoder-decoder-post-norm", 1),
+    ("encoder-decoder-pre-norm", 2), ("vit", 2), ("unet-group", 1), ("unet-instance", 2), ("unet-layer", 1),
+    ("moe-index-add", 2), ("moe-scatter", 1), ("reused-bag", 2), ("reused-bag-weighted", 1), ("float64", 1)])
+def test_plain_torch_architectures_train_and_infer_as_the_model(name, chunks):
+    model, args, target, loss, batch_dims = build(name)
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, args, loss, example_target=target,
+                          microbatches=MICROBATCHES, chunks=chunks, batch_dims=batch_dims)
+    dims = 1 if batch_dims else 0
+    want_loss = 0.0
+    inputs = split_batch(args, MICROBATCHES, "input", batch_size(args, dims), dims)
+    for mb_args, mb_target in zip(inputs, split_batch(target, MICROBATCHES, "target")):
+        mb_loss = loss(model(*mb_args), mb_target) / MICROBATCHES
+        mb_loss.backward()
+        want_loss += mb_loss.item()
+    assert pm.train_step(*args, target=target).item() == pytest.approx(want_loss, rel=1e-5)
+    want = dict(model.named_parameters())
+    largest = max(p.grad.abs().max() for p in want.values())
+    for n, p in pm.named_parameters():
+        assert (p.grad - want[n].grad).abs().max() <= 1e-5 * max(want[n].grad.abs().max(), 1e-3 * largest), n
+    state = pm.full_state_dict()
+    for n, b in model.state_dict().items():  # InstanceNorm's running statistics
+        torch.testing.assert_close(state[n], b, rtol=1e-5, atol=1e-7, msg=n)
+    with torch.no_grad(), warnings.catch_warnings():  # eval: nn.Transformer*'s inference fast path in the model
+        warnings.filterwarnings("error", "ParallelModel.forward cannot tell", RuntimeWarning)  # MoE's nonzero
+        got, want_out = pm.eval()(*args), model.eval()(*args)
+    got, want_out = (got[0], want_out[0]) if isinstance(got, tuple) else (got, want_out)
+    torch.testing.assert_close(got, want_out, rtol=1e-5, atol=1e-6)
