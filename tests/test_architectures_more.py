@@ -669,3 +669,31 @@ def test_plain_torch_architectures_train_and_infer_as_the_model(name, chunks):
         got, want_out = pm.eval()(*args), model.eval()(*args)
     got, want_out = (got[0], want_out[0]) if isinstance(got, tuple) else (got, want_out)
     torch.testing.assert_close(got, want_out, rtol=1e-5, atol=1e-6)
+
+
+class RandomMask(torch.autograd.Function):
+    """Dropout as a Function: its backward reads the mask its forward drew."""
+
+    @staticmethod
+    def forward(ctx, x):
+        mask = (torch.rand_like(x) > 0.5).to(x.dtype) * 2
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.saved_tensors[0]
+
+
+class RandomFunction(MLP):
+    def forward(self, x):
+        return self.head(RandomMask.apply(self.body(x)))
+
+
+def test_a_function_drawing_random_numbers_is_said_to_draw_anew_in_its_backward():
+    args, target = (torch.randn(BATCH, DIM),), torch.randint(0, 3, (BATCH,))
+    pm = compile_parallel(RandomFunction(), ["cpu"] * 2, args, loss_fn, example_target=target,
+                          microbatches=MICROBATCHES)
+    with pytest.warns(RuntimeWarning, match=r"Function .*RandomMask draws random numbers in its forward.*recomputes"
+                                            r".*pass them in as a tensor argument"):
+        pm.train_step(*args, target=target)
