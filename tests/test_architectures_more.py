@@ -697,3 +697,32 @@ def test_a_function_drawing_random_numbers_is_said_to_draw_anew_in_its_backward(
     with pytest.warns(RuntimeWarning, match=r"Function .*RandomMask draws random numbers in its forward.*recomputes"
                                             r".*pass them in as a tensor argument"):
         pm.train_step(*args, target=target)
+
+
+class Dropped(MLP):
+    """nn.Dropout(0.5) between the body and the head: one random op, in one stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.head(self.drop(self.body(x)))
+
+
+def test_dropout_draws_fresh_masks_per_step_keeps_its_mask_in_backward_and_is_off_in_eval():
+    """From the same seed the one dropout draws what the model draws (its stage runs the microbatches in
+    order), so loss and gradients are the model's: the backward uses the forward's mask."""
+    torch.manual_seed(0)
+    model, args, target = Dropped(), (torch.randn(BATCH, DIM),), torch.randint(0, 3, (BATCH,))
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, args, loss_fn, example_target=target,
+                          microbatches=MICROBATCHES)
+    torch.manual_seed(1)
+    want_loss, want_grads = reference(model, args, target, loss_fn)
+    torch.manual_seed(1)
+    assert pm.train_step(*args, target=target).item() == pytest.approx(want_loss, rel=1e-5)
+    for name, p in pm.named_parameters():
+        assert (p.grad - want_grads[name]).abs().max() <= 1e-5 * want_grads[name].abs().max(), name
+    assert pm.train_step(*args, target=target).item() != pytest.approx(want_loss, rel=1e-5)  # new masks
+    with torch.no_grad():
+        torch.testing.assert_close(pm.eval()(*args), model.eval()(*args), rtol=1e-5, atol=1e-6)
