@@ -21,10 +21,16 @@ from partitioner.errors import RuntimeConfigError
 
 
 def register_dataclasses(value: Any) -> None:
-    """Register every dataclass type in pytree `value` (nested ones too) as a pytree node."""
-    while found := {type(leaf) for leaf in pytree.tree_leaves(value) if _opaque_dataclass(leaf)}:
+    """Register every dataclass type in pytree `value` (nested ones too) as a pytree node. One that
+    cannot be (torch refuses it) stays a leaf: torch.export then says why."""
+    tried: set[type] = set()
+    while found := {type(leaf) for leaf in pytree.tree_leaves(value) if _opaque_dataclass(leaf)} - tried:
         for cls in found:
-            torch.export.register_dataclass(cls)
+            tried.add(cls)
+            try:
+                torch.export.register_dataclass(cls)
+            except (ValueError, TypeError, RuntimeError):
+                continue
 
 
 def check_flattens(value: Any, what: str, names: list[str] | None = None) -> None:
