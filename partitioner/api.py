@@ -23,6 +23,7 @@ import inspect
 import itertools
 import os
 import re
+import warnings
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -32,10 +33,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.utils import _pytree as pytree
 
 from partitioner.cost_models.device import spec_for_torch_device
+from partitioner.dataclass_trees import check_flattens, register_dataclasses
 from partitioner.errors import CaptureError, RuntimeConfigError
 from partitioner.materialise import materialise
-from partitioner.microbatch import (BatchDims, batch_size, leaf_dim, resolve_batch_dims, split_batch,
-                                   split_target)
+from partitioner.microbatch import (BatchDims, batch_size, leaf_dim, per_sample_lists, resolve_batch_dims,
+                                   split_batch, split_target)
 from partitioner.modes import ModeSource, fake_skeleton
 from partitioner.optimizer_check import watch_model_parameters
 from partitioner.parallel_model import ParallelModel
@@ -43,12 +45,15 @@ from partitioner.plan import Plan
 from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
 from partitioner.passes.mixed_precision import compute_dtype, loss_under_autocast
 from partitioner.passes.graph_nodes import set_attr
+from partitioner.passes.capture_errors import check_inputs_eagerly
 from partitioner.passes.capture_io import Captured, input_leaf_names
+from partitioner.passes.hooks import warn_forward_hooks
 from partitioner.passes.split import outputs_the_loss_reads, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
 from partitioner.runtime.compiled import compile_options, compile_stages, print_once, uses_cudagraphs
 from partitioner.runtime.data_parallel import (DATA_PARALLEL_MODES, DataParallelStages, MeshLayout,
                                                check_fsdp_gradients, mesh_layout)
+from partitioner.runtime.parameter_hooks import check_hooks_whole
 from partitioner.runtime.replicated_gradients import ReplicatedStages
 from partitioner.runtime.executor import Executor, ParameterStore, in_process_order
 from partitioner.runtime.schedules import make_schedule, validate
@@ -178,6 +183,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         raise RuntimeConfigError(f"compile_parallel: data_parallel={data_parallel!r}; use one of "
                                  f"{list(DATA_PARALLEL_MODES)}.")
     _check_not_partly_meta(model)
+    warn_forward_hooks(model)
     if measure and plan is None:
         _check_measurable(model, devices[0])
     if cuda_graph:
@@ -196,6 +202,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _check_one_argument(model, example_inputs, example_kwargs)
     kwargs = dict(example_kwargs or {})
+    register_dataclasses((args, kwargs, example_target))  # a batch as a dataclass of tensors: its fields are leaves
+    check_flattens((args, kwargs), "input", input_leaf_names(model, args, kwargs))
+    check_flattens(example_target, "example_target")
     rank = _init_distributed(devices, timeout_s) if layout is None else (
         layout.pp_rank if dist.get_world_size() > 1 else None)
     if rank is not None and layout is None:
@@ -225,6 +234,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                                  "batched input first, e.g. the shared one as a keyword input: kwargs come after "
                                  "args; if its batch lies on another dim, pass batch_dims=.)")
     check_split_keeps_sequences(model, args, kwargs, dp * microbatches, dims.inputs)
+    _warn_per_sample_lists(model, args, kwargs, batch)
     mb_args, mb_kwargs = _first_microbatch(args, kwargs, dp * microbatches, dims)
     # compile's default on CUDA, one process: host-bound stages (as their costs say) replay as CUDA graphs
     graphs_when_host_bound = (compile is None and options is not None and not cuda_graph and dp == 1
@@ -240,7 +250,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         else:
             captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     except CaptureError as err:
-        hint = _split_hint(model, args, kwargs, batch, dims)
+        hint = _split_hint(model, args, kwargs, batch, dims) or _fixed_batch_hint(
+            model, args, kwargs, batch, dp * microbatches, dims, str(err))
         if not hint:
             raise
         raise CaptureError(f"{err}{hint}") from err
@@ -253,6 +264,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         model_loss(captured.unflatten_outputs(captured.meta_outputs()), None)
     if dp > 1 and data_parallel == "fsdp":
         check_fsdp_gradients(captured.graph_module)
+        check_hooks_whole(model, {}, sharded=True)
 
     try:
         mb_target = None if example_target is None else \
@@ -373,6 +385,23 @@ def _check_devices(devices: list[torch.device]) -> None:
     if missing:
         raise RuntimeConfigError(f"compile_parallel: devices name {missing[0]} but this machine has {count} GPU(s) "
                                  f"(cuda:0..cuda:{count - 1}); list only GPUs that exist.")
+
+
+def _warn_per_sample_lists(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | None) -> None:
+    """Say where an input looks per-sample but goes whole to every microbatch (microbatch.per_sample_lists):
+    a model indexing it by sample would read the first microbatch's values for every microbatch."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        names = []
+    names += [f"arg{i}" for i in range(len(names), len(args))]
+    lists = per_sample_lists(args, kwargs, names, batch)
+    if lists:
+        warnings.warn(f"compile_parallel: input {', '.join(lists)} is a list of Python values, as many as the batch "
+                      "has samples; values that are not tensors are constants of the captured graph and go whole to "
+                      "every microbatch, not cut with the batch (a model reading value i for sample i reads the first "
+                      "microbatch's for every microbatch). If they are per-sample, pass a tensor (torch.tensor(...)).",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _check_one_argument(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict | None) -> None:
@@ -616,6 +645,23 @@ def _split_hint(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | 
             f"{batch} (dim {first_dim} of the first tensor input, '{first}'). If such an input is not batched (e.g. "
             "a mask shared by the batch), give it a size of 1 there (e.g. a leading dim of 1) to broadcast, or use "
             "a batch size different from that size.")
+
+
+def _fixed_batch_hint(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | None, parts: int,
+                      dims: BatchDims, error: str) -> str:
+    """Where the model fails on the one microbatch it is captured on but runs on the whole batch: say so,
+    and that the model likely fixes a size to the batch."""
+    if batch is None or parts == 1 or "fails on the example inputs" not in error:
+        return ""
+    try:  # as capture ran it on the microbatch: no gradients, buffers and random state kept
+        check_inputs_eagerly(model, args, kwargs, input_leaf_names(model, args, kwargs),
+                             pytree.tree_leaves((args, kwargs)))
+    except CaptureError:  # it fails on the whole batch too: the error says what
+        return ""
+    return (f" Note: compile_parallel captures the model on ONE microbatch, {batch // parts} of the {batch} samples "
+            "(the example inputs above), and the model runs on the whole batch but not on it: a size fixed to the "
+            f"batch inside the model (a tensor made with {batch} rows, a view or expand to {batch}) does not fit a "
+            "microbatch; take it from the input (x.shape[0]).")
 
 
 def _first_microbatch(args: tuple, kwargs: dict, microbatches: int, dims: BatchDims) -> tuple[tuple, dict]:

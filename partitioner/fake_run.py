@@ -4,7 +4,8 @@ ParallelModel needs shapes the captured graph (one microbatch) cannot give: an o
 the whole batch (output_assembly.py), what a sequence module receives as its sequence when the
 batch is cut into microbatches (sequence_first.py). Parameters and buffers are swapped for fake
 meta tensors (torch.func.functional_call), so the real ones are neither read nor written, and the
-inputs split_batch cuts are resized to `rows` along their batch dims.
+inputs split_batch cuts are resized to `rows` along their batch dims. A size that depends on the data
+(the rows a mixture of experts routes to an expert) is symbolic: callers read only concrete sizes.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils import _pytree as pytree
 
 from partitioner.microbatch import Dims, batch_size, cut_dim, leaf_dim
@@ -25,7 +27,9 @@ def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, 
     Raises whatever the model raises there (e.g. data-dependent control flow); the model's mode is
     restored."""
     full = batch_size((args, kwargs), dims)  # None: no input has a batch dim, none is resized
-    mode = FakeTensorMode(allow_non_fake_inputs=True)  # a tensor attribute that is no buffer stays usable
+    # a tensor attribute that is no buffer stays usable; a shape env gives ops whose output size depends on
+    # the data (nonzero, a mixture of experts' routing) a symbolic size instead of failing
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(), static_shapes=True)
 
     def fake(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
         shape = list(t.shape)

@@ -110,6 +110,19 @@ def cut_dim(leaf: Any, batch: int, dim: int = 0) -> int | None:
     return _dim(dim, 0, leaf) if is_batched(leaf, batch, dim) else None
 
 
+def per_sample_lists(args: tuple, kwargs: dict, names: list[str], batch: int | None) -> list[str]:
+    """Inputs that look per-sample but are not cut: a list of `batch` Python values (no tensors), e.g.
+    sequence lengths (a tuple is more often a size, as image_size=(h, w)). Values that are not tensors
+    are constants of the captured graph, so every microbatch would read the whole batch's list.
+    `names`: forward's parameter names of `args`, in order. Returns each such input's name and
+    length, e.g. "'lengths' (4 values)"."""
+    if batch is None or batch < 2:
+        return []
+    named = [*zip(names, args), *kwargs.items()]
+    return [f"'{n}' ({batch} values)" for n, v in named
+            if isinstance(v, list) and len(v) == batch and all(isinstance(x, (int, float, bool, str)) for x in v)]
+
+
 def split_batch(inputs: Any, microbatches: int, what: str, batch: int | None = None, dims: Dims = 0) -> list[Any]:
     """Split the tensor leaves of `inputs` along their batch dims (`dims`) into `microbatches` equal
     parts: every leaf, or with `batch` given only those whose size there is the batch (the others go

@@ -42,6 +42,8 @@ def whole_batch_shapes(model: torch.nn.Module | None, training: bool, args: tupl
         first = (str(err).strip().splitlines() or [""])[0]
         return _cannot_tell(f"{type(model).__name__} does not run on fake tensors ({type(err).__name__}: {first})")
     shapes = [x.shape if isinstance(x, torch.Tensor) else None for x in pytree.tree_leaves(out)]
+    if any(s is not None and not all(isinstance(d, int) for d in s) for s in shapes):
+        return _cannot_tell(f"the size of an output of {type(model).__name__} depends on the data")
     if [s is None for s in shapes] != [not isinstance(x, torch.Tensor) for x in microbatch_leaves]:
         return _cannot_tell(f"run on fake tensors, {type(model).__name__}'s output does not match the captured "
                             f"graph's ({len(shapes)} vs {len(microbatch_leaves)} leaves)")

@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from partitioner.checkpoint import load as load_checkpoint
 from partitioner.checkpoint import save as save_checkpoint
 from partitioner.cost_models.profile import graph_float_dtype
+from partitioner.dataclass_trees import register_dataclasses
 from partitioner.errors import RuntimeConfigError
 from partitioner.grad_clip import clip_grad_norm_
 from partitioner.microbatch import BatchDims, batch_size, leaf_dim, split_batch, split_target
@@ -126,6 +127,7 @@ class ParallelModel:
         self._warn_model_changed()
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         batch = batch_size((tuple(inputs), dict(kwargs)), self.batch_dims.inputs)
+        register_dataclasses(target)  # one never seen before (no example_target)
         targets = self._own_share(split_target(target, self.dp * self.microbatches, batch, self.batch_dims))
         if not self._steps_run:
             self._warn_outer_autocast()

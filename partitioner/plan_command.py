@@ -17,6 +17,7 @@ from partitioner.cost_models.profile_command import load_model_spec
 from partitioner.data_parallel_costs import check_data_parallel, dp_bandwidth, microbatch_size
 from partitioner.errors import PlanError
 from partitioner.microbatch import batch_size
+from partitioner.passes.coarsen import OPS
 from partitioner.plan import Plan, plan_timeline
 from partitioner.plan_model import DTYPES, PlanConfig, PlanResult, plan_model, plan_profiled
 from partitioner.problem import check_config, check_gap
@@ -315,7 +316,7 @@ def run_plan(args: argparse.Namespace) -> None:
                 profile_cache.store_recipe(recipe, result.profile_key)
     plan = result.plan = result.plan.replace(model=args.model)
     console.print(plan_table(result, width=console.width, title=f"{args.model}: {len(result.block_graph.blocks)} blocks "
-                                     f"(module depth {result.block_graph.depth}) on {plan.num_stages} stages"))
+                                     f"({_depth(result.block_graph.depth)}) on {plan.num_stages} stages"))
     for line in [*summary_lines(plan), *host_bound_lines(result)]:
         console.print(line, highlight=False)
     if dp > 1 and batch:
@@ -341,3 +342,7 @@ if __name__ == "__main__":
     from partitioner.cli import main  # the CLI imports this module
 
     sys.exit(main(["plan"] + sys.argv[1:]))
+
+
+def _depth(depth: int) -> str:
+    return "single ops: no module depth gives enough blocks" if depth == OPS else f"module depth {depth}"

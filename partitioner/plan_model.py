@@ -20,6 +20,7 @@ from partitioner.cost_models.device import DeviceSpec, get_device_spec
 from partitioner.cost_models.loss import profile_loss
 from partitioner.cost_models.node_costs import NodeCosts
 from partitioner.cost_models.profile import graph_float_dtype, parameter_state_bytes, profile
+from partitioner.dataclass_trees import register_dataclasses
 from partitioner.errors import PlanError
 from partitioner.microbatch import BatchDims, batch_size, split_batch, split_target
 from partitioner.passes.annotate import AnnotatedGraph, annotate
@@ -173,6 +174,7 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
     """
     step = on_step or (lambda msg: None)
     _, m = check_plan_config(config)
+    register_dataclasses((example_args, example_kwargs))
     args, kwargs = microbatch if microbatch is not None else microbatch_inputs(
         example_args, example_kwargs, m, config.data_parallel, batch_dims)
     spec = get_device_spec(config.device_type)

@@ -3,7 +3,7 @@
 A second plan of the same model with other --devices / --memory / --microbatches (same
 microbatch shape) reads them back instead of capturing and profiling again. The key is
 computed without capturing (capture is half of what it saves): the model's module tree
-(classes, their source, their plain attributes, extra_repr), its parameters' and buffers'
+(classes, their source, their plain attributes, extra_repr, the code of their forward hooks), its parameters' and buffers'
 names, shapes and dtypes, the example inputs' shapes and dtypes, the loss, the cost options
 (device spec, dtype, optimizer), and the versions of torch, transformers and of this
 package's capture and cost-model sources. An entry is one file in cost_models.measure.cache_dir():
@@ -84,6 +84,24 @@ def _class_source(cls: type, seen: dict[type, str]) -> str:
     return seen[cls]
 
 
+def _code_facts(fn: Any, seen: dict[type, str]) -> tuple:
+    """What a hook (or a function set on a module instance) computes by: its code, constants and the
+    plain values of its closure; a callable object: its class and plain attributes."""
+    fn = getattr(fn, "__func__", fn)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        attrs = sorted((k, v) for k, v in vars(fn).items() if isinstance(v, _PLAIN)) if hasattr(fn, "__dict__") else []
+        return _class_source(type(fn), seen), attrs, repr(getattr(fn, "args", ())), repr(getattr(fn, "keywords", {}))
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            value = None
+        cells.append(value if isinstance(value, _PLAIN) else type(value).__qualname__)
+    return code.co_code, repr(code.co_consts), code.co_names, cells, repr(fn.__defaults__)
+
+
 def _tensor_facts(value: Any) -> list:
     return [(tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else repr(x)
             for x in pytree.tree_leaves(value)]
@@ -108,6 +126,10 @@ def model_key(model: torch.nn.Module, args: tuple, kwargs: dict, *, device_spec:
     for name, module in model.named_modules(remove_duplicate=False):
         attrs = sorted((k, v) for k, v in vars(module).items() if isinstance(v, _PLAIN) and not k.startswith("_"))
         add(name, type(module).__qualname__, _class_source(type(module), sources), module.extra_repr(), attrs)
+        hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+        own = [v for k, v in vars(module).items() if callable(v) and not isinstance(v, (type, torch.nn.Module))]
+        if hooks or own:  # a hook or a forward of the instance's own changes the graph
+            add([_code_facts(f, sources) for f in [*hooks, *own]])
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         add(config.to_json_string())

@@ -9,7 +9,8 @@ while the model is exported, each Function applied becomes one call of the custo
 other arguments). The op runs the Function's forward; its backward recomputes that forward with
 gradients on and runs the Function's own backward through it (torch.autograd.grad), as a
 checkpoint does: it saves the inputs, not the Function's saved tensors. Inductor and CUDA graphs
-see an opaque op, as for any custom op.
+see an opaque op, as for any custom op. A forward that draws random numbers would draw anew in that
+recompute: said in a warning at its first run.
 
 A Function applied with keyword arguments, with arguments other than tensors and plain constants
 (a module whose parameters it reads, a list it appends to: effects an op cannot carry),
@@ -56,6 +57,32 @@ def _run(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return outs
 
 
+_CHECKED: set[str] = set()  # keys whose forward was run for real once: whether it draws random numbers is known
+
+
+@contextlib.contextmanager
+def _random_draws_said(key: str, tensors: list[torch.Tensor]) -> Iterator[None]:
+    """The first real run of a Function's forward: a warning where it draws random numbers (the
+    generator of its tensors' device moved), since its backward recomputes the forward with new draws."""
+    if key in _CHECKED or any(t.is_meta for t in tensors):  # meta (the cost model's runs): nothing is drawn
+        yield
+        return
+    cuda = next((t.device for t in tensors if t.is_cuda), None)
+    if cuda is not None and torch.cuda.is_current_stream_capturing():
+        yield
+        return
+    state = (lambda: torch.cuda.get_rng_state(cuda)) if cuda is not None else torch.get_rng_state
+    before = state()
+    yield
+    _CHECKED.add(key)
+    if not torch.equal(before, state()):
+        warnings.warn(f"torch.autograd.Function {key.split('@')[0]} draws random numbers in its forward; the "
+                      "pipeline runs it as one op whose backward recomputes that forward, drawing anew, so its "
+                      "backward sees other random values than its forward used (a dropout mask: gradients of "
+                      "another mask). Draw them outside the Function (torch.rand_like in the model's forward) and "
+                      "pass them in as a tensor argument.", RuntimeWarning, stacklevel=3)
+
+
 def forward_ops(tensors: list[torch.Tensor], key: str) -> list[torch.Tensor]:
     """The Function's forward run as its own ops, without gradients (what the cost model counts: the op
     itself is opaque to a dispatch mode)."""
@@ -67,7 +94,7 @@ def forward_ops(tensors: list[torch.Tensor], key: str) -> list[torch.Tensor]:
 def autograd_function(tensors: list[torch.Tensor], key: str) -> list[torch.Tensor]:
     """The forward of the Function `key` names, on `tensors`; an output that is an input is copied
     (a custom op's outputs may not alias its inputs)."""
-    with torch.no_grad():
+    with torch.no_grad(), _random_draws_said(key, tensors):
         outs = _run(key, tensors)
     inputs = {t.untyped_storage().data_ptr() for t in tensors}
     return [o.clone() if o.untyped_storage().data_ptr() in inputs else o for o in outs]

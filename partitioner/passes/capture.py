@@ -22,10 +22,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
+from partitioner.dataclass_trees import outputs_registered, register_dataclasses
 from partitioner.errors import CaptureError
 from partitioner.passes.capture_errors import (ModuleTracker, capture_error, check_inputs_eagerly, first_line,
-                                   is_data_dependent, model_name)
+                                   is_data_dependent, model_name, packed_sequence_error)
 from partitioner.passes.autograd_functions import kept_whole, warn_traced
+from partitioner.passes.hooks import check_no_module_backward_hooks, tensor_hook_error, tensor_hooks_recorded
 from partitioner.passes.capture_io import Captured, find_tied, input_leaf_names, normalise
 from partitioner.passes.graph_nodes import get_attr, mutates
 from partitioner.passes.regions import (RegionMarkingTracer, grad_off_in_autocast_recorded, inline_region_ops,
@@ -61,6 +63,20 @@ def _random_draws_checked(model: torch.nn.Module):
                   "step. If it decides anything (layerdrop or stochastic depth above 0, noise of a fixed shape), "
                   "the pipeline differs from the model: make it 0, or draw with torch.rand_like on an input.",
                   RuntimeWarning, stacklevel=4)
+
+
+@contextlib.contextmanager
+def _distribution_checks_off() -> Iterator[None]:
+    """Trace with torch.distributions' argument validation off (the default of `python -O`): it branches
+    on tensor values (Normal's scale > 0, a probability vector's sum), which no graph can hold, so a VAE's
+    rsample or a policy's Categorical would fail to capture as data-dependent control flow."""
+    from torch.distributions import Distribution
+    old = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(old)
 
 
 # --------------------------------------------------------------------------- export / symbolic_trace
@@ -139,7 +155,7 @@ def _reentrant_checkpoint_inlined():
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, pytree.TreeSpec]:
-    with _quiet_on_failure(), _fast_export(), _reentrant_checkpoint_inlined():
+    with _quiet_on_failure(), _fast_export(), _reentrant_checkpoint_inlined(), _distribution_checks_off():
         ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
         out_spec = ep.call_spec.out_spec
         gm = _unlift(ep)
@@ -278,7 +294,7 @@ def _symbolic_trace(model: torch.nn.Module, in_spec: pytree.TreeSpec,
     wrapper = wrapper_cls()
     wrapper.m = model
     concrete = {f"in{i}": v for i, v in const.items()}
-    with _quiet_on_failure():
+    with _quiet_on_failure(), _distribution_checks_off():
         graph = _DeepTracer().trace(wrapper, concrete_args=concrete or None)
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module") and isinstance(node.target, str):
@@ -320,6 +336,7 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
     if not isinstance(example_args, tuple):
         example_args = (example_args,) if isinstance(example_args, torch.Tensor) else tuple(example_args)
     kwargs = dict(example_kwargs or {})
+    register_dataclasses((example_args, kwargs))
     leaves, in_spec = pytree.tree_flatten((example_args, kwargs))
     names = input_leaf_names(model, example_args, kwargs)
     tensor_leaf = [isinstance(v, torch.Tensor) for v in leaves]
@@ -329,22 +346,29 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
         example_args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (example_args, kwargs))
         leaves = pytree.tree_leaves((example_args, kwargs))
 
+    check_no_module_backward_hooks(model, model_name(model))
     with _buffers_on_meta(model) if on_meta else contextlib.nullcontext():
         tracker = ModuleTracker(model)
+        running = lambda: tracker.stack[-1][0] if tracker.stack else ""  # noqa: E731
         grad_off_in_autocast: list[str] = []
+        tensor_hooks: list[str] = []
         try:
-            with tracker, grad_off_in_autocast_recorded(tracker, grad_off_in_autocast), \
-                    kept_whole(lambda: tracker.stack[-1][0] if tracker.stack else "") as traced_functions:
+            with tracker, outputs_registered(model), tensor_hooks_recorded(running, tensor_hooks), \
+                    grad_off_in_autocast_recorded(tracker, grad_off_in_autocast), \
+                    kept_whole(running) as traced_functions:
                 gm, out_spec = _export(model, example_args, kwargs)
             method = "export"
             warn_traced(model_name(model), traced_functions)
         except Exception as export_err:
             export_where, export_failed = tracker.where(), tracker.failed_module
+            packed = packed_sequence_error(model, tracker.failed)
+            if packed is not None:
+                raise packed from export_err
             if not is_data_dependent(export_err):
                 check_inputs_eagerly(model, example_args, kwargs, names, leaves)
             tracker = ModuleTracker(model)
             try:
-                with tracker, _random_draws_checked(model):
+                with tracker, outputs_registered(model), _random_draws_checked(model):
                     gm, out_spec = _symbolic_trace(model, in_spec, leaves)
                 method = "symbolic_trace"
                 log.warning("torch.export failed on %s in %s (%s); captured with torch.fx.symbolic_trace instead",
@@ -353,6 +377,8 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
                 raise capture_error(model, export_err, export_where, trace_err, tracker.where(),
                                     export_failed) from export_err
 
+        if method == "export" and tensor_hooks:
+            raise tensor_hook_error(model_name(model), tensor_hooks[0])
         if method == "export" and grad_off_in_autocast:
             raise CaptureError(
                 f"cannot capture {model_name(model)}: {grad_off_in_autocast[0]} turns gradients off (torch.no_grad or "

@@ -155,6 +155,20 @@ def known_cause(module: torch.nn.Module | None, model: torch.nn.Module | None = 
     return ""
 
 
+def packed_sequence_error(model: torch.nn.Module, failed: tuple[str, str, tuple] | None) -> CaptureError | None:
+    """The error for an RNN that failed to trace on a PackedSequence (`failed`: the tracker's (name,
+    type, args) of the module running when tracing failed), or None."""
+    if failed is None or not any(isinstance(a, torch.nn.utils.rnn.PackedSequence) for a in failed[2]):
+        return None
+    return CaptureError(
+        f"cannot capture {model_name(model)}: module '{failed[0]}' ({failed[1]}) reads a PackedSequence "
+        "(torch.nn.utils.rnn.pack_padded_sequence): how many sequences run at each time step comes from the "
+        "lengths' values, which a captured graph cannot depend on. Run it on the padded batch and read each "
+        "sequence's output at its last valid step (out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, "
+        "out.shape[-1])) for batch_first): a unidirectional RNN's outputs up to a sequence's length do not depend "
+        "on its padding.")
+
+
 def random_layer_skips(module: torch.nn.Module | None, model: torch.nn.Module | None) -> list[str]:
     """Nonzero layerdrop probabilities of a model in training (its config's and the failing module's)."""
     found = []

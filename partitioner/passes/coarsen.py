@@ -159,6 +159,9 @@ class BlockGraph:
                    NodeTime(**data["stage_pass"]) if "stage_pass" in data else NO_TIME)
 
 
+OPS = -1  # the depth of op-level blocks: each compute node its own key (merged where a value cannot cross)
+
+
 def _single_tensor(info) -> bool:
     """One tensor of a size known before it runs: a value a stage boundary can carry."""
     return len(info.dtypes) == 1 and info.dtypes[0] != "" and not getattr(info, "data_dependent", False)
@@ -171,6 +174,8 @@ def _is_getitem(info) -> bool:
 
 def _keys(compute: list, depth: int) -> list[str | None]:
     """Block key of every compute node at `depth`; None marks glue."""
+    if depth == OPS:
+        return [info.name for info in compute]
     paths = {info.module_path for info in compute}
     containers = set()
     for p in paths:
@@ -240,7 +245,9 @@ def _max_depth(compute: list) -> int:
 
 def choose_depth(annotated, target_blocks: int, min_blocks: int = 1, costs=None) -> int:
     """Shallowest module depth giving >= target_blocks blocks, none longer than 2/target_blocks
-    of the total time when `costs` are given (so an even split exists); else the most blocks."""
+    of the total time when `costs` are given (so an even split exists); else the most blocks, or OPS
+    (blocks of single ops) where no module depth gives min_blocks (a model computing in its own
+    forward with parameters it holds in a ParameterList)."""
     compute = [i for i in annotated.nodes if i.op in COMPUTE_OPS]
     times = [costs.nodes[i.name].time_s if costs is not None
              and i.name in costs.nodes else 0.0 for i in compute]
@@ -257,6 +264,8 @@ def choose_depth(annotated, target_blocks: int, min_blocks: int = 1, costs=None)
             return d
         if n > best_n:
             best_d, best_n = d, n
+    if best_n < min_blocks and compute and _runs(compute, OPS)[-1] + 1 > best_n:
+        return OPS  # the module structure holds fewer blocks than stages (a forward of bare ops): cut between ops
     return best_d
 
 

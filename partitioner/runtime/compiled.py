@@ -8,8 +8,10 @@ load_state_dict and replica refreshes (all in place) are seen by the compiled
 code.
 
 A stage whose compilation fails runs eagerly, with a warning naming the stage
-and the node inductor stopped at; a runtime error of the compiled code is
-raised as is.
+and the node inductor stopped at; so does one whose generated code fails on its
+first call (inductor lowering an op wrongly: CPU LSTMs fed an input without
+gradient get aten.mkldnn_rnn_layer with train=False, torch 2.13). Later runtime
+errors of the compiled code are raised as is.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ class CompiledStage:
         try:
             out = self.compiled(*args)
         except Exception as err:  # noqa: BLE001 - only compile-time failures are caught, see _is_compile_error
-            if not _is_compile_error(err):
+            if not (_is_compile_error(err) or (self._first and _in_generated_code(err))):
                 raise
             self.failed = True
             warnings.warn(f"torch.compile failed on {self.name}{_failing_node(err, self.graph)}: {_first_line(err)}. "
@@ -190,6 +192,24 @@ def _is_compile_error(err: BaseException) -> bool:
     except ImportError:
         pass
     return isinstance(err, kinds)
+
+
+def _in_generated_code(err: BaseException) -> bool:
+    """Whether `err` was raised inside the code inductor generated (a file of its cache directory), not
+    by torch.compile's guards or the model's inputs; memory errors are the device's, not the code's."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return False
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir  # private: absent from some torch versions
+        where = cache_dir()
+    except ImportError:
+        where = "torchinductor_"
+    tb = err.__traceback__
+    while tb is not None:
+        if where in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _cause(err: BaseException) -> BaseException:

@@ -35,6 +35,7 @@ from partitioner.runtime.comm_plan import CommPlan, build_comm_plan, forward_onl
 from partitioner.runtime.data_parallel import copy_full_, local_tensor
 from partitioner.runtime.cudagraph_trees import CudagraphSteps
 from partitioner.runtime.gradients import accumulate, plain_leaves
+from partitioner.runtime.parameter_hooks import check_hooks_whole, copy_hooks
 from partitioner.runtime.schedules import Action, Schedule, dependencies
 from partitioner.runtime.transport import Transport
 
@@ -355,6 +356,7 @@ class ParameterStore:
                         self.from_meta.add(fqn)
                     self.replicas.setdefault(fqn, []).append(made[key])
                 set_attr(st.graph_module, fqn, made[key])
+        check_hooks_whole(model, self.holders, sharded=False)
         covered = {n for fqn in self.holders for n in _all_names(model, captured, fqn, names_of)}
         params = {id(p): fqn for fqn, p in model.named_parameters()}  # each tied parameter under its first FQN
         self.unused = {k: _materialise(v, torch.device("cpu") if v.is_meta else v.device, params.get(id(v)) == k)
@@ -548,6 +550,10 @@ def _materialise(src: torch.Tensor, device: torch.device, is_param: bool) -> tor
         t = torch.empty_like(src, device=device)
     else:
         t = src.detach().to(device, copy=True)
-    return torch.nn.Parameter(t, requires_grad=src.requires_grad) if is_param else t
+    if not is_param:
+        return t
+    param = torch.nn.Parameter(t, requires_grad=src.requires_grad)
+    copy_hooks(src, param)  # a gradient hook the user put on the model's parameter
+    return param
 
 
