@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -64,6 +65,19 @@ def _cxx_compiler() -> str | None:
     return next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
 
 
+def _own_code(fn: Callable) -> Callable:
+    """A Python function as a copy with its own code object. Dynamo keeps its compiled entries on the code
+    object, at most recompile_limit (8) of them: one function compiled per ParallelModel (the last stage and
+    the loss as one call, a loss_fn) shared them, every new ParallelModel of a process a recompile, and from
+    the ninth on that stage ran eagerly. Modules and other callables are returned as they are."""
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    copy.__dict__.update(fn.__dict__)
+    return copy
+
+
 class CompiledStage:
     """Calls a stage's compiled graph; falls back to the eager graph module if compilation fails."""
 
@@ -73,7 +87,7 @@ class CompiledStage:
         self.eager = fallback or module  # what runs where compilation fails
         self.fallback_how = fallback_how
         self.graph = graph
-        self.compiled = torch.compile(module, **options)
+        self.compiled = torch.compile(_own_code(module), **options)
         self.failed = False
         self.compile_s = 0.0
         self._first = True
