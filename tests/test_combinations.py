@@ -163,6 +163,8 @@ def optimizer_state(mode, tmp, compiled):
         if _ == 0:
             opt.step(), opt.zero_grad()
     pm = _compile(copy.deepcopy(zm.model), zm.example_args, zm.loss_fn, mode, compiled, example_kwargs=zm.example_kwargs)
+    mine = [n for n, _ in pm.named_parameters()]
+    assert mine == [n for n, _ in model.named_parameters() if n in mine]  # this rank's, in the model's order
     pm_opt = torch.optim.SGD(pm.parameters(), lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="doesn't match the size of optimizer's group"):
         pm_opt.load_state_dict(opt.state_dict())
