@@ -86,7 +86,8 @@ def scaler(mode, tmp, compiled):
 def dataclasses_(mode, tmp, compiled):
     torch.manual_seed(0)
     model = tam.DataclassModel()
-    args, target = (tam.Batch(torch.randn(BATCH, tam.DIM), torch.rand(BATCH, 1)),), tam.Target(torch.randint(0, 3, (BATCH,)))
+    args = (tam.Batch(torch.randn(BATCH, tam.DIM), torch.rand(BATCH, 1)),)
+    target = tam.Target(torch.randint(0, 3, (BATCH,)))
     pm = _compile(copy.deepcopy(model), args, tam.output_loss, mode, compiled, example_target=target)
     err = _errors(pm, pm.train_step(*args, target=target), *_reference(model, args, {}, target, tam.output_loss))
     with torch.no_grad():
@@ -109,7 +110,8 @@ def hooks(mode, tmp, compiled):
     replicas = []
     for share, share_target in shares:  # DDP: every replica accumulates its microbatches, then the average
         model = tam.hooked_mlp()
-        for mb, mb_target in zip(split_batch(share, MB, "input", BATCH // dp), split_batch(share_target, MB, "target")):
+        mbs = zip(split_batch(share, MB, "input", BATCH // dp), split_batch(share_target, MB, "target"))
+        for mb, mb_target in mbs:
             (tam.loss_fn(model(*mb), mb_target) / MB).backward()
         replicas.append(dict(model.named_parameters()))
     return {"err": max(max_rel_err(full_tensor(p.grad), sum(r[n].grad for r in replicas) / dp)
@@ -119,7 +121,8 @@ def hooks(mode, tmp, compiled):
 def keywords(mode, tmp, compiled):
     zm = build("t5-base", batch=BATCH)
     x, d = zm.example_args[0], zm.example_kwargs["decoder_input_ids"]
-    pm = _compile(copy.deepcopy(zm.model), zm.example_args, zm.loss_fn, mode, compiled, example_kwargs=zm.example_kwargs)
+    pm = _compile(copy.deepcopy(zm.model), zm.example_args, zm.loss_fn, mode, compiled,
+                  example_kwargs=zm.example_kwargs)
     loss = pm.train_step(decoder_input_ids=d, input_ids=x, target=zm.target)
     return {"err": _errors(pm, loss, *_reference(zm.model, (), {"input_ids": x, "decoder_input_ids": d},
                                                  zm.target, zm.loss_fn))}
@@ -162,7 +165,8 @@ def optimizer_state(mode, tmp, compiled):
         zm.loss_fn(model(*zm.example_args, **zm.example_kwargs), zm.target).backward()
         if _ == 0:
             opt.step(), opt.zero_grad()
-    pm = _compile(copy.deepcopy(zm.model), zm.example_args, zm.loss_fn, mode, compiled, example_kwargs=zm.example_kwargs)
+    pm = _compile(copy.deepcopy(zm.model), zm.example_args, zm.loss_fn, mode, compiled,
+                  example_kwargs=zm.example_kwargs)
     mine = [n for n, _ in pm.named_parameters()]
     assert mine == [n for n, _ in model.named_parameters() if n in mine]  # this rank's, in the model's order
     pm_opt = torch.optim.SGD(pm.parameters(), lr=0.1, momentum=0.9)
@@ -196,7 +200,7 @@ def test_training_loop_features_over_gloo_ranks(mode, tmp_path):
              (hooks, mode == "replicate"), (keywords, False), (freeze, mode == "fsdp"),
              (optimizer_state, False)]
     results = run_workers(_worker, 2 if mode is None else 4, (str(tmp_path), mode, cases), timeout_s=240)
-    for (name, compiled), r in results[0].items():
+    for name, compiled in results[0]:
         for rank, res in enumerate(results):
             got = res[(name, compiled)]
             if "refused" in got:

@@ -66,15 +66,12 @@ def _cxx_compiler() -> str | None:
 
 
 def _own_code(fn: Callable) -> Callable:
-    """A Python function as a copy with its own code object. Dynamo keeps its compiled entries on the code
-    object, at most recompile_limit (8) of them: one function compiled per ParallelModel (the last stage and
-    the loss as one call, a loss_fn) shared them, every new ParallelModel of a process a recompile, and from
-    the ninth on that stage ran eagerly. Modules and other callables are returned as they are."""
-    if not isinstance(fn, types.FunctionType):
-        return fn
+    """A copy of `fn` with its own code object. Dynamo keeps its compiled entries on the code object, at most
+    recompile_limit (8) of them: the function compiled per ParallelModel (the last stage and the loss as one
+    call) shared them, every new ParallelModel of a process recompiled it, and from the ninth on that stage
+    ran eagerly."""
     copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, fn.__qualname__
-    copy.__dict__.update(fn.__dict__)
+    copy.__qualname__ = fn.__qualname__
     return copy
 
 
@@ -87,7 +84,7 @@ class CompiledStage:
         self.eager = fallback or module  # what runs where compilation fails
         self.fallback_how = fallback_how
         self.graph = graph
-        self.compiled = torch.compile(_own_code(module), **options)
+        self.compiled = torch.compile(module, **options)
         self.failed = False
         self.compile_s = 0.0
         self._first = True
@@ -182,7 +179,8 @@ def stage_with_loss(last: int, graph_modules: dict[int, torch.fx.GraphModule], r
     def separate(*args: Any) -> torch.Tensor:
         return loss(unflatten(list(runners[last](*args[:-1]))), args[-1])
 
-    return CompiledStage(f"stage {last} with the loss function", fused, gm.graph, options, fallback=separate,
+    return CompiledStage(f"stage {last} with the loss function", _own_code(fused), gm.graph, options,
+                         fallback=separate,
                          fallback_how="as two calls, the stage and the loss each compiled on its own")
 
 
