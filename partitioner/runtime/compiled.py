@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -62,6 +63,16 @@ def uses_cudagraphs(options: dict[str, Any] | None) -> bool:
 
 def _cxx_compiler() -> str | None:
     return next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
+
+
+def _own_code(fn: Callable) -> Callable:
+    """A copy of `fn` with its own code object. Dynamo keeps its compiled entries on the code object, at most
+    recompile_limit (8) of them: the function compiled per ParallelModel (the last stage and the loss as one
+    call) shared them, every new ParallelModel of a process recompiled it, and from the ninth on that stage
+    ran eagerly."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__
+    return copy
 
 
 class CompiledStage:
@@ -168,7 +179,8 @@ def stage_with_loss(last: int, graph_modules: dict[int, torch.fx.GraphModule], r
     def separate(*args: Any) -> torch.Tensor:
         return loss(unflatten(list(runners[last](*args[:-1]))), args[-1])
 
-    return CompiledStage(f"stage {last} with the loss function", fused, gm.graph, options, fallback=separate,
+    return CompiledStage(f"stage {last} with the loss function", _own_code(fused), gm.graph, options,
+                         fallback=separate,
                          fallback_how="as two calls, the stage and the loss each compiled on its own")
 
 

@@ -6,7 +6,9 @@ would be left on a tensor no backward reaches: gradients silently unhooked. Each
 hooks of its source, in order. Where a copy's gradient is not the parameter's whole gradient of a
 microbatch the hook would see part of it: a tied weight whose copies sit on several ranks (each
 rank's share, summed after the step) and FSDP2's shards over dp; both are refused, naming the
-parameter.
+parameter. Under data_parallel='replicate' the copies see their replica's own microbatches' gradients,
+before the average over dp (runtime/replicated_gradients.py reduces after the stage's last backward): what a
+hook on a parameter under DDP sees, with no_sync over the accumulated microbatches.
 """
 from __future__ import annotations
 
