@@ -59,18 +59,21 @@ def test_optimizer_steps_are_seen_and_nothing_recompiles():
     assert max(param_errors(pm, model).values()) < 1e-4
 
 
-def test_each_parallel_model_compiles_its_own_last_stage_with_the_loss(monkeypatch):
+def test_each_parallel_model_compiles_its_own_last_stage_with_the_loss():
     """The last stage and the loss run as one function compiled per ParallelModel; its code object (where
     dynamo keeps its entries, recompile_limit of them) was shared, so the ninth ParallelModel of a process
-    ran that stage eagerly (here the second, the limit lowered to 1)."""
+    ran that stage eagerly (here the second, the limit lowered to 1). The limit is lowered with torch's
+    own config.patch: pytest's monkeypatch undoes a config module's attribute by deleting it."""
     from torch._dynamo.utils import counters
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     counters.clear()
     zm = build("mlp")
-    for _ in range(2):
-        pm = compile_zoo(zm, compile=True)
-        pm.train_step(*zm.example_args, target=zm.target)
+    limit = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for _ in range(2):
+            pm = compile_zoo(zm, compile=True)
+            pm.train_step(*zm.example_args, target=zm.target)
     assert not [k for k in counters["unimplemented"] if "recompile limit" in k]
+    assert torch._dynamo.config.recompile_limit == limit
 
 
 def test_load_state_dict_changes_the_compiled_output():
