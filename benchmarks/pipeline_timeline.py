@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from partitioner.runtime.schedules import Schedule, make_schedule
-from partitioner.runtime.simulator import StageCosts, Timeline, simulate
+from partitioner.runtime.schedules import Action, Schedule, make_schedule
+from partitioner.runtime.simulator import StageCosts, Timeline, held_by_waiting_sends, simulate
 
 # the executor labels each action `partitioner.<stage><F|B><microbatch>` (runtime/executor.py)
 ACTION = re.compile(r"^partitioner\.((\d+)([A-Z])(\d+))$")
@@ -158,13 +158,30 @@ def profile_timeline(step: Callable[[], None], device: torch.device, plan, rank:
     measured = measured_timeline(schedule, ranks, devices=1 if one_device else None)
     simulated = simulated_timeline(plan, schedule, one_device)
     spans = {label: span for r in ranks for label, span in r["actions"].items()}
-    over_plan = {}
+    # the measured wall time each action ran beside a send of its rank waiting for a busy receiver
+    held = held_by_waiting_sends(measured) if not one_device else {}
+    over_plan: dict[str, float | None] = {}
     for kind, planned in (("F", plan.stage_fwd_time_s), ("B", plan.stage_bwd_time_s)):
-        ratios = [span[2] / 1e6 / planned[stage] for label, span in spans.items()
-                  for stage, k, _ in [action_parts(label)] if k == kind and planned[stage] > 0]
+        ratios, beside, alone = [], [], []
+        for label, span in spans.items():
+            stage, k, mb = action_parts(label)
+            if k != kind or planned[stage] <= 0:
+                continue
+            ratio = span[2] / 1e6 / planned[stage]
+            ratios.append(ratio)
+            a = Action(stage, k, mb)
+            wall = measured.end_s.get(a, 0.0) - measured.start_s.get(a, 0.0)
+            share = held.get(a, 0.0) / wall if wall > 0 else 0.0
+            (beside if share >= 0.5 else alone if share == 0.0 else []).append(ratio)
         over_plan[kind] = statistics.median(ratios) if ratios else None
+        over_plan[kind + "beside"] = statistics.median(beside) if beside else None
+        over_plan[kind + "alone"] = statistics.median(alone) if alone else None
     summary = {"measured_step_ms": measured.step_time_s * 1e3, "simulated_step_ms": simulated.step_time_s * 1e3,
                "measured_bubble": measured.bubble, "simulated_bubble": simulated.bubble,
                "comm_kernel_ms": [r["comm_us"] / 1e3 for r in ranks] if distributed else [mine["comm_us"] / 1e3],
-               "fwd_device_over_plan": over_plan["F"], "bwd_device_over_plan": over_plan["B"]}
+               "fwd_device_over_plan": over_plan["F"], "bwd_device_over_plan": over_plan["B"],
+               # the waiting-send hypothesis: passes that ran mostly beside a waiting send of their rank against
+               # passes beside none (None where no pass is either; one process sends nothing)
+               "fwd_over_plan_beside_waiting_sends": over_plan["Fbeside"], "fwd_over_plan_alone": over_plan["Falone"],
+               "bwd_over_plan_beside_waiting_sends": over_plan["Bbeside"], "bwd_over_plan_alone": over_plan["Balone"]}
     return summary, measured, simulated

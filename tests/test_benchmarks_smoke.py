@@ -238,6 +238,10 @@ def test_train_throughput_timeline_under_torchrun_on_cpu(tmp_path):
     for r in rows:
         assert r["measured_step_ms"] > 0 and r["simulated_step_ms"] > 0 and 0 <= r["measured_bubble"] < 1
         assert r["fwd_device_over_plan"] > 0 and r["bwd_device_over_plan"] > 0 and len(r["comm_kernel_ms"]) == 2
+        # passes beside a waiting send against passes beside none: the split the interleaving question needs
+        assert all(k in r for k in ("fwd_over_plan_beside_waiting_sends", "fwd_over_plan_alone",
+                                    "bwd_over_plan_beside_waiting_sends", "bwd_over_plan_alone"))
+        assert r["fwd_over_plan_alone"] is not None and r["fwd_over_plan_alone"] > 0
         for which in ("measured", "simulated"):
             assert (tmp_path / f"tl_gpt2_fp32_{r['config']}_{which}.png").stat().st_size > 10_000
 

@@ -167,3 +167,15 @@ def test_waiting_sends_slow_an_interleaved_sender_not_a_balanced_1f1b():
             for a in row:
                 own = (c.fwd_time_s if a.kind == "F" else c.bwd_time_s)[a.stage]
                 assert tl.end_s[a] - tl.start_s[a] >= own - 1e-12
+
+
+def test_held_by_waiting_sends_reads_any_timeline():
+    """held_by_waiting_sends: the seconds each action runs beside a send of its rank that waits for a busy
+    receiver, on a simulated (or measured) timeline; none in a balanced 1F1B."""
+    from partitioner.runtime.simulator import held_by_waiting_sends
+    tl = simulate(make_schedule("interleaved-1f1b", 2, 4, 2), StageCosts.chain([1.0] * 4, [1.0] * 4, 0.0))
+    held = held_by_waiting_sends(tl)
+    assert held[Action(0, "F", 2)] == 1.0  # 2F1's value waits for 3B0 on the other rank: [4, 5]
+    assert held[Action(0, "F", 0)] == 0.0 and sum(held.values()) > 1.0
+    flat = simulate(make_schedule("1f1b", 2, 8), StageCosts.uniform(2, 1.0, 2.0))
+    assert sum(held_by_waiting_sends(flat).values()) == 0.0

@@ -253,12 +253,18 @@ _WAITING_SEND_ROUNDS = 32
 
 def _waiting_sends(plan: _Plan, s: Schedule, c: StageCosts, starts: list[float], ends: list[float],
                    extra: list[float]) -> list[float]:
-    """Per action: the time it loses to its rank's waiting sends. A value sent across ranks holds the
-    sender from its producer's end until the receiving rank is free for the consumer (its previous
-    action ends: the receive is posted when needed) and the transfer is over; an action overlapping
-    such windows for w seconds of wall time takes w (1 - 1 / slowdown) longer than its own time."""
+    """Per action: the time it loses to its rank's waiting sends: an action overlapping them for w
+    seconds of wall time (`_held_by_sends`) takes w (1 - 1 / slowdown) longer than its own time."""
+    keep = 1.0 - 1.0 / c.waiting_send_slowdown
+    return [held * keep for held in _held_by_sends(plan, s, c.comm_time_s, starts, ends)]
+
+
+def _held_by_sends(plan: _Plan, s: Schedule, comm_time_s, starts: list[float], ends: list[float]) -> list[float]:
+    """Per action: the wall time it overlaps a send of its rank that is waiting. A value sent across ranks
+    holds the sender from its producer's end until the receiving rank is free for the consumer (its
+    previous action ends: the receive is posted when needed) and the transfer is over."""
     K, cross = s.num_stages, plan.cross
-    comm = c.comm_time_s or [[0.0] * K for _ in range(K)]
+    comm = comm_time_s or [[0.0] * K for _ in range(K)]
     prev_end = [0.0] * len(plan.actions)
     windows: list[list[tuple[float, float]]] = [[] for _ in range(s.num_ranks)]
     first = 0
@@ -270,23 +276,25 @@ def _waiting_sends(plan: _Plan, s: Schedule, c: StageCosts, starts: list[float],
     for b in range(len(plan.actions)):
         k, mb = plan.stage[b], plan.microbatch[b]
         if plan.forward[b]:
-            sources = [(j, F[j][mb], comm[j][k]) for j in range(k) if cross[j][k] and (j == k - 1 or comm[j][k] > 0)]
+            sources = [(F[j][mb], comm[j][k]) for j in range(k) if cross[j][k] and (j == k - 1 or comm[j][k] > 0)]
         else:
-            sources = [(j, B[j][mb], comm[k][j]) for j in range(k + 1, K)
-                       if cross[k][j] and (j == k + 1 or comm[k][j] > 0)]
-        for _, a, delay in sources:
-            if a < 0:
-                continue
-            ready = ends[a]
-            windows[plan.rank[a]].append((ready, max(ready, prev_end[b]) + delay))
+            sources = [(B[j][mb], comm[k][j]) for j in range(k + 1, K) if cross[k][j] and (j == k + 1 or comm[k][j] > 0)]
+        for a, delay in sources:
+            if a >= 0:
+                windows[plan.rank[a]].append((ends[a], max(ends[a], prev_end[b]) + delay))
     merged = [_union(w) for w in windows]
-    keep = 1.0 - 1.0 / c.waiting_send_slowdown
-    out = [0.0] * len(plan.actions)
-    for a in range(len(plan.actions)):
-        start, end = starts[a], ends[a]
-        held = sum(max(0.0, min(end, y) - max(start, x)) for x, y in merged[plan.rank[a]] if y > start and x < end)
-        out[a] = held * keep
-    return out
+    return [sum(max(0.0, min(ends[a], y) - max(starts[a], x)) for x, y in merged[plan.rank[a]]
+                if y > starts[a] and x < ends[a]) for a in range(len(plan.actions))]
+
+
+def held_by_waiting_sends(timeline: Timeline, comm_time_s: tuple[tuple[float, ...], ...] = ()) -> dict[Action, float]:
+    """Per action of `timeline` (simulated or measured): the seconds it ran while a send of its rank
+    waited for a busy receiver (the windows `StageCosts.waiting_send_slowdown` slows). A measured
+    timeline's passes that ran slower than planned where this is large point at those sends."""
+    plan = _plan(timeline.schedule)
+    starts = [timeline.start_s[a] for a in plan.actions]
+    ends = [timeline.end_s[a] for a in plan.actions]
+    return dict(zip(plan.actions, _held_by_sends(plan, timeline.schedule, comm_time_s, starts, ends)))
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
