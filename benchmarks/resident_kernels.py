@@ -68,7 +68,8 @@ def _timed(work, held: int, streams: list[torch.cuda.Stream], spin_cycles: int) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--held", default="0,1,2,4", help="comma-separated numbers of SMs to hold (8 or more side streams did not all run at once on an H100)")
+    parser.add_argument("--held", default="0,1,2,4",
+                        help="comma-separated numbers of SMs to hold (8 or more side streams did not all run at once)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=20, help="back-to-back calls per timing")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
