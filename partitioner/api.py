@@ -46,7 +46,7 @@ from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
 from partitioner.passes.mixed_precision import compute_dtype, loss_under_autocast
 from partitioner.passes.graph_nodes import set_attr
 from partitioner.passes.capture_errors import check_inputs_eagerly
-from partitioner.passes.capture_io import Captured, input_leaf_names
+from partitioner.passes.capture_io import Captured, input_leaf_names, positional_names
 from partitioner.passes.hooks import warn_forward_hooks
 from partitioner.passes.split import outputs_the_loss_reads, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
@@ -390,12 +390,7 @@ def _check_devices(devices: list[torch.device]) -> None:
 def _warn_per_sample_lists(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | None) -> None:
     """Say where an input looks per-sample but goes whole to every microbatch (microbatch.per_sample_lists):
     a model indexing it by sample would read the first microbatch's values for every microbatch."""
-    try:
-        names = list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        names = []
-    names += [f"arg{i}" for i in range(len(names), len(args))]
-    lists = per_sample_lists(args, kwargs, names, batch)
+    lists = per_sample_lists(args, kwargs, positional_names(model, len(args)), batch)
     if lists:
         warnings.warn(f"compile_parallel: input {', '.join(lists)} is a list of Python values, as many as the batch "
                       "has samples; values that are not tensors are constants of the captured graph and go whole to "

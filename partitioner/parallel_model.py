@@ -62,6 +62,7 @@ class ParallelModel:
         self.microbatches = microbatches
         self.batch_dims = batch_dims  # where train_step and forward cut each input leaf and the target
         self._example_leaves, self._example_spec = pytree.tree_flatten((example_args, example_kwargs))
+        self._example_args, self._example_kwargs = pytree.tree_unflatten(self._example_leaves, self._example_spec)
         self._steps_run = 0
         self.source = source  # what captures the other mode (train/eval)
         self.model = source.model if source is not None else None  # fake weights: the structure, FQNs and shapes
@@ -250,10 +251,9 @@ class ParallelModel:
     def _check_target_by_keyword(self, inputs: tuple, kwargs: dict, target: Any) -> None:
         """pm.train_step(x, y), as a script calls loss_fn(model(x), y): one positional argument more than
         the example inputs and no target= is the target passed by position."""
-        example_args, _ = pytree.tree_unflatten(self._example_leaves, self._example_spec)
-        if target is None and len(inputs) == len(example_args) + 1:
+        if target is None and len(inputs) == len(self._example_args) + 1:
             raise RuntimeConfigError(f"train_step got {len(inputs)} positional arguments but the example inputs had "
-                                     f"{len(example_args)}, and no target=: pass the target by keyword, "
+                                     f"{len(self._example_args)}, and no target=: pass the target by keyword, "
                                      "pm.train_step(*inputs, target=y) (every positional argument is an input).")
 
     def _as_example_call(self, inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -263,7 +263,7 @@ class ParallelModel:
         inputs = tuple(inputs)
         if pytree.tree_structure((inputs, dict(kwargs))) == self._example_spec or self.model is None:
             return inputs, kwargs
-        example_args, example_kwargs = pytree.tree_unflatten(self._example_leaves, self._example_spec)
+        example_args, example_kwargs = self._example_args, self._example_kwargs
         try:
             signature = inspect.signature(self.model.forward)
             bound = signature.bind(*inputs, **kwargs).arguments
@@ -282,8 +282,7 @@ class ParallelModel:
         leaves, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
         dims = self.batch_dims.inputs
         if spec != self._example_spec:
-            example_args, example_kwargs = pytree.tree_unflatten(self._example_leaves, self._example_spec)
-            raise RuntimeConfigError(_mismatch(tuple(inputs), dict(kwargs), example_args, example_kwargs))
+            raise RuntimeConfigError(_mismatch(tuple(inputs), dict(kwargs), self._example_args, self._example_kwargs))
         for i, (x, ex) in enumerate(zip(leaves, self._example_leaves)):
             if isinstance(ex, torch.Tensor) != isinstance(x, torch.Tensor) or (
                     isinstance(x, torch.Tensor) and (x.shape != ex.shape or x.dtype != ex.dtype)):

@@ -338,11 +338,11 @@ def run_plan(args: argparse.Namespace) -> None:
             console.print(f"timeline drawn to {path}")
 
 
+def _depth(depth: int) -> str:
+    return "single ops: no module depth gives enough blocks" if depth == OPS else f"module depth {depth}"
+
+
 if __name__ == "__main__":
     from partitioner.cli import main  # the CLI imports this module
 
     sys.exit(main(["plan"] + sys.argv[1:]))
-
-
-def _depth(depth: int) -> str:
-    return "single ops: no module depth gives enough blocks" if depth == OPS else f"module depth {depth}"

@@ -111,22 +111,25 @@ def find_tied(model: torch.nn.Module) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def input_leaf_names(model: torch.nn.Module | None, args: tuple, kwargs: dict) -> list[str]:
-    """A readable name for each leaf of (args, kwargs): "input_ids", "batch[0]", "x['a']" (positional
-    inputs "arg0", ... where forward's signature is unknown, e.g. model None)."""
+def positional_names(model: torch.nn.Module | None, count: int) -> list[str]:
+    """Forward's parameter name of each of `count` positional inputs ("arg0", ... where forward's
+    signature is unknown, e.g. model None, or takes *args / **kwargs there)."""
     try:
         names = list(inspect.signature(model.forward).parameters) if model is not None else []
     except (TypeError, ValueError):
         names = []
+    return [names[i] if i < len(names) and names[i] not in ("args", "kwargs") else f"arg{i}" for i in range(count)]
+
+
+def input_leaf_names(model: torch.nn.Module | None, args: tuple, kwargs: dict) -> list[str]:
+    """A readable name for each leaf of (args, kwargs): "input_ids", "batch[0]", "x['a']" (positional
+    inputs "arg0", ... where forward's signature is unknown, e.g. model None)."""
+    names = positional_names(model, len(args))
     path_leaves, _ = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
     out = []
     for path, _leaf in path_leaves:
         top, key = path[0], path[1]
-        if top.idx == 0:  # positional
-            i = key.idx
-            base = names[i] if i < len(names) and names[i] not in ("args", "kwargs") else f"arg{i}"
-        else:
-            base = str(key.key)
+        base = names[key.idx] if top.idx == 0 else str(key.key)  # positional, or keyword
         out.append(base + "".join(str(k) for k in path[2:]))
     return out
 

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from partitioner.runtime.parameter_hooks import has_hooks
+
 _GRAD_ALIGN_BYTES = 256  # each gradient view starts where a vectorised kernel would want it
 # a CUDA foreach kernel over two lists takes at most 64 tensors and 320 chunks of 65,536 elements
 # (ATen's multi_tensor_apply with 4 KB of kernel arguments; newer builds take more per launch)
@@ -88,7 +90,7 @@ def plain_leaves(params: Iterable[torch.Tensor]) -> list[torch.Tensor] | None:
     for p in params:
         if not p.requires_grad:
             continue
-        if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+        if has_hooks(p):
             return None
         out.append(p)
     return out

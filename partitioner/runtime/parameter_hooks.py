@@ -18,6 +18,7 @@ from partitioner.errors import RuntimeConfigError
 
 
 def has_hooks(t: torch.Tensor) -> bool:
+    """Whether `t` carries a gradient hook or a post-accumulate-grad hook."""
     return bool(t._backward_hooks or getattr(t, "_post_accumulate_grad_hooks", None))
 
 

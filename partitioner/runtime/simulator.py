@@ -239,7 +239,7 @@ def _event_times(plan: _Plan, s: Schedule, c: StageCosts) -> tuple[list[float], 
         return starts, ends
     extra = [0.0] * len(plan.actions)
     for _ in range(_WAITING_SEND_ROUNDS):
-        new = _waiting_sends(plan, s, c, starts, ends, extra)
+        new = _waiting_sends(plan, s, c, starts, ends)
         if max((abs(a - b) for a, b in zip(new, extra)), default=0.0) < 1e-12:
             break
         extra = new
@@ -251,8 +251,7 @@ def _event_times(plan: _Plan, s: Schedule, c: StageCosts) -> tuple[list[float], 
 _WAITING_SEND_ROUNDS = 32
 
 
-def _waiting_sends(plan: _Plan, s: Schedule, c: StageCosts, starts: list[float], ends: list[float],
-                   extra: list[float]) -> list[float]:
+def _waiting_sends(plan: _Plan, s: Schedule, c: StageCosts, starts: list[float], ends: list[float]) -> list[float]:
     """Per action: the time it loses to its rank's waiting sends: an action overlapping them for w
     seconds of wall time (`_held_by_sends`) takes w (1 - 1 / slowdown) longer than its own time."""
     keep = 1.0 - 1.0 / c.waiting_send_slowdown
