@@ -337,7 +337,10 @@ def run_step(r: Runner, device: torch.device, distributed: bool, measure_memory:
 
 
 def measure(runners: list[Runner], device: torch.device, distributed: bool, warmup: int, rounds: int,
-            log: Callable[[str], None]) -> None:
+            log: Callable[[str], None], host_rounds: bool = False) -> list[dict]:
+    """Warm every configuration up, then time them in `rounds` alternating rounds. With host_rounds, a
+    round of the host calibration and a pure-Python loop are timed before each round (returned, one
+    dict per round): whether the host's speed moves the steps, round by round."""
     for i, r in enumerate(runners):  # warm-up: compile, record graphs, allocate optimizer state
         t = time.perf_counter()
         pools_before = graph_pool_bytes(device)
@@ -347,11 +350,40 @@ def measure(runners: list[Runner], device: torch.device, distributed: bool, warm
         log(f"  warm-up {r.name}: {time.perf_counter() - t:.1f} s")
     for r in runners:
         run_step(r, device, distributed, measure_memory=True)
+    hosts = []
     for k in range(rounds):
+        if host_rounds:
+            hosts.append(_host_round(device))
+            log(f"  round {k}: host {hosts[-1]}")
         for r in (runners if k % 2 == 0 else runners[::-1]):
             total, train = run_step(r, device, distributed)
-            r.times_s.append(total)
             r.train_s.append(train)
+            r.times_s.append(total)
+    return hosts
+
+
+def _host_round(device: torch.device) -> dict:
+    """This host's speed now: one round of the plan's host calibration (us per eager forward node and
+    backward kernel) and a fixed pure-Python loop (ms)."""
+    from partitioner.cost_models.measure import host_overheads_round
+    fwd, bwd = host_overheads_round(device)
+    t = time.perf_counter()
+    sum(i * i for i in range(300_000))
+    return {"fwd_node_us": round(fwd * 1e6, 2), "bwd_kernel_us": round(bwd * 1e6, 2),
+            "python_loop_ms": round((time.perf_counter() - t) * 1e3, 2)}
+
+
+def host_round_correlations(train_s: list[float], hosts: list[dict]) -> dict:
+    """Pearson correlation of a configuration's per-round train time with each host measure: near 1
+    where the host's drift moves the step, near 0 where the calibration's noise is its own."""
+    if len(hosts) < 3 or len(train_s) != len(hosts):
+        return {}
+    out = {}
+    for key in hosts[0]:
+        xs = [h[key] for h in hosts]
+        if len(set(xs)) > 1 and len(set(train_s)) > 1:
+            out[f"corr_{key}"] = round(statistics.correlation(xs, train_s), 3)
+    return out
 
 
 def timelines(runners: list[Runner], device: torch.device, rank: int | None, stem: str) -> None:
@@ -375,7 +407,7 @@ def timelines(runners: list[Runner], device: torch.device, rank: int | None, ste
 
 
 def rows_for(runners: list[Runner], model: str, precision: str, args, world: int, flops_per_step: float,
-             peak_flops: float) -> list[dict]:
+             peak_flops: float, hosts: list[dict] = ()) -> list[dict]:
     tokens = args.microbatches * args.mb_size * args.seq
     rows = []
     for r in runners:
@@ -392,6 +424,7 @@ def rows_for(runners: list[Runner], model: str, precision: str, args, world: int
             "pred_peak_gib": r.predicted_peak_bytes / GiB if r.predicted_peak_bytes else None,
             "note": r.note,
             **(r.timeline or {}),
+            **host_round_correlations(r.train_s, list(hosts)),
         })
     base = {row["config"]: row["tokens_per_s"] for row in rows}
     for row in rows:
@@ -436,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure", action="store_true",
                         help="plan with every distinct layer timed on the device (compiled for the compiled "
                              "configurations) instead of the analytic cost model")
+    parser.add_argument("--host-rounds", action="store_true",
+                        help="before each round, time one round of the host calibration (us per eager node) and "
+                             "a pure-Python loop; each configuration's row gets its per-round train times and "
+                             "their correlation with both (does the host's drift move the step?)")
     parser.add_argument("--timeline", action="store_true",
                         help="after the rounds, profile one step of each of our configurations on every rank and "
                              "set its measured timeline beside the plan's simulated one (columns measured_/"
@@ -476,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = f"{world}gpu" if rank is not None else f"1proc_{args.device}"
     name = args.name or f"train_throughput_{mode}"
     rows: list[dict] = []
+    host_records: dict[str, dict] = {}  # --host-rounds: per model, the rounds' host speeds and train times
     for model in args.models.split(","):
         for precision in args.precision.split(","):
             t = time.perf_counter()
@@ -489,11 +527,15 @@ def main(argv: list[str] | None = None) -> int:
                     _init_single_rank_group(device)
                 runners += torch_runners(zm, args, device, p, rank, wanted)
             log(f"{model} {precision}: {len(runners)} configurations set up in {time.perf_counter() - t:.0f} s")
-            measure(runners, device, rank is not None, args.warmup, args.rounds, log)
+            hosts = measure(runners, device, rank is not None, args.warmup, args.rounds, log, args.host_rounds)
             if args.timeline:
                 timelines(runners, device, rank, f"{name}_{model}_{precision}")
             flops = plans["flops_per_microbatch"] * args.microbatches
-            rows += rows_for(runners, model, precision, args, p if rank is not None else 1, flops, peak_flops)
+            rows += rows_for(runners, model, precision, args, p if rank is not None else 1, flops, peak_flops,
+                             hosts)
+            if hosts:
+                host_records[f"{model} {precision}"] = {
+                    "hosts": hosts, "train_s": {r.name: [round(t, 4) for t in r.train_s] for r in runners}}
             del runners, zm
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -502,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                 reserved = torch.cuda.max_memory_reserved(device) / GiB if device.type == "cuda" else None
                 path = write_result(name, rows, {"world_size": world, "stages_per_process": p if rank is None else 1,
                                                  "process_max_reserved_gib": reserved,
+                                                 **({"host_rounds": host_records} if host_records else {}),
                                                  **_host_calibration(device, wanted, args.time_compiled_launches)})
     if lead:
         print_table(f"training throughput ({mode}, m = {args.microbatches}, {args.mb_size} x {args.seq} tokens)", rows)

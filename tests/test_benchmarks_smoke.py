@@ -52,13 +52,18 @@ def test_gpu_runtime_runs_on_cpu(tmp_path):
 def test_train_throughput_runs_on_cpu(tmp_path):
     """Eager configurations only (compiling on 2 CPU cores takes minutes): ours with both plans and
     schedules and as compile_parallel defaults (eager on the CPU), torch.distributed.pipelining in one
-    process, and the plain model."""
+    process, and the plain model; the host's speed timed before every round."""
     configs = ("plain-eager,ours-default,ours-eager-1f1b-ilp,ours-eager-1f1b-uniform,ours-eager-interleaved-ilp,"
                "torch-eager-1f1b")
     args = ["--small", "--device", "cpu", "--models", "gpt2", "--precision", "bf16-mixed", "--seq", "16",
-            "--rounds", "2", "--warmup", "1", "--time-limit", "1", "--chunks", "2", "--configs", configs]
+            "--rounds", "3", "--warmup", "1", "--time-limit", "1", "--chunks", "2", "--configs", configs,
+            "--host-rounds"]
     result = run_benchmark("benchmarks.train_throughput", args, tmp_path, timeout_s=240)
     rows = result["rows"]
+    record = result["host_rounds"]["gpt2 bf16-mixed"]
+    assert len(record["hosts"]) == 3 and all(h["fwd_node_us"] > 0 for h in record["hosts"])
+    assert set(record["train_s"]) == set(configs.split(",")) and all(len(t) == 3 for t in record["train_s"].values())
+    assert all(-1 <= r.get("corr_python_loop_ms", 0) <= 1 for r in rows)
     assert {(r["precision"], r["config"]) for r in rows} == {(p, c) for p in ("bf16-mixed",)
                                                              for c in configs.split(",")}
     for r in rows:

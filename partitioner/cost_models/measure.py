@@ -540,31 +540,43 @@ def host_overheads_s(device: torch.device | str, layers: int = 4, repeats: int =
     """This host's dispatch time on `device` (CUDA): (seconds per forward node, per backward kernel),
     as DeviceSpec.cpu_fwd_overhead_s and cpu_bwd_overhead_s count them.
 
-    A few small transformer layers (dim 64) are captured like any model and trained in steps
-    back to back: their kernels are tiny, so the step is host-bound. Per pass, the forward and
-    the backward are timed after a synchronize, and both are scaled to the back-to-back wall
-    time (a host that waited for the GPU dispatches slower); then divided by the graph's nodes
-    and backward kernels as partitioner/cost_models/flops.py counts them; the median of `rounds`
-    rounds, as steps are measured as medians. The host's speed drifts between rounds and processes
-    (14-22 us per node within one process on one H100 host, every round kept in
-    HOST_CALIBRATION_ROUNDS), so host-bound predictions carry that noise.
-    Once per process and device.
+    The median of `rounds` rounds of `host_overheads_round`, as steps are measured as medians. The
+    host's speed drifts between rounds and processes (14-22 us per node within one process on one
+    H100 host, every round kept in HOST_CALIBRATION_ROUNDS), so host-bound predictions carry that
+    noise. Once per process and device.
     """
     device = torch.device(device)
     key = str(device)
     if key not in _HOST_CALIBRATION:
+        results = [host_overheads_round(device, layers, repeats) for _ in range(rounds)]
+        HOST_CALIBRATION_ROUNDS[key] = results
+        _HOST_CALIBRATION[key] = sorted(results, key=sum)[len(results) // 2]
+    return _HOST_CALIBRATION[key]
+
+
+_HOST_BOUND_GRAPHS: dict[tuple[str, int], tuple[torch.fx.GraphModule, list, int, int]] = {}
+
+
+def host_overheads_round(device: torch.device | str, layers: int = 4, repeats: int = 10) -> tuple[float, float]:
+    """One round of the host calibration: (seconds per forward node, per backward kernel) now.
+
+    A few small transformer layers (dim 64) are captured like any model and trained in steps
+    back to back for about a second: their kernels are tiny, so the step is host-bound. The
+    forward and the backward are timed after a synchronize, and both are scaled to the back-to-back
+    wall time (a host that waited for the GPU dispatches slower); then divided by the graph's nodes
+    and backward kernels as partitioner/cost_models/flops.py counts them.
+    """
+    device = torch.device(device)
+    key = (str(device), layers)
+    if key not in _HOST_BOUND_GRAPHS:
         model, x = host_bound_encoder(layers)
         captured = capture(model, (x,))
         traces = trace_nodes(captured.graph_module)
         nodes = sum(1 for t in traces.values() if t.op in COMPUTE_OPS)
         kernels = sum(len(t.bwd_ops) for t in traces.values())
-        gm = captured.graph_module.to(device)
-        inputs = captured.flatten_inputs((x.to(device),), {})
-        results = []
-        for _ in range(rounds):  # the host's speed drifts: the median round
-            fwd, bwd, wall = _whole_graph_times(gm, inputs, device, repeats, warmup=2, budget_s=1.0)
-            scale = min(1.0, wall / (fwd + bwd))
-            results.append((fwd * scale / nodes, bwd * scale / kernels))
-        HOST_CALIBRATION_ROUNDS[key] = results
-        _HOST_CALIBRATION[key] = sorted(results, key=sum)[len(results) // 2]
-    return _HOST_CALIBRATION[key]
+        _HOST_BOUND_GRAPHS[key] = (captured.graph_module.to(device),
+                                   captured.flatten_inputs((x.to(device),), {}), nodes, kernels)
+    gm, inputs, nodes, kernels = _HOST_BOUND_GRAPHS[key]
+    fwd, bwd, wall = _whole_graph_times(gm, inputs, device, repeats, warmup=2, budget_s=1.0)
+    scale = min(1.0, wall / (fwd + bwd))
+    return fwd * scale / nodes, bwd * scale / kernels
