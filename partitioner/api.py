@@ -48,6 +48,7 @@ from partitioner.passes.graph_nodes import set_attr
 from partitioner.passes.capture_errors import check_inputs_eagerly
 from partitioner.passes.capture_io import Captured, input_leaf_names, positional_names
 from partitioner.passes.hooks import warn_forward_hooks
+from partitioner.passes.kv_cache import configs_with_cache
 from partitioner.passes.split import outputs_the_loss_reads, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
 from partitioner.runtime.compiled import compile_options, compile_stages, print_once, uses_cudagraphs
@@ -202,6 +203,11 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _check_one_argument(model, example_inputs, example_kwargs)
     kwargs = dict(example_kwargs or {})
+    if configs_with_cache(model, kwargs):
+        warnings.warn(f"compile_parallel: {type(model).__name__}'s config has use_cache=True (from_pretrained's "
+                      "default); the pipeline runs it with use_cache=False, as a KV cache has no use there (pm(...) "
+                      "returns past_key_values=None). Set model.config.use_cache = False to silence this.",
+                      RuntimeWarning, stacklevel=2)
     register_dataclasses((args, kwargs, example_target))  # a batch as a dataclass of tensors: its fields are leaves
     check_flattens((args, kwargs), "input", input_leaf_names(model, args, kwargs))
     check_flattens(example_target, "example_target")
@@ -317,7 +323,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                         stage_device, order, inference_order, runners,
                         stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None,
                         stage_loss=fused, cudagraph_steps=calls.cudagraph_steps,
-                        foreach_grads=calls.gradients_at_once and not (dp_stages and dp_stages.needs_accumulate_grad))
+                        foreach_grads=calls.gradients_at_once and not (dp_stages and dp_stages.needs_accumulate_grad),
+                        loss_weight=microbatch_loss_weight(model, captured, args, kwargs, dp))
     source = ModeSource(fake_skeleton(model), mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
                         compile_options=options, timeout_s=timeout_s, check_loss=_checked_loss)
     step_graph = StepGraph(executor.train_step, lambda: [t for _, t in store.named_parameters() if t.requires_grad],
@@ -486,6 +493,32 @@ def model_loss(output: Any, target: Any = None) -> torch.Tensor:
                                  "example_kwargs={'labels': labels}, and labels= to train_step), or pass "
                                  "loss_fn(output, target).")
     return loss
+
+
+def microbatch_loss_weight(model: torch.nn.Module, captured: Captured, args: tuple, kwargs: dict,
+                           dp: int) -> float | None:
+    """The weight of each microbatch's loss in the step's loss: None (1/m, their mean) unless the model is
+    given Hugging Face's `num_items_in_batch`, the count of the global batch's label tokens that its loss
+    divides its summed token losses by (the Trainer's fix for gradient accumulation). Then each microbatch's
+    loss is already its share of the whole batch's token mean, so the step sums them: weight 1, times dp
+    since data-parallel replicas average their gradients. Refused where the model does not read it (its
+    loss would be a per-microbatch mean, summed) or it is not a 0-dim tensor (a Python int is a constant of
+    the captured graph: the next batch's count would be refused)."""
+    if kwargs.get("num_items_in_batch") is None:
+        return None
+    value, name = kwargs["num_items_in_batch"], type(model).__name__
+    if not isinstance(value, torch.Tensor) or value.dim() != 0:
+        raise RuntimeConfigError(f"compile_parallel: num_items_in_batch is {_what_loss(value)}; pass the global "
+                                 "batch's count of label tokens as a 0-dim tensor, num_items_in_batch=torch.tensor(n) "
+                                 "(a Python number is baked into the captured graph as a constant), in every call.")
+    leaf = input_leaf_names(model, args, kwargs).index("num_items_in_batch")
+    placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
+    node = next((ph for ph, i in zip(placeholders, captured.input_leaf_indices) if i == leaf), None)
+    if node is None or not node.users:
+        raise RuntimeConfigError(f"compile_parallel: {name} is given num_items_in_batch but does not read it, so its "
+                                 "loss is each microbatch's own mean, not a share of the batch's: drop "
+                                 "num_items_in_batch (train_step then averages the microbatches' losses).")
+    return float(dp)
 
 
 def _checked_loss(loss_fn: Callable[[Any, Any], Any], user_fn: Callable | None = None
