@@ -663,7 +663,9 @@ def _split_hint(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | 
     names = input_leaf_names(model, args, kwargs)
     per_leaf = [leaf_dim(dims.inputs, i) for i in range(len(leaves))]
     tensors = [(n, x, d) for n, x, d in zip(names, leaves, per_leaf) if batch_size(x, d) is not None]
-    cut = [(f"'{n}' {tuple(x.shape)}", d) for n, x, d in tensors[1:] if batch is not None and batch_size(x, d) == batch]
+    # an input shaped as the first one (an attention mask, labels or token types beside input_ids) is batched as it is
+    cut = [(f"'{n}' {tuple(x.shape)}", d) for n, x, d in tensors[1:] if batch is not None and batch_size(x, d) == batch
+           and (x.shape, d) != (tensors[0][1].shape, tensors[0][2])]
     if not cut:
         return ""
     first, first_dim = _first_batched(model, args, kwargs, dims)
