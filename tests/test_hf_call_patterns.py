@@ -191,6 +191,18 @@ def test_use_cache_left_true_in_the_config_runs_without_the_cache(name):
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-6)
 
 
+def test_use_cache_passed_true_is_refused_without_a_note_on_batched_inputs():
+    """use_cache=True passed by the caller is kept, and its cache refused naming the fix. The note on inputs
+    cut only because their size equals the batch's left out the mask and labels, shaped as input_ids (it
+    named every HF model's attention_mask and labels under any capture error)."""
+    from partitioner.errors import CaptureError
+    labels = tokens(3)
+    with pytest.raises(CaptureError, match="DynamicCache.*pass use_cache=False or leave it out") as err:
+        compiled(llama(), (tokens(),), {"attention_mask": padding_mask(), "labels": labels, "use_cache": True},
+                 labels, None)
+    assert "ONE microbatch" not in str(err.value)
+
+
 # ----------------------------------------------------------------------------------------- preparation
 
 
