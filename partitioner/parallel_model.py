@@ -31,6 +31,7 @@ from partitioner.passes.split import StageModule
 from partitioner.runtime.compiled import compile_report, print_once
 from partitioner.runtime.data_parallel import DataParallelStages, MeshLayout, full_tensor
 from partitioner.runtime.executor import Executor, ParameterStore
+from partitioner.runtime.rank_random import ranked_random_draws
 from partitioner.runtime.step_graph import StepGraph
 
 
@@ -137,8 +138,9 @@ class ParallelModel:
             self.data_parallel.before_step()
         graph = self.step_graph if self.step_graph is not None and self.executor is self._graph_executor else None
         scale = self._loss_scale(scaler, graph is not None)
-        loss = graph(mb_inputs, targets) if graph is not None else \
-            self.executor.train_step(mb_inputs, targets, loss_scale=scale)
+        with self._random_draws():
+            loss = graph(mb_inputs, targets) if graph is not None else \
+                self.executor.train_step(mb_inputs, targets, loss_scale=scale)
         if self.data_parallel is not None:
             self.data_parallel.after_step()
         self.store.after_step()
@@ -205,7 +207,8 @@ class ParallelModel:
         self.store.refresh_replicas()
         if self.data_parallel is not None and self.training != self._sharded_mode:
             self.data_parallel.unshard()  # this mode's stages read the gathered parameters
-        flat = self.executor.forward(mb_inputs)
+        with self._random_draws():
+            flat = self.executor.forward(mb_inputs)
         if self.data_parallel is not None:
             self.data_parallel.reshard()
         if flat is None:
@@ -217,6 +220,14 @@ class ParallelModel:
         return _inference_only(out) if torch.is_grad_enabled() else out
 
     __call__ = forward
+
+    def _random_draws(self):
+        """Under torchrun, the stages' random draws (dropout) from a stream of this rank's (runtime/rank_random.py):
+        ranks seeded alike drew the same masks. Stages replayed as CUDA graphs (compile mode "reduce-overhead")
+        keep the default generator, whose state their graphs hold."""
+        if self.rank is None or self.executor.cudagraph_steps is not None:
+            return ranked_random_draws(None, self.devices[0])
+        return ranked_random_draws(dist.get_rank(), self.devices[self.rank])
 
     def _check_no_input_grad(self, inputs: tuple, kwargs: dict) -> None:
         """An input that requires grad (computed by a module outside the model) would need its gradient

@@ -467,13 +467,30 @@ def _two_ranks(rank: int, world: int, _arg) -> dict:
     results["output"] = None if out is None else max(
         (g - w).abs().max().item() for g, w in zip([out.logits, *out.hidden_states],
                                                    [expected.logits, *expected.hidden_states]))
+    # attention dropout in training, seen in the attention weights pm(...) returns: which entries each layer
+    # dropped, per microbatch; and a draw of the script's after the step
+    model = llama(attn_implementation="eager", attention_dropout=0.5)
+    pm = compiled(model, (tokens(),), {"output_attentions": True}, tokens(3), token_loss)
+    torch.manual_seed(1)
+    out = pm(tokens(), output_attentions=True)
+    results["after"] = torch.rand(()).item()
+    if out is not None:
+        results["dropped"] = [(a[i:i + 2] == 0) for a in out.attentions for i in (0, 2)]
     return results
 
 
 def test_call_patterns_on_two_processes():
+    """The model's own loss with num_items_in_batch and use_cache=True in its config, inputs_embeds with a
+    bool mask and eval inference of the hidden states, and attention dropout, on 2 gloo ranks."""
     results = run_workers(_two_ranks, 2, timeout_s=240)
     for rank, got in enumerate(results):
         for pattern in ("labels", "embeds"):
             loss_err, grad_err = got[pattern]
             assert loss_err < 1e-5 and grad_err < 1e-5, (rank, pattern, got)
     assert results[0]["output"] is None and results[1]["output"] < 1e-5, results
+    # ranks seeded alike drew the same dropout masks for their stages' layers (rank 1's first layer dropped
+    # what rank 0's first dropped, microbatch by microbatch); now each rank draws its own, while the script's
+    # generator stays in step on both ranks
+    dropped = results[1]["dropped"]
+    assert not any(torch.equal(a, b) for i, a in enumerate(dropped) for b in dropped[i + 1:])
+    assert results[0]["after"] == results[1]["after"]
