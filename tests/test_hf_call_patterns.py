@@ -6,7 +6,7 @@ output_hidden_states / output_attentions, use_cache left True in the config (fro
 captured without the cache, passes/kv_cache.py). Preparation: gradient checkpointing (reentrant or not),
 resize_token_embeddings, tied and untied embeddings, save_pretrained / from_pretrained, pm's weights back
 into the model, bf16 models and mixed_precision="bf16", frozen parts and hand-made LoRA adapters. Use:
-eval inference, a single-sample forward, dropout under a seed, and HF's num_items_in_batch, with which
+eval inference (on any multiple of the microbatch), a single-sample forward, dropout under a seed, and HF's num_items_in_batch, with which
 train_step's loss and gradients equal one forward of the whole batch (without it, the mean of each
 microbatch's own token mean: gradient accumulation's). Two gloo processes for the input/output patterns.
 
@@ -336,20 +336,33 @@ def test_frozen_parts(case):
 # ---------------------------------------------------------------------------------------------- use
 
 
-def test_eval_inference_and_another_batch_size_refused():
-    """pm.eval() + no_grad: the model's logits for the training batch; a batch of another size or length is
-    refused, naming the captured shape and the fix."""
-    model, kwargs = llama(), {"attention_mask": padding_mask()}
-    pm = compiled(model, (tokens(),), kwargs, tokens(3), token_loss)
+def test_eval_inference_on_other_batch_sizes():
+    """pm.eval() + no_grad: the model's logits and hidden states for the training batch, and for any batch that
+    is a multiple of the microbatch (2 here), run as that many microbatches (it was refused: "the stages were
+    captured for that shape"); another batch or sequence length is refused naming the sizes or the fix."""
+    model = llama()
+    batch, mask = torch.cat([tokens(), tokens(4)]), torch.cat([padding_mask(), padding_mask(left=True)])
+    kwargs = {"attention_mask": mask[:BATCH], "output_hidden_states": True}
+    pm = compiled(model, (tokens(),), kwargs, tokens(3), token_loss, chunks=2)
     pm.train_step(tokens(), target=tokens(3), **kwargs)
     pm.eval()
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(pm(tokens(), **kwargs).logits, model(tokens(), **kwargs).logits, rtol=0, atol=0)
-        with pytest.raises(RuntimeConfigError, match=r"input 0 is \(2, 8\) .* example inputs had \(4, 8\).*drop_last"):
-            pm(tokens()[:2], attention_mask=padding_mask()[:2])
+        for n in (BATCH, 2, 8, 6):
+            got = pm(batch[:n], attention_mask=mask[:n], output_hidden_states=True)
+            want = model(batch[:n], attention_mask=mask[:n], output_hidden_states=True)
+            for g, w in zip([got.logits, *got.hidden_states], [want.logits, *want.hidden_states]):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        with pytest.raises(RuntimeConfigError, match=r"batch of 3; it infers on batches of a multiple of 2 samples "
+                                                     r".*e.g. 2 or 4"):
+            pm(batch[:3], attention_mask=mask[:3], output_hidden_states=True)
+        with pytest.raises(RuntimeConfigError, match=r"input 1 is \(4, 8\) .* in a batch of 8 .* it is \(8, 8\)"):
+            pm(batch, attention_mask=mask[:4], output_hidden_states=True)
         with pytest.raises(RuntimeConfigError, match="dim 1 is 5, not 8: pad every batch to 8"):
-            pm(tokens()[:, :5], attention_mask=padding_mask()[:, :5])
+            pm(batch[:4, :5], attention_mask=mask[:4, :5], output_hidden_states=True)
+    pm.train()
+    with pytest.raises(RuntimeConfigError, match=r"input 0 is \(8, 8\) .*a batch of 8: call compile_parallel"):
+        pm.train_step(batch, target=torch.cat([tokens(3)] * 2), attention_mask=mask, output_hidden_states=True)
 
 
 def test_generation_like_single_forward():
@@ -462,11 +475,14 @@ def _two_ranks(rank: int, world: int, _arg) -> dict:
     results["embeds"] = (abs(loss - want_loss) / want_loss, _grad_error(pm, want))
     pm.eval()
     model.eval()
-    with torch.no_grad():
-        out, expected = pm(**kwargs), model(**kwargs)
-    results["output"] = None if out is None else max(
-        (g - w).abs().max().item() for g, w in zip([out.logits, *out.hidden_states],
-                                                   [expected.logits, *expected.hidden_states]))
+    for n in (BATCH, 2, 8):  # the training batch, and others: a multiple of the microbatch of 2
+        call = {**kwargs, "inputs_embeds": torch.cat([kwargs["inputs_embeds"]] * 2)[:n],
+                "attention_mask": torch.cat([mask.bool(), padding_mask().bool()])[:n]}
+        with torch.no_grad():
+            out, expected = pm(**call), model(**call)
+        results[f"output {n}"] = None if out is None else max(
+            (g - w).abs().max().item() for g, w in zip([out.logits, *out.hidden_states],
+                                                       [expected.logits, *expected.hidden_states]))
     # attention dropout in training, seen in the attention weights pm(...) returns: which entries each layer
     # dropped, per microbatch; and a draw of the script's after the step
     model = llama(attn_implementation="eager", attention_dropout=0.5)
@@ -481,13 +497,15 @@ def _two_ranks(rank: int, world: int, _arg) -> dict:
 
 def test_call_patterns_on_two_processes():
     """The model's own loss with num_items_in_batch and use_cache=True in its config, inputs_embeds with a
-    bool mask and eval inference of the hidden states, and attention dropout, on 2 gloo ranks."""
+    bool mask and eval inference of the hidden states (batches of 4, 2 and 8), and attention dropout, on 2
+    gloo ranks."""
     results = run_workers(_two_ranks, 2, timeout_s=240)
     for rank, got in enumerate(results):
         for pattern in ("labels", "embeds"):
             loss_err, grad_err = got[pattern]
             assert loss_err < 1e-5 and grad_err < 1e-5, (rank, pattern, got)
-    assert results[0]["output"] is None and results[1]["output"] < 1e-5, results
+    for n in (BATCH, 2, 8):
+        assert results[0][f"output {n}"] is None and results[1][f"output {n}"] < 1e-5, (n, results)
     # ranks seeded alike drew the same dropout masks for their stages' layers (rank 1's first layer dropped
     # what rank 0's first dropped, microbatch by microbatch); now each rank draws its own, while the script's
     # generator stays in step on both ranks

@@ -18,6 +18,7 @@ replicas of tied weights in step (gradient all-reduce across ranks).
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any, Callable
@@ -109,6 +110,7 @@ class Executor:
         self._closes_stage = {order[i] for i in last_b.values()}  # the B after which a stage's gradients are final
         self.foreach_grads = foreach_grads
         self._mean_grads: dict[tuple, torch.Tensor] = {}
+        self._inference_plans: dict[int, tuple[list[Action], CommPlan]] = {}  # by microbatch count
         # each microbatch's loss in the step's: None, 1/m (the mean); a number where the model normalised each
         # microbatch's loss by the whole batch already (HF's num_items_in_batch; api.microbatch_loss_weight)
         self.loss_weight = loss_weight
@@ -137,15 +139,29 @@ class Executor:
 
     @torch.no_grad()
     def forward(self, mb_inputs: list[list[Any]]) -> list[list[Any]] | None:
-        """Forward only; the flat output leaves of every microbatch if the last stage is local, else None."""
+        """Forward only; the flat output leaves of every microbatch if the last stage is local, else None.
+        Any number of microbatches (inference of a batch other than the training one's size)."""
         state = _StepState(mb_inputs, [None] * len(mb_inputs), train=False)
         if self.cudagraph_steps is not None:
             self.cudagraph_steps.before_inference()
-        self._run(self.inference_order, self.inference_comm, state)
+        order, comm = self._inference_plan(len(mb_inputs))
+        self._run(order, comm, state)
         if self.last not in self.local:
             return None
         outputs = [state.outputs[mb] for mb in range(len(mb_inputs))]
         return self.cudagraph_steps.hand_out(outputs) if self.cudagraph_steps is not None else outputs
+
+    def _inference_plan(self, microbatches: int) -> tuple[list[Action], CommPlan]:
+        """This process's forward-only actions and their communication for `microbatches` microbatches:
+        the schedule's own, or the same forward-only order over that many (made once per count)."""
+        if microbatches == self.schedule.microbatches:
+            return self.inference_order, self.inference_comm
+        if microbatches not in self._inference_plans:
+            sched = forward_only(dataclasses.replace(self.schedule, microbatches=microbatches))
+            ranks = sorted({self.schedule.stage_rank[k] for k in self.local})
+            order = in_process_order(sched) if len(ranks) == sched.num_ranks else list(sched.actions[ranks[0]])
+            self._inference_plans[microbatches] = (order, build_comm_plan(self.stages, sched))
+        return self._inference_plans[microbatches]
 
     def _plain_parameters(self) -> dict[int, list[torch.Tensor]] | None:
         """Each local stage's trainable parameters, or None where one carries a hook (read every step:
