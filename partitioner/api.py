@@ -24,6 +24,7 @@ import itertools
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -48,7 +49,7 @@ from partitioner.passes.graph_nodes import set_attr
 from partitioner.passes.capture_errors import check_inputs_eagerly
 from partitioner.passes.capture_io import Captured, input_leaf_names, positional_names
 from partitioner.passes.hooks import warn_forward_hooks
-from partitioner.passes.kv_cache import configs_with_cache
+from partitioner.passes.kv_cache import configs_with_cache, output_has_cache_field
 from partitioner.passes.split import outputs_the_loss_reads, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
 from partitioner.runtime.compiled import compile_options, compile_stages, print_once, uses_cudagraphs
@@ -203,11 +204,6 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _check_one_argument(model, example_inputs, example_kwargs)
     kwargs = dict(example_kwargs or {})
-    if configs_with_cache(model, kwargs):
-        warnings.warn(f"compile_parallel: {type(model).__name__}'s config has use_cache=True (from_pretrained's "
-                      "default); the pipeline runs it with use_cache=False, as a KV cache has no use there (pm(...) "
-                      "returns past_key_values=None). Set model.config.use_cache = False to silence this.",
-                      RuntimeWarning, stacklevel=2)
     register_dataclasses((args, kwargs, example_target))  # a batch as a dataclass of tensors: its fields are leaves
     check_flattens((args, kwargs), "input", input_leaf_names(model, args, kwargs))
     check_flattens(example_target, "example_target")
@@ -266,6 +262,11 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         graph_code = re.sub(r"device\(type='\w+'(, index=\d+)?\)", "device", captured.graph_module.code)
         _agree(plan.to_json() + graph_code, "the plan or the captured graph", rank, devices)
     _check_plan(plan, p, chunks)
+    if configs_with_cache(model, kwargs) and output_has_cache_field(captured.out_spec):
+        warnings.warn(f"compile_parallel: {type(model).__name__}'s config has use_cache=True (from_pretrained's "
+                      "default); the pipeline runs it with use_cache=False, as a KV cache has no use there (pm(...) "
+                      "returns past_key_values=None). Set model.config.use_cache = False to silence this.",
+                      RuntimeWarning, stacklevel=2)
     if loss_fn is model_loss:  # say it now, not at the first step
         model_loss(captured.unflatten_outputs(captured.meta_outputs()), None)
     if dp > 1 and data_parallel == "fsdp":
@@ -409,8 +410,10 @@ def _warn_per_sample_lists(model: torch.nn.Module, args: tuple, kwargs: dict, ba
 def _check_one_argument(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict | None) -> None:
     """example_inputs that is not a tuple is ONE positional argument: a list [x, mask] or a batch dict
     meant as model(*inputs) / model(**batch) would reach forward whole and fail deep inside the
-    capture; refused up front where forward's signature cannot take it so, naming the fix."""
-    if not isinstance(example_inputs, (list, dict)):
+    capture; refused up front where forward's signature cannot take it so, naming the fix. A mapping whose
+    keys are all forward's parameter names (a tokenizer's BatchEncoding, a collator's dict) is a batch meant
+    as model(**batch), though forward would take it whole as its first input (HF's input_ids)."""
+    if not isinstance(example_inputs, (list, Mapping)):
         return
     try:
         signature = inspect.signature(model.forward)
@@ -429,6 +432,14 @@ def _check_one_argument(model: torch.nn.Module, example_inputs: Any, example_kwa
         raise RuntimeConfigError(f"compile_parallel: example_inputs is a {type(example_inputs).__name__}, which is "
                                  f"{name}'s ONE positional argument (as {name}(example_inputs)), but its forward "
                                  f"does not take it so ({err}); {fix}.") from err
+    keys = list(example_inputs) if isinstance(example_inputs, Mapping) else []
+    if keys and all(isinstance(k, str) and k in signature.parameters for k in keys):
+        name = type(model).__name__
+        raise RuntimeConfigError(f"compile_parallel: example_inputs is a {type(example_inputs).__name__} with keys "
+                                 f"{keys}, the names of {name}.forward's parameters, but as example_inputs it is ONE "
+                                 f"positional argument ({name}(example_inputs)); for {name}(**batch) pass "
+                                 "example_inputs=() and example_kwargs=dict(batch), and call "
+                                 "pm.train_step(**batch, target=...).")
 
 
 def _check_not_partly_meta(model: torch.nn.Module) -> None:

@@ -11,6 +11,7 @@ caller's and kept (True is refused at capture, naming the fix).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Iterator
 
 import torch
@@ -40,3 +41,13 @@ def without_kv_cache(model: torch.nn.Module, kwargs: dict | None = None) -> Iter
     finally:
         for config in configs:
             config.use_cache = True
+
+
+def output_has_cache_field(out_spec: Any) -> bool:
+    """Whether the captured output is a dataclass (an HF ModelOutput) with a past_key_values field (`cache`
+    from transformers 5.2x on): one the model fills with its cache under use_cache=True, so that running
+    without it changes what pm(...) returns (an encoder's output has no such field, though its config may
+    say use_cache=True: BERT's)."""
+    kind = getattr(out_spec, "type", None)
+    return dataclasses.is_dataclass(kind) and any(f.name in ("past_key_values", "cache")
+                                                  for f in dataclasses.fields(kind))
