@@ -444,6 +444,14 @@ class ParallelModel:
     def __getattr__(self, name: str) -> Any:
         """An nn.Module attribute a ParallelModel lacks is named with what it offers instead of Python's
         bare 'no attribute'."""
+        model = self.__dict__.get("model")  # the compiled model's skeleton (fake weights)
+        if not name.startswith("_") and not hasattr(torch.nn.Module, name) and model is not None and (
+                hasattr(type(model), name) or name in vars(model)):
+            kind = type(model).__name__  # HF's save_pretrained, generate, config: the model's, not the stages'
+            raise AttributeError(f"ParallelModel has no '{name}': it is {kind}'s, and a ParallelModel is the model's "
+                                 f"stages, not the model. Use it on the {kind} you compiled, after loading pm's trained "
+                                 "weights into it: model.load_state_dict(pm.full_state_dict()) (under torchrun on "
+                                 f"every rank), then model.{name}.")
         if name.startswith("_") or not hasattr(torch.nn.Module, name):
             raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
         raise AttributeError(f"ParallelModel has no nn.Module.{name}: it is not one module but the model's stages "

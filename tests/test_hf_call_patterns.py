@@ -265,6 +265,10 @@ def test_from_pretrained_then_trained_weights_back_into_the_model(tmp_path):
     with pytest.warns(RuntimeWarning, match="use_cache=True"):
         pm = assert_equals_accumulation(model, (tokens(),), {}, tokens(3), token_loss)
     torch.optim.SGD(pm.parameters(), lr=0.5).step()
+    for method in ("save_pretrained", "generate", "config"):  # the model's, named with how to reach them
+        with pytest.raises(AttributeError, match=rf"ParallelModel has no '{method}': it is GPT2LMHeadModel's.*"
+                                                 r"model.load_state_dict\(pm.full_state_dict\(\)\)"):
+            getattr(pm, method)
     fresh = gpt2()
     assert not fresh.load_state_dict(pm.state_dict(), strict=True).missing_keys
     fresh.save_pretrained(tmp_path / "trained")
