@@ -149,18 +149,16 @@ def test_bert_inputs_embeds_token_types_and_labels_with_ignored_entries(recwarn)
     assert not [w for w in recwarn if "use_cache" in str(w.message)]
 
 
-@pytest.mark.parametrize("name", ["llama", "t5"])
-def test_labels_with_ignored_entries_and_the_models_own_loss(name):
-    """loss_fn=None trains out.loss; labels with -100 entries (T5 shifts them into decoder inputs)."""
+def test_labels_with_ignored_entries_and_the_models_own_loss():
+    """loss_fn=None trains out.loss; labels with -100 entries (T5's: test_use_cache_left_true_...)."""
     labels = labels_with_ignored()
-    model = llama() if name == "llama" else t5()
-    assert_equals_accumulation(model, (tokens(),), {"attention_mask": padding_mask(), "labels": labels}, labels, None)
+    assert_equals_accumulation(llama(), (tokens(),), {"attention_mask": padding_mask(), "labels": labels}, labels,
+                               None)
 
 
-@pytest.mark.parametrize("name", ["llama", "t5"])
-def test_return_dict_false_gives_tuples(name):
+def test_return_dict_false_gives_tuples():
     labels = tokens(3)
-    model = llama() if name == "llama" else t5()
+    model = llama()
     kwargs = {"labels": labels, "return_dict": False}
     pm = assert_equals_accumulation(model, (tokens(),), kwargs, labels, lambda out, target: out[0])
     pm.eval()
@@ -194,9 +192,9 @@ def test_use_cache_left_true_in_the_config_runs_without_the_cache(name):
     """from_pretrained leaves use_cache=True: the model's output held a DynamicCache (EncoderDecoderCache for
     T5, whose decoder keeps its own copy of the config) that pytree cannot flatten, so compile_parallel
     refused it. Now it runs without the cache, says so once, restores the config, and pm(...) returns
-    past_key_values=None."""
+    past_key_values=None. The model's own loss over labels with -100 entries."""
     model = llama(use_cache=True) if name == "llama" else t5(use_cache=True)
-    labels = tokens(3)
+    labels = labels_with_ignored()  # T5 shifts them into its decoder inputs, -100 as padding
     configs = {id(m.config): (m.config, m.config.use_cache) for m in model.modules() if hasattr(m, "config")}
     with pytest.warns(RuntimeWarning, match="config has use_cache=True .* runs it with use_cache=False"):
         pm = assert_equals_accumulation(model, (tokens(),), {"labels": labels}, labels, None)
