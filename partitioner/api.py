@@ -325,7 +325,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                         stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None,
                         stage_loss=fused, cudagraph_steps=calls.cudagraph_steps,
                         foreach_grads=calls.gradients_at_once and not (dp_stages and dp_stages.needs_accumulate_grad),
-                        loss_weight=microbatch_loss_weight(model, captured, args, kwargs, dp))
+                        loss_weight=_microbatch_loss_weight(model, captured, args, kwargs, dp))
     source = ModeSource(fake_skeleton(model), mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
                         compile_options=options, timeout_s=timeout_s, check_loss=_checked_loss)
     step_graph = StepGraph(executor.train_step, lambda: [t for _, t in store.named_parameters() if t.requires_grad],
@@ -506,7 +506,7 @@ def model_loss(output: Any, target: Any = None) -> torch.Tensor:
     return loss
 
 
-def microbatch_loss_weight(model: torch.nn.Module, captured: Captured, args: tuple, kwargs: dict,
+def _microbatch_loss_weight(model: torch.nn.Module, captured: Captured, args: tuple, kwargs: dict,
                            dp: int) -> float | None:
     """The weight of each microbatch's loss in the step's loss: None (1/m, their mean) unless the model is
     given Hugging Face's `num_items_in_batch`, the count of the global batch's label tokens that its loss

@@ -69,7 +69,7 @@ class ParallelModel:
         self.model = source.model if source is not None else None  # fake weights: the structure, FQNs and shapes
         self.training = source.model.training if source is not None else True
         self._modes: dict[bool, Any] = {}
-        self._whole_shapes: dict[tuple[bool, int], Any] = {}  # (mode, microbatches) -> output leaves' shapes for this replica's batch
+        self._whole_shapes: dict[tuple[bool, int], Any] = {}  # (mode, microbatches) -> output leaves' shapes
         self.layout = layout  # where this process sits among the data-parallel replicas (None: one process)
         self.data_parallel = data_parallel  # this rank's stages under FSDP2 when dp > 1 ...
         self._sharded_mode = self.training  # ... in the mode compiled (the other mode reads its gathered tensors)
@@ -449,9 +449,9 @@ class ParallelModel:
                 hasattr(type(model), name) or name in vars(model)):
             kind = type(model).__name__  # HF's save_pretrained, generate, config: the model's, not the stages'
             raise AttributeError(f"ParallelModel has no '{name}': it is {kind}'s, and a ParallelModel is the model's "
-                                 f"stages, not the model. Use it on the {kind} you compiled, after loading pm's trained "
-                                 "weights into it: model.load_state_dict(pm.full_state_dict()) (under torchrun on "
-                                 f"every rank), then model.{name}.")
+                                 f"stages, not the model. Use it on the {kind} you compiled, after loading pm's "
+                                 "trained weights into it: model.load_state_dict(pm.full_state_dict()) (under "
+                                 f"torchrun on every rank), then model.{name}.")
         if name.startswith("_") or not hasattr(torch.nn.Module, name):
             raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
         raise AttributeError(f"ParallelModel has no nn.Module.{name}: it is not one module but the model's stages "
