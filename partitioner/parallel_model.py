@@ -451,7 +451,7 @@ class ParallelModel:
             raise AttributeError(f"ParallelModel has no '{name}': it is {kind}'s, and a ParallelModel is the model's "
                                  f"stages, not the model. Use it on the {kind} you compiled, after loading pm's "
                                  "trained weights into it: model.load_state_dict(pm.full_state_dict()) (under "
-                                 f"torchrun on every rank), then model.{name}.")
+                                 f"torchrun on global rank 0, where it is gathered), then model.{name}.")
         if name.startswith("_") or not hasattr(torch.nn.Module, name):
             raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
         raise AttributeError(f"ParallelModel has no nn.Module.{name}: it is not one module but the model's stages "

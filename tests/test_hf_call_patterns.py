@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 
 import pytest
 import torch
@@ -488,6 +489,22 @@ def _two_ranks(rank: int, world: int, _arg) -> dict:
     pm = compiled(model, (tokens(),), kwargs, labels, None)
     loss = pm.train_step(tokens(), **kwargs).item()
     results["labels"] = (abs(loss - want_loss) / want_loss, _grad_error(pm, want))
+    # a step, then the trained weights into an HF model on rank 0 (save_pretrained / from_pretrained), which
+    # infers as pm does on the last rank
+    torch.optim.SGD(pm.parameters(), lr=0.5).step()
+    full = pm.full_state_dict()
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = llama()
+            fresh.load_state_dict(full)
+            fresh.save_pretrained(tmp)
+            reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
+        with torch.no_grad():
+            results["reloaded"] = reloaded(tokens(), attention_mask=mask).logits
+    pm.eval()
+    with torch.no_grad():
+        out = pm(tokens(), **kwargs)
+    results["trained"] = None if out is None else out.logits
     # inputs_embeds with a bool mask; then eval inference of the hidden states on the last rank
     model = llama()
     kwargs = {"inputs_embeds": model.get_input_embeddings()(tokens()).detach(), "attention_mask": mask.bool(),
@@ -521,7 +538,8 @@ def _two_ranks(rank: int, world: int, _arg) -> dict:
 
 
 def test_call_patterns_on_two_processes():
-    """The model's own loss with num_items_in_batch and use_cache=True in its config, inputs_embeds with a
+    """The model's own loss with num_items_in_batch and use_cache=True in its config, then its trained weights
+    through pm.full_state_dict() into an HF model saved and reloaded on rank 0; inputs_embeds with a
     bool mask and eval inference of the hidden states (batches of 4, 2 and 8), and attention dropout, on 2
     gloo ranks."""
     results = run_workers(_two_ranks, 2, timeout_s=240)
@@ -529,6 +547,7 @@ def test_call_patterns_on_two_processes():
         for pattern in ("labels", "embeds"):
             loss_err, grad_err = got[pattern]
             assert loss_err < 1e-5 and grad_err < 1e-5, (rank, pattern, got)
+    torch.testing.assert_close(results[1]["trained"], results[0]["reloaded"], rtol=1e-5, atol=1e-6)
     for n in (BATCH, 2, 8):
         assert results[0][f"output {n}"] is None and results[1][f"output {n}"] < 1e-5, (n, results)
     # ranks seeded alike drew the same dropout masks for their stages' layers (rank 1's first layer dropped
