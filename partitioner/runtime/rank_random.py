@@ -30,7 +30,7 @@ def ranked_random_draws(global_rank: int | None, device: torch.device) -> Iterat
     if global_rank is None:
         yield
         return
-    seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
+    seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cpu").item())  # the CPU generator's draw
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda, device_type="cuda"):
         ranked = (seed + (global_rank + 1) * _MIX) % 2 ** 64
