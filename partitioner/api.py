@@ -24,6 +24,7 @@ import itertools
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -48,6 +49,7 @@ from partitioner.passes.graph_nodes import set_attr
 from partitioner.passes.capture_errors import check_inputs_eagerly
 from partitioner.passes.capture_io import Captured, input_leaf_names, positional_names
 from partitioner.passes.hooks import warn_forward_hooks
+from partitioner.passes.kv_cache import configs_with_cache, output_has_cache_field
 from partitioner.passes.split import outputs_the_loss_reads, place_on_device, split
 from partitioner.runtime.comm_plan import build_comm_plan, forward_only
 from partitioner.runtime.compiled import compile_options, compile_stages, print_once, uses_cudagraphs
@@ -260,6 +262,11 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         graph_code = re.sub(r"device\(type='\w+'(, index=\d+)?\)", "device", captured.graph_module.code)
         _agree(plan.to_json() + graph_code, "the plan or the captured graph", rank, devices)
     _check_plan(plan, p, chunks)
+    if configs_with_cache(model, kwargs) and output_has_cache_field(captured.out_spec):
+        warnings.warn(f"compile_parallel: {type(model).__name__}'s config has use_cache=True (from_pretrained's "
+                      "default); the pipeline runs it with use_cache=False, as a KV cache has no use there (pm(...) "
+                      "returns past_key_values=None). Set model.config.use_cache = False to silence this.",
+                      RuntimeWarning, stacklevel=2)
     if loss_fn is model_loss:  # say it now, not at the first step
         model_loss(captured.unflatten_outputs(captured.meta_outputs()), None)
     if dp > 1 and data_parallel == "fsdp":
@@ -317,7 +324,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                         stage_device, order, inference_order, runners,
                         stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None,
                         stage_loss=fused, cudagraph_steps=calls.cudagraph_steps,
-                        foreach_grads=calls.gradients_at_once and not (dp_stages and dp_stages.needs_accumulate_grad))
+                        foreach_grads=calls.gradients_at_once and not (dp_stages and dp_stages.needs_accumulate_grad),
+                        loss_weight=_microbatch_loss_weight(model, captured, args, kwargs, dp))
     source = ModeSource(fake_skeleton(model), mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
                         compile_options=options, timeout_s=timeout_s, check_loss=_checked_loss)
     step_graph = StepGraph(executor.train_step, lambda: [t for _, t in store.named_parameters() if t.requires_grad],
@@ -402,8 +410,10 @@ def _warn_per_sample_lists(model: torch.nn.Module, args: tuple, kwargs: dict, ba
 def _check_one_argument(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict | None) -> None:
     """example_inputs that is not a tuple is ONE positional argument: a list [x, mask] or a batch dict
     meant as model(*inputs) / model(**batch) would reach forward whole and fail deep inside the
-    capture; refused up front where forward's signature cannot take it so, naming the fix."""
-    if not isinstance(example_inputs, (list, dict)):
+    capture; refused up front where forward's signature cannot take it so, naming the fix. A mapping whose
+    keys are all forward's parameter names (a tokenizer's BatchEncoding, a collator's dict) is a batch meant
+    as model(**batch), though forward would take it whole as its first input (HF's input_ids)."""
+    if not isinstance(example_inputs, (list, Mapping)):
         return
     try:
         signature = inspect.signature(model.forward)
@@ -422,6 +432,14 @@ def _check_one_argument(model: torch.nn.Module, example_inputs: Any, example_kwa
         raise RuntimeConfigError(f"compile_parallel: example_inputs is a {type(example_inputs).__name__}, which is "
                                  f"{name}'s ONE positional argument (as {name}(example_inputs)), but its forward "
                                  f"does not take it so ({err}); {fix}.") from err
+    keys = list(example_inputs) if isinstance(example_inputs, Mapping) else []
+    if keys and all(isinstance(k, str) and k in signature.parameters for k in keys):
+        name = type(model).__name__
+        raise RuntimeConfigError(f"compile_parallel: example_inputs is a {type(example_inputs).__name__} with keys "
+                                 f"{keys}, the names of {name}.forward's parameters, but as example_inputs it is ONE "
+                                 f"positional argument ({name}(example_inputs)); for {name}(**batch) pass "
+                                 "example_inputs=() and example_kwargs=dict(batch), and call "
+                                 "pm.train_step(**batch, target=...).")
 
 
 def _check_not_partly_meta(model: torch.nn.Module) -> None:
@@ -486,6 +504,32 @@ def model_loss(output: Any, target: Any = None) -> torch.Tensor:
                                  "example_kwargs={'labels': labels}, and labels= to train_step), or pass "
                                  "loss_fn(output, target).")
     return loss
+
+
+def _microbatch_loss_weight(model: torch.nn.Module, captured: Captured, args: tuple, kwargs: dict,
+                           dp: int) -> float | None:
+    """The weight of each microbatch's loss in the step's loss: None (1/m, their mean) unless the model is
+    given Hugging Face's `num_items_in_batch`, the count of the global batch's label tokens that its loss
+    divides its summed token losses by (the Trainer's fix for gradient accumulation). Then each microbatch's
+    loss is already its share of the whole batch's token mean, so the step sums them: weight 1, times dp
+    since data-parallel replicas average their gradients. Refused where the model does not read it (its
+    loss would be a per-microbatch mean, summed) or it is not a 0-dim tensor (a Python int is a constant of
+    the captured graph: the next batch's count would be refused)."""
+    if kwargs.get("num_items_in_batch") is None:
+        return None
+    value, name = kwargs["num_items_in_batch"], type(model).__name__
+    if not isinstance(value, torch.Tensor) or value.dim() != 0:
+        raise RuntimeConfigError(f"compile_parallel: num_items_in_batch is {_what_loss(value)}; pass the global "
+                                 "batch's count of label tokens as a 0-dim tensor, num_items_in_batch=torch.tensor(n) "
+                                 "(a Python number is baked into the captured graph as a constant), in every call.")
+    leaf = input_leaf_names(model, args, kwargs).index("num_items_in_batch")
+    placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
+    node = next((ph for ph, i in zip(placeholders, captured.input_leaf_indices) if i == leaf), None)
+    if node is None or not node.users:
+        raise RuntimeConfigError(f"compile_parallel: {name} is given num_items_in_batch but does not read it, so its "
+                                 "loss is each microbatch's own mean, not a share of the batch's: drop "
+                                 "num_items_in_batch (train_step then averages the microbatches' losses).")
+    return float(dp)
 
 
 def _checked_loss(loss_fn: Callable[[Any, Any], Any], user_fn: Callable | None = None
@@ -630,7 +674,9 @@ def _split_hint(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | 
     names = input_leaf_names(model, args, kwargs)
     per_leaf = [leaf_dim(dims.inputs, i) for i in range(len(leaves))]
     tensors = [(n, x, d) for n, x, d in zip(names, leaves, per_leaf) if batch_size(x, d) is not None]
-    cut = [(f"'{n}' {tuple(x.shape)}", d) for n, x, d in tensors[1:] if batch is not None and batch_size(x, d) == batch]
+    # an input shaped as the first one (an attention mask, labels or token types beside input_ids) is batched as it is
+    cut = [(f"'{n}' {tuple(x.shape)}", d) for n, x, d in tensors[1:] if batch is not None and batch_size(x, d) == batch
+           and (x.shape, d) != (tensors[0][1].shape, tensors[0][2])]
     if not cut:
         return ""
     first, first_dim = _first_batched(model, args, kwargs, dims)

@@ -18,6 +18,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils import _pytree as pytree
 
 from partitioner.microbatch import Dims, batch_size, cut_dim, leaf_dim
+from partitioner.passes.kv_cache import without_kv_cache
 
 
 def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, rows: int | None,
@@ -52,7 +53,7 @@ def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, 
         if switch:
             model.train(training)
         fake_log.setLevel(logging.CRITICAL)
-        with torch.enable_grad(), mode:
+        with torch.enable_grad(), mode, without_kv_cache(model, fake_kwargs):  # as capture runs it
             return torch.func.functional_call(model, state, fake_args, fake_kwargs)
     finally:
         fake_log.setLevel(level)

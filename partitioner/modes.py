@@ -144,7 +144,8 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
     executor = Executor(stages, local, sched, transport, calls.loss, captured.unflatten_outputs, stage_device,
                         order, inference_order, calls.runners, stage_loss=calls.stage_loss,
                         cudagraph_steps=calls.cudagraph_steps,
-                        foreach_grads=calls.gradients_at_once and pm.data_parallel is None)
+                        foreach_grads=calls.gradients_at_once and pm.data_parallel is None,
+                        loss_weight=pm.executor.loss_weight)
     return ModeGraphs(captured, stages, executor)
 
 

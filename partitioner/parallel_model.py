@@ -22,7 +22,7 @@ from partitioner.cost_models.profile import graph_float_dtype
 from partitioner.dataclass_trees import register_dataclasses
 from partitioner.errors import RuntimeConfigError
 from partitioner.grad_clip import clip_grad_norm_
-from partitioner.microbatch import BatchDims, batch_size, leaf_dim, split_batch, split_target
+from partitioner.microbatch import BatchDims, batch_size, cut_dim, leaf_dim, split_batch, split_target
 from partitioner.modes import ModeGraphs, ModeSource, build_mode
 from partitioner.output_assembly import assemble, whole_batch_shapes
 from partitioner.plan import Plan
@@ -31,6 +31,7 @@ from partitioner.passes.split import StageModule
 from partitioner.runtime.compiled import compile_report, print_once
 from partitioner.runtime.data_parallel import DataParallelStages, MeshLayout, full_tensor
 from partitioner.runtime.executor import Executor, ParameterStore
+from partitioner.runtime.rank_random import ranked_random_draws
 from partitioner.runtime.step_graph import StepGraph
 
 
@@ -68,7 +69,7 @@ class ParallelModel:
         self.model = source.model if source is not None else None  # fake weights: the structure, FQNs and shapes
         self.training = source.model.training if source is not None else True
         self._modes: dict[bool, Any] = {}
-        self._whole_shapes: dict[bool, Any] = {}  # mode -> output leaves' shapes for this replica's batch
+        self._whole_shapes: dict[tuple[bool, int], Any] = {}  # (mode, microbatches) -> output leaves' shapes
         self.layout = layout  # where this process sits among the data-parallel replicas (None: one process)
         self.data_parallel = data_parallel  # this rank's stages under FSDP2 when dp > 1 ...
         self._sharded_mode = self.training  # ... in the mode compiled (the other mode reads its gathered tensors)
@@ -137,8 +138,9 @@ class ParallelModel:
             self.data_parallel.before_step()
         graph = self.step_graph if self.step_graph is not None and self.executor is self._graph_executor else None
         scale = self._loss_scale(scaler, graph is not None)
-        loss = graph(mb_inputs, targets) if graph is not None else \
-            self.executor.train_step(mb_inputs, targets, loss_scale=scale)
+        with self._random_draws():
+            loss = graph(mb_inputs, targets) if graph is not None else \
+                self.executor.train_step(mb_inputs, targets, loss_scale=scale)
         if self.data_parallel is not None:
             self.data_parallel.after_step()
         self.store.after_step()
@@ -191,7 +193,8 @@ class ParallelModel:
                           f"parameters, bf16 compute), planned as it runs.", RuntimeWarning, stacklevel=3)
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        """Inference on a batch shaped like the example inputs: the model's output structure. Tensor
+        """Inference on a batch shaped like the example inputs, or of any multiple of their microbatch (run as
+        that many microbatches): the model's output structure. Tensor
         leaves are assembled over the microbatches (partitioner/output_assembly.py): per-sample ones
         concatenated along their batch dim (dim 0, or 1 of a (seq, batch, ...) output), 0-dim ones
         stacked, other batch-independent ones returned once; a leaf that mixes samples across the
@@ -201,22 +204,32 @@ class ParallelModel:
         self._check_process_group("forward")
         inputs, kwargs = self._as_example_call(inputs, kwargs)
         self._warn_model_changed()
-        mb_inputs = self._microbatch_inputs(inputs, kwargs)
+        mb_inputs = self._microbatch_inputs(inputs, kwargs, any_batch=True)
         self.store.refresh_replicas()
         if self.data_parallel is not None and self.training != self._sharded_mode:
             self.data_parallel.unshard()  # this mode's stages read the gathered parameters
-        flat = self.executor.forward(mb_inputs)
+        with self._random_draws():
+            flat = self.executor.forward(mb_inputs)
         if self.data_parallel is not None:
             self.data_parallel.reshard()
         if flat is None:
             return None
-        if len(flat) > 1 and self.training not in self._whole_shapes:  # once per mode: it may change shapes
-            self._whole_shapes[self.training] = whole_batch_shapes(self.model, self.training, inputs, kwargs, flat[0],
-                                                                   self.dp, self.batch_dims.inputs)
-        out = assemble(flat, self._whole_shapes.get(self.training), self.captured.out_spec)
+        key = (self.training, len(flat))  # once per mode (it may change shapes) and batch size
+        if len(flat) > 1 and key not in self._whole_shapes:
+            self._whole_shapes[key] = whole_batch_shapes(self.model, self.training, inputs, kwargs, flat[0], self.dp,
+                                                         self.batch_dims.inputs)
+        out = assemble(flat, self._whole_shapes.get(key), self.captured.out_spec)
         return _inference_only(out) if torch.is_grad_enabled() else out
 
     __call__ = forward
+
+    def _random_draws(self):
+        """Under torchrun, the stages' random draws (dropout) from a stream of this rank's (runtime/rank_random.py):
+        ranks seeded alike drew the same masks. Stages replayed as CUDA graphs (compile mode "reduce-overhead")
+        keep the default generator, whose state their graphs hold."""
+        if self.rank is None or self.executor.cudagraph_steps is not None:
+            return ranked_random_draws(None, self.devices[0])
+        return ranked_random_draws(dist.get_rank(), self.devices[self.rank])
 
     def _check_no_input_grad(self, inputs: tuple, kwargs: dict) -> None:
         """An input that requires grad (computed by a module outside the model) would need its gradient
@@ -278,28 +291,66 @@ class ParallelModel:
             return inputs, kwargs  # _microbatch_inputs names the difference
         return tuple(bound[n] for n in positional), {k: bound[k] for k in example_kwargs}
 
-    def _microbatch_inputs(self, inputs: tuple, kwargs: dict) -> list[list[Any]]:
+    def _microbatch_inputs(self, inputs: tuple, kwargs: dict, any_batch: bool = False) -> list[list[Any]]:
+        """This replica's microbatches of the call's inputs, flat as the stages take them. Inputs must be shaped
+        as the example inputs; with any_batch (inference) the batch may be any multiple of the example's
+        microbatch (times dp), run as that many microbatches of the captured shape."""
         leaves, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
         dims = self.batch_dims.inputs
         if spec != self._example_spec:
             raise RuntimeConfigError(_mismatch(tuple(inputs), dict(kwargs), self._example_args, self._example_kwargs))
+        example_batch, batch = batch_size(self._example_leaves, dims), batch_size(leaves, dims)
+        per_replica = self.microbatches
+        if any_batch and batch != example_batch and example_batch is not None and batch is not None:
+            per_replica = self._inference_microbatches(leaves, batch, example_batch)
         for i, (x, ex) in enumerate(zip(leaves, self._example_leaves)):
+            want = ex
+            d = cut_dim(ex, example_batch, leaf_dim(dims, i)) if example_batch is not None else None
+            if per_replica != self.microbatches and d is not None:  # cut as the example was, `batch` long
+                want = ex.new_empty(ex.shape[:d] + (batch,) + ex.shape[d + 1:], device="meta")
             if isinstance(ex, torch.Tensor) != isinstance(x, torch.Tensor) or (
-                    isinstance(x, torch.Tensor) and (x.shape != ex.shape or x.dtype != ex.dtype)):
+                    isinstance(x, torch.Tensor) and (x.shape != want.shape or x.dtype != ex.dtype)):
                 got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
-                want = f"{tuple(ex.shape)} {ex.dtype}" if isinstance(ex, torch.Tensor) else repr(ex)
-                raise RuntimeConfigError(f"input {i} is {got} but the example inputs had {want}; the stages were "
+                shape = f"{tuple(ex.shape)} {ex.dtype}" if isinstance(ex, torch.Tensor) else repr(ex)
+                if want is not ex:
+                    raise RuntimeConfigError(f"input {i} is {got}, but in a batch of {batch} (the first batched "
+                                             f"input's) it is {tuple(want.shape)} {ex.dtype}, as the example inputs "
+                                             f"had it {shape} in a batch of {example_batch}.")
+                raise RuntimeConfigError(f"input {i} is {got} but the example inputs had {shape}; the stages were "
                                          f"captured for that shape. Pass batches shaped like the example inputs"
-                                         f"{_shape_hint(x, ex, leaf_dim(dims, i))}.")
-        shares = split_batch((tuple(inputs), dict(kwargs)), self.dp * self.microbatches, "input",
-                             batch_size(leaves, dims), dims)
-        return [self.captured.flatten_inputs(a, kw) for a, kw in self._own_share(shares)]
+                                         f"{_shape_hint(x, ex, leaf_dim(dims, i), any_batch)}.")
+        shares = split_batch((tuple(inputs), dict(kwargs)), self.dp * per_replica, "input", batch, dims)
+        return [self.captured.flatten_inputs(a, kw) for a, kw in self._own_share(shares, per_replica)]
 
-    def _own_share(self, microbatches: list[Any]) -> list[Any]:
+    def _inference_microbatches(self, leaves: list[Any], batch: int, example_batch: int) -> int:
+        """How many microbatches of the captured size (per replica) a batch of `batch` makes for pm(...), or
+        RuntimeConfigError naming the sizes it takes."""
+        rows = example_batch // (self.dp * self.microbatches)  # one microbatch's samples
+        step = rows * self.dp
+        dims = self.batch_dims.inputs
+        if self.executor.cudagraph_steps is not None:
+            raise RuntimeConfigError(f"pm(...) got a batch of {batch}, but its stages replay as CUDA graphs (compile "
+                                     f"mode 'reduce-overhead'), recorded for batches of {example_batch}: pass those.")
+        if batch % step:
+            lower = f"{batch // step * step} or " if batch > step else ""
+            raise RuntimeConfigError(f"pm(...) got a batch of {batch}; it infers on batches of a multiple of {step} "
+                                     f"samples (the microbatch of {rows} the stages were captured for"
+                                     f"{f', times {self.dp} replicas' if self.dp > 1 else ''}), e.g. "
+                                     f"{lower}{(batch // step + 1) * step} (pad the batch, or drop_last=True).")
+        shared = [i for i, (x, ex) in enumerate(zip(leaves, self._example_leaves))
+                  if isinstance(ex, torch.Tensor) and cut_dim(ex, example_batch, leaf_dim(dims, i)) is None
+                  and cut_dim(x, batch, leaf_dim(dims, i)) is not None]
+        if shared:
+            raise RuntimeConfigError(f"pm(...) got a batch of {batch}, but input {shared[0]}, whole to every "
+                                     f"microbatch, is {batch} long along its batch dim too, so it would be cut; pass "
+                                     f"a batch of another multiple of {step}, or of {example_batch}.")
+        return batch // step
+
+    def _own_share(self, microbatches: list[Any], per_replica: int | None = None) -> list[Any]:
         """This replica's microbatches of the global batch's dp x m (replica d takes the d-th run of m)."""
         if self.dp == 1:
             return microbatches
-        d, m = self.layout.dp_rank, self.microbatches
+        d, m = self.layout.dp_rank, per_replica or self.microbatches
         return microbatches[d * m:(d + 1) * m]
 
     def _check_process_group(self, what: str) -> None:
@@ -393,6 +444,14 @@ class ParallelModel:
     def __getattr__(self, name: str) -> Any:
         """An nn.Module attribute a ParallelModel lacks is named with what it offers instead of Python's
         bare 'no attribute'."""
+        model = self.__dict__.get("model")  # the compiled model's skeleton (fake weights)
+        if not name.startswith("_") and not hasattr(torch.nn.Module, name) and model is not None and (
+                hasattr(type(model), name) or name in vars(model)):
+            kind = type(model).__name__  # HF's save_pretrained, generate, config: the model's, not the stages'
+            raise AttributeError(f"ParallelModel has no '{name}': it is {kind}'s, and a ParallelModel is the model's "
+                                 f"stages, not the model. Use it on the {kind} you compiled, after loading pm's "
+                                 "trained weights into it: model.load_state_dict(pm.full_state_dict()) (under "
+                                 f"torchrun on global rank 0, where it is gathered), then model.{name}.")
         if name.startswith("_") or not hasattr(torch.nn.Module, name):
             raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
         raise AttributeError(f"ParallelModel has no nn.Module.{name}: it is not one module but the model's stages "
@@ -535,7 +594,7 @@ def _inference_only(out: Any) -> Any:
     return pytree.tree_unflatten(leaves, spec)
 
 
-def _shape_hint(x: Any, example: Any, dim: int) -> str:
+def _shape_hint(x: Any, example: Any, dim: int, any_batch: bool = False) -> str:
     """How to make an input `x` shaped as `example` (batch dim `dim`): a DataLoader's last, smaller batch
     (drop_last=True), a bigger batch (compile with it), other lengths along other dims (pad or truncate
     to it), another dtype (convert)."""
@@ -551,6 +610,8 @@ def _shape_hint(x: Any, example: Any, dim: int) -> str:
                f"truncate it to {n}, or call compile_parallel with example inputs of the longest length and pad "
                "every batch to it")
         return f" (dim {k} is {x.shape[k]}, not {n}: {fix})"
+    if any_batch:  # its batch dim differs where other inputs' do not
+        return f" (dim {dim} is the batch: as long as the other inputs' batch)"
     if x.dim() > dim and x.shape[dim] < example.shape[dim]:
         return " (a DataLoader's last, smaller batch: drop_last=True)"
     if x.dim() > dim and x.shape[dim] > example.shape[dim]:

@@ -178,10 +178,12 @@ def test_wrong_input_dtype_names_the_input():
 
 
 def test_hf_cache_output_says_use_cache_false():
+    """use_cache=True passed as an input is the caller's (a config's use_cache=True is captured without the
+    cache, tests/test_hf_call_patterns.py): the cache in the output is refused, naming use_cache=False."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, use_cache=True)
-    with pytest.raises(CaptureError, match="DynamicCache.*use_cache=False"):
-        capture(transformers.GPT2LMHeadModel(cfg), (torch.randint(0, 50, (1, 4)),))
+    with pytest.raises(CaptureError, match="DynamicCache.*pass use_cache=False or leave it out"):
+        capture(transformers.GPT2LMHeadModel(cfg), (torch.randint(0, 50, (1, 4)),), {"use_cache": True})
 
 
 def test_symbolic_trace_fallback(monkeypatch, small_zoo):

@@ -1,6 +1,6 @@
 """Today's training-loop features over processes: 2 gloo ranks, and data parallel x pipeline on 4 (dp 2 x
 pp 2, data_parallel 'replicate' and 'fsdp'), some with compile=True: loss_fn=None (the model's own
-output.loss), a GradScaler (refused by name), dataclass inputs / target / output, gradient hooks on the
+output.loss; with HF's num_items_in_batch the whole batch's token mean), a GradScaler (refused by name), dataclass inputs / target / output, gradient hooks on the
 model's parameters, inputs by keyword in another order, freezing through pm.named_parameters() mid-training,
 an optimizer state of the unpartitioned model, and pm.save / pm.load with the optimizer. Each equals the
 unpartitioned model with gradient accumulation over the same microbatches (fp32 rel err < 1e-5, compiled
@@ -183,6 +183,33 @@ def optimizer_state(mode, tmp, compiled):
     return {"err": max(max_rel_err(full_tensor(p.detach()), want[n].detach()) for n, p in pm.named_parameters())}
 
 
+def num_items(mode, tmp, compiled):
+    """HF's num_items_in_batch: each microbatch's loss is its share of the global batch's token mean, so the
+    step sums them (and replicas, which average their gradients, weigh theirs by dp): loss and gradients of one
+    forward of the whole batch, -100 labels spread unevenly. Then pm(...) on half the batch and on 1.5 times
+    it (multiples of the microbatch times dp), each replica's last rank holding its share."""
+    zm = build("gpt2", batch=BATCH)
+    tokens, = zm.example_args
+    labels = zm.target.clone()
+    labels[0, :5], labels[1, 1:], labels[6, 3:] = -100, -100, -100
+    kwargs = {"labels": labels, "num_items_in_batch": (labels[:, 1:] != -100).sum()}
+    pm = _compile(copy.deepcopy(zm.model), (tokens,), None, mode, compiled, example_kwargs=kwargs)
+    loss = pm.train_step(tokens, **kwargs)
+    err = _errors(pm, loss, *_reference(zm.model, (tokens,), {"labels": labels}))
+    pm.eval()
+    model = copy.deepcopy(zm.model).eval()
+    more = torch.cat([tokens, tokens[:BATCH // 2]])
+    for n in (BATCH // 2, BATCH + BATCH // 2):
+        with torch.no_grad():
+            out = pm(more[:n], labels=torch.cat([labels, labels])[:n], num_items_in_batch=kwargs["num_items_in_batch"])
+            want = model(more[:n]).logits
+        if out is not None:  # this replica's share of the batch
+            share = n // pm.dp
+            rows = want[pm.layout.dp_rank * share:(pm.layout.dp_rank + 1) * share] if pm.dp > 1 else want
+            err = max(err, max_rel_err(out.logits, rows))
+    return {"err": err}
+
+
 def _worker(rank: int, world: int, arg) -> dict:
     tmp, mode, cases = arg
     dist.init_process_group("gloo")
@@ -198,7 +225,7 @@ def _worker(rank: int, world: int, arg) -> dict:
 def test_training_loop_features_over_gloo_ranks(mode, tmp_path):
     cases = [(own_loss_save_load, mode != "fsdp"), (scaler, False), (dataclasses_, mode == "fsdp"),
              (hooks, mode == "replicate"), (keywords, False), (freeze, mode == "fsdp"),
-             (optimizer_state, False)]
+             (optimizer_state, False), (num_items, False)]
     results = run_workers(_worker, 2 if mode is None else 4, (str(tmp_path), mode, cases), timeout_s=240)
     for name, compiled in results[0]:
         for rank, res in enumerate(results):

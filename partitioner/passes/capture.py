@@ -29,6 +29,7 @@ from partitioner.passes.capture_errors import (ModuleTracker, capture_error, che
 from partitioner.passes.autograd_functions import kept_whole, warn_traced
 from partitioner.passes.hooks import check_no_module_backward_hooks, tensor_hook_error, tensor_hooks_recorded
 from partitioner.passes.capture_io import Captured, find_tied, input_leaf_names, normalise
+from partitioner.passes.kv_cache import without_kv_cache
 from partitioner.passes.graph_nodes import get_attr, mutates
 from partitioner.passes.regions import (RegionMarkingTracer, grad_off_in_autocast_recorded, inline_region_ops,
                                        regions_applied)
@@ -347,7 +348,7 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
         leaves = pytree.tree_leaves((example_args, kwargs))
 
     check_no_module_backward_hooks(model, model_name(model))
-    with _buffers_on_meta(model) if on_meta else contextlib.nullcontext():
+    with _buffers_on_meta(model) if on_meta else contextlib.nullcontext(), without_kv_cache(model, kwargs):
         tracker = ModuleTracker(model)
         running = lambda: tracker.stack[-1][0] if tracker.stack else ""  # noqa: E731
         grad_off_in_autocast: list[str] = []

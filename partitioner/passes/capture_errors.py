@@ -207,9 +207,8 @@ def capture_error(model: torch.nn.Module, export_err: BaseException, export_wher
     name = model_name(model)
     unknown = re.search(r"Found <class '([\w.]+)'> in output, which is not a known type", str(export_err))
     if unknown:
-        hint = (" For Hugging Face models pass use_cache=False as an example kwarg (and in every call), or in "
-                "the config the model is built from: setting model.config.use_cache afterwards does not reach "
-                "sub-models that keep their own copy of the config (T5's decoder)."
+        hint = (" A Hugging Face model given use_cache=True returns its KV cache, which a pipeline cannot use: "
+                "pass use_cache=False or leave it out (compile_parallel then runs the model without the cache)."
                 if "cache" in unknown.group(1).lower() else "")
         return CaptureError(
             f"cannot capture {name}: its output holds a {unknown.group(1)}, which torch's pytree cannot "

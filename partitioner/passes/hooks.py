@@ -3,13 +3,13 @@
 Forward hooks and pre-hooks run while the model is traced: what they compute into a module's inputs
 or output is in the graph, but they run once, on fake tensors, so their Python side effects (storing
 activations in a list, logging) do not happen per step: said in a warning naming the modules (hooks
-of torch's own that only compute tensors, pruning's and the old spectral_norm / weight_norm's, are
-left unsaid). Gradient hooks are dropped: a module's backward hooks (register_full_backward_hook,
-register_full_backward_pre_hook, the old register_backward_hook) run at the module's boundaries in
-autograd, which a flat graph of aten ops no longer has; a hook that forward registers on an
-activation (`h.register_hook(fn)`) is not an op, so torch.export records nothing for it. Either way
-the stages' gradients would silently differ from the model's: refused, naming the module and the
-fix. Hooks on parameters are carried to the stages' copies (runtime/parameter_hooks.py).
+of torch's own that only compute tensors, pruning's and the old spectral_norm / weight_norm's, and
+transformers' enable_input_require_grads, are left unsaid). Gradient hooks are dropped: a module's
+backward hooks (register_full_backward_hook, register_full_backward_pre_hook, the old
+register_backward_hook) run at the module's boundaries in autograd, which a flat graph of aten ops no
+longer has; a hook that forward registers on an activation (`h.register_hook(fn)`) is not an op, so
+torch.export records nothing for it. Either way the stages' gradients would silently differ from the
+model's: refused, naming the module and the fix. Hooks on parameters are carried to the stages' copies (runtime/parameter_hooks.py).
 """
 from __future__ import annotations
 
@@ -66,10 +66,16 @@ def tensor_hook_error(model_name: str, where: str) -> CaptureError:
 
 
 def _computes_tensors_only(hook) -> bool:
-    """torch's own forward pre-hooks that only compute tensors (a weight from its parts)."""
+    """torch's own forward pre-hooks that only compute tensors (a weight from its parts), and the forward
+    hook transformers' enable_input_require_grads puts on the input embeddings (gradient_checkpointing_enable
+    and adapter recipes call it): it sets the embeddings' output to require grad, which reentrant
+    checkpointing needs under frozen embeddings, and the graph keeps (checkpoints are inlined at capture)."""
     from torch.nn.utils import prune
     from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDictPreHook
     from torch.nn.utils.weight_norm import WeightNorm
+    if getattr(hook, "__module__", "").startswith("transformers.") and \
+            getattr(hook, "__qualname__", "").endswith("enable_input_require_grads.<locals>.make_inputs_require_grads"):
+        return True
     return isinstance(hook, (prune.BasePruningMethod, SpectralNorm, SpectralNormLoadStateDictPreHook, WeightNorm))
 
 

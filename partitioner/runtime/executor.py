@@ -18,6 +18,7 @@ replicas of tied weights in step (gradient all-reduce across ranks).
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any, Callable
@@ -86,7 +87,8 @@ class Executor:
                  runners: dict[int, Callable] | None = None,
                  stage_backward_done: Callable[[int], None] | None = None,
                  stage_loss: Callable[..., torch.Tensor] | None = None,
-                 cudagraph_steps: CudagraphSteps | None = None, foreach_grads: bool = False):
+                 cudagraph_steps: CudagraphSteps | None = None, foreach_grads: bool = False,
+                 loss_weight: float | None = None):
         self.stages = stages
         # what runs a stage: its graph module, or that compiled (partitioner/runtime/compiled.py)
         self.runners = runners or {st.stage: st.graph_module for st in stages}
@@ -108,6 +110,10 @@ class Executor:
         self._closes_stage = {order[i] for i in last_b.values()}  # the B after which a stage's gradients are final
         self.foreach_grads = foreach_grads
         self._mean_grads: dict[tuple, torch.Tensor] = {}
+        self._inference_plans: dict[int, tuple[list[Action], CommPlan]] = {}  # by microbatch count
+        # each microbatch's loss in the step's: None, 1/m (the mean); a number where the model normalised each
+        # microbatch's loss by the whole batch already (HF's num_items_in_batch; api._microbatch_loss_weight)
+        self.loss_weight = loss_weight
 
     # ------------------------------------------------------------------ public
 
@@ -120,7 +126,7 @@ class Executor:
         """Forward and backward of every microbatch; returns the summed (already 1/m-scaled) loss
         if the last stage is local, else None. Parameter gradients accumulate in .grad, of the loss
         times loss_scale where given (a GradScaler's scale; the loss returned is unscaled)."""
-        state = _StepState(mb_inputs, mb_targets, train=True)
+        state = _StepState(mb_inputs, mb_targets, train=True, loss_weight=self.loss_weight)
         state.loss_scale = loss_scale
         if self.foreach_grads:
             state.params = self._plain_parameters()
@@ -133,15 +139,29 @@ class Executor:
 
     @torch.no_grad()
     def forward(self, mb_inputs: list[list[Any]]) -> list[list[Any]] | None:
-        """Forward only; the flat output leaves of every microbatch if the last stage is local, else None."""
+        """Forward only; the flat output leaves of every microbatch if the last stage is local, else None.
+        Any number of microbatches (inference of a batch other than the training one's size)."""
         state = _StepState(mb_inputs, [None] * len(mb_inputs), train=False)
         if self.cudagraph_steps is not None:
             self.cudagraph_steps.before_inference()
-        self._run(self.inference_order, self.inference_comm, state)
+        order, comm = self._inference_plan(len(mb_inputs))
+        self._run(order, comm, state)
         if self.last not in self.local:
             return None
         outputs = [state.outputs[mb] for mb in range(len(mb_inputs))]
         return self.cudagraph_steps.hand_out(outputs) if self.cudagraph_steps is not None else outputs
+
+    def _inference_plan(self, microbatches: int) -> tuple[list[Action], CommPlan]:
+        """This process's forward-only actions and their communication for `microbatches` microbatches:
+        the schedule's own, or the same forward-only order over that many (made once per count)."""
+        if microbatches == self.schedule.microbatches:
+            return self.inference_order, self.inference_comm
+        if microbatches not in self._inference_plans:
+            sched = forward_only(dataclasses.replace(self.schedule, microbatches=microbatches))
+            ranks = sorted({self.schedule.stage_rank[k] for k in self.local})
+            order = in_process_order(sched) if len(ranks) == sched.num_ranks else list(sched.actions[ranks[0]])
+            self._inference_plans[microbatches] = (order, build_comm_plan(self.stages, sched))
+        return self._inference_plans[microbatches]
 
     def _plain_parameters(self) -> dict[int, list[torch.Tensor]] | None:
         """Each local stage's trainable parameters, or None where one carries a hook (read every step:
@@ -240,7 +260,7 @@ class Executor:
         grads: list[torch.Tensor | None] = []
         if st.is_last:
             if outs[0].requires_grad:  # the step's loss is the microbatches' mean: 1/m in the gradient
-                seed = self._mean_grad(outs[0], len(state.inputs))
+                seed = self._mean_grad(outs[0], len(state.inputs), self.loss_weight)
                 if state.loss_scale is not None:
                     seed = seed * state.loss_scale.to(seed.device, seed.dtype)
                 tensors, grads = outs, [seed]
@@ -271,19 +291,21 @@ class Executor:
             g = leaf_grad.get(msg.value)
             self.transport.send(msg, g if g is not None else torch.zeros_like(leaves[msg.value]))
 
-    def _mean_grad(self, loss: torch.Tensor, microbatches: int) -> torch.Tensor:
-        """The gradient of the step's mean loss with respect to one microbatch's loss: 1/m (made once)."""
-        key = (loss.device, loss.dtype, loss.shape, microbatches)
+    def _mean_grad(self, loss: torch.Tensor, microbatches: int, weight: float | None = None) -> torch.Tensor:
+        """The gradient of the step's loss with respect to one microbatch's loss: 1/m for their mean, else
+        `weight` (made once)."""
+        key = (loss.device, loss.dtype, loss.shape, microbatches, weight)
         if key not in self._mean_grads:
-            self._mean_grads[key] = torch.full_like(loss, 1 / microbatches)
+            self._mean_grads[key] = torch.full_like(loss, 1 / microbatches if weight is None else weight)
         return self._mean_grads[key]
 
 
 class _StepState:
     """What one train_step/forward keeps between actions."""
 
-    def __init__(self, inputs: list[list[Any]], targets: list[Any], train: bool):
+    def __init__(self, inputs: list[list[Any]], targets: list[Any], train: bool, loss_weight: float | None = None):
         self.inputs = inputs
+        self.loss_weight = loss_weight  # of each microbatch's loss in the step's (None: 1/m)
         self.targets = targets
         self.train = train
         self.saved: dict[Action, tuple[dict[str, torch.Tensor], list[torch.Tensor]]] = {}
@@ -300,8 +322,10 @@ class _StepState:
 
     @property
     def loss(self) -> torch.Tensor | None:
-        """The step's loss: the mean over its microbatches."""
-        return None if self._raw_loss is None else self._raw_loss / len(self.inputs)
+        """The step's loss: the mean over its microbatches (their sum times loss_weight where given)."""
+        if self._raw_loss is None:
+            return None
+        return self._raw_loss / len(self.inputs) if self.loss_weight is None else self._raw_loss * self.loss_weight
 
 
 class ParameterStore:
