@@ -393,6 +393,40 @@ def test_nested_regions_are_inlined():
         prefix="a"))
 
 
+class _ConvertsItself(torch.nn.Module):
+    """Converts a submodule to the dtype it already has in forward, as SwitchTransformers' router does
+    (`self.classifier = self.classifier.to(self.dtype)`), then calls a function symbolic_trace cannot
+    (torch.finfo of a proxy's dtype), so only export captures it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        self.lin = self.lin.to(torch.float32)
+        self.out.float()
+        h = torch.relu(self.lin(x)).clamp(max=torch.finfo(x.dtype).max)
+        return self.out(h)
+
+
+@pytest.mark.timeout(60)
+def test_a_conversion_that_changes_nothing_is_traced_as_a_no_op():
+    """Module.to() on export's FakeTensor parameters swapped them even when nothing changed and the swap
+    failed ("_apply(): Couldn't swap Linear.weight"); a no-op now, and the parameters keep their gradients."""
+    torch.manual_seed(0)
+    m, x = _ConvertsItself(), torch.randn(4, 8)
+    c = capture(m, (x,))
+    assert c.method == "export"
+    out = c.unflatten_outputs(c.graph_module(*c.flatten_inputs((x,))))
+    out.sum().backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    ref = m(x)
+    ref.sum().backward()
+    assert torch.equal(out, ref)
+    assert all(torch.equal(got[n], p.grad) for n, p in m.named_parameters())
+
+
 class _StatefulModel(nn.Module):
     """Every kind of state export lifts: parameters (one tied), buffers written in place (persistent and
     not), a tensor constant, and an input written in place."""
