@@ -4,7 +4,9 @@ Forward hooks and pre-hooks run while the model is traced: what they compute int
 or output is in the graph, but they run once, on fake tensors, so their Python side effects (storing
 activations in a list, logging) do not happen per step: said in a warning naming the modules (hooks
 of torch's own that only compute tensors, pruning's and the old spectral_norm / weight_norm's, are
-left unsaid). Gradient hooks are dropped: a module's backward hooks (register_full_backward_hook,
+left unsaid, and so is the one Hugging Face's gradient_checkpointing_enable puts on the input embeddings
+of every text model, which only marks their output as requiring grad: reentrant checkpointing needs it,
+and is traced inlined). Gradient hooks are dropped: a module's backward hooks (register_full_backward_hook,
 register_full_backward_pre_hook, the old register_backward_hook) run at the module's boundaries in
 autograd, which a flat graph of aten ops no longer has; a hook that forward registers on an
 activation (`h.register_hook(fn)`) is not an op, so torch.export records nothing for it. Either way
@@ -66,7 +68,10 @@ def tensor_hook_error(model_name: str, where: str) -> CaptureError:
 
 
 def _computes_tensors_only(hook) -> bool:
-    """torch's own forward pre-hooks that only compute tensors (a weight from its parts)."""
+    """torch's own forward pre-hooks that only compute tensors (a weight from its parts), and Hugging Face's
+    enable_input_require_grads hook (`output.requires_grad_(True)`)."""
+    if getattr(hook, "__qualname__", "").endswith("enable_input_require_grads.<locals>.make_inputs_require_grads"):
+        return True
     from torch.nn.utils import prune
     from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDictPreHook
     from torch.nn.utils.weight_norm import WeightNorm
