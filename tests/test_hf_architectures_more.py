@@ -1,6 +1,20 @@
-"""compile_parallel on more Hugging Face architectures, compared as in test_hf_architectures.py: loss
-and gradients equal the unpartitioned model's run with gradient accumulation over the same
-microbatches (fp32, rel err < 1e-5)."""
+"""compile_parallel on more Hugging Face architectures than test_hf_architectures.py, compared the same
+way: loss and gradients equal the unpartitioned model's run with gradient accumulation over the same
+microbatches (fp32, rel err < 1e-5), padded where the model takes a mask.
+
+Decoders with partial rotary (GPT-NeoX, Phi), ALiBi with grouped KV heads (Falcon), sliding windows
+(Gemma3, Starcoder2), attention sinks and clamped experts (GPT-OSS), latent attention with grouped
+routing (DeepSeek-V3), a router's auxiliary loss in out.loss (Qwen3-MoE), recurrent and hybrid layers
+(Mamba, RWKV, Jamba, Qwen3-Next's gated delta net); the outputs users read besides logits (every
+layer's hidden states, attention maps), inputs_embeds, one-sample microbatches, cross-attention to
+given encoder states (GPT-2); encoders with relative positions (MPNet, XLNet, ESM's rotary), local
+and global layers (ModernBERT), (batch, choices, seq) inputs (multiple choice), T5's classifier
+reading the last <eos>; seq2seq from labels (Marian, Speech2Text's audio frames), audio with padding
+(WavLM), time series (PatchTST); vision with relative bias (BEiT, Swin-v2), BatchNorm (LeViT,
+EfficientNet), convolutions (ConvNeXt, SegFormer), masking from a given noise (ViT-MAE), the sigmoid
+contrastive loss (SigLIP), image features scattered into token embeddings (LLaVA) and a vision
+encoder-decoder.
+"""
 from __future__ import annotations
 
 import copy
@@ -35,73 +49,34 @@ def causal_lm(name: str):
         return t.OPTForCausalLM, t.OPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64,
                                              vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=32,
                                              dropout=0.0, attention_dropout=0.0, pad_token_id=1)
-    if name == "falcon":
-        return t.FalconForCausalLM, t.FalconConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                                                   vocab_size=VOCAB, hidden_dropout=0.0, attention_dropout=0.0,
-                                                   multi_query=True, parallel_attn=True, alibi=False)
     if name == "falcon-alibi":
         return t.FalconForCausalLM, t.FalconConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                                                    vocab_size=VOCAB, hidden_dropout=0.0, attention_dropout=0.0,
                                                    new_decoder_architecture=True, num_kv_heads=2, alibi=True)
-    if name == "gptj":
-        return t.GPTJForCausalLM, t.GPTJConfig(n_embd=32, n_layer=4, n_head=4, rotary_dim=4, vocab_size=VOCAB,
-                                               n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     if name == "gpt2":
         return t.GPT2LMHeadModel, t.GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=VOCAB, n_positions=64,
                                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    if name == "gpt_neo":
-        return t.GPTNeoForCausalLM, t.GPTNeoConfig(hidden_size=32, num_layers=4, num_heads=4, vocab_size=VOCAB,
-                                                   max_position_embeddings=64, attention_types=[[["global", "local"], 2]],
-                                                   window_size=4, resid_dropout=0.0, embed_dropout=0.0,
-                                                   attention_dropout=0.0)
     if name == "phi":
         return t.PhiForCausalLM, t.PhiConfig(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0,
                                              attention_dropout=0.0, **SMALL)
-    if name == "phi3":
-        return t.Phi3ForCausalLM, t.Phi3Config(num_key_value_heads=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                                               attention_dropout=0.0, pad_token_id=0, **SMALL)
-    if name == "mistral":
-        return t.MistralForCausalLM, t.MistralConfig(num_key_value_heads=2, sliding_window=4, **SMALL)
-    if name == "stablelm":
-        return t.StableLmForCausalLM, t.StableLmConfig(num_key_value_heads=2, partial_rotary_factor=0.5,
-                                                       qk_layernorm=True, use_parallel_residual=False,
-                                                       hidden_dropout=0.0, attention_dropout=0.0, **SMALL)
-    if name == "qwen3":
-        return t.Qwen3ForCausalLM, t.Qwen3Config(num_key_value_heads=2, head_dim=8, **SMALL)
-    if name == "qwen2_moe":
-        return t.Qwen2MoeForCausalLM, t.Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                                                       moe_intermediate_size=32, shared_expert_intermediate_size=32,
-                                                       **SMALL)
     if name == "qwen3_moe":
         return t.Qwen3MoeForCausalLM, t.Qwen3MoeConfig(num_key_value_heads=2, head_dim=8, num_experts=4,
                                                        num_experts_per_tok=2, moe_intermediate_size=32, **SMALL)
-    if name == "gemma":
-        return t.GemmaForCausalLM, t.GemmaConfig(num_key_value_heads=2, head_dim=8, **SMALL)
     if name == "gemma3":
         return t.Gemma3ForCausalLM, t.Gemma3TextConfig(num_key_value_heads=2, head_dim=8, sliding_window=4,
                                                        layer_types=["sliding_attention", "full_attention"] * 2,
                                                        **SMALL)
-    if name == "olmo":
-        return t.OlmoForCausalLM, t.OlmoConfig(num_key_value_heads=2, clip_qkv=8.0, **SMALL)
     if name == "olmo2":
         return t.Olmo2ForCausalLM, t.Olmo2Config(num_key_value_heads=2, **SMALL)
-    if name == "cohere":
-        return t.CohereForCausalLM, t.CohereConfig(num_key_value_heads=2, use_qk_norm=False, **SMALL)
-    if name == "granite":
-        return t.GraniteForCausalLM, t.GraniteConfig(num_key_value_heads=2, embedding_multiplier=2.0,
-                                                     residual_multiplier=0.5, logits_scaling=4.0, **SMALL)
     if name == "starcoder2":
-        return t.Starcoder2ForCausalLM, t.Starcoder2Config(num_key_value_heads=2, sliding_window=4, residual_dropout=0.0,
-                                                           embedding_dropout=0.0, **SMALL)
+        return t.Starcoder2ForCausalLM, t.Starcoder2Config(num_key_value_heads=2, sliding_window=4,
+                                                           residual_dropout=0.0, embedding_dropout=0.0, **SMALL)
     if name == "mamba":
         return t.MambaForCausalLM, t.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8, vocab_size=VOCAB,
                                                  expand=2, conv_kernel=4, time_step_rank=4, use_mambapy=False)
     if name == "rwkv":
         return t.RwkvForCausalLM, t.RwkvConfig(hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
                                                intermediate_size=64, vocab_size=VOCAB, context_length=64)
-    if name == "olmoe":
-        return t.OlmoeForCausalLM, t.OlmoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                                                 **SMALL)
     if name == "deepseek_v3":  # multi-head latent attention, shared + routed experts with group-limited routing
         return t.DeepseekV3ForCausalLM, t.DeepseekV3Config(
             num_key_value_heads=4, moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=4, kv_lora_rank=16,
@@ -115,40 +90,16 @@ def causal_lm(name: str):
     if name == "gpt_oss":  # attention sinks, sliding windows, clamped SwiGLU experts
         return t.GptOssForCausalLM, t.GptOssConfig(num_key_value_heads=2, head_dim=8, num_local_experts=4,
                                                    num_experts_per_tok=2, sliding_window=4, **SMALL)
-    if name == "lfm2":  # short convolutions and attention
-        return t.Lfm2ForCausalLM, t.Lfm2Config(num_key_value_heads=2, full_attn_idxs=[1, 3], **SMALL)
-    if name == "bamba":
-        return t.BambaForCausalLM, t.BambaConfig(num_key_value_heads=2, attn_layer_indices=[1, 3], mamba_n_heads=8,
-                                                 mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8,
-                                                 mamba_chunk_size=4, **SMALL)
     if name == "qwen3_next":  # gated delta-net linear attention (the torch path) and gated full attention
         return t.Qwen3NextForCausalLM, t.Qwen3NextConfig(
             num_key_value_heads=2, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
             linear_num_value_heads=4, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
             num_experts_per_tok=2, **SMALL)
-    if name == "granitemoe":
-        return t.GraniteMoeForCausalLM, t.GraniteMoeConfig(num_key_value_heads=2, num_local_experts=4,
-                                                           num_experts_per_tok=2, **SMALL)
-    if name == "persimmon":
-        return t.PersimmonForCausalLM, t.PersimmonConfig(hidden_dropout=0.0, attention_dropout=0.0, **SMALL)
-    if name == "xglm":
-        return t.XGLMForCausalLM, t.XGLMConfig(d_model=32, num_layers=4, attention_heads=4, ffn_dim=64,
-                                               vocab_size=VOCAB, max_position_embeddings=64, dropout=0.0,
-                                               attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0)
-    if name == "codegen":
-        return t.CodeGenForCausalLM, t.CodeGenConfig(n_embd=32, n_layer=4, n_head=4, rotary_dim=4, vocab_size=VOCAB,
-                                                     n_positions=64, n_ctx=64, resid_pdrop=0.0, embd_pdrop=0.0,
-                                                     attn_pdrop=0.0)
-    if name == "biogpt":
-        return t.BioGptForCausalLM, t.BioGptConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                                   layerdrop=0.0, **SMALL)
     raise KeyError(name)
 
 
-CAUSAL = ["gpt_neox", "opt", "falcon", "falcon-alibi", "gptj", "gpt2", "gpt_neo", "phi", "phi3", "mistral",
-          "stablelm", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma3", "olmo", "olmo2", "cohere", "granite",
-          "starcoder2", "mamba", "rwkv", "olmoe", "deepseek_v3", "jamba", "gpt_oss", "lfm2", "bamba",
-          "qwen3_next", "granitemoe", "persimmon", "xglm", "codegen", "biogpt"]
+CAUSAL = ["gpt_neox", "opt", "falcon-alibi", "phi", "gemma3", "olmo2", "starcoder2", "mamba", "rwkv", "deepseek_v3",
+          "jamba", "gpt_oss", "qwen3_next"]
 
 
 def encoder(name: str):
@@ -158,12 +109,6 @@ def encoder(name: str):
         return t.DistilBertForSequenceClassification, t.DistilBertConfig(
             dim=32, n_layers=4, n_heads=4, hidden_dim=64, vocab_size=VOCAB, max_position_embeddings=64, dropout=0.0,
             attention_dropout=0.0, seq_classif_dropout=0.0, num_labels=3), False
-    if name == "roberta":
-        return t.RobertaForSequenceClassification, t.RobertaConfig(num_labels=3, pad_token_id=1, **NO_DROPOUT,
-                                                                   **SMALL), False
-    if name == "xlm-roberta":
-        return t.XLMRobertaForSequenceClassification, t.XLMRobertaConfig(num_labels=3, pad_token_id=1,
-                                                                         **NO_DROPOUT, **SMALL), False
     if name == "electra":
         return t.ElectraForSequenceClassification, t.ElectraConfig(embedding_size=16, num_labels=3, **NO_DROPOUT,
                                                                    **SMALL), True
@@ -176,26 +121,10 @@ def encoder(name: str):
             max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=2, num_labels=3,
             pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
             embedding_dropout=0.0, attention_dropout=0.0, mlp_dropout=0.0, classifier_dropout=0.0), False
-    if name == "longformer":
-        return t.LongformerForSequenceClassification, t.LongformerConfig(
-            attention_window=4, num_labels=3, pad_token_id=1, **NO_DROPOUT, **SMALL), False
-    if name == "convbert":
-        return t.ConvBertForSequenceClassification, t.ConvBertConfig(num_labels=3, **NO_DROPOUT, **SMALL), True
-    if name == "roformer":
-        return t.RoFormerForSequenceClassification, t.RoFormerConfig(num_labels=3, **NO_DROPOUT, **SMALL), True
     if name == "xlnet":
         return t.XLNetForSequenceClassification, t.XLNetConfig(d_model=32, n_layer=4, n_head=4, d_inner=64,
                                                                vocab_size=VOCAB, dropout=0.0, num_labels=3,
                                                                summary_last_dropout=0.0), True
-    if name == "bigbird":  # block-sparse attention falls back to full attention on short sequences
-        return t.BigBirdForSequenceClassification, t.BigBirdConfig(attention_type="original_full", num_labels=3,
-                                                                   **NO_DROPOUT, **SMALL), True
-    if name == "megatron-bert":
-        return t.MegatronBertForSequenceClassification, t.MegatronBertConfig(num_labels=3, **NO_DROPOUT,
-                                                                             **SMALL), True
-    if name == "layoutlm":
-        return t.LayoutLMForSequenceClassification, t.LayoutLMConfig(num_labels=3, max_2d_position_embeddings=64,
-                                                                     **NO_DROPOUT, **SMALL), True
     if name == "t5-cls":
         return t.T5ForSequenceClassification, t.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
                                                          vocab_size=VOCAB, dropout_rate=0.0, classifier_dropout=0.0,
@@ -204,49 +133,23 @@ def encoder(name: str):
     raise KeyError(name)
 
 
-ENCODERS = ["distilbert", "roberta", "xlm-roberta", "electra", "mpnet", "modernbert", "longformer", "convbert",
-            "roformer", "xlnet", "bigbird", "megatron-bert", "layoutlm", "t5-cls"]
+ENCODERS = ["distilbert", "electra", "mpnet", "modernbert", "xlnet", "t5-cls"]
 
 
 def seq2seq(name: str):
+    """An encoder-decoder trained from `labels`, by name."""
     t = transformers
-    if name == "pegasus":
-        return t.PegasusForConditionalGeneration, t.PegasusConfig(**SEQ2SEQ)
-    if name == "mbart":
-        return t.MBartForConditionalGeneration, t.MBartConfig(**SEQ2SEQ)
     if name == "marian":
         return t.MarianMTModel, t.MarianConfig(**SEQ2SEQ)
-    if name == "led":
-        return t.LEDForConditionalGeneration, t.LEDConfig(
-            attention_window=4, max_encoder_position_embeddings=64, max_decoder_position_embeddings=64,
-            **{k: v for k, v in SEQ2SEQ.items() if k != "max_position_embeddings"})
-    if name == "m2m100":
-        return t.M2M100ForConditionalGeneration, t.M2M100Config(encoder_layerdrop=0.0, decoder_layerdrop=0.0, **SEQ2SEQ)
-    if name == "mt5":
-        return t.MT5ForConditionalGeneration, t.MT5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
-                                                          vocab_size=VOCAB, dropout_rate=0.0, decoder_start_token_id=0,
-                                                          pad_token_id=0, eos_token_id=1, use_cache=False)
     if name == "speech_to_text":
         return t.Speech2TextForConditionalGeneration, t.Speech2TextConfig(
             input_feat_per_channel=8, conv_channels=16, max_source_positions=64, max_target_positions=64,
             encoder_layerdrop=0.0, decoder_layerdrop=0.0, **{k: v for k, v in SEQ2SEQ.items()
                                                              if k != "max_position_embeddings"})
-    if name == "prophetnet":
-        return t.ProphetNetForConditionalGeneration, t.ProphetNetConfig(
-            hidden_size=32, encoder_ffn_dim=64, decoder_ffn_dim=64, num_encoder_layers=2, num_decoder_layers=2,
-            num_encoder_attention_heads=4, num_decoder_attention_heads=4, vocab_size=VOCAB, ngram=2, num_buckets=8,
-            relative_max_distance=16, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
-            activation_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-            use_cache=False)
-    if name == "switch":
-        return t.SwitchTransformersForConditionalGeneration, t.SwitchTransformersConfig(
-            d_model=32, d_ff=64, num_layers=2, num_sparse_encoder_layers=1, num_decoder_layers=2,
-            num_sparse_decoder_layers=1, num_heads=4, d_kv=8, num_experts=4, vocab_size=VOCAB, dropout_rate=0.0,
-            router_jitter_noise=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, use_cache=False)
     raise KeyError(name)
 
 
-SEQ2SEQS = ["pegasus", "mbart", "marian", "led", "m2m100", "mt5", "speech_to_text", "prophetnet", "switch"]
+SEQ2SEQS = ["marian", "speech_to_text"]
 
 
 def vision(name: str):
@@ -254,65 +157,34 @@ def vision(name: str):
     t = transformers
     vit = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
                patch_size=4, num_labels=3, **NO_DROPOUT)
-    if name == "deit":
-        return t.DeiTForImageClassification, t.DeiTConfig(**vit), 16
     if name == "beit":
         return t.BeitForImageClassification, t.BeitConfig(use_relative_position_bias=True, drop_path_rate=0.0,
                                                           **vit), 16
-    if name == "dinov2":
-        return t.Dinov2ForImageClassification, t.Dinov2Config(drop_path_rate=0.0, **vit), 16
     if name == "convnext":
         return t.ConvNextForImageClassification, t.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16],
                                                                   depths=[1, 1], num_labels=3, drop_path_rate=0.0), 32
-    if name == "resnet":
-        return t.ResNetForImageClassification, t.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                                              layer_type="basic", num_labels=3), 32
     if name == "segformer":
         return t.SegformerForImageClassification, t.SegformerConfig(
             num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3],
             strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], num_labels=3, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0, drop_path_rate=0.0), 32
-    if name == "mobilevit":
-        return t.MobileViTForImageClassification, t.MobileViTConfig(
-            image_size=32, patch_size=2, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16],
-            num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0), 32
-    if name == "regnet":
-        return t.RegNetForImageClassification, t.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                                              groups_width=8, num_labels=3), 32
     if name == "efficientnet":
         return t.EfficientNetForImageClassification, t.EfficientNetConfig(
-            image_size=32, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320, num_labels=3, dropout_rate=0.0,
+            image_size=32, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320, num_labels=3,
+            dropout_rate=0.0,
             drop_connect_rate=0.0), 32
     if name == "swinv2":
         return t.Swinv2ForImageClassification, t.Swinv2Config(
             image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=3,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0), 16
-    if name == "convnextv2":
-        return t.ConvNextV2ForImageClassification, t.ConvNextV2Config(num_stages=2, hidden_sizes=[8, 16],
-                                                                      depths=[1, 1], num_labels=3,
-                                                                      drop_path_rate=0.0), 32
     if name == "levit":
         return t.LevitForImageClassification, t.LevitConfig(image_size=32, hidden_sizes=[16, 32, 48],
                                                             num_attention_heads=[1, 2, 3], depths=[1, 1, 1],
                                                             key_dim=[8, 8, 8], num_labels=3), 32
-    if name == "mobilenetv2":
-        return t.MobileNetV2ForImageClassification, t.MobileNetV2Config(image_size=32, depth_multiplier=0.25,
-                                                                        num_labels=3, classifier_dropout_prob=0.0), 32
-    if name == "pvt_v2":
-        return t.PvtV2ForImageClassification, t.PvtV2Config(image_size=32, num_encoder_blocks=2, depths=[1, 1],
-                                                            sr_ratios=[2, 1], hidden_sizes=[8, 16],
-                                                            num_attention_heads=[1, 2], mlp_ratios=[2, 2],
-                                                            patch_sizes=[7, 3], strides=[4, 2], num_labels=3,
-                                                            drop_path_rate=0.0, **NO_DROPOUT), 32
-    if name == "focalnet":
-        return t.FocalNetForImageClassification, t.FocalNetConfig(image_size=32, patch_size=4, embed_dim=8,
-                                                                  depths=[1, 1], num_labels=3, drop_path_rate=0.0,
-                                                                  hidden_dropout_prob=0.0), 32
     raise KeyError(name)
 
 
-VISION = ["deit", "beit", "dinov2", "convnext", "resnet", "segformer", "mobilevit", "regnet", "efficientnet", "swinv2",
-          "convnextv2", "levit", "mobilenetv2", "pvt_v2", "focalnet"]
+VISION = ["beit", "convnext", "segformer", "efficientnet", "swinv2", "levit"]
 
 
 def build_more(name: str):
@@ -338,12 +210,10 @@ def build_more(name: str):
         cls, cfg = seq2seq(name)
         model = cls(cfg)
         target = torch.randint(3, VOCAB, (BATCH, SEQ))
-        args, kwargs, loss_fn = (torch.randint(3, VOCAB, (BATCH, SEQ)),), {"labels": target,
-                                                                            "attention_mask": padding_mask()}, model_loss
+        args, kwargs = (torch.randint(3, VOCAB, (BATCH, SEQ)),), {"labels": target, "attention_mask": padding_mask()}
+        loss_fn = model_loss
         if name == "speech_to_text":  # filter-bank frames in
             args, kwargs = (torch.randn(BATCH, 16, 8),), {"labels": target}
-        if name == "prophetnet":  # decoder inputs given: its own shift asserts on the labels' values (a refusal)
-            kwargs["decoder_input_ids"] = torch.cat([torch.ones(BATCH, 1, dtype=torch.long), target[:, :-1]], 1)
     elif name in VISION:
         cls, cfg, size = vision(name)
         model = cls(cfg)
@@ -354,16 +224,6 @@ def build_more(name: str):
             attn_pdrop=0.0, add_cross_attention=True))
         tokens, target = tokens_and_target()
         args, kwargs, loss_fn = (tokens,), {"encoder_hidden_states": torch.randn(BATCH, 5, 32)}, token_loss
-    elif name == "encoder-decoder":  # BERT encoder, GPT2 decoder with cross-attention, labels
-        enc = transformers.BertConfig(**NO_DROPOUT, **{**SMALL, "num_hidden_layers": 2})
-        dec = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
-        cfg = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
-        cfg.decoder_start_token_id, cfg.pad_token_id = 1, 0
-        model = transformers.EncoderDecoderModel(cfg)
-        target = torch.randint(3, VOCAB, (BATCH, SEQ))
-        args, kwargs, loss_fn = (torch.randint(3, VOCAB, (BATCH, SEQ)),), {"labels": target,
-                                                                            "attention_mask": padding_mask()}, model_loss
     elif name == "vision-encoder-decoder":  # ViT encoder, GPT2 decoder, labels
         enc = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                      image_size=16, patch_size=4, **NO_DROPOUT)
@@ -374,39 +234,12 @@ def build_more(name: str):
         model = transformers.VisionEncoderDecoderModel(cfg)
         target = torch.randint(3, VOCAB, (BATCH, SEQ))
         args, kwargs, loss_fn = (torch.randn(BATCH, 3, 16, 16),), {"labels": target}, model_loss
-    elif name == "hubert":  # audio frames from a convolutional feature extractor, utterance classification
-        model = transformers.HubertForSequenceClassification(transformers.HubertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16),
-            conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
-            num_labels=3, mask_time_prob=0.0, layerdrop=0.0, hidden_dropout=0.0, attention_dropout=0.0,
-            activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0))
-        args, target, loss_fn = (torch.randn(BATCH, 400),), torch.randint(0, 3, (BATCH,)), class_loss
-    elif name == "bert-qa":  # two heads' logits: span start and end
-        model = transformers.BertForQuestionAnswering(transformers.BertConfig(**NO_DROPOUT, **SMALL))
-        args = (torch.randint(0, VOCAB, (BATCH, SEQ)),)
-        kwargs = {"attention_mask": padding_mask()}
-        target = torch.randint(0, SEQ, (BATCH, 2))
-
-        def loss_fn(out, t):
-            return (torch.nn.functional.cross_entropy(out.start_logits, t[:, 0])
-                    + torch.nn.functional.cross_entropy(out.end_logits, t[:, 1])) / 2
-    elif name == "llama-token-cls":
-        model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
-            num_key_value_heads=2, num_labels=3, pad_token_id=0, **SMALL))
-        args, kwargs = (torch.randint(1, VOCAB, (BATCH, SEQ)),), {"attention_mask": padding_mask()}
-        target, loss_fn = torch.randint(0, 3, (BATCH,)), class_loss
     elif name == "qwen3_moe-aux":  # labels, and the router's load-balancing loss added to out.loss
         cls, cfg = causal_lm("qwen3_moe")
         cfg.output_router_logits = True
         model = cls(cfg)
         target = torch.randint(0, VOCAB, (BATCH, SEQ))
         args, kwargs, loss_fn = (target,), {"labels": target, "attention_mask": padding_mask()}, model_loss
-    elif name == "qwen3-checkpointed":  # non-reentrant gradient checkpointing, explicit position ids
-        cls, cfg = causal_lm("qwen3")
-        model = cls(cfg)
-        model.gradient_checkpointing_enable({"use_reentrant": False})
-        tokens, target = tokens_and_target()
-        args, kwargs, loss_fn = (tokens,), {"position_ids": torch.arange(SEQ).expand(BATCH, SEQ) + 3}, token_loss
     elif name == "llama-frozen":  # frozen embeddings and first layers, reentrant checkpointing (a PEFT setup)
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **SMALL))
         for module in (model.model.embed_tokens, model.model.layers[0], model.model.layers[1]):
@@ -445,6 +278,20 @@ def build_more(name: str):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **SMALL))
         tokens, target = torch.randint(0, VOCAB, (2, SEQ)), torch.randint(0, VOCAB, (2, SEQ))
         args, kwargs, loss_fn = (tokens,), {"attention_mask": padding_mask(left=True)[:2]}, token_loss
+    elif name == "esm":  # protein language model: rotary attention, token dropout's rescaling
+        model = transformers.EsmForMaskedLM(transformers.EsmConfig(
+            mask_token_id=3, pad_token_id=1, position_embedding_type="rotary", token_dropout=True, **NO_DROPOUT,
+            **SMALL))
+        tokens, target = tokens_and_target()
+        tokens[:, 3] = 3
+        args, kwargs, loss_fn = (tokens,), {"attention_mask": padding_mask()}, token_loss
+    elif name == "patchtst":  # time-series forecasting from patches of the past values, its own MSE
+        model = transformers.PatchTSTForPrediction(transformers.PatchTSTConfig(
+            num_input_channels=3, context_length=32, patch_length=4, patch_stride=4, prediction_length=8,
+            num_hidden_layers=2, d_model=32, num_attention_heads=4, ffn_dim=64, attention_dropout=0.0,
+            positional_dropout=0.0, path_dropout=0.0, ff_dropout=0.0, head_dropout=0.0))
+        target = torch.randn(BATCH, 8, 3)
+        args, kwargs, loss_fn = (torch.randn(BATCH, 32, 3),), {"future_values": target}, model_loss
     elif name == "gpt2-labels":
         cls, cfg = causal_lm("gpt2")
         model = cls(cfg)
@@ -466,15 +313,13 @@ def build_more(name: str):
         args, kwargs = (torch.randint(0, VOCAB, (BATCH, SEQ)),), {"pixel_values": torch.randn(BATCH, 3, 16, 16),
                                                                    "return_loss": True}
         target, loss_fn = torch.zeros(BATCH), model_loss
-    elif name in ("wav2vec2-cls", "wavlm"):
-        cls, cfg_cls = ((transformers.Wav2Vec2ForSequenceClassification, transformers.Wav2Vec2Config)
-                        if name == "wav2vec2-cls" else (transformers.WavLMForSequenceClassification,
-                                                        transformers.WavLMConfig))
-        model = cls(cfg_cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                            conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8,
-                            num_conv_pos_embedding_groups=4, num_labels=3, mask_time_prob=0.0, layerdrop=0.0,
-                            hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-                            final_dropout=0.0, do_stable_layer_norm=True, feat_extract_norm="layer"))
+    elif name == "wavlm":  # padded audio, gated relative position bias, utterance classification
+        model = transformers.WavLMForSequenceClassification(transformers.WavLMConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16),
+            conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
+            num_labels=3, mask_time_prob=0.0, layerdrop=0.0, hidden_dropout=0.0, attention_dropout=0.0,
+            activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0, do_stable_layer_norm=True,
+            feat_extract_norm="layer"))
         mask = torch.ones(BATCH, 400, dtype=torch.long)
         mask[1, 300:] = 0
         args, kwargs = (torch.randn(BATCH, 400),), {"attention_mask": mask}
@@ -488,8 +333,9 @@ def build_more(name: str):
         model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
             vision_config=dict(model_type="clip_vision_model", hidden_size=32, num_hidden_layers=2,
                                num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=4),
-            text_config=dict(model_type="llama", num_key_value_heads=2, use_cache=False, **SMALL), image_token_index=VOCAB - 1,
-            image_seq_length=17, vision_feature_select_strategy="full", vision_feature_layer=-1))
+            text_config=dict(model_type="llama", num_key_value_heads=2, use_cache=False, **SMALL),
+            image_token_index=VOCAB - 1, image_seq_length=17, vision_feature_select_strategy="full",
+            vision_feature_layer=-1))
         tokens = torch.randint(0, VOCAB - 1, (BATCH, 20))
         tokens[:, 2:19] = VOCAB - 1  # 16 patches and the class embedding
         args, kwargs = (tokens,), {"pixel_values": torch.randn(BATCH, 3, 16, 16)}
@@ -500,21 +346,17 @@ def build_more(name: str):
     return model.train(), args, kwargs, target, loss_fn
 
 
-def check(name: str, chunks: int, compile: bool = False) -> None:
+def check(name: str, chunks: int) -> None:
     model, args, kwargs, target, loss_fn = build_more(name)
     reference = copy.deepcopy(model)
     want_loss = accumulated(reference, args, kwargs, target, loss_fn, microbatches=2)
     want = {n: p.grad for n, p in reference.named_parameters()}
 
     pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, args, loss_fn, example_kwargs=kwargs,
-                          example_target=target, microbatches=2, chunks=chunks, compile=compile, time_limit_s=2)
+                          example_target=target, microbatches=2, chunks=chunks, time_limit_s=2)
     loss = pm.train_step(*args, target=target, **kwargs)
-    if compile:  # a stage that failed to compile would have run eagerly
-        failed = [s for s, r in pm.executor.runners.items() if r.failed]
-        assert not failed and not pm.executor.stage_loss.failed, failed
 
-    rtol = 1e-4 if compile else 1e-5  # inductor reorders reductions
-    assert abs(loss.item() - want_loss) <= rtol * abs(want_loss), (loss.item(), want_loss)
+    assert abs(loss.item() - want_loss) <= 1e-5 * abs(want_loss), (loss.item(), want_loss)
     got = dict(pm.named_parameters())
     assert set(got) == set(want)
     largest = max(g.abs().max().item() for g in want.values() if g is not None)
@@ -522,9 +364,9 @@ def check(name: str, chunks: int, compile: bool = False) -> None:
         if want[n] is None:
             assert p.grad is None or not p.grad.any(), n
             continue
-        scale = max(want[n].abs().max().item(), 1e-3 * largest)
+        scale = max(want[n].abs().max().item(), 1e-3 * largest)  # as test_hf_architectures.py
         assert p.grad is not None, n
-        assert (p.grad - want[n]).abs().max().item() <= rtol * scale, n
+        assert (p.grad - want[n]).abs().max().item() <= 1e-5 * scale, n
 
 
 def test_gradient_checkpointing_of_a_partly_frozen_model_is_not_said_to_run_hooks():
@@ -538,7 +380,15 @@ def test_gradient_checkpointing_of_a_partly_frozen_model_is_not_said_to_run_hook
         check("llama-frozen", chunks=1)
 
 
-PASSING: list = []
+PASSING = [("gpt_neox", 2), ("opt", 1), ("falcon-alibi", 1), ("phi", 1), ("gemma3", 2), ("olmo2", 1),
+           ("starcoder2", 1), ("gpt_oss", 2), ("deepseek_v3", 2), ("qwen3_moe-aux", 2), ("jamba", 2), ("mamba", 2),
+           ("rwkv", 2), ("qwen3_next", 2), ("llama-hidden-states", 1), ("llama-inputs-embeds", 1),
+           ("llama-one-sample", 1), ("gpt2-attentions", 1), ("gpt2-labels", 2), ("gpt2-cross", 1), ("distilbert", 2),
+           ("electra", 1), ("mpnet", 1), ("modernbert", 2), ("xlnet", 2), ("bert-token-cls", 1),
+           ("bert-multiple-choice", 1), ("esm", 1), ("t5-cls", 1), ("marian", 1), ("speech_to_text", 1),
+           ("wavlm", 1), ("patchtst", 1), ("beit", 2), ("swinv2", 1), ("levit", 2), ("convnext", 2),
+           ("efficientnet", 1), ("segformer", 1), ("vitmae", 1), ("siglip", 1), ("llava", 2),
+           ("vision-encoder-decoder", 1)]
 
 
 @pytest.mark.parametrize("name,chunks", PASSING)
