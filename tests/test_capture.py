@@ -162,6 +162,33 @@ def test_data_dependent_control_flow_is_named():
     assert "at test_capture.py:" in msg and "(`if x.sum() > 0:`)" in msg  # the model's own line
 
 
+class _Asserting(nn.Module):
+    """Checks its input's values with an assert, as ProphetNet checks the labels it shifts."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        assert (x > -1e9).all().item(), "finite inputs"
+        return self.lin(x)
+
+
+@pytest.mark.timeout(120)
+def test_a_data_dependent_assert_says_python_O_drops_it():
+    """The hint is true: under -O the same model captures."""
+    import subprocess
+    import sys
+    with pytest.raises(CaptureError, match=r"\(`assert \(x > -1e9\).*The line is an assert.*run Python with -O"):
+        capture(_Asserting(), (torch.randn(2, 4),))
+    code = ("import torch, test_capture\n"
+            "print(test_capture.capture(test_capture._Asserting(), (torch.randn(2, 4),)).method)\n")
+    import os
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path])}
+    run = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=100, env=env)
+    assert run.returncode == 0 and run.stdout.split()[-1] == "export", run.stderr[-2000:]
+
+
 def test_wrong_input_shape_names_the_input():
     zm = zoo.build("mlp", small=True, batch=2)
     with pytest.raises(CaptureError) as e:
