@@ -454,6 +454,36 @@ def test_a_conversion_that_changes_nothing_is_traced_as_a_no_op():
     assert all(torch.equal(got[n], p.grad) for n, p in m.named_parameters())
 
 
+class _VmappedLookup(torch.nn.Module):
+    """A mask from lookups into an input, vmapped over query and key positions, as Hugging Face's
+    masking_utils builds Gemma3's bidirectional image-token mask: export calls the lookups through
+    flat_apply, whose TreeSpecs the graph loads as plain attributes (get_attr of no tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x, types):
+        from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+        positions = torch.arange(x.shape[1])
+        with TransformGetItemToIndex():
+            same = torch.vmap(torch.vmap(lambda q, k: types[0, q] == types[0, k], in_dims=(None, 0)),
+                              in_dims=(0, None))(positions, positions)
+        return self.lin(x) * same.float().sum(-1, keepdim=True)
+
+
+@pytest.mark.timeout(60)
+def test_attributes_that_are_not_tensors_are_kept():
+    """The unlifted module copied parameters, buffers, constants and subgraphs but not the TreeSpecs
+    (AttributeError: 'Module' object has no attribute 'torch__dynamo__trace_wrapped_higher_order_op_ModIndex0')."""
+    torch.manual_seed(0)
+    m, x, types = _VmappedLookup(), torch.randn(2, 4, 8), torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0]])
+    c = capture(m, (x, types))
+    assert c.method == "export"
+    got = c.unflatten_outputs(c.graph_module(*c.flatten_inputs((x, types))))
+    torch.testing.assert_close(got, m(x, types))
+
+
 class _StatefulModel(nn.Module):
     """Every kind of state export lifts: parameters (one tied), buffers written in place (persistent and
     not), a tensor constant, and an input written in place."""

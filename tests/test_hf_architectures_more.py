@@ -269,6 +269,17 @@ def build_more(name: str):
         args = (torch.randint(0, VOCAB, (BATCH, 3, SEQ)),)
         kwargs = {"attention_mask": torch.ones(BATCH, 3, SEQ, dtype=torch.long)}
         target, loss_fn = torch.randint(0, 3, (BATCH,)), class_loss
+    elif name == "gemma3-mm":  # image tokens attend bidirectionally: a mask function vmapped over positions
+        model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+            vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                               image_size=16, patch_size=4),
+            text_config=dict(num_key_value_heads=2, head_dim=8, sliding_window=4, use_cache=False, **SMALL),
+            mm_tokens_per_image=4, image_token_index=VOCAB - 1, boi_token_index=VOCAB - 2, eoi_token_index=VOCAB - 3))
+        tokens = torch.randint(0, VOCAB - 3, (BATCH, 12))
+        tokens[:, 2:6] = VOCAB - 1
+        args, kwargs = (tokens,), {"pixel_values": torch.randn(BATCH, 3, 16, 16),
+                                   "token_type_ids": (tokens == VOCAB - 1).long()}
+        target, loss_fn = torch.randint(0, VOCAB, (BATCH, 12)), token_loss
     elif name == "llava":  # image features scattered into the image tokens' embeddings
         model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
             vision_config=dict(model_type="clip_vision_model", hidden_size=32, num_hidden_layers=2,
@@ -325,7 +336,7 @@ PASSING = [("gpt_neox", 2), ("falcon-alibi", 1), ("gemma3", 2), ("gpt_oss", 1), 
            ("llama-one-sample", 1), ("gpt2-attentions", 1), ("gpt2-labels", 2), ("mpnet", 1), ("modernbert", 2),
            ("bert-token-cls", 1), ("bert-multiple-choice", 1), ("esm", 1), ("t5-cls", 1), ("marian", 1),
            ("speech_to_text", 1), ("wavlm", 1), ("patchtst", 1), ("beit", 2), ("convnext", 2), ("efficientnet", 1),
-           ("vitmae", 1), ("llava", 2), ("vision-encoder-decoder", 1)]
+           ("vitmae", 1), ("llava", 2), ("gemma3-mm", 1), ("vision-encoder-decoder", 1)]
 
 
 @pytest.mark.parametrize("name,chunks", PASSING)

@@ -345,6 +345,17 @@ class _KernelRecorder(TorchDispatchMode):
         return out
 
 
+_VMAP_LEVELS = tuple(getattr(torch._functorch.predispatch, name, None)
+                     for name in ("_vmap_increment_nesting", "_vmap_decrement_nesting"))
+
+
+def _unbatched(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a torch.vmap level batches (its storage, the sizes it allocates), or t."""
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 class _NodeTracer(torch.fx.Interpreter):
     """Interpreter that runs every node on fake leaves and records a NodeTrace."""
 
@@ -359,6 +370,7 @@ class _NodeTracer(torch.fx.Interpreter):
         self._templates: dict[tuple, NodeTemplate | None] = {}  # node_key -> the first such node's trace
         self._storages: set[int] = set()  # of every output and saved tensor so far
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self._vmap_depth = 0
 
     def _total_flops(self) -> int:
         return self.counter.get_total_flops()
@@ -383,6 +395,13 @@ class _NodeTracer(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         self._current = n
+        if self._vmap_depth or n.target in _VMAP_LEVELS:
+            # inside a torch.vmap level (a mask function's): run plainly, uncosted; a value batched by
+            # vmap has no storage to count and cannot be made a leaf
+            out = super().run_node(n)
+            self._vmap_depth += {_VMAP_LEVELS[0]: 1, _VMAP_LEVELS[-1]: -1}.get(n.target, 0)
+            self.traces[n.name] = NodeTrace(n.name, op=n.op, output=pytree.tree_map_only(torch.Tensor, _unbatched, out))
+            return out
         if n.op in ("placeholder", "get_attr", "output"):
             trace = NodeTrace(n.name, op=n.op)
             out = super().run_node(n)
@@ -452,8 +471,10 @@ class _NodeTracer(torch.fx.Interpreter):
         if trace.attention is not None:
             trace.fwd_flops = trace.attention.fwd_flops()
             trace.bwd_flops = trace.attention.bwd_flops() if trace.bwd_flops else 0
-        # the next nodes read this value detached: this node's autograd graph is dropped here
-        trace.output = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(t.requires_grad), out)
+        # the next nodes read this value detached: this node's autograd graph is dropped here (requires_grad_
+        # only where it does: inside a torch.vmap level, a mask function's, functorch refuses the call)
+        trace.output = pytree.tree_map_only(
+            torch.Tensor, lambda t: t.detach().requires_grad_() if t.requires_grad else t.detach(), out)
         return trace
 
     def _leaf_args(self, args: tuple, kwargs: dict, n: torch.fx.Node) -> tuple[tuple, dict, list[torch.Tensor]]:

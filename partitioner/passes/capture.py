@@ -226,6 +226,10 @@ def _unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
         node.meta = ph.meta
         graph.erase_node(ph)
         by_name[spec.target] = node
+    for node in graph.find_nodes(op="get_attr"):  # plain attributes: flat_apply's TreeSpecs (a vmapped mask function)
+        if not _has_attr(root, node.target) and _has_attr(old, node.target):
+            _put_attr(root, node.target, get_attr(old, node.target), None)
+            node.meta.setdefault("val", get_attr(old, node.target))
     out = graph.output_node()
     written = (OutputKind.BUFFER_MUTATION, OutputKind.USER_INPUT_MUTATION, OutputKind.PARAMETER_MUTATION)
     user_outputs = []
