@@ -280,6 +280,20 @@ def build_more(name: str):
         args, kwargs = (tokens,), {"pixel_values": torch.randn(BATCH, 3, 16, 16),
                                    "token_type_ids": (tokens == VOCAB - 1).long()}
         target, loss_fn = torch.randint(0, VOCAB, (BATCH, 12)), token_loss
+    elif name == "blip2":  # a Q-Former's queries cross-attend to the image, projected into OPT's embeddings
+        model = transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(
+            vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                               image_size=16, patch_size=4),
+            qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                encoder_hidden_size=32, vocab_size=VOCAB, **NO_DROPOUT),
+            text_config=dict(model_type="opt", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                             vocab_size=VOCAB, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0,
+                             use_cache=False),
+            num_query_tokens=4, image_token_index=VOCAB - 1))
+        tokens = torch.randint(0, VOCAB - 1, (BATCH, 12))
+        tokens[:, :4] = VOCAB - 1
+        args, kwargs = (torch.randn(BATCH, 3, 16, 16),), {"input_ids": tokens}  # pixel_values comes first
+        target, loss_fn = torch.randint(0, VOCAB, (BATCH, 12)), token_loss
     elif name == "llava":  # image features scattered into the image tokens' embeddings
         model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
             vision_config=dict(model_type="clip_vision_model", hidden_size=32, num_hidden_layers=2,
@@ -336,7 +350,7 @@ PASSING = [("gpt_neox", 2), ("falcon-alibi", 1), ("gemma3", 2), ("gpt_oss", 1), 
            ("llama-one-sample", 1), ("gpt2-attentions", 1), ("gpt2-labels", 2), ("mpnet", 1), ("modernbert", 2),
            ("bert-token-cls", 1), ("bert-multiple-choice", 1), ("esm", 1), ("t5-cls", 1), ("marian", 1),
            ("speech_to_text", 1), ("wavlm", 1), ("patchtst", 1), ("beit", 2), ("convnext", 2), ("efficientnet", 1),
-           ("vitmae", 1), ("llava", 2), ("gemma3-mm", 1), ("vision-encoder-decoder", 1)]
+           ("vitmae", 1), ("llava", 2), ("gemma3-mm", 1), ("blip2", 1), ("vision-encoder-decoder", 1)]
 
 
 @pytest.mark.parametrize("name,chunks", PASSING)
