@@ -38,6 +38,7 @@ from partitioner.cost_models.trace_reuse import NodeTemplate, node_key, storage_
 from partitioner.passes.autograd_functions import forward_ops
 from partitioner.passes.annotate import has_runtime_size, size_bound
 from partitioner.passes.attention_mask_layout import strided_last_dim
+from partitioner.passes.graph_nodes import vmap_level_change
 from partitioner.errors import CostModelError
 
 
@@ -345,10 +346,6 @@ class _KernelRecorder(TorchDispatchMode):
         return out
 
 
-_VMAP_LEVELS = tuple(getattr(torch._functorch.predispatch, name, None)
-                     for name in ("_vmap_increment_nesting", "_vmap_decrement_nesting"))
-
-
 def _unbatched(t: torch.Tensor) -> torch.Tensor:
     """The tensor a torch.vmap level batches (its storage, the sizes it allocates), or t."""
     while torch._C._functorch.is_batchedtensor(t):
@@ -395,11 +392,11 @@ class _NodeTracer(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         self._current = n
-        if self._vmap_depth or n.target in _VMAP_LEVELS:
+        if self._vmap_depth or vmap_level_change(n):
             # inside a torch.vmap level (a mask function's): run plainly, uncosted; a value batched by
             # vmap has no storage to count and cannot be made a leaf
             out = super().run_node(n)
-            self._vmap_depth += {_VMAP_LEVELS[0]: 1, _VMAP_LEVELS[-1]: -1}.get(n.target, 0)
+            self._vmap_depth += vmap_level_change(n)
             self.traces[n.name] = NodeTrace(n.name, op=n.op, output=pytree.tree_map_only(torch.Tensor, _unbatched, out))
             return out
         if n.op in ("placeholder", "get_attr", "output"):

@@ -20,7 +20,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
-from partitioner.passes.graph_nodes import mutates
+from partitioner.passes.graph_nodes import mutates, vmap_level_change
 
 
 @dataclass
@@ -196,20 +196,11 @@ def normalise(gm: torch.fx.GraphModule, tied: list[list[str]],
     else:
         out.args = (tuple(out.args[0]),)
     graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output") or mutates(n)
-                              or n.target in _vmap_levels())
+                              or vmap_level_change(n) != 0)
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return keep, const
-
-
-def _vmap_levels() -> tuple:
-    """The calls that enter and leave a torch.vmap level in an exported graph: nothing reads what leaving
-    returns, but without it every op after the vmap runs as if batched (Hugging Face's vmapped mask
-    functions, Gemma3's image-token mask)."""
-    from torch._functorch import predispatch
-    return tuple(getattr(predispatch, name) for name in ("_vmap_increment_nesting", "_vmap_decrement_nesting")
-                 if hasattr(predispatch, name))
 
 
 def _is_literal(value: Any) -> bool:
