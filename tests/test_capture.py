@@ -162,6 +162,33 @@ def test_data_dependent_control_flow_is_named():
     assert "at test_capture.py:" in msg and "(`if x.sum() > 0:`)" in msg  # the model's own line
 
 
+class _Asserting(nn.Module):
+    """Checks its input's values with an assert, as ProphetNet checks the labels it shifts."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        assert (x > -1e9).all().item(), "finite inputs"
+        return self.lin(x)
+
+
+@pytest.mark.timeout(120)
+def test_a_data_dependent_assert_says_python_O_drops_it():
+    """The hint is true: under -O the same model captures."""
+    import subprocess
+    import sys
+    with pytest.raises(CaptureError, match=r"\(`assert \(x > -1e9\).*The line is an assert.*run Python with -O"):
+        capture(_Asserting(), (torch.randn(2, 4),))
+    code = ("import torch, test_capture\n"
+            "print(test_capture.capture(test_capture._Asserting(), (torch.randn(2, 4),)).method)\n")
+    import os
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path])}
+    run = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=100, env=env)
+    assert run.returncode == 0 and run.stdout.split()[-1] == "export", run.stderr[-2000:]
+
+
 def test_wrong_input_shape_names_the_input():
     zm = zoo.build("mlp", small=True, batch=2)
     with pytest.raises(CaptureError) as e:
@@ -393,6 +420,70 @@ def test_nested_regions_are_inlined():
     assert torch.equal(out, ref)
     assert set(got) == {"a.weight", "a.bias"} and all(torch.equal(got[n], p.grad) for n, p in m.a.named_parameters(
         prefix="a"))
+
+
+class _ConvertsItself(torch.nn.Module):
+    """Converts a submodule to the dtype it already has in forward, as SwitchTransformers' router does
+    (`self.classifier = self.classifier.to(self.dtype)`), then calls a function symbolic_trace cannot
+    (torch.finfo of a proxy's dtype), so only export captures it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        self.lin = self.lin.to(torch.float32)
+        self.out.float()
+        h = torch.relu(self.lin(x)).clamp(max=torch.finfo(x.dtype).max)
+        return self.out(h)
+
+
+@pytest.mark.timeout(60)
+def test_a_conversion_that_changes_nothing_is_traced_as_a_no_op():
+    """Module.to() on export's FakeTensor parameters swapped them even when nothing changed and the swap
+    failed ("_apply(): Couldn't swap Linear.weight"); a no-op now, and the parameters keep their gradients."""
+    torch.manual_seed(0)
+    m, x = _ConvertsItself(), torch.randn(4, 8)
+    c = capture(m, (x,))
+    assert c.method == "export"
+    out = c.unflatten_outputs(c.graph_module(*c.flatten_inputs((x,))))
+    out.sum().backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    ref = m(x)
+    ref.sum().backward()
+    assert torch.equal(out, ref)
+    assert all(torch.equal(got[n], p.grad) for n, p in m.named_parameters())
+
+
+class _VmappedLookup(torch.nn.Module):
+    """A mask from lookups into an input, vmapped over query and key positions, as Hugging Face's
+    masking_utils builds Gemma3's bidirectional image-token mask: export calls the lookups through
+    flat_apply, whose TreeSpecs the graph loads as plain attributes (get_attr of no tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x, types):
+        from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+        positions = torch.arange(x.shape[1])
+        with TransformGetItemToIndex():
+            same = torch.vmap(torch.vmap(lambda q, k: types[0, q] == types[0, k], in_dims=(None, 0)),
+                              in_dims=(0, None))(positions, positions)
+        return self.lin(x) * same.float().sum(-1, keepdim=True)
+
+
+@pytest.mark.timeout(60)
+def test_attributes_that_are_not_tensors_are_kept():
+    """The unlifted module copied parameters, buffers, constants and subgraphs but not the TreeSpecs
+    (AttributeError: 'Module' object has no attribute 'torch__dynamo__trace_wrapped_higher_order_op_ModIndex0')."""
+    torch.manual_seed(0)
+    m, x, types = _VmappedLookup(), torch.randn(2, 4, 8), torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0]])
+    c = capture(m, (x, types))
+    assert c.method == "export"
+    got = c.unflatten_outputs(c.graph_module(*c.flatten_inputs((x, types))))
+    torch.testing.assert_close(got, m(x, types))
 
 
 class _StatefulModel(nn.Module):

@@ -109,6 +109,23 @@ def test_a_stage_that_fails_to_compile_runs_eagerly_with_a_warning():
     assert max(grad_errors(pm, ref_grads).values()) < 1e-5
 
 
+def test_a_stage_holding_a_vmap_runs_eagerly_with_a_warning():
+    """torch.compile cannot run export's vmap calls in a graph (NYI: querying is_contiguous inside of vmap, raised
+    at the first call, where no fallback caught it): such a stage is left eager, said once, the others compiled."""
+    from test_capture import _VmappedLookup
+
+    from partitioner.passes.capture import capture
+    from partitioner.runtime.compiled import compile_stages
+    x, types = torch.randn(2, 4, 8), torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0]])
+    vmapped = capture(_VmappedLookup(), (x, types)).graph_module
+    plain = capture(torch.nn.Linear(8, 8), (x,)).graph_module
+    with pytest.warns(RuntimeWarning, match=r"stage\(s\) 1 run eagerly: they hold a torch.vmap"):
+        calls = compile_stages({0: plain, 1: vmapped}, lambda out, t: out.sum(), {}, last=1,
+                               unflatten=lambda leaves: leaves[0])
+    assert isinstance(calls.runners[0], CompiledStage) and calls.runners[1] is vmapped
+    assert calls.stage_loss is None  # the last stage and the loss as two calls: the stage eager
+
+
 def test_compile_defaults_follow_the_device_and_need_a_compiler(monkeypatch):
     assert compile_options(None, [torch.device("cpu")] * 2) is None
     assert compile_options(None, [torch.device("cuda:0")]) == {"dynamic": False}

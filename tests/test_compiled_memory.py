@@ -65,3 +65,22 @@ def test_a_graph_the_partitioner_cannot_take_costs_the_eager_bytes_with_a_warnin
     with pytest.warns(RuntimeWarning, match="AOTAutograd could not partition"):
         compiled = profile(captured, progress=False, compiled=True)
     assert compiled.total("saved_bytes") == profile(captured, progress=False).total("saved_bytes")
+
+
+def test_a_max_pool_partitions_before_anything_was_compiled():
+    """Inductor's max_pool2d decomposition reads torch._inductor.lowering, which only a compilation imports:
+    in a fresh process (planning comes before the first compile) it raised AttributeError and a CNN's compiled
+    stages were costed with the eager saved bytes, with a warning. A process of its own, so nothing compiled
+    before."""
+    import subprocess
+    import sys
+    code = ("import torch, warnings\n"
+            "from partitioner.cost_models.compiled_memory import compiled_saved_bytes\n"
+            "from partitioner.cost_models.flops import trace_nodes\n"
+            "from partitioner.passes.capture import capture\n"
+            "m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1))\n"
+            "gm = capture(m, (torch.randn(2, 3, 16, 16),)).graph_module\n"
+            "print(sum(compiled_saved_bytes(gm, trace_nodes(gm)).values()))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.split()[-1]) > 0

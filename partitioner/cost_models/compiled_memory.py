@@ -76,6 +76,7 @@ def compiled_saved_bytes(gm: torch.fx.GraphModule, traces: dict[str, NodeTrace],
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch._inductor.decomposition import select_decomp_table
+    import torch._inductor.lowering  # noqa: F401 - max_pool2d's decomposition reads it, imported by a compile only
     from torch._subclasses.fake_tensor import FakeTensorMode
     import torch.fx.traceback as fx_traceback
 

@@ -38,6 +38,7 @@ from partitioner.cost_models.trace_reuse import NodeTemplate, node_key, storage_
 from partitioner.passes.autograd_functions import forward_ops
 from partitioner.passes.annotate import has_runtime_size, size_bound
 from partitioner.passes.attention_mask_layout import strided_last_dim
+from partitioner.passes.graph_nodes import vmap_level_change
 from partitioner.errors import CostModelError
 
 
@@ -345,6 +346,13 @@ class _KernelRecorder(TorchDispatchMode):
         return out
 
 
+def _unbatched(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a torch.vmap level batches (its storage, the sizes it allocates), or t."""
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 class _NodeTracer(torch.fx.Interpreter):
     """Interpreter that runs every node on fake leaves and records a NodeTrace."""
 
@@ -359,6 +367,7 @@ class _NodeTracer(torch.fx.Interpreter):
         self._templates: dict[tuple, NodeTemplate | None] = {}  # node_key -> the first such node's trace
         self._storages: set[int] = set()  # of every output and saved tensor so far
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self._vmap_depth = 0
 
     def _total_flops(self) -> int:
         return self.counter.get_total_flops()
@@ -383,6 +392,13 @@ class _NodeTracer(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         self._current = n
+        if self._vmap_depth or vmap_level_change(n):
+            # inside a torch.vmap level (a mask function's): run plainly, uncosted; a value batched by
+            # vmap has no storage to count and cannot be made a leaf
+            out = super().run_node(n)
+            self._vmap_depth += vmap_level_change(n)
+            self.traces[n.name] = NodeTrace(n.name, op=n.op, output=pytree.tree_map_only(torch.Tensor, _unbatched, out))
+            return out
         if n.op in ("placeholder", "get_attr", "output"):
             trace = NodeTrace(n.name, op=n.op)
             out = super().run_node(n)
@@ -452,8 +468,10 @@ class _NodeTracer(torch.fx.Interpreter):
         if trace.attention is not None:
             trace.fwd_flops = trace.attention.fwd_flops()
             trace.bwd_flops = trace.attention.bwd_flops() if trace.bwd_flops else 0
-        # the next nodes read this value detached: this node's autograd graph is dropped here
-        trace.output = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(t.requires_grad), out)
+        # the next nodes read this value detached: this node's autograd graph is dropped here (requires_grad_
+        # only where it does: inside a torch.vmap level, a mask function's, functorch refuses the call)
+        trace.output = pytree.tree_map_only(
+            torch.Tensor, lambda t: t.detach().requires_grad_() if t.requires_grad else t.detach(), out)
         return trace
 
     def _leaf_args(self, args: tuple, kwargs: dict, n: torch.fx.Node) -> tuple[tuple, dict, list[torch.Tensor]]:

@@ -80,6 +80,29 @@ def _distribution_checks_off() -> Iterator[None]:
         Distribution.set_default_validate_args(old)
 
 
+@contextlib.contextmanager
+def _noop_conversions_skipped() -> Iterator[None]:
+    """Trace a Module.to() / .float() that changes nothing (SwitchTransformers' router runs
+    `self.classifier = self.classifier.to(self.dtype)` in its forward) as the no-op it is in eager.
+
+    Export holds the parameters as FakeTensors, which Module._apply swaps into new tensors even when the
+    conversion returns the same tensor, and the swap fails ("_apply(): Couldn't swap Linear.weight"). The
+    probe runs with proxy tracing off: traced, its aliases would replace the parameters in the graph."""
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+    apply = torch.nn.Module._apply
+
+    def skip_noop(module: torch.nn.Module, fn, recurse: bool = True):
+        with disable_proxy_modes_tracing():
+            noop = all(fn(t) is t for t in (*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)))
+        return module if noop else apply(module, fn, recurse)
+
+    torch.nn.Module._apply = skip_noop
+    try:
+        yield
+    finally:
+        torch.nn.Module._apply = apply
+
+
 # --------------------------------------------------------------------------- export / symbolic_trace
 
 _NOISY_LOGGERS = ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes",
@@ -156,7 +179,8 @@ def _reentrant_checkpoint_inlined():
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, pytree.TreeSpec]:
-    with _quiet_on_failure(), _fast_export(), _reentrant_checkpoint_inlined(), _distribution_checks_off():
+    with _quiet_on_failure(), _fast_export(), _reentrant_checkpoint_inlined(), _distribution_checks_off(), \
+            _noop_conversions_skipped():
         ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
         out_spec = ep.call_spec.out_spec
         gm = _unlift(ep)
@@ -203,6 +227,10 @@ def _unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
         node.meta = ph.meta
         graph.erase_node(ph)
         by_name[spec.target] = node
+    for node in graph.find_nodes(op="get_attr"):  # plain attributes: flat_apply's TreeSpecs (a vmapped mask function)
+        if not _has_attr(root, node.target) and _has_attr(old, node.target):
+            _put_attr(root, node.target, get_attr(old, node.target), None)
+            node.meta.setdefault("val", get_attr(old, node.target))
     out = graph.output_node()
     written = (OutputKind.BUFFER_MUTATION, OutputKind.USER_INPUT_MUTATION, OutputKind.PARAMETER_MUTATION)
     user_outputs = []

@@ -180,24 +180,44 @@ def random_layer_skips(module: torch.nn.Module | None, model: torch.nn.Module | 
     return list(dict.fromkeys(found))
 
 
-def model_source_line(err: BaseException) -> str:
-    """' at file.py:line (`code`)': the innermost frame of the model's own code (not torch's, not ours) in
-    err's traceback, or "" if none."""
+def _model_frame(err: BaseException) -> tuple[str, int, str] | None:
+    """(file, line, code) of the innermost frame of the model's own code (not torch's, not ours) in err's
+    traceback, or None."""
     import linecache
     import os
     skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    found = ""
     e: BaseException | None = err
-    while e is not None and not found:
-        tb = e.__traceback__
+    while e is not None:
+        tb, found = e.__traceback__, None
         while tb is not None:
             path = tb.tb_frame.f_code.co_filename
             if not path.startswith(skip) and not path.startswith("<"):
-                code = linecache.getline(path, tb.tb_lineno).strip()
-                found = f" at {os.path.basename(path)}:{tb.tb_lineno}" + (f" (`{code}`)" if code else "")
+                found = (path, tb.tb_lineno, linecache.getline(path, tb.tb_lineno).strip())
             tb = tb.tb_next
+        if found is not None:
+            return found
         e = e.__cause__ or e.__context__
-    return found
+    return None
+
+
+def model_source_line(err: BaseException) -> str:
+    """' at file.py:line (`code`)': the innermost frame of the model's own code in err's traceback, or ""."""
+    import os
+    frame = _model_frame(err)
+    if frame is None:
+        return ""
+    path, line, code = frame
+    return f" at {os.path.basename(path)}:{line}" + (f" (`{code}`)" if code else "")
+
+
+def _assert_hint(err: BaseException) -> str:
+    """For a data-dependent `assert` of the model's (ProphetNet's `assert torch.all(shifted_input_ids >= 0).item()`):
+    a check that computes nothing, which Python's -O drops."""
+    frame = _model_frame(err)
+    if frame is None or not re.match(r"assert\b", frame[2]):
+        return ""
+    return (" The line is an assert, a check that computes nothing: run Python with -O (or PYTHONOPTIMIZE=1), "
+            "which drops asserts, to capture the model without it.")
 
 
 def capture_error(model: torch.nn.Module, export_err: BaseException, export_where: str,
@@ -218,7 +238,8 @@ def capture_error(model: torch.nn.Module, export_err: BaseException, export_wher
         return CaptureError(
             f"cannot capture {name}: data-dependent control flow in {export_where}"
             f"{model_source_line(export_err)}: a Python branch or "
-            f"shape depends on tensor values ({first_line(export_err, 200)}).{known_cause(failed, model)} Make the "
+            f"shape depends on tensor values ({first_line(export_err, 200)}).{known_cause(failed, model)}"
+            f"{_assert_hint(export_err)} Make the "
             "branch independent of tensor data (static shapes, torch.where, torch.cond), or move it "
             "out of the model.")
     trace_kind = " (data-dependent control flow)" if is_data_dependent(trace_err) else ""

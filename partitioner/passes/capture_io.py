@@ -20,7 +20,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from partitioner.errors import CaptureError
-from partitioner.passes.graph_nodes import mutates
+from partitioner.passes.graph_nodes import mutates, vmap_level_change
 
 
 @dataclass
@@ -195,7 +195,8 @@ def normalise(gm: torch.fx.GraphModule, tied: list[list[str]],
         out.args = ((out.args[0],),)
     else:
         out.args = (tuple(out.args[0]),)
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output") or mutates(n))
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output") or mutates(n)
+                              or vmap_level_change(n) != 0)
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

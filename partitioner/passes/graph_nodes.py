@@ -4,7 +4,8 @@ A parameter or buffer by its dotted path (get_attr / set_attr), whether a node w
 inputs and which values (mutates / written_values, through views: is_view), the FakeTensorMode to
 make a new node's value in (fake_mode_of), and the meta a new node takes over from the one it stands
 for (provenance), and the module whose forward ran a node (innermost_module, module_named, for
-placement and for messages). Shared by capture and every pass after it.
+placement and for messages), and the calls that enter and leave a torch.vmap level (vmap_level_change).
+Shared by capture and every pass after it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,18 @@ from typing import Any
 
 import torch
 import torch.fx
+
+
+def vmap_level_change(node: torch.fx.Node) -> int:
+    """+1 / -1 where `node` enters / leaves a torch.vmap level, else 0. Export keeps a vmap as these calls
+    around the batched ops (Hugging Face's mask functions, vmapped over positions: Gemma3's image-token
+    mask); nothing reads what leaving returns, yet every op after it depends on it having run."""
+    from torch._functorch import predispatch
+    if node.op != "call_function":
+        return 0
+    if node.target is getattr(predispatch, "_vmap_increment_nesting", None):
+        return 1
+    return -1 if node.target is getattr(predispatch, "_vmap_decrement_nesting", None) else 0
 
 
 def fake_mode_of(val: Any):

@@ -164,7 +164,8 @@ def split(captured: Captured, plan: Plan, loss_reads: Collection[int] | None = N
             outputs=[n.name for n in sent], output_consumers={n.name: consumers[n] for n in sent},
             is_last=k == last,
             user_inputs={n.name: user_index[n.name] for n in ins if n.op == "placeholder"},
-            params=params, buffers=[n.target for n in attrs if n.target not in params],
+            params=params, buffers=[n.target for n in attrs if n.target not in params
+                                    and isinstance(get_attr(gm, n.target), torch.Tensor)],  # not a TreeSpec
             value_meta=meta, mutated_inputs=_mutated(own, set(ins))))
     return stages
 

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from partitioner.errors import RuntimeConfigError
+from partitioner.passes.graph_nodes import vmap_level_change
 from partitioner.runtime.cudagraph_trees import CudagraphSteps
 
 # what compile=True passes to torch.compile: stage shapes are fixed by the plan
@@ -140,12 +141,19 @@ def compile_stages(graph_modules: dict[int, torch.fx.GraphModule], loss_fn: Call
     check = check or (lambda fn, user_fn=None: fn)
     if options is None:
         return StageCallables(dict(graph_modules), check(loss_fn, loss_fn))
-    runners: dict[int, Callable] = {k: CompiledStage(f"stage {k}", gm, gm.graph, options)
+    vmapped = sorted(k for k, gm in graph_modules.items() if any(vmap_level_change(n) for n in gm.graph.nodes))
+    if vmapped:
+        warnings.warn(f"stage(s) {', '.join(map(str, vmapped))} run eagerly: they hold a torch.vmap (a mask function "
+                      "Hugging Face vmaps over positions, Gemma3's), whose calls torch.compile cannot run in a graph "
+                      "(NYI: querying is_contiguous inside of vmap); the other stages are compiled.",
+                      RuntimeWarning, stacklevel=3)
+    runners: dict[int, Callable] = {k: gm if k in vmapped else CompiledStage(f"stage {k}", gm, gm.graph, options)
                                     for k, gm in graph_modules.items()}
     loss = check(CompiledStage("the loss function", loss_fn, None, options), loss_fn)
     steps = CudagraphSteps(lambda: _trainable(graph_modules)) if uses_cudagraphs(options) else None
-    return StageCallables(runners, loss, stage_with_loss(last, graph_modules, runners, loss, check(loss_fn),
-                                                         unflatten, options), steps)
+    fused = None if last in vmapped else stage_with_loss(last, graph_modules, runners, loss, check(loss_fn),
+                                                         unflatten, options)
+    return StageCallables(runners, loss, fused, steps)
 
 
 def _trainable(graph_modules: dict[int, torch.fx.GraphModule]) -> list[torch.Tensor]:
