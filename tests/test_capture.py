@@ -345,6 +345,19 @@ def test_no_grad_inside_an_autocast_region_is_refused_by_name():
         capture(Model(), (torch.randn(2, 8),))
 
 
+def _graph_equals_eager(c, m: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The captured graph's output equals the module's on x; the parameters' gradients of the graph's
+    output summed (the module's own are left in .grad, to compare against)."""
+    out = c.unflatten_outputs(c.graph_module(*c.flatten_inputs((x,))))
+    out.sum().backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    ref = m(x)
+    ref.sum().backward()
+    assert torch.equal(out, ref)
+    return got
+
+
 class _Bf16Region(torch.nn.Module):
     """An fp32 model that turns autocast on around one block, which turns it off inside."""
 
@@ -375,13 +388,7 @@ def test_a_region_under_autocast_computes_in_its_dtype():
     assert [n.meta["val"].dtype for n in mms] == [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16,
                                                   torch.bfloat16, torch.float32]
     assert mms[1].meta["nn_module_stack"] and list(mms[1].meta["nn_module_stack"].values())[-1][0] == "b"
-    out = c.unflatten_outputs(c.graph_module(*c.flatten_inputs((x,))))
-    out.sum().backward()
-    got = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    ref = m(x)
-    ref.sum().backward()
-    assert torch.equal(out, ref)
+    got = _graph_equals_eager(c, m, x)
     for n, p in m.named_parameters():  # b's weight is cast once per use, where eager autocast caches one cast
         torch.testing.assert_close(got[n], p.grad, rtol=1e-2, atol=1e-2 * p.grad.abs().max().item())
 
@@ -446,13 +453,7 @@ def test_a_conversion_that_changes_nothing_is_traced_as_a_no_op():
     m, x = _ConvertsItself(), torch.randn(4, 8)
     c = capture(m, (x,))
     assert c.method == "export"
-    out = c.unflatten_outputs(c.graph_module(*c.flatten_inputs((x,))))
-    out.sum().backward()
-    got = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    ref = m(x)
-    ref.sum().backward()
-    assert torch.equal(out, ref)
+    got = _graph_equals_eager(c, m, x)
     assert all(torch.equal(got[n], p.grad) for n, p in m.named_parameters())
 
 

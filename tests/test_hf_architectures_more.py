@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from partitioner.api import compile_parallel
-from test_hf_architectures import (BATCH, SEQ, SMALL, VOCAB, accumulated, class_loss, model_loss, padding_mask,
-                                   token_loss)
+from test_hf_architectures import (BATCH, SEQ, SMALL, VOCAB, accumulated, assert_equals_the_model, class_loss,
+                                   model_loss, padding_mask, token_loss)
 
 transformers = pytest.importorskip("transformers")
 
@@ -320,18 +320,7 @@ def check(name: str, chunks: int) -> None:
     pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, args, loss_fn, example_kwargs=kwargs,
                           example_target=target, microbatches=2, chunks=chunks, time_limit_s=2)
     loss = pm.train_step(*args, target=target, **kwargs)
-
-    assert abs(loss.item() - want_loss) <= 1e-5 * abs(want_loss), (loss.item(), want_loss)
-    got = dict(pm.named_parameters())
-    assert set(got) == set(want)
-    largest = max(g.abs().max().item() for g in want.values() if g is not None)
-    for n, p in got.items():
-        if want[n] is None:
-            assert p.grad is None or not p.grad.any(), n
-            continue
-        scale = max(want[n].abs().max().item(), 1e-3 * largest)  # as test_hf_architectures.py
-        assert p.grad is not None, n
-        assert (p.grad - want[n]).abs().max().item() <= 1e-5 * scale, n
+    assert_equals_the_model(pm, loss, want_loss, want)
 
 
 def test_gradient_checkpointing_of_a_partly_frozen_model_is_not_said_to_run_hooks():
