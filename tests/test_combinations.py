@@ -1,10 +1,10 @@
-"""Today's training-loop features over processes: 2 gloo ranks, and data parallel x pipeline on 4 (dp 2 x
-pp 2, data_parallel 'replicate' and 'fsdp'), some with compile=True: loss_fn=None (the model's own
-output.loss; with HF's num_items_in_batch the whole batch's token mean), a GradScaler (refused by name), dataclass inputs / target / output, gradient hooks on the
-model's parameters, inputs by keyword in another order, freezing through pm.named_parameters() mid-training,
-an optimizer state of the unpartitioned model, and pm.save / pm.load with the optimizer. Each equals the
-unpartitioned model with gradient accumulation over the same microbatches (fp32 rel err < 1e-5, compiled
-< 1e-4); under 'replicate' a gradient hook sees each replica's own gradient, as under DDP.
+"""Today's training-loop features over processes: 2 gloo ranks, and data parallel x pipeline on 4 (dp 2 x pp 2,
+data_parallel 'replicate' and 'fsdp'), some with compile=True: loss_fn=None (the model's own output.loss; with
+HF's num_items_in_batch the whole batch's token mean), a GradScaler (refused by name), dataclass inputs / target /
+output, gradient hooks on the model's parameters, inputs by keyword in another order, freezing through
+pm.named_parameters() mid-training, an optimizer state of the unpartitioned model, and pm.save / pm.load with the
+optimizer. Each equals the unpartitioned model with gradient accumulation over the same microbatches (fp32 rel err
+< 1e-5, compiled < 1e-4); under 'replicate' a gradient hook sees each replica's own gradient, as under DDP.
 """
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """The ways Hugging Face users call and prepare a model, on compile_parallel (Llama, GPT-2, BERT, T5).
 
-Inputs: a tokenizer's BatchEncoding, inputs_embeds, explicit position_ids, token_type_ids, attention masks as bool / float / long with left
-or right padding, labels with -100 and the model's own loss, return_dict=False, output_hidden_states /
-output_attentions, use_cache left True in the config (from_pretrained's default: captured without the cache,
-passes/kv_cache.py). Preparation: gradient checkpointing (reentrant or not), resize_token_embeddings, tied and
-untied embeddings, save_pretrained / from_pretrained, pm's weights back into the model, bf16 models and
-mixed_precision="bf16", frozen parts and hand-made LoRA adapters. Use: eval inference (on any multiple of the
-microbatch), a single-sample forward, dropout under a seed, and HF's num_items_in_batch, with which
-train_step's loss and gradients equal one forward of the whole batch (without it, the mean of each
+Inputs: a tokenizer's BatchEncoding, inputs_embeds, explicit position_ids, token_type_ids, attention masks as
+bool / float / long with left or right padding, labels with -100 and the model's own loss, return_dict=False,
+output_hidden_states / output_attentions, use_cache left True in the config (from_pretrained's default: captured
+without the cache, passes/kv_cache.py). Preparation: gradient checkpointing (reentrant or not),
+resize_token_embeddings, tied and untied embeddings, save_pretrained / from_pretrained, pm's weights back into
+the model, bf16 models and mixed_precision="bf16", frozen parts and hand-made LoRA adapters. Use: eval inference
+(on any multiple of the microbatch), a single-sample forward, dropout under a seed, and HF's num_items_in_batch,
+with which train_step's loss and gradients equal one forward of the whole batch (without it, the mean of each
 microbatch's own token mean: gradient accumulation's). Two gloo processes for the input/output patterns.
 
 Unless said otherwise: loss and gradients equal the unpartitioned model's run with gradient accumulation over

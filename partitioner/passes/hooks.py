@@ -1,15 +1,16 @@
 """Module and tensor hooks, and what a captured graph keeps of them.
 
-Forward hooks and pre-hooks run while the model is traced: what they compute into a module's inputs
-or output is in the graph, but they run once, on fake tensors, so their Python side effects (storing
-activations in a list, logging) do not happen per step: said in a warning naming the modules (hooks
-of torch's own that only compute tensors, pruning's and the old spectral_norm / weight_norm's, and
+Forward hooks and pre-hooks run while the model is traced: what they compute into a module's inputs or
+output is in the graph, but they run once, on fake tensors, so their Python side effects (storing
+activations in a list, logging) do not happen per step: said in a warning naming the modules (hooks of
+torch's own that only compute tensors, pruning's and the old spectral_norm / weight_norm's, and
 transformers' enable_input_require_grads, are left unsaid). Gradient hooks are dropped: a module's
 backward hooks (register_full_backward_hook, register_full_backward_pre_hook, the old
 register_backward_hook) run at the module's boundaries in autograd, which a flat graph of aten ops no
 longer has; a hook that forward registers on an activation (`h.register_hook(fn)`) is not an op, so
 torch.export records nothing for it. Either way the stages' gradients would silently differ from the
-model's: refused, naming the module and the fix. Hooks on parameters are carried to the stages' copies (runtime/parameter_hooks.py).
+model's: refused, naming the module and the fix. Hooks on parameters are carried to the stages' copies
+(runtime/parameter_hooks.py).
 """
 from __future__ import annotations
 
