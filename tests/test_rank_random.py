@@ -46,3 +46,15 @@ def test_the_cuda_generator_is_forked_per_rank_and_put_back():
     with ranked_random_draws(1, device):
         torch.nn.functional.dropout(torch.ones(8, device=device), 0.5)
     assert torch.equal(torch.cuda.get_rng_state(device), state)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_the_stages_device_is_seeded_not_the_current_one():
+    torch.cuda.set_device(0)
+    _check(torch.device("cuda", 1))
+    torch.manual_seed(0)
+    current = torch.cuda.get_rng_state(0)
+    with ranked_random_draws(1, torch.device("cuda", 1)):
+        pass
+    assert torch.equal(torch.cuda.get_rng_state(0), current)

@@ -35,6 +35,6 @@ def ranked_random_draws(global_rank: int | None, device: torch.device) -> Iterat
     with torch.random.fork_rng(devices=cuda, device_type="cuda"):
         ranked = (seed + (global_rank + 1) * _MIX) % 2 ** 64
         torch.random.default_generator.manual_seed(ranked)
-        if cuda:
-            torch.cuda.manual_seed(ranked)
+        if cuda:  # the stages' device's generator, whichever device is current
+            torch.cuda.default_generators[cuda[0]].manual_seed(ranked)
         yield
