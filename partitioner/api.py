@@ -51,13 +51,13 @@ from partitioner.passes.capture_io import Captured, input_leaf_names, positional
 from partitioner.passes.hooks import warn_forward_hooks
 from partitioner.passes.kv_cache import configs_with_cache, output_has_cache_field
 from partitioner.passes.split import outputs_the_loss_reads, place_on_device, split
-from partitioner.runtime.comm_plan import build_comm_plan, forward_only
+from partitioner.runtime.comm_plan import build_comm_plan
 from partitioner.runtime.compiled import compile_options, compile_stages, print_once, uses_cudagraphs
 from partitioner.runtime.data_parallel import (DATA_PARALLEL_MODES, DataParallelStages, MeshLayout,
                                                check_fsdp_gradients, mesh_layout)
 from partitioner.runtime.parameter_hooks import check_hooks_whole
 from partitioner.runtime.replicated_gradients import ReplicatedStages
-from partitioner.runtime.executor import Executor, ParameterStore, in_process_order
+from partitioner.runtime.executor import Executor, ParameterStore
 from partitioner.runtime.schedules import make_schedule, validate
 from partitioner.runtime.step_graph import StepGraph
 from partitioner.runtime.transport import DistTransport, InProcessTransport
@@ -298,12 +298,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     local = [st.stage for st in stages if st.rank in local_ranks]
     if rank is None:
         transport = InProcessTransport(stage_device)
-        order, inference_order = in_process_order(sched), in_process_order(forward_only(sched))
     else:
         channels = list(build_comm_plan(stages, sched).channels)
         transport = DistTransport(rank, devices[rank], channels, timeout_s=timeout_s, replicas=replicas,
                                   replica=replica, hold_sends=stage_graphs)
-        order, inference_order = list(sched.actions[rank]), list(forward_only(sched).actions[rank])
     graph_modules = {k: stages[k].graph_module for k in local}
     mixed_dtype = compute_dtype(mixed_precision)
     if mixed_dtype is not None:  # the loss as the recipe runs it: under autocast
@@ -321,7 +319,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         runners = dp_stages.runners
         fused = dp_stages.with_hooks("loss", fused) if fused is not None else None
     executor = Executor(stages, local, sched, transport, calls.loss, captured.unflatten_outputs,
-                        stage_device, order, inference_order, runners,
+                        stage_device, rank, runners,
                         stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None,
                         stage_loss=fused, cudagraph_steps=calls.cudagraph_steps,
                         foreach_grads=calls.gradients_at_once and not (dp_stages and dp_stages.needs_accumulate_grad),

@@ -30,9 +30,9 @@ from partitioner.passes.graph_nodes import get_attr, mutates, set_attr, written_
 from partitioner.passes.capture_io import Captured
 from partitioner.passes.split import StageModule, place_on_device, split
 from partitioner.passes.writes import stage_mates, storage_root
-from partitioner.runtime.comm_plan import build_comm_plan, forward_only
+from partitioner.runtime.comm_plan import build_comm_plan
 from partitioner.runtime.compiled import compile_stages, uses_cudagraphs
-from partitioner.runtime.executor import Executor, in_process_order
+from partitioner.runtime.executor import Executor
 from partitioner.runtime.transport import DistTransport, InProcessTransport
 
 if TYPE_CHECKING:
@@ -132,17 +132,15 @@ def build_mode(pm: "ParallelModel", training: bool) -> ModeGraphs:
     local = [st.stage for st in stages if st.rank in local_ranks]
     if pm.rank is None:
         transport: Any = InProcessTransport(stage_device)
-        order, inference_order = in_process_order(sched), in_process_order(forward_only(sched))
     else:
         channels = list(build_comm_plan(stages, sched).channels)
         transport = DistTransport(pm.rank, pm.devices[pm.rank], channels, timeout_s=source.timeout_s,
                                   replicas=pm.layout.replicas, replica=pm.layout.dp_rank,
                                   hold_sends=uses_cudagraphs(source.compile_options))
-        order, inference_order = list(sched.actions[pm.rank]), list(forward_only(sched).actions[pm.rank])
     calls = compile_stages({k: stages[k].graph_module for k in local}, source.loss_fn, source.compile_options,
                            last=len(stages) - 1, unflatten=captured.unflatten_outputs, check=source.check_loss)
     executor = Executor(stages, local, sched, transport, calls.loss, captured.unflatten_outputs, stage_device,
-                        order, inference_order, calls.runners, stage_loss=calls.stage_loss,
+                        pm.rank, calls.runners, stage_loss=calls.stage_loss,
                         cudagraph_steps=calls.cudagraph_steps,
                         foreach_grads=calls.gradients_at_once and pm.data_parallel is None,
                         loss_weight=pm.executor.loss_weight)

@@ -62,12 +62,18 @@ def in_process_order(schedule: Schedule) -> list[Action]:
     return order
 
 
+def process_order(schedule: Schedule, rank: int | None) -> list[Action]:
+    """This process's actions of `schedule`: pipeline rank `rank`'s list under torchrun, every rank's
+    (in_process_order) where one process runs them all (rank None)."""
+    return in_process_order(schedule) if rank is None else list(schedule.actions[rank])
+
+
 class Executor:
     """Runs the stages `local` (stage ids held by this process) of a split model.
 
     stages: every stage (for the communication plan); only `local` ones are run.
     stage_device: device of every local stage.
-    order: this process's actions (a rank's list, or in_process_order for all ranks).
+    rank: this process's pipeline rank, None where it runs every rank (its actions: process_order).
     runners: stage -> the callable that runs it (default: its graph module); loss_fn may be compiled too.
     stage_loss(*last stage's inputs, target) -> loss: the last stage and loss_fn as one call, for
     training (compiled.stage_with_loss); None: runners[last], then loss_fn.
@@ -83,7 +89,7 @@ class Executor:
 
     def __init__(self, stages: list[StageModule], local: list[int], schedule: Schedule, transport: Transport,
                  loss_fn: Callable[[Any, Any], torch.Tensor], unflatten: Callable[[list[Any]], Any],
-                 stage_device: dict[int, torch.device], order: list[Action], inference_order: list[Action],
+                 stage_device: dict[int, torch.device], rank: int | None,
                  runners: dict[int, Callable] | None = None,
                  stage_backward_done: Callable[[int], None] | None = None,
                  stage_loss: Callable[..., torch.Tensor] | None = None,
@@ -100,10 +106,12 @@ class Executor:
         self.cudagraph_steps = cudagraph_steps
         self.unflatten = unflatten
         self.stage_device = stage_device
-        self.order = order
-        self.inference_order = inference_order
+        self.rank = rank
+        self.order = order = process_order(schedule, rank)
+        inference = forward_only(schedule)
+        self.inference_order = process_order(inference, rank)
         self.train_comm = build_comm_plan(stages, schedule)
-        self.inference_comm = build_comm_plan(stages, forward_only(schedule))
+        self.inference_comm = build_comm_plan(stages, inference)
         self.last = len(stages) - 1
         self.stage_backward_done = stage_backward_done
         last_b = {a.stage: i for i, a in enumerate(order) if a.kind == "B"}
@@ -158,9 +166,8 @@ class Executor:
             return self.inference_order, self.inference_comm
         if microbatches not in self._inference_plans:
             sched = forward_only(dataclasses.replace(self.schedule, microbatches=microbatches))
-            ranks = sorted({self.schedule.stage_rank[k] for k in self.local})
-            order = in_process_order(sched) if len(ranks) == sched.num_ranks else list(sched.actions[ranks[0]])
-            self._inference_plans[microbatches] = (order, build_comm_plan(self.stages, sched))
+            self._inference_plans[microbatches] = (process_order(sched, self.rank),
+                                                   build_comm_plan(self.stages, sched))
         return self._inference_plans[microbatches]
 
     def _plain_parameters(self) -> dict[int, list[torch.Tensor]] | None:
