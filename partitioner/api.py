@@ -16,16 +16,13 @@ e.g. ["cpu"] * 4).
 """
 from __future__ import annotations
 
-import atexit
 import functools
-import hashlib
 import inspect
 import itertools
 import os
 import re
 import warnings
 from collections.abc import Mapping
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -44,6 +41,7 @@ from partitioner.optimizer_check import watch_model_parameters
 from partitioner.parallel_model import ParallelModel
 from partitioner.plan import Plan
 from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
+from partitioner.rank_agreement import agree, check_same_weights, fingerprint, init_distributed
 from partitioner.passes.mixed_precision import compute_dtype, loss_under_autocast
 from partitioner.passes.graph_nodes import set_attr
 from partitioner.passes.capture_errors import check_inputs_eagerly
@@ -207,7 +205,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     register_dataclasses((args, kwargs, example_target))  # a batch as a dataclass of tensors: its fields are leaves
     check_flattens((args, kwargs), "input", input_leaf_names(model, args, kwargs))
     check_flattens(example_target, "example_target")
-    rank = _init_distributed(devices, timeout_s) if layout is None else (
+    rank = init_distributed(devices, timeout_s) if layout is None else (
         layout.pp_rank if dist.get_world_size() > 1 else None)
     if rank is not None and layout is None:
         layout = MeshLayout.single(dist.get_world_size(), rank)
@@ -217,10 +215,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
 
     if rank is not None:  # every rank must have been called the same way
         where = [f"mesh {layout.replicas} of {devices[0].type}"] if mesh is not None else devices
-        _agree(_fingerprint(model, where, args, kwargs, microbatches, schedule, chunks, plan, dims),
+        agree(fingerprint(model, where, args, kwargs, microbatches, schedule, chunks, plan, dims),
                "the arguments of compile_parallel (model, devices, example inputs, batch_dims, microbatches, "
                "schedule, chunks, plan)", rank, devices)
-        _check_same_weights(model, rank, devices)
+        check_same_weights(model, rank, devices)
 
     batch = batch_size((args, kwargs), dims.inputs)
     if batch is not None and batch % (dp * microbatches):
@@ -260,7 +258,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     if rank is not None:
         # the graph may name the device it was captured on (each rank's own GPU): compare without it
         graph_code = re.sub(r"device\(type='\w+'(, index=\d+)?\)", "device", captured.graph_module.code)
-        _agree(plan.to_json() + graph_code, "the plan or the captured graph", rank, devices)
+        agree(plan.to_json() + graph_code, "the plan or the captured graph", rank, devices)
     _check_plan(plan, p, chunks)
     if configs_with_cache(model, kwargs) and output_has_cache_field(captured.out_spec):
         warnings.warn(f"compile_parallel: {type(model).__name__}'s config has use_cache=True (from_pretrained's "
@@ -334,34 +332,6 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _init_distributed(devices: list[torch.device], timeout_s: float) -> int | None:
-    """This process's rank under torchrun (initialising the default group if needed), else None."""
-    if not dist.is_available() or (not dist.is_initialized() and not
-                                   ("RANK" in os.environ and "WORLD_SIZE" in os.environ)):
-        return None
-    if not dist.is_initialized():
-        world = int(os.environ["WORLD_SIZE"])
-        rank = int(os.environ["RANK"])
-        if world != len(devices):
-            raise RuntimeConfigError(f"compile_parallel: torchrun started {world} processes but {len(devices)} "
-                                     f"devices were given; start one process per device "
-                                     f"(torchrun --nproc_per_node {len(devices)}).")
-        backend = "nccl" if devices[rank].type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-        if backend == "gloo":
-            atexit.register(_destroy_gloo_groups)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if world == 1:  # a world of one process (e.g. torchrun --nproc_per_node 1) drives every stage itself
-        return None
-    if world != len(devices):
-        raise RuntimeConfigError(f"compile_parallel on rank {rank}: the world has {world} processes but "
-                                 f"{len(devices)} devices were given; start one process per device "
-                                 f"(torchrun --nproc_per_node {len(devices)}).")
-    if devices[rank].type == "cuda":
-        torch.cuda.set_device(devices[rank])
-    return rank
 
 
 def _mesh_layout(mesh: DeviceMesh) -> tuple[MeshLayout, list[torch.device]]:
@@ -577,80 +547,6 @@ def _loss_fix(value: Any) -> str:
         return ("return the one element to backpropagate, e.g. loss_fn=lambda out, t: fn(out, t)[0], or their sum "
                 "if the total loss is their sum")
     return "e.g. end it with .mean()"
-
-
-def _destroy_gloo_groups() -> None:
-    """Destroy the process groups compile_parallel created, while the interpreter is still whole.
-
-    A gloo process left to interpreter teardown can abort ("terminate called without an active
-    exception") as its worker threads are destroyed. NCCL groups are left to the user
-    (`dist.destroy_process_group()`): after a failed step NCCL's teardown can wait on the dead peer."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _digest(data: bytes) -> int:
-    """A 60-bit digest of `data`, as an int64 tensor holds it."""
-    return int(hashlib.sha256(data).hexdigest()[:15], 16)
-
-
-def _every_rank(digest: int, rank: int, devices: list[torch.device]) -> list[int]:
-    """Every rank's `digest`, by rank (one all_gather of an int64)."""
-    device = devices[rank] if dist.get_backend() == "nccl" else torch.device("cpu")
-    mine = torch.tensor([digest], dtype=torch.int64, device=device)
-    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, mine)
-    return [int(t.item()) for t in everyone]
-
-
-def _agree(text: str, what: str, rank: int, devices: list[torch.device]) -> None:
-    """All ranks compare a hash of `text`; RuntimeConfigError on every rank if they differ."""
-    values = _every_rank(_digest(text.encode()), rank, devices)
-    if len(set(values)) > 1:
-        groups: dict[int, list[int]] = {}
-        for r, v in enumerate(values):
-            groups.setdefault(v, []).append(r)
-        raise RuntimeConfigError(f"compile_parallel on rank {rank}: {what} differ across ranks (ranks that agree: "
-                                 f"{sorted(groups.values())}). Call compile_parallel with the same arguments and "
-                                 "the same model on every rank.")
-
-
-def _check_same_weights(model: torch.nn.Module, rank: int, devices: list[torch.device]) -> None:
-    """Every rank must start from the same weights: each keeps its own copy of its stages' tensors,
-    so a model built unseeded (each rank drawing its own random init) would train tied weights and
-    data-parallel replicas from different values, silently. Compared by a sample of each real
-    parameter (64 values: cheap at any size); the error names the first that differs."""
-    names, digests = [], []
-    for name, p in model.named_parameters():
-        if p.is_meta:
-            continue
-        flat = p.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // 64)][:64].contiguous().cpu().view(torch.uint8)  # any dtype's bytes
-        names.append(name)
-        digests.append(_digest(sample.numpy().tobytes()))
-    if len(set(_every_rank(_digest(repr(digests).encode()), rank, devices))) == 1:
-        return
-    lists: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(lists, digests)
-    other = next(r for r, d in enumerate(lists) if d != lists[0])
-    first = next((n for n, a, b in zip(names, lists[0], lists[other]) if a != b), names[0] if names else "?")
-    raise RuntimeConfigError(f"compile_parallel on rank {dist.get_rank()}: the model's weights differ across ranks "
-                             f"('{first}' on rank {other} is not rank 0's), so tied weights and data-parallel "
-                             "replicas would train from different values. Build the model the same way on every "
-                             "rank: call torch.manual_seed(seed) before constructing it, load the same weights, "
-                             "or build it on meta and pass init_fn= or checkpoint=.")
-
-
-def _fingerprint(model: torch.nn.Module, devices: list[torch.device], args: tuple, kwargs: dict,
-                 microbatches: int, schedule: str, chunks: int, plan: Plan | None,
-                 dims: BatchDims = BatchDims()) -> str:
-    def describe(x: Any) -> str:
-        return f"T{tuple(x.shape)}{x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
-
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    return repr((type(model).__qualname__, [str(d) for d in devices], str(spec), [describe(x) for x in leaves],
-                 microbatches, schedule, chunks, params, plan.to_json() if plan is not None else None, dims))
 
 
 def _first_batched(model: torch.nn.Module, args: tuple, kwargs: dict, dims: BatchDims) -> tuple[str, int]:

@@ -452,15 +452,15 @@ def test_a_gloo_group_compile_parallel_created_is_destroyed_at_exit(monkeypatch)
     import torch.distributed as dist
     from dist_utils import free_port
 
-    from partitioner import api
+    from partitioner import rank_agreement
     if dist.is_initialized():
         pytest.skip("a process group is already initialized in this process")
     hooks = []
-    monkeypatch.setattr(api.atexit, "register", hooks.append)
+    monkeypatch.setattr(rank_agreement.atexit, "register", hooks.append)
     for key, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(key, value)
     try:
-        assert api._init_distributed([torch.device("cpu")], timeout_s=30) is None  # one process: every stage here
+        assert rank_agreement.init_distributed([torch.device("cpu")], timeout_s=30) is None  # one process: all stages
         assert dist.is_initialized() and hooks
         for hook in hooks:
             hook()
