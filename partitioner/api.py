@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 
 from partitioner.cost_models.device import spec_for_torch_device
 from partitioner.dataclass_trees import check_flattens, register_dataclasses
-from partitioner.errors import CaptureError, RuntimeConfigError
+from partitioner.errors import CaptureError, PlanError, RuntimeConfigError
 from partitioner.materialise import materialise
 from partitioner.microbatch import (BatchDims, batch_size, leaf_dim, per_sample_lists, resolve_batch_dims,
                                    split_batch, split_target)
@@ -42,6 +42,7 @@ from partitioner.parallel_model import ParallelModel
 from partitioner.plan import Plan
 from partitioner.plan_model import PlanConfig, capture_for_training, plan_model
 from partitioner.rank_agreement import agree, check_same_weights, fingerprint, init_distributed
+from partitioner.schedule_choice import AUTO, choice_line, fixed_chunks
 from partitioner.passes.mixed_precision import compute_dtype, loss_under_autocast
 from partitioner.passes.graph_nodes import set_attr
 from partitioner.passes.capture_errors import check_inputs_eagerly
@@ -70,7 +71,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                      example_inputs: tuple | Any = None, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
                      *, mesh: DeviceMesh | None = None, data_parallel: str = "fsdp",
                      example_kwargs: dict | None = None, batch_dims: int | dict[str, int] | None = None,
-                     microbatches: int | None = None, schedule: str | None = None, chunks: int = 1,
+                     microbatches: int | None = None, schedule: str | None = None, chunks: int | str = 1,
                      plan: Plan | None = None, memory: int | str | None = None, device_type: str | None = None,
                      time_limit_s: float = 10.0, timeout_s: float = 300.0,
                      example_target: Any = None, compile: bool | dict | None = None,
@@ -111,6 +112,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         per microbatch, in order (num_batches_tracked advances by `microbatches` per step), and a loss
         that couples samples (a contrastive loss) couples those of one microbatch.
     schedule: "gpipe", "1f1b" (default) or "interleaved-1f1b" (default when chunks > 1).
+    chunks: stages per rank (interleaving), or "auto": plan 1, 2 and 4 and keep the fastest predicted,
+        interleaving only where it predicts at least 2% faster (partitioner/schedule_choice.py; it costs
+        what an NCCL send waiting for its receiver takes from the sender's compute under torchrun).
     plan: a Plan to use as is; else partitioner.plan_model plans it (memory: per-device cap, e.g. "24GiB";
         device_type: DeviceSpec name for the cost model (default: the table entry of the GPU in use,
         with this host's dispatch speed measured; the calibrated CPU on CPU); time_limit_s: solver time;
@@ -195,8 +199,13 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                                  "parameters, gradients all-reduced) or compile=True (no graphs).")
     if plan is not None:
         chunks = plan.chunks
-    schedule = schedule or (plan.schedule if plan is not None else None) or \
-        ("interleaved-1f1b" if chunks > 1 else "1f1b")
+    try:
+        fixed_chunks(chunks, schedule)
+    except PlanError as err:
+        raise RuntimeConfigError(f"compile_parallel: {err}") from None
+    if chunks != AUTO:
+        schedule = schedule or (plan.schedule if plan is not None else None) or \
+            ("interleaved-1f1b" if chunks > 1 else "1f1b")
     defaulted = not microbatches
     microbatches = microbatches or (plan.microbatches if plan is not None else 0) or 2 * p
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -247,6 +256,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                                            cuda_graph or stage_graphs, graphs_when_host_bound, dims)
             if graphs and not (cuda_graph or stage_graphs):
                 options, stage_graphs = {**options, "mode": "reduce-overhead"}, True
+            chunks, schedule = plan.chunks, plan.schedule  # chunks="auto": what the planner chose
         else:
             captured = capture_for_training(model, mb_args, mb_kwargs, mixed_precision)
     except CaptureError as err:
@@ -604,7 +614,7 @@ def _first_microbatch(args: tuple, kwargs: dict, microbatches: int, dims: BatchD
                        dims.inputs)[0]
 
 
-def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_kwargs: dict, p: int, chunks: int,
+def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_kwargs: dict, p: int, chunks: int | str,
           schedule: str, microbatches: int, memory: int | str | None, device_type: str | DeviceSpec | None,
           time_limit_s: float, rank: int | None, devices: list[torch.device], loss_fn: Callable[[Any, Any], Any],
           example_target: Any, mixed_precision: str | None, compiled: bool,
@@ -632,6 +642,8 @@ def _plan(model: torch.nn.Module, args: tuple, kwargs: dict, mb_args: tuple, mb_
         result = plan_model(model, args, kwargs, config, loss_fn=loss_fn, example_target=example_target,
                             batch_dims=dims, microbatch=(mb_args, mb_kwargs))
         plan, captured, graphs = result.plan, result.captured, result.cuda_graphs
+        if result.chunk_choices:
+            print_once(choice_line(result.chunk_choices, plan.chunks), rank)
         if compiled and result.host_bound and not cuda_graph:
             print_once(_host_bound_line(*result.launch_and_run_s, graphs), rank)
     if rank is None:

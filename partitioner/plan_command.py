@@ -22,6 +22,7 @@ from partitioner.plan import Plan, plan_timeline
 from partitioner.plan_model import DTYPES, PlanConfig, PlanResult, plan_model, plan_profiled
 from partitioner.problem import check_config, check_gap
 from partitioner.runtime.timeline import plot_timeline, render_text
+from partitioner.schedule_choice import choice_line, fixed_chunks
 from partitioner.units import human_bytes, human_time, parse_bandwidth, parse_bytes
 from partitioner.zoo import DEFAULT_BATCH, context_note
 
@@ -271,7 +272,8 @@ def zoo_recipe(name: str, config: PlanConfig, parts: int) -> tuple[str | None, A
 def run_plan(args: argparse.Namespace) -> None:
     """The `partitioner plan` command."""
     config = config_from_args(args)
-    _, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
+    _, m = check_config(1 << 30, config.num_ranks, fixed_chunks(config.chunks, config.schedule), config.microbatches,
+                        config.schedule)
     check_data_parallel(config.data_parallel, config.data_parallel_mode)
     dp = config.data_parallel
     parts = dp * m  # the global batch splits into dp replicas x m microbatches
@@ -317,7 +319,8 @@ def run_plan(args: argparse.Namespace) -> None:
     plan = result.plan = result.plan.replace(model=args.model)
     console.print(plan_table(result, width=console.width, title=f"{args.model}: {len(result.block_graph.blocks)} blocks "
                                      f"({_depth(result.block_graph.depth)}) on {plan.num_stages} stages"))
-    for line in [*summary_lines(plan), *host_bound_lines(result)]:
+    chosen = [choice_line(result.chunk_choices, plan.chunks)] if result.chunk_choices else []
+    for line in [*summary_lines(plan), *chosen, *host_bound_lines(result)]:
         console.print(line, highlight=False)
     if dp > 1 and batch:
         global_batch = config.batch or batch

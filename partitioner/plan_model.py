@@ -30,6 +30,7 @@ from partitioner.passes.coarsen import BlockGraph, attach_loss, coarsen
 from partitioner.passes.mixed_precision import capture_mixed, compute_dtype
 from partitioner.plan import Plan, PlanOrigin, with_waiting_sends
 from partitioner.problem import check_config, check_gap
+from partitioner.schedule_choice import AUTO, ChunkChoice, choose_chunks, fixed_chunks
 from partitioner.solve import solve
 from partitioner.units import human_bytes
 
@@ -61,11 +62,12 @@ class PlanConfig:
     dp_bw_bytes_per_s None: the device's intra-node bandwidth when data_parallel x num_ranks GPUs fit
     in one host of gpus_per_host, else its inter-node bandwidth.
     sends_hold_sms: the ranks are processes that send over NCCL (torchrun), so a send waiting for its
-    receiver slows its sender's compute (DeviceSpec.waiting_send_slowdown); False for stages in one process.
+    receiver slows its sender's compute (DeviceSpec.waiting_send_slowdown_for the compute dtype); False
+    for stages in one process.
     """
 
     num_ranks: int
-    chunks: int = 1
+    chunks: int | str = 1  # stages per rank; "auto": chosen by predicted step (partitioner/schedule_choice.py)
     microbatches: int | None = None
     schedule: str | None = None
     memory_cap_bytes: int | None = None
@@ -107,6 +109,7 @@ class PlanResult:
     profile_key: str | None = None  # of the model's entry in the profile cache (None: not cached)
     cuda_graphs: bool = False  # planned without host time: config.cuda_graphs, or chosen as host-bound
     launch_and_run_s: tuple[float, float] = (0.0, 0.0)  # a microbatch's host and device time, before graphs
+    chunk_choices: list[ChunkChoice] = field(default_factory=list)  # chunks="auto": every candidate planned
 
     @property
     def host_bound(self) -> bool:
@@ -143,7 +146,8 @@ def microbatch_inputs(example_args: tuple, example_kwargs: dict | None, microbat
 
 def check_plan_config(config: PlanConfig) -> tuple[str, int]:
     """The schedule and number of microbatches `config` asks for, or a PlanError saying what is wrong."""
-    schedule, m = check_config(1 << 30, config.num_ranks, config.chunks, config.microbatches, config.schedule)
+    schedule, m = check_config(1 << 30, config.num_ranks, fixed_chunks(config.chunks, config.schedule),
+                               config.microbatches, config.schedule)
     check_gap(config.gap)
     dpm.check_data_parallel(config.data_parallel, config.data_parallel_mode)
     if config.mixed_precision and config.dtype not in (None, "float32"):
@@ -192,7 +196,17 @@ def plan_model(model: torch.nn.Module, example_args: tuple, example_kwargs: dict
 def plan_profiled(annotated: AnnotatedGraph, costs: NodeCosts, loss_costs: NodeCosts | None, config: PlanConfig,
                   on_step: Callable[[str], None] | None = None, model_name: str | None = None) -> PlanResult:
     """The half of plan_model after capture and profiling: coarsen, solve (and score the baselines
-    when config.compare). The CLI calls it alone on a profile the cache holds for a zoo model."""
+    when config.compare). The CLI calls it alone on a profile the cache holds for a zoo model.
+    config.chunks "auto": each candidate chunk count planned on the same profile, the chosen one returned
+    with every candidate in PlanResult.chunk_choices (schedule_choice.choose_chunks)."""
+    if config.chunks == AUTO:
+        _, m = check_plan_config(config)
+        result, choices = choose_chunks(
+            lambda chunks, limit: plan_profiled(annotated, costs, loss_costs, dataclasses.replace(
+                config, chunks=chunks, time_limit_s=limit), on_step, model_name),
+            lambda r: r.plan.step_time_s, config.num_ranks, m, config.time_limit_s)
+        result.chunk_choices = choices
+        return result
     step = on_step or (lambda msg: None)
     schedule, m = check_plan_config(config)
     spec = get_device_spec(config.device_type)
@@ -216,7 +230,8 @@ def plan_profiled(annotated: AnnotatedGraph, costs: NodeCosts, loss_costs: NodeC
     plan = solve(bg, config.num_ranks, config.chunks, m, schedule, memory_cap_bytes=cap, link_bw_bytes_per_s=bw,
                  time_limit_s=config.time_limit_s, gap=config.gap)
     plan = dataclasses.replace(plan, origin=PlanOrigin(model_name, spec.name, spec.mem_bytes, package_version()))
-    slowdown = spec.waiting_send_slowdown if config.sends_hold_sms else 1.0
+    compute = compute_dtype(config.mixed_precision) or costs.dtype
+    slowdown = spec.waiting_send_slowdown_for(compute) if config.sends_hold_sms else 1.0
     plan = dpm.apply_data_parallel(with_waiting_sends(plan, bg, slowdown), bg, block_params, shared_params, dp)
     baselines = {}
     if config.compare:
@@ -247,8 +262,9 @@ def check_parameter_share(captured: Any, config: PlanConfig, spec: Any, dtype: t
     share = sum(parameter_state_bytes(captured, dtype=dtype, optimizer=config.optimizer).values()) / config.num_ranks
     if share <= cap:
         return
+    stages = config.num_ranks * (config.chunks if config.chunks != AUTO else 1)
     raise PlanError(f"memory cap {human_bytes(cap)} per device is too small: no split into "
-                    f"{config.num_ranks * config.chunks} stages fits; the smallest per-device memory that fits is "
+                    f"{stages} stages fits; the smallest per-device memory that fits is "
                     f"at least {human_bytes(share)} (parameters, gradients and {config.optimizer} states alone, over "
                     f"{config.num_ranks} devices). Raise the cap (--memory / memory=), add devices, or use a "
                     "lighter optimizer (--optimizer sgd)")

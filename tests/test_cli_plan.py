@@ -63,6 +63,17 @@ def test_plan_prints_table_compare_and_writes_json(capsys, tmp_path):
     assert plan.replicated_params == ["emb.weight"]  # embedding on the first rank, head on the last
 
 
+def test_auto_chunks_says_what_it_compared_and_plans_the_choice(capsys, tmp_path):
+    path = tmp_path / "plan.json"
+    code, out, err = run(capsys, MODEL, "--devices", "2", "--chunks", "auto", "--microbatches", "4", "--json",
+                         str(path), "--time-limit", "3")
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("chunks='auto': "))
+    assert "1f1b" in line and "interleaved x2" in line and "interleaved x4" in line and "->" in line
+    plan = Plan.from_json(path.read_text())
+    assert plan.num_stages == 2 * plan.chunks and plan.schedule in line.split("->")[1]
+
+
 def test_cuda_graph_plans_the_step_without_host_time(capsys):
     """--cuda-graph: a host-bound compiled step (small model, H100 costs) is planned at its device time."""
     steps = []
@@ -104,6 +115,7 @@ def test_plan_draws_timeline(capsys, tmp_path):
     ([MODEL, "--devices", "2", "--device-type", "h900"], "unknown device type 'h900'"),
     ([MODEL, "--devices", "2", "--gap", "150"], "outside 0-100%"),
     ([MODEL, "--devices", "2", "--gap", "-1"], "outside 0-100%"),
+    ([MODEL, "--devices", "2", "--chunks", "auto", "--schedule", "1f1b"], "chunks='auto' chooses the schedule"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, match):
     code, out, err = run(capsys, *argv, "--time-limit", "5")

@@ -159,18 +159,21 @@ def test_waiting_sends_rescore_an_interleaved_plan_and_travel_with_it():
     assert with_waiting_sends(one_f_one_b, bg, 1.14).step_time_s == pytest.approx(one_f_one_b.step_time_s, rel=1e-3)
 
 
-def test_the_planner_slows_senders_only_for_ranks_in_their_own_processes():
+def test_the_planner_slows_senders_only_for_ranks_in_their_own_processes_by_compute_dtype():
     """PlanConfig.sends_hold_sms (compile_parallel: under torchrun) applies the device's
-    waiting_send_slowdown; stages in one process send nothing that holds SMs."""
+    waiting_send_slowdown for the compute dtype (16-bit, mixed precision's included, or fp32's own);
+    stages in one process send nothing that holds SMs."""
     import torch
 
     from partitioner.cost_models.device import get_device_spec
     from partitioner.plan_model import PlanConfig, plan_model
     model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)])
-    spec = dataclasses.replace(get_device_spec("h100"), waiting_send_slowdown=1.14)
-    plans = {}
-    for held in (True, False):
+    spec = dataclasses.replace(get_device_spec("h100"), waiting_send_slowdown=1.14, fp32_waiting_send_slowdown=1.05)
+    slowdowns = {}
+    for held, dtype, mixed in [(True, "bfloat16", None), (False, "bfloat16", None), (True, "float32", None),
+                               (True, "float32", "bf16")]:
         config = PlanConfig(num_ranks=2, chunks=2, microbatches=8, device_type=spec, time_limit_s=2,
-                            use_cache=False, sends_hold_sms=held)
-        plans[held] = plan_model(model, (torch.randn(32, 64),), {}, config).plan
-    assert plans[True].waiting_send_slowdown == 1.14 and plans[False].waiting_send_slowdown == 1.0
+                            use_cache=False, sends_hold_sms=held, dtype=dtype, mixed_precision=mixed)
+        slowdowns[held, dtype, mixed] = plan_model(model, (torch.randn(32, 64),), {}, config).plan.waiting_send_slowdown
+    assert slowdowns == {(True, "bfloat16", None): 1.14, (False, "bfloat16", None): 1.0,
+                         (True, "float32", None): 1.05, (True, "float32", "bf16"): 1.14}

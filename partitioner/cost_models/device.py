@@ -85,10 +85,12 @@ class DeviceSpec:
         at 0 there); spec_for_torch_device(compiled=True) times it on this host with the launch
         cost (cost_models/compiled_host.py). On the CPU device profile() measures it instead
         (cost_models.measure.compiled_call_overhead).
-    waiting_send_slowdown: how many times slower a GPU computes while an NCCL send of its waits for
-        the receiving rank (its kernel holds SMs until the peer posts the receive): the simulator
-        stretches the sender's compute in those windows (runtime/simulator.py). 1.0: sends cost the
-        sender nothing (gloo's threads, or stages in one process).
+    waiting_send_slowdown: how many times slower a GPU computes 16-bit math while an NCCL send of its
+        waits for the receiving rank (its kernel holds SMs until the peer posts the receive): the
+        simulator stretches the sender's compute in those windows (runtime/simulator.py). 1.0: sends
+        cost the sender nothing (gloo's threads, or stages in one process).
+    fp32_waiting_send_slowdown: the same for fp32 compute, whose GEMMs run on the CUDA cores in many
+        small waves and barely feel a few held SMs (waiting_send_slowdown_for picks by dtype).
     """
 
     name: str
@@ -117,6 +119,7 @@ class DeviceSpec:
     stage_pass_s: float = 0.0
     compiled_stage_pass_s: float = 0.0
     waiting_send_slowdown: float = 1.0
+    fp32_waiting_send_slowdown: float = 1.0
 
     @property
     def per_kernel_s(self) -> float:
@@ -131,6 +134,10 @@ class DeviceSpec:
         if key not in self.peak_flops:
             key = "float32"  # ints, fp64, fp8: no datasheet entry; fp32 rate as a stand-in
         return self.peak_flops[key]
+
+    def waiting_send_slowdown_for(self, dtype: torch.dtype | str) -> float:
+        """waiting_send_slowdown for compute in `dtype`: fp32's (CUDA cores) or the 16-bit one (tensor cores)."""
+        return self.fp32_waiting_send_slowdown if dtype_name(dtype) == "float32" else self.waiting_send_slowdown
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -214,17 +221,19 @@ class DeviceSpec:
 # than the SMs it takes: with 1, 2 and 4 of an H100's 132 SMs held by spinning blocks, gpt2-xl's forward
 # GEMMs as one layer (bf16, 2 x 1024 tokens) ran 1.09x, 1.14x and 1.16x their time, the 2048x1600x6400
 # GEMM alone 1.26-1.31x (`python -m benchmarks.resident_kernels`, results/resident_kernels_h100.json).
-# waiting_send_slowdown stays 1.0 (off) until a 2-GPU run settles it: at 1.14 the simulator turns gpt2-xl's
-# bf16 interleaved step from 5% faster than 1F1B to 1.3% slower (measured on 2 H200s: 4-7% slower), but it
-# also puts the fp32 chain of benchmarks/executor_vs_torch 5.6% above its interleaved step on NCCL, which
-# the simulator without it predicted within 1.1% (benchmarks/RESULTS.md, 2026-12-07).
+# fp32 GEMMs (CUDA cores, TF32 off) barely feel them: 0.99-1.03x as one layer and 1.00x for the fp32 chain
+# block of benchmarks/executor_vs_torch (`... --dtype float32`, results/resident_kernels_fp32_h100.json).
+# With 1.14 for 16-bit compute (two SMs held: NCCL's P2P channels per peer) the simulator turns gpt2-xl's
+# bf16 interleaved step on 2 H200s from 5% faster than 1F1B to 1.3% slower (measured: 4-7% slower) and
+# leaves the fp32 chain's interleaved step on NCCL (predicted within 1.1%) as it was.
 GPU_EFFICIENCY = dict(matmul_efficiency=0.78, attention_efficiency=0.40, masked_attention_efficiency=0.22,
                       grad_mask_attention_efficiency=0.115, kernel_gap_s=0.9e-6, causal_attention_speedup=1.55,
                       compiled_stage_pass_s=0.3e-3,
                       narrow_fp32_matmul_efficiency=0.54, fp32_gemm_k_tile=8,
                       misaligned_matmul_efficiency=0.10, mem_bw_efficiency=0.87, foreach_bw_efficiency=0.68,
                       cpu_fwd_overhead_s=21e-6,
-                      cpu_bwd_overhead_s=31e-6, compiled_launch_overhead_s=28e-6, contended_atomic_s=2.7e-9)
+                      cpu_bwd_overhead_s=31e-6, compiled_launch_overhead_s=28e-6, contended_atomic_s=2.7e-9,
+                      waiting_send_slowdown=1.14, fp32_waiting_send_slowdown=1.0)
 
 
 def _gpu(name: str, fp32: float, tf32: float, bf16: float, mem_bw: float, mem: int, intra: float,
