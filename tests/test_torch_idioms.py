@@ -258,3 +258,164 @@ def test_a_loss_that_cannot_be_traced_is_planned_without_its_costs_and_trains_as
     want_loss, _ = reference(model, (x,), target, ctc)
     assert pm.train_step(x, target=target).item() == pytest.approx(want_loss, rel=1e-5)
     assert_matches(pm, model, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- training loop
+
+
+class Net(nn.Module):
+    """Linear layers with BatchNorm1d (momentum) and LayerNorm: weights, norms and biases for param groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Linear(DIM, DIM), nn.BatchNorm1d(DIM, momentum=0.2)
+        self.b, self.norm = nn.Linear(DIM, DIM), nn.LayerNorm(DIM)
+        self.c, self.head = nn.Linear(DIM, DIM), nn.Linear(DIM, 3)
+
+    def forward(self, x):
+        x = self.norm(torch.tanh(self.b(torch.tanh(self.bn(self.a(x))))))
+        return self.head(torch.tanh(self.c(x)))
+
+
+def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, DIM, generator=g), torch.randint(0, 3, (BATCH,), generator=g)) for _ in range(n)]
+
+
+def accumulate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss=ce) -> float:
+    """The model's step of gradient accumulation over the pipeline's microbatches; the mean loss."""
+    return reference(model, (x,), y, loss)[0]
+
+
+def decay_groups(named) -> list[dict]:
+    """AdamW's usual groups: weight decay on matrices only, none on norms and biases."""
+    named = list(named)
+    return [{"params": [p for _, p in named if p.dim() > 1], "weight_decay": 0.1},
+            {"params": [p for _, p in named if p.dim() <= 1], "weight_decay": 0.0}]
+
+
+OPTIMIZERS = {
+    "sgd-nesterov": (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True), None),
+    "adamw-groups-onecycle": (lambda m: torch.optim.AdamW(decay_groups(m.named_parameters()), lr=1e-2),
+                              lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=10)),
+    "rmsprop-cosine": (lambda m: torch.optim.RMSprop(m.parameters(), lr=1e-2, momentum=0.5),
+                       lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5)),
+    "lbfgs": (lambda m: torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=3), None),
+}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_optimizers_and_schedulers_step_pm_as_the_model(optimizer):
+    """Three steps (zero_grad(set_to_none=False); eval inference under no_grad between steps; LBFGS calls its
+    closure, train_step, several times a step): weights, BatchNorm's statistics and the optimizer's lr equal the
+    model's; then torch.save(pm.state_dict()) loads into a fresh compile_parallel that trains on as the model."""
+    make, schedule = OPTIMIZERS[optimizer]
+    torch.manual_seed(0)
+    model, data = Net(), batches(4)
+    pm = compiled(model, (data[0][0],), data[0][1], ce)
+    runs = []
+    for m, step in ((model, lambda x, y: accumulate(model, x, y)), (pm, lambda x, y: pm.train_step(x, target=y))):
+        opt = make(m)
+        sched = schedule(opt) if schedule else None
+        for x, y in data[:3]:
+            def closure():
+                opt.zero_grad(set_to_none=False)
+                return torch.as_tensor(step(x, y))
+            opt.step(closure)
+            if sched:
+                sched.step()
+            with torch.no_grad():
+                out = m.eval()(data[3][0])
+            m.train()
+        runs.append((opt.param_groups[0]["lr"], out))
+    assert runs[0][0] == runs[1][0]
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-5, atol=1e-6)
+    model.zero_grad(), pm.zero_grad()
+    assert_matches_state(pm, model)
+    saved = io.BytesIO()
+    torch.save(pm.state_dict(), saved)
+    saved.seek(0)
+    torch.manual_seed(1)
+    resumed = compiled(Net(), (data[0][0],), data[0][1], ce)
+    resumed.load_state_dict(torch.load(saved))
+    x, y = data[3]
+    assert resumed.train_step(x, target=y).item() == pytest.approx(accumulate(model, x, y), rel=1e-5)
+    assert_matches(resumed, model, 1e-5)
+
+
+def assert_matches_state(pm, model: nn.Module, tol: float = 1e-5) -> None:
+    state = pm.full_state_dict()
+    for name, want in model.state_dict().items():
+        torch.testing.assert_close(state[name], want, rtol=tol, atol=1e-6, msg=name)
+
+
+class TempScaled(nn.Module):
+    """A loss module with a parameter of its own (a learned temperature) and label smoothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, out, target):
+        return F.cross_entropy(out * self.log_scale.exp(), target, label_smoothing=0.1)
+
+
+def test_an_ema_of_pm_clipping_and_a_loss_with_parameters_train_as_on_the_model():
+    """AveragedModel(pm, use_buffers=True) averages pm's parameters and buffers and infers with them (pm is no
+    nn.Module, so a module holding it does not see it: without use_buffers, AveragedModel's own parameters are
+    empty and it averages nothing, and ema.eval() leaves ema.module in training mode: ema.module.eval());
+    clip_grad_norm_ on pm.parameters() clips by the whole model's norm in one process; a loss module's own
+    parameter gets the gradient of the model's accumulated loss."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    torch.manual_seed(0)
+    model, data, losses = Net(), batches(3), (TempScaled(), TempScaled())
+    pm = compiled(model, (data[0][0],), data[0][1], losses[1])
+    emas = [AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True) for m in (model, pm)]
+    opts = [torch.optim.SGD([*m.parameters(), *loss.parameters()], lr=0.1) for m, loss in zip((model, pm), losses)]
+    for x, y in data[:2]:
+        accumulate(model, x, y, losses[0])
+        pm.train_step(x, target=y)
+        norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5) for m in (model, pm)]
+        assert norms[1].item() == pytest.approx(norms[0].item(), rel=1e-5)
+        assert losses[1].log_scale.grad.item() == pytest.approx(losses[0].log_scale.grad.item(), rel=1e-5)
+        for opt, ema, m in zip(opts, emas, (model, pm)):
+            opt.step()
+            opt.zero_grad()
+            ema.update_parameters(m)
+    assert_matches_state(emas[1].module, emas[0].module)
+    with torch.no_grad():
+        torch.testing.assert_close(emas[1].module.eval()(data[2][0]), emas[0].eval()(data[2][0]), rtol=1e-5, atol=1e-6)
+
+
+class Half(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, 3)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.float16):
+            h = self.b(torch.tanh(self.a(x)))
+        return self.c(torch.tanh(h.float()))
+
+
+def test_an_fp16_autocast_region_with_a_grad_scaler_steps_as_the_model():
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            nn.Linear(2, 2)(torch.randn(1, 2))
+    except RuntimeError:
+        pytest.skip("this CPU build has no fp16 autocast")
+    torch.manual_seed(0)
+    model, data = Half(), batches(2)
+    pm = compiled(model, (data[0][0],), data[0][1], ce)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in range(2)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, pm)]
+    for x, y in data:
+        for mb_x, mb_y in zip(x.chunk(MICROBATCHES), y.chunk(MICROBATCHES)):
+            scalers[0].scale(ce(model(mb_x), mb_y) / MICROBATCHES).backward()
+        pm.train_step(x, target=y, scaler=scalers[1])
+        for scaler, opt in zip(scalers, opts):
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    assert scalers[1].get_scale() == scalers[0].get_scale()
+    assert_matches_state(pm, model)
