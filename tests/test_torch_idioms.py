@@ -264,11 +264,12 @@ def test_a_loss_that_cannot_be_traced_is_planned_without_its_costs_and_trains_as
 
 
 class Net(nn.Module):
-    """Linear layers with BatchNorm1d (momentum) and LayerNorm: weights, norms and biases for param groups."""
+    """Linear layers with BatchNorm1d (momentum) and LayerNorm: weights, norms and biases for param groups. No
+    bias before the BatchNorm: its gradient is zero up to rounding, which Adam would scale up to full steps."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.bn = nn.Linear(DIM, DIM), nn.BatchNorm1d(DIM, momentum=0.2)
+        self.a, self.bn = nn.Linear(DIM, DIM, bias=False), nn.BatchNorm1d(DIM, momentum=0.2)
         self.b, self.norm = nn.Linear(DIM, DIM), nn.LayerNorm(DIM)
         self.c, self.head = nn.Linear(DIM, DIM), nn.Linear(DIM, 3)
 
@@ -419,3 +420,50 @@ def test_an_fp16_autocast_region_with_a_grad_scaler_steps_as_the_model():
             opt.zero_grad()
     assert scalers[1].get_scale() == scalers[0].get_scale()
     assert_matches_state(pm, model)
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+
+
+def _train_three_steps(rank: int, world_size: int, path: str) -> dict:
+    """One rank of 2: two AdamW steps (param groups from this rank's pm.named_parameters()) of Net, whose
+    BatchNorm statistics update on its rank; pm.save with the optimizer, loaded by a fresh compile_parallel and
+    optimizer that take the third step."""
+    torch.manual_seed(0)
+    data = batches(3)
+    pm = compile_parallel(Net(), ["cpu"] * world_size, (data[0][0],), ce, example_target=data[0][1],
+                          microbatches=MICROBATCHES, time_limit_s=1)
+    opt = torch.optim.AdamW(decay_groups(pm.named_parameters()), lr=1e-2)
+    for x, y in data[:2]:
+        pm.train_step(x, target=y)
+        opt.step()
+        opt.zero_grad()
+    pm.save(path, optimizer=opt)
+    torch.manual_seed(1)
+    resumed = compile_parallel(Net(), ["cpu"] * world_size, (data[0][0],), ce, example_target=data[0][1],
+                               microbatches=MICROBATCHES, time_limit_s=1)
+    opt = torch.optim.AdamW(decay_groups(resumed.named_parameters()), lr=1e-2)
+    resumed.load(path, optimizer=opt)
+    loss = resumed.train_step(*data[2][:1], target=data[2][1]).item()
+    opt.step()
+    return {"loss": loss, "state": resumed.full_state_dict()}
+
+
+def test_batchnorm_statistics_and_adamw_state_resume_over_two_gloo_ranks(tmp_path):
+    results = run_workers(_train_three_steps, 2, str(tmp_path / "ckpt"), timeout_s=120)
+    torch.manual_seed(0)
+    model, data = Net(), batches(3)
+    opt = torch.optim.AdamW(decay_groups(model.named_parameters()), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run: Adam scales another thread count's rounding up to 1e-3
+    try:
+        for x, y in data:
+            loss = accumulate(model, x, y)
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0]["loss"] == results[1]["loss"] == pytest.approx(loss, rel=1e-5)
+    state = results[0]["state"]
+    for name, want in model.state_dict().items():
+        torch.testing.assert_close(state[name], want, rtol=1e-5, atol=1e-6, msg=name)
