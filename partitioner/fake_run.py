@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 
 from partitioner.microbatch import Dims, batch_size, cut_dim, leaf_dim
 from partitioner.passes.kv_cache import without_kv_cache
+from partitioner.passes.transformer_masks import causal_mask_detection_off
 
 
 def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, rows: int | None,
@@ -32,11 +33,16 @@ def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, 
     # the data (nonzero, a mixture of experts' routing) a symbolic size instead of failing
     mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(), static_shapes=True)
 
+    # each tensor on its own device (no memory: made under the mode), so that a tensor the forward makes
+    # itself (a causal mask on the CPU) meets the weights and inputs there; a model built on meta runs on meta
+    on_meta = any(t.is_meta for t in model.parameters())
+
     def fake(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
         shape = list(t.shape)
         if dim is not None and rows is not None:
             shape[dim] = rows
-        return mode.from_tensor(torch.empty(shape, dtype=t.dtype, device="meta"))
+        with mode:
+            return torch.empty(shape, dtype=t.dtype, device="meta" if on_meta else t.device)
 
     # parameters require grad as the real ones do, and the run keeps grad on, as capture does: a module
     # with an inference-only fast path (nn.TransformerEncoder's nested tensors) takes the path captured
@@ -53,7 +59,8 @@ def run_fake(model: torch.nn.Module, training: bool, args: tuple, kwargs: dict, 
         if switch:
             model.train(training)
         fake_log.setLevel(logging.CRITICAL)
-        with torch.enable_grad(), mode, without_kv_cache(model, fake_kwargs):  # as capture runs it
+        with torch.enable_grad(), mode, without_kv_cache(model, fake_kwargs), \
+                causal_mask_detection_off():  # as capture runs it
             return torch.func.functional_call(model, state, fake_args, fake_kwargs)
     finally:
         fake_log.setLevel(level)

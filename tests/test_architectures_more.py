@@ -79,11 +79,12 @@ def loss_fn(out, target):
     return F.cross_entropy(out, target)
 
 
-def reference(model: nn.Module, args: tuple, target, loss) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss and gradients of `model` under gradient accumulation over the pipeline's microbatches."""
+def reference(model: nn.Module, args: tuple, target, loss, dims: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and gradients of `model` under gradient accumulation over the pipeline's microbatches (the
+    inputs and the target cut along `dims`)."""
     total = 0.0
-    inputs = split_batch(args, MICROBATCHES, "input", batch_size(args))
-    for mb_args, mb_target in zip(inputs, split_batch(target, MICROBATCHES, "target")):
+    inputs = split_batch(args, MICROBATCHES, "input", batch_size(args, dims), dims)
+    for mb_args, mb_target in zip(inputs, split_batch(target, MICROBATCHES, "target", None, dims)):
         mb_loss = loss(model(*mb_args), mb_target) / MICROBATCHES
         mb_loss.backward()
         total += mb_loss.item()

@@ -30,6 +30,7 @@ from partitioner.passes.autograd_functions import kept_whole, warn_traced
 from partitioner.passes.hooks import check_no_module_backward_hooks, tensor_hook_error, tensor_hooks_recorded
 from partitioner.passes.capture_io import Captured, find_tied, input_leaf_names, normalise
 from partitioner.passes.kv_cache import without_kv_cache
+from partitioner.passes.transformer_masks import causal_mask_detection_off
 from partitioner.passes.graph_nodes import get_attr, mutates
 from partitioner.passes.regions import (RegionMarkingTracer, grad_off_in_autocast_recorded, inline_region_ops,
                                        regions_applied)
@@ -180,7 +181,7 @@ def _reentrant_checkpoint_inlined():
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, pytree.TreeSpec]:
     with _quiet_on_failure(), _fast_export(), _reentrant_checkpoint_inlined(), _distribution_checks_off(), \
-            _noop_conversions_skipped():
+            _noop_conversions_skipped(), causal_mask_detection_off():
         ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
         out_spec = ep.call_spec.out_spec
         gm = _unlift(ep)
@@ -323,7 +324,7 @@ def _symbolic_trace(model: torch.nn.Module, in_spec: pytree.TreeSpec,
     wrapper = wrapper_cls()
     wrapper.m = model
     concrete = {f"in{i}": v for i, v in const.items()}
-    with _quiet_on_failure(), _distribution_checks_off():
+    with _quiet_on_failure(), _distribution_checks_off(), causal_mask_detection_off():
         graph = _DeepTracer().trace(wrapper, concrete_args=concrete or None)
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module") and isinstance(node.target, str):
