@@ -114,7 +114,8 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     schedule: "gpipe", "1f1b" (default) or "interleaved-1f1b" (default when chunks > 1).
     chunks: stages per rank (interleaving), or "auto": plan 1, 2 and 4 and keep the fastest predicted,
         interleaving only where it predicts at least 2% faster (partitioner/schedule_choice.py; it costs
-        what an NCCL send waiting for its receiver takes from the sender's compute under torchrun).
+        what an NCCL send waiting for its receiver takes from the sender's compute under torchrun). In one
+        process whose ranks share a device nothing overlaps: 1f1b.
     plan: a Plan to use as is; else partitioner.plan_model plans it (memory: per-device cap, e.g. "24GiB";
         device_type: DeviceSpec name for the cost model (default: the table entry of the GPU in use,
         with this host's dispatch speed measured; the calibrated CPU on CPU); time_limit_s: solver time;
@@ -218,6 +219,10 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         layout.pp_rank if dist.get_world_size() > 1 else None)
     if rank is not None and layout is None:
         layout = MeshLayout.single(dist.get_world_size(), rank)
+    if chunks == AUTO and _ranks_share_a_device(devices, rank):
+        print_once("chunks='auto': ranks share a device in this process, so their stages cannot overlap and "
+                   "interleaving would only add passes: 1f1b", rank)
+        chunks, schedule = 1, "1f1b"
 
     dims = resolve_batch_dims(batch_dims, input_leaf_names(model, args, kwargs),
                               pytree.tree_leaves((args, kwargs)))
@@ -357,6 +362,11 @@ def _mesh_layout(mesh: DeviceMesh) -> tuple[MeshLayout, list[torch.device]]:
     else:
         device = torch.device(mesh.device_type)
     return layout, [device] * layout.pp
+
+
+def _ranks_share_a_device(devices: list[torch.device], rank: int | None) -> bool:
+    """One process drives every rank (no torchrun) and some share a device: their work runs in turn."""
+    return rank is None and len(set(devices)) < len(devices)
 
 
 def _check_devices(devices: list[torch.device]) -> None:

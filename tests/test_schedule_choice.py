@@ -76,16 +76,24 @@ def test_plan_model_follows_what_waiting_sends_cost_the_sender():
         plan_model(model, x, {}, PlanConfig(num_ranks=2, chunks="auto", schedule="1f1b", use_cache=False))
 
 
-def test_compile_parallel_with_auto_chunks_trains_as_the_model():
+def test_compile_parallel_with_auto_chunks_trains_as_the_model(monkeypatch, capsys):
+    """In one process on one device nothing overlaps: 1f1b, said. Where the ranks run apart (as under torchrun
+    or on several GPUs; here pretended) the chosen plan trains as the model."""
+    from partitioner import api
     model, x, y = chain(), torch.randn(16, 64), torch.randn(16, 64)
     loss_fn = torch.nn.functional.mse_loss
-    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, microbatches=4, chunks="auto",
-                          time_limit_s=2)
-    assert pm.plan.chunks in (1, 2, 4) and pm.plan.num_stages == 2 * pm.plan.chunks
-    loss = pm.train_step(x, target=y)
     ref = sum(loss_fn(model(xm), ym) for xm, ym in zip(x.chunk(4), y.chunk(4))) / 4
     ref.backward()
-    assert max_rel_err(loss, ref) < 1e-5
-    assert max(grad_errors(pm, {n: p.grad for n, p in model.named_parameters()}).values()) < 1e-5
+    want = {n: p.grad for n, p in model.named_parameters()}
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, microbatches=4, chunks="auto",
+                          time_limit_s=2)
+    assert pm.plan.chunks == 1 and "ranks share a device in this process" in capsys.readouterr().err
+    monkeypatch.setattr(api, "_ranks_share_a_device", lambda devices, rank: False)
+    pm = compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, microbatches=4, chunks="auto",
+                          time_limit_s=2)
+    said = next(line for line in capsys.readouterr().err.splitlines() if "chunks='auto': 1f1b" in line)
+    assert pm.plan.num_stages == 2 * pm.plan.chunks and pm.plan.schedule in said.split("->")[1]
+    assert max_rel_err(pm.train_step(x, target=y), ref) < 1e-5
+    assert max(grad_errors(pm, want).values()) < 1e-5
     with pytest.raises(RuntimeConfigError, match="chunks='auto' chooses the schedule"):
         compile_parallel(copy.deepcopy(model), ["cpu"] * 2, (x,), loss_fn, chunks="auto", schedule="gpipe")
