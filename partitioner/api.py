@@ -56,7 +56,8 @@ from partitioner.runtime.data_parallel import (DATA_PARALLEL_MODES, DataParallel
                                                check_fsdp_gradients, mesh_layout)
 from partitioner.runtime.parameter_hooks import check_hooks_whole
 from partitioner.runtime.replicated_gradients import ReplicatedStages
-from partitioner.runtime.executor import Executor, ParameterStore
+from partitioner.runtime.executor import Executor
+from partitioner.runtime.parameter_store import ParameterStore
 from partitioner.runtime.schedules import make_schedule, validate
 from partitioner.runtime.step_graph import StepGraph
 from partitioner.runtime.transport import DistTransport, InProcessTransport

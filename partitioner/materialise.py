@@ -38,7 +38,7 @@ from partitioner.errors import RuntimeConfigError
 from partitioner.tensor_sources import match_model, model_tensors, open_source
 
 if TYPE_CHECKING:
-    from partitioner.runtime.executor import ParameterStore
+    from partitioner.runtime.parameter_store import ParameterStore
 
 
 @contextlib.contextmanager

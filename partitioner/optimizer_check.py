@@ -1,6 +1,6 @@
 """An optimizer built on the model given to compile_parallel, instead of on the ParallelModel.
 
-The ParallelModel trains copies of the model's parameters (runtime/executor.py's ParameterStore:
+The ParallelModel trains copies of the model's parameters (runtime/parameter_store.py's ParameterStore:
 each stage's on its device); the model's own get no gradients. An optimizer built on
 `model.parameters()` (before compile_parallel, as a single-device loop builds it) steps nothing
 and the run trains nothing, silently: its first step says so, once, naming a parameter and the fix.

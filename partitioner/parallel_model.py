@@ -30,7 +30,8 @@ from partitioner.passes.capture_io import Captured, input_leaf_names
 from partitioner.passes.split import StageModule
 from partitioner.runtime.compiled import compile_report, print_once
 from partitioner.runtime.data_parallel import DataParallelStages, MeshLayout, full_tensor
-from partitioner.runtime.executor import Executor, ParameterStore
+from partitioner.runtime.executor import Executor
+from partitioner.runtime.parameter_store import ParameterStore
 from partitioner.runtime.rank_random import ranked_random_draws
 from partitioner.runtime.step_graph import StepGraph
 
