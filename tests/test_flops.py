@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from partitioner.cost_models.flops import module_flops, node_flops, sdpa_backend, trace_nodes
+from partitioner.cost_models.attention import sdpa_backend
+from partitioner.cost_models.flops import module_flops, node_flops, trace_nodes
 
 
 def _export(model: nn.Module, *args: torch.Tensor) -> torch.fx.GraphModule:

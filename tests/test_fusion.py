@@ -126,7 +126,7 @@ def test_heavy_means_matmul_or_attention():
 def test_the_math_attention_paths_pointwise_passes_fuse_between_its_matmuls():
     """T5's attention (a trainable bias as the mask: SDPA's math path) under compile: the casts,
     scaling, mask add and softmax between the two batched matmuls are one kernel each run."""
-    from partitioner.cost_models.flops import AttentionCall
+    from partitioner.cost_models.attention import AttentionCall
     from partitioner.cost_models.fusion import fuse_pointwise_runs
     from partitioner.cost_models.time import math_attention_kernels
 

@@ -135,7 +135,7 @@ def test_measuring_a_meta_graph_is_a_clear_error():
 
 
 def _t5_like_call(dtype: torch.dtype):
-    from partitioner.cost_models.flops import AttentionCall
+    from partitioner.cost_models.attention import AttentionCall
     return AttentionCall("math", batch_heads=8 * 12, q_len=512, kv_len=512, qk_dim=64, v_dim=64, dtype=dtype,
                          mask_numel=8 * 12 * 512 * 512, mask_dtype=dtype, mask_requires_grad=True)
 

@@ -23,7 +23,8 @@ import torch.fx
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
-from partitioner.cost_models.flops import NodeTrace, sdpa_arguments
+from partitioner.cost_models.attention import sdpa_arguments
+from partitioner.cost_models.flops import NodeTrace
 from partitioner.cost_models.memory import DtypeScale
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 import torch
 
-from partitioner.cost_models.flops import AttentionCall
+from partitioner.cost_models.attention import AttentionCall
 from partitioner.units import dtype_name
 
 if TYPE_CHECKING:  # device.py calibrates specs with measure.host_overheads_s, and measure imports this module
