@@ -35,7 +35,8 @@ from partitioner.cost_models.device import spec_for_gpu_name, spec_for_torch_dev
 from partitioner.cost_models.flops import COMPUTE_OPS, trace_nodes
 from partitioner.cost_models.memory import DtypeScale, saved_bytes_per_node, training_peak_bytes, value_bytes
 from partitioner.cost_models.profile import default_measure_groups, layer_key, profile
-from partitioner.cost_models.measure import host_overheads_s, measure_block_times, step_walls_s
+from partitioner.cost_models.host_calibration import host_overheads_s
+from partitioner.cost_models.measure import measure_block_times, step_walls_s
 from partitioner.cost_models.time import NodeTime
 from partitioner import zoo
 from partitioner.passes.annotate import annotate

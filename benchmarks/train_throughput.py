@@ -365,7 +365,7 @@ def measure(runners: list[Runner], device: torch.device, distributed: bool, warm
 def _host_round(device: torch.device) -> dict:
     """This host's speed now: one round of the plan's host calibration (us per eager forward node and
     backward kernel) and a fixed pure-Python loop (ms)."""
-    from partitioner.cost_models.measure import host_overheads_round
+    from partitioner.cost_models.host_calibration import host_overheads_round
     fwd, bwd = host_overheads_round(device)
     t = time.perf_counter()
     sum(i * i for i in range(300_000))
@@ -562,7 +562,7 @@ def _host_calibration(device: torch.device, wanted: list[str], time_compiled: bo
     if device.type != "cuda":
         return {}
     from partitioner.cost_models.compiled_host import compiled_host_overheads_s
-    from partitioner.cost_models.measure import HOST_CALIBRATION_ROUNDS, host_overheads_s
+    from partitioner.cost_models.host_calibration import HOST_CALIBRATION_ROUNDS, host_overheads_s
     fwd, bwd = host_overheads_s(device)
     out = {"fwd_node": round(fwd * 1e6, 2), "bwd_kernel": round(bwd * 1e6, 2),
            "rounds": [[round(f * 1e6, 2), round(b * 1e6, 2)] for f, b in HOST_CALIBRATION_ROUNDS.get(str(device), [])]}

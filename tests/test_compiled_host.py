@@ -9,7 +9,7 @@ import torch
 from partitioner.cost_models import compiled_host
 from partitioner.cost_models import device as device_module
 from partitioner.cost_models.device import spec_for_gpu_name
-from partitioner.cost_models.measure import host_bound_encoder
+from partitioner.cost_models.host_calibration import host_bound_encoder
 from partitioner.passes.capture import capture
 
 H100 = "NVIDIA H100 80GB HBM3"

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import partitioner.cost_models.host_calibration as host_calibration
 import partitioner.cost_models.measure as measure
 import partitioner.cost_models.time as time_model
 from partitioner.cost_models.device import get_device_spec
@@ -186,9 +187,9 @@ def test_host_overheads_are_measured_once_per_device():
     """The host calibration times a small captured graph: per forward node and per backward kernel,
     positive and in microseconds, not seconds (a bound loose enough for a loaded 2-core host: it read
     over a millisecond there once); a second call reuses the first."""
-    fwd, bwd = measure.host_overheads_s("cpu", repeats=3)
+    fwd, bwd = host_calibration.host_overheads_s("cpu", repeats=3)
     assert 0 < fwd < 1e-2 and 0 < bwd < 1e-2
-    assert measure.host_overheads_s("cpu") == (fwd, bwd)
+    assert host_calibration.host_overheads_s("cpu") == (fwd, bwd)
 
 
 @pytest.mark.gpu
@@ -198,7 +199,7 @@ def test_the_gpu_spec_carries_this_hosts_dispatch_speed():
         pytest.skip("needs CUDA")
     spec = spec_for_torch_device("cuda:0")
     table = spec_for_gpu_name(torch.cuda.get_device_name(0))
-    assert (spec.cpu_fwd_overhead_s, spec.cpu_bwd_overhead_s) == measure.host_overheads_s(torch.device("cuda:0"))
+    assert (spec.cpu_fwd_overhead_s, spec.cpu_bwd_overhead_s) == host_calibration.host_overheads_s(torch.device("cuda:0"))
     assert spec.peak_flops == table.peak_flops and 1e-6 < spec.cpu_fwd_overhead_s < 1e-3
     assert spec.compiled_launch_overhead_s == table.compiled_launch_overhead_s
 

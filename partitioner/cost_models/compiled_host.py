@@ -28,7 +28,8 @@ import torch
 
 from partitioner.cost_models.device import DeviceSpec, spec_for_gpu_name
 from partitioner.cost_models.profile import profile
-from partitioner.cost_models.measure import grad_outputs, host_bound_encoder, synchronize
+from partitioner.cost_models.host_calibration import host_bound_encoder
+from partitioner.cost_models.measure import grad_outputs, synchronize
 from partitioner.passes.capture import capture
 from partitioner.runtime.compiled import DEFAULT_OPTIONS
 from partitioner.runtime.gradients import accumulate

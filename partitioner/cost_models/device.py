@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from partitioner.cost_models.measure import host_overheads_s
+from partitioner.cost_models.host_calibration import host_overheads_s
 from partitioner.errors import CostModelError
 from partitioner.units import dtype_name
 
@@ -332,7 +332,7 @@ def spec_for_torch_device(device: torch.device | str, calibrate_host: bool = Tru
     """The table entry closest to a real torch device (by CUDA device name), else the calibrated CPU.
 
     calibrate_host: on CUDA, replace the table's eager dispatch constants (fitted on one
-    machine; hosts differ by 1.5-3x) with this machine's (cost_models.measure.host_overheads_s,
+    machine; hosts differ by 1.5-3x) with this machine's (cost_models.host_calibration.host_overheads_s,
     a few seconds once per process).
     compiled: with calibrate_host, also time this host's compiled launches and calls
     (cost_models.compiled_host: compiles a small model once per process); eager dispatch speed

@@ -25,7 +25,7 @@ import torch
 from partitioner.cost_models.attention import AttentionCall
 from partitioner.units import dtype_name
 
-if TYPE_CHECKING:  # device.py calibrates specs with measure.host_overheads_s, and measure imports this module
+if TYPE_CHECKING:  # device.py calibrates specs with host_calibration.host_overheads_s, which imports measure, which imports this module
     from partitioner.cost_models.device import DeviceSpec
 
 
