@@ -366,7 +366,7 @@ class ParallelModel:
             return loss.detach().float()
         device = self.devices[self.rank] if dist.get_backend() == "nccl" else torch.device("cpu")
         t = loss.detach().float().to(device) if loss is not None else torch.zeros((), device=device)
-        dist.all_reduce(t)
+        self.store.peer_waits.all_reduce(t, "the all-reduce of the step's loss")
         return t / self.dp if self.dp > 1 else t
 
     # ------------------------------------------------------------------ modes and clipping
