@@ -129,7 +129,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         stages are compiled) instead of the analytic cost model: slower to plan (a compilation per
         distinct layer, cached on disk under PARTITIONER_CACHE), closer to the step that runs. The
         model's weights must be on that device.
-    timeout_s: how long a rank waits for a peer before raising RuntimeConfigError.
+    timeout_s: how long a rank waits for a peer (a receive, or a collective of the step: the loss, clipping's norm,
+        a tied weight's gradient, the data-parallel reduce) before raising RuntimeConfigError naming the rank(s)
+        it waited for, whatever the process group's own timeout (runtime/peer_waits.py).
     cuda_graph: replay each training step as one CUDA graph (partitioner/runtime/step_graph.py): the
         host launches a step once instead of every kernel, so a host-bound pipeline (many small
         kernels) runs at its kernels' speed, and the plan is costed without host time. Needs every
