@@ -26,6 +26,7 @@ from partitioner.microbatch import BatchDims, batch_size, cut_dim, leaf_dim, spl
 from partitioner.modes import ModeGraphs, ModeSource, build_mode
 from partitioner.output_assembly import assemble, whole_batch_shapes
 from partitioner.plan import Plan
+from partitioner.rank_agreement import check_same_batch
 from partitioner.passes.capture_io import Captured, input_leaf_names
 from partitioner.passes.split import StageModule
 from partitioner.runtime.compiled import compile_report, print_once
@@ -126,6 +127,9 @@ class ParallelModel:
         inputs, kwargs = self._as_example_call(inputs, kwargs)
         self._check_target_by_keyword(inputs, kwargs, target)
         self._check_no_input_grad(inputs, kwargs)
+        if self.rank is not None and not self._steps_run:
+            device = [self.devices[self.rank]] * dist.get_world_size()  # this process's, under any global rank
+            check_same_batch((inputs, kwargs, target), dist.get_rank(), device)
         self._warn_model_changed()
         mb_inputs = self._microbatch_inputs(inputs, kwargs)
         batch = batch_size((tuple(inputs), dict(kwargs)), self.batch_dims.inputs)

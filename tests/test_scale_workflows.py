@@ -14,7 +14,7 @@ unpartitioned model trained the same way in one process.
 - Failure: a rank that raises mid-step (its loss_fn, or its own script between train_step and clipping) and
   stays alive does not hold the others past timeout_s; their error names the rank(s) they waited for, also
   where the process group came from the user with torch's default timeout (30 minutes on gloo); a tied weight
-  frozen on one of its two ranks only is named with the fix.
+  frozen on one of its two ranks only, and ranks given different batches (a DistributedSampler's), are named.
 
 fp32 comparisons: rel err < 1e-5 (AdamW with eps=1e-4: its first step is lr * sign(g) for gradients far above
 eps, which flips for gradients at rounding level; test_data_parallel.py says the same).
@@ -122,7 +122,7 @@ def _two_ranks(rank: int, world: int, path: str) -> dict:
     out: dict = {}
     x, _ = batch(0)
     pm = compile_parallel(llama(meta=True), ["cpu"] * world, (x,), token_loss, microbatches=4,
-                          checkpoint=os.path.join(path, "hf"), time_limit_s=1, timeout_s=TIMEOUT_S)
+                          checkpoint=os.path.join(path, "hf"), time_limit_s=1, timeout_s=60)
     opt, sched = optimizer(pm.parameters())
     train(pm, opt, sched, range(3))
     pm.save(os.path.join(path, "ckpt"), optimizer=opt, extra={"step": 3, "scheduler": sched.state_dict()})
@@ -148,11 +148,11 @@ def _two_ranks(rank: int, world: int, path: str) -> dict:
 # ------------------------------------------------------------------------------ four ranks
 
 
-def _mesh(mode: str, model: torch.nn.Module, args: tuple, loss_fn, **kw):
+def _mesh(mode: str, model: torch.nn.Module, args: tuple, loss_fn, timeout_s: float = 60, **kw):
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
     return compile_parallel(model, mesh=mesh, example_inputs=args, loss_fn=loss_fn, microbatches=2,
-                            data_parallel=mode, time_limit_s=1, timeout_s=TIMEOUT_S, **kw)
+                            data_parallel=mode, time_limit_s=1, timeout_s=timeout_s, **kw)
 
 
 def _four_ranks(rank: int, world: int, path: str) -> dict:
@@ -205,7 +205,7 @@ def _four_ranks(rank: int, world: int, path: str) -> dict:
         if armed[0] and rank == 3:
             raise FloatingPointError("loss is NaN")
         return token_loss(out, target)
-    pm = _mesh("fsdp", llama(), (x,), nan_check)
+    pm = _mesh("fsdp", llama(), (x,), nan_check, timeout_s=TIMEOUT_S)
     pm.train_step(x, target=y)
     armed[0] = True
     out["failure"] = failure(lambda: pm.train_step(x, target=y))
@@ -289,15 +289,23 @@ def _freeze_one_copy(rank: int, world: int, _arg) -> str:
     x, y = batch(0)
     pm = compile_parallel(llama(), ["cpu"] * world, (x,), token_loss, microbatches=2, time_limit_s=1,
                           timeout_s=TIMEOUT_S)
+    # first: each rank loads its own batch, as a DistributedSampler under DDP gives it
+    other = failure(lambda: pm.train_step(batch(rank)[0], target=batch(rank)[1]))[0]
     if rank == 0:  # the embedding here, its tied lm_head on rank 1: frozen on one of them only
         dict(pm.named_parameters())["model.embed_tokens.weight"].requires_grad_(False)
-    return failure(lambda: pm.train_step(x, target=y))[0]
+    return other, failure(lambda: pm.train_step(x, target=y))[0]
 
 
-def test_a_tied_weight_frozen_on_one_of_its_ranks_is_named():
-    """Regression: rank 1 waited for rank 0 in the tied gradient's all-reduce (and rank 0 for rank 1 in the
-    loss's) until the process group's timeout, with gloo's error naming neither the weight nor the fix."""
+def test_a_batch_that_differs_across_ranks_and_a_tied_weight_frozen_on_one_of_its_ranks_are_named():
+    """Regressions: ranks given their own batches (a DistributedSampler's) trained rank 0's inputs against the last
+    rank's labels of other samples, silently; refused at the first step. Rank 1 waited for rank 0 in the tied
+    gradient's all-reduce (and rank 0 for rank 1 in the loss's) until the process group's timeout, with gloo's
+    error naming neither the weight nor the fix."""
     results = run_workers(_freeze_one_copy, 2, None, timeout_s=60)
-    assert "RuntimeConfigError: rank 0: the all-reduce of the step's loss with rank 1" in results[0], results[0]
+    for other, _ in results:
+        assert "ranks [1] were given another batch than rank 0" in other and "DistributedSampler" in other, other
+    results = [frozen for _, frozen in results]
+    # rank 0 waits for rank 1 in the loss's all-reduce (or, on a loaded machine, for its gradient)
+    assert "RuntimeConfigError: rank 0: " in results[0] and "rank 1" in results[0], results[0]
     assert "tied 'model.embed_tokens.weight' with rank 0" in results[1], results[1]
     assert "freeze a tied parameter on every rank" in results[1], results[1]
