@@ -54,6 +54,7 @@ from partitioner.runtime.comm_plan import build_comm_plan
 from partitioner.runtime.compiled import compile_options, compile_stages, print_once, uses_cudagraphs
 from partitioner.runtime.data_parallel import (DATA_PARALLEL_MODES, DataParallelStages, MeshLayout,
                                                check_fsdp_gradients, mesh_layout)
+from partitioner.runtime import peer_waits
 from partitioner.runtime.parameter_hooks import check_hooks_whole
 from partitioner.runtime.replicated_gradients import ReplicatedStages
 from partitioner.runtime.executor import Executor
@@ -129,7 +130,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         stages are compiled) instead of the analytic cost model: slower to plan (a compilation per
         distinct layer, cached on disk under PARTITIONER_CACHE), closer to the step that runs. The
         model's weights must be on that device.
-    timeout_s: how long a rank waits for a peer before raising RuntimeConfigError.
+    timeout_s: how long a rank waits for a peer (a receive, or a collective of the step: the loss, clipping's norm,
+        a tied weight's gradient, the data-parallel reduce) before raising RuntimeConfigError naming the rank(s)
+        it waited for, whatever the process group's own timeout (runtime/peer_waits.py).
     cuda_graph: replay each training step as one CUDA graph (partitioner/runtime/step_graph.py): the
         host launches a step once instead of every kernel, so a host-bound pipeline (many small
         kernels) runs at its kernels' speed, and the plan is costed without host time. Needs every
@@ -324,11 +327,14 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                            unflatten=captured.unflatten_outputs, check=_checked_loss)
     runners, fused = calls.runners, calls.stage_loss
     dp_stages = None
+    if dp > 1:  # the mesh's dp dim as a group of our own, whose waits end within timeout_s
+        dp_group, dp_ranks = peer_waits.dp_group(layout.replicas, layout.pp_rank, timeout_s)
+        waits = (store.peer_waits, dp_ranks)
     if dp > 1 and data_parallel == "fsdp":  # this rank's stages under FSDP2 over the mesh's dp dim
-        dp_stages = DataParallelStages(graph_modules, runners, mesh["dp"])
+        dp_stages = DataParallelStages(graph_modules, runners, peer_waits.dp_mesh(dp_group, mesh.device_type), *waits)
         store.adopt([stages[k] for k in local])
     elif dp > 1:  # whole parameters, gradients all-reduced over the mesh's dp dim
-        dp_stages = ReplicatedStages(graph_modules, runners, mesh["dp"].get_group(), dp)
+        dp_stages = ReplicatedStages(graph_modules, runners, dp_group, dp, *waits)
     if dp_stages is not None:
         runners = dp_stages.runners
         fused = dp_stages.with_hooks("loss", fused) if fused is not None else None

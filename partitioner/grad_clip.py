@@ -48,11 +48,11 @@ def clip_grad_norm_(pm: "ParallelModel", max_norm: float, norm_type: float = 2.0
         comm_device = pm.devices[pm.rank] if dist.get_backend() == "nccl" else torch.device("cpu")
         parts = torch.stack([local.detach(), local_shards.detach()]).to(comm_device, torch.float64)
         if math.isinf(norm_type):
-            dist.all_reduce(parts, op=dist.ReduceOp.MAX)
+            pm.store.peer_waits.all_reduce(parts, "clip_grad_norm_'s all-reduce of the norm", op=dist.ReduceOp.MAX)
             total = parts.max()
         else:
             parts = parts ** norm_type
-            dist.all_reduce(parts)
+            pm.store.peer_waits.all_reduce(parts, "clip_grad_norm_'s all-reduce of the norm")
             total = (parts[0] / pm.dp + parts[1]) ** (1.0 / norm_type)
         total = total.to(device, local.dtype)
     if error_if_nonfinite and not torch.isfinite(total):

@@ -26,6 +26,7 @@ from partitioner.microbatch import BatchDims, batch_size, split_target
 from partitioner.modes import ModeGraphs, ModeSource, build_mode
 from partitioner.output_assembly import assemble, whole_batch_shapes
 from partitioner.plan import Plan
+from partitioner.rank_agreement import check_same_batch
 from partitioner.passes.capture_io import Captured, input_leaf_names
 from partitioner.passes.split import StageModule
 from partitioner.runtime.compiled import compile_report, print_once
@@ -127,6 +128,9 @@ class ParallelModel:
         inputs, kwargs = self.call.as_example_call(inputs, kwargs)
         self.call.check_target_by_keyword(inputs, target)
         self._check_no_input_grad(inputs, kwargs)
+        if self.rank is not None and not self._steps_run:
+            device = [self.devices[self.rank]] * dist.get_world_size()  # this process's, under any global rank
+            check_same_batch((inputs, kwargs, target), dist.get_rank(), device)
         self._warn_model_changed()
         mb_inputs = self.call.microbatch_inputs(self.captured, inputs, kwargs)
         batch = batch_size((tuple(inputs), dict(kwargs)), self.batch_dims.inputs)
@@ -276,7 +280,7 @@ class ParallelModel:
             return loss.detach().float()
         device = self.devices[self.rank] if dist.get_backend() == "nccl" else torch.device("cpu")
         t = loss.detach().float().to(device) if loss is not None else torch.zeros((), device=device)
-        dist.all_reduce(t)
+        self.store.peer_waits.all_reduce(t, "the all-reduce of the step's loss")
         return t / self.dp if self.dp > 1 else t
 
     # ------------------------------------------------------------------ modes and clipping

@@ -118,3 +118,24 @@ def fingerprint(model: torch.nn.Module, devices: list[torch.device], args: tuple
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     return repr((type(model).__qualname__, [str(d) for d in devices], str(spec), [describe(x) for x in leaves],
                  microbatches, schedule, chunks, params, plan.to_json() if plan is not None else None, dims))
+
+
+def check_same_batch(batch: Any, rank: int, devices: list[torch.device]) -> None:
+    """Every rank must pass the same (global) batch to train_step: rank 0 reads the inputs, the last rank
+    the target, and each replica cuts its share from its own copy, so a loader that gives each rank its own
+    batch (a DistributedSampler, as under DDP) would train on inputs and labels of different samples,
+    silently. Compared once, on the first step, by a sample of each tensor (as check_same_weights)."""
+    digests = []
+    for leaf in pytree.tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor):
+            flat = leaf.detach().reshape(-1)
+            sample = flat[::max(1, flat.numel() // 64)][:64].contiguous().cpu().view(torch.uint8)
+            digests.append(_digest(sample.numpy().tobytes()))
+    values = _every_rank(_digest(repr(digests).encode()), rank, devices)
+    if len(set(values)) > 1:
+        differ = [r for r, v in enumerate(values) if v != values[0]]
+        raise RuntimeConfigError(f"train_step on rank {dist.get_rank()}: ranks {differ} were given another batch than "
+                                 "rank 0; every rank passes the same global batch (inputs and target): the pipeline's "
+                                 "first rank reads the inputs, its last the target, and each data-parallel replica "
+                                 "takes its share. Load the same batch on every rank (a DistributedSampler, as under "
+                                 "DDP, gives each rank its own: use one sampler, seeded alike, on every rank).")

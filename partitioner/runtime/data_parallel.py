@@ -27,6 +27,7 @@ replica's, and full_state_dict / save take replica 0's.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -37,6 +38,7 @@ from torch import nn
 from partitioner.data_parallel_costs import DP_MODES as DATA_PARALLEL_MODES
 from partitioner.errors import RuntimeConfigError
 from partitioner.passes.graph_nodes import get_attr
+from partitioner.runtime.peer_waits import PeerWaits
 
 
 @dataclass(frozen=True)
@@ -116,9 +118,13 @@ class DataParallelStages:
 
     needs_accumulate_grad = True  # FSDP2's post-accumulate hooks: no foreach gradient accumulation
 
-    def __init__(self, graph_modules: dict[int, nn.Module], runners: dict[int, Callable], dp_mesh: Any):
+    def __init__(self, graph_modules: dict[int, nn.Module], runners: dict[int, Callable], dp_mesh: Any,
+                 peer_waits: PeerWaits | None = None, peers: list[int] | None = None):
         from torch.distributed.fsdp import fully_shard  # lazy: FSDP2 loads only for dp > 1
         self.module = RankStages(graph_modules, runners)
+        # the reduce names the replicas it waited for (runtime/peer_waits.py; dp_mesh's group has timeout_s)
+        self._naming = functools.partial(peer_waits.naming, "the data-parallel gradient reduce-scatter", peers) \
+            if peer_waits is not None else contextlib.nullcontext
         # parameters stay gathered through the step: every microbatch's forward and backward reads them
         wrap = functools.partial(fully_shard, mesh=dp_mesh, reshard_after_forward=False)
         self.groups: dict[int, nn.Module] = {}  # stage -> its own FSDP2 module, where it has one
@@ -153,7 +159,8 @@ class DataParallelStages:
         if group is not None:
             group.set_requires_gradient_sync(True, recurse=False)
             group.set_reshard_after_backward(True, recurse=False)
-            _post_backward(group, finalize=False)
+            with self._naming():
+                _post_backward(group, finalize=False)
 
     def after_step(self) -> None:
         """Reduce the accumulated gradients over the replicas and reshard the parameters.
@@ -165,7 +172,8 @@ class DataParallelStages:
         module.set_is_last_backward(True)
         module.set_reshard_after_backward(True)
         module.set_requires_gradient_sync(True)
-        _post_backward(module, finalize=True)
+        with self._naming():
+            _post_backward(module, finalize=True)
 
     def unshard(self) -> None:
         """Gather every parameter of this rank's stages (FSDP2 registers the whole tensors on the modules)."""

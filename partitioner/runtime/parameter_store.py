@@ -19,6 +19,7 @@ from partitioner.passes.graph_nodes import get_attr, set_attr
 from partitioner.passes.split import StageModule
 from partitioner.runtime.data_parallel import copy_full_, local_tensor
 from partitioner.runtime.parameter_hooks import check_hooks_whole, copy_hooks
+from partitioner.runtime.peer_waits import PeerWaits
 
 
 class ParameterStore:
@@ -79,9 +80,11 @@ class ParameterStore:
         self.unused = {k: _materialise(v, torch.device("cpu") if v.is_meta else v.device, params.get(id(v)) == k)
                        for k, v in model_state.items() if k not in covered} if 0 in local_ranks else {}
         self.groups: dict[tuple[int, ...], Any] = {}
+        self.peer_waits = PeerWaits(dist.get_rank(), timeout_s) if distributed else None
+        rows = replicas or (tuple(range(len(devices))),)  # pipeline rank -> global rank, per dp replica
+        self._global_rank = rows[replica]
         if distributed:
             sets = sorted({tuple(sorted(r)) for f, r in self.holders.items() if len(r) > 1 and self.is_param[f]})
-            rows = replicas or (tuple(range(len(devices))),)  # pipeline rank -> global rank, per dp replica
             for d, row in enumerate(rows):
                 for ranks in sets:  # created in the same order on every rank
                     group = dist.new_group([row[r] for r in ranks], timeout=timedelta(seconds=timeout_s))
@@ -135,7 +138,12 @@ class ParameterStore:
             p = self.replicas[fqn][0]
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             # under FSDP the gradient is this rank's shard: the holders' shards line up
-            dist.all_reduce(local_tensor(g), group=self.groups[tuple(sorted(self.holders[fqn]))])
+            holders = sorted(self.holders[fqn])
+            self.peer_waits.all_reduce(
+                local_tensor(g), f"the gradient all-reduce of tied '{fqn}'", self.groups[tuple(holders)],
+                [self._global_rank[r] for r in holders],
+                hint=f" Or '{fqn}' was frozen (requires_grad_(False)) on some of the ranks holding it, not all: "
+                     "freeze a tied parameter on every rank.")
             stash = self._stash.pop(fqn, None)
             p.grad = g if stash is None else stash + g
 

@@ -28,6 +28,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors
 
 from partitioner.runtime.data_parallel import parameter_sharing_groups
+from partitioner.runtime.peer_waits import PeerWaits
 
 
 class ReplicatedStages:
@@ -40,10 +41,12 @@ class ReplicatedStages:
 
     needs_accumulate_grad = False  # the executor may add a backward's gradients with one foreach add
 
-    def __init__(self, graph_modules: dict[int, nn.Module], runners: dict[int, Callable], group: Any, dp: int):
+    def __init__(self, graph_modules: dict[int, nn.Module], runners: dict[int, Callable], group: Any, dp: int,
+                 peer_waits: PeerWaits | None = None, peers: list[int] | None = None):
         self.runners = dict(runners)
         self.process_group = group
         self.dp = dp
+        self._waits, self._peers = peer_waits, peers  # the reduce waits at most timeout_s for the replicas
         members = parameter_sharing_groups(graph_modules)
         self._group_of = {k: i for i, ks in enumerate(members) for k in ks}
         self._stages_in = [len(ks) for ks in members]
@@ -76,7 +79,10 @@ class ReplicatedStages:
                 self._reduce(i)
         with torch.no_grad():
             for work, flat, params, shapes, sparse in self._pending:
-                work.wait()
+                if self._waits is not None:
+                    self._waits.wait(work, "the data-parallel gradient all-reduce", self._peers)
+                else:
+                    work.wait()
                 flat.div_(self.dp)
                 parts = iter(c.view(shape) for c, shape in zip(flat.split([s.numel() for s in shapes]), shapes))
                 dense, averaged = [], []

@@ -227,7 +227,9 @@ class DistTransport(Transport):
             raise RuntimeConfigError(f"rank {self.rank}: {len(unsent)} message(s) were never sent, e.g. {unsent[0]}.")
 
     def _wait(self, work: dist.Work, tensor: torch.Tensor, msg: Message) -> None:
-        peer = msg.dst_rank if msg.src_rank == self.rank else msg.src_rank
+        def name(r: int) -> str:  # under data parallelism the process to look at is the global rank
+            return f"rank {r}" if self.global_rank[r] == r else f"rank {self.global_rank[r]} (pipeline rank {r})"
+        peer = name(msg.dst_rank if msg.src_rank == self.rank else msg.src_rank)
         verb = "sending" if msg.src_rank == self.rank else "receiving"
         try:
             if self.device.type == "cuda":
@@ -239,6 +241,6 @@ class DistTransport(Transport):
                 work.wait(self.timeout)
         except Exception as err:
             raise RuntimeConfigError(
-                f"rank {self.rank}: {verb} {msg} failed: rank {peer} did not answer within "
-                f"{self.timeout.total_seconds():.0f} s or has died ({str(err).splitlines()[0] if str(err) else err!r}). "
-                f"Check the log of rank {peer}.") from err
+                f"{name(self.rank)}: {verb} {msg} failed: {peer} did not answer within "
+                f"{self.timeout.total_seconds():g} s or has died ({str(err).splitlines()[0] if str(err) else err!r}). "
+                f"Check the log of {peer}.") from err
