@@ -16,7 +16,6 @@ e.g. ["cpu"] * 4).
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import itertools
 import os
@@ -33,6 +32,7 @@ from torch.utils import _pytree as pytree
 from partitioner.cost_models.device import spec_for_torch_device
 from partitioner.dataclass_trees import check_flattens, register_dataclasses
 from partitioner.errors import CaptureError, PlanError, RuntimeConfigError
+from partitioner.loss_fn import check_mean_loss, checked_loss, microbatch_loss_weight, model_loss
 from partitioner.materialise import materialise
 from partitioner.microbatch import (BatchDims, batch_size, leaf_dim, per_sample_lists, resolve_batch_dims,
                                    split_batch, split_target)
@@ -167,7 +167,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
         raise RuntimeConfigError("compile_parallel: pass example_inputs (the global batch) and loss_fn(output, "
                                  "target); e.g. compile_parallel(model, devices, (x,), loss_fn).")
     loss_fn = model_loss if loss_fn is None else loss_fn
-    _check_mean_loss(loss_fn)
+    check_mean_loss(loss_fn)
     layout = None
     if mesh is not None:
         if devices is not None:
@@ -324,7 +324,7 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
     if mixed_dtype is not None:  # the loss as the recipe runs it: under autocast
         loss_fn = loss_under_autocast(loss_fn, devices[0].type, mixed_dtype)
     calls = compile_stages(graph_modules, loss_fn, options, last=len(stages) - 1,
-                           unflatten=captured.unflatten_outputs, check=_checked_loss)
+                           unflatten=captured.unflatten_outputs, check=checked_loss)
     runners, fused = calls.runners, calls.stage_loss
     dp_stages = None
     if dp > 1:  # the mesh's dp dim as a group of our own, whose waits end within timeout_s
@@ -343,9 +343,9 @@ def compile_parallel(model: torch.nn.Module, devices: list[str | torch.device] |
                         stage_backward_done=dp_stages.stage_backward_done if dp_stages is not None else None,
                         stage_loss=fused, cudagraph_steps=calls.cudagraph_steps,
                         foreach_grads=calls.gradients_at_once and not (dp_stages and dp_stages.needs_accumulate_grad),
-                        loss_weight=_microbatch_loss_weight(model, captured, args, kwargs, dp))
+                        loss_weight=microbatch_loss_weight(model, captured, args, kwargs, dp))
     source = ModeSource(fake_skeleton(model), mb_args, mb_kwargs, loss_fn=loss_fn, mixed_precision=mixed_precision,
-                        compile_options=options, timeout_s=timeout_s, check_loss=_checked_loss)
+                        compile_options=options, timeout_s=timeout_s, check_loss=checked_loss)
     step_graph = StepGraph(executor.train_step, lambda: [t for _, t in store.named_parameters() if t.requires_grad],
                            devices[0]) if cuda_graph else None
     return ParallelModel(captured, plan, stages, executor, store, devices, rank, args, kwargs, microbatches,
@@ -466,114 +466,6 @@ def _let_go_of_model_tensors(captured: Captured, model: torch.nn.Module) -> None
                 meta = torch.empty_like(t, device="meta")
                 stand_ins[id(t)] = torch.nn.Parameter(meta, t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
             set_attr(gm, name, stand_ins[id(t)])
-
-
-def _check_mean_loss(loss_fn: Callable) -> None:
-    """A loss that sums over its batch (reduction="sum") would train with 1 / (microbatches x dp) of the
-    unpartitioned model's gradient: train_step averages the microbatches' losses (and the replicas'),
-    as gradient accumulation of a mean loss does. Refused, naming the fix, where it shows: a loss
-    module's reduction, a functools.partial's reduction= (a function summing inside cannot be seen)."""
-    if isinstance(loss_fn, functools.partial) and loss_fn.keywords.get("reduction") == "sum":
-        name = getattr(loss_fn.func, "__name__", type(loss_fn.func).__name__)
-    elif getattr(loss_fn, "reduction", None) == "sum":
-        name = type(loss_fn).__name__
-    else:
-        return
-    raise RuntimeConfigError(f"compile_parallel: loss_fn {name}(reduction='sum') sums over its batch, but train_step "
-                             "averages the loss over microbatches (and data-parallel replicas), so the gradients "
-                             "would be a fraction of the model's; pass reduction='mean' (and scale the learning rate "
-                             "by the batch size if you trained with the sum).")
-
-
-def model_loss(output: Any, target: Any = None) -> torch.Tensor:
-    """compile_parallel's loss_fn=None: the loss the model computed itself (HF models given labels=):
-    output.loss or output["loss"], or the output if it is a 0-dim tensor; the target is not read."""
-    loss = output if isinstance(output, torch.Tensor) and output.dim() == 0 else getattr(output, "loss", None)
-    if loss is None and isinstance(output, dict):
-        loss = output.get("loss")
-    if not isinstance(loss, torch.Tensor):
-        keys = f" with keys {list(output.keys())}" if isinstance(output, dict) else ""
-        raise RuntimeConfigError(f"compile_parallel(loss_fn=None) trains the loss the model computes itself "
-                                 f"(output.loss), but its output, a {type(output).__name__}{keys}, has none: pass "
-                                 "the labels it computes the loss from (a Hugging Face model: "
-                                 "example_kwargs={'labels': labels}, and labels= to train_step), or pass "
-                                 "loss_fn(output, target).")
-    return loss
-
-
-def _microbatch_loss_weight(model: torch.nn.Module, captured: Captured, args: tuple, kwargs: dict,
-                           dp: int) -> float | None:
-    """The weight of each microbatch's loss in the step's loss: None (1/m, their mean) unless the model is
-    given Hugging Face's `num_items_in_batch`, the count of the global batch's label tokens that its loss
-    divides its summed token losses by (the Trainer's fix for gradient accumulation). Then each microbatch's
-    loss is already its share of the whole batch's token mean, so the step sums them: weight 1, times dp
-    since data-parallel replicas average their gradients. Refused where the model does not read it (its
-    loss would be a per-microbatch mean, summed) or it is not a 0-dim tensor (a Python int is a constant of
-    the captured graph: the next batch's count would be refused)."""
-    if kwargs.get("num_items_in_batch") is None:
-        return None
-    value, name = kwargs["num_items_in_batch"], type(model).__name__
-    if not isinstance(value, torch.Tensor) or value.dim() != 0:
-        raise RuntimeConfigError(f"compile_parallel: num_items_in_batch is {_what_loss(value)}; pass the global "
-                                 "batch's count of label tokens as a 0-dim tensor, num_items_in_batch=torch.tensor(n) "
-                                 "(a Python number is baked into the captured graph as a constant), in every call.")
-    leaf = input_leaf_names(model, args, kwargs).index("num_items_in_batch")
-    placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
-    node = next((ph for ph, i in zip(placeholders, captured.input_leaf_indices) if i == leaf), None)
-    if node is None or not node.users:
-        raise RuntimeConfigError(f"compile_parallel: {name} is given num_items_in_batch but does not read it, so its "
-                                 "loss is each microbatch's own mean, not a share of the batch's: drop "
-                                 "num_items_in_batch (train_step then averages the microbatches' losses).")
-    return float(dp)
-
-
-def _checked_loss(loss_fn: Callable[[Any, Any], Any], user_fn: Callable | None = None
-                  ) -> Callable[[Any, Any], torch.Tensor]:
-    """loss_fn (the user's user_fn, perhaps compiled) with its two common mistakes turned into one
-    clear line each: a target it needs but train_step was not given (loss_fn may ignore the target,
-    so only a failure with None says so), and a loss that is not a scalar tensor."""
-    user_fn = user_fn or loss_fn
-    name = getattr(user_fn, "__name__", type(user_fn).__name__)
-
-    def loss(output: Any, target: Any) -> torch.Tensor:
-        try:
-            value = loss_fn(output, target)
-        except RuntimeConfigError:
-            raise
-        except Exception as e:
-            if target is None:
-                first_line = next(iter(str(e).splitlines()), "")
-                raise RuntimeConfigError(f"loss_fn(output, target) failed with target=None ({type(e).__name__}: "
-                                         f"{first_line}); {name} needs the target: pass target= to train_step."
-                                         ) from e
-            raise
-        if not isinstance(value, torch.Tensor) or value.dim() != 0:
-            raise RuntimeConfigError(f"loss_fn {name} returned {_what_loss(value)}; it must return a 0-dim tensor, "
-                                     f"the mean loss of the batch ({_loss_fix(value)}).")
-        return value
-    return loss
-
-
-def _what_loss(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    if isinstance(value, dict):
-        return f"a {type(value).__name__} with keys {list(value)}"
-    if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of {len(value)}"
-    return type(value).__name__
-
-
-def _loss_fix(value: Any) -> str:
-    """How to make a loss_fn that returned `value` return the scalar train_step backpropagates."""
-    if isinstance(value, dict):
-        key = "loss" if "loss" in value else next(iter(value), "loss")
-        return (f"return its {key!r} entry, loss_fn=lambda out, t: fn(out, t)[{key!r}]; the other entries (logged "
-                "terms) can be computed from pm(...) outputs under torch.no_grad()")
-    if isinstance(value, (tuple, list)):
-        return ("return the one element to backpropagate, e.g. loss_fn=lambda out, t: fn(out, t)[0], or their sum "
-                "if the total loss is their sum")
-    return "e.g. end it with .mean()"
 
 
 def _first_batched(model: torch.nn.Module, args: tuple, kwargs: dict, dims: BatchDims) -> tuple[str, int]:

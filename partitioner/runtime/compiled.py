@@ -137,7 +137,7 @@ def compile_stages(graph_modules: dict[int, torch.fx.GraphModule], loss_fn: Call
                    check: Callable[..., Callable] | None = None) -> StageCallables:
     """The callables the executor runs for the stages `graph_modules` (of a model whose last stage is
     `last`), compiled with `options` (None: eagerly). check(loss, user_loss) wraps a loss function
-    with the user-facing checks of its result (api._checked_loss)."""
+    with the user-facing checks of its result (loss_fn.checked_loss)."""
     check = check or (lambda fn, user_fn=None: fn)
     if options is None:
         return StageCallables(dict(graph_modules), check(loss_fn, loss_fn))

@@ -113,7 +113,7 @@ class Executor:
         self._mean_grads: dict[tuple, torch.Tensor] = {}
         self._inference_plans: dict[int, tuple[list[Action], CommPlan]] = {}  # by microbatch count
         # each microbatch's loss in the step's: None, 1/m (the mean); a number where the model normalised each
-        # microbatch's loss by the whole batch already (HF's num_items_in_batch; api._microbatch_loss_weight)
+        # microbatch's loss by the whole batch already (HF's num_items_in_batch; loss_fn.microbatch_loss_weight)
         self.loss_weight = loss_weight
 
     # ------------------------------------------------------------------ public
