@@ -26,6 +26,9 @@ Configurations (`--configs` picks):
 - ours-default: compile_parallel called as a user calls it, with no plan, schedule
   or compile argument: it plans itself (1f1b, compiled on CUDA) and, in one process,
   compiles host-bound stages with CUDA graphs.
+- ours-auto: the same with chunks="auto": the planner picks 1f1b or interleaving
+  (partitioner/schedule_choice.py); beside ours-compiled-1f1b-ilp and
+  ours-compiled-interleaved-ilp under torchrun it shows whether its choice is the faster.
 - torch-{eager,compiled}-{1f1b,interleaved}: torch.distributed.pipelining with a
   hand-written uniform split (benchmarks/torch_pipeline.py), eager or with each
   layer compiled (torchtitan's way). GPT-2 and Llama only.
@@ -71,7 +74,8 @@ from partitioner import zoo
 from partitioner.runtime.compiled import uses_cudagraphs
 from partitioner.runtime.data_parallel import local_tensor
 
-ALL_CONFIGS = ("plain-eager", "plain-compiled", "plain-compiled-cudagraphs", "ours-default", "ours-eager-1f1b-ilp",
+ALL_CONFIGS = ("plain-eager", "plain-compiled", "plain-compiled-cudagraphs", "ours-default", "ours-auto",
+               "ours-eager-1f1b-ilp",
                "ours-compiled-1f1b-ilp", "ours-compiled-1f1b-ilp-graph", "ours-eager-1f1b-ilp-graph",
                "ours-compiled-1f1b-ilp-cudagraphs", "ours-compiled-interleaved-ilp-cudagraphs",
                "ours-compiled-interleaved-ilp", "ours-eager-interleaved-ilp", "ours-compiled-1f1b-uniform",
@@ -191,10 +195,11 @@ def ours_runners(zm, args, precision: str, device: torch.device, p: int, rank: i
         parts = name.split("-")
         if parts[0] != "ours":
             continue
-        if name == "ours-default":
+        if name in ("ours-default", "ours-auto"):
             pm = compile_parallel(zm.model, devices, zm.example_args, zm.loss_fn, example_kwargs=zm.example_kwargs,
                                   microbatches=args.microbatches, mixed_precision=_mixed(precision),
-                                  time_limit_s=args.time_limit, example_target=zm.target)
+                                  time_limit_s=args.time_limit, example_target=zm.target,
+                                  chunks="auto" if name == "ours-auto" else 1)
             runners.append(_ours_runner(name, pm, zm, rank))
             continue
         mode, key, kind, graph, trees = parts[1], parts[2], parts[3], parts[-1] == "graph", parts[-1] == "cudagraphs"
@@ -423,6 +428,7 @@ def rows_for(runners: list[Runner], model: str, precision: str, args, world: int
             "pred_err": (r.predicted_step_s / train - 1) if r.predicted_step_s else None,
             "pred_peak_gib": r.predicted_peak_bytes / GiB if r.predicted_peak_bytes else None,
             "note": r.note,
+            "chunks": r.plan.chunks if r.plan is not None else None,  # ours-auto: what the planner chose
             **(r.timeline or {}),
             **host_round_correlations(r.train_s, list(hosts)),
         })

@@ -230,8 +230,9 @@ def test_one_process_timelines_run_every_stage_on_one_device():
 
 
 def test_train_throughput_timeline_under_torchrun_on_cpu(tmp_path):
-    """2 gloo ranks: each configuration's profiled step as a measured timeline beside the plan's simulated one."""
-    configs = "ours-eager-1f1b-ilp,ours-eager-interleaved-ilp"
+    """2 gloo ranks: each configuration's profiled step as a measured timeline beside the plan's simulated one;
+    ours-auto runs what the planner chose on every rank."""
+    configs = "ours-eager-1f1b-ilp,ours-eager-interleaved-ilp,ours-auto"
     cmd = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
            "benchmarks.train_throughput", "--small", "--device", "cpu", "--models", "gpt2", "--precision", "fp32",
            "--seq", "16", "--rounds", "1", "--warmup", "1", "--time-limit", "1", "--chunks", "2", "--configs", configs,
@@ -240,6 +241,7 @@ def test_train_throughput_timeline_under_torchrun_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads((tmp_path / "tl.json").read_text())["rows"]
     assert [r["config"] for r in rows] == configs.split(",")
+    assert [r["chunks"] for r in rows[:2]] == [1, 2] and rows[2]["chunks"] in (1, 2, 4)
     for r in rows:
         assert r["measured_step_ms"] > 0 and r["simulated_step_ms"] > 0 and 0 <= r["measured_bubble"] < 1
         assert r["fwd_device_over_plan"] > 0 and r["bwd_device_over_plan"] > 0 and len(r["comm_kernel_ms"]) == 2
