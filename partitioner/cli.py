@@ -20,6 +20,8 @@ examples:
   partitioner plan gpt2-xl --devices 8                 ILP plan over 8 GPUs
   partitioner plan gpt2-xl --devices 8 --memory 24GiB --microbatches 16 --compare
   partitioner plan llama-8b --devices 4 --chunks 2 --schedule interleaved-1f1b --timeline plan.png
+  partitioner plan gpt2-xl --devices 2 --chunks auto --dtype bf16 --compile
+                                                       1f1b or interleaving: the faster predicted
   partitioner plan gpt2-xl --devices 8 --data-parallel 4 --batch 64
                                                        8-rank pipeline x 4 FSDP replicas (32 GPUs)
   partitioner plan mypkg.models:build --devices 4      your own model: a function
