@@ -7,7 +7,8 @@ a tensor (pm(...) returns them as the model does); a custom autograd.Function re
 ctx.save_for_backward; a torch.compile'd submodule (without torch's warning on capture's global hooks); an
 overridden __call__; float64 and float16 models (CPU), and a model built under torch.set_default_dtype(float64).
 Said: Python attributes the forward changes (a call counter: it runs once, at capture). Refused by name: a
-TorchScript submodule, a model or submodule wrapped in DataParallel or DistributedDataParallel (the fix: .module).
+TorchScript submodule, a model or submodule wrapped in DataParallel or DistributedDataParallel (the fix: .module);
+an Optional input captured as None and then given a tensor (named, with the fix).
 
 Loss and gradients equal the unpartitioned model's run with gradient accumulation over the same microbatches
 (test_hf_architectures.py's check: rel err < 1e-5).
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from test_hf_architectures import accumulated, assert_equals_the_model
 
 from partitioner.api import compile_parallel
-from partitioner.errors import CaptureError
+from partitioner.errors import CaptureError, RuntimeConfigError
 
 BATCH, MICROBATCHES, DIM = 4, 2, 8
 
@@ -236,3 +237,11 @@ def test_data_parallel_wrappers_are_refused_naming_model_module(tmp_path):
             compiled(nn.parallel.DistributedDataParallel(Body()), (x(),))
     finally:
         dist.destroy_process_group()
+
+
+def test_an_optional_input_captured_as_none_then_given_a_tensor_is_named():
+    target = torch.randint(0, 3, (BATCH,))
+    pm = compiled(Defaults(), (x(),), {"shift": None}, target)
+    with pytest.raises(RuntimeConfigError, match=r"input 1 \('shift'\) is \(4, 8\) torch.float32 .* captured with "
+                                                 r"None, a constant of the graph, there.*example inputs with a tensor"):
+        pm.train_step(x(), shift=x(), target=target)
