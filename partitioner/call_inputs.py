@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 
 from partitioner.errors import RuntimeConfigError
 from partitioner.microbatch import BatchDims, batch_size, cut_dim, leaf_dim, split_batch
-from partitioner.passes.capture_io import Captured
+from partitioner.passes.capture_io import Captured, input_leaf_names
 
 
 @dataclass
@@ -88,6 +88,13 @@ class CallLayout:
                     isinstance(x, torch.Tensor) and (x.shape != want.shape or x.dtype != ex.dtype)):
                 got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
                 shape = f"{tuple(ex.shape)} {ex.dtype}" if isinstance(ex, torch.Tensor) else repr(ex)
+                if isinstance(ex, torch.Tensor) != isinstance(x, torch.Tensor):  # an Optional input given None once
+                    name = input_leaf_names(self.model, self.example_args, self.example_kwargs)[i]
+                    raise RuntimeConfigError(
+                        f"input {i} ('{name}') is {got} but the example inputs had {shape}: the stages were captured "
+                        f"with {'a tensor' if isinstance(ex, torch.Tensor) else f'{shape}, a constant of the graph,'} "
+                        "there. Pass it as the example inputs did, or give compile_parallel example inputs with "
+                        f"{'a tensor' if isinstance(x, torch.Tensor) else got} there.")
                 if want is not ex:
                     raise RuntimeConfigError(f"input {i} is {got}, but in a batch of {batch} (the first batched "
                                              f"input's) it is {tuple(want.shape)} {ex.dtype}, as the example inputs "

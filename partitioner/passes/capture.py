@@ -30,6 +30,8 @@ from partitioner.passes.autograd_functions import kept_whole, warn_traced
 from partitioner.passes.hooks import check_no_module_backward_hooks, tensor_hook_error, tensor_hooks_recorded
 from partitioner.passes.capture_io import Captured, find_tied, input_leaf_names, normalise
 from partitioner.passes.kv_cache import without_kv_cache
+from partitioner.passes.module_kinds import check_traceable_modules
+from partitioner.passes.python_state import python_state_watched, warn_python_state
 from partitioner.passes.transformer_masks import causal_mask_detection_off
 from partitioner.passes.graph_nodes import get_attr, mutates
 from partitioner.passes.regions import (RegionMarkingTracer, grad_off_in_autocast_recorded, inline_region_ops,
@@ -366,6 +368,7 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
     if not isinstance(example_args, tuple):
         example_args = (example_args,) if isinstance(example_args, torch.Tensor) else tuple(example_args)
     kwargs = dict(example_kwargs or {})
+    check_traceable_modules(model, model_name(model))
     register_dataclasses((example_args, kwargs))
     leaves, in_spec = pytree.tree_flatten((example_args, kwargs))
     names = input_leaf_names(model, example_args, kwargs)
@@ -382,8 +385,10 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
         running = lambda: tracker.stack[-1][0] if tracker.stack else ""  # noqa: E731
         grad_off_in_autocast: list[str] = []
         tensor_hooks: list[str] = []
+        python_state: list[str] = []
         try:
-            with tracker, outputs_registered(model), tensor_hooks_recorded(running, tensor_hooks), \
+            with tracker, outputs_registered(model), python_state_watched(model, python_state), \
+                    tensor_hooks_recorded(running, tensor_hooks), \
                     grad_off_in_autocast_recorded(tracker, grad_off_in_autocast), \
                     kept_whole(running) as traced_functions:
                 gm, out_spec = _export(model, example_args, kwargs)
@@ -398,7 +403,9 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
                 check_inputs_eagerly(model, example_args, kwargs, names, leaves)
             tracker = ModuleTracker(model)
             try:
-                with tracker, outputs_registered(model), _random_draws_checked(model):
+                python_state.clear()
+                with tracker, outputs_registered(model), python_state_watched(model, python_state), \
+                        _random_draws_checked(model):
                     gm, out_spec = _symbolic_trace(model, in_spec, leaves)
                 method = "symbolic_trace"
                 log.warning("torch.export failed on %s in %s (%s); captured with torch.fx.symbolic_trace instead",
@@ -416,6 +423,7 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
                 "would get gradients that the model's do not. Move the no_grad region out of the autocast region, "
                 "write it as .detach() of what it reads and of what it returns, or drop the model's autocast region "
                 "and pass mixed_precision='bf16' to compile_parallel.")
+        warn_python_state(model_name(model), python_state)
         keep, const = normalise(gm, tied, tensor_leaf)
         from partitioner.passes.writes import (inference_writes_per_call, order_writes,  # lazy: they read
                                                snapshot_state_reads)  # mutates() from here

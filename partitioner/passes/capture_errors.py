@@ -8,6 +8,7 @@ says what to try.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -66,9 +67,14 @@ class ModuleTracker:
 
         self._handles = [nn_module.register_module_forward_pre_hook(pre),
                          nn_module.register_module_forward_hook(post)]
+        # a torch.compile'd submodule warns that global hooks fire twice for it: ours only name modules
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", r"Using `torch.compile\(module\)` when there are global hooks")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._warnings.__exit__(None, None, None)
         for h in self._handles:
             h.remove()
         if exc_type is not None and self.stack:
