@@ -52,3 +52,9 @@ def human_flops(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} FLOP"
+
+
+def first_few(names: list[str], shown: int = 3) -> str:
+    """The first `shown` names joined, and how many more: "'a', 'b', 'c' and 2 more"."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

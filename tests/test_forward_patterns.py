@@ -23,29 +23,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from test_architectures_more import BATCH, DIM, MICROBATCHES
+from test_architectures_more import MLP as Body  # four tanh layers and a head
 from test_hf_architectures import accumulated, assert_equals_the_model
 
 from partitioner.api import compile_parallel
 from partitioner.errors import CaptureError, RuntimeConfigError
-
-BATCH, MICROBATCHES, DIM = 4, 2, 8
-
-
-class Body(nn.Module):
-    """Three tanh layers and a head: enough blocks for two stages."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(3))
-        self.head = nn.Linear(DIM, 3)
-
-    def body(self, x):
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return x
-
-    def forward(self, x):
-        return self.head(self.body(x))
 
 
 class VarArgs(Body):
@@ -242,6 +225,6 @@ def test_data_parallel_wrappers_are_refused_naming_model_module(tmp_path):
 def test_an_optional_input_captured_as_none_then_given_a_tensor_is_named():
     target = torch.randint(0, 3, (BATCH,))
     pm = compiled(Defaults(), (x(),), {"shift": None}, target)
-    with pytest.raises(RuntimeConfigError, match=r"input 1 \('shift'\) is \(4, 8\) torch.float32 .* captured with "
+    with pytest.raises(RuntimeConfigError, match=r"input 1 \('shift'\) is \(4, 16\) torch.float32 .* captured with "
                                                  r"None, a constant of the graph, there.*example inputs with a tensor"):
         pm.train_step(x(), shift=x(), target=target)

@@ -22,6 +22,7 @@ import torch
 from torch.nn.modules import module as nn_module
 
 from partitioner.errors import CaptureError
+from partitioner.units import first_few
 
 _FIX = ("Compute what it does inside forward with a torch.autograd.Function (kept whole: its own backward runs "
         "in the stage), or remove the hook.")
@@ -86,8 +87,7 @@ def warn_forward_hooks(model: torch.nn.Module) -> None:
               if any(not _computes_tensors_only(h) for h in [*m._forward_hooks.values(),
                                                                *m._forward_pre_hooks.values()])]
     if hooked:
-        more = f" and {len(hooked) - 3} more" if len(hooked) > 3 else ""
-        warnings.warn(f"forward hooks or pre-hooks on module {', '.join(hooked[:3])}{more} ran once, while the model "
+        warnings.warn(f"forward hooks or pre-hooks on module {first_few(hooked)} ran once, while the model "
                       "was captured (on fake tensors): what they compute into a module's inputs or output is in the "
                       "stages' graphs, but their Python side effects (storing activations, logging) do not happen in "
                       "train_step or pm(...).", RuntimeWarning, stacklevel=3)

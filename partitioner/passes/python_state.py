@@ -12,6 +12,8 @@ from typing import Iterator
 
 import torch
 
+from partitioner.units import first_few
+
 _PLAIN = (bool, int, float, str, type(None))
 
 
@@ -51,8 +53,7 @@ def python_state_watched(model: torch.nn.Module, changed: list[str]) -> Iterator
 
 def warn_python_state(model_name: str, changed: list[str]) -> None:
     if changed:
-        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-        warnings.warn(f"{model_name}'s forward changes Python attributes {', '.join(changed[:3])}{more}: that ran "
+        warnings.warn(f"{model_name}'s forward changes Python attributes {first_few(changed)}: that ran "
                       "once, while the model was captured; the stages run the captured graph, which does not update "
                       "them and keeps any branch on them as taken then. Keep state the forward updates in a buffer "
                       "(register_buffer), which the stages update per microbatch.", RuntimeWarning, stacklevel=3)
