@@ -61,6 +61,12 @@ def _digest(data: bytes) -> int:
     return int(hashlib.sha256(data).hexdigest()[:15], 16)
 
 
+def _sample_digest(t: torch.Tensor) -> int:
+    """The digest of 64 values spread over `t` (its bytes, any dtype): cheap at any size."""
+    flat = t.detach().reshape(-1)
+    return _digest(flat[::max(1, flat.numel() // 64)][:64].contiguous().cpu().view(torch.uint8).numpy().tobytes())
+
+
 def _every_rank(digest: int, rank: int, devices: list[torch.device]) -> list[int]:
     """Every rank's `digest`, by rank (one all_gather of an int64)."""
     device = devices[rank] if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -91,10 +97,8 @@ def check_same_weights(model: torch.nn.Module, rank: int, devices: list[torch.de
     for name, p in model.named_parameters():
         if p.is_meta:
             continue
-        flat = p.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // 64)][:64].contiguous().cpu().view(torch.uint8)  # any dtype's bytes
         names.append(name)
-        digests.append(_digest(sample.numpy().tobytes()))
+        digests.append(_sample_digest(p))
     if len(set(_every_rank(_digest(repr(digests).encode()), rank, devices))) == 1:
         return
     lists: list[Any] = [None] * dist.get_world_size()
@@ -128,9 +132,7 @@ def check_same_batch(batch: Any, rank: int, devices: list[torch.device]) -> None
     digests = []
     for leaf in pytree.tree_leaves(batch):
         if isinstance(leaf, torch.Tensor):
-            flat = leaf.detach().reshape(-1)
-            sample = flat[::max(1, flat.numel() // 64)][:64].contiguous().cpu().view(torch.uint8)
-            digests.append(_digest(sample.numpy().tobytes()))
+            digests.append(_sample_digest(leaf))
     values = _every_rank(_digest(repr(digests).encode()), rank, devices)
     if len(set(values)) > 1:
         differ = [r for r, v in enumerate(values) if v != values[0]]

@@ -38,10 +38,7 @@ class PeerWaits:
 
     def wait(self, work: Any, what: str, peers: Sequence[int], hint: str = "") -> None:
         with self.naming(what, peers, hint):
-            if dist.get_backend() == "nccl":
-                work.wait()
-            else:
-                work.wait(timedelta(seconds=self.timeout_s))
+            wait_within(work, timedelta(seconds=self.timeout_s), nccl=dist.get_backend() == "nccl")
 
     @contextlib.contextmanager
     def naming(self, what: str, peers: Sequence[int], hint: str = "") -> Iterator[None]:
@@ -62,6 +59,16 @@ class PeerWaits:
     @staticmethod
     def _peers(group: Any) -> list[int]:
         return dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+
+
+def wait_within(work: Any, timeout: timedelta, nccl: bool) -> None:
+    """work.wait(), at most `timeout` on gloo. NCCL's wait() only orders the compute stream after the
+    transfer: a timeout argument would block the CPU until the GPU finishes, stalling the next kernels;
+    the process group's own watchdog still catches a dead peer."""
+    if nccl:
+        work.wait()
+    else:
+        work.wait(timeout)
 
 
 def dp_group(replicas: tuple[tuple[int, ...], ...], pp_rank: int, timeout_s: float) -> tuple[Any, list[int]]:

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from partitioner.errors import RuntimeConfigError
 from partitioner.runtime.comm_plan import CommPlan, Message
+from partitioner.runtime.peer_waits import wait_within
 
 
 class Transport(ABC):
@@ -232,13 +233,7 @@ class DistTransport(Transport):
         peer = name(msg.dst_rank if msg.src_rank == self.rank else msg.src_rank)
         verb = "sending" if msg.src_rank == self.rank else "receiving"
         try:
-            if self.device.type == "cuda":
-                # NCCL: wait() only orders the compute stream after the transfer. A timeout
-                # argument would block the CPU until the GPU finishes, stalling the next kernels;
-                # the process group's own timeout (watchdog) still catches a dead peer.
-                work.wait()
-            else:
-                work.wait(self.timeout)
+            wait_within(work, self.timeout, nccl=self.device.type == "cuda")
         except Exception as err:
             raise RuntimeConfigError(
                 f"{name(self.rank)}: {verb} {msg} failed: {peer} did not answer within "
