@@ -62,8 +62,6 @@ class ParallelModel:
         self.store = store
         self.devices = devices
         self.rank = rank
-        self.microbatches = microbatches
-        self.batch_dims = batch_dims  # where train_step and forward cut each input leaf and the target
         self._steps_run = 0
         self.source = source  # what captures the other mode (train/eval)
         self.model = source.model if source is not None else None  # fake weights: the structure, FQNs and shapes
@@ -82,6 +80,16 @@ class ParallelModel:
         self._model_mode = compiled_from.training if compiled_from is not None else None
         self._model_flags = {fqn: (weakref.ref(p), p.requires_grad)
                              for fqn, p in (compiled_from.named_parameters() if compiled_from is not None else [])}
+
+    @property
+    def microbatches(self) -> int:
+        """Microbatches per replica that train_step cuts the batch into."""
+        return self.call.microbatches
+
+    @property
+    def batch_dims(self) -> BatchDims:
+        """Where train_step and forward cut each input leaf and the target."""
+        return self.call.batch_dims
 
     @property
     def dp(self) -> int:
